@@ -1,0 +1,183 @@
+"""``apply_weight_norm``: discover -> select -> reparameterize -> (data-dependent) init."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import nn
+
+from . import batch as batch_mod
+from ._copy import copy_model
+from .data_init import data_init, resample_directions
+from .discover import discover
+from .errors import NoTargetsError
+from .fold import FoundWeightNorm, find_weight_norms, fold_one
+from .parametrization import WeightNorm, register, remove
+from .report import WeightNormReport
+from .select import FilterFn, Selection
+from .targets import Skipped, Target
+
+__all__ = ["apply_weight_norm", "plan_weight_norm", "weight_norm_report"]
+
+Init = Literal["data", "preserve"]
+Existing = Literal["keep", "convert"]
+_REPORTS: weakref.WeakKeyDictionary[nn.Module, WeightNormReport] = weakref.WeakKeyDictionary()
+_LAYOUT_NAMES = {"wn_transform": "wn_transform", "torch": "torch.nn.utils.parametrizations.weight_norm",
+                 "legacy": "legacy torch.nn.utils.weight_norm"}
+
+
+def apply_weight_norm(
+    model: nn.Module,
+    sample_batch: batch_mod.SampleBatch | None = None,
+    *,
+    init: Init | None = None,
+    init_scale: float = 1.0,
+    resample: bool = False,
+    exp_scale: bool = False,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    types: type | Sequence[type] | None = None,
+    filter_fn: FilterFn | None = None,
+    existing: Existing = "keep",
+    inplace: bool = False,
+    generator: torch.Generator | None = None,
+) -> nn.Module:
+    """Reparameterize every linear/conv weight of ``model`` as ``w = g * v / ||v||``.
+
+    Args:
+        model: any ``nn.Module``, trained or not.
+        sample_batch: a tensor, a tuple of positional inputs, or a dict of keyword inputs.
+            It traces models that ``symbolic_trace`` cannot, and calibrates ``init="data"``.
+        init: ``"data"`` (default with a batch): per output unit, ``t = v·x/||v||`` on the
+            batch, then ``g = s/sigma[t]`` and ``b = -s*mu[t]/sigma[t]``, layer by layer in
+            forward order, in one forward pass.  ``"preserve"`` (default without a batch):
+            ``g = ||w||``, ``v = w``, the same function to within float rounding.
+        init_scale: ``s`` above (the std of every pre-activation after a data init).
+        resample: draw the directions afresh, ``v ~ N(0, 0.05^2)``, as the paper does
+            (default: the current weights give the directions, so training is kept).
+        exp_scale: store ``s`` with ``g = e^s`` (the paper's exponential form).
+        include, exclude: ``fnmatch`` patterns on weight or module names.
+        types: keep only weights owned by modules of these classes.
+        filter_fn: ``filter_fn(module, module_name) -> bool``.
+        existing: weights that already carry weight norm are never normalized twice:
+            ``"keep"`` leaves them (and reports them), ``"convert"`` folds them and
+            reparameterizes them with this library (the right unit axis included).
+        inplace: change ``model`` itself; by default a deep copy is changed and returned.
+        generator: random source for ``resample``.
+
+    Returns:
+        The weight-normalized model (same classes, methods and forward).  Its state dict holds
+        ``<module>.parametrizations.weight.original0`` (g) and ``.original1`` (v), torch's keys.
+        :func:`weight_norm_report` describes what was done.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        BatchError: the batch holds NaN/inf (nothing is changed) or the model rejects it (the
+            layer is named).
+        SelectionError: a selection rule matches no weight.
+        NoTargetsError: the model has no linear/conv weight.
+    """
+    init = _check_arguments(model, sample_batch, init, existing)
+    selection = Selection.build(include, exclude, types, filter_fn)
+    working = model if inplace else copy_model(model)
+    report, targets = _plan(working, sample_batch, selection, existing, init)
+    saved = {t.module: dict(working.get_submodule(t.module)._parameters) for t in targets}
+    try:
+        for target in targets:
+            register(working.get_submodule(target.module), target.name,
+                     WeightNorm(target.layout.dim, target.layout.groups, exp_scale=exp_scale))
+        if resample:
+            resample_directions(working, targets, generator=generator)
+        if init == "data":
+            report.notes = data_init(working, targets, sample_batch, init_scale=init_scale)
+    except BaseException:
+        if inplace:
+            _roll_back(working, targets, saved)
+        raise
+    _REPORTS[working] = report
+    return working
+
+
+def plan_weight_norm(
+    model: nn.Module,
+    sample_batch: batch_mod.SampleBatch | None = None,
+    *,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    types: type | Sequence[type] | None = None,
+    filter_fn: FilterFn | None = None,
+    existing: Existing = "keep",
+) -> WeightNormReport:
+    """What :func:`apply_weight_norm` would convert and skip, and why; ``model`` is not changed."""
+    init = _check_arguments(model, sample_batch, None, existing)
+    selection = Selection.build(include, exclude, types, filter_fn)
+    working = copy_model(model) if existing == "convert" else model
+    return _plan(working, sample_batch, selection, existing, init)[0]
+
+
+def weight_norm_report(model: nn.Module) -> WeightNormReport:
+    """The report of the :func:`apply_weight_norm` call that returned ``model``."""
+    try:
+        return _REPORTS[model]
+    except KeyError:
+        msg = f"{type(model).__name__} did not come from apply_weight_norm (or was copied since); use plan_weight_norm"
+        raise KeyError(msg) from None
+
+
+def _check_arguments(model: nn.Module, sample_batch, init: Init | None, existing: Existing) -> Init:
+    if not isinstance(model, nn.Module):
+        msg = f"apply_weight_norm expects a torch.nn.Module, got {type(model).__name__}"
+        raise TypeError(msg)
+    if existing not in ("keep", "convert"):
+        msg = f"existing must be 'keep' or 'convert', got {existing!r}"
+        raise ValueError(msg)
+    if init is None:
+        init = "preserve" if sample_batch is None else "data"
+    if init not in ("data", "preserve"):
+        msg = f"init must be 'data' or 'preserve', got {init!r}"
+        raise ValueError(msg)
+    if init == "data" and sample_batch is None:
+        msg = "init='data' needs a sample_batch to calibrate on; pass one, or use init='preserve'"
+        raise ValueError(msg)
+    if sample_batch is not None:
+        batch_mod.as_args(sample_batch)
+        batch_mod.check_finite(sample_batch)
+    return init
+
+
+def _plan(model: nn.Module, sample_batch, selection: Selection, existing: Existing, init: Init) -> tuple[WeightNormReport, list[Target]]:
+    already = find_weight_norms(model)
+    if existing == "convert":
+        for found in already:
+            fold_one(model, found)
+    discovery = discover(model, sample_batch)
+    if not discovery.targets and not (already and existing == "keep"):
+        found_skips = "; ".join(f"{s.qualname}: {s.reason}" for s in discovery.skipped)
+        msg = f"{type(model).__name__} has no weight that reaches a linear or convolution op"
+        msg += f" that could be normalized ({found_skips})" if found_skips else ""
+        raise NoTargetsError(msg)
+    targets, left_out = selection.apply(model, discovery.targets) if discovery.targets else ([], [])
+    skipped = [*discovery.skipped, *left_out]
+    if existing == "keep":
+        skipped += [_kept(found) for found in already]
+    report = WeightNormReport(targets, skipped, discovery.found_by, init, discovery.failures)
+    return report, targets
+
+
+def _kept(found: FoundWeightNorm) -> Skipped:
+    dim = "whole tensor" if found.dim is None else f"dim={found.dim}"
+    reason = f"already weight-normalized ({_LAYOUT_NAMES[found.layout]}, {dim}); existing='convert' replaces it"
+    return Skipped(found.qualname, reason)
+
+
+def _roll_back(model: nn.Module, targets: list[Target], saved: dict[str, dict]) -> None:
+    """Put back the original Parameter objects after a failed in-place apply."""
+    for target in targets:
+        module = model.get_submodule(target.module)
+        if hasattr(module, "parametrizations") and target.name in module.parametrizations:
+            remove(module, target.name, saved[target.module][target.name])
+    for name, params in saved.items():
+        model.get_submodule(name)._parameters = dict(params)

@@ -1,0 +1,92 @@
+"""Sample batches: a tensor, a tuple of positional inputs, or a dict of keyword inputs.
+
+:func:`run` calls the model on a batch and, when the model raises, says which layer
+raised (the innermost module whose forward was running).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Union
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.utils._pytree import tree_leaves
+
+from .errors import BatchError
+
+__all__ = ["SampleBatch", "as_args", "check_finite", "layer_tracker", "run"]
+
+SampleBatch = Union[torch.Tensor, tuple, list, Mapping[str, Any]]
+
+
+def as_args(batch: SampleBatch) -> tuple[tuple, dict]:
+    """Split a sample batch into ``(args, kwargs)`` for ``model(*args, **kwargs)``."""
+    if isinstance(batch, torch.Tensor):
+        return (batch,), {}
+    if isinstance(batch, Mapping):
+        return (), dict(batch)
+    if isinstance(batch, (tuple, list)):
+        return tuple(batch), {}
+    msg = (
+        f"sample_batch must be a tensor, a tuple of positional inputs or a dict of keyword "
+        f"inputs, got {type(batch).__name__}"
+    )
+    raise TypeError(msg)
+
+
+def check_finite(batch: SampleBatch) -> None:
+    """Refuse a batch holding NaN or inf, naming the input that holds it."""
+    args, kwargs = as_args(batch)
+    named = [(f"input {i}", a) for i, a in enumerate(args)] + [(f"input '{k}'", v) for k, v in kwargs.items()]
+    for where, value in named:
+        for leaf in tree_leaves(value):
+            if isinstance(leaf, torch.Tensor) and leaf.is_floating_point() and not torch.isfinite(leaf).all():
+                msg = f"the sample batch holds NaN or inf values ({where}); calibration needs finite data"
+                raise BatchError(msg)
+
+
+@contextlib.contextmanager
+def layer_tracker(model: nn.Module) -> Iterator[list[str]]:
+    """Yield a stack of the qualified names of the modules whose forward is running."""
+    stack: list[str] = []
+
+    def enter(label: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any) -> None:
+            stack.append(label)
+
+        return hook
+
+    def leave(module: nn.Module, args: Any, output: Any) -> None:
+        stack.pop()
+
+    handles = []
+    for name, module in model.named_modules():
+        handles.append(module.register_forward_pre_hook(enter(name or "<root>")))
+        handles.append(module.register_forward_hook(leave))
+    try:
+        yield stack
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def run(model: nn.Module, batch: SampleBatch) -> Any:
+    """``model(*args, **kwargs)``; a failure names the layer where it happened."""
+    args, kwargs = as_args(batch)
+    with layer_tracker(model) as stack:
+        try:
+            return model(*args, **kwargs)
+        except BatchError:
+            raise
+        except Exception as exc:
+            raise BatchError(describe_failure(model, stack, exc)) from exc
+
+
+def describe_failure(model: nn.Module, stack: list[str], exc: Exception) -> str:
+    name = stack[-1] if stack else "<root>"
+    module = model if name == "<root>" else model.get_submodule(name)
+    kind = parametrize.type_before_parametrizations(module).__name__
+    return f"the model rejected the sample batch in layer '{name}' ({kind}): {type(exc).__name__}: {exc}"

@@ -1,0 +1,232 @@
+"""The paper's data-dependent init, in one forward pass over a calibration batch.
+
+For every reparameterized weight, on the op that reads it (Salimans & Kingma, 2016, sec. 3):
+
+    t = op(x, v/||v||)                  pre-activation per output unit, without bias
+    mu, sigma = mean, std of t over the batch (and spatial/time positions), per unit
+    g <- s / sigma,   b <- -s * mu / sigma        (s = init_scale; biased sigma)
+
+so the layer's output ``g*t + b = s * (t - mu) / sigma`` has zero mean and std ``s`` per unit.
+
+One pass suffices: the op's output is affine in ``(g, b)``, so after measuring ``mu, sigma``
+the calibrated output is computed from ``t`` directly and handed on; every later layer sees
+the outputs of the layers already initialized (forward order).  The ops are intercepted by
+a ``TorchFunctionMode``; a weight is recognized by the identity of the tensor its
+parametrization produced, so functional calls, reused modules and the projections inside
+``nn.MultiheadAttention`` are all handled by the same code.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from . import batch as batch_mod
+from .discover import preserved_state
+from .ops import SIGNATURES, op_name, weight_use
+from .parametrization import WeightNorm, weight_norm_of
+from .targets import Target
+
+__all__ = ["InitNotes", "data_init", "resample_directions"]
+
+_CONSTANT_STD = 1e-6  # below this (relative to |mean| + 1), a unit counts as constant on the batch
+
+
+@dataclass
+class InitNotes:
+    """What the init pass could not do as the paper says, per weight."""
+
+    constant_units: dict[str, int] = field(default_factory=dict)  # sigma ~ 0: kept a finite scale
+    unreached: list[str] = field(default_factory=list)  # never ran on the batch: scale kept
+    bias_not_set: list[str] = field(default_factory=list)  # bias is not a parameter of the model
+
+
+@dataclass
+class _State:
+    """A target during calibration: its parametrization and parameters."""
+
+    target: Target
+    module: nn.Module
+    wn: WeightNorm
+    g: nn.Parameter
+    v: nn.Parameter
+    done: bool = False
+
+
+def resample_directions(model: nn.Module, targets: list[Target], *, std: float = 0.05, generator: torch.Generator | None = None) -> None:
+    """``v ~ N(0, std^2)`` for every target (the paper's init of the directions)."""
+    with torch.no_grad():
+        for target in targets:
+            chain = model.get_submodule(target.module).parametrizations[target.name]
+            v = chain.original1
+            v.copy_(torch.randn(v.shape, generator=generator, dtype=torch.float32, device=v.device) * std)
+            chain.original0.copy_(chain[0].right_inverse(v)[0])
+
+
+def data_init(model: nn.Module, targets: list[Target], sample_batch: batch_mod.SampleBatch, *, init_scale: float = 1.0) -> InitNotes:
+    """Set ``g`` (and the bias) of every target from one forward pass over ``sample_batch``.
+
+    The model's buffers, train/eval modes and gradients are left as they were.
+    """
+    states = [_state(model, target) for target in targets]
+    notes = InitNotes()
+    mode = _CalibrationMode(model, states, init_scale, notes)
+    saved = {id(s): s.g.detach().clone() for s in states}
+    with torch.no_grad():
+        for state in states:  # t = v·x/||v||: unit scale while calibrating
+            state.g.fill_(0.0 if state.wn.exp_scale else 1.0)
+    handles = [s.wn.register_forward_hook(mode.produced_hook(s)) for s in states]
+    try:
+        with preserved_state(model), torch.no_grad(), mode:
+            batch_mod.run(model, sample_batch)
+    except BaseException:
+        with torch.no_grad():
+            for state in states:
+                state.g.copy_(saved[id(state)])
+        raise
+    finally:
+        for handle in handles:
+            handle.remove()
+    with torch.no_grad():
+        for state in states:
+            if not state.done:
+                state.g.copy_(saved[id(state)])
+                notes.unreached.append(state.target.qualname)
+    return notes
+
+
+def _state(model: nn.Module, target: Target) -> _State:
+    module = model.get_submodule(target.module)
+    wn = weight_norm_of(module, target.name)
+    if wn is None:
+        msg = f"{target.qualname} is not weight-normalized by this library; apply the parametrization first"
+        raise ValueError(msg)
+    chain = module.parametrizations[target.name]
+    return _State(target, module, wn, chain.original0, chain.original1)
+
+
+_MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
+
+
+class _CalibrationMode(TorchFunctionMode):
+    def __init__(self, model: nn.Module, states: list[_State], init_scale: float, notes: InitNotes) -> None:
+        super().__init__()
+        self.init_scale = init_scale
+        self.notes = notes
+        self.param_ids = {id(p) for p in model.parameters()}
+        self._produced: dict[int, tuple[weakref.ref, _State, bool]] = {}
+
+    def produced_hook(self, state: _State):
+        def hook(module: nn.Module, args: Any, weight: Tensor) -> None:
+            self._produced[id(weight)] = (weakref.ref(weight), state, state.done)
+
+        return hook
+
+    def _lookup(self, tensor: Any) -> tuple[_State, bool] | None:
+        entry = self._produced.get(id(tensor)) if isinstance(tensor, Tensor) else None
+        if entry is None or entry[0]() is not tensor:
+            return None
+        return entry[1], entry[2]
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = op_name(func)
+        if name == "multi_head_attention_forward":
+            return self._attention(func, args, kwargs)
+        use = weight_use(func, args, kwargs)
+        found = self._lookup(use.weight) if use is not None else None
+        if found is None:
+            return func(*args, **kwargs)
+        state, calibrated_when_made = found
+        bound = dict(zip(SIGNATURES[name], args)) | kwargs
+        weight_key = "mat2" if name == "addmm" else "other" if use.kind == "matmul" else "weight"
+        if state.done:  # already calibrated: run with the weight as it is now
+            if not calibrated_when_made:
+                bound[weight_key] = _current_weight(state)
+            return func(**bound) if name not in ("matmul", "__matmul__", "mm") else func(*bound.values())
+        if use.kind == "matmul":
+            x = bound["mat1"] if name == "addmm" else bound["input"]
+            t = torch.matmul(x, use.weight)
+            unit_dim = -1
+        else:
+            bound["bias"] = None
+            t = func(**bound)
+            x = bound["input"]
+            unit_dim = -1 if use.kind == "linear" else (1 if x.ndim == use.weight.ndim else 0)
+        return self._calibrate(state, t, unit_dim, use.bias)
+
+    def _calibrate(self, state: _State, t: Tensor, unit_dim: int, bias: Tensor | None, units: slice = slice(None)) -> Tensor:
+        """Measure ``t``'s per-unit statistics, set ``g[units]`` and ``bias``, return the new output."""
+        unit_dim %= t.ndim
+        reduce = [d for d in range(t.ndim) if d != unit_dim]
+        var, mean = torch.var_mean(t.double(), dim=reduce, correction=0)
+        std = var.sqrt()
+        constant = std <= _CONSTANT_STD * (mean.abs() + 1)
+        if constant.any():
+            qualname = state.target.qualname
+            self.notes.constant_units[qualname] = self.notes.constant_units.get(qualname, 0) + int(constant.sum())
+            std = torch.where(constant, torch.ones_like(std), std)
+        scale = self.init_scale / std
+        g = state.g.view(-1)[units]
+        g.copy_(scale.log() if state.wn.exp_scale else scale)
+        shift = torch.zeros_like(mean)
+        if bias is not None:
+            if id(bias) in self.param_ids or (bias._base is not None and id(bias._base) in self.param_ids):
+                shift = -mean * scale
+                bias.copy_(shift)
+            else:
+                self.notes.bias_not_set.append(state.target.qualname)
+                shift = bias.double()
+        state.done = state.done or units == slice(None)
+        shape = [1] * t.ndim
+        shape[unit_dim] = -1
+        return (t.double() * scale.view(shape) + shift.view(shape)).to(t.dtype)
+
+    def _attention(self, func, args, kwargs):
+        """``F.multi_head_attention_forward``: calibrate the q/k/v and output projections."""
+        bound = _MHA_SIGNATURE.bind(*args, **kwargs)
+        bound.apply_defaults()
+        a = bound.arguments
+        embed = a["embed_dim_to_check"]
+        if not a["use_separate_proj_weight"]:
+            found = self._lookup(a["in_proj_weight"])
+            if found is not None and not found[0].done:
+                state = found[0]
+                weights = a["in_proj_weight"].split(embed)
+                biases = a["in_proj_bias"].split(embed) if a["in_proj_bias"] is not None else (None,) * 3
+                for i, (x, w, b) in enumerate(zip((a["query"], a["key"], a["value"]), weights, biases)):
+                    self._calibrate(state, F.linear(x, w), -1, b, slice(i * embed, (i + 1) * embed))
+                state.done = True
+            if found is not None:
+                a["in_proj_weight"] = _current_weight(found[0])
+        else:
+            for key, x in (("q_proj_weight", a["query"]), ("k_proj_weight", a["key"]), ("v_proj_weight", a["value"])):
+                found = self._lookup(a[key])
+                if found is not None and not found[0].done:
+                    self._calibrate(found[0], F.linear(x, a[key]), -1, None)
+                if found is not None:
+                    a[key] = _current_weight(found[0])
+        found = self._lookup(a["out_proj_weight"])
+        if found is None:
+            return func(*bound.args, **bound.kwargs)
+        state = found[0]
+        out_weight, out_bias = a["out_proj_weight"], a["out_proj_bias"]
+        a["out_proj_weight"] = torch.eye(out_weight.shape[1], dtype=out_weight.dtype, device=out_weight.device)
+        a["out_proj_bias"] = None
+        heads_out, attn_weights = func(*bound.args, **bound.kwargs)
+        if state.done:
+            out = F.linear(heads_out, _current_weight(state), out_bias)
+        else:
+            out = self._calibrate(state, F.linear(heads_out, out_weight), -1, out_bias)
+        return out, attn_weights
+
+
+def _current_weight(state: _State) -> Tensor:
+    return getattr(state.module, state.target.name)

@@ -1,0 +1,200 @@
+"""Find every weight that reaches a linear or convolution op: the tracing ladder.
+
+1. ``torch.fx.symbolic_trace``: cheap, needs no batch, fails on Python control flow.
+2. ``torch.export`` on the sample batch: an aten-level FX graph; parameters are its
+   placeholders (``graph_signature.inputs_to_parameters``).
+3. Recording: run the sample batch under a ``TorchFunctionMode`` and log the ops that
+   actually read each parameter (keyed by tensor identity).
+4. Without a usable trace: a walk of torch's standard layer types, with a warning.
+
+Steps 1-3 feed one :class:`~wn_transform.uses.UseLog`, so a weight is judged by the same
+rules whichever step saw it.  The first step that succeeds is used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from . import batch as batch_mod
+from .errors import BatchError
+from .layers import standard_weights
+from .ops import op_name
+from .targets import Skipped, Target
+from .uses import UseLog
+
+__all__ = ["Discovery", "discover", "preserved_state"]
+
+SYMBOLIC_TRACE = "symbolic_trace"
+EXPORT = "torch.export"
+RECORDED = "recorded"
+WALK = "module walk"
+
+
+@dataclass
+class Discovery:
+    """The weights found, those skipped, the step that found them, and why earlier steps failed."""
+
+    targets: list[Target]
+    skipped: list[Skipped]
+    found_by: str
+    failures: dict[str, str] = field(default_factory=dict)
+
+
+def discover(model: nn.Module, sample_batch: batch_mod.SampleBatch | None = None) -> Discovery:
+    """Run the ladder on ``model`` (which it leaves as it found it)."""
+    failures: dict[str, str] = {}
+    try:
+        log = _symbolic_trace_log(model)
+        return Discovery(*log.resolve(SYMBOLIC_TRACE), SYMBOLIC_TRACE, failures)
+    except Exception as exc:  # any tracing failure moves one step down the ladder
+        failures[SYMBOLIC_TRACE] = _one_line(exc)
+    if sample_batch is not None:
+        try:
+            with preserved_state(model):
+                log = _export_log(model, sample_batch)
+            return Discovery(*log.resolve(EXPORT), EXPORT, failures)
+        except Exception as exc:
+            failures[EXPORT] = _one_line(exc)
+        try:
+            with preserved_state(model):
+                log = _recorded_log(model, sample_batch)
+            return Discovery(*log.resolve(RECORDED), RECORDED, failures)
+        except BatchError:
+            raise
+        except Exception as exc:
+            failures[RECORDED] = _one_line(exc)
+    detail = "; ".join(f"{step}: {why}" for step, why in failures.items())
+    hint = "" if sample_batch is not None else " Pass a sample_batch to trace it with torch.export."
+    msg = (
+        f"could not trace {type(model).__name__} ({detail}); converting torch's standard layers found "
+        f"by module type. Weights used through functional calls may be missed.{hint}"
+    )
+    warnings.warn(msg, stacklevel=3)
+    return Discovery(*_walk_log(model).resolve(WALK), WALK, failures)
+
+
+# -- step 1 ------------------------------------------------------------------------------
+def _symbolic_trace_log(model: nn.Module) -> UseLog:
+    graph_module = torch.fx.symbolic_trace(model)
+    log = UseLog(model, key=lambda v: v if isinstance(v, torch.fx.Node) else None)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for node in graph_module.graph.nodes:
+        if node.op == "get_attr" and node.target in params:
+            log.source(node, node.target, params[node.target].ndim)
+        elif node.op in ("call_function", "call_method"):
+            log.call(node.target, node.args, node.kwargs, node)
+        elif node.op == "call_module":
+            _log_leaf_module(log, model, node.target)
+    return log
+
+
+def _log_leaf_module(log: UseLog, model: nn.Module, path: str) -> None:
+    """A leaf module's parameters are used as its type says (every other use is 'other')."""
+    leaf = model.get_submodule(path)
+    for sub_name, sub in leaf.named_modules():
+        prefix = ".".join(p for p in (path, sub_name) if p)
+        known = {name: (kind, layout) for name, kind, layout in standard_weights(sub)}
+        for name, _ in sub.named_parameters(recurse=False):
+            qualname = f"{prefix}.{name}" if prefix else name
+            kind, layout = known.get(name, ("other", None))
+            log.add_use(qualname, kind, layout, detail=type(sub).__name__)
+
+
+# -- step 2 ------------------------------------------------------------------------------
+def _export_log(model: nn.Module, sample_batch: batch_mod.SampleBatch) -> UseLog:
+    args, kwargs = batch_mod.as_args(sample_batch)
+    program = torch.export.export(model, args, kwargs=kwargs, strict=False)
+    inputs_to_params = program.graph_signature.inputs_to_parameters
+    params = dict(model.named_parameters(remove_duplicate=False))
+    log = UseLog(model, key=lambda v: v if isinstance(v, torch.fx.Node) else None)
+    for node in program.graph_module.graph.nodes:
+        if node.op == "placeholder" and node.name in inputs_to_params:
+            name = inputs_to_params[node.name]
+            log.source(node, name, params[name].ndim)
+        elif node.op == "call_function":
+            log.call(node.target, node.args, node.kwargs, node)
+    return log
+
+
+# -- step 3 ------------------------------------------------------------------------------
+_MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
+_MHA_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "out_proj_weight")
+
+
+class _RecordingMode(TorchFunctionMode):
+    """Logs every torch function call of a forward into a :class:`UseLog`."""
+
+    def __init__(self, log: UseLog) -> None:
+        super().__init__()
+        self.log = log
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if op_name(func) == "multi_head_attention_forward":  # a composite: its projections are linear
+            bound = _MHA_SIGNATURE.bind(*args, **kwargs).arguments
+            weights = [bound.get(name) for name in _MHA_WEIGHTS]
+            for weight in weights:
+                if weight is not None:
+                    self.log.call("linear", (None, weight), {}, None)
+            rest = [v for k, v in bound.items() if k not in _MHA_WEIGHTS]
+            self.log.call("multi_head_attention_forward", rest, {}, None)
+            return func(*args, **kwargs)
+        result = func(*args, **kwargs)
+        self.log.call(func, args, kwargs, result)
+        return result
+
+
+def _recorded_log(model: nn.Module, sample_batch: batch_mod.SampleBatch) -> UseLog:
+    log = UseLog(model, key=lambda v: id(v) if isinstance(v, torch.Tensor) else None)
+    for name, param in model.named_parameters(remove_duplicate=False):
+        log.source(param, name, param.ndim)
+    try:
+        with torch.no_grad(), _RecordingMode(log):
+            args, kwargs = batch_mod.as_args(sample_batch)
+            model(*args, **kwargs)
+    except Exception:
+        with torch.no_grad():
+            batch_mod.run(model, sample_batch)  # raises BatchError naming the layer if the batch is bad
+        raise
+    return log
+
+
+# -- step 4 ------------------------------------------------------------------------------
+def _walk_log(model: nn.Module) -> UseLog:
+    log = UseLog(model, key=lambda v: None)
+    _log_leaf_module(log, model, "")
+    return log
+
+
+# -- shared ------------------------------------------------------------------------------
+@contextlib.contextmanager
+def preserved_state(model: nn.Module) -> Iterator[None]:
+    """Put ``model`` in eval mode; afterwards restore every module's mode and every buffer."""
+    modes = [(module, module.training) for module in model.modules()]
+    buffers = [(buf, buf.detach().clone()) for buf in model.buffers()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+        with torch.no_grad():
+            for buf, saved in buffers:
+                if buf.shape == saved.shape:
+                    buf.copy_(saved)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+

@@ -1,0 +1,108 @@
+"""Fold weight norm back into plain weights: ``w = g * v / ||v||`` computed once and stored.
+
+Three layouts are recognized on a model:
+
+* ``wn_transform``: this library's :class:`~wn_transform.parametrization.WeightNorm`;
+* ``torch``: ``torch.nn.utils.parametrizations.weight_norm`` (any ``dim``, ``dim=None``);
+* ``legacy``: ``torch.nn.utils.weight_norm`` (``weight_g``/``weight_v`` and a forward pre-hook).
+
+Folding a layer gives it back its original class and a plain ``nn.Parameter`` under the
+original name, with the value the parametrization computes.  It works on one instance at a
+time and never edits a class, so folding a copy leaves the original working.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import _WeightNorm
+from torch.nn.utils.weight_norm import WeightNorm as LegacyWeightNorm
+
+from ._copy import copy_model
+from .errors import FoldError
+from .parametrization import WeightNorm, remove
+
+__all__ = ["FoundWeightNorm", "find_weight_norms", "fold_weight_norm"]
+
+
+@dataclass(frozen=True)
+class FoundWeightNorm:
+    """A weight-normalized tensor ``<module>.<name>`` in one of the three layouts."""
+
+    module: str
+    name: str
+    layout: str  # "wn_transform" | "torch" | "legacy"
+    dim: int | None  # the unit axis (None: one norm over the whole tensor)
+    groups: int = 1
+
+    @property
+    def qualname(self) -> str:
+        return f"{self.module}.{self.name}" if self.module else self.name
+
+
+def find_weight_norms(model: nn.Module) -> list[FoundWeightNorm]:
+    """Every weight-normalized tensor of ``model``, in module order."""
+    found = []
+    for module_name, module in model.named_modules():
+        if parametrize.is_parametrized(module):
+            for name, chain in module.parametrizations.items():
+                wn = next((p for p in chain if isinstance(p, (WeightNorm, _WeightNorm))), None)
+                if isinstance(wn, WeightNorm):
+                    found.append(FoundWeightNorm(module_name, name, "wn_transform", wn.dim, wn.groups))
+                elif wn is not None:
+                    dim = None if wn.dim == -1 else wn.dim
+                    found.append(FoundWeightNorm(module_name, name, "torch", dim))
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, LegacyWeightNorm):
+                dim = None if hook.dim == -1 else hook.dim
+                found.append(FoundWeightNorm(module_name, hook.name, "legacy", dim))
+    return found
+
+
+def fold_weight_norm(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """Replace every weight-normalized weight by a plain Parameter with the same value.
+
+    Args:
+        model: any module; layers in the three layouts above are folded, others kept.
+        inplace: fold ``model`` itself; by default a deep copy is folded and returned.
+
+    Returns:
+        The folded model: same classes, same parameter names (``conv.weight``), same function.
+    """
+    if not isinstance(model, nn.Module):
+        msg = f"fold_weight_norm expects a torch.nn.Module, got {type(model).__name__}"
+        raise TypeError(msg)
+    if not inplace:
+        model = copy_model(model)
+    for found in find_weight_norms(model):
+        fold_one(model, found)
+    return model
+
+
+def fold_one(model: nn.Module, found: FoundWeightNorm) -> None:
+    """Fold the single weight-normalized tensor ``found`` of ``model``, in place."""
+    module = model.get_submodule(found.module)
+    if found.layout == "legacy":
+        hook_id, hook = next((k, h) for k, h in module._forward_pre_hooks.items()
+                             if isinstance(h, LegacyWeightNorm) and h.name == found.name)
+        g, v = getattr(module, f"{found.name}_g"), getattr(module, f"{found.name}_v")
+        with torch.no_grad():
+            weight = hook.compute_weight(module)
+        del module._parameters[f"{found.name}_g"], module._parameters[f"{found.name}_v"], module._forward_pre_hooks[hook_id]
+        if found.name in vars(module):
+            delattr(module, found.name)
+        module._parameters = {found.name: nn.Parameter(weight.detach(), requires_grad=v.requires_grad or g.requires_grad),
+                              **module._parameters}
+        return
+    chain = module.parametrizations[found.name]
+    if len(chain) != 1:
+        msg = (f"cannot fold {found.qualname}: weight norm is stacked with other parametrizations "
+               f"({', '.join(type(p).__name__ for p in chain)}); remove those first")
+        raise FoldError(msg)
+    with torch.no_grad():
+        weight = getattr(module, found.name)
+    requires_grad = any(p.requires_grad for p in chain.parameters(recurse=False))
+    remove(module, found.name, weight, requires_grad=requires_grad)

@@ -1,0 +1,28 @@
+"""What torch's standard layers do with their weights, known from their source.
+
+Used where a graph does not show the ops: leaf modules in a ``symbolic_trace`` graph, and
+the last step of the discovery ladder (a walk of module types).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.nn.modules.conv import _ConvNd
+
+from .norm import UnitLayout
+
+__all__ = ["standard_weights"]
+
+
+def standard_weights(module: nn.Module) -> list[tuple[str, str, UnitLayout]]:
+    """``(tensor name, op kind, unit layout)`` for each linear/conv weight ``module`` owns directly."""
+    if isinstance(module, nn.Linear):
+        return [("weight", "linear", UnitLayout(0))]
+    if isinstance(module, _ConvNd):
+        if module.transposed:
+            return [("weight", "conv_transpose", UnitLayout(1, module.groups))]
+        return [("weight", "conv", UnitLayout(0))]
+    if isinstance(module, nn.MultiheadAttention):
+        names = ["in_proj_weight"] if module._qkv_same_embed_dim else ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
+        return [(name, "linear", UnitLayout(0)) for name in names]
+    return []

@@ -1,0 +1,115 @@
+"""The weight-norm arithmetic, as pure tensor functions (no modules, no state).
+
+A weight tensor ``v`` holds a set of *output units*; each unit owns a slice of ``v``
+(its fan-in) and gets one scale ``g``.  The weight is
+
+    w[unit] = g[unit] * v[unit] / ||v[unit]||          (Salimans & Kingma, 2016, eq. 2)
+
+A :class:`UnitLayout` says where the units are:
+
+* ``dim=d, groups=1``: unit ``u`` is ``v.select(d, u)``.  ``g`` has ``v``'s rank with
+  size 1 everywhere but ``d`` (torch's ``weight_norm(dim=d)`` layout), e.g.
+  Linear ``[out, in]`` -> ``d=0``, ``g: [out, 1]``; GPT-2 ``Conv1D`` ``[in, out]`` -> ``d=1``,
+  ``g: [1, out]``.
+* ``dim=1, groups=G`` (grouped ConvTranspose, weight ``[in, out/G, *k]``): output channel
+  ``c = grp * out/G + j`` has fan-in ``v[grp*in/G:(grp+1)*in/G, j]``.  ``g`` is
+  ``[1, out, 1, ...]`` with ``out = G * out/G``, so ``g.reshape(-1)`` is indexed by output
+  channel in every layout, and ``G = g.shape[1] // v.shape[1]`` can be read off the shapes.
+
+Norms are accumulated in float32 for half-precision weights; a zero fan-in gives a zero
+weight (never NaN), with a zero gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["UnitLayout", "compose_weight", "unit_norm", "scale_from_norm"]
+
+
+@dataclass(frozen=True)
+class UnitLayout:
+    """Where the output units of a weight are: the unit axis ``dim`` and the ``groups``."""
+
+    dim: int = 0
+    groups: int = 1
+
+    def __post_init__(self) -> None:
+        if self.groups < 1:
+            msg = f"groups must be >= 1, got {self.groups}"
+            raise ValueError(msg)
+        if self.groups > 1 and self.dim != 1:
+            msg = f"grouped layouts put the units on dim 1 (ConvTranspose), got dim={self.dim}"
+            raise ValueError(msg)
+
+    def g_shape(self, v_shape: torch.Size | tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of ``g`` for a weight of shape ``v_shape``."""
+        shape = [1] * len(v_shape)
+        shape[self.dim] = v_shape[self.dim] * self.groups
+        return tuple(shape)
+
+    def num_units(self, v_shape: torch.Size | tuple[int, ...]) -> int:
+        return v_shape[self.dim] * self.groups
+
+    def check(self, v_shape: torch.Size | tuple[int, ...]) -> None:
+        """Raise ``ValueError`` if a weight of this shape cannot have this layout."""
+        if len(v_shape) < 2:
+            msg = f"a weight needs at least 2 dims to have output units, got shape {tuple(v_shape)}"
+            raise ValueError(msg)
+        if not -len(v_shape) <= self.dim < len(v_shape):
+            msg = f"unit dim {self.dim} is out of range for a weight of shape {tuple(v_shape)}"
+            raise ValueError(msg)
+        if self.groups > 1 and v_shape[0] % self.groups:
+            msg = f"dim 0 of shape {tuple(v_shape)} does not split into {self.groups} groups"
+            raise ValueError(msg)
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _grouped(x: Tensor, groups: int) -> Tensor:
+    """View ``[in, out/G, *k]`` as ``[G, in/G, out/G, *k]``."""
+    return x.unflatten(0, (groups, x.shape[0] // groups))
+
+
+def _g_to_grouped(g_like: Tensor, groups: int) -> Tensor:
+    """View a ``[1, out, 1...]`` tensor as ``[G, 1, out/G, 1...]`` to broadcast on ``_grouped``."""
+    return g_like.reshape(groups, 1, g_like.shape[1] // groups, *g_like.shape[2:])
+
+
+def unit_norm(v: Tensor, layout: UnitLayout) -> Tensor:
+    """``||v[unit]||`` for every output unit, shaped like ``g``, in float32 or wider."""
+    dtype = _accumulation_dtype(v.dtype)
+    dim = layout.dim % v.ndim
+    if layout.groups == 1:
+        dims = [d for d in range(v.ndim) if d != dim]
+        return torch.linalg.vector_norm(v, dim=dims, keepdim=True, dtype=dtype)
+    grouped = _grouped(v, layout.groups)  # [G, in/G, out/G, *k]
+    dims = [1, *range(3, grouped.ndim)]
+    norms = torch.linalg.vector_norm(grouped, dim=dims, keepdim=True, dtype=dtype)
+    return norms.reshape(layout.g_shape(v.shape))
+
+
+def scale_from_norm(g: Tensor, norm: Tensor, *, exp_scale: bool = False) -> Tensor:
+    """``g / ||v||`` per unit (``e^g / ||v||`` when ``exp_scale``), 0 where ``||v|| = 0``."""
+    gain = g.to(norm.dtype)
+    if exp_scale:
+        gain = gain.exp()
+    safe = torch.where(norm > 0, norm, torch.ones_like(norm))
+    return gain / safe
+
+
+def compose_weight(g: Tensor, v: Tensor, layout: UnitLayout, *, exp_scale: bool = False) -> Tensor:
+    """``w = g * v / ||v||`` per output unit, in ``v``'s dtype.
+
+    Shapes: ``v`` is the weight shape, ``g`` is ``layout.g_shape(v.shape)``.
+    """
+    scale = scale_from_norm(g, unit_norm(v, layout), exp_scale=exp_scale)
+    if layout.groups == 1:
+        return (v * scale).to(v.dtype)
+    scaled = _grouped(v, layout.groups) * _g_to_grouped(scale, layout.groups)
+    return scaled.flatten(0, 1).to(v.dtype)

@@ -1,0 +1,120 @@
+"""The weight-norm parametrization: ``module.<name>`` becomes ``g * v / ||v||``.
+
+It is registered with :mod:`torch.nn.utils.parametrize`, so ``module.weight`` is recomputed
+from its two parameters wherever the model reads it (in its own forward, in a parent's
+functional call, in ``nn.MultiheadAttention``), and the state-dict keys are torch's own:
+
+    <module>.parametrizations.<name>.original0   g, shape ``layout.g_shape(v.shape)``
+    <module>.parametrizations.<name>.original1   v, the weight's shape
+
+With ``exp_scale=True``, ``original0`` stores ``s`` and ``g = e^s``.
+
+Two things torch's mechanism leaves us to do:
+
+* its generated class raises on pickling (``torch.save(model)``); :func:`register` gives the
+  per-instance class a ``__reduce_ex__`` that rebuilds the module on load;
+* :func:`remove` takes a parametrization off *one instance* without touching the generated
+  class, which ``copy.deepcopy`` shares between the original and the copy (torch's own
+  ``remove_parametrizations`` deletes the property from that shared class and breaks the
+  original).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from .norm import UnitLayout, compose_weight, unit_norm
+
+__all__ = ["WeightNorm", "register", "remove", "weight_norm_of"]
+
+_TINY = torch.finfo(torch.float32).tiny
+
+
+class WeightNorm(nn.Module):
+    """``forward(g, v) = g * v / ||v||`` per output unit; ``right_inverse(w) = (||w||, w)``.
+
+    The right inverse makes registration exact: the model computes the same function
+    (up to float rounding) right after :func:`register`.
+    """
+
+    def __init__(self, dim: int = 0, groups: int = 1, *, exp_scale: bool = False) -> None:
+        super().__init__()
+        self.dim = dim
+        self.groups = groups
+        self.exp_scale = exp_scale
+
+    @property
+    def layout(self) -> UnitLayout:
+        return UnitLayout(self.dim, self.groups)
+
+    def forward(self, g: Tensor, v: Tensor) -> Tensor:
+        return compose_weight(g, v, self.layout, exp_scale=self.exp_scale)
+
+    def right_inverse(self, weight: Tensor) -> tuple[Tensor, Tensor]:
+        with torch.no_grad():
+            norm = unit_norm(weight, self.layout)
+            g = norm.clamp_min(_TINY).log() if self.exp_scale else norm
+        return g.to(weight.dtype), weight
+
+    def extra_repr(self) -> str:
+        extra = ", exp_scale=True" if self.exp_scale else ""
+        groups = f", groups={self.groups}" if self.groups > 1 else ""
+        return f"dim={self.dim}{groups}{extra}"
+
+
+def register(module: nn.Module, name: str, parametrization: WeightNorm) -> None:
+    """Reparameterize ``module.<name>`` as ``(g, v)``; the weight's value is kept."""
+    parametrization.layout.check(getattr(module, name).shape)
+    parametrize.register_parametrization(module, name, parametrization)
+    type(module).__reduce_ex__ = _reduce_parametrized  # the class is this instance's own
+
+
+def weight_norm_of(module: nn.Module, name: str) -> WeightNorm | None:
+    """This library's parametrization on ``module.<name>``, if there is one."""
+    if not parametrize.is_parametrized(module, name):
+        return None
+    chain = module.parametrizations[name]
+    if len(chain) == 1 and isinstance(chain[0], WeightNorm):
+        return chain[0]
+    return None
+
+
+def remove(module: nn.Module, name: str, value: Tensor, *, requires_grad: bool = True) -> None:
+    """Drop the parametrization of ``module.<name>`` and store ``value`` as a plain Parameter.
+
+    Only this instance changes: its class is swapped for a fresh one (or for the original
+    class when nothing else is parametrized), never edited in place.  The restored
+    parameter goes first in ``_parameters``, where a freshly built layer keeps its weight.
+    """
+    base = parametrize.type_before_parametrizations(module)
+    del module.parametrizations[name]
+    remaining = list(module.parametrizations.keys())
+    module.__class__ = base
+    if not remaining:
+        del module.parametrizations
+    else:
+        parametrize._inject_new_class(module)
+        for other in remaining:
+            parametrize._inject_property(module, other)
+        type(module).__reduce_ex__ = _reduce_parametrized
+    parameter = nn.Parameter(value.detach(), requires_grad=requires_grad)
+    module._parameters = {name: parameter, **module._parameters}
+
+
+def _reduce_parametrized(self: nn.Module, protocol: int) -> tuple:
+    """Pickle a parametrized module as its original class plus the names to re-parametrize."""
+    base = parametrize.type_before_parametrizations(self)
+    names = list(self.parametrizations.keys())
+    return (_rebuild_parametrized, (base, names, self.__dict__.copy()))
+
+
+def _rebuild_parametrized(base: type, names: list[str], state: dict) -> nn.Module:
+    module = base.__new__(base)
+    module.__setstate__(state)
+    parametrize._inject_new_class(module)
+    for name in names:
+        parametrize._inject_property(module, name)
+    type(module).__reduce_ex__ = _reduce_parametrized
+    return module

@@ -1,0 +1,65 @@
+"""What ``apply_weight_norm`` did: the weights it reparameterized, those it skipped, and why."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .data_init import InitNotes
+from .targets import Skipped, Target
+
+__all__ = ["WeightNormReport"]
+
+
+@dataclass
+class WeightNormReport:
+    """The plan or the result of :func:`~wn_transform.apply_weight_norm`.
+
+    ``converted``: the weights reparameterized (name, op kind, shape, unit axis, the
+    discovery step that found them); ``skipped``: the weights left alone, with the reason;
+    ``found_by``: the step of the tracing ladder that succeeded (``trace_failures`` says why
+    the steps above it failed); ``init``: ``"data"`` or ``"preserve"``; ``notes``: what the
+    data-dependent init could not do (constant units, layers the batch never reached).
+    """
+
+    converted: list[Target]
+    skipped: list[Skipped]
+    found_by: str
+    init: str
+    trace_failures: dict[str, str] = field(default_factory=dict)
+    notes: InitNotes | None = None
+
+    def table(self) -> str:
+        """A plain-text table, one row per weight."""
+        rows = [("weight", "op", "shape", "unit axis", "found by / reason")]
+        for t in self.converted:
+            axis = f"dim {t.layout.dim}" + (f", {t.layout.groups} groups" if t.layout.groups > 1 else "")
+            rows.append((t.qualname, t.kind, "x".join(map(str, t.shape)), axis, t.found_by))
+        for s in self.skipped:
+            rows.append((s.qualname, "skipped", "", "", s.reason))
+        widths = [max(len(row[i]) for row in rows) for i in range(4)]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths)) + "  " + row[4] for row in rows]
+        lines.insert(1, "-" * len(lines[0]))
+        summary = f"{len(self.converted)} weights reparameterized, {len(self.skipped)} skipped; traced by {self.found_by}; init={self.init}"
+        lines.append(summary)
+        lines.extend(f"  {step} failed: {why}" for step, why in self.trace_failures.items())
+        if self.notes is not None:
+            for name, count in self.notes.constant_units.items():
+                lines.append(f"  {name}: {count} units constant on the batch (sigma ~ 0); their scale is s, not s/sigma")
+            for name in self.notes.unreached:
+                lines.append(f"  {name}: not reached by the sample batch; kept its scale")
+            for name in self.notes.bias_not_set:
+                lines.append(f"  {name}: its bias is computed, not a parameter; only g was set")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def to_dict(self) -> dict:
+        notes = None if self.notes is None else {
+            "constant_units": self.notes.constant_units, "unreached": self.notes.unreached,
+            "bias_not_set": self.notes.bias_not_set,
+        }
+        return {
+            "converted": [t.to_dict() for t in self.converted], "skipped": [s.to_dict() for s in self.skipped],
+            "found_by": self.found_by, "init": self.init, "trace_failures": self.trace_failures, "notes": notes,
+        }
