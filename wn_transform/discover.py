@@ -55,20 +55,20 @@ def discover(model: nn.Module, sample_batch: batch_mod.SampleBatch | None = None
     failures: dict[str, str] = {}
     try:
         log = _symbolic_trace_log(model)
-        return Discovery(*log.resolve(SYMBOLIC_TRACE), SYMBOLIC_TRACE, failures)
+        return _finish(log, model, SYMBOLIC_TRACE, failures)
     except Exception as exc:  # any tracing failure moves one step down the ladder
         failures[SYMBOLIC_TRACE] = _one_line(exc)
     if sample_batch is not None:
         try:
             with preserved_state(model):
                 log = _export_log(model, sample_batch)
-            return Discovery(*log.resolve(EXPORT), EXPORT, failures)
+            return _finish(log, model, EXPORT, failures)
         except Exception as exc:
             failures[EXPORT] = _one_line(exc)
         try:
             with preserved_state(model):
                 log = _recorded_log(model, sample_batch)
-            return Discovery(*log.resolve(RECORDED), RECORDED, failures)
+            return _finish(log, model, RECORDED, failures)
         except BatchError:
             raise
         except Exception as exc:
@@ -83,10 +83,27 @@ def discover(model: nn.Module, sample_batch: batch_mod.SampleBatch | None = None
     return Discovery(*_walk_log(model).resolve(WALK), WALK, failures)
 
 
+def _finish(log: UseLog, model: nn.Module, found_by: str, failures: dict[str, str]) -> Discovery:
+    """Resolve a trace's log; standard layers the forward never reached are added by type.
+
+    A layer that a trace does not reach (used only by another method, or on a branch the
+    sample batch did not take) still computes with its weight the way its type says.
+    """
+    for name, module in model.named_modules():
+        for tensor, kind, layout in standard_weights(module):
+            qualname = f"{name}.{tensor}" if name else tensor
+            if isinstance(getattr(module, tensor, None), nn.Parameter) and log.canonical(qualname) not in log.uses:
+                log.add_use(qualname, kind, layout, detail=f"{WALK} (not reached by {found_by})")
+    return Discovery(*log.resolve(found_by), found_by, failures)
+
+
 # -- step 1 ------------------------------------------------------------------------------
 def _symbolic_trace_log(model: nn.Module) -> UseLog:
-    graph_module = torch.fx.symbolic_trace(model)
     log = UseLog(model, key=lambda v: v if isinstance(v, torch.fx.Node) else None)
+    if torch.fx.Tracer().is_leaf_module(model, ""):  # a bare torch layer: its type says it all
+        _log_leaf_module(log, model, "")
+        return log
+    graph_module = torch.fx.symbolic_trace(model)
     params = dict(model.named_parameters(remove_duplicate=False))
     for node in graph_module.graph.nodes:
         if node.op == "get_attr" and node.target in params:
@@ -107,7 +124,7 @@ def _log_leaf_module(log: UseLog, model: nn.Module, path: str) -> None:
         for name, _ in sub.named_parameters(recurse=False):
             qualname = f"{prefix}.{name}" if prefix else name
             kind, layout = known.get(name, ("other", None))
-            log.add_use(qualname, kind, layout, detail=type(sub).__name__)
+            log.add_use(qualname, kind, layout, detail=type(sub).__name__ if kind == "other" else "")
 
 
 # -- step 2 ------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ class _Origin:
 class _Use:
     kind: str  # a WeightUse kind, or "other"
     layout: UnitLayout | None = None
-    detail: str = ""
+    detail: str = ""  # for "other": the op; for a weight use: how it was found, if not by the log's step
 
 
 def param_aliases(model: nn.Module) -> dict[int, list[str]]:
@@ -62,13 +62,17 @@ class UseLog:
         self.aliases = param_aliases(self.model)
         self._canonical = {name: names[0] for names in self.aliases.values() for name in names}
 
+    def canonical(self, param_name: str) -> str:
+        """The first name of a parameter that has several (tied weights)."""
+        return self._canonical.get(param_name, param_name)
+
     # -- feeding -------------------------------------------------------------------------
     def source(self, value: Any, param_name: str, ndim: int) -> None:
         """``value`` is the parameter ``param_name`` itself."""
-        self._set(value, _Origin(self._canonical.get(param_name, param_name), tuple(range(ndim))))
+        self._set(value, _Origin(self.canonical(param_name), tuple(range(ndim))))
 
     def add_use(self, param_name: str, kind: str, layout: UnitLayout | None = None, detail: str = "") -> None:
-        self.uses[self._canonical.get(param_name, param_name)].append(_Use(kind, layout, detail))
+        self.uses[self.canonical(param_name)].append(_Use(kind, layout, detail))
 
     def call(self, func: Callable | str, args: Sequence[Any], kwargs: dict[str, Any], result: Any) -> None:
         """Log one op call ``result = func(*args, **kwargs)``."""
@@ -118,7 +122,8 @@ class UseLog:
             module, tensor = split_qualname(name)
             kind = Counter(u.kind for u in weight_uses).most_common(1)[0][0]
             layout = weight_uses[0].layout
-            targets.append(Target(module, tensor, kind, tuple(params[name].shape), layout, found_by, len(weight_uses)))
+            how = weight_uses[0].detail or found_by
+            targets.append(Target(module, tensor, kind, tuple(params[name].shape), layout, how, len(weight_uses)))
         return targets, skipped
 
     def _reason_to_skip(self, name: str, uses: list[_Use], weight_uses: list[_Use]) -> str:

@@ -1,0 +1,229 @@
+"""The public face: arguments, selection, errors, copies, state dicts, and the tools torch users
+rely on (optimizers, torch.save, torch.compile, DistributedDataParallel)."""
+
+from __future__ import annotations
+
+import copy
+import io
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import weight_norm as torch_weight_norm
+
+import wn_transform as wn
+
+
+class Net(nn.Module):
+    """A small model with a method of its own, to check it survives."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(3, 8, 3, padding=1)
+        self.up = nn.ConvTranspose1d(8, 4, 2, stride=2)
+        self.head = nn.Linear(4 * 16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.up(torch.relu(self.conv(x)))).flatten(1))
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return self(x).argmax(-1)
+
+
+@pytest.fixture
+def net() -> Net:
+    torch.manual_seed(0)
+    return Net()
+
+
+@pytest.fixture
+def batch() -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.randn(16, 3, 8)
+
+
+def test_by_default_a_copy_is_changed_and_the_original_is_untouched(net: Net, batch: torch.Tensor) -> None:
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    out = wn.apply_weight_norm(net, batch)
+    assert out is not net and isinstance(out, Net)
+    assert out.predict(batch).shape == (16,)
+    assert {type(m) for m in net.modules()} == {Net, nn.Conv1d, nn.ConvTranspose1d, nn.Linear}
+    assert net.state_dict().keys() == before.keys()
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in before.items())
+
+
+def test_inplace_changes_and_returns_the_model_itself(net: Net) -> None:
+    out = wn.apply_weight_norm(net, init="preserve", inplace=True)
+    assert out is net and parametrize.is_parametrized(net.conv, "weight")
+
+
+def test_state_dict_keys_follow_torchs_layout_and_round_trip(net: Net, batch: torch.Tensor) -> None:
+    out = wn.apply_weight_norm(net, batch)
+    keys = list(out.state_dict())
+    assert "conv.parametrizations.weight.original0" in keys and "conv.parametrizations.weight.original1" in keys
+    assert "conv.weight" not in keys
+    other = wn.apply_weight_norm(Net(), init="preserve")
+    other.load_state_dict(out.state_dict())
+    torch.testing.assert_close(other(batch), out(batch))
+
+
+def test_checkpoints_are_interchangeable_with_torchs_weight_norm_where_the_axes_agree(batch: torch.Tensor) -> None:
+    torch.manual_seed(0)
+    ours = wn.apply_weight_norm(Net(), batch)
+    theirs = Net()
+    torch_weight_norm(theirs.conv, dim=0)
+    torch_weight_norm(theirs.up, dim=1)  # ConvTranspose: torch's dim=1 is the output channel
+    torch_weight_norm(theirs.head, dim=0)
+    theirs.load_state_dict(ours.state_dict())
+    torch.testing.assert_close(theirs(batch), ours(batch))
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.mul_(1.5)
+    ours.load_state_dict(theirs.state_dict())
+    torch.testing.assert_close(ours(batch), theirs(batch))
+
+
+def test_optimizer_trains_g_and_v(net: Net, batch: torch.Tensor) -> None:
+    out = wn.apply_weight_norm(net, batch)
+    optimizer = torch.optim.Adam(out.parameters(), lr=1e-2)
+    target = torch.randint(0, 5, (16,))
+    losses = []
+    for _ in range(30):
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(out(batch), target)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    assert out.conv.parametrizations.weight.original0.grad is not None
+
+
+def test_the_whole_model_pickles_with_torch_save(net: Net, batch: torch.Tensor) -> None:
+    out = wn.apply_weight_norm(net, batch)
+    buffer = io.BytesIO()
+    torch.save(out, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    torch.testing.assert_close(loaded(batch), out(batch))
+    assert isinstance(loaded, Net) and parametrize.is_parametrized(loaded.up, "weight")
+    torch.testing.assert_close(wn.fold_weight_norm(loaded)(batch), out(batch))
+
+
+def test_torch_compile_gives_the_same_outputs_and_gradients(net: Net, batch: torch.Tensor) -> None:
+    eager = wn.apply_weight_norm(net, batch)
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(batch), eager(batch))
+    compiled(batch).sum().backward()
+    eager(batch).sum().backward()
+    torch.testing.assert_close(compiled_model.up.parametrizations.weight.original0.grad,
+                               eager.up.parametrizations.weight.original0.grad)
+
+
+def test_distributed_data_parallel_wraps_and_trains(net: Net, batch: torch.Tensor, tmp_path) -> None:
+    out = wn.apply_weight_norm(net, batch)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(out)
+        ddp(batch).sum().backward()
+        assert out.head.parametrizations.weight.original1.grad is not None
+    finally:
+        dist.destroy_process_group()
+
+
+def test_dict_and_tuple_batches(batch: torch.Tensor) -> None:
+    class TwoInputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 3)
+            self.b = nn.Linear(2, 3)
+
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return self.a(x) + self.b(y)
+
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 4), torch.randn(32, 2)
+    for sample in ((x, y), {"x": x, "y": y}):
+        out = wn.apply_weight_norm(TwoInputs(), sample)
+        assert {t.qualname for t in wn.weight_norm_report(out).converted} == {"a.weight", "b.weight"}
+        pre = out.a(x).detach()
+        torch.testing.assert_close(pre.std(0, unbiased=False), torch.ones(3), atol=1e-4, rtol=0)
+
+
+def test_selection_rules(net: Net) -> None:
+    def converted(**rules) -> set[str]:
+        return {t.qualname for t in wn.plan_weight_norm(net, **rules).converted}
+
+    assert converted(include="conv") == {"conv.weight"}
+    assert converted(include=["conv*", "up.weight"]) == {"conv.weight", "up.weight"}
+    assert converted(exclude="head") == {"conv.weight", "up.weight"}
+    assert converted(types=nn.Linear) == {"head.weight"}
+    assert converted(filter_fn=lambda module, name: name != "up") == {"conv.weight", "head.weight"}
+    report = wn.plan_weight_norm(net, exclude="head")
+    assert [(s.qualname, s.reason) for s in report.skipped] == [("head.weight", "matched by exclude")]
+
+
+@pytest.mark.parametrize(
+    ("rules", "match"),
+    [({"include": "encoder.*"}, "include pattern 'encoder.*' matches none"),
+     ({"exclude": "nope"}, "exclude pattern 'nope' matches none"),
+     ({"types": nn.Embedding}, "types entry Embedding matches none"),
+     ({"filter_fn": lambda m, n: False}, "leave no weight")],
+)
+def test_a_rule_that_matches_nothing_is_an_error(net: Net, rules: dict, match: str) -> None:
+    with pytest.raises(wn.SelectionError, match=match):
+        wn.apply_weight_norm(net, **rules)
+
+
+def test_bad_arguments_get_clear_errors(net: Net, batch: torch.Tensor) -> None:
+    with pytest.raises(TypeError, match="expects a torch.nn.Module, got dict"):
+        wn.apply_weight_norm({"conv.weight": torch.zeros(3)})
+    with pytest.raises(wn.NoTargetsError, match="no weight that reaches a linear or convolution op"):
+        wn.apply_weight_norm(nn.Sequential(nn.ReLU(), nn.LayerNorm(4)))
+    with pytest.raises(ValueError, match="init='data' needs a sample_batch"):
+        wn.apply_weight_norm(net, init="data")
+    with pytest.raises(ValueError, match="init must be"):
+        wn.apply_weight_norm(net, batch, init="zeros")
+    with pytest.raises(TypeError, match="sample_batch must be a tensor"):
+        wn.apply_weight_norm(net, "batch.pt")
+
+
+def test_existing_weight_norm_is_never_applied_twice(batch: torch.Tensor) -> None:
+    torch.manual_seed(0)
+    model = Net()
+    torch_weight_norm(model.up)  # torch's default: per *input* channel for ConvTranspose
+    expected = model(batch)
+    kept = wn.apply_weight_norm(model, init="preserve")
+    report = wn.weight_norm_report(kept)
+    assert "up.weight" not in {t.qualname for t in report.converted}
+    assert any(s.qualname == "up.weight" and "already weight-normalized" in s.reason for s in report.skipped)
+    assert len(kept.up.parametrizations.weight) == 1
+    again = wn.apply_weight_norm(kept, init="preserve")
+    assert {t.qualname for t in wn.weight_norm_report(again).converted} == set()
+    converted = wn.apply_weight_norm(model, init="preserve", existing="convert")
+    chain = converted.up.parametrizations.weight
+    assert len(chain) == 1 and isinstance(chain[0], wn.WeightNorm) and chain[0].dim == 1
+    assert chain.original0.shape == (1, 4, 1)  # one g per output channel now
+    torch.testing.assert_close(converted(batch), expected)
+
+
+def test_the_report_is_a_table_and_a_dict(net: Net, batch: torch.Tensor) -> None:
+    report = wn.weight_norm_report(wn.apply_weight_norm(net, batch))
+    text = str(report)
+    for name in ("conv.weight", "up.weight", "head.weight", "conv_transpose", "symbolic_trace", "init=data"):
+        assert name in text
+    as_dict = report.to_dict()
+    assert [row["name"] for row in as_dict["converted"]] == ["conv.weight", "up.weight", "head.weight"]
+    assert as_dict["converted"][1]["dim"] == 1
+    assert {row["found_by"] for row in as_dict["converted"]} == {"symbolic_trace"}
+
+
+def test_the_cli_answers_help_and_version() -> None:
+    version = subprocess.run([sys.executable, "-m", "wn_transform.cli", "--version"], capture_output=True, text=True, check=True)
+    assert version.stdout.strip() == f"wn-transform {wn.__version__}"
+    help_text = subprocess.run([sys.executable, "-m", "wn_transform.cli", "--help"], capture_output=True, text=True, check=True)
+    assert "usage: wn-transform" in help_text.stdout

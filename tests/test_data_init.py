@@ -1,0 +1,216 @@
+"""The data-dependent init: per-unit statistics after init, and a pass that leaves nothing behind."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import wn_transform as wn
+
+
+def _deep_mlp(depth: int = 12, width: int = 32) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Linear(10, width), nn.ReLU()]
+    for _ in range(depth - 2):
+        layers += [nn.Linear(width, width), nn.ReLU()]
+    layers.append(nn.Linear(width, 3))
+    return nn.Sequential(*layers)
+
+
+def _pre_activations(model: nn.Module, batch: torch.Tensor, kinds: tuple[type, ...]) -> dict[str, torch.Tensor]:
+    """The output of every Linear/Conv layer (its pre-activation) on ``batch``."""
+    outputs: dict[str, torch.Tensor] = {}
+    handles = [
+        module.register_forward_hook(lambda m, a, out, name=name: outputs.__setitem__(name, out.detach()))
+        for name, module in model.named_modules() if isinstance(module, kinds)
+    ]
+    with torch.no_grad():
+        model(batch)
+    for handle in handles:
+        handle.remove()
+    return outputs
+
+
+def _per_unit(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    unit_dim = 1 if out.ndim > 2 else -1
+    dims = [d for d in range(out.ndim) if d != unit_dim % out.ndim]
+    var, mean = torch.var_mean(out.double(), dim=dims, correction=0)
+    return mean, var.sqrt()
+
+
+@pytest.mark.parametrize("init_scale", [1.0, 0.5])
+@pytest.mark.parametrize("exp_scale", [False, True], ids=["g", "exp"])
+def test_every_layer_of_a_deep_mlp_starts_at_zero_mean_and_std_s(init_scale: float, exp_scale: bool) -> None:
+    torch.manual_seed(0)
+    model = _deep_mlp()
+    batch = torch.randn(256, 10) * 3 + 1
+    out = wn.apply_weight_norm(model, batch, init_scale=init_scale, exp_scale=exp_scale)
+    pre = _pre_activations(out, batch, (nn.Linear,))
+    assert len(pre) == 12
+    for name, value in pre.items():
+        mean, std = _per_unit(value)
+        torch.testing.assert_close(mean, torch.zeros_like(mean), atol=1e-5, rtol=0, msg=name)
+        torch.testing.assert_close(std, torch.full_like(std, init_scale), atol=1e-4, rtol=0, msg=name)
+
+
+def test_conv_net_statistics_are_per_channel_over_batch_and_positions() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=4), nn.ReLU(),
+        nn.ConvTranspose2d(8, 6, 2, stride=2, groups=2),
+    )
+    batch = torch.randn(32, 3, 10, 10)
+    out = wn.apply_weight_norm(model, batch)
+    for name, value in _pre_activations(out, batch, (nn.Conv2d, nn.ConvTranspose2d)).items():
+        mean, std = _per_unit(value)
+        torch.testing.assert_close(mean, torch.zeros_like(mean), atol=1e-5, rtol=0, msg=name)
+        torch.testing.assert_close(std, torch.ones_like(std), atol=1e-4, rtol=0, msg=name)
+
+
+def test_g_and_b_follow_the_paper_formula_on_the_first_layer() -> None:
+    """g = 1/sigma[t], b = -mu[t]/sigma[t] with t = v.x/||v|| computed by hand."""
+    torch.manual_seed(0)
+    layer = nn.Linear(5, 4)
+    batch = torch.randn(64, 5)
+    out = wn.apply_weight_norm(nn.Sequential(layer), batch)[0]
+    v = layer.weight.detach()
+    t = batch @ (v / v.norm(dim=1, keepdim=True)).T
+    sigma = t.std(dim=0, unbiased=False)
+    torch.testing.assert_close(out.parametrizations.weight.original0.view(-1), 1 / sigma)
+    torch.testing.assert_close(out.bias.detach(), -t.mean(dim=0) / sigma)
+    torch.testing.assert_close(out.parametrizations.weight.original1, v)  # direction kept
+
+
+def test_a_layer_without_bias_gets_only_g() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5, bias=False))
+    batch = torch.randn(128, 6) + 2
+    out = wn.apply_weight_norm(model, batch)
+    mean, std = _per_unit(out(batch).detach())
+    torch.testing.assert_close(std, torch.ones_like(std), atol=1e-4, rtol=0)
+    assert mean.abs().min() > 0.1  # not centred: there is no bias to centre it
+
+
+def test_functional_linear_and_attention_are_calibrated() -> None:
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(8, 6))
+            self.b = nn.Parameter(torch.zeros(8))
+            self.attn = nn.MultiheadAttention(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = F.linear(x, self.w, self.b)
+            return self.attn(h, h, h, need_weights=False)[0]
+
+    torch.manual_seed(0)
+    batch = torch.randn(5, 16, 6)  # (L, N, E): MHA is sequence-first here
+    out = wn.apply_weight_norm(Model(), batch)
+    h = F.linear(batch, out.w, out.b).detach()
+    mean, std = _per_unit(h.reshape(-1, 8))
+    torch.testing.assert_close(std, torch.ones_like(std), atol=1e-4, rtol=0)
+    torch.testing.assert_close(mean, torch.zeros_like(mean), atol=1e-5, rtol=0)
+    qkv = F.linear(h, out.attn.in_proj_weight, out.attn.in_proj_bias).detach()  # self-attention projections
+    mean, std = _per_unit(qkv.reshape(-1, 24))
+    torch.testing.assert_close(std, torch.ones_like(std), atol=1e-4, rtol=0)
+    torch.testing.assert_close(mean, torch.zeros_like(mean), atol=1e-5, rtol=0)
+    final = out(batch).detach()
+    mean, std = _per_unit(final.reshape(-1, 8))  # the output projection's pre-activation
+    torch.testing.assert_close(std, torch.ones_like(std), atol=1e-4, rtol=0)
+
+
+def test_one_forward_pass_for_the_whole_model() -> None:
+    torch.manual_seed(0)
+    model = _deep_mlp(depth=20)
+    calls = []
+    model[0].register_forward_pre_hook(lambda m, a: calls.append(1))
+    wn.apply_weight_norm(model, torch.randn(32, 10), inplace=True)
+    assert len(calls) == 1
+
+
+def test_the_pass_changes_no_buffer_restores_modes_and_keeps_gradients_off() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5), nn.Conv2d(4, 2, 1))
+    model.train()
+    model[3].eval()  # mixed modes must come back exactly
+    buffers = {name: value.clone() for name, value in model.named_buffers()}
+    modes = [(module, module.training) for module in model.modules()]
+    out = wn.apply_weight_norm(model, torch.randn(8, 3, 6, 6), inplace=True)
+    assert out is model
+    for name, value in out.named_buffers():
+        assert torch.equal(value, buffers[name]), name
+    assert all(module.training == training for module, training in modes)
+    assert all(p.grad is None for p in out.parameters())
+
+
+def test_training_modes_are_restored_module_by_module() -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.Dropout(), nn.Linear(3, 2))
+    model.train()
+    model[1].eval()
+    out = wn.apply_weight_norm(model, torch.randn(4, 3))
+    assert (out.training, out[0].training, out[1].training, out[2].training) == (True, True, False, True)
+
+
+def test_a_constant_unit_keeps_a_finite_scale_and_is_reported() -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 3)
+    with torch.no_grad():
+        layer.weight[1] = torch.tensor([0.0, 0.0, 0.0, 1.0])  # unit 1 reads only feature 3
+    batch = torch.randn(32, 4)
+    batch[:, 3] = 2.0  # ... which is constant
+    out = wn.apply_weight_norm(nn.Sequential(layer), batch)
+    g = out[0].parametrizations.weight.original0
+    assert torch.isfinite(g).all() and torch.isfinite(out[0].bias).all()
+    assert wn.weight_norm_report(out).notes.constant_units == {"0.weight": 1}
+    assert "constant" in str(wn.weight_norm_report(out))
+
+
+def test_a_layer_the_batch_never_reaches_keeps_its_scale_and_is_reported() -> None:
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used = nn.Linear(4, 4)
+            self.unused = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.used(x)
+
+    torch.manual_seed(0)
+    model = Branchy()
+    out = wn.apply_weight_norm(model, torch.randn(16, 4))
+    assert "unused.weight" in wn.weight_norm_report(out).notes.unreached
+    torch.testing.assert_close(out.unused.weight, model.unused.weight)
+
+
+def test_resample_draws_directions_from_the_paper_distribution() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 128))
+    batch = torch.randn(512, 64)
+    out = wn.apply_weight_norm(model, batch, resample=True, generator=torch.Generator().manual_seed(1))
+    for layer in (out[0], out[2]):
+        v = layer.parametrizations.weight.original1.detach()
+        assert abs(v.std().item() - 0.05) < 0.003 and abs(v.mean().item()) < 0.003
+    mean, std = _per_unit(out[0](batch).detach())
+    torch.testing.assert_close(std, torch.ones_like(std), atol=1e-4, rtol=0)
+
+
+def test_a_wrong_shape_batch_names_the_layer_and_changes_nothing() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(wn.BatchError, match=r"layer '0' \(Linear\)"):
+        wn.apply_weight_norm(model, torch.randn(3, 5), inplace=True)
+    assert list(model.state_dict()) == list(before)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert type(model[0]) is nn.Linear
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_batch_with_nan_or_inf_is_refused_before_anything_changes(bad: float) -> None:
+    model = nn.Sequential(nn.Linear(4, 2))
+    before = model[0].weight.clone()
+    batch = torch.randn(3, 4)
+    batch[1, 2] = bad
+    with pytest.raises(wn.BatchError, match="NaN or inf"):
+        wn.apply_weight_norm(model, batch, inplace=True)
+    assert type(model[0]) is nn.Linear and torch.equal(model[0].weight, before)

@@ -1,0 +1,129 @@
+"""Folding: every layout of weight norm back to plain weights, the same function, nothing broken."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import weight_norm as torch_weight_norm
+
+import wn_transform as wn
+
+
+def legacy_weight_norm(module: nn.Module, dim: int | None = 0) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.nn.utils.weight_norm(module, dim=dim)
+
+
+LAYERS = {
+    "linear": (lambda: nn.Linear(6, 5), (4, 6)),
+    "conv1d": (lambda: nn.Conv1d(4, 6, 3, padding=1), (2, 4, 9)),
+    "conv_transpose1d": (lambda: nn.ConvTranspose1d(4, 6, 4, stride=2), (2, 4, 7)),
+}
+DIMS = {"linear": [0, 1, None], "conv1d": [0, 1, 2, None], "conv_transpose1d": [0, 1, 2, None]}
+CASES = [(layer, dim) for layer, dims in DIMS.items() for dim in dims]
+
+
+def _perturbed(module: nn.Module) -> nn.Module:
+    """Move every g away from ||v||, so that folding must really compute g*v/||v||."""
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if name.endswith(("original0", "weight_g")):
+                param.mul_(torch.rand_like(param) + 0.5)
+    return module
+
+
+@pytest.mark.parametrize("make", ["parametrizations", "legacy"])
+@pytest.mark.parametrize(("layer", "dim"), CASES, ids=[f"{layer}-dim{dim}" for layer, dim in CASES])
+def test_fold_undoes_torchs_weight_norm_in_both_layouts(make: str, layer: str, dim: int | None) -> None:
+    torch.manual_seed(0)
+    factory, shape = LAYERS[layer]
+    module = factory()
+    normalized = torch_weight_norm(module, dim=dim) if make == "parametrizations" else legacy_weight_norm(module, dim=dim)
+    model = _perturbed(nn.Sequential(normalized))
+    x = torch.randn(shape)
+    expected = model(x)
+    folded = wn.fold_weight_norm(model)
+    torch.testing.assert_close(folded(x), expected)
+    assert list(folded.state_dict()) == ["0.weight", "0.bias"]
+    assert type(folded[0]) is type(factory())
+    assert isinstance(folded[0].weight, nn.Parameter) and folded[0].weight.requires_grad
+    torch.testing.assert_close(model(x), expected)  # the original still works
+
+
+def test_folding_a_deepcopy_does_not_break_the_original() -> None:
+    """torch's remove_parametrizations on a deepcopy deletes the property from the shared
+    generated class and the original raises AttributeError; our fold must not."""
+    torch.manual_seed(0)
+    model = nn.Sequential(torch_weight_norm(nn.Linear(4, 3)), nn.Tanh(), wn.apply_weight_norm(nn.Linear(3, 2), init="preserve"))
+    x = torch.randn(5, 4)
+    expected = model(x)
+    replica = copy.deepcopy(model)
+    assert type(replica[0]) is type(model[0])  # the generated class really is shared
+    wn.fold_weight_norm(replica, inplace=True)
+    torch.testing.assert_close(model(x), expected)
+    torch.testing.assert_close(replica(x), expected)
+    assert parametrize.is_parametrized(model[0]) and not parametrize.is_parametrized(replica[0])
+
+
+def test_fold_of_apply_is_the_identity_in_preserve_mode_and_keeps_training() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.ConvTranspose2d(8, 4, 2, groups=2))
+    x = torch.randn(4, 3, 8, 8)
+    normalized = wn.apply_weight_norm(model, init="preserve")
+    torch.testing.assert_close(wn.fold_weight_norm(normalized)(x), model(x))
+    optimizer = torch.optim.SGD(normalized.parameters(), lr=0.1)
+    for _ in range(3):
+        optimizer.zero_grad()
+        normalized(x).pow(2).mean().backward()
+        optimizer.step()
+    trained = normalized(x)
+    assert not torch.allclose(trained, model(x))
+    torch.testing.assert_close(wn.fold_weight_norm(normalized)(x), trained)
+
+
+def test_legacy_layer_after_a_forward_with_grad_can_be_folded_without_touching_it() -> None:
+    """copy.deepcopy refuses such a model (its weight is a non-leaf attribute)."""
+    model = nn.Sequential(legacy_weight_norm(nn.Linear(3, 3)))
+    x = torch.randn(2, 3)
+    model(x).sum().backward()
+    with pytest.raises(RuntimeError):
+        copy.deepcopy(model)
+    folded = wn.fold_weight_norm(model)
+    torch.testing.assert_close(folded(x), model(x))
+    assert hasattr(model[0], "weight_g")
+
+
+def test_other_parametrizations_survive_folding() -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 4)
+    torch_weight_norm(layer)
+    parametrize.register_parametrization(layer, "bias", _Double())
+    x = torch.randn(3, 4)
+    expected = layer(x)
+    folded = wn.fold_weight_norm(layer)
+    torch.testing.assert_close(folded(x), expected)
+    assert parametrize.is_parametrized(folded, "bias") and not parametrize.is_parametrized(folded, "weight")
+    assert isinstance(folded.weight, nn.Parameter)
+
+
+def test_weight_norm_stacked_with_another_parametrization_is_a_clear_error() -> None:
+    layer = torch_weight_norm(nn.Linear(4, 4))
+    parametrize.register_parametrization(layer, "weight", _Double())
+    with pytest.raises(wn.FoldError, match="stacked"):
+        wn.fold_weight_norm(layer)
+
+
+def test_fold_refuses_a_non_module() -> None:
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        wn.fold_weight_norm({"weight": torch.zeros(2)})
+
+
+class _Double(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * x
