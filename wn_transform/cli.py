@@ -1,36 +1,356 @@
-"""The ``wn-transform`` command line.  Subcommands arrive with the deployment work; for now
-``--help`` and ``--version``."""
+"""The ``wn-transform`` command line: inspect, fold, convert, apply and export checkpoints.
+
+Exit codes: 0 success, 1 the operation failed (the message says which file, key or layer),
+2 bad usage.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import json
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
 
 from . import __version__
+from .apply import apply_weight_norm, plan_weight_norm, weight_norm_report
+from .checkpoint import (
+    CheckpointError, is_state_dict, load_batch, load_checkpoint, map_state_dicts, save_checkpoint, state_dict_paths,
+)
+from .errors import WeightNormError
+from .state_dict import convert_state_dict, find_state_dict_weight_norms, fold_state_dict
 
-EPILOG = """\
-example:
-  wn-transform --version
-"""
+FAILURES = (WeightNormError, CheckpointError, OSError)
+
+EXAMPLES = {
+    "inspect": """examples:
+  wn-transform inspect generator.pt
+  wn-transform inspect --model mypkg.models:build_generator --model-kwargs '{"channels": 256}' --input-shape 1,80,100""",
+    "fold": """example:
+  wn-transform fold hifigan_g.pt -o hifigan_g_plain.safetensors
+  (nested checkpoints such as {"generator": ..., "discriminator": ...} keep their structure)""",
+    "convert": """examples:
+  wn-transform convert old_legacy.pt -o new.pt --to parametrizations   # weight_g/weight_v -> parametrizations.weight.original0/1
+  wn-transform convert new.pt -o old.pt --to legacy""",
+    "apply": """examples:
+  wn-transform apply --model mypkg.models:build_classifier --checkpoint trained.pt --preserve -o wn.pt
+  wn-transform apply --model mypkg.models:build_classifier --calib calib_batch.pt -o wn_init.safetensors""",
+    "export": """examples:
+  wn-transform export --model mypkg.models:build_generator --checkpoint g.pt --input-shape 1,80,100 -o generator.onnx
+  wn-transform export --model mypkg.models:build_encoder --sample sample_inputs.pt -o encoder.onnx --opset 18""",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wn-transform",
-        description="Weight normalization (Salimans & Kingma, 2016) for PyTorch checkpoints.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Weight normalization (Salimans & Kingma, 2016) for PyTorch models and checkpoints.",
+        epilog="Run 'wn-transform COMMAND --help' for a worked example of each command.",
     )
     parser.add_argument("--version", action="version", version=f"wn-transform {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help_text, description=help_text, epilog=EXAMPLES[name],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    inspect = command("inspect", "Show what a checkpoint holds, or what apply would convert in a model.")
+    inspect.add_argument("file", nargs="?", help="checkpoint (.pt/.pth/.bin/.safetensors)")
+    _model_arguments(inspect, required=False)
+    _batch_arguments(inspect, "sample", required=False)
+
+    fold = command("fold", "Fold every weight-normalized tensor of a checkpoint into a plain weight (no model code).")
+    fold.add_argument("input", help="checkpoint to fold")
+    _output_arguments(fold)
+
+    convert = command("convert", "Convert a checkpoint between torch's two weight-norm layouts.")
+    convert.add_argument("input", help="checkpoint to convert")
+    convert.add_argument("--to", required=True, choices=("parametrizations", "legacy"), help="target layout")
+    _output_arguments(convert)
+
+    apply = command("apply", "Weight-normalize a model's checkpoint (data-dependent init or exact).")
+    _model_arguments(apply, required=True)
+    mode = apply.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--calib", metavar="FILE", help="calibration batch for the data-dependent init")
+    mode.add_argument("--preserve", action="store_true", help="exact reparameterization: g = ||w||, v = w")
+    apply.add_argument("--include", action="append", metavar="PATTERN", help="only weights/modules matching (repeatable)")
+    apply.add_argument("--exclude", action="append", metavar="PATTERN", help="leave weights/modules matching (repeatable)")
+    apply.add_argument("--init-scale", type=float, default=1.0, help="std of every pre-activation after init (default 1)")
+    apply.add_argument("--exp-scale", action="store_true", help="store g as e^s")
+    _output_arguments(apply)
+
+    export = command("export", "Load a model, fold its weight norm, export it to ONNX and verify it in onnxruntime.")
+    _model_arguments(export, required=True)
+    _batch_arguments(export, "sample", required=True)
+    export.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    _output_arguments(export)
     return parser
+
+
+def _model_arguments(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    parser.add_argument("--model", required=required, metavar="MODULE:FACTORY",
+                        help="importable factory that builds the model, e.g. mypkg.models:build_generator")
+    parser.add_argument("--model-kwargs", default="{}", metavar="JSON", help="keyword arguments for the factory")
+    parser.add_argument("--checkpoint", metavar="FILE", help="weights to load into the model")
+    parser.add_argument("--key", metavar="PATH", help="which nested state dict to use, e.g. generator or model.ema")
+
+
+def _batch_arguments(parser: argparse.ArgumentParser, name: str, *, required: bool) -> None:
+    group = parser.add_mutually_exclusive_group(required=required)
+    group.add_argument(f"--{name}", metavar="FILE", help="input batch: torch.save'd tensor/tuple/dict, .npy, .npz or .safetensors")
+    group.add_argument("--input-shape", metavar="N,C,...", help="a random float32 input of this shape (seed 0)")
+
+
+def _output_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-o", "--output", required=True, metavar="FILE", help="where to write (.pt/.pth/.bin/.safetensors/.onnx)")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
+
+
+# -- commands ------------------------------------------------------------------------------
+def cmd_inspect(args: argparse.Namespace, say: Callable[[str], None]) -> int:
+    if args.file is None and args.model is None:
+        msg = "inspect needs a checkpoint FILE, or --model to plan what apply would convert"
+        raise _UsageError(msg)
+    if args.file is not None:
+        checkpoint = load_checkpoint(args.file)
+        paths = state_dict_paths(checkpoint)
+        if not paths:
+            msg = f"{args.file}: holds no state dict (no mapping of names to tensors)"
+            raise CheckpointError(msg)
+        for path in paths:
+            print(_describe_state_dict(_get(checkpoint, path), ".".join(path) or "(top level)"))
+    if args.model is not None:
+        model = _build_model(args, say)
+        batch = _read_batch(args, "sample") if (args.sample or args.input_shape) else None
+        print(plan_weight_norm(model, batch))
+    return 0
+
+
+def cmd_fold(args: argparse.Namespace, say: Callable[[str], None]) -> int:
+    return _rewrite(args, say, lambda sd, where: fold_state_dict(sd), "folded")
+
+
+def cmd_convert(args: argparse.Namespace, say: Callable[[str], None]) -> int:
+    return _rewrite(args, say, lambda sd, where: convert_state_dict(sd, args.to), f"converted to {args.to}")
+
+
+def cmd_apply(args: argparse.Namespace, say: Callable[[str], None]) -> int:
+    _check_output_free(args)
+    model = _build_model(args, say)
+    batch = None if args.preserve else _read_batch(args, "calib")
+    say("applying weight norm" + ("" if args.preserve else " with data-dependent init"))
+    model = apply_weight_norm(model, batch, init="preserve" if args.preserve else "data", include=args.include,
+                              exclude=args.exclude, init_scale=args.init_scale, exp_scale=args.exp_scale, inplace=True)
+    print(weight_norm_report(model))
+    say(f"writing {args.output}")
+    save_checkpoint(model.state_dict(), args.output, force=args.force, inputs=_inputs(args))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace, say: Callable[[str], None]) -> int:
+    from .export import export_onnx
+
+    _check_output_free(args)
+    model = _build_model(args, say)
+    batch = _read_batch(args, "sample")
+    report = export_onnx(model, batch, args.output, opset=args.opset, overwrite=args.force, progress=say)
+    print(report)
+    return 0
+
+
+COMMANDS = {"inspect": cmd_inspect, "fold": cmd_fold, "convert": cmd_convert, "apply": cmd_apply, "export": cmd_export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    parser.parse_args(argv)
-    parser.print_help()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    started = time.perf_counter()
+
+    def say(message: str) -> None:
+        print(f"[{time.perf_counter() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+    try:
+        return COMMANDS[args.command](args, say)
+    except _UsageError as exc:
+        parser.error(str(exc))
+    except FAILURES as exc:
+        print(f"wn-transform {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    return 1
+
+
+# -- helpers ---------------------------------------------------------------------------------
+class _UsageError(Exception):
+    """Arguments that parse but make no sense together (exit code 2)."""
+
+
+def _rewrite(args: argparse.Namespace, say: Callable[[str], None], fn: Callable[[dict, str], dict], done: str) -> int:
+    _check_output_free(args)
+    say(f"loading {args.input}")
+    checkpoint = load_checkpoint(args.input)
+    paths = state_dict_paths(checkpoint)
+    found = {".".join(p) or "(top level)": len(find_state_dict_weight_norms(_get(checkpoint, p))) for p in paths}
+    if not any(found.values()):
+        msg = f"{args.input}: no weight-normalized tensors found (looked in {', '.join(found) or 'no state dict'})"
+        raise CheckpointError(msg)
+    result = map_state_dicts(checkpoint, fn)
+    say(f"writing {args.output}")
+    save_checkpoint(result, args.output, force=args.force, inputs=(args.input,))
+    for where, count in found.items():
+        print(f"{where}: {count} weight-normalized tensors {done}")
     return 0
+
+
+def _describe_state_dict(state_dict: dict[str, torch.Tensor], where: str) -> str:
+    found = find_state_dict_weight_norms(state_dict)
+    in_pairs = {k for wn in found for k in (wn.g_key, wn.v_key, wn.marker_key) if k}
+    plain = [k for k in state_dict if k not in in_pairs]
+    lines = [f"{where}: {len(found)} weight-normalized tensors, {len(plain)} plain tensors, "
+             f"{sum(v.numel() for v in state_dict.values()):,} values, "
+             f"{sum(v.numel() * v.element_size() for v in state_dict.values()):,} bytes"]
+    if found:
+        rows = [("weight", "layout", "axis", "g shape", "v shape")]
+        rows += [(wn.weight_key, wn.layout + (" (g = e^s)" if wn.exp_scale else ""), wn.axis,
+                  "x".join(map(str, wn.g_shape)) or "scalar", "x".join(map(str, wn.v_shape))) for wn in found]
+        widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    if plain:
+        shown = ", ".join(plain[:8]) + (f", ... ({len(plain) - 8} more)" if len(plain) > 8 else "")
+        lines.append(f"  plain: {shown}")
+    return "\n".join(lines)
+
+
+def _build_model(args: argparse.Namespace, say: Callable[[str], None]) -> nn.Module:
+    factory = _import_factory(args.model)
+    try:
+        kwargs = json.loads(args.model_kwargs)
+    except json.JSONDecodeError as exc:
+        msg = f"--model-kwargs is not valid JSON ({exc})"
+        raise _UsageError(msg) from exc
+    if not isinstance(kwargs, dict):
+        msg = "--model-kwargs must be a JSON object, e.g. '{\"channels\": 256}'"
+        raise _UsageError(msg)
+    say(f"building {args.model}")
+    try:
+        model = factory(**kwargs)
+    except Exception as exc:  # the user's code: report whatever it raised
+        msg = f"calling {args.model}(**{kwargs}) failed: {type(exc).__name__}: {exc}"
+        raise WeightNormError(msg) from exc
+    if not isinstance(model, nn.Module):
+        msg = f"{args.model} returned a {type(model).__name__}, not a torch.nn.Module"
+        raise WeightNormError(msg)
+    if args.checkpoint:
+        say(f"loading {args.checkpoint}")
+        _load_weights(model, load_checkpoint(args.checkpoint), args)
+    return model
+
+
+def _import_factory(spec: str) -> Callable[..., Any]:
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        msg = f"--model must look like package.module:factory, got {spec!r}"
+        raise _UsageError(msg)
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as exc:  # ImportError, or whatever the module raises at import
+        msg = f"cannot import {module_name!r} (from --model {spec}): {type(exc).__name__}: {exc}"
+        raise WeightNormError(msg) from exc
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            msg = f"{module_name!r} has no attribute {attr!r} (from --model {spec})"
+            raise WeightNormError(msg)
+        obj = getattr(obj, part)
+    if not callable(obj):
+        msg = f"{spec} is not callable"
+        raise WeightNormError(msg)
+    return obj
+
+
+def _load_weights(model: nn.Module, checkpoint: Any, args: argparse.Namespace) -> None:
+    """Load a (possibly nested, DataParallel-prefixed, weight-normalized) state dict."""
+    paths = state_dict_paths(checkpoint)
+    if args.key is not None:
+        path = tuple(args.key.split("."))
+        if path not in paths:
+            msg = f"{args.checkpoint}: no state dict under --key {args.key} (found: {_list_paths(paths)})"
+            raise CheckpointError(msg)
+    elif len(paths) == 1:
+        path = paths[0]
+    else:
+        msg = f"{args.checkpoint}: holds {len(paths)} state dicts ({_list_paths(paths)}); choose one with --key"
+        raise CheckpointError(msg)
+    state_dict = dict(_get(checkpoint, path))
+    expected = set(model.state_dict())
+    if not expected & set(state_dict) and all(k.startswith("module.") for k in state_dict):
+        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}  # saved from DataParallel/DDP
+    if set(state_dict) != expected and find_state_dict_weight_norms(state_dict):
+        folded = fold_state_dict(state_dict)  # trained with weight norm, loading into a plain model
+        if set(folded) == expected:
+            state_dict = folded
+    missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
+    if missing or unexpected:
+        msg = (f"{args.checkpoint}: does not fit {args.model}: missing keys {_few(missing)}; "
+               f"unexpected keys {_few(unexpected)}")
+        raise CheckpointError(msg)
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as exc:
+        msg = f"{args.checkpoint}: does not fit {args.model}: {str(exc).strip().splitlines()[-1].strip()}"
+        raise CheckpointError(msg) from exc
+
+
+def _read_batch(args: argparse.Namespace, name: str) -> Any:
+    path = getattr(args, name, None)
+    if path is not None:
+        return load_batch(path)
+    try:
+        shape = tuple(int(n) for n in args.input_shape.split(","))
+    except ValueError as exc:
+        msg = f"--input-shape must be comma-separated integers such as 1,80,100, got {args.input_shape!r}"
+        raise _UsageError(msg) from exc
+    return torch.randn(shape, generator=torch.Generator().manual_seed(0))
+
+
+def _check_output_free(args: argparse.Namespace) -> None:
+    """Fail before any work if the output exists (without --force) or is an input."""
+    output = Path(args.output)
+    for source in _inputs(args):
+        if output.exists() and Path(source).exists() and output.resolve() == Path(source).resolve():
+            msg = f"{output}: is the input file; write the output somewhere else"
+            raise CheckpointError(msg)
+    if output.exists() and not args.force:
+        msg = f"{output}: already exists; pass --force to overwrite it"
+        raise CheckpointError(msg)
+
+
+def _inputs(args: argparse.Namespace) -> tuple[str, ...]:
+    names = ("input", "checkpoint", "calib", "sample")
+    return tuple(getattr(args, n) for n in names if getattr(args, n, None))
+
+
+def _get(obj: Any, path: tuple[str, ...]) -> Any:
+    for part in path:
+        obj = obj[part] if part in obj else obj[int(part)]
+    return obj
+
+
+def _list_paths(paths: list[tuple[str, ...]]) -> str:
+    return ", ".join(".".join(p) or "(top level)" for p in paths) or "none"
+
+
+def _few(keys: list[str]) -> str:
+    return (", ".join(keys[:5]) + (f", ... ({len(keys) - 5} more)" if len(keys) > 5 else "")) if keys else "none"
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import io
+import logging
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -128,9 +130,28 @@ def _log_leaf_module(log: UseLog, model: nn.Module, path: str) -> None:
 
 
 # -- step 2 ------------------------------------------------------------------------------
+_EXPORT_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch.export", "torch._export", "torch._dynamo")
+
+
+@contextlib.contextmanager
+def _quiet(loggers: tuple[str, ...]) -> Iterator[None]:
+    """Silence torch's warnings (and the partial graph torch.export prints to stderr when it
+    fails) while a ladder step is tried: its failure goes into the report instead."""
+    saved = [(logging.getLogger(name), logging.getLogger(name).level) for name in loggers]
+    for logger, _ in saved:
+        logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for logger, level in saved:
+            logger.setLevel(level)
+
+
 def _export_log(model: nn.Module, sample_batch: batch_mod.SampleBatch) -> UseLog:
     args, kwargs = batch_mod.as_args(sample_batch)
-    program = torch.export.export(model, args, kwargs=kwargs, strict=False)
+    with _quiet(_EXPORT_LOGGERS):
+        program = torch.export.export(model, args, kwargs=kwargs, strict=False)
     inputs_to_params = program.graph_signature.inputs_to_parameters
     params = dict(model.named_parameters(remove_duplicate=False))
     log = UseLog(model, key=lambda v: v if isinstance(v, torch.fx.Node) else None)

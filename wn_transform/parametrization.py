@@ -7,7 +7,8 @@ functional call, in ``nn.MultiheadAttention``), and the state-dict keys are torc
     <module>.parametrizations.<name>.original0   g, shape ``layout.g_shape(v.shape)``
     <module>.parametrizations.<name>.original1   v, the weight's shape
 
-With ``exp_scale=True``, ``original0`` stores ``s`` and ``g = e^s``.
+With ``exp_scale=True``, ``original0`` stores ``s`` and ``g = e^s``, and the state dict holds a
+marker ``<module>.parametrizations.<name>.0.g_is_log`` so that checkpoint tools can tell.
 
 Two things torch's mechanism leaves us to do:
 
@@ -30,6 +31,7 @@ from .norm import UnitLayout, compose_weight, unit_norm
 __all__ = ["WeightNorm", "register", "remove", "weight_norm_of"]
 
 _TINY = torch.finfo(torch.float32).tiny
+EXP_SCALE_MARKER = "g_is_log"  # state-dict key <module>.parametrizations.<name>.0.g_is_log
 
 
 class WeightNorm(nn.Module):
@@ -44,6 +46,8 @@ class WeightNorm(nn.Module):
         self.dim = dim
         self.groups = groups
         self.exp_scale = exp_scale
+        if exp_scale:  # marks the state dict, so checkpoint tools know original0 holds s = log g
+            self.register_buffer(EXP_SCALE_MARKER, torch.ones(()))
 
     @property
     def layout(self) -> UnitLayout:

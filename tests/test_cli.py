@@ -1,0 +1,203 @@
+"""The wn-transform CLI, run as a subprocess the way users run it, and the checkpoint safety rules."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import wn_transform as wn
+from tests.fixtures.hifigan import build_generator, build_plain
+from wn_transform import checkpoint
+from wn_transform.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = "tests.fixtures.hifigan:build_plain"
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "wn_transform.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture
+def nested(tmp_path: Path) -> Path:
+    """A vocoder training checkpoint: generator with weight norm, a discriminator, a step count."""
+    path = tmp_path / "ckpt.pt"
+    torch.save({"generator": build_generator("parametrizations").state_dict(),
+                "discriminator": build_generator("legacy", seed=3).state_dict(), "step": 1000}, path)
+    return path
+
+
+@pytest.mark.parametrize("command", ["inspect", "fold", "convert", "apply", "export"])
+def test_every_command_has_help_with_a_worked_example(command: str) -> None:
+    result = cli(command, "--help")
+    assert result.returncode == 0
+    assert f"wn-transform {command}" in result.stdout and "example" in result.stdout
+
+
+def test_inspect_lists_layouts_axes_and_totals(nested: Path) -> None:
+    result = cli("inspect", str(nested))
+    assert result.returncode == 0, result.stderr
+    assert "generator: 8 weight-normalized tensors" in result.stdout
+    assert "discriminator: 8 weight-normalized tensors" in result.stdout
+    assert "whole tensor" in result.stdout and "legacy" in result.stdout
+
+
+def test_inspect_with_a_model_shows_the_plan() -> None:
+    result = cli("inspect", "--model", MODEL)
+    assert result.returncode == 0, result.stderr
+    assert "conv_pre.weight" in result.stdout and "conv_transpose" in result.stdout and "init=preserve" in result.stdout
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_fold_keeps_the_nesting_and_equals_folding_the_model(nested: Path, tmp_path: Path, suffix: str) -> None:
+    source = nested
+    if suffix == ".safetensors":  # safetensors holds one flat state dict
+        source = tmp_path / "g.safetensors"
+        save_file(build_generator("parametrizations").state_dict(), source)
+    out = tmp_path / f"plain{suffix}"
+    before = source.read_bytes()
+    result = cli("fold", str(source), "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert source.read_bytes() == before  # the input is never modified
+    folded = load_file(out) if suffix == ".safetensors" else torch.load(out, weights_only=True)
+    generator = folded if suffix == ".safetensors" else folded["generator"]
+    if suffix == ".pt":
+        assert folded["step"] == 1000 and set(folded) == {"generator", "discriminator", "step"}
+    expected = wn.fold_weight_norm(build_generator("parametrizations")).state_dict()
+    assert generator.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(generator[key], expected[key])
+
+
+def test_fold_refuses_to_overwrite_without_force_and_never_writes_over_its_input(nested: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.pt"
+    out.write_bytes(b"keep me")
+    result = cli("fold", str(nested), "-o", str(out))
+    assert result.returncode == 1 and "already exists" in result.stderr and out.read_bytes() == b"keep me"
+    assert cli("fold", str(nested), "-o", str(out), "--force").returncode == 0
+    result = cli("fold", str(nested), "-o", str(nested), "--force")
+    assert result.returncode == 1 and "is the input file" in result.stderr
+
+
+def test_convert_round_trips_between_torchs_layouts(nested: Path, tmp_path: Path) -> None:
+    legacy, back = tmp_path / "legacy.pt", tmp_path / "back.pt"
+    assert cli("convert", str(nested), "-o", str(legacy), "--to", "legacy").returncode == 0
+    model = build_generator("legacy", seed=5)
+    model.load_state_dict(torch.load(legacy, weights_only=True)["generator"])
+    assert cli("convert", str(legacy), "-o", str(back), "--to", "parametrizations").returncode == 0
+    model = build_generator("parametrizations", seed=5)
+    model.load_state_dict(torch.load(back, weights_only=True)["generator"])
+    mel = torch.randn(1, 80, 10)
+    torch.testing.assert_close(model(mel), build_generator("parametrizations")(mel))
+
+
+def test_apply_with_calibration_file_and_preserve(tmp_path: Path) -> None:
+    calib = tmp_path / "mel.npy"
+    np.save(calib, np.random.default_rng(0).standard_normal((4, 80, 16)).astype(np.float32))
+    plain_ckpt = tmp_path / "plain.pt"
+    torch.save({"module." + k: v for k, v in build_plain(seed=7).state_dict().items()}, plain_ckpt)  # DataParallel
+    out = tmp_path / "wn.pt"
+    result = cli("apply", "--model", MODEL, "--checkpoint", str(plain_ckpt), "--preserve", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    model = wn.apply_weight_norm(build_plain(), init="preserve")
+    model.load_state_dict(torch.load(out, weights_only=True))
+    mel = torch.randn(2, 80, 9)
+    torch.testing.assert_close(model(mel), build_plain(seed=7)(mel))
+    out = tmp_path / "wn_init.safetensors"
+    result = cli("apply", "--model", MODEL, "--calib", str(calib), "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "init=data" in result.stdout and any(k.endswith("original0") for k in load_file(out))
+
+
+@pytest.mark.parametrize(
+    ("args", "message", "code"),
+    [(["apply", "--model", "no_such_pkg.models:build", "--preserve"], "cannot import 'no_such_pkg.models'", 1),
+     (["apply", "--model", "tests.fixtures.hifigan:nope", "--preserve"], "has no attribute 'nope'", 1),
+     (["apply", "--model", "tests.fixtures.hifigan:broken_factory", "--preserve"], "this factory always fails", 1),
+     (["apply", "--model", MODEL, "--model-kwargs", "{oops", "--preserve"], "not valid JSON", 2),
+     (["apply", "--model", "no-colon", "--preserve"], "package.module:factory", 2),
+     (["apply", "--model", MODEL], "one of the arguments --calib --preserve is required", 2)],
+)
+def test_factory_and_usage_errors(tmp_path: Path, args: list[str], message: str, code: int) -> None:
+    result = cli(*args, "-o", str(tmp_path / "out.pt"))
+    assert result.returncode == code and message in result.stderr, result.stderr
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_a_calibration_batch_the_model_rejects_names_the_layer(tmp_path: Path) -> None:
+    calib = tmp_path / "bad.pt"
+    torch.save(torch.randn(2, 40, 16), calib)  # 40 mel bins, the model wants 80
+    result = cli("apply", "--model", MODEL, "--calib", str(calib), "-o", str(tmp_path / "out.pt"))
+    assert result.returncode == 1 and "layer 'conv_pre' (Conv1d)" in result.stderr
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_a_checkpoint_that_does_not_fit_names_the_keys(nested: Path, tmp_path: Path) -> None:
+    result = cli("apply", "--model", MODEL, "--checkpoint", str(nested), "--preserve", "-o", str(tmp_path / "o.pt"))
+    assert result.returncode == 1 and "choose one with --key" in result.stderr
+    other = tmp_path / "other.pt"
+    torch.save({"encoder.weight": torch.zeros(2, 2)}, other)
+    result = cli("apply", "--model", MODEL, "--checkpoint", str(other), "--preserve", "-o", str(tmp_path / "o.pt"))
+    assert result.returncode == 1 and "unexpected keys encoder.weight" in result.stderr
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_a_malicious_pickle_is_refused_not_executed(tmp_path: Path) -> None:
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "payload": _Evil()}, path)
+    result = subprocess.run([sys.executable, "-m", "wn_transform.cli", "fold", str(path), "-o", str(tmp_path / "o.pt")],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "refused to load" in result.stderr and "weights_only=False" in result.stderr
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", pickle.dumps([1, 2, 3])])
+def test_files_that_are_not_checkpoints_get_a_clear_error(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "junk.pt"
+    path.write_bytes(content)
+    result = cli("fold", str(path), "-o", str(tmp_path / "o.pt"))
+    assert result.returncode == 1 and str(path) in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_plain_checkpoint_has_nothing_to_fold(tmp_path: Path) -> None:
+    path = tmp_path / "plain.pt"
+    torch.save(build_plain().state_dict(), path)
+    result = cli("fold", str(path), "-o", str(tmp_path / "o.pt"))
+    assert result.returncode == 1 and "no weight-normalized tensors" in result.stderr
+
+
+def test_an_interrupted_write_leaves_no_partial_output(nested: Path, tmp_path: Path, monkeypatch) -> None:
+    out = tmp_path / "out.pt"
+
+    def crash(obj, f, *args, **kwargs) -> None:
+        Path(f).write_bytes(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        main(["fold", str(nested), "-o", str(out)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
+
+
+def test_batch_files_in_every_format(tmp_path: Path) -> None:
+    x = torch.randn(2, 3)
+    torch.save((x, x + 1), tmp_path / "t.pt")
+    np.savez(tmp_path / "d.npz", a=x.numpy(), b=(x + 1).numpy())
+    save_file({"only": x}, tmp_path / "one.safetensors")
+    assert isinstance(checkpoint.load_batch(tmp_path / "t.pt"), tuple)
+    assert set(checkpoint.load_batch(tmp_path / "d.npz")) == {"a", "b"}
+    torch.testing.assert_close(checkpoint.load_batch(tmp_path / "one.safetensors"), x)

@@ -1,0 +1,96 @@
+"""Weight norm at the state-dict level against models weight-normalized by torch itself."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.parametrizations import weight_norm as parametrized_weight_norm
+
+import wn_transform as wn
+from tests.fixtures.hifigan import build_generator
+from wn_transform.state_dict import convert_state_dict, find_state_dict_weight_norms, fold_state_dict
+
+
+def legacy_weight_norm(module: nn.Module, dim: int | None) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.nn.utils.weight_norm(module, dim=dim)
+
+
+LAYERS = {"linear": lambda: nn.Linear(6, 5), "conv1d": lambda: nn.Conv1d(4, 6, 3),
+          "conv_transpose1d": lambda: nn.ConvTranspose1d(4, 6, 3)}
+STYLES = {"parametrizations": parametrized_weight_norm, "legacy": legacy_weight_norm}
+CASES = [(style, layer, dim) for style in STYLES for layer in LAYERS for dim in (0, 1, None) + ((2,) if layer != "linear" else ())]
+
+
+def _perturb(model: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("original0", "weight_g")):
+                p.mul_(torch.rand_like(p) + 0.5)
+    return model
+
+
+@pytest.mark.parametrize(("style", "layer", "dim"), CASES, ids=[f"{s}-{layer}-dim{d}" for s, layer, d in CASES])
+def test_fold_state_dict_equals_folding_the_model(style: str, layer: str, dim: int | None) -> None:
+    torch.manual_seed(0)
+    model = _perturb(nn.Sequential(nn.Identity(), STYLES[style](LAYERS[layer](), dim=dim)))
+    (found,) = find_state_dict_weight_norms(model.state_dict())
+    assert (found.layout, found.dim, found.weight_key) == (style, None if dim is None else dim, "1.weight")
+    folded = fold_state_dict(model.state_dict())
+    expected = wn.fold_weight_norm(model).state_dict()
+    assert folded.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(folded[key], expected[key], msg=key)
+
+
+def test_our_layouts_fold_too_including_grouped_conv_transpose_and_exp_scale() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(4, 6, 3), nn.ConvTranspose1d(6, 4, 2, groups=2), nn.Linear(4, 3))
+    batch = torch.randn(8, 4, 5)
+    for exp_scale in (False, True):
+        normalized = wn.apply_weight_norm(model, batch, exp_scale=exp_scale)
+        found = {f.weight_key: f for f in find_state_dict_weight_norms(normalized.state_dict())}
+        assert (found["1.weight"].dim, found["1.weight"].groups, found["1.weight"].exp_scale) == (1, 2, exp_scale)
+        folded = fold_state_dict(normalized.state_dict())
+        expected = wn.fold_weight_norm(normalized).state_dict()
+        assert folded.keys() == expected.keys()
+        for key in expected:
+            torch.testing.assert_close(folded[key], expected[key], msg=key)
+
+
+def test_other_entries_keep_their_order_and_values() -> None:
+    model = build_generator("parametrizations")
+    state = model.state_dict()
+    folded = fold_state_dict(state)
+    plain_keys = [k for k in state if "parametrizations" not in k]
+    assert [k for k in folded if k in plain_keys] == plain_keys
+    assert all(folded[k] is state[k] for k in plain_keys)
+
+
+def test_layouts_convert_both_ways_and_load_into_torchs_models() -> None:
+    new = build_generator("parametrizations").state_dict()
+    old = convert_state_dict(new, "legacy")
+    legacy_model = build_generator("legacy", seed=1)
+    legacy_model.load_state_dict(old)
+    parametrized = build_generator("parametrizations", seed=1)
+    parametrized.load_state_dict(convert_state_dict(legacy_model.state_dict(), "parametrizations"))
+    mel = torch.randn(2, 80, 12)
+    torch.testing.assert_close(parametrized(mel), build_generator("parametrizations")(mel))
+    torch.testing.assert_close(legacy_model(mel), parametrized(mel))
+    assert convert_state_dict(old, "parametrizations").keys() == new.keys()
+
+
+def test_layouts_torch_cannot_express_are_refused_with_the_key() -> None:
+    model = wn.apply_weight_norm(nn.Sequential(nn.ConvTranspose1d(4, 4, 2, groups=2)), init="preserve")
+    with pytest.raises(wn.WeightNormError, match=r"0\.parametrizations\.weight\.original0: grouped ConvTranspose"):
+        convert_state_dict(model.state_dict(), "legacy")
+
+
+def test_a_g_that_does_not_fit_its_v_is_named() -> None:
+    state = {"fc.weight_g": torch.ones(3, 2), "fc.weight_v": torch.ones(3, 4)}
+    with pytest.raises(wn.WeightNormError, match=r"fc\.weight_g: g of shape \(3, 2\) does not fit v of shape \(3, 4\)"):
+        fold_state_dict(state)

@@ -1,0 +1,175 @@
+"""Checkpoint files: safe loading, atomic saving, nested state dicts, sample batches.
+
+* ``.pt``/``.pth``/``.bin``/``.ckpt`` are read with ``torch.load(weights_only=True)``: a file that
+  needs arbitrary pickled code is refused, never executed.  ``.safetensors`` goes through the
+  safetensors library.
+* Writes are atomic: a temporary file in the destination folder, then ``os.replace``.  An
+  existing file is not overwritten without ``force``, and the input is never the output.
+* A checkpoint may nest its state dicts (``{"state_dict": ...}``, ``{"generator": ...,
+  "discriminator": ...}``): :func:`map_state_dicts` transforms each one and keeps the rest.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .errors import WeightNormError
+
+__all__ = [
+    "CheckpointError", "is_state_dict", "load_batch", "load_checkpoint", "map_state_dicts", "save_checkpoint",
+    "state_dict_paths",
+]
+
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
+SAFETENSORS = ".safetensors"
+
+
+class CheckpointError(WeightNormError):
+    """A checkpoint or batch file cannot be read or written as asked (the file is named)."""
+
+
+def is_state_dict(obj: Any) -> bool:
+    """A non-empty mapping of string keys to tensors (a model's ``state_dict()``)."""
+    return (isinstance(obj, Mapping) and len(obj) > 0
+            and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()))
+
+
+def state_dict_paths(obj: Any, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Where the state dicts are in a checkpoint: ``[()]`` for a bare one, ``[("generator",), ...]``."""
+    if is_state_dict(obj):
+        return [path]
+    if isinstance(obj, Mapping):
+        return [p for key, value in obj.items() for p in state_dict_paths(value, (*path, str(key)))]
+    return []
+
+
+def map_state_dicts(obj: Any, fn: Callable[[dict[str, Tensor], str], dict[str, Tensor]], where: str = "") -> Any:
+    """Apply ``fn(state_dict, where)`` to every state dict in ``obj``; keep everything else."""
+    if is_state_dict(obj):
+        return fn(dict(obj), where)
+    if isinstance(obj, Mapping):
+        return {key: map_state_dicts(value, fn, f"{where}.{key}" if where else str(key)) for key, value in obj.items()}
+    return obj
+
+
+def load_checkpoint(path: str | os.PathLike) -> Any:
+    """Read a checkpoint safely (no arbitrary code), on the CPU."""
+    path = Path(path)
+    if not path.is_file():
+        msg = f"{path}: no such file" if not path.exists() else f"{path}: not a file"
+        raise CheckpointError(msg)
+    if path.suffix == SAFETENSORS:
+        return _load_safetensors(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            msg = (f"{path}: refused to load: the file needs arbitrary Python code to unpickle ({first}). "
+                   f"It was not executed. If you trust its source, load it yourself with "
+                   f"torch.load(..., weights_only=False) and save model.state_dict() instead.")
+        else:
+            msg = f"{path}: not a PyTorch checkpoint ({first})"
+        raise CheckpointError(msg) from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        msg = f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {first})"
+        raise CheckpointError(msg) from exc
+
+
+def save_checkpoint(obj: Any, path: str | os.PathLike, *, force: bool = False, inputs: tuple[str | os.PathLike, ...] = ()) -> None:
+    """Write ``obj`` atomically (``.safetensors`` for a flat state dict, else ``torch.save``).
+
+    Refuses to overwrite an existing file unless ``force``, and never writes over one of
+    ``inputs`` (the files the output was made from).
+    """
+    path = Path(path)
+    for source in inputs:
+        if path.exists() and Path(source).exists() and os.path.samefile(path, source):
+            msg = f"{path}: is the input file; write the output somewhere else"
+            raise CheckpointError(msg)
+    if path.exists() and not force:
+        msg = f"{path}: already exists; pass --force (force=True) to overwrite it"
+        raise CheckpointError(msg)
+    if not path.parent.is_dir():
+        msg = f"{path}: the folder {path.parent} does not exist"
+        raise CheckpointError(msg)
+    if path.suffix == SAFETENSORS and not is_state_dict(obj):
+        msg = (f"{path}: safetensors holds one flat mapping of names to tensors, but this checkpoint nests "
+               f"state dicts ({', '.join('.'.join(p) for p in state_dict_paths(obj)) or 'no tensors'}); use .pt")
+        raise CheckpointError(msg)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the output gets the usual mode
+    try:
+        if path.suffix == SAFETENSORS:
+            _save_safetensors(obj, tmp)
+        else:
+            torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_batch(path: str | os.PathLike) -> Any:
+    """A calibration or sample batch: a tensor, tuple or dict saved with ``torch.save``, an
+    ``.npy`` array, an ``.npz`` of named arrays (keyword inputs), or ``.safetensors`` (one
+    tensor: positional input; several: keyword inputs)."""
+    path = Path(path)
+    if path.suffix == ".npy" or path.suffix == ".npz":
+        if not path.is_file():
+            msg = f"{path}: no such file"
+            raise CheckpointError(msg)
+        try:
+            loaded = np.load(path, allow_pickle=False)
+        except ValueError as exc:
+            msg = f"{path}: not a plain NumPy array file ({exc})"
+            raise CheckpointError(msg) from exc
+        if path.suffix == ".npy":
+            return torch.from_numpy(np.ascontiguousarray(loaded))
+        return {name: torch.from_numpy(np.ascontiguousarray(loaded[name])) for name in loaded.files}
+    batch = load_checkpoint(path)
+    if isinstance(batch, Mapping) and path.suffix == SAFETENSORS and len(batch) == 1:
+        return next(iter(batch.values()))
+    if isinstance(batch, list):
+        return tuple(batch)
+    if not isinstance(batch, (Tensor, tuple, Mapping)):
+        msg = f"{path}: holds a {type(batch).__name__}; a batch is a tensor, a tuple of tensors or a dict of tensors"
+        raise CheckpointError(msg)
+    return batch
+
+
+def _load_safetensors(path: Path) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        msg = f"{path}: not a readable safetensors file ({exc})"
+        raise CheckpointError(msg) from exc
+
+
+def _save_safetensors(state_dict: Mapping[str, Tensor], path: str) -> None:
+    from safetensors.torch import save_file
+
+    seen: set[int] = set()
+    tensors = {}
+    for key, value in state_dict.items():  # safetensors refuses shared storage: store copies
+        storage = value.untyped_storage().data_ptr()
+        tensors[key] = value.detach().clone().contiguous() if storage in seen else value.detach().contiguous()
+        seen.add(storage)
+    save_file(tensors, path)

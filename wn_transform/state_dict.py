@@ -1,0 +1,143 @@
+"""Weight norm at the state-dict level: find, fold and convert it with no model code.
+
+Key layouts (``X`` is the module prefix, ``name`` the tensor, usually ``weight``):
+
+* ``parametrizations``: ``X.parametrizations.name.original0`` (g) and ``.original1`` (v), written
+  by ``torch.nn.utils.parametrizations.weight_norm`` and by this library (which adds
+  ``X.parametrizations.name.0.g_is_log`` when g is stored as ``s = log g``);
+* ``legacy``: ``X.name_g`` and ``X.name_v``, written by ``torch.nn.utils.weight_norm``.
+
+The normalized axis is read off the shapes: ``g`` has ``v``'s rank with size 1 everywhere but
+the unit axis ``d``, where it is ``v.shape[d]`` (any ``dim``, e.g. wav2vec2's ``dim=2``) or, for
+this library's grouped ConvTranspose layout, ``G * v.shape[1]``; a ``g`` with one element is
+the whole-tensor norm (``dim=None``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .errors import WeightNormError
+from .norm import UnitLayout, compose_weight
+from .parametrization import EXP_SCALE_MARKER
+
+__all__ = ["StateDictWeightNorm", "convert_state_dict", "find_state_dict_weight_norms", "fold_state_dict"]
+
+_PARAMETRIZED = ".parametrizations."
+
+
+@dataclass(frozen=True)
+class StateDictWeightNorm:
+    """One weight-normalized tensor in a state dict: where its g and v are, and its axis."""
+
+    weight_key: str  # the key the folded weight gets: X.name
+    g_key: str
+    v_key: str
+    layout: str  # "parametrizations" | "legacy"
+    dim: int | None  # None: one norm over the whole tensor
+    groups: int
+    exp_scale: bool
+    g_shape: tuple[int, ...]
+    v_shape: tuple[int, ...]
+    marker_key: str | None = None
+
+    @property
+    def axis(self) -> str:
+        if self.dim is None:
+            return "whole tensor"
+        return f"dim {self.dim}" + (f", {self.groups} groups" if self.groups > 1 else "")
+
+
+def find_state_dict_weight_norms(state_dict: Mapping[str, object]) -> list[StateDictWeightNorm]:
+    """Every (g, v) pair in ``state_dict``, in key order; raises if a g does not fit its v."""
+    found = []
+    for key, g in state_dict.items():
+        if key.endswith(".original0") and _PARAMETRIZED in key:
+            base = key[: -len(".original0")]
+            v_key = f"{base}.original1"
+            prefix, _, name = base.rpartition(_PARAMETRIZED)
+            weight_key = f"{prefix}.{name}" if prefix else name
+            marker = f"{base}.0.{EXP_SCALE_MARKER}"
+            layout = "parametrizations"
+        elif key.endswith("_g") and f"{key[:-2]}_v" in state_dict:
+            weight_key, v_key, marker, layout = key[:-2], f"{key[:-2]}_v", None, "legacy"
+        else:
+            continue
+        v = state_dict.get(v_key)
+        if not isinstance(g, Tensor) or not isinstance(v, Tensor):
+            continue
+        dim, groups = _unit_axis(g, v, key, v_key)
+        exp_scale = marker is not None and marker in state_dict
+        found.append(StateDictWeightNorm(weight_key, key, v_key, layout, dim, groups, exp_scale,
+                                         tuple(g.shape), tuple(v.shape), marker if exp_scale else None))
+    return found
+
+
+def fold_state_dict(state_dict: Mapping[str, object]) -> dict[str, object]:
+    """``w = g * v/||v||`` for every weight-normalized pair; every other entry kept, in order.
+
+    The folded weight takes the place of its g entry; v (and any marker) are dropped.
+    """
+    pairs = {wn.g_key: wn for wn in find_state_dict_weight_norms(state_dict)}
+    dropped = {wn.v_key for wn in pairs.values()} | {wn.marker_key for wn in pairs.values() if wn.marker_key}
+    out: dict[str, object] = {}
+    for key, value in state_dict.items():
+        if key in pairs:
+            wn = pairs[key]
+            out[wn.weight_key] = _fold(state_dict[wn.g_key], state_dict[wn.v_key], wn)
+        elif key not in dropped:
+            out[key] = value
+    return out
+
+
+def convert_state_dict(state_dict: Mapping[str, object], to: str) -> dict[str, object]:
+    """Rename weight-norm keys between torch's ``"parametrizations"`` and ``"legacy"`` layouts.
+
+    Values are not changed (both layouts store g with v's rank, size 1 off the unit axis).
+    Layouts torch's legacy hooks cannot express (grouped ConvTranspose, ``g = e^s``) are refused.
+    """
+    if to not in ("parametrizations", "legacy"):
+        msg = f"unknown layout {to!r}; choose 'parametrizations' or 'legacy'"
+        raise ValueError(msg)
+    renames: dict[str, str] = {}
+    for wn in find_state_dict_weight_norms(state_dict):
+        if wn.layout == to:
+            continue
+        if wn.groups > 1 or wn.exp_scale:
+            what = "grouped ConvTranspose weight norm" if wn.groups > 1 else "weight norm with g = e^s"
+            msg = f"{wn.g_key}: {what} has no {to} equivalent in torch; fold it instead"
+            raise WeightNormError(msg)
+        if to == "legacy":
+            renames[wn.g_key], renames[wn.v_key] = f"{wn.weight_key}_g", f"{wn.weight_key}_v"
+        else:
+            prefix, _, name = wn.weight_key.rpartition(".")
+            base = f"{prefix}{_PARAMETRIZED}{name}" if prefix else f"parametrizations.{name}"
+            renames[wn.g_key], renames[wn.v_key] = f"{base}.original0", f"{base}.original1"
+    return {renames.get(key, key): value for key, value in state_dict.items()}
+
+
+def _unit_axis(g: Tensor, v: Tensor, g_key: str, v_key: str) -> tuple[int | None, int]:
+    if g.numel() == 1:
+        return None, 1
+    off_one = [d for d in range(g.ndim) if g.shape[d] != 1]
+    if g.ndim == v.ndim and len(off_one) == 1:
+        d = off_one[0]
+        if g.shape[d] == v.shape[d]:
+            return d, 1
+        if d == 1 and g.shape[1] % v.shape[1] == 0 and v.shape[0] % (g.shape[1] // v.shape[1]) == 0:
+            return 1, g.shape[1] // v.shape[1]
+    msg = (f"{g_key}: g of shape {tuple(g.shape)} does not fit v of shape {tuple(v.shape)} ({v_key}); "
+           f"g must have v's rank with size 1 on every axis but the normalized one")
+    raise WeightNormError(msg)
+
+
+def _fold(g: Tensor, v: Tensor, wn: StateDictWeightNorm) -> Tensor:
+    with torch.no_grad():
+        if wn.dim is None:  # one unit: the whole tensor
+            whole = compose_weight(g.reshape(1, 1), v.reshape(1, -1), UnitLayout(0), exp_scale=wn.exp_scale)
+            return whole.reshape(v.shape)
+        return compose_weight(g, v, UnitLayout(wn.dim, wn.groups), exp_scale=wn.exp_scale)
