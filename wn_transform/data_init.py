@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +31,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import batch as batch_mod
 from .discover import preserved_state
-from .ops import SIGNATURES, op_name, weight_use
+from .ops import SIGNATURES, op_name, view_dims, weight_use
 from .parametrization import WeightNorm, weight_norm_of
 from .targets import Target
 
@@ -115,25 +116,36 @@ def _state(model: nn.Module, target: Target) -> _State:
 _MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
 
 
+@dataclass
+class _Produced:
+    """A weight tensor the forward is about to use: which target it is, and how to make it anew."""
+
+    ref: weakref.ref
+    state: _State
+    calibrated: bool  # made after its target was calibrated
+    rebuild: Callable[[], Tensor]  # the same tensor from the current (g, v)
+
+
 class _CalibrationMode(TorchFunctionMode):
     def __init__(self, model: nn.Module, states: list[_State], init_scale: float, notes: InitNotes) -> None:
         super().__init__()
         self.init_scale = init_scale
         self.notes = notes
         self.param_ids = {id(p) for p in model.parameters()}
-        self._produced: dict[int, tuple[weakref.ref, _State, bool]] = {}
+        self._produced: dict[int, _Produced] = {}
 
     def produced_hook(self, state: _State):
         def hook(module: nn.Module, args: Any, weight: Tensor) -> None:
-            self._produced[id(weight)] = (weakref.ref(weight), state, state.done)
+            self._remember(weight, state, lambda: _current_weight(state))
 
         return hook
 
-    def _lookup(self, tensor: Any) -> tuple[_State, bool] | None:
+    def _remember(self, weight: Tensor, state: _State, rebuild: Callable[[], Tensor]) -> None:
+        self._produced[id(weight)] = _Produced(weakref.ref(weight), state, state.done, rebuild)
+
+    def _lookup(self, tensor: Any) -> _Produced | None:
         entry = self._produced.get(id(tensor)) if isinstance(tensor, Tensor) else None
-        if entry is None or entry[0]() is not tensor:
-            return None
-        return entry[1], entry[2]
+        return entry if entry is not None and entry.ref() is tensor else None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -143,13 +155,13 @@ class _CalibrationMode(TorchFunctionMode):
         use = weight_use(func, args, kwargs)
         found = self._lookup(use.weight) if use is not None else None
         if found is None:
-            return func(*args, **kwargs)
-        state, calibrated_when_made = found
+            return self._follow_views(func, args, kwargs)
+        state = found.state
         bound = dict(zip(SIGNATURES[name], args)) | kwargs
         weight_key = "mat2" if name == "addmm" else "other" if use.kind == "matmul" else "weight"
         if state.done:  # already calibrated: run with the weight as it is now
-            if not calibrated_when_made:
-                bound[weight_key] = _current_weight(state)
+            if not found.calibrated:
+                bound[weight_key] = found.rebuild()
             return func(**bound) if name not in ("matmul", "__matmul__", "mm") else func(*bound.values())
         if use.kind == "matmul":
             x = bound["mat1"] if name == "addmm" else bound["input"]
@@ -161,6 +173,16 @@ class _CalibrationMode(TorchFunctionMode):
             x = bound["input"]
             unit_dim = -1 if use.kind == "linear" else (1 if x.ndim == use.weight.ndim else 0)
         return self._calibrate(state, t, unit_dim, use.bias)
+
+    def _follow_views(self, func, args, kwargs):
+        """Run ``func``; a view of a weight that keeps whole units (``W.t()``) is that weight too."""
+        result = func(*args, **kwargs)
+        parent = self._lookup(args[0]) if args else None
+        if parent is not None and isinstance(result, Tensor):
+            mapping = view_dims(func, args, kwargs, args[0].ndim)
+            if mapping is not None and mapping[1] is None:
+                self._remember(result, parent.state, lambda: func(parent.rebuild(), *args[1:], **kwargs))
+        return result
 
     def _calibrate(self, state: _State, t: Tensor, unit_dim: int, bias: Tensor | None, units: slice = slice(None)) -> Tensor:
         """Measure ``t``'s per-unit statistics, set ``g[units]`` and ``bias``, return the new output."""
@@ -197,26 +219,28 @@ class _CalibrationMode(TorchFunctionMode):
         embed = a["embed_dim_to_check"]
         if not a["use_separate_proj_weight"]:
             found = self._lookup(a["in_proj_weight"])
-            if found is not None and not found[0].done:
-                state = found[0]
+            if found is not None and not found.state.done:
+                state = found.state
                 weights = a["in_proj_weight"].split(embed)
                 biases = a["in_proj_bias"].split(embed) if a["in_proj_bias"] is not None else (None,) * 3
                 for i, (x, w, b) in enumerate(zip((a["query"], a["key"], a["value"]), weights, biases)):
                     self._calibrate(state, F.linear(x, w), -1, b, slice(i * embed, (i + 1) * embed))
                 state.done = True
             if found is not None:
-                a["in_proj_weight"] = _current_weight(found[0])
+                a["in_proj_weight"] = _current_weight(found.state)
         else:
-            for key, x in (("q_proj_weight", a["query"]), ("k_proj_weight", a["key"]), ("v_proj_weight", a["value"])):
+            biases = a["in_proj_bias"].split(embed) if a["in_proj_bias"] is not None else (None,) * 3
+            for (key, x), b in zip((("q_proj_weight", a["query"]), ("k_proj_weight", a["key"]),
+                                    ("v_proj_weight", a["value"])), biases):
                 found = self._lookup(a[key])
-                if found is not None and not found[0].done:
-                    self._calibrate(found[0], F.linear(x, a[key]), -1, None)
+                if found is not None and not found.state.done:
+                    self._calibrate(found.state, F.linear(x, a[key]), -1, b)
                 if found is not None:
-                    a[key] = _current_weight(found[0])
+                    a[key] = _current_weight(found.state)
         found = self._lookup(a["out_proj_weight"])
         if found is None:
             return func(*bound.args, **bound.kwargs)
-        state = found[0]
+        state = found.state
         out_weight, out_bias = a["out_proj_weight"], a["out_proj_bias"]
         a["out_proj_weight"] = torch.eye(out_weight.shape[1], dtype=out_weight.dtype, device=out_weight.device)
         a["out_proj_bias"] = None

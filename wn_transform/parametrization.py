@@ -71,7 +71,9 @@ class WeightNorm(nn.Module):
 def register(module: nn.Module, name: str, parametrization: WeightNorm) -> None:
     """Reparameterize ``module.<name>`` as ``(g, v)``; the weight's value is kept."""
     parametrization.layout.check(getattr(module, name).shape)
+    order = _parameter_order(module) or tuple(module._parameters)
     parametrize.register_parametrization(module, name, parametrization)
+    module.parametrizations.__dict__[_ORDER] = order  # where fold puts the parameter back
     type(module).__reduce_ex__ = _reduce_parametrized  # the class is this instance's own
 
 
@@ -90,8 +92,11 @@ def remove(module: nn.Module, name: str, value: Tensor, *, requires_grad: bool =
 
     Only this instance changes: its class is swapped for a fresh one (or for the original
     class when nothing else is parametrized), never edited in place.  The restored
-    parameter goes first in ``_parameters``, where a freshly built layer keeps its weight.
+    parameter goes back to its place in ``_parameters`` (optimizer state dicts count on the
+    order); where that place is unknown (torch's own weight norm), it goes first, where a
+    freshly built layer keeps its weight.
     """
+    order = _parameter_order(module)
     base = parametrize.type_before_parametrizations(module)
     del module.parametrizations[name]
     remaining = list(module.parametrizations.keys())
@@ -103,8 +108,21 @@ def remove(module: nn.Module, name: str, value: Tensor, *, requires_grad: bool =
         for other in remaining:
             parametrize._inject_property(module, other)
         type(module).__reduce_ex__ = _reduce_parametrized
-    parameter = nn.Parameter(value.detach(), requires_grad=requires_grad)
-    module._parameters = {name: parameter, **module._parameters}
+    parameter = value if isinstance(value, nn.Parameter) else nn.Parameter(value.detach(), requires_grad=requires_grad)
+    params = {name: parameter, **module._parameters}
+    if order:
+        rank = {key: i for i, key in enumerate(order)}
+        params = dict(sorted(params.items(), key=lambda item: rank.get(item[0], len(rank))))
+    module._parameters = params
+
+
+_ORDER = "_wn_parameter_order"
+
+
+def _parameter_order(module: nn.Module) -> tuple[str, ...] | None:
+    """The order of ``module._parameters`` before this library parametrized any of them."""
+    holder = module.__dict__.get("_modules", {}).get("parametrizations")
+    return holder.__dict__.get(_ORDER) if holder is not None else None
 
 
 def _reduce_parametrized(self: nn.Module, protocol: int) -> tuple:
