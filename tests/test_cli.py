@@ -201,3 +201,24 @@ def test_batch_files_in_every_format(tmp_path: Path) -> None:
     assert isinstance(checkpoint.load_batch(tmp_path / "t.pt"), tuple)
     assert set(checkpoint.load_batch(tmp_path / "d.npz")) == {"a", "b"}
     torch.testing.assert_close(checkpoint.load_batch(tmp_path / "one.safetensors"), x)
+
+
+def test_export_folds_verifies_and_reports(nested: Path, tmp_path: Path) -> None:
+    import onnx
+    import onnxruntime
+
+    out = tmp_path / "generator.onnx"
+    result = cli("export", "--model", "tests.fixtures.hifigan:build_generator", "--checkpoint", str(nested),
+                 "--key", "generator", "--input-shape", "2,80,12", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "exporter" in result.stdout and "verifying" in result.stderr
+    names = {init.name for init in onnx.load(out).graph.initializer}
+    assert "conv_pre.weight" in names and not any("parametrizations" in n for n in names)
+    mel = torch.randn(3, 80, 12)
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: mel.numpy()})
+    with torch.no_grad():
+        expected = build_generator("parametrizations")(mel)
+    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-4, atol=1e-5)
+    again = cli("export", "--model", "tests.fixtures.hifigan:build_generator", "--input-shape", "1,80,12", "-o", str(out))
+    assert again.returncode == 1 and "exists" in again.stderr

@@ -6,22 +6,30 @@
 """
 
 from .apply import apply_weight_norm, plan_weight_norm, weight_norm_report
+from .checkpoint import CheckpointError
 from .errors import BatchError, FoldError, NoTargetsError, SelectionError, WeightNormError
+from .export import ExportError, ExportMismatchError, ExportReport, export_onnx
 from .fold import FoundWeightNorm, find_weight_norms, fold_weight_norm
 from .norm import UnitLayout, compose_weight, unit_norm
 from .parametrization import WeightNorm
 from .report import WeightNormReport
+from .state_dict import StateDictWeightNorm, convert_state_dict, find_state_dict_weight_norms, fold_state_dict
 from .targets import Skipped, Target
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BatchError",
+    "CheckpointError",
+    "ExportError",
+    "ExportMismatchError",
+    "ExportReport",
     "FoldError",
     "FoundWeightNorm",
     "NoTargetsError",
     "SelectionError",
     "Skipped",
+    "StateDictWeightNorm",
     "Target",
     "UnitLayout",
     "WeightNorm",
@@ -30,7 +38,11 @@ __all__ = [
     "__version__",
     "apply_weight_norm",
     "compose_weight",
+    "convert_state_dict",
+    "export_onnx",
+    "find_state_dict_weight_norms",
     "find_weight_norms",
+    "fold_state_dict",
     "fold_weight_norm",
     "plan_weight_norm",
     "unit_norm",

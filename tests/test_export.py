@@ -1,0 +1,568 @@
+"""ONNX export: folded, dynamic in the batch, named like the model, verified, written atomically."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import warnings
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.parametrizations import weight_norm as torch_weight_norm
+
+import wn_transform as wn
+from wn_transform import export as export_mod
+from wn_transform.errors import BatchError, WeightNormError
+from wn_transform.export import ExportError, ExportMismatchError, ExportReport, export_onnx
+
+WN_OPS = {"ReduceL2", "Div", "Sqrt", "Pow", "ReduceSumSquare", "LpNormalization"}
+SAMPLE_BATCH, OTHER_BATCH, FRAMES = 2, 5, 9
+
+# -- models --------------------------------------------------------------------------------
+
+
+class ResBlock(nn.Module):
+    """Two dilated convolutions (dilations 1 and 3), each behind a leaky ReLU, with residuals."""
+
+    def __init__(self, channels: int, dilations: tuple[int, ...] = (1, 3)) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv1d(channels, channels, 3, dilation=d, padding=d) for d in dilations)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv in self.convs:
+            x = x + conv(F.leaky_relu(x, 0.1))
+        return x
+
+
+class TinyHiFiGAN(nn.Module):
+    """A HiFi-GAN-shaped generator: mel [B, 80, T] -> audio [B, 1, 4T]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_pre = nn.Conv1d(80, 32, 7, padding=3)
+        self.ups = nn.ModuleList([nn.ConvTranspose1d(32, 16, 4, stride=2, padding=1),
+                                  nn.ConvTranspose1d(16, 8, 4, stride=2, padding=1)])
+        self.resblocks = nn.ModuleList([ResBlock(16), ResBlock(8)])
+        self.conv_post = nn.Conv1d(8, 1, 7, padding=3)
+
+    def forward(self, mel: torch.Tensor) -> torch.Tensor:
+        x = self.conv_pre(mel)
+        for up, block in zip(self.ups, self.resblocks):
+            x = block(up(F.leaky_relu(x, 0.1)))
+        return torch.tanh(self.conv_post(F.leaky_relu(x, 0.01)))
+
+
+def plain_hifigan() -> TinyHiFiGAN:
+    torch.manual_seed(0)
+    return TinyHiFiGAN()
+
+
+def torch_wn_hifigan() -> TinyHiFiGAN:
+    """torch's parametrizations.weight_norm everywhere, the legacy hook on conv_post."""
+    model = plain_hifigan()
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv1d, nn.ConvTranspose1d)) and name != "conv_post":
+            torch_weight_norm(module)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.nn.utils.weight_norm(model.conv_post)
+    return model
+
+
+def ours_wn_hifigan() -> nn.Module:
+    return wn.apply_weight_norm(plain_hifigan(), mel_batch(SAMPLE_BATCH))
+
+
+def mel_batch(batch: int, frames: int = FRAMES, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, 80, frames, generator=torch.Generator().manual_seed(seed))
+
+
+class DictInOut(nn.Module):
+    """Keyword inputs (mel, speaker), a dict of outputs (audio, energy)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mel_proj = nn.Conv1d(8, 6, 3, padding=1)
+        self.speaker = nn.Linear(4, 6)
+        self.head = nn.Conv1d(6, 2, 1)
+
+    def forward(self, mel: torch.Tensor, speaker: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = torch.relu(self.mel_proj(mel) + self.speaker(speaker).unsqueeze(-1))
+        out = self.head(h)
+        return {"audio": torch.tanh(out[:, 0]), "energy": out.square().mean(dim=(1, 2))}
+
+
+class TupleIn(nn.Module):
+    """Two positional inputs (x, cond), a tuple of outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(6, 5, 3, padding=1)
+        self.cond = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.conv(x) * torch.sigmoid(self.cond(cond)).unsqueeze(-1)
+        return h, h.amax(dim=-1)
+
+
+class DataDependent(nn.Module):
+    """A Python branch on a tensor value: torch.export refuses it, the TorchScript tracer records it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.abs().sum() >= 0:
+            return self.lin(x)
+        return -self.lin(x)
+
+
+class RefusesExport(nn.Module):
+    """Runs eagerly, raises under every exporter (non-strict export, dynamo, the TorchScript tracer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling() or torch.jit.is_tracing():
+            msg = "this model refuses to be exported"
+            raise RuntimeError(msg)
+        return self.lin(x)
+
+
+class ExportsSomethingElse(nn.Module):
+    """Computes ``lin(x)`` eagerly but ``lin(x) + 1`` in the exported graph: a certain mismatch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.lin(x)
+        return y + 1 if torch.onnx.is_in_onnx_export() else y
+
+
+class ThroughIdentityOps(nn.Module):
+    """Weights that reach their op through value-preserving ops (``.clone()``, ``* 1.0``, ``+ 0``).
+
+    Both exporters fold those into new initializers named after the op (``clone``, ``mul``,
+    ``onnx::Conv_12``) with the parameter's exact value; ``lin.weight`` reaches a ``MatMul``
+    transposed, so no initializer holds its value.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(3, 4, 3)
+        self.lin = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.conv1d(x, self.conv.weight.contiguous().clone(), self.conv.bias * 1.0)
+        return F.linear(h, self.lin.weight.detach().clone(), self.lin.bias + 0)
+
+
+class TwinBiases(nn.Module):
+    """Two biases with the same value, both folded into op-named constants: ambiguous, not renamed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+        with torch.no_grad():
+            self.b.bias.copy_(self.a.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.a.weight, self.a.bias * 1.0), self.b.weight, self.b.bias * 1.0)
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def run_onnx(path: str, feed: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(None, {k: v.numpy() for k, v in feed.items()})))
+
+
+def op_counts(path: str) -> collections.Counter:
+    return collections.Counter(node.op_type for node in onnx.load(path).graph.node)
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_close(got: np.ndarray, want: torch.Tensor) -> None:
+    np.testing.assert_allclose(got, want.detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+# -- the HiFi-GAN-like generator, in three flavours -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[nn.Module, ExportReport, dict, list[str]]]:
+    """name -> (model after export, report, its state dict before export, progress messages)."""
+    folder = tmp_path_factory.mktemp("hifigan")
+    results = {}
+    for name, build in {"plain": plain_hifigan, "torch_wn": torch_wn_hifigan, "ours": ours_wn_hifigan}.items():
+        model = build()
+        model.train()
+        if name == "torch_wn":  # a forward with grad leaves the legacy hook's weight non-leaf
+            model(mel_batch(1)).sum().backward()
+            model.zero_grad()
+        before = snapshot(model)
+        messages: list[str] = []
+        report = export_onnx(model, mel_batch(SAMPLE_BATCH), folder / f"{name}.onnx", progress=messages.append)
+        results[name] = (model, report, before, messages)
+    return results
+
+
+@pytest.mark.parametrize("name", ["torch_wn", "ours"])
+def test_onnxruntime_agrees_on_sample_and_other_batch_size(exported, name: str) -> None:
+    model, report, _, _ = exported[name]
+    assert report.exporter == "dynamo" and report.fallback_reason is None
+    reference = wn.fold_weight_norm(model).eval()
+    for batch in (SAMPLE_BATCH, OTHER_BATCH, 1):
+        mel = mel_batch(batch, seed=batch + 10)
+        got = run_onnx(report.path, {"mel": mel})
+        assert list(got) == ["output"]
+        with torch.no_grad():
+            assert_close(got["output"], reference(mel))
+            assert_close(got["output"], model(mel))  # the weight-normalized model itself
+    graph_input = onnx.load(report.path).graph.input[0]
+    assert graph_input.type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert report.inputs == {"mel": ["batch", 80, FRAMES]}
+    assert report.batch_sizes_checked == [SAMPLE_BATCH, SAMPLE_BATCH + 1]
+
+
+@pytest.mark.parametrize("name", ["torch_wn", "ours"])
+def test_graph_carries_no_weight_norm_arithmetic(exported, name: str) -> None:
+    counts = op_counts(exported[name][1].path)
+    plain = op_counts(exported["plain"][1].path)
+    assert not WN_OPS & set(plain)
+    assert not WN_OPS & set(counts)
+    assert counts == plain
+
+
+def test_unfolded_export_would_carry_it(tmp_path) -> None:
+    """The check above can fail: exporting the parametrized model itself computes g*v/||v||."""
+    path = str(tmp_path / "unfolded.onnx")
+    model = torch_wn_hifigan().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (mel_batch(SAMPLE_BATCH),), path, dynamo=False)
+    assert WN_OPS & set(op_counts(path))
+
+
+@pytest.mark.parametrize("name", ["torch_wn", "ours"])
+def test_initializers_keep_parameter_names(exported, name: str) -> None:
+    model, report, _, _ = exported[name]
+    folded = wn.fold_weight_norm(model)
+    names = {init.name for init in onnx.load(report.path).graph.initializer}
+    wanted = {k for k in folded.state_dict() if k.endswith((".weight", ".bias"))}
+    assert "conv_pre.weight" in wanted and "ups.1.weight" in wanted and "conv_post.weight" in wanted
+    assert wanted <= names
+    assert not report.unnamed_parameters
+
+
+@pytest.mark.parametrize("name", ["torch_wn", "ours"])
+def test_report_fields_are_real(exported, name: str) -> None:
+    _, report, _, _ = exported[name]
+    proto = onnx.load(report.path)
+    assert report.node_counts == dict(collections.Counter(n.op_type for n in proto.graph.node))
+    assert report.node_count == len(proto.graph.node)
+    assert report.initializer_count == len(proto.graph.initializer)
+    assert report.initializer_bytes == sum(onnx.numpy_helper.to_array(i).nbytes for i in proto.graph.initializer)
+    assert report.file_size == os.path.getsize(report.path)
+    assert report.opset == next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    assert list(report.outputs) == [o.name for o in proto.graph.output] == list(report.max_abs_diff)
+    assert 0 <= report.max_abs_diff["output"] <= 1e-5 + 1e-4
+    assert 0 <= report.max_rel_diff["output"] < 1
+    assert set(report.timings) == {"fold", "export", "check", "verify"}
+    assert all(t >= 0 for t in report.timings.values())
+    assert report.external_data is None and report.external_data_size == 0
+    json.dumps(report.to_dict())
+    text = str(report)
+    assert report.path in text and "dynamo" in text and "Conv" in text and "max abs diff" in text
+
+
+def test_small_model_is_one_self_contained_file(exported) -> None:
+    _, report, _, _ = exported["torch_wn"]
+    folder = os.path.dirname(report.path)
+    assert sorted(os.listdir(folder)) == ["ours.onnx", "plain.onnx", "torch_wn.onnx"]  # no .data, no temporaries
+    for init in onnx.load(report.path, load_external_data=False).graph.initializer:
+        assert init.data_location == onnx.TensorProto.DEFAULT
+        assert not init.external_data
+
+
+def test_user_model_untouched_and_still_trains(exported) -> None:
+    model, _, before, _ = exported["torch_wn"]
+    assert model.training
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert len(wn.find_weight_norms(model)) == 8  # 7 parametrized + 1 legacy, still there
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss = model(mel_batch(SAMPLE_BATCH)).square().mean()
+    loss.backward()
+    optimizer.step()
+    g = model.conv_pre.parametrizations.weight.original0
+    assert g.grad is not None and model.conv_post.weight_g.grad is not None
+    assert not torch.equal(g.detach(), before["conv_pre.parametrizations.weight.original0"])
+
+
+def test_progress_names_each_step(exported) -> None:
+    messages = " | ".join(exported["ours"][3])
+    for word in ("fold", "export", "check", "verif", "wrote"):
+        assert word in messages
+
+
+def test_torchscript_exporter_forced(exported, tmp_path) -> None:
+    model = exported["torch_wn"][0]
+    report = export_onnx(model, mel_batch(SAMPLE_BATCH), tmp_path / "ts.onnx", exporter="torchscript")
+    assert report.exporter == "torchscript" and report.fallback_reason is None
+    names = {init.name for init in onnx.load(report.path).graph.initializer}
+    assert {k for k in wn.fold_weight_norm(model).state_dict() if k.endswith((".weight", ".bias"))} <= names
+    assert op_counts(report.path) == op_counts(exported["plain"][1].path)
+    mel = mel_batch(OTHER_BATCH)
+    with torch.no_grad():
+        assert_close(run_onnx(report.path, {"mel": mel})["output"], wn.fold_weight_norm(model).eval()(mel))
+
+
+def test_explicit_dynamic_shapes(exported, tmp_path) -> None:
+    """A dynamic time axis too, given in torch.export form; translated for TorchScript."""
+    model = exported["ours"][0]
+    reference = wn.fold_weight_norm(model).eval()
+    for exporter in ("dynamo", "torchscript"):
+        path = tmp_path / f"{exporter}.onnx"
+        report = export_onnx(model, mel_batch(SAMPLE_BATCH), path, exporter=exporter,
+                             dynamic_shapes={"mel": {0: "batch", 2: "frames"}})
+        assert report.inputs["mel"] == ["batch", 80, "frames"]
+        mel = mel_batch(3, frames=13)
+        with torch.no_grad():
+            assert_close(run_onnx(report.path, {"mel": mel})["output"], reference(mel))
+
+
+def test_fixed_batch_when_asked(tmp_path) -> None:
+    report = export_onnx(TupleIn(), (torch.randn(3, 6, 7), torch.randn(3, 4)), tmp_path / "fixed.onnx",
+                         dynamic_batch=False, exporter="torchscript")
+    assert report.inputs == {"x": [3, 6, 7], "cond": [3, 4]}
+    assert report.batch_sizes_checked == [3]
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_initializers_named_after_ops_are_renamed_back(tmp_path, exporter: str) -> None:
+    torch.manual_seed(0)
+    model = ThroughIdentityOps()
+    report = export_onnx(model, torch.randn(2, 3, 7), tmp_path / "m.onnx", exporter=exporter)
+    proto = onnx.load(report.path)
+    arrays = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
+    assert "conv.bias" in report.renamed_initializers.values()  # "mul" / "onnx::Conv_.." before
+    assert all(old not in arrays for old in report.renamed_initializers)
+    for name in ("conv.weight", "conv.bias", "lin.bias"):
+        assert np.array_equal(arrays[name], model.state_dict()[name].numpy())
+    assert report.unnamed_parameters == ["lin.weight"]  # transposed for MatMul: its value is not kept
+    used = {name for node in proto.graph.node for name in node.input}
+    assert {"conv.weight", "conv.bias"} <= used  # the nodes read the renamed initializers
+    x = torch.randn(4, 3, 7)
+    with torch.no_grad():
+        assert_close(run_onnx(report.path, {"x": x})["output"], model(x))
+
+
+def test_equal_values_are_not_guessed(tmp_path) -> None:
+    report = export_onnx(TwinBiases(), torch.randn(2, 4), tmp_path / "m.onnx", exporter="torchscript")
+    names = {i.name for i in onnx.load(report.path).graph.initializer}
+    assert {"a.weight", "b.weight"} <= names
+    assert not {"a.bias", "b.bias"} & names
+    assert {"a.bias", "b.bias"} <= set(report.unnamed_parameters)
+    assert not report.renamed_initializers
+
+
+# -- other input and output structures -------------------------------------------------------
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_dict_inputs_and_outputs(tmp_path, exporter: str) -> None:
+    torch.manual_seed(0)
+    model = DictInOut()
+    for module in (model.mel_proj, model.speaker, model.head):
+        torch_weight_norm(module)
+
+    def batch(n: int) -> dict[str, torch.Tensor]:  # keys deliberately not in signature order
+        return {"speaker": torch.randn(n, 4), "mel": torch.randn(n, 8, 5)}
+
+    report = export_onnx(model, batch(3), tmp_path / "dict.onnx", exporter=exporter)
+    assert report.exporter == exporter
+    assert list(report.inputs) == ["mel", "speaker"]
+    assert list(report.outputs) == ["audio", "energy"]
+    reference = wn.fold_weight_norm(model).eval()
+    other = batch(OTHER_BATCH)
+    got = run_onnx(report.path, other)
+    with torch.no_grad():
+        want = reference(**other)
+    assert_close(got["audio"], want["audio"])
+    assert_close(got["energy"], want["energy"])
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_tuple_inputs_and_outputs(tmp_path, exporter: str) -> None:
+    torch.manual_seed(0)
+    model = wn.apply_weight_norm(TupleIn(), init="preserve")
+    report = export_onnx(model, (torch.randn(3, 6, 7), torch.randn(3, 4)), tmp_path / "tuple.onnx",
+                         exporter=exporter)
+    assert list(report.inputs) == ["x", "cond"]
+    assert list(report.outputs) == ["output_0", "output_1"]
+    x, cond = torch.randn(OTHER_BATCH, 6, 7), torch.randn(OTHER_BATCH, 4)
+    got = run_onnx(report.path, {"x": x, "cond": cond})
+    with torch.no_grad():
+        h, peak = wn.fold_weight_norm(model).eval()(x, cond)
+    assert_close(got["output_0"], h)
+    assert_close(got["output_1"], peak)
+    assert {"conv.weight", "conv.bias", "cond.weight", "cond.bias"} <= {
+        i.name for i in onnx.load(report.path).graph.initializer}
+
+
+class NestedInputs(nn.Module):
+    """A tuple argument, a dict argument, a float with a default, tied weights, an int input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.emb = nn.Embedding(10, 4)
+        self.head = nn.Linear(4, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, pair: tuple[torch.Tensor, torch.Tensor], extra: dict[str, torch.Tensor],
+                scale: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = pair
+        return self.lin(a + b * scale) + extra["bias"], self.head(self.emb(extra["ids"]))
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_nested_inputs(tmp_path, exporter: str) -> None:
+    torch.manual_seed(0)
+    model = wn.apply_weight_norm(NestedInputs(), init="preserve", include="lin.weight")
+
+    def batch(n: int) -> tuple:
+        return (torch.randn(n, 4), torch.randn(n, 4)), {"bias": torch.randn(n, 3), "ids": torch.randint(0, 10, (n, 5))}
+
+    report = export_onnx(model, batch(3), tmp_path / "nested.onnx", exporter=exporter)
+    assert list(report.inputs) == ["pair_0", "pair_1", "extra_bias", "extra_ids"]
+    assert not report.unnamed_parameters  # head.weight is emb.weight
+    (a, b), extra = batch(OTHER_BATCH)
+    got = run_onnx(report.path, {"pair_0": a, "pair_1": b, "extra_bias": extra["bias"], "extra_ids": extra["ids"]})
+    with torch.no_grad():
+        want = wn.fold_weight_norm(model).eval()((a, b), extra)
+    assert_close(got["output_0"], want[0])
+    assert_close(got["output_1"], want[1])
+
+
+# -- fallback, failure, mismatch, files --------------------------------------------------------
+
+
+def test_falls_back_to_torchscript_and_says_why(tmp_path) -> None:
+    messages: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        report = export_onnx(DataDependent(), torch.randn(3, 4), tmp_path / "dd.onnx", progress=messages.append)
+    assert report.exporter == "torchscript"
+    assert report.fallback_reason and "\n" not in report.fallback_reason and len(report.fallback_reason) <= 300
+    assert "\x1b" not in report.fallback_reason
+    assert any("falling back" in m for m in messages)
+    assert "dynamo exporter failed" in str(report)
+    assert os.listdir(tmp_path) == ["dd.onnx"]
+
+
+@pytest.mark.parametrize("exporter", ["auto", "torchscript"])
+def test_failed_export_leaves_nothing(tmp_path, exporter: str) -> None:
+    with pytest.raises(ExportError, match="refuses to be exported") as info:
+        export_onnx(RefusesExport(), torch.randn(3, 4), tmp_path / "m.onnx", exporter=exporter)
+    assert isinstance(info.value, WeightNormError)
+    if exporter == "auto":
+        assert "both exporters failed" in str(info.value)
+    assert os.listdir(tmp_path) == []
+
+
+def test_mismatch_raises_with_differences_and_leaves_nothing(tmp_path) -> None:
+    with pytest.raises(ExportMismatchError) as info:
+        export_onnx(ExportsSomethingElse(), torch.randn(3, 4), tmp_path / "m.onnx", exporter="torchscript")
+    message = str(info.value)
+    assert isinstance(info.value, WeightNormError)
+    assert "'output'" in message and "max abs diff 1" in message and "max rel diff" in message
+    assert os.listdir(tmp_path) == []
+
+
+def test_tolerance_is_applied(tmp_path) -> None:
+    """The same +1 passes with atol=1.5: the check is |onnx - torch| <= atol + rtol * |torch|."""
+    report = export_onnx(ExportsSomethingElse(), torch.randn(3, 4), tmp_path / "m.onnx",
+                         exporter="torchscript", atol=1.5, rtol=0)
+    assert report.max_abs_diff["output"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_refuses_to_overwrite_unless_asked(tmp_path) -> None:
+    path = tmp_path / "exists.onnx"
+    path.write_bytes(b"old")
+    with pytest.raises(FileExistsError, match="exists.onnx"):
+        export_onnx(TupleIn(), (torch.randn(2, 6, 7), torch.randn(2, 4)), path, exporter="torchscript")
+    assert path.read_bytes() == b"old"
+    report = export_onnx(TupleIn(), (torch.randn(2, 6, 7), torch.randn(2, 4)), path, exporter="torchscript",
+                         overwrite=True)
+    onnx.checker.check_model(report.path)
+    assert sorted(os.listdir(tmp_path)) == ["exists.onnx"]
+
+
+@pytest.mark.parametrize("how", ["forced", "automatic"])
+def test_external_data(tmp_path, monkeypatch, how: str) -> None:
+    model = wn.apply_weight_norm(plain_hifigan(), init="preserve")
+    if how == "automatic":
+        monkeypatch.setattr(export_mod, "EXTERNAL_DATA_THRESHOLD", 1000)
+    report = export_onnx(model, mel_batch(SAMPLE_BATCH), tmp_path / "big.onnx", exporter="torchscript",
+                         external_data=True if how == "forced" else None)
+    data = str(tmp_path / "big.onnx.data")
+    assert report.external_data == data
+    assert sorted(os.listdir(tmp_path)) == ["big.onnx", "big.onnx.data"]
+    assert report.external_data_size == os.path.getsize(data) >= report.initializer_bytes
+    assert report.file_size == os.path.getsize(report.path) < report.initializer_bytes
+    for init in onnx.load(report.path, load_external_data=False).graph.initializer:
+        assert init.data_location == onnx.TensorProto.EXTERNAL
+    onnx.checker.check_model(report.path)
+    mel = mel_batch(OTHER_BATCH)
+    with torch.no_grad():
+        assert_close(run_onnx(report.path, {"mel": mel})["output"], wn.fold_weight_norm(model).eval()(mel))
+
+
+# -- bad input -----------------------------------------------------------------------------
+
+
+def test_rejects_non_module(tmp_path) -> None:
+    with pytest.raises(TypeError, match="nn.Module"):
+        export_onnx(lambda x: x, torch.randn(2, 3), tmp_path / "m.onnx")
+
+
+def test_batch_the_model_rejects_names_the_layer(tmp_path) -> None:
+    with pytest.raises(BatchError, match="conv_pre"):
+        export_onnx(torch_wn_hifigan(), torch.randn(2, 7, FRAMES), tmp_path / "m.onnx")
+    assert os.listdir(tmp_path) == []
+
+
+def test_refuses_nan_batch(tmp_path) -> None:
+    mel = mel_batch(SAMPLE_BATCH)
+    mel[0, 0, 0] = float("nan")
+    with pytest.raises(BatchError, match="NaN"):
+        export_onnx(plain_hifigan(), mel, tmp_path / "m.onnx")
+
+
+def test_bad_arguments(tmp_path) -> None:
+    with pytest.raises(ValueError, match="exporter"):
+        export_onnx(plain_hifigan(), mel_batch(1), tmp_path / "m.onnx", exporter="onnxscript")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        export_onnx(plain_hifigan(), mel_batch(1), tmp_path / "missing" / "m.onnx")
+    with pytest.raises(TypeError, match="sample_batch"):
+        export_onnx(plain_hifigan(), "not a batch", tmp_path / "m.onnx")

@@ -1,0 +1,896 @@
+"""ONNX export of a weight-normalized model: fold, export, check, verify, write atomically.
+
+:func:`export_onnx` never exports the user's model itself.  It folds a copy
+(:func:`~wn_transform.fold.fold_weight_norm`), so the graph holds plain weights and no
+``g * v / ||v||`` arithmetic, puts the copy in eval mode and exports it:
+
+1. with the dynamo exporter (``torch.onnx.export(..., dynamo=True)``); when that raises, with
+   the TorchScript exporter (``dynamo=False``), and the report says why it fell back;
+2. with a dynamic batch axis (dim 0 of every tensor input) unless told otherwise;
+3. with the model's parameter names on the initializers (``conv_pre.weight``).  Both
+   exporters keep them for plain parameters; where one names a weight after the op that
+   produced it (``val_12``, ``onnx::Conv_12``), the initializer is renamed back when its value
+   is bit-for-bit equal to exactly one state-dict entry and to no other initializer.
+   Weights the exporter transformed (a transposed ``Linear`` weight for a ``MatMul``, a
+   parameter folded into a constant) keep the exporter's name and are listed in
+   :attr:`ExportReport.unnamed_parameters`;
+4. into a temporary folder next to the target, then ``onnx.checker.check_model`` on the
+   file, onnxruntime (CPUExecutionProvider) on the sample batch and on a batch one sample
+   larger, compared output by output with PyTorch; only then is the file moved into place
+   with ``os.replace``.  Any failure leaves nothing behind: no target file, no temporary.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import hashlib
+import inspect
+import io
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+import onnx.numpy_helper
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_flatten_with_path, tree_leaves, tree_map, tree_unflatten
+
+from . import batch as batch_mod
+from .errors import WeightNormError
+from .fold import fold_weight_norm
+
+__all__ = ["EXTERNAL_DATA_THRESHOLD", "ExportError", "ExportMismatchError", "ExportReport", "export_onnx"]
+
+Exporter = Literal["auto", "dynamo", "torchscript"]
+Progress = Callable[[str], None]
+
+#: ``external_data=None`` writes the weights to ``<file>.data`` above this many bytes of
+#: parameters and buffers (a single protobuf cannot exceed 2 GB).
+EXTERNAL_DATA_THRESHOLD = 1_500_000_000
+_PROTOBUF_LIMIT = 2**31 - 1
+_EXPORTERS = ("auto", "dynamo", "torchscript")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_TORCH_TO_ONNX_DTYPE = {
+    torch.float32: onnx.TensorProto.FLOAT, torch.float16: onnx.TensorProto.FLOAT16,
+    torch.bfloat16: onnx.TensorProto.BFLOAT16, torch.float64: onnx.TensorProto.DOUBLE,
+    torch.int8: onnx.TensorProto.INT8, torch.uint8: onnx.TensorProto.UINT8,
+    torch.int16: onnx.TensorProto.INT16, torch.int32: onnx.TensorProto.INT32,
+    torch.int64: onnx.TensorProto.INT64, torch.bool: onnx.TensorProto.BOOL,
+}
+
+
+class ExportError(WeightNormError):
+    """The model could not be exported to ONNX, or the written file fails its checks."""
+
+
+class ExportMismatchError(ExportError):
+    """onnxruntime's outputs differ from PyTorch's beyond the tolerance (per output: max abs/rel)."""
+
+
+@dataclass
+class ExportReport:
+    """What :func:`export_onnx` wrote and how it checked it.
+
+    ``exporter``: ``"dynamo"`` or ``"torchscript"``; ``fallback_reason``: why the dynamo
+    exporter was given up (one line), ``None`` when it was not.  ``inputs``/``outputs``: the
+    graph's value names with their shapes (a string is a dynamic axis).  ``node_counts``: op
+    type -> number of nodes of the main graph.  ``initializer_bytes``: the size of the
+    initializers' data.  ``renamed_initializers``: exporter name -> parameter name, for the
+    initializers renamed back; ``unnamed_parameters``: state-dict entries no initializer is
+    named after (transformed or folded into constants by the exporter).
+    ``max_abs_diff``/``max_rel_diff``: per output, the largest ``|onnx - torch|`` and
+    ``|onnx - torch| / |torch|`` over every batch size in ``batch_sizes_checked``.
+    ``file_size``: bytes of the ``.onnx`` file; ``external_data``: the weights file, if any.
+    ``timings``: seconds spent folding (the copy, and running it on the batch), exporting
+    (with renaming and writing), checking (``onnx.checker``) and verifying (onnxruntime).
+    ``notes``: what could not be checked.
+    """
+
+    path: str
+    exporter: str
+    fallback_reason: str | None
+    opset: int
+    inputs: dict[str, list[int | str]]
+    outputs: dict[str, list[int | str]]
+    node_counts: dict[str, int]
+    initializer_count: int
+    initializer_bytes: int
+    renamed_initializers: dict[str, str]
+    unnamed_parameters: list[str]
+    max_abs_diff: dict[str, float]
+    max_rel_diff: dict[str, float]
+    batch_sizes_checked: list[int]
+    file_size: int
+    external_data: str | None = None
+    external_data_size: int = 0
+    rtol: float = 1e-4
+    atol: float = 1e-5
+    timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def node_count(self) -> int:
+        """Nodes in the main graph."""
+        return sum(self.node_counts.values())
+
+    @property
+    def total_time(self) -> float:
+        """Seconds from start to finish."""
+        return sum(self.timings.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serializable dict of every field."""
+        return asdict(self)
+
+    def table(self) -> str:
+        """A plain-text summary: the file, the exporter, the graph, the agreement, the time."""
+        exporter = self.exporter if self.fallback_reason is None else (
+            f"{self.exporter} (dynamo exporter failed: {self.fallback_reason})")
+        size = _human_bytes(self.file_size)
+        if self.external_data is not None:
+            size += f" + {_human_bytes(self.external_data_size)} in {os.path.basename(self.external_data)}"
+        rows = [
+            ("file", self.path), ("size", size), ("exporter", exporter), ("opset", str(self.opset)),
+            ("inputs", ", ".join(f"{k} {_shape_str(v)}" for k, v in self.inputs.items())),
+            ("outputs", ", ".join(f"{k} {_shape_str(v)}" for k, v in self.outputs.items())),
+            ("nodes", f"{self.node_count} ({', '.join(f'{op} {n}' for op, n in self.node_counts.items())})"),
+            ("initializers", f"{self.initializer_count} ({_human_bytes(self.initializer_bytes)})"),
+        ]
+        if self.renamed_initializers:
+            rows.append(("renamed", ", ".join(f"{a} -> {b}" for a, b in self.renamed_initializers.items())))
+        if self.unnamed_parameters:
+            rows.append(("not by name", ", ".join(self.unnamed_parameters)))
+        rows.append(("batch sizes", ", ".join(map(str, self.batch_sizes_checked))))
+        width = max(len(key) for key, _ in rows)
+        lines = [f"{key.ljust(width)}  {value}" for key, value in rows]
+        diffs = [("output", "max abs diff", "max rel diff")]
+        diffs += [(name, f"{self.max_abs_diff[name]:.3g}", f"{self.max_rel_diff[name]:.3g}") for name in self.max_abs_diff]
+        widths = [max(len(row[i]) for row in diffs) for i in range(3)]
+        lines.append("")
+        lines.extend("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in diffs)
+        lines.append(f"(tolerance: rtol={self.rtol:g}, atol={self.atol:g})")
+        lines.append("time: " + ", ".join(f"{step} {seconds:.2f} s" for step, seconds in self.timings.items())
+                     + f"; total {self.total_time:.2f} s")
+        lines.extend(f"note: {note}" for note in self.notes)
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+@dataclass
+class _Inputs:
+    """A sample batch laid out for export: args, kwargs in signature order, a name per tensor."""
+
+    args: tuple
+    kwargs: dict[str, Any]
+    names: list[str]  # one per tensor leaf of (args, kwargs), in flattening order
+    tensors: list[torch.Tensor]
+    bound: dict[str, Any] | None  # forward's argument name -> value (None: no signature)
+
+    def feed(self, session_inputs: list[str]) -> dict[str, np.ndarray]:
+        by_name = dict(zip(self.names, self.tensors))
+        unknown = [name for name in session_inputs if name not in by_name]
+        if unknown:
+            msg = (f"the exported graph has inputs {unknown} that the sample batch does not provide "
+                   f"(batch inputs: {self.names})")
+            raise ExportError(msg)
+        return {name: _to_numpy(by_name[name]) for name in session_inputs}
+
+
+def export_onnx(
+    model: nn.Module,
+    sample_batch: batch_mod.SampleBatch,
+    path: str | os.PathLike,
+    *,
+    opset: int | None = None,
+    dynamic_batch: bool = True,
+    dynamic_shapes: dict[str, Any] | tuple | list | None = None,
+    external_data: bool | None = None,
+    rtol: float = 1e-4,
+    atol: float = 1e-5,
+    exporter: Exporter = "auto",
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> ExportReport:
+    """Fold weight norm on a copy of ``model``, export it to ONNX at ``path``, check and verify it.
+
+    ``model`` itself is not changed: not its parameters, not its ``training`` flag.
+
+    Args:
+        model: any ``nn.Module``; weight norm in any of the three layouts
+            :mod:`wn_transform.fold` knows is folded into plain weights first.
+        sample_batch: a tensor, a tuple of positional inputs, or a dict of keyword inputs; it
+            traces the model and is the batch the ONNX file is verified on.
+        path: the ``.onnx`` file to write; its folder must exist.
+        opset: the ONNX opset (default: the exporter's default).
+        dynamic_batch: make dim 0 of every tensor input (of 1 or more dims) dynamic, and
+            verify the file on a batch one sample larger than ``sample_batch`` too.
+            ``False``: every shape is fixed to the sample's.
+        dynamic_shapes: explicit dynamic shapes, in ``torch.export`` form (a tuple over the
+            positional inputs or a dict over the forward's argument names; per tensor a dict
+            ``{axis: Dim | str}``); replaces ``dynamic_batch``.  For the TorchScript
+            exporter it is translated to ``dynamic_axes`` (top-level tensor inputs only).
+        external_data: write the weights to ``<path>.data`` next to the file (``True``),
+            inside the file (``False``), or decide by size (``None``: external above
+            :data:`EXTERNAL_DATA_THRESHOLD` bytes of parameters and buffers).
+        rtol, atol: an output element agrees when ``|onnx - torch| <= atol + rtol * |torch|``.
+        exporter: ``"auto"`` (dynamo, falling back to TorchScript when the dynamo exporter
+            raises), ``"dynamo"`` or ``"torchscript"``.
+        overwrite: replace an existing file at ``path`` (and ``<path>.data``).
+        progress: called with a short message as each step starts.
+
+    Returns:
+        An :class:`ExportReport`.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, or the batch is not a tensor/tuple/dict.
+        ValueError: a bad argument (``exporter``, ``rtol``/``atol``, embedding > 2 GB).
+        FileExistsError: ``path`` exists and ``overwrite`` is False.
+        FileNotFoundError: the folder of ``path`` does not exist.
+        BatchError: the batch holds NaN/inf, or the model rejects it (the layer is named).
+        ExportError: no exporter could export the model, or the file fails the ONNX checker
+            or onnxruntime.
+        ExportMismatchError: onnxruntime disagrees with PyTorch beyond ``rtol``/``atol``.
+    """
+    say = progress if progress is not None else _silent
+    target, data_target = _check_arguments(model, path, exporter, rtol, atol, overwrite, external_data)
+    batch_mod.as_args(sample_batch)
+    batch_mod.check_finite(sample_batch)
+    timings: dict[str, float] = {}
+
+    start = time.perf_counter()
+    say("folding weight norm into plain weights (on a copy)")
+    folded = fold_weight_norm(model)
+    folded.eval()
+    say("running the folded model on the sample batch")
+    with torch.no_grad():
+        reference = batch_mod.run(folded, sample_batch)
+    inputs = _layout_inputs(folded, sample_batch)
+    state = folded.state_dict()
+    weight_bytes = _state_bytes(state)
+    use_external = weight_bytes > EXTERNAL_DATA_THRESHOLD if external_data is None else bool(external_data)
+    if not use_external and weight_bytes > _PROTOBUF_LIMIT:
+        msg = (f"the model holds {_human_bytes(weight_bytes)} of weights, more than one ONNX file can embed "
+               f"(2 GB); use external_data=True or None")
+        raise ValueError(msg)
+    output_names = _output_names(reference, inputs.names)
+    timings["fold"] = time.perf_counter() - start
+
+    folder = os.path.dirname(target)
+    tmpdir = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=folder)
+    try:
+        start = time.perf_counter()
+        proto, used, fallback_reason = _export(folded, inputs, output_names, tmpdir, opset=opset,
+                                               dynamic_batch=dynamic_batch, dynamic_shapes=dynamic_shapes,
+                                               exporter=exporter, say=say)
+        renamed, unnamed = _restore_initializer_names(proto, state)
+        tmp_file = os.path.join(tmpdir, os.path.basename(target))
+        stats = _graph_stats(proto)
+        if dynamic_batch and dynamic_shapes is None:
+            _check_batch_axis(stats["inputs"], inputs)
+        _save(proto, tmp_file, os.path.basename(data_target) if use_external else None)
+        del proto
+        timings["export"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        say(f"checking {os.path.basename(target)} with onnx.checker")
+        try:
+            onnx.checker.check_model(tmp_file)
+        except onnx.checker.ValidationError as exc:
+            msg = f"the exported file fails onnx.checker: {_one_line(exc)}"
+            raise ExportError(msg) from exc
+        timings["check"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        diffs, sizes, notes = _verify(tmp_file, folded, sample_batch, inputs, reference,
+                                      dynamic=dynamic_batch and dynamic_shapes is None,
+                                      rtol=rtol, atol=atol, say=say)
+        timings["verify"] = time.perf_counter() - start
+
+        if not overwrite:
+            _refuse_existing(target, data_target if use_external else None)
+        if use_external:
+            os.replace(os.path.join(tmpdir, os.path.basename(data_target)), data_target)
+        try:
+            os.replace(tmp_file, target)
+        except OSError:
+            if use_external:
+                os.remove(data_target)
+            raise
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    say(f"wrote {target}")
+
+    return ExportReport(
+        path=target, exporter=used, fallback_reason=fallback_reason, opset=stats["opset"],
+        inputs=stats["inputs"], outputs=stats["outputs"], node_counts=stats["node_counts"],
+        initializer_count=stats["initializer_count"], initializer_bytes=stats["initializer_bytes"],
+        renamed_initializers=renamed, unnamed_parameters=unnamed,
+        max_abs_diff={name: d[0] for name, d in diffs.items()}, max_rel_diff={name: d[1] for name, d in diffs.items()},
+        batch_sizes_checked=sizes, file_size=os.path.getsize(target),
+        external_data=data_target if use_external else None,
+        external_data_size=os.path.getsize(data_target) if use_external else 0,
+        rtol=rtol, atol=atol, timings=timings, notes=notes,
+    )
+
+
+# -- arguments and inputs ----------------------------------------------------------------
+
+
+def _silent(message: str) -> None:
+    """The default ``progress``: say nothing."""
+
+
+def _check_arguments(model: nn.Module, path: str | os.PathLike, exporter: str, rtol: float, atol: float,
+                     overwrite: bool, external_data: bool | None) -> tuple[str, str]:
+    if not isinstance(model, nn.Module):
+        msg = f"export_onnx expects a torch.nn.Module, got {type(model).__name__}"
+        raise TypeError(msg)
+    if exporter not in _EXPORTERS:
+        msg = f"exporter must be one of {', '.join(map(repr, _EXPORTERS))}, got {exporter!r}"
+        raise ValueError(msg)
+    if not (rtol >= 0 and atol >= 0):
+        msg = f"rtol and atol must be >= 0, got rtol={rtol!r}, atol={atol!r}"
+        raise ValueError(msg)
+    target = os.path.abspath(os.fspath(path))
+    if os.path.isdir(target):
+        msg = f"{target} is a folder; give the path of the .onnx file to write"
+        raise IsADirectoryError(msg)
+    folder = os.path.dirname(target)
+    if not os.path.isdir(folder):
+        msg = f"the folder {folder} does not exist; create it first"
+        raise FileNotFoundError(msg)
+    data_target = target + ".data"
+    if not overwrite:
+        _refuse_existing(target, data_target if external_data else None)
+    return target, data_target
+
+
+def _refuse_existing(target: str, data_target: str | None) -> None:
+    for candidate in (target, data_target):
+        if candidate is not None and os.path.lexists(candidate):
+            msg = f"{candidate} already exists; pass overwrite=True to replace it"
+            raise FileExistsError(msg)
+
+
+def _layout_inputs(model: nn.Module, sample_batch: batch_mod.SampleBatch) -> _Inputs:
+    """Order keyword inputs as the forward's signature does and name every tensor input.
+
+    A top-level tensor is named after its argument (``mel``); a tensor inside a tuple, list
+    or dict argument gets the path appended (``pair_0``, ``feats_energy``).
+    """
+    args, kwargs = batch_mod.as_args(sample_batch)
+    try:
+        signature = inspect.signature(model.forward)
+        bound = signature.bind(*args, **kwargs).arguments
+    except (TypeError, ValueError):
+        signature, bound = None, None
+    if signature is not None and bound is not None:
+        bound = dict(bound)
+        ordered = {}
+        for name, param in signature.parameters.items():
+            if param.kind is inspect.Parameter.VAR_KEYWORD:
+                ordered.update(bound.get(name, {}))
+            elif name in kwargs:
+                ordered[name] = kwargs[name]
+        kwargs = ordered
+        named = []
+        for name, param in signature.parameters.items():
+            if name not in bound:
+                continue
+            if param.kind is inspect.Parameter.VAR_POSITIONAL:
+                named += [(f"{name}_{i}", value) for i, value in enumerate(bound[name])]
+            elif param.kind is inspect.Parameter.VAR_KEYWORD:
+                named += list(bound[name].items())
+            else:
+                named.append((name, bound[name]))
+    else:
+        named = [(f"input_{i}", value) for i, value in enumerate(args)] + list(kwargs.items())
+    names, tensors = [], []
+    for base, value in named:
+        for key_path, leaf in tree_flatten_with_path(value)[0]:
+            if isinstance(leaf, torch.Tensor):
+                names.append("_".join([base, *(_key_str(k) for k in key_path)]))
+                tensors.append(leaf)
+    return _Inputs(args, kwargs, names, tensors, bound)
+
+
+def _key_str(key: Any) -> str:
+    for attr in ("idx", "key", "name"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _output_names(outputs: Any, input_names: list[str]) -> list[str]:
+    """``output`` for a lone tensor; ``output_0``, ``output_1.0`` for sequences; dict keys as is."""
+    names = []
+    for key_path, leaf in tree_flatten_with_path(outputs)[0]:
+        if not isinstance(leaf, torch.Tensor):
+            continue
+        parts = [_key_str(k) for k in key_path]
+        if not parts:
+            name = "output"
+        elif isinstance(getattr(key_path[0], "idx", None), int):
+            name = "output_" + ".".join(parts)
+        else:
+            name = ".".join(parts)
+        while name in input_names or name in names:
+            name += "_out"
+        names.append(name)
+    return names
+
+
+def _batch_axes(inputs: _Inputs) -> dict[str, dict[int, str]]:
+    """``{input: {0: axis name}}`` for every tensor input of 1 or more dims.
+
+    Inputs whose dim 0 equals the first input's share the name ``batch``; others get their own.
+    """
+    axes = {}
+    first = next((t.shape[0] for t in inputs.tensors if t.dim() > 0), None)
+    for name, tensor in zip(inputs.names, inputs.tensors):
+        if tensor.dim() > 0:
+            axes[name] = {0: "batch" if tensor.shape[0] == first else f"{name}_dim0"}
+    return axes
+
+
+def _dynamo_batch_shapes(inputs: _Inputs, axes: dict[str, dict[int, str]]) -> tuple | dict:
+    """``dynamic_shapes`` for ``torch.export`` mirroring the inputs, axis names as strings.
+
+    ``torch.onnx.export`` turns a string into ``torch.export.Dim.DYNAMIC`` and names the
+    ONNX axis after it.
+    """
+    names = iter(inputs.names)
+
+    def spec(leaf: Any) -> dict[int, str] | None:
+        if not isinstance(leaf, torch.Tensor):
+            return None
+        return axes.get(next(names))
+
+    if not inputs.kwargs:
+        return tuple(tree_map(spec, inputs.args))
+    if inputs.bound is None:
+        msg = "keyword inputs to a forward without a signature need an explicit dynamic_shapes"
+        raise ExportError(msg)
+    # torch.export keys a dict of dynamic shapes by signature.bind(*args, **kwargs).arguments
+    return {name: tree_map(spec, value) for name, value in inputs.bound.items()}
+
+
+def _dynamic_axes_from_shapes(dynamic_shapes: Any, inputs: _Inputs) -> dict[str, dict[int, str]]:
+    """Translate ``torch.export`` dynamic shapes of top-level tensor inputs to ``dynamic_axes``."""
+    if isinstance(dynamic_shapes, Mapping):
+        items = list(dynamic_shapes.items())
+    else:  # one entry per positional input, named after the parameter it binds to
+        params = list(inputs.bound) if inputs.bound is not None else [f"input_{i}" for i in range(len(inputs.args))]
+        items = list(zip(params, dynamic_shapes))
+    axes: dict[str, dict[int, str]] = {}
+    for name, spec in items:
+        if spec is None:
+            continue
+        if name not in inputs.names:
+            msg = (f"cannot translate dynamic_shapes for '{name}' to the TorchScript exporter's dynamic_axes: "
+                   f"only top-level tensor inputs are supported ({inputs.names})")
+            raise ExportError(msg)
+        pairs = spec.items() if isinstance(spec, Mapping) else enumerate(spec)
+        for axis, dim in pairs:
+            label = _axis_label(dim, name, axis)
+            if label is not None:
+                axes.setdefault(name, {})[axis] = label
+    return axes
+
+
+def _axis_label(dim: Any, name: str, axis: int) -> str | None:
+    if dim is None or isinstance(dim, int):
+        return None
+    if isinstance(dim, str):
+        return dim
+    if dim == getattr(torch.export.Dim, "STATIC", None):
+        return None
+    label = getattr(dim, "__name__", None)
+    return label if isinstance(label, str) and label else f"{name}_dim{axis}"
+
+
+# -- export --------------------------------------------------------------------------------
+
+
+def _export(model: nn.Module, inputs: _Inputs, output_names: list[str], tmpdir: str, *, opset: int | None,
+            dynamic_batch: bool, dynamic_shapes: Any, exporter: Exporter, say: Progress,
+            ) -> tuple[onnx.ModelProto, str, str | None]:
+    """Export with the chosen exporter(s); return the model, the exporter used, the fallback reason."""
+    fallback_reason = None
+    if exporter in ("auto", "dynamo"):
+        say("exporting with the dynamo exporter (torch.export)")
+        try:
+            proto = _export_dynamo(model, inputs, output_names, opset, dynamic_batch, dynamic_shapes,
+                                   echo_failure=exporter == "dynamo")
+            return proto, "dynamo", None
+        except Exception as exc:  # the dynamo exporter raises many kinds; any of them means "fall back"
+            fallback_reason = _one_line(exc)
+            if exporter == "dynamo":
+                msg = f"the dynamo exporter failed: {fallback_reason}"
+                raise ExportError(msg) from exc
+            say(f"dynamo exporter failed ({fallback_reason}); falling back to the TorchScript exporter")
+    if exporter == "torchscript":
+        say("exporting with the TorchScript exporter")
+    try:
+        proto = _export_torchscript(model, inputs, output_names, tmpdir, opset, dynamic_batch, dynamic_shapes)
+    except Exception as exc:  # idem: the TorchScript exporter raises many kinds
+        msg = f"the TorchScript exporter failed: {_one_line(exc)}"
+        if fallback_reason is not None:
+            msg = f"both exporters failed; dynamo: {fallback_reason}; TorchScript: {_one_line(exc)}"
+        raise ExportError(msg) from exc
+    return proto, "torchscript", fallback_reason
+
+
+def _export_args(inputs: _Inputs) -> tuple:
+    """Positional args as the exporters want them: a trailing dict would be read as kwargs."""
+    args = tuple(inputs.args)
+    if args and isinstance(args[-1], dict):
+        args = (*args, {})
+    return args
+
+
+def _export_dynamo(model: nn.Module, inputs: _Inputs, output_names: list[str], opset: int | None,
+                   dynamic_batch: bool, dynamic_shapes: Any, *, echo_failure: bool) -> onnx.ModelProto:
+    if dynamic_shapes is None and dynamic_batch:
+        axes = _batch_axes(inputs)
+        dynamic_shapes = _dynamo_batch_shapes(inputs, axes) if axes else None
+    # torch.export prints the partial graph of a failed capture to stderr; hold stderr back and
+    # pass it on only when the export succeeds (a failure is summed up in the report instead).
+    captured = io.StringIO()
+    try:
+        with torch.no_grad(), contextlib.redirect_stderr(captured), warnings.catch_warnings():
+            # torch-internal noise: the same axis name given to inputs torch.export unified, and a
+            # deprecation inside torch's own pytree code
+            warnings.filterwarnings("ignore", r"# The axis name: (\S+) will not be used.* another axis: \1\.$",
+                                    UserWarning)
+            warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)", FutureWarning)
+            program = torch.onnx.export(
+                model, _export_args(inputs), kwargs=inputs.kwargs or None, dynamo=True, opset_version=opset,
+                dynamic_shapes=dynamic_shapes, input_names=inputs.names, output_names=output_names,
+                optimize=True, verbose=False,
+            )
+    except Exception:
+        if echo_failure:
+            sys.stderr.write(captured.getvalue())
+        raise
+    sys.stderr.write(captured.getvalue())
+    if program is None:
+        msg = "torch.onnx.export(dynamo=True) returned no ONNXProgram"
+        raise ExportError(msg)
+    return program.model_proto
+
+
+def _export_torchscript(model: nn.Module, inputs: _Inputs, output_names: list[str], tmpdir: str,
+                        opset: int | None, dynamic_batch: bool, dynamic_shapes: Any) -> onnx.ModelProto:
+    if dynamic_shapes is not None:
+        dynamic_axes = _dynamic_axes_from_shapes(dynamic_shapes, inputs)
+    else:
+        dynamic_axes = _batch_axes(inputs) if dynamic_batch else {}
+    # The TorchScript exporter writes a file (and, above 2 GB, one file per weight): use a
+    # folder of its own inside the temporary folder, then read it all back.
+    raw_dir = tempfile.mkdtemp(prefix="torchscript", dir=tmpdir)
+    raw_file = os.path.join(raw_dir, "model.onnx")
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+        torch.onnx.export(
+            _tensors_only(model, inputs), tuple(inputs.tensors), raw_file, dynamo=False,
+            opset_version=opset, input_names=inputs.names, output_names=output_names,
+            dynamic_axes=dynamic_axes or None,
+        )
+    proto = onnx.load(raw_file)
+    shutil.rmtree(raw_dir, ignore_errors=True)
+    return proto
+
+
+def _tensors_only(model: nn.Module, inputs: _Inputs) -> nn.Module:
+    """A shallow copy of ``model`` whose forward takes the batch's tensors, flat, in input order.
+
+    The TorchScript exporter reads keyword inputs against the signature, fills in defaults
+    and turns Python numbers among them into graph inputs; called with nothing but tensors,
+    its graph inputs are exactly ``inputs.names``.  The copy shares the model's submodules and
+    parameters (same names) and rebuilds the original ``(args, kwargs)``, non-tensor values
+    included, before calling the model's own forward.
+    """
+    leaves, spec = tree_flatten((inputs.args, inputs.kwargs))
+    positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+    base = type(model)
+
+    def forward(self: nn.Module, *tensors: torch.Tensor) -> Any:
+        filled = list(leaves)
+        for position, tensor in zip(positions, tensors):
+            filled[position] = tensor
+        args, kwargs = tree_unflatten(filled, spec)
+        return base.forward(self, *args, **kwargs)
+
+    flat_class = type(base.__name__, (base,), {"forward": forward, "__module__": base.__module__})
+    flat = flat_class.__new__(flat_class)  # not copy.copy: parametrized classes refuse pickling
+    flat.__dict__.update(model.__dict__)
+    return flat
+
+
+def _one_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` (of the root cause too), at most 300 characters."""
+    root, seen = exc, {id(exc)}
+    while root.__cause__ is not None and id(root.__cause__) not in seen:
+        root = root.__cause__
+        seen.add(id(root))
+    line = _first_line(root)
+    if root is not exc:
+        line = f"{type(exc).__name__}: {line}"
+    return line if len(line) <= 300 else line[:297] + "..."
+
+
+def _first_line(exc: BaseException) -> str:
+    text = _ANSI.sub("", str(exc))
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+# -- initializer names -----------------------------------------------------------------------
+
+
+def _restore_initializer_names(proto: onnx.ModelProto, state: Mapping[str, torch.Tensor],
+                               ) -> tuple[dict[str, str], list[str]]:
+    """Rename initializers the exporter named after an op back to their state-dict name.
+
+    An initializer is renamed to ``name`` when its dtype, shape and bytes equal those of the
+    state-dict entry ``name``, no other state-dict entry holds the same value, no other
+    initializer holds it either, and ``name`` is not already a value name in the model.
+    Returns the renames (old -> new) and the state-dict entries still without an initializer.
+    """
+    graph = proto.graph
+    init_names = {init.name for init in graph.initializer}
+    missing = [name for name, t in state.items() if name not in init_names and t.numel() > 0]
+    renamed: dict[str, str] = {}
+    if missing:
+        wanted: dict[tuple, list[str]] = collections.defaultdict(list)
+        shapes = set()
+        for name in missing:
+            key = _tensor_key(state[name])
+            if key is not None:
+                wanted[key].append(name)
+                shapes.add(key[:2])
+        # a value that a present entry holds too is ambiguous
+        for name, tensor in state.items():
+            if name in init_names and (_TORCH_TO_ONNX_DTYPE.get(tensor.dtype), tuple(tensor.shape)) in shapes:
+                key = _tensor_key(tensor)
+                if key in wanted:
+                    wanted[key].append(name)
+        found: dict[tuple, list[str]] = collections.defaultdict(list)
+        for init in graph.initializer:
+            if init.name in state or (init.data_type, tuple(init.dims)) not in shapes:
+                continue
+            found[_initializer_key(init)].append(init.name)
+        taken = _value_names(graph)
+        mapping = {}
+        for key, names in wanted.items():
+            if len(names) == 1 and len(found.get(key, ())) == 1 and names[0] not in taken:
+                mapping[found[key][0]] = names[0]
+        if mapping:
+            _rename_values(graph, mapping)
+            renamed = mapping
+    init_names = {init.name for init in graph.initializer}
+    kept = {_alias_key(t) for name, t in state.items() if name in init_names}
+    unnamed = [name for name, t in state.items()
+               if name not in init_names and t.numel() > 0 and _alias_key(t) not in kept]  # tied weights: once
+    return renamed, unnamed
+
+
+def _alias_key(tensor: torch.Tensor) -> tuple:
+    return tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride()
+
+
+def _tensor_key(tensor: torch.Tensor) -> tuple | None:
+    dtype = _TORCH_TO_ONNX_DTYPE.get(tensor.dtype)
+    if dtype is None:
+        return None
+    data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return dtype, tuple(tensor.shape), hashlib.sha256(data).hexdigest()
+
+
+def _initializer_key(init: onnx.TensorProto) -> tuple:
+    array = onnx.numpy_helper.to_array(init)
+    data = np.ascontiguousarray(array).tobytes()
+    return init.data_type, tuple(init.dims), hashlib.sha256(data).hexdigest()
+
+
+def _value_names(graph: onnx.GraphProto) -> set[str]:
+    names = {v.name for v in (*graph.input, *graph.output, *graph.value_info)}
+    names.update(init.name for init in graph.initializer)
+    for node in graph.node:
+        names.update(node.input)
+        names.update(node.output)
+        for attr in node.attribute:
+            for sub in (*([attr.g] if attr.HasField("g") else []), *attr.graphs):
+                names |= _value_names(sub)
+    return names
+
+
+def _rename_values(graph: onnx.GraphProto, mapping: Mapping[str, str]) -> None:
+    """Rename values everywhere they are named: initializers, nodes, subgraphs, graph I/O."""
+    for init in graph.initializer:
+        if init.name in mapping:
+            init.name = mapping[init.name]
+    for value in (*graph.input, *graph.output, *graph.value_info):
+        if value.name in mapping:
+            value.name = mapping[value.name]
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in mapping:
+                node.input[i] = mapping[name]
+        for attr in node.attribute:
+            for sub in (*([attr.g] if attr.HasField("g") else []), *attr.graphs):
+                _rename_values(sub, mapping)
+
+
+# -- writing and checking ------------------------------------------------------------------
+
+
+def _graph_stats(proto: onnx.ModelProto) -> dict[str, Any]:
+    graph = proto.graph
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    counts = collections.Counter(node.op_type for node in graph.node)
+    nbytes = 0
+    for init in graph.initializer:
+        if init.data_type != onnx.TensorProto.STRING:
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+            nbytes += itemsize * math.prod(init.dims)
+    return {
+        "opset": opset,
+        "node_counts": dict(sorted(counts.items(), key=lambda item: (-item[1], item[0]))),
+        "initializer_count": len(graph.initializer),
+        "initializer_bytes": nbytes,
+        "inputs": {v.name: _value_shape(v) for v in graph.input},
+        "outputs": {v.name: _value_shape(v) for v in graph.output},
+    }
+
+
+def _value_shape(value: onnx.ValueInfoProto) -> list[int | str]:
+    dims = value.type.tensor_type.shape.dim
+    return [d.dim_param if d.HasField("dim_param") else (d.dim_value if d.HasField("dim_value") else "?")
+            for d in dims]
+
+
+def _save(proto: onnx.ModelProto, file: str, data_name: str | None) -> None:
+    """Write ``proto`` to ``file``: self-contained, or with every weight in ``data_name`` beside it."""
+    if data_name is None:
+        onnx.save_model(proto, file)
+    else:
+        onnx.save_model(proto, file, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=0)
+
+
+def _check_batch_axis(graph_inputs: dict[str, list[int | str]], inputs: _Inputs) -> None:
+    for name, tensor in zip(inputs.names, inputs.tensors):
+        shape = graph_inputs.get(name)
+        if tensor.dim() > 0 and shape and not isinstance(shape[0], str):
+            msg = f"the batch axis of input '{name}' was exported with a fixed size {shape[0]}, not a dynamic one"
+            raise ExportError(msg)
+
+
+def _verify(file: str, model: nn.Module, sample_batch: batch_mod.SampleBatch, inputs: _Inputs, reference: Any,
+            *, dynamic: bool, rtol: float, atol: float, say: Progress,
+            ) -> tuple[dict[str, tuple[float, float]], list[int], list[str]]:
+    """Run the file in onnxruntime on the sample batch (and one sample more) and compare with PyTorch.
+
+    Returns per output (max abs diff, max rel diff) over the batches, the batch sizes, notes.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(file, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/NotImplemented kinds
+        msg = f"onnxruntime cannot load the exported file: {_one_line(exc)}"
+        raise ExportError(msg) from exc
+    session_inputs = [i.name for i in session.get_inputs()]
+    onnx_names = [o.name for o in session.get_outputs()]
+    batches = [(inputs, reference)]
+    notes: list[str] = []
+    if dynamic and any(t.dim() > 0 for t in inputs.tensors):
+        larger = tree_map(lambda t: torch.cat([t, t[:1]]) if isinstance(t, torch.Tensor) and t.dim() > 0 else t,
+                          sample_batch)
+        try:
+            with torch.no_grad():
+                larger_reference = batch_mod.run(model, larger)
+        except batch_mod.BatchError as exc:
+            notes.append(f"a batch one sample larger was not checked: the PyTorch model rejects it ({exc})")
+        else:
+            batches.append((_layout_inputs(model, larger), larger_reference))
+    diffs: dict[str, tuple[float, float]] = {}
+    sizes: list[int] = []
+    failures: list[str] = []
+    hint = ("; the batch axis is marked dynamic but the graph depends on the sample's batch size "
+            "(export with dynamic_batch=False for a fixed one)")
+    for index, (batch_inputs, expected) in enumerate(batches):
+        size = next((t.shape[0] for t in batch_inputs.tensors if t.dim() > 0), 1)
+        sizes.append(size)
+        say(f"verifying with onnxruntime (batch of {size})")
+        try:
+            got = session.run(None, batch_inputs.feed(session_inputs))
+        except ExportError:
+            raise
+        except Exception as exc:  # onnxruntime's own error kinds
+            msg = f"onnxruntime failed to run the exported file on a batch of {size}: {_one_line(exc)}"
+            raise ExportError(msg + (hint if index else "")) from exc
+        want = [leaf for leaf in tree_leaves(expected) if isinstance(leaf, torch.Tensor)]
+        if len(got) != len(want):
+            msg = (f"the exported graph has {len(got)} outputs ({onnx_names}), the PyTorch model "
+                   f"returns {len(want)} tensors")
+            raise ExportError(msg)
+        for name, onnx_value, torch_value in zip(onnx_names, got, want):
+            abs_diff, rel_diff, ok, why = _compare(np.asarray(onnx_value), torch_value, rtol, atol)
+            old = diffs.get(name, (0.0, 0.0))
+            diffs[name] = (max(old[0], abs_diff), max(old[1], rel_diff))
+            if not ok:
+                failures.append(f"'{name}' (batch of {size}): {why}" + (hint if index else ""))
+    if failures:
+        table = "; ".join(f"'{name}': max abs diff {a:.3g}, max rel diff {r:.3g}" for name, (a, r) in diffs.items())
+        msg = (f"onnxruntime disagrees with PyTorch beyond rtol={rtol:g}, atol={atol:g}: {'; '.join(failures)}"
+               f" [all outputs: {table}]")
+        raise ExportMismatchError(msg)
+    return diffs, sizes, notes
+
+
+def _compare(got: np.ndarray, tensor: torch.Tensor, rtol: float, atol: float) -> tuple[float, float, bool, str]:
+    """(max abs diff, max rel diff, within tolerance, a description of the worst difference)."""
+    want = _to_numpy(tensor.detach().cpu().float() if tensor.dtype == torch.bfloat16 else tensor)
+    if got.shape != want.shape:
+        return math.inf, math.inf, False, f"shape {list(got.shape)} instead of {list(want.shape)}"
+    if got.size == 0:
+        return 0.0, 0.0, True, ""
+    a = got.astype(np.float64)
+    b = want.astype(np.float64)
+    both_nan = np.isnan(a) & np.isnan(b)
+    with np.errstate(invalid="ignore", over="ignore"):
+        diff = np.where(both_nan | (a == b), 0.0, np.abs(a - b))
+    diff = np.where(np.isnan(diff), np.inf, diff)
+    scale = np.abs(b)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(diff == 0, 0.0, np.where(scale > 0, diff / np.where(scale > 0, scale, 1.0), np.inf))
+    ok = bool(np.all(diff <= atol + rtol * np.where(np.isfinite(scale), scale, 0.0)))
+    max_abs, max_rel = float(diff.max()), float(rel.max())
+    return max_abs, max_rel, ok, f"max abs diff {max_abs:.3g}, max rel diff {max_rel:.3g}"
+
+
+def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().cpu().contiguous().numpy()
+
+
+def _state_bytes(state: Mapping[str, torch.Tensor]) -> int:
+    """Bytes of the distinct tensors of a state dict (tied weights counted once)."""
+    seen, total = set(), 0
+    for tensor in state.values():
+        key = _alias_key(tensor)
+        if key not in seen:
+            seen.add(key)
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def _shape_str(shape: list[int | str]) -> str:
+    return "[" + ", ".join(map(str, shape)) + "]"
+
+
+def _human_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1024 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
