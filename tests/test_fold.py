@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
@@ -12,13 +11,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm as torch_weight_norm
 
 import wn_transform as wn
-
-
-def legacy_weight_norm(module: nn.Module, dim: int | None = 0) -> nn.Module:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        return torch.nn.utils.weight_norm(module, dim=dim)
-
+from tests.fixtures.weight_norm import legacy_weight_norm, perturb_scales
 
 LAYERS = {
     "linear": (lambda: nn.Linear(6, 5), (4, 6)),
@@ -29,15 +22,6 @@ DIMS = {"linear": [0, 1, None], "conv1d": [0, 1, 2, None], "conv_transpose1d": [
 CASES = [(layer, dim) for layer, dims in DIMS.items() for dim in dims]
 
 
-def _perturbed(module: nn.Module) -> nn.Module:
-    """Move every g away from ||v||, so that folding must really compute g*v/||v||."""
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            if name.endswith(("original0", "weight_g")):
-                param.mul_(torch.rand_like(param) + 0.5)
-    return module
-
-
 @pytest.mark.parametrize("make", ["parametrizations", "legacy"])
 @pytest.mark.parametrize(("layer", "dim"), CASES, ids=[f"{layer}-dim{dim}" for layer, dim in CASES])
 def test_fold_undoes_torchs_weight_norm_in_both_layouts(make: str, layer: str, dim: int | None) -> None:
@@ -45,7 +29,7 @@ def test_fold_undoes_torchs_weight_norm_in_both_layouts(make: str, layer: str, d
     factory, shape = LAYERS[layer]
     module = factory()
     normalized = torch_weight_norm(module, dim=dim) if make == "parametrizations" else legacy_weight_norm(module, dim=dim)
-    model = _perturbed(nn.Sequential(normalized))
+    model = perturb_scales(nn.Sequential(normalized))
     x = torch.randn(shape)
     expected = model(x)
     folded = wn.fold_weight_norm(model)

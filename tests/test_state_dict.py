@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm as parametrized_weight_norm
 
 import wn_transform as wn
+from tests.fixtures.weight_norm import legacy_weight_norm, perturb_scales
 from tests.fixtures.hifigan import build_generator
 from wn_transform.state_dict import convert_state_dict, find_state_dict_weight_norms, fold_state_dict
-
-
-def legacy_weight_norm(module: nn.Module, dim: int | None) -> nn.Module:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        return torch.nn.utils.weight_norm(module, dim=dim)
 
 
 LAYERS = {"linear": lambda: nn.Linear(6, 5), "conv1d": lambda: nn.Conv1d(4, 6, 3),
@@ -26,18 +19,10 @@ STYLES = {"parametrizations": parametrized_weight_norm, "legacy": legacy_weight_
 CASES = [(style, layer, dim) for style in STYLES for layer in LAYERS for dim in (0, 1, None) + ((2,) if layer != "linear" else ())]
 
 
-def _perturb(model: nn.Module) -> nn.Module:
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("original0", "weight_g")):
-                p.mul_(torch.rand_like(p) + 0.5)
-    return model
-
-
 @pytest.mark.parametrize(("style", "layer", "dim"), CASES, ids=[f"{s}-{layer}-dim{d}" for s, layer, d in CASES])
 def test_fold_state_dict_equals_folding_the_model(style: str, layer: str, dim: int | None) -> None:
     torch.manual_seed(0)
-    model = _perturb(nn.Sequential(nn.Identity(), STYLES[style](LAYERS[layer](), dim=dim)))
+    model = perturb_scales(nn.Sequential(nn.Identity(), STYLES[style](LAYERS[layer](), dim=dim)))
     (found,) = find_state_dict_weight_norms(model.state_dict())
     assert (found.layout, found.dim, found.weight_key) == (style, None if dim is None else dim, "1.weight")
     folded = fold_state_dict(model.state_dict())
