@@ -10,6 +10,7 @@ from .checkpoint import CheckpointError
 from .errors import BatchError, FoldError, NoTargetsError, SelectionError, WeightNormError
 from .export import ExportError, ExportMismatchError, ExportReport, export_onnx
 from .fold import FoundWeightNorm, find_weight_norms, fold_weight_norm
+from .mean_only_bn import MeanOnlyBatchNorm
 from .norm import UnitLayout, compose_weight, unit_norm
 from .parametrization import WeightNorm
 from .report import WeightNormReport
@@ -26,6 +27,7 @@ __all__ = [
     "ExportReport",
     "FoldError",
     "FoundWeightNorm",
+    "MeanOnlyBatchNorm",
     "NoTargetsError",
     "SelectionError",
     "Skipped",

@@ -15,6 +15,9 @@ from .data_init import data_init, resample_directions
 from .discover import discover
 from .errors import NoTargetsError
 from .fold import FoundWeightNorm, find_weight_norms, fold_one
+from .mean_only_bn import attach as attach_mean_only_bn
+from .mean_only_bn import channels as mean_only_bn_channels
+from .mean_only_bn import detach as detach_mean_only_bn
 from .parametrization import WeightNorm, register, remove
 from .report import WeightNormReport
 from .select import FilterFn, Selection
@@ -37,6 +40,7 @@ def apply_weight_norm(
     init_scale: float = 1.0,
     resample: bool = False,
     exp_scale: bool = False,
+    mean_only_bn: bool = False,
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
     types: type | Sequence[type] | None = None,
@@ -59,6 +63,12 @@ def apply_weight_norm(
         resample: draw the directions afresh, ``v ~ N(0, 0.05^2)``, as the paper does
             (default: the current weights give the directions, so training is kept).
         exp_scale: store ``s`` with ``g = e^s`` (the paper's exponential form).
+        mean_only_bn: put a :class:`~wn_transform.MeanOnlyBatchNorm` behind every
+            reparameterized ``nn.Linear``/conv layer (the paper's sec. 4); the layer's bias moves
+            into it.  With ``init="data"`` the init sets ``g = s/sigma[t]``, the norm's running mean
+            to the batch mean of ``g*t`` and its bias to 0, so training and eval mode both start
+            at zero mean and std ``s``.  Layers whose output is not the op's output (functional
+            calls, attention projections) get none; the report lists them.
         include, exclude: ``fnmatch`` patterns on weight or module names.
         types: keep only weights owned by modules of these classes.
         filter_fn: ``filter_fn(module, module_name) -> bool``.
@@ -89,6 +99,8 @@ def apply_weight_norm(
         for target in targets:
             register(working.get_submodule(target.module), target.name,
                      WeightNorm(target.layout.dim, target.layout.groups, exp_scale=exp_scale))
+        if mean_only_bn:
+            report.mean_only_bn, report.mean_only_bn_missing = _attach_mean_only_bn(working, targets)
         if resample:
             resample_directions(working, targets, generator=generator)
         if init == "data":
@@ -167,6 +179,20 @@ def _plan(model: nn.Module, sample_batch, selection: Selection, existing: Existi
     return report, targets
 
 
+def _attach_mean_only_bn(model: nn.Module, targets: list[Target]) -> tuple[list[str], list[str]]:
+    """Attach a mean-only batch norm to each standard layer among the targets."""
+    attached, missing = [], []
+    for target in targets:
+        layer = model.get_submodule(target.module)
+        channels = mean_only_bn_channels(layer, target.name)
+        if channels is None:
+            missing.append(target.qualname)
+        else:
+            attach_mean_only_bn(layer, *channels)
+            attached.append(target.module)
+    return attached, missing
+
+
 def _kept(found: FoundWeightNorm) -> Skipped:
     dim = "whole tensor" if found.dim is None else f"dim={found.dim}"
     reason = f"already weight-normalized ({_LAYOUT_NAMES[found.layout]}, {dim}); existing='convert' replaces it"
@@ -177,6 +203,7 @@ def _roll_back(model: nn.Module, targets: list[Target], saved: dict[str, dict]) 
     """Put back the original Parameter objects after a failed in-place apply."""
     for target in targets:
         module = model.get_submodule(target.module)
+        detach_mean_only_bn(module)
         if hasattr(module, "parametrizations") and target.name in module.parametrizations:
             remove(module, target.name, saved[target.module][target.name])
     for name, params in saved.items():

@@ -31,6 +31,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import batch as batch_mod
 from .discover import preserved_state
+from .mean_only_bn import MeanOnlyBatchNorm, mean_only_bn_of
 from .ops import SIGNATURES, op_name, view_dims, weight_use
 from .parametrization import WeightNorm, weight_norm_of
 from .targets import Target
@@ -58,6 +59,8 @@ class _State:
     wn: WeightNorm
     g: nn.Parameter
     v: nn.Parameter
+    mean_only_bn: MeanOnlyBatchNorm | None = None
+    running_mean: Tensor | None = None  # what the init sets the norm's running mean to
     done: bool = False
 
 
@@ -100,6 +103,8 @@ def data_init(model: nn.Module, targets: list[Target], sample_batch: batch_mod.S
             if not state.done:
                 state.g.copy_(saved[id(state)])
                 notes.unreached.append(state.target.qualname)
+            elif state.running_mean is not None:  # set after the pass, which restores every buffer
+                state.mean_only_bn.running_mean.copy_(state.running_mean)
     return notes
 
 
@@ -110,7 +115,7 @@ def _state(model: nn.Module, target: Target) -> _State:
         msg = f"{target.qualname} is not weight-normalized by this library; apply the parametrization first"
         raise ValueError(msg)
     chain = module.parametrizations[target.name]
-    return _State(target, module, wn, chain.original0, chain.original1)
+    return _State(target, module, wn, chain.original0, chain.original1, mean_only_bn_of(module))
 
 
 _MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
@@ -199,7 +204,16 @@ class _CalibrationMode(TorchFunctionMode):
         g = state.g.view(-1)[units]
         g.copy_(scale.log() if state.wn.exp_scale else scale)
         shift = torch.zeros_like(mean)
-        if bias is not None:
+        norm = state.mean_only_bn
+        if norm is not None:  # the norm centres the output: its running mean is the mean of g*t
+            centre = (mean * scale).to(norm.running_mean.dtype)
+            state.running_mean = centre if state.running_mean is None else state.running_mean
+            if units != slice(None):
+                state.running_mean[units] = centre
+            norm.running_mean[units] = centre
+            if norm.bias is not None:
+                norm.bias[units] = 0
+        elif bias is not None:
             if id(bias) in self.param_ids or (bias._base is not None and id(bias._base) in self.param_ids):
                 shift = -mean * scale
                 bias.copy_(shift)

@@ -23,6 +23,7 @@ from torch.nn.utils.weight_norm import WeightNorm as LegacyWeightNorm
 
 from ._copy import copy_model
 from .errors import FoldError
+from .mean_only_bn import detach as detach_mean_only_bn
 from .parametrization import WeightNorm, remove
 
 __all__ = ["FoundWeightNorm", "find_weight_norms", "fold_weight_norm"]
@@ -71,6 +72,8 @@ def fold_weight_norm(model: nn.Module, *, inplace: bool = False) -> nn.Module:
 
     Returns:
         The folded model: same classes, same parameter names (``conv.weight``), same function.
+        A mean-only batch norm is folded into its layer's bias as its inference-mode shift
+        ``bias - running_mean``, so the folded model equals the unfolded one in eval mode.
     """
     if not isinstance(model, nn.Module):
         msg = f"fold_weight_norm expects a torch.nn.Module, got {type(model).__name__}"
@@ -79,6 +82,8 @@ def fold_weight_norm(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         model = copy_model(model)
     for found in find_weight_norms(model):
         fold_one(model, found)
+    for module in model.modules():
+        detach_mean_only_bn(module)  # its inference-mode shift goes into the layer's bias
     return model
 
 

@@ -27,6 +27,8 @@ class WeightNormReport:
     init: str
     trace_failures: dict[str, str] = field(default_factory=dict)
     notes: InitNotes | None = None
+    mean_only_bn: list[str] = field(default_factory=list)  # layers given a mean-only batch norm
+    mean_only_bn_missing: list[str] = field(default_factory=list)  # weights whose op output is not a layer's
 
     def table(self) -> str:
         """A plain-text table, one row per weight."""
@@ -42,6 +44,10 @@ class WeightNormReport:
         summary = f"{len(self.converted)} weights reparameterized, {len(self.skipped)} skipped; traced by {self.found_by}; init={self.init}"
         lines.append(summary)
         lines.extend(f"  {step} failed: {why}" for step, why in self.trace_failures.items())
+        if self.mean_only_bn:
+            lines.append(f"  mean-only batch norm behind {len(self.mean_only_bn)} layers")
+        for name in self.mean_only_bn_missing:
+            lines.append(f"  {name}: no mean-only batch norm (its op's output is not a layer's output)")
         if self.notes is not None:
             for name, count in self.notes.constant_units.items():
                 lines.append(f"  {name}: {count} units constant on the batch (sigma ~ 0); their scale is s, not s/sigma")
@@ -62,4 +68,5 @@ class WeightNormReport:
         return {
             "converted": [t.to_dict() for t in self.converted], "skipped": [s.to_dict() for s in self.skipped],
             "found_by": self.found_by, "init": self.init, "trace_failures": self.trace_failures, "notes": notes,
+            "mean_only_bn": self.mean_only_bn, "mean_only_bn_missing": self.mean_only_bn_missing,
         }

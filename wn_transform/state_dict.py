@@ -80,18 +80,39 @@ def find_state_dict_weight_norms(state_dict: Mapping[str, object]) -> list[State
 def fold_state_dict(state_dict: Mapping[str, object]) -> dict[str, object]:
     """``w = g * v/||v||`` for every weight-normalized pair; every other entry kept, in order.
 
-    The folded weight takes the place of its g entry; v (and any marker) are dropped.
+    The folded weight takes the place of its g entry; v (and any marker) are dropped.  A mean-only
+    batch norm (``X.mean_only_bn.bias``/``.running_mean``) becomes the bias ``X.bias`` it adds at
+    inference, ``bias - running_mean``.
     """
     pairs = {wn.g_key: wn for wn in find_state_dict_weight_norms(state_dict)}
     dropped = {wn.v_key for wn in pairs.values()} | {wn.marker_key for wn in pairs.values() if wn.marker_key}
+    shifts = _mean_only_bn_shifts(state_dict)
+    dropped |= {f"{layer}.{_MOBN}.{part}" for layer in shifts for part in ("bias", "running_mean")}
     out: dict[str, object] = {}
     for key, value in state_dict.items():
         if key in pairs:
             wn = pairs[key]
             out[wn.weight_key] = _fold(state_dict[wn.g_key], state_dict[wn.v_key], wn)
+        elif key.endswith(f".{_MOBN}.running_mean") and key[: -len(f".{_MOBN}.running_mean")] in shifts:
+            layer = key[: -len(f".{_MOBN}.running_mean")]
+            out[f"{layer}.bias"] = shifts[layer]
         elif key not in dropped:
             out[key] = value
     return out
+
+
+_MOBN = "mean_only_bn"
+
+
+def _mean_only_bn_shifts(state_dict: Mapping[str, object]) -> dict[str, Tensor]:
+    """``layer -> bias - running_mean`` for every mean-only batch norm: its inference-mode shift."""
+    shifts = {}
+    for key, running_mean in state_dict.items():
+        if key.endswith(f".{_MOBN}.running_mean") and isinstance(running_mean, Tensor):
+            layer = key[: -len(f".{_MOBN}.running_mean")]
+            bias = state_dict.get(f"{layer}.{_MOBN}.bias")
+            shifts[layer] = -running_mean if bias is None else bias - running_mean
+    return shifts
 
 
 def convert_state_dict(state_dict: Mapping[str, object], to: str) -> dict[str, object]:

@@ -1,0 +1,154 @@
+"""Mean-only batch normalization (the paper's sec. 4) on its own and behind weight-normalized layers."""
+
+from __future__ import annotations
+
+import io
+
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import wn_transform as wn
+
+
+def _channel_stats(x: torch.Tensor, channel_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    dims = [d for d in range(x.ndim) if d != channel_dim % x.ndim]
+    var, mean = torch.var_mean(x.double(), dim=dims, correction=0)
+    return mean, var.sqrt()
+
+
+@pytest.mark.parametrize(("shape", "channel_dim"), [((16, 6, 5, 5), 1), ((4, 7, 6), -1), ((32, 6), -1)])
+def test_training_output_has_zero_channel_mean_and_keeps_the_spread(shape: tuple[int, ...], channel_dim: int) -> None:
+    torch.manual_seed(0)
+    norm = wn.MeanOnlyBatchNorm(6, channel_dim=channel_dim)
+    with torch.no_grad():
+        norm.bias.copy_(torch.arange(6.0))
+    x = torch.randn(shape) * 3 + 2
+    y = norm(x)
+    mean, std = _channel_stats(y, channel_dim)
+    torch.testing.assert_close(mean, torch.arange(6.0, dtype=torch.float64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(std, _channel_stats(x, channel_dim)[1])  # no division by the std
+
+
+def test_running_mean_updates_like_batchnorms() -> None:
+    torch.manual_seed(0)
+    ours = wn.MeanOnlyBatchNorm(5, channel_dim=1, momentum=0.2)
+    reference = nn.BatchNorm2d(5, momentum=0.2, affine=False)
+    for _ in range(4):
+        x = torch.randn(8, 5, 3, 3) * 2 + torch.randn(1, 5, 1, 1)
+        ours(x)
+        reference(x)
+    torch.testing.assert_close(ours.running_mean, reference.running_mean)
+
+
+def test_eval_mode_subtracts_the_running_mean_and_the_state_dict_round_trips() -> None:
+    torch.manual_seed(0)
+    norm = wn.MeanOnlyBatchNorm(4, channel_dim=-1)
+    for _ in range(3):
+        norm(torch.randn(10, 4) + 1)
+    norm.eval()
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(norm(x), x - norm.running_mean + norm.bias)
+    other = wn.MeanOnlyBatchNorm(4, channel_dim=-1).eval()
+    other.load_state_dict(norm.state_dict())
+    torch.testing.assert_close(other(x), norm(x))
+    assert set(norm.state_dict()) == {"bias", "running_mean"}
+
+
+def _model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3, bias=False), nn.Flatten(), nn.Linear(64, 5))
+
+
+def test_preserve_mode_moves_the_bias_and_keeps_the_function_in_eval_mode() -> None:
+    model = _model().eval()
+    x = torch.randn(4, 3, 8, 8)
+    out = wn.apply_weight_norm(model, init="preserve", mean_only_bn=True).eval()
+    assert out[0].bias is None and isinstance(out[0].mean_only_bn, wn.MeanOnlyBatchNorm)
+    torch.testing.assert_close(out[0].mean_only_bn.bias, model[0].bias)
+    torch.testing.assert_close(out(x), model(x))
+    assert wn.weight_norm_report(out).mean_only_bn == ["0", "2", "4"]
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_data_init_with_mean_only_bn_starts_every_layer_centred_with_unit_std(mode: str) -> None:
+    """Decision: g = s/sigma[t], running mean = mean of g*t on the batch, bias = 0; so training mode
+    (batch mean) and eval mode (running mean) agree on the calibration batch."""
+    x = torch.randn(64, 3, 8, 8) + 0.5
+    out = wn.apply_weight_norm(_model(), x, mean_only_bn=True)
+    getattr(out, mode)()
+    outputs = {}
+    for name in ("0", "2", "4"):
+        out.get_submodule(name).register_forward_hook(lambda m, a, o, name=name: outputs.__setitem__(name, o.detach()))
+    out(x)
+    for name, value in outputs.items():
+        mean, std = _channel_stats(value, 1 if value.ndim > 2 else -1)
+        torch.testing.assert_close(mean, torch.zeros_like(mean), atol=1e-5, rtol=0, msg=name)
+        torch.testing.assert_close(std, torch.ones_like(std), atol=1e-4, rtol=0, msg=name)
+        assert torch.equal(out.get_submodule(name).mean_only_bn.bias, torch.zeros(value.shape[1 if value.ndim > 2 else -1]))
+
+
+def test_init_pass_sets_only_the_running_means_it_means_to() -> None:
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2))
+    bn_before = model[1].running_mean.clone()
+    out = wn.apply_weight_norm(model, torch.randn(32, 4) + 1, mean_only_bn=True)
+    assert torch.equal(out[1].running_mean, bn_before)
+    assert out[0].mean_only_bn.running_mean.abs().sum() > 0
+
+
+def test_folding_puts_the_inference_shift_into_the_bias_and_leaves_no_trace() -> None:
+    x = torch.randn(32, 3, 8, 8) + 0.5
+    out = wn.apply_weight_norm(_model(), x, mean_only_bn=True)
+    optimizer = torch.optim.SGD(out.parameters(), lr=0.05)
+    for _ in range(3):  # train a little, so the running means and biases move
+        optimizer.zero_grad()
+        F.cross_entropy(out(x), torch.arange(32) % 5).backward()
+        optimizer.step()
+    out.eval()
+    folded = wn.fold_weight_norm(out)
+    torch.testing.assert_close(folded(x), out(x))
+    assert list(folded.state_dict()) == ["0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"]
+    assert not any(isinstance(m, wn.MeanOnlyBatchNorm) for m in folded.modules())
+    assert not folded[0]._forward_hooks
+    by_state_dict = wn.fold_state_dict(out.state_dict())
+    assert by_state_dict.keys() == folded.state_dict().keys()
+    for key, value in folded.state_dict().items():
+        torch.testing.assert_close(by_state_dict[key], value)
+
+
+def test_the_folded_export_has_the_plain_models_graph(tmp_path) -> None:
+    x = torch.randn(8, 3, 8, 8)
+    out = wn.apply_weight_norm(_model(), x, mean_only_bn=True).eval()
+    report = wn.export_onnx(out, x, tmp_path / "mobn.onnx")
+    plain = wn.export_onnx(_model(), x, tmp_path / "plain.onnx")
+    assert report.node_counts == plain.node_counts
+    ops = {node.op_type for node in onnx.load(tmp_path / "mobn.onnx").graph.node}
+    assert not ops & {"ReduceMean", "Sub", "ReduceL2"}
+
+
+def test_layers_whose_op_output_is_not_theirs_get_none_and_are_reported() -> None:
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(6, 4))
+            self.fc = nn.Linear(6, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.relu(F.linear(x, self.w)))
+
+    out = wn.apply_weight_norm(Model(), torch.randn(16, 4), mean_only_bn=True)
+    report = wn.weight_norm_report(out)
+    assert report.mean_only_bn == ["fc"] and report.mean_only_bn_missing == ["w"]
+    assert "no mean-only batch norm" in str(report)
+
+
+def test_a_model_with_mean_only_bn_pickles() -> None:
+    out = wn.apply_weight_norm(_model(), torch.randn(8, 3, 8, 8), mean_only_bn=True).eval()
+    buffer = io.BytesIO()
+    torch.save(out, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(loaded(x), out(x))

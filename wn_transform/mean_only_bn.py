@@ -1,0 +1,110 @@
+"""Mean-only batch normalization (Salimans & Kingma, 2016, sec. 4), and attaching it to a layer.
+
+    training:   y = x - mean_batch[x] + b        (per channel; the running mean is updated)
+    inference:  y = x - running_mean + b         (an affine shift)
+
+It centres the pre-activations (and so the back-propagated gradients) without dividing by the
+minibatch std, which weight normalization makes unnecessary.  :func:`attach` puts one behind a
+layer as a forward hook on that layer (the layer's bias moves into it), so the model keeps its
+class and forward; :func:`detach` folds it back into the layer's bias for inference.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd
+
+__all__ = ["MeanOnlyBatchNorm", "attach", "channels", "detach", "mean_only_bn_of"]
+
+ATTRIBUTE = "mean_only_bn"  # the submodule name on the layer: <layer>.mean_only_bn.running_mean
+
+
+class MeanOnlyBatchNorm(nn.Module):
+    """Subtract the per-channel mean of ``x`` (channels on ``channel_dim``), then add ``bias``.
+
+    Shapes: ``x`` is ``[N, C, *]`` (``channel_dim=1``, conv outputs) or ``[*, C]``
+    (``channel_dim=-1``, linear outputs); ``bias`` and ``running_mean`` are ``[C]``.
+    ``running_mean`` follows ``BatchNorm``'s rule: ``(1 - momentum) * running + momentum * mean``.
+    """
+
+    def __init__(self, num_features: int, *, channel_dim: int = 1, momentum: float = 0.1,
+                 bias: bool = True, device=None, dtype=None) -> None:
+        super().__init__()
+        self.num_features = num_features
+        self.channel_dim = channel_dim
+        self.momentum = momentum
+        self.bias = nn.Parameter(torch.zeros(num_features, device=device, dtype=dtype)) if bias else None
+        self.register_buffer("running_mean", torch.zeros(num_features, device=device, dtype=dtype))
+
+    def _broadcast(self, per_channel: Tensor, x: Tensor) -> Tensor:
+        shape = [1] * x.ndim
+        shape[self.channel_dim % x.ndim] = -1
+        return per_channel.view(shape)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            dims = [d for d in range(x.ndim) if d != self.channel_dim % x.ndim]
+            mean = x.mean(dim=dims)
+            with torch.no_grad():
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
+        else:
+            mean = self.running_mean
+        shift = -mean if self.bias is None else self.bias - mean
+        return x + self._broadcast(shift.to(x.dtype), x)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, channel_dim={self.channel_dim}, momentum={self.momentum}"
+
+
+def _apply_hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+    """The forward hook: the layer's output goes through its mean-only batch norm."""
+    return getattr(module, ATTRIBUTE)(output)
+
+
+def channels(layer: nn.Module, name: str) -> tuple[int, int] | None:
+    """``(num_features, channel_dim)`` if ``layer.<name>`` feeds the layer's own output, else None.
+
+    Only torch's standard layers qualify: their output *is* the linear/conv op's output.
+    """
+    if name != "weight":
+        return None
+    if isinstance(layer, nn.Linear):
+        return layer.out_features, -1
+    if isinstance(layer, _ConvNd):
+        return layer.out_channels, 1
+    return None
+
+
+def mean_only_bn_of(layer: nn.Module) -> MeanOnlyBatchNorm | None:
+    norm = layer._modules.get(ATTRIBUTE)
+    return norm if isinstance(norm, MeanOnlyBatchNorm) else None
+
+
+def attach(layer: nn.Module, num_features: int, channel_dim: int) -> MeanOnlyBatchNorm:
+    """Put a mean-only batch norm behind ``layer``; ``layer.bias`` (if any) moves into it."""
+    bias = layer._parameters.get("bias")
+    reference = next(layer.parameters())
+    norm = MeanOnlyBatchNorm(num_features, channel_dim=channel_dim, device=reference.device, dtype=reference.dtype)
+    if bias is not None:
+        with torch.no_grad():
+            norm.bias.copy_(bias.reshape(-1))
+        layer.register_parameter("bias", None)
+    layer.add_module(ATTRIBUTE, norm)
+    layer.register_forward_hook(_apply_hook)
+    return norm
+
+
+def detach(layer: nn.Module) -> None:
+    """Fold the (inference-mode) shift ``bias - running_mean`` into ``layer.bias`` and remove the norm."""
+    norm = mean_only_bn_of(layer)
+    if norm is None:
+        return
+    for key, hook in list(layer._forward_hooks.items()):
+        if hook is _apply_hook:
+            del layer._forward_hooks[key]
+    shift = -norm.running_mean if norm.bias is None else norm.bias - norm.running_mean
+    del layer._modules[ATTRIBUTE]
+    reference = next(iter(layer._parameters.values()), None)
+    dtype = reference.dtype if reference is not None else shift.dtype
+    layer.bias = nn.Parameter(shift.detach().to(dtype).clone())
