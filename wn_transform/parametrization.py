@@ -23,10 +23,12 @@ Two things torch's mechanism leaves us to do:
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .norm import UnitLayout, compose_weight, unit_norm
+from .fast import ScaledLinear, prefer_output_form, weight_norm_weight
+from .norm import UnitLayout, unit_norm
 
 __all__ = ["WeightNorm", "register", "remove", "weight_norm_of"]
 
@@ -54,7 +56,25 @@ class WeightNorm(nn.Module):
         return UnitLayout(self.dim, self.groups)
 
     def forward(self, g: Tensor, v: Tensor) -> Tensor:
-        return compose_weight(g, v, self.layout, exp_scale=self.exp_scale)
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return weight_norm_weight(g, v, self.layout, exp_scale=self.exp_scale)
+        return self.cached_weight(g, v)
+
+    def cached_weight(self, g: Tensor, v: Tensor) -> Tensor:
+        """The weight, for use without autograd: recomputed only when ``g`` or ``v`` changed
+        (their storage, dtype or version counter: optimizer steps and ``load_state_dict`` bump it)."""
+        key = (g.data_ptr(), v.data_ptr(), g._version, v._version, v.dtype)
+        cached = self.__dict__.get("_cached")
+        if cached is None or cached[0] != key:
+            cached = (key, weight_norm_weight(g, v, self.layout, exp_scale=self.exp_scale))
+            self.__dict__["_cached"] = cached
+        return cached[1]
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state.pop("_cached", None)
+        return state
 
     def right_inverse(self, weight: Tensor) -> tuple[Tensor, Tensor]:
         with torch.no_grad():
@@ -74,7 +94,7 @@ def register(module: nn.Module, name: str, parametrization: WeightNorm) -> None:
     order = _parameter_order(module) or tuple(module._parameters)
     parametrize.register_parametrization(module, name, parametrization)
     module.parametrizations.__dict__[_ORDER] = order  # where fold puts the parameter back
-    type(module).__reduce_ex__ = _reduce_parametrized  # the class is this instance's own
+    _extend_class(module)
 
 
 def weight_norm_of(module: nn.Module, name: str) -> WeightNorm | None:
@@ -107,7 +127,7 @@ def remove(module: nn.Module, name: str, value: Tensor, *, requires_grad: bool =
         parametrize._inject_new_class(module)
         for other in remaining:
             parametrize._inject_property(module, other)
-        type(module).__reduce_ex__ = _reduce_parametrized
+        _extend_class(module)
     parameter = value if isinstance(value, nn.Parameter) else nn.Parameter(value.detach(), requires_grad=requires_grad)
     params = {name: parameter, **module._parameters}
     if order:
@@ -138,5 +158,36 @@ def _rebuild_parametrized(base: type, names: list[str], state: dict) -> nn.Modul
     parametrize._inject_new_class(module)
     for name in names:
         parametrize._inject_property(module, name)
-    type(module).__reduce_ex__ = _reduce_parametrized
+    _extend_class(module)
     return module
+
+
+def _extend_class(module: nn.Module) -> None:
+    """Give the instance's own generated class pickling and, for a stock ``nn.Linear``, a fast forward."""
+    cls = type(module)
+    cls.__reduce_ex__ = _reduce_parametrized
+    base = parametrize.type_before_parametrizations(module)
+    if base.forward is nn.Linear.forward and weight_norm_of(module, "weight") is not None:
+        cls.forward = _linear_forward
+    else:
+        cls.forward = base.forward
+
+
+def _linear_forward(self: nn.Linear, input: Tensor) -> Tensor:
+    """``nn.Linear.forward``, computing the same thing by the cheapest route.
+
+    No graph to build: the cached weight.  Training with few rows per call: the output form
+    (:class:`~wn_transform.fast.ScaledLinear`, no weight built).  Otherwise: the weight form.
+    The parametrization is called directly (not through the ``weight`` property) to save
+    Python overhead on small layers; a hooked parametrization (the init pass) is always called.
+    """
+    chain = self._modules["parametrizations"]._modules["weight"]
+    wn: WeightNorm = chain._modules["0"]
+    g, v = chain._parameters["original0"], chain._parameters["original1"]
+    if not torch.is_grad_enabled():
+        weight = wn(g, v) if wn._forward_hooks else wn.cached_weight(g, v)
+        return F.linear(input, weight, self.bias)
+    if (self.training and input.dim() > 0 and not torch.compiler.is_compiling()
+            and prefer_output_form(input.numel() // input.shape[-1], input.shape[-1])):
+        return ScaledLinear.apply(input, g, v, self.bias, wn.exp_scale)
+    return F.linear(input, wn(g, v), self.bias)

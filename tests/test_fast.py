@@ -1,0 +1,129 @@
+"""Every fast path gives the reference formula's outputs and gradients (wn_transform.norm)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import wn_transform as wn
+from wn_transform.fast import ScaledLinear, weight_norm_weight
+from wn_transform.norm import UnitLayout, compose_weight
+
+
+def _grads(fn, *tensors: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in tensors]
+    out = fn(*leaves)
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype))
+    return out.detach(), [leaf.grad if leaf is not None else None for leaf in leaves]
+
+
+def _reference_gain(g: torch.Tensor, exp_scale: bool) -> torch.Tensor:
+    return g.exp() if exp_scale else g
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize(("shape", "dim"), [((6, 5), 0), ((5, 6), 1), ((4, 3, 3), 0), ((3, 4, 2), 2)])
+@pytest.mark.parametrize("exp_scale", [False, True], ids=["g", "exp"])
+def test_fused_weight_form_matches_the_formula(dtype: torch.dtype, shape: tuple[int, ...], dim: int, exp_scale: bool) -> None:
+    torch.manual_seed(0)
+    layout = UnitLayout(dim)
+    v = torch.randn(shape, dtype=dtype)
+    g = torch.rand(layout.g_shape(shape), dtype=dtype) + 0.5
+    fast, fast_grads = _grads(lambda g, v: weight_norm_weight(g, v, layout, exp_scale=exp_scale), g, v)
+    ref, ref_grads = _grads(lambda g, v: compose_weight(_reference_gain(g, exp_scale), v, layout), g, v)
+    torch.testing.assert_close(fast, ref)
+    for a, b in zip(fast_grads, ref_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_fused_weight_form_with_a_zero_direction_has_no_nan() -> None:
+    v = torch.randn(4, 3)
+    v[2] = 0
+    g = torch.rand(4, 1) + 0.5
+    fast, fast_grads = _grads(lambda g, v: weight_norm_weight(g, v, UnitLayout(0)), g, v)
+    ref, ref_grads = _grads(lambda g, v: compose_weight(g, v, UnitLayout(0)), g, v)
+    assert torch.isfinite(fast).all() and all(torch.isfinite(t).all() for t in fast_grads)
+    torch.testing.assert_close(fast, ref)
+    for a, b in zip(fast_grads, ref_grads):
+        torch.testing.assert_close(a, b)
+
+
+def _linear_reference(x, g, v, b, exp_scale):
+    return F.linear(x, compose_weight(_reference_gain(g, exp_scale), v, UnitLayout(0)), b)
+
+
+@pytest.mark.parametrize("x_shape", [(7, 5), (2, 3, 5), (5,)], ids=["2d", "3d", "unbatched"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("exp_scale", [False, True], ids=["g", "exp"])
+def test_output_form_matches_the_weight_form(x_shape: tuple[int, ...], bias: bool, exp_scale: bool) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(x_shape, dtype=torch.float64)
+    v = torch.randn(4, 5, dtype=torch.float64)
+    g = torch.randn(4, 1, dtype=torch.float64)
+    b = torch.randn(4, dtype=torch.float64) if bias else None
+    fast, fast_grads = _grads(lambda x, g, v, b: ScaledLinear.apply(x, g, v, b, exp_scale), x, g, v, b)
+    ref, ref_grads = _grads(lambda x, g, v, b: _linear_reference(x, g, v, b, exp_scale), x, g, v, b)
+    torch.testing.assert_close(fast, ref)
+    for a, r in zip(fast_grads, ref_grads):
+        torch.testing.assert_close(a, r)
+
+
+def test_output_form_with_zero_scale_and_zero_direction_rows() -> None:
+    """g = 0 (the scale's gradient must not be lost) and v = 0 (no NaN) in the same layer."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 5, dtype=torch.float64)
+    v = torch.randn(4, 5, dtype=torch.float64)
+    v[1] = 0
+    g = torch.randn(4, 1, dtype=torch.float64)
+    g[3] = 0
+    b = torch.randn(4, dtype=torch.float64)
+    fast, fast_grads = _grads(lambda x, g, v, b: ScaledLinear.apply(x, g, v, b, False), x, g, v, b)
+    ref, ref_grads = _grads(lambda x, g, v, b: _linear_reference(x, g, v, b, False), x, g, v, b)
+    assert fast_grads[1][3].abs() > 0
+    torch.testing.assert_close(fast, ref)
+    for a, r in zip(fast_grads, ref_grads):
+        torch.testing.assert_close(a, r)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 64], ids=["batch1-output-form", "batch4-output-form", "batch64-weight-form"])
+def test_a_linear_layer_gives_the_same_outputs_and_gradients_whatever_route_it_takes(rows: int) -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 8).double()
+    ours = wn.apply_weight_norm(layer, init="preserve")
+    with torch.no_grad():
+        ours.parametrizations.weight.original0.mul_(1.7)
+    reference = torch.nn.utils.parametrizations.weight_norm(nn.Linear(16, 8).double())
+    reference.load_state_dict(ours.state_dict())
+    x = torch.randn(rows, 16, dtype=torch.float64)
+    for model in (ours, reference):
+        model(x).pow(2).sum().backward()
+    torch.testing.assert_close(ours(x), reference(x))
+    for name, param in ours.named_parameters():
+        torch.testing.assert_close(param.grad, reference.get_parameter(name).grad, msg=name)
+
+
+def test_the_cached_eval_weight_follows_every_change_to_g_and_v() -> None:
+    torch.manual_seed(0)
+    model = wn.apply_weight_norm(nn.Sequential(nn.Linear(4, 3)), init="preserve")
+    x = torch.randn(2, 4)
+
+    def expected(inputs: torch.Tensor = x) -> torch.Tensor:
+        chain = model[0].parametrizations.weight
+        return F.linear(inputs, compose_weight(chain.original0, chain.original1, UnitLayout(0)), model[0].bias)
+
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected())
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        with torch.enable_grad():
+            model(x).sum().backward()
+        optimizer.step()  # in-place update: version counters move
+        torch.testing.assert_close(model(x), expected())
+        state = {k: v * 2 for k, v in model.state_dict().items()}
+        model.load_state_dict(state)
+        torch.testing.assert_close(model(x), expected())
+        model[0].parametrizations.weight.original1.data = torch.randn(3, 4)  # storage swapped
+        torch.testing.assert_close(model(x), expected())
+        model.double()  # dtype changed
+        torch.testing.assert_close(model(x.double()), expected(x.double()))
