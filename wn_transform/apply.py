@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from . import batch as batch_mod
@@ -18,6 +19,7 @@ from .fold import FoundWeightNorm, find_weight_norms, fold_one
 from .mean_only_bn import attach as attach_mean_only_bn
 from .mean_only_bn import channels as mean_only_bn_channels
 from .mean_only_bn import detach as detach_mean_only_bn
+from .moments import resolve_group
 from .parametrization import WeightNorm, register, remove
 from .report import WeightNormReport
 from .select import FilterFn, Selection
@@ -41,6 +43,7 @@ def apply_weight_norm(
     resample: bool = False,
     exp_scale: bool = False,
     mean_only_bn: bool = False,
+    distributed: bool | dist.ProcessGroup | None = None,
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
     types: type | Sequence[type] | None = None,
@@ -69,6 +72,11 @@ def apply_weight_norm(
             to the batch mean of ``g*t`` and its bias to 0, so training and eval mode both start
             at zero mean and std ``s``.  Layers whose output is not the op's output (functional
             calls, attention projections) get none; the report lists them.
+        distributed: with ``torch.distributed`` initialized (``None``, the default), each rank's
+            batch is a shard of one calibration batch: per-unit sums, sums of squares and counts
+            are reduced across ranks in float64, so every rank ends with the same ``g``, ``b``
+            and (with ``resample``) ``v``, equal to a single-process init on the concatenated
+            batch.  A ``ProcessGroup`` restricts it to that group; ``False`` turns it off.
         include, exclude: ``fnmatch`` patterns on weight or module names.
         types: keep only weights owned by modules of these classes.
         filter_fn: ``filter_fn(module, module_name) -> bool``.
@@ -101,10 +109,11 @@ def apply_weight_norm(
                      WeightNorm(target.layout.dim, target.layout.groups, exp_scale=exp_scale))
         if mean_only_bn:
             report.mean_only_bn, report.mean_only_bn_missing = _attach_mean_only_bn(working, targets)
+        group = resolve_group(distributed)
         if resample:
-            resample_directions(working, targets, generator=generator)
+            resample_directions(working, targets, generator=generator, group=group)
         if init == "data":
-            report.notes = data_init(working, targets, sample_batch, init_scale=init_scale)
+            report.notes = data_init(working, targets, sample_batch, init_scale=init_scale, group=group)
     except BaseException:
         if inplace:
             _roll_back(working, targets, saved)

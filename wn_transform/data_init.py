@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
@@ -32,6 +33,7 @@ from torch.overrides import TorchFunctionMode
 from . import batch as batch_mod
 from .discover import preserved_state
 from .mean_only_bn import MeanOnlyBatchNorm, mean_only_bn_of
+from .moments import unit_moments
 from .ops import SIGNATURES, op_name, view_dims, weight_use
 from .parametrization import WeightNorm, weight_norm_of
 from .targets import Target
@@ -64,24 +66,34 @@ class _State:
     done: bool = False
 
 
-def resample_directions(model: nn.Module, targets: list[Target], *, std: float = 0.05, generator: torch.Generator | None = None) -> None:
-    """``v ~ N(0, std^2)`` for every target (the paper's init of the directions)."""
+def resample_directions(model: nn.Module, targets: list[Target], *, std: float = 0.05, generator: torch.Generator | None = None,
+                        group: dist.ProcessGroup | None = None) -> None:
+    """``v ~ N(0, std^2)`` for every target (the paper's init of the directions).
+
+    With a process ``group``, the group's first rank draws and the others receive its draw.
+    """
     with torch.no_grad():
         for target in targets:
             chain = model.get_submodule(target.module).parametrizations[target.name]
             v = chain.original1
             v.copy_(torch.randn(v.shape, generator=generator, dtype=torch.float32, device=v.device) * std)
+            if group is not None:
+                dist.broadcast(v, src=dist.get_global_rank(group, 0), group=group)
             chain.original0.copy_(chain[0].right_inverse(v)[0])
 
 
-def data_init(model: nn.Module, targets: list[Target], sample_batch: batch_mod.SampleBatch, *, init_scale: float = 1.0) -> InitNotes:
+def data_init(model: nn.Module, targets: list[Target], sample_batch: batch_mod.SampleBatch, *, init_scale: float = 1.0,
+              group: dist.ProcessGroup | None = None) -> InitNotes:
     """Set ``g`` (and the bias) of every target from one forward pass over ``sample_batch``.
 
-    The model's buffers, train/eval modes and gradients are left as they were.
+    The model's buffers, train/eval modes and gradients are left as they were.  With a process
+    ``group``, each rank's batch is a shard of one calibration batch: the statistics are reduced
+    across the ranks, so every rank ends with the same ``g`` and bias (every rank must run the
+    same layers in the same order, as in any collective).
     """
     states = [_state(model, target) for target in targets]
     notes = InitNotes()
-    mode = _CalibrationMode(model, states, init_scale, notes)
+    mode = _CalibrationMode(model, states, init_scale, notes, group)
     saved = {id(s): s.g.detach().clone() for s in states}
     with torch.no_grad():
         for state in states:  # t = v·x/||v||: unit scale while calibrating
@@ -132,8 +144,10 @@ class _Produced:
 
 
 class _CalibrationMode(TorchFunctionMode):
-    def __init__(self, model: nn.Module, states: list[_State], init_scale: float, notes: InitNotes) -> None:
+    def __init__(self, model: nn.Module, states: list[_State], init_scale: float, notes: InitNotes,
+                 group: dist.ProcessGroup | None) -> None:
         super().__init__()
+        self.group = group
         self.init_scale = init_scale
         self.notes = notes
         self.param_ids = {id(p) for p in model.parameters()}
@@ -192,8 +206,7 @@ class _CalibrationMode(TorchFunctionMode):
     def _calibrate(self, state: _State, t: Tensor, unit_dim: int, bias: Tensor | None, units: slice = slice(None)) -> Tensor:
         """Measure ``t``'s per-unit statistics, set ``g[units]`` and ``bias``, return the new output."""
         unit_dim %= t.ndim
-        reduce = [d for d in range(t.ndim) if d != unit_dim]
-        var, mean = torch.var_mean(t.double(), dim=reduce, correction=0)
+        mean, var = unit_moments(t, unit_dim, self.group)
         std = var.sqrt()
         constant = std <= _CONSTANT_STD * (mean.abs() + 1)
         if constant.any():

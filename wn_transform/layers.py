@@ -22,6 +22,10 @@ def standard_weights(module: nn.Module) -> list[tuple[str, str, UnitLayout]]:
         if module.transposed:
             return [("weight", "conv_transpose", UnitLayout(1, module.groups))]
         return [("weight", "conv", UnitLayout(0))]
+    if isinstance(module, nn.RNNBase):  # weight_ih_l0, weight_hh_l0_reverse, weight_hr_l1 ...: one row per gate unit
+        return [(name, "recurrent", UnitLayout(0)) for name in module._flat_weights_names if name.startswith("weight_")]
+    if isinstance(module, nn.RNNCellBase):
+        return [(name, "recurrent", UnitLayout(0)) for name in ("weight_ih", "weight_hh")]
     if isinstance(module, nn.MultiheadAttention):
         names = ["in_proj_weight"] if module._qkv_same_embed_dim else ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
         return [(name, "linear", UnitLayout(0)) for name in names]
