@@ -50,6 +50,7 @@ class InitNotes:
     constant_units: dict[str, int] = field(default_factory=dict)  # sigma ~ 0: kept a finite scale
     unreached: list[str] = field(default_factory=list)  # never ran on the batch: scale kept
     bias_not_set: list[str] = field(default_factory=list)  # bias is not a parameter of the model
+    recurrent_kept: list[str] = field(default_factory=list)  # hidden-to-hidden weights: scale kept
 
 
 @dataclass
@@ -93,8 +94,8 @@ def data_init(model: nn.Module, targets: list[Target], sample_batch: batch_mod.S
     """
     states = [_state(model, target) for target in targets]
     notes = InitNotes()
-    mode = _CalibrationMode(model, states, init_scale, notes, group)
     saved = {id(s): s.g.detach().clone() for s in states}
+    mode = _CalibrationMode(model, states, init_scale, notes, group, saved)
     with torch.no_grad():
         for state in states:  # t = v·x/||v||: unit scale while calibrating
             state.g.fill_(0.0 if state.wn.exp_scale else 1.0)
@@ -145,9 +146,10 @@ class _Produced:
 
 class _CalibrationMode(TorchFunctionMode):
     def __init__(self, model: nn.Module, states: list[_State], init_scale: float, notes: InitNotes,
-                 group: dist.ProcessGroup | None) -> None:
+                 group: dist.ProcessGroup | None, saved_g: dict[int, Tensor]) -> None:
         super().__init__()
         self.group = group
+        self.saved_g = saved_g  # id(state) -> g before the pass
         self.init_scale = init_scale
         self.notes = notes
         self.param_ids = {id(p) for p in model.parameters()}
@@ -171,6 +173,10 @@ class _CalibrationMode(TorchFunctionMode):
         name = op_name(func)
         if name == "multi_head_attention_forward":
             return self._attention(func, args, kwargs)
+        if name in _RECURRENT_OPS:
+            return self._recurrent(func, args, kwargs)
+        if name in _CELL_OPS:
+            return self._cell(func, args, kwargs)
         use = weight_use(func, args, kwargs)
         found = self._lookup(use.weight) if use is not None else None
         if found is None:
@@ -277,6 +283,65 @@ class _CalibrationMode(TorchFunctionMode):
         else:
             out = self._calibrate(state, F.linear(heads_out, out_weight), -1, out_bias)
         return out, attn_weights
+
+
+    def _input_projection(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """Calibrate a recurrent layer's input projection ``x @ W_ih'`` per gate row; the weight to use."""
+        found = self._lookup(weight)
+        if found is None:
+            return weight
+        if not found.state.done:
+            self._calibrate(found.state, F.linear(x, weight), -1, bias)
+        return found.rebuild()
+
+    def _keep_recurrent(self, weight: Tensor) -> Tensor:
+        """Hidden-to-hidden weights keep their scale (documented): restore it, note them."""
+        found = self._lookup(weight)
+        if found is None:
+            return weight
+        if not found.state.done:
+            found.state.g.copy_(self.saved_g[id(found.state)])
+            found.state.done = True
+            self.notes.recurrent_kept.append(found.state.target.qualname)
+        return found.rebuild()
+
+    def _recurrent(self, func, args, kwargs):
+        """``_VF.lstm``/``gru``/``rnn_*``: run it one layer at a time, calibrating each layer's
+        input projections on the previous layer's output (the layers' own dropout is off here)."""
+        if kwargs or len(args) != 9 or not isinstance(args[2], (list, tuple)):  # packed sequences
+            return func(*args, **kwargs)
+        x, hx, params, has_biases, num_layers, _, train, bidirectional, batch_first = args
+        directions = 2 if bidirectional else 1
+        per = len(params) // (num_layers * directions)  # w_ih, w_hh[, b_ih, b_hh][, w_hr]
+        states = list(hx) if isinstance(hx, (tuple, list)) else [hx]
+        finals: list[list[Tensor]] = [[] for _ in states]
+        for layer in range(num_layers):
+            first = layer * directions * per
+            chunk = list(params[first:first + directions * per])
+            for d in range(directions):
+                bias = chunk[d * per + 2] if has_biases else None
+                chunk[d * per] = self._input_projection(x, chunk[d * per], bias)
+                for j in range(1, per):
+                    chunk[d * per + j] = self._keep_recurrent(chunk[d * per + j])
+            rows = slice(layer * directions, (layer + 1) * directions)
+            layer_hx = tuple(h[rows] for h in states) if len(states) > 1 else states[0][rows]
+            out = func(x, layer_hx, chunk, has_biases, 1, 0.0, train, bidirectional, batch_first)
+            x = out[0]
+            for final, value in zip(finals, out[1:]):
+                final.append(value)
+        return (x, *(torch.cat(final) for final in finals))
+
+    def _cell(self, func, args, kwargs):
+        """``_VF.lstm_cell`` etc.: ``(input, hx, w_ih, w_hh, b_ih, b_hh)``."""
+        if kwargs or len(args) < 4:
+            return func(*args, **kwargs)
+        x, hx, w_ih, w_hh, *biases = args
+        w_ih = self._input_projection(x, w_ih, biases[0] if biases else None)
+        return func(x, hx, w_ih, self._keep_recurrent(w_hh), *biases)
+
+
+_RECURRENT_OPS = frozenset({"lstm", "gru", "rnn_tanh", "rnn_relu"})
+_CELL_OPS = frozenset({"lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell"})
 
 
 def _current_weight(state: _State) -> Tensor:

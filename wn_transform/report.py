@@ -55,6 +55,9 @@ class WeightNormReport:
                 lines.append(f"  {name}: not reached by the sample batch; kept its scale")
             for name in self.notes.bias_not_set:
                 lines.append(f"  {name}: its bias is computed, not a parameter; only g was set")
+            if self.notes.recurrent_kept:
+                lines.append(f"  {len(self.notes.recurrent_kept)} hidden-to-hidden weights kept their scale "
+                             "(the data init standardizes the input projections of recurrent layers)")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -63,7 +66,7 @@ class WeightNormReport:
     def to_dict(self) -> dict:
         notes = None if self.notes is None else {
             "constant_units": self.notes.constant_units, "unreached": self.notes.unreached,
-            "bias_not_set": self.notes.bias_not_set,
+            "bias_not_set": self.notes.bias_not_set, "recurrent_kept": self.notes.recurrent_kept,
         }
         return {
             "converted": [t.to_dict() for t in self.converted], "skipped": [s.to_dict() for s in self.skipped],
