@@ -12,7 +12,7 @@ from .export import ExportError, ExportMismatchError, ExportReport, export_onnx
 from .fold import FoundWeightNorm, find_weight_norms, fold_weight_norm
 from .mean_only_bn import MeanOnlyBatchNorm
 from .norm import UnitLayout, compose_weight, unit_norm
-from .parametrization import WeightNorm
+from .parametrization import WeightNorm, no_weight_cache
 from .report import WeightNormReport
 from .state_dict import StateDictWeightNorm, convert_state_dict, find_state_dict_weight_norms, fold_state_dict
 from .targets import Skipped, Target
@@ -46,6 +46,7 @@ __all__ = [
     "find_weight_norms",
     "fold_state_dict",
     "fold_weight_norm",
+    "no_weight_cache",
     "plan_weight_norm",
     "unit_norm",
     "weight_norm_report",

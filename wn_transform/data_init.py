@@ -35,7 +35,7 @@ from .discover import preserved_state
 from .mean_only_bn import MeanOnlyBatchNorm, mean_only_bn_of
 from .moments import unit_moments
 from .ops import SIGNATURES, op_name, view_dims, weight_use
-from .parametrization import WeightNorm, weight_norm_of
+from .parametrization import WeightNorm, no_weight_cache, weight_norm_of
 from .targets import Target
 
 __all__ = ["InitNotes", "data_init", "resample_directions"]
@@ -101,7 +101,7 @@ def data_init(model: nn.Module, targets: list[Target], sample_batch: batch_mod.S
             state.g.fill_(0.0 if state.wn.exp_scale else 1.0)
     handles = [s.wn.register_forward_hook(mode.produced_hook(s)) for s in states]
     try:
-        with preserved_state(model), torch.no_grad(), mode:
+        with preserved_state(model), torch.no_grad(), no_weight_cache(), mode:
             batch_mod.run(model, sample_batch)
     except BaseException:
         with torch.no_grad():

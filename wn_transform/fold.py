@@ -24,7 +24,7 @@ from torch.nn.utils.weight_norm import WeightNorm as LegacyWeightNorm
 from ._copy import copy_model
 from .errors import FoldError
 from .mean_only_bn import detach as detach_mean_only_bn
-from .parametrization import WeightNorm, remove
+from .parametrization import WeightNorm, no_weight_cache, remove
 
 __all__ = ["FoundWeightNorm", "find_weight_norms", "fold_weight_norm"]
 
@@ -80,8 +80,9 @@ def fold_weight_norm(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         raise TypeError(msg)
     if not inplace:
         model = copy_model(model)
-    for found in find_weight_norms(model):
-        fold_one(model, found)
+    with no_weight_cache():  # one folded layer at a time: no second copy of the weights
+        for found in find_weight_norms(model):
+            fold_one(model, found)
     for module in model.modules():
         detach_mean_only_bn(module)  # its inference-mode shift goes into the layer's bias
     return model

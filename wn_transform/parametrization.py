@@ -22,6 +22,10 @@ Two things torch's mechanism leaves us to do:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -30,7 +34,7 @@ from torch.nn.utils import parametrize
 from .fast import ScaledLinear, prefer_output_form, weight_norm_weight
 from .norm import UnitLayout, unit_norm
 
-__all__ = ["WeightNorm", "register", "remove", "weight_norm_of"]
+__all__ = ["WeightNorm", "no_weight_cache", "register", "remove", "weight_norm_of"]
 
 _TINY = torch.finfo(torch.float32).tiny
 EXP_SCALE_MARKER = "g_is_log"  # state-dict key <module>.parametrizations.<name>.0.g_is_log
@@ -62,7 +66,14 @@ class WeightNorm(nn.Module):
 
     def cached_weight(self, g: Tensor, v: Tensor) -> Tensor:
         """The weight, for use without autograd: recomputed only when ``g`` or ``v`` changed
-        (their storage, dtype or version counter: optimizer steps and ``load_state_dict`` bump it)."""
+        (their storage, dtype or version counter: optimizer steps and ``load_state_dict`` bump it).
+
+        The cache holds one weight per layer; :func:`no_weight_cache` turns it off (the init
+        pass does, so that a large model never holds a second copy of its weights).
+        """
+        if not _CACHING.get():
+            self.__dict__.pop("_cached", None)
+            return weight_norm_weight(g, v, self.layout, exp_scale=self.exp_scale)
         key = (g.data_ptr(), v.data_ptr(), g._version, v._version, v.dtype)
         cached = self.__dict__.get("_cached")
         if cached is None or cached[0] != key:
@@ -86,6 +97,19 @@ class WeightNorm(nn.Module):
         extra = ", exp_scale=True" if self.exp_scale else ""
         groups = f", groups={self.groups}" if self.groups > 1 else ""
         return f"dim={self.dim}{groups}{extra}"
+
+
+_CACHING: contextvars.ContextVar[bool] = contextvars.ContextVar("wn_transform_weight_cache", default=True)
+
+
+@contextlib.contextmanager
+def no_weight_cache() -> Iterator[None]:
+    """Within this context, eval-mode weights are computed afresh and not kept."""
+    token = _CACHING.set(False)
+    try:
+        yield
+    finally:
+        _CACHING.reset(token)
 
 
 def register(module: nn.Module, name: str, parametrization: WeightNorm) -> None:
