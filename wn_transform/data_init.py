@@ -184,20 +184,21 @@ class _CalibrationMode(TorchFunctionMode):
         state = found.state
         bound = dict(zip(SIGNATURES[name], args)) | kwargs
         weight_key = "mat2" if name == "addmm" else "other" if use.kind == "matmul" else "weight"
-        if state.done:  # already calibrated: run with the weight as it is now
-            if not found.calibrated:
-                bound[weight_key] = found.rebuild()
-            return func(**bound) if name not in ("matmul", "__matmul__", "mm") else func(*bound.values())
-        if use.kind == "matmul":
-            x = bound["mat1"] if name == "addmm" else bound["input"]
-            t = torch.matmul(x, use.weight)
-            unit_dim = -1
-        else:
-            bound["bias"] = None
-            t = func(**bound)
-            x = bound["input"]
-            unit_dim = -1 if use.kind == "linear" else (1 if x.ndim == use.weight.ndim else 0)
-        return self._calibrate(state, t, unit_dim, use.bias)
+        if not state.done:  # t = op(x, v/||v||) without bias (g is 1 during the pass)
+            if use.kind == "matmul":
+                x = bound["mat1"] if name == "addmm" else bound["input"]
+                t = torch.matmul(x, use.weight)
+                unit_dim = -1
+            else:
+                t = func(**(bound | {"bias": None}))
+                x = bound["input"]
+                unit_dim = -1 if use.kind == "linear" else (1 if x.ndim == use.weight.ndim else 0)
+            self._calibrate(state, t, unit_dim, use.bias)
+        # Hand on what the model computes with the new (g, b): in float arithmetic g*t + b is not
+        # bitwise that, and a deep network amplifies the difference layer after layer.
+        if not found.calibrated:
+            bound[weight_key] = found.rebuild()
+        return func(**bound) if name not in ("matmul", "__matmul__", "mm") else func(*bound.values())
 
     def _follow_views(self, func, args, kwargs):
         """Run ``func``; a view of a weight that keeps whole units (``W.t()``) is that weight too."""
@@ -209,9 +210,9 @@ class _CalibrationMode(TorchFunctionMode):
                 self._remember(result, parent.state, lambda: func(parent.rebuild(), *args[1:], **kwargs))
         return result
 
-    def _calibrate(self, state: _State, t: Tensor, unit_dim: int, bias: Tensor | None, units: slice = slice(None)) -> Tensor:
-        """Measure ``t``'s per-unit statistics, set ``g[units]`` and ``bias``, return the new output."""
-        unit_dim %= t.ndim
+    def _calibrate(self, state: _State, t: Tensor, unit_dim: int, bias: Tensor | None, units: slice = slice(None)) -> None:
+        """Measure ``t``'s per-unit statistics; set ``g[units]`` to ``s/sigma`` and the bias to
+        ``-s*mu/sigma`` (or, behind a mean-only batch norm, its running mean to ``s*mu/sigma``)."""
         mean, var = unit_moments(t, unit_dim, self.group)
         std = var.sqrt()
         constant = std <= _CONSTANT_STD * (mean.abs() + 1)
@@ -220,29 +221,19 @@ class _CalibrationMode(TorchFunctionMode):
             self.notes.constant_units[qualname] = self.notes.constant_units.get(qualname, 0) + int(constant.sum())
             std = torch.where(constant, torch.ones_like(std), std)
         scale = self.init_scale / std
-        g = state.g.view(-1)[units]
-        g.copy_(scale.log() if state.wn.exp_scale else scale)
-        shift = torch.zeros_like(mean)
+        state.g.view(-1)[units] = scale.log() if state.wn.exp_scale else scale
         norm = state.mean_only_bn
         if norm is not None:  # the norm centres the output: its running mean is the mean of g*t
-            centre = (mean * scale).to(norm.running_mean.dtype)
-            state.running_mean = centre if state.running_mean is None else state.running_mean
-            if units != slice(None):
-                state.running_mean[units] = centre
-            norm.running_mean[units] = centre
+            state.running_mean = (mean * scale).to(norm.running_mean.dtype)
+            norm.running_mean.copy_(state.running_mean)
             if norm.bias is not None:
-                norm.bias[units] = 0
+                norm.bias.zero_()
         elif bias is not None:
             if id(bias) in self.param_ids or (bias._base is not None and id(bias._base) in self.param_ids):
-                shift = -mean * scale
-                bias.copy_(shift)
+                bias.copy_(-mean * scale)
             else:
                 self.notes.bias_not_set.append(state.target.qualname)
-                shift = bias.double()
         state.done = state.done or units == slice(None)
-        shape = [1] * t.ndim
-        shape[unit_dim] = -1
-        return (t.double() * scale.view(shape) + shift.view(shape)).to(t.dtype)
 
     def _attention(self, func, args, kwargs):
         """``F.multi_head_attention_forward``: calibrate the q/k/v and output projections."""
@@ -278,11 +269,9 @@ class _CalibrationMode(TorchFunctionMode):
         a["out_proj_weight"] = torch.eye(out_weight.shape[1], dtype=out_weight.dtype, device=out_weight.device)
         a["out_proj_bias"] = None
         heads_out, attn_weights = func(*bound.args, **bound.kwargs)
-        if state.done:
-            out = F.linear(heads_out, _current_weight(state), out_bias)
-        else:
-            out = self._calibrate(state, F.linear(heads_out, out_weight), -1, out_bias)
-        return out, attn_weights
+        if not state.done:
+            self._calibrate(state, F.linear(heads_out, out_weight), -1, out_bias)
+        return F.linear(heads_out, _current_weight(state), out_bias), attn_weights
 
 
     def _input_projection(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

@@ -32,10 +32,13 @@ def unit_moments(t: Tensor, unit_dim: int, group: dist.ProcessGroup | None = Non
     """``(mean, var)`` per unit of ``t`` (units on ``unit_dim``), in float64."""
     unit_dim %= t.ndim
     reduce = [d for d in range(t.ndim) if d != unit_dim]
+    if group is None:  # two passes in float32 (at least): accurate, and no float64 copy of t
+        x = t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+        count = x.numel() // x.shape[unit_dim]
+        mean = x.sum(dim=reduce, keepdim=True) / count  # sum(): much faster than var_mean on CPU
+        var = (x - mean).square().sum(dim=reduce) / count
+        return mean.reshape(-1).double(), var.double()
     t64 = t.double()
-    if group is None:
-        var, mean = torch.var_mean(t64, dim=reduce, correction=0)
-        return mean, var
     count = torch.tensor([t.numel() / t.shape[unit_dim]], dtype=torch.float64, device=t.device)
     packed = torch.cat([count, t64.sum(dim=reduce), t64.square().sum(dim=reduce)])
     dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
