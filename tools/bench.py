@@ -1,0 +1,1143 @@
+#!/usr/bin/env python
+"""Benchmark suite for wn_transform: cost of weight norm against plain, torch's and BatchNorm.
+
+    .venv/bin/python tools/bench.py [--quick] [--out results/bench] [--threads 1] [--only 1,5,9]
+
+Prints a markdown table and writes it, with the raw numbers, to the results folder:
+``bench.md``, ``bench.json`` and, when matplotlib is installed, ``*.png`` plots.
+
+Workloads (the variants of each are defined in ``tools/bench_models.py``):
+
+1. training step (forward, backward, SGD step, zero_grad), MLP 784-1024-1024-10, batch 64;
+2. the same at batch 1;
+3. training step, a small CIFAR-sized CNN, batch 32 of 3x32x32;
+4. training step, 4-layer transformer encoder (d_model 256, 4 heads, ff 1024), seq 64, batch 8;
+5. peak memory of the training step of workload 1;
+6. eval-mode forward (``model.eval()``, ``torch.no_grad()``), MLP batch 1, with ``folded``;
+7. data-dependent init (``apply_weight_norm(model, batch, init="data")``) on 20/50/100-layer
+   MLPs of width 256, batch 256, in units of one plain forward pass of the batch, against the
+   naive init that re-runs the forward up to each layer;
+8. ``apply_weight_norm(model, init="preserve")`` on 100/250/500/1000-layer MLPs of width 64;
+9. ONNX: ``wn_transform.export.export_onnx`` time, and onnxruntime latency of the folded
+   export against the plain model's export, MLP and CNN at batch 1.
+
+Method.  ``torch.set_num_threads(--threads)`` (1 by default) and one inter-op thread.  Every
+case is warmed up, then the cases of a workload are timed interleaved, A B C, B C A, C A B, ...
+(the start rotates each round), so drift and background load hit all of them alike.  One
+sample is a block of calls lasting about ``block_s``, divided by the number of calls; the
+garbage collector is off inside a block.  The table gives the median and the interquartile
+range of the samples, and ratios of medians taken in the same run; ``bench.json`` also has the
+per-round paired ratios (their median is in the notes as a cross-check).  Peak memory is read
+from ``torch.profiler``'s allocation events (see :func:`step_memory`).
+
+Sanity checks, before timing: every variant computes the same function as ``plain`` on the
+batch (BatchNorm excepted: it is a different model) and normalizes the same number of weights;
+the folded model has no weight norm left; the naive data init gives every layer mean 0 / std 1
+and ``init="data"`` gives it to the first layer (how far it drifts deeper is reported, not
+asserted); both ONNX exports agree with PyTorch under onnxruntime.  A failed check fails the
+workload (the others still run) and makes the exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime
+import gc
+import hashlib
+import itertools
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import wn_transform
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_models as bm  # noqa: E402  (tools/ is not a package)
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = REPO / "results" / "bench"
+TRAIN_VARIANTS = ("plain", "wn_transform", "torch", "torch_legacy", "batchnorm")
+EVAL_VARIANTS = ("plain", "wn_transform", "torch", "torch_legacy", "folded")
+LEARNING_RATE = 1e-3
+T = TypeVar("T")
+PLOT_LABELS = {"1": "1. MLP train b64", "2": "2. MLP train b1", "3": "3. CNN train b32", "4": "4. transformer train",
+               "5": "5. MLP b64 peak memory", "6": "6. MLP eval b1"}
+
+
+# -- configuration -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Effort:
+    """How hard to measure.
+
+    ``budget_scale`` multiplies each workload's time budget (0: only ``min_rounds``);
+    ``max_rounds`` caps the rounds; ``block_s`` is the target duration of one sample;
+    warm-up runs each case at least ``warmup_calls`` times and for at least ``warmup_s``
+    (``warm_one_shot=False`` skips it for cases with a ``setup``: one-shot operations such as
+    ``apply_weight_norm``, whose cold cost is what a user pays anyway).
+    """
+
+    name: str
+    budget_scale: float
+    max_rounds: int
+    block_s: float
+    warmup_calls: int
+    warmup_s: float
+    max_warmup_calls: int
+    warm_one_shot: bool = True
+
+    @classmethod
+    def full(cls, time_scale: float = 1.0) -> Effort:
+        return cls("full", budget_scale=time_scale, max_rounds=2000, block_s=0.02, warmup_calls=2,
+                   warmup_s=0.5, max_warmup_calls=50)
+
+    @classmethod
+    def quick(cls) -> Effort:
+        return cls("quick", budget_scale=0.0, max_rounds=2, block_s=0.005, warmup_calls=1, warmup_s=0.0,
+                   max_warmup_calls=1, warm_one_shot=False)
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every workload gets: the effort and the thread count."""
+
+    effort: Effort
+    threads: int
+
+    @property
+    def quick(self) -> bool:
+        return self.effort.name == "quick"
+
+
+# -- timing --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    """One thing to time: ``run(setup())``.  Only ``run`` is timed; ``setup`` (e.g. a fresh
+    copy of a model that ``run`` changes) runs before each timed call, untimed."""
+
+    name: str
+    run: Callable[[Any], object]
+    setup: Callable[[], Any] | None = None
+
+
+@dataclass
+class Samples:
+    """Per-call seconds of one case, one sample per round."""
+
+    name: str
+    seconds: list[float]
+    calls_per_sample: int
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def quartiles(self) -> tuple[float, float]:
+        if len(self.seconds) < 2:
+            return self.seconds[0], self.seconds[0]
+        q1, _, q3 = statistics.quantiles(self.seconds, n=4, method="inclusive")
+        return q1, q3
+
+    def to_dict(self) -> dict[str, Any]:
+        q1, q3 = self.quartiles
+        return {"median_s": self.median, "q1_s": q1, "q3_s": q3, "calls_per_sample": self.calls_per_sample,
+                "samples_s": self.seconds}
+
+
+@dataclass
+class Timing:
+    """The samples of interleaved cases; ``samples[name].seconds[r]`` is round ``r``."""
+
+    samples: dict[str, Samples]
+    rounds: int
+    seconds: float
+
+    def ratio(self, name: str, base: str) -> float:
+        """Median of ``name`` over median of ``base``."""
+        return self.samples[name].median / self.samples[base].median
+
+    def paired_ratios(self, name: str, base: str) -> list[float]:
+        """``name`` over ``base`` round by round (the two were timed next to each other)."""
+        return [a / b for a, b in zip(self.samples[name].seconds, self.samples[base].seconds)]
+
+    def to_dict(self, base: str | None = None) -> dict[str, Any]:
+        out: dict[str, Any] = {"rounds": self.rounds, "wall_s": self.seconds,
+                               "cases": {n: s.to_dict() for n, s in self.samples.items()}}
+        if base is not None:
+            out["paired_ratio_median"] = {n: statistics.median(self.paired_ratios(n, base)) for n in self.samples}
+        return out
+
+
+@contextlib.contextmanager
+def _gc_off() -> Iterator[None]:
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _time_block(case: Case, calls: int) -> tuple[float, float]:
+    """``(seconds per call, seconds of setup)`` for ``calls`` consecutive calls of ``case``."""
+    start = time.perf_counter()
+    arg = case.setup() if case.setup is not None else None
+    setup_s = time.perf_counter() - start
+    with _gc_off():
+        start = time.perf_counter()
+        for _ in range(calls):
+            case.run(arg)
+        elapsed = time.perf_counter() - start
+    return elapsed / calls, setup_s
+
+
+def _warm_up(case: Case, effort: Effort) -> tuple[float, float] | None:
+    """Run ``case`` until warm; estimate one call's seconds and its setup's seconds (medians of
+    the warm-up calls after the first; ``None``: not warmed up, see :class:`Effort`)."""
+    if case.setup is not None and not effort.warm_one_shot:
+        return None
+    times: list[tuple[float, float]] = []
+    start = time.perf_counter()
+    while len(times) < effort.warmup_calls or (
+            time.perf_counter() - start < effort.warmup_s and len(times) < effort.max_warmup_calls):
+        times.append(_time_block(case, 1))
+    warm = times[1:] or times
+    return statistics.median(t[0] for t in warm), statistics.median(t[1] for t in warm)
+
+
+def interleave(cases: Sequence[Case], effort: Effort, *, budget_s: float, min_rounds: int = 10) -> Timing:
+    """Warm up, then time ``cases`` round-robin (start rotating each round) for about ``budget_s``.
+
+    Rounds: as many as fit in ``budget_s * effort.budget_scale`` by the warm-up's estimate, at
+    least ``min_rounds``, at most ``effort.max_rounds``.
+    """
+    start = time.perf_counter()
+    estimates = {case.name: _warm_up(case, effort) for case in cases}
+    calls = {case.name: _calls_per_block(case, estimates[case.name], effort) for case in cases}
+    round_s = sum(calls[name] * estimate[0] + estimate[1] for name, estimate in estimates.items() if estimate is not None)
+    budget = budget_s * effort.budget_scale
+    rounds = min(effort.max_rounds, max(min_rounds, int(budget / max(round_s, 1e-9))))
+    seconds: dict[str, list[float]] = {case.name: [] for case in cases}
+    timing_start = time.perf_counter()
+    for r in range(rounds):
+        for case in _rotated(cases, r):
+            seconds[case.name].append(_time_block(case, calls[case.name])[0])
+        if r + 1 >= min_rounds and time.perf_counter() - timing_start > 1.25 * budget + 1:
+            break  # the machine is slower than the warm-up said: keep to the budget
+    samples = {name: Samples(name, values, calls[name]) for name, values in seconds.items()}
+    return Timing(samples, len(next(iter(seconds.values()))), time.perf_counter() - start)
+
+
+def _calls_per_block(case: Case, estimate: tuple[float, float] | None, effort: Effort) -> int:
+    """Calls per sample: enough to last ``effort.block_s``; one for cases with a setup."""
+    if estimate is None or case.setup is not None:
+        return 1
+    return max(1, round(effort.block_s / max(estimate[0], 1e-9)))
+
+
+def _rotated(items: Sequence[T], r: int) -> list[T]:
+    """``items`` rotated left by ``r``: round ``r`` of an interleaved schedule."""
+    k = r % len(items)
+    return [*items[k:], *items[:k]]
+
+
+# -- results -------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One line of the table: a measured value (seconds or bytes) and its ratio to a baseline."""
+
+    workload: str
+    variant: str
+    value: float | None
+    unit: str  # "s" or "B"
+    low: float | None = None  # spread: q1 (time) or min (memory)
+    high: float | None = None  # q3 or max
+    ratio: float | None = None
+    ratio_to: str = ""
+
+
+@dataclass
+class WorkloadResult:
+    """What one workload produced: table rows, notes, raw numbers, or the error that stopped it."""
+
+    key: str
+    title: str
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    raw: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    seconds: float = 0.0
+
+
+def timing_rows(workload: str, timing: Timing, base: str, *, ratio_to: str | None = None,
+                labels: dict[str, str] | None = None) -> list[Row]:
+    """A row per case: median, IQR, ratio of medians to ``base``."""
+    rows = []
+    for name, samples in timing.samples.items():
+        q1, q3 = samples.quartiles
+        rows.append(Row(workload, (labels or {}).get(name, name), samples.median, "s", q1, q3,
+                        timing.ratio(name, base), ratio_to or (labels or {}).get(base, base)))
+    return rows
+
+
+def paired_note(timing: Timing, base: str) -> str:
+    """The median of the per-round ratios to ``base``: a cross-check of the ratio of medians."""
+    ratios = ", ".join(f"{name} {statistics.median(timing.paired_ratios(name, base)):.2f}"
+                       for name in timing.samples if name != base)
+    return f"median of per-round paired ratios to {base} (cross-check): {ratios}; {timing.rounds} rounds"
+
+
+class SanityError(AssertionError):
+    """Two variants that must compute the same function do not (or normalize different weights)."""
+
+
+def check_close(name: str, got: Tensor, expected: Tensor, *, rtol: float = 1e-4, atol: float = 1e-5) -> float:
+    """Raise :class:`SanityError` unless ``got`` matches ``expected``; return the max abs difference."""
+    diff = (got.detach().double() - expected.detach().double()).abs()
+    worst = float(diff.max()) if diff.numel() else 0.0
+    bound = atol + rtol * expected.detach().double().abs()
+    if got.shape != expected.shape or not bool((diff <= bound).all()):
+        msg = (f"{name}: output differs from the reference (shape {tuple(got.shape)} vs "
+               f"{tuple(expected.shape)}, max abs diff {worst:.3g})")
+        raise SanityError(msg)
+    return worst
+
+
+def check_normalized_counts(models: dict[str, nn.Module], expected: int) -> None:
+    """Every weight-normalized variant in ``models`` normalizes ``expected`` weights."""
+    for name, model in models.items():
+        if name in bm.NORMALIZED_VARIANTS:
+            found = bm.count_normalized(model)
+            if found != expected:
+                msg = f"{name} normalizes {found} weights, expected {expected} (the Linear/Conv/in_proj weights)"
+                raise SanityError(msg)
+
+
+# -- workloads 1-4: training steps ---------------------------------------------------------
+
+
+class TrainStep:
+    """``zero_grad(); loss = cross_entropy(model(x), y); loss.backward(); SGD step``."""
+
+    def __init__(self, model: nn.Module, x: Tensor, y: Tensor) -> None:
+        self.model = model.train()
+        self.x = x
+        self.y = y
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
+        self.last_loss: Tensor | None = None
+
+    def __call__(self, _: object = None) -> None:
+        self.optimizer.zero_grad()
+        loss = F.cross_entropy(self.model(self.x), self.y)
+        loss.backward()
+        self.optimizer.step()
+        self.last_loss = loss.detach()
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """A training-step workload: the model (with or without BatchNorm), its batch, its variants."""
+
+    key: str
+    title: str
+    build: Callable[[bool], nn.Module]  # batchnorm -> model
+    batch: Callable[[], tuple[Tensor, Tensor]]
+    variants: tuple[str, ...]
+    budget_s: float
+    notes: tuple[str, ...] = ()
+
+
+def build_variants(spec: TrainSpec) -> dict[str, nn.Module]:
+    """The models of ``spec``'s variants; ``batchnorm`` is built by the factory, the rest from ``plain``."""
+    plain = spec.build(False)
+    return {name: spec.build(True) if name == "batchnorm" else bm.make_variant(name, plain) for name in spec.variants}
+
+
+def check_variants(models: dict[str, nn.Module], x: Tensor) -> dict[str, float]:
+    """Sanity: every variant but ``batchnorm`` gives ``plain``'s output on ``x``, and they
+    normalize the same weights.  Returns the max abs difference per variant."""
+    check_normalized_counts(models, len(bm.normalized_sites(models["plain"])))
+    with torch.no_grad():
+        expected = models["plain"](x)
+        return {name: check_close(name, model(x), expected) for name, model in models.items()
+                if name not in ("plain", "batchnorm")}
+
+
+def run_train(spec: TrainSpec, ctx: Context) -> WorkloadResult:
+    """Workloads 1-4: time a training step of every variant, interleaved."""
+    result = WorkloadResult(spec.key, spec.title, notes=list(spec.notes))
+    x, y = spec.batch()
+    models = build_variants(spec)
+    diffs = check_variants(models, x)
+    steps = {name: TrainStep(model, x, y) for name, model in models.items()}
+    timing = interleave([Case(name, step) for name, step in steps.items()], ctx.effort, budget_s=spec.budget_s)
+    for name, step in steps.items():
+        if step.last_loss is None or not bool(torch.isfinite(step.last_loss)):
+            msg = f"{name}: the training loss is not finite after timing ({step.last_loss})"
+            raise SanityError(msg)
+    result.rows = timing_rows(spec.title, timing, "plain")
+    result.notes.append(paired_note(timing, "plain"))
+    result.raw = {"timing": timing.to_dict("plain"), "max_abs_diff_vs_plain": diffs,
+                  "final_loss": {n: float(s.last_loss) for n, s in steps.items()}}
+    return result
+
+
+def _mlp_spec(key: str, batch: int, budget_s: float) -> TrainSpec:
+    variants = TRAIN_VARIANTS if batch > 1 else tuple(v for v in TRAIN_VARIANTS if v != "batchnorm")
+    notes = () if batch > 1 else ("batchnorm: not applicable at batch 1 (BatchNorm1d needs >1 sample per channel in training)",)
+    return TrainSpec(key, f"{key}. train step, MLP 784-1024-1024-10, batch {batch}",
+                     lambda bn: bm.mlp(batchnorm=bn), lambda: _classification_batch((batch, 784)),
+                     variants, budget_s, notes)
+
+
+def _classification_batch(shape: tuple[int, ...], classes: int = 10, seed: int = 1) -> tuple[Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=generator), torch.randint(0, classes, (shape[0],), generator=generator)
+
+
+def train_specs() -> list[TrainSpec]:
+    """Workloads 1-4."""
+    return [
+        _mlp_spec("1", 64, 30.0),
+        _mlp_spec("2", 1, 20.0),
+        TrainSpec("3", "3. train step, CNN 3-32-64-128 (3x3 conv, ReLU, maxpool) -> 10, batch 32, 32x32",
+                  lambda bn: bm.cifar_cnn(batchnorm=bn), lambda: _classification_batch((32, 3, 32, 32)),
+                  TRAIN_VARIANTS, 35.0),
+        TrainSpec("4", "4. train step, transformer encoder 4x(d256, 4 heads, ff1024), seq 64, batch 8",
+                  lambda bn: bm.transformer(), lambda: _classification_batch((8, 64, 256)),
+                  ("plain", "wn_transform", "torch", "torch_legacy"), 45.0,
+                  ("batchnorm: not applicable (a transformer normalizes with LayerNorm); dropout=0 so variants agree",
+                   "torch/torch_legacy also normalize MultiheadAttention.in_proj_weight (as wn_transform does); "
+                   "torch_legacy needs a pre-hook on MultiheadAttention to fire out_proj's hook "
+                   "(it never calls out_proj.forward)")),
+    ]
+
+
+# -- workload 5: peak memory ---------------------------------------------------------------
+
+
+def step_memory(step: Callable[[], None]) -> tuple[int, int]:
+    """``(peak, end)``: bytes of CPU memory allocated during ``step()`` and still live, at the
+    peak and at the end.
+
+    Method: ``torch.profiler`` with ``profile_memory=True`` records every allocation and free
+    of the CPU allocator during the step as a ``[memory]`` event with the block's address and
+    signed size (read from the profiler's Chrome trace, the public export that carries the
+    address).  Replaying the events in order, an allocation adds its size and the free of a
+    block *allocated during the step* subtracts it; frees of older blocks are ignored.  The
+    maximum of that running sum is the peak: the step's own working memory on top of what
+    existed before it (parameters, the batch; the previous step's gradients, which
+    ``zero_grad`` frees first, are not counted in either direction).
+    """
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
+    with profiler:
+        step()
+    with tempfile.TemporaryDirectory(prefix="wn_bench_trace_") as tmp:
+        trace = Path(tmp) / "trace.json"
+        profiler.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text(encoding="utf-8"))["traceEvents"]
+    memory = sorted((e for e in events if e.get("name") == "[memory]"),
+                    key=lambda e: (float(e["ts"]), e["args"].get("Ev Idx", 0)))
+    live: dict[int, int] = {}
+    total = peak = 0
+    for event in memory:
+        address, size = int(event["args"]["Addr"]), int(event["args"]["Bytes"])
+        if size > 0:
+            live[address] = size
+            total += size
+            peak = max(peak, total)
+        elif address in live:
+            total -= live.pop(address)
+    return peak, total
+
+
+def state_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers."""
+    return sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+def run_memory(ctx: Context) -> WorkloadResult:
+    """Workload 5: peak memory of the training step of workload 1, per variant."""
+    spec = _mlp_spec("1", 64, 0.0)
+    title = "5. peak memory of a train step, MLP 784-1024-1024-10, batch 64"
+    result = WorkloadResult("5", title)
+    x, y = spec.batch()
+    models = build_variants(spec)
+    check_variants(models, x)
+    steps = {name: TrainStep(model, x, y) for name, model in models.items()}
+    repeats = 2 if ctx.quick else 5
+    for step in steps.values():
+        step()
+        step()
+    peaks: dict[str, list[int]] = {name: [] for name in steps}
+    ends: dict[str, list[int]] = {name: [] for name in steps}
+    for r in range(repeats):
+        for name in _rotated(list(steps), r):
+            peak, end = step_memory(steps[name])
+            peaks[name].append(peak)
+            ends[name].append(end)
+    base = statistics.median(peaks["plain"])
+    for name, values in peaks.items():
+        value = statistics.median(values)
+        result.rows.append(Row(title, name, value, "B", min(values), max(values), value / base, "plain"))
+    sizes = {name: state_bytes(model) for name, model in models.items()}
+    result.notes = [
+        "peak = max over the step of the bytes allocated during the step and still live (torch.profiler "
+        "profile_memory=True: the CPU allocator's [memory] events, allocations and frees paired by address); "
+        "parameters, batch and the previous step's gradients (freed by zero_grad first) are not in it. "
+        f"IQR column: min - max over {repeats} profiled steps.",
+        "parameters+buffers: " + ", ".join(f"{n} {_format_bytes(b)}" for n, b in sizes.items()),
+        "peak incl. parameters+buffers, ratio to plain: " + ", ".join(
+            f"{n} {(statistics.median(peaks[n]) + sizes[n]) / (base + sizes['plain']):.2f}x" for n in peaks),
+    ]
+    result.raw = {"peak_bytes": peaks, "end_bytes": ends, "state_bytes": sizes}
+    return result
+
+
+# -- workload 6: eval forward --------------------------------------------------------------
+
+
+def _eval_case(name: str, model: nn.Module, x: Tensor) -> Case:
+    def forward(_: object) -> None:
+        with torch.no_grad():
+            model(x)
+
+    return Case(name, forward)
+
+
+def run_eval(ctx: Context) -> WorkloadResult:
+    """Workload 6: eval-mode forward at batch 1 without folding, and folded."""
+    title = "6. eval forward (no_grad), MLP 784-1024-1024-10, batch 1"
+    result = WorkloadResult("6", title)
+    plain = bm.mlp()
+    x, _ = _classification_batch((1, 784))
+    models = {name: bm.make_variant(name, plain).eval() for name in EVAL_VARIANTS}
+    check_normalized_counts(models, len(bm.normalized_sites(plain)))
+    with torch.no_grad():
+        diffs = {name: check_close(name, model(x), plain(x)) for name, model in models.items()}
+    if bm.count_normalized(models["folded"]):
+        msg = "folded: fold_weight_norm left weight norm on the model"
+        raise SanityError(msg)
+    timing = interleave([_eval_case(n, m, x) for n, m in models.items()], ctx.effort, budget_s=15.0)
+    result.rows = timing_rows(title, timing, "plain")
+    result.notes = ["folded = fold_weight_norm(apply_weight_norm(model, init='preserve'))", paired_note(timing, "plain")]
+    result.raw = {"timing": timing.to_dict("plain"), "max_abs_diff_vs_plain": diffs}
+    return result
+
+
+# -- workload 7: data-dependent init -------------------------------------------------------
+
+
+DATA_INIT_DEPTHS = (20, 50, 100)
+DATA_INIT_WIDTH = 256
+DATA_INIT_BATCH = 256
+
+
+def _data_init_cases(plain: nn.Module, x: Tensor, last: dict[str, nn.Module]) -> list[Case]:
+    """Plain forward, one-pass init, naive init; the inits leave their last model in ``last``."""
+    def forward(_: object) -> None:
+        with torch.no_grad():
+            plain(x)
+
+    def fresh() -> nn.Module:
+        return copy.deepcopy(plain)
+
+    def fast(model: nn.Module) -> None:
+        last["fast"] = wn_transform.apply_weight_norm(model, x, init="data", inplace=True)
+
+    def naive(model: nn.Module) -> None:
+        last["naive"] = bm.naive_data_init(model, x)
+
+    return [Case("plain forward", forward), Case("wn_transform init=data", fast, fresh),
+            Case("naive per-layer re-run", naive, fresh)]
+
+
+@dataclass(frozen=True)
+class InitQuality:
+    """How far each Linear's output on the calibration batch is from mean 0, std 1 per unit."""
+
+    mean_error: list[float]  # per layer: max over units of |mean|
+    std_error: list[float]  # per layer: max over units of |std - 1|
+
+    @classmethod
+    def measure(cls, model: nn.Module, x: Tensor) -> InitQuality:
+        outputs: list[Tensor] = []
+        handles = [m.register_forward_hook(lambda m, a, out: outputs.append(out)) for m in bm.linear_layers(model)]
+        try:
+            with torch.no_grad():
+                model(x)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return cls([float(o.double().mean(0).abs().max()) for o in outputs],
+                   [float((o.double().std(0, correction=0) - 1).abs().max()) for o in outputs])
+
+    def worst(self) -> float:
+        return max(max(self.mean_error), max(self.std_error))
+
+    def first_layer_above(self, tolerance: float) -> int | None:
+        """The first layer (0-based) whose mean or std error exceeds ``tolerance``."""
+        return next((i for i, (m, s) in enumerate(zip(self.mean_error, self.std_error)) if max(m, s) > tolerance), None)
+
+
+INIT_TOLERANCE = 1e-3
+
+
+def check_data_init(fast_model: nn.Module, naive_model: nn.Module, x: Tensor) -> tuple[InitQuality, InitQuality]:
+    """Sanity, on the models the timed inits produced: the naive init (the reference) gives
+    every layer mean 0 / std 1 on ``x``, and the one-pass ``init="data"`` gives it to the first
+    layer (it ran and did the same job).
+
+    How far the one-pass init drifts from that in deeper layers is returned, not asserted:
+    it is a finding to report, not a reason to drop the timing.
+    """
+    fast, naive = InitQuality.measure(fast_model, x), InitQuality.measure(naive_model, x)
+    if naive.worst() > INIT_TOLERANCE:
+        msg = (f"naive data init: a layer's output is off mean 0 / std 1 by {naive.worst():.3g} "
+               f"(layer {naive.first_layer_above(INIT_TOLERANCE)})")
+        raise SanityError(msg)
+    if max(fast.mean_error[0], fast.std_error[0]) > INIT_TOLERANCE:
+        msg = (f"wn_transform init=data: the first layer's output is off mean 0 / std 1 by "
+               f"{fast.mean_error[0]:.3g} / {fast.std_error[0]:.3g}")
+        raise SanityError(msg)
+    return fast, naive
+
+
+def run_data_init(ctx: Context) -> WorkloadResult:
+    """Workload 7: the cost of ``init="data"`` in plain forward passes, against the naive init."""
+    title = f"7. data init, MLP width {DATA_INIT_WIDTH}, batch {DATA_INIT_BATCH}"
+    result = WorkloadResult("7", title)
+    x = torch.randn(DATA_INIT_BATCH, DATA_INIT_WIDTH, generator=torch.Generator().manual_seed(2))
+    budgets = {20: 8.0, 50: 12.0, 100: 30.0}
+    for depth in DATA_INIT_DEPTHS:
+        plain = bm.deep_mlp(depth, DATA_INIT_WIDTH)
+        last: dict[str, nn.Module] = {}
+        timing = interleave(_data_init_cases(plain, x, last), ctx.effort, budget_s=budgets.get(depth, 20.0),
+                            min_rounds=1)
+        fast, naive = check_data_init(last["fast"], last["naive"], x)
+        result.rows += timing_rows(f"7. data init, {depth}-layer MLP w{DATA_INIT_WIDTH}, batch {DATA_INIT_BATCH}",
+                                   timing, "plain forward", ratio_to="plain forwards")
+        result.raw[f"depth_{depth}"] = {"timing": timing.to_dict("plain forward"), "init_quality": {
+            "wn_transform": asdict(fast), "naive": asdict(naive)}}
+        drift = fast.first_layer_above(INIT_TOLERANCE)
+        result.notes.append(
+            f"depth {depth}: after init, max |mean| / |std-1| of a layer's output on the batch: wn_transform "
+            f"{max(fast.mean_error):.2g} / {max(fast.std_error):.2g}"
+            + ("" if drift is None else f" (above {INIT_TOLERANCE:g} from layer {drift + 1} on)")
+            + f", naive {max(naive.mean_error):.2g} / {max(naive.std_error):.2g}")
+    result.notes[:0] = [
+        "ratio = cost in plain forward passes (no_grad) of the same batch; the init is timed in place on a fresh "
+        "copy (copying untimed), and includes discovery and registration of the parametrization",
+        "naive: apply_weight_norm(init='preserve') then, per layer, re-run the forward up to that layer (a forward "
+        "hook stops it) and set g, b from that layer's statistics (the reference: checked, on the models the timed "
+        "calls produced, to give every layer mean 0, std 1 on the batch)",
+    ]
+    return result
+
+
+# -- workload 8: apply time vs depth -------------------------------------------------------
+
+
+APPLY_DEPTHS = (100, 250, 500, 1000)
+APPLY_WIDTH = 64
+
+
+def _apply_cases(depth: int, plain: nn.Module, last: dict[str, nn.Module]) -> list[Case]:
+    """``apply_weight_norm`` (its last result left in ``last``) and torch's per-layer loop."""
+    def apply(_: object) -> None:
+        last[f"L={depth}"] = wn_transform.apply_weight_norm(plain, init="preserve")
+
+    def torch_loop(model: nn.Module) -> None:
+        for module in bm.linear_layers(model):
+            torch.nn.utils.parametrizations.weight_norm(module)
+
+    return [Case(f"wn_transform L={depth}", apply), Case(f"torch loop L={depth}", torch_loop, lambda: copy.deepcopy(plain))]
+
+
+def linear_fit(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
+    """Least-squares ``y = a + b x``: returns ``(a, b)``."""
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return my - b * mx, b
+
+
+def run_apply(ctx: Context) -> WorkloadResult:
+    """Workload 8: ``apply_weight_norm(model, init="preserve")`` time against depth (linearity)."""
+    result = WorkloadResult("8", f"8. apply_weight_norm(init='preserve'), MLP width {APPLY_WIDTH}")
+    models = {depth: bm.deep_mlp(depth, APPLY_WIDTH) for depth in APPLY_DEPTHS}
+    last: dict[str, nn.Module] = {}
+    cases = [case for depth, model in models.items() for case in _apply_cases(depth, model, last)]
+    timing = interleave(cases, ctx.effort, budget_s=30.0, min_rounds=1)
+    for depth in APPLY_DEPTHS:  # the models the timed calls returned normalize every layer
+        check_normalized_counts({"wn_transform": last[f"L={depth}"]}, depth)
+    base = APPLY_DEPTHS[0]
+    for kind in ("wn_transform", "torch loop"):
+        per_layer_base = timing.samples[f"{kind} L={base}"].median / base
+        for depth in APPLY_DEPTHS:
+            samples = timing.samples[f"{kind} L={depth}"]
+            q1, q3 = samples.quartiles
+            result.rows.append(Row(f"8. apply init='preserve', {depth}-layer MLP w{APPLY_WIDTH}", kind, samples.median,
+                                   "s", q1, q3, samples.median / depth / per_layer_base, f"per-layer time at L={base}"))
+        times = [timing.samples[f"{kind} L={d}"].median for d in APPLY_DEPTHS]
+        a, b = linear_fit(APPLY_DEPTHS, times)
+        exponent = math.log(times[-1] / times[0]) / math.log(APPLY_DEPTHS[-1] / APPLY_DEPTHS[0])
+        result.notes.append(f"{kind}: fit t = {a * 1e3:.1f} ms + {b * 1e3:.3f} ms/layer; log-log slope "
+                            f"{APPLY_DEPTHS[0]}->{APPLY_DEPTHS[-1]} layers = {exponent:.2f} (1 = linear); "
+                            "per-layer " + ", ".join(f"L={d}: {t / d * 1e3:.3f} ms" for d, t in zip(APPLY_DEPTHS, times)))
+        result.raw[kind] = {"fit_intercept_s": a, "fit_slope_s_per_layer": b, "loglog_slope": exponent}
+    result.notes.append("wn_transform: the default call (inplace=False, so it includes its deep copy of the model); "
+                        "torch loop: parametrizations.weight_norm on each Linear of a copy made untimed")
+    result.raw["timing"] = timing.to_dict()
+    return result
+
+
+# -- workload 9: ONNX ----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silence the exporter's warnings and log lines (torchvision missing, deprecations)."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+@dataclass
+class OnnxModel:
+    """A model of workload 9: its plain and weight-normalized versions and a batch-1 input."""
+
+    name: str
+    plain: nn.Module
+    normalized: nn.Module
+    x: Tensor
+
+
+def _onnx_models() -> list[OnnxModel]:
+    mlp, cnn = bm.mlp().eval(), bm.cifar_cnn().eval()
+    return [
+        OnnxModel("MLP 784-1024-1024-10", mlp, wn_transform.apply_weight_norm(mlp, init="preserve").eval(),
+                  _classification_batch((1, 784))[0]),
+        OnnxModel("CNN 3-32-64-128", cnn, wn_transform.apply_weight_norm(cnn, init="preserve").eval(),
+                  _classification_batch((1, 3, 32, 32))[0]),
+    ]
+
+
+def _ort_session(path: Path, threads: int) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _ort_case(name: str, session: Any, x: Tensor) -> Case:
+    feed = {session.get_inputs()[0].name: x.numpy()}
+    return Case(name, lambda _: session.run(None, feed))
+
+
+def run_onnx(ctx: Context) -> WorkloadResult:
+    """Workload 9: ``export_onnx`` time and onnxruntime latency, folded export vs plain export."""
+    result = WorkloadResult("9", "9. ONNX export and onnxruntime latency, batch 1")
+    try:
+        from wn_transform.export import export_onnx
+        import onnxruntime  # noqa: F401
+    except ImportError as exc:
+        result.notes.append(f"skipped: {exc} (wn_transform.export or onnxruntime cannot be imported)")
+        return result
+    counter = itertools.count()
+    with tempfile.TemporaryDirectory(prefix="wn_bench_onnx_") as tmp, _quiet_exporter():
+        folder = Path(tmp)
+        if ctx.quick:  # the first export pays one-time costs; the full run warms each case up instead
+            export_onnx(nn.Linear(2, 2), torch.zeros(1, 2), folder / "warm-up.onnx")
+        for item in _onnx_models():
+            paths: dict[str, Path] = {}
+            reports: dict[str, list[Any]] = {"plain": [], "wn_transform": []}
+
+            def case(kind: str, model: nn.Module, x: Tensor) -> Case:
+                def run(path: Path) -> None:
+                    report = export_onnx(model, x, path)
+                    reports[kind].append(report)
+                    paths[kind] = path
+
+                return Case(kind, run, setup=lambda: folder / f"m{next(counter)}.onnx")
+
+            timing = interleave([case("plain", item.plain, item.x), case("wn_transform", item.normalized, item.x)],
+                                ctx.effort, budget_s=20.0, min_rounds=1)
+            title = f"9. export_onnx, {item.name}"
+            result.rows += timing_rows(title, timing, "plain",
+                                       labels={"plain": "plain model", "wn_transform": "wn_transform model (folded)"})
+            sessions = {kind: _ort_session(path, ctx.threads) for kind, path in paths.items()}
+            feed = item.x.numpy()
+            with torch.no_grad():
+                expected = item.plain(item.x)
+            for kind, session in sessions.items():
+                got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: feed})[0])
+                check_close(f"onnxruntime, {kind} export of {item.name}", got, expected, rtol=1e-4, atol=1e-5)
+            latency = interleave([_ort_case(k, s, item.x) for k, s in sessions.items()], ctx.effort, budget_s=10.0)
+            result.rows += timing_rows(f"9. onnxruntime latency, {item.name}, batch 1", latency, "plain",
+                                       labels={"plain": "plain export", "wn_transform": "folded export"})
+            nodes = {kind: reports[kind][-1].node_counts for kind in reports}
+            result.notes.append(f"{item.name}: exporter {reports['wn_transform'][-1].exporter}; graph nodes plain "
+                                f"{nodes['plain']}, folded {nodes['wn_transform']}")
+            result.raw[item.name] = {
+                "export": timing.to_dict("plain"), "latency": latency.to_dict("plain"), "node_counts": nodes,
+                "export_steps_s": {k: [r.timings for r in rs] for k, rs in reports.items()},
+            }
+    result.notes.append("export time = the whole export_onnx call (fold, export, onnx.checker, onnxruntime "
+                        "verification), after a warm-up export; onnxruntime: CPUExecutionProvider, "
+                        f"intra-op threads {ctx.threads}")
+    return result
+
+
+# -- the suite -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Workload:
+    key: str
+    run: Callable[[Context], WorkloadResult]
+
+
+def workloads() -> list[Workload]:
+    """All workloads, in table order."""
+    train = [Workload(spec.key, lambda ctx, spec=spec: run_train(spec, ctx)) for spec in train_specs()]
+    return [*train, Workload("5", run_memory), Workload("6", run_eval), Workload("7", run_data_init),
+            Workload("8", run_apply), Workload("9", run_onnx)]
+
+
+def run_workload(workload: Workload, ctx: Context) -> WorkloadResult:
+    """Run one workload; an exception becomes the result's ``error`` (the suite goes on)."""
+    start = time.perf_counter()
+    print(f"[bench] workload {workload.key} ...", file=sys.stderr, flush=True)
+    try:
+        result = workload.run(ctx)
+    except Exception as exc:  # noqa: BLE001  one failing workload must not lose the others' numbers
+        traceback.print_exc(file=sys.stderr)
+        result = WorkloadResult(workload.key, f"{workload.key}. (failed)", error=f"{type(exc).__name__}: {exc}")
+    result.seconds = time.perf_counter() - start
+    print(f"[bench] workload {workload.key} done in {result.seconds:.1f} s", file=sys.stderr, flush=True)
+    return result
+
+
+@dataclass(frozen=True)
+class Environment:
+    """Where and how the numbers were taken."""
+
+    date: str
+    torch: str
+    threads: int
+    interop_threads: int
+    cpu: str
+    logical_cpus: int
+    python: str
+    platform: str
+    onnxruntime: str
+    wn_transform: str
+    git: str
+    source: str
+    mode: str
+    command: str
+    load_average: str
+
+
+    @classmethod
+    def collect(cls, ctx: Context) -> Environment:
+        return cls(
+            date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            torch=torch.__version__, threads=torch.get_num_threads(), interop_threads=torch.get_num_interop_threads(),
+            cpu=cpu_model(), logical_cpus=os.cpu_count() or 0, python=platform.python_version(),
+            platform=platform.platform(), onnxruntime=_version_of("onnxruntime"),
+            wn_transform=wn_transform.__version__, git=git_revision(), source=source_digest(), mode=ctx.effort.name,
+            command=" ".join([Path(sys.executable).name, *sys.argv]), load_average=load_average(),
+        )
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load averages (other work on the machine skews timings)."""
+    try:
+        return " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (``platform.processor()`` elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def git_revision() -> str:
+    """``<short sha>`` of the checkout, ``+dirty`` when it has changes; ``unknown`` outside git."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True,
+                               check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return sha + ("+dirty" if dirty else "")
+
+
+def source_digest() -> str:
+    """A short SHA-256 of wn_transform's ``.py`` sources as they are on disk now (the git
+    revision says nothing about uncommitted edits)."""
+    digest = hashlib.sha256()
+    package = Path(wn_transform.__file__).resolve().parent
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def _version_of(module: str) -> str:
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return "not installed"
+
+
+def set_threads(threads: int) -> None:
+    """Intra-op threads as asked, one inter-op thread."""
+    torch.set_num_threads(threads)
+    with contextlib.suppress(RuntimeError):  # raises once inter-op work has started
+        torch.set_num_interop_threads(1)
+
+
+# -- output --------------------------------------------------------------------------------
+
+
+def _format_seconds(s: float) -> str:
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
+        if s >= scale:
+            return f"{s / scale:.3g} {unit}"
+    return f"{s / 1e-9:.3g} ns"
+
+
+def _format_bytes(b: float) -> str:
+    for unit, scale in (("MiB", 2**20), ("KiB", 2**10)):
+        if b >= scale:
+            return f"{b / scale:.3g} {unit}"
+    return f"{b:.0f} B"
+
+
+def _format_value(value: float | None, unit: str) -> str:
+    if value is None:
+        return "n/a"
+    return _format_seconds(value) if unit == "s" else _format_bytes(value)
+
+
+def _format_spread(row: Row) -> str:
+    if row.low is None or row.high is None:
+        return ""
+    return f"{_format_value(row.low, row.unit)} – {_format_value(row.high, row.unit)}"
+
+
+def markdown(env: Environment, results: list[WorkloadResult], wall_s: float, alerts: Sequence[str] = ()) -> str:
+    """The report: environment, method, alerts, one table, notes."""
+    lines = [
+        "# wn_transform benchmarks",
+        "",
+        f"- date: {env.date}; mode: {env.mode}; wall time {wall_s:.0f} s; command: `{env.command}`",
+        f"- torch {env.torch}, intra-op threads {env.threads}, inter-op threads {env.interop_threads}; "
+        f"onnxruntime {env.onnxruntime}; Python {env.python}",
+        f"- CPU: {env.cpu} ({env.logical_cpus} logical CPUs); {env.platform}; load average at start "
+        f"{env.load_average}, at end {load_average()}",
+        f"- wn_transform {env.wn_transform} (git {env.git}; sources sha256 {env.source})",
+        "- method: warm-up, then the variants of a workload timed interleaved (A B C, B C A, ...) for many rounds; "
+        "median and interquartile range (q1 – q3) per call; ratio = median / median of the baseline in the same run",
+        *(f"- **warning**: {alert}" for alert in alerts),
+        "",
+        "| workload | variant | median | IQR (q1 – q3) | ratio | ratio to |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for result in results:
+        if result.error is not None:
+            lines.append(f"| {result.title} | **FAILED** | | | | {result.error} |")
+        elif not result.rows:
+            lines.append(f"| {result.title} | skipped | | | | see notes |")
+        for row in result.rows:
+            ratio = "" if row.ratio is None else f"{row.ratio:.2f}"
+            lines.append(f"| {row.workload} | {row.variant} | {_format_value(row.value, row.unit)} | "
+                         f"{_format_spread(row)} | {ratio} | {row.ratio_to} |")
+    lines += ["", "Notes:", ""]
+    for result in results:
+        for note in result.notes:
+            lines.append(f"- {result.key}: {note}")
+        lines.append(f"- {result.key}: took {result.seconds:.1f} s")
+    return "\n".join(lines) + "\n"
+
+
+def to_json(env: Environment, results: list[WorkloadResult], wall_s: float, alerts: Sequence[str] = ()) -> dict[str, Any]:
+    """Everything: environment, alerts, rows, notes, raw samples."""
+    return {"environment": asdict(env), "wall_s": wall_s, "alerts": list(alerts),
+            "workloads": [{"key": r.key, "title": r.title, "error": r.error, "seconds": r.seconds,
+                           "rows": [asdict(row) for row in r.rows], "notes": r.notes, "raw": r.raw}
+                          for r in results]}
+
+
+def write_plots(results: list[WorkloadResult], out: Path) -> list[Path]:
+    """PNG plots (if matplotlib is installed): training ratios, data-init cost, apply scaling."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    by_key = {r.key: r for r in results if r.error is None}
+    written = []
+    train = [by_key[k] for k in ("1", "2", "3", "4", "5", "6") if k in by_key]
+    if train:
+        fig, ax = plt.subplots(figsize=(10, 4.5))
+        order = [*TRAIN_VARIANTS, *EVAL_VARIANTS]
+        variants = sorted({row.variant for r in train for row in r.rows if row.variant != "plain"}, key=order.index)
+        width = 0.8 / max(1, len(variants))
+        for i, variant in enumerate(variants):
+            xs, ys = [], []
+            for j, r in enumerate(train):
+                row = next((row for row in r.rows if row.variant == variant), None)
+                if row is not None and row.ratio is not None:
+                    xs.append(j + (i - (len(variants) - 1) / 2) * width)
+                    ys.append(row.ratio)
+            ax.bar(xs, ys, width, label=variant)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(train)), [PLOT_LABELS[r.key] for r in train], fontsize=8)
+        ax.set_ylabel("ratio to plain (median)")
+        ax.set_title("cost relative to plain (1-4: train step time, 5: peak step memory, 6: eval forward)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        written.append(_save(fig, out / "ratios.png", plt))
+    if "7" in by_key:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for case in ("wn_transform init=data", "naive per-layer re-run"):
+            depths = [d for d in DATA_INIT_DEPTHS if f"depth_{d}" in by_key["7"].raw]
+            ratios = [_median_ratio(by_key["7"].raw[f"depth_{d}"]["timing"], case, "plain forward") for d in depths]
+            ax.plot(depths, ratios, marker="o", label=case)
+        ax.set_xlabel("layers")
+        ax.set_ylabel("cost in plain forward passes")
+        ax.set_yscale("log")
+        ax.set_title(f"data-dependent init, MLP width {DATA_INIT_WIDTH}, batch {DATA_INIT_BATCH}")
+        ax.legend()
+        fig.tight_layout()
+        written.append(_save(fig, out / "data_init.png", plt))
+    if "8" in by_key:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        cases = by_key["8"].raw["timing"]["cases"]
+        for kind in ("wn_transform", "torch loop"):
+            ax.plot(APPLY_DEPTHS, [cases[f"{kind} L={d}"]["median_s"] for d in APPLY_DEPTHS], marker="o", label=kind)
+        ax.set_xlabel("layers")
+        ax.set_ylabel("seconds")
+        ax.set_title(f"apply (init='preserve'), MLP width {APPLY_WIDTH}")
+        ax.legend()
+        fig.tight_layout()
+        written.append(_save(fig, out / "apply_scaling.png", plt))
+    return written
+
+
+def _median_ratio(timing: dict[str, Any], name: str, base: str) -> float:
+    return timing["cases"][name]["median_s"] / timing["cases"][base]["median_s"]
+
+
+def _save(fig: Any, path: Path, plt: Any) -> Path:
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# -- command line --------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a few repetitions of everything (checks the code path)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT})")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument("--only", default=None, help="comma-separated workload numbers, e.g. 1,5,9")
+    parser.add_argument("--time-scale", type=float, default=1.0, help="multiply the full run's time budgets")
+    parser.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
+    args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error("--threads must be >= 1")
+    if args.time_scale <= 0:
+        parser.error("--time-scale must be > 0")
+    known = {w.key for w in workloads()}
+    if args.only is not None:
+        args.only = [k.strip() for k in args.only.split(",") if k.strip()]
+        unknown = sorted(set(args.only) - known)
+        if unknown:
+            parser.error(f"unknown workloads {unknown}; known: {sorted(known)}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    set_threads(args.threads)
+    effort = Effort.quick() if args.quick else Effort.full(args.time_scale)
+    args.out.mkdir(parents=True, exist_ok=True)
+    ctx = Context(effort, args.threads)
+    env = Environment.collect(ctx)
+    start = time.perf_counter()
+    selected = [w for w in workloads() if args.only is None or w.key in args.only]
+    results = [run_workload(w, ctx) for w in selected]
+    wall_s = time.perf_counter() - start
+    alerts = []
+    if source_digest() != env.source:
+        alerts.append(f"wn_transform's sources changed on disk during the run; the numbers are for sources "
+                      f"{env.source}, as imported at the start")
+        print(f"[bench] WARNING: {alerts[-1]}", file=sys.stderr)
+    report = markdown(env, results, wall_s, alerts)
+    print(report)
+    (args.out / "bench.md").write_text(report, encoding="utf-8")
+    (args.out / "bench.json").write_text(json.dumps(to_json(env, results, wall_s, alerts), indent=1), encoding="utf-8")
+    plots = [] if args.no_plots else write_plots(results, args.out)
+    written = ", ".join(str(p) for p in [args.out / "bench.md", args.out / "bench.json", *plots])
+    print(f"[bench] wrote {written}", file=sys.stderr)
+    failed = [r.key for r in results if r.error is not None]
+    if failed:
+        print(f"[bench] FAILED workloads: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
