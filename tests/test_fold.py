@@ -111,3 +111,18 @@ def test_fold_refuses_a_non_module() -> None:
 class _Double(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return 2 * x
+
+
+def test_the_exponential_scale_folds_the_same_way() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(3, 6, 3), nn.ReLU(), nn.ConvTranspose1d(6, 4, 2, groups=2), nn.Flatten(), nn.Linear(24, 2))
+    x = torch.randn(8, 3, 5)
+    normalized = wn.apply_weight_norm(model, x, exp_scale=True)
+    optimizer = torch.optim.SGD(normalized.parameters(), lr=0.1)
+    for _ in range(3):
+        optimizer.zero_grad()
+        normalized(x).pow(2).mean().backward()
+        optimizer.step()
+    folded = wn.fold_weight_norm(normalized)
+    torch.testing.assert_close(folded(x), normalized(x))
+    assert not any("g_is_log" in key or "parametrizations" in key for key in folded.state_dict())
