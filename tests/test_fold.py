@@ -115,7 +115,7 @@ class _Double(nn.Module):
 
 def test_the_exponential_scale_folds_the_same_way() -> None:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv1d(3, 6, 3), nn.ReLU(), nn.ConvTranspose1d(6, 4, 2, groups=2), nn.Flatten(), nn.Linear(24, 2))
+    model = nn.Sequential(nn.Conv1d(3, 6, 3), nn.ReLU(), nn.ConvTranspose1d(6, 4, 2, groups=2), nn.Flatten(), nn.Linear(16, 2))
     x = torch.randn(8, 3, 5)
     normalized = wn.apply_weight_norm(model, x, exp_scale=True)
     optimizer = torch.optim.SGD(normalized.parameters(), lr=0.1)
