@@ -192,6 +192,32 @@ def test_bad_arguments_get_clear_errors(net: Net, batch: torch.Tensor) -> None:
         wn.apply_weight_norm(net, "batch.pt")
 
 
+class _TransposedLinear(nn.Module):
+    """A GPT-2-style ``[in, out]`` weight read by ``addmm``: not one of torch's layer types."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_in, n_out))
+        self.bias = nn.Parameter(torch.zeros(n_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:  # data-dependent control flow: symbolic_trace fails
+            x = x * 1.0
+        return torch.addmm(self.bias, x, self.weight)
+
+
+def test_untraceable_model_without_batch_error_says_tracing_failed_and_how_to_fix_it() -> None:
+    model = nn.Sequential(_TransposedLinear(4, 3), nn.ReLU(), _TransposedLinear(3, 2))
+    with pytest.warns(UserWarning, match="could not trace"):
+        with pytest.raises(wn.NoTargetsError, match=r"(?s)tracing failed \(symbolic_trace: .*pass a sample_batch") as info:
+            wn.plan_weight_norm(model)
+    assert "has no weight" not in str(info.value)
+    # ... and with the batch the message asked for, torch.export finds both weights.
+    report = wn.plan_weight_norm(model, torch.randn(5, 4))
+    assert [t.qualname for t in report.converted] == ["0.weight", "2.weight"]
+    assert [t.layout.dim for t in report.converted] == [1, 1]
+
+
 def test_existing_weight_norm_is_never_applied_twice(batch: torch.Tensor) -> None:
     torch.manual_seed(0)
     model = Net()

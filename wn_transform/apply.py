@@ -13,7 +13,7 @@ from torch import nn
 from . import batch as batch_mod
 from ._copy import copy_model
 from .data_init import data_init, resample_directions
-from .discover import discover
+from .discover import WALK, Discovery, discover
 from .errors import NoTargetsError
 from .fold import FoundWeightNorm, find_weight_norms, fold_one
 from .mean_only_bn import attach as attach_mean_only_bn
@@ -169,6 +169,21 @@ def _check_arguments(model: nn.Module, sample_batch, init: Init | None, existing
     return init
 
 
+def _no_targets_message(model: nn.Module, discovery: Discovery, had_batch: bool) -> str:
+    """Why nothing was found: the model has no such weight, or the ladder fell to the module walk."""
+    name = type(model).__name__
+    skips = "; ".join(f"{s.qualname}: {s.reason}" for s in discovery.skipped)
+    skips = f" ({skips})" if skips else ""
+    if discovery.found_by != WALK:
+        return f"{name} has no weight that reaches a linear or convolution op that could be normalized{skips}"
+    tried = "; ".join(f"{step}: {why}" for step, why in discovery.failures.items())
+    hint = ("pass a sample_batch so that torch.export can trace it" if not had_batch
+            else "the reasons above say what stopped each tracer")
+    return (f"found no weight of {name} to normalize: tracing failed ({tried}), and the module walk that "
+            f"stands in only recognizes torch's standard layers{skips}. Weights used through other modules "
+            f"or functional calls may still reach a linear or convolution op; {hint}")
+
+
 def _plan(model: nn.Module, sample_batch, selection: Selection, existing: Existing, init: Init) -> tuple[WeightNormReport, list[Target]]:
     already = find_weight_norms(model)
     if existing == "convert":
@@ -176,10 +191,7 @@ def _plan(model: nn.Module, sample_batch, selection: Selection, existing: Existi
             fold_one(model, found)
     discovery = discover(model, sample_batch)
     if not discovery.targets and not (already and existing == "keep"):
-        found_skips = "; ".join(f"{s.qualname}: {s.reason}" for s in discovery.skipped)
-        msg = f"{type(model).__name__} has no weight that reaches a linear or convolution op"
-        msg += f" that could be normalized ({found_skips})" if found_skips else ""
-        raise NoTargetsError(msg)
+        raise NoTargetsError(_no_targets_message(model, discovery, sample_batch is not None))
     targets, left_out = selection.apply(model, discovery.targets) if discovery.targets else ([], [])
     skipped = [*discovery.skipped, *left_out]
     if existing == "keep":

@@ -21,7 +21,7 @@ from torch import nn
 from . import __version__
 from .apply import apply_weight_norm, plan_weight_norm, weight_norm_report
 from .checkpoint import (
-    CheckpointError, is_state_dict, load_batch, load_checkpoint, map_state_dicts, save_checkpoint, state_dict_paths,
+    CheckpointError, load_batch, load_checkpoint, map_state_dicts, save_checkpoint, state_dict_paths,
 )
 from .errors import WeightNormError
 from .state_dict import convert_state_dict, find_state_dict_weight_norms, fold_state_dict

@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -542,31 +542,42 @@ def _export_args(inputs: _Inputs) -> tuple:
     return args
 
 
+@contextlib.contextmanager
+def _held_output(echo_failure: bool) -> Iterator[None]:
+    """Hold back what an exporter prints, and pass it on only if the export succeeds.
+
+    A failed capture prints its partial graph (torch.export to stderr, the TorchScript exporter
+    to stdout); the report and the error sum the failure up instead, unless ``echo_failure``.
+    """
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            yield
+    except Exception:
+        if echo_failure:
+            sys.stdout.write(out.getvalue())
+            sys.stderr.write(err.getvalue())
+        raise
+    sys.stdout.write(out.getvalue())
+    sys.stderr.write(err.getvalue())
+
+
 def _export_dynamo(model: nn.Module, inputs: _Inputs, output_names: list[str], opset: int | None,
                    dynamic_batch: bool, dynamic_shapes: Any, *, echo_failure: bool) -> onnx.ModelProto:
     if dynamic_shapes is None and dynamic_batch:
         axes = _batch_axes(inputs)
         dynamic_shapes = _dynamo_batch_shapes(inputs, axes) if axes else None
-    # torch.export prints the partial graph of a failed capture to stderr; hold stderr back and
-    # pass it on only when the export succeeds (a failure is summed up in the report instead).
-    captured = io.StringIO()
-    try:
-        with torch.no_grad(), contextlib.redirect_stderr(captured), warnings.catch_warnings():
-            # torch-internal noise: the same axis name given to inputs torch.export unified, and a
-            # deprecation inside torch's own pytree code
-            warnings.filterwarnings("ignore", r"# The axis name: (\S+) will not be used.* another axis: \1\.$",
-                                    UserWarning)
-            warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)", FutureWarning)
-            program = torch.onnx.export(
-                model, _export_args(inputs), kwargs=inputs.kwargs or None, dynamo=True, opset_version=opset,
-                dynamic_shapes=dynamic_shapes, input_names=inputs.names, output_names=output_names,
-                optimize=True, verbose=False,
-            )
-    except Exception:
-        if echo_failure:
-            sys.stderr.write(captured.getvalue())
-        raise
-    sys.stderr.write(captured.getvalue())
+    with _held_output(echo_failure), warnings.catch_warnings(), torch.no_grad():
+        # torch-internal noise: the same axis name given to inputs torch.export unified, and a
+        # deprecation inside torch's own pytree code
+        warnings.filterwarnings("ignore", r"# The axis name: (\S+) will not be used.* another axis: \1\.$",
+                                UserWarning)
+        warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)", FutureWarning)
+        program = torch.onnx.export(
+            model, _export_args(inputs), kwargs=inputs.kwargs or None, dynamo=True, opset_version=opset,
+            dynamic_shapes=dynamic_shapes, input_names=inputs.names, output_names=output_names,
+            optimize=True, verbose=False,
+        )
     if program is None:
         msg = "torch.onnx.export(dynamo=True) returned no ONNXProgram"
         raise ExportError(msg)
@@ -583,7 +594,7 @@ def _export_torchscript(model: nn.Module, inputs: _Inputs, output_names: list[st
     # folder of its own inside the temporary folder, then read it all back.
     raw_dir = tempfile.mkdtemp(prefix="torchscript", dir=tmpdir)
     raw_file = os.path.join(raw_dir, "model.onnx")
-    with warnings.catch_warnings(), torch.no_grad():
+    with _held_output(echo_failure=False), warnings.catch_warnings(), torch.no_grad():
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
         torch.onnx.export(
             _tensors_only(model, inputs), tuple(inputs.tensors), raw_file, dynamo=False,
