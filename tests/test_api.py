@@ -124,6 +124,27 @@ def test_torch_compile_gives_the_same_outputs_and_gradients(net: Net, batch: tor
                                eager.up.parametrizations.weight.original0.grad)
 
 
+@pytest.mark.parametrize("rows", [4, 256], ids=["output-form", "weight-form"])
+def test_torch_compile_of_both_linear_routes_gives_the_same_outputs_and_gradients(rows: int) -> None:
+    """A large Linear with few rows takes the output form (a custom autograd Function) under
+    torch.compile too; with many rows, the weight form.  Both trace in one graph."""
+    from wn_transform.fast import prefer_output_form
+
+    assert prefer_output_form(rows, 512, 256) == (rows == 4)
+    torch.manual_seed(0)
+    eager = wn.apply_weight_norm(nn.Sequential(nn.Linear(512, 256), nn.Tanh(), nn.Linear(256, 8)), init="preserve")
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, backend="aot_eager", fullgraph=True)
+    x = torch.randn(rows, 512)
+    torch.testing.assert_close(compiled(x), eager(x))
+    compiled(x).square().sum().backward()
+    eager(x).square().sum().backward()
+    for (name, got), expected in zip(compiled_model.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(got.grad, expected.grad, msg=name)
+    with torch.no_grad():  # inference under the compiler: no weight cache (it reads data pointers)
+        torch.testing.assert_close(compiled(x), eager(x))
+
+
 def test_distributed_data_parallel_wraps_and_trains(net: Net, batch: torch.Tensor, tmp_path) -> None:
     out = wn.apply_weight_norm(net, batch)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)

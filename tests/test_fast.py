@@ -87,18 +87,26 @@ def test_output_form_with_zero_scale_and_zero_direction_rows() -> None:
         torch.testing.assert_close(a, r)
 
 
-@pytest.mark.parametrize("rows", [1, 4, 64], ids=["batch1-output-form", "batch4-output-form", "batch64-weight-form"])
-def test_a_linear_layer_gives_the_same_outputs_and_gradients_whatever_route_it_takes(rows: int) -> None:
+@pytest.mark.parametrize(("shape", "rows", "output_form"), [
+    ((512, 256), 1, True), ((512, 256), 128, True), ((512, 256), 129, False),  # rows <= in/4
+    ((16, 8), 1, False),  # a small weight: the output form's extra ops would cost more
+], ids=["batch1-output-form", "batch128-output-form", "batch129-weight-form", "small-weight-form"])
+def test_a_linear_layer_gives_the_same_outputs_and_gradients_whatever_route_it_takes(
+        shape: tuple[int, int], rows: int, output_form: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
-    layer = nn.Linear(16, 8).double()
+    layer = nn.Linear(*shape).double()
     ours = wn.apply_weight_norm(layer, init="preserve")
     with torch.no_grad():
         ours.parametrizations.weight.original0.mul_(1.7)
-    reference = torch.nn.utils.parametrizations.weight_norm(nn.Linear(16, 8).double())
+    reference = torch.nn.utils.parametrizations.weight_norm(nn.Linear(*shape).double())
     reference.load_state_dict(ours.state_dict())
-    x = torch.randn(rows, 16, dtype=torch.float64)
+    x = torch.randn(rows, shape[0], dtype=torch.float64)
+    calls = []
+    apply = ScaledLinear.apply
+    monkeypatch.setattr(ScaledLinear, "apply", lambda *args: calls.append(1) or apply(*args))
     for model in (ours, reference):
         model(x).pow(2).sum().backward()
+    assert bool(calls) == output_form
     torch.testing.assert_close(ours(x), reference(x))
     for name, param in ours.named_parameters():
         torch.testing.assert_close(param.grad, reference.get_parameter(name).grad, msg=name)

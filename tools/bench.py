@@ -19,7 +19,8 @@ Workloads (the variants of each are defined in ``tools/bench_models.py``):
    naive init that re-runs the forward up to each layer;
 8. ``apply_weight_norm(model, init="preserve")`` on 100/250/500/1000-layer MLPs of width 64;
 9. ONNX: ``wn_transform.export.export_onnx`` time, and onnxruntime latency of the folded
-   export against the plain model's export, MLP and CNN at batch 1.
+   export against the plain model's export, MLP and CNN at batch 1;
+10. workload 1 under ``torch.compile`` (inductor): plain, wn_transform and torch's weight_norm.
 
 Method.  ``torch.set_num_threads(--threads)`` (1 by default) and one inter-op thread.  Every
 case is warmed up, then the cases of a workload are timed interleaved, A B C, B C A, C A B, ...
@@ -69,6 +70,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import wn_transform
+from wn_transform.data_init import data_init  # the init pass alone, on a reparameterized model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_models as bm  # noqa: E402  (tools/ is not a package)
@@ -371,6 +373,7 @@ class TrainSpec:
     variants: tuple[str, ...]
     budget_s: float
     notes: tuple[str, ...] = ()
+    compile: bool = False  # time ``torch.compile(model)`` (inductor), compiled before timing
 
 
 def build_variants(spec: TrainSpec) -> dict[str, nn.Module]:
@@ -395,6 +398,8 @@ def run_train(spec: TrainSpec, ctx: Context) -> WorkloadResult:
     x, y = spec.batch()
     models = build_variants(spec)
     diffs = check_variants(models, x)
+    if spec.compile:  # the compiled module shares the model's parameters; the optimizer stays eager
+        models = {name: torch.compile(model) for name, model in models.items()}
     steps = {name: TrainStep(model, x, y) for name, model in models.items()}
     timing = interleave([Case(name, step) for name, step in steps.items()], ctx.effort, budget_s=spec.budget_s)
     for name, step in steps.items():
@@ -408,12 +413,16 @@ def run_train(spec: TrainSpec, ctx: Context) -> WorkloadResult:
     return result
 
 
-def _mlp_spec(key: str, batch: int, budget_s: float) -> TrainSpec:
+def _mlp_spec(key: str, batch: int, budget_s: float, *, compile: bool = False) -> TrainSpec:
     variants = TRAIN_VARIANTS if batch > 1 else tuple(v for v in TRAIN_VARIANTS if v != "batchnorm")
     notes = () if batch > 1 else ("batchnorm: not applicable at batch 1 (BatchNorm1d needs >1 sample per channel in training)",)
-    return TrainSpec(key, f"{key}. train step, MLP 784-1024-1024-10, batch {batch}",
-                     lambda bn: bm.mlp(batchnorm=bn), lambda: _classification_batch((batch, 784)),
-                     variants, budget_s, notes)
+    if compile:
+        variants = ("plain", "wn_transform", "torch")
+        notes = ("torch.compile(model) with the default (inductor) backend, compiled during warm-up; "
+                 "torch_legacy is left out: its forward pre-hooks set attributes the compiler cannot trace",)
+    title = f"{key}. train step{' under torch.compile' if compile else ''}, MLP 784-1024-1024-10, batch {batch}"
+    return TrainSpec(key, title, lambda bn: bm.mlp(batchnorm=bn), lambda: _classification_batch((batch, 784)),
+                     variants, budget_s, notes, compile)
 
 
 def _classification_batch(shape: tuple[int, ...], classes: int = 10, seed: int = 1) -> tuple[Tensor, Tensor]:
@@ -436,10 +445,25 @@ def train_specs() -> list[TrainSpec]:
                    "torch/torch_legacy also normalize MultiheadAttention.in_proj_weight (as wn_transform does); "
                    "torch_legacy needs a pre-hook on MultiheadAttention to fire out_proj's hook "
                    "(it never calls out_proj.forward)")),
+        _mlp_spec("10", 64, 30.0, compile=True),
     ]
 
 
 # -- workload 5: peak memory ---------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Send file descriptor 2 to /dev/null (native code writes there, past ``sys.stderr``)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w", encoding="utf-8") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def step_memory(step: Callable[[], None]) -> tuple[int, int]:
@@ -456,7 +480,7 @@ def step_memory(step: Callable[[], None]) -> tuple[int, int]:
     ``zero_grad`` frees first, are not counted in either direction).
     """
     profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
-    with profiler:
+    with _native_stderr_silenced(), profiler:  # the profiler's C++ side logs each start/stop to fd 2
         step()
     with tempfile.TemporaryDirectory(prefix="wn_bench_trace_") as tmp:
         trace = Path(tmp) / "trace.json"
@@ -574,7 +598,17 @@ def _data_init_cases(plain: nn.Module, x: Tensor, last: dict[str, nn.Module]) ->
     def naive(model: nn.Module) -> None:
         last["naive"] = bm.naive_data_init(model, x)
 
+    def reparameterized() -> tuple[nn.Module, list]:
+        model = wn_transform.apply_weight_norm(fresh(), init="preserve", inplace=True)
+        return model, wn_transform.weight_norm_report(model).converted
+
+    def init_pass(prepared: tuple[nn.Module, list]) -> None:
+        model, targets = prepared
+        data_init(model, targets, x)
+        last["pass"] = model
+
     return [Case("plain forward", forward), Case("wn_transform init=data", fast, fresh),
+            Case("wn_transform init pass only", init_pass, reparameterized),
             Case("naive per-layer re-run", naive, fresh)]
 
 
@@ -641,6 +675,7 @@ def run_data_init(ctx: Context) -> WorkloadResult:
         timing = interleave(_data_init_cases(plain, x, last), ctx.effort, budget_s=budgets.get(depth, 20.0),
                             min_rounds=1)
         fast, naive = check_data_init(last["fast"], last["naive"], x)
+        check_data_init(last["pass"], last["naive"], x)
         result.rows += timing_rows(f"7. data init, {depth}-layer MLP w{DATA_INIT_WIDTH}, batch {DATA_INIT_BATCH}",
                                    timing, "plain forward", ratio_to="plain forwards")
         result.raw[f"depth_{depth}"] = {"timing": timing.to_dict("plain forward"), "init_quality": {
@@ -652,8 +687,13 @@ def run_data_init(ctx: Context) -> WorkloadResult:
             + ("" if drift is None else f" (above {INIT_TOLERANCE:g} from layer {drift + 1} on)")
             + f", naive {max(naive.mean_error):.2g} / {max(naive.std_error):.2g}")
     result.notes[:0] = [
-        "ratio = cost in plain forward passes (no_grad) of the same batch; the init is timed in place on a fresh "
-        "copy (copying untimed), and includes discovery and registration of the parametrization",
+        "ratio = cost in plain forward passes (no_grad) of the same batch; 'init=data' is the whole "
+        "apply_weight_norm(model, x, inplace=True) call on a fresh copy (copying untimed): discovery (symbolic_trace), "
+        "registration of the parametrization and the init pass; 'init pass only' is the pass alone, on a model "
+        "reparameterized untimed (the figure the issue's target is about)",
+        "the pass runs each layer's op twice (t = op(x, v) for the statistics, then the real op with the new g, b), "
+        "so it costs at least two plain forwards of matmul work: handing on g*t + b instead saves the second op but "
+        "drifts (a 100-layer MLP reached O(1) errors in its deep layers' statistics), see wn_transform/data_init.py",
         "naive: apply_weight_norm(init='preserve') then, per layer, re-run the forward up to that layer (a forward "
         "hook stops it) and set g, b from that layer's statistics (the reference: checked, on the models the timed "
         "calls produced, to give every layer mean 0, std 1 on the batch)",
@@ -834,9 +874,9 @@ class Workload:
 
 def workloads() -> list[Workload]:
     """All workloads, in table order."""
-    train = [Workload(spec.key, lambda ctx, spec=spec: run_train(spec, ctx)) for spec in train_specs()]
-    return [*train, Workload("5", run_memory), Workload("6", run_eval), Workload("7", run_data_init),
-            Workload("8", run_apply), Workload("9", run_onnx)]
+    train = {spec.key: Workload(spec.key, lambda ctx, spec=spec: run_train(spec, ctx)) for spec in train_specs()}
+    return [*(train[k] for k in "1234"), Workload("5", run_memory), Workload("6", run_eval),
+            Workload("7", run_data_init), Workload("8", run_apply), Workload("9", run_onnx), train["10"]]
 
 
 def run_workload(workload: Workload, ctx: Context) -> WorkloadResult:

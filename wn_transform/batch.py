@@ -7,7 +7,7 @@ raised (the innermost module whose forward was running).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Union
 
 import torch
@@ -50,22 +50,25 @@ def check_finite(batch: SampleBatch) -> None:
 
 @contextlib.contextmanager
 def layer_tracker(model: nn.Module) -> Iterator[list[str]]:
-    """Yield a stack of the qualified names of the modules whose forward is running."""
+    """Yield a stack of the qualified names of ``model``'s modules whose forward is running.
+
+    Two global module hooks (not two per module: registering thousands of hooks on a large
+    model costs more than the forward pass); modules outside ``model`` are ignored.
+    """
+    names = {id(module): name or "<root>" for name, module in model.named_modules()}
     stack: list[str] = []
 
-    def enter(label: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: Any) -> None:
-            stack.append(label)
-
-        return hook
+    def enter(module: nn.Module, args: Any) -> None:
+        name = names.get(id(module))
+        if name is not None:
+            stack.append(name)
 
     def leave(module: nn.Module, args: Any, output: Any) -> None:
-        stack.pop()
+        if id(module) in names and stack:
+            stack.pop()
 
-    handles = []
-    for name, module in model.named_modules():
-        handles.append(module.register_forward_pre_hook(enter(name or "<root>")))
-        handles.append(module.register_forward_hook(leave))
+    handles = [nn.modules.module.register_module_forward_pre_hook(enter),
+               nn.modules.module.register_module_forward_hook(leave)]
     try:
         yield stack
     finally:

@@ -7,10 +7,15 @@ For every reparameterized weight, on the op that reads it (Salimans & Kingma, 20
     g <- s / sigma,   b <- -s * mu / sigma        (s = init_scale; biased sigma)
 
 so the layer's output ``g*t + b = s * (t - mu) / sigma`` has zero mean and std ``s`` per unit.
+The pass measures ``t' = op(x, v)`` with the raw direction (the parametrization hands out
+``v`` itself until its layer is calibrated, so no weight is built for it), and divides its
+per-unit moments by ``||v||``.
 
-One pass suffices: the op's output is affine in ``(g, b)``, so after measuring ``mu, sigma``
-the calibrated output is computed from ``t`` directly and handed on; every later layer sees
-the outputs of the layers already initialized (forward order).  The ops are intercepted by
+One pass suffices: after measuring ``mu, sigma`` the op runs again with the new ``(g, b)``
+and its real output is handed on, so every later layer sees exactly what the model computes
+(forward order).  Handing on ``g*t + b`` instead would save that second op, but it differs from
+the op's output in the last bits, and a deep network amplifies the difference layer after
+layer (a 100-layer MLP drifted to O(1) errors in the deep layers' statistics).  The ops are intercepted by
 a ``TorchFunctionMode``; a weight is recognized by the identity of the tensor its
 parametrization produced, so functional calls, reused modules and the projections inside
 ``nn.MultiheadAttention`` are all handled by the same code.
@@ -35,6 +40,7 @@ from .discover import preserved_state
 from .mean_only_bn import MeanOnlyBatchNorm, mean_only_bn_of
 from .moments import unit_moments
 from .ops import SIGNATURES, op_name, view_dims, weight_use
+from .norm import unit_norm
 from .parametrization import WeightNorm, no_weight_cache, weight_norm_of
 from .targets import Target
 
@@ -96,9 +102,8 @@ def data_init(model: nn.Module, targets: list[Target], sample_batch: batch_mod.S
     notes = InitNotes()
     saved = {id(s): s.g.detach().clone() for s in states}
     mode = _CalibrationMode(model, states, init_scale, notes, group, saved)
-    with torch.no_grad():
-        for state in states:  # t = v·x/||v||: unit scale while calibrating
-            state.g.fill_(0.0 if state.wn.exp_scale else 1.0)
+    for state in states:  # until calibrated, the layer computes with v itself: t' = op(x, v)
+        state.wn.direction_only = True
     handles = [s.wn.register_forward_hook(mode.produced_hook(s)) for s in states]
     try:
         with preserved_state(model), torch.no_grad(), no_weight_cache(), mode:
@@ -111,6 +116,8 @@ def data_init(model: nn.Module, targets: list[Target], sample_batch: batch_mod.S
     finally:
         for handle in handles:
             handle.remove()
+        for state in states:
+            state.wn.__dict__.pop("direction_only", None)
     with torch.no_grad():
         for state in states:
             if not state.done:
@@ -184,7 +191,7 @@ class _CalibrationMode(TorchFunctionMode):
         state = found.state
         bound = dict(zip(SIGNATURES[name], args)) | kwargs
         weight_key = "mat2" if name == "addmm" else "other" if use.kind == "matmul" else "weight"
-        if not state.done:  # t = op(x, v/||v||) without bias (g is 1 during the pass)
+        if not state.done:  # t' = op(x, v) without bias: the weight is v itself until calibrated
             if use.kind == "matmul":
                 x = bound["mat1"] if name == "addmm" else bound["input"]
                 t = torch.matmul(x, use.weight)
@@ -210,11 +217,15 @@ class _CalibrationMode(TorchFunctionMode):
                 self._remember(result, parent.state, lambda: func(parent.rebuild(), *args[1:], **kwargs))
         return result
 
-    def _calibrate(self, state: _State, t: Tensor, unit_dim: int, bias: Tensor | None, units: slice = slice(None)) -> None:
-        """Measure ``t``'s per-unit statistics; set ``g[units]`` to ``s/sigma`` and the bias to
-        ``-s*mu/sigma`` (or, behind a mean-only batch norm, its running mean to ``s*mu/sigma``)."""
-        mean, var = unit_moments(t, unit_dim, self.group)
-        std = var.sqrt()
+    def _calibrate(self, state: _State, t_raw: Tensor, unit_dim: int, bias: Tensor | None,
+                   units: slice = slice(None)) -> None:
+        """From ``t_raw = op(x, v)``, the statistics of ``t = t_raw/||v||`` per unit; set
+        ``g[units]`` to ``s/sigma`` and the bias to ``-s*mu/sigma`` (or, behind a mean-only batch
+        norm, its running mean to ``s*mu/sigma``)."""
+        mean, var = unit_moments(t_raw, unit_dim, self.group)
+        norms = unit_norm(state.v, state.wn.layout).reshape(-1)[units].to(mean.dtype)
+        norms = torch.where(norms > 0, norms, torch.ones_like(norms))  # a zero direction: t = 0
+        mean, std = mean / norms, var.sqrt() / norms
         constant = std <= _CONSTANT_STD * (mean.abs() + 1)
         if constant.any():
             qualname = state.target.qualname
@@ -233,7 +244,14 @@ class _CalibrationMode(TorchFunctionMode):
                 bias.copy_(-mean * scale)
             else:
                 self.notes.bias_not_set.append(state.target.qualname)
-        state.done = state.done or units == slice(None)
+        if units == slice(None):
+            self._finish(state)
+
+    @staticmethod
+    def _finish(state: _State) -> None:
+        """The layer is calibrated: from now on it computes its real weight."""
+        state.done = True
+        state.wn.__dict__.pop("direction_only", None)
 
     def _attention(self, func, args, kwargs):
         """``F.multi_head_attention_forward``: calibrate the q/k/v and output projections."""
@@ -249,7 +267,7 @@ class _CalibrationMode(TorchFunctionMode):
                 biases = a["in_proj_bias"].split(embed) if a["in_proj_bias"] is not None else (None,) * 3
                 for i, (x, w, b) in enumerate(zip((a["query"], a["key"], a["value"]), weights, biases)):
                     self._calibrate(state, F.linear(x, w), -1, b, slice(i * embed, (i + 1) * embed))
-                state.done = True
+                self._finish(state)
             if found is not None:
                 a["in_proj_weight"] = _current_weight(found.state)
         else:
@@ -290,7 +308,7 @@ class _CalibrationMode(TorchFunctionMode):
             return weight
         if not found.state.done:
             found.state.g.copy_(self.saved_g[id(found.state)])
-            found.state.done = True
+            self._finish(found.state)
             self.notes.recurrent_kept.append(found.state.target.qualname)
         return found.rebuild()
 

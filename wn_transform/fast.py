@@ -3,8 +3,8 @@
 Two forms of a weight-normalized layer ``y = op(x, w) + b`` with ``w = g * v/||v||``:
 
 * **weight form** (:func:`weight_norm_weight`): build ``w``, then run the op.  Uses torch's
-  fused ``_weight_norm_interface`` kernel (one pass for the norms and the scaling, one fused
-  backward) where it applies, and the plain formula elsewhere.  Cost: O(parameters).
+  fused ``_weight_norm_interface`` kernel on CPU (one pass for the norms and the scaling, one
+  fused backward) where it applies, and the plain formula elsewhere.  Cost: O(parameters).
 * **output form** (:class:`ScaledLinear`), for ``nn.Linear``: ``y = (x @ v') * s + b`` with
   ``s = g/||v||`` per output unit, so ``w`` is never built.  The paper's gradients (eq. 3-4)
   become, with ``u = x @ v'`` and ``gy`` the output gradient:
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .norm import UnitLayout, compose_weight, unit_norm
+from .norm import UnitLayout, compose_weight
 
 __all__ = ["ScaledLinear", "prefer_output_form", "weight_norm_weight"]
 
@@ -33,63 +33,60 @@ _FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 
 def weight_norm_weight(g: Tensor, v: Tensor, layout: UnitLayout, *, exp_scale: bool = False) -> Tensor:
-    """``w = g * v/||v||`` (``g = e^s`` with ``exp_scale``), by the fastest exact route."""
+    """``w = g * v/||v||`` (``g = e^s`` with ``exp_scale``), by the fastest exact route.
+
+    Where torch's fused kernel applies (one unit axis first or last, no groups, contiguous
+    float32/float64/bfloat16), it computes ``w`` and the norms in one pass and its backward
+    in one more, with autograd in C++.  It divides by zero for a zero direction, so a layer
+    with a zero norm takes the plain formula, which gives a zero weight and zero gradient.
+    Checking for a zero norm reads a flag off the device: cheap on CPU, a synchronization on
+    an accelerator, where the plain formula (a few kernels, no synchronization) is used.
+    """
     gain = g.exp() if exp_scale else g
     dim = layout.dim % v.ndim
-    fusable = layout.groups == 1 and dim in (0, v.ndim - 1) and v.dtype in _FUSED_DTYPES and v.is_contiguous()
+    fusable = (layout.groups == 1 and dim in (0, v.ndim - 1) and v.dtype in _FUSED_DTYPES and v.is_contiguous()
+               and v.device.type == "cpu")
     if fusable and not torch.compiler.is_compiling():  # a compiler fuses the plain formula itself
-        return _FusedWeightNorm.apply(gain, v, dim)
+        weight, norms = torch._weight_norm_interface(v, gain if gain.dtype == v.dtype else gain.to(v.dtype), dim)
+        if bool(norms.all()):  # no zero norm
+            return weight
     return compose_weight(gain, v, layout)
 
 
-class _FusedWeightNorm(torch.autograd.Function):
-    """torch's fused kernels, with the zero-norm case (NaN there) sent to the plain formula."""
-
-    @staticmethod
-    def forward(ctx, gain: Tensor, v: Tensor, dim: int) -> Tensor:
-        weight, norms = torch._weight_norm_interface(v, gain.to(v.dtype), dim)
-        zero = bool((norms == 0).any())
-        if zero:
-            weight = compose_weight(gain, v, UnitLayout(dim))
-        ctx.save_for_backward(gain, v, norms)
-        ctx.dim, ctx.zero = dim, zero
-        return weight
-
-    @staticmethod
-    def backward(ctx, grad_weight: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
-        gain, v, norms = ctx.saved_tensors
-        if ctx.zero:  # autograd through the safe formula
-            with torch.enable_grad():
-                gain_, v_ = gain.detach().requires_grad_(), v.detach().requires_grad_()
-                weight = compose_weight(gain_, v_, UnitLayout(ctx.dim))
-                grad_gain, grad_v = torch.autograd.grad(weight, (gain_, v_), grad_weight)
-            return grad_gain, grad_v, None
-        grad_v, grad_gain = torch.ops.aten._weight_norm_interface_backward(
-            grad_weight.contiguous(), v, gain.to(v.dtype), norms, ctx.dim)
-        return grad_gain.to(gain.dtype), grad_v, None
+OUTPUT_FORM_MIN_WEIGHT = 1 << 17  # elements: below this, the output form's extra ops cost more than it saves
 
 
-def prefer_output_form(rows: int, in_features: int) -> bool:
-    """Scale the output when few rows pass through the layer: at most a quarter of its fan-in.
+def prefer_output_form(rows: int, in_features: int, out_features: int) -> bool:
+    """Scale the output when the weight is large and few rows pass through the layer.
 
     The output form trades O(parameters) passes (building ``w`` and its gradient) for
-    O(rows x outputs) ones; measured on CPU (MLP 784-1024-1024-10, 1 thread) it wins clearly at
-    64 rows and breaks even around ``rows = in/4``.
+    O(rows x outputs) ones and a dozen more small ops.  Measured on CPU (1 thread, forward and
+    backward of one layer, ``tools/bench.py`` machine): it wins for weights of at least 2^17
+    elements (0.71-0.93 of the weight form's time from 512x256 to 1024x1024) while
+    ``rows <= in/4``, and loses on smaller weights (1.2-1.6 at 256x256 and below).
     """
-    return 4 * rows <= in_features
+    return 4 * rows <= in_features and in_features * out_features >= OUTPUT_FORM_MIN_WEIGHT
 
 
 class ScaledLinear(torch.autograd.Function):
-    """``y = (x @ v') * s + b``, ``s = g/||v||`` (``e^g/||v||`` with ``exp_scale``), no ``w`` built."""
+    """``y = (x @ v') * s + b``, ``s = g/||v||`` (``e^g/||v||`` with ``exp_scale``), no ``w`` built.
+
+    Shapes: ``x [..., in]``, ``v [out, in]``, ``g [out, 1]``, ``b [out]`` or None.  Norms and
+    scales are float32 (or wider); a zero direction gives a zero row and zero gradients.
+    """
 
     @staticmethod
     def forward(ctx, x: Tensor, g: Tensor, v: Tensor, bias: Tensor | None, exp_scale: bool) -> Tensor:
-        norms = unit_norm(v, UnitLayout(0)).view(-1)  # float32 or wider
-        safe = norms.masked_fill(norms == 0, 1.0)  # a zero direction gives a zero row, not NaN
-        gain = g.view(-1).to(norms.dtype)
-        scale = (gain.exp() if exp_scale else gain) / safe
+        wide = v.dtype in (torch.float16, torch.bfloat16)
+        norms = torch.linalg.vector_norm(v, dim=1, dtype=torch.float32) if wide else torch.linalg.vector_norm(v, dim=1)
+        safe = norms.masked_fill_(norms == 0, 1.0)  # a zero direction gives a zero row, not NaN
+        gain = g.view(-1)
+        if exp_scale:
+            gain = gain.exp()
+        scale = gain.to(safe.dtype) / safe
         u = F.linear(x, v)
-        y = u * scale.to(u.dtype) if bias is None else torch.addcmul(bias, u, scale.to(u.dtype))
+        scale_u = scale.to(u.dtype) if wide else scale
+        y = u * scale_u if bias is None else torch.addcmul(bias, u, scale_u)
         ctx.save_for_backward(x, g, v, safe, scale, u)
         ctx.exp_scale, ctx.has_bias = exp_scale, bias is not None
         return y
@@ -97,12 +94,13 @@ class ScaledLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y: Tensor):
         x, g, v, safe, scale, u = ctx.saved_tensors
-        grad_u = grad_y * scale.to(grad_y.dtype)
+        grad_u = grad_y * (scale.to(grad_y.dtype) if grad_y.dtype != scale.dtype else scale)
         grad_x = grad_u @ v if ctx.needs_input_grad[0] else None
-        rows_gy = grad_y.reshape(-1, grad_y.shape[-1])
-        grad_v = grad_u.reshape(-1, grad_u.shape[-1]).t() @ x.reshape(-1, x.shape[-1])  # the matmul gradient
-        grad_gain = (rows_gy * u.reshape(-1, u.shape[-1])).sum(0).to(safe.dtype) / safe  # dL/d(gain)
-        grad_v.addcmul_(v, (-(scale * grad_gain) / safe).to(v.dtype).unsqueeze(1))  # project out v
+        if grad_y.dim() != 2:  # rows of every leading dim
+            grad_y, grad_u, u, x = (t.reshape(-1, t.shape[-1]) for t in (grad_y, grad_u, u, x))
+        grad_v = grad_u.t() @ x  # the matmul gradient
+        grad_gain = torch.linalg.vecdot(grad_y, u, dim=0).to(safe.dtype).div_(safe)  # dL/d(gain)
+        grad_v.addcmul_(v, (grad_gain * scale).div_(safe).neg_().to(v.dtype).unsqueeze(1))  # project out v
         grad_g = grad_gain * scale * safe if ctx.exp_scale else grad_gain  # gain = e^g: times e^g
-        grad_bias = rows_gy.sum(0) if ctx.has_bias else None
+        grad_bias = grad_y.sum(0) if ctx.has_bias else None
         return grad_x, grad_g.view(g.shape).to(g.dtype), grad_v, grad_bias, None

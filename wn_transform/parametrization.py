@@ -52,14 +52,22 @@ class WeightNorm(nn.Module):
         self.dim = dim
         self.groups = groups
         self.exp_scale = exp_scale
+        self._layout = UnitLayout(dim, groups)
         if exp_scale:  # marks the state dict, so checkpoint tools know original0 holds s = log g
             self.register_buffer(EXP_SCALE_MARKER, torch.ones(()))
 
     @property
     def layout(self) -> UnitLayout:
-        return UnitLayout(self.dim, self.groups)
+        layout = self.__dict__.get("_layout")
+        if layout is None or (layout.dim, layout.groups) != (self.dim, self.groups):
+            layout = self.__dict__["_layout"] = UnitLayout(self.dim, self.groups)
+        return layout
+
+    direction_only = False  # set by the data-dependent init pass, which measures op(x, v) itself
 
     def forward(self, g: Tensor, v: Tensor) -> Tensor:
+        if self.direction_only:
+            return v
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return weight_norm_weight(g, v, self.layout, exp_scale=self.exp_scale)
         return self.cached_weight(g, v)
@@ -208,10 +216,11 @@ def _linear_forward(self: nn.Linear, input: Tensor) -> Tensor:
     chain = self._modules["parametrizations"]._modules["weight"]
     wn: WeightNorm = chain._modules["0"]
     g, v = chain._parameters["original0"], chain._parameters["original1"]
-    if not torch.is_grad_enabled():
+    compiling = torch.compiler.is_compiling()
+    if not torch.is_grad_enabled() and not compiling:
         weight = wn(g, v) if wn._forward_hooks else wn.cached_weight(g, v)
         return F.linear(input, weight, self.bias)
-    if (self.training and input.dim() > 0 and not torch.compiler.is_compiling()
-            and prefer_output_form(input.numel() // input.shape[-1], input.shape[-1])):
+    if (self.training and input.dim() > 0
+            and prefer_output_form(input.numel() // input.shape[-1], input.shape[-1], self.out_features)):
         return ScaledLinear.apply(input, g, v, self.bias, wn.exp_scale)
     return F.linear(input, wn(g, v), self.bias)
