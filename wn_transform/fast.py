@@ -83,7 +83,7 @@ class ScaledLinear(torch.autograd.Function):
         gain = g.view(-1)
         if exp_scale:
             gain = gain.exp()
-        scale = gain.to(safe.dtype) / safe
+        scale = (gain if gain.dtype == safe.dtype else gain.to(safe.dtype)) / safe
         u = F.linear(x, v)
         scale_u = scale.to(u.dtype) if wide else scale
         y = u * scale_u if bias is None else torch.addcmul(bias, u, scale_u)
@@ -99,8 +99,13 @@ class ScaledLinear(torch.autograd.Function):
         if grad_y.dim() != 2:  # rows of every leading dim
             grad_y, grad_u, u, x = (t.reshape(-1, t.shape[-1]) for t in (grad_y, grad_u, u, x))
         grad_v = grad_u.t() @ x  # the matmul gradient
-        grad_gain = torch.linalg.vecdot(grad_y, u, dim=0).to(safe.dtype).div_(safe)  # dL/d(gain)
-        grad_v.addcmul_(v, (grad_gain * scale).div_(safe).neg_().to(v.dtype).unsqueeze(1))  # project out v
+        grad_gain = torch.linalg.vecdot(grad_y, u, dim=0)  # dL/d(gain) * ||v||
+        if grad_gain.dtype != safe.dtype:
+            grad_gain = grad_gain.to(safe.dtype)
+        grad_gain = grad_gain.div_(safe)  # dL/d(gain)
+        coef = grad_gain * scale / safe  # project out v: grad_v -= (s * dL/dgain / ||v||) v, per row
+        grad_v.addcmul_(v, (coef if coef.dtype == v.dtype else coef.to(v.dtype)).unsqueeze(1), value=-1)
         grad_g = grad_gain * scale * safe if ctx.exp_scale else grad_gain  # gain = e^g: times e^g
         grad_bias = grad_y.sum(0) if ctx.has_bias else None
-        return grad_x, grad_g.view(g.shape).to(g.dtype), grad_v, grad_bias, None
+        grad_g = grad_g.view(g.shape)
+        return grad_x, grad_g if grad_g.dtype == g.dtype else grad_g.to(g.dtype), grad_v, grad_bias, None
