@@ -20,7 +20,8 @@ Workloads (the variants of each are defined in ``tools/bench_models.py``):
 8. ``apply_weight_norm(model, init="preserve")`` on 100/250/500/1000-layer MLPs of width 64;
 9. ONNX: ``wn_transform.export.export_onnx`` time, and onnxruntime latency of the folded
    export against the plain model's export, MLP and CNN at batch 1;
-10. workload 1 under ``torch.compile`` (inductor): plain, wn_transform and torch's weight_norm.
+10. and 11. workloads 1 and 2 under ``torch.compile`` (inductor): plain, wn_transform and
+    torch's weight_norm.
 
 Method.  ``torch.set_num_threads(--threads)`` (1 by default) and one inter-op thread.  Every
 case is warmed up, then the cases of a workload are timed interleaved, A B C, B C A, C A B, ...
@@ -446,6 +447,7 @@ def train_specs() -> list[TrainSpec]:
                    "torch_legacy needs a pre-hook on MultiheadAttention to fire out_proj's hook "
                    "(it never calls out_proj.forward)")),
         _mlp_spec("10", 64, 30.0, compile=True),
+        _mlp_spec("11", 1, 20.0, compile=True),
     ]
 
 
@@ -876,7 +878,7 @@ def workloads() -> list[Workload]:
     """All workloads, in table order."""
     train = {spec.key: Workload(spec.key, lambda ctx, spec=spec: run_train(spec, ctx)) for spec in train_specs()}
     return [*(train[k] for k in "1234"), Workload("5", run_memory), Workload("6", run_eval),
-            Workload("7", run_data_init), Workload("8", run_apply), Workload("9", run_onnx), train["10"]]
+            Workload("7", run_data_init), Workload("8", run_apply), Workload("9", run_onnx), train["10"], train["11"]]
 
 
 def run_workload(workload: Workload, ctx: Context) -> WorkloadResult:
