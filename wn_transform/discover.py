@@ -135,13 +135,15 @@ _EXPORT_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch.export", "tor
 
 @contextlib.contextmanager
 def _quiet(loggers: tuple[str, ...]) -> Iterator[None]:
-    """Silence torch's warnings (and the partial graph torch.export prints to stderr when it
-    fails) while a ladder step is tried: its failure goes into the report instead."""
+    """Silence torch's log messages and warnings (and the partial graph torch.export prints to
+    stderr when it fails) while a ladder step is tried: its failure goes into the report
+    instead.  The model's own warnings still reach the user from the real forward passes."""
     saved = [(logging.getLogger(name), logging.getLogger(name).level) for name in loggers]
     for logger, _ in saved:
         logger.setLevel(logging.ERROR)
     try:
-        with contextlib.redirect_stderr(io.StringIO()):
+        with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             yield
     finally:
         for logger, level in saved:
