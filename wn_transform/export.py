@@ -573,6 +573,10 @@ def _export_dynamo(model: nn.Module, inputs: _Inputs, output_names: list[str], o
         warnings.filterwarnings("ignore", r"# The axis name: (\S+) will not be used.* another axis: \1\.$",
                                 UserWarning)
         warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)", FutureWarning)
+        # ... and two about torch's own code: RNN modules' _flat_weights cache, and a deprecated
+        # helper in the graphs torch.export writes
+        warnings.filterwarnings("ignore", r"The tensor attributes .* were assigned during export", UserWarning)
+        warnings.filterwarnings("ignore", r"_check_is_size will be removed", FutureWarning)
         program = torch.onnx.export(
             model, _export_args(inputs), kwargs=inputs.kwargs or None, dynamo=True, opset_version=opset,
             dynamic_shapes=dynamic_shapes, input_names=inputs.names, output_names=output_names,
