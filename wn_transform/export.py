@@ -22,9 +22,7 @@
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import hashlib
 import inspect
 import io
 import math
@@ -48,6 +46,7 @@ from torch.utils._pytree import tree_flatten, tree_flatten_with_path, tree_leave
 
 from . import batch as batch_mod
 from .errors import WeightNormError
+from . import onnx_graph
 from .fold import fold_weight_norm
 
 __all__ = ["EXTERNAL_DATA_THRESHOLD", "ExportError", "ExportMismatchError", "ExportReport", "export_onnx"]
@@ -61,13 +60,6 @@ EXTERNAL_DATA_THRESHOLD = 1_500_000_000
 _PROTOBUF_LIMIT = 2**31 - 1
 _EXPORTERS = ("auto", "dynamo", "torchscript")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_TORCH_TO_ONNX_DTYPE = {
-    torch.float32: onnx.TensorProto.FLOAT, torch.float16: onnx.TensorProto.FLOAT16,
-    torch.bfloat16: onnx.TensorProto.BFLOAT16, torch.float64: onnx.TensorProto.DOUBLE,
-    torch.int8: onnx.TensorProto.INT8, torch.uint8: onnx.TensorProto.UINT8,
-    torch.int16: onnx.TensorProto.INT16, torch.int32: onnx.TensorProto.INT32,
-    torch.int64: onnx.TensorProto.INT64, torch.bool: onnx.TensorProto.BOOL,
-}
 
 
 class ExportError(WeightNormError):
@@ -275,12 +267,12 @@ def export_onnx(
         proto, used, fallback_reason = _export(folded, inputs, output_names, tmpdir, opset=opset,
                                                dynamic_batch=dynamic_batch, dynamic_shapes=dynamic_shapes,
                                                exporter=exporter, say=say)
-        renamed, unnamed = _restore_initializer_names(proto, state)
+        renamed, unnamed = onnx_graph.restore_initializer_names(proto, state)
         tmp_file = os.path.join(tmpdir, os.path.basename(target))
-        stats = _graph_stats(proto)
+        stats = onnx_graph.graph_stats(proto)
         if dynamic_batch and dynamic_shapes is None:
             _check_batch_axis(stats["inputs"], inputs)
-        _save(proto, tmp_file, os.path.basename(data_target) if use_external else None)
+        onnx_graph.save(proto, tmp_file, os.path.basename(data_target) if use_external else None)
         del proto
         timings["export"] = time.perf_counter() - start
 
@@ -654,138 +646,7 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
-# -- initializer names -----------------------------------------------------------------------
-
-
-def _restore_initializer_names(proto: onnx.ModelProto, state: Mapping[str, torch.Tensor],
-                               ) -> tuple[dict[str, str], list[str]]:
-    """Rename initializers the exporter named after an op back to their state-dict name.
-
-    An initializer is renamed to ``name`` when its dtype, shape and bytes equal those of the
-    state-dict entry ``name``, no other state-dict entry holds the same value, no other
-    initializer holds it either, and ``name`` is not already a value name in the model.
-    Returns the renames (old -> new) and the state-dict entries still without an initializer.
-    """
-    graph = proto.graph
-    init_names = {init.name for init in graph.initializer}
-    missing = [name for name, t in state.items() if name not in init_names and t.numel() > 0]
-    renamed: dict[str, str] = {}
-    if missing:
-        wanted: dict[tuple, list[str]] = collections.defaultdict(list)
-        shapes = set()
-        for name in missing:
-            key = _tensor_key(state[name])
-            if key is not None:
-                wanted[key].append(name)
-                shapes.add(key[:2])
-        # a value that a present entry holds too is ambiguous
-        for name, tensor in state.items():
-            if name in init_names and (_TORCH_TO_ONNX_DTYPE.get(tensor.dtype), tuple(tensor.shape)) in shapes:
-                key = _tensor_key(tensor)
-                if key in wanted:
-                    wanted[key].append(name)
-        found: dict[tuple, list[str]] = collections.defaultdict(list)
-        for init in graph.initializer:
-            if init.name in state or (init.data_type, tuple(init.dims)) not in shapes:
-                continue
-            found[_initializer_key(init)].append(init.name)
-        taken = _value_names(graph)
-        mapping = {}
-        for key, names in wanted.items():
-            if len(names) == 1 and len(found.get(key, ())) == 1 and names[0] not in taken:
-                mapping[found[key][0]] = names[0]
-        if mapping:
-            _rename_values(graph, mapping)
-            renamed = mapping
-    init_names = {init.name for init in graph.initializer}
-    kept = {_alias_key(t) for name, t in state.items() if name in init_names}
-    unnamed = [name for name, t in state.items()
-               if name not in init_names and t.numel() > 0 and _alias_key(t) not in kept]  # tied weights: once
-    return renamed, unnamed
-
-
-def _alias_key(tensor: torch.Tensor) -> tuple:
-    return tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride()
-
-
-def _tensor_key(tensor: torch.Tensor) -> tuple | None:
-    dtype = _TORCH_TO_ONNX_DTYPE.get(tensor.dtype)
-    if dtype is None:
-        return None
-    data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-    return dtype, tuple(tensor.shape), hashlib.sha256(data).hexdigest()
-
-
-def _initializer_key(init: onnx.TensorProto) -> tuple:
-    array = onnx.numpy_helper.to_array(init)
-    data = np.ascontiguousarray(array).tobytes()
-    return init.data_type, tuple(init.dims), hashlib.sha256(data).hexdigest()
-
-
-def _value_names(graph: onnx.GraphProto) -> set[str]:
-    names = {v.name for v in (*graph.input, *graph.output, *graph.value_info)}
-    names.update(init.name for init in graph.initializer)
-    for node in graph.node:
-        names.update(node.input)
-        names.update(node.output)
-        for attr in node.attribute:
-            for sub in (*([attr.g] if attr.HasField("g") else []), *attr.graphs):
-                names |= _value_names(sub)
-    return names
-
-
-def _rename_values(graph: onnx.GraphProto, mapping: Mapping[str, str]) -> None:
-    """Rename values everywhere they are named: initializers, nodes, subgraphs, graph I/O."""
-    for init in graph.initializer:
-        if init.name in mapping:
-            init.name = mapping[init.name]
-    for value in (*graph.input, *graph.output, *graph.value_info):
-        if value.name in mapping:
-            value.name = mapping[value.name]
-    for node in graph.node:
-        for i, name in enumerate(node.input):
-            if name in mapping:
-                node.input[i] = mapping[name]
-        for attr in node.attribute:
-            for sub in (*([attr.g] if attr.HasField("g") else []), *attr.graphs):
-                _rename_values(sub, mapping)
-
-
-# -- writing and checking ------------------------------------------------------------------
-
-
-def _graph_stats(proto: onnx.ModelProto) -> dict[str, Any]:
-    graph = proto.graph
-    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
-    counts = collections.Counter(node.op_type for node in graph.node)
-    nbytes = 0
-    for init in graph.initializer:
-        if init.data_type != onnx.TensorProto.STRING:
-            itemsize = onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
-            nbytes += itemsize * math.prod(init.dims)
-    return {
-        "opset": opset,
-        "node_counts": dict(sorted(counts.items(), key=lambda item: (-item[1], item[0]))),
-        "initializer_count": len(graph.initializer),
-        "initializer_bytes": nbytes,
-        "inputs": {v.name: _value_shape(v) for v in graph.input},
-        "outputs": {v.name: _value_shape(v) for v in graph.output},
-    }
-
-
-def _value_shape(value: onnx.ValueInfoProto) -> list[int | str]:
-    dims = value.type.tensor_type.shape.dim
-    return [d.dim_param if d.HasField("dim_param") else (d.dim_value if d.HasField("dim_value") else "?")
-            for d in dims]
-
-
-def _save(proto: onnx.ModelProto, file: str, data_name: str | None) -> None:
-    """Write ``proto`` to ``file``: self-contained, or with every weight in ``data_name`` beside it."""
-    if data_name is None:
-        onnx.save_model(proto, file)
-    else:
-        onnx.save_model(proto, file, save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=0)
+# -- checking ------------------------------------------------------------------------------
 
 
 def _check_batch_axis(graph_inputs: dict[str, list[int | str]], inputs: _Inputs) -> None:
@@ -890,7 +751,7 @@ def _state_bytes(state: Mapping[str, torch.Tensor]) -> int:
     """Bytes of the distinct tensors of a state dict (tied weights counted once)."""
     seen, total = set(), 0
     for tensor in state.values():
-        key = _alias_key(tensor)
+        key = onnx_graph.alias_key(tensor)
         if key not in seen:
             seen.add(key)
             total += tensor.numel() * tensor.element_size()
