@@ -6,6 +6,8 @@ concatenated batch, and a DDP/FSDP step must equal a single-process step on the 
 
 from __future__ import annotations
 
+import gc
+import os
 from pathlib import Path
 
 import torch
@@ -40,25 +42,35 @@ def _step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
     optimizer.step()
 
 
+def _work(rank: int, out: str, wrapper: str) -> None:
+    x, y = _data()
+    shard = slice(rank * 16, (rank + 1) * 16)
+    model = _init(_model(), x[shard], seed=100 + rank)  # rank 1's draw must be replaced by rank 0's
+    torch.save(model.state_dict(), f"{out}/init{rank}.pt")
+    if wrapper == "ddp":
+        _step(nn.parallel.DistributedDataParallel(model), x[shard], y[shard])
+        torch.save(model.state_dict(), f"{out}/step{rank}.pt")
+    else:
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model)
+        _step(model, x[shard], y[shard])
+        full = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
+        torch.save(full, f"{out}/step{rank}.pt")
+
+
 def _worker(rank: int, store: str, out: str, wrapper: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
-        x, y = _data()
-        shard = slice(rank * 16, (rank + 1) * 16)
-        model = _init(_model(), x[shard], seed=100 + rank)  # rank 1's draw must be replaced by rank 0's
-        torch.save(model.state_dict(), f"{out}/init{rank}.pt")
-        if wrapper == "ddp":
-            _step(nn.parallel.DistributedDataParallel(model), x[shard], y[shard])
-            torch.save(model.state_dict(), f"{out}/step{rank}.pt")
-        else:
-            from torch.distributed.fsdp import fully_shard
-
-            fully_shard(model)
-            _step(model, x[shard], y[shard])
-            full = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
-            torch.save(full, f"{out}/step{rank}.pt")
+        _work(rank, out, wrapper)
+        dist.barrier()  # both ranks are done with every collective
+        gc.collect()  # ... and the model, FSDP's state and their pending work objects are gone
     finally:
         dist.destroy_process_group()
+    # Leave without interpreter teardown: gloo worker threads that still hold tensors can abort
+    # the process there ("terminate called without an active exception", pytorch#179291), after
+    # the results are written.
+    os._exit(0)
 
 
 def _run(tmp_path: Path, wrapper: str) -> tuple[list[dict], list[dict]]:
