@@ -222,26 +222,28 @@ class _CalibrationMode(TorchFunctionMode):
         """From ``t_raw = op(x, v)``, the statistics of ``t = t_raw/||v||`` per unit; set
         ``g[units]`` to ``s/sigma`` and the bias to ``-s*mu/sigma`` (or, behind a mean-only batch
         norm, its running mean to ``s*mu/sigma``)."""
-        mean, var = unit_moments(t_raw, unit_dim, self.group)
+        mean, var = unit_moments(t_raw, unit_dim, self.group)  # of t' = t * ||v||
         norms = unit_norm(state.v, state.wn.layout).reshape(-1)[units].to(mean.dtype)
-        norms = torch.where(norms > 0, norms, torch.ones_like(norms))  # a zero direction: t = 0
-        mean, std = mean / norms, var.sqrt() / norms
-        constant = std <= _CONSTANT_STD * (mean.abs() + 1)
+        norms = norms.masked_fill(norms == 0, 1.0)  # a zero direction gives t' = 0: any norm will do
+        std = var.sqrt()  # sigma[t] * ||v||
+        constant = std <= _CONSTANT_STD * (mean.abs() + norms)  # sigma[t] <= eps (|mu[t]| + 1)
         if constant.any():
             qualname = state.target.qualname
             self.notes.constant_units[qualname] = self.notes.constant_units.get(qualname, 0) + int(constant.sum())
-            std = torch.where(constant, torch.ones_like(std), std)
-        scale = self.init_scale / std
+            std = torch.where(constant, norms, std)  # take sigma[t] = 1: g = s, b = -s mu[t]
+        gain = std.reciprocal_().mul_(self.init_scale)  # s / (sigma[t] ||v||)
+        scale = gain * norms  # g = s / sigma[t]
+        shift = mean * gain  # s mu[t] / sigma[t]
         state.g.view(-1)[units] = scale.log() if state.wn.exp_scale else scale
         norm = state.mean_only_bn
         if norm is not None:  # the norm centres the output: its running mean is the mean of g*t
-            state.running_mean = (mean * scale).to(norm.running_mean.dtype)
+            state.running_mean = shift.to(norm.running_mean.dtype)
             norm.running_mean.copy_(state.running_mean)
             if norm.bias is not None:
                 norm.bias.zero_()
         elif bias is not None:
             if id(bias) in self.param_ids or (bias._base is not None and id(bias._base) in self.param_ids):
-                bias.copy_(-mean * scale)
+                bias.copy_(shift.neg_())
             else:
                 self.notes.bias_not_set.append(state.target.qualname)
         if units == slice(None):

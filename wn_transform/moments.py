@@ -29,7 +29,7 @@ def resolve_group(distributed: bool | dist.ProcessGroup | None) -> dist.ProcessG
 
 
 def unit_moments(t: Tensor, unit_dim: int, group: dist.ProcessGroup | None = None) -> tuple[Tensor, Tensor]:
-    """``(mean, var)`` per unit of ``t`` (units on ``unit_dim``), in float64."""
+    """``(mean, var)`` per unit of ``t`` (units on ``unit_dim``): float32 (float64 across ranks)."""
     unit_dim %= t.ndim
     reduce = [d for d in range(t.ndim) if d != unit_dim]
     if group is None:  # two passes in float32 (at least): accurate, and no float64 copy of t
@@ -37,7 +37,7 @@ def unit_moments(t: Tensor, unit_dim: int, group: dist.ProcessGroup | None = Non
         count = x.numel() // x.shape[unit_dim]
         mean = x.sum(dim=reduce, keepdim=True) / count  # sum(): much faster than var_mean on CPU
         var = (x - mean).square().sum(dim=reduce) / count
-        return mean.reshape(-1).double(), var.double()
+        return mean.reshape(-1), var
     t64 = t.double()
     count = torch.tensor([t.numel() / t.shape[unit_dim]], dtype=torch.float64, device=t.device)
     packed = torch.cat([count, t64.sum(dim=reduce), t64.square().sum(dim=reduce)])
