@@ -70,6 +70,30 @@ def test_output_form_matches_the_weight_form(x_shape: tuple[int, ...], bias: boo
         torch.testing.assert_close(a, r)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_output_form_in_half_precision_follows_the_float64_formula(dtype: torch.dtype) -> None:
+    """Norms and scales in float32, activations in ``dtype``: within that dtype's rounding."""
+    torch.manual_seed(0)
+    x, v = torch.randn(6, 64).to(dtype), torch.randn(32, 64).to(dtype)
+    g, b = (torch.rand(32, 1) + 0.5).to(dtype), torch.randn(32).to(dtype)
+    grad_y = torch.randn(6, 32)
+
+    def run(fn, *tensors):
+        leaves = [t.detach().clone().requires_grad_() for t in tensors]
+        out = fn(*leaves, False)
+        out.backward(grad_y.to(out.dtype))
+        return out.detach(), [leaf.grad for leaf in leaves]
+
+    fast, fast_grads = run(ScaledLinear.apply, x, g, v, b)
+    ref, ref_grads = run(_linear_reference, *(t.double() for t in (x, g, v, b)))
+    tolerance = {"rtol": 0, "atol": 0.03 if dtype == torch.bfloat16 else 0.004}
+    assert fast.dtype == dtype and all(t.dtype == dtype for t in fast_grads)
+    torch.testing.assert_close(fast.double(), ref, **tolerance)
+    for a, r in zip(fast_grads, ref_grads):
+        scale = r.abs().max()
+        torch.testing.assert_close(a.double() / scale, r / scale, **tolerance)
+
+
 def test_output_form_with_zero_scale_and_zero_direction_rows() -> None:
     """g = 0 (the scale's gradient must not be lost) and v = 0 (no NaN) in the same layer."""
     torch.manual_seed(0)
