@@ -39,8 +39,8 @@ from . import batch as batch_mod
 from .discover import preserved_state
 from .mean_only_bn import MeanOnlyBatchNorm, mean_only_bn_of
 from .moments import unit_moments
-from .ops import SIGNATURES, op_name, view_dims, weight_use
 from .norm import unit_norm
+from .ops import SIGNATURES, op_name, view_dims, weight_use
 from .parametrization import WeightNorm, no_weight_cache, weight_norm_of
 from .targets import Target
 

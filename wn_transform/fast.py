@@ -25,11 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .norm import UnitLayout, compose_weight
+from .norm import UnitLayout, compose_weight, unit_norm
 
 __all__ = ["ScaledLinear", "prefer_output_form", "weight_norm_weight"]
 
 _FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+_ROWS = UnitLayout(0)  # nn.Linear: one unit per row of [out, in]
 
 
 def weight_norm_weight(g: Tensor, v: Tensor, layout: UnitLayout, *, exp_scale: bool = False) -> Tensor:
@@ -47,7 +48,7 @@ def weight_norm_weight(g: Tensor, v: Tensor, layout: UnitLayout, *, exp_scale: b
     fusable = (layout.groups == 1 and dim in (0, v.ndim - 1) and v.dtype in _FUSED_DTYPES and v.is_contiguous()
                and v.device.type == "cpu")
     if fusable and not torch.compiler.is_compiling():  # a compiler fuses the plain formula itself
-        weight, norms = torch._weight_norm_interface(v, gain if gain.dtype == v.dtype else gain.to(v.dtype), dim)
+        weight, norms = torch._weight_norm_interface(v, gain.to(v.dtype), dim)
         if bool(norms.all()):  # no zero norm
             return weight
     return compose_weight(gain, v, layout)
@@ -77,16 +78,12 @@ class ScaledLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, g: Tensor, v: Tensor, bias: Tensor | None, exp_scale: bool) -> Tensor:
-        wide = v.dtype in (torch.float16, torch.bfloat16)
-        norms = torch.linalg.vector_norm(v, dim=1, dtype=torch.float32) if wide else torch.linalg.vector_norm(v, dim=1)
+        norms = unit_norm(v, _ROWS).view(-1)  # float32 or wider
         safe = norms.masked_fill_(norms == 0, 1.0)  # a zero direction gives a zero row, not NaN
-        gain = g.view(-1)
-        if exp_scale:
-            gain = gain.exp()
-        scale = (gain if gain.dtype == safe.dtype else gain.to(safe.dtype)) / safe
+        gain = g.view(-1).to(safe.dtype)
+        scale = (gain.exp() if exp_scale else gain) / safe
         u = F.linear(x, v)
-        scale_u = scale.to(u.dtype) if wide else scale
-        y = u * scale_u if bias is None else torch.addcmul(bias, u, scale_u)
+        y = u * scale.to(u.dtype) if bias is None else torch.addcmul(bias, u, scale.to(u.dtype))
         ctx.save_for_backward(x, g, v, safe, scale, u)
         ctx.exp_scale, ctx.has_bias = exp_scale, bias is not None
         return y
@@ -94,18 +91,14 @@ class ScaledLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y: Tensor):
         x, g, v, safe, scale, u = ctx.saved_tensors
-        grad_u = grad_y * (scale.to(grad_y.dtype) if grad_y.dtype != scale.dtype else scale)
+        grad_u = grad_y * scale.to(grad_y.dtype)
         grad_x = grad_u @ v if ctx.needs_input_grad[0] else None
         if grad_y.dim() != 2:  # rows of every leading dim
             grad_y, grad_u, u, x = (t.reshape(-1, t.shape[-1]) for t in (grad_y, grad_u, u, x))
         grad_v = grad_u.t() @ x  # the matmul gradient
-        grad_gain = torch.linalg.vecdot(grad_y, u, dim=0)  # dL/d(gain) * ||v||
-        if grad_gain.dtype != safe.dtype:
-            grad_gain = grad_gain.to(safe.dtype)
-        grad_gain = grad_gain.div_(safe)  # dL/d(gain)
+        grad_gain = torch.linalg.vecdot(grad_y, u, dim=0).to(safe.dtype) / safe  # dL/d(gain)
         coef = grad_gain * scale / safe  # project out v: grad_v -= (s * dL/dgain / ||v||) v, per row
-        grad_v.addcmul_(v, (coef if coef.dtype == v.dtype else coef.to(v.dtype)).unsqueeze(1), value=-1)
+        grad_v.addcmul_(v, coef.to(v.dtype).unsqueeze(1), value=-1)
         grad_g = grad_gain * scale * safe if ctx.exp_scale else grad_gain  # gain = e^g: times e^g
         grad_bias = grad_y.sum(0) if ctx.has_bias else None
-        grad_g = grad_g.view(g.shape)
-        return grad_x, grad_g if grad_g.dtype == g.dtype else grad_g.to(g.dtype), grad_v, grad_bias, None
+        return grad_x, grad_g.view(g.shape).to(g.dtype), grad_v, grad_bias, None

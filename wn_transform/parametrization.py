@@ -49,19 +49,18 @@ class WeightNorm(nn.Module):
 
     def __init__(self, dim: int = 0, groups: int = 1, *, exp_scale: bool = False) -> None:
         super().__init__()
-        self.dim = dim
-        self.groups = groups
+        self.layout = UnitLayout(dim, groups)
         self.exp_scale = exp_scale
-        self._layout = UnitLayout(dim, groups)
         if exp_scale:  # marks the state dict, so checkpoint tools know original0 holds s = log g
             self.register_buffer(EXP_SCALE_MARKER, torch.ones(()))
 
     @property
-    def layout(self) -> UnitLayout:
-        layout = self.__dict__.get("_layout")
-        if layout is None or (layout.dim, layout.groups) != (self.dim, self.groups):
-            layout = self.__dict__["_layout"] = UnitLayout(self.dim, self.groups)
-        return layout
+    def dim(self) -> int:
+        return self.layout.dim
+
+    @property
+    def groups(self) -> int:
+        return self.layout.groups
 
     direction_only = False  # set by the data-dependent init pass, which measures op(x, v) itself
 
