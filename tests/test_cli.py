@@ -116,6 +116,13 @@ def test_apply_with_calibration_file_and_preserve(tmp_path: Path) -> None:
     result = cli("apply", "--model", MODEL, "--calib", str(calib), "-o", str(out))
     assert result.returncode == 0, result.stderr
     assert "init=data" in result.stdout and any(k.endswith("original0") for k in load_file(out))
+    fast = tmp_path / "wn_fast.safetensors"
+    result = cli("apply", "--model", MODEL, "--calib", str(calib), "--fast-init", "-o", str(fast))
+    assert result.returncode == 0, result.stderr
+    exact, quick = load_file(out), load_file(fast)
+    assert exact.keys() == quick.keys()
+    for key in exact:  # a shallow model: the fast init sets the exact init's values
+        torch.testing.assert_close(quick[key], exact[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
 @pytest.mark.parametrize(

@@ -39,13 +39,18 @@ def _per_unit(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, var.sqrt()
 
 
+EXACT = pytest.mark.parametrize("exact_init", [True, False], ids=["exact", "fast"])
+
+
+@EXACT
 @pytest.mark.parametrize("init_scale", [1.0, 0.5])
 @pytest.mark.parametrize("exp_scale", [False, True], ids=["g", "exp"])
-def test_every_layer_of_a_deep_mlp_starts_at_zero_mean_and_std_s(init_scale: float, exp_scale: bool) -> None:
+def test_every_layer_of_a_deep_mlp_starts_at_zero_mean_and_std_s(init_scale: float, exp_scale: bool,
+                                                                  exact_init: bool) -> None:
     torch.manual_seed(0)
     model = _deep_mlp()
     batch = torch.randn(256, 10) * 3 + 1
-    out = wn.apply_weight_norm(model, batch, init_scale=init_scale, exp_scale=exp_scale)
+    out = wn.apply_weight_norm(model, batch, init_scale=init_scale, exp_scale=exp_scale, exact_init=exact_init)
     pre = _pre_activations(out, batch, (nn.Linear,))
     assert len(pre) == 12
     for name, value in pre.items():
@@ -54,26 +59,28 @@ def test_every_layer_of_a_deep_mlp_starts_at_zero_mean_and_std_s(init_scale: flo
         torch.testing.assert_close(std, torch.full_like(std, init_scale), atol=1e-4, rtol=0, msg=name)
 
 
-def test_conv_net_statistics_are_per_channel_over_batch_and_positions() -> None:
+@EXACT
+def test_conv_net_statistics_are_per_channel_over_batch_and_positions(exact_init: bool) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=4), nn.ReLU(),
         nn.ConvTranspose2d(8, 6, 2, stride=2, groups=2),
     )
     batch = torch.randn(32, 3, 10, 10)
-    out = wn.apply_weight_norm(model, batch)
+    out = wn.apply_weight_norm(model, batch, exact_init=exact_init)
     for name, value in _pre_activations(out, batch, (nn.Conv2d, nn.ConvTranspose2d)).items():
         mean, std = _per_unit(value)
         torch.testing.assert_close(mean, torch.zeros_like(mean), atol=1e-5, rtol=0, msg=name)
         torch.testing.assert_close(std, torch.ones_like(std), atol=1e-4, rtol=0, msg=name)
 
 
-def test_g_and_b_follow_the_paper_formula_on_the_first_layer() -> None:
+@EXACT
+def test_g_and_b_follow_the_paper_formula_on_the_first_layer(exact_init: bool) -> None:
     """g = 1/sigma[t], b = -mu[t]/sigma[t] with t = v.x/||v|| computed by hand."""
     torch.manual_seed(0)
     layer = nn.Linear(5, 4)
     batch = torch.randn(64, 5)
-    out = wn.apply_weight_norm(nn.Sequential(layer), batch)[0]
+    out = wn.apply_weight_norm(nn.Sequential(layer), batch, exact_init=exact_init)[0]
     v = layer.weight.detach()
     t = batch @ (v / v.norm(dim=1, keepdim=True)).T
     sigma = t.std(dim=0, unbiased=False)
@@ -82,17 +89,23 @@ def test_g_and_b_follow_the_paper_formula_on_the_first_layer() -> None:
     torch.testing.assert_close(out.parametrizations.weight.original1, v)  # direction kept
 
 
-def test_a_layer_without_bias_gets_only_g() -> None:
+@EXACT
+def test_a_layer_without_bias_gets_only_g(exact_init: bool) -> None:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 5, bias=False))
+    model = nn.Sequential(nn.Linear(6, 5, bias=False), nn.ReLU(), nn.Linear(5, 4))
     batch = torch.randn(128, 6) + 2
-    out = wn.apply_weight_norm(model, batch)
-    mean, std = _per_unit(out(batch).detach())
+    out = wn.apply_weight_norm(model, batch, exact_init=exact_init)
+    pre = _pre_activations(out, batch, (nn.Linear,))
+    mean, std = _per_unit(pre["0"])
     torch.testing.assert_close(std, torch.ones_like(std), atol=1e-4, rtol=0)
     assert mean.abs().min() > 0.1  # not centred: there is no bias to centre it
+    mean, std = _per_unit(pre["2"])  # the next layer was calibrated on the uncentred output
+    torch.testing.assert_close(mean, torch.zeros_like(mean), atol=1e-5, rtol=0)
+    torch.testing.assert_close(std, torch.ones_like(std), atol=1e-4, rtol=0)
 
 
-def test_functional_linear_and_attention_are_calibrated() -> None:
+@EXACT
+def test_functional_linear_and_attention_are_calibrated(exact_init: bool) -> None:
     class Model(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -106,7 +119,7 @@ def test_functional_linear_and_attention_are_calibrated() -> None:
 
     torch.manual_seed(0)
     batch = torch.randn(5, 16, 6)  # (L, N, E): MHA is sequence-first here
-    out = wn.apply_weight_norm(Model(), batch)
+    out = wn.apply_weight_norm(Model(), batch, exact_init=exact_init)
     h = F.linear(batch, out.w, out.b).detach()
     mean, std = _per_unit(h.reshape(-1, 8))
     torch.testing.assert_close(std, torch.ones_like(std), atol=1e-4, rtol=0)
@@ -118,6 +131,46 @@ def test_functional_linear_and_attention_are_calibrated() -> None:
     final = out(batch).detach()
     mean, std = _per_unit(final.reshape(-1, 8))  # the output projection's pre-activation
     torch.testing.assert_close(std, torch.ones_like(std), atol=1e-4, rtol=0)
+
+
+class _CountMatmuls(torch.overrides.TorchFunctionMode):
+    """Counts the linear/matmul/conv calls it sees (those the calibration pass itself runs)."""
+
+    NAMES = frozenset({"linear", "matmul", "mm", "addmm", "conv1d", "conv2d"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += getattr(func, "__name__", "") in self.NAMES
+        return func(*args, **(kwargs or {}))
+
+
+class _LinearConvLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.conv, self.out = nn.Linear(10, 16), nn.Conv1d(16, 12, 1), nn.Linear(12, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(torch.relu(self.inp(x)).unsqueeze(-1)))
+        return self.out(h.squeeze(-1))
+
+
+@pytest.mark.parametrize(("exact_init", "ops_per_layer"), [(True, 2), (False, 1)], ids=["exact", "fast"])
+def test_the_fast_init_runs_each_op_once_and_gives_the_exact_init_values(exact_init: bool, ops_per_layer: int) -> None:
+    """The fast init hands on g*t + b instead of re-running the op; on a shallow model the
+    values it sets match the exact init's to float rounding."""
+    torch.manual_seed(0)
+    model = _LinearConvLinear()
+    batch = torch.randn(64, 10)
+    reference = wn.apply_weight_norm(model, batch)
+    counter = _CountMatmuls()
+    with counter:
+        out = wn.apply_weight_norm(model, batch, exact_init=exact_init)
+    assert counter.count == 3 * ops_per_layer
+    for (name, got), expected in zip(out.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_one_forward_pass_for_the_whole_model() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -159,3 +161,98 @@ def test_the_cached_eval_weight_follows_every_change_to_g_and_v() -> None:
         torch.testing.assert_close(model(x), expected())
         model.double()  # dtype changed
         torch.testing.assert_close(model(x.double()), expected(x.double()))
+
+
+# -- the direct weight getter and the per-call memo ------------------------------------------
+
+
+class _Double(nn.Module):
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return 2 * w
+
+
+def _conv() -> nn.Module:
+    torch.manual_seed(0)
+    return wn.apply_weight_norm(nn.Sequential(nn.Conv2d(3, 4, 3)), init="preserve")[0]
+
+
+def _formula(module: nn.Module) -> torch.Tensor:
+    chain = module.parametrizations.weight
+    return compose_weight(chain.original0, chain.original1, UnitLayout(0))
+
+
+def test_the_direct_getter_computes_the_formula_with_and_without_grad() -> None:
+    conv = _conv()
+    torch.testing.assert_close(conv.weight, _formula(conv))
+    with torch.no_grad():
+        torch.testing.assert_close(conv.weight, _formula(conv))
+
+
+def test_the_direct_getter_honours_torch_parametrize_cached() -> None:
+    conv = _conv()
+    assert conv.weight is not conv.weight
+    with torch.nn.utils.parametrize.cached():
+        assert conv.weight is conv.weight  # torch's cache, as for any parametrization
+
+
+def test_the_direct_getter_honours_a_parametrization_stacked_on_ours() -> None:
+    conv = _conv()
+    expected = 2 * _formula(conv)
+    torch.nn.utils.parametrize.register_parametrization(conv, "weight", _Double())
+    torch.testing.assert_close(conv.weight, expected)
+    torch.testing.assert_close(conv(torch.ones(1, 3, 3, 3)), F.conv2d(torch.ones(1, 3, 3, 3), expected, conv.bias))
+
+
+@pytest.mark.parametrize("where", ["own", "global"])
+def test_the_direct_getter_runs_the_hooks_of_the_parametrization(where: str) -> None:
+    conv = _conv()
+    seen: list[type] = []
+    hook = lambda module, args, out: seen.append(type(module))  # noqa: E731
+    wn_module = conv.parametrizations.weight[0]
+    handle = (wn_module.register_forward_hook(hook) if where == "own"
+              else torch.nn.modules.module.register_module_forward_hook(hook))
+    try:
+        conv.weight
+    finally:
+        handle.remove()
+    assert type(wn_module) in seen
+
+
+def _attention_pair() -> tuple[nn.MultiheadAttention, nn.MultiheadAttention]:
+    torch.manual_seed(0)
+    plain = nn.MultiheadAttention(8, 2, batch_first=True)
+    ours = wn.apply_weight_norm(nn.Sequential(plain), init="preserve")[0]
+    reference = torch.nn.utils.parametrizations.weight_norm(copy.deepcopy(plain), "in_proj_weight")
+    torch.nn.utils.parametrizations.weight_norm(reference.out_proj)
+    return ours.train(), reference.train()
+
+
+def test_attention_computes_each_weight_once_per_training_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    import wn_transform.parametrization as parametrization
+
+    ours, _ = _attention_pair()
+    calls: list[tuple[int, ...]] = []
+    original = parametrization.weight_norm_weight
+
+    def counting(g, v, layout, *, exp_scale=False):
+        calls.append(tuple(v.shape))
+        return original(g, v, layout, exp_scale=exp_scale)
+
+    monkeypatch.setattr(parametrization, "weight_norm_weight", counting)
+    x = torch.randn(2, 5, 8)
+    ours(x, x, x)[0].sum().backward()
+    assert sorted(calls) == [(8, 8), (24, 8)]  # torch's MultiheadAttention reads in_proj_weight 3 times
+
+
+def test_attention_outputs_and_gradients_match_torch_weight_norm_across_calls() -> None:
+    """Two forward/backward pairs before a step (gradient accumulation): the memo lives for one
+    call only, so the second call builds a fresh graph; values match torch's weight_norm."""
+    ours, reference = _attention_pair()
+    x = torch.randn(2, 5, 8)
+    for _ in range(2):
+        for model in (ours, reference):
+            model(x, x, x)[0].square().sum().backward()
+    torch.testing.assert_close(ours(x, x, x)[0], reference(x, x, x)[0])
+    got = dict(ours.named_parameters())  # torch's keys: parametrizations.<name>.original0 (g), original1 (v)
+    for name, param in reference.named_parameters():
+        torch.testing.assert_close(got[name].grad, param.grad, msg=name)

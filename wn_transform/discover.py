@@ -227,7 +227,8 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         for module, training in modes:
-            module.training = training
+            if module.training != training:  # Module.__setattr__ is slow: only where eval() changed it
+                module.training = training
         with torch.no_grad():
             for buf, saved in buffers:
                 if buf.shape == saved.shape:

@@ -45,11 +45,11 @@ def weight_norm_weight(g: Tensor, v: Tensor, layout: UnitLayout, *, exp_scale: b
     """
     gain = g.exp() if exp_scale else g
     dim = layout.dim % v.ndim
-    fusable = (layout.groups == 1 and dim in (0, v.ndim - 1) and v.dtype in _FUSED_DTYPES and v.is_contiguous()
-               and v.device.type == "cpu")
+    fusable = (layout.groups == 1 and (dim == 0 or dim == v.ndim - 1) and v.device.type == "cpu"
+               and v.dtype in _FUSED_DTYPES and v.is_contiguous())
     if fusable and not torch.compiler.is_compiling():  # a compiler fuses the plain formula itself
-        weight, norms = torch._weight_norm_interface(v, gain.to(v.dtype), dim)
-        if bool(norms.all()):  # no zero norm
+        weight, norms = torch._weight_norm_interface(v, gain if gain.dtype == v.dtype else gain.to(v.dtype), dim)
+        if norms.min().item() > 0:  # no zero norm (a reduction and a read, cheaper than all())
             return weight
     return compose_weight(gain, v, layout)
 

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["resolve_group", "unit_moments"]
+__all__ = ["centre_", "resolve_group"]
 
 def resolve_group(distributed: bool | dist.ProcessGroup | None) -> dist.ProcessGroup | None:
     """``None``: the default group when ``torch.distributed`` runs with more than one rank;
@@ -28,20 +28,30 @@ def resolve_group(distributed: bool | dist.ProcessGroup | None) -> dist.ProcessG
     return distributed
 
 
-def unit_moments(t: Tensor, unit_dim: int, group: dist.ProcessGroup | None = None) -> tuple[Tensor, Tensor]:
-    """``(mean, var)`` per unit of ``t`` (units on ``unit_dim``): float32 (float64 across ranks)."""
+def centre_(t: Tensor, unit_dim: int, group: dist.ProcessGroup | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """``(t - mean, mean, var)`` per unit of ``t`` (units on ``unit_dim``; biased variance).
+
+    ``t - mean`` is ``t`` itself, centred in place, when ``t`` is float32/float64 (a float32
+    copy for half precision): the caller owns ``t``.  Two passes (mean, then the squares of the
+    centred values) in float32 at least: accurate, and no float64 copy of ``t``.  Across ranks,
+    the per-unit counts, sums and sums of squares are reduced in float64, and mean and var are
+    float64.
+    """
     unit_dim %= t.ndim
     reduce = [d for d in range(t.ndim) if d != unit_dim]
-    if group is None:  # two passes in float32 (at least): accurate, and no float64 copy of t
-        x = t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+    shape = [1] * t.ndim
+    shape[unit_dim] = -1
+    x = t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+    if group is None:
         count = x.numel() // x.shape[unit_dim]
-        mean = x.sum(dim=reduce, keepdim=True) / count  # sum(): much faster than var_mean on CPU
-        var = (x - mean).square().sum(dim=reduce) / count
-        return mean.reshape(-1), var
-    t64 = t.double()
-    count = torch.tensor([t.numel() / t.shape[unit_dim]], dtype=torch.float64, device=t.device)
+        mean = x.sum(dim=reduce).div_(count)  # sum(): much faster than var_mean on CPU
+        centred = x.sub_(mean.view(shape))
+        return centred, mean, centred.square().sum(dim=reduce).div_(count)
+    t64 = x.double()
+    count = torch.tensor([x.numel() / x.shape[unit_dim]], dtype=torch.float64, device=x.device)
     packed = torch.cat([count, t64.sum(dim=reduce), t64.square().sum(dim=reduce)])
     dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
     total, sums, squares = packed[0], *packed[1:].chunk(2)
     mean = sums / total
-    return mean, (squares / total - mean.square()).clamp_min(0)
+    var = (squares / total - mean.square()).clamp_min(0)
+    return x.sub_(mean.to(x.dtype).view(shape)), mean, var

@@ -34,7 +34,7 @@ from torch.nn.utils import parametrize
 from .fast import ScaledLinear, prefer_output_form, weight_norm_weight
 from .norm import UnitLayout, unit_norm
 
-__all__ = ["WeightNorm", "no_weight_cache", "register", "remove", "weight_norm_of"]
+__all__ = ["WeightNorm", "no_weight_cache", "register", "remove", "weight_memo", "weight_norm_of"]
 
 _TINY = torch.finfo(torch.float32).tiny
 EXP_SCALE_MARKER = "g_is_log"  # state-dict key <module>.parametrizations.<name>.0.g_is_log
@@ -67,9 +67,24 @@ class WeightNorm(nn.Module):
     def forward(self, g: Tensor, v: Tensor) -> Tensor:
         if self.direction_only:
             return v
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():  # the compiler removes repeated reads itself
             return weight_norm_weight(g, v, self.layout, exp_scale=self.exp_scale)
+        if torch.is_grad_enabled():
+            memo = _MEMO.get()
+            if memo is None:
+                return weight_norm_weight(g, v, self.layout, exp_scale=self.exp_scale)
+            return self._memoized(memo, g, v)
         return self.cached_weight(g, v)
+
+    def _memoized(self, memo: dict[int, tuple[tuple, Tensor]], g: Tensor, v: Tensor) -> Tensor:
+        """The weight, computed once per :func:`weight_memo` scope (one module call) and reused,
+        autograd graph included, by every read in that call."""
+        key = (g.data_ptr(), v.data_ptr(), g._version, v._version, torch.is_grad_enabled())
+        hit = memo.get(id(self))
+        if hit is None or hit[0] != key:
+            hit = (key, weight_norm_weight(g, v, self.layout, exp_scale=self.exp_scale))
+            memo[id(self)] = hit
+        return hit[1]
 
     def cached_weight(self, g: Tensor, v: Tensor) -> Tensor:
         """The weight, for use without autograd: recomputed only when ``g`` or ``v`` changed
@@ -107,6 +122,23 @@ class WeightNorm(nn.Module):
 
 
 _CACHING: contextvars.ContextVar[bool] = contextvars.ContextVar("wn_transform_weight_cache", default=True)
+_MEMO: contextvars.ContextVar[dict | None] = contextvars.ContextVar("wn_transform_weight_memo", default=None)
+
+
+@contextlib.contextmanager
+def weight_memo() -> Iterator[None]:
+    """Within this context, each weight is computed once and every read gets that tensor.
+
+    For the span of *one* module call only: a weight reused across calls would share an
+    autograd graph that the first ``backward()`` frees.  ``nn.MultiheadAttention`` reads
+    ``in_proj_weight`` three times per training call (two of them only to check its dtype);
+    its forward runs in this context.
+    """
+    token = _MEMO.set({})
+    try:
+        yield
+    finally:
+        _MEMO.reset(token)
 
 
 @contextlib.contextmanager
@@ -194,32 +226,86 @@ def _rebuild_parametrized(base: type, names: list[str], state: dict) -> nn.Modul
 
 
 def _extend_class(module: nn.Module) -> None:
-    """Give the instance's own generated class pickling and, for a stock ``nn.Linear``, a fast forward."""
+    """Give the instance's own generated class pickling, a direct getter for each weight this
+    library normalizes and, for a stock ``nn.Linear`` or ``nn.MultiheadAttention``, a faster
+    forward that computes the same thing."""
     cls = type(module)
     cls.__reduce_ex__ = _reduce_parametrized
+    for name in module.parametrizations.keys():
+        prop = cls.__dict__.get(name)
+        if weight_norm_of(module, name) is not None and isinstance(prop, property) and not isinstance(prop, _DirectWeight):
+            setattr(cls, name, _DirectWeight(name, prop))
     base = parametrize.type_before_parametrizations(module)
     if base.forward is nn.Linear.forward and weight_norm_of(module, "weight") is not None:
         cls.forward = _linear_forward
+    elif base.forward is nn.MultiheadAttention.forward:
+        cls.forward = _attention_forward
     else:
         cls.forward = base.forward
+
+
+class _DirectWeight(property):
+    """``module.<name>`` computed by calling :meth:`WeightNorm.forward` on ``(g, v)`` directly.
+
+    torch's parametrization property goes through ``ParametrizationList.forward`` and two
+    module calls (about 10 us per read on CPU).  This getter skips them whenever they would
+    do nothing more: otherwise (torch's ``parametrize.cached()`` is active, another
+    parametrization was stacked on ours, or hooks are set on the parametrization or globally)
+    it calls torch's own getter, which it keeps as ``fallback``.
+    """
+
+    def __init__(self, name: str, fallback: property) -> None:
+        self.name = name
+        self.fallback = fallback
+
+        def get(module: nn.Module) -> Tensor:
+            wn = _direct(module, name)
+            if wn is None:
+                return fallback.fget(module)
+            params = module._modules["parametrizations"]._modules[name]._parameters
+            return wn.forward(params["original0"], params["original1"])
+
+        super().__init__(get, fallback.fset, None, fallback.__doc__)
+
+    def __reduce__(self) -> tuple:
+        return (_DirectWeight, (self.name, self.fallback))
+
+
+def _direct(module: nn.Module, name: str) -> WeightNorm | None:
+    """The :class:`WeightNorm` of ``module.<name>`` if calling its ``forward`` directly computes
+    exactly what torch's property would; None when the property must run (torch's
+    ``parametrize.cached()`` is active, another parametrization is stacked on ours, or a hook,
+    the parametrization's own or a global one, would fire)."""
+    chain = module._modules["parametrizations"]._modules[name]
+    wn = chain._modules["0"]
+    hooks = nn.modules.module
+    if (parametrize._cache_enabled or len(chain._modules) != 1 or not isinstance(wn, WeightNorm)
+            or wn._forward_hooks or wn._forward_pre_hooks or wn._backward_hooks or wn._backward_pre_hooks
+            or hooks._global_forward_hooks or hooks._global_forward_pre_hooks
+            or hooks._global_backward_hooks or hooks._global_backward_pre_hooks):
+        return None
+    return wn
+
+
+def _attention_forward(self: nn.MultiheadAttention, *args, **kwargs):
+    """``nn.MultiheadAttention.forward``, with each weight computed once per call (:func:`weight_memo`)."""
+    if torch.compiler.is_compiling():  # the compiler removes the repeated reads itself
+        return nn.MultiheadAttention.forward(self, *args, **kwargs)
+    with weight_memo():
+        return nn.MultiheadAttention.forward(self, *args, **kwargs)
 
 
 def _linear_forward(self: nn.Linear, input: Tensor) -> Tensor:
     """``nn.Linear.forward``, computing the same thing by the cheapest route.
 
-    No graph to build: the cached weight.  Training with few rows per call: the output form
-    (:class:`~wn_transform.fast.ScaledLinear`, no weight built).  Otherwise: the weight form.
-    The parametrization is called directly (not through the ``weight`` property) to save
-    Python overhead on small layers; a hooked parametrization (the init pass) is always called.
+    Training with few rows per call: the output form (:class:`~wn_transform.fast.ScaledLinear`,
+    no weight built).  Otherwise the weight, from :class:`_DirectWeight` (the cached weight
+    when no graph is built).
     """
-    chain = self._modules["parametrizations"]._modules["weight"]
-    wn: WeightNorm = chain._modules["0"]
-    g, v = chain._parameters["original0"], chain._parameters["original1"]
-    compiling = torch.compiler.is_compiling()
-    if not torch.is_grad_enabled() and not compiling:
-        weight = wn(g, v) if wn._forward_hooks else wn.cached_weight(g, v)
-        return F.linear(input, weight, self.bias)
-    if (self.training and input.dim() > 0
+    if (self.training and input.dim() > 0 and torch.is_grad_enabled()
             and prefer_output_form(input.numel() // input.shape[-1], input.shape[-1], self.out_features)):
-        return ScaledLinear.apply(input, g, v, self.bias, wn.exp_scale)
-    return F.linear(input, wn(g, v), self.bias)
+        wn = _direct(self, "weight")
+        if wn is not None and not wn.direction_only:
+            params = self._modules["parametrizations"]._modules["weight"]._parameters
+            return ScaledLinear.apply(input, params["original0"], params["original1"], self.bias, wn.exp_scale)
+    return F.linear(input, self.weight, self.bias)
