@@ -452,10 +452,10 @@ def train_specs() -> list[TrainSpec]:
         _mlp_spec("2", 1, 20.0),
         TrainSpec("3", "3. train step, CNN 3-32-64-128 (3x3 conv, ReLU, maxpool) -> 10, batch 32, 32x32",
                   lambda bn: bm.cifar_cnn(batchnorm=bn), lambda: _classification_batch((32, 3, 32, 32)),
-                  TRAIN_VARIANTS, 35.0),
+                  TRAIN_VARIANTS, 60.0),
         TrainSpec("4", "4. train step, transformer encoder 4x(d256, 4 heads, ff1024), seq 64, batch 8",
                   lambda bn: bm.transformer(), lambda: _classification_batch((8, 64, 256)),
-                  ("plain", "wn_transform", "torch", "torch_legacy"), 45.0,
+                  ("plain", "wn_transform", "torch", "torch_legacy"), 90.0,
                   ("batchnorm: not applicable (a transformer normalizes with LayerNorm); dropout=0 so variants agree",
                    "torch/torch_legacy also normalize MultiheadAttention.in_proj_weight (as wn_transform does); "
                    "torch_legacy needs a pre-hook on MultiheadAttention to fire out_proj's hook "

@@ -231,12 +231,15 @@ def _extend_class(module: nn.Module) -> None:
     forward that computes the same thing."""
     cls = type(module)
     cls.__reduce_ex__ = _reduce_parametrized
-    for name in module.parametrizations.keys():
+    chains = module._modules["parametrizations"]._modules
+    ours = {name for name, chain in chains.items()
+            if len(chain._modules) == 1 and isinstance(chain._modules["0"], WeightNorm)}
+    for name in ours:
         prop = cls.__dict__.get(name)
-        if weight_norm_of(module, name) is not None and isinstance(prop, property) and not isinstance(prop, _DirectWeight):
+        if isinstance(prop, property) and not isinstance(prop, _DirectWeight):
             setattr(cls, name, _DirectWeight(name, prop))
     base = parametrize.type_before_parametrizations(module)
-    if base.forward is nn.Linear.forward and weight_norm_of(module, "weight") is not None:
+    if base.forward is nn.Linear.forward and "weight" in ours:
         cls.forward = _linear_forward
     elif base.forward is nn.MultiheadAttention.forward:
         cls.forward = _attention_forward
@@ -259,10 +262,11 @@ class _DirectWeight(property):
         self.fallback = fallback
 
         def get(module: nn.Module) -> Tensor:
-            wn = _direct(module, name)
+            chain = module._modules["parametrizations"]._modules[name]
+            wn = _direct(chain)
             if wn is None:
                 return fallback.fget(module)
-            params = module._modules["parametrizations"]._modules[name]._parameters
+            params = chain._parameters
             return wn.forward(params["original0"], params["original1"])
 
         super().__init__(get, fallback.fset, None, fallback.__doc__)
@@ -271,18 +275,16 @@ class _DirectWeight(property):
         return (_DirectWeight, (self.name, self.fallback))
 
 
-def _direct(module: nn.Module, name: str) -> WeightNorm | None:
-    """The :class:`WeightNorm` of ``module.<name>`` if calling its ``forward`` directly computes
-    exactly what torch's property would; None when the property must run (torch's
-    ``parametrize.cached()`` is active, another parametrization is stacked on ours, or a hook,
-    the parametrization's own or a global one, would fire)."""
-    chain = module._modules["parametrizations"]._modules[name]
+def _direct(chain: nn.Module) -> WeightNorm | None:
+    """The :class:`WeightNorm` of a parametrization chain if calling its ``forward`` directly
+    computes exactly what torch's property would; None when the property must run (torch's
+    ``parametrize.cached()`` is active, another parametrization is stacked on ours, or a
+    forward hook is set on the parametrization module).  This runs on every weight read, so it
+    checks no more than that: torch's global module hooks do not see the parametrization's call.
+    """
     wn = chain._modules["0"]
-    hooks = nn.modules.module
-    if (parametrize._cache_enabled or len(chain._modules) != 1 or not isinstance(wn, WeightNorm)
-            or wn._forward_hooks or wn._forward_pre_hooks or wn._backward_hooks or wn._backward_pre_hooks
-            or hooks._global_forward_hooks or hooks._global_forward_pre_hooks
-            or hooks._global_backward_hooks or hooks._global_backward_pre_hooks):
+    if (parametrize._cache_enabled or len(chain._modules) != 1 or wn._forward_hooks or wn._forward_pre_hooks
+            or not isinstance(wn, WeightNorm)):
         return None
     return wn
 
@@ -298,14 +300,19 @@ def _attention_forward(self: nn.MultiheadAttention, *args, **kwargs):
 def _linear_forward(self: nn.Linear, input: Tensor) -> Tensor:
     """``nn.Linear.forward``, computing the same thing by the cheapest route.
 
-    Training with few rows per call: the output form (:class:`~wn_transform.fast.ScaledLinear`,
-    no weight built).  Otherwise the weight, from :class:`_DirectWeight` (the cached weight
-    when no graph is built).
+    No graph to build: the cached weight.  Training with few rows per call: the output form
+    (:class:`~wn_transform.fast.ScaledLinear`, no weight built).  Otherwise: the weight form.
+    Where torch's property must run (see :func:`_direct`), it reads ``self.weight``.
     """
-    if (self.training and input.dim() > 0 and torch.is_grad_enabled()
+    chain = self._modules["parametrizations"]._modules["weight"]
+    wn = _direct(chain)
+    if wn is None:
+        return F.linear(input, self.weight, self.bias)
+    params = chain._parameters
+    g, v = params["original0"], params["original1"]
+    if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        return F.linear(input, wn.cached_weight(g, v), self.bias)
+    if (self.training and input.dim() > 0 and torch.is_grad_enabled() and not wn.direction_only
             and prefer_output_form(input.numel() // input.shape[-1], input.shape[-1], self.out_features)):
-        wn = _direct(self, "weight")
-        if wn is not None and not wn.direction_only:
-            params = self._modules["parametrizations"]._modules["weight"]._parameters
-            return ScaledLinear.apply(input, params["original0"], params["original1"], self.bias, wn.exp_scale)
-    return F.linear(input, self.weight, self.bias)
+        return ScaledLinear.apply(input, g, v, self.bias, wn.exp_scale)
+    return F.linear(input, wn.forward(g, v), self.bias)

@@ -10,7 +10,7 @@ step produced the log.
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -111,23 +111,26 @@ class UseLog:
         targets: list[Target] = []
         skipped: list[Skipped] = []
         params = dict(self.model.named_parameters())
+        aliases = {names[0]: names for names in self.aliases.values()}
         for name, uses in self.uses.items():
             weight_uses = [u for u in uses if u.kind != "other"]
             if not weight_uses or name not in params:
                 continue
-            reason = self._reason_to_skip(name, uses, weight_uses)
+            reason = self._reason_to_skip(aliases[name], uses, weight_uses)
             if reason:
                 skipped.append(Skipped(name, reason))
                 continue
             module, tensor = split_qualname(name)
-            kind = Counter(u.kind for u in weight_uses).most_common(1)[0][0]
+            kinds = [u.kind for u in weight_uses]
+            kind = max(kinds, key=kinds.count)  # the most common (the first, on a tie)
             layout = weight_uses[0].layout
             how = weight_uses[0].detail or found_by
             targets.append(Target(module, tensor, kind, tuple(params[name].shape), layout, how, len(weight_uses)))
         return targets, skipped
 
-    def _reason_to_skip(self, name: str, uses: list[_Use], weight_uses: list[_Use]) -> str:
-        names = next(n for n in self.aliases.values() if n[0] == name)
+    @staticmethod
+    def _reason_to_skip(names: list[str], uses: list[_Use], weight_uses: list[_Use]) -> str:
+        """Why the weight ``names[0]`` (also reachable as ``names[1:]``) is not a target, or ''."""
         if len(names) > 1:
             return f"tied: the same Parameter is also {', '.join(names[1:])}; normalizing it would untie it"
         others = sorted({u.detail for u in uses if u.kind == "other"})
