@@ -189,7 +189,8 @@ class _CalibrationMode(TorchFunctionMode):
         self.saved_g = saved_g  # id(state) -> g before the pass
         self.init_scale = init_scale
         self.notes = notes
-        self.param_ids = {id(p) for p in model.parameters()}
+        self.model = model
+        self._param_ids: set[int] | None = None  # built on first need
         self._produced: dict[int, _Produced] = {}
 
     def produced_hook(self, state: _State):
@@ -259,18 +260,24 @@ class _CalibrationMode(TorchFunctionMode):
         norm, its running mean to ``s*mu/sigma``).  ``t_raw`` is centred in place; the result
         turns it into the layer's new output."""
         centred, mean, var = centre_(t_raw, unit_dim, self.group)  # of t' = t * ||v||
-        norms = unit_norm(state.v, state.wn.layout).reshape(-1)[units].to(mean.dtype)
+        whole = units == slice(None)
+        norms = unit_norm(state.v, state.wn.layout).reshape(-1)
+        norms = (norms if whole else norms[units]).to(mean.dtype)
         norms = norms.masked_fill(norms == 0, 1.0)  # a zero direction gives t' = 0: any norm will do
         std = var.sqrt()  # sigma[t] * ||v||
-        constant = std <= _CONSTANT_STD * (mean.abs() + norms)  # sigma[t] <= eps (|mu[t]| + 1)
+        constant = std <= (mean.abs() + norms).mul_(_CONSTANT_STD)  # sigma[t] <= eps (|mu[t]| + 1)
         if constant.any():
             qualname = state.target.qualname
             self.notes.constant_units[qualname] = self.notes.constant_units.get(qualname, 0) + int(constant.sum())
             std = torch.where(constant, norms, std)  # take sigma[t] = 1: g = s, b = -s mu[t]
-        gain = std.reciprocal_().mul_(self.init_scale)  # s / (sigma[t] ||v||)
+        gain = torch.div(self.init_scale, std)  # s / (sigma[t] ||v||)
         scale = gain * norms  # g = s / sigma[t]
         shift = mean * gain  # s mu[t] / sigma[t]
-        state.g.view(-1)[units] = scale.log() if state.wn.exp_scale else scale
+        value = scale.log() if state.wn.exp_scale else scale
+        if whole:
+            state.g.copy_(value.view(state.g.shape))
+        else:
+            state.g.view(-1)[units] = value
         offset = shift  # g*t + b = (t' - mu[t']) * gain + offset
         norm = state.mean_only_bn
         if norm is not None:  # the norm centres the output: its running mean is the mean of g*t
@@ -279,16 +286,24 @@ class _CalibrationMode(TorchFunctionMode):
             if norm.bias is not None:
                 norm.bias.zero_()
         elif bias is not None:
-            if id(bias) in self.param_ids or (bias._base is not None and id(bias._base) in self.param_ids):
+            if self._is_parameter(bias, state.module):
                 bias.copy_(shift.neg())
                 offset = None  # b = -mu * gain: the output is centred
             else:
                 self.notes.bias_not_set.append(state.target.qualname)
         if offset is not None and bias is not None:
             offset = offset + bias.to(offset.dtype)
-        if units == slice(None):
+        if whole:
             self._finish(state)
         return _Fit(centred, gain, offset, unit_dim, t_raw.dtype)
+
+    def _is_parameter(self, tensor: Tensor, owner: nn.Module) -> bool:
+        """Whether ``tensor`` is (a view of) a parameter of the model: the bias can be set."""
+        if any(p is tensor for p in owner._parameters.values()):  # the usual case: the layer's own bias
+            return True
+        if self._param_ids is None:
+            self._param_ids = {id(p) for p in self.model.parameters()}
+        return id(tensor) in self._param_ids or (tensor._base is not None and id(tensor._base) in self._param_ids)
 
     @staticmethod
     def _finish(state: _State) -> None:

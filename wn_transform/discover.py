@@ -222,13 +222,13 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
     """Put ``model`` in eval mode; afterwards restore every module's mode and every buffer."""
     modes = [(module, module.training) for module in model.modules()]
     buffers = [(buf, buf.detach().clone()) for buf in model.buffers()]
-    model.eval()
+    _eval(model)
     try:
         yield
     finally:
         for module, training in modes:
-            if module.training != training:  # Module.__setattr__ is slow: only where eval() changed it
-                module.training = training
+            if module.training != training:
+                object.__setattr__(module, "training", training)  # what Module.__setattr__ does, minus its checks
         with torch.no_grad():
             for buf, saved in buffers:
                 if buf.shape == saved.shape:
@@ -239,3 +239,19 @@ def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
+
+def _eval(model: nn.Module) -> None:
+    """``model.eval()``, with the flag set directly where ``train`` is not overridden.
+
+    ``Module.train`` sets the flag through ``Module.__setattr__`` (slow on models with
+    thousands of modules) and recurses; a module that overrides ``train`` still has it called,
+    and its subtree is left to it, so the result is exactly ``model.eval()``'s.
+    """
+    stack = [model]
+    while stack:
+        module = stack.pop()
+        if type(module).train is not nn.Module.train:
+            module.train(False)
+            continue
+        object.__setattr__(module, "training", False)
+        stack.extend(child for child in module._modules.values() if child is not None)
