@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -203,6 +205,33 @@ def test_training_modes_are_restored_module_by_module() -> None:
     model[1].eval()
     out = wn.apply_weight_norm(model, torch.randn(4, 3))
     assert (out.training, out[0].training, out[1].training, out[2].training) == (True, True, False, True)
+
+
+class _KeepsNormTraining(nn.Module):
+    """Overrides ``train`` to keep its BatchNorm in training mode (a common fine-tuning trick)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.norm = nn.Linear(3, 3), nn.BatchNorm1d(3)
+
+    def train(self, mode: bool = True) -> _KeepsNormTraining:
+        super().train(mode)
+        self.norm.train(True)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.lin(x))
+
+
+def test_the_pass_runs_in_the_modes_model_eval_gives_overrides_included() -> None:
+    model = nn.Sequential(_KeepsNormTraining(), nn.Dropout(), nn.Linear(3, 2)).train()
+    expected = [m.training for m in copy.deepcopy(model).eval().modules()]
+    modules = list(model.modules())
+    seen: list[list[bool]] = []
+    model[2].register_forward_pre_hook(lambda m, a: seen.append([mod.training for mod in modules]))
+    wn.apply_weight_norm(model, torch.randn(8, 3), inplace=True)
+    assert seen[-1] == expected and expected[3] is True  # the override kept its norm training
+    assert all(m.training for m in modules)  # and everything is back in training mode
 
 
 def test_a_constant_unit_keeps_a_finite_scale_and_is_reported() -> None:
