@@ -248,6 +248,23 @@ def test_a_constant_unit_keeps_a_finite_scale_and_is_reported() -> None:
     assert "constant" in str(wn.weight_norm_report(out))
 
 
+@EXACT
+def test_a_zero_direction_gets_a_finite_scale_and_a_zero_output(exact_init: bool) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    with torch.no_grad():
+        model[0].weight[2] = 0.0  # unit 2 of the first layer has no direction
+    batch = torch.randn(32, 4)
+    out = wn.apply_weight_norm(model, batch, exact_init=exact_init, init_scale=0.5)
+    g = out[0].parametrizations.weight.original0.view(-1)
+    assert g[2] == 0.5 and out[0].bias[2] == 0  # g = s, b = -s mu[t] = 0
+    assert wn.weight_norm_report(out).notes.constant_units == {"0.weight": 1}
+    pre = _pre_activations(out, batch, (nn.Linear,))
+    assert torch.equal(pre["0"][:, 2], torch.zeros(32)) and torch.isfinite(pre["2"]).all()
+    mean, std = _per_unit(pre["2"])
+    torch.testing.assert_close(std, torch.full_like(std, 0.5), atol=1e-4, rtol=0)
+
+
 def test_a_layer_the_batch_never_reaches_keeps_its_scale_and_is_reported() -> None:
     class Branchy(nn.Module):
         def __init__(self) -> None:

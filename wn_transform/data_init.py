@@ -80,6 +80,7 @@ class _State:
     mean_only_bn: MeanOnlyBatchNorm | None = None
     running_mean: Tensor | None = None  # what the init sets the norm's running mean to
     done: bool = False
+    norms: Tensor | None = None  # ||v|| per unit, flat, float32 or wider (v does not change during the pass)
 
 
 def resample_directions(model: nn.Module, targets: list[Target], *, std: float = 0.05, generator: torch.Generator | None = None,
@@ -108,6 +109,9 @@ def data_init(model: nn.Module, targets: list[Target], sample_batch: batch_mod.S
     same layers in the same order, as in any collective).  ``exact``: see the module docstring.
     """
     states = [_state(model, target) for target in targets]
+    with torch.no_grad():  # all norms up front, in one tight loop: cheaper than one between every two layers
+        for state in states:
+            state.norms = unit_norm(state.v, state.wn.layout).reshape(-1)
     notes = InitNotes()
     saved = {id(s): s.g.detach().clone() for s in states}
     mode = _CalibrationMode(model, states, init_scale, notes, group, saved, exact=exact)
@@ -164,10 +168,15 @@ class _Fit:
         """``g*t + b``, computed in place in ``centred``."""
         shape = [1] * self.centred.ndim
         shape[self.unit_dim] = -1
-        out = self.centred.mul_(self.gain.to(self.centred.dtype).view(shape))
+        out = self.centred.mul_(_as(self.gain, self.centred.dtype).view(shape))
         if self.offset is not None:
-            out = out.add_(self.offset.to(out.dtype).view(shape))
-        return out.to(self.dtype)
+            out = out.add_(_as(self.offset, out.dtype).view(shape))
+        return _as(out, self.dtype)
+
+
+def _as(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    """``tensor.to(dtype)``, without a dispatch when it already is (this runs per layer)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 @dataclass
@@ -261,14 +270,17 @@ class _CalibrationMode(TorchFunctionMode):
         turns it into the layer's new output."""
         centred, mean, var = centre_(t_raw, unit_dim, self.group)  # of t' = t * ||v||
         whole = units == slice(None)
-        norms = unit_norm(state.v, state.wn.layout).reshape(-1)
-        norms = (norms if whole else norms[units]).to(mean.dtype)
-        norms = norms.masked_fill(norms == 0, 1.0)  # a zero direction gives t' = 0: any norm will do
+        norms = state.norms
+        if not whole:
+            norms = norms[units]
+        if norms.dtype != mean.dtype:
+            norms = norms.to(mean.dtype)
         std = var.sqrt()  # sigma[t] * ||v||
         constant = std <= (mean.abs() + norms).mul_(_CONSTANT_STD)  # sigma[t] <= eps (|mu[t]| + 1)
-        if constant.any():
+        if constant.any():  # a zero direction (t' = 0) is constant too
             qualname = state.target.qualname
             self.notes.constant_units[qualname] = self.notes.constant_units.get(qualname, 0) + int(constant.sum())
+            norms = norms.masked_fill(norms == 0, 1.0)  # a zero direction: any norm will do
             std = torch.where(constant, norms, std)  # take sigma[t] = 1: g = s, b = -s mu[t]
         gain = torch.div(self.init_scale, std)  # s / (sigma[t] ||v||)
         scale = gain * norms  # g = s / sigma[t]
