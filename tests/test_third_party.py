@@ -326,6 +326,20 @@ def test_third_party_data_init_standardizes_every_layer(entry: ThirdPartyEntry) 
     assert all(torch.isfinite(t.float()).all() for t in _eval_outputs(normalized, batch))
 
 
+@zoo
+def test_third_party_fast_data_init_agrees_with_the_exact_one(entry: ThirdPartyEntry) -> None:
+    """``exact_init=False`` converts the same weights, reports the same, and standardizes every
+    layer as well (its rounding drift stays far below the tolerance at these depths)."""
+    model, batch, _, report = _applied(entry.name)
+    fast = wn.apply_weight_norm(model, batch, exact_init=False)
+    fast_report = wn.weight_norm_report(fast)
+    assert [t.qualname for t in fast_report.converted] == [t.qualname for t in report.converted]
+    assert set(fast_report.notes.unreached) == set(report.notes.unreached)
+    assert set(fast_report.notes.constant_units) == set(report.notes.constant_units)
+    weights = {t.qualname for t in report.converted} - entry.unreached_weights(model) - set(entry.constant)
+    assert _assert_standardized(fast, batch, weights) or not weights
+
+
 @pytest.mark.parametrize("entry", _entries(lambda e: e.kept))
 def test_third_party_existing_weight_norm_is_kept(entry: ThirdPartyEntry) -> None:
     """existing="keep": torch's parametrization stays, with its dim and its (g, v) untouched."""
