@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -216,6 +217,26 @@ def test_the_direct_getter_runs_the_hooks_of_the_parametrization(kind: str) -> N
     handle.remove()
     conv.weight
     assert seen == [1, 1]
+
+
+class _FunctionalLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.w)
+
+
+def test_fx_traces_the_weight_as_a_function_of_g_and_v_not_a_constant() -> None:
+    torch.manual_seed(0)
+    model = wn.apply_weight_norm(_FunctionalLinear(), torch.randn(2, 4), init="preserve")
+    traced = torch.fx.symbolic_trace(model)
+    assert not any(n.op == "get_attr" and "_tensor_constant" in str(n.target) for n in traced.graph.nodes)
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        model.parametrizations.w.original0.mul_(2)  # the traced module shares the parameters
+    torch.testing.assert_close(traced(x), model(x))
 
 
 def _attention_pair() -> tuple[nn.MultiheadAttention, nn.MultiheadAttention]:

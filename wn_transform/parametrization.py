@@ -29,6 +29,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torch.nn.utils import parametrize
 
 from .fast import ScaledLinear, prefer_output_form, weight_norm_weight
@@ -278,13 +279,15 @@ class _DirectWeight(property):
 def _direct(chain: nn.Module) -> WeightNorm | None:
     """The :class:`WeightNorm` of a parametrization chain if calling its ``forward`` directly
     computes exactly what torch's property would; None when the property must run (torch's
-    ``parametrize.cached()`` is active, another parametrization is stacked on ours, or a
-    forward hook is set on the parametrization module).  This runs on every weight read, so it
-    checks no more than that: torch's global module hooks do not see the parametrization's call.
+    ``parametrize.cached()`` is active, another parametrization is stacked on ours, a forward
+    hook is set on the parametrization module, or ``torch.fx`` is tracing: the property's module
+    call becomes a graph node that reads the parameters, where a direct call would bake the
+    weight in as a constant).  This runs on every weight read, so it checks no more than that:
+    torch's global module hooks do not see the parametrization's call.
     """
     wn = chain._modules["0"]
     if (parametrize._cache_enabled or len(chain._modules) != 1 or wn._forward_hooks or wn._forward_pre_hooks
-            or not isinstance(wn, WeightNorm)):
+            or not isinstance(wn, WeightNorm) or is_fx_symbolic_tracing()):
         return None
     return wn
 
