@@ -21,7 +21,9 @@ Workloads (the variants of each are defined in ``tools/bench_models.py``):
 9. ONNX: ``wn_transform.export.export_onnx`` time, and onnxruntime latency of the folded
    export against the plain model's export, MLP and CNN at batch 1;
 10. and 11. workloads 1 and 2 under ``torch.compile`` (inductor): plain, wn_transform and
-    torch's weight_norm.
+    torch's weight_norm;
+12. forward + backward of one small Conv2d / Linear, where the per-call overhead of the weight
+    norm is most of the cost: ``(ours - plain) / (torch - plain)`` in the notes.
 
 Method.  ``torch.set_num_threads(--threads)`` (1 by default) and one inter-op thread.  Every
 case is warmed up, then the cases of a workload are timed interleaved, A B C, B C A, C A B, ...
@@ -591,6 +593,47 @@ def run_eval(ctx: Context) -> WorkloadResult:
     return result
 
 
+# -- workload 12: the weight-norm overhead of one small layer ------------------------------
+
+
+SMALL_LAYERS = {
+    "Conv2d 16->16 3x3, input 1x16x8x8": (lambda: nn.Conv2d(16, 16, 3, padding=1), (1, 16, 8, 8)),
+    "Linear 64->64, batch 4": (lambda: nn.Linear(64, 64), (4, 64)),
+}
+
+
+def _small_layer_case(name: str, layer: nn.Module, x: Tensor) -> Case:
+    def step(_: object) -> None:
+        layer.zero_grad(set_to_none=True)
+        layer(x).sum().backward()
+
+    return Case(name, step)
+
+
+def run_small_layers(ctx: Context) -> WorkloadResult:
+    """Workload 12: forward + backward of one small layer, where the per-call overhead of the
+    weight norm (Python, dispatch, small kernels) is most of the cost; the overhead ratio
+    ``(ours - plain) / (torch - plain)`` compares the two implementations directly."""
+    result = WorkloadResult("12", "12. one small layer, forward + backward")
+    for label, (build, shape) in SMALL_LAYERS.items():
+        torch.manual_seed(0)
+        plain = nn.Sequential(build())
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+        layers = {name: bm.make_variant(name, plain)[0].train() for name in ("plain", "wn_transform", "torch")}
+        check_normalized_counts({n: nn.Sequential(m) for n, m in layers.items()}, 1)
+        with torch.no_grad():
+            diffs = {n: check_close(n, m(x), layers["plain"](x)) for n, m in layers.items() if n != "plain"}
+        timing = interleave([_small_layer_case(n, m, x) for n, m in layers.items()], ctx.effort, budget_s=10.0)
+        title = f"12. one small layer, forward + backward: {label}"
+        result.rows += timing_rows(title, timing, "plain")
+        medians = {n: timing.samples[n].median for n in layers}
+        overhead = (medians["wn_transform"] - medians["plain"]) / max(medians["torch"] - medians["plain"], 1e-12)
+        result.notes += [f"{label}: weight-norm overhead, wn_transform / torch = {overhead:.2f} (ratio of "
+                         "median differences to plain)", f"{label}: {paired_note(timing, 'plain')}"]
+        result.raw[label] = {"timing": timing.to_dict("plain"), "overhead_ratio": overhead, "max_abs_diff": diffs}
+    return result
+
+
 # -- workload 7: data-dependent init -------------------------------------------------------
 
 
@@ -909,7 +952,8 @@ def workloads() -> list[Workload]:
     """All workloads, in table order."""
     train = {spec.key: Workload(spec.key, lambda ctx, spec=spec: run_train(spec, ctx)) for spec in train_specs()}
     return [*(train[k] for k in "1234"), Workload("5", run_memory), Workload("6", run_eval),
-            Workload("7", run_data_init), Workload("8", run_apply), Workload("9", run_onnx), train["10"], train["11"]]
+            Workload("7", run_data_init), Workload("8", run_apply), Workload("9", run_onnx), train["10"], train["11"],
+            Workload("12", run_small_layers)]
 
 
 def run_workload(workload: Workload, ctx: Context) -> WorkloadResult:

@@ -1,0 +1,31 @@
+"""``tools/bench.py --quick``: every workload runs and passes its sanity checks.
+
+Timings are never asserted (they belong to the full run on a quiet machine); what is checked is
+that every variant of every workload computes what it must (the bench's own sanity checks:
+same function as plain, weight norm fully folded, data init standardizing, ONNX agreeing with
+onnxruntime) and that each workload produced its rows.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+TOOLS = Path(__file__).resolve().parent.parent / "tools"
+WORKLOADS = [str(k) for k in range(1, 13)]
+
+
+def test_the_quick_bench_runs_every_workload_and_passes_its_sanity_checks(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, str(TOOLS / "bench.py"), "--quick", "--out", str(tmp_path), "--no-plots"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    report = json.loads((tmp_path / "bench.json").read_text())
+    workloads = {w["key"]: w for w in report["workloads"]}
+    assert sorted(workloads, key=int) == WORKLOADS
+    for key, workload in workloads.items():
+        assert workload["error"] is None, f"workload {key}: {workload['error']}"
+        assert workload["rows"], f"workload {key} produced no rows"
+    table = (tmp_path / "bench.md").read_text()
+    assert all(f"| {key}. " in table for key in WORKLOADS)
