@@ -77,10 +77,10 @@ class _State:
     wn: WeightNorm
     g: nn.Parameter
     v: nn.Parameter
+    norms: Tensor  # ||v|| per unit, flat, float32 or wider (v does not change during the pass)
     mean_only_bn: MeanOnlyBatchNorm | None = None
     running_mean: Tensor | None = None  # what the init sets the norm's running mean to
     done: bool = False
-    norms: Tensor | None = None  # ||v|| per unit, flat, float32 or wider (v does not change during the pass)
 
 
 def resample_directions(model: nn.Module, targets: list[Target], *, std: float = 0.05, generator: torch.Generator | None = None,
@@ -108,10 +108,7 @@ def data_init(model: nn.Module, targets: list[Target], sample_batch: batch_mod.S
     across the ranks, so every rank ends with the same ``g`` and bias (every rank must run the
     same layers in the same order, as in any collective).  ``exact``: see the module docstring.
     """
-    states = [_state(model, target) for target in targets]
-    with torch.no_grad():  # all norms up front, in one tight loop: cheaper than one between every two layers
-        for state in states:
-            state.norms = unit_norm(state.v, state.wn.layout).reshape(-1)
+    states = [_state(model, target) for target in targets]  # norms up front: cheaper than between two layers
     notes = InitNotes()
     saved = {id(s): s.g.detach().clone() for s in states}
     mode = _CalibrationMode(model, states, init_scale, notes, group, saved, exact=exact)
@@ -148,7 +145,9 @@ def _state(model: nn.Module, target: Target) -> _State:
         msg = f"{target.qualname} is not weight-normalized by this library; apply the parametrization first"
         raise ValueError(msg)
     chain = module.parametrizations[target.name]
-    return _State(target, module, wn, chain.original0, chain.original1, mean_only_bn_of(module))
+    with torch.no_grad():
+        norms = unit_norm(chain.original1, wn.layout).reshape(-1)
+    return _State(target, module, wn, chain.original0, chain.original1, norms, mean_only_bn_of(module))
 
 
 _MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)

@@ -71,25 +71,24 @@ class WeightNorm(nn.Module):
         if torch.compiler.is_compiling():  # the compiler removes repeated reads itself
             return weight_norm_weight(g, v, self.layout, exp_scale=self.exp_scale)
         if torch.is_grad_enabled():
-            memo = _MEMO.get()
+            memo = _MEMO.get()  # within one module call (weight_memo), the graph is shared by every read
             if memo is None:
                 return weight_norm_weight(g, v, self.layout, exp_scale=self.exp_scale)
-            return self._memoized(memo, g, v)
+            return self._kept_weight(memo, id(self), g, v)
         return self.cached_weight(g, v)
 
-    def _memoized(self, memo: dict[int, tuple[tuple, Tensor]], g: Tensor, v: Tensor) -> Tensor:
-        """The weight, computed once per :func:`weight_memo` scope (one module call) and reused,
-        autograd graph included, by every read in that call."""
-        key = (g.data_ptr(), v.data_ptr(), g._version, v._version, torch.is_grad_enabled())
-        hit = memo.get(id(self))
-        if hit is None or hit[0] != key:
-            hit = (key, weight_norm_weight(g, v, self.layout, exp_scale=self.exp_scale))
-            memo[id(self)] = hit
-        return hit[1]
+    def _kept_weight(self, store: dict, slot: object, g: Tensor, v: Tensor) -> Tensor:
+        """The weight kept in ``store[slot]``, recomputed only when ``g`` or ``v`` changed (their
+        storage, dtype or version counter: optimizer steps and ``load_state_dict`` bump it)."""
+        key = (g.data_ptr(), v.data_ptr(), g._version, v._version, v.dtype)
+        kept = store.get(slot)
+        if kept is None or kept[0] != key:
+            kept = (key, weight_norm_weight(g, v, self.layout, exp_scale=self.exp_scale))
+            store[slot] = kept
+        return kept[1]
 
     def cached_weight(self, g: Tensor, v: Tensor) -> Tensor:
-        """The weight, for use without autograd: recomputed only when ``g`` or ``v`` changed
-        (their storage, dtype or version counter: optimizer steps and ``load_state_dict`` bump it).
+        """The weight, for use without autograd, kept until ``g`` or ``v`` changes.
 
         The cache holds one weight per layer; :func:`no_weight_cache` turns it off (the init
         pass does, so that a large model never holds a second copy of its weights).
@@ -97,12 +96,7 @@ class WeightNorm(nn.Module):
         if not _CACHING.get():
             self.__dict__.pop("_cached", None)
             return weight_norm_weight(g, v, self.layout, exp_scale=self.exp_scale)
-        key = (g.data_ptr(), v.data_ptr(), g._version, v._version, v.dtype)
-        cached = self.__dict__.get("_cached")
-        if cached is None or cached[0] != key:
-            cached = (key, weight_norm_weight(g, v, self.layout, exp_scale=self.exp_scale))
-            self.__dict__["_cached"] = cached
-        return cached[1]
+        return self._kept_weight(self.__dict__, "_cached", g, v)
 
     def __getstate__(self) -> dict:
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
@@ -165,10 +159,14 @@ def weight_norm_of(module: nn.Module, name: str) -> WeightNorm | None:
     """This library's parametrization on ``module.<name>``, if there is one."""
     if not parametrize.is_parametrized(module, name):
         return None
-    chain = module.parametrizations[name]
-    if len(chain) == 1 and isinstance(chain[0], WeightNorm):
-        return chain[0]
-    return None
+    return _ours(module.parametrizations[name])
+
+
+def _ours(chain: nn.Module) -> WeightNorm | None:
+    """The :class:`WeightNorm` of a parametrization chain that is exactly ours, else None."""
+    modules = chain._modules
+    wn = modules.get("0")
+    return wn if len(modules) == 1 and isinstance(wn, WeightNorm) else None
 
 
 def remove(module: nn.Module, name: str, value: Tensor, *, requires_grad: bool = True) -> None:
@@ -233,8 +231,7 @@ def _extend_class(module: nn.Module) -> None:
     cls = type(module)
     cls.__reduce_ex__ = _reduce_parametrized
     chains = module._modules["parametrizations"]._modules
-    ours = {name for name, chain in chains.items()
-            if len(chain._modules) == 1 and isinstance(chain._modules["0"], WeightNorm)}
+    ours = {name for name, chain in chains.items() if _ours(chain) is not None}
     for name in ours:
         prop = cls.__dict__.get(name)
         if isinstance(prop, property) and not isinstance(prop, _DirectWeight):
@@ -253,15 +250,10 @@ class _DirectWeight(property):
 
     torch's parametrization property goes through ``ParametrizationList.forward`` and two
     module calls (about 10 us per read on CPU).  This getter skips them whenever they would
-    do nothing more: otherwise (torch's ``parametrize.cached()`` is active, another
-    parametrization was stacked on ours, or hooks are set on the parametrization or globally)
-    it calls torch's own getter, which it keeps as ``fallback``.
+    do nothing more, and calls torch's own getter (``fallback``) otherwise (see :func:`_direct`).
     """
 
     def __init__(self, name: str, fallback: property) -> None:
-        self.name = name
-        self.fallback = fallback
-
         def get(module: nn.Module) -> Tensor:
             chain = module._modules["parametrizations"]._modules[name]
             wn = _direct(chain)
@@ -271,9 +263,6 @@ class _DirectWeight(property):
             return wn.forward(params["original0"], params["original1"])
 
         super().__init__(get, fallback.fset, None, fallback.__doc__)
-
-    def __reduce__(self) -> tuple:
-        return (_DirectWeight, (self.name, self.fallback))
 
 
 def _direct(chain: nn.Module) -> WeightNorm | None:
@@ -285,9 +274,8 @@ def _direct(chain: nn.Module) -> WeightNorm | None:
     weight in as a constant).  This runs on every weight read, so it checks no more than that:
     torch's global module hooks do not see the parametrization's call.
     """
-    wn = chain._modules["0"]
-    if (parametrize._cache_enabled or len(chain._modules) != 1 or wn._forward_hooks or wn._forward_pre_hooks
-            or not isinstance(wn, WeightNorm) or is_fx_symbolic_tracing()):
+    wn = _ours(chain)
+    if wn is None or wn._forward_hooks or wn._forward_pre_hooks or parametrize._cache_enabled or is_fx_symbolic_tracing():
         return None
     return wn
 
@@ -313,9 +301,10 @@ def _linear_forward(self: nn.Linear, input: Tensor) -> Tensor:
         return F.linear(input, self.weight, self.bias)
     params = chain._parameters
     g, v = params["original0"], params["original1"]
-    if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        return F.linear(input, wn.cached_weight(g, v), self.bias)
-    if (self.training and input.dim() > 0 and torch.is_grad_enabled() and not wn.direction_only
+    if not torch.is_grad_enabled():
+        if not torch.compiler.is_compiling():
+            return F.linear(input, wn.cached_weight(g, v), self.bias)
+    elif (self.training and input.dim() > 0 and not wn.direction_only
             and prefer_output_form(input.numel() // input.shape[-1], input.shape[-1], self.out_features)):
         return ScaledLinear.apply(input, g, v, self.bias, wn.exp_scale)
     return F.linear(input, wn.forward(g, v), self.bias)
