@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import wn_transform as wn
+from wn_transform.data_init import data_init
 
 
 def _deep_mlp(depth: int = 12, width: int = 32) -> nn.Sequential:
@@ -263,6 +264,63 @@ def test_a_zero_direction_gets_a_finite_scale_and_a_zero_output(exact_init: bool
     assert torch.equal(pre["0"][:, 2], torch.zeros(32)) and torch.isfinite(pre["2"]).all()
     mean, std = _per_unit(pre["2"])
     torch.testing.assert_close(std, torch.full_like(std, 0.5), atol=1e-4, rtol=0)
+
+
+@EXACT
+def test_constant_units_deep_in_the_network_are_found_and_every_other_unit_is_standardized(exact_init: bool) -> None:
+    """Zero directions are known before the pass; a unit whose ``t`` is constant only because of
+    what the layers before it compute shows up in its statistics.  Each gets g = s and
+    b = -s mu[t] (a zero output), and the layers after it are standardized as usual."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Sigmoid(), nn.Linear(5, 4), nn.Sigmoid(), nn.Linear(4, 4), nn.Sigmoid(),
+                          nn.Linear(4, 3))
+    with torch.no_grad():
+        model[0].weight[1] = 0.0  # a zero direction: unit 1 outputs 0, so sigmoid hands on 0.5
+        model[2].weight[3] = 0.0
+        model[2].weight[3, 1] = 2.0  # reads only that 0.5: t = 0.5 on every sample
+        model[4].weight[0] = 0.0
+        model[4].weight[0, 3] = -1.0  # reads only the output of that constant unit: t = -0.5
+    batch = torch.randn(64, 6)
+    out = wn.apply_weight_norm(model, batch, exact_init=exact_init, init_scale=0.5)
+    assert wn.weight_norm_report(out).notes.constant_units == {"0.weight": 1, "2.weight": 1, "4.weight": 1}
+    for name, unit, mu in (("2", 3, 0.5), ("4", 0, -0.5)):
+        layer = out.get_submodule(name)
+        assert layer.parametrizations.weight.original0.view(-1)[unit] == 0.5  # g = s
+        torch.testing.assert_close(layer.bias[unit], torch.tensor(-0.5 * mu))  # b = -s mu[t]
+    pre = _pre_activations(out, batch, (nn.Linear,))
+    for name, constant in (("0", 1), ("2", 3), ("4", 0), ("6", None)):
+        mean, std = _per_unit(pre[name])
+        others = [u for u in range(len(std)) if u != constant]
+        torch.testing.assert_close(std[others], torch.full((len(others),), 0.5, dtype=std.dtype), atol=1e-4, rtol=0,
+                                   msg=name)
+        torch.testing.assert_close(mean, torch.zeros_like(mean), atol=1e-5, rtol=0, msg=name)  # constant ones too
+
+
+@EXACT
+def test_a_pass_failing_after_some_layers_were_calibrated_puts_every_value_back(exact_init: bool) -> None:
+    """A failure in the middle of the pass leaves every g, bias and buffer as it was."""
+
+    class FailsAtTheEnd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.BatchNorm1d(8))
+            self.head = nn.Linear(8, 2)
+            self.refuse = False
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.body(x)
+            if self.refuse:
+                raise RuntimeError("the head refuses this batch")
+            return self.head(h)
+
+    torch.manual_seed(0)
+    model = wn.apply_weight_norm(FailsAtTheEnd(), init="preserve")
+    model.refuse = True
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(wn.BatchError, match="head refuses"):
+        data_init(model, wn.weight_norm_report(model).converted, torch.randn(16, 4), exact=exact_init)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
 
 
 def test_a_layer_the_batch_never_reaches_keeps_its_scale_and_is_reported() -> None:

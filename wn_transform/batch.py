@@ -49,22 +49,20 @@ def check_finite(batch: SampleBatch) -> None:
 
 
 @contextlib.contextmanager
-def layer_tracker(model: nn.Module) -> Iterator[list[str]]:
-    """Yield a stack of the qualified names of ``model``'s modules whose forward is running.
+def layer_tracker() -> Iterator[list[nn.Module]]:
+    """Yield the stack of modules whose forward is running, innermost last.
 
     Two global module hooks (not two per module: registering thousands of hooks on a large
-    model costs more than the forward pass); modules outside ``model`` are ignored.
+    model costs more than the forward pass); modules are named only if something fails
+    (:func:`describe_failure`).
     """
-    names = {id(module): name or "<root>" for name, module in model.named_modules()}
-    stack: list[str] = []
+    stack: list[nn.Module] = []
 
     def enter(module: nn.Module, args: Any) -> None:
-        name = names.get(id(module))
-        if name is not None:
-            stack.append(name)
+        stack.append(module)
 
     def leave(module: nn.Module, args: Any, output: Any) -> None:
-        if id(module) in names and stack:
+        if stack:
             stack.pop()
 
     handles = [nn.modules.module.register_module_forward_pre_hook(enter),
@@ -79,7 +77,7 @@ def layer_tracker(model: nn.Module) -> Iterator[list[str]]:
 def run(model: nn.Module, batch: SampleBatch) -> Any:
     """``model(*args, **kwargs)``; a failure names the layer where it happened."""
     args, kwargs = as_args(batch)
-    with layer_tracker(model) as stack:
+    with layer_tracker() as stack:
         try:
             return model(*args, **kwargs)
         except BatchError:
@@ -88,8 +86,10 @@ def run(model: nn.Module, batch: SampleBatch) -> Any:
             raise BatchError(describe_failure(model, stack, exc)) from exc
 
 
-def describe_failure(model: nn.Module, stack: list[str], exc: Exception) -> str:
-    name = stack[-1] if stack else "<root>"
-    module = model if name == "<root>" else model.get_submodule(name)
+def describe_failure(model: nn.Module, stack: list[nn.Module], exc: Exception) -> str:
+    """Name the innermost module of ``model`` on ``stack`` (modules outside it are skipped)."""
+    names = {id(module): name for name, module in model.named_modules()}
+    module = next((m for m in reversed(stack) if id(m) in names), model)
+    name = names[id(module)] or "<root>"
     kind = parametrize.type_before_parametrizations(module).__name__
     return f"the model rejected the sample batch in layer '{name}' ({kind}): {type(exc).__name__}: {exc}"

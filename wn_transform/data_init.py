@@ -24,9 +24,9 @@ One pass suffices, in forward order; what each layer hands on to the next is cho
   its deep layers: O(1) errors at layer 90, 1e-3 at layer 50, 1e-6 at layer 10.  Ops that the
   pass handles piece by piece (attention, recurrent layers, ``addmm``) always run exactly.
 
-The ops are intercepted by
-a ``TorchFunctionMode``; a weight is recognized by the identity of the tensor its
-parametrization produced, so functional calls, reused modules and the projections inside
+The ops are intercepted by a ``TorchFunctionMode``.  Until its layer is calibrated, a
+parametrization hands out ``v`` itself, so an op reading a target's weight is recognized by
+that tensor (or a view of it): functional calls, reused modules and the projections inside
 ``nn.MultiheadAttention`` are all handled by the same code.
 """
 
@@ -47,7 +47,7 @@ from torch.overrides import TorchFunctionMode
 from . import batch as batch_mod
 from .discover import preserved_state
 from .mean_only_bn import MeanOnlyBatchNorm, mean_only_bn_of
-from .moments import centre_
+from .moments import Scratch, centre_
 from .norm import unit_norm
 from .ops import SIGNATURES, op_name, view_dims, weight_use
 from .parametrization import WeightNorm, no_weight_cache, weight_norm_of
@@ -107,35 +107,92 @@ def data_init(model: nn.Module, targets: list[Target], sample_batch: batch_mod.S
     ``group``, each rank's batch is a shard of one calibration batch: the statistics are reduced
     across the ranks, so every rank ends with the same ``g`` and bias (every rank must run the
     same layers in the same order, as in any collective).  ``exact``: see the module docstring.
+
+    Units whose pre-activation is constant on the batch get ``sigma[t] = 1`` instead (see
+    :class:`InitNotes`).  Zero directions are known before the pass; any other constant unit
+    shows in the statistics, which are checked all at once after the pass (checking each layer
+    as it runs costs more than the rest of its bookkeeping): if one is found (also when the pass
+    failed: a model may reject the NaN such a unit hands on), ``g`` and the biases are put back
+    and the pass runs again with that layer's constant units known, so the result is what a
+    layer-by-layer check would give.
     """
     states = [_state(model, target) for target in targets]  # norms up front: cheaper than between two layers
-    notes = InitNotes()
-    saved = {id(s): s.g.detach().clone() for s in states}
-    mode = _CalibrationMode(model, states, init_scale, notes, group, saved, exact=exact)
-    for state in states:  # until calibrated, the layer computes with v itself: t' = op(x, v)
-        state.wn.direction_only = True
-    handles = [s.wn.register_forward_hook(mode.produced_hook(s)) for s in states]
+    known = _zero_directions(states)
+    backup = _Backup(states)
     try:
-        with preserved_state(model), torch.no_grad(), no_weight_cache(), mode:
-            batch_mod.run(model, sample_batch)
+        while True:
+            mode = _CalibrationMode(model, states, init_scale, group, backup, known, exact=exact)
+            failure = None
+            try:
+                _run_pass(model, states, mode, sample_batch)
+            except Exception as exc:  # it may come from an unguarded constant unit's NaN: check first
+                failure = exc
+            found = mode.unforeseen_constants()
+            if found is None:
+                if failure is not None:
+                    raise failure
+                break
+            state, mask = found
+            known[id(state)] = mask | known[id(state)] if id(state) in known else mask
+            backup.restore()
     except BaseException:
-        with torch.no_grad():
-            for state in states:
-                state.g.copy_(saved[id(state)])
+        backup.restore()
         raise
     finally:
-        for handle in handles:
-            handle.remove()
         for state in states:
             state.wn.__dict__.pop("direction_only", None)
+    notes = mode.notes
     with torch.no_grad():
         for state in states:
             if not state.done:
-                state.g.copy_(saved[id(state)])
+                state.g.copy_(backup.g[id(state)])
                 notes.unreached.append(state.target.qualname)
             elif state.running_mean is not None:  # set after the pass, which restores every buffer
                 state.mean_only_bn.running_mean.copy_(state.running_mean)
     return notes
+
+
+def _run_pass(model: nn.Module, states: list[_State], mode: _CalibrationMode, sample_batch: batch_mod.SampleBatch) -> None:
+    for state in states:  # until calibrated, the layer computes with v itself: t' = op(x, v)
+        state.done = False
+        state.running_mean = None
+        state.wn.direction_only = True
+    with preserved_state(model), torch.no_grad(), no_weight_cache(), mode:
+        batch_mod.run(model, sample_batch)
+
+
+class _Backup:
+    """What the pass overwrites: every target's ``g``, and each bias it sets (kept before its
+    first write), put back after a failure or before a second pass."""
+
+    def __init__(self, states: list[_State]) -> None:
+        self.states = states
+        self.g = {id(s): s.g.detach().clone() for s in states}
+        self._kept: dict[int, tuple[Tensor, Tensor]] = {}
+        for state in states:  # the biases the pass will set, kept now: see _Moments for why not later
+            norm = state.mean_only_bn
+            bias = (norm if norm is not None else state.module)._parameters.get("bias")
+            if bias is not None:
+                self.keep(bias)
+
+    def keep(self, tensor: Tensor) -> None:
+        if id(tensor) not in self._kept:
+            self._kept[id(tensor)] = (tensor, tensor.detach().clone())
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for state in self.states:
+                state.g.copy_(self.g[id(state)])
+            for tensor, value in self._kept.values():
+                tensor.copy_(value)
+
+
+def _zero_directions(states: list[_State]) -> dict[int, Tensor]:
+    """``id(state) -> mask`` of the units whose direction is zero (their ``t`` is constant 0)."""
+    norms = torch.cat([s.norms.to(states[0].norms.device) for s in states]) if states else None
+    if norms is None or norms.numel() == 0 or bool(norms.min() > 0):  # one check for the whole model
+        return {}
+    return {id(s): s.norms == 0 for s in states if bool((s.norms == 0).any())}
 
 
 def _state(model: nn.Module, target: Target) -> _State:
@@ -165,12 +222,20 @@ class _Fit:
 
     def output(self) -> Tensor:
         """``g*t + b``, computed in place in ``centred``."""
-        shape = [1] * self.centred.ndim
-        shape[self.unit_dim] = -1
-        out = self.centred.mul_(_as(self.gain, self.centred.dtype).view(shape))
+        out = self.centred.mul_(self._per_unit(self.gain))
         if self.offset is not None:
-            out = out.add_(_as(self.offset, out.dtype).view(shape))
+            out = out.add_(self._per_unit(self.offset))
         return _as(out, self.dtype)
+
+    def _per_unit(self, values: Tensor) -> Tensor:
+        """``values`` (one per unit) shaped to broadcast against ``centred``."""
+        values = _as(values, self.centred.dtype)
+        ndim = self.centred.ndim
+        if self.unit_dim % ndim == ndim - 1:
+            return values
+        shape = [1] * ndim
+        shape[self.unit_dim] = -1
+        return values.view(shape)
 
 
 def _as(tensor: Tensor, dtype: torch.dtype) -> Tensor:
@@ -188,24 +253,71 @@ class _Produced:
     rebuild: Callable[[], Tensor]  # the same tensor from the current (g, v)
 
 
+class _Moments:
+    """Every target's per-unit mean and variance of ``t'``, for the constant-unit check after
+    the pass, in one float64 buffer per device allocated before the pass.
+
+    Two small tensors kept per layer would split the activation-sized blocks that the
+    allocator frees between layers, and every layer's activations would land on fresh memory
+    (thousands of page faults per pass on CPU); copying into one buffer costs two small ops.
+    """
+
+    def __init__(self, states: list[_State]) -> None:
+        self._slot: dict[int, tuple[torch.device, int]] = {}  # id(state) -> (device, offset)
+        norms: dict[torch.device, list[Tensor]] = {}
+        sizes: dict[torch.device, int] = {}
+        for state in states:
+            device = state.norms.device
+            self._slot[id(state)] = (device, sizes.get(device, 0))
+            sizes[device] = sizes.get(device, 0) + state.norms.numel()
+            norms.setdefault(device, []).append(state.norms)
+        self._norms = {device: torch.cat(parts).double() for device, parts in norms.items()}
+        self._mean = {device: torch.zeros_like(n) for device, n in self._norms.items()}
+        self._var = {device: torch.full_like(n, float("inf")) for device, n in self._norms.items()}  # inf: not constant
+        self._order: list[tuple[_State, slice, torch.device, int, int]] = []  # in calibration order
+
+    def record(self, state: _State, units: slice, mean: Tensor, var: Tensor) -> None:
+        device, offset = self._slot[id(state)]
+        start = offset + (units.start or 0)
+        stop = start + mean.numel()
+        self._mean[device][start:stop].copy_(mean)
+        self._var[device][start:stop].copy_(var)
+        self._order.append((state, units, device, start, stop))
+
+    def first_constant(self) -> tuple[_State, Tensor] | None:
+        """The first calibration, in forward order, with a unit whose ``t`` is constant on the
+        batch (``sigma[t] <= 1e-6 (|mu[t]| + 1)``), as ``(state, mask over all its units)``."""
+        constant = {device: var <= (self._mean[device].abs() + self._norms[device]).mul_(_CONSTANT_STD).square_()
+                    for device, var in self._var.items()}
+        if not any(bool(flags.any()) for flags in constant.values()):
+            return None
+        for state, units, device, start, stop in self._order:
+            part = constant[device][start:stop]
+            if bool(part.any()):
+                mask = torch.zeros(state.norms.shape, dtype=torch.bool, device=state.norms.device)
+                mask[units] = part.to(mask.device)
+                return state, mask
+        return None
+
+
 class _CalibrationMode(TorchFunctionMode):
-    def __init__(self, model: nn.Module, states: list[_State], init_scale: float, notes: InitNotes,
-                 group: dist.ProcessGroup | None, saved_g: dict[int, Tensor], *, exact: bool = True) -> None:
+    def __init__(self, model: nn.Module, states: list[_State], init_scale: float, group: dist.ProcessGroup | None,
+                 backup: _Backup, known: dict[int, Tensor], *, exact: bool = True) -> None:
         super().__init__()
         self.exact = exact
         self.group = group
-        self.saved_g = saved_g  # id(state) -> g before the pass
+        self.backup = backup
+        self.known = known  # id(state) -> mask of its units known to be constant on the batch
         self.init_scale = init_scale
-        self.notes = notes
+        self.notes = InitNotes()
         self.model = model
         self._param_ids: set[int] | None = None  # built on first need
-        self._produced: dict[int, _Produced] = {}
-
-    def produced_hook(self, state: _State):
-        def hook(module: nn.Module, args: Any, weight: Tensor) -> None:
-            self._remember(weight, state, lambda: _current_weight(state))
-
-        return hook
+        self._moments = _Moments(states)
+        self._scratch = Scratch()
+        # Until its layer is calibrated, the parametrization hands out v itself: that tensor is
+        # how an op is recognized as using a target's weight (views of it are followed).
+        self._produced: dict[int, _Produced] = {
+            id(s.v): _Produced(weakref.ref(s.v), s, False, lambda s=s: _current_weight(s)) for s in states}
 
     def _remember(self, weight: Tensor, state: _State, rebuild: Callable[[], Tensor]) -> None:
         self._produced[id(weight)] = _Produced(weakref.ref(weight), state, state.done, rebuild)
@@ -223,7 +335,7 @@ class _CalibrationMode(TorchFunctionMode):
             return self._recurrent(func, args, kwargs)
         if name in _CELL_OPS:
             return self._cell(func, args, kwargs)
-        use = weight_use(func, args, kwargs)
+        use = weight_use(func, args, kwargs) if name in SIGNATURES else None
         found = self._lookup(use.weight) if use is not None else None
         if found is None:
             return self._follow_views(func, args, kwargs)
@@ -266,47 +378,62 @@ class _CalibrationMode(TorchFunctionMode):
         """From ``t_raw = op(x, v)``, the statistics of ``t = t_raw/||v||`` per unit; set
         ``g[units]`` to ``s/sigma`` and the bias to ``-s*mu/sigma`` (or, behind a mean-only batch
         norm, its running mean to ``s*mu/sigma``).  ``t_raw`` is centred in place; the result
-        turns it into the layer's new output."""
-        centred, mean, var = centre_(t_raw, unit_dim, self.group)  # of t' = t * ||v||
+        turns it into the layer's new output.
+
+        Every op here runs once per layer between two layers' matmuls, where a small op costs
+        several times what it costs in a loop: the constant-unit check waits for the end of
+        the pass (:meth:`unforeseen_constants`) and values are written with ``out=``.
+        """
+        centred, mean, var = centre_(t_raw, unit_dim, self.group, self._scratch)  # of t' = t * ||v||
         whole = units == slice(None)
-        norms = state.norms
-        if not whole:
-            norms = norms[units]
+        norms = state.norms if whole else state.norms[units]
         if norms.dtype != mean.dtype:
             norms = norms.to(mean.dtype)
-        std = var.sqrt()  # sigma[t] * ||v||
-        constant = std <= (mean.abs() + norms).mul_(_CONSTANT_STD)  # sigma[t] <= eps (|mu[t]| + 1)
-        if constant.any():  # a zero direction (t' = 0) is constant too
+        known = self.known.get(id(state))
+        if known is not None and not whole:
+            known = known[units]
+        if known is None or not bool(known.any()):
+            gain = var.rsqrt()  # 1 / (sigma[t] ||v||); inf for a constant unit, found after the pass
+            self._moments.record(state, units, mean, var)
+        else:  # take sigma[t] = 1 there: g = s, b = -s mu[t]
             qualname = state.target.qualname
-            self.notes.constant_units[qualname] = self.notes.constant_units.get(qualname, 0) + int(constant.sum())
+            self.notes.constant_units[qualname] = self.notes.constant_units.get(qualname, 0) + int(known.sum())
             norms = norms.masked_fill(norms == 0, 1.0)  # a zero direction: any norm will do
-            std = torch.where(constant, norms, std)  # take sigma[t] = 1: g = s, b = -s mu[t]
-        gain = torch.div(self.init_scale, std)  # s / (sigma[t] ||v||)
-        scale = gain * norms  # g = s / sigma[t]
-        shift = mean * gain  # s mu[t] / sigma[t]
-        value = scale.log() if state.wn.exp_scale else scale
-        if whole:
-            state.g.copy_(value.view(state.g.shape))
-        else:
-            state.g.view(-1)[units] = value
-        offset = shift  # g*t + b = (t' - mu[t']) * gain + offset
+            gain = torch.where(known, norms.reciprocal(), var.rsqrt())
+            self._moments.record(state, units, mean, var.masked_fill(known, float("inf")))
+        if self.init_scale != 1:
+            gain = gain.mul_(self.init_scale)  # s / (sigma[t] ||v||)
+        g = state.g.view(-1) if whole else state.g.view(-1)[units]
+        _store(g, gain, norms)  # g = s / sigma[t]
+        if state.wn.exp_scale:
+            g.log_()
+        offset = None  # g*t + b = (t' - mu[t']) * gain + offset
         norm = state.mean_only_bn
         if norm is not None:  # the norm centres the output: its running mean is the mean of g*t
-            state.running_mean = shift.to(norm.running_mean.dtype)
+            offset = mean * gain
+            state.running_mean = offset.to(norm.running_mean.dtype)
             norm.running_mean.copy_(state.running_mean)
             if norm.bias is not None:
+                self.backup.keep(norm.bias)
                 norm.bias.zero_()
-        elif bias is not None:
-            if self._is_parameter(bias, state.module):
-                bias.copy_(shift.neg())
-                offset = None  # b = -mu * gain: the output is centred
-            else:
+        elif bias is not None and self._is_parameter(bias, state.module):
+            self.backup.keep(bias)
+            _store(bias, mean, gain).neg_()  # b = -s mu[t] / sigma[t]: the output is centred
+        else:
+            offset = mean * gain
+            if bias is not None:
                 self.notes.bias_not_set.append(state.target.qualname)
         if offset is not None and bias is not None:
             offset = offset + bias.to(offset.dtype)
         if whole:
             self._finish(state)
         return _Fit(centred, gain, offset, unit_dim, t_raw.dtype)
+
+    def unforeseen_constants(self) -> tuple[_State, Tensor] | None:
+        """After the pass: the first calibration, in forward order, with a constant unit that
+        was not known to be, as ``(state, mask over all its units)``; None if there is none.
+        Later calibrations ran on what that one handed on, so only its units are certain."""
+        return self._moments.first_constant()
 
     def _is_parameter(self, tensor: Tensor, owner: nn.Module) -> bool:
         """Whether ``tensor`` is (a view of) a parameter of the model: the bias can be set."""
@@ -376,7 +503,7 @@ class _CalibrationMode(TorchFunctionMode):
         if found is None:
             return weight
         if not found.state.done:
-            found.state.g.copy_(self.saved_g[id(found.state)])
+            found.state.g.copy_(self.backup.g[id(found.state)])
             self._finish(found.state)
             self.notes.recurrent_kept.append(found.state.target.qualname)
         return found.rebuild()
@@ -418,6 +545,13 @@ class _CalibrationMode(TorchFunctionMode):
 
 _RECURRENT_OPS = frozenset({"lstm", "gru", "rnn_tanh", "rnn_relu"})
 _CELL_OPS = frozenset({"lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell"})
+
+
+def _store(dst: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``dst[:] = a * b`` (flat), in one op where ``out=`` can take it."""
+    if dst.dtype == a.dtype == b.dtype and dst.is_contiguous():
+        return torch.mul(a, b, out=dst if dst.shape == a.shape else dst.view(a.shape))
+    return dst.copy_((a * b).view(dst.shape))
 
 
 def _current_weight(state: _State) -> Tensor:

@@ -220,19 +220,33 @@ def _walk_log(model: nn.Module) -> UseLog:
 @contextlib.contextmanager
 def preserved_state(model: nn.Module) -> Iterator[None]:
     """Put ``model`` in eval mode; afterwards restore every module's mode and every buffer."""
-    modes = [(module, module.training) for module in model.modules()]
-    buffers = [(buf, buf.detach().clone()) for buf in model.buffers()]
+    modules = _all_modules(model)
+    modes = [module.training for module in modules]
+    buffers = [(buf, buf.detach().clone()) for buf in {id(b): b for m in modules for b in m._buffers.values()
+                                                        if b is not None}.values()]
     _eval(model)
     try:
         yield
     finally:
-        for module, training in modes:
+        for module, training in zip(modules, modes):
             if module.training != training:
                 object.__setattr__(module, "training", training)  # what Module.__setattr__ does, minus its checks
         with torch.no_grad():
             for buf, saved in buffers:
                 if buf.shape == saved.shape:
                     buf.copy_(saved)
+
+
+def _all_modules(model: nn.Module) -> list[nn.Module]:
+    """``list(model.modules())`` (each module once), without a generator per module."""
+    seen = {id(model)}
+    order = [model]
+    for module in order:  # grows while it is walked: breadth first
+        for child in module._modules.values():
+            if child is not None and id(child) not in seen:
+                seen.add(id(child))
+                order.append(child)
+    return order
 
 
 def _one_line(exc: BaseException) -> str:

@@ -11,7 +11,32 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["centre_", "resolve_group"]
+__all__ = ["Scratch", "centre_", "resolve_group"]
+
+
+class Scratch:
+    """One buffer reused for a temporary of varying shape, layer after layer.
+
+    A fresh activation-sized temporary per layer makes the allocator hand memory back to the
+    system and fault it in again (thousands of page faults per pass on CPU); one kept buffer,
+    grown to the largest shape, costs no more memory than the largest temporary.
+    """
+
+    def __init__(self) -> None:
+        self._buffer: Tensor | None = None
+        self._last: Tensor | None = None  # the last view handed out (layers often repeat a shape)
+
+    def like(self, tensor: Tensor) -> Tensor:
+        """An uninitialized tensor of ``tensor``'s shape, dtype and device."""
+        last = self._last
+        if last is not None and last.shape == tensor.shape and last.dtype == tensor.dtype and last.device == tensor.device:
+            return last
+        n = tensor.numel()
+        buffer = self._buffer
+        if buffer is None or buffer.numel() < n or buffer.dtype != tensor.dtype or buffer.device != tensor.device:
+            buffer = self._buffer = torch.empty(n, dtype=tensor.dtype, device=tensor.device)
+        self._last = buffer[:n].view(tensor.shape)
+        return self._last
 
 def resolve_group(distributed: bool | dist.ProcessGroup | None) -> dist.ProcessGroup | None:
     """``None``: the default group when ``torch.distributed`` runs with more than one rank;
@@ -28,14 +53,15 @@ def resolve_group(distributed: bool | dist.ProcessGroup | None) -> dist.ProcessG
     return distributed
 
 
-def centre_(t: Tensor, unit_dim: int, group: dist.ProcessGroup | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def centre_(t: Tensor, unit_dim: int, group: dist.ProcessGroup | None = None,
+            scratch: Scratch | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """``(t - mean, mean, var)`` per unit of ``t`` (units on ``unit_dim``; biased variance).
 
     ``t - mean`` is ``t`` itself, centred in place, when ``t`` is float32/float64 (a float32
     copy for half precision): the caller owns ``t``.  Two passes (mean, then the squares of the
     centred values) in float32 at least: accurate, and no float64 copy of ``t``.  Across ranks,
     the per-unit counts, sums and sums of squares are reduced in float64, and mean and var are
-    float64.
+    float64.  ``scratch``: where to put the squares (a buffer kept across calls).
     """
     unit_dim %= t.ndim
     reduce = [d for d in range(t.ndim) if d != unit_dim]
@@ -44,8 +70,9 @@ def centre_(t: Tensor, unit_dim: int, group: dist.ProcessGroup | None = None) ->
     x = t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
     if group is None:
         mean = x.mean(dim=reduce)  # two plain reductions: much faster than var_mean on CPU
-        centred = x.sub_(mean.view(shape))
-        return centred, mean, centred.square().mean(dim=reduce)
+        centred = x.sub_(mean if unit_dim == t.ndim - 1 else mean.view(shape))
+        squares = torch.square(centred, out=scratch.like(centred)) if scratch is not None else centred.square()
+        return centred, mean, squares.mean(dim=reduce)
     t64 = x.double()
     count = torch.tensor([x.numel() / x.shape[unit_dim]], dtype=torch.float64, device=x.device)
     packed = torch.cat([count, t64.sum(dim=reduce), t64.square().sum(dim=reduce)])

@@ -303,7 +303,7 @@ def _linear_forward(self: nn.Linear, input: Tensor) -> Tensor:
     g, v = params["original0"], params["original1"]
     if not torch.is_grad_enabled():
         if not torch.compiler.is_compiling():
-            return F.linear(input, wn.cached_weight(g, v), self.bias)
+            return F.linear(input, v if wn.direction_only else wn.cached_weight(g, v), self.bias)
     elif (self.training and input.dim() > 0 and not wn.direction_only
             and prefer_output_form(input.numel() // input.shape[-1], input.shape[-1], self.out_features)):
         return ScaledLinear.apply(input, g, v, self.bias, wn.exp_scale)
