@@ -11,7 +11,8 @@ The pass measures ``t' = op(x, v)`` with the raw direction (the parametrization 
 ``v`` itself until its layer is calibrated, so no weight is built for it), and divides its
 per-unit moments by ``||v||``.
 
-One pass suffices, in forward order; what each layer hands on to the next is chosen by
+One pass suffices, in forward order (a second one only when a unit turns out to be constant
+on the batch, see :func:`data_init`); what each layer hands on to the next is chosen by
 ``exact``:
 
 * ``exact=True`` (default): the op runs again with the new ``(g, b)`` and its real output is
@@ -21,8 +22,10 @@ One pass suffices, in forward order; what each layer hands on to the next is cho
   paper's reference code does): each op runs once.  It differs from the op's real output in
   the last bits, and a deep network that amplifies perturbations (a 100-layer ReLU MLP
   after this init does, about 1.2x per layer) carries the difference into the statistics of
-  its deep layers: O(1) errors at layer 90, 1e-3 at layer 50, 1e-6 at layer 10.  Ops that the
-  pass handles piece by piece (attention, recurrent layers, ``addmm``) always run exactly.
+  its deep layers: O(1) errors at layer 90, 1e-3 at layer 50, 1e-6 at layer 10.  (Such a
+  network amplifies every rounding difference: after the exact init, one sample run alone
+  gives an output O(1) away from its row of the batched run.)  Ops that the pass handles
+  piece by piece (attention, recurrent layers, ``addmm``) always run exactly.
 
 The ops are intercepted by a ``TorchFunctionMode``.  Until its layer is calibrated, a
 parametrization hands out ``v`` itself, so an op reading a target's weight is recognized by
