@@ -4,6 +4,7 @@ rely on (optimizers, torch.save, torch.compile, DistributedDataParallel)."""
 from __future__ import annotations
 
 import copy
+import gc
 import io
 import subprocess
 import sys
@@ -59,6 +60,23 @@ def test_by_default_a_copy_is_changed_and_the_original_is_untouched(net: Net, ba
 def test_inplace_changes_and_returns_the_model_itself(net: Net) -> None:
     out = wn.apply_weight_norm(net, init="preserve", inplace=True)
     assert out is net and parametrize.is_parametrized(net.conv, "weight")
+
+
+@pytest.mark.parametrize("enabled", [True, False], ids=["gc-on", "gc-off"])
+def test_the_garbage_collector_is_paused_during_apply_and_left_as_it_was(net: Net, batch: torch.Tensor,
+                                                                          enabled: bool) -> None:
+    seen: list[bool] = []
+    net.head.register_forward_pre_hook(lambda m, a: seen.append(gc.isenabled()))
+    (gc.enable if enabled else gc.disable)()
+    try:
+        wn.apply_weight_norm(net, batch, inplace=True)
+        with pytest.raises(wn.BatchError):  # a failure puts it back too
+            wn.apply_weight_norm(net, torch.randn(2, 5, 8))
+        after = gc.isenabled()
+    finally:
+        gc.enable()
+    assert seen and not any(seen)
+    assert after is enabled
 
 
 def test_state_dict_keys_follow_torchs_layout_and_round_trip(net: Net, batch: torch.Tensor) -> None:
