@@ -724,6 +724,21 @@ def check_first_layer(name: str, quality: InitQuality) -> None:
         raise SanityError(msg)
 
 
+def minor_faults(case: Case) -> int | None:
+    """Minor page faults during one ``case.run(case.setup())`` (setup not counted): memory the
+    call touched for the first time.  A pass that keeps small tensors per layer can make every
+    layer's activation land on fresh memory (thousands of faults); None without ``resource``."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    arg = case.setup() if case.setup is not None else None
+    with gc_paused():
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        case.run(arg)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
 def _quality(quality: InitQuality) -> str:
     drift = quality.first_layer_above(INIT_TOLERANCE)
     return (f"{max(quality.mean_error):.2g} / {max(quality.std_error):.2g}"
@@ -739,8 +754,9 @@ def run_data_init(ctx: Context) -> WorkloadResult:
     for depth in DATA_INIT_DEPTHS:
         plain = bm.deep_mlp(depth, DATA_INIT_WIDTH)
         last: dict[str, nn.Module] = {}
-        timing = interleave(_data_init_cases(plain, x, last), ctx.effort, budget_s=budgets.get(depth, 20.0),
-                            min_rounds=1)
+        cases = _data_init_cases(plain, x, last)
+        timing = interleave(cases, ctx.effort, budget_s=budgets.get(depth, 20.0), min_rounds=1)
+        faults = {case.name: minor_faults(case) for case in cases if not case.name.startswith("naive")}
         fast, naive = check_data_init(last["fast"], last["naive"], x)
         check_first_layer("wn_transform init pass only", InitQuality.measure(last["pass"], x))
         fast_pass = InitQuality.measure(last["fast pass"], x)
@@ -752,6 +768,9 @@ def run_data_init(ctx: Context) -> WorkloadResult:
         result.notes.append(
             f"depth {depth}: after init, max |mean| / |std-1| of a layer's output on the batch: wn_transform "
             f"{_quality(fast)}, exact_init=False {_quality(fast_pass)}, naive {_quality(naive)}")
+        result.notes.append(f"depth {depth}: minor page faults (fresh memory touched) in one call, after the timing: "
+                            + ", ".join(f"{name} {count}" for name, count in faults.items()))
+        result.raw[f"depth_{depth}"]["minor_page_faults"] = faults
     result.notes[:0] = [
         "ratio = cost in plain forward passes (no_grad) of the same batch; 'init=data' is the whole "
         "apply_weight_norm(model, x, inplace=True) call on a fresh copy (copying untimed): discovery (symbolic_trace), "
