@@ -139,6 +139,27 @@ def test_a_linear_layer_gives_the_same_outputs_and_gradients_whatever_route_it_t
         torch.testing.assert_close(param.grad, reference.get_parameter(name).grad, msg=name)
 
 
+class _Doubled(nn.Module):
+    def forward(self, bias: torch.Tensor) -> torch.Tensor:
+        return 2 * bias
+
+
+@pytest.mark.parametrize("rows", [1, 64], ids=["output-form", "weight-form"])
+def test_a_linear_layer_whose_bias_is_parametrized_too_uses_the_parametrized_bias(rows: int) -> None:
+    """The Linear forward reads the bias from the layer's own parameters when it is one, and
+    through its property when another parametrization computes it."""
+    torch.manual_seed(0)
+    layer = nn.Linear(512, 256)
+    ours = wn.apply_weight_norm(layer, init="preserve")
+    torch.nn.utils.parametrize.register_parametrization(ours, "bias", _Doubled())
+    x = torch.randn(rows, 512)
+    expected = F.linear(x, layer.weight, 2 * layer.bias)
+    torch.testing.assert_close(ours(x), expected)  # training, with grad: output or weight form
+    ours.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), expected)  # the cached weight
+
+
 def test_the_cached_eval_weight_follows_every_change_to_g_and_v() -> None:
     torch.manual_seed(0)
     model = wn.apply_weight_norm(nn.Sequential(nn.Linear(4, 3)), init="preserve")

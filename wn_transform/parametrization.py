@@ -296,15 +296,17 @@ def _linear_forward(self: nn.Linear, input: Tensor) -> Tensor:
     Where torch's property must run (see :func:`_direct`), it reads ``self.weight``.
     """
     chain = self._modules["parametrizations"]._modules["weight"]
+    own = self._parameters
+    bias = own["bias"] if "bias" in own else self.bias  # not Module.__getattr__: 3-4 % of a batch-1 forward
     wn = _direct(chain)
     if wn is None:
-        return F.linear(input, self.weight, self.bias)
+        return F.linear(input, self.weight, bias)
     params = chain._parameters
     g, v = params["original0"], params["original1"]
     if not torch.is_grad_enabled():
         if not torch.compiler.is_compiling():
-            return F.linear(input, v if wn.direction_only else wn.cached_weight(g, v), self.bias)
+            return F.linear(input, v if wn.direction_only else wn.cached_weight(g, v), bias)
     elif (self.training and input.dim() > 0 and not wn.direction_only
             and prefer_output_form(input.numel() // input.shape[-1], input.shape[-1], self.out_features)):
-        return ScaledLinear.apply(input, g, v, self.bias, wn.exp_scale)
-    return F.linear(input, wn.forward(g, v), self.bias)
+        return ScaledLinear.apply(input, g, v, bias, wn.exp_scale)
+    return F.linear(input, wn.forward(g, v), bias)
