@@ -34,9 +34,10 @@ model, as in a training or serving loop (timing the first call after another mod
 measures cache misses instead: 2-call blocks without a lead-in put plain MLP steps at
 10.9 ms instead of 8.5 ms).  The garbage collector is off inside a block (on for workload 8,
 whose calls are one-shot, as a user makes them).  The table gives the median and the
-interquartile range of the samples, and ratios of medians taken in the same run; ``bench.json`` also has the
-per-round paired ratios (their median is in the notes as a cross-check).  Peak memory is read
-from ``torch.profiler``'s allocation events (see :func:`step_memory`).
+interquartile range of the samples, and ratios of medians taken in the same run;
+``bench.json`` also has the per-round paired ratios (their median is in the notes as a
+cross-check).  Peak memory is read from ``torch.profiler``'s allocation events (see
+:func:`step_memory`).
 
 Sanity checks, before timing: every variant computes the same function as ``plain`` on the
 batch (BatchNorm excepted: it is a different model) and normalizes the same number of weights;

@@ -50,7 +50,7 @@ from torch.overrides import TorchFunctionMode
 from . import batch as batch_mod
 from .discover import preserved_state
 from .mean_only_bn import MeanOnlyBatchNorm, mean_only_bn_of
-from .moments import Scratch, centre_
+from .moments import Scratch, centre_, per_unit
 from .norm import unit_norm
 from .ops import SIGNATURES, op_name, view_dims, weight_use
 from .parametrization import WeightNorm, no_weight_cache, weight_norm_of
@@ -231,14 +231,7 @@ class _Fit:
         return _as(out, self.dtype)
 
     def _per_unit(self, values: Tensor) -> Tensor:
-        """``values`` (one per unit) shaped to broadcast against ``centred``."""
-        values = _as(values, self.centred.dtype)
-        ndim = self.centred.ndim
-        if self.unit_dim % ndim == ndim - 1:
-            return values
-        shape = [1] * ndim
-        shape[self.unit_dim] = -1
-        return values.view(shape)
+        return per_unit(_as(values, self.centred.dtype), self.centred.ndim, self.unit_dim)
 
 
 def _as(tensor: Tensor, dtype: torch.dtype) -> Tensor:

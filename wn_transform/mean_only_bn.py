@@ -15,6 +15,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
+from .moments import per_unit
+
 __all__ = ["MeanOnlyBatchNorm", "attach", "channels", "detach", "mean_only_bn_of"]
 
 ATTRIBUTE = "mean_only_bn"  # the submodule name on the layer: <layer>.mean_only_bn.running_mean
@@ -37,11 +39,6 @@ class MeanOnlyBatchNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_features, device=device, dtype=dtype)) if bias else None
         self.register_buffer("running_mean", torch.zeros(num_features, device=device, dtype=dtype))
 
-    def _broadcast(self, per_channel: Tensor, x: Tensor) -> Tensor:
-        shape = [1] * x.ndim
-        shape[self.channel_dim % x.ndim] = -1
-        return per_channel.view(shape)
-
     def forward(self, x: Tensor) -> Tensor:
         if self.training:
             dims = [d for d in range(x.ndim) if d != self.channel_dim % x.ndim]
@@ -51,7 +48,7 @@ class MeanOnlyBatchNorm(nn.Module):
         else:
             mean = self.running_mean
         shift = -mean if self.bias is None else self.bias - mean
-        return x + self._broadcast(shift.to(x.dtype), x)
+        return x + per_unit(shift.to(x.dtype), x.ndim, self.channel_dim)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, channel_dim={self.channel_dim}, momentum={self.momentum}"

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["Scratch", "centre_", "resolve_group"]
+__all__ = ["Scratch", "centre_", "per_unit", "resolve_group"]
 
 
 class Scratch:
@@ -65,12 +65,10 @@ def centre_(t: Tensor, unit_dim: int, group: dist.ProcessGroup | None = None,
     """
     unit_dim %= t.ndim
     reduce = [d for d in range(t.ndim) if d != unit_dim]
-    shape = [1] * t.ndim
-    shape[unit_dim] = -1
     x = t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
     if group is None:
         mean = x.mean(dim=reduce)  # two plain reductions: much faster than var_mean on CPU
-        centred = x.sub_(mean if unit_dim == t.ndim - 1 else mean.view(shape))
+        centred = x.sub_(per_unit(mean, t.ndim, unit_dim))
         squares = torch.square(centred, out=scratch.like(centred)) if scratch is not None else centred.square()
         return centred, mean, squares.mean(dim=reduce)
     t64 = x.double()
@@ -80,4 +78,15 @@ def centre_(t: Tensor, unit_dim: int, group: dist.ProcessGroup | None = None,
     total, sums, squares = packed[0], *packed[1:].chunk(2)
     mean = sums / total
     var = (squares / total - mean.square()).clamp_min(0)
-    return x.sub_(mean.to(x.dtype).view(shape)), mean, var
+    return x.sub_(per_unit(mean.to(x.dtype), t.ndim, unit_dim)), mean, var
+
+
+def per_unit(values: Tensor, ndim: int, unit_dim: int) -> Tensor:
+    """``values`` (one per unit) shaped to broadcast against a rank-``ndim`` tensor whose units
+    are on ``unit_dim`` (as they are when the units are the last axis: no view)."""
+    unit_dim %= ndim
+    if unit_dim == ndim - 1:
+        return values
+    shape = [1] * ndim
+    shape[unit_dim] = -1
+    return values.view(shape)
