@@ -268,8 +268,8 @@ def test_a_zero_direction_gets_a_finite_scale_and_a_zero_output(exact_init: bool
 
 @EXACT
 def test_constant_units_deep_in_the_network_are_found_and_every_other_unit_is_standardized(exact_init: bool) -> None:
-    """Zero directions are known before the pass; a unit whose ``t`` is constant only because of
-    what the layers before it compute shows up in its statistics.  Each gets g = s and
+    """Zero directions (constant on any input) and a unit whose ``t`` is constant only because
+    of what the layers before it compute both show up after a pass.  Each gets g = s and
     b = -s mu[t] (a zero output), and the layers after it are standardized as usual."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), nn.Sigmoid(), nn.Linear(5, 4), nn.Sigmoid(), nn.Linear(4, 4), nn.Sigmoid(),
@@ -385,3 +385,109 @@ def test_a_100_layer_network_is_standardized_to_the_last_layer() -> None:
         mean, std = _per_unit(pre[name])
         torch.testing.assert_close(mean, torch.zeros_like(mean), atol=1e-4, rtol=0, msg=name)
         torch.testing.assert_close(std, torch.ones_like(std), atol=1e-4, rtol=0, msg=name)
+
+
+# -- the direct pass (every target a stock nn.Linear) against the general one ---------------
+
+
+def _general_pass_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make :func:`data_init` intercept every op, as it does for models with other layers."""
+    monkeypatch.setattr("wn_transform.data_init.hands_input_to_calibrator", lambda module, name: False)
+
+
+class _ReusedLayer(nn.Module):
+    """A Linear called twice per forward, and a tied read of its weight after it has run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.mid, self.out = nn.Linear(10, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.mid(torch.relu(self.mid(torch.relu(self.inp(x))))))
+        return self.out(h + F.linear(h, self.mid.weight))
+
+
+class _ReadsAWeightFirst(nn.Module):
+    """Reads a Linear's weight before that layer runs (a functional use), and hides the read
+    behind ``except Exception``, as defensive model code does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.out = nn.Linear(10, 16), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.inp(x))
+        try:
+            shortcut = F.linear(h, self.out.weight)
+        except Exception:  # noqa: BLE001 - the pass must not depend on model code letting it through
+            shortcut = 0.0
+        return self.out(h) + shortcut
+
+
+class _ChecksAWeightsDtype(nn.Module):
+    """Reads a Linear's weight before that layer runs, for its dtype only (as T5's feed-forward
+    block does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.out = nn.Linear(10, 16), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.inp(x))
+        return self.out(h.to(self.out.weight.dtype))
+
+
+@EXACT
+@pytest.mark.parametrize("make", [lambda: _deep_mlp(depth=6), _ReusedLayer, _ReadsAWeightFirst, _ChecksAWeightsDtype,
+                                  lambda: nn.Sequential(nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 4, bias=False))],
+                         ids=["mlp", "reused-and-tied", "read-before-its-layer", "dtype-read-first", "no-bias"])
+def test_a_linear_only_model_gets_the_values_of_the_general_pass(
+        make, exact_init: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where every target is a stock Linear, each layer hands its input to the pass instead of
+    every op being intercepted; a weight read anywhere else before its layer ran sends the pass
+    back to intercepting.  Either way the values are those of the general pass, bit for bit."""
+    torch.manual_seed(0)
+    model = wn.apply_weight_norm(make(), init="preserve")
+    targets = wn.weight_norm_report(model).converted
+    batch = torch.randn(64, 10)
+    direct = copy.deepcopy(model)
+    data_init(direct, targets, batch, exact=exact_init)
+    _general_pass_only(monkeypatch)
+    data_init(model, targets, batch, exact=exact_init)
+    for (name, got), expected in zip(direct.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(got, expected), name
+    assert not any("calibrator" in vars(m) or "direction_only" in vars(m) for m in direct.modules())
+
+
+def test_a_linear_only_model_runs_without_intercepting_ops(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The direct pass runs the model once, with no torch function mode: a mode the caller has
+    open sees only the model's own ops and the pass's matmuls."""
+    torch.manual_seed(0)
+    model = wn.apply_weight_norm(_deep_mlp(depth=5), init="preserve")
+    targets = wn.weight_norm_report(model).converted
+    modes_seen = []
+    model[0].register_forward_pre_hook(lambda m, a: modes_seen.append(torch.overrides._get_current_function_mode()))
+    data_init(model, targets, torch.randn(32, 10), exact=False)
+    assert modes_seen == [None]
+    _general_pass_only(monkeypatch)
+    data_init(model, targets, torch.randn(32, 10), exact=False)
+    assert len(modes_seen) == 2 and modes_seen[1] is not None
+
+
+@EXACT
+def test_zero_directions_in_many_layers_cost_one_more_pass(exact_init: bool) -> None:
+    """Zero directions show after the first pass, all at once: one more pass calibrates
+    every layer that has one, however many there are."""
+    torch.manual_seed(0)
+    model = _deep_mlp(depth=6)
+    for index in (0, 4, 8):
+        with torch.no_grad():
+            model[index].weight[1] = 0.0
+    passes = []
+    model[0].register_forward_pre_hook(lambda m, a: passes.append(1))
+    out = wn.apply_weight_norm(model, torch.randn(64, 10), exact_init=exact_init, inplace=True)
+    assert len(passes) == 2
+    assert wn.weight_norm_report(out).notes.constant_units == {"0.weight": 1, "4.weight": 1, "8.weight": 1}
+    for index in (0, 4, 8):
+        assert out[index].parametrizations.weight.original0.view(-1)[1] == 1.0  # g = s
+    assert all(torch.isfinite(p).all() for p in out.parameters())

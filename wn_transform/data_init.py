@@ -30,11 +30,16 @@ on the batch, see :func:`data_init`); what each layer hands on to the next is ch
 The ops are intercepted by a ``TorchFunctionMode``.  Until its layer is calibrated, a
 parametrization hands out ``v`` itself, so an op reading a target's weight is recognized by
 that tensor (or a view of it): functional calls, reused modules and the projections inside
-``nn.MultiheadAttention`` are all handled by the same code.
+``nn.MultiheadAttention`` are all handled by the same code.  Where every target is a stock
+``nn.Linear``, nothing is intercepted: each layer hands its input to the pass
+(:attr:`WeightNorm.calibrator`), which saves the mode's Python on every op of the model; a
+read of such a weight anywhere else before its layer ran stops that pass, and the
+intercepting one runs instead (same values, bit for bit).
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import weakref
 from collections.abc import Callable
@@ -53,7 +58,7 @@ from .mean_only_bn import MeanOnlyBatchNorm, mean_only_bn_of
 from .moments import Scratch, centre_, per_unit
 from .norm import unit_norm
 from .ops import SIGNATURES, op_name, view_dims, weight_use
-from .parametrization import WeightNorm, no_weight_cache, weight_norm_of
+from .parametrization import WeightNorm, hands_input_to_calibrator, no_weight_cache, weight_norm_of
 from .targets import Target
 
 __all__ = ["InitNotes", "data_init", "resample_directions"]
@@ -80,7 +85,6 @@ class _State:
     wn: WeightNorm
     g: nn.Parameter
     v: nn.Parameter
-    norms: Tensor  # ||v|| per unit, flat, float32 or wider (v does not change during the pass)
     mean_only_bn: MeanOnlyBatchNorm | None = None
     running_mean: Tensor | None = None  # what the init sets the norm's running mean to
     done: bool = False
@@ -112,38 +116,43 @@ def data_init(model: nn.Module, targets: list[Target], sample_batch: batch_mod.S
     same layers in the same order, as in any collective).  ``exact``: see the module docstring.
 
     Units whose pre-activation is constant on the batch get ``sigma[t] = 1`` instead (see
-    :class:`InitNotes`).  Zero directions are known before the pass; any other constant unit
-    shows in the statistics, which are checked all at once after the pass (checking each layer
-    as it runs costs more than the rest of its bookkeeping): if one is found (also when the pass
-    failed: a model may reject the NaN such a unit hands on), ``g`` and the biases are put back
-    and the pass runs again with that layer's constant units known, so the result is what a
-    layer-by-layer check would give.
+    :class:`InitNotes`).  They show in the statistics (and zero directions in the norms), which
+    are checked all at once after the pass (checking each layer as it runs costs more than the
+    rest of its bookkeeping): if one is found (also when the pass failed: a model may reject
+    the NaN such a unit hands on), ``g`` and the biases are put back and the pass runs again
+    with those units known (every zero direction, and the first layer's other constant units:
+    see :meth:`_Moments.constants`), so the result is what a layer-by-layer check would give.
     """
-    states = [_state(model, target) for target in targets]  # norms up front: cheaper than between two layers
-    known = _zero_directions(states)
+    states = [_state(model, target) for target in targets]
+    known: dict[int, Tensor] = {}  # id(state) -> mask of its units known to be constant on the batch
     backup = _Backup(states)
+    direct = all(hands_input_to_calibrator(s.module, s.target.name) for s in states)
     try:
         while True:
             mode = _CalibrationMode(model, states, init_scale, group, backup, known, exact=exact)
             failure = None
             try:
-                _run_pass(model, states, mode, sample_batch)
+                _run_pass(model, states, mode, sample_batch, direct=direct)
+            except _ReadElsewhere:  # a weight is also read outside its layer: intercept every op instead
+                direct = False
+                backup.restore()
+                continue
             except Exception as exc:  # it may come from an unguarded constant unit's NaN: check first
                 failure = exc
             found = mode.unforeseen_constants()
-            if found is None:
+            if not found:
                 if failure is not None:
                     raise failure
                 break
-            state, mask = found
-            known[id(state)] = mask | known[id(state)] if id(state) in known else mask
+            for state, mask in found:
+                known[id(state)] = mask | known[id(state)] if id(state) in known else mask
             backup.restore()
     except BaseException:
         backup.restore()
         raise
     finally:
         for state in states:
-            state.wn.__dict__.pop("direction_only", None)
+            _stop_measuring(state)
     notes = mode.notes
     with torch.no_grad():
         for state in states:
@@ -155,13 +164,50 @@ def data_init(model: nn.Module, targets: list[Target], sample_batch: batch_mod.S
     return notes
 
 
-def _run_pass(model: nn.Module, states: list[_State], mode: _CalibrationMode, sample_batch: batch_mod.SampleBatch) -> None:
-    for state in states:  # until calibrated, the layer computes with v itself: t' = op(x, v)
+def _run_pass(model: nn.Module, states: list[_State], mode: _CalibrationMode, sample_batch: batch_mod.SampleBatch,
+              *, direct: bool) -> None:
+    """One forward pass over the batch, calibrating each target where it is first used.
+
+    ``direct`` (every target a stock ``nn.Linear``): each layer hands its input to the pass
+    (:class:`_LayerInput`), and no op is intercepted; a read of a weight anywhere else raises
+    :class:`_ReadElsewhere`.  Otherwise ``mode`` intercepts every op: until calibrated, a layer
+    computes with ``v`` itself, ``t' = op(x, v)``, which the mode recognizes.
+    """
+    for state in states:
         state.done = False
         state.running_mean = None
-        state.wn.direction_only = True
-    with preserved_state(model), torch.no_grad(), no_weight_cache(), mode:
+        _stop_measuring(state)  # what a stopped pass left
+        if direct:
+            state.wn.calibrator = _LayerInput(mode, state)
+        else:
+            state.wn.direction_only = True
+    with preserved_state(model), torch.no_grad(), no_weight_cache(), contextlib.nullcontext() if direct else mode:
         batch_mod.run(model, sample_batch)
+
+
+def _stop_measuring(state: _State) -> None:
+    """The layer computes its real weight again (see :attr:`WeightNorm.calibrator`)."""
+    state.wn.__dict__.pop("direction_only", None)
+    state.wn.__dict__.pop("calibrator", None)
+
+
+class _ReadElsewhere(BaseException):
+    """During the direct pass, a weight not yet calibrated was read outside its layer's own
+    forward: the pass stops and the general one runs.  Not an ``Exception``, so that a model's
+    ``except Exception`` does not swallow it."""
+
+
+class _LayerInput:
+    """The direct pass's hand-in for one target (:attr:`WeightNorm.calibrator`)."""
+
+    def __init__(self, mode: _CalibrationMode, state: _State) -> None:
+        self.mode, self.state = mode, state
+
+    def __call__(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        return self.mode.calibrate_linear(self.state, x, bias)
+
+    def weight_read(self) -> None:
+        raise _ReadElsewhere
 
 
 class _Backup:
@@ -190,24 +236,14 @@ class _Backup:
                 tensor.copy_(value)
 
 
-def _zero_directions(states: list[_State]) -> dict[int, Tensor]:
-    """``id(state) -> mask`` of the units whose direction is zero (their ``t`` is constant 0)."""
-    norms = torch.cat([s.norms.to(states[0].norms.device) for s in states]) if states else None
-    if norms is None or norms.numel() == 0 or bool(norms.min() > 0):  # one check for the whole model
-        return {}
-    return {id(s): s.norms == 0 for s in states if bool((s.norms == 0).any())}
-
-
 def _state(model: nn.Module, target: Target) -> _State:
     module = model.get_submodule(target.module)
     wn = weight_norm_of(module, target.name)
     if wn is None:
         msg = f"{target.qualname} is not weight-normalized by this library; apply the parametrization first"
         raise ValueError(msg)
-    chain = module.parametrizations[target.name]
-    with torch.no_grad():
-        norms = unit_norm(chain.original1, wn.layout).reshape(-1)
-    return _State(target, module, wn, chain.original0, chain.original1, norms, mean_only_bn_of(module))
+    params = module.parametrizations[target.name]._parameters
+    return _State(target, module, wn, params["original0"], params["original1"], mean_only_bn_of(module))
 
 
 _MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
@@ -249,51 +285,74 @@ class _Produced:
     rebuild: Callable[[], Tensor]  # the same tensor from the current (g, v)
 
 
+@dataclass
+class _Slot:
+    """Where one calibration's ``||v||``, mean and variance of ``t'`` go (views of :class:`_Moments`)."""
+
+    norms: Tensor
+    mean: Tensor
+    var: Tensor
+
+
 class _Moments:
-    """Every target's per-unit mean and variance of ``t'``, for the constant-unit check after
-    the pass, in one float64 buffer per device allocated before the pass.
+    """Every target's per-unit ``||v||`` and mean and variance of ``t'``, for the constant-unit
+    check after the pass, in three buffers per device allocated before the pass; each
+    calibration writes its statistics straight into its slice.
 
     Two small tensors kept per layer would split the activation-sized blocks that the
     allocator frees between layers, and every layer's activations would land on fresh memory
-    (thousands of page faults per pass on CPU); copying into one buffer costs two small ops.
+    (thousands of page faults per pass on CPU).  The norms are measured in the pass, right
+    after the layer's op has read ``v`` (then in cache), not in one sweep before it: that would
+    read every weight from memory once more.
     """
 
     def __init__(self, states: list[_State]) -> None:
         self._slot: dict[int, tuple[torch.device, int]] = {}  # id(state) -> (device, offset)
-        norms: dict[torch.device, list[Tensor]] = {}
         sizes: dict[torch.device, int] = {}
+        dtypes: dict[torch.device, torch.dtype] = {}
         for state in states:
-            device = state.norms.device
+            device = state.v.device
             self._slot[id(state)] = (device, sizes.get(device, 0))
-            sizes[device] = sizes.get(device, 0) + state.norms.numel()
-            norms.setdefault(device, []).append(state.norms)
-        self._norms = {device: torch.cat(parts).double() for device, parts in norms.items()}
-        self._mean = {device: torch.zeros_like(n) for device, n in self._norms.items()}
-        self._var = {device: torch.full_like(n, float("inf")) for device, n in self._norms.items()}  # inf: not constant
+            sizes[device] = sizes.get(device, 0) + state.g.numel()
+            wide = torch.float64 if state.v.dtype == torch.float64 else torch.float32  # that of the statistics
+            dtypes[device] = torch.promote_types(dtypes.get(device, wide), wide)
+        # Units never calibrated are never constant (var = inf) and never zero directions (norm = 1).
+        self._norms = {d: torch.ones(n, dtype=dtypes[d], device=d) for d, n in sizes.items()}
+        self._mean = {d: torch.zeros(n, dtype=dtypes[d], device=d) for d, n in sizes.items()}
+        self._var = {d: torch.full((n,), float("inf"), dtype=dtypes[d], device=d) for d, n in sizes.items()}
         self._order: list[tuple[_State, slice, torch.device, int, int]] = []  # in calibration order
 
-    def record(self, state: _State, units: slice, mean: Tensor, var: Tensor) -> None:
+    def slot(self, state: _State, units: slice) -> _Slot:
+        """The slices for ``state``'s ``units``; calibrations are listed in the order they ask."""
         device, offset = self._slot[id(state)]
         start = offset + (units.start or 0)
-        stop = start + mean.numel()
-        self._mean[device][start:stop].copy_(mean)
-        self._var[device][start:stop].copy_(var)
+        stop = offset + (units.stop if units.stop is not None else state.g.numel())
         self._order.append((state, units, device, start, stop))
+        return _Slot(self._norms[device][start:stop], self._mean[device][start:stop], self._var[device][start:stop])
 
-    def first_constant(self) -> tuple[_State, Tensor] | None:
-        """The first calibration, in forward order, with a unit whose ``t`` is constant on the
-        batch (``sigma[t] <= 1e-6 (|mu[t]| + 1)``), as ``(state, mask over all its units)``."""
-        constant = {device: var <= (self._mean[device].abs() + self._norms[device]).mul_(_CONSTANT_STD).square_()
-                    for device, var in self._var.items()}
-        if not any(bool(flags.any()) for flags in constant.values()):
-            return None
+    def constants(self) -> list[tuple[_State, Tensor]]:
+        """The units shown constant on the batch (``sigma[t] <= 1e-6 (|mu[t]| + 1)``), as
+        ``(state, mask over all its units)``: those of the first calibration, in forward order,
+        that has any (later ones ran on what it handed on: their statistics are not certain),
+        and every zero direction (constant whatever the input)."""
+        zero = {d: norms == 0 for d, norms in self._norms.items()}
+        constant = {d: var <= (self._mean[d].abs() + self._norms[d]).mul_(_CONSTANT_STD).square_()
+                    for d, var in self._var.items()}
+        if not any(bool(flags.any()) for flags in constant.values()):  # a zero direction has var = 0 too
+            return []
+        found: list[tuple[_State, Tensor]] = []
+        certain = True
         for state, units, device, start, stop in self._order:
-            part = constant[device][start:stop]
-            if bool(part.any()):
-                mask = torch.zeros(state.norms.shape, dtype=torch.bool, device=state.norms.device)
-                mask[units] = part.to(mask.device)
-                return state, mask
-        return None
+            units_found = zero[device][start:stop]
+            if certain:
+                part = constant[device][start:stop]
+                certain = not bool(part.any())
+                units_found = units_found | part
+            if bool(units_found.any()):
+                mask = torch.zeros(state.g.numel(), dtype=torch.bool, device=state.g.device)
+                mask[units] = units_found.to(mask.device)
+                found.append((state, mask))
+        return found
 
 
 class _CalibrationMode(TorchFunctionMode):
@@ -380,25 +439,26 @@ class _CalibrationMode(TorchFunctionMode):
         several times what it costs in a loop: the constant-unit check waits for the end of
         the pass (:meth:`unforeseen_constants`) and values are written with ``out=``.
         """
-        centred, mean, var = centre_(t_raw, unit_dim, self.group, self._scratch)  # of t' = t * ||v||
-        whole = units == slice(None)
-        norms = state.norms if whole else state.norms[units]
+        slot = self._moments.slot(state, units)
+        centred, mean, var = centre_(t_raw, unit_dim, self.group, self._scratch, out=(slot.mean, slot.var))  # of t'
+        norms = _unit_norms(state, units, slot.norms)
         if norms.dtype != mean.dtype:
             norms = norms.to(mean.dtype)
         known = self.known.get(id(state))
-        if known is not None and not whole:
+        if known is not None and units != slice(None):
             known = known[units]
         if known is None or not bool(known.any()):
             gain = var.rsqrt()  # 1 / (sigma[t] ||v||); inf for a constant unit, found after the pass
-            self._moments.record(state, units, mean, var)
         else:  # take sigma[t] = 1 there: g = s, b = -s mu[t]
             qualname = state.target.qualname
             self.notes.constant_units[qualname] = self.notes.constant_units.get(qualname, 0) + int(known.sum())
             norms = norms.masked_fill(norms == 0, 1.0)  # a zero direction: any norm will do
             gain = torch.where(known, norms.reciprocal(), var.rsqrt())
-            self._moments.record(state, units, mean, var.masked_fill(known, float("inf")))
+            slot.var.masked_fill_(known, float("inf"))  # not constant, not a zero direction, for the check after
+            slot.norms.masked_fill_(known, 1.0)
         if self.init_scale != 1:
             gain = gain.mul_(self.init_scale)  # s / (sigma[t] ||v||)
+        whole = units == slice(None)
         g = state.g.view(-1) if whole else state.g.view(-1)[units]
         _store(g, gain, norms)  # g = s / sigma[t]
         if state.wn.exp_scale:
@@ -425,25 +485,31 @@ class _CalibrationMode(TorchFunctionMode):
             self._finish(state)
         return _Fit(centred, gain, offset, unit_dim, t_raw.dtype)
 
-    def unforeseen_constants(self) -> tuple[_State, Tensor] | None:
-        """After the pass: the first calibration, in forward order, with a constant unit that
-        was not known to be, as ``(state, mask over all its units)``; None if there is none.
-        Later calibrations ran on what that one handed on, so only its units are certain."""
-        return self._moments.first_constant()
+    def unforeseen_constants(self) -> list[tuple[_State, Tensor]]:
+        """After the pass: the units found constant on the batch that were not known to be, as
+        ``(state, mask over all its units)`` (see :meth:`_Moments.constants`); empty if none."""
+        return self._moments.constants()
 
     def _is_parameter(self, tensor: Tensor, owner: nn.Module) -> bool:
         """Whether ``tensor`` is (a view of) a parameter of the model: the bias can be set."""
-        if any(p is tensor for p in owner._parameters.values()):  # the usual case: the layer's own bias
+        own = owner._parameters
+        if own.get("bias") is tensor or any(p is tensor for p in own.values()):  # the usual case: the layer's own
             return True
         if self._param_ids is None:
             self._param_ids = {id(p) for p in self.model.parameters()}
         return id(tensor) in self._param_ids or (tensor._base is not None and id(tensor._base) in self._param_ids)
 
+    def calibrate_linear(self, state: _State, x: Tensor, bias: Tensor | None) -> Tensor:
+        """A stock ``nn.Linear``'s output on ``x`` (direct pass), its target calibrated first on
+        ``t' = x @ v'``: the same as the intercepted ``F.linear``, without intercepting anything."""
+        fit = self._calibrate(state, torch.matmul(x, state.v.t()), -1, bias)
+        return fit.output() if not self.exact else F.linear(x, _current_weight(state), bias)
+
     @staticmethod
     def _finish(state: _State) -> None:
         """The layer is calibrated: from now on it computes its real weight."""
         state.done = True
-        state.wn.__dict__.pop("direction_only", None)
+        _stop_measuring(state)
 
     def _attention(self, func, args, kwargs):
         """``F.multi_head_attention_forward``: calibrate the q/k/v and output projections."""
@@ -548,6 +614,14 @@ def _store(dst: Tensor, a: Tensor, b: Tensor) -> Tensor:
     if dst.dtype == a.dtype == b.dtype and dst.is_contiguous():
         return torch.mul(a, b, out=dst if dst.shape == a.shape else dst.view(a.shape))
     return dst.copy_((a * b).view(dst.shape))
+
+
+def _unit_norms(state: _State, units: slice, out: Tensor) -> Tensor:
+    """``||v||`` of ``state``'s ``units``, written to ``out`` (flat).  Nothing is kept per layer:
+    see :class:`_Moments`."""
+    if units == slice(None):
+        return unit_norm(state.v, state.wn.layout, out=out).view(-1)
+    return out.copy_(unit_norm(state.v, state.wn.layout).view(-1)[units])
 
 
 def _current_weight(state: _State) -> Tensor:

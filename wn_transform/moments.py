@@ -53,24 +53,31 @@ def resolve_group(distributed: bool | dist.ProcessGroup | None) -> dist.ProcessG
     return distributed
 
 
-def centre_(t: Tensor, unit_dim: int, group: dist.ProcessGroup | None = None,
-            scratch: Scratch | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def centre_(t: Tensor, unit_dim: int, group: dist.ProcessGroup | None = None, scratch: Scratch | None = None,
+            out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """``(t - mean, mean, var)`` per unit of ``t`` (units on ``unit_dim``; biased variance).
 
     ``t - mean`` is ``t`` itself, centred in place, when ``t`` is float32/float64 (a float32
     copy for half precision): the caller owns ``t``.  Two passes (mean, then the squares of the
     centred values) in float32 at least: accurate, and no float64 copy of ``t``.  Across ranks,
     the per-unit counts, sums and sums of squares are reduced in float64, and mean and var are
-    float64.  ``scratch``: where to put the squares (a buffer kept across calls).
+    float64.  ``scratch``: where to put the squares (a buffer kept across calls); ``out``: where
+    to put mean and var as well (written there directly when their dtype is that of the
+    statistics; the results are then these tensors).
     """
     unit_dim %= t.ndim
-    reduce = [d for d in range(t.ndim) if d != unit_dim]
+    reduce = [d for d in range(t.ndim) if d != unit_dim] if t.ndim != 2 else 1 - unit_dim
     x = t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
     if group is None:
-        mean = x.mean(dim=reduce)  # two plain reductions: much faster than var_mean on CPU
-        centred = x.sub_(per_unit(mean, t.ndim, unit_dim))
+        direct = out is not None and out[0].dtype == x.dtype
+        mean = torch.mean(x, dim=reduce, out=out[0]) if direct else x.mean(dim=reduce)  # two plain reductions:
+        centred = x.sub_(per_unit(mean, t.ndim, unit_dim))                               # faster than var_mean
         squares = torch.square(centred, out=scratch.like(centred)) if scratch is not None else centred.square()
-        return centred, mean, squares.mean(dim=reduce)
+        var = torch.mean(squares, dim=reduce, out=out[1]) if direct else squares.mean(dim=reduce)
+        if out is not None and not direct:
+            out[0].copy_(mean)
+            out[1].copy_(var)
+        return centred, mean, var
     t64 = x.double()
     count = torch.tensor([x.numel() / x.shape[unit_dim]], dtype=torch.float64, device=x.device)
     packed = torch.cat([count, t64.sum(dim=reduce), t64.square().sum(dim=reduce)])
@@ -78,6 +85,9 @@ def centre_(t: Tensor, unit_dim: int, group: dist.ProcessGroup | None = None,
     total, sums, squares = packed[0], *packed[1:].chunk(2)
     mean = sums / total
     var = (squares / total - mean.square()).clamp_min(0)
+    if out is not None:
+        out[0].copy_(mean)
+        out[1].copy_(var)
     return x.sub_(per_unit(mean.to(x.dtype), t.ndim, unit_dim)), mean, var
 
 

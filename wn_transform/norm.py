@@ -81,10 +81,20 @@ def _g_to_grouped(g_like: Tensor, groups: int) -> Tensor:
     return g_like.reshape(groups, 1, g_like.shape[1] // groups, *g_like.shape[2:])
 
 
-def unit_norm(v: Tensor, layout: UnitLayout) -> Tensor:
-    """``||v[unit]||`` for every output unit, shaped like ``g``, in float32 or wider."""
+def unit_norm(v: Tensor, layout: UnitLayout, *, out: Tensor | None = None) -> Tensor:
+    """``||v[unit]||`` for every output unit, shaped like ``g``, in float32 or wider.
+
+    ``out``: a contiguous tensor with one element per unit to write the norms to (no new
+    tensor where its dtype is the norms'); the result is then ``out`` shaped like ``g``.
+    """
     dtype = _accumulation_dtype(v.dtype)
     dim = layout.dim % v.ndim
+    if out is not None:
+        target = out.view(layout.g_shape(v.shape))
+        if layout.groups == 1 and out.dtype == dtype:
+            dims = [d for d in range(v.ndim) if d != dim]
+            return torch.linalg.vector_norm(v, dim=dims, keepdim=True, dtype=dtype, out=target)
+        return target.copy_(unit_norm(v, layout))
     if layout.groups == 1:
         dims = [d for d in range(v.ndim) if d != dim]
         return torch.linalg.vector_norm(v, dim=dims, keepdim=True, dtype=dtype)

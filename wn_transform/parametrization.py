@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -63,11 +64,18 @@ class WeightNorm(nn.Module):
     def groups(self) -> int:
         return self.layout.groups
 
-    direction_only = False  # set by the data-dependent init pass, which measures op(x, v) itself
+    # Set on an instance by the data-dependent init pass (wn_transform.data_init) until it has
+    # calibrated the layer.  direction_only: the weight is v itself (the pass measures op(x, v)).
+    # calibrator: a stock Linear hands its input to it instead of computing; any other read of
+    # the weight calls calibrator.weight_read(), which stops that pass (the other pass then runs).
+    direction_only = False
+    calibrator: Any = None
 
     def forward(self, g: Tensor, v: Tensor) -> Tensor:
         if self.direction_only:
             return v
+        if self.calibrator is not None:
+            self.calibrator.weight_read()
         if torch.compiler.is_compiling():  # the compiler removes repeated reads itself
             return weight_norm_weight(g, v, self.layout, exp_scale=self.exp_scale)
         if torch.is_grad_enabled():
@@ -280,6 +288,12 @@ def _direct(chain: nn.Module) -> WeightNorm | None:
     return wn
 
 
+def hands_input_to_calibrator(module: nn.Module, name: str) -> bool:
+    """Whether ``module``'s forward hands its input to :attr:`WeightNorm.calibrator` of its
+    ``name`` weight (a stock ``nn.Linear`` this library normalizes: see :func:`_linear_forward`)."""
+    return name == "weight" and type(module).forward is _linear_forward
+
+
 def _attention_forward(self: nn.MultiheadAttention, *args, **kwargs):
     """``nn.MultiheadAttention.forward``, with each weight computed once per call (:func:`weight_memo`)."""
     if torch.compiler.is_compiling():  # the compiler removes the repeated reads itself
@@ -301,6 +315,8 @@ def _linear_forward(self: nn.Linear, input: Tensor) -> Tensor:
     wn = _direct(chain)
     if wn is None:
         return F.linear(input, self.weight, bias)
+    if wn.calibrator is not None:  # the data-dependent init pass measures this layer on its input
+        return wn.calibrator(input, bias)
     params = chain._parameters
     g, v = params["original0"], params["original1"]
     if not torch.is_grad_enabled():
