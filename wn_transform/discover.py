@@ -105,9 +105,9 @@ def _symbolic_trace_log(model: nn.Module) -> UseLog:
     if torch.fx.Tracer().is_leaf_module(model, ""):  # a bare torch layer: its type says it all
         _log_leaf_module(log, model, "")
         return log
-    graph_module = torch.fx.symbolic_trace(model)
+    graph = torch.fx.Tracer().trace(model)  # what symbolic_trace does, minus generating a GraphModule's code
     params = dict(model.named_parameters(remove_duplicate=False))
-    for node in graph_module.graph.nodes:
+    for node in graph.nodes:
         if node.op == "get_attr" and node.target in params:
             log.source(node, node.target, params[node.target].ndim)
         elif node.op in ("call_function", "call_method"):

@@ -155,10 +155,20 @@ def no_weight_cache() -> Iterator[None]:
 
 
 def register(module: nn.Module, name: str, parametrization: WeightNorm) -> None:
-    """Reparameterize ``module.<name>`` as ``(g, v)``; the weight's value is kept."""
+    """Reparameterize ``module.<name>`` as ``(g, v)``; the weight's value is kept.
+
+    ``forward(right_inverse(w))`` has ``w``'s shape and dtype by construction, so torch's
+    consistency check (which computes the weight once more: half of this call on a large layer)
+    is skipped; the chain's ``unsafe`` flag is then put back, so that assigning
+    ``module.<name> = tensor`` is checked as usual.
+    """
     parametrization.layout.check(getattr(module, name).shape)
     order = _parameter_order(module) or tuple(module._parameters)
-    parametrize.register_parametrization(module, name, parametrization)
+    holder = module._modules.get("parametrizations")
+    stacked = holder._modules.get(name) if holder is not None else None
+    unsafe = bool(stacked.unsafe) if stacked is not None else False
+    parametrize.register_parametrization(module, name, parametrization, unsafe=True)
+    module.parametrizations[name].unsafe = unsafe
     module.parametrizations.__dict__[_ORDER] = order  # where fold puts the parameter back
     _extend_class(module)
 
