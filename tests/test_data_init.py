@@ -491,3 +491,26 @@ def test_zero_directions_in_many_layers_cost_one_more_pass(exact_init: bool) -> 
     for index in (0, 4, 8):
         assert out[index].parametrizations.weight.original0.view(-1)[1] == 1.0  # g = s
     assert all(torch.isfinite(p).all() for p in out.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16], ids=["f64", "f16", "bf16"])
+def test_a_linear_only_model_in_any_float_dtype_gets_the_values_of_the_general_pass(
+        dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The direct pass keeps the dtype rules of the general one (statistics in float32 for half
+    precision, float64 for float64), and standardizes every layer."""
+    torch.manual_seed(0)
+    model = wn.apply_weight_norm(_deep_mlp(depth=4).to(dtype), init="preserve")
+    targets = wn.weight_norm_report(model).converted
+    batch = torch.randn(64, 10, dtype=dtype)
+    direct = copy.deepcopy(model)
+    data_init(direct, targets, batch)
+    pre = _pre_activations(direct, batch, (nn.Linear,))
+    tolerance = 1e-6 if dtype == torch.float64 else 2e-2
+    for name, out in pre.items():
+        assert out.dtype == dtype
+        mean, std = _per_unit(out.double())
+        torch.testing.assert_close(std, torch.ones_like(std), atol=tolerance, rtol=0, msg=name)
+    _general_pass_only(monkeypatch)
+    data_init(model, targets, batch)
+    for (name, got), expected in zip(direct.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(got, expected), name
