@@ -126,7 +126,9 @@ def data_init(model: nn.Module, targets: list[Target], sample_batch: batch_mod.S
     states = [_state(model, target) for target in targets]
     known: dict[int, Tensor] = {}  # id(state) -> mask of its units known to be constant on the batch
     backup = _Backup(states)
-    direct = all(hands_input_to_calibrator(s.module, s.target.name) for s in states)
+    # Under a process group every rank must take the same path: a fall-back on one rank only
+    # (a weight read on a branch its shard took) would leave the others waiting in a collective.
+    direct = group is None and all(hands_input_to_calibrator(s.module, s.target.name) for s in states)
     try:
         while True:
             mode = _CalibrationMode(model, states, init_scale, group, backup, known, exact=exact)
@@ -168,10 +170,11 @@ def _run_pass(model: nn.Module, states: list[_State], mode: _CalibrationMode, sa
               *, direct: bool) -> None:
     """One forward pass over the batch, calibrating each target where it is first used.
 
-    ``direct`` (every target a stock ``nn.Linear``): each layer hands its input to the pass
-    (:class:`_LayerInput`), and no op is intercepted; a read of a weight anywhere else raises
-    :class:`_ReadElsewhere`.  Otherwise ``mode`` intercepts every op: until calibrated, a layer
-    computes with ``v`` itself, ``t' = op(x, v)``, which the mode recognizes.
+    ``direct`` (every target a stock ``nn.Linear``, no process group): each layer hands its
+    input to the pass (:class:`_LayerInput`), and no op is intercepted; a read of a weight
+    anywhere else raises :class:`_ReadElsewhere`.  Otherwise ``mode`` intercepts every op:
+    until calibrated, a layer computes with ``v`` itself, ``t' = op(x, v)``, which the mode
+    recognizes.
     """
     for state in states:
         state.done = False
@@ -301,9 +304,9 @@ class _Moments:
 
     Two small tensors kept per layer would split the activation-sized blocks that the
     allocator frees between layers, and every layer's activations would land on fresh memory
-    (thousands of page faults per pass on CPU).  The norms are measured in the pass, right
-    after the layer's op has read ``v`` (then in cache), not in one sweep before it: that would
-    read every weight from memory once more.
+    (thousands of page faults per pass on CPU).  The norms are measured in the pass, after the
+    layer's op (as fast as one sweep over every weight before the pass, measured; nothing is
+    measured for a layer the batch never reaches).
     """
 
     def __init__(self, states: list[_State]) -> None:
