@@ -341,7 +341,7 @@ class _Moments:
         zero = {d: norms == 0 for d, norms in self._norms.items()}
         constant = {d: var <= (self._mean[d].abs() + self._norms[d]).mul_(_CONSTANT_STD).square_()
                     for d, var in self._var.items()}
-        if not any(bool(flags.any()) for flags in constant.values()):  # a zero direction has var = 0 too
+        if not any(bool(flags.any()) for flags in (*constant.values(), *zero.values())):
             return []
         found: list[tuple[_State, Tensor]] = []
         certain = True
