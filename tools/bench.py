@@ -774,7 +774,7 @@ def run_data_init(ctx: Context) -> WorkloadResult:
         result.raw[f"depth_{depth}"]["minor_page_faults"] = faults
     result.notes[:0] = [
         "ratio = cost in plain forward passes (no_grad) of the same batch; 'init=data' is the whole "
-        "apply_weight_norm(model, x, inplace=True) call on a fresh copy (copying untimed): discovery (symbolic_trace), "
+        "apply_weight_norm(model, x, inplace=True) call on a fresh copy (copying untimed): discovery (fx symbolic tracing), "
         "registration of the parametrization and the init pass; 'init pass only' is the pass alone, on a model "
         "reparameterized untimed (the figure the issue's target is about)",
         "the exact pass (the default) runs each layer's op twice (t = op(x, v) for the statistics, then the real op "

@@ -442,13 +442,14 @@ class _CalibrationMode(TorchFunctionMode):
         several times what it costs in a loop: the constant-unit check waits for the end of
         the pass (:meth:`unforeseen_constants`) and values are written with ``out=``.
         """
+        whole = units == slice(None)
         slot = self._moments.slot(state, units)
         centred, mean, var = centre_(t_raw, unit_dim, self.group, self._scratch, out=(slot.mean, slot.var))  # of t'
         norms = _unit_norms(state, units, slot.norms)
         if norms.dtype != mean.dtype:
             norms = norms.to(mean.dtype)
         known = self.known.get(id(state))
-        if known is not None and units != slice(None):
+        if known is not None and not whole:
             known = known[units]
         if known is None or not bool(known.any()):
             gain = var.rsqrt()  # 1 / (sigma[t] ||v||); inf for a constant unit, found after the pass
@@ -461,7 +462,6 @@ class _CalibrationMode(TorchFunctionMode):
             slot.norms.masked_fill_(known, 1.0)
         if self.init_scale != 1:
             gain = gain.mul_(self.init_scale)  # s / (sigma[t] ||v||)
-        whole = units == slice(None)
         g = state.g.view(-1) if whole else state.g.view(-1)[units]
         _store(g, gain, norms)  # g = s / sigma[t]
         if state.wn.exp_scale:
@@ -495,8 +495,7 @@ class _CalibrationMode(TorchFunctionMode):
 
     def _is_parameter(self, tensor: Tensor, owner: nn.Module) -> bool:
         """Whether ``tensor`` is (a view of) a parameter of the model: the bias can be set."""
-        own = owner._parameters
-        if own.get("bias") is tensor or any(p is tensor for p in own.values()):  # the usual case: the layer's own
+        if any(p is tensor for p in owner._parameters.values()):  # the usual case: the layer's own bias
             return True
         if self._param_ids is None:
             self._param_ids = {id(p) for p in self.model.parameters()}
@@ -621,10 +620,11 @@ def _store(dst: Tensor, a: Tensor, b: Tensor) -> Tensor:
 
 def _unit_norms(state: _State, units: slice, out: Tensor) -> Tensor:
     """``||v||`` of ``state``'s ``units``, written to ``out`` (flat).  Nothing is kept per layer:
-    see :class:`_Moments`."""
-    if units == slice(None):
-        return unit_norm(state.v, state.wn.layout, out=out).view(-1)
-    return out.copy_(unit_norm(state.v, state.wn.layout).view(-1)[units])
+    see :class:`_Moments`.  A slice of units (attention's packed q/k/v rows) reads only its rows."""
+    v = state.v
+    if units != slice(None):
+        v = v.narrow(state.wn.layout.dim, units.start, units.stop - units.start)
+    return unit_norm(v, state.wn.layout, out=out).view(-1)
 
 
 def _current_weight(state: _State) -> Tensor:

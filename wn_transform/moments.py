@@ -69,26 +69,24 @@ def centre_(t: Tensor, unit_dim: int, group: dist.ProcessGroup | None = None, sc
     reduce = [d for d in range(t.ndim) if d != unit_dim] if t.ndim != 2 else 1 - unit_dim
     x = t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
     if group is None:
-        direct = out is not None and out[0].dtype == x.dtype
-        mean = torch.mean(x, dim=reduce, out=out[0]) if direct else x.mean(dim=reduce)  # two plain reductions:
-        centred = x.sub_(per_unit(mean, t.ndim, unit_dim))                               # faster than var_mean
+        into = out if out is not None and out[0].dtype == x.dtype else (None, None)
+        mean = torch.mean(x, dim=reduce, out=into[0])  # two plain reductions: faster than var_mean on CPU
+        centred = x.sub_(per_unit(mean, t.ndim, unit_dim))
         squares = torch.square(centred, out=scratch.like(centred)) if scratch is not None else centred.square()
-        var = torch.mean(squares, dim=reduce, out=out[1]) if direct else squares.mean(dim=reduce)
-        if out is not None and not direct:
-            out[0].copy_(mean)
-            out[1].copy_(var)
-        return centred, mean, var
-    t64 = x.double()
-    count = torch.tensor([x.numel() / x.shape[unit_dim]], dtype=torch.float64, device=x.device)
-    packed = torch.cat([count, t64.sum(dim=reduce), t64.square().sum(dim=reduce)])
-    dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
-    total, sums, squares = packed[0], *packed[1:].chunk(2)
-    mean = sums / total
-    var = (squares / total - mean.square()).clamp_min(0)
-    if out is not None:
+        var = torch.mean(squares, dim=reduce, out=into[1])
+    else:
+        t64 = x.double()
+        count = torch.tensor([x.numel() / x.shape[unit_dim]], dtype=torch.float64, device=x.device)
+        packed = torch.cat([count, t64.sum(dim=reduce), t64.square().sum(dim=reduce)])
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+        total, sums, sum_squares = packed[0], *packed[1:].chunk(2)
+        mean = sums / total
+        var = (sum_squares / total - mean.square()).clamp_min(0)
+        centred = x.sub_(per_unit(mean.to(x.dtype), t.ndim, unit_dim))
+    if out is not None and mean is not out[0]:
         out[0].copy_(mean)
         out[1].copy_(var)
-    return x.sub_(per_unit(mean.to(x.dtype), t.ndim, unit_dim)), mean, var
+    return centred, mean, var
 
 
 def per_unit(values: Tensor, ndim: int, unit_dim: int) -> Tensor:

@@ -88,20 +88,18 @@ def unit_norm(v: Tensor, layout: UnitLayout, *, out: Tensor | None = None) -> Te
     tensor where its dtype is the norms'); the result is then ``out`` shaped like ``g``.
     """
     dtype = _accumulation_dtype(v.dtype)
-    dim = layout.dim % v.ndim
-    if out is not None:
-        target = out.view(layout.g_shape(v.shape))
-        if layout.groups == 1 and out.dtype == dtype:
-            dims = [d for d in range(v.ndim) if d != dim]
-            return torch.linalg.vector_norm(v, dim=dims, keepdim=True, dtype=dtype, out=target)
-        return target.copy_(unit_norm(v, layout))
+    target = out.view(layout.g_shape(v.shape)) if out is not None and out.dtype == dtype else None
     if layout.groups == 1:
+        dim = layout.dim % v.ndim
         dims = [d for d in range(v.ndim) if d != dim]
-        return torch.linalg.vector_norm(v, dim=dims, keepdim=True, dtype=dtype)
-    grouped = _grouped(v, layout.groups)  # [G, in/G, out/G, *k]
-    dims = [1, *range(3, grouped.ndim)]
-    norms = torch.linalg.vector_norm(grouped, dim=dims, keepdim=True, dtype=dtype)
-    return norms.reshape(layout.g_shape(v.shape))
+        norms = torch.linalg.vector_norm(v, dim=dims, keepdim=True, dtype=dtype, out=target)
+    else:
+        grouped = _grouped(v, layout.groups)  # [G, in/G, out/G, *k]
+        dims = [1, *range(3, grouped.ndim)]
+        norms = torch.linalg.vector_norm(grouped, dim=dims, keepdim=True, dtype=dtype).reshape(layout.g_shape(v.shape))
+    if out is not None and norms is not target:
+        return out.view(norms.shape).copy_(norms)
+    return norms
 
 
 def scale_from_norm(g: Tensor, norm: Tensor, *, exp_scale: bool = False) -> Tensor:
