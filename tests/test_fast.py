@@ -73,6 +73,24 @@ def test_output_form_matches_the_weight_form(x_shape: tuple[int, ...], bias: boo
         torch.testing.assert_close(a, r)
 
 
+@pytest.mark.parametrize("exp_scale", [False, True], ids=["g", "exp"])
+def test_output_form_double_backward_matches_the_weight_form(exp_scale: bool) -> None:
+    """A gradient penalty (create_graph=True) differentiates the backward itself: it must see how
+    the norms, scales and pre-activations depend on g and v, not take them as constants."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, dtype=torch.float64)
+    v, g, b = torch.randn(4, 5, dtype=torch.float64), torch.rand(4, 1, dtype=torch.float64) + 0.5, torch.randn(4, dtype=torch.float64)
+
+    def penalty(layer):
+        leaves = [t.clone().requires_grad_() for t in (x, g, v, b)]
+        y = layer(*leaves, exp_scale)
+        (grad_x,) = torch.autograd.grad((y.square() * y).sum(), leaves[0], create_graph=True)
+        return torch.autograd.grad(grad_x.square().sum(), leaves)
+
+    for a, r in zip(penalty(ScaledLinear.apply), penalty(_linear_reference)):
+        torch.testing.assert_close(a, r)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
 def test_output_form_in_half_precision_follows_the_float64_formula(dtype: torch.dtype) -> None:
     """Norms and scales in float32, activations in ``dtype``: within that dtype's rounding."""

@@ -1006,7 +1006,7 @@ class Environment:
     mode: str
     command: str
     load_average: str
-
+    native_kernels: str
 
     @classmethod
     def collect(cls, ctx: Context) -> Environment:
@@ -1017,7 +1017,14 @@ class Environment:
             platform=platform.platform(), onnxruntime=_version_of("onnxruntime"),
             wn_transform=wn_transform.__version__, git=git_revision(), source=source_digest(), mode=ctx.effort.name,
             command=" ".join([Path(sys.executable).name, *sys.argv]), load_average=load_average(),
+            native_kernels=native_kernels(),
         )
+
+
+def native_kernels() -> str:
+    """Whether the output form's fused kernels (``wn_transform/kernels.c``) are in use, and why not."""
+    status = wn_transform.kernel_status()
+    return "in use" if status.available else f"not in use ({status.reason}): the eager route"
 
 
 def load_average() -> str:
@@ -1053,11 +1060,11 @@ def git_revision() -> str:
 
 
 def source_digest() -> str:
-    """A short SHA-256 of wn_transform's ``.py`` sources as they are on disk now (the git
+    """A short SHA-256 of wn_transform's ``.py`` and ``.c`` sources as they are on disk now (the git
     revision says nothing about uncommitted edits)."""
     digest = hashlib.sha256()
     package = Path(wn_transform.__file__).resolve().parent
-    for path in sorted(package.rglob("*.py")):
+    for path in sorted([*package.rglob("*.py"), *package.rglob("*.c")]):
         digest.update(path.relative_to(package).as_posix().encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:12]
@@ -1116,7 +1123,8 @@ def markdown(env: Environment, results: list[WorkloadResult], wall_s: float, ale
         f"onnxruntime {env.onnxruntime}; Python {env.python}",
         f"- CPU: {env.cpu} ({env.logical_cpus} logical CPUs); {env.platform}; load average at start "
         f"{env.load_average}, at end {load_average()}",
-        f"- wn_transform {env.wn_transform} (git {env.git}; sources sha256 {env.source})",
+        f"- wn_transform {env.wn_transform} (git {env.git}; sources sha256 {env.source}); native kernels "
+        f"{env.native_kernels}",
         "- method: warm-up, then the variants of a workload timed interleaved (A B C, B C A, ...) for many rounds; "
         "median and interquartile range (q1 – q3) per call; ratio = median / median of the baseline in the same run",
         *(f"- **warning**: {alert}" for alert in alerts),

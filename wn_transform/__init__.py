@@ -10,6 +10,7 @@ from .checkpoint import CheckpointError
 from .errors import BatchError, FoldError, NoTargetsError, SelectionError, WeightNormError
 from .export import ExportError, ExportMismatchError, ExportReport, export_onnx
 from .fold import FoundWeightNorm, find_weight_norms, fold_weight_norm
+from .kernels import KernelStatus, kernel_status
 from .mean_only_bn import MeanOnlyBatchNorm
 from .norm import UnitLayout, compose_weight, unit_norm
 from .parametrization import WeightNorm, no_weight_cache
@@ -27,6 +28,7 @@ __all__ = [
     "ExportReport",
     "FoldError",
     "FoundWeightNorm",
+    "KernelStatus",
     "MeanOnlyBatchNorm",
     "NoTargetsError",
     "SelectionError",
@@ -46,6 +48,7 @@ __all__ = [
     "find_weight_norms",
     "fold_state_dict",
     "fold_weight_norm",
+    "kernel_status",
     "no_weight_cache",
     "plan_weight_norm",
     "unit_norm",

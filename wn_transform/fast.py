@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import kernels
 from .norm import UnitLayout, compose_weight, unit_norm
 
 __all__ = ["ScaledLinear", "prefer_output_form", "weight_norm_weight"]
@@ -78,11 +79,14 @@ class ScaledLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, g: Tensor, v: Tensor, bias: Tensor | None, exp_scale: bool) -> Tensor:
-        norms = unit_norm(v, _ROWS).view(-1)  # float32 or wider
-        safe = norms.masked_fill_(norms == 0, 1.0)  # a zero direction gives a zero row, not NaN
-        gain = g.view(-1).to(safe.dtype)
-        scale = (gain.exp() if exp_scale else gain) / safe
-        u = F.linear(x, v)
+        rows = x.reshape(-1, x.shape[-1])
+        ctx.fused = kernels.usable(rows, v)  # 1-4 float32 rows on CPU: the fused kernels
+        if ctx.fused:
+            u, squares = kernels.forward(rows.contiguous(), v)
+            norms, u = squares.sqrt_(), u.view(*x.shape[:-1], -1)
+        else:
+            norms, u = unit_norm(v, _ROWS).view(-1), F.linear(x, v)  # float32 or wider
+        safe, scale = _scales(g, norms, exp_scale)
         y = u * scale.to(u.dtype) if bias is None else torch.addcmul(bias, u, scale.to(u.dtype))
         ctx.save_for_backward(x, g, v, safe, scale, u)
         ctx.exp_scale, ctx.has_bias = exp_scale, bias is not None
@@ -91,14 +95,27 @@ class ScaledLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y: Tensor):
         x, g, v, safe, scale, u = ctx.saved_tensors
+        rows = x.reshape(-1, x.shape[-1])
+        if torch.is_grad_enabled():  # a double backward: what the forward saved, recomputed on the graph
+            safe, scale = _scales(g, unit_norm(v, _ROWS).view(-1), ctx.exp_scale)
+            u = F.linear(rows, v)
+        grad_y, u = grad_y.reshape(-1, grad_y.shape[-1]), u.reshape(-1, u.shape[-1])
         grad_u = grad_y * scale.to(grad_y.dtype)
-        grad_x = grad_u @ v if ctx.needs_input_grad[0] else None
-        if grad_y.dim() != 2:  # rows of every leading dim
-            grad_y, grad_u, u, x = (t.reshape(-1, t.shape[-1]) for t in (grad_y, grad_u, u, x))
-        grad_v = grad_u.t() @ x  # the matmul gradient
         grad_gain = torch.linalg.vecdot(grad_y, u, dim=0).to(safe.dtype) / safe  # dL/d(gain)
         coef = grad_gain * scale / safe  # project out v: grad_v -= (s * dL/dgain / ||v||) v, per row
-        grad_v.addcmul_(v, coef.to(v.dtype).unsqueeze(1), value=-1)
+        if ctx.fused and not torch.is_grad_enabled():
+            grad_v, grad_x = kernels.backward(grad_u, coef, rows.contiguous(), v, input_grad=ctx.needs_input_grad[0])
+        else:
+            grad_x = grad_u @ v if ctx.needs_input_grad[0] else None
+            grad_v = (grad_u.t() @ rows).addcmul_(v, coef.to(v.dtype).unsqueeze(1), value=-1)  # matmul gradient, projected
         grad_g = grad_gain * scale * safe if ctx.exp_scale else grad_gain  # gain = e^g: times e^g
         grad_bias = grad_y.sum(0) if ctx.has_bias else None
+        grad_x = grad_x.view(x.shape) if grad_x is not None else None
         return grad_x, grad_g.view(g.shape).to(g.dtype), grad_v, grad_bias, None
+
+
+def _scales(g: Tensor, norms: Tensor, exp_scale: bool) -> tuple[Tensor, Tensor]:
+    """``(||v||, gain/||v||)`` per unit, with 1 for a zero norm: a zero direction gives a zero row, not NaN."""
+    safe = norms.masked_fill(norms == 0, 1.0)
+    gain = g.view(-1).to(safe.dtype)
+    return safe, (gain.exp() if exp_scale else gain) / safe

@@ -1,0 +1,267 @@
+"""The native kernels (wn_transform/kernels.c): the paper's formulas in float64, the eager route,
+and every way they can be unavailable."""
+
+from __future__ import annotations
+
+import copy
+import os
+import platform
+import shutil
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import wn_transform as wn
+from wn_transform import kernels
+from wn_transform.fast import ScaledLinear
+from wn_transform.norm import UnitLayout, compose_weight
+
+
+def _toolchain() -> bool:
+    """A C compiler and an x86-64 CPU with AVX2 and FMA: where the kernels must build."""
+    if shutil.which(os.environ.get("CC", "cc")) is None or platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    flags = kernels._cpu_fingerprint().split()
+    return "avx2" in flags and "fma" in flags
+
+
+needs_kernels = pytest.mark.skipif(not kernels.kernel_status().available,
+                                   reason=f"native kernels unavailable: {kernels.kernel_status().reason}")
+
+
+@pytest.fixture
+def fresh_build(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """Forget the loaded library (put back afterwards) and build into an empty cache folder."""
+    monkeypatch.setattr(kernels, "_loaded", None)
+    monkeypatch.setenv("WN_TRANSFORM_CACHE", str(tmp_path))
+    return tmp_path
+
+
+@pytest.fixture
+def count_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    calls = {"forward": 0, "backward": 0}
+    for name in calls:
+        real = getattr(kernels, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(kernels, name, counted)
+    return calls
+
+
+def test_the_kernels_build_wherever_a_compiler_and_avx2_exist() -> None:
+    if not _toolchain():
+        pytest.skip("no C compiler or no AVX2/FMA here: the eager route is the only one")
+    status = kernels.kernel_status()
+    assert status.available, status.reason
+    assert wn.kernel_status() == status
+
+
+# -- the kernels against float64 formulas ---------------------------------------------------
+
+
+@needs_kernels
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("in_features", [5, 37, 256, 1001], ids=lambda n: f"in{n}")  # < 1 vector, ragged, aligned, odd
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+def test_the_kernels_compute_the_formulas(rows: int, in_features: int, threads: int) -> None:
+    gen = torch.Generator().manual_seed(rows * 1000 + in_features)
+    out_features = 67  # not a multiple of the 4 units the forward takes at once
+    x = torch.randn(rows, in_features, generator=gen)
+    v = torch.randn(out_features, in_features, generator=gen)
+    grad_u = torch.randn(rows, out_features, generator=gen)
+    coef = torch.randn(out_features, generator=gen)
+    x64, v64 = x.double(), v.double()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        u, squares = kernels.forward(x, v)
+        grad_v, grad_x = kernels.backward(grad_u, coef, x, v, input_grad=True)
+        grad_v_alone, none = kernels.backward(grad_u, coef, x, v, input_grad=False)
+    finally:
+        torch.set_num_threads(previous)
+    tol = {"rtol": 1e-5, "atol": 1e-5 * in_features ** 0.5}
+    torch.testing.assert_close(u.double(), x64 @ v64.t(), **tol)
+    torch.testing.assert_close(squares.double(), (v64 * v64).sum(1), **tol)
+    expected_v = grad_u.double().t() @ x64 - coef.double()[:, None] * v64  # the matmul gradient, projected
+    torch.testing.assert_close(grad_v.double(), expected_v, **tol)
+    torch.testing.assert_close(grad_x.double(), grad_u.double() @ v64, **tol)
+    assert none is None
+    torch.testing.assert_close(grad_v_alone, grad_v, rtol=0, atol=0)
+
+
+@needs_kernels
+@pytest.mark.parametrize("stream", [False, True], ids=["cached", "streamed"])
+def test_a_weight_that_starts_off_alignment_and_large_outputs(monkeypatch: pytest.MonkeyPatch, stream: bool) -> None:
+    """A view one float into its storage: every row starts off the 32-byte boundary."""
+    monkeypatch.setattr(kernels, "_STREAM_MIN_ELEMENTS", 0 if stream else 1 << 62)
+    gen = torch.Generator().manual_seed(3)
+    storage = torch.randn(1 + 40 * 300, generator=gen)
+    v = storage[1:].view(40, 300)
+    assert v.is_contiguous() and v.data_ptr() % 32
+    x, grad_u, coef = torch.randn(2, 300, generator=gen), torch.randn(2, 40, generator=gen), torch.randn(40, generator=gen)
+    grad_v, grad_x = kernels.backward(grad_u, coef, x, v, input_grad=True)
+    torch.testing.assert_close(grad_v, grad_u.t() @ x - coef[:, None] * v, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_x, grad_u @ v, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kernels.forward(x, v)[0], x @ v.t(), rtol=1e-5, atol=1e-5)
+
+
+# -- ScaledLinear on the kernels ---------------------------------------------------------------
+
+
+def _reference(x, g, v, b, exp_scale):
+    """The paper's layer: ``x @ (g * v/||v||)' + b``."""
+    return F.linear(x, compose_weight(g.exp() if exp_scale else g, v, UnitLayout(0)), b)
+
+
+def _double(*tensors):
+    return [t.double() if t is not None else None for t in tensors]
+
+
+def _outputs_and_grads(fn, *tensors):
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in tensors]
+    out = fn(*leaves)
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(out.dtype))
+    return out.detach(), [leaf.grad if leaf is not None else None for leaf in leaves]
+
+
+@needs_kernels
+@pytest.mark.parametrize("exp_scale", [False, True], ids=["g", "exp"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("x_kind", ["batch1", "2x2", "unbatched", "transposed"])
+def test_scaled_linear_on_the_kernels_matches_the_paper(x_kind: str, bias: bool, exp_scale: bool,
+                                                       count_calls: dict[str, int]) -> None:
+    gen = torch.Generator().manual_seed(11)
+    in_features, out_features = 70, 33
+    x = {"batch1": lambda: torch.randn(1, in_features, generator=gen),
+         "2x2": lambda: torch.randn(2, 2, in_features, generator=gen),
+         "unbatched": lambda: torch.randn(in_features, generator=gen),
+         "transposed": lambda: torch.randn(in_features, 3, generator=gen).t()}[x_kind]()
+    v = torch.randn(out_features, in_features, generator=gen)
+    v[5] = 0  # a zero direction: a zero row, no NaN
+    g = torch.rand(out_features, 1, generator=gen) + 0.5
+    b = torch.randn(out_features, generator=gen) if bias else None
+    got, got_grads = _outputs_and_grads(lambda *t: ScaledLinear.apply(*t, exp_scale), x, g, v, b)
+    want, want_grads = _outputs_and_grads(lambda *t: _reference(*t, exp_scale), *_double(x, g, v, b))
+    assert count_calls == {"forward": 1, "backward": 1}
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    for name, a, e in zip("xgvb", got_grads, want_grads):
+        if e is None:
+            assert a is None
+            continue
+        assert torch.isfinite(a).all(), name
+        torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"grad {name}: {m}")
+    assert (got[..., 5] == (b[5] if bias else 0)).all()  # the zero direction's unit gives its bias alone
+
+
+@needs_kernels
+def test_a_double_backward_takes_the_recorded_eager_ops(count_calls: dict[str, int]) -> None:
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 30, generator=gen, requires_grad=True)
+    g = (torch.rand(20, 1, generator=gen) + 0.5).requires_grad_()
+    v = torch.randn(20, 30, generator=gen, requires_grad=True)
+
+    def grad_norm(layer):
+        (grad_x,) = torch.autograd.grad(layer(x, g, v).square().sum(), x, create_graph=True)
+        return torch.autograd.grad(grad_x.square().sum(), (g, v))
+
+    got = grad_norm(lambda x, g, v: ScaledLinear.apply(x, g, v, None, False))
+    want = grad_norm(lambda x, g, v: F.linear(x, compose_weight(g, v, UnitLayout(0))))
+    # the create_graph backward records eager ops; the second, plain one may take the kernel
+    assert count_calls == {"forward": 1, "backward": 1}
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_a_training_step_gives_the_eager_routes_gradients(monkeypatch: pytest.MonkeyPatch, batch: int,
+                                                          count_calls: dict[str, int]) -> None:
+    """An MLP whose layers are large enough for the output form: with and without the kernels."""
+    torch.manual_seed(0)
+    model = wn.apply_weight_norm(nn.Sequential(nn.Linear(400, 512), nn.ReLU(), nn.Linear(512, 10)), init="preserve")
+    eager = copy.deepcopy(model)
+    x, y = torch.randn(batch, 400), torch.randint(0, 10, (batch,))
+    F.cross_entropy(model(x), y).backward()
+    with monkeypatch.context() as m:
+        m.setattr(kernels, "usable", lambda rows, v: False)
+        F.cross_entropy(eager(x), y).backward()
+    assert count_calls["forward"] == (1 if batch <= kernels.MAX_ROWS else 0)  # 400 x 512 >= 2^17: the output form
+    for (name, a), e in zip(model.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(a.grad, e.grad, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_usable_takes_only_what_the_kernels_compute() -> None:
+    v = torch.randn(8, 16)
+    x = torch.randn(2, 16)
+    assert kernels.usable(x, v) == kernels.kernel_status().available
+    assert not kernels.usable(torch.randn(kernels.MAX_ROWS + 1, 16), v)
+    assert not kernels.usable(torch.randn(0, 16), v)
+    assert not kernels.usable(x.double(), v.double())
+    assert not kernels.usable(x.bfloat16(), v.bfloat16())
+    assert not kernels.usable(x, torch.randn(16, 8).t())  # not contiguous
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        assert not kernels.usable(torch.randn(2, 16), torch.randn(8, 16))
+
+
+# -- when the kernels cannot be had -------------------------------------------------------------
+
+
+def test_disabled_by_the_environment_everything_takes_the_eager_route(monkeypatch: pytest.MonkeyPatch,
+                                                                      fresh_build: Path) -> None:
+    monkeypatch.setenv("WN_TRANSFORM_KERNELS", "0")
+    status = kernels.kernel_status()
+    assert not status.available and "WN_TRANSFORM_KERNELS=0" in status.reason
+    x, g, v = torch.randn(1, 12), torch.rand(6, 1) + 0.5, torch.randn(6, 12)
+    assert not kernels.usable(x, v)
+    got, got_grads = _outputs_and_grads(lambda *t: ScaledLinear.apply(*t, None, False), x, g, v)
+    want, want_grads = _outputs_and_grads(lambda *t: _reference(*t, None, False), *_double(x, g, v))
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    for a, e in zip(got_grads, want_grads):
+        torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=1e-6)
+    assert not any(fresh_build.iterdir())
+
+
+def test_without_a_compiler_the_status_says_so(monkeypatch: pytest.MonkeyPatch, fresh_build: Path) -> None:
+    monkeypatch.setenv("CC", str(fresh_build / "no-such-cc"))
+    status = kernels.kernel_status()
+    assert not status.available
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert "no C compiler" in status.reason and "no-such-cc" in status.reason
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="the kernels are built on x86-64 only")
+def test_a_failing_compiler_leaves_no_library_behind(monkeypatch: pytest.MonkeyPatch, fresh_build: Path, tmp_path_factory) -> None:
+    bin_dir = tmp_path_factory.mktemp("bin")
+    fake = bin_dir / "cc"
+    # writes half a library to its -o argument, then fails as a compiler does
+    fake.write_text('#!/bin/sh\nwhile [ $# -gt 0 ] && [ "$1" != "-o" ]; do shift; done\n[ $# -eq 0 ] && exit 0\n'
+                    'echo half > "$2"\necho "kernels.c:1: error: boom" >&2\nexit 1\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("CC", str(fake))
+    status = kernels.kernel_status()
+    assert not status.available and "error: boom" in status.reason and "kernels.c" in status.reason
+    assert not any(fresh_build.iterdir()), list(fresh_build.iterdir())
+    assert not kernels.usable(torch.randn(1, 4), torch.randn(3, 4))
+
+
+def test_a_built_library_is_reused_not_rebuilt(monkeypatch: pytest.MonkeyPatch, fresh_build: Path) -> None:
+    if not _toolchain():
+        pytest.skip("no C compiler or no AVX2/FMA here")
+    first = kernels.kernel_status()
+    assert first.available and Path(first.path).parent == fresh_build
+    monkeypatch.setattr(kernels, "_loaded", None)
+
+    def no_compile(*args):
+        raise AssertionError("compiled again")
+
+    monkeypatch.setattr(kernels, "_compile", no_compile)
+    assert kernels.kernel_status() == first

@@ -1,0 +1,182 @@
+/* Fused float32 CPU kernels for the output form of a weight-normalized Linear at few rows.
+ *
+ * Compiled on first use by kernels.py (cc -O3 -march=native -fopenmp) and called through ctypes.
+ * With R <= WN_MAX_ROWS rows, every pass over the weight is memory-bound, so what counts is how
+ * often the weight v [out, in] crosses the memory bus:
+ *
+ *   forward:  u[r, i] = v[i, :] . x[r, :]  and  sq[i] = v[i, :] . v[i, :]       one read of v
+ *   backward: gv[i, :] = sum_r gu[r, i] x[r, :] - coef[i] v[i, :]                one read of v,
+ *             gx[r, :] = sum_i gu[r, i] v[i, :]                                   one write of gv
+ *
+ * where eager ATen needs four passes forward and backward beyond the plain layer's (the norms,
+ * and the projection as a matmul followed by an in-place correction).  Accumulation is float32,
+ * in 8-lane vectors, as a BLAS kernel does; gv is written past the caches when it is large.
+ *
+ * The threads are OpenMP's: torch's CPU wheels load their own libgomp.so.1 first, and this
+ * library, linked against the same soname, shares that runtime and its thread pool.
+ */
+#include <stdint.h>
+
+#if !(defined(__AVX2__) && defined(__FMA__))
+#error "wn_transform kernels need x86-64 with AVX2 and FMA"
+#endif
+#include <immintrin.h>
+
+#define WN_MAX_ROWS 4 /* above, the backward's per-row updates of gx cost more than the eager ops */
+#define WN_INLINE static inline __attribute__((always_inline))
+#define WN_PREFETCH 512 /* floats ahead: 2 KiB, measured best of 0-512 (1024x1024, 1 thread) */
+
+int wn_kernels_version(void) { return 1; }
+int wn_kernels_max_rows(void) { return WN_MAX_ROWS; }
+
+WN_INLINE float sum_lanes(__m256 a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_hadd_ps(s, s);
+    s = _mm_hadd_ps(s, s);
+    return _mm_cvtss_f32(s);
+}
+
+/* Units [i, i + U): their R dot products each and their squared norms, in one read of their rows of
+ * v (U rows at once: independent memory streams and accumulator chains; x is loaded once for all). */
+WN_INLINE void forward_units(const float *x, const float *v, float *u, float *sq, int64_t i, int64_t in,
+                             int64_t out, const int U, const int R) {
+    __m256 s[4], a[4][WN_MAX_ROWS];
+    for (int k = 0; k < U; ++k) {
+        s[k] = _mm256_setzero_ps();
+        for (int r = 0; r < R; ++r) a[k][r] = _mm256_setzero_ps();
+    }
+    int64_t j = 0;
+    for (; j + 8 <= in; j += 8) {
+        __m256 p[4];
+        for (int k = 0; k < U; ++k) {
+            const float *vk = v + (i + k) * in + j;
+            _mm_prefetch((const char *)(vk + WN_PREFETCH), _MM_HINT_T0);
+            p[k] = _mm256_loadu_ps(vk);
+            s[k] = _mm256_fmadd_ps(p[k], p[k], s[k]);
+        }
+        for (int r = 0; r < R; ++r) {
+            const __m256 xr = _mm256_loadu_ps(x + r * in + j);
+            for (int k = 0; k < U; ++k) a[k][r] = _mm256_fmadd_ps(p[k], xr, a[k][r]);
+        }
+    }
+    for (int k = 0; k < U; ++k) {
+        const float *vk = v + (i + k) * in;
+        float norm2 = sum_lanes(s[k]), acc[WN_MAX_ROWS];
+        for (int r = 0; r < R; ++r) acc[r] = sum_lanes(a[k][r]);
+        for (int64_t t = j; t < in; ++t) {
+            norm2 += vk[t] * vk[t];
+            for (int r = 0; r < R; ++r) acc[r] += vk[t] * x[r * in + t];
+        }
+        sq[i + k] = norm2;
+        for (int r = 0; r < R; ++r) u[r * out + i + k] = acc[r];
+    }
+}
+
+/* Columns [j0, j1) of gv (and of gx, which this block owns), scalar: heads and tails. */
+WN_INLINE void backward_scalar(const float *a, float c, const float *x, const float *vi, float *gvi, float *gx,
+                               int64_t j0, int64_t j1, int64_t in, const int R) {
+    for (int64_t j = j0; j < j1; ++j) {
+        const float p = vi[j];
+        float g = -c * p;
+        for (int r = 0; r < R; ++r) {
+            g += a[r] * x[r * in + j];
+            if (gx) gx[r * in + j] += a[r] * p;
+        }
+        gvi[j] = g;
+    }
+}
+
+/* Columns [j0, j1) of every unit.  `stream`: write gv past the caches (it is too large to stay). */
+WN_INLINE void backward_block(const float *gu, const float *coef, const float *x, const float *v, float *gv,
+                              float *gx, int64_t in, int64_t out, int64_t j0, int64_t j1, int stream, const int R) {
+    if (gx)
+        for (int r = 0; r < R; ++r)
+            for (int64_t j = j0; j < j1; ++j) gx[r * in + j] = 0.0f;
+    for (int64_t i = 0; i < out; ++i) {
+        const float *vi = v + i * in;
+        float *gvi = gv + i * in;
+        const float c = coef[i];
+        float a[WN_MAX_ROWS];
+        __m256 va[WN_MAX_ROWS];
+        for (int r = 0; r < R; ++r) {
+            a[r] = gu[r * out + i];
+            va[r] = _mm256_set1_ps(a[r]);
+        }
+        const __m256 vc = _mm256_set1_ps(-c);
+        int64_t j = j0;
+        while (j < j1 && ((uintptr_t)(gvi + j) & 31)) ++j;  /* aligned stores from here */
+        backward_scalar(a, c, x, vi, gvi, gx, j0, j, in, R);
+        for (; j + 8 <= j1; j += 8) {
+            _mm_prefetch((const char *)(vi + j + WN_PREFETCH), _MM_HINT_T0);
+            const __m256 p = _mm256_loadu_ps(vi + j);
+            __m256 g = _mm256_mul_ps(vc, p);
+            for (int r = 0; r < R; ++r) {
+                g = _mm256_fmadd_ps(va[r], _mm256_loadu_ps(x + r * in + j), g);
+                if (gx) {
+                    float *gxr = gx + r * in + j;
+                    _mm256_storeu_ps(gxr, _mm256_fmadd_ps(va[r], p, _mm256_loadu_ps(gxr)));
+                }
+            }
+            if (stream)
+                _mm256_stream_ps(gvi + j, g);
+            else
+                _mm256_store_ps(gvi + j, g);
+        }
+        backward_scalar(a, c, x, vi, gvi, gx, j, j1, in, R);
+    }
+    if (stream) _mm_sfence();
+}
+
+/* One function per row count, each with its own parallel region: OpenMP outlines the loop body
+ * into a function of its own, and only a literal R reaches it as a constant (every accumulator
+ * then stays in a register).  In the backward, each thread owns a band of columns, so its slice
+ * of gx needs no synchronization. */
+#define WN_DEFINE_ROWS(R)                                                                                        \
+    static void forward_rows_##R(const float *x, const float *v, float *u, float *sq, int64_t in, int64_t out,  \
+                                 int threads) {                                                                  \
+        enum { U = R == 1 ? 4 : R <= 3 ? 2 : 1 };   /* units per step: what fits 16 vector registers */           \
+        const int64_t steps = out / U;                                                                           \
+        _Pragma("omp parallel for num_threads(threads) if (threads > 1) schedule(static)")                      \
+        for (int64_t k = 0; k < steps; ++k) forward_units(x, v, u, sq, k * U, in, out, U, R);                   \
+        for (int64_t i = steps * U; i < out; ++i) forward_units(x, v, u, sq, i, in, out, 1, R);                 \
+    }                                                                                                            \
+    static void backward_rows_##R(const float *gu, const float *coef, const float *x, const float *v, float *gv, \
+                                  float *gx, int64_t in, int64_t out, int threads, int stream) {                 \
+        const int64_t blocks = threads > 1 ? threads : 1;                                                        \
+        const int64_t width = ((in + blocks - 1) / blocks + 15) / 16 * 16;                                       \
+        _Pragma("omp parallel for num_threads(threads) if (threads > 1) schedule(static)")                      \
+        for (int64_t b = 0; b < blocks; ++b) {                                                                   \
+            const int64_t j0 = b * width, j1 = j0 + width < in ? j0 + width : in;                                \
+            if (j0 < j1) backward_block(gu, coef, x, v, gv, gx, in, out, j0, j1, stream, R);                    \
+        }                                                                                                        \
+    }
+
+WN_DEFINE_ROWS(1)
+WN_DEFINE_ROWS(2)
+WN_DEFINE_ROWS(3)
+WN_DEFINE_ROWS(4)
+
+/* x [rows, in], v [out, in] -> u [rows, out], sq [out]; all contiguous.  Returns 0, or -1 for bad rows. */
+int wn_forward_f32(const float *x, const float *v, float *u, float *sq, int64_t rows, int64_t in, int64_t out,
+                   int threads) {
+    switch (rows) {
+        case 1: forward_rows_1(x, v, u, sq, in, out, threads); return 0;
+        case 2: forward_rows_2(x, v, u, sq, in, out, threads); return 0;
+        case 3: forward_rows_3(x, v, u, sq, in, out, threads); return 0;
+        case 4: forward_rows_4(x, v, u, sq, in, out, threads); return 0;
+        default: return -1;
+    }
+}
+
+/* gu [rows, out], coef [out], x [rows, in], v [out, in] -> gv [out, in], gx [rows, in] (or NULL).
+ * Returns 0, or -1 for bad rows. */
+int wn_backward_f32(const float *gu, const float *coef, const float *x, const float *v, float *gv, float *gx,
+                    int64_t rows, int64_t in, int64_t out, int threads, int stream) {
+    switch (rows) {
+        case 1: backward_rows_1(gu, coef, x, v, gv, gx, in, out, threads, stream); return 0;
+        case 2: backward_rows_2(gu, coef, x, v, gv, gx, in, out, threads, stream); return 0;
+        case 3: backward_rows_3(gu, coef, x, v, gv, gx, in, out, threads, stream); return 0;
+        case 4: backward_rows_4(gu, coef, x, v, gv, gx, in, out, threads, stream); return 0;
+        default: return -1;
+    }
+}
