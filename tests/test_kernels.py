@@ -66,50 +66,80 @@ def test_the_kernels_build_wherever_a_compiler_and_avx2_exist() -> None:
 # -- the kernels against float64 formulas ---------------------------------------------------
 
 
+def _paper(x, g, v, b, grad_y, exp_scale):
+    """The layer and its gradients by the paper's formulas (sec. 2.1), in float64: ``w = gain v/||v||``
+    (a zero direction has norm 1, as in :func:`wn_transform.norm.compose_weight`), ``grad_w = gy' x``,
+    ``dL/dgain = grad_w . v/||v||``, ``grad_v = gain/||v|| (grad_w - dL/dgain v/||v||)``."""
+    x, g, v, b, grad_y = (t.double() for t in (x, g, v, b, grad_y))
+    norm = v.norm(dim=1, keepdim=True)
+    safe = torch.where(norm > 0, norm, torch.ones_like(norm))
+    gain = g.exp() if exp_scale else g
+    w = gain * v / safe
+    grad_w = grad_y.t() @ x
+    grad_gain = (grad_w * v).sum(1, keepdim=True) / safe
+    return {
+        "y": x @ w.t() + b, "u": x @ v.t(), "safe": safe.view(-1), "scale": (gain / safe).view(-1),
+        "grad_x": grad_y @ w, "grad_g": (grad_gain * gain if exp_scale else grad_gain).view(-1),
+        "grad_v": gain / safe * grad_w - gain * grad_gain / safe**2 * v, "grad_bias": grad_y.sum(0),
+    }
+
+
+def _kernels(x, g, v, b, grad_y, exp_scale):
+    y, u, safe, scale = kernels.forward(x, g, v, b, exp_scale)
+    grad_x, grad_g, grad_v, grad_bias = kernels.backward(grad_y, x, u, safe, scale, v, exp_scale=exp_scale,
+                                                         input_grad=True, bias_grad=True)
+    return {"y": y, "u": u, "safe": safe, "scale": scale, "grad_x": grad_x, "grad_g": grad_g, "grad_v": grad_v,
+            "grad_bias": grad_bias}
+
+
+def _layer(rows: int, in_features: int, out_features: int, seed: int, v: torch.Tensor | None = None):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, in_features, generator=gen)
+    v = torch.randn(out_features, in_features, generator=gen) if v is None else v
+    v[min(5, out_features - 1)] = 0  # a zero direction: a zero row, never NaN
+    g = torch.rand(out_features, 1, generator=gen) + 0.5
+    b = torch.randn(out_features, generator=gen)
+    return x, g, v, b, torch.randn(rows, out_features, generator=gen)
+
+
+def _assert_matches(got: dict, want: dict, in_features: int) -> None:
+    for name, expected in want.items():
+        assert torch.isfinite(got[name]).all(), name
+        torch.testing.assert_close(got[name].double(), expected, rtol=1e-5, atol=1e-5 * in_features ** 0.5,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
 @needs_kernels
+@pytest.mark.parametrize("exp_scale", [False, True], ids=["g", "exp"])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("in_features", [5, 37, 256, 1001], ids=lambda n: f"in{n}")  # < 1 vector, ragged, aligned, odd
 @pytest.mark.parametrize("rows", [1, 2, 3, 4])
-def test_the_kernels_compute_the_formulas(rows: int, in_features: int, threads: int) -> None:
-    gen = torch.Generator().manual_seed(rows * 1000 + in_features)
-    out_features = 67  # not a multiple of the 4 units the forward takes at once
-    x = torch.randn(rows, in_features, generator=gen)
-    v = torch.randn(out_features, in_features, generator=gen)
-    grad_u = torch.randn(rows, out_features, generator=gen)
-    coef = torch.randn(out_features, generator=gen)
-    x64, v64 = x.double(), v.double()
+def test_the_kernels_compute_the_papers_formulas(rows: int, in_features: int, threads: int, exp_scale: bool) -> None:
+    layer = _layer(rows, in_features, 67, seed=rows * 1000 + in_features)  # 67: not a multiple of 4 units
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        u, squares = kernels.forward(x, v)
-        grad_v, grad_x = kernels.backward(grad_u, coef, x, v, input_grad=True)
-        grad_v_alone, none = kernels.backward(grad_u, coef, x, v, input_grad=False)
+        got = _kernels(*layer, exp_scale)
+        x, g, v, b, grad_y = layer
+        _, grad_g, grad_v, none = kernels.backward(grad_y, x, got["u"], got["safe"], got["scale"], v,
+                                                   exp_scale=exp_scale, input_grad=False, bias_grad=False)
     finally:
         torch.set_num_threads(previous)
-    tol = {"rtol": 1e-5, "atol": 1e-5 * in_features ** 0.5}
-    torch.testing.assert_close(u.double(), x64 @ v64.t(), **tol)
-    torch.testing.assert_close(squares.double(), (v64 * v64).sum(1), **tol)
-    expected_v = grad_u.double().t() @ x64 - coef.double()[:, None] * v64  # the matmul gradient, projected
-    torch.testing.assert_close(grad_v.double(), expected_v, **tol)
-    torch.testing.assert_close(grad_x.double(), grad_u.double() @ v64, **tol)
+    _assert_matches(got, _paper(*layer, exp_scale), in_features)
     assert none is None
-    torch.testing.assert_close(grad_v_alone, grad_v, rtol=0, atol=0)
+    torch.testing.assert_close(grad_v, got["grad_v"], rtol=0, atol=0)
+    torch.testing.assert_close(grad_g, got["grad_g"], rtol=0, atol=0)
 
 
 @needs_kernels
 @pytest.mark.parametrize("stream", [False, True], ids=["cached", "streamed"])
-def test_a_weight_that_starts_off_alignment_and_large_outputs(monkeypatch: pytest.MonkeyPatch, stream: bool) -> None:
+def test_a_weight_that_starts_off_alignment(monkeypatch: pytest.MonkeyPatch, stream: bool) -> None:
     """A view one float into its storage: every row starts off the 32-byte boundary."""
     monkeypatch.setattr(kernels, "_STREAM_MIN_ELEMENTS", 0 if stream else 1 << 62)
-    gen = torch.Generator().manual_seed(3)
-    storage = torch.randn(1 + 40 * 300, generator=gen)
-    v = storage[1:].view(40, 300)
+    v = torch.randn(1 + 40 * 300)[1:].view(40, 300)
     assert v.is_contiguous() and v.data_ptr() % 32
-    x, grad_u, coef = torch.randn(2, 300, generator=gen), torch.randn(2, 40, generator=gen), torch.randn(40, generator=gen)
-    grad_v, grad_x = kernels.backward(grad_u, coef, x, v, input_grad=True)
-    torch.testing.assert_close(grad_v, grad_u.t() @ x - coef[:, None] * v, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(grad_x, grad_u @ v, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(kernels.forward(x, v)[0], x @ v.t(), rtol=1e-5, atol=1e-5)
+    layer = _layer(2, 300, 40, seed=3, v=v)
+    _assert_matches(_kernels(*layer, False), _paper(*layer, False), 300)
 
 
 # -- ScaledLinear on the kernels ---------------------------------------------------------------
@@ -190,7 +220,7 @@ def test_a_training_step_gives_the_eager_routes_gradients(monkeypatch: pytest.Mo
     x, y = torch.randn(batch, 400), torch.randint(0, 10, (batch,))
     F.cross_entropy(model(x), y).backward()
     with monkeypatch.context() as m:
-        m.setattr(kernels, "usable", lambda rows, v: False)
+        m.setattr(kernels, "usable", lambda *args: False)
         F.cross_entropy(eager(x), y).backward()
     assert count_calls["forward"] == (1 if batch <= kernels.MAX_ROWS else 0)  # 400 x 512 >= 2^17: the output form
     for (name, a), e in zip(model.named_parameters(), eager.parameters()):
@@ -198,18 +228,20 @@ def test_a_training_step_gives_the_eager_routes_gradients(monkeypatch: pytest.Mo
 
 
 def test_usable_takes_only_what_the_kernels_compute() -> None:
-    v = torch.randn(8, 16)
-    x = torch.randn(2, 16)
-    assert kernels.usable(x, v) == kernels.kernel_status().available
-    assert not kernels.usable(torch.randn(kernels.MAX_ROWS + 1, 16), v)
-    assert not kernels.usable(torch.randn(0, 16), v)
-    assert not kernels.usable(x.double(), v.double())
-    assert not kernels.usable(x.bfloat16(), v.bfloat16())
-    assert not kernels.usable(x, torch.randn(16, 8).t())  # not contiguous
+    x, g, v, b = torch.randn(2, 16), torch.rand(8, 1), torch.randn(8, 16), torch.randn(8)
+    assert kernels.usable(x, g, v, b) == kernels.usable(x, g, v, None) == kernels.kernel_status().available
+    assert not kernels.usable(torch.randn(kernels.MAX_ROWS + 1, 16), g, v, b)
+    assert not kernels.usable(torch.randn(0, 16), g, v, b)
+    assert not kernels.usable(x.double(), g.double(), v.double(), b.double())
+    assert not kernels.usable(x.bfloat16(), g.bfloat16(), v.bfloat16(), b.bfloat16())
+    assert not kernels.usable(x, g.double(), v, b)
+    assert not kernels.usable(x, g, v, b.double())
+    assert not kernels.usable(x, g, torch.randn(16, 8).t(), b)  # not contiguous
+    assert not kernels.usable(x, g, v, torch.randn(16)[::2])
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode():
-        assert not kernels.usable(torch.randn(2, 16), torch.randn(8, 16))
+        assert not kernels.usable(torch.randn(2, 16), torch.rand(8, 1), torch.randn(8, 16), None)
 
 
 # -- when the kernels cannot be had -------------------------------------------------------------
@@ -221,7 +253,7 @@ def test_disabled_by_the_environment_everything_takes_the_eager_route(monkeypatc
     status = kernels.kernel_status()
     assert not status.available and "WN_TRANSFORM_KERNELS=0" in status.reason
     x, g, v = torch.randn(1, 12), torch.rand(6, 1) + 0.5, torch.randn(6, 12)
-    assert not kernels.usable(x, v)
+    assert not kernels.usable(x, g, v, None)
     got, got_grads = _outputs_and_grads(lambda *t: ScaledLinear.apply(*t, None, False), x, g, v)
     want, want_grads = _outputs_and_grads(lambda *t: _reference(*t, None, False), *_double(x, g, v))
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
@@ -250,7 +282,7 @@ def test_a_failing_compiler_leaves_no_library_behind(monkeypatch: pytest.MonkeyP
     status = kernels.kernel_status()
     assert not status.available and "error: boom" in status.reason and "kernels.c" in status.reason
     assert not any(fresh_build.iterdir()), list(fresh_build.iterdir())
-    assert not kernels.usable(torch.randn(1, 4), torch.randn(3, 4))
+    assert not kernels.usable(torch.randn(1, 4), torch.rand(3, 1), torch.randn(3, 4), None)
 
 
 def test_a_built_library_is_reused_not_rebuilt(monkeypatch: pytest.MonkeyPatch, fresh_build: Path) -> None:

@@ -74,20 +74,22 @@ class ScaledLinear(torch.autograd.Function):
     """``y = (x @ v') * s + b``, ``s = g/||v||`` (``e^g/||v||`` with ``exp_scale``), no ``w`` built.
 
     Shapes: ``x [..., in]``, ``v [out, in]``, ``g [out, 1]``, ``b [out]`` or None.  Norms and
-    scales are float32 (or wider); a zero direction gives a zero row and zero gradients.
+    scales are float32 (or wider); a zero direction gives a zero row, never NaN.  At 1-4 float32
+    rows on CPU, the native kernels (:mod:`wn_transform.kernels`) do the forward and backward,
+    with the same math.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, g: Tensor, v: Tensor, bias: Tensor | None, exp_scale: bool) -> Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        ctx.fused = kernels.usable(rows, v)  # 1-4 float32 rows on CPU: the fused kernels
+        ctx.fused = kernels.usable(rows, g, v, bias)  # 1-4 float32 rows on CPU: the fused kernels
         if ctx.fused:
-            u, squares = kernels.forward(rows.contiguous(), v)
-            norms, u = squares.sqrt_(), u.view(*x.shape[:-1], -1)
+            y, u, safe, scale = kernels.forward(rows.contiguous(), g, v, bias, exp_scale)
+            y = y.view(*x.shape[:-1], -1)
         else:
-            norms, u = unit_norm(v, _ROWS).view(-1), F.linear(x, v)  # float32 or wider
-        safe, scale = _scales(g, norms, exp_scale)
-        y = u * scale.to(u.dtype) if bias is None else torch.addcmul(bias, u, scale.to(u.dtype))
+            u = F.linear(x, v)
+            safe, scale = _scales(g, unit_norm(v, _ROWS).view(-1), exp_scale)  # float32 or wider
+            y = u * scale.to(u.dtype) if bias is None else torch.addcmul(bias, u, scale.to(u.dtype))
         ctx.save_for_backward(x, g, v, safe, scale, u)
         ctx.exp_scale, ctx.has_bias = exp_scale, bias is not None
         return y
@@ -96,6 +98,11 @@ class ScaledLinear(torch.autograd.Function):
     def backward(ctx, grad_y: Tensor):
         x, g, v, safe, scale, u = ctx.saved_tensors
         rows = x.reshape(-1, x.shape[-1])
+        if ctx.fused and not torch.is_grad_enabled():
+            grad_x, grad_g, grad_v, grad_bias = kernels.backward(
+                grad_y.reshape(-1, grad_y.shape[-1]), rows.contiguous(), u, safe, scale, v, exp_scale=ctx.exp_scale,
+                input_grad=ctx.needs_input_grad[0], bias_grad=ctx.has_bias)
+            return grad_x.view(x.shape) if grad_x is not None else None, grad_g.view(g.shape), grad_v, grad_bias, None
         if torch.is_grad_enabled():  # a double backward: what the forward saved, recomputed on the graph
             safe, scale = _scales(g, unit_norm(v, _ROWS).view(-1), ctx.exp_scale)
             u = F.linear(rows, v)
@@ -103,11 +110,8 @@ class ScaledLinear(torch.autograd.Function):
         grad_u = grad_y * scale.to(grad_y.dtype)
         grad_gain = torch.linalg.vecdot(grad_y, u, dim=0).to(safe.dtype) / safe  # dL/d(gain)
         coef = grad_gain * scale / safe  # project out v: grad_v -= (s * dL/dgain / ||v||) v, per row
-        if ctx.fused and not torch.is_grad_enabled():
-            grad_v, grad_x = kernels.backward(grad_u, coef, rows.contiguous(), v, input_grad=ctx.needs_input_grad[0])
-        else:
-            grad_x = grad_u @ v if ctx.needs_input_grad[0] else None
-            grad_v = (grad_u.t() @ rows).addcmul_(v, coef.to(v.dtype).unsqueeze(1), value=-1)  # matmul gradient, projected
+        grad_x = grad_u @ v if ctx.needs_input_grad[0] else None
+        grad_v = (grad_u.t() @ rows).addcmul_(v, coef.to(v.dtype).unsqueeze(1), value=-1)  # matmul gradient, projected
         grad_g = grad_gain * scale * safe if ctx.exp_scale else grad_gain  # gain = e^g: times e^g
         grad_bias = grad_y.sum(0) if ctx.has_bias else None
         grad_x = grad_x.view(x.shape) if grad_x is not None else None

@@ -2,19 +2,21 @@
  *
  * Compiled on first use by kernels.py (cc -O3 -march=native -fopenmp) and called through ctypes.
  * With R <= WN_MAX_ROWS rows, every pass over the weight is memory-bound, so what counts is how
- * often the weight v [out, in] crosses the memory bus:
+ * often the weight v [out, in] crosses the memory bus.  With s = gain/||v|| per unit:
  *
- *   forward:  u[r, i] = v[i, :] . x[r, :]  and  sq[i] = v[i, :] . v[i, :]       one read of v
- *   backward: gv[i, :] = sum_r gu[r, i] x[r, :] - coef[i] v[i, :]                one read of v,
- *             gx[r, :] = sum_i gu[r, i] v[i, :]                                   one write of gv
+ *   forward:  u[r, i] = v[i, :] . x[r, :],  ||v[i]||,  y[r, i] = u[r, i] s[i] + b[i]     one read of v
+ *   backward: gv[i, :] = sum_r a[r, i] x[r, :] - c[i] v[i, :],  a = gy s,               one read of v,
+ *             c[i] = s[i] dL/dgain[i] / ||v[i]||,  gx[r, :] = sum_i a[r, i] v[i, :]       one write of gv
  *
- * where eager ATen needs four passes forward and backward beyond the plain layer's (the norms,
- * and the projection as a matmul followed by an in-place correction).  Accumulation is float32,
- * in 8-lane vectors, as a BLAS kernel does; gv is written past the caches when it is large.
+ * where eager ATen needs four passes beyond the plain layer's (the norms, and the projection as
+ * a matmul followed by an in-place correction), and a dozen small ops per call that these
+ * kernels do per unit.  Accumulation is float32, in 8-lane vectors, as a BLAS kernel does; gv is
+ * written past the caches when it is large.
  *
  * The threads are OpenMP's: torch's CPU wheels load their own libgomp.so.1 first, and this
  * library, linked against the same soname, shares that runtime and its thread pool.
  */
+#include <math.h>
 #include <stdint.h>
 
 #if !(defined(__AVX2__) && defined(__FMA__))
@@ -26,7 +28,7 @@
 #define WN_INLINE static inline __attribute__((always_inline))
 #define WN_PREFETCH 512 /* floats ahead: 2 KiB, measured best of 0-512 (1024x1024, 1 thread) */
 
-int wn_kernels_version(void) { return 1; }
+int wn_kernels_version(void) { return 2; }
 int wn_kernels_max_rows(void) { return WN_MAX_ROWS; }
 
 WN_INLINE float sum_lanes(__m256 a) {
@@ -36,10 +38,21 @@ WN_INLINE float sum_lanes(__m256 a) {
     return _mm_cvtss_f32(s);
 }
 
+/* What the forward reads and writes (all contiguous float32). */
+typedef struct {
+    const float *x, *v, *g, *bias; /* [R, in], [out, in], [out] (log-gain with exp_scale), [out] or NULL */
+    float *y, *u, *safe, *scale;   /* [R, out] output, [R, out] x @ v', [out] ||v|| (1 if 0), [out] gain/safe */
+    int64_t in, out;
+    int exp_scale;
+} forward_args;
+
 /* Units [i, i + U): their R dot products each and their squared norms, in one read of their rows of
- * v (U rows at once: independent memory streams and accumulator chains; x is loaded once for all). */
-WN_INLINE void forward_units(const float *x, const float *v, float *u, float *sq, int64_t i, int64_t in,
-                             int64_t out, const int U, const int R) {
+ * v (U rows at once: independent memory streams and accumulator chains; x is loaded once for all),
+ * then per unit: safe = ||v|| (1 for a zero direction: a zero row, not NaN), scale = gain / safe,
+ * y = u * scale + bias. */
+WN_INLINE void forward_units(const forward_args *f, int64_t i, const int U, const int R) {
+    const float *x = f->x, *v = f->v;
+    const int64_t in = f->in, out = f->out;
     __m256 s[4], a[4][WN_MAX_ROWS];
     for (int k = 0; k < U; ++k) {
         s[k] = _mm256_setzero_ps();
@@ -67,8 +80,16 @@ WN_INLINE void forward_units(const float *x, const float *v, float *u, float *sq
             norm2 += vk[t] * vk[t];
             for (int r = 0; r < R; ++r) acc[r] += vk[t] * x[r * in + t];
         }
-        sq[i + k] = norm2;
-        for (int r = 0; r < R; ++r) u[r * out + i + k] = acc[r];
+        const int64_t unit = i + k;
+        const float norm = sqrtf(norm2), safe = norm > 0.0f ? norm : 1.0f;
+        const float scale = (f->exp_scale ? expf(f->g[unit]) : f->g[unit]) / safe;
+        const float bias = f->bias ? f->bias[unit] : 0.0f;
+        f->safe[unit] = safe;
+        f->scale[unit] = scale;
+        for (int r = 0; r < R; ++r) {
+            f->u[r * out + unit] = acc[r];
+            f->y[r * out + unit] = acc[r] * scale + bias;
+        }
     }
 }
 
@@ -86,21 +107,45 @@ WN_INLINE void backward_scalar(const float *a, float c, const float *x, const fl
     }
 }
 
-/* Columns [j0, j1) of every unit.  `stream`: write gv past the caches (it is too large to stay). */
-WN_INLINE void backward_block(const float *gu, const float *coef, const float *x, const float *v, float *gv,
-                              float *gx, int64_t in, int64_t out, int64_t j0, int64_t j1, int stream, const int R) {
+/* What the backward reads and writes (all contiguous float32). */
+typedef struct {
+    const float *gy, *x, *u, *safe, *scale, *v; /* [R, out], [R, in], [R, out], [out], [out], [out, in] */
+    float *gv, *gx, *gg, *gb;                   /* [out, in], [R, in] or NULL, [out], [out] or NULL */
+    int64_t in, out;
+    int exp_scale, stream; /* stream: write gv past the caches (it is too large to stay there) */
+} backward_args;
+
+/* Columns [j0, j1) of every unit; the block with j0 = 0 also writes grad_g and grad_bias.  Per unit,
+ * with a = gy * scale:  dL/dgain = sum_r gy u / safe,  c = dL/dgain * scale / safe,
+ * gv = sum_r a x - c v  (the matmul gradient, projected),  gx += sum a v. */
+WN_INLINE void backward_block(const backward_args *b, int64_t j0, int64_t j1, const int R) {
+    const float *x = b->x, *v = b->v;
+    float *gv = b->gv, *gx = b->gx;
+    const int64_t in = b->in, out = b->out;
+    const int stream = b->stream;
     if (gx)
         for (int r = 0; r < R; ++r)
             for (int64_t j = j0; j < j1; ++j) gx[r * in + j] = 0.0f;
     for (int64_t i = 0; i < out; ++i) {
         const float *vi = v + i * in;
         float *gvi = gv + i * in;
-        const float c = coef[i];
-        float a[WN_MAX_ROWS];
+        const float safe = b->safe[i], scale = b->scale[i];
+        float a[WN_MAX_ROWS], dot = 0.0f;
         __m256 va[WN_MAX_ROWS];
         for (int r = 0; r < R; ++r) {
-            a[r] = gu[r * out + i];
+            const float gy = b->gy[r * out + i];
+            dot += gy * b->u[r * out + i];
+            a[r] = gy * scale;
             va[r] = _mm256_set1_ps(a[r]);
+        }
+        const float grad_gain = dot / safe, c = grad_gain * scale / safe;
+        if (j0 == 0) {
+            b->gg[i] = b->exp_scale ? grad_gain * scale * safe : grad_gain; /* gain = e^g: times e^g */
+            if (b->gb) {
+                float sum = 0.0f;
+                for (int r = 0; r < R; ++r) sum += b->gy[r * out + i];
+                b->gb[i] = sum;
+            }
         }
         const __m256 vc = _mm256_set1_ps(-c);
         int64_t j = j0;
@@ -131,24 +176,22 @@ WN_INLINE void backward_block(const float *gu, const float *coef, const float *x
  * into a function of its own, and only a literal R reaches it as a constant (every accumulator
  * then stays in a register).  In the backward, each thread owns a band of columns, so its slice
  * of gx needs no synchronization. */
-#define WN_DEFINE_ROWS(R)                                                                                        \
-    static void forward_rows_##R(const float *x, const float *v, float *u, float *sq, int64_t in, int64_t out,  \
-                                 int threads) {                                                                  \
-        enum { U = R == 1 ? 4 : R <= 3 ? 2 : 1 };   /* units per step: what fits 16 vector registers */           \
-        const int64_t steps = out / U;                                                                           \
-        _Pragma("omp parallel for num_threads(threads) if (threads > 1) schedule(static)")                      \
-        for (int64_t k = 0; k < steps; ++k) forward_units(x, v, u, sq, k * U, in, out, U, R);                   \
-        for (int64_t i = steps * U; i < out; ++i) forward_units(x, v, u, sq, i, in, out, 1, R);                 \
-    }                                                                                                            \
-    static void backward_rows_##R(const float *gu, const float *coef, const float *x, const float *v, float *gv, \
-                                  float *gx, int64_t in, int64_t out, int threads, int stream) {                 \
-        const int64_t blocks = threads > 1 ? threads : 1;                                                        \
-        const int64_t width = ((in + blocks - 1) / blocks + 15) / 16 * 16;                                       \
-        _Pragma("omp parallel for num_threads(threads) if (threads > 1) schedule(static)")                      \
-        for (int64_t b = 0; b < blocks; ++b) {                                                                   \
-            const int64_t j0 = b * width, j1 = j0 + width < in ? j0 + width : in;                                \
-            if (j0 < j1) backward_block(gu, coef, x, v, gv, gx, in, out, j0, j1, stream, R);                    \
-        }                                                                                                        \
+#define WN_DEFINE_ROWS(R)                                                                                  \
+    static void forward_rows_##R(const forward_args *f, int threads) {                                     \
+        enum { U = R == 1 ? 4 : R <= 3 ? 2 : 1 }; /* units per step: what fits 16 vector registers */      \
+        const int64_t steps = f->out / U;                                                                  \
+        _Pragma("omp parallel for num_threads(threads) if (threads > 1) schedule(static)")                \
+        for (int64_t k = 0; k < steps; ++k) forward_units(f, k * U, U, R);                                 \
+        for (int64_t i = steps * U; i < f->out; ++i) forward_units(f, i, 1, R);                            \
+    }                                                                                                      \
+    static void backward_rows_##R(const backward_args *b, int threads) {                                   \
+        const int64_t blocks = threads > 1 ? threads : 1;                                                  \
+        const int64_t width = ((b->in + blocks - 1) / blocks + 15) / 16 * 16;                              \
+        _Pragma("omp parallel for num_threads(threads) if (threads > 1) schedule(static)")                \
+        for (int64_t k = 0; k < blocks; ++k) {                                                             \
+            const int64_t j0 = k * width, j1 = j0 + width < b->in ? j0 + width : b->in;                    \
+            if (j0 < j1 || k == 0) backward_block(b, j0, j1, R);                                           \
+        }                                                                                                  \
     }
 
 WN_DEFINE_ROWS(1)
@@ -156,27 +199,31 @@ WN_DEFINE_ROWS(2)
 WN_DEFINE_ROWS(3)
 WN_DEFINE_ROWS(4)
 
-/* x [rows, in], v [out, in] -> u [rows, out], sq [out]; all contiguous.  Returns 0, or -1 for bad rows. */
-int wn_forward_f32(const float *x, const float *v, float *u, float *sq, int64_t rows, int64_t in, int64_t out,
-                   int threads) {
+/* y = (x @ v') * gain/||v|| + bias, keeping u = x @ v', safe and scale for the backward.
+ * Returns 0, or -1 for a row count the kernels do not take. */
+int wn_forward_f32(const float *x, const float *v, const float *g, const float *bias, float *y, float *u, float *safe,
+                   float *scale, int64_t rows, int64_t in, int64_t out, int exp_scale, int threads) {
+    const forward_args f = {x, v, g, bias, y, u, safe, scale, in, out, exp_scale};
     switch (rows) {
-        case 1: forward_rows_1(x, v, u, sq, in, out, threads); return 0;
-        case 2: forward_rows_2(x, v, u, sq, in, out, threads); return 0;
-        case 3: forward_rows_3(x, v, u, sq, in, out, threads); return 0;
-        case 4: forward_rows_4(x, v, u, sq, in, out, threads); return 0;
+        case 1: forward_rows_1(&f, threads); return 0;
+        case 2: forward_rows_2(&f, threads); return 0;
+        case 3: forward_rows_3(&f, threads); return 0;
+        case 4: forward_rows_4(&f, threads); return 0;
         default: return -1;
     }
 }
 
-/* gu [rows, out], coef [out], x [rows, in], v [out, in] -> gv [out, in], gx [rows, in] (or NULL).
- * Returns 0, or -1 for bad rows. */
-int wn_backward_f32(const float *gu, const float *coef, const float *x, const float *v, float *gv, float *gx,
-                    int64_t rows, int64_t in, int64_t out, int threads, int stream) {
+/* The gradients of the forward above: gv [out, in], gx [rows, in] (NULL: not wanted), gg [out] of the
+ * gain parameter, gb [out] of the bias (NULL: none).  Returns 0, or -1 for a bad row count. */
+int wn_backward_f32(const float *gy, const float *x, const float *u, const float *safe, const float *scale,
+                    const float *v, float *gv, float *gx, float *gg, float *gb, int64_t rows, int64_t in,
+                    int64_t out, int exp_scale, int threads, int stream) {
+    const backward_args b = {gy, x, u, safe, scale, v, gv, gx, gg, gb, in, out, exp_scale, stream};
     switch (rows) {
-        case 1: backward_rows_1(gu, coef, x, v, gv, gx, in, out, threads, stream); return 0;
-        case 2: backward_rows_2(gu, coef, x, v, gv, gx, in, out, threads, stream); return 0;
-        case 3: backward_rows_3(gu, coef, x, v, gv, gx, in, out, threads, stream); return 0;
-        case 4: backward_rows_4(gu, coef, x, v, gv, gx, in, out, threads, stream); return 0;
+        case 1: backward_rows_1(&b, threads); return 0;
+        case 2: backward_rows_2(&b, threads); return 0;
+        case 3: backward_rows_3(&b, threads); return 0;
+        case 4: backward_rows_4(&b, threads); return 0;
         default: return -1;
     }
 }

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 __all__ = ["MAX_ROWS", "KernelStatus", "backward", "forward", "kernel_status", "usable"]
 
 MAX_ROWS = 4  # rows per call the kernels take (kernels.c: WN_MAX_ROWS)
-_VERSION = 1  # kernels.c: wn_kernels_version()
+_VERSION = 2  # kernels.c: wn_kernels_version()
 _SOURCE = Path(__file__).with_name("kernels.c")
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 _STREAM_MIN_ELEMENTS = 1 << 19  # a grad_v of 2 MiB or more is written past the caches (it cannot stay there)
@@ -60,37 +60,47 @@ def kernel_status() -> KernelStatus:
     return _load()[1]
 
 
-def usable(rows: Tensor, v: Tensor) -> bool:
-    """Whether the kernels take ``rows [R, in]`` against ``v [out, in]``: 1 <= R <= :data:`MAX_ROWS`,
-    float32 CPU tensors, ``v`` contiguous, eager mode (a compiler fuses the eager ops itself)."""
-    return (0 < rows.shape[0] <= MAX_ROWS and rows.dtype == torch.float32 and v.dtype == torch.float32
-            and rows.device.type == "cpu" and v.device.type == "cpu" and v.is_contiguous() and v.numel() > 0
-            and type(rows) in _PLAIN_TYPES and type(v) in _PLAIN_TYPES and not torch.compiler.is_compiling()
+def usable(rows: Tensor, g: Tensor, v: Tensor, bias: Tensor | None) -> bool:
+    """Whether the kernels take ``rows [R, in]`` through the layer ``(g [out, 1], v [out, in], bias)``:
+    1 <= R <= :data:`MAX_ROWS`, float32 CPU tensors, parameters contiguous, eager mode (a compiler
+    fuses the eager ops itself)."""
+    return (0 < rows.shape[0] <= MAX_ROWS and v.numel() > 0 and not torch.compiler.is_compiling()
+            and all(_plain_float32(t) for t in (rows, g, v)) and v.is_contiguous() and g.is_contiguous()
+            and (bias is None or (_plain_float32(bias) and bias.is_contiguous() and bias.numel() == v.shape[0]))
             and _load()[0] is not None)
 
 
-def forward(rows: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    """``(rows @ v', ||v[i]||^2 per unit)``: shapes ``[R, out]`` and ``[out]``, float32; ``rows`` contiguous."""
-    lib = _load()[0]
-    u = torch.empty(rows.shape[0], v.shape[0], dtype=torch.float32)
-    squares = torch.empty(v.shape[0], dtype=torch.float32)
-    lib.wn_forward_f32(rows.data_ptr(), v.data_ptr(), u.data_ptr(), squares.data_ptr(), rows.shape[0], v.shape[1],
-                       v.shape[0], torch.get_num_threads())
-    return u, squares
+def _plain_float32(t: Tensor) -> bool:
+    return type(t) in _PLAIN_TYPES and t.dtype == torch.float32 and t.device.type == "cpu"
 
 
-def backward(grad_u: Tensor, coef: Tensor, rows: Tensor, v: Tensor, *, input_grad: bool) -> tuple[Tensor, Tensor | None]:
-    """``(grad_u' @ rows - coef * v, grad_u @ v)``: the projected ``grad_v [out, in]`` and, with
-    ``input_grad``, ``grad_x [R, in]`` (else None).  ``grad_u [R, out]``, ``coef [out]``, ``rows [R, in]``:
-    contiguous float32."""
+def forward(rows: Tensor, g: Tensor, v: Tensor, bias: Tensor | None, exp_scale: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(y, u, safe, scale)``: ``y = u * scale + bias`` and ``u = rows @ v'`` (``[R, out]``), ``safe = ||v||``
+    per unit (1 for a zero direction) and ``scale = gain / safe`` (``[out]``).  ``rows`` contiguous."""
     lib = _load()[0]
-    grad_u, coef = grad_u.contiguous(), coef.contiguous()  # (an expanded output gradient is not)
+    count, out = rows.shape[0], v.shape[0]
+    y, u = torch.empty(2, count, out, dtype=torch.float32).unbind(0)
+    safe, scale = torch.empty(2, out, dtype=torch.float32).unbind(0)
+    lib.wn_forward_f32(rows.data_ptr(), v.data_ptr(), g.data_ptr(), bias.data_ptr() if bias is not None else None,
+                       y.data_ptr(), u.data_ptr(), safe.data_ptr(), scale.data_ptr(), count, v.shape[1], out,
+                       int(exp_scale), torch.get_num_threads())
+    return y, u, safe, scale
+
+
+def backward(grad_y: Tensor, rows: Tensor, u: Tensor, safe: Tensor, scale: Tensor, v: Tensor, *, exp_scale: bool,
+             input_grad: bool, bias_grad: bool) -> tuple[Tensor | None, Tensor, Tensor, Tensor | None]:
+    """The gradients of :func:`forward`'s ``y``: ``(grad_x [R, in] or None, grad_g [out], grad_v [out, in],
+    grad_bias [out] or None)``, ``grad_v`` projected away from ``v``.  ``rows`` contiguous."""
+    lib = _load()[0]
+    grad_y = grad_y.contiguous()  # (an expanded output gradient is not)
     grad_x = torch.empty_like(rows) if input_grad else None  # before grad_v: the heap keeps grad_v's block warm
+    grad_g, grad_bias = torch.empty(2, v.shape[0], dtype=torch.float32).unbind(0)
     grad_v = torch.empty_like(v, memory_format=torch.contiguous_format)
-    lib.wn_backward_f32(grad_u.data_ptr(), coef.data_ptr(), rows.data_ptr(), v.data_ptr(), grad_v.data_ptr(),
-                        grad_x.data_ptr() if grad_x is not None else None, rows.shape[0], v.shape[1], v.shape[0],
-                        torch.get_num_threads(), int(v.numel() >= _STREAM_MIN_ELEMENTS))
-    return grad_v, grad_x
+    lib.wn_backward_f32(grad_y.data_ptr(), rows.data_ptr(), u.data_ptr(), safe.data_ptr(), scale.data_ptr(),
+                        v.data_ptr(), grad_v.data_ptr(), grad_x.data_ptr() if grad_x is not None else None,
+                        grad_g.data_ptr(), grad_bias.data_ptr() if bias_grad else None, rows.shape[0], v.shape[1],
+                        v.shape[0], int(exp_scale), torch.get_num_threads(), int(v.numel() >= _STREAM_MIN_ELEMENTS))
+    return grad_x, grad_g, grad_v, grad_bias if bias_grad else None
 
 
 def _load() -> tuple[ctypes.CDLL | None, KernelStatus]:
@@ -145,8 +155,8 @@ def _build_and_load() -> tuple[ctypes.CDLL | None, KernelStatus]:
     if lib.wn_kernels_version() != _VERSION or lib.wn_kernels_max_rows() != MAX_ROWS:
         return None, KernelStatus(False, str(path), f"{path} does not match this version of wn_transform")
     pointer, size, number = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.wn_forward_f32.argtypes = [pointer] * 4 + [size] * 3 + [number]
-    lib.wn_backward_f32.argtypes = [pointer] * 6 + [size] * 3 + [number] * 2
+    lib.wn_forward_f32.argtypes = [pointer] * 8 + [size] * 3 + [number] * 2
+    lib.wn_backward_f32.argtypes = [pointer] * 10 + [size] * 3 + [number] * 3
     return lib, KernelStatus(True, str(path), f"built from {_SOURCE.name} with {compiler}")
 
 
@@ -157,7 +167,8 @@ def _compile(compiler: str, path: Path) -> str | None:
     fd, partial = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".partial")
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", partial], capture_output=True, text=True, timeout=300)
+        done = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", partial, "-lm"], capture_output=True, text=True,
+                              timeout=300)
         if done.returncode != 0:
             lines = (done.stderr or done.stdout).strip().splitlines()
             errors = [line for line in lines if "error" in line] or lines or [f"exit status {done.returncode}"]
