@@ -162,6 +162,22 @@ class _Doubled(nn.Module):
         return 2 * bias
 
 
+@pytest.mark.parametrize("rows", [1, 64], ids=["few-rows", "many-rows"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+def test_under_cpu_autocast_a_linear_layer_computes_as_a_plain_one(rows: int, dtype: torch.dtype) -> None:
+    """Autocast runs a Linear's matmul in its dtype and hands that dtype on, whatever the batch."""
+    torch.manual_seed(0)
+    layer = wn.apply_weight_norm(nn.Linear(512, 256), init="preserve")  # 2^17 weights: the output form's size
+    x = torch.randn(rows, 512, requires_grad=True)
+    with torch.autocast("cpu", dtype=dtype):
+        got = layer(x)
+        want = F.linear(x, layer.weight, layer.bias)
+    assert got.dtype == want.dtype == dtype
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    got.float().sum().backward()
+    assert x.grad is not None and layer.parametrizations.weight.original1.grad is not None
+
+
 @pytest.mark.parametrize("rows", [1, 64], ids=["output-form", "weight-form"])
 def test_a_linear_layer_whose_bias_is_parametrized_too_uses_the_parametrized_bias(rows: int) -> None:
     """The Linear forward reads the bias from the layer's own parameters when it is one, and

@@ -227,6 +227,22 @@ def test_a_training_step_gives_the_eager_routes_gradients(monkeypatch: pytest.Mo
         torch.testing.assert_close(a.grad, e.grad, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
 
 
+@needs_kernels
+def test_a_nan_in_a_direction_spreads_as_on_the_eager_route(monkeypatch: pytest.MonkeyPatch,
+                                                           count_calls: dict[str, int]) -> None:
+    """A diverged weight must show: the same NaNs (and the same finite values) by either route."""
+    x, g, v, b, _ = _layer(2, 40, 12, seed=9)
+    v[3, 7] = float("nan")
+    got, got_grads = _outputs_and_grads(lambda *t: ScaledLinear.apply(*t, False), x, g, v, b)
+    with monkeypatch.context() as m:
+        m.setattr(kernels, "usable", lambda *args: False)
+        want, want_grads = _outputs_and_grads(lambda *t: ScaledLinear.apply(*t, False), x, g, v, b)
+    assert count_calls == {"forward": 1, "backward": 1}
+    assert got[:, 3].isnan().all()
+    for a, e in zip([got, *got_grads], [want, *want_grads]):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
 def test_usable_takes_only_what_the_kernels_compute() -> None:
     x, g, v, b = torch.randn(2, 16), torch.rand(8, 1), torch.randn(8, 16), torch.randn(8)
     assert kernels.usable(x, g, v, b) == kernels.usable(x, g, v, None) == kernels.kernel_status().available

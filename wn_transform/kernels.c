@@ -81,7 +81,7 @@ WN_INLINE void forward_units(const forward_args *f, int64_t i, const int U, cons
             for (int r = 0; r < R; ++r) acc[r] += vk[t] * x[r * in + t];
         }
         const int64_t unit = i + k;
-        const float norm = sqrtf(norm2), safe = norm > 0.0f ? norm : 1.0f;
+        const float norm = sqrtf(norm2), safe = norm == 0.0f ? 1.0f : norm; /* NaN stays NaN, as in ATen */
         const float scale = (f->exp_scale ? expf(f->g[unit]) : f->g[unit]) / safe;
         const float bias = f->bias ? f->bias[unit] : 0.0f;
         f->safe[unit] = safe;

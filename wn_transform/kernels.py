@@ -63,8 +63,9 @@ def kernel_status() -> KernelStatus:
 def usable(rows: Tensor, g: Tensor, v: Tensor, bias: Tensor | None) -> bool:
     """Whether the kernels take ``rows [R, in]`` through the layer ``(g [out, 1], v [out, in], bias)``:
     1 <= R <= :data:`MAX_ROWS`, float32 CPU tensors, parameters contiguous, eager mode (a compiler
-    fuses the eager ops itself)."""
+    fuses the eager ops itself), no CPU autocast (whose matmuls compute in lower precision)."""
     return (0 < rows.shape[0] <= MAX_ROWS and v.numel() > 0 and not torch.compiler.is_compiling()
+            and not torch.is_autocast_enabled("cpu")
             and all(_plain_float32(t) for t in (rows, g, v)) and v.is_contiguous() and g.is_contiguous()
             and (bias is None or (_plain_float32(bias) and bias.is_contiguous() and bias.numel() == v.shape[0]))
             and _load()[0] is not None)

@@ -298,6 +298,12 @@ def _direct(chain: nn.Module) -> WeightNorm | None:
     return wn
 
 
+def _autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for this device type (``meta`` and others have no autocast, and
+    ``torch.is_autocast_enabled`` raises for them)."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def hands_input_to_calibrator(module: nn.Module, name: str) -> bool:
     """Whether ``module``'s forward hands its input to :attr:`WeightNorm.calibrator` of its
     ``name`` weight (a stock ``nn.Linear`` this library normalizes: see :func:`_linear_forward`)."""
@@ -316,7 +322,8 @@ def _linear_forward(self: nn.Linear, input: Tensor) -> Tensor:
     """``nn.Linear.forward``, computing the same thing by the cheapest route.
 
     No graph to build: the cached weight.  Training with few rows per call: the output form
-    (:class:`~wn_transform.fast.ScaledLinear`, no weight built).  Otherwise: the weight form.
+    (:class:`~wn_transform.fast.ScaledLinear`, no weight built).  Otherwise (and under autocast,
+    so that the layer computes in autocast's dtype as a plain Linear does): the weight form.
     Where torch's property must run (see :func:`_direct`), it reads ``self.weight``.
     """
     chain = self._modules["parametrizations"]._modules["weight"]
@@ -333,6 +340,7 @@ def _linear_forward(self: nn.Linear, input: Tensor) -> Tensor:
         if not torch.compiler.is_compiling():
             return F.linear(input, v if wn.direction_only else wn.cached_weight(g, v), bias)
     elif (self.training and input.dim() > 0 and not wn.direction_only
-            and prefer_output_form(input.numel() // input.shape[-1], input.shape[-1], self.out_features)):
+            and prefer_output_form(input.numel() // input.shape[-1], input.shape[-1], self.out_features)
+            and not _autocast_on(input.device.type)):  # autocast casts F.linear's operands itself
         return ScaledLinear.apply(input, g, v, bias, wn.exp_scale)
     return F.linear(input, wn.forward(g, v), bias)
