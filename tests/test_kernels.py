@@ -243,6 +243,23 @@ def test_a_nan_in_a_direction_spreads_as_on_the_eager_route(monkeypatch: pytest.
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5, equal_nan=True)
 
 
+@needs_kernels
+def test_disabled_sends_a_block_to_the_eager_route_and_only_that_block(count_calls: dict[str, int]) -> None:
+    x, g, v, b, _ = _layer(1, 30, 20, seed=2)
+    inside, inside_grads = _outputs_and_grads(lambda *t: _disabled(ScaledLinear.apply, *t, False), x, g, v, b)
+    assert count_calls == {"forward": 0, "backward": 0}
+    outside, outside_grads = _outputs_and_grads(lambda *t: ScaledLinear.apply(*t, False), x, g, v, b)
+    assert count_calls == {"forward": 1, "backward": 1}
+    for a, e in zip([inside, *inside_grads], [outside, *outside_grads]):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
+def _disabled(fn, *args):
+    with kernels.disabled():
+        assert not kernels.usable(args[0].reshape(-1, args[0].shape[-1]), *args[1:4])
+        return fn(*args)
+
+
 def test_usable_takes_only_what_the_kernels_compute() -> None:
     x, g, v, b = torch.randn(2, 16), torch.rand(8, 1), torch.randn(8, 16), torch.randn(8)
     assert kernels.usable(x, g, v, b) == kernels.usable(x, g, v, None) == kernels.kernel_status().available

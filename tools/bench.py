@@ -9,7 +9,7 @@ Prints a markdown table and writes it, with the raw numbers, to the results fold
 Workloads (the variants of each are defined in ``tools/bench_models.py``):
 
 1. training step (forward, backward, SGD step, zero_grad), MLP 784-1024-1024-10, batch 64;
-2. the same at batch 1;
+2. the same at batch 1, also with the native kernels off (``wn_transform_eager``: the eager route);
 3. training step, a small CIFAR-sized CNN, batch 32 of 3x32x32;
 4. training step, 4-layer transformer encoder (d_model 256, 4 heads, ff 1024), seq 64, batch 8;
 5. peak memory of the training step of workload 1;
@@ -356,16 +356,18 @@ def check_normalized_counts(models: dict[str, nn.Module], expected: int) -> None
 class TrainStep:
     """``zero_grad(); loss = cross_entropy(model(x), y); loss.backward(); SGD step``."""
 
-    def __init__(self, model: nn.Module, x: Tensor, y: Tensor) -> None:
+    def __init__(self, model: nn.Module, x: Tensor, y: Tensor, *, eager: bool = False) -> None:
         self.model = model.train()
         self.x = x
         self.y = y
         self.optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
         self.last_loss: Tensor | None = None
+        self.route = wn_transform.kernels.disabled if eager else contextlib.nullcontext  # eager: no native kernels
 
     def __call__(self, _: object = None) -> None:
         self.optimizer.zero_grad()
-        loss = F.cross_entropy(self.model(self.x), self.y)
+        with self.route():
+            loss = F.cross_entropy(self.model(self.x), self.y)
         loss.backward()
         self.optimizer.step()
         self.last_loss = loss.detach()
@@ -409,7 +411,7 @@ def run_train(spec: TrainSpec, ctx: Context) -> WorkloadResult:
     diffs = check_variants(models, x)
     if spec.compile:  # the compiled module shares the model's parameters; the optimizer stays eager
         models = {name: torch.compile(model) for name, model in models.items()}
-    steps = {name: TrainStep(model, x, y) for name, model in models.items()}
+    steps = {name: TrainStep(model, x, y, eager=name == "wn_transform_eager") for name, model in models.items()}
     timing = interleave([Case(name, step) for name, step in steps.items()], ctx.effort, budget_s=spec.budget_s)
     for name, step in steps.items():
         if step.last_loss is None or not bool(torch.isfinite(step.last_loss)):
@@ -423,8 +425,11 @@ def run_train(spec: TrainSpec, ctx: Context) -> WorkloadResult:
 
 
 def _mlp_spec(key: str, batch: int, budget_s: float, *, compile: bool = False) -> TrainSpec:
-    variants = TRAIN_VARIANTS if batch > 1 else tuple(v for v in TRAIN_VARIANTS if v != "batchnorm")
-    notes = () if batch > 1 else ("batchnorm: not applicable at batch 1 (BatchNorm1d needs >1 sample per channel in training)",)
+    variants = TRAIN_VARIANTS if batch > 1 else (*(v for v in TRAIN_VARIANTS if v != "batchnorm"), "wn_transform_eager")
+    notes = () if batch > 1 else (
+        "batchnorm: not applicable at batch 1 (BatchNorm1d needs >1 sample per channel in training)",
+        f"wn_transform_eager: the same model with the native kernels off (wn_transform.kernels.disabled()), the "
+        f"eager ATen route; the kernels themselves: {native_kernels()}")
     if compile:
         variants = ("plain", "wn_transform", "torch")
         notes = ("torch.compile(model) with the default (inductor) backend, compiled during warm-up; "
@@ -524,7 +529,7 @@ def run_memory(ctx: Context) -> WorkloadResult:
     x, y = spec.batch()
     models = build_variants(spec)
     check_variants(models, x)
-    steps = {name: TrainStep(model, x, y) for name, model in models.items()}
+    steps = {name: TrainStep(model, x, y, eager=name == "wn_transform_eager") for name, model in models.items()}
     repeats = 2 if ctx.quick else 5
     for step in steps.values():
         step()
@@ -1171,7 +1176,7 @@ def write_plots(results: list[WorkloadResult], out: Path) -> list[Path]:
     train = [by_key[k] for k in ("1", "2", "3", "4", "5", "6") if k in by_key]
     if train:
         fig, ax = plt.subplots(figsize=(10, 4.5))
-        order = [*TRAIN_VARIANTS, *EVAL_VARIANTS]
+        order = [*TRAIN_VARIANTS, "wn_transform_eager", *EVAL_VARIANTS]
         variants = sorted({row.variant for r in train for row in r.rows if row.variant != "plain"}, key=order.index)
         width = 0.8 / max(1, len(variants))
         for i, variant in enumerate(variants):

@@ -13,7 +13,9 @@ A *variant* is the same model with its linear/conv weights handled one way:
   ``wn_transform`` normalizes (every Linear/Conv weight, and the fused q/k/v projection
   ``in_proj_weight`` of ``nn.MultiheadAttention``);
 * ``torch_legacy``: ``torch.nn.utils.weight_norm`` on the same weights;
-* ``folded``: the ``wn_transform`` variant passed through ``fold_weight_norm``.
+* ``folded``: the ``wn_transform`` variant passed through ``fold_weight_norm``;
+* ``wn_transform_eager``: the ``wn_transform`` variant, which ``tools/bench.py`` runs with the
+  native kernels off (``wn_transform.kernels.disabled()``).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ __all__ = [
 ]
 
 #: The variants that reparameterize weights (and must agree on how many).
-NORMALIZED_VARIANTS = ("wn_transform", "torch", "torch_legacy")
+NORMALIZED_VARIANTS = ("wn_transform", "wn_transform_eager", "torch", "torch_legacy")
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -177,6 +179,8 @@ def _child_hook_firer(child: nn.Module, hooks: list[LegacyWeightNorm]) -> Callab
 _VARIANT_BUILDERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "plain": lambda model: model,
     "wn_transform": lambda model: wn_transform.apply_weight_norm(model, init="preserve", inplace=True),
+    # the same model; tools/bench.py runs its steps with the native kernels off
+    "wn_transform_eager": lambda model: wn_transform.apply_weight_norm(model, init="preserve", inplace=True),
     "torch": _apply_torch,
     "torch_legacy": _apply_legacy,
     "folded": lambda model: wn_transform.fold_weight_norm(

@@ -18,6 +18,8 @@ and why.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import hashlib
 import os
@@ -26,13 +28,14 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MAX_ROWS", "KernelStatus", "backward", "forward", "kernel_status", "usable"]
+__all__ = ["MAX_ROWS", "KernelStatus", "backward", "disabled", "forward", "kernel_status", "usable"]
 
 MAX_ROWS = 4  # rows per call the kernels take (kernels.c: WN_MAX_ROWS)
 _VERSION = 2  # kernels.c: wn_kernels_version()
@@ -53,6 +56,7 @@ class KernelStatus:
 
 _lock = threading.Lock()
 _loaded: tuple[ctypes.CDLL | None, KernelStatus] | None = None
+_ENABLED: contextvars.ContextVar[bool] = contextvars.ContextVar("wn_transform_kernels", default=True)
 
 
 def kernel_status() -> KernelStatus:
@@ -60,12 +64,23 @@ def kernel_status() -> KernelStatus:
     return _load()[1]
 
 
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Within this block (this thread or task), every layer takes the eager route: to compare the
+    two, or to rule the kernels out when a result looks wrong."""
+    token = _ENABLED.set(False)
+    try:
+        yield
+    finally:
+        _ENABLED.reset(token)
+
+
 def usable(rows: Tensor, g: Tensor, v: Tensor, bias: Tensor | None) -> bool:
     """Whether the kernels take ``rows [R, in]`` through the layer ``(g [out, 1], v [out, in], bias)``:
     1 <= R <= :data:`MAX_ROWS`, float32 CPU tensors, parameters contiguous, eager mode (a compiler
     fuses the eager ops itself), no CPU autocast (whose matmuls compute in lower precision)."""
     return (0 < rows.shape[0] <= MAX_ROWS and v.numel() > 0 and not torch.compiler.is_compiling()
-            and not torch.is_autocast_enabled("cpu")
+            and not torch.is_autocast_enabled("cpu") and _ENABLED.get()
             and all(_plain_float32(t) for t in (rows, g, v)) and v.is_contiguous() and g.is_contiguous()
             and (bias is None or (_plain_float32(bias) and bias.is_contiguous() and bias.numel() == v.shape[0]))
             and _load()[0] is not None)
