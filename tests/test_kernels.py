@@ -85,7 +85,7 @@ def _paper(x, g, v, b, grad_y, exp_scale):
 
 
 def _kernels(x, g, v, b, grad_y, exp_scale):
-    y, u, safe, scale = kernels.forward(x, g, v, b, exp_scale)
+    y, u, safe, scale = kernels.forward(x, g, v, b, exp_scale, x.shape[:-1])
     grad_x, grad_g, grad_v, grad_bias = kernels.backward(grad_y, x, u, safe, scale, v, exp_scale=exp_scale,
                                                          input_grad=True, bias_grad=True)
     return {"y": y, "u": u, "safe": safe, "scale": scale, "grad_x": grad_x, "grad_g": grad_g, "grad_v": grad_v,
@@ -258,6 +258,30 @@ def _disabled(fn, *args):
     with kernels.disabled():
         assert not kernels.usable(args[0].reshape(-1, args[0].shape[-1]), *args[1:4])
         return fn(*args)
+
+
+@needs_kernels
+@pytest.mark.parametrize("x_shape", [(1, 512), (2, 1, 512), (512,)], ids=["batch1", "2x1", "unbatched"])
+def test_an_in_place_activation_after_the_layer_works_as_on_the_eager_route(monkeypatch: pytest.MonkeyPatch,
+                                                                           x_shape: tuple[int, ...],
+                                                                           count_calls: dict[str, int]) -> None:
+    """``nn.ReLU(inplace=True)`` writes into the layer's output: it must be a tensor of its own, not a
+    view made inside the autograd function (which autograd refuses to modify in place)."""
+    torch.manual_seed(0)
+    model = wn.apply_weight_norm(nn.Sequential(nn.Linear(512, 512), nn.ReLU(inplace=True), nn.Linear(512, 300),
+                                               nn.ReLU(inplace=True)), init="preserve")
+    eager = copy.deepcopy(model)
+    x = torch.randn(x_shape)
+    out = model(x)
+    out.sum().backward()
+    with monkeypatch.context() as m:
+        m.setattr(kernels, "usable", lambda *args: False)
+        want = eager(x)
+        want.sum().backward()
+    assert count_calls == {"forward": 2, "backward": 2}
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    for (name, a), e in zip(model.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(a.grad, e.grad, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_usable_takes_only_what_the_kernels_compute() -> None:

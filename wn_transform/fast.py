@@ -84,8 +84,7 @@ class ScaledLinear(torch.autograd.Function):
         rows = x.reshape(-1, x.shape[-1])
         ctx.fused = kernels.usable(rows, g, v, bias)  # 1-4 float32 rows on CPU: the fused kernels
         if ctx.fused:
-            y, u, safe, scale = kernels.forward(rows.contiguous(), g, v, bias, exp_scale)
-            y = y.view(*x.shape[:-1], -1)
+            y, u, safe, scale = kernels.forward(rows.contiguous(), g, v, bias, exp_scale, x.shape[:-1])
         else:
             u = F.linear(x, v)
             safe, scale = _scales(g, unit_norm(v, _ROWS).view(-1), exp_scale)  # float32 or wider

@@ -90,13 +90,16 @@ def _plain_float32(t: Tensor) -> bool:
     return type(t) in _PLAIN_TYPES and t.dtype == torch.float32 and t.device.type == "cpu"
 
 
-def forward(rows: Tensor, g: Tensor, v: Tensor, bias: Tensor | None, exp_scale: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(y, u, safe, scale)``: ``y = u * scale + bias`` and ``u = rows @ v'`` (``[R, out]``), ``safe = ||v||``
-    per unit (1 for a zero direction) and ``scale = gain / safe`` (``[out]``).  ``rows`` contiguous."""
+def forward(rows: Tensor, g: Tensor, v: Tensor, bias: Tensor | None, exp_scale: bool,
+            batch_shape: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(y, u, safe, scale)``: ``y = u * scale + bias`` (``[*batch_shape, out]``, a tensor of its own:
+    a view would forbid the caller's in-place ops on it) and ``u = rows @ v'`` (``[R, out]``), ``safe =
+    ||v||`` per unit (1 for a zero direction) and ``scale = gain / safe`` (``[out]``).  ``rows`` contiguous."""
     lib = _load()[0]
     count, out = rows.shape[0], v.shape[0]
-    y, u = torch.empty(2, count, out, dtype=torch.float32).unbind(0)
-    safe, scale = torch.empty(2, out, dtype=torch.float32).unbind(0)
+    y = torch.empty(*batch_shape, out, dtype=torch.float32)
+    u = torch.empty(count, out, dtype=torch.float32)
+    safe, scale = torch.empty(out, dtype=torch.float32), torch.empty(out, dtype=torch.float32)
     lib.wn_forward_f32(rows.data_ptr(), v.data_ptr(), g.data_ptr(), bias.data_ptr() if bias is not None else None,
                        y.data_ptr(), u.data_ptr(), safe.data_ptr(), scale.data_ptr(), count, v.shape[1], out,
                        int(exp_scale), torch.get_num_threads())
@@ -110,13 +113,14 @@ def backward(grad_y: Tensor, rows: Tensor, u: Tensor, safe: Tensor, scale: Tenso
     lib = _load()[0]
     grad_y = grad_y.contiguous()  # (an expanded output gradient is not)
     grad_x = torch.empty_like(rows) if input_grad else None  # before grad_v: the heap keeps grad_v's block warm
-    grad_g, grad_bias = torch.empty(2, v.shape[0], dtype=torch.float32).unbind(0)
+    grad_g = torch.empty(v.shape[0], dtype=torch.float32)
+    grad_bias = torch.empty(v.shape[0], dtype=torch.float32) if bias_grad else None
     grad_v = torch.empty_like(v, memory_format=torch.contiguous_format)
     lib.wn_backward_f32(grad_y.data_ptr(), rows.data_ptr(), u.data_ptr(), safe.data_ptr(), scale.data_ptr(),
                         v.data_ptr(), grad_v.data_ptr(), grad_x.data_ptr() if grad_x is not None else None,
-                        grad_g.data_ptr(), grad_bias.data_ptr() if bias_grad else None, rows.shape[0], v.shape[1],
+                        grad_g.data_ptr(), grad_bias.data_ptr() if grad_bias is not None else None, rows.shape[0], v.shape[1],
                         v.shape[0], int(exp_scale), torch.get_num_threads(), int(v.numel() >= _STREAM_MIN_ELEMENTS))
-    return grad_x, grad_g, grad_v, grad_bias if bias_grad else None
+    return grad_x, grad_g, grad_v, grad_bias
 
 
 def _load() -> tuple[ctypes.CDLL | None, KernelStatus]:
