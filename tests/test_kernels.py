@@ -111,7 +111,7 @@ def _assert_matches(got: dict, want: dict, in_features: int) -> None:
 
 @needs_kernels
 @pytest.mark.parametrize("exp_scale", [False, True], ids=["g", "exp"])
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("threads", [1, 2, 5])  # 5: more threads than 256-column bands at in=1001
 @pytest.mark.parametrize("in_features", [5, 37, 256, 1001], ids=lambda n: f"in{n}")  # < 1 vector, ragged, aligned, odd
 @pytest.mark.parametrize("rows", [1, 2, 3, 4])
 def test_the_kernels_compute_the_papers_formulas(rows: int, in_features: int, threads: int, exp_scale: bool) -> None:

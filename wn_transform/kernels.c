@@ -26,6 +26,7 @@
 
 #define WN_MAX_ROWS 4 /* above, the backward's per-row updates of gx cost more than the eager ops */
 #define WN_INLINE static inline __attribute__((always_inline))
+#define WN_MIN_BAND 256 /* columns per thread in the backward, at least: whole cache lines, long streams */
 #define WN_PREFETCH 512 /* floats ahead: 2 KiB, measured best of 0-512 (1024x1024, 1 thread) */
 
 int wn_kernels_version(void) { return 2; }
@@ -174,8 +175,8 @@ WN_INLINE void backward_block(const backward_args *b, int64_t j0, int64_t j1, co
 
 /* One function per row count, each with its own parallel region: OpenMP outlines the loop body
  * into a function of its own, and only a literal R reaches it as a constant (every accumulator
- * then stays in a register).  In the backward, each thread owns a band of columns, so its slice
- * of gx needs no synchronization. */
+ * then stays in a register).  In the backward, each thread owns a band of columns (at least
+ * WN_MIN_BAND wide), so its slice of gx needs no synchronization. */
 #define WN_DEFINE_ROWS(R)                                                                                  \
     static void forward_rows_##R(const forward_args *f, int threads) {                                     \
         enum { U = R == 1 ? 4 : R <= 3 ? 2 : 1 }; /* units per step: what fits 16 vector registers */      \
@@ -185,7 +186,8 @@ WN_INLINE void backward_block(const backward_args *b, int64_t j0, int64_t j1, co
         for (int64_t i = steps * U; i < f->out; ++i) forward_units(f, i, 1, R);                            \
     }                                                                                                      \
     static void backward_rows_##R(const backward_args *b, int threads) {                                   \
-        const int64_t blocks = threads > 1 ? threads : 1;                                                  \
+        const int64_t most = b->in / WN_MIN_BAND > 1 ? b->in / WN_MIN_BAND : 1;                            \
+        const int64_t blocks = threads < most ? (threads > 1 ? threads : 1) : most;                        \
         const int64_t width = ((b->in + blocks - 1) / blocks + 15) / 16 * 16;                              \
         _Pragma("omp parallel for num_threads(threads) if (threads > 1) schedule(static)")                \
         for (int64_t k = 0; k < blocks; ++k) {                                                             \
