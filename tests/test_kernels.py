@@ -55,11 +55,13 @@ def count_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     return calls
 
 
-def test_the_kernels_build_wherever_a_compiler_and_avx2_exist() -> None:
+def test_the_kernels_build_wherever_a_compiler_and_avx2_exist(fresh_build: Path) -> None:
+    """From scratch, into an empty cache folder (the user's cache may hold a library already)."""
     if not _toolchain():
         pytest.skip("no C compiler or no AVX2/FMA here: the eager route is the only one")
     status = kernels.kernel_status()
     assert status.available, status.reason
+    assert Path(status.path).parent == fresh_build and [p.name for p in fresh_build.iterdir()] == [Path(status.path).name]
     assert wn.kernel_status() == status
 
 
