@@ -56,7 +56,7 @@ from . import batch as batch_mod
 from .discover import preserved_state
 from .mean_only_bn import MeanOnlyBatchNorm, mean_only_bn_of
 from .moments import Scratch, centre_, per_unit
-from .norm import unit_norm
+from .norm import safe_norm, unit_norm
 from .ops import SIGNATURES, op_name, view_dims, weight_use
 from .parametrization import WeightNorm, hands_input_to_calibrator, no_weight_cache, weight_norm_of
 from .targets import Target
@@ -456,7 +456,7 @@ class _CalibrationMode(TorchFunctionMode):
         else:  # take sigma[t] = 1 there: g = s, b = -s mu[t]
             qualname = state.target.qualname
             self.notes.constant_units[qualname] = self.notes.constant_units.get(qualname, 0) + int(known.sum())
-            norms = norms.masked_fill(norms == 0, 1.0)  # a zero direction: any norm will do
+            norms = safe_norm(norms)  # a zero direction: any norm will do
             gain = torch.where(known, norms.reciprocal(), var.rsqrt())
             slot.var.masked_fill_(known, float("inf"))  # not constant, not a zero direction, for the check after
             slot.norms.masked_fill_(known, 1.0)

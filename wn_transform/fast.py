@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import kernels
-from .norm import UnitLayout, compose_weight, unit_norm
+from .norm import UnitLayout, compose_weight, safe_norm, scale_from_norm, unit_norm
 
 __all__ = ["ScaledLinear", "prefer_output_form", "weight_norm_weight"]
 
@@ -97,12 +97,13 @@ class ScaledLinear(torch.autograd.Function):
     def backward(ctx, grad_y: Tensor):
         x, g, v, safe, scale, u = ctx.saved_tensors
         rows = x.reshape(-1, x.shape[-1])
-        if ctx.fused and not torch.is_grad_enabled():
+        recorded = torch.is_grad_enabled()  # a double backward: its ops must be on the graph
+        if ctx.fused and not recorded:
             grad_x, grad_g, grad_v, grad_bias = kernels.backward(
                 grad_y.reshape(-1, grad_y.shape[-1]), rows.contiguous(), u, safe, scale, v, exp_scale=ctx.exp_scale,
                 input_grad=ctx.needs_input_grad[0], bias_grad=ctx.has_bias)
             return grad_x.view(x.shape) if grad_x is not None else None, grad_g.view(g.shape), grad_v, grad_bias, None
-        if torch.is_grad_enabled():  # a double backward: what the forward saved, recomputed on the graph
+        if recorded:  # what the forward saved, recomputed on the graph
             safe, scale = _scales(g, unit_norm(v, _ROWS).view(-1), ctx.exp_scale)
             u = F.linear(rows, v)
         grad_y, u = grad_y.reshape(-1, grad_y.shape[-1]), u.reshape(-1, u.shape[-1])
@@ -118,7 +119,6 @@ class ScaledLinear(torch.autograd.Function):
 
 
 def _scales(g: Tensor, norms: Tensor, exp_scale: bool) -> tuple[Tensor, Tensor]:
-    """``(||v||, gain/||v||)`` per unit, with 1 for a zero norm: a zero direction gives a zero row, not NaN."""
-    safe = norms.masked_fill(norms == 0, 1.0)
-    gain = g.view(-1).to(safe.dtype)
-    return safe, (gain.exp() if exp_scale else gain) / safe
+    """``(||v||, gain/||v||)`` per unit, with 1 for a zero norm (see :func:`safe_norm`)."""
+    safe = safe_norm(norms)
+    return safe, scale_from_norm(g.view(-1), safe, exp_scale=exp_scale)

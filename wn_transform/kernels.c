@@ -82,7 +82,7 @@ WN_INLINE void forward_units(const forward_args *f, int64_t i, const int U, cons
             for (int r = 0; r < R; ++r) acc[r] += vk[t] * x[r * in + t];
         }
         const int64_t unit = i + k;
-        const float norm = sqrtf(norm2), safe = norm == 0.0f ? 1.0f : norm; /* NaN stays NaN, as in ATen */
+        const float norm = sqrtf(norm2), safe = norm == 0.0f ? 1.0f : norm; /* as norm.py safe_norm */
         const float scale = (f->exp_scale ? expf(f->g[unit]) : f->g[unit]) / safe;
         const float bias = f->bias ? f->bias[unit] : 0.0f;
         f->safe[unit] = safe;
@@ -201,18 +201,20 @@ WN_DEFINE_ROWS(2)
 WN_DEFINE_ROWS(3)
 WN_DEFINE_ROWS(4)
 
+/* One entry per row count, 1 .. WN_MAX_ROWS. */
+static void (*const forward_rows[WN_MAX_ROWS])(const forward_args *, int) = {forward_rows_1, forward_rows_2,
+                                                                           forward_rows_3, forward_rows_4};
+static void (*const backward_rows[WN_MAX_ROWS])(const backward_args *, int) = {backward_rows_1, backward_rows_2,
+                                                                             backward_rows_3, backward_rows_4};
+
 /* y = (x @ v') * gain/||v|| + bias, keeping u = x @ v', safe and scale for the backward.
  * Returns 0, or -1 for a row count the kernels do not take. */
 int wn_forward_f32(const float *x, const float *v, const float *g, const float *bias, float *y, float *u, float *safe,
                    float *scale, int64_t rows, int64_t in, int64_t out, int exp_scale, int threads) {
+    if (rows < 1 || rows > WN_MAX_ROWS) return -1;
     const forward_args f = {x, v, g, bias, y, u, safe, scale, in, out, exp_scale};
-    switch (rows) {
-        case 1: forward_rows_1(&f, threads); return 0;
-        case 2: forward_rows_2(&f, threads); return 0;
-        case 3: forward_rows_3(&f, threads); return 0;
-        case 4: forward_rows_4(&f, threads); return 0;
-        default: return -1;
-    }
+    forward_rows[rows - 1](&f, threads);
+    return 0;
 }
 
 /* The gradients of the forward above: gv [out, in], gx [rows, in] (NULL: not wanted), gg [out] of the
@@ -220,12 +222,8 @@ int wn_forward_f32(const float *x, const float *v, const float *g, const float *
 int wn_backward_f32(const float *gy, const float *x, const float *u, const float *safe, const float *scale,
                     const float *v, float *gv, float *gx, float *gg, float *gb, int64_t rows, int64_t in,
                     int64_t out, int exp_scale, int threads, int stream) {
+    if (rows < 1 || rows > WN_MAX_ROWS) return -1;
     const backward_args b = {gy, x, u, safe, scale, v, gv, gx, gg, gb, in, out, exp_scale, stream};
-    switch (rows) {
-        case 1: backward_rows_1(&b, threads); return 0;
-        case 2: backward_rows_2(&b, threads); return 0;
-        case 3: backward_rows_3(&b, threads); return 0;
-        case 4: backward_rows_4(&b, threads); return 0;
-        default: return -1;
-    }
+    backward_rows[rows - 1](&b, threads);
+    return 0;
 }

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["UnitLayout", "compose_weight", "unit_norm", "scale_from_norm"]
+__all__ = ["UnitLayout", "compose_weight", "safe_norm", "scale_from_norm", "unit_norm"]
 
 
 @dataclass(frozen=True)
@@ -102,12 +102,18 @@ def unit_norm(v: Tensor, layout: UnitLayout, *, out: Tensor | None = None) -> Te
     return norms
 
 
-def scale_from_norm(g: Tensor, norm: Tensor, *, exp_scale: bool = False) -> Tensor:
-    """``g / ||v||`` per unit (``e^g / ||v||`` when ``exp_scale``), 0 where ``||v|| = 0``."""
-    gain = g.to(norm.dtype)
+def safe_norm(norm: Tensor) -> Tensor:
+    """``norm`` with 1 where it is 0, to divide by: a zero direction (``v[unit] = 0``) then gives a
+    zero weight or output row, never NaN (a NaN norm stays NaN)."""
+    return norm.masked_fill(norm == 0, 1.0)
+
+
+def scale_from_norm(g: Tensor, safe: Tensor, *, exp_scale: bool = False) -> Tensor:
+    """``g / ||v||`` per unit (``e^g / ||v||`` when ``exp_scale``); ``safe``: the norms from
+    :func:`safe_norm`, so a zero direction's unit gets ``g``, and its weight stays zero."""
+    gain = g.to(safe.dtype)
     if exp_scale:
         gain = gain.exp()
-    safe = torch.where(norm > 0, norm, torch.ones_like(norm))
     return gain / safe
 
 
@@ -116,7 +122,7 @@ def compose_weight(g: Tensor, v: Tensor, layout: UnitLayout, *, exp_scale: bool 
 
     Shapes: ``v`` is the weight shape, ``g`` is ``layout.g_shape(v.shape)``.
     """
-    scale = scale_from_norm(g, unit_norm(v, layout), exp_scale=exp_scale)
+    scale = scale_from_norm(g, safe_norm(unit_norm(v, layout)), exp_scale=exp_scale)
     if layout.groups == 1:
         return (v * scale).to(v.dtype)
     scaled = _grouped(v, layout.groups) * _g_to_grouped(scale, layout.groups)
