@@ -3,6 +3,7 @@ and every way they can be unavailable."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import platform
@@ -17,6 +18,7 @@ from torch import nn
 
 import wn_transform as wn
 from wn_transform import kernels
+from wn_transform.data_init import data_init
 from wn_transform.fast import ScaledLinear
 from wn_transform.norm import UnitLayout, compose_weight
 
@@ -44,11 +46,11 @@ def fresh_build(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 @pytest.fixture
 def count_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     calls = {"forward": 0, "backward": 0}
-    for name in calls:
+    for name in (*calls, "calibrate"):
         real = getattr(kernels, name)
 
         def counted(*args, _real=real, _name=name, **kwargs):
-            calls[_name] += 1
+            calls[_name] = calls.get(_name, 0) + 1
             return _real(*args, **kwargs)
 
         monkeypatch.setattr(kernels, name, counted)
@@ -301,6 +303,180 @@ def test_usable_takes_only_what_the_kernels_compute() -> None:
 
     with FakeTensorMode():
         assert not kernels.usable(torch.randn(2, 16), torch.rand(8, 1), torch.randn(8, 16), None)
+
+
+# -- the init pass's kernel ------------------------------------------------------------------
+
+
+def _init_by_the_paper(t: torch.Tensor, v: torch.Tensor, scale: float, bias: bool):
+    """Sec. 3 of the paper in float64, from ``t' = x @ v'``: ``t = t'/||v||``, ``g = s/sigma[t]``,
+    ``b = -s mu[t]/sigma[t]``, and the layer's new output ``g t + b`` (``g t`` without a bias)."""
+    t64, v64 = t.double(), v.double()
+    norm = v64.norm(dim=1)
+    unit = t64 / norm
+    var, mean = torch.var_mean(unit, dim=0, correction=0)
+    g = scale / var.sqrt()
+    b = -mean * g
+    return {"norm": norm, "mean": mean * norm, "var": var * norm**2, "g": g, "bias": b if bias else None,
+            "output": unit * g + (b if bias else 0)}
+
+
+@needs_kernels
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("out_features", [3, 67, 513], ids=lambda n: f"out{n}")  # < 1 vector, ragged, 3 blocks
+@pytest.mark.parametrize("rows", [2, 300])
+@pytest.mark.parametrize("variant", ["bias", "nobias-exp", "scale-stats-only"])
+def test_the_calibration_kernel_computes_the_papers_init(rows: int, out_features: int, threads: int,
+                                                         variant: str) -> None:
+    gen = torch.Generator().manual_seed(rows + out_features)
+    in_features = 37
+    x = torch.randn(rows, in_features, generator=gen) * 2 + 0.5
+    v = torch.randn(out_features, in_features, generator=gen) * 0.05
+    t = x @ v.t()
+    has_bias, exp_scale, output = variant == "bias" or variant.startswith("scale"), variant.endswith("exp"), \
+        not variant.endswith("stats-only")
+    scale = 0.5 if variant.startswith("scale") else 1.0
+    want = _init_by_the_paper(t, v, scale, has_bias)
+    g = torch.full((out_features, 1), 7.0)
+    bias = torch.full((out_features,), 7.0) if has_bias else None
+    norm, mean, var = torch.empty(out_features), torch.empty(out_features), torch.empty(out_features)
+    before = t.clone()
+    versions = [x._version for x in (g, norm, mean, var, t)]
+    with _threads(threads):
+        assert kernels.calibration_usable(t, v, g, bias, norm, mean, var)
+        kernels.calibrate(t, v, g, bias, norm, mean, var, scale=scale, exp_scale=exp_scale, output=output)
+    # written through a pointer: the version counters must say so (the eval-mode weight cache reads them)
+    assert all(x._version > before_version for x, before_version in zip((g, norm, mean, var), versions))
+    assert (t._version > versions[-1]) == output
+    got = {"norm": norm, "mean": mean, "var": var, "g": g.view(-1).exp() if exp_scale else g.view(-1), "bias": bias,
+           "output": t if output else None}
+    for name, value in want.items():
+        if name == "output" and not output:
+            assert torch.equal(t, before)  # statistics only: t untouched
+        elif value is None:
+            assert got[name] is None
+        else:
+            torch.testing.assert_close(got[name].double(), value, rtol=2e-5, atol=2e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@contextlib.contextmanager
+def _threads(count: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_calibration_usable_takes_only_what_the_kernel_computes() -> None:
+    t, v, g, b = torch.randn(5, 8), torch.randn(8, 3), torch.rand(8, 1), torch.randn(8)
+    slots = [torch.empty(8) for _ in range(3)]
+    assert kernels.calibration_usable(t, v, g, b, *slots) == kernels.kernel_status().available
+    assert kernels.calibration_usable(t, v, g, None, *slots) == kernels.kernel_status().available
+    assert kernels.calibration_usable(t.view(5, 1, 8), v, g, b, *slots) == kernels.kernel_status().available
+    assert not kernels.calibration_usable(torch.randn(5, 3), v, g, b, *slots)  # t has in, not out, columns
+    assert not kernels.calibration_usable(torch.randn(0, 8), v, g, b, *slots)
+    assert not kernels.calibration_usable(t.double(), v.double(), g.double(), b.double(), *(s.double() for s in slots))
+    assert not kernels.calibration_usable(t, v, g, b, slots[0].double(), *slots[1:])
+    assert not kernels.calibration_usable(torch.randn(8, 5).t(), v, g, b, *slots)  # not contiguous
+    assert not kernels.calibration_usable(t, torch.randn(3, 8).t(), g, b, *slots)
+    assert not kernels.calibration_usable(t, v, g, torch.randn(16)[::2], *slots)
+    with kernels.disabled():
+        assert not kernels.calibration_usable(t, v, g, b, *slots)
+
+
+def _init_mlp(bias: bool = True) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(20, 300, bias=bias), nn.ReLU(), nn.Linear(300, 64), nn.Tanh(), nn.Linear(64, 5))
+
+
+class _FunctionalHead(nn.Module):
+    """A conv (so the pass intercepts every op) and a Linear called functionally after it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv1d(4, 8, 3)
+        self.head = nn.Linear(8 * 14, 40)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(torch.relu(self.conv(x)).flatten(1), self.head.weight, self.head.bias)
+
+
+@needs_kernels
+@pytest.mark.parametrize("exact_init", [True, False], ids=["exact", "fast"])
+@pytest.mark.parametrize("case", ["mlp", "mlp-nobias", "exp-scale", "intercepted"])
+def test_the_init_pass_on_the_kernel_gives_the_eager_routes_values(case: str, exact_init: bool,
+                                                                   count_calls: dict[str, int]) -> None:
+    """Each Linear's init in one native call: the same g and bias as the eager ops, and the same
+    standardized layers, directly or through the intercepting pass."""
+    make, batch = {"mlp": (_init_mlp, (256, 20)), "mlp-nobias": (lambda: _init_mlp(bias=False), (256, 20)),
+                   "exp-scale": (_init_mlp, (256, 20)), "intercepted": (_FunctionalHead, (64, 4, 16))}[case]
+    x = torch.randn(*batch, generator=torch.Generator().manual_seed(3)) * 2 + 1
+    options = {"exact_init": exact_init, "exp_scale": case == "exp-scale", "init_scale": 0.7}
+    got = wn.apply_weight_norm(make(), x, **options)
+    linears = sum(isinstance(m, nn.Linear) for m in got.modules())
+    assert count_calls.get("calibrate") == linears
+    with kernels.disabled():
+        want = wn.apply_weight_norm(make(), x, **options)
+    assert count_calls["calibrate"] == linears
+    for (name, a), e in zip(got.state_dict().items(), want.state_dict().values()):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@needs_kernels
+@pytest.mark.parametrize("exact_init", [True, False], ids=["exact", "fast"])
+def test_a_weight_cached_before_the_init_pass_is_not_used_after_it(exact_init: bool,
+                                                                   count_calls: dict[str, int]) -> None:
+    """The eval-mode weight cache is keyed on g's version counter: the kernel must bump it."""
+    model = wn.apply_weight_norm(_init_mlp(), init="preserve").eval()
+    x = torch.randn(64, 20)
+    with torch.no_grad():
+        model(x)  # caches every weight
+    data_init(model, wn.weight_norm_report(model).converted, x, exact=exact_init)
+    assert count_calls.get("calibrate") == 3
+    with torch.no_grad():
+        got = model(x)
+        layer = model[0]
+        fresh = compose_weight(layer.parametrizations.weight.original0, layer.parametrizations.weight.original1,
+                               UnitLayout(0))
+        t = F.linear(x, fresh, layer.bias)
+    std = t.double().std(0, correction=0)
+    torch.testing.assert_close(std, torch.ones_like(std), rtol=0, atol=1e-4)  # the new weight, calibrated
+    want = model[4](model[3](model[2](model[1](t))))
+    torch.testing.assert_close(got, want)
+
+
+class _BufferBias(nn.Module):
+    """A Linear's weight with a bias the model keeps as a buffer: the init cannot set it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(10, 20, bias=False)
+        self.register_buffer("shift", torch.randn(20))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.lin.weight, self.shift)
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", ["float64", "mean-only-bn", "buffer-bias"])
+def test_the_init_pass_takes_the_eager_route_where_the_kernel_does_not_apply(case: str,
+                                                                             count_calls: dict[str, int]) -> None:
+    """The first layer is standardized all the same (its output: the mean-only norm's input)."""
+    torch.manual_seed(0)
+    x = torch.randn(128, 10, dtype=torch.float64 if case == "float64" else torch.float32)
+    model = _BufferBias() if case == "buffer-bias" else nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 3))
+    out = wn.apply_weight_norm(model.to(x.dtype), x, mean_only_bn=case == "mean-only-bn")
+    assert count_calls.get("calibrate", 0) == 0
+    first = out.lin if case == "buffer-bias" else out[0]
+    with torch.no_grad():
+        t = F.linear(x, first.weight)
+    std = t.double().std(0, correction=0)
+    torch.testing.assert_close(std, torch.ones_like(std), rtol=0, atol=1e-4)
+    if case == "buffer-bias":
+        assert wn.weight_norm_report(out).notes.bias_not_set == ["lin.weight"]
 
 
 # -- when the kernels cannot be had -------------------------------------------------------------

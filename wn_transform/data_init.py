@@ -27,6 +27,10 @@ on the batch, see :func:`data_init`); what each layer hands on to the next is ch
   gives an output O(1) away from its row of the batched run.)  Ops that the pass handles
   piece by piece (attention, recurrent layers, ``addmm``) always run exactly.
 
+For a float32 CPU Linear the statistics, ``g``, the bias and the handed-on output come from
+one native call (:func:`wn_transform.kernels.calibrate`, sums in float64) instead of a dozen
+small ops; elsewhere (and without the kernels) the same formulas run as eager ops.
+
 The ops are intercepted by a ``TorchFunctionMode``.  Until its layer is calibrated, a
 parametrization hands out ``v`` itself, so an op reading a target's weight is recognized by
 that tensor (or a view of it): functional calls, reused modules and the projections inside
@@ -53,6 +57,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from . import batch as batch_mod
+from . import kernels
 from .discover import preserved_state
 from .mean_only_bn import MeanOnlyBatchNorm, mean_only_bn_of
 from .moments import Scratch, centre_, per_unit
@@ -273,6 +278,16 @@ class _Fit:
         return per_unit(_as(values, self.centred.dtype), self.centred.ndim, self.unit_dim)
 
 
+@dataclass
+class _Handed:
+    """A calibrated layer's output on the batch, already computed (by the native kernel)."""
+
+    tensor: Tensor
+
+    def output(self) -> Tensor:
+        return self.tensor
+
+
 def _as(tensor: Tensor, dtype: torch.dtype) -> Tensor:
     """``tensor.to(dtype)``, without a dispatch when it already is (this runs per layer)."""
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
@@ -412,7 +427,7 @@ class _CalibrationMode(TorchFunctionMode):
                 t = func(**(bound | {"bias": None}))
                 x = bound["input"]
                 unit_dim = 1 if x.ndim == use.weight.ndim else 0
-            fit = self._calibrate(state, t, unit_dim, use.bias)
+            fit = self._calibrate(state, t, unit_dim, use.bias, linear=use.kind == "linear" and use.weight is state.v)
             if not self.exact and name != "addmm":  # hand on g*t + b, from t' (bias included)
                 return fit.output()
         # Hand on what the model computes with the new (g, b): in float arithmetic g*t + b is not
@@ -432,11 +447,12 @@ class _CalibrationMode(TorchFunctionMode):
         return result
 
     def _calibrate(self, state: _State, t_raw: Tensor, unit_dim: int, bias: Tensor | None,
-                   units: slice = slice(None)) -> _Fit:
+                   units: slice = slice(None), *, linear: bool = False) -> _Fit | _Handed:
         """From ``t_raw = op(x, v)``, the statistics of ``t = t_raw/||v||`` per unit; set
         ``g[units]`` to ``s/sigma`` and the bias to ``-s*mu/sigma`` (or, behind a mean-only batch
         norm, its running mean to ``s*mu/sigma``).  ``t_raw`` is centred in place; the result
-        turns it into the layer's new output.
+        turns it into the layer's new output.  ``linear``: ``t_raw = x @ v'`` with ``v`` itself (units on
+        the last axis), which the native kernel can take whole (:meth:`_calibrate_native`).
 
         Every op here runs once per layer between two layers' matmuls, where a small op costs
         several times what it costs in a loop: the constant-unit check waits for the end of
@@ -444,6 +460,10 @@ class _CalibrationMode(TorchFunctionMode):
         """
         whole = units == slice(None)
         slot = self._moments.slot(state, units)
+        if linear and whole:
+            handed = self._calibrate_native(state, t_raw, bias, slot)
+            if handed is not None:
+                return handed
         centred, mean, var = centre_(t_raw, unit_dim, self.group, self._scratch, out=(slot.mean, slot.var))  # of t'
         norms = _unit_norms(state, units, slot.norms)
         if norms.dtype != mean.dtype:
@@ -488,6 +508,23 @@ class _CalibrationMode(TorchFunctionMode):
             self._finish(state)
         return _Fit(centred, gain, offset, unit_dim, t_raw.dtype)
 
+    def _calibrate_native(self, state: _State, t_raw: Tensor, bias: Tensor | None, slot: _Slot) -> _Handed | None:
+        """:meth:`_calibrate` of a whole Linear layer in one native call (:func:`kernels.calibrate`),
+        where it applies: float32 CPU, no process group, no unit known to be constant, no mean-only
+        batch norm, the layer's own bias or none.  Otherwise None (the eager route follows)."""
+        wn = state.wn
+        if (self.group is not None or id(state) in self.known or state.mean_only_bn is not None
+                or wn.dim != 0 or wn.groups != 1
+                or (bias is not None and not self._is_parameter(bias, state.module))
+                or not kernels.calibration_usable(t_raw, state.v, state.g, bias, slot.norms, slot.mean, slot.var)):
+            return None
+        if bias is not None:
+            self.backup.keep(bias)
+        kernels.calibrate(t_raw, state.v, state.g, bias, slot.norms, slot.mean, slot.var, scale=self.init_scale,
+                          exp_scale=wn.exp_scale, output=not self.exact)
+        self._finish(state)
+        return _Handed(t_raw)
+
     def unforeseen_constants(self) -> list[tuple[_State, Tensor]]:
         """After the pass: the units found constant on the batch that were not known to be, as
         ``(state, mask over all its units)`` (see :meth:`_Moments.constants`); empty if none."""
@@ -504,7 +541,7 @@ class _CalibrationMode(TorchFunctionMode):
     def calibrate_linear(self, state: _State, x: Tensor, bias: Tensor | None) -> Tensor:
         """A stock ``nn.Linear``'s output on ``x`` (direct pass), its target calibrated first on
         ``t' = x @ v'``: the same as the intercepted ``F.linear``, without intercepting anything."""
-        fit = self._calibrate(state, torch.matmul(x, state.v.t()), -1, bias)
+        fit = self._calibrate(state, torch.matmul(x, state.v.t()), -1, bias, linear=True)
         return fit.output() if not self.exact else F.linear(x, _current_weight(state), bias)
 
     @staticmethod

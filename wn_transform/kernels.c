@@ -1,4 +1,5 @@
-/* Fused float32 CPU kernels for the output form of a weight-normalized Linear at few rows.
+/* Fused float32 CPU kernels for the output form of a weight-normalized Linear at few rows (and,
+ * at the end of this file, the data-dependent init's per-layer statistics).
  *
  * Compiled on first use by kernels.py (cc -O3 -march=native -fopenmp) and called through ctypes.
  * With R <= WN_MAX_ROWS rows, every pass over the weight is memory-bound, so what counts is how
@@ -29,7 +30,7 @@
 #define WN_MIN_BAND 256 /* columns per thread in the backward, at least: whole cache lines, long streams */
 #define WN_PREFETCH 512 /* floats ahead: 2 KiB, measured best of 0-512 (1024x1024, 1 thread) */
 
-int wn_kernels_version(void) { return 2; }
+int wn_kernels_version(void) { return 3; }
 int wn_kernels_max_rows(void) { return WN_MAX_ROWS; }
 
 WN_INLINE float sum_lanes(__m256 a) {
@@ -226,4 +227,84 @@ int wn_backward_f32(const float *gy, const float *x, const float *u, const float
     const backward_args b = {gy, x, u, safe, scale, v, gv, gx, gg, gb, in, out, exp_scale, stream};
     backward_rows[rows - 1](&b, threads);
     return 0;
+}
+
+/* ---- The data-dependent init's statistics of one Linear layer (data_init.py) ----------------------
+ *
+ * t = x @ v' [rows, out] (computed by the caller; units on the columns), v [out, in]:
+ *   norm[j] = ||v[j]||,  mean[j], var[j] = mean and biased variance of t[:, j] (sums in double),
+ *   gain = scale / sqrt(var) (inf for a constant unit: the pass checks for those after it),
+ *   g[j] = gain * norm (its log with exp_scale),  bias[j] = -mean * gain (where bias is given),
+ * and with `output`, t becomes the layer's new output in place: (t - mean) * gain with a bias
+ * (which now centres it), t * gain without.  The eager route does this in a dozen small ops. */
+
+#define WN_CAL_BLOCK 256 /* columns per block: its sums stay in registers and L1, its rows in L2 */
+
+WN_INLINE float row_norm(const float *v, int64_t in) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 16 <= in; j += 16) {
+        const __m256 p = _mm256_loadu_ps(v + j), q = _mm256_loadu_ps(v + j + 8);
+        s0 = _mm256_fmadd_ps(p, p, s0);
+        s1 = _mm256_fmadd_ps(q, q, s1);
+    }
+    float s = sum_lanes(_mm256_add_ps(s0, s1));
+    for (; j < in; ++j) s += v[j] * v[j];
+    return sqrtf(s);
+}
+
+static void calibrate_block(float *t, const float *v, float *norm, float *mean, float *var, float *g, float *bias,
+                            int64_t rows, int64_t out, int64_t in, int64_t j0, int64_t j1, float scale, int exp_scale,
+                            int output) {
+    double sum[WN_CAL_BLOCK], mu[WN_CAL_BLOCK];
+    const int64_t w = j1 - j0;
+    for (int64_t k = 0; k < w; ++k) sum[k] = 0.0;
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *tr = t + r * out + j0;
+        for (int64_t k = 0; k < w; ++k) sum[k] += tr[k];
+    }
+    for (int64_t k = 0; k < w; ++k) {
+        mu[k] = sum[k] / (double)rows;
+        sum[k] = 0.0;
+    }
+    for (int64_t r = 0; r < rows; ++r) { /* two passes: the centred squares, accurate */
+        const float *tr = t + r * out + j0;
+        for (int64_t k = 0; k < w; ++k) {
+            const double d = tr[k] - mu[k];
+            sum[k] += d * d;
+        }
+    }
+    float gain[WN_CAL_BLOCK], centre[WN_CAL_BLOCK];
+    for (int64_t k = 0; k < w; ++k) {
+        const int64_t j = j0 + k;
+        const double variance = sum[k] / (double)rows;
+        norm[j] = row_norm(v + j * in, in);
+        mean[j] = (float)mu[k];
+        var[j] = (float)variance;
+        gain[k] = (float)(scale / sqrt(variance));
+        const float gj = gain[k] * norm[j];
+        g[j] = exp_scale ? logf(gj) : gj;
+        if (bias) bias[j] = -(mean[j] * gain[k]);
+        centre[k] = bias ? mean[j] : 0.0f;
+    }
+    if (!output) return;
+    for (int64_t r = 0; r < rows; ++r) {
+        float *tr = t + r * out + j0;
+        for (int64_t k = 0; k < w; ++k) tr[k] = (tr[k] - centre[k]) * gain[k];
+    }
+}
+
+/* The statistics above for every unit (blocks of columns across threads); all contiguous float32,
+ * bias NULL where the layer has none. */
+void wn_calibrate_f32(float *t, const float *v, float *norm, float *mean, float *var, float *g, float *bias,
+                      int64_t rows, int64_t out, int64_t in, float scale, int exp_scale, int output, int threads) {
+    const int64_t blocks = (out + WN_CAL_BLOCK - 1) / WN_CAL_BLOCK;
+    const int64_t width = ((out + (blocks > threads ? blocks : threads) - 1) / (blocks > threads ? blocks : threads)
+                           + 7) / 8 * 8; /* at most WN_CAL_BLOCK; one block per thread when there are few */
+    const int64_t count = (out + width - 1) / width;
+    _Pragma("omp parallel for num_threads(threads) if (threads > 1 && count > 1) schedule(static)")
+    for (int64_t k = 0; k < count; ++k) {
+        const int64_t j0 = k * width, j1 = j0 + width < out ? j0 + width : out;
+        calibrate_block(t, v, norm, mean, var, g, bias, rows, out, in, j0, j1, scale, exp_scale, output);
+    }
 }

@@ -1,4 +1,5 @@
-"""Native CPU kernels for the output form of a Linear at a few rows: built on first use, optional.
+"""Native CPU kernels: the output form of a Linear at a few rows, and the init pass's
+per-layer statistics.  Built on first use, optional.
 
 At 1-4 rows per call, every pass of a Linear layer over its weight is memory-bound, and the
 eager output form (:class:`~wn_transform.fast.ScaledLinear`) adds four passes over ``v`` to the
@@ -6,6 +7,10 @@ plain layer's: the norms, and the projection of the ``v`` gradient (a matmul, th
 per-row correction).  ``kernels.c`` fuses them away: one read of ``v`` gives the forward's
 ``x @ v'`` and ``||v||^2``, one read of ``v`` and one write give the backward's ``grad_x`` and the
 projected ``grad_v`` (see its header for the formulas).
+
+The data-dependent init (:mod:`~wn_transform.data_init`) calibrates each Linear from ``t = x @ v'``
+with a dozen small ops (norms, per-unit mean and variance, ``g``, bias, the new output), each a
+dispatch between two layers' matmuls; :func:`calibrate` does them in one call.
 
 The C source is compiled once per machine and source version with the system C compiler
 (``$CC``, else ``cc``; ``-O3 -march=native -fopenmp``, about a second) into a cache folder
@@ -34,11 +39,13 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import increment_version
 
-__all__ = ["MAX_ROWS", "KernelStatus", "backward", "disabled", "forward", "kernel_status", "usable"]
+__all__ = ["MAX_ROWS", "KernelStatus", "backward", "calibrate", "calibration_usable", "disabled", "forward", "kernel_status",
+           "usable"]
 
 MAX_ROWS = 4  # rows per call the kernels take (kernels.c: WN_MAX_ROWS)
-_VERSION = 2  # kernels.c: wn_kernels_version()
+_VERSION = 3  # kernels.c: wn_kernels_version()
 _SOURCE = Path(__file__).with_name("kernels.c")
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 _STREAM_MIN_ELEMENTS = 1 << 19  # a grad_v of 2 MiB or more is written past the caches (it cannot stay there)
@@ -84,6 +91,33 @@ def usable(rows: Tensor, g: Tensor, v: Tensor, bias: Tensor | None) -> bool:
             and all(_plain_float32(t) for t in (rows, g, v)) and v.is_contiguous() and g.is_contiguous()
             and (bias is None or (_plain_float32(bias) and bias.is_contiguous() and bias.numel() == v.shape[0]))
             and _load()[0] is not None)
+
+
+def calibration_usable(t: Tensor, v: Tensor, *tensors: Tensor | None) -> bool:
+    """Whether :func:`calibrate` takes ``t [..., out]`` (contiguous, at least one row) and
+    ``v [out, in]`` (contiguous), with ``tensors`` (``g``, the statistics' slots, the bias or None)
+    contiguous, one value per unit: float32 CPU tensors, eager mode."""
+    out = v.shape[0] if v.ndim == 2 else -1
+    return (t.ndim >= 1 and t.shape[-1] == out and t.numel() > 0 and v.numel() > 0 and _ENABLED.get()
+            and not torch.compiler.is_compiling() and _plain_float32(t) and _plain_float32(v)
+            and t.is_contiguous() and v.is_contiguous()
+            and all(x is None or (_plain_float32(x) and x.is_contiguous() and x.numel() == out) for x in tensors)
+            and _load()[0] is not None)
+
+
+def calibrate(t: Tensor, v: Tensor, g: Tensor, bias: Tensor | None, norm: Tensor, mean: Tensor, var: Tensor, *,
+              scale: float, exp_scale: bool, output: bool) -> None:
+    """The data-dependent init of one Linear layer from ``t = x @ v'`` (``[..., out]``), in one call:
+    ``norm = ||v||``, ``mean``/``var`` of ``t`` per unit (biased), ``g = scale ||v|| / sigma`` (its log with
+    ``exp_scale``), ``bias = -scale mean / sigma``; with ``output``, ``t`` becomes the layer's new output
+    ``g t/||v|| + b`` in place.  Check :func:`calibration_usable` first.  The version counter of
+    every tensor written is bumped, as an in-place op would (caches and autograd's checks read it)."""
+    _load()[0].wn_calibrate_f32(t.data_ptr(), v.data_ptr(), norm.data_ptr(), mean.data_ptr(), var.data_ptr(),
+                                g.data_ptr(), bias.data_ptr() if bias is not None else None, t.numel() // v.shape[0],
+                                v.shape[0], v.shape[1], scale, int(exp_scale), int(output), torch.get_num_threads())
+    for written in (g, bias, norm, mean, var, t if output else None):
+        if written is not None:
+            increment_version(written)
 
 
 def _plain_float32(t: Tensor) -> bool:
@@ -177,6 +211,8 @@ def _build_and_load() -> tuple[ctypes.CDLL | None, KernelStatus]:
     pointer, size, number = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.wn_forward_f32.argtypes = [pointer] * 8 + [size] * 3 + [number] * 2
     lib.wn_backward_f32.argtypes = [pointer] * 10 + [size] * 3 + [number] * 3
+    lib.wn_calibrate_f32.argtypes = [pointer] * 7 + [size] * 3 + [ctypes.c_float] + [number] * 3
+    lib.wn_calibrate_f32.restype = None
     return lib, KernelStatus(True, str(path), f"built from {_SOURCE.name} with {compiler}")
 
 
