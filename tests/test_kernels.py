@@ -308,43 +308,48 @@ def test_usable_takes_only_what_the_kernels_compute() -> None:
 # -- the init pass's kernel ------------------------------------------------------------------
 
 
-def _init_by_the_paper(t: torch.Tensor, v: torch.Tensor, scale: float, bias: bool):
-    """Sec. 3 of the paper in float64, from ``t' = x @ v'``: ``t = t'/||v||``, ``g = s/sigma[t]``,
-    ``b = -s mu[t]/sigma[t]``, and the layer's new output ``g t + b`` (``g t`` without a bias)."""
-    t64, v64 = t.double(), v.double()
-    norm = v64.norm(dim=1)
-    unit = t64 / norm
-    var, mean = torch.var_mean(unit, dim=0, correction=0)
+def _init_by_the_paper(t: torch.Tensor, v: torch.Tensor, unit_dim: int, scale: float, bias: bool):
+    """Sec. 3 of the paper in float64, from ``t' = op(x, v)`` (units on ``unit_dim``): ``t = t'/||v||``,
+    ``g = s/sigma[t]``, ``b = -s mu[t]/sigma[t]`` (statistics over every other axis), and the layer's
+    new output ``g t + b`` (``g t`` without a bias)."""
+    norm = v.double().flatten(1).norm(dim=1)
+    unit = t.double().movedim(unit_dim, -1) / norm
+    var, mean = torch.var_mean(unit.reshape(-1, unit.shape[-1]), dim=0, correction=0)
     g = scale / var.sqrt()
     b = -mean * g
     return {"norm": norm, "mean": mean * norm, "var": var * norm**2, "g": g, "bias": b if bias else None,
-            "output": unit * g + (b if bias else 0)}
+            "output": (unit * g + (b if bias else 0)).movedim(-1, unit_dim)}
+
+
+_CALIBRATION_LAYOUTS = {  # name: (t's shape with U for the units, unit_dim, v's shape after the units)
+    "linear2": ((2, "U"), -1, (37,)), "linear300": ((300, "U"), -1, (37,)), "linear3d": ((4, 75, "U"), -1, (37,)),
+    "conv1d": ((3, "U", 50), 1, (4, 5)), "conv2d-1x1": ((8, "U", 1, 1), 1, (6, 1, 1)),  # inner 1: the column route
+    "conv3d": ((2, "U", 3, 4, 5), 1, (2, 3, 3, 3)), "unbatched": (("U", 123), 0, (4, 7)),
+}
 
 
 @needs_kernels
 @pytest.mark.parametrize("threads", [1, 3])
-@pytest.mark.parametrize("out_features", [3, 67, 513], ids=lambda n: f"out{n}")  # < 1 vector, ragged, 3 blocks
-@pytest.mark.parametrize("rows", [2, 300])
+@pytest.mark.parametrize("units", [3, 67, 513], ids=lambda n: f"out{n}")  # < 1 vector, ragged, 3 column blocks
+@pytest.mark.parametrize("layout", list(_CALIBRATION_LAYOUTS))
 @pytest.mark.parametrize("variant", ["bias", "nobias-exp", "scale-stats-only"])
-def test_the_calibration_kernel_computes_the_papers_init(rows: int, out_features: int, threads: int,
-                                                         variant: str) -> None:
-    gen = torch.Generator().manual_seed(rows + out_features)
-    in_features = 37
-    x = torch.randn(rows, in_features, generator=gen) * 2 + 0.5
-    v = torch.randn(out_features, in_features, generator=gen) * 0.05
-    t = x @ v.t()
+def test_the_calibration_kernel_computes_the_papers_init(layout: str, units: int, threads: int, variant: str) -> None:
+    shape, unit_dim, v_shape = _CALIBRATION_LAYOUTS[layout]
+    gen = torch.Generator().manual_seed(units + len(shape))
+    t = torch.randn(*(units if n == "U" else n for n in shape), generator=gen) * 2 + 0.5
+    v = torch.randn(units, *v_shape, generator=gen) * 0.05
     has_bias, exp_scale, output = variant == "bias" or variant.startswith("scale"), variant.endswith("exp"), \
         not variant.endswith("stats-only")
     scale = 0.5 if variant.startswith("scale") else 1.0
-    want = _init_by_the_paper(t, v, scale, has_bias)
-    g = torch.full((out_features, 1), 7.0)
-    bias = torch.full((out_features,), 7.0) if has_bias else None
-    norm, mean, var = torch.empty(out_features), torch.empty(out_features), torch.empty(out_features)
+    want = _init_by_the_paper(t, v, unit_dim, scale, has_bias)
+    g = torch.full((units, *(1,) * (v.ndim - 1)), 7.0)
+    bias = torch.full((units,), 7.0) if has_bias else None
+    norm, mean, var = torch.empty(units), torch.empty(units), torch.empty(units)
     before = t.clone()
     versions = [x._version for x in (g, norm, mean, var, t)]
     with _threads(threads):
-        assert kernels.calibration_usable(t, v, g, bias, norm, mean, var)
-        kernels.calibrate(t, v, g, bias, norm, mean, var, scale=scale, exp_scale=exp_scale, output=output)
+        assert kernels.calibration_usable(t, v, unit_dim, g, bias, norm, mean, var)
+        kernels.calibrate(t, v, unit_dim, g, bias, norm, mean, var, scale=scale, exp_scale=exp_scale, output=output)
     # written through a pointer: the version counters must say so (the eval-mode weight cache reads them)
     assert all(x._version > before_version for x, before_version in zip((g, norm, mean, var), versions))
     assert (t._version > versions[-1]) == output
@@ -372,18 +377,25 @@ def _threads(count: int):
 def test_calibration_usable_takes_only_what_the_kernel_computes() -> None:
     t, v, g, b = torch.randn(5, 8), torch.randn(8, 3), torch.rand(8, 1), torch.randn(8)
     slots = [torch.empty(8) for _ in range(3)]
-    assert kernels.calibration_usable(t, v, g, b, *slots) == kernels.kernel_status().available
-    assert kernels.calibration_usable(t, v, g, None, *slots) == kernels.kernel_status().available
-    assert kernels.calibration_usable(t.view(5, 1, 8), v, g, b, *slots) == kernels.kernel_status().available
-    assert not kernels.calibration_usable(torch.randn(5, 3), v, g, b, *slots)  # t has in, not out, columns
-    assert not kernels.calibration_usable(torch.randn(0, 8), v, g, b, *slots)
-    assert not kernels.calibration_usable(t.double(), v.double(), g.double(), b.double(), *(s.double() for s in slots))
-    assert not kernels.calibration_usable(t, v, g, b, slots[0].double(), *slots[1:])
-    assert not kernels.calibration_usable(torch.randn(8, 5).t(), v, g, b, *slots)  # not contiguous
-    assert not kernels.calibration_usable(t, torch.randn(3, 8).t(), g, b, *slots)
-    assert not kernels.calibration_usable(t, v, g, torch.randn(16)[::2], *slots)
+    available = kernels.kernel_status().available
+    assert kernels.calibration_usable(t, v, -1, g, b, *slots) == available
+    assert kernels.calibration_usable(t, v, 1, g, None, *slots) == available
+    assert kernels.calibration_usable(t.view(5, 1, 8), v, -1, g, b, *slots) == available
+    assert kernels.calibration_usable(torch.randn(2, 8, 9), torch.randn(8, 2, 3), 1, g, b, *slots) == available
+    assert not kernels.calibration_usable(t, v, 0, g, b, *slots)  # t's axis 0 is not the units
+    assert not kernels.calibration_usable(t, v, 2, g, b, *slots)
+    assert not kernels.calibration_usable(torch.randn(5, 3), v, -1, g, b, *slots)  # t has in, not out, columns
+    assert not kernels.calibration_usable(torch.randn(0, 8), v, -1, g, b, *slots)
+    assert not kernels.calibration_usable(t.double(), v.double(), -1, g.double(), b.double(),
+                                          *(s.double() for s in slots))
+    assert not kernels.calibration_usable(t, v, -1, g, b, slots[0].double(), *slots[1:])
+    assert not kernels.calibration_usable(torch.randn(8, 5).t(), v, -1, g, b, *slots)  # not contiguous
+    assert not kernels.calibration_usable(torch.randn(2, 8, 3, 3).to(memory_format=torch.channels_last),
+                                          torch.randn(8, 2, 3, 3), 1, g, b, *slots)
+    assert not kernels.calibration_usable(t, torch.randn(3, 8).t(), -1, g, b, *slots)
+    assert not kernels.calibration_usable(t, v, -1, g, torch.randn(16)[::2], *slots)
     with kernels.disabled():
-        assert not kernels.calibration_usable(t, v, g, b, *slots)
+        assert not kernels.calibration_usable(t, v, -1, g, b, *slots)
 
 
 def _init_mlp(bias: bool = True) -> nn.Sequential:
@@ -404,23 +416,35 @@ class _FunctionalHead(nn.Module):
         return F.linear(torch.relu(self.conv(x)).flatten(1), self.head.weight, self.head.bias)
 
 
+def _cnn() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 8, 3, groups=2, bias=False), nn.Tanh(),
+                         _ToSequence(), nn.Conv1d(8, 12, 5, padding=2), nn.Flatten(), nn.Linear(12 * 36, 10))
+
+
+class _ToSequence(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(2)  # [N, C, H, W] -> [N, C, H*W]
+
+
 @needs_kernels
 @pytest.mark.parametrize("exact_init", [True, False], ids=["exact", "fast"])
-@pytest.mark.parametrize("case", ["mlp", "mlp-nobias", "exp-scale", "intercepted"])
+@pytest.mark.parametrize("case", ["mlp", "mlp-nobias", "exp-scale", "intercepted", "cnn"])
 def test_the_init_pass_on_the_kernel_gives_the_eager_routes_values(case: str, exact_init: bool,
                                                                    count_calls: dict[str, int]) -> None:
-    """Each Linear's init in one native call: the same g and bias as the eager ops, and the same
+    """Each layer's init in one native call (Linear or conv): the same g and bias as the eager ops, the same
     standardized layers, directly or through the intercepting pass."""
     make, batch = {"mlp": (_init_mlp, (256, 20)), "mlp-nobias": (lambda: _init_mlp(bias=False), (256, 20)),
-                   "exp-scale": (_init_mlp, (256, 20)), "intercepted": (_FunctionalHead, (64, 4, 16))}[case]
+                   "exp-scale": (_init_mlp, (256, 20)), "intercepted": (_FunctionalHead, (64, 4, 16)),
+                   "cnn": (_cnn, (16, 3, 10, 10))}[case]
     x = torch.randn(*batch, generator=torch.Generator().manual_seed(3)) * 2 + 1
     options = {"exact_init": exact_init, "exp_scale": case == "exp-scale", "init_scale": 0.7}
     got = wn.apply_weight_norm(make(), x, **options)
-    linears = sum(isinstance(m, nn.Linear) for m in got.modules())
-    assert count_calls.get("calibrate") == linears
+    layers = len(wn.weight_norm_report(got).converted)
+    assert count_calls.get("calibrate") == layers
     with kernels.disabled():
         want = wn.apply_weight_norm(make(), x, **options)
-    assert count_calls["calibrate"] == linears
+    assert count_calls["calibrate"] == layers
     for (name, a), e in zip(got.state_dict().items(), want.state_dict().values()):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 

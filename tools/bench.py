@@ -15,8 +15,9 @@ Workloads (the variants of each are defined in ``tools/bench_models.py``):
 5. peak memory of the training step of workload 1;
 6. eval-mode forward (``model.eval()``, ``torch.no_grad()``), MLP batch 1, with ``folded``;
 7. data-dependent init (``apply_weight_norm(model, batch, init="data")``) on 20/50/100-layer
-   MLPs of width 256, batch 256, in units of one plain forward pass of the batch, against the
-   naive init that re-runs the forward up to each layer;
+   MLPs of width 256, batch 256, and on workload 3's CNN, batch 32, in units of one plain
+   forward pass of the batch, against the naive init that re-runs the forward up to each layer;
+   the init pass also with the native kernels off;
 8. ``apply_weight_norm(model, init="preserve")`` on 100/250/500/1000-layer MLPs of width 64;
 9. ONNX: ``wn_transform.export.export_onnx`` time, and onnxruntime latency of the folded
    export against the plain model's export, MLP and CNN at batch 1;
@@ -78,6 +79,7 @@ from torch import Tensor, nn
 
 import wn_transform
 from wn_transform._gc import gc_paused  # the library's own: the timed blocks run without collections
+from wn_transform import kernels
 from wn_transform.data_init import data_init  # the init pass alone, on a reparameterized model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -658,25 +660,30 @@ def _data_init_cases(plain: nn.Module, x: Tensor, last: dict[str, nn.Module]) ->
         model = wn_transform.apply_weight_norm(fresh(), init="preserve", inplace=True)
         return model, wn_transform.weight_norm_report(model).converted
 
-    def init_pass(prepared: tuple[nn.Module, list]) -> None:
-        model, targets = prepared
-        data_init(model, targets, x)
-        last["pass"] = model
-
-    def fast_pass(prepared: tuple[nn.Module, list]) -> None:
-        model, targets = prepared
-        data_init(model, targets, x, exact=False)
-        last["fast pass"] = model
+    def init_pass(key: str, *, exact: bool, native: bool) -> Callable[[tuple[nn.Module, list]], None]:
+        def run(prepared: tuple[nn.Module, list]) -> None:
+            model, targets = prepared
+            with contextlib.nullcontext() if native else kernels.disabled():
+                data_init(model, targets, x, exact=exact)
+            last[key] = model
+        return run
 
     return [Case("plain forward", forward), Case("wn_transform init=data", fast, fresh),
-            Case("wn_transform init pass only", init_pass, reparameterized),
-            Case("init pass only, exact_init=False", fast_pass, reparameterized),
+            *(Case(name, init_pass(key, exact=exact, native=native), reparameterized)
+              for name, key, exact, native in INIT_PASS_CASES),
             Case("naive per-layer re-run", naive, fresh)]
+
+
+#: The init pass alone: (case name, key in ``last``, exact, native kernels on).
+INIT_PASS_CASES = (("wn_transform init pass only", "pass", True, True),
+                   ("init pass only, exact_init=False", "fast pass", False, True),
+                   ("init pass only, native kernels off", "pass, eager", True, False),
+                   ("init pass only, exact_init=False, kernels off", "fast pass, eager", False, False))
 
 
 @dataclass(frozen=True)
 class InitQuality:
-    """How far each Linear's output on the calibration batch is from mean 0, std 1 per unit."""
+    """How far each Linear/conv layer's output on the calibration batch is from mean 0, std 1 per unit."""
 
     mean_error: list[float]  # per layer: max over units of |mean|
     std_error: list[float]  # per layer: max over units of |std - 1|
@@ -691,8 +698,9 @@ class InitQuality:
         finally:
             for handle in handles:
                 handle.remove()
-        return cls([float(o.double().mean(0).abs().max()) for o in outputs],
-                   [float((o.double().std(0, correction=0) - 1).abs().max()) for o in outputs])
+        stats = [torch.var_mean(o.double(), dim=[d for d in range(o.ndim) if d != 1] if o.ndim > 2 else 0, correction=0)
+                 for o in outputs]  # per unit: a conv's channel (over the batch and positions), a Linear's feature
+        return cls([float(mean.abs().max()) for _, mean in stats], [float((var.sqrt() - 1).abs().max()) for var, _ in stats])
 
     def worst(self) -> float:
         return max(max(self.mean_error), max(self.std_error))
@@ -751,32 +759,41 @@ def _quality(quality: InitQuality) -> str:
             + ("" if drift is None else f" (above {INIT_TOLERANCE:g} from layer {drift + 1} on)"))
 
 
+def _data_init_models() -> list[tuple[str, str, nn.Module, Tensor, float]]:
+    """(key in the raw results, label, plain model, calibration batch, time budget in s) of workload 7."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(DATA_INIT_BATCH, DATA_INIT_WIDTH, generator=gen)
+    budgets = {20: 8.0, 50: 12.0, 100: 30.0}
+    entries = [(f"depth_{depth}", f"{depth}-layer MLP w{DATA_INIT_WIDTH}, batch {DATA_INIT_BATCH}",
+                bm.deep_mlp(depth, DATA_INIT_WIDTH), x, budgets.get(depth, 20.0)) for depth in DATA_INIT_DEPTHS]
+    image = torch.randn(32, 3, 32, 32, generator=gen)
+    return [*entries, ("cnn", "CNN 3-32-64-128, batch 32", bm.cifar_cnn(), image, 12.0)]
+
+
 def run_data_init(ctx: Context) -> WorkloadResult:
     """Workload 7: the cost of ``init="data"`` in plain forward passes, against the naive init."""
-    title = f"7. data init, MLP width {DATA_INIT_WIDTH}, batch {DATA_INIT_BATCH}"
+    title = f"7. data init, MLP width {DATA_INIT_WIDTH}, batch {DATA_INIT_BATCH}; CNN"
     result = WorkloadResult("7", title)
-    x = torch.randn(DATA_INIT_BATCH, DATA_INIT_WIDTH, generator=torch.Generator().manual_seed(2))
-    budgets = {20: 8.0, 50: 12.0, 100: 30.0}
-    for depth in DATA_INIT_DEPTHS:
-        plain = bm.deep_mlp(depth, DATA_INIT_WIDTH)
+    for key, label, plain, x, budget in _data_init_models():
         last: dict[str, nn.Module] = {}
         cases = _data_init_cases(plain, x, last)
-        timing = interleave(cases, ctx.effort, budget_s=budgets.get(depth, 20.0), min_rounds=1)
+        timing = interleave(cases, ctx.effort, budget_s=budget, min_rounds=1)
         faults = {case.name: minor_faults(case) for case in cases if not case.name.startswith("naive")}
         fast, naive = check_data_init(last["fast"], last["naive"], x)
-        check_first_layer("wn_transform init pass only", InitQuality.measure(last["pass"], x))
-        fast_pass = InitQuality.measure(last["fast pass"], x)
-        check_first_layer("init pass only, exact_init=False", fast_pass)
-        result.rows += timing_rows(f"7. data init, {depth}-layer MLP w{DATA_INIT_WIDTH}, batch {DATA_INIT_BATCH}",
-                                   timing, "plain forward", ratio_to="plain forwards")
-        result.raw[f"depth_{depth}"] = {"timing": timing.to_dict("plain forward"), "init_quality": {
+        passes = {}
+        for name, kept, _, _ in INIT_PASS_CASES:
+            passes[name] = InitQuality.measure(last[kept], x)
+            check_first_layer(name, passes[name])
+        fast_pass = passes["init pass only, exact_init=False"]
+        result.rows += timing_rows(f"7. data init, {label}", timing, "plain forward", ratio_to="plain forwards")
+        result.raw[key] = {"timing": timing.to_dict("plain forward"), "init_quality": {
             "wn_transform": asdict(fast), "exact_init=False": asdict(fast_pass), "naive": asdict(naive)}}
         result.notes.append(
-            f"depth {depth}: after init, max |mean| / |std-1| of a layer's output on the batch: wn_transform "
+            f"{label}: after init, max |mean| / |std-1| of a layer's output on the batch: wn_transform "
             f"{_quality(fast)}, exact_init=False {_quality(fast_pass)}, naive {_quality(naive)}")
-        result.notes.append(f"depth {depth}: minor page faults (fresh memory touched) in one call, after the timing: "
+        result.notes.append(f"{label}: minor page faults (fresh memory touched) in one call, after the timing: "
                             + ", ".join(f"{name} {count}" for name, count in faults.items()))
-        result.raw[f"depth_{depth}"]["minor_page_faults"] = faults
+        result.raw[key]["minor_page_faults"] = faults
     result.notes[:0] = [
         "ratio = cost in plain forward passes (no_grad) of the same batch; 'init=data' is the whole "
         "apply_weight_norm(model, x, inplace=True) call on a fresh copy (copying untimed): discovery (fx symbolic tracing), "
@@ -786,9 +803,12 @@ def run_data_init(ctx: Context) -> WorkloadResult:
         "with the new g, b), so it costs at least two plain forwards of matmul work; exact_init=False hands on "
         "g*t + b as the paper's code does (one op per layer), and its rounding differences grow through depth in "
         "this network (about 1.2x per layer), see wn_transform/data_init.py",
-        "this MLP has only nn.Linear targets, so the pass is the direct one (each layer hands its input to the pass, "
-        "no op intercepted); models with other targets (convs, attention, functional uses) take the intercepting "
-        "pass, which costs about 30 us more per layer (100 layers of width 8, exact_init=False: 15.2 vs 11.9 ms)",
+        "the MLPs have only nn.Linear targets, so the pass is the direct one (each layer hands its input to the pass, "
+        "no op intercepted); models with other targets (the CNN's convs, attention, functional uses) take the "
+        "intercepting pass, which costs about 30 us more per layer (100 layers of width 8, exact_init=False: 15.2 "
+        "vs 11.9 ms)",
+        "native kernels: each float32 Linear/conv layer's statistics, g, bias and handed-on output in one call "
+        "(wn_transform/kernels.c); 'kernels off' runs the same pass on eager ATen ops (kernels.disabled())",
         "naive: apply_weight_norm(init='preserve') then, per layer, re-run the forward up to that layer (a forward "
         "hook stops it) and set g, b from that layer's statistics (the reference: checked, on the models the timed "
         "calls produced, to give every layer mean 0, std 1 on the batch)",

@@ -1,5 +1,5 @@
 /* Fused float32 CPU kernels for the output form of a weight-normalized Linear at few rows (and,
- * at the end of this file, the data-dependent init's per-layer statistics).
+ * at the end of this file, the data-dependent init's per-layer statistics of a Linear or conv).
  *
  * Compiled on first use by kernels.py (cc -O3 -march=native -fopenmp) and called through ctypes.
  * With R <= WN_MAX_ROWS rows, every pass over the weight is memory-bound, so what counts is how
@@ -30,7 +30,7 @@
 #define WN_MIN_BAND 256 /* columns per thread in the backward, at least: whole cache lines, long streams */
 #define WN_PREFETCH 512 /* floats ahead: 2 KiB, measured best of 0-512 (1024x1024, 1 thread) */
 
-int wn_kernels_version(void) { return 3; }
+int wn_kernels_version(void) { return 4; }
 int wn_kernels_max_rows(void) { return WN_MAX_ROWS; }
 
 WN_INLINE float sum_lanes(__m256 a) {
@@ -229,16 +229,18 @@ int wn_backward_f32(const float *gy, const float *x, const float *u, const float
     return 0;
 }
 
-/* ---- The data-dependent init's statistics of one Linear layer (data_init.py) ----------------------
+/* ---- The data-dependent init's statistics of one layer (data_init.py) -----------------------------
  *
- * t = x @ v' [rows, out] (computed by the caller; units on the columns), v [out, in]:
- *   norm[j] = ||v[j]||,  mean[j], var[j] = mean and biased variance of t[:, j] (sums in double),
+ * t = op(x, v) [outer, out, inner] (computed by the caller: a Linear's x @ v' has inner = 1, a
+ * conv's output [N, C, *spatial] has outer = N and inner = the positions), v [out, in] (a conv's
+ * [out, in/groups, *kernel] flattened):
+ *   norm[j] = ||v[j]||,  mean[j], var[j] = mean and biased variance of t[:, j, :] (sums in double),
  *   gain = scale / sqrt(var) (inf for a constant unit: the pass checks for those after it),
  *   g[j] = gain * norm (its log with exp_scale),  bias[j] = -mean * gain (where bias is given),
  * and with `output`, t becomes the layer's new output in place: (t - mean) * gain with a bias
  * (which now centres it), t * gain without.  The eager route does this in a dozen small ops. */
 
-#define WN_CAL_BLOCK 256 /* columns per block: its sums stay in registers and L1, its rows in L2 */
+#define WN_CAL_BLOCK 256 /* units per block of a Linear: its sums stay in L1, its rows in L2 */
 
 WN_INLINE float row_norm(const float *v, int64_t in) {
     __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
@@ -253,14 +255,62 @@ WN_INLINE float row_norm(const float *v, int64_t in) {
     return sqrtf(s);
 }
 
-static void calibrate_block(float *t, const float *v, float *norm, float *mean, float *var, float *g, float *bias,
-                            int64_t rows, int64_t out, int64_t in, int64_t j0, int64_t j1, float scale, int exp_scale,
-                            int output) {
+WN_INLINE double sum_lanes_pd(__m256d a) {
+    __m128d s = _mm_add_pd(_mm256_castpd256_pd128(a), _mm256_extractf128_pd(a, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
+}
+
+/* sum of (p[i] - c), or of its square, over a run of n floats, in double. */
+WN_INLINE double run_sum(const float *p, int64_t n, double c, const int square) {
+    const __m256d vc = _mm256_set1_pd(c);
+    __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256d a = _mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(p + i)), vc);
+        const __m256d b = _mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(p + i + 4)), vc);
+        s0 = square ? _mm256_fmadd_pd(a, a, s0) : _mm256_add_pd(s0, a);
+        s1 = square ? _mm256_fmadd_pd(b, b, s1) : _mm256_add_pd(s1, b);
+    }
+    double s = sum_lanes_pd(_mm256_add_pd(s0, s1));
+    for (; i < n; ++i) {
+        const double d = p[i] - c;
+        s += square ? d * d : d;
+    }
+    return s;
+}
+
+typedef struct {
+    float *t;
+    const float *v;
+    float *norm, *mean, *var, *g, *bias; /* [out] each; bias NULL where the layer has none */
+    int64_t outer, out, inner, in;
+    float scale;
+    int exp_scale, output;
+} calibrate_args;
+
+/* From unit j's double mean and sum of centred squares: its statistics, g and bias; its gain and
+ * the value its output is centred on. */
+WN_INLINE void unit_fit(const calibrate_args *c, int64_t j, double mu, double squares, float *gain, float *centre) {
+    const double variance = squares / (double)(c->outer * c->inner);
+    c->norm[j] = row_norm(c->v + j * c->in, c->in);
+    c->mean[j] = (float)mu;
+    c->var[j] = (float)variance;
+    *gain = (float)(c->scale / sqrt(variance));
+    const float gj = *gain * c->norm[j];
+    c->g[j] = c->exp_scale ? logf(gj) : gj;
+    if (c->bias) c->bias[j] = -(c->mean[j] * *gain);
+    *centre = c->bias ? c->mean[j] : 0.0f;
+}
+
+/* Units [j0, j1) of a Linear (inner = 1): t's rows hold one value per unit, so the sums run
+ * down the columns, a block of units at a time. */
+static void calibrate_columns(const calibrate_args *c, int64_t j0, int64_t j1) {
     double sum[WN_CAL_BLOCK], mu[WN_CAL_BLOCK];
-    const int64_t w = j1 - j0;
+    float gain[WN_CAL_BLOCK], centre[WN_CAL_BLOCK];
+    const int64_t w = j1 - j0, rows = c->outer, out = c->out;
     for (int64_t k = 0; k < w; ++k) sum[k] = 0.0;
     for (int64_t r = 0; r < rows; ++r) {
-        const float *tr = t + r * out + j0;
+        const float *tr = c->t + r * out + j0;
         for (int64_t k = 0; k < w; ++k) sum[k] += tr[k];
     }
     for (int64_t k = 0; k < w; ++k) {
@@ -268,43 +318,51 @@ static void calibrate_block(float *t, const float *v, float *norm, float *mean, 
         sum[k] = 0.0;
     }
     for (int64_t r = 0; r < rows; ++r) { /* two passes: the centred squares, accurate */
-        const float *tr = t + r * out + j0;
+        const float *tr = c->t + r * out + j0;
         for (int64_t k = 0; k < w; ++k) {
             const double d = tr[k] - mu[k];
             sum[k] += d * d;
         }
     }
-    float gain[WN_CAL_BLOCK], centre[WN_CAL_BLOCK];
-    for (int64_t k = 0; k < w; ++k) {
-        const int64_t j = j0 + k;
-        const double variance = sum[k] / (double)rows;
-        norm[j] = row_norm(v + j * in, in);
-        mean[j] = (float)mu[k];
-        var[j] = (float)variance;
-        gain[k] = (float)(scale / sqrt(variance));
-        const float gj = gain[k] * norm[j];
-        g[j] = exp_scale ? logf(gj) : gj;
-        if (bias) bias[j] = -(mean[j] * gain[k]);
-        centre[k] = bias ? mean[j] : 0.0f;
-    }
-    if (!output) return;
+    for (int64_t k = 0; k < w; ++k) unit_fit(c, j0 + k, mu[k], sum[k], gain + k, centre + k);
+    if (!c->output) return;
     for (int64_t r = 0; r < rows; ++r) {
-        float *tr = t + r * out + j0;
+        float *tr = c->t + r * out + j0;
         for (int64_t k = 0; k < w; ++k) tr[k] = (tr[k] - centre[k]) * gain[k];
     }
 }
 
-/* The statistics above for every unit (blocks of columns across threads); all contiguous float32,
- * bias NULL where the layer has none. */
+/* Unit j of a layer with inner > 1 (a conv's channel): one contiguous run per outer index. */
+static void calibrate_channel(const calibrate_args *c, int64_t j) {
+    const int64_t stride = c->out * c->inner, n = c->inner;
+    float *t = c->t + j * n;
+    double sum = 0.0;
+    for (int64_t o = 0; o < c->outer; ++o) sum += run_sum(t + o * stride, n, 0.0, 0);
+    const double mu = sum / (double)(c->outer * n);
+    double squares = 0.0;
+    for (int64_t o = 0; o < c->outer; ++o) squares += run_sum(t + o * stride, n, mu, 1);
+    float gain, centre;
+    unit_fit(c, j, mu, squares, &gain, &centre);
+    if (!c->output) return;
+    for (int64_t o = 0; o < c->outer; ++o) {
+        float *run = t + o * stride;
+        for (int64_t i = 0; i < n; ++i) run[i] = (run[i] - centre) * gain;
+    }
+}
+
+/* The statistics above for every unit, units split across threads; all contiguous float32. */
 void wn_calibrate_f32(float *t, const float *v, float *norm, float *mean, float *var, float *g, float *bias,
-                      int64_t rows, int64_t out, int64_t in, float scale, int exp_scale, int output, int threads) {
-    const int64_t blocks = (out + WN_CAL_BLOCK - 1) / WN_CAL_BLOCK;
-    const int64_t width = ((out + (blocks > threads ? blocks : threads) - 1) / (blocks > threads ? blocks : threads)
-                           + 7) / 8 * 8; /* at most WN_CAL_BLOCK; one block per thread when there are few */
+                      int64_t outer, int64_t out, int64_t inner, int64_t in, float scale, int exp_scale, int output,
+                      int threads) {
+    const calibrate_args c = {t, v, norm, mean, var, g, bias, outer, out, inner, in, scale, exp_scale, output};
+    if (inner > 1) {
+        _Pragma("omp parallel for num_threads(threads) if (threads > 1 && out > 1) schedule(static)")
+        for (int64_t j = 0; j < out; ++j) calibrate_channel(&c, j);
+        return;
+    }
+    const int64_t blocks = (out + WN_CAL_BLOCK - 1) / WN_CAL_BLOCK, parts = blocks > threads ? blocks : threads;
+    const int64_t width = ((out + parts - 1) / parts + 7) / 8 * 8; /* at most WN_CAL_BLOCK; a block per thread */
     const int64_t count = (out + width - 1) / width;
     _Pragma("omp parallel for num_threads(threads) if (threads > 1 && count > 1) schedule(static)")
-    for (int64_t k = 0; k < count; ++k) {
-        const int64_t j0 = k * width, j1 = j0 + width < out ? j0 + width : out;
-        calibrate_block(t, v, norm, mean, var, g, bias, rows, out, in, j0, j1, scale, exp_scale, output);
-    }
+    for (int64_t k = 0; k < count; ++k) calibrate_columns(&c, k * width, k * width + width < out ? k * width + width : out);
 }
