@@ -219,6 +219,35 @@ def test_the_cached_eval_weight_follows_every_change_to_g_and_v() -> None:
         torch.testing.assert_close(model(x.double()), expected(x.double()))
 
 
+@pytest.mark.parametrize("init", ["preserve", "data"])
+def test_a_model_reparameterized_under_inference_mode_runs_there(init: str) -> None:
+    """Parameters made under ``torch.inference_mode()`` are inference tensors, which have no version
+    counter to key the eval-mode cache on: their weight is computed at every call, and follows
+    in-place changes."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 3))
+    x = torch.randn(64, 10)
+    with torch.inference_mode():
+        model = wn.apply_weight_norm(plain, x if init == "data" else None, init=init).eval()
+        first = model[0]
+        assert first.parametrizations.weight.original0.is_inference()
+        got = model(x)
+        first.parametrizations.weight.original0.mul_(2)
+        doubled = model(x)
+
+    @torch.no_grad()  # inference tensors cannot enter an autograd graph
+    def expected(scale: float) -> torch.Tensor:
+        chain = first.parametrizations.weight
+        hidden = F.linear(x, compose_weight(chain.original0 * scale, chain.original1, UnitLayout(0)), first.bias)
+        return model[2](model[1](hidden))
+
+    torch.testing.assert_close(got, expected(0.5))
+    torch.testing.assert_close(doubled, expected(1.0))
+    if init == "preserve":
+        with torch.no_grad():
+            torch.testing.assert_close(got, plain(x))
+
+
 # -- the direct weight getter and the per-call memo ------------------------------------------
 
 

@@ -87,7 +87,10 @@ class WeightNorm(nn.Module):
 
     def _kept_weight(self, store: dict, slot: object, g: Tensor, v: Tensor) -> Tensor:
         """The weight kept in ``store[slot]``, recomputed only when ``g`` or ``v`` changed (their
-        storage, dtype or version counter: optimizer steps and ``load_state_dict`` bump it)."""
+        storage, dtype or version counter: optimizer steps and ``load_state_dict`` bump it).
+        Parameters made under ``torch.inference_mode()`` have no version counter: never kept."""
+        if g.is_inference() or v.is_inference():
+            return weight_norm_weight(g, v, self.layout, exp_scale=self.exp_scale)
         key = (g.data_ptr(), v.data_ptr(), g._version, v._version, v.dtype)
         kept = store.get(slot)
         if kept is None or kept[0] != key:
