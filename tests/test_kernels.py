@@ -325,6 +325,7 @@ _CALIBRATION_LAYOUTS = {  # name: (t's shape with U for the units, unit_dim, v's
     "linear2": ((2, "U"), -1, (37,)), "linear300": ((300, "U"), -1, (37,)), "linear3d": ((4, 75, "U"), -1, (37,)),
     "conv1d": ((3, "U", 50), 1, (4, 5)), "conv2d-1x1": ((8, "U", 1, 1), 1, (6, 1, 1)),  # inner 1: the column route
     "conv3d": ((2, "U", 3, 4, 5), 1, (2, 3, 3, 3)), "unbatched": (("U", 123), 0, (4, 7)),
+    "norms-given": ((3, "U", 50), 1, (4, 5)),  # a transposed conv's units are not rows of v: norms passed in
 }
 
 
@@ -347,9 +348,12 @@ def test_the_calibration_kernel_computes_the_papers_init(layout: str, units: int
     norm, mean, var = torch.empty(units), torch.empty(units), torch.empty(units)
     before = t.clone()
     versions = [x._version for x in (g, norm, mean, var, t)]
+    rows = None if layout == "norms-given" else v
+    if rows is None:
+        norm.copy_(v.flatten(1).norm(dim=1))
     with _threads(threads):
-        assert kernels.calibration_usable(t, v, unit_dim, g, bias, norm, mean, var)
-        kernels.calibrate(t, v, unit_dim, g, bias, norm, mean, var, scale=scale, exp_scale=exp_scale, output=output)
+        assert kernels.calibration_usable(t, unit_dim, rows, g, bias, norm, mean, var)
+        kernels.calibrate(t, unit_dim, rows, g, bias, norm, mean, var, scale=scale, exp_scale=exp_scale, output=output)
     # written through a pointer: the version counters must say so (the eval-mode weight cache reads them)
     assert all(x._version > before_version for x, before_version in zip((g, norm, mean, var), versions))
     assert (t._version > versions[-1]) == output
@@ -378,24 +382,26 @@ def test_calibration_usable_takes_only_what_the_kernel_computes() -> None:
     t, v, g, b = torch.randn(5, 8), torch.randn(8, 3), torch.rand(8, 1), torch.randn(8)
     slots = [torch.empty(8) for _ in range(3)]
     available = kernels.kernel_status().available
-    assert kernels.calibration_usable(t, v, -1, g, b, *slots) == available
-    assert kernels.calibration_usable(t, v, 1, g, None, *slots) == available
-    assert kernels.calibration_usable(t.view(5, 1, 8), v, -1, g, b, *slots) == available
-    assert kernels.calibration_usable(torch.randn(2, 8, 9), torch.randn(8, 2, 3), 1, g, b, *slots) == available
-    assert not kernels.calibration_usable(t, v, 0, g, b, *slots)  # t's axis 0 is not the units
-    assert not kernels.calibration_usable(t, v, 2, g, b, *slots)
-    assert not kernels.calibration_usable(torch.randn(5, 3), v, -1, g, b, *slots)  # t has in, not out, columns
-    assert not kernels.calibration_usable(torch.randn(0, 8), v, -1, g, b, *slots)
-    assert not kernels.calibration_usable(t.double(), v.double(), -1, g.double(), b.double(),
+    assert kernels.calibration_usable(t, -1, v, g, b, *slots) == available
+    assert kernels.calibration_usable(t, 1, v, g, None, *slots) == available
+    assert kernels.calibration_usable(t, 1, None, g, None, *slots) == available  # norms given
+    assert kernels.calibration_usable(t.view(5, 1, 8), -1, v, g, b, *slots) == available
+    assert kernels.calibration_usable(torch.randn(2, 8, 9), 1, torch.randn(8, 2, 3), g, b, *slots) == available
+    assert not kernels.calibration_usable(t, 0, v, g, b, *slots)  # t's axis 0 is not the units
+    assert not kernels.calibration_usable(t, 2, v, g, b, *slots)
+    assert not kernels.calibration_usable(torch.randn(5, 3), -1, v, g, b, *slots)  # t has in, not out, columns
+    assert not kernels.calibration_usable(t, -1, torch.randn(3, 8), g, b, *slots)  # v's rows are not the units
+    assert not kernels.calibration_usable(torch.randn(0, 8), -1, v, g, b, *slots)
+    assert not kernels.calibration_usable(t.double(), -1, v.double(), g.double(), b.double(),
                                           *(s.double() for s in slots))
-    assert not kernels.calibration_usable(t, v, -1, g, b, slots[0].double(), *slots[1:])
-    assert not kernels.calibration_usable(torch.randn(8, 5).t(), v, -1, g, b, *slots)  # not contiguous
-    assert not kernels.calibration_usable(torch.randn(2, 8, 3, 3).to(memory_format=torch.channels_last),
-                                          torch.randn(8, 2, 3, 3), 1, g, b, *slots)
-    assert not kernels.calibration_usable(t, torch.randn(3, 8).t(), -1, g, b, *slots)
-    assert not kernels.calibration_usable(t, v, -1, g, torch.randn(16)[::2], *slots)
+    assert not kernels.calibration_usable(t, -1, v, g, b, slots[0].double(), *slots[1:])
+    assert not kernels.calibration_usable(torch.randn(8, 5).t(), -1, v, g, b, *slots)  # not contiguous
+    assert not kernels.calibration_usable(torch.randn(2, 8, 3, 3).to(memory_format=torch.channels_last), 1,
+                                          torch.randn(8, 2, 3, 3), g, b, *slots)
+    assert not kernels.calibration_usable(t, -1, torch.randn(3, 8).t(), g, b, *slots)
+    assert not kernels.calibration_usable(t, -1, v, g, torch.randn(16)[::2], *slots)
     with kernels.disabled():
-        assert not kernels.calibration_usable(t, v, -1, g, b, *slots)
+        assert not kernels.calibration_usable(t, -1, v, g, b, *slots)
 
 
 def _init_mlp(bias: bool = True) -> nn.Sequential:
@@ -419,7 +425,8 @@ class _FunctionalHead(nn.Module):
 def _cnn() -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 8, 3, groups=2, bias=False), nn.Tanh(),
-                         _ToSequence(), nn.Conv1d(8, 12, 5, padding=2), nn.Flatten(), nn.Linear(12 * 36, 10))
+                         _ToSequence(), nn.Conv1d(8, 12, 5, padding=2), nn.ReLU(), nn.ConvTranspose1d(12, 6, 4, stride=2),
+                         nn.Flatten(), nn.Linear(6 * 74, 10))
 
 
 class _ToSequence(nn.Module):
@@ -470,6 +477,22 @@ def test_a_weight_cached_before_the_init_pass_is_not_used_after_it(exact_init: b
     torch.testing.assert_close(std, torch.ones_like(std), rtol=0, atol=1e-4)  # the new weight, calibrated
     want = model[4](model[3](model[2](model[1](t))))
     torch.testing.assert_close(got, want)
+
+
+@needs_kernels
+def test_a_grouped_transposed_conv_takes_the_eager_route(count_calls: dict[str, int]) -> None:
+    """Its units (output channels) lie in groups across dim 1 of ``v``: not the kernel's layout."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 4, 20)
+    model = wn.apply_weight_norm(nn.Sequential(nn.ConvTranspose1d(4, 6, 3, groups=2), nn.ReLU(), nn.Conv1d(6, 5, 3)), x)
+    assert count_calls.get("calibrate") == 1  # the Conv1d only
+    with torch.no_grad():
+        hidden = model[0](x)
+        t = model[2](model[1](hidden))
+    for out in (hidden, t):
+        var, mean = torch.var_mean(out.double(), dim=(0, 2), correction=0)
+        torch.testing.assert_close(var.sqrt(), torch.ones_like(var), rtol=0, atol=1e-4)
+        torch.testing.assert_close(mean, torch.zeros_like(mean), rtol=0, atol=1e-4)
 
 
 class _BufferBias(nn.Module):

@@ -27,8 +27,8 @@ on the batch, see :func:`data_init`); what each layer hands on to the next is ch
   gives an output O(1) away from its row of the batched run.)  Ops that the pass handles
   piece by piece (attention, recurrent layers, ``addmm``) always run exactly.
 
-For a float32 CPU Linear or conv the statistics, ``g``, the bias and the handed-on output come
-from one native call (:func:`wn_transform.kernels.calibrate`, sums in float64) instead of a dozen
+For a float32 CPU Linear or (transposed) conv the statistics, ``g``, the bias and the handed-on
+output come from one native call (:func:`wn_transform.kernels.calibrate`, sums in float64) instead of a dozen
 small ops; elsewhere (and without the kernels) the same formulas run as eager ops.
 
 The ops are intercepted by a ``TorchFunctionMode``.  Until its layer is calibrated, a
@@ -427,8 +427,7 @@ class _CalibrationMode(TorchFunctionMode):
                 t = func(**(bound | {"bias": None}))
                 x = bound["input"]
                 unit_dim = 1 if x.ndim == use.weight.ndim else 0
-            fit = self._calibrate(state, t, unit_dim, use.bias,
-                                  native=use.kind in ("linear", "conv") and use.weight is state.v)
+            fit = self._calibrate(state, t, unit_dim, use.bias, native=use.kind if use.weight is state.v else None)
             if not self.exact and name != "addmm":  # hand on g*t + b, from t' (bias included)
                 return fit.output()
         # Hand on what the model computes with the new (g, b): in float arithmetic g*t + b is not
@@ -448,12 +447,13 @@ class _CalibrationMode(TorchFunctionMode):
         return result
 
     def _calibrate(self, state: _State, t_raw: Tensor, unit_dim: int, bias: Tensor | None,
-                   units: slice = slice(None), *, native: bool = False) -> _Fit | _Handed:
+                   units: slice = slice(None), *, native: str | None = None) -> _Fit | _Handed:
         """From ``t_raw = op(x, v)``, the statistics of ``t = t_raw/||v||`` per unit; set
         ``g[units]`` to ``s/sigma`` and the bias to ``-s*mu/sigma`` (or, behind a mean-only batch
         norm, its running mean to ``s*mu/sigma``).  ``t_raw`` is centred in place; the result
-        turns it into the layer's new output.  ``native``: ``t_raw = op(x, v)`` with ``v`` itself, its
-        rows the units (a Linear, a conv), which the native kernel can take whole (:meth:`_calibrate_native`).
+        turns it into the layer's new output.  ``native``: the kind of op (``"linear"``, ``"conv"``,
+        ``"conv_transpose"``) when ``t_raw = op(x, v)`` with ``v`` itself, which the native kernel can
+        take whole (:meth:`_calibrate_native`).
 
         Every op here runs once per layer between two layers' matmuls, where a small op costs
         several times what it costs in a loop: the constant-unit check waits for the end of
@@ -461,8 +461,8 @@ class _CalibrationMode(TorchFunctionMode):
         """
         whole = units == slice(None)
         slot = self._moments.slot(state, units)
-        if native and whole:
-            handed = self._calibrate_native(state, t_raw, unit_dim, bias, slot)
+        if native is not None and whole:
+            handed = self._calibrate_native(state, native, t_raw, unit_dim, bias, slot)
             if handed is not None:
                 return handed
         centred, mean, var = centre_(t_raw, unit_dim, self.group, self._scratch, out=(slot.mean, slot.var))  # of t'
@@ -509,22 +509,27 @@ class _CalibrationMode(TorchFunctionMode):
             self._finish(state)
         return _Fit(centred, gain, offset, unit_dim, t_raw.dtype)
 
-    def _calibrate_native(self, state: _State, t_raw: Tensor, unit_dim: int, bias: Tensor | None,
+    def _calibrate_native(self, state: _State, kind: str, t_raw: Tensor, unit_dim: int, bias: Tensor | None,
                           slot: _Slot) -> _Handed | None:
-        """:meth:`_calibrate` of a whole Linear or conv layer in one native call (:func:`kernels.calibrate`),
-        where it applies: float32 CPU, no process group, no unit known to be constant, no mean-only
-        batch norm, the layer's own bias or none.  Otherwise None (the eager route follows)."""
+        """:meth:`_calibrate` of a whole Linear or (transposed) conv layer in one native call
+        (:func:`kernels.calibrate`), where it applies: float32 CPU, the op's output channels the
+        units of ``g`` (rows of ``v``, or its dim 1 for a transposed conv), no process group, no
+        unit known to be constant, no mean-only batch norm, the layer's own bias or none.
+        Otherwise None (the eager route follows)."""
         wn = state.wn
-        if (self.group is not None or id(state) in self.known or state.mean_only_bn is not None
-                or wn.dim != 0 or wn.groups != 1
+        rows = wn.dim == 0  # a unit per row of v: the kernel reads the norms off v itself
+        if (kind not in _NATIVE_DIMS or wn.dim != _NATIVE_DIMS[kind] or wn.groups != 1 or self.group is not None
+                or id(state) in self.known or state.mean_only_bn is not None
                 or (bias is not None and not self._is_parameter(bias, state.module))
-                or not kernels.calibration_usable(t_raw, state.v, unit_dim, state.g, bias, slot.norms, slot.mean,
-                                                  slot.var)):
+                or not kernels.calibration_usable(t_raw, unit_dim, state.v if rows else None, state.g, bias, slot.norms,
+                                                  slot.mean, slot.var)):
             return None
         if bias is not None:
             self.backup.keep(bias)
-        kernels.calibrate(t_raw, state.v, unit_dim, state.g, bias, slot.norms, slot.mean, slot.var, scale=self.init_scale,
-                          exp_scale=wn.exp_scale, output=not self.exact)
+        if not rows:
+            _unit_norms(state, slice(None), slot.norms)
+        kernels.calibrate(t_raw, unit_dim, state.v if rows else None, state.g, bias, slot.norms, slot.mean, slot.var,
+                          scale=self.init_scale, exp_scale=wn.exp_scale, output=not self.exact)
         self._finish(state)
         return _Handed(t_raw)
 
@@ -544,7 +549,7 @@ class _CalibrationMode(TorchFunctionMode):
     def calibrate_linear(self, state: _State, x: Tensor, bias: Tensor | None) -> Tensor:
         """A stock ``nn.Linear``'s output on ``x`` (direct pass), its target calibrated first on
         ``t' = x @ v'``: the same as the intercepted ``F.linear``, without intercepting anything."""
-        fit = self._calibrate(state, torch.matmul(x, state.v.t()), -1, bias, native=True)
+        fit = self._calibrate(state, torch.matmul(x, state.v.t()), -1, bias, native="linear")
         return fit.output() if not self.exact else F.linear(x, _current_weight(state), bias)
 
     @staticmethod
@@ -647,6 +652,7 @@ class _CalibrationMode(TorchFunctionMode):
         return func(x, hx, w_ih, self._keep_recurrent(w_hh), *biases)
 
 
+_NATIVE_DIMS = {"linear": 0, "conv": 0, "conv_transpose": 1}  # op kind: the axis of v that holds its output units
 _RECURRENT_OPS = frozenset({"lstm", "gru", "rnn_tanh", "rnn_relu"})
 _CELL_OPS = frozenset({"lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell"})
 

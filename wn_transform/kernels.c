@@ -30,7 +30,7 @@
 #define WN_MIN_BAND 256 /* columns per thread in the backward, at least: whole cache lines, long streams */
 #define WN_PREFETCH 512 /* floats ahead: 2 KiB, measured best of 0-512 (1024x1024, 1 thread) */
 
-int wn_kernels_version(void) { return 4; }
+int wn_kernels_version(void) { return 5; }
 int wn_kernels_max_rows(void) { return WN_MAX_ROWS; }
 
 WN_INLINE float sum_lanes(__m256 a) {
@@ -233,7 +233,8 @@ int wn_backward_f32(const float *gy, const float *x, const float *u, const float
  *
  * t = op(x, v) [outer, out, inner] (computed by the caller: a Linear's x @ v' has inner = 1, a
  * conv's output [N, C, *spatial] has outer = N and inner = the positions), v [out, in] (a conv's
- * [out, in/groups, *kernel] flattened):
+ * [out, in/groups, *kernel] flattened; NULL when the caller wrote the norms, as for a transposed
+ * conv, whose units are not rows of v):
  *   norm[j] = ||v[j]||,  mean[j], var[j] = mean and biased variance of t[:, j, :] (sums in double),
  *   gain = scale / sqrt(var) (inf for a constant unit: the pass checks for those after it),
  *   g[j] = gain * norm (its log with exp_scale),  bias[j] = -mean * gain (where bias is given),
@@ -292,7 +293,7 @@ typedef struct {
  * the value its output is centred on. */
 WN_INLINE void unit_fit(const calibrate_args *c, int64_t j, double mu, double squares, float *gain, float *centre) {
     const double variance = squares / (double)(c->outer * c->inner);
-    c->norm[j] = row_norm(c->v + j * c->in, c->in);
+    if (c->v) c->norm[j] = row_norm(c->v + j * c->in, c->in); /* else the caller wrote the norms */
     c->mean[j] = (float)mu;
     c->var[j] = (float)variance;
     *gain = (float)(c->scale / sqrt(variance));

@@ -8,7 +8,7 @@ per-row correction).  ``kernels.c`` fuses them away: one read of ``v`` gives the
 ``x @ v'`` and ``||v||^2``, one read of ``v`` and one write give the backward's ``grad_x`` and the
 projected ``grad_v`` (see its header for the formulas).
 
-The data-dependent init (:mod:`~wn_transform.data_init`) calibrates each Linear or conv from
+The data-dependent init (:mod:`~wn_transform.data_init`) calibrates each Linear or (transposed) conv from
 ``t = op(x, v)`` with a dozen small ops (norms, per-unit mean and variance, ``g``, bias, the new
 output), each a dispatch, and for a conv a pass over its output; :func:`calibrate` does them in
 one call and three passes.
@@ -47,7 +47,7 @@ __all__ = ["MAX_ROWS", "KernelStatus", "backward", "calibrate", "calibration_usa
            "usable"]
 
 MAX_ROWS = 4  # rows per call the kernels take (kernels.c: WN_MAX_ROWS)
-_VERSION = 4  # kernels.c: wn_kernels_version()
+_VERSION = 5  # kernels.c: wn_kernels_version()
 _SOURCE = Path(__file__).with_name("kernels.c")
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 _STREAM_MIN_ELEMENTS = 1 << 19  # a grad_v of 2 MiB or more is written past the caches (it cannot stay there)
@@ -95,33 +95,34 @@ def usable(rows: Tensor, g: Tensor, v: Tensor, bias: Tensor | None) -> bool:
             and _load()[0] is not None)
 
 
-def calibration_usable(t: Tensor, v: Tensor, unit_dim: int, *tensors: Tensor | None) -> bool:
-    """Whether :func:`calibrate` takes ``t`` (contiguous, not empty, its units on ``unit_dim``) and
-    ``v [out, ...]`` (contiguous, a unit per row), with ``tensors`` (``g``, the statistics' slots, the
-    bias or None) contiguous, one value per unit: float32 CPU tensors, eager mode."""
-    out = v.shape[0] if v.ndim >= 2 else -1
-    return (-t.ndim <= unit_dim < t.ndim and t.shape[unit_dim] == out and t.numel() > 0 and v.numel() > 0
-            and _ENABLED.get() and not torch.compiler.is_compiling() and _plain_float32(t) and _plain_float32(v)
-            and t.is_contiguous() and v.is_contiguous()
+def calibration_usable(t: Tensor, unit_dim: int, v: Tensor | None, *tensors: Tensor | None) -> bool:
+    """Whether :func:`calibrate` takes ``t`` (contiguous, not empty, its units on ``unit_dim``), ``v``
+    (``[out, ...]``, contiguous, a unit per row; or None) and ``tensors`` (``g``, the statistics'
+    slots, the bias or None; contiguous, one value per unit): float32 CPU tensors, eager mode."""
+    out = tensors[0].numel() if tensors and tensors[0] is not None else -1
+    return (-t.ndim <= unit_dim < t.ndim and t.shape[unit_dim] == out and t.numel() > 0 and _ENABLED.get()
+            and not torch.compiler.is_compiling() and _plain_float32(t) and t.is_contiguous()
+            and (v is None or (v.ndim >= 2 and v.shape[0] == out and _plain_float32(v) and v.is_contiguous()))
             and all(x is None or (_plain_float32(x) and x.is_contiguous() and x.numel() == out) for x in tensors)
             and _load()[0] is not None)
 
 
-def calibrate(t: Tensor, v: Tensor, unit_dim: int, g: Tensor, bias: Tensor | None, norm: Tensor, mean: Tensor,
+def calibrate(t: Tensor, unit_dim: int, v: Tensor | None, g: Tensor, bias: Tensor | None, norm: Tensor, mean: Tensor,
               var: Tensor, *, scale: float, exp_scale: bool, output: bool) -> None:
     """The data-dependent init of one layer from ``t = op(x, v)`` (a Linear's ``x @ v'``, a conv's
-    output; units on ``unit_dim``), in one call: ``norm = ||v||`` per row, ``mean``/``var`` of ``t``
-    per unit (biased; over every other axis), ``g = scale ||v|| / sigma`` (its log with
+    output; units on ``unit_dim``), in one call: ``norm = ||v||`` per row of ``v`` (``v`` None: the
+    caller wrote ``norm``, as for a transposed conv, whose units are not rows), ``mean``/``var`` of
+    ``t`` per unit (biased; over every other axis), ``g = scale ||v|| / sigma`` (its log with
     ``exp_scale``), ``bias = -scale mean / sigma``; with ``output``, ``t`` becomes the layer's new
     output ``g t/||v|| + b`` in place.  Check :func:`calibration_usable` first.  The version counter
     of every tensor written is bumped, as an in-place op would (caches and autograd's checks read it)."""
     unit_dim %= t.ndim
     out = t.shape[unit_dim]
     outer = math.prod(t.shape[:unit_dim])
-    _load()[0].wn_calibrate_f32(t.data_ptr(), v.data_ptr(), norm.data_ptr(), mean.data_ptr(), var.data_ptr(),
-                                g.data_ptr(), bias.data_ptr() if bias is not None else None, outer, out,
-                                t.numel() // (outer * out), v.numel() // out, scale, int(exp_scale), int(output),
-                                torch.get_num_threads())
+    _load()[0].wn_calibrate_f32(t.data_ptr(), v.data_ptr() if v is not None else None, norm.data_ptr(),
+                                mean.data_ptr(), var.data_ptr(), g.data_ptr(), bias.data_ptr() if bias is not None else None,
+                                outer, out, t.numel() // (outer * out), v.numel() // out if v is not None else 0, scale,
+                                int(exp_scale), int(output), torch.get_num_threads())
     for written in (g, bias, norm, mean, var, t if output else None):
         if written is not None:
             increment_version(written)
