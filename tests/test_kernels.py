@@ -67,6 +67,14 @@ def test_the_kernels_build_wherever_a_compiler_and_avx2_exist(fresh_build: Path)
     assert wn.kernel_status() == status
 
 
+def test_the_row_limit_is_four_on_intel_cpus_and_eight_elsewhere() -> None:
+    """Intel's MKL matmuls beat the kernels' per-row backward from 5 rows; elsewhere not before 8."""
+    assert kernels._row_limit("GenuineIntel") == 4
+    assert kernels._row_limit("AuthenticAMD") == kernels._row_limit("") == kernels.MAX_ROWS == 8
+    status = kernels.kernel_status()
+    assert status.rows == (kernels._row_limit(kernels._cpu_vendor()) if status.available else 0)
+
+
 # -- the kernels against float64 formulas ---------------------------------------------------
 
 
@@ -117,7 +125,7 @@ def _assert_matches(got: dict, want: dict, in_features: int) -> None:
 @pytest.mark.parametrize("exp_scale", [False, True], ids=["g", "exp"])
 @pytest.mark.parametrize("threads", [1, 2, 5])  # 5: more threads than 256-column bands at in=1001
 @pytest.mark.parametrize("in_features", [5, 37, 256, 1001], ids=lambda n: f"in{n}")  # < 1 vector, ragged, aligned, odd
-@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8])
 def test_the_kernels_compute_the_papers_formulas(rows: int, in_features: int, threads: int, exp_scale: bool) -> None:
     layer = _layer(rows, in_features, 67, seed=rows * 1000 + in_features)  # 67: not a multiple of 4 units
     previous = torch.get_num_threads()
@@ -214,7 +222,7 @@ def test_a_double_backward_takes_the_recorded_eager_ops(count_calls: dict[str, i
 
 
 @needs_kernels
-@pytest.mark.parametrize("batch", [1, 3, 8])
+@pytest.mark.parametrize("batch", [1, 3, 8, 9])
 def test_a_training_step_gives_the_eager_routes_gradients(monkeypatch: pytest.MonkeyPatch, batch: int,
                                                           count_calls: dict[str, int]) -> None:
     """An MLP whose layers are large enough for the output form: with and without the kernels."""
@@ -226,7 +234,7 @@ def test_a_training_step_gives_the_eager_routes_gradients(monkeypatch: pytest.Mo
     with monkeypatch.context() as m:
         m.setattr(kernels, "usable", lambda *args: False)
         F.cross_entropy(eager(x), y).backward()
-    assert count_calls["forward"] == (1 if batch <= kernels.MAX_ROWS else 0)  # 400 x 512 >= 2^17: the output form
+    assert count_calls["forward"] == (1 if batch <= kernels.kernel_status().rows else 0)  # 400 x 512: the output form
     for (name, a), e in zip(model.named_parameters(), eager.parameters()):
         torch.testing.assert_close(a.grad, e.grad, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
 
@@ -291,7 +299,7 @@ def test_an_in_place_activation_after_the_layer_works_as_on_the_eager_route(monk
 def test_usable_takes_only_what_the_kernels_compute() -> None:
     x, g, v, b = torch.randn(2, 16), torch.rand(8, 1), torch.randn(8, 16), torch.randn(8)
     assert kernels.usable(x, g, v, b) == kernels.usable(x, g, v, None) == kernels.kernel_status().available
-    assert not kernels.usable(torch.randn(kernels.MAX_ROWS + 1, 16), g, v, b)
+    assert not kernels.usable(torch.randn(kernels.kernel_status().rows + 1, 16), g, v, b)
     assert not kernels.usable(torch.randn(0, 16), g, v, b)
     assert not kernels.usable(x.double(), g.double(), v.double(), b.double())
     assert not kernels.usable(x.bfloat16(), g.bfloat16(), v.bfloat16(), b.bfloat16())

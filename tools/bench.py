@@ -24,7 +24,9 @@ Workloads (the variants of each are defined in ``tools/bench_models.py``):
 10. and 11. workloads 1 and 2 under ``torch.compile`` (inductor): plain, wn_transform and
     torch's weight_norm;
 12. forward + backward of one small Conv2d / Linear, where the per-call overhead of the weight
-    norm is most of the cost: ``(ours - plain) / (torch - plain)`` in the notes.
+    norm is most of the cost: ``(ours - plain) / (torch - plain)`` in the notes;
+13. workload 1 at batch 8, where the native kernels apply on CPUs other than Intel's (see
+    ``KernelStatus.rows``), also with them off.
 
 Method.  ``torch.set_num_threads(--threads)`` (1 by default) and one inter-op thread.  Every
 case is warmed up, then the cases of a workload are timed interleaved, A B C, B C A, C A B, ...
@@ -427,11 +429,14 @@ def run_train(spec: TrainSpec, ctx: Context) -> WorkloadResult:
 
 
 def _mlp_spec(key: str, batch: int, budget_s: float, *, compile: bool = False) -> TrainSpec:
-    variants = TRAIN_VARIANTS if batch > 1 else (*(v for v in TRAIN_VARIANTS if v != "batchnorm"), "wn_transform_eager")
-    notes = () if batch > 1 else (
-        "batchnorm: not applicable at batch 1 (BatchNorm1d needs >1 sample per channel in training)",
-        f"wn_transform_eager: the same model with the native kernels off (wn_transform.kernels.disabled()), the "
-        f"eager ATen route; the kernels themselves: {native_kernels()}")
+    variants: tuple[str, ...] = tuple(v for v in TRAIN_VARIANTS if batch > 1 or v != "batchnorm")
+    notes: tuple[str, ...] = ()
+    if batch == 1:
+        notes += ("batchnorm: not applicable at batch 1 (BatchNorm1d needs >1 sample per channel in training)",)
+    if batch <= wn_transform.kernels.MAX_ROWS:  # the native kernels may take it: time the eager route beside them
+        variants += ("wn_transform_eager",)
+        notes += (f"wn_transform_eager: the same model with the native kernels off (wn_transform.kernels.disabled()), "
+                  f"the eager ATen route; the kernels themselves: {native_kernels()}",)
     if compile:
         variants = ("plain", "wn_transform", "torch")
         notes = ("torch.compile(model) with the default (inductor) backend, compiled during warm-up; "
@@ -463,6 +468,7 @@ def train_specs() -> list[TrainSpec]:
                    "(it never calls out_proj.forward)")),
         _mlp_spec("10", 64, 30.0, compile=True),
         _mlp_spec("11", 1, 20.0, compile=True),
+        _mlp_spec("13", 8, 20.0),
     ]
 
 
@@ -995,7 +1001,7 @@ def workloads() -> list[Workload]:
     train = {spec.key: Workload(spec.key, lambda ctx, spec=spec: run_train(spec, ctx)) for spec in train_specs()}
     return [*(train[k] for k in "1234"), Workload("5", run_memory), Workload("6", run_eval),
             Workload("7", run_data_init), Workload("8", run_apply), Workload("9", run_onnx), train["10"], train["11"],
-            Workload("12", run_small_layers)]
+            Workload("12", run_small_layers), train["13"]]
 
 
 def run_workload(workload: Workload, ctx: Context) -> WorkloadResult:
@@ -1047,9 +1053,9 @@ class Environment:
 
 
 def native_kernels() -> str:
-    """Whether the output form's fused kernels (``wn_transform/kernels.c``) are in use, and why not."""
+    """Whether the native kernels (``wn_transform/kernels.c``) are in use (for how many rows), and why not."""
     status = wn_transform.kernel_status()
-    return "in use" if status.available else f"not in use ({status.reason}): the eager route"
+    return f"in use (1-{status.rows} rows)" if status.available else f"not in use ({status.reason}): the eager route"
 
 
 def load_average() -> str:

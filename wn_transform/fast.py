@@ -74,15 +74,15 @@ class ScaledLinear(torch.autograd.Function):
     """``y = (x @ v') * s + b``, ``s = g/||v||`` (``e^g/||v||`` with ``exp_scale``), no ``w`` built.
 
     Shapes: ``x [..., in]``, ``v [out, in]``, ``g [out, 1]``, ``b [out]`` or None.  Norms and
-    scales are float32 (or wider); a zero direction gives a zero row, never NaN.  At 1-4 float32
-    rows on CPU, the native kernels (:mod:`wn_transform.kernels`) do the forward and backward,
-    with the same math.
+    scales are float32 (or wider); a zero direction gives a zero row, never NaN.  At a few float32
+    rows on CPU (1-4 on Intel CPUs, 1-8 on others: :attr:`~wn_transform.KernelStatus.rows`), the
+    native kernels (:mod:`wn_transform.kernels`) do the forward and backward, with the same math.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, g: Tensor, v: Tensor, bias: Tensor | None, exp_scale: bool) -> Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        ctx.fused = kernels.usable(rows, g, v, bias)  # 1-4 float32 rows on CPU: the fused kernels
+        ctx.fused = kernels.usable(rows, g, v, bias)  # a few float32 rows on CPU: the fused kernels
         if ctx.fused:
             y, u, safe, scale = kernels.forward(rows.contiguous(), g, v, bias, exp_scale, x.shape[:-1])
         else:

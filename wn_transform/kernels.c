@@ -25,12 +25,12 @@
 #endif
 #include <immintrin.h>
 
-#define WN_MAX_ROWS 4 /* above, the backward's per-row updates of gx cost more than the eager ops */
+#define WN_MAX_ROWS 8 /* the most rows a call takes; kernels.py gives 1-4 on Intel CPUs, 1-8 on others */
 #define WN_INLINE static inline __attribute__((always_inline))
 #define WN_MIN_BAND 256 /* columns per thread in the backward, at least: whole cache lines, long streams */
 #define WN_PREFETCH 512 /* floats ahead: 2 KiB, measured best of 0-512 (1024x1024, 1 thread) */
 
-int wn_kernels_version(void) { return 5; }
+int wn_kernels_version(void) { return 6; }
 int wn_kernels_max_rows(void) { return WN_MAX_ROWS; }
 
 WN_INLINE float sum_lanes(__m256 a) {
@@ -201,12 +201,18 @@ WN_DEFINE_ROWS(1)
 WN_DEFINE_ROWS(2)
 WN_DEFINE_ROWS(3)
 WN_DEFINE_ROWS(4)
+WN_DEFINE_ROWS(5)
+WN_DEFINE_ROWS(6)
+WN_DEFINE_ROWS(7)
+WN_DEFINE_ROWS(8)
 
 /* One entry per row count, 1 .. WN_MAX_ROWS. */
-static void (*const forward_rows[WN_MAX_ROWS])(const forward_args *, int) = {forward_rows_1, forward_rows_2,
-                                                                           forward_rows_3, forward_rows_4};
-static void (*const backward_rows[WN_MAX_ROWS])(const backward_args *, int) = {backward_rows_1, backward_rows_2,
-                                                                             backward_rows_3, backward_rows_4};
+static void (*const forward_rows[WN_MAX_ROWS])(const forward_args *, int) = {
+    forward_rows_1, forward_rows_2, forward_rows_3, forward_rows_4,
+    forward_rows_5, forward_rows_6, forward_rows_7, forward_rows_8};
+static void (*const backward_rows[WN_MAX_ROWS])(const backward_args *, int) = {
+    backward_rows_1, backward_rows_2, backward_rows_3, backward_rows_4,
+    backward_rows_5, backward_rows_6, backward_rows_7, backward_rows_8};
 
 /* y = (x @ v') * gain/||v|| + bias, keeping u = x @ v', safe and scale for the backward.
  * Returns 0, or -1 for a row count the kernels do not take. */
