@@ -25,7 +25,7 @@ Workloads (the variants of each are defined in ``tools/bench_models.py``):
     torch's weight_norm;
 12. forward + backward of one small Conv2d / Linear, where the per-call overhead of the weight
     norm is most of the cost: ``(ours - plain) / (torch - plain)`` in the notes;
-13. workload 1 at batch 8, where the native kernels apply on CPUs other than Intel's (see
+13. workload 1 at batch 8, where the native kernels apply on AMD CPUs (see
     ``KernelStatus.rows``), also with them off.
 
 Method.  ``torch.set_num_threads(--threads)`` (1 by default) and one inter-op thread.  Every

@@ -75,7 +75,7 @@ class ScaledLinear(torch.autograd.Function):
 
     Shapes: ``x [..., in]``, ``v [out, in]``, ``g [out, 1]``, ``b [out]`` or None.  Norms and
     scales are float32 (or wider); a zero direction gives a zero row, never NaN.  At a few float32
-    rows on CPU (1-4 on Intel CPUs, 1-8 on others: :attr:`~wn_transform.KernelStatus.rows`), the
+    rows on CPU (1-8 on AMD CPUs, 1-4 elsewhere: :attr:`~wn_transform.KernelStatus.rows`), the
     native kernels (:mod:`wn_transform.kernels`) do the forward and backward, with the same math.
     """
 

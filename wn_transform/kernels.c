@@ -25,7 +25,7 @@
 #endif
 #include <immintrin.h>
 
-#define WN_MAX_ROWS 8 /* the most rows a call takes; kernels.py gives 1-4 on Intel CPUs, 1-8 on others */
+#define WN_MAX_ROWS 8 /* the most rows a call takes; kernels.py gives 1-8 on AMD CPUs, 1-4 elsewhere */
 #define WN_INLINE static inline __attribute__((always_inline))
 #define WN_MIN_BAND 256 /* columns per thread in the backward, at least: whole cache lines, long streams */
 #define WN_PREFETCH 512 /* floats ahead: 2 KiB, measured best of 0-512 (1024x1024, 1 thread) */

@@ -47,7 +47,7 @@ __all__ = ["MAX_ROWS", "KernelStatus", "backward", "calibrate", "calibration_usa
            "usable"]
 
 MAX_ROWS = 8  # the most rows per call the kernels can take (kernels.c: WN_MAX_ROWS); see _row_limit
-_INTEL_ROWS = 4  # on Intel CPUs, beyond this MKL's own matmuls beat the backward's per-row updates of grad_x
+_ROWS = 4  # elsewhere than on AMD CPUs: from 5 rows, MKL's matmuls beat the backward's per-row updates of grad_x
 _VERSION = 6  # kernels.c: wn_kernels_version()
 _SOURCE = Path(__file__).with_name("kernels.c")
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
@@ -190,8 +190,9 @@ def _row_limit(vendor: str) -> int:
     route's matmuls (MKL) cost about the same from 1 to 8 rows.  Measured, forward and backward of
     a 1024 x 1024 layer, 1 thread: on an Intel Xeon VM the kernels lose from 5 rows (8 rows: 2214
     against 1957 us, backward alone); on an AMD EPYC VM, where MKL's skinny matmuls are slow,
-    they win at 8 rows by 2.5x (988 against 2515 us; 4 rows 440 against 2139)."""
-    return _INTEL_ROWS if vendor == "GenuineIntel" else MAX_ROWS
+    they win at 8 rows by 2.5x (988 against 2515 us; 4 rows 440 against 2139).  Where the vendor
+    is not known (no /proc/cpuinfo) or not measured, the rows proven everywhere: 4."""
+    return MAX_ROWS if vendor == "AuthenticAMD" else _ROWS
 
 
 def _cpu_vendor() -> str:
