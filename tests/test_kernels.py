@@ -67,6 +67,13 @@ def test_the_kernels_build_wherever_a_compiler_and_avx2_exist(fresh_build: Path)
     assert wn.kernel_status() == status
 
 
+def test_a_layer_the_kernels_cannot_take_never_builds_them(fresh_build: Path) -> None:
+    """Training at a batch beyond the kernels' rows costs no compiler run (about a second)."""
+    model = wn.apply_weight_norm(nn.Sequential(nn.Linear(1024, 512)), init="preserve")  # the output form at 64 rows
+    model(torch.randn(64, 1024)).sum().backward()
+    assert kernels._loaded is None and not any(fresh_build.iterdir())
+
+
 def test_the_row_limit_is_eight_on_amd_cpus_and_four_elsewhere() -> None:
     """On Intel, MKL's matmuls beat the kernels' per-row backward from 5 rows; on AMD not before 8;
     an unknown vendor gets the rows proven everywhere."""
