@@ -366,7 +366,7 @@ class TrainStep:
         self.y = y
         self.optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
         self.last_loss: Tensor | None = None
-        self.route = wn_transform.kernels.disabled if eager else contextlib.nullcontext  # eager: no native kernels
+        self.route = kernels.disabled if eager else contextlib.nullcontext  # eager: no native kernels
 
     def __call__(self, _: object = None) -> None:
         self.optimizer.zero_grad()
@@ -433,7 +433,7 @@ def _mlp_spec(key: str, batch: int, budget_s: float, *, compile: bool = False) -
     notes: tuple[str, ...] = ()
     if batch == 1:
         notes += ("batchnorm: not applicable at batch 1 (BatchNorm1d needs >1 sample per channel in training)",)
-    if batch <= wn_transform.kernels.MAX_ROWS:  # the native kernels may take it: time the eager route beside them
+    if batch <= kernels.MAX_ROWS:  # the native kernels may take it: time the eager route beside them
         variants += ("wn_transform_eager",)
         notes += (f"wn_transform_eager: the same model with the native kernels off (wn_transform.kernels.disabled()), "
                   f"the eager ATen route; the kernels themselves: {native_kernels()}",)

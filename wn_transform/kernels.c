@@ -1,5 +1,5 @@
 /* Fused float32 CPU kernels for the output form of a weight-normalized Linear at few rows (and,
- * at the end of this file, the data-dependent init's per-layer statistics of a Linear or conv).
+ * at the end of this file, the data-dependent init's per-layer statistics of a Linear or (transposed) conv).
  *
  * Compiled on first use by kernels.py (cc -O3 -march=native -fopenmp) and called through ctypes.
  * With R <= WN_MAX_ROWS rows, every pass over the weight is memory-bound, so what counts is how

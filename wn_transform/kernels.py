@@ -198,26 +198,22 @@ def _row_limit(vendor: str) -> int:
 
 def _cpu_vendor() -> str:
     """``vendor_id`` of /proc/cpuinfo (``GenuineIntel``, ``AuthenticAMD``, ...), or "" where unknown."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return ""
+    line = _cpuinfo_line("vendor_id")
+    return line.partition(":")[2].strip() if line else ""
 
 
 def _cpu_fingerprint() -> str:
     """The CPU's feature flags: a library built with -march=native runs only where they match."""
+    return _cpuinfo_line("flags", "Features") or platform.processor()
+
+
+def _cpuinfo_line(*keys: str) -> str | None:
+    """The first line of /proc/cpuinfo that starts with one of ``keys``; None where there is none."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return line
+            return next((line for line in f if line.startswith(keys)), None)
     except OSError:
-        pass
-    return platform.processor()
+        return None
 
 
 def _build_and_load() -> tuple[ctypes.CDLL | None, KernelStatus]:
