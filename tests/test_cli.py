@@ -116,13 +116,20 @@ def test_apply_with_calibration_file_and_preserve(tmp_path: Path) -> None:
     result = cli("apply", "--model", MODEL, "--calib", str(calib), "-o", str(out))
     assert result.returncode == 0, result.stderr
     assert "init=data" in result.stdout and any(k.endswith("original0") for k in load_file(out))
-    fast = tmp_path / "wn_fast.safetensors"
-    result = cli("apply", "--model", MODEL, "--calib", str(calib), "--fast-init", "-o", str(fast))
-    assert result.returncode == 0, result.stderr
-    exact, quick = load_file(out), load_file(fast)
-    assert exact.keys() == quick.keys()
-    for key in exact:  # a shallow model: the fast init sets the exact init's values
-        torch.testing.assert_close(quick[key], exact[key], rtol=1e-4, atol=1e-5, msg=key)
+    default = load_file(out)
+    for flag in ("--exact-init", "--fast-init"):  # the default hands on g*t + b, as --fast-init asks
+        other = tmp_path / f"wn{flag}.safetensors"
+        result = cli("apply", "--model", MODEL, "--calib", str(calib), flag, "-o", str(other))
+        assert result.returncode == 0, result.stderr
+        tensors = load_file(other)
+        assert tensors.keys() == default.keys()
+        for key in default:  # a shallow model: the exact init sets the fast init's values to rounding
+            if flag == "--fast-init":
+                torch.testing.assert_close(tensors[key], default[key], rtol=0, atol=0, msg=key)
+            else:
+                torch.testing.assert_close(tensors[key], default[key], rtol=1e-4, atol=1e-5, msg=key)
+    result = cli("apply", "--model", MODEL, "--calib", str(calib), "--exact-init", "--fast-init", "-o", str(out) + "2")
+    assert result.returncode == 2 and "not allowed with argument" in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize(

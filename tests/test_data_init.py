@@ -373,13 +373,14 @@ def test_a_batch_with_nan_or_inf_is_refused_before_anything_changes(bad: float) 
     assert type(model[0]) is nn.Linear and torch.equal(model[0].weight, before)
 
 
-def test_a_100_layer_network_is_standardized_to_the_last_layer() -> None:
-    """Each layer hands on what the model really computes, so float rounding is not amplified
-    through depth (handing on g*t + b in float64 drifted to O(1) errors by layer 100)."""
+def test_the_exact_init_standardizes_a_100_layer_network_to_the_last_layer() -> None:
+    """``exact_init=True``: each layer hands on what the model really computes, so float
+    rounding is not amplified through depth (handing on g*t + b drifts to O(1) errors by layer
+    100 in this network, as does running it one sample at a time after this init)."""
     torch.manual_seed(0)
     model = _deep_mlp(depth=100, width=32)
     batch = torch.randn(128, 10)
-    out = wn.apply_weight_norm(model, batch)
+    out = wn.apply_weight_norm(model, batch, exact_init=True)
     pre = _pre_activations(out, batch, (nn.Linear,))
     for name in list(pre)[-5:]:
         mean, std = _per_unit(pre[name])

@@ -83,9 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--exclude", action="append", metavar="PATTERN", help="leave weights/modules matching (repeatable)")
     apply.add_argument("--init-scale", type=float, default=1.0, help="std of every pre-activation after init (default 1)")
     apply.add_argument("--exp-scale", action="store_true", help="store g as e^s")
-    apply.add_argument("--fast-init", action="store_true",
-                       help="hand on g*t + b between layers, as the paper's code does: each op runs once "
-                            "instead of twice, rounding drifts in very deep networks (default: exact)")
+    handing = apply.add_mutually_exclusive_group()
+    handing.add_argument("--exact-init", action="store_true",
+                         help="run each layer's op again with the new g, b and hand its real output on "
+                              "(each op runs twice; default: hand on g*t + b, as the paper's code does)")
+    handing.add_argument("--fast-init", action="store_true", help="hand on g*t + b (the default; kept for old scripts)")
     _output_arguments(apply)
 
     export = command("export", "Load a model, fold its weight norm, export it to ONNX and verify it in onnxruntime.")
@@ -150,7 +152,7 @@ def cmd_apply(args: argparse.Namespace, say: Callable[[str], None]) -> int:
     say("applying weight norm" + ("" if args.preserve else " with data-dependent init"))
     model = apply_weight_norm(model, batch, init="preserve" if args.preserve else "data", include=args.include,
                               exclude=args.exclude, init_scale=args.init_scale, exp_scale=args.exp_scale,
-                              exact_init=not args.fast_init, inplace=True)
+                              exact_init=args.exact_init, inplace=True)
     print(weight_norm_report(model))
     say(f"writing {args.output}")
     save_checkpoint(model.state_dict(), args.output, force=args.force, inputs=_inputs(args))
