@@ -29,3 +29,21 @@ def test_the_quick_bench_runs_every_workload_and_passes_its_sanity_checks(tmp_pa
         assert workload["rows"], f"workload {key} produced no rows"
     table = (tmp_path / "bench.md").read_text()
     assert all(f"| {key}. " in table for key in WORKLOADS)
+
+
+def _bench_module():
+    sys.path.insert(0, str(TOOLS))
+    try:
+        import bench
+    finally:
+        sys.path.remove(str(TOOLS))
+    return bench
+
+
+def test_the_head_to_head_sign_test_is_the_exact_binomial_one() -> None:
+    """The p-value the bench prints beside a head-to-head count, against scipy's binomtest."""
+    binomtest = __import__("scipy.stats", fromlist=["binomtest"]).binomtest
+    bench = _bench_module()
+    for wins, rounds in [(0, 1), (1, 2), (5, 10), (0, 10), (9, 10), (31, 40), (60, 121), (100, 100)]:
+        expected = binomtest(wins, rounds, 0.5, alternative="two-sided").pvalue
+        assert abs(bench.sign_test(wins, rounds) - expected) < 1e-12, (wins, rounds)

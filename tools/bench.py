@@ -328,6 +328,32 @@ def paired_note(timing: Timing, base: str) -> str:
     return f"median of per-round paired ratios to {base} (cross-check): {ratios}; {timing.rounds} rounds"
 
 
+def timing_notes(timing: Timing, label: str = "") -> list[str]:
+    """The cross-checks of a timing against plain: :func:`paired_note`, :func:`head_to_head_note`."""
+    notes = [paired_note(timing, "plain"), head_to_head_note(timing)]
+    return [f"{label}: {note}" if label else note for note in notes if note]
+
+
+def head_to_head_note(timing: Timing, name: str = "wn_transform", rival: str = "torch") -> str | None:
+    """``name`` against ``rival`` round by round: the median of the per-round ratios, in how many
+    rounds ``name`` was faster, and the two-sided sign-test p-value of that count (how likely so
+    uneven a split is if neither is faster).  It resolves differences of a percent that the
+    medians' ratios to plain leave within their noise.  None when a case is missing."""
+    if name not in timing.samples or rival not in timing.samples:
+        return None
+    ratios = timing.paired_ratios(name, rival)
+    wins, rounds = sum(r < 1 for r in ratios), len(ratios)
+    return (f"head to head, {name} / {rival} in the same round: median {statistics.median(ratios):.3f}, "
+            f"{name} faster in {wins} of {rounds} rounds (sign test p = {sign_test(wins, rounds):.2g})")
+
+
+def sign_test(wins: int, rounds: int) -> float:
+    """Two-sided p-value of ``wins`` successes in ``rounds`` fair coin flips (exact binomial)."""
+    extreme = min(wins, rounds - wins)
+    tail = sum(math.comb(rounds, k) for k in range(extreme + 1)) / 2 ** rounds
+    return min(1.0, 2 * tail)
+
+
 class SanityError(AssertionError):
     """Two variants that must compute the same function do not (or normalize different weights)."""
 
@@ -422,7 +448,7 @@ def run_train(spec: TrainSpec, ctx: Context) -> WorkloadResult:
             msg = f"{name}: the training loss is not finite after timing ({step.last_loss})"
             raise SanityError(msg)
     result.rows = timing_rows(spec.title, timing, "plain")
-    result.notes.append(paired_note(timing, "plain"))
+    result.notes += timing_notes(timing)
     result.raw = {"timing": timing.to_dict("plain"), "max_abs_diff_vs_plain": diffs,
                   "final_loss": {n: float(s.last_loss) for n, s in steps.items()}}
     return result
@@ -593,7 +619,7 @@ def run_eval(ctx: Context) -> WorkloadResult:
         raise SanityError(msg)
     timing = interleave([_eval_case(n, m, x) for n, m in models.items()], ctx.effort, budget_s=15.0)
     result.rows = timing_rows(title, timing, "plain")
-    result.notes = ["folded = fold_weight_norm(apply_weight_norm(model, init='preserve'))", paired_note(timing, "plain")]
+    result.notes = ["folded = fold_weight_norm(apply_weight_norm(model, init='preserve'))", *timing_notes(timing)]
     result.raw = {"timing": timing.to_dict("plain"), "max_abs_diff_vs_plain": diffs}
     return result
 
@@ -634,7 +660,7 @@ def run_small_layers(ctx: Context) -> WorkloadResult:
         medians = {n: timing.samples[n].median for n in layers}
         overhead = (medians["wn_transform"] - medians["plain"]) / max(medians["torch"] - medians["plain"], 1e-12)
         result.notes += [f"{label}: weight-norm overhead, wn_transform / torch = {overhead:.2f} (ratio of "
-                         "median differences to plain)", f"{label}: {paired_note(timing, 'plain')}"]
+                         "median differences to plain)", *timing_notes(timing, label)]
         result.raw[label] = {"timing": timing.to_dict("plain"), "overhead_ratio": overhead, "max_abs_diff": diffs}
     return result
 
