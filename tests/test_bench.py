@@ -13,6 +13,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 TOOLS = Path(__file__).resolve().parent.parent / "tools"
 WORKLOADS = [str(k) for k in range(1, 14)]
 
@@ -42,8 +45,17 @@ def _bench_module():
 
 def test_the_head_to_head_sign_test_is_the_exact_binomial_one() -> None:
     """The p-value the bench prints beside a head-to-head count, against scipy's binomtest."""
-    binomtest = __import__("scipy.stats", fromlist=["binomtest"]).binomtest
+    binomtest = pytest.importorskip("scipy.stats").binomtest
     bench = _bench_module()
     for wins, rounds in [(0, 1), (1, 2), (5, 10), (0, 10), (9, 10), (31, 40), (60, 121), (100, 100)]:
         expected = binomtest(wins, rounds, 0.5, alternative="two-sided").pvalue
         assert abs(bench.sign_test(wins, rounds) - expected) < 1e-12, (wins, rounds)
+
+
+def test_asking_for_cuda_without_a_cuda_device_is_a_clear_usage_error(tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    result = subprocess.run([sys.executable, str(TOOLS / "bench.py"), "--device", "cuda", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--device cuda" in result.stderr and "no CUDA device" in result.stderr
+    assert not (tmp_path / "bench.md").exists()

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark suite for wn_transform: cost of weight norm against plain, torch's and BatchNorm.
 
-    .venv/bin/python tools/bench.py [--quick] [--out results/bench] [--threads 1] [--only 1,5,9]
+    .venv/bin/python tools/bench.py [--quick] [--out results/bench] [--threads 1] [--only 1,5,9] [--device cuda]
 
 Prints a markdown table and writes it, with the raw numbers, to the results folder:
 ``bench.md``, ``bench.json`` and, when matplotlib is installed, ``*.png`` plots.
@@ -41,6 +41,11 @@ interquartile range of the samples, and ratios of medians taken in the same run;
 ``bench.json`` also has the per-round paired ratios (their median is in the notes as a
 cross-check).  Peak memory is read from ``torch.profiler``'s allocation events (see
 :func:`step_memory`).
+
+``--device cuda`` runs the workloads that compute on a device (all but 8 and 9, which are
+CPU-side work: model surgery, ONNX export and onnxruntime) with the models and batches on the
+first CUDA device; each timed block ends with ``torch.cuda.synchronize()``, and peak memory is
+``torch.cuda.max_memory_allocated`` above what was allocated before the step.
 
 Sanity checks, before timing: every variant computes the same function as ``plain`` on the
 batch (BatchNorm excepted: it is a different model) and normalizes the same number of weights;
@@ -137,10 +142,11 @@ class Effort:
 
 @dataclass(frozen=True)
 class Context:
-    """What every workload gets: the effort and the thread count."""
+    """What every workload gets: the effort, the thread count and the device of models and batches."""
 
     effort: Effort
     threads: int
+    device: torch.device = torch.device("cpu")
 
     @property
     def quick(self) -> bool:
@@ -222,11 +228,20 @@ def _time_block(case: Case, calls: int, *, lead_in: bool = False) -> tuple[float
     with contextlib.nullcontext() if case.gc_on else gc_paused():
         if lead_in:
             case.run(arg)
+        synchronize()
         start = time.perf_counter()
         for _ in range(calls):
             case.run(arg)
+        synchronize()
         elapsed = time.perf_counter() - start
     return elapsed / calls, setup_s
+
+
+def synchronize() -> None:
+    """Wait for the work queued on the CUDA device, if this process uses one (timing asynchronous
+    kernels without it measures their launch only)."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def _warm_up(case: Case, effort: Effort) -> tuple[float, float] | None:
@@ -436,8 +451,8 @@ def check_variants(models: dict[str, nn.Module], x: Tensor) -> dict[str, float]:
 def run_train(spec: TrainSpec, ctx: Context) -> WorkloadResult:
     """Workloads 1-4: time a training step of every variant, interleaved."""
     result = WorkloadResult(spec.key, spec.title, notes=list(spec.notes))
-    x, y = spec.batch()
-    models = build_variants(spec)
+    x, y = (t.to(ctx.device) for t in spec.batch())
+    models = on_device(build_variants(spec), ctx)
     diffs = check_variants(models, x)
     if spec.compile:  # the compiled module shares the model's parameters; the optimizer stays eager
         models = {name: torch.compile(model) for name, model in models.items()}
@@ -550,6 +565,25 @@ def step_memory(step: Callable[[], None]) -> tuple[int, int]:
     return peak, total
 
 
+def cuda_step_memory(step: Callable[[], None]) -> tuple[int, int]:
+    """``(peak, end)`` of :func:`step_memory` on the CUDA device: the caching allocator's peak of
+    allocated bytes during ``step()``, and what is allocated at its end, less what was before."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before, torch.cuda.memory_allocated() - before
+
+
+def on_device(models: dict[str, nn.Module], ctx: Context) -> dict[str, nn.Module]:
+    """``models`` moved to the run's device; off the CPU, without the variant that only switches
+    the CPU kernels off (it would time the same code twice)."""
+    if ctx.device.type == "cpu":
+        return models
+    return {name: model.to(ctx.device) for name, model in models.items() if name != "wn_transform_eager"}
+
+
 def state_bytes(model: nn.Module) -> int:
     """Bytes of the model's parameters and buffers."""
     return sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers()))
@@ -560,9 +594,10 @@ def run_memory(ctx: Context) -> WorkloadResult:
     spec = _mlp_spec("1", 64, 0.0)
     title = "5. peak memory of a train step, MLP 784-1024-1024-10, batch 64"
     result = WorkloadResult("5", title)
-    x, y = spec.batch()
-    models = build_variants(spec)
+    x, y = (t.to(ctx.device) for t in spec.batch())
+    models = on_device(build_variants(spec), ctx)
     check_variants(models, x)
+    measure = step_memory if ctx.device.type == "cpu" else cuda_step_memory
     steps = {name: TrainStep(model, x, y, eager=name == "wn_transform_eager") for name, model in models.items()}
     repeats = 2 if ctx.quick else 5
     for step in steps.values():
@@ -572,7 +607,7 @@ def run_memory(ctx: Context) -> WorkloadResult:
     ends: dict[str, list[int]] = {name: [] for name in steps}
     for r in range(repeats):
         for name in _rotated(list(steps), r):
-            peak, end = step_memory(steps[name])
+            peak, end = measure(steps[name])
             peaks[name].append(peak)
             ends[name].append(end)
     base = statistics.median(peaks["plain"])
@@ -580,9 +615,11 @@ def run_memory(ctx: Context) -> WorkloadResult:
         value = statistics.median(values)
         result.rows.append(Row(title, name, value, "B", min(values), max(values), value / base, "plain"))
     sizes = {name: state_bytes(model) for name, model in models.items()}
+    method = ("torch.profiler profile_memory=True: the CPU allocator's [memory] events, allocations and frees "
+              "paired by address" if ctx.device.type == "cpu" else
+              "torch.cuda.max_memory_allocated after reset_peak_memory_stats, less what was allocated before the step")
     result.notes = [
-        "peak = max over the step of the bytes allocated during the step and still live (torch.profiler "
-        "profile_memory=True: the CPU allocator's [memory] events, allocations and frees paired by address); "
+        f"peak = max over the step of the bytes allocated during the step and still live ({method}); "
         "parameters, batch and the previous step's gradients (freed by zero_grad first) are not in it. "
         f"IQR column: min - max over {repeats} profiled steps.",
         "parameters+buffers: " + ", ".join(f"{n} {_format_bytes(b)}" for n, b in sizes.items()),
@@ -609,8 +646,9 @@ def run_eval(ctx: Context) -> WorkloadResult:
     title = "6. eval forward (no_grad), MLP 784-1024-1024-10, batch 1"
     result = WorkloadResult("6", title)
     plain = bm.mlp()
-    x, _ = _classification_batch((1, 784))
-    models = {name: bm.make_variant(name, plain).eval() for name in EVAL_VARIANTS}
+    x = _classification_batch((1, 784))[0].to(ctx.device)
+    plain = plain.to(ctx.device)
+    models = on_device({name: bm.make_variant(name, plain).eval() for name in EVAL_VARIANTS}, ctx)
     check_normalized_counts(models, len(bm.normalized_sites(plain)))
     with torch.no_grad():
         diffs = {name: check_close(name, model(x), plain(x)) for name, model in models.items()}
@@ -649,8 +687,8 @@ def run_small_layers(ctx: Context) -> WorkloadResult:
     for label, (build, shape) in SMALL_LAYERS.items():
         torch.manual_seed(0)
         plain = nn.Sequential(build())
-        x = torch.randn(shape, generator=torch.Generator().manual_seed(3))
-        layers = {name: bm.make_variant(name, plain)[0].train() for name in ("plain", "wn_transform", "torch")}
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(ctx.device)
+        layers = {name: bm.make_variant(name, plain)[0].train().to(ctx.device) for name in ("plain", "wn_transform", "torch")}
         check_normalized_counts({n: nn.Sequential(m) for n, m in layers.items()}, 1)
         with torch.no_grad():
             diffs = {n: check_close(n, m(x), layers["plain"](x)) for n, m in layers.items() if n != "plain"}
@@ -673,8 +711,9 @@ DATA_INIT_WIDTH = 256
 DATA_INIT_BATCH = 256
 
 
-def _data_init_cases(plain: nn.Module, x: Tensor, last: dict[str, nn.Module]) -> list[Case]:
-    """Plain forward, one-pass init, naive init; the inits leave their last model in ``last``."""
+def _data_init_cases(plain: nn.Module, x: Tensor, last: dict[str, nn.Module], *, cpu: bool = True) -> list[Case]:
+    """Plain forward, one-pass init, naive init; the inits leave their last model in ``last``.
+    ``cpu=False``: without the passes that switch the (CPU-only) native kernels off."""
     def forward(_: object) -> None:
         with torch.no_grad():
             plain(x)
@@ -702,7 +741,7 @@ def _data_init_cases(plain: nn.Module, x: Tensor, last: dict[str, nn.Module]) ->
 
     return [Case("plain forward", forward), Case("wn_transform init=data", fast, fresh),
             *(Case(name, init_pass(key, exact=exact, native=native), reparameterized)
-              for name, key, exact, native in INIT_PASS_CASES),
+              for name, key, exact, native in INIT_PASS_CASES if native or cpu),
             Case("naive per-layer re-run", naive, fresh)]
 
 
@@ -811,13 +850,16 @@ def run_data_init(ctx: Context) -> WorkloadResult:
     title = f"7. data init, MLP width {DATA_INIT_WIDTH}, batch {DATA_INIT_BATCH}; CNN"
     result = WorkloadResult("7", title)
     for key, label, plain, x, budget in _data_init_models():
+        plain, x = plain.to(ctx.device), x.to(ctx.device)
         last: dict[str, nn.Module] = {}
-        cases = _data_init_cases(plain, x, last)
+        cases = _data_init_cases(plain, x, last, cpu=ctx.device.type == "cpu")
         timing = interleave(cases, ctx.effort, budget_s=budget, min_rounds=1)
         faults = {case.name: minor_faults(case) for case in cases if not case.name.startswith("naive")}
         fast, naive = check_data_init(last["fast"], last["naive"], x)
         passes = {}
         for name, kept, _, _ in INIT_PASS_CASES:
+            if kept not in last:  # not run on this device
+                continue
             passes[name] = InitQuality.measure(last[kept], x)
             check_first_layer(name, passes[name])
         exact_pass = passes["init pass only, exact_init=True"]
@@ -1028,13 +1070,15 @@ def run_onnx(ctx: Context) -> WorkloadResult:
 class Workload:
     key: str
     run: Callable[[Context], WorkloadResult]
+    on_device: bool = True  # False: CPU-side work (model surgery, ONNX), not run with --device cuda
 
 
 def workloads() -> list[Workload]:
     """All workloads, in table order."""
     train = {spec.key: Workload(spec.key, lambda ctx, spec=spec: run_train(spec, ctx)) for spec in train_specs()}
     return [*(train[k] for k in "1234"), Workload("5", run_memory), Workload("6", run_eval),
-            Workload("7", run_data_init), Workload("8", run_apply), Workload("9", run_onnx), train["10"], train["11"],
+            Workload("7", run_data_init), Workload("8", run_apply, on_device=False), Workload("9", run_onnx, on_device=False),
+            train["10"], train["11"],
             Workload("12", run_small_layers), train["13"]]
 
 
@@ -1072,6 +1116,7 @@ class Environment:
     command: str
     load_average: str
     native_kernels: str
+    device: str
 
     @classmethod
     def collect(cls, ctx: Context) -> Environment:
@@ -1082,8 +1127,15 @@ class Environment:
             platform=platform.platform(), onnxruntime=_version_of("onnxruntime"),
             wn_transform=wn_transform.__version__, git=git_revision(), source=source_digest(), mode=ctx.effort.name,
             command=" ".join([Path(sys.executable).name, *sys.argv]), load_average=load_average(),
-            native_kernels=native_kernels(),
+            native_kernels=native_kernels(), device=device_name(ctx.device),
         )
+
+
+def device_name(device: torch.device) -> str:
+    """``cpu``, or the CUDA device's name and the CUDA version torch was built with."""
+    if device.type != "cuda":
+        return device.type
+    return f"cuda: {torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
 
 
 def native_kernels() -> str:
@@ -1189,7 +1241,7 @@ def markdown(env: Environment, results: list[WorkloadResult], wall_s: float, ale
         f"- CPU: {env.cpu} ({env.logical_cpus} logical CPUs); {env.platform}; load average at start "
         f"{env.load_average}, at end {load_average()}",
         f"- wn_transform {env.wn_transform} (git {env.git}; sources sha256 {env.source}); native kernels "
-        f"{env.native_kernels}",
+        f"{env.native_kernels}; models and batches on {env.device}",
         "- method: warm-up, then the variants of a workload timed interleaved (A B C, B C A, ...) for many rounds; "
         "median and interquartile range (q1 – q3) per call; ratio = median / median of the baseline in the same run",
         *(f"- **warning**: {alert}" for alert in alerts),
@@ -1303,17 +1355,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--only", default=None, help="comma-separated workload numbers, e.g. 1,5,9")
     parser.add_argument("--time-scale", type=float, default=1.0, help="multiply the full run's time budgets")
     parser.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where models and batches live (default cpu); cuda skips the CPU-side workloads 8 and 9")
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error("--threads must be >= 1")
     if args.time_scale <= 0:
         parser.error("--time-scale must be > 0")
-    known = {w.key for w in workloads()}
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device cuda: torch {torch.__version__} sees no CUDA device on this machine")
+    known = {w.key for w in workloads() if w.on_device or args.device == "cpu"}
     if args.only is not None:
         args.only = [k.strip() for k in args.only.split(",") if k.strip()]
         unknown = sorted(set(args.only) - known)
         if unknown:
-            parser.error(f"unknown workloads {unknown}; known: {sorted(known)}")
+            parser.error(f"unknown workloads {unknown} (with --device {args.device}); known: {sorted(known, key=int)}")
     return args
 
 
@@ -1322,10 +1378,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     set_threads(args.threads)
     effort = Effort.quick() if args.quick else Effort.full(args.time_scale)
     args.out.mkdir(parents=True, exist_ok=True)
-    ctx = Context(effort, args.threads)
+    ctx = Context(effort, args.threads, torch.device(args.device))
     env = Environment.collect(ctx)
     start = time.perf_counter()
-    selected = [w for w in workloads() if args.only is None or w.key in args.only]
+    selected = [w for w in workloads() if (w.on_device or args.device == "cpu") and (args.only is None or w.key in args.only)]
     results = [run_workload(w, ctx) for w in selected]
     wall_s = time.perf_counter() - start
     alerts = []
