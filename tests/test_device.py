@@ -94,8 +94,6 @@ def test_a_training_step_on_the_device_follows_the_papers_formula() -> None:
 
 @pytest.mark.parametrize("dtype", HALF, ids=["f16", "bf16"])
 def test_under_autocast_outputs_have_the_plain_models_dtype_and_values(dtype: torch.dtype) -> None:
-    if DEVICE == "cpu" and dtype == torch.float16:
-        pytest.skip("CPU autocast to float16 is not what a user runs")
     plain = _net().to(DEVICE)
     model = wn.apply_weight_norm(plain, init="preserve").to(DEVICE)
     x = _batch()

@@ -9,6 +9,7 @@ import os
 import platform
 import shutil
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -122,6 +123,17 @@ def _layer(rows: int, in_features: int, out_features: int, seed: int, v: torch.T
     return x, g, v, b, torch.randn(rows, out_features, generator=gen)
 
 
+@contextlib.contextmanager
+def _threads(count: int) -> Iterator[None]:
+    """``torch``'s intra-op threads set to ``count`` for the block."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _assert_matches(got: dict, want: dict, in_features: int) -> None:
     for name, expected in want.items():
         assert torch.isfinite(got[name]).all(), name
@@ -136,15 +148,11 @@ def _assert_matches(got: dict, want: dict, in_features: int) -> None:
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8])
 def test_the_kernels_compute_the_papers_formulas(rows: int, in_features: int, threads: int, exp_scale: bool) -> None:
     layer = _layer(rows, in_features, 67, seed=rows * 1000 + in_features)  # 67: not a multiple of 4 units
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with _threads(threads):
         got = _kernels(*layer, exp_scale)
         x, g, v, b, grad_y = layer
         _, grad_g, grad_v, none = kernels.backward(grad_y, x, got["u"], got["safe"], got["scale"], v,
                                                    exp_scale=exp_scale, input_grad=False, bias_grad=False)
-    finally:
-        torch.set_num_threads(previous)
     _assert_matches(got, _paper(*layer, exp_scale), in_features)
     assert none is None
     torch.testing.assert_close(grad_v, got["grad_v"], rtol=0, atol=0)
@@ -382,16 +390,6 @@ def test_the_calibration_kernel_computes_the_papers_init(layout: str, units: int
             assert got[name] is None
         else:
             torch.testing.assert_close(got[name].double(), value, rtol=2e-5, atol=2e-5, msg=lambda m, n=name: f"{n}: {m}")
-
-
-@contextlib.contextmanager
-def _threads(count: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def test_calibration_usable_takes_only_what_the_kernel_computes() -> None:

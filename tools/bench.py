@@ -647,8 +647,8 @@ def run_eval(ctx: Context) -> WorkloadResult:
     result = WorkloadResult("6", title)
     plain = bm.mlp()
     x = _classification_batch((1, 784))[0].to(ctx.device)
-    plain = plain.to(ctx.device)
-    models = on_device({name: bm.make_variant(name, plain).eval() for name in EVAL_VARIANTS}, ctx)
+    plain = plain.to(ctx.device)  # the variants are copies of it, on its device
+    models = {name: bm.make_variant(name, plain).eval() for name in EVAL_VARIANTS}
     check_normalized_counts(models, len(bm.normalized_sites(plain)))
     with torch.no_grad():
         diffs = {name: check_close(name, model(x), plain(x)) for name, model in models.items()}
@@ -1364,12 +1364,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--time-scale must be > 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device cuda: torch {torch.__version__} sees no CUDA device on this machine")
-    known = {w.key for w in workloads() if w.on_device or args.device == "cpu"}
-    if args.only is not None:
+    known = [w.key for w in workloads() if w.on_device or args.device == "cpu"]
+    if args.only is None:
+        args.only = known
+    else:
         args.only = [k.strip() for k in args.only.split(",") if k.strip()]
-        unknown = sorted(set(args.only) - known)
+        unknown = sorted(set(args.only) - set(known))
         if unknown:
-            parser.error(f"unknown workloads {unknown} (with --device {args.device}); known: {sorted(known, key=int)}")
+            parser.error(f"unknown workloads {unknown} (with --device {args.device}); known: {known}")
     return args
 
 
@@ -1381,7 +1383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ctx = Context(effort, args.threads, torch.device(args.device))
     env = Environment.collect(ctx)
     start = time.perf_counter()
-    selected = [w for w in workloads() if (w.on_device or args.device == "cpu") and (args.only is None or w.key in args.only)]
+    selected = [w for w in workloads() if w.key in args.only]
     results = [run_workload(w, ctx) for w in selected]
     wall_s = time.perf_counter() - start
     alerts = []
