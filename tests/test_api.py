@@ -221,6 +221,18 @@ def test_bad_arguments_get_clear_errors(net: Net, batch: torch.Tensor) -> None:
         wn.apply_weight_norm(net, "batch.pt")
 
 
+def test_lazy_layers_that_have_not_run_are_named_and_work_after_one_forward() -> None:
+    model = nn.Sequential(nn.LazyConv2d(4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
+    x = torch.randn(6, 3, 5, 5)
+    for batch in (x, None):
+        with pytest.raises(wn.WeightNormError, match=r"lazy layers .*: 0 \(LazyConv2d\), 3 \(LazyLinear\); run one forward"):
+            wn.apply_weight_norm(model, batch)
+    model(x)  # creates the weights (and makes the layers Conv2d and Linear)
+    out = wn.apply_weight_norm(model, x, init="preserve")
+    assert [t.qualname for t in wn.weight_norm_report(out).converted] == ["0.weight", "3.weight"]
+    torch.testing.assert_close(out(x), model(x))
+
+
 class _TransposedLinear(nn.Module):
     """A GPT-2-style ``[in, out]`` weight read by ``addmm``: not one of torch's layer types."""
 

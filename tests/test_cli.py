@@ -179,7 +179,7 @@ def test_a_malicious_pickle_is_refused_not_executed(tmp_path: Path) -> None:
     assert not (tmp_path / "pwned").exists()
 
 
-@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", pickle.dumps([1, 2, 3])])
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b"just some text here\n", pickle.dumps([1, 2, 3])])
 def test_files_that_are_not_checkpoints_get_a_clear_error(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "junk.pt"
     path.write_bytes(content)
@@ -236,3 +236,66 @@ def test_export_folds_verifies_and_reports(nested: Path, tmp_path: Path) -> None
     np.testing.assert_allclose(got, expected.numpy(), rtol=1e-4, atol=1e-5)
     again = cli("export", "--model", "tests.fixtures.hifigan:build_generator", "--input-shape", "1,80,12", "-o", str(out))
     assert again.returncode == 1 and "exists" in again.stderr
+
+
+def test_fold_finds_state_dicts_in_lists_and_beside_plain_values_and_leaves_optimizer_state(tmp_path: Path, capsys) -> None:
+    model = build_generator("legacy")
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.randn(1, 80, 6)).sum().backward()
+    optimizer.step()
+    with_epoch = {**model.state_dict(), "epoch": 3}
+    source, out = tmp_path / "ckpt.pt", tmp_path / "out.pt"
+    torch.save({"generator": with_epoch, "ema": [model.state_dict()], "optim": optimizer.state_dict(), "steps": 10}, source)
+    assert checkpoint.state_dict_paths(torch.load(source, weights_only=True)) == [("generator",), ("ema", "0")]
+    assert main(["fold", str(source), "-o", str(out)]) == 0
+    assert capsys.readouterr().out.splitlines() == ["generator: 8 weight-normalized tensors folded",
+                                                    "ema.0: 8 weight-normalized tensors folded"]
+    folded = torch.load(out, weights_only=True)
+    expected = wn.fold_weight_norm(model).state_dict()
+    for state in (folded["generator"], folded["ema"][0]):
+        assert {k: v for k, v in state.items() if k != "epoch"}.keys() == expected.keys()
+        for key in expected:
+            torch.testing.assert_close(state[key], expected[key])
+    assert folded["generator"]["epoch"] == 3 and folded["steps"] == 10
+    assert str(folded["optim"]) == str(optimizer.state_dict())  # untouched
+    with pytest.raises(checkpoint.CheckpointError, match="holds only tensors, but epoch is not; use .pt"):
+        checkpoint.save_checkpoint(with_epoch, tmp_path / "x.safetensors")
+
+
+def test_a_model_built_with_some_weight_norm_loads_a_checkpoint_of_it_after_apply(tmp_path: Path) -> None:
+    from tests.fixtures.hifigan import build_partly_normalized
+
+    mel = torch.randn(2, 80, 12)
+    trained = wn.apply_weight_norm(build_partly_normalized(seed=4), mel)  # existing="keep": conv_pre stays torch's
+    path, out = tmp_path / "wn.pt", tmp_path / "g.onnx"
+    torch.save(trained.state_dict(), path)
+    assert main(["export", "--model", "tests.fixtures.hifigan:build_partly_normalized", "--checkpoint", str(path),
+                 "--input-shape", "2,80,12", "-o", str(out)]) == 0
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: mel.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(got, trained(mel).numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("command", "name"), [("fold", "out.onnx"), ("convert", "out.onnx"), ("export", "out.pt")])
+def test_an_output_named_for_the_other_kind_of_file_is_refused_before_any_work(nested: Path, tmp_path: Path, command: str,
+                                                                             name: str, capsys) -> None:
+    args = {"fold": [str(nested)], "convert": [str(nested), "--to", "legacy"],
+            "export": ["--model", MODEL, "--input-shape", "1,80,6"]}[command]
+    with pytest.raises(SystemExit) as info:
+        main([command, *args, "-o", str(tmp_path / name)])
+    assert info.value.code == 2
+    assert ("wn-transform export writes ONNX" if command != "export" else "name the output *.onnx") in capsys.readouterr().err
+    assert not (tmp_path / name).exists()
+
+
+def test_outputs_get_the_usual_file_mode(nested: Path, tmp_path: Path) -> None:
+    umask = os.umask(0o022)
+    try:
+        for suffix in (".pt", ".safetensors"):
+            checkpoint.save_checkpoint(build_plain().state_dict(), tmp_path / f"out{suffix}")
+            assert (tmp_path / f"out{suffix}").stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(umask)

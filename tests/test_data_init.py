@@ -235,6 +235,32 @@ def test_the_pass_runs_in_the_modes_model_eval_gives_overrides_included() -> Non
     assert all(m.training for m in modules)  # and everything is back in training mode
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_batch_norm_calibrates_with_the_statistics_it_will_normalize_with(training: bool) -> None:
+    """A training batch norm normalizes with the batch's statistics, an eval one with its running
+    statistics: the layer after it is standardized for that regime, dropout stays off."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, bias=False), nn.BatchNorm2d(6), nn.ReLU(), nn.Dropout(0.5), nn.Conv2d(6, 4, 1))
+    with torch.no_grad():  # running statistics far from this batch's (a model trained on other data)
+        model[1].running_mean.fill_(3.0)
+        model[1].running_var.fill_(9.0)
+    model.train(training)
+    x = torch.randn(16, 3, 8, 8) * 2 + 1
+    buffers = {name: value.clone() for name, value in model.named_buffers()}
+    out = wn.apply_weight_norm(model, x)
+    for name, value in out.named_buffers():
+        assert torch.equal(value, buffers[name]), name
+    assert out.training is training and out[3].training is training
+    out[3].eval()  # dropout off, the batch norm in the mode it was given
+    pre = []
+    out[4].register_forward_hook(lambda m, a, y: pre.append(y))
+    with torch.no_grad():
+        out(x)
+    mean, std = pre[0].mean((0, 2, 3)), pre[0].std((0, 2, 3), unbiased=False)
+    torch.testing.assert_close(mean, torch.zeros(4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(std, torch.ones(4), atol=1e-4, rtol=0)
+
+
 def test_a_constant_unit_keeps_a_finite_scale_and_is_reported() -> None:
     torch.manual_seed(0)
     layer = nn.Linear(4, 3)
@@ -515,3 +541,23 @@ def test_a_linear_only_model_in_any_float_dtype_gets_the_values_of_the_general_p
     data_init(model, targets, batch)
     for (name, got), expected in zip(direct.state_dict().items(), model.state_dict().values()):
         assert torch.equal(got, expected), name
+
+
+def test_layers_without_a_bias_are_noted_once_each() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv1d(3, 8, 3, bias=False)
+            self.attn = nn.MultiheadAttention(8, 2, bias=False, batch_first=True)
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.conv(x).transpose(1, 2)
+            return self.head(self.attn(h, h, h)[0])
+
+    torch.manual_seed(0)
+    out = wn.apply_weight_norm(Net(), torch.randn(6, 3, 10) + 2)
+    report = wn.weight_norm_report(out)
+    assert sorted(report.notes.no_bias) == ["attn.in_proj_weight", "attn.out_proj.weight", "conv.weight"]
+    assert "3 layers add no bias: the init set their std, their mean is the batch's" in str(report)
+    assert report.to_dict()["notes"]["no_bias"] == report.notes.no_bias

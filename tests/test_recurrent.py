@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import wn_transform as wn
 
@@ -102,3 +105,98 @@ def test_the_folded_lstm_exports_and_matches_onnxruntime(tmp_path) -> None:
     report = wn.export_onnx(out, x, tmp_path / "lstm.onnx")
     assert report.node_counts.get("LSTM") == 2
     assert max(report.max_abs_diff.values()) < 1e-4
+
+
+class Packed(nn.Module):
+    """An encoder over padded sequences of different lengths (Tacotron 2, ESPnet): the recurrent
+    layer runs on a ``PackedSequence``, which holds only the real time steps."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = nn.Linear(5, 6)
+        self.rnn = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}[kind](6, 8, num_layers=2, bidirectional=True, batch_first=True)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        packed = pack_padded_sequence(self.proj(x), lengths, batch_first=True, enforce_sorted=False)
+        return pad_packed_sequence(self.rnn(packed)[0], batch_first=True, total_length=x.shape[1])[0]
+
+
+_LENGTHS = torch.tensor([7, 3, 5, 2, 7, 6, 1, 4, 7, 2, 5, 6, 3, 7, 4, 5])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_data_init_calibrates_packed_sequences_on_their_real_time_steps(kind: str) -> None:
+    model, x = Packed(kind), _batch()
+    x[torch.arange(7) >= _LENGTHS[:, None]] = 1e3  # padding: must not reach the statistics
+    out = wn.apply_weight_norm(model, (x, _LENGTHS))
+    report = wn.weight_norm_report(out)
+    assert report.notes.unreached == []
+    recurrent = {t.qualname: t for t in report.converted if t.module == "rnn"}
+    assert set(recurrent) == {f"rnn.weight_{w}_l{layer}{s}" for w in ("ih", "hh") for layer in (0, 1) for s in ("", "_reverse")}
+    assert {t.found_by for t in recurrent.values()} == {report.found_by}  # seen running, not added by type
+    plain = wn.fold_weight_norm(out)
+    first = type(plain.rnn)(6, 8, num_layers=1, bidirectional=True, batch_first=True)
+    first.load_state_dict({k: v for k, v in plain.rnn.state_dict().items() if "_l0" in k})
+    with torch.no_grad():
+        packed = pack_padded_sequence(plain.proj(x), _LENGTHS, batch_first=True, enforce_sorted=False)
+        for layer, inputs in {"l0": packed.data, "l1": first(packed)[0].data}.items():
+            for suffix in ("", "_reverse"):
+                t = F.linear(inputs, getattr(plain.rnn, f"weight_ih_{layer}{suffix}"), getattr(plain.rnn, f"bias_ih_{layer}{suffix}"))
+                mean, std = _stats(t)
+                torch.testing.assert_close(mean, torch.zeros_like(mean), atol=1e-4, rtol=0)
+                torch.testing.assert_close(std, torch.ones_like(std), atol=1e-4, rtol=0)
+        torch.testing.assert_close(plain(x, _LENGTHS), out(x, _LENGTHS))
+
+
+class CellLoop(nn.Module):
+    """A decoder loop with a data-dependent branch: neither tracer handles it, so the weights are
+    found by recording the ops the batch runs."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.cell = {"lstm": nn.LSTMCell, "gru": nn.GRUCell, "rnn": nn.RNNCell}[kind](5, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.zeros(x.shape[0], 8)
+        state = (h, h) if isinstance(self.cell, nn.LSTMCell) else h
+        for step in x.unbind(1):
+            if step.abs().sum() > 0:  # data-dependent control flow
+                state = self.cell(step, state)
+        return self.head(state[0] if isinstance(state, tuple) else state)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_recorded_cells_are_found_and_their_input_projection_calibrated(kind: str) -> None:
+    model, x = CellLoop(kind), _batch()
+    out = wn.apply_weight_norm(model, x)
+    report = wn.weight_norm_report(out)
+    assert report.found_by == "recorded"
+    assert {t.qualname: t.found_by for t in report.converted} == dict.fromkeys(["cell.weight_ih", "cell.weight_hh", "head.weight"], "recorded")
+    assert report.notes.recurrent_kept == ["cell.weight_hh"]
+    plain = wn.fold_weight_norm(out)
+    with torch.no_grad():  # calibrated on the cell's first call: the first time step
+        t = F.linear(x[:, 0], plain.cell.weight_ih, plain.cell.bias_ih)
+    mean, std = _stats(t)
+    torch.testing.assert_close(mean, torch.zeros_like(mean), atol=1e-5, rtol=0)
+    torch.testing.assert_close(std, torch.ones_like(std), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_whole_model_pickles_and_keeps_training_after_loading(kind: str) -> None:
+    x = _batch()
+    out = wn.apply_weight_norm(Recurrent(kind), x)
+    buffer = io.BytesIO()
+    torch.save(out, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert type(loaded.rnn).__mro__[1] is type(out.rnn).__mro__[1]  # the same parametrized base class
+    torch.testing.assert_close(loaded(x), out(x), rtol=0, atol=0)
+    for model in (out, loaded):  # one identical step each: the loaded RNN must read its new weights
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        model(x).pow(2).mean().backward()
+        optimizer.step()
+    torch.testing.assert_close(loaded(x), out(x))
+    assert not torch.allclose(loaded(x), wn.apply_weight_norm(Recurrent(kind), x)(x))  # the step changed it

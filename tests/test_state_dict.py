@@ -79,3 +79,42 @@ def test_a_g_that_does_not_fit_its_v_is_named() -> None:
     state = {"fc.weight_g": torch.ones(3, 2), "fc.weight_v": torch.ones(3, 4)}
     with pytest.raises(wn.WeightNormError, match=r"fc\.weight_g: g of shape \(3, 2\) does not fit v of shape \(3, 4\)"):
         fold_state_dict(state)
+
+
+@pytest.mark.parametrize("function", [fold_state_dict, find_state_dict_weight_norms, lambda s: convert_state_dict(s, "legacy")],
+                         ids=["fold", "find", "convert"])
+def test_something_other_than_a_state_dict_is_refused_with_what_it_is(function) -> None:
+    with pytest.raises(TypeError, match="expected a state dict .*, got list$"):
+        function([1, 2])
+    with pytest.raises(TypeError, match=r"got Linear; pass model\.state_dict\(\), or fold the model with fold_weight_norm"):
+        function(nn.Linear(2, 2))
+
+
+
+@pytest.mark.parametrize("layer", sorted(LAYERS))
+def test_a_bare_layers_keys_without_a_module_prefix(layer: str) -> None:
+    model = parametrized_weight_norm(LAYERS[layer]())
+    state = model.state_dict()
+    assert [wn_.weight_key for wn_ in find_state_dict_weight_norms(state)] == ["weight"]
+    torch.nn.utils.parametrize.remove_parametrizations(model, "weight")
+    folded = fold_state_dict(state)
+    assert folded.keys() == model.state_dict().keys()
+    torch.testing.assert_close(folded["weight"], model.weight)
+    legacy = convert_state_dict(state, "legacy")
+    assert set(legacy) == {"weight_g", "weight_v", "bias"}
+    assert convert_state_dict(legacy, "parametrizations").keys() == state.keys()
+
+
+def test_a_g_without_its_v_is_an_incomplete_checkpoint() -> None:
+    with pytest.raises(wn.WeightNormError, match=r"fc\.parametrizations\.weight\.original0: has no fc\.parametrizations\.weight\.original1"):
+        fold_state_dict({"fc.parametrizations.weight.original0": torch.ones(3, 1), "fc.bias": torch.zeros(3)})
+
+
+def test_keep_leaves_the_named_weights_normalized() -> None:
+    model = build_generator("parametrizations")
+    state = model.state_dict()
+    folded = fold_state_dict(state, keep=["conv_pre.weight"])
+    assert "conv_pre.parametrizations.weight.original0" in folded and "conv_pre.weight" not in folded
+    assert "conv_post.weight" in folded and "conv_post.parametrizations.weight.original0" not in folded
+    with pytest.raises(wn.WeightNormError, match="keep names conv_pre.bias, which is not weight-normalized"):
+        fold_state_dict(state, keep=["conv_pre.bias"])

@@ -56,21 +56,30 @@ def _call(model: nn.Module, batch: Any) -> Tensor:
     return model(*batch)
 
 
-def _outputs(model: nn.Module, batch: Any, *, inference: bool = False) -> Tensor:
+def _outputs(model: nn.Module, batch: Any, *, inference: bool = False, batch_norms_as_given: bool = False) -> Tensor:
     """The model's output in eval mode (buffers untouched); train/eval flags are restored.
 
     By default grad mode stays on so that torch's inference fast paths (TransformerEncoderLayer,
     MultiheadAttention) are not taken and every call goes through the modules' forwards;
     ``inference=True`` runs under ``no_grad``, where those fast paths are taken.
+    ``batch_norms_as_given``: batch norms that are training stay training (batch statistics; the
+    running ones are put back), the regime the data init calibrates for.
     """
     modes = _modes(model)
+    buffers = {name: value.clone() for name, value in model.named_buffers()}
     model.eval()
+    for name, module in model.named_modules():
+        if batch_norms_as_given and isinstance(module, nn.modules.batchnorm._NormBase):
+            module.training = modes[name]
     try:
         with torch.set_grad_enabled(not inference):
             out = _call(model, batch)
     finally:
         for name, module in model.named_modules():
             module.training = modes[name]
+        with torch.no_grad():
+            for name, value in model.named_buffers():
+                value.copy_(buffers[name])
     return out.detach()
 
 
@@ -308,7 +317,7 @@ def test_data_init_standardizes_every_pre_activation(entry: ZooEntry) -> None:
     owners = {q.rpartition(".")[0]: q for q in entry.preact}
     records, handles = _capture(out, set(owners))
     try:
-        final = _outputs(out, batch)
+        final = _outputs(out, batch, batch_norms_as_given=True)
     finally:
         for handle in handles:
             handle.remove()

@@ -223,6 +223,18 @@ class ReusedModule(ZooModule):
         return self.head(h)
 
 
+class AliasedModule(ZooModule):
+    """One layer reachable under two paths (``self.head = self.blocks[-1]``): one module, no tie."""
+
+    def __init__(self) -> None:
+        super().__init__("aliased_module")
+        self.blocks = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+        self.head = self.blocks[2]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.blocks(x)
+
+
 class TransformerEncoderNet(ZooModule):
     def __init__(self) -> None:
         super().__init__("transformer_encoder")
@@ -542,6 +554,13 @@ ZOO: list[ZooEntry] = [
         converted=_dense("inp.weight", "shared.weight", "head.weight"),
         preact={"inp.weight": LAST, "shared.weight": LAST, "head.weight": LAST},
         has_bias=frozenset({"inp.weight", "shared.weight", "head.weight"}),
+    ),
+    ZooEntry(
+        "aliased_module", AliasedModule, lambda g: _randn(24, 5, g=g),
+        converted=_dense("blocks.0.weight", "blocks.2.weight"),
+        preact={"blocks.0.weight": LAST, "blocks.2.weight": LAST},
+        has_bias=frozenset({"blocks.0.weight", "blocks.2.weight"}),
+        found_by="symbolic_trace",
     ),
     ZooEntry(
         "transformer_encoder", TransformerEncoderNet, lambda g: _randn(4, 6, 5, g=g),

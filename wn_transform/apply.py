@@ -14,8 +14,8 @@ from . import batch as batch_mod
 from ._copy import copy_model
 from ._gc import gc_paused
 from .data_init import data_init, resample_directions
-from .discover import WALK, Discovery, discover
-from .errors import NoTargetsError
+from .discover import WALK, Discovery, account_for_every_layer, discover
+from .errors import NoTargetsError, WeightNormError
 from .fold import FoundWeightNorm, find_weight_norms, fold_one
 from .mean_only_bn import attach as attach_mean_only_bn
 from .mean_only_bn import channels as mean_only_bn_channels
@@ -107,6 +107,7 @@ def apply_weight_norm(
         BatchError: the batch holds NaN/inf (nothing is changed) or the model rejects it (the
             layer is named).
         SelectionError: a selection rule matches no weight.
+        WeightNormError: a lazy layer (``nn.LazyLinear``...) has not run yet, so its weight has no shape.
         NoTargetsError: the model has no linear/conv weight.
     """
     init = _check_arguments(model, sample_batch, init, existing)
@@ -165,6 +166,7 @@ def _check_arguments(model: nn.Module, sample_batch, init: Init | None, existing
     if not isinstance(model, nn.Module):
         msg = f"apply_weight_norm expects a torch.nn.Module, got {type(model).__name__}"
         raise TypeError(msg)
+    _check_materialized(model)
     if existing not in ("keep", "convert"):
         msg = f"existing must be 'keep' or 'convert', got {existing!r}"
         raise ValueError(msg)
@@ -180,6 +182,16 @@ def _check_arguments(model: nn.Module, sample_batch, init: Init | None, existing
         batch_mod.as_args(sample_batch)
         batch_mod.check_finite(sample_batch)
     return init
+
+
+def _check_materialized(model: nn.Module) -> None:
+    """Lazy layers (``nn.LazyLinear``...) have no weight shape until their first forward."""
+    lazy = [f"{name or '(root)'} ({type(module).__name__})" for name, module in model.named_modules()
+            if any(nn.parameter.is_lazy(p) for p in module._parameters.values() if p is not None)]
+    if lazy:
+        msg = (f"{type(model).__name__} has lazy layers whose weights do not exist yet: {', '.join(lazy)}; "
+               "run one forward pass (model(sample_batch)) to create them, then apply weight norm")
+        raise WeightNormError(msg)
 
 
 def _no_targets_message(model: nn.Module, discovery: Discovery, had_batch: bool) -> str:
@@ -203,6 +215,7 @@ def _plan(model: nn.Module, sample_batch, selection: Selection, existing: Existi
         for found in already:
             fold_one(model, found)
     discovery = discover(model, sample_batch)
+    account_for_every_layer(model, discovery, {found.qualname for found in already} if existing == "keep" else set())
     if not discovery.targets and not (already and existing == "keep"):
         raise NoTargetsError(_no_targets_message(model, discovery, sample_batch is not None))
     targets, left_out = selection.apply(model, discovery.targets) if discovery.targets else ([], [])

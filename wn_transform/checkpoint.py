@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
-import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import WeightNormError
+from .errors import WeightNormError, few
 
 __all__ = [
     "CheckpointError", "is_state_dict", "load_batch", "load_checkpoint", "map_state_dicts", "save_checkpoint",
@@ -39,27 +38,53 @@ class CheckpointError(WeightNormError):
 
 
 def is_state_dict(obj: Any) -> bool:
-    """A non-empty mapping of string keys to tensors (a model's ``state_dict()``)."""
-    return (isinstance(obj, Mapping) and len(obj) > 0
-            and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()))
+    """A mapping of string keys to tensors (a model's ``state_dict()``), which may also hold plain
+    values (``"epoch": 3``, a module's ``_extra_state``) but no tensors nested deeper."""
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(k, str) for k in obj):
+        return False
+    tensors = [isinstance(v, Tensor) for v in obj.values()]
+    return any(tensors) and not any(_holds_tensors(v) for v, tensor in zip(obj.values(), tensors) if not tensor)
 
 
-def state_dict_paths(obj: Any, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
-    """Where the state dicts are in a checkpoint: ``[()]`` for a bare one, ``[("generator",), ...]``."""
-    if is_state_dict(obj):
-        return [path]
+def _holds_tensors(obj: Any) -> bool:
+    if isinstance(obj, Tensor):
+        return True
     if isinstance(obj, Mapping):
-        return [p for key, value in obj.items() for p in state_dict_paths(value, (*path, str(key)))]
+        return any(_holds_tensors(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return any(_holds_tensors(v) for v in obj)
+    return False
+
+
+def _children(obj: Any) -> list[tuple[str, Any]]:
+    """Where state dicts may nest: string-keyed mappings, lists and tuples (``{"ema": [sd]}``).
+    Mappings with other keys (an optimizer's per-parameter ``state``) hold no model weights."""
+    if isinstance(obj, Mapping) and all(isinstance(k, str) for k in obj):
+        return list(obj.items())
+    if isinstance(obj, (list, tuple)):
+        return [(str(i), v) for i, v in enumerate(obj)]
     return []
 
 
-def map_state_dicts(obj: Any, fn: Callable[[dict[str, Tensor], str], dict[str, Tensor]], where: str = "") -> Any:
+def state_dict_paths(obj: Any, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Where the state dicts are in a checkpoint: ``[()]`` for a bare one, ``[("generator",), ...]``,
+    ``("ema", "0")`` for the first of a list."""
+    if is_state_dict(obj):
+        return [path]
+    return [p for key, value in _children(obj) for p in state_dict_paths(value, (*path, key))]
+
+
+def map_state_dicts(obj: Any, fn: Callable[[dict[str, Any], str], dict[str, Any]], where: str = "") -> Any:
     """Apply ``fn(state_dict, where)`` to every state dict in ``obj``; keep everything else."""
     if is_state_dict(obj):
         return fn(dict(obj), where)
+    children = _children(obj)
+    if not children:
+        return obj
+    mapped = [map_state_dicts(value, fn, f"{where}.{key}" if where else key) for key, value in children]
     if isinstance(obj, Mapping):
-        return {key: map_state_dicts(value, fn, f"{where}.{key}" if where else str(key)) for key, value in obj.items()}
-    return obj
+        return dict(zip(obj.keys(), mapped))
+    return type(obj)(mapped) if type(obj) in (list, tuple) else mapped
 
 
 def load_checkpoint(path: str | os.PathLike) -> Any:
@@ -81,7 +106,7 @@ def load_checkpoint(path: str | os.PathLike) -> Any:
         else:
             msg = f"{path}: not a PyTorch checkpoint ({first})"
         raise CheckpointError(msg) from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+    except Exception as exc:  # on a file that is not a checkpoint torch's unpickler raises KeyError, ValueError...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         msg = f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {first})"
         raise CheckpointError(msg) from exc
@@ -108,16 +133,19 @@ def save_checkpoint(obj: Any, path: str | os.PathLike, *, force: bool = False, i
         msg = (f"{path}: safetensors holds one flat mapping of names to tensors, but this checkpoint nests "
                f"state dicts ({', '.join('.'.join(p) for p in state_dict_paths(obj)) or 'no tensors'}); use .pt")
         raise CheckpointError(msg)
+    if path.suffix == SAFETENSORS and (plain := [k for k, v in obj.items() if not isinstance(v, Tensor)]):
+        msg = f"{path}: safetensors holds only tensors, but {few(plain)} {'is' if len(plain) == 1 else 'are'} not; use .pt"
+        raise CheckpointError(msg)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the output gets the usual mode
     try:
         if path.suffix == SAFETENSORS:
             _save_safetensors(obj, tmp)
         else:
             torch.save(obj, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp (and safetensors) make it private; the output gets the usual mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -150,6 +178,7 @@ def load_batch(path: str | os.PathLike) -> Any:
         msg = f"{path}: holds a {type(batch).__name__}; a batch is a tensor, a tuple of tensors or a dict of tensors"
         raise CheckpointError(msg)
     return batch
+
 
 
 def _load_safetensors(path: Path) -> dict[str, Tensor]:

@@ -23,7 +23,7 @@ from .apply import apply_weight_norm, plan_weight_norm, weight_norm_report
 from .checkpoint import (
     CheckpointError, load_batch, load_checkpoint, map_state_dicts, save_checkpoint, state_dict_paths,
 )
-from .errors import WeightNormError
+from .errors import WeightNormError, few
 from .state_dict import convert_state_dict, find_state_dict_weight_norms, fold_state_dict
 
 FAILURES = (WeightNormError, CheckpointError, OSError)
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arguments(export, required=True)
     _batch_arguments(export, "sample", required=True)
     export.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
-    _output_arguments(export)
+    _output_arguments(export, ".onnx")
     return parser
 
 
@@ -112,8 +112,8 @@ def _batch_arguments(parser: argparse.ArgumentParser, name: str, *, required: bo
     group.add_argument("--input-shape", metavar="N,C,...", help="a random float32 input of this shape (seed 0)")
 
 
-def _output_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-o", "--output", required=True, metavar="FILE", help="where to write (.pt/.pth/.bin/.safetensors/.onnx)")
+def _output_arguments(parser: argparse.ArgumentParser, kinds: str = ".pt/.pth/.bin/.safetensors") -> None:
+    parser.add_argument("-o", "--output", required=True, metavar="FILE", help=f"where to write ({kinds})")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
 
 
@@ -219,10 +219,12 @@ def _rewrite(args: argparse.Namespace, say: Callable[[str], None], fn: Callable[
 def _describe_state_dict(state_dict: dict[str, torch.Tensor], where: str) -> str:
     found = find_state_dict_weight_norms(state_dict)
     in_pairs = {k for wn in found for k in (wn.g_key, wn.v_key, wn.marker_key) if k}
-    plain = [k for k in state_dict if k not in in_pairs]
-    lines = [f"{where}: {len(found)} weight-normalized tensors, {len(plain)} plain tensors, "
-             f"{sum(v.numel() for v in state_dict.values()):,} values, "
-             f"{sum(v.numel() * v.element_size() for v in state_dict.values()):,} bytes"]
+    tensors = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+    plain = [k for k in tensors if k not in in_pairs]
+    others = f", {len(state_dict) - len(tensors)} other entries" if len(tensors) < len(state_dict) else ""
+    lines = [f"{where}: {len(found)} weight-normalized tensors, {len(plain)} plain tensors{others}, "
+             f"{sum(v.numel() for v in tensors.values()):,} values, "
+             f"{sum(v.numel() * v.element_size() for v in tensors.values()):,} bytes"]
     if found:
         rows = [("weight", "layout", "axis", "g shape", "v shape")]
         rows += [(wn.weight_key, wn.layout + (" (g = e^s)" if wn.exp_scale else ""), wn.axis,
@@ -301,13 +303,16 @@ def _load_weights(model: nn.Module, checkpoint: Any, args: argparse.Namespace) -
     if not expected & set(state_dict) and all(k.startswith("module.") for k in state_dict):
         state_dict = {k[len("module."):]: v for k, v in state_dict.items()}  # saved from DataParallel/DDP
     if set(state_dict) != expected and find_state_dict_weight_norms(state_dict):
-        folded = fold_state_dict(state_dict)  # trained with weight norm, loading into a plain model
+        # Trained with weight norm, loading into a plain model: fold the pairs the model does not
+        # have (a model built with weight norm on some layers, wav2vec2's pos_conv, keeps those).
+        keep = [wn.weight_key for wn in find_state_dict_weight_norms(state_dict) if wn.g_key in expected]
+        folded = fold_state_dict(state_dict, keep=keep)
         if set(folded) == expected:
             state_dict = folded
     missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
     if missing or unexpected:
-        msg = (f"{args.checkpoint}: does not fit {args.model}: missing keys {_few(missing)}; "
-               f"unexpected keys {_few(unexpected)}")
+        msg = (f"{args.checkpoint}: does not fit {args.model}: missing keys {few(missing)}; "
+               f"unexpected keys {few(unexpected)}")
         raise CheckpointError(msg)
     try:
         model.load_state_dict(state_dict)
@@ -329,8 +334,14 @@ def _read_batch(args: argparse.Namespace, name: str) -> Any:
 
 
 def _check_output_free(args: argparse.Namespace) -> None:
-    """Fail before any work if the output exists (without --force) or is an input."""
+    """Fail before any work if the output exists (without --force) or is an input, or if its
+    suffix names the other kind of file (a checkpoint to .onnx, an ONNX model to .pt)."""
     output = Path(args.output)
+    if (output.suffix.lower() == ".onnx") != (args.command == "export"):
+        msg = (f"{args.command} writes a checkpoint (.pt/.pth/.bin/.safetensors), not {output.name}; "
+               "wn-transform export writes ONNX" if args.command != "export"
+               else f"export writes an ONNX model: name the output *.onnx, not {output.name}")
+        raise _UsageError(msg)
     for source in _inputs(args):
         if output.exists() and Path(source).exists() and output.resolve() == Path(source).resolve():
             msg = f"{output}: is the input file; write the output somewhere else"
@@ -347,16 +358,13 @@ def _inputs(args: argparse.Namespace) -> tuple[str, ...]:
 
 def _get(obj: Any, path: tuple[str, ...]) -> Any:
     for part in path:
-        obj = obj[part] if part in obj else obj[int(part)]
+        obj = obj[int(part)] if isinstance(obj, (list, tuple)) else obj[part]
     return obj
 
 
 def _list_paths(paths: list[tuple[str, ...]]) -> str:
     return ", ".join(".".join(p) or "(top level)" for p in paths) or "none"
 
-
-def _few(keys: list[str]) -> str:
-    return (", ".join(keys[:5]) + (f", ... ({len(keys) - 5} more)" if len(keys) > 5 else "")) if keys else "none"
 
 
 if __name__ == "__main__":

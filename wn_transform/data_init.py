@@ -66,7 +66,7 @@ from .discover import preserved_state
 from .mean_only_bn import MeanOnlyBatchNorm, mean_only_bn_of
 from .moments import Scratch, centre_, per_unit
 from .norm import safe_norm, unit_norm
-from .ops import SIGNATURES, op_name, view_dims, weight_use
+from .ops import CELL_OPS, RECURRENT_OPS, SIGNATURES, op_name, view_dims, weight_use
 from .parametrization import WeightNorm, hands_input_to_calibrator, no_weight_cache, weight_norm_of
 from .targets import Target
 
@@ -83,6 +83,7 @@ class InitNotes:
     unreached: list[str] = field(default_factory=list)  # never ran on the batch: scale kept
     bias_not_set: list[str] = field(default_factory=list)  # bias is not a parameter of the model
     recurrent_kept: list[str] = field(default_factory=list)  # hidden-to-hidden weights: scale kept
+    no_bias: list[str] = field(default_factory=list)  # the op adds no bias: std set, mean left as it is
 
 
 @dataclass
@@ -193,7 +194,7 @@ def _run_pass(model: nn.Module, states: list[_State], mode: _CalibrationMode, sa
             state.wn.calibrator = _LayerInput(mode, state)
         else:
             state.wn.direction_only = True
-    with preserved_state(model), torch.no_grad(), no_weight_cache(), contextlib.nullcontext() if direct else mode:
+    with preserved_state(model, batch_statistics=True), torch.no_grad(), no_weight_cache(), contextlib.nullcontext() if direct else mode:
         batch_mod.run(model, sample_batch)
 
 
@@ -408,9 +409,9 @@ class _CalibrationMode(TorchFunctionMode):
         name = op_name(func)
         if name == "multi_head_attention_forward":
             return self._attention(func, args, kwargs)
-        if name in _RECURRENT_OPS:
+        if name in RECURRENT_OPS:
             return self._recurrent(func, args, kwargs)
-        if name in _CELL_OPS:
+        if name in CELL_OPS:
             return self._cell(func, args, kwargs)
         use = weight_use(func, args, kwargs) if name in SIGNATURES else None
         found = self._lookup(use.weight) if use is not None else None
@@ -507,6 +508,8 @@ class _CalibrationMode(TorchFunctionMode):
             offset = mean * gain
             if bias is not None:
                 self.notes.bias_not_set.append(state.target.qualname)
+            elif whole or units.start == 0:  # once per weight (attention's q/k/v rows are three slices)
+                self.notes.no_bias.append(state.target.qualname)
         if offset is not None and bias is not None:
             offset = offset + bias.to(offset.dtype)
         if whole:
@@ -530,6 +533,8 @@ class _CalibrationMode(TorchFunctionMode):
             return None
         if bias is not None:
             self.backup.keep(bias)
+        else:
+            self.notes.no_bias.append(state.target.qualname)
         if not rows:
             _unit_norms(state, slice(None), slot.norms)
         kernels.calibrate(t_raw, unit_dim, state.v if rows else None, state.g, bias, slot.norms, slot.mean, slot.var,
@@ -623,10 +628,23 @@ class _CalibrationMode(TorchFunctionMode):
 
     def _recurrent(self, func, args, kwargs):
         """``_VF.lstm``/``gru``/``rnn_*``: run it one layer at a time, calibrating each layer's
-        input projections on the previous layer's output (the layers' own dropout is off here)."""
-        if kwargs or len(args) != 9 or not isinstance(args[2], (list, tuple)):  # packed sequences
+        input projections on the previous layer's output (the layers' own dropout is off here).
+
+        Two call forms, told apart by where the weight list sits:
+        padded ``(x, hx, weights, has_biases, layers, dropout, train, bidirectional, batch_first)``
+        and packed ``(data, batch_sizes, hx, weights, has_biases, layers, dropout, train,
+        bidirectional)``, where ``data`` holds only the real time steps (no padding).
+        """
+        packed = len(args) == 9 and isinstance(args[3], (list, tuple))
+        if kwargs or len(args) != 9 or not (packed or isinstance(args[2], (list, tuple))):
             return func(*args, **kwargs)
-        x, hx, params, has_biases, num_layers, _, train, bidirectional, batch_first = args
+        if packed:
+            x, batch_sizes, hx, params, has_biases, num_layers, _, train, bidirectional = args
+            layout: tuple = (batch_sizes,)
+            tail: tuple = (train, bidirectional)
+        else:
+            x, hx, params, has_biases, num_layers, _, train, bidirectional, batch_first = args
+            layout, tail = (), (train, bidirectional, batch_first)
         directions = 2 if bidirectional else 1
         per = len(params) // (num_layers * directions)  # w_ih, w_hh[, b_ih, b_hh][, w_hr]
         states = list(hx) if isinstance(hx, (tuple, list)) else [hx]
@@ -641,7 +659,7 @@ class _CalibrationMode(TorchFunctionMode):
                     chunk[d * per + j] = self._keep_recurrent(chunk[d * per + j])
             rows = slice(layer * directions, (layer + 1) * directions)
             layer_hx = tuple(h[rows] for h in states) if len(states) > 1 else states[0][rows]
-            out = func(x, layer_hx, chunk, has_biases, 1, 0.0, train, bidirectional, batch_first)
+            out = func(x, *layout, layer_hx, chunk, has_biases, 1, 0.0, *tail)
             x = out[0]
             for final, value in zip(finals, out[1:]):
                 final.append(value)
@@ -657,8 +675,6 @@ class _CalibrationMode(TorchFunctionMode):
 
 
 _NATIVE_DIMS = {"linear": 0, "conv": 0, "conv_transpose": 1}  # op kind: the axis of v that holds its output units
-_RECURRENT_OPS = frozenset({"lstm", "gru", "rnn_tanh", "rnn_relu"})
-_CELL_OPS = frozenset({"lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell"})
 
 
 def _store(dst: Tensor, a: Tensor, b: Tensor) -> Tensor:

@@ -25,16 +25,18 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
+from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
 from . import batch as batch_mod
 from .errors import BatchError
 from .layers import standard_weights
 from .ops import op_name
-from .targets import Skipped, Target
-from .uses import UseLog
+from .targets import Skipped, Target, split_qualname
+from .uses import UseLog, param_aliases
 
-__all__ = ["Discovery", "discover", "preserved_state"]
+__all__ = ["Discovery", "account_for_every_layer", "discover", "preserved_state"]
 
 SYMBOLIC_TRACE = "symbolic_trace"
 EXPORT = "torch.export"
@@ -99,6 +101,50 @@ def _finish(log: UseLog, model: nn.Module, found_by: str, failures: dict[str, st
     return Discovery(*log.resolve(found_by), found_by, failures)
 
 
+def account_for_every_layer(model: nn.Module, discovery: Discovery, kept: set[str]) -> None:
+    """Make the skip list say why each standard linear/conv/recurrent layer weight is not a target.
+
+    ``kept`` are weights that already carry weight norm (reported apart): the parameters behind
+    them (``weight_g``, ``parametrizations.weight.original0``...) are dropped from the skips.  A
+    layer weight listed nowhere gets a skip with its reason, so no layer goes unmentioned; one
+    that is computed (spectral norm, another parametrization, a pre-hook) is named by that
+    weight (``conv.weight``).
+    """
+    kept_ids = {id(p) for name in kept for p in _sources(model.get_submodule(split_qualname(name)[0]), split_qualname(name)[1])}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    discovery.skipped = [s for s in discovery.skipped if id(params.get(s.qualname)) not in kept_ids]
+    listed = {t.qualname for t in discovery.targets} | {s.qualname for s in discovery.skipped} | kept
+    listed_ids = {id(p) for name, p in params.items() if name in listed}
+    aliases = param_aliases(model)
+    for name, module in model.named_modules():
+        for tensor, kind, _ in standard_weights(module):
+            qualname = f"{name}.{tensor}" if name else tensor
+            sources = _sources(module, tensor)
+            if sources and qualname not in listed and not any(id(p) in listed_ids for p in sources):
+                reason = _why_not_a_target(module, tensor, kind)
+                tied = [n for n in aliases.get(id(module._parameters.get(tensor)), []) if n != qualname]
+                if tied:
+                    reason += f" (the same Parameter is also {', '.join(tied)})"
+                discovery.skipped.append(Skipped(qualname, reason))
+
+
+def _sources(module: nn.Module, tensor: str) -> list[nn.Parameter]:
+    """The parameters ``module.<tensor>`` is, or is computed from (``weight_orig``, ``weight_g``...)."""
+    return [p for n, p in module.named_parameters()
+            if n == tensor or n.startswith((f"{tensor}_", f"parametrizations.{tensor}."))]
+
+
+def _why_not_a_target(module: nn.Module, tensor: str, kind: str) -> str:
+    if parametrize.is_parametrized(module, tensor):
+        kinds = ", ".join(type(p).__name__ for p in module.parametrizations[tensor])
+        return f"computed by another parametrization ({kinds}); weight norm on top of it is not supported"
+    if not isinstance(getattr(module, tensor, None), nn.Parameter):
+        hooks = sorted({type(h).__name__ for h in module._forward_pre_hooks.values() if getattr(h, "name", None) == tensor})
+        by = f"a {', '.join(hooks)} forward pre-hook" if hooks else "the module"
+        return f"computed by {by} before each forward, not a Parameter; weight norm would change that computation"
+    return f"not read as the weight of a {kind} op by the forward that was traced"
+
+
 # -- step 1 ------------------------------------------------------------------------------
 def _symbolic_trace_log(model: nn.Module) -> UseLog:
     log = UseLog(model, key=lambda v: v if isinstance(v, torch.fx.Node) else None)
@@ -110,6 +156,8 @@ def _symbolic_trace_log(model: nn.Module) -> UseLog:
     for node in graph.nodes:
         if node.op == "get_attr" and node.target in params:
             log.source(node, node.target, params[node.target].ndim)
+        elif node.op == "get_attr":  # a buffer or constant
+            log.static(node)
         elif node.op in ("call_function", "call_method"):
             log.call(node.target, node.args, node.kwargs, node)
         elif node.op == "call_module":
@@ -155,12 +203,16 @@ def _export_log(model: nn.Module, sample_batch: batch_mod.SampleBatch) -> UseLog
     with _quiet(_EXPORT_LOGGERS):
         program = torch.export.export(model, args, kwargs=kwargs, strict=False)
     inputs_to_params = program.graph_signature.inputs_to_parameters
+    signature = program.graph_signature
+    constants = {*signature.inputs_to_buffers, *signature.inputs_to_lifted_tensor_constants}
     params = dict(model.named_parameters(remove_duplicate=False))
     log = UseLog(model, key=lambda v: v if isinstance(v, torch.fx.Node) else None)
     for node in program.graph_module.graph.nodes:
         if node.op == "placeholder" and node.name in inputs_to_params:
             name = inputs_to_params[node.name]
             log.source(node, name, params[name].ndim)
+        elif node.op == "get_attr" or node.name in constants:
+            log.static(node)
         elif node.op == "call_function":
             log.call(node.target, node.args, node.kwargs, node)
     return log
@@ -198,6 +250,8 @@ def _recorded_log(model: nn.Module, sample_batch: batch_mod.SampleBatch) -> UseL
     log = UseLog(model, key=lambda v: id(v) if isinstance(v, torch.Tensor) else None)
     for name, param in model.named_parameters(remove_duplicate=False):
         log.source(param, name, param.ndim)
+    for buffer in model.buffers():
+        log.static(buffer)
     try:
         with torch.no_grad(), _RecordingMode(log):
             args, kwargs = batch_mod.as_args(sample_batch)
@@ -218,13 +272,22 @@ def _walk_log(model: nn.Module) -> UseLog:
 
 # -- shared ------------------------------------------------------------------------------
 @contextlib.contextmanager
-def preserved_state(model: nn.Module) -> Iterator[None]:
-    """Put ``model`` in eval mode; afterwards restore every module's mode and every buffer."""
+def preserved_state(model: nn.Module, *, batch_statistics: bool = False) -> Iterator[None]:
+    """Put ``model`` in eval mode; afterwards restore every module's mode and every buffer.
+
+    ``batch_statistics``: batch norms (and instance norms that track statistics) that were
+    training stay training, so they normalize with the batch's statistics as they will in
+    training; their running statistics are restored afterwards like every buffer.
+    """
     modules = _all_modules(model)
     modes = [module.training for module in modules]
     buffers = [(buf, buf.detach().clone()) for buf in {id(b): b for m in modules for b in m._buffers.values()
                                                         if b is not None}.values()]
     _eval(model)
+    if batch_statistics:
+        for module, training in zip(modules, modes):
+            if training and isinstance(module, _NormBase):
+                object.__setattr__(module, "training", True)
     try:
         yield
     finally:

@@ -5,6 +5,13 @@ from __future__ import annotations
 __all__ = ["BatchError", "FoldError", "NoTargetsError", "SelectionError", "WeightNormError"]
 
 
+def few(names: list[str], most: int = 5) -> str:
+    """``"a, b, c, ... (7 more)"`` for a message; ``"none"`` for no names."""
+    if not names:
+        return "none"
+    return ", ".join(names[:most]) + (f", ... ({len(names) - most} more)" if len(names) > most else "")
+
+
 class WeightNormError(ValueError):
     """Base class: the input cannot be weight-normalized or folded as asked."""
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["WeightUse", "bind", "op_name", "view_dims", "weight_use", "METADATA_OPS"]
+__all__ = ["CELL_OPS", "METADATA_OPS", "RECURRENT_OPS", "WeightUse", "bind", "op_name", "view_dims", "weight_use"]
 
 _CONV = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV_T = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
@@ -38,6 +38,10 @@ METADATA_OPS = frozenset(
     {"__get__", "size", "dim", "numel", "stride", "getattr", "is_contiguous", "sym_size", "__len__",
      "element_size", "is_floating_point", "data_ptr", "sym_numel", "sym_stride", "get_device"}
 )
+# Recurrent layers' ops (``_VF.lstm``, ``aten.gru.input``...): their weights come in a list, one gate
+# unit per row (weight_ih, weight_hh, weight_hr); whole layers, and cells.
+RECURRENT_OPS = frozenset({"lstm", "gru", "rnn_tanh", "rnn_relu"})
+CELL_OPS = frozenset({"lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell"})
 # Ops whose result has the same axes as their input.
 _SAME_AXES = frozenset(
     {"contiguous", "to", "_to_copy", "type_as", "float", "half", "bfloat16", "double", "clone", "alias",

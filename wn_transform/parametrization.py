@@ -232,7 +232,8 @@ def _reduce_parametrized(self: nn.Module, protocol: int) -> tuple:
     """Pickle a parametrized module as its original class plus the names to re-parametrize."""
     base = parametrize.type_before_parametrizations(self)
     names = list(self.parametrizations.keys())
-    return (_rebuild_parametrized, (base, names, self.__dict__.copy()))
+    state = dict(base.__getstate__(self))  # the original class's own state (an RNN drops its weakrefs)
+    return (_rebuild_parametrized, (base, names, state))
 
 
 def _rebuild_parametrized(base: type, names: list[str], state: dict) -> nn.Module:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .data_init import InitNotes
+from .errors import few
 from .targets import Skipped, Target
 
 __all__ = ["WeightNormReport"]
@@ -55,6 +56,9 @@ class WeightNormReport:
                 lines.append(f"  {name}: not reached by the sample batch; kept its scale")
             for name in self.notes.bias_not_set:
                 lines.append(f"  {name}: its bias is computed, not a parameter; only g was set")
+            if self.notes.no_bias:
+                lines.append(f"  {len(self.notes.no_bias)} layers add no bias: the init set their std, their mean is "
+                             f"the batch's ({few(self.notes.no_bias)})")
             if self.notes.recurrent_kept:
                 lines.append(f"  {len(self.notes.recurrent_kept)} hidden-to-hidden weights kept their scale "
                              "(the data init standardizes the input projections of recurrent layers)")
@@ -67,6 +71,7 @@ class WeightNormReport:
         notes = None if self.notes is None else {
             "constant_units": self.notes.constant_units, "unreached": self.notes.unreached,
             "bias_not_set": self.notes.bias_not_set, "recurrent_kept": self.notes.recurrent_kept,
+            "no_bias": self.notes.no_bias,
         }
         return {
             "converted": [t.to_dict() for t in self.converted], "skipped": [s.to_dict() for s in self.skipped],

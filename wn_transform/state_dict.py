@@ -15,7 +15,7 @@ the whole-tensor norm (``dim=None``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -54,15 +54,22 @@ class StateDictWeightNorm:
 
 def find_state_dict_weight_norms(state_dict: Mapping[str, object]) -> list[StateDictWeightNorm]:
     """Every (g, v) pair in ``state_dict``, in key order; raises if a g does not fit its v."""
+    if not isinstance(state_dict, Mapping):
+        hint = "; pass model.state_dict(), or fold the model with fold_weight_norm" if isinstance(state_dict, torch.nn.Module) else ""
+        msg = f"expected a state dict (a mapping of names to tensors), got {type(state_dict).__name__}{hint}"
+        raise TypeError(msg)
     found = []
     for key, g in state_dict.items():
-        if key.endswith(".original0") and _PARAMETRIZED in key:
+        if key.endswith(".original0") and _PARAMETRIZED in f".{key}":  # "parametrizations.weight...": a bare layer's
             base = key[: -len(".original0")]
             v_key = f"{base}.original1"
-            prefix, _, name = base.rpartition(_PARAMETRIZED)
-            weight_key = f"{prefix}.{name}" if prefix else name
+            prefix, _, name = f".{base}".rpartition(_PARAMETRIZED)
+            weight_key = f"{prefix[1:]}.{name}" if prefix else name
             marker = f"{base}.0.{EXP_SCALE_MARKER}"
             layout = "parametrizations"
+            if v_key not in state_dict:
+                msg = f"{key}: has no {v_key} beside it (g without its v); the checkpoint is incomplete"
+                raise WeightNormError(msg)
         elif key.endswith("_g") and f"{key[:-2]}_v" in state_dict:
             weight_key, v_key, marker, layout = key[:-2], f"{key[:-2]}_v", None, "legacy"
         else:
@@ -77,14 +84,20 @@ def find_state_dict_weight_norms(state_dict: Mapping[str, object]) -> list[State
     return found
 
 
-def fold_state_dict(state_dict: Mapping[str, object]) -> dict[str, object]:
+def fold_state_dict(state_dict: Mapping[str, object], *, keep: Collection[str] = ()) -> dict[str, object]:
     """``w = g * v/||v||`` for every weight-normalized pair; every other entry kept, in order.
 
     The folded weight takes the place of its g entry; v (and any marker) are dropped.  A mean-only
     batch norm (``X.mean_only_bn.bias``/``.running_mean``) becomes the bias ``X.bias`` it adds at
-    inference, ``bias - running_mean``.
+    inference, ``bias - running_mean``.  ``keep``: weights (``X.weight``) left weight-normalized,
+    for a model that has weight norm on those layers by construction (wav2vec2's ``pos_conv``).
     """
-    pairs = {wn.g_key: wn for wn in find_state_dict_weight_norms(state_dict)}
+    found = find_state_dict_weight_norms(state_dict)
+    unknown = sorted(set(keep) - {wn.weight_key for wn in found})
+    if unknown:
+        msg = f"keep names {', '.join(unknown)}, which {'is' if len(unknown) == 1 else 'are'} not weight-normalized in this state dict"
+        raise WeightNormError(msg)
+    pairs = {wn.g_key: wn for wn in found if wn.weight_key not in keep}
     dropped = {wn.v_key for wn in pairs.values()} | {wn.marker_key for wn in pairs.values() if wn.marker_key}
     shifts = _mean_only_bn_shifts(state_dict)
     dropped |= {f"{layer}.{_MOBN}.{part}" for layer in shifts for part in ("bias", "running_mean")}

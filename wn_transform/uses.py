@@ -4,6 +4,9 @@ Every discovery step feeds calls into one :class:`UseLog`: a parameter enters as
 view ops (``t``, ``transpose``, ``split``...) carry it on with its axes remapped, a
 linear/conv/matmul op that reads it as its weight logs a *weight use* (with the parameter
 axis that holds the op's output units), and any other op that reads it logs an *other use*.
+Values computed from parameters, buffers and constants alone (not from the batch) are followed
+too, so that a weight the op reads only after other ops (weight standardization, spectral norm)
+is logged as *computed* and reported, not lost.
 :meth:`UseLog.resolve` then turns the log into targets and skips, by the same rules whatever
 step produced the log.
 """
@@ -18,7 +21,7 @@ from typing import Any
 from torch import nn
 
 from .norm import UnitLayout
-from .ops import METADATA_OPS, op_name, view_dims, weight_use
+from .ops import CELL_OPS, METADATA_OPS, RECURRENT_OPS, WeightUse, op_name, view_dims, weight_use
 from .targets import Skipped, Target, split_qualname
 
 __all__ = ["UseLog", "param_aliases"]
@@ -40,6 +43,17 @@ class _Use:
     detail: str = ""  # for "other": the op; for a weight use: how it was found, if not by the log's step
 
 
+_COMPUTED = "computed"  # a use kind: the parameter reaches a linear/conv op only through other ops
+
+
+def _flat(values: Sequence[Any]) -> list[Any]:
+    """The values, with those in a list or tuple argument (``torch.cat([a, b])``) spelled out."""
+    flat = []
+    for value in values:
+        flat.extend(value if isinstance(value, (list, tuple)) else (value,))
+    return flat
+
+
 def param_aliases(model: nn.Module) -> dict[int, list[str]]:
     """``id(parameter) -> every qualified name it has`` (more than one when weights are tied)."""
     aliases: dict[int, list[str]] = defaultdict(list)
@@ -56,6 +70,7 @@ class UseLog:
     key: Callable[[Any], Hashable | None]  # value -> key under which its origin is stored
     uses: dict[str, list[_Use]] = field(default_factory=lambda: defaultdict(list))
     _origins: dict[Hashable, _Origin] = field(default_factory=dict)
+    _static: dict[Hashable, frozenset[str]] = field(default_factory=dict)  # batch-independent values: their parameters
     _keep_alive: list[Any] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -74,17 +89,24 @@ class UseLog:
     def add_use(self, param_name: str, kind: str, layout: UnitLayout | None = None, detail: str = "") -> None:
         self.uses[self.canonical(param_name)].append(_Use(kind, layout, detail))
 
+    def static(self, value: Any) -> None:
+        """``value`` is a buffer or constant of the model: it does not depend on the batch."""
+        self._mark_static(value, frozenset())
+
     def call(self, func: Callable | str, args: Sequence[Any], kwargs: dict[str, Any], result: Any) -> None:
         """Log one op call ``result = func(*args, **kwargs)``."""
-        found = [(arg, self._origin(arg)) for arg in (*args, *kwargs.values())]
-        found = [(arg, origin) for arg, origin in found if origin is not None]
-        if not found:
-            return
         name = op_name(func)
-        if name in METADATA_OPS:
+        if name in RECURRENT_OPS or name in CELL_OPS:
+            self._recurrent(args)
             return
+        if name in METADATA_OPS:
+            self.static(result)
+            return
+        values = _flat((*args, *kwargs.values()))
+        found = [(arg, origin) for arg in values if (origin := self._origin(arg)) is not None]
         use = weight_use(func, args, kwargs)
         if use is not None:
+            self._computed_weight_use(use)
             for arg, origin in found:
                 if arg is use.weight:
                     self._weight_use(origin, use.kind, use.unit_dim, use.groups)
@@ -98,6 +120,7 @@ class UseLog:
         if mapping is None:
             for _, origin in found:
                 self.add_use(origin.param, "other", detail=name)
+            self._follow_static(values, result)
             return
         axes, cut_axis = mapping
         cut = source.cut | ({source.axes[cut_axis]} if cut_axis is not None else set())
@@ -113,10 +136,17 @@ class UseLog:
         params = dict(self.model.named_parameters())
         aliases = {names[0]: names for names in self.aliases.values()}
         for name, uses in self.uses.items():
-            weight_uses = [u for u in uses if u.kind != "other"]
-            if not weight_uses or name not in params:
+            weight_uses = [u for u in uses if u.kind not in ("other", _COMPUTED)]
+            if name not in params:
                 continue
-            reason = self._reason_to_skip(aliases[name], uses, weight_uses)
+            if not weight_uses:
+                computed = [u.detail for u in uses if u.kind == _COMPUTED]
+                if computed:
+                    ops = ", ".join(sorted({u.detail for u in uses if u.kind == "other"}))
+                    skipped.append(Skipped(name, f"reaches its {computed[0]} op only through other ops ({ops}): a computed "
+                                                 "weight (weight standardization, spectral norm...), which weight norm would change"))
+                continue
+            reason = self._reason_to_skip(self._tied_names(aliases[name]), uses, weight_uses)
             if reason:
                 skipped.append(Skipped(name, reason))
                 continue
@@ -128,11 +158,24 @@ class UseLog:
             targets.append(Target(module, tensor, kind, tuple(params[name].shape), layout, how, len(weight_uses)))
         return targets, skipped
 
+    def _tied_names(self, names: list[str]) -> list[str]:
+        """The names of ``names[0]``'s Parameter that belong to another module or attribute.
+
+        One module reachable under two paths (``self.head = self.blocks[-1]``) holds its
+        Parameter once: a parametrization on that module serves both paths, so nothing is tied.
+        """
+        def owner(name: str) -> tuple[int, str]:
+            module, tensor = split_qualname(name)
+            return id(self.model.get_submodule(module)), tensor
+
+        first = owner(names[0])
+        return [name for name in names[1:] if owner(name) != first]
+
     @staticmethod
-    def _reason_to_skip(names: list[str], uses: list[_Use], weight_uses: list[_Use]) -> str:
-        """Why the weight ``names[0]`` (also reachable as ``names[1:]``) is not a target, or ''."""
-        if len(names) > 1:
-            return f"tied: the same Parameter is also {', '.join(names[1:])}; normalizing it would untie it"
+    def _reason_to_skip(tied: list[str], uses: list[_Use], weight_uses: list[_Use]) -> str:
+        """Why a weight (the same Parameter as the ``tied`` names) is not a target, or ''."""
+        if tied:
+            return f"tied: the same Parameter is also {', '.join(tied)}; normalizing it would untie it"
         others = sorted({u.detail for u in uses if u.kind == "other"})
         if others:
             return f"shared: also read by {', '.join(others)}, which weight norm would change"
@@ -144,6 +187,14 @@ class UseLog:
         return ""
 
     # -- helpers -------------------------------------------------------------------------
+    def _recurrent(self, args: Sequence[Any]) -> None:
+        """A recurrent op reads its matrices (in a list, for whole layers) one gate unit per row;
+        its biases are added to the gates, which weight norm leaves alone."""
+        for item in _flat(args):
+            origin = self._origin(item)
+            if origin is not None and len(origin.axes) == 2:
+                self._weight_use(origin, "recurrent", 0, 1)
+
     def _weight_use(self, origin: _Origin, kind: str, unit_dim: int, groups: int) -> None:
         if kind == "matmul" and len(origin.axes) != 2:
             self.add_use(origin.param, "other", detail="matmul with a weight of rank other than 2")
@@ -152,6 +203,36 @@ class UseLog:
         whole_units = origin.cut <= {unit_axis} and (groups == 1 or not origin.cut)
         layout = UnitLayout(unit_axis, groups) if whole_units and (groups == 1 or unit_axis == 1) else None
         self.uses[origin.param].append(_Use(kind, layout))
+
+    def _computed_weight_use(self, use: WeightUse) -> None:
+        """A linear/conv op's weight is computed from parameters (and buffers) alone, not read as
+        it is: note it against each parameter it came from.  (A bare matmul's computed operand is
+        as often a codebook or a position table as a layer weight: not noted.)"""
+        if use.kind == "matmul" or self._origin(use.weight) is not None:
+            return
+        for param in self._static.get(self.key(use.weight), ()) if self.key(use.weight) is not None else ():
+            self.uses[param].append(_Use(_COMPUTED, None, use.kind))
+
+    def _follow_static(self, values: list[Any], result: Any) -> None:
+        """A result computed from parameters, buffers and constants alone does not depend on the
+        batch: remember which parameters it came from (a weight computed in the forward)."""
+        params: frozenset[str] = frozenset()
+        for value in values:
+            if self.key(value) is None:
+                continue  # not a tensor: a number, a dtype, a shape
+            origin = self._origin(value)
+            known = frozenset({origin.param}) if origin is not None else self._static.get(self.key(value))
+            if known is None:
+                return  # depends on the batch, or on a tensor the log never saw
+            params |= known
+        for item in result if isinstance(result, (tuple, list)) else (result,):
+            self._mark_static(item, params)
+
+    def _mark_static(self, value: Any, params: frozenset[str]) -> None:
+        key = self.key(value)
+        if key is not None:
+            self._static[key] = params
+            self._keep_alive.append(value)
 
     def _origin(self, value: Any) -> _Origin | None:
         key = self.key(value)

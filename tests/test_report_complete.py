@@ -1,0 +1,111 @@
+"""Every linear/conv layer of a model is in the report: converted, or skipped with its reason.
+
+Purpose-built models whose weights reach their op in ways weight norm must not touch: computed
+before the op (weight standardization, spectral norm by hook or by parametrization), read
+inside a list argument, or not read by the op at all.  Each model runs through every discovery
+step that can trace it, so the rules hold whichever step found the weights.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import wn_transform as wn
+
+
+class StdConv2d(nn.Conv2d):
+    """Weight standardization (BiT, timm's ``StdConv2d``): the conv reads ``(w - mean)/std``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+class ScaledLinear(nn.Module):
+    """Not a torch layer type: a weight and a learned gain multiplied before ``F.linear``."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_out, n_in) / n_in**0.5)
+        self.gain = nn.Parameter(torch.ones(n_out, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight * self.gain)
+
+
+class Computed(nn.Module):
+    def __init__(self, branch: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.branch = branch
+        self.sn_hook = nn.utils.spectral_norm(nn.Conv2d(3, 8, 3, padding=1))
+        self.sn_param = nn.utils.parametrizations.spectral_norm(nn.Conv2d(8, 8, 3, padding=1))
+        self.std = StdConv2d(8, 8, 3, padding=1)
+        self.plain = nn.Conv2d(8, 8, 1)
+        self.scaled = ScaledLinear(8, 6)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.branch and x.sum() > -1e9:  # data-dependent control flow: only recording traces it
+            x = x + 0
+        h = F.leaky_relu(self.sn_param(F.leaky_relu(self.sn_hook(x), 0.1)), 0.1)
+        h = self.plain(torch.relu(self.std(h))).mean((2, 3))
+        return self.head(torch.tanh(self.scaled(h)))
+
+
+class ListRead(nn.Module):
+    """``a.weight`` is a Linear's weight and also read by ``torch.cat``; ``b`` is never called."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+        self.c = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(self.a(x)) + torch.cat([self.a.weight, self.b.weight]).sum()
+
+
+def _reasons(model: nn.Module, batch: torch.Tensor | None) -> tuple[wn.WeightNormReport, dict[str, str]]:
+    report = wn.plan_weight_norm(model, batch)
+    return report, {s.qualname: s.reason for s in report.skipped}
+
+
+@pytest.mark.parametrize(("branch", "batch", "found_by"), [(False, None, "symbolic_trace"), (False, True, "symbolic_trace"),
+                                                          (True, True, "recorded")], ids=["no-batch", "traced", "recorded"])
+def test_computed_weights_are_reported_with_their_reason(branch: bool, batch: bool | None, found_by: str) -> None:
+    model, x = Computed(branch), torch.randn(4, 3, 6, 6)
+    report, skipped = _reasons(model, x if batch else None)
+    assert report.found_by == found_by
+    assert [t.qualname for t in report.converted] == ["plain.weight", "head.weight"]
+    # Spectral norm: by hook, the weight is a plain tensor recomputed from weight_orig (recording sees
+    # the ops and names weight_orig; a graph leaf is named by its weight); by parametrization likewise.
+    hook = skipped.get("sn_hook.weight") or skipped["sn_hook.weight_orig"]
+    param = skipped.get("sn_param.weight") or skipped["sn_param.parametrizations.weight.original"]
+    assert "SpectralNorm" in hook or "reaches its conv op only through other ops" in hook
+    assert "parametrization (_SpectralNorm)" in param or "reaches its conv op only through other ops" in param
+    assert skipped["std.weight"].startswith("reaches its conv op only through other ops (mean, std, sub)")
+    assert skipped["scaled.weight"].startswith("reaches its linear op only through other ops (mul)")
+    assert skipped["scaled.gain"].startswith("reaches its linear op only through other ops (mul)")
+    assert len(report.skipped) == 5
+
+
+def test_computed_weights_are_left_as_they_are_and_the_function_kept() -> None:
+    model, x = Computed(False), torch.randn(4, 3, 6, 6)
+    out = wn.apply_weight_norm(model.eval(), x, init="preserve")
+    torch.testing.assert_close(out(x), model(x))
+    assert torch.equal(out.std.weight, model.std.weight) and torch.equal(out.scaled.gain, model.scaled.gain)
+    assert not nn.utils.parametrize.is_parametrized(out.std)
+
+
+@pytest.mark.parametrize("batch", [None, torch.randn(5, 4)], ids=["no-batch", "batch"])
+def test_a_weight_read_inside_a_list_is_shared_and_an_unused_layer_is_named(batch: torch.Tensor | None) -> None:
+    report, skipped = _reasons(ListRead(), batch)
+    assert [t.qualname for t in report.converted] == ["c.weight"]
+    assert skipped["a.weight"] == "shared: also read by cat, which weight norm would change"
+    assert skipped["b.weight"] == "not read as the weight of a linear op by the forward that was traced"
