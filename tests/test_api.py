@@ -233,6 +233,14 @@ def test_lazy_layers_that_have_not_run_are_named_and_work_after_one_forward() ->
     torch.testing.assert_close(out(x), model(x))
 
 
+def test_torchscript_submodules_are_named_and_fold_leaves_them_alone() -> None:
+    model = nn.Sequential(torch.jit.script(nn.Linear(3, 3)), nn.ReLU(), nn.Linear(3, 2))
+    with pytest.raises(wn.WeightNormError, match=r"holds TorchScript modules \(0\); weight norm needs the eager modules"):
+        wn.apply_weight_norm(model, torch.randn(4, 3))
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(wn.fold_weight_norm(model)(x), model(x))
+
+
 class _TransposedLinear(nn.Module):
     """A GPT-2-style ``[in, out]`` weight read by ``addmm``: not one of torch's layer types."""
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import wn_transform as wn
+from tests.fixtures.weight_norm import legacy_weight_norm
 from wn_transform.data_init import data_init
 
 
@@ -561,3 +562,58 @@ def test_layers_without_a_bias_are_noted_once_each() -> None:
     assert sorted(report.notes.no_bias) == ["attn.in_proj_weight", "attn.out_proj.weight", "conv.weight"]
     assert "3 layers add no bias: the init set their std, their mean is the batch's" in str(report)
     assert report.to_dict()["notes"]["no_bias"] == report.notes.no_bias
+
+
+class _RejectsDuringInit(nn.Module):
+    """Carries torch's weight norm (both layouts) and a plain layer; its forward fails once its
+    layers are weight-normalized by the library, i.e. inside the init pass, after everything
+    else (convert, register, resample) has changed the model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.utils.parametrizations.weight_norm(nn.Linear(4, 8))
+        self.b = legacy_weight_norm(nn.Linear(8, 8))
+        self.c = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if type(self.c) is not nn.Linear:
+            msg = "rejected during the init pass"
+            raise ValueError(msg)
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def _user_state(model: nn.Module) -> tuple:
+    return ([(name, type(m), dict(m._parameters), dict(m._forward_pre_hooks), dict(m._modules)) for name, m in model.named_modules()],
+            {k: v.clone() for k, v in model.state_dict().items()})
+
+
+@pytest.mark.parametrize("options", [{}, {"existing": "convert"}, {"resample": True}, {"existing": "convert", "resample": True},
+                                     {"mean_only_bn": True, "exp_scale": True}, {"existing": "convert", "include": "nothing*"}],
+                         ids=["keep", "convert", "resample", "convert-resample", "mean-only-bn", "convert-bad-rule"])
+def test_a_failed_inplace_apply_puts_back_every_object_and_value(options: dict) -> None:
+    model = _RejectsDuringInit()
+    (modules, values), x = _user_state(model), torch.randn(6, 4)
+    expected = model(x)
+    with pytest.raises((wn.BatchError, wn.SelectionError)):
+        wn.apply_weight_norm(model, x, inplace=True, **options)
+    after_modules, after_values = _user_state(model)
+    assert len(after_modules) == len(modules)
+    for (name, cls, params, hooks, subs), (_, cls2, params2, hooks2, subs2) in zip(modules, after_modules):
+        assert cls2 is cls, name
+        assert params2.keys() == params.keys() and all(params2[k] is params[k] for k in params), name
+        assert hooks2 == hooks and subs2.keys() == subs.keys() and all(subs2[k] is subs[k] for k in subs), name
+    assert list(after_values) == list(values)
+    assert all(torch.equal(after_values[k], v) for k, v in values.items())
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("width", [4, 400], ids=["eager", "native-kernel-size"])
+def test_one_unbatched_sample_is_a_batch_of_one_with_constant_units(width: int) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(width, 3), nn.Tanh(), nn.Linear(3, 2))
+    x = torch.randn(width)
+    out = wn.apply_weight_norm(model, x)
+    assert wn.weight_norm_report(out).notes.constant_units == {"0.weight": 3, "2.weight": 2}
+    y = out(x)
+    assert y.shape == (2,) and torch.isfinite(y).all()

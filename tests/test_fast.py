@@ -219,6 +219,28 @@ def test_the_cached_eval_weight_follows_every_change_to_g_and_v() -> None:
         torch.testing.assert_close(model(x.double()), expected(x.double()))
 
 
+@pytest.mark.parametrize("width", [4, 1024], ids=["small", "large"])
+def test_the_cached_eval_weight_follows_updates_written_through_data(width: int) -> None:
+    """``.data`` writes bypass version counters; updates written that way (an EMA of a training
+    model, SGD by hand) change g too, which the cache compares."""
+    torch.manual_seed(0)
+    student = wn.apply_weight_norm(nn.Sequential(nn.Linear(width, 3)), init="preserve")
+    ema = wn.apply_weight_norm(nn.Sequential(nn.Linear(width, 3)), init="preserve").eval()
+    x = torch.randn(1, width)
+    with torch.no_grad():
+        before = ema(x)
+        for _ in range(3):
+            for p, q in zip(ema.parameters(), student.parameters()):
+                p.data.mul_(0.5).add_(q.data + 0.1, alpha=0.5)
+        after = ema(x)
+    assert not torch.allclose(after, before)
+    torch.testing.assert_close(after, wn.fold_weight_norm(ema)(x), rtol=0, atol=1e-6)
+    for p in ema.parameters():  # SGD by hand
+        p.data -= 0.3 * torch.ones_like(p)
+    with torch.no_grad():
+        torch.testing.assert_close(ema(x), wn.fold_weight_norm(ema)(x), rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("init", ["preserve", "data"])
 def test_a_model_reparameterized_under_inference_mode_runs_there(init: str) -> None:
     """Parameters made under ``torch.inference_mode()`` are inference tensors, which have no version

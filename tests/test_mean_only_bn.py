@@ -152,3 +152,19 @@ def test_a_model_with_mean_only_bn_pickles() -> None:
     loaded = torch.load(buffer, weights_only=False)
     x = torch.randn(2, 3, 8, 8)
     torch.testing.assert_close(loaded(x), out(x))
+
+
+def test_an_unbatched_call_is_a_batch_of_one() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(3, 4, 3), nn.ReLU(), nn.Conv1d(4, 4, 3), nn.Flatten(0), nn.Linear(64, 5))
+    x = torch.randn(3, 20)  # [C, L]: Conv1d's unbatched form
+    out = wn.apply_weight_norm(model, x, mean_only_bn=True)
+    seen = []
+    out[2].register_forward_hook(lambda m, a, y: seen.append(y))  # after its mean-only batch norm
+    out(x)
+    mean, _ = _channel_stats(seen[0].unsqueeze(0), 1)
+    torch.testing.assert_close(mean, torch.zeros_like(mean), atol=1e-6, rtol=0)
+    for training in (True, False):
+        out.train(training)
+        torch.testing.assert_close(out[:3](x), out[:3](x.unsqueeze(0)).squeeze(0))
+    assert out(x).shape == (5,)

@@ -109,3 +109,75 @@ def test_a_weight_read_inside_a_list_is_shared_and_an_unused_layer_is_named(batc
     assert [t.qualname for t in report.converted] == ["c.weight"]
     assert skipped["a.weight"] == "shared: also read by cat, which weight norm would change"
     assert skipped["b.weight"] == "not read as the weight of a linear op by the forward that was traced"
+
+
+class AttributeReads(nn.Module):
+    """Weights read through tensor attributes: ``W.T`` and ``M.mT`` are views, ``D.data`` detaches."""
+
+    def __init__(self, branch: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.branch = branch
+        self.W = nn.Parameter(torch.randn(8, 5) / 5**0.5)
+        self.M = nn.Parameter(torch.randn(6, 8) / 8**0.5)
+        self.D = nn.Parameter(torch.randn(3, 6) / 6**0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.branch and x.sum() > -1e9:
+            x = x + 0
+        h = torch.relu(x @ self.W.T + 1.0)
+        h = torch.relu(h @ self.M.mT)
+        return F.linear(h, self.D.data)
+
+
+@pytest.mark.parametrize(("branch", "found_by"), [(False, "symbolic_trace"), (True, "recorded")], ids=["traced", "recorded"])
+def test_transposing_attributes_are_views_and_data_is_a_detached_read(branch: bool, found_by: str) -> None:
+    model, x = AttributeReads(branch), torch.randn(32, 5)
+    report, skipped = _reasons(model, x)
+    assert report.found_by == found_by
+    assert {t.qualname: (t.kind, t.layout.dim) for t in report.converted} == {"W": ("matmul", 0), "M": ("matmul", 0)}
+    assert list(skipped) == ["D"] and skipped["D"].startswith("reaches its linear op only through other ops (.data)")
+    out = wn.apply_weight_norm(model, x)
+    pre = torch.relu(x @ out.W.T + 1.0) @ out.M.mT  # M's pre-activation, through the real weights
+    torch.testing.assert_close(pre.std(0, unbiased=False), torch.ones(6), atol=1e-4, rtol=0)
+
+
+def test_a_quantization_aware_layer_is_skipped_with_its_reason() -> None:
+    torch.manual_seed(0)
+    qat = torch.ao.nn.qat.Linear(4, 8, qconfig=torch.ao.quantization.get_default_qat_qconfig())
+    model, x = nn.Sequential(qat, nn.ReLU(), nn.Linear(8, 2)), torch.randn(16, 4)
+    report, skipped = _reasons(model, x)
+    assert [t.qualname for t in report.converted] == ["2.weight"]
+    assert skipped == {"0.weight": "fake-quantized before its op (quantization-aware training); weight norm would change what is quantized"}
+
+
+class FunctionalBlock(nn.Module):
+    """Code of the model's own: a functional weight, and a parameter under another parametrization."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(8, 5) / 5**0.5)
+        self.temperature = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.W) / self.temperature
+
+
+class _Softplus(nn.Module):
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return F.softplus(t) + 1.0
+
+
+@pytest.mark.parametrize("wrap", ["data_parallel", "parametrized"])
+def test_torch_containers_around_the_models_code_do_not_hide_its_weights(wrap: str) -> None:
+    torch.manual_seed(0)
+    block = FunctionalBlock()
+    model: nn.Module = nn.Sequential(block, nn.ReLU(), nn.Linear(8, 2))
+    if wrap == "data_parallel":
+        model = nn.DataParallel(model)
+        prefix = "module."
+    else:
+        nn.utils.parametrize.register_parametrization(block, "temperature", _Softplus())  # block becomes a torch class
+        prefix = ""
+    report, _ = _reasons(model, torch.randn(16, 5))
+    assert {t.qualname for t in report.converted} == {f"{prefix}0.W", f"{prefix}2.weight"}

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Literal
 
 import torch
@@ -15,13 +16,12 @@ from ._copy import copy_model
 from ._gc import gc_paused
 from .data_init import data_init, resample_directions
 from .discover import WALK, Discovery, account_for_every_layer, discover
-from .errors import NoTargetsError, WeightNormError
+from .errors import NoTargetsError, WeightNormError, few
 from .fold import FoundWeightNorm, find_weight_norms, fold_one
 from .mean_only_bn import attach as attach_mean_only_bn
 from .mean_only_bn import channels as mean_only_bn_channels
-from .mean_only_bn import detach as detach_mean_only_bn
 from .moments import resolve_group
-from .parametrization import WeightNorm, register, remove
+from .parametrization import WeightNorm, register
 from .report import WeightNormReport
 from .select import FilterFn, Selection
 from .targets import Skipped, Target
@@ -111,12 +111,21 @@ def apply_weight_norm(
         NoTargetsError: the model has no linear/conv weight.
     """
     init = _check_arguments(model, sample_batch, init, existing)
+    if not (math.isfinite(init_scale) and init_scale > 0):
+        msg = f"init_scale is the std every pre-activation starts with: a positive finite number, got {init_scale!r}"
+        raise ValueError(msg)
     selection = Selection.build(include, exclude, types, filter_fn)
     with gc_paused():  # a quarter to a third of the time on large models, see _gc
         working = model if inplace else copy_model(model)
-        report, targets = _plan(working, sample_batch, selection, existing, init)
-        saved = {t.module: dict(working.get_submodule(t.module)._parameters) for t in targets}
+        undo = _Undo()  # with inplace=True, a failure puts the user's model back as it was
+        if inplace and existing == "convert":  # the plan folds these first
+            undo.keep_modules(working.get_submodule(found.module) for found in find_weight_norms(working))
         try:
+            report, targets = _plan(working, sample_batch, selection, existing, init)
+            if inplace:
+                undo.keep_modules(working.get_submodule(t.module) for t in targets)
+                if resample:  # v will be the user's weight Parameter, drawn anew in place
+                    undo.keep_values(working.get_submodule(t.module)._parameters[t.name] for t in targets)
             for target in targets:
                 register(working.get_submodule(target.module), target.name,
                          WeightNorm(target.layout.dim, target.layout.groups, exp_scale=exp_scale))
@@ -129,8 +138,7 @@ def apply_weight_norm(
                 report.notes = data_init(working, targets, sample_batch, init_scale=init_scale, group=group,
                                          exact=exact_init)
         except BaseException:
-            if inplace:
-                _roll_back(working, targets, saved)
+            undo.restore()
             raise
     _REPORTS[working] = report
     return working
@@ -166,7 +174,7 @@ def _check_arguments(model: nn.Module, sample_batch, init: Init | None, existing
     if not isinstance(model, nn.Module):
         msg = f"apply_weight_norm expects a torch.nn.Module, got {type(model).__name__}"
         raise TypeError(msg)
-    _check_materialized(model)
+    _check_modules(model)
     if existing not in ("keep", "convert"):
         msg = f"existing must be 'keep' or 'convert', got {existing!r}"
         raise ValueError(msg)
@@ -184,8 +192,14 @@ def _check_arguments(model: nn.Module, sample_batch, init: Init | None, existing
     return init
 
 
-def _check_materialized(model: nn.Module) -> None:
-    """Lazy layers (``nn.LazyLinear``...) have no weight shape until their first forward."""
+def _check_modules(model: nn.Module) -> None:
+    """Lazy layers (``nn.LazyLinear``...) have no weight shape until their first forward, and
+    TorchScript modules cannot be reparameterized (nor copied as Python modules)."""
+    scripted = [f"{name or '(root)'}" for name, module in model.named_modules() if isinstance(module, torch.jit.ScriptModule)]
+    if scripted:
+        msg = (f"{type(model).__name__} holds TorchScript modules ({few(scripted)}); weight norm needs the eager "
+               "modules: apply it before torch.jit.script, or script the weight-normalized model afterwards")
+        raise WeightNormError(msg)
     lazy = [f"{name or '(root)'} ({type(module).__name__})" for name, module in model.named_modules()
             if any(nn.parameter.is_lazy(p) for p in module._parameters.values() if p is not None)]
     if lazy:
@@ -246,12 +260,30 @@ def _kept(found: FoundWeightNorm) -> Skipped:
     return Skipped(found.qualname, reason)
 
 
-def _roll_back(model: nn.Module, targets: list[Target], saved: dict[str, dict]) -> None:
-    """Put back the original Parameter objects after a failed in-place apply."""
-    for target in targets:
-        module = model.get_submodule(target.module)
-        detach_mean_only_bn(module)
-        if hasattr(module, "parametrizations") and target.name in module.parametrizations:
-            remove(module, target.name, saved[target.module][target.name])
-    for name, params in saved.items():
-        model.get_submodule(name)._parameters = dict(params)
+class _Undo:
+    """What an in-place apply changed, to put back exactly: each module's class and its own
+    state (the dicts of parameters, submodules and hooks copied, the objects in them kept), and
+    the values of tensors changed in place."""
+
+    def __init__(self) -> None:
+        self._modules: dict[int, tuple[nn.Module, type, dict]] = {}
+        self._values: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def keep_modules(self, modules: Iterable[nn.Module]) -> None:
+        """Each module and its submodules (a parametrization's list and originals)."""
+        for module in (sub for top in modules for sub in top.modules()):
+            if id(module) not in self._modules:  # the first state seen is the user's
+                state = {key: value.copy() if isinstance(value, dict) else value for key, value in vars(module).items()}
+                self._modules[id(module)] = (module, type(module), state)
+
+    def keep_values(self, tensors: Iterable[torch.Tensor]) -> None:
+        self._values += [(tensor, tensor.detach().clone()) for tensor in tensors]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for tensor, saved in self._values:
+                tensor.copy_(saved)
+        for module, cls, state in self._modules.values():
+            module.__class__ = cls
+            vars(module).clear()
+            vars(module).update(state)

@@ -293,6 +293,16 @@ class _Handed:
         return self.tensor
 
 
+@dataclass
+class _Unbatched:
+    """A calibrated layer's output on one unbatched sample, measured as a batch of one."""
+
+    fit: _Fit | _Handed
+
+    def output(self) -> Tensor:
+        return self.fit.output().squeeze(0)
+
+
 def _as(tensor: Tensor, dtype: torch.dtype) -> Tensor:
     """``tensor.to(dtype)``, without a dispatch when it already is (this runs per layer)."""
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
@@ -452,7 +462,7 @@ class _CalibrationMode(TorchFunctionMode):
         return result
 
     def _calibrate(self, state: _State, t_raw: Tensor, unit_dim: int, bias: Tensor | None,
-                   units: slice = slice(None), *, native: str | None = None) -> _Fit | _Handed:
+                   units: slice = slice(None), *, native: str | None = None) -> _Fit | _Handed | _Unbatched:
         """From ``t_raw = op(x, v)``, the statistics of ``t = t_raw/||v||`` per unit; set
         ``g[units]`` to ``s/sigma`` and the bias to ``-s*mu/sigma`` (or, behind a mean-only batch
         norm, its running mean to ``s*mu/sigma``).  ``t_raw`` is centred in place; the result
@@ -464,6 +474,8 @@ class _CalibrationMode(TorchFunctionMode):
         several times what it costs in a loop: the constant-unit check waits for the end of
         the pass (:meth:`unforeseen_constants`) and values are written with ``out=``.
         """
+        if t_raw.ndim == 1:  # F.linear on one unbatched sample [in]: a batch of one
+            return _Unbatched(self._calibrate(state, t_raw.unsqueeze(0), -1, bias, units, native=native))
         whole = units == slice(None)
         slot = self._moments.slot(state, units)
         if native is not None and whole:

@@ -135,6 +135,8 @@ def _sources(module: nn.Module, tensor: str) -> list[nn.Parameter]:
 
 
 def _why_not_a_target(module: nn.Module, tensor: str, kind: str) -> str:
+    if tensor == "weight" and hasattr(module, "weight_fake_quant"):
+        return "fake-quantized before its op (quantization-aware training); weight norm would change what is quantized"
     if parametrize.is_parametrized(module, tensor):
         kinds = ", ".join(type(p).__name__ for p in module.parametrizations[tensor])
         return f"computed by another parametrization ({kinds}); weight norm on top of it is not supported"
@@ -146,12 +148,23 @@ def _why_not_a_target(module: nn.Module, tensor: str, kind: str) -> str:
 
 
 # -- step 1 ------------------------------------------------------------------------------
+class _Tracer(torch.fx.Tracer):
+    """fx's tracer, whose leaves are torch's own modules, minus those that hold code of the
+    model's (``nn.DataParallel(net)``, a parametrized custom module): traced through, so that the
+    weights used in that code are seen."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return super().is_leaf_module(m, module_qualified_name) and not any(
+            not parametrize.type_before_parametrizations(sub).__module__.startswith("torch.") for sub in m.modules())
+
+
 def _symbolic_trace_log(model: nn.Module) -> UseLog:
     log = UseLog(model, key=lambda v: v if isinstance(v, torch.fx.Node) else None)
-    if torch.fx.Tracer().is_leaf_module(model, ""):  # a bare torch layer: its type says it all
+    tracer = _Tracer()
+    if tracer.is_leaf_module(model, ""):  # a bare torch layer: its type says it all
         _log_leaf_module(log, model, "")
         return log
-    graph = torch.fx.Tracer().trace(model)  # what symbolic_trace does, minus generating a GraphModule's code
+    graph = tracer.trace(model)  # what symbolic_trace does, minus generating a GraphModule's code
     params = dict(model.named_parameters(remove_duplicate=False))
     for node in graph.nodes:
         if node.op == "get_attr" and node.target in params:
@@ -171,6 +184,8 @@ def _log_leaf_module(log: UseLog, model: nn.Module, path: str) -> None:
     for sub_name, sub in leaf.named_modules():
         prefix = ".".join(p for p in (path, sub_name) if p)
         known = {name: (kind, layout) for name, kind, layout in standard_weights(sub)}
+        if hasattr(sub, "weight_fake_quant"):  # quantization-aware training: the op reads fake_quant(weight)
+            known.pop("weight", None)
         for name, _ in sub.named_parameters(recurse=False):
             qualname = f"{prefix}.{name}" if prefix else name
             kind, layout = known.get(name, ("other", None))

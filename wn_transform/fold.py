@@ -84,7 +84,8 @@ def fold_weight_norm(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         for found in find_weight_norms(model):
             fold_one(model, found)
     for module in model.modules():
-        detach_mean_only_bn(module)  # its inference-mode shift goes into the layer's bias
+        if not isinstance(module, torch.jit.ScriptModule):  # scripted modules carry no mean-only batch norm
+            detach_mean_only_bn(module)  # its inference-mode shift goes into the layer's bias
     return model
 
 

@@ -55,8 +55,13 @@ class MeanOnlyBatchNorm(nn.Module):
 
 
 def _apply_hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
-    """The forward hook: the layer's output goes through its mean-only batch norm."""
-    return getattr(module, ATTRIBUTE)(output)
+    """The forward hook: the layer's output goes through its mean-only batch norm.  An unbatched
+    call (``[C, L]`` into a Conv1d, ``[F]`` into a Linear) is a batch of one."""
+    norm = getattr(module, ATTRIBUTE)
+    batched_ndim = 2 if norm.channel_dim == -1 else len(module.kernel_size) + 2
+    if output.ndim == batched_ndim - 1:
+        return norm(output.unsqueeze(0)).squeeze(0)
+    return norm(output)
 
 
 def channels(layer: nn.Module, name: str) -> tuple[int, int] | None:

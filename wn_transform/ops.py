@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["CELL_OPS", "METADATA_OPS", "RECURRENT_OPS", "WeightUse", "bind", "op_name", "view_dims", "weight_use"]
+__all__ = ["CELL_OPS", "METADATA_OPS", "RECURRENT_OPS", "WeightUse", "attribute_read", "bind", "op_name", "view_dims", "weight_use"]
 
 _CONV = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV_T = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
@@ -104,6 +104,16 @@ def weight_use(func: Callable | str, args: Sequence[Any], kwargs: dict[str, Any]
     return WeightUse("matmul", bound.get("other"), None, -1)
 
 
+def attribute_read(func: Callable | str, args: Sequence[Any]) -> str | None:
+    """The attribute an attribute read takes (FX's ``getattr(W, "T")``, eager ``Tensor.T.__get__``)."""
+    name = op_name(func)
+    if name == "getattr" and len(args) > 1 and isinstance(args[1], str):
+        return args[1]
+    if name == "__get__":
+        return getattr(getattr(func, "__self__", None), "__name__", None)
+    return None
+
+
 def view_dims(func: Callable | str, args: Sequence[Any], kwargs: dict[str, Any], ndim: int) -> tuple[list[int], int | None] | None:
     """How a view op on a tensor of rank ``ndim`` (``args[0]``) maps axes.
 
@@ -113,6 +123,11 @@ def view_dims(func: Callable | str, args: Sequence[Any], kwargs: dict[str, Any],
     """
     name = op_name(func)
     axes = list(range(ndim))
+    attribute = attribute_read(func, args)
+    if attribute in ("T", "H"):  # W.T: every axis reversed
+        return axes[::-1], None
+    if attribute in ("mT", "mH") and ndim >= 2:  # the last two axes swapped
+        return [*axes[:-2], axes[-1], axes[-2]], None
     if name in _SAME_AXES:
         return axes, None
     if name in ("t", "numpy_T") and ndim == 2:

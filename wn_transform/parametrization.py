@@ -85,21 +85,30 @@ class WeightNorm(nn.Module):
             return self._kept_weight(memo, id(self), g, v)
         return self.cached_weight(g, v)
 
-    def _kept_weight(self, store: dict, slot: object, g: Tensor, v: Tensor) -> Tensor:
+    def _kept_weight(self, store: dict, slot: object, g: Tensor, v: Tensor, *, check_gain: bool = False) -> Tensor:
         """The weight kept in ``store[slot]``, recomputed only when ``g`` or ``v`` changed (their
         storage, dtype or version counter: optimizer steps and ``load_state_dict`` bump it).
-        Parameters made under ``torch.inference_mode()`` have no version counter: never kept."""
+        Parameters made under ``torch.inference_mode()`` have no version counter: never kept.
+
+        ``check_gain``: also compare ``g`` with the values the weight was made from.  Writes
+        through ``.data`` bypass version counters; an update written that way (SGD by hand, an
+        EMA of the parameters) changes every parameter, ``g`` included, and ``g`` has one value
+        per unit, so comparing it is cheap next to recomputing the weight.
+        """
         if g.is_inference() or v.is_inference():
             return weight_norm_weight(g, v, self.layout, exp_scale=self.exp_scale)
         key = (g.data_ptr(), v.data_ptr(), g._version, v._version, v.dtype)
         kept = store.get(slot)
-        if kept is None or kept[0] != key:
-            kept = (key, weight_norm_weight(g, v, self.layout, exp_scale=self.exp_scale))
+        if kept is None or kept[0] != key or (check_gain and not torch.equal(kept[2], g)):
+            gain = g.detach().clone() if check_gain else None
+            kept = (key, weight_norm_weight(g, v, self.layout, exp_scale=self.exp_scale), gain)
             store[slot] = kept
         return kept[1]
 
     def cached_weight(self, g: Tensor, v: Tensor) -> Tensor:
-        """The weight, for use without autograd, kept until ``g`` or ``v`` changes.
+        """The weight, for use without autograd, kept until ``g`` or ``v`` changes (by version
+        counter, or ``g``'s values: see :meth:`_kept_weight`).  Write ``v`` alone through
+        ``.data`` only inside :func:`no_weight_cache`.
 
         The cache holds one weight per layer; :func:`no_weight_cache` turns it off (the init
         pass does, so that a large model never holds a second copy of its weights).
@@ -107,7 +116,7 @@ class WeightNorm(nn.Module):
         if not _CACHING.get():
             self.__dict__.pop("_cached", None)
             return weight_norm_weight(g, v, self.layout, exp_scale=self.exp_scale)
-        return self._kept_weight(self.__dict__, "_cached", g, v)
+        return self._kept_weight(self.__dict__, "_cached", g, v, check_gain=True)
 
     def __getstate__(self) -> dict:
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()

@@ -21,7 +21,7 @@ from typing import Any
 from torch import nn
 
 from .norm import UnitLayout
-from .ops import CELL_OPS, METADATA_OPS, RECURRENT_OPS, WeightUse, op_name, view_dims, weight_use
+from .ops import CELL_OPS, METADATA_OPS, RECURRENT_OPS, WeightUse, attribute_read, op_name, view_dims, weight_use
 from .targets import Skipped, Target, split_qualname
 
 __all__ = ["UseLog", "param_aliases"]
@@ -43,6 +43,7 @@ class _Use:
     detail: str = ""  # for "other": the op; for a weight use: how it was found, if not by the log's step
 
 
+_VALUE_ATTRIBUTES = frozenset({"T", "mT", "H", "mH", "data"})  # attribute reads that hand out a tensor's values
 _COMPUTED = "computed"  # a use kind: the parameter reaches a linear/conv op only through other ops
 
 
@@ -99,7 +100,10 @@ class UseLog:
         if name in RECURRENT_OPS or name in CELL_OPS:
             self._recurrent(args)
             return
-        if name in METADATA_OPS:
+        attribute = attribute_read(func, args)
+        if attribute in _VALUE_ATTRIBUTES:
+            name = f".{attribute}"  # W.T is a view (below); W.data hands out the values, detached
+        elif name in METADATA_OPS:
             self.static(result)
             return
         values = _flat((*args, *kwargs.values()))
@@ -147,6 +151,8 @@ class UseLog:
                                                  "weight (weight standardization, spectral norm...), which weight norm would change"))
                 continue
             reason = self._reason_to_skip(self._tied_names(aliases[name]), uses, weight_uses)
+            if not reason and params[name].numel() == 0:
+                reason = f"empty (shape {tuple(params[name].shape)}): there is nothing to normalize"
             if reason:
                 skipped.append(Skipped(name, reason))
                 continue
