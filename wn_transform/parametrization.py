@@ -90,18 +90,21 @@ class WeightNorm(nn.Module):
         storage, dtype or version counter: optimizer steps and ``load_state_dict`` bump it).
         Parameters made under ``torch.inference_mode()`` have no version counter: never kept.
 
-        ``check_gain``: also compare ``g`` with the values the weight was made from.  Writes
+        ``check_gain``: also compare ``g``'s bytes with those the weight was made from.  Writes
         through ``.data`` bypass version counters; an update written that way (SGD by hand, an
         EMA of the parameters) changes every parameter, ``g`` included, and ``g`` has one value
-        per unit, so comparing it is cheap next to recomputing the weight.
+        per unit: comparing it costs well under a microsecond (a NumPy view of its memory, kept
+        with the weight while its storage is the same).  Off the CPU that comparison would wait
+        for the device, so there the weight is not kept.
         """
-        if g.is_inference() or v.is_inference():
+        if g.is_inference() or v.is_inference() or (check_gain and (g.device.type != "cpu" or not g.is_contiguous())):
             return weight_norm_weight(g, v, self.layout, exp_scale=self.exp_scale)
         key = (g.data_ptr(), v.data_ptr(), g._version, v._version, v.dtype)
         kept = store.get(slot)
-        if kept is None or kept[0] != key or (check_gain and not torch.equal(kept[2], g)):
-            gain = g.detach().clone() if check_gain else None
-            kept = (key, weight_norm_weight(g, v, self.layout, exp_scale=self.exp_scale), gain)
+        if kept is None or kept[0] != key or (check_gain and kept[2].tobytes() != kept[3]):
+            memory = g.detach().view(-1).view(torch.uint8).numpy() if check_gain else None
+            kept = (key, weight_norm_weight(g, v, self.layout, exp_scale=self.exp_scale), memory,
+                    memory.tobytes() if memory is not None else None)
             store[slot] = kept
         return kept[1]
 
