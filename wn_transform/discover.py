@@ -129,9 +129,10 @@ def account_for_every_layer(model: nn.Module, discovery: Discovery, kept: set[st
 
 
 def _sources(module: nn.Module, tensor: str) -> list[nn.Parameter]:
-    """The parameters ``module.<tensor>`` is, or is computed from (``weight_orig``, ``weight_g``...)."""
-    return [p for n, p in module.named_parameters()
-            if n == tensor or n.startswith((f"{tensor}_", f"parametrizations.{tensor}."))]
+    """The parameters ``module.<tensor>`` is, or is computed from: ``weight_orig`` (spectral norm's
+    hook), ``weight_g``/``weight_v`` (torch's legacy weight norm), a parametrization's originals."""
+    own = {tensor, f"{tensor}_orig", f"{tensor}_g", f"{tensor}_v"}
+    return [p for n, p in module.named_parameters() if n in own or n.startswith(f"parametrizations.{tensor}.")]
 
 
 def _why_not_a_target(module: nn.Module, tensor: str, kind: str) -> str:
