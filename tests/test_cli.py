@@ -202,8 +202,7 @@ def test_an_interrupted_write_leaves_no_partial_output(nested: Path, tmp_path: P
         raise KeyboardInterrupt
 
     monkeypatch.setattr(checkpoint.torch, "save", crash)
-    with pytest.raises(KeyboardInterrupt):
-        main(["fold", str(nested), "-o", str(out)])
+    assert main(["fold", str(nested), "-o", str(out)]) == 130
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
 
 
@@ -299,3 +298,44 @@ def test_outputs_get_the_usual_file_mode(nested: Path, tmp_path: Path) -> None:
             assert (tmp_path / f"out{suffix}").stat().st_mode & 0o777 == 0o644
     finally:
         os.umask(umask)
+
+
+@pytest.mark.parametrize("scale", ["-1", "nan", "0"])
+def test_a_bad_init_scale_is_a_usage_error(tmp_path: Path, scale: str, capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["apply", "--model", MODEL, "--preserve", "--init-scale", scale, "-o", str(tmp_path / "o.pt")])
+    assert info.value.code == 2 and "--init-scale must be a positive finite number" in capsys.readouterr().err
+
+
+def test_inspect_shows_only_the_state_dict_under_key(nested: Path, capsys) -> None:
+    assert main(["inspect", str(nested), "--key", "generator"]) == 0
+    out = capsys.readouterr().out
+    assert "generator: 8 weight-normalized tensors" in out and "discriminator" not in out
+    assert main(["inspect", str(nested), "--key", "nope"]) == 1
+    assert "no state dict under --key nope (found: generator, discriminator)" in capsys.readouterr().err
+
+
+def test_an_interrupt_exits_130_and_writes_nothing(nested: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("wn_transform.cli.fold_state_dict", interrupted)
+    assert main(["fold", str(nested), "-o", str(tmp_path / "o.pt")]) == 130
+    assert "interrupted; no output was written" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
+
+
+def test_an_opset_the_exporter_cannot_write_is_an_error_and_no_file(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "g.onnx"
+    assert main(["export", "--model", MODEL, "--input-shape", "1,80,6", "--opset", "3", "-o", str(out)]) == 1
+    assert "opset 3 was asked for, but the" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unwritable_folder_is_named_not_the_temporary_file(tmp_path: Path, monkeypatch) -> None:
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(checkpoint.tempfile, "mkstemp", read_only)
+    with pytest.raises(checkpoint.CheckpointError, match=r"o\.pt: cannot write in .* \(Read-only file system\)"):
+        checkpoint.save_checkpoint({"w": torch.zeros(1)}, tmp_path / "o.pt")

@@ -560,7 +560,7 @@ def test_layers_without_a_bias_are_noted_once_each() -> None:
     out = wn.apply_weight_norm(Net(), torch.randn(6, 3, 10) + 2)
     report = wn.weight_norm_report(out)
     assert sorted(report.notes.no_bias) == ["attn.in_proj_weight", "attn.out_proj.weight", "conv.weight"]
-    assert "3 layers add no bias: the init set their std, their mean is the batch's" in str(report)
+    assert "3 layers whose op adds no bias: the init set their std, their mean is the batch's" in str(report)
     assert report.to_dict()["notes"]["no_bias"] == report.notes.no_bias
 
 

@@ -181,3 +181,32 @@ def test_torch_containers_around_the_models_code_do_not_hide_its_weights(wrap: s
         prefix = ""
     report, _ = _reasons(model, torch.randn(16, 5))
     assert {t.qualname for t in report.converted} == {f"{prefix}0.W", f"{prefix}2.weight"}
+
+
+class Experts(nn.Module):
+    """Mixture-of-experts weights ``[experts, out, in]``, each expert's matrix picked by index."""
+
+    def __init__(self, route: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.route = route
+        self.gate = nn.Linear(6, 3)
+        self.w = nn.Parameter(torch.randn(3, 4, 6) / 6**0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.route:
+            return F.linear(x, self.w[1]) + self.gate(x).sum(-1, keepdim=True)
+        choice = self.gate(x).argmax(-1)
+        out = x.new_zeros(x.shape[0], 4)
+        for e in torch.unique(choice):  # data-dependent: found by recording
+            rows = choice == e
+            out[rows] = F.linear(x[rows], self.w[e])
+        return out
+
+
+@pytest.mark.parametrize(("route", "found_by"), [(False, "symbolic_trace"), (True, "recorded")], ids=["indexed", "routed"])
+def test_expert_weights_picked_by_index_are_skipped_not_normalized_per_expert(route: bool, found_by: str) -> None:
+    report, skipped = _reasons(Experts(route), torch.randn(32, 6))
+    assert report.found_by == found_by
+    assert [t.qualname for t in report.converted] == ["gate.weight"]
+    assert list(skipped) == ["w"] and "only through other ops (" in skipped["w"] and "getitem" in skipped["w"]

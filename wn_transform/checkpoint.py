@@ -136,7 +136,11 @@ def save_checkpoint(obj: Any, path: str | os.PathLike, *, force: bool = False, i
     if path.suffix == SAFETENSORS and (plain := [k for k, v in obj.items() if not isinstance(v, Tensor)]):
         msg = f"{path}: safetensors holds only tensors, but {few(plain)} {'is' if len(plain) == 1 else 'are'} not; use .pt"
         raise CheckpointError(msg)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        msg = f"{path}: cannot write in {path.parent} ({exc.strerror or exc})"
+        raise CheckpointError(msg) from exc
     os.close(fd)
     try:
         if path.suffix == SAFETENSORS:

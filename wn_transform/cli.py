@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -26,7 +27,7 @@ from .checkpoint import (
 from .errors import WeightNormError, few
 from .state_dict import convert_state_dict, find_state_dict_weight_norms, fold_state_dict
 
-FAILURES = (WeightNormError, CheckpointError, OSError)
+FAILURES = (WeightNormError, CheckpointError, OSError, ValueError)  # ValueError: the library's argument checks
 
 EXAMPLES = {
     "inspect": """examples:
@@ -128,6 +129,8 @@ def cmd_inspect(args: argparse.Namespace, say: Callable[[str], None]) -> int:
         if not paths:
             msg = f"{args.file}: holds no state dict (no mapping of names to tensors)"
             raise CheckpointError(msg)
+        if args.key is not None and args.model is None:
+            paths = [_keyed_path(paths, args.key, args.file)]
         for path in paths:
             print(_describe_state_dict(_get(checkpoint, path), ".".join(path) or "(top level)"))
     if args.model is not None:
@@ -146,6 +149,9 @@ def cmd_convert(args: argparse.Namespace, say: Callable[[str], None]) -> int:
 
 
 def cmd_apply(args: argparse.Namespace, say: Callable[[str], None]) -> int:
+    if not (math.isfinite(args.init_scale) and args.init_scale > 0):
+        msg = f"--init-scale must be a positive finite number (the std every pre-activation starts with), got {args.init_scale}"
+        raise _UsageError(msg)
     _check_output_free(args)
     model = _build_model(args, say)
     batch = None if args.preserve else _read_batch(args, "calib")
@@ -191,6 +197,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FAILURES as exc:
         print(f"wn-transform {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # outputs are written atomically: nothing half-written is left
+        print(f"wn-transform {args.command}: interrupted; no output was written", file=sys.stderr)
+        return 130
     return 1
 
 
@@ -289,10 +298,7 @@ def _load_weights(model: nn.Module, checkpoint: Any, args: argparse.Namespace) -
     """Load a (possibly nested, DataParallel-prefixed, weight-normalized) state dict."""
     paths = state_dict_paths(checkpoint)
     if args.key is not None:
-        path = tuple(args.key.split("."))
-        if path not in paths:
-            msg = f"{args.checkpoint}: no state dict under --key {args.key} (found: {_list_paths(paths)})"
-            raise CheckpointError(msg)
+        path = _keyed_path(paths, args.key, args.checkpoint)
     elif len(paths) == 1:
         path = paths[0]
     else:
@@ -319,6 +325,14 @@ def _load_weights(model: nn.Module, checkpoint: Any, args: argparse.Namespace) -
     except RuntimeError as exc:
         msg = f"{args.checkpoint}: does not fit {args.model}: {str(exc).strip().splitlines()[-1].strip()}"
         raise CheckpointError(msg) from exc
+
+
+def _keyed_path(paths: list[tuple[str, ...]], key: str, file: str) -> tuple[str, ...]:
+    path = tuple(key.split("."))
+    if path not in paths:
+        msg = f"{file}: no state dict under --key {key} (found: {_list_paths(paths)})"
+        raise CheckpointError(msg)
+    return path
 
 
 def _read_batch(args: argparse.Namespace, name: str) -> Any:

@@ -270,6 +270,10 @@ def export_onnx(
         renamed, unnamed = onnx_graph.restore_initializer_names(proto, state)
         tmp_file = os.path.join(tmpdir, os.path.basename(target))
         stats = onnx_graph.graph_stats(proto)
+        if opset is not None and stats["opset"] != opset:  # the dynamo exporter falls back to its own opset
+            msg = (f"opset {opset} was asked for, but the {used} exporter could only write opset {stats['opset']} "
+                   f"(it cannot convert this graph to {opset}); ask for an opset it supports, or leave it out")
+            raise ExportError(msg)
         if dynamic_batch and dynamic_shapes is None:
             _check_batch_axis(stats["inputs"], inputs)
         onnx_graph.save(proto, tmp_file, os.path.basename(data_target) if use_external else None)

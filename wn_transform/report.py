@@ -57,8 +57,8 @@ class WeightNormReport:
             for name in self.notes.bias_not_set:
                 lines.append(f"  {name}: its bias is computed, not a parameter; only g was set")
             if self.notes.no_bias:
-                lines.append(f"  {len(self.notes.no_bias)} layers add no bias: the init set their std, their mean is "
-                             f"the batch's ({few(self.notes.no_bias)})")
+                lines.append(f"  {len(self.notes.no_bias)} layers whose op adds no bias: the init set their std, their mean is "
+                             f"the batch's; a bias added by a later op is not set ({few(self.notes.no_bias)})")
             if self.notes.recurrent_kept:
                 lines.append(f"  {len(self.notes.recurrent_kept)} hidden-to-hidden weights kept their scale "
                              "(the data init standardizes the input projections of recurrent layers)")

@@ -34,6 +34,7 @@ class _Origin:
     param: str
     axes: tuple[int, ...]
     cut: frozenset[int] = frozenset()  # parameter axes that a split has cut
+    pieces: bool = False  # an FX node standing for a split's tuple of pieces: getitem picks one
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,8 @@ class _Use:
 
 
 _VALUE_ATTRIBUTES = frozenset({"T", "mT", "H", "mH", "data"})  # attribute reads that hand out a tensor's values
+# Ops that select values of their first argument: the values come from it alone, whatever the index.
+_SELECTIONS = frozenset({"getitem", "__getitem__", "index_select", "take", "gather", "select"})
 _COMPUTED = "computed"  # a use kind: the parameter reaches a linear/conv op only through other ops
 
 
@@ -119,16 +122,17 @@ class UseLog:
             return
         source = self._origin(args[0]) if args else None
         mapping = view_dims(func, args, kwargs, len(source.axes)) if source is not None else None
-        if name == "getitem" and source is not None:  # an element of a split's result (FX)
+        if name == "getitem" and source is not None and source.pieces:  # one piece of a split (FX)
             mapping = (list(range(len(source.axes))), None)
-        if mapping is None:
+        if mapping is None:  # indexing a weight (w[expert]) is not followed as a view: it drops an axis
             for _, origin in found:
                 self.add_use(origin.param, "other", detail=name)
-            self._follow_static(values, result)
+            self._follow_static(values[:1] if name in _SELECTIONS else values, result)
             return
         axes, cut_axis = mapping
         cut = source.cut | ({source.axes[cut_axis]} if cut_axis is not None else set())
-        origin = _Origin(source.param, tuple(source.axes[a] for a in axes), frozenset(cut))
+        pieces = cut_axis is not None and not isinstance(result, (tuple, list))
+        origin = _Origin(source.param, tuple(source.axes[a] for a in axes), frozenset(cut), pieces)
         for item in result if isinstance(result, (tuple, list)) else (result,):
             self._set(item, origin)
 
@@ -147,8 +151,9 @@ class UseLog:
                 computed = [u.detail for u in uses if u.kind == _COMPUTED]
                 if computed:
                     ops = ", ".join(sorted({u.detail for u in uses if u.kind == "other"}))
-                    skipped.append(Skipped(name, f"reaches its {computed[0]} op only through other ops ({ops}): a computed "
-                                                 "weight (weight standardization, spectral norm...), which weight norm would change"))
+                    skipped.append(Skipped(name, f"reaches its {computed[0]} op only through other ops ({ops}): a weight "
+                                                 "computed or selected in the forward (weight standardization, spectral norm, an "
+                                                 "expert picked by index...), which weight norm on the Parameter would change"))
                 continue
             reason = self._reason_to_skip(self._tied_names(aliases[name]), uses, weight_uses)
             if not reason and params[name].numel() == 0:
