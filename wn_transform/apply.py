@@ -107,7 +107,8 @@ def apply_weight_norm(
         BatchError: the batch holds NaN/inf (nothing is changed) or the model rejects it (the
             layer is named).
         SelectionError: a selection rule matches no weight.
-        WeightNormError: a lazy layer (``nn.LazyLinear``...) has not run yet, so its weight has no shape.
+        WeightNormError: a lazy layer (``nn.LazyLinear``...) has not run yet, so its weight has no
+            shape; or the model holds a TorchScript module.
         NoTargetsError: the model has no linear/conv weight.
     """
     init = _check_arguments(model, sample_batch, init, existing)
@@ -195,12 +196,13 @@ def _check_arguments(model: nn.Module, sample_batch, init: Init | None, existing
 def _check_modules(model: nn.Module) -> None:
     """Lazy layers (``nn.LazyLinear``...) have no weight shape until their first forward, and
     TorchScript modules cannot be reparameterized (nor copied as Python modules)."""
-    scripted = [f"{name or '(root)'}" for name, module in model.named_modules() if isinstance(module, torch.jit.ScriptModule)]
+    modules = list(model.named_modules())
+    scripted = [name or "(root)" for name, module in modules if isinstance(module, torch.jit.ScriptModule)]
     if scripted:
         msg = (f"{type(model).__name__} holds TorchScript modules ({few(scripted)}); weight norm needs the eager "
                "modules: apply it before torch.jit.script, or script the weight-normalized model afterwards")
         raise WeightNormError(msg)
-    lazy = [f"{name or '(root)'} ({type(module).__name__})" for name, module in model.named_modules()
+    lazy = [f"{name or '(root)'} ({type(module).__name__})" for name, module in modules
             if any(nn.parameter.is_lazy(p) for p in module._parameters.values() if p is not None)]
     if lazy:
         msg = (f"{type(model).__name__} has lazy layers whose weights do not exist yet: {', '.join(lazy)}; "

@@ -122,7 +122,8 @@ def account_for_every_layer(model: nn.Module, discovery: Discovery, kept: set[st
             sources = _sources(module, tensor)
             if sources and qualname not in listed and not any(id(p) in listed_ids for p in sources):
                 reason = _why_not_a_target(module, tensor, kind)
-                tied = [n for n in aliases.get(id(module._parameters.get(tensor)), []) if n != qualname]
+                param = module._parameters.get(tensor)
+                tied = [n for n in aliases.get(id(param), []) if n != qualname] if param is not None else []
                 if tied:
                     reason += f" (the same Parameter is also {', '.join(tied)})"
                 discovery.skipped.append(Skipped(qualname, reason))
