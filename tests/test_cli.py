@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -185,6 +186,36 @@ def test_files_that_are_not_checkpoints_get_a_clear_error(tmp_path: Path, conten
     path.write_bytes(content)
     result = cli("fold", str(path), "-o", str(tmp_path / "o.pt"))
     assert result.returncode == 1 and str(path) in result.stderr and "Traceback" not in result.stderr
+    assert "not a PyTorch checkpoint" in result.stderr
+    assert "weights_only=False" not in result.stderr  # no advice to run code that is not there
+    assert [line for line in result.stderr.splitlines() if not line.startswith("[")] == [  # progress lines aside
+        next(line for line in result.stderr.splitlines() if "error:" in line)]  # one line: no warning
+
+
+def test_only_a_file_that_needs_code_gets_the_weights_only_advice(tmp_path: Path) -> None:
+    import argparse
+
+    path = tmp_path / "args.pt"
+    torch.save({"state_dict": build_generator().state_dict(), "args": argparse.Namespace(lr=1)}, path)
+    with pytest.raises(checkpoint.CheckpointError, match=r"needs arbitrary Python code to unpickle \(Unsupported "
+                       r"global: GLOBAL argparse.Namespace.*weights_only=False"):
+        checkpoint.load_checkpoint(path)
+
+
+@pytest.mark.parametrize(("written", "read"), [
+    ("model.safetensors", "model.pt"),  # a safetensors file under another name: told by its first bytes
+    ("MODEL.SAFETENSORS", "MODEL.SAFETENSORS"),
+])
+def test_safetensors_is_told_by_content_and_by_any_case_suffix(tmp_path: Path, written: str, read: str) -> None:
+    state = build_generator().state_dict()
+    checkpoint.save_checkpoint(state, tmp_path / written)
+    load_file(tmp_path / written)  # it is safetensors
+    if read != written:
+        (tmp_path / written).rename(tmp_path / read)
+    loaded = checkpoint.load_checkpoint(tmp_path / read)
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], v) for k, v in state.items())
+    assert main(["fold", str(tmp_path / read), "-o", str(tmp_path / "folded.SafeTensors")]) == 0
+    torch.testing.assert_close(load_file(tmp_path / "folded.SafeTensors"), wn.fold_state_dict(state))
 
 
 def test_a_plain_checkpoint_has_nothing_to_fold(tmp_path: Path) -> None:
@@ -192,6 +223,14 @@ def test_a_plain_checkpoint_has_nothing_to_fold(tmp_path: Path) -> None:
     torch.save(build_plain().state_dict(), path)
     result = cli("fold", str(path), "-o", str(tmp_path / "o.pt"))
     assert result.returncode == 1 and "no weight-normalized tensors" in result.stderr
+
+
+def test_an_output_that_is_a_folder_is_named_as_one(nested: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "out"
+    folder.mkdir()
+    with pytest.raises(checkpoint.CheckpointError, match=rf"^{re.escape(str(folder))}: is a folder; give the path"):
+        checkpoint.save_checkpoint({"w": torch.ones(1)}, folder, force=True)
+    assert list(folder.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "out"]
 
 
 def test_an_interrupted_write_leaves_no_partial_output(nested: Path, tmp_path: Path, monkeypatch) -> None:
@@ -276,6 +315,38 @@ def test_a_model_built_with_some_weight_norm_loads_a_checkpoint_of_it_after_appl
     (got,) = session.run(None, {session.get_inputs()[0].name: mel.numpy()})
     with torch.no_grad():
         np.testing.assert_allclose(got, trained(mel).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def _trained(kind: str) -> tuple[torch.nn.Module, dict]:
+    """A trained model and its checkpoint, whose weight-norm layout differs from the factory's."""
+    from tests.fixtures.hifigan import build_partly_normalized
+    from tests.fixtures.weight_norm import perturb_scales
+
+    if kind == "partly":  # conv_pre: torch's parametrizations, dim=2 (wav2vec2's pos_conv); the rest: ours
+        trained = wn.apply_weight_norm(build_partly_normalized(seed=4), torch.randn(2, 80, 12))
+        return trained, wn.convert_state_dict(trained.state_dict(), "legacy")
+    trained = perturb_scales(build_generator(kind, seed=4))
+    return trained, trained.state_dict()
+
+
+@pytest.mark.parametrize(("kind", "factory"), [
+    ("legacy", "build_generator"),  # legacy weight_g/weight_v keys, a model built with parametrizations
+    ("parametrizations", "build_legacy_generator"),
+    ("partly", "build_partly_normalized"),  # every pair legacy: conv_pre's renamed, the others folded
+])
+def test_a_checkpoint_in_the_other_weight_norm_layout_loads_as_torch_would(tmp_path: Path, kind: str, factory: str) -> None:
+    trained, state = _trained(kind)
+    path, out = tmp_path / "ckpt.pt", tmp_path / "g.onnx"
+    torch.save(state, path)
+    assert main(["export", "--model", f"tests.fixtures.hifigan:{factory}", "--checkpoint", str(path),
+                 "--input-shape", "1,80,12", "-o", str(out)]) == 0
+    import onnxruntime
+
+    mel = torch.randn(1, 80, 12)
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: mel.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(got, trained.eval()(mel).numpy(), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize(("command", "name"), [("fold", "out.onnx"), ("convert", "out.onnx"), ("export", "out.pt")])

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -387,6 +389,33 @@ def test_a_wrong_shape_batch_names_the_layer_and_changes_nothing() -> None:
     assert list(model.state_dict()) == list(before)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
     assert type(model[0]) is nn.Linear
+
+
+_SAMPLER = """
+import torch
+from torch import nn
+import wn_transform as wn
+
+class Sampler(nn.Module):  # torch.fx cannot trace a distribution object, so discovery exports it
+    def __init__(self):
+        super().__init__()
+        self.mean = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return torch.distributions.Normal(self.mean(x), torch.ones(3)).rsample()
+
+try:
+    wn.apply_weight_norm(Sampler(), torch.randn(2, 5))
+except wn.BatchError as error:
+    print(error)
+"""
+
+
+def test_a_wrong_shape_batch_on_an_exported_model_is_one_clean_error() -> None:
+    """torch.export's failure on the batch logs every op it tried; none of that reaches stderr."""
+    done = subprocess.run([sys.executable, "-c", _SAMPLER], capture_output=True, text=True, timeout=300, check=True)
+    assert "layer 'mean' (Linear)" in done.stdout
+    assert done.stderr == ""
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

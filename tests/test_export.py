@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import os
 import warnings
 
@@ -348,6 +349,33 @@ def test_explicit_dynamic_shapes(exported, tmp_path) -> None:
         mel = mel_batch(3, frames=13)
         with torch.no_grad():
             assert_close(run_onnx(report.path, {"mel": mel})["output"], reference(mel))
+
+
+class PadsToHop(nn.Module):
+    """Pads the time axis to a multiple of the hop as codec encoders do; the TorchScript tracer
+    bakes the pad width computed in Python for the sample's length."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(1, 2, 4, stride=4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        extra = math.ceil(x.shape[-1] / 4) * 4 - x.shape[-1]
+        return self.conv(F.pad(x, (0, extra)))
+
+
+def test_every_declared_dynamic_axis_is_verified(tmp_path) -> None:
+    torch.manual_seed(0)
+    model, x = PadsToHop(), torch.randn(2, 1, 16)
+    shapes = ({0: "batch", 2: "time"},)
+    report = export_onnx(model, x, tmp_path / "dynamo.onnx", exporter="dynamo", dynamic_shapes=shapes)
+    assert report.batch_sizes_checked == [2, 3, 2]  # the sample, 'batch' grown, 'time' grown (16 -> 20)
+    with pytest.raises(ExportMismatchError, match=r"'time' grown, x\[2\]: 16 -> 20\): shape \[2, 2, 4\] instead of "
+                       r"\[2, 2, 5\]; axis 'time' is marked dynamic") as info, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's warning about converting a size to a Python number
+        export_onnx(model, x, tmp_path / "torchscript.onnx", exporter="torchscript", dynamic_shapes=shapes)
+    assert "'batch'" not in str(info.value)  # the batch axis verifies
+    assert os.listdir(tmp_path) == ["dynamo.onnx"]
 
 
 def test_fixed_batch_when_asked(tmp_path) -> None:

@@ -241,6 +241,70 @@ def test_the_cached_eval_weight_follows_updates_written_through_data(width: int)
         torch.testing.assert_close(ema(x), wn.fold_weight_norm(ema)(x), rtol=0, atol=1e-6)
 
 
+def test_the_cached_eval_weight_is_never_served_for_other_tensors_at_a_reused_address() -> None:
+    """``functional_call`` with fresh ``v`` tensors: a freed tensor's address and version counter
+    come back for the next one, which must not get the weight made from the first."""
+    torch.manual_seed(0)
+    model = wn.apply_weight_norm(nn.Sequential(nn.Linear(512, 256)), init="preserve").eval()
+    x = torch.randn(3, 512)
+    params = dict(model.named_parameters())
+    g = params["0.parametrizations.weight.original0"]
+
+    def check(step: int) -> None:  # each call's v is freed on return
+        v = torch.randn(256, 512)
+        got = torch.func.functional_call(model, {**params, "0.parametrizations.weight.original1": v}, (x,))
+        expected = F.linear(x, compose_weight(g, v, UnitLayout(0)), model[0].bias)
+        torch.testing.assert_close(got, expected, msg=f"call {step}")
+
+    with torch.no_grad():
+        for step in range(20):
+            check(step)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_the_cached_eval_weight_follows_sgd_by_hand_with_a_frozen_gain(kind: str) -> None:
+    """Fixed-length weight norm: ``g`` frozen, ``v`` trained by an update written through ``.data``."""
+    torch.manual_seed(0)
+    layer = nn.Linear(32, 8) if kind == "linear" else nn.Conv1d(4, 8, 3)
+    model = wn.apply_weight_norm(nn.Sequential(layer, nn.Tanh()), init="preserve")
+    model[0].parametrizations.weight.original0.requires_grad_(False)
+    x = torch.randn(5, 32) if kind == "linear" else torch.randn(5, 4, 8)
+    for _ in range(3):
+        model.train()
+        model(x).pow(2).sum().backward()
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data -= 0.5 * p.grad
+                p.grad = None
+        model.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), wn.fold_weight_norm(copy.deepcopy(model))(x), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("write", ["nn.init", "data", "copy_"])
+def test_writing_into_a_read_weight_leaves_the_layer_as_torch_does(kind: str, write: str) -> None:
+    """``module.weight`` is computed from ``(g, v)``; writing into what a read returned (a weight
+    init routine run on a normalized model) changes nothing, in torch's parametrization and here."""
+    torch.manual_seed(0)
+    make = (lambda: nn.Linear(6, 4)) if kind == "linear" else (lambda: nn.Conv1d(3, 4, 3))
+    ours = wn.apply_weight_norm(make(), init="preserve").eval()
+    theirs = torch.nn.utils.parametrizations.weight_norm(make()).eval()
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 6) if kind == "linear" else torch.randn(2, 3, 7)
+    with torch.no_grad():
+        ours(x)  # the eval weight is cached
+        for model in (ours, theirs):
+            if write == "nn.init":
+                nn.init.normal_(model.weight)
+            elif write == "data":
+                model.weight.data.normal_()
+            else:
+                model.weight.copy_(torch.zeros_like(model.weight))
+        torch.testing.assert_close(ours(x), theirs(x))
+        torch.testing.assert_close(ours.weight, theirs.weight)
+
+
 @pytest.mark.parametrize("init", ["preserve", "data"])
 def test_a_model_reparameterized_under_inference_mode_runs_there(init: str) -> None:
     """Parameters made under ``torch.inference_mode()`` are inference tensors, which have no version

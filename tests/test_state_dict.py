@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -105,9 +107,26 @@ def test_a_bare_layers_keys_without_a_module_prefix(layer: str) -> None:
     assert convert_state_dict(legacy, "parametrizations").keys() == state.keys()
 
 
-def test_a_g_without_its_v_is_an_incomplete_checkpoint() -> None:
-    with pytest.raises(wn.WeightNormError, match=r"fc\.parametrizations\.weight\.original0: has no fc\.parametrizations\.weight\.original1"):
-        fold_state_dict({"fc.parametrizations.weight.original0": torch.ones(3, 1), "fc.bias": torch.zeros(3)})
+@pytest.mark.parametrize(("present", "missing", "what"), [
+    ("fc.parametrizations.weight.original0", "fc.parametrizations.weight.original1", "g without its v"),
+    ("fc.parametrizations.weight.original1", "fc.parametrizations.weight.original0", "v without its g"),
+    ("fc.weight_g", "fc.weight_v", "g without its v"),
+    ("fc.weight_v", "fc.weight_g", "v without its g"),
+    ("weight_g", "weight_v", "g without its v"),
+])
+def test_half_a_pair_is_an_incomplete_checkpoint(present: str, missing: str, what: str) -> None:
+    tensor = torch.ones(3, 1) if present.endswith(("original0", "_g")) else torch.ones(3, 4)
+    state = {present: tensor, "fc.bias": torch.zeros(3)}
+    for check in (fold_state_dict, find_state_dict_weight_norms, lambda s: convert_state_dict(s, "legacy")):
+        with pytest.raises(wn.WeightNormError, match=rf"{re.escape(present)}: has no {re.escape(missing)} beside it \({what}\)"):
+            check(state)
+
+
+def test_a_gain_named_like_half_a_legacy_pair_is_an_ordinary_parameter() -> None:
+    """Only ``weight_g``/``weight_v`` (legacy weight norm's default names) must come in pairs."""
+    state = {"ln.scale_g": torch.ones(4), "ln_v": torch.ones(4), "fc.weight": torch.ones(3, 4)}
+    assert find_state_dict_weight_norms(state) == []
+    assert fold_state_dict(state).keys() == state.keys()
 
 
 def test_keep_leaves_the_named_weights_normalized() -> None:

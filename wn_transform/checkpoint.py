@@ -1,8 +1,9 @@
 """Checkpoint files: safe loading, atomic saving, nested state dicts, sample batches.
 
 * ``.pt``/``.pth``/``.bin``/``.ckpt`` are read with ``torch.load(weights_only=True)``: a file that
-  needs arbitrary pickled code is refused, never executed.  ``.safetensors`` goes through the
-  safetensors library.
+  needs arbitrary pickled code is refused, never executed.  ``.safetensors`` (any case, or a
+  safetensors file under another name, told by its first bytes) goes through the safetensors
+  library; a file that is none of these is named as such.
 * Writes are atomic: a temporary file in the destination folder, then ``os.replace``.  An
   existing file is not overwritten without ``force``, and the input is never the output.
 * A checkpoint may nest its state dicts (``{"state_dict": ...}``, ``{"generator": ...,
@@ -14,6 +15,7 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -25,8 +27,8 @@ from torch import Tensor
 from .errors import WeightNormError, few
 
 __all__ = [
-    "CheckpointError", "is_state_dict", "load_batch", "load_checkpoint", "map_state_dicts", "save_checkpoint",
-    "state_dict_paths",
+    "CheckpointError", "file_format", "is_state_dict", "load_batch", "load_checkpoint", "map_state_dicts",
+    "save_checkpoint", "state_dict_paths",
 ]
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
@@ -93,23 +95,57 @@ def load_checkpoint(path: str | os.PathLike) -> Any:
     if not path.is_file():
         msg = f"{path}: no such file" if not path.exists() else f"{path}: not a file"
         raise CheckpointError(msg)
-    if path.suffix == SAFETENSORS:
+    kind = file_format(path)
+    if kind == "safetensors":
         return _load_safetensors(path)
+    if kind == "unknown":
+        start = path.read_bytes()[:16] if path.stat().st_size else b""
+        what = f"it starts with {start!r}" if start else "it is empty"
+        msg = f"{path}: not a PyTorch checkpoint (neither a torch.save archive, a pickle nor safetensors: {what})"
+        raise CheckpointError(msg)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a bare pickle's protocol draws a warning before the clear error
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
-            msg = (f"{path}: refused to load: the file needs arbitrary Python code to unpickle ({first}). "
-                   f"It was not executed. If you trust its source, load it yourself with "
-                   f"torch.load(..., weights_only=False) and save model.state_dict() instead.")
+        if "unsupported global" in str(exc).lower():  # the unpickler met a class or function it would import
+            msg = (f"{path}: refused to load: the file needs arbitrary Python code to unpickle "
+                   f"({_unpickler_detail(exc)}). It was not executed. If you trust its source, load it yourself "
+                   f"with torch.load(..., weights_only=False) and save model.state_dict() instead.")
         else:
-            msg = f"{path}: not a PyTorch checkpoint ({first})"
+            msg = f"{path}: not a PyTorch checkpoint torch.load can read safely ({_unpickler_detail(exc)})"
         raise CheckpointError(msg) from exc
     except Exception as exc:  # on a file that is not a checkpoint torch's unpickler raises KeyError, ValueError...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         msg = f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {first})"
         raise CheckpointError(msg) from exc
+
+
+def file_format(path: Path) -> str:
+    """``"safetensors"`` (by name, any case, or by content), ``"zip"`` (``torch.save``'s archive),
+    ``"pickle"`` (legacy ``torch.save``, or a bare pickle) or ``"unknown"``, read off the first bytes."""
+    if path.suffix.lower() == SAFETENSORS:
+        return "safetensors"
+    with path.open("rb") as file:
+        head = file.read(9)
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if head.startswith(b"\x80"):  # pickle protocol 2 or later
+        return "pickle"
+    # safetensors: an 8-byte little-endian header length, then the JSON header
+    if len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= path.stat().st_size - 8:
+        return "safetensors"
+    return "unknown"
+
+
+def _unpickler_detail(exc: Exception) -> str:
+    """The line of torch's weights-only unpickler error that says what it met."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    found = next((line for line in lines if "unsupported" in line.lower()), None)
+    if found is None:
+        return lines[0] if lines else type(exc).__name__
+    start = found.lower().index("unsupported")
+    return found[start:] if found[:start].endswith("error: ") else found
 
 
 def save_checkpoint(obj: Any, path: str | os.PathLike, *, force: bool = False, inputs: tuple[str | os.PathLike, ...] = ()) -> None:
@@ -123,17 +159,21 @@ def save_checkpoint(obj: Any, path: str | os.PathLike, *, force: bool = False, i
         if path.exists() and Path(source).exists() and os.path.samefile(path, source):
             msg = f"{path}: is the input file; write the output somewhere else"
             raise CheckpointError(msg)
+    if path.is_dir():
+        msg = f"{path}: is a folder; give the path of the file to write"
+        raise CheckpointError(msg)
     if path.exists() and not force:
         msg = f"{path}: already exists; pass --force (force=True) to overwrite it"
         raise CheckpointError(msg)
     if not path.parent.is_dir():
         msg = f"{path}: the folder {path.parent} does not exist"
         raise CheckpointError(msg)
-    if path.suffix == SAFETENSORS and not is_state_dict(obj):
+    safetensors = path.suffix.lower() == SAFETENSORS
+    if safetensors and not is_state_dict(obj):
         msg = (f"{path}: safetensors holds one flat mapping of names to tensors, but this checkpoint nests "
                f"state dicts ({', '.join('.'.join(p) for p in state_dict_paths(obj)) or 'no tensors'}); use .pt")
         raise CheckpointError(msg)
-    if path.suffix == SAFETENSORS and (plain := [k for k, v in obj.items() if not isinstance(v, Tensor)]):
+    if safetensors and (plain := [k for k, v in obj.items() if not isinstance(v, Tensor)]):
         msg = f"{path}: safetensors holds only tensors, but {few(plain)} {'is' if len(plain) == 1 else 'are'} not; use .pt"
         raise CheckpointError(msg)
     try:
@@ -143,7 +183,7 @@ def save_checkpoint(obj: Any, path: str | os.PathLike, *, force: bool = False, i
         raise CheckpointError(msg) from exc
     os.close(fd)
     try:
-        if path.suffix == SAFETENSORS:
+        if safetensors:
             _save_safetensors(obj, tmp)
         else:
             torch.save(obj, tmp)
@@ -161,7 +201,8 @@ def load_batch(path: str | os.PathLike) -> Any:
     ``.npy`` array, an ``.npz`` of named arrays (keyword inputs), or ``.safetensors`` (one
     tensor: positional input; several: keyword inputs)."""
     path = Path(path)
-    if path.suffix == ".npy" or path.suffix == ".npz":
+    suffix = path.suffix.lower()
+    if suffix in (".npy", ".npz"):
         if not path.is_file():
             msg = f"{path}: no such file"
             raise CheckpointError(msg)
@@ -170,11 +211,11 @@ def load_batch(path: str | os.PathLike) -> Any:
         except ValueError as exc:
             msg = f"{path}: not a plain NumPy array file ({exc})"
             raise CheckpointError(msg) from exc
-        if path.suffix == ".npy":
+        if suffix == ".npy":
             return torch.from_numpy(np.ascontiguousarray(loaded))
         return {name: torch.from_numpy(np.ascontiguousarray(loaded[name])) for name in loaded.files}
     batch = load_checkpoint(path)
-    if isinstance(batch, Mapping) and path.suffix == SAFETENSORS and len(batch) == 1:
+    if isinstance(batch, Mapping) and file_format(path) == "safetensors" and len(batch) == 1:
         return next(iter(batch.values()))
     if isinstance(batch, list):
         return tuple(batch)

@@ -25,7 +25,7 @@ from .checkpoint import (
     CheckpointError, load_batch, load_checkpoint, map_state_dicts, save_checkpoint, state_dict_paths,
 )
 from .errors import WeightNormError, few
-from .state_dict import convert_state_dict, find_state_dict_weight_norms, fold_state_dict
+from .state_dict import convert_state_dict, find_state_dict_weight_norms, fit_state_dict, fold_state_dict
 
 FAILURES = (WeightNormError, CheckpointError, OSError, ValueError)  # ValueError: the library's argument checks
 
@@ -310,11 +310,11 @@ def _load_weights(model: nn.Module, checkpoint: Any, args: argparse.Namespace) -
         state_dict = {k[len("module."):]: v for k, v in state_dict.items()}  # saved from DataParallel/DDP
     if set(state_dict) != expected and find_state_dict_weight_norms(state_dict):
         # Trained with weight norm, loading into a plain model: fold the pairs the model does not
-        # have (a model built with weight norm on some layers, wav2vec2's pos_conv, keeps those).
-        keep = [wn.weight_key for wn in find_state_dict_weight_norms(state_dict) if wn.g_key in expected]
-        folded = fold_state_dict(state_dict, keep=keep)
-        if set(folded) == expected:
-            state_dict = folded
+        # have; a model built with weight norm on some layers (wav2vec2's pos_conv) keeps those, in
+        # the layout it was built with (torch's legacy hooks or parametrizations).
+        fitted = fit_state_dict(state_dict, expected)
+        if set(fitted) == expected:
+            state_dict = fitted
     missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
     if missing or unexpected:
         msg = (f"{args.checkpoint}: does not fit {args.model}: missing keys {few(missing)}; "

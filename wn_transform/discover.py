@@ -195,7 +195,8 @@ def _log_leaf_module(log: UseLog, model: nn.Module, path: str) -> None:
 
 
 # -- step 2 ------------------------------------------------------------------------------
-_EXPORT_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch.export", "torch._export", "torch._dynamo")
+_EXPORT_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch.export", "torch._export", "torch._dynamo",
+                   "torch._subclasses.fake_tensor")  # logs each op a bad batch fails on, at ERROR
 
 
 @contextlib.contextmanager
@@ -204,8 +205,8 @@ def _quiet(loggers: tuple[str, ...]) -> Iterator[None]:
     stderr when it fails) while a ladder step is tried: its failure goes into the report
     instead.  The model's own warnings still reach the user from the real forward passes."""
     saved = [(logging.getLogger(name), logging.getLogger(name).level) for name in loggers]
-    for logger, _ in saved:
-        logger.setLevel(logging.ERROR)
+    for logger, _ in saved:  # torch's handlers hold the stderr of import time: silence at the source
+        logger.setLevel(logging.CRITICAL + 1)
     try:
         with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -82,7 +82,8 @@ class ExportReport:
     initializers renamed back; ``unnamed_parameters``: state-dict entries no initializer is
     named after (transformed or folded into constants by the exporter).
     ``max_abs_diff``/``max_rel_diff``: per output, the largest ``|onnx - torch|`` and
-    ``|onnx - torch| / |torch|`` over every batch size in ``batch_sizes_checked``.
+    ``|onnx - torch| / |torch|`` over every run checked: the sample batch, then the sample grown
+    along each dynamic axis; ``batch_sizes_checked``: the batch size of each run.
     ``file_size``: bytes of the ``.onnx`` file; ``external_data``: the weights file, if any.
     ``timings``: seconds spent folding (the copy, and running it on the batch), exporting
     (with renaming and writing), checking (``onnx.checker``) and verifying (onnxruntime).
@@ -207,13 +208,16 @@ def export_onnx(
             traces the model and is the batch the ONNX file is verified on.
         path: the ``.onnx`` file to write; its folder must exist.
         opset: the ONNX opset (default: the exporter's default).
-        dynamic_batch: make dim 0 of every tensor input (of 1 or more dims) dynamic, and
-            verify the file on a batch one sample larger than ``sample_batch`` too.
+        dynamic_batch: make dim 0 of every tensor input (of 1 or more dims) dynamic.
             ``False``: every shape is fixed to the sample's.
         dynamic_shapes: explicit dynamic shapes, in ``torch.export`` form (a tuple over the
             positional inputs or a dict over the forward's argument names; per tensor a dict
             ``{axis: Dim | str}``); replaces ``dynamic_batch``.  For the TorchScript
             exporter it is translated to ``dynamic_axes`` (top-level tensor inputs only).
+            Every axis the file declares dynamic is verified: on the sample batch, then once
+            per axis on the sample grown along it (dim 0 by one sample, another axis by a
+            quarter of its size, at least 1), so that a graph that baked the sample's size in
+            (Python arithmetic on a shape, under the TorchScript exporter) is caught.
         external_data: write the weights to ``<path>.data`` next to the file (``True``),
             inside the file (``False``), or decide by size (``None``: external above
             :data:`EXTERNAL_DATA_THRESHOLD` bytes of parameters and buffers).
@@ -290,8 +294,7 @@ def export_onnx(
         timings["check"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        diffs, sizes, notes = _verify(tmp_file, folded, sample_batch, inputs, reference,
-                                      dynamic=dynamic_batch and dynamic_shapes is None,
+        diffs, sizes, notes = _verify(tmp_file, folded, sample_batch, inputs, reference, stats["inputs"],
                                       rtol=rtol, atol=atol, say=say)
         timings["verify"] = time.perf_counter() - start
 
@@ -662,11 +665,12 @@ def _check_batch_axis(graph_inputs: dict[str, list[int | str]], inputs: _Inputs)
 
 
 def _verify(file: str, model: nn.Module, sample_batch: batch_mod.SampleBatch, inputs: _Inputs, reference: Any,
-            *, dynamic: bool, rtol: float, atol: float, say: Progress,
+            graph_inputs: dict[str, list[int | str]], *, rtol: float, atol: float, say: Progress,
             ) -> tuple[dict[str, tuple[float, float]], list[int], list[str]]:
-    """Run the file in onnxruntime on the sample batch (and one sample more) and compare with PyTorch.
+    """Run the file in onnxruntime on the sample batch, and once more for each dynamic axis of
+    the file (see :func:`_grown_batches`), and compare with PyTorch.
 
-    Returns per output (max abs diff, max rel diff) over the batches, the batch sizes, notes.
+    Returns per output (max abs diff, max rel diff) over the runs, each run's batch size, notes.
     """
     import onnxruntime as ort
 
@@ -679,34 +683,32 @@ def _verify(file: str, model: nn.Module, sample_batch: batch_mod.SampleBatch, in
         raise ExportError(msg) from exc
     session_inputs = [i.name for i in session.get_inputs()]
     onnx_names = [o.name for o in session.get_outputs()]
-    batches = [(inputs, reference)]
+    runs = [("the sample batch", "", inputs, reference)]
     notes: list[str] = []
-    if dynamic and any(t.dim() > 0 for t in inputs.tensors):
-        larger = tree_map(lambda t: torch.cat([t, t[:1]]) if isinstance(t, torch.Tensor) and t.dim() > 0 else t,
-                          sample_batch)
+    for axis in _grown_batches(sample_batch, inputs, graph_inputs):
         try:
             with torch.no_grad():
-                larger_reference = batch_mod.run(model, larger)
+                grown_reference = batch_mod.run(model, axis.batch)
         except batch_mod.BatchError as exc:
-            notes.append(f"a batch one sample larger was not checked: the PyTorch model rejects it ({exc})")
-        else:
-            batches.append((_layout_inputs(model, larger), larger_reference))
+            notes.append(f"dynamic axis '{axis.symbol}' was not checked at {axis.change}: the PyTorch model "
+                         f"rejects that batch ({exc})")
+            continue
+        hint = (f"; axis '{axis.symbol}' is marked dynamic, but the graph depends on its size in the sample batch "
+                f"({axis.where}): mark it static (dynamic_batch=False, or leave it out of dynamic_shapes)")
+        runs.append((f"'{axis.symbol}' grown, {axis.change}", hint, _layout_inputs(model, axis.batch), grown_reference))
     diffs: dict[str, tuple[float, float]] = {}
     sizes: list[int] = []
     failures: list[str] = []
-    hint = ("; the batch axis is marked dynamic but the graph depends on the sample's batch size "
-            "(export with dynamic_batch=False for a fixed one)")
-    for index, (batch_inputs, expected) in enumerate(batches):
-        size = next((t.shape[0] for t in batch_inputs.tensors if t.dim() > 0), 1)
-        sizes.append(size)
-        say(f"verifying with onnxruntime (batch of {size})")
+    for label, hint, run_inputs, expected in runs:
+        sizes.append(next((t.shape[0] for t in run_inputs.tensors if t.dim() > 0), 1))
+        say(f"verifying with onnxruntime ({label})")
         try:
-            got = session.run(None, batch_inputs.feed(session_inputs))
+            got = session.run(None, run_inputs.feed(session_inputs))
         except ExportError:
             raise
         except Exception as exc:  # onnxruntime's own error kinds
-            msg = f"onnxruntime failed to run the exported file on a batch of {size}: {_one_line(exc)}"
-            raise ExportError(msg + (hint if index else "")) from exc
+            msg = f"onnxruntime failed to run the exported file on {label}: {_one_line(exc)}"
+            raise ExportError(msg + hint) from exc
         want = [leaf for leaf in tree_leaves(expected) if isinstance(leaf, torch.Tensor)]
         if len(got) != len(want):
             msg = (f"the exported graph has {len(got)} outputs ({onnx_names}), the PyTorch model "
@@ -717,13 +719,53 @@ def _verify(file: str, model: nn.Module, sample_batch: batch_mod.SampleBatch, in
             old = diffs.get(name, (0.0, 0.0))
             diffs[name] = (max(old[0], abs_diff), max(old[1], rel_diff))
             if not ok:
-                failures.append(f"'{name}' (batch of {size}): {why}" + (hint if index else ""))
+                failures.append(f"'{name}' ({label}): {why}{hint}")
     if failures:
         table = "; ".join(f"'{name}': max abs diff {a:.3g}, max rel diff {r:.3g}" for name, (a, r) in diffs.items())
         msg = (f"onnxruntime disagrees with PyTorch beyond rtol={rtol:g}, atol={atol:g}: {'; '.join(failures)}"
                f" [all outputs: {table}]")
         raise ExportMismatchError(msg)
     return diffs, sizes, notes
+
+
+@dataclass(frozen=True)
+class _GrownAxis:
+    symbol: str  # the file's name for the axis
+    where: str  # "mel[0] = 4, f0[0] = 4"
+    change: str  # "mel[0]: 4 -> 5"
+    batch: batch_mod.SampleBatch
+
+
+def _grown_batches(sample_batch: batch_mod.SampleBatch, inputs: _Inputs,
+                   graph_inputs: dict[str, list[int | str]]) -> list[_GrownAxis]:
+    """For each dynamic axis of the file (a symbolic dim of its inputs, shared by every input
+    axis with that symbol), the sample batch grown along it: dim 0 by one sample, any other axis
+    by a quarter of its size (at least 1), by repeating its first slices.  An input the file does
+    not take (the exporter dropped it) grows on dim 0 with a symbol of dim 0 of the same size.
+    """
+    places: dict[str, list[tuple[int, int]]] = {}  # symbol -> (input index, axis)
+    for index, (name, tensor) in enumerate(zip(inputs.names, inputs.tensors)):
+        for axis, dim in enumerate(graph_inputs.get(name, ())):
+            if isinstance(dim, str) and axis < tensor.dim() and tensor.shape[axis] > 0:
+                places.setdefault(dim, []).append((index, axis))
+    grown = []
+    for symbol, axes in places.items():
+        index, axis = axes[0]
+        size = inputs.tensors[index].shape[axis]
+        if axis == 0:  # inputs left out of the file share the batch axis by size
+            axes = axes + [(i, 0) for i, (name, t) in enumerate(zip(inputs.names, inputs.tensors))
+                           if name not in graph_inputs and t.dim() > 0 and t.shape[0] == size]
+        extra = 1 if axis == 0 else max(1, size // 4)
+        replaced, where = {}, []
+        for i, a in axes:
+            tensor = inputs.tensors[i]
+            if tensor.shape[a] == size:  # an axis of another size under the same symbol: left as is
+                replaced[id(tensor)] = torch.cat([tensor, tensor.narrow(a, 0, extra)], dim=a)
+                where.append(f"{inputs.names[i]}[{a}] = {size}")
+        batch = tree_map(lambda leaf: replaced.get(id(leaf), leaf) if isinstance(leaf, torch.Tensor) else leaf,
+                         sample_batch)
+        grown.append(_GrownAxis(symbol, ", ".join(where), f"{inputs.names[index]}[{axis}]: {size} -> {size + extra}", batch))
+    return grown
 
 
 def _compare(got: np.ndarray, tensor: torch.Tensor, rtol: float, atol: float) -> tuple[float, float, bool, str]:

@@ -24,14 +24,27 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from . import kernels
 from .norm import UnitLayout, compose_weight, safe_norm, scale_from_norm, unit_norm
 
-__all__ = ["ScaledLinear", "prefer_output_form", "weight_norm_weight"]
+__all__ = ["ScaledLinear", "functional_transforms_active", "prefer_output_form", "weight_norm_weight"]
 
 _FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 _ROWS = UnitLayout(0)  # nn.Linear: one unit per row of [out, in]
+
+
+def functional_transforms_active() -> bool:
+    """Whether a ``torch.func`` transform (``grad``, ``vmap``, ``jvp``, ``jacrev``...) or forward-mode
+    AD (``torch.autograd.forward_ad.dual_level``) is on.
+
+    The fast paths step aside then: :class:`ScaledLinear` has no forward-mode or batching rule,
+    torch's fused kernel has no forward-mode derivative, and a wrapped tensor has no storage to
+    read a flag or an address from.  The plain formula (ordinary torch ops) works under all of them.
+    Cost: about 0.3 us.
+    """
+    return torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
 
 
 def weight_norm_weight(g: Tensor, v: Tensor, layout: UnitLayout, *, exp_scale: bool = False) -> Tensor:
@@ -42,13 +55,16 @@ def weight_norm_weight(g: Tensor, v: Tensor, layout: UnitLayout, *, exp_scale: b
     in one more, with autograd in C++.  It divides by zero for a zero direction, so a layer
     with a zero norm takes the plain formula, which gives a zero weight and zero gradient.
     Checking for a zero norm reads a flag off the device: cheap on CPU, a synchronization on
-    an accelerator, where the plain formula (a few kernels, no synchronization) is used.
+    an accelerator, where the plain formula (a few kernels, no synchronization) is used.  Under
+    ``torch.func`` transforms and forward-mode AD the plain formula is used too
+    (:func:`functional_transforms_active`).
     """
     gain = g.exp() if exp_scale else g
     dim = layout.dim % v.ndim
     fusable = (layout.groups == 1 and (dim == 0 or dim == v.ndim - 1) and v.device.type == "cpu"
                and v.dtype in _FUSED_DTYPES and v.is_contiguous())
-    if fusable and not torch.compiler.is_compiling():  # a compiler fuses the plain formula itself
+    fusable = fusable and not torch.compiler.is_compiling()  # a compiler fuses the plain formula itself
+    if fusable and not functional_transforms_active():
         weight, norms = torch._weight_norm_interface(v, gain if gain.dtype == v.dtype else gain.to(v.dtype), dim)
         if norms.min().item() > 0:  # no zero norm (a reduction and a read, cheaper than all())
             return weight

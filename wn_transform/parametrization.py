@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,7 +34,7 @@ from torch import Tensor, nn
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torch.nn.utils import parametrize
 
-from .fast import ScaledLinear, prefer_output_form, weight_norm_weight
+from .fast import ScaledLinear, functional_transforms_active, prefer_output_form, weight_norm_weight
 from .norm import UnitLayout, unit_norm
 
 __all__ = ["WeightNorm", "no_weight_cache", "register", "remove", "weight_memo", "weight_norm_of"]
@@ -76,42 +77,45 @@ class WeightNorm(nn.Module):
             return v
         if self.calibrator is not None:
             self.calibrator.weight_read()
-        if torch.compiler.is_compiling():  # the compiler removes repeated reads itself
+        if torch.compiler.is_compiling() or functional_transforms_active():  # the plain route
             return weight_norm_weight(g, v, self.layout, exp_scale=self.exp_scale)
         if torch.is_grad_enabled():
             memo = _MEMO.get()  # within one module call (weight_memo), the graph is shared by every read
             if memo is None:
                 return weight_norm_weight(g, v, self.layout, exp_scale=self.exp_scale)
             return self._kept_weight(memo, id(self), g, v)
+        if not _SERVING.get():  # read from outside a forward: a fresh tensor, as torch's own is
+            return weight_norm_weight(g, v, self.layout, exp_scale=self.exp_scale)
         return self.cached_weight(g, v)
 
     def _kept_weight(self, store: dict, slot: object, g: Tensor, v: Tensor, *, check_gain: bool = False) -> Tensor:
-        """The weight kept in ``store[slot]``, recomputed only when ``g`` or ``v`` changed (their
-        storage, dtype or version counter: optimizer steps and ``load_state_dict`` bump it).
+        """The weight kept in ``store[slot]``, recomputed unless it was made from these very ``g``
+        and ``v`` (the same tensor objects, storage, dtype and version counters: optimizer steps
+        and ``load_state_dict`` bump them) and has not itself been written in place.
         Parameters made under ``torch.inference_mode()`` have no version counter: never kept.
 
         ``check_gain``: also compare ``g``'s bytes with those the weight was made from.  Writes
         through ``.data`` bypass version counters; an update written that way (SGD by hand, an
-        EMA of the parameters) changes every parameter, ``g`` included, and ``g`` has one value
-        per unit: comparing it costs well under a microsecond (a NumPy view of its memory, kept
-        with the weight while its storage is the same).  Off the CPU that comparison would wait
-        for the device, so there the weight is not kept.
+        EMA of the parameters) changes every parameter it trains, and ``g`` has one value per
+        unit: comparing it costs well under a microsecond (a NumPy view of its memory, kept with
+        the weight while its storage is the same).  So the weight is not kept where such an
+        update could change ``v`` alone: ``g`` frozen while ``v`` trains.  Off the CPU the
+        comparison would wait for the device, so there the weight is not kept either.
         """
-        if g.is_inference() or v.is_inference() or (check_gain and (g.device.type != "cpu" or not g.is_contiguous())):
+        if g.is_inference() or v.is_inference() or (check_gain and not _gain_tells_updates(g, v)):
             return weight_norm_weight(g, v, self.layout, exp_scale=self.exp_scale)
         key = (g.data_ptr(), v.data_ptr(), g._version, v._version, v.dtype)
         kept = store.get(slot)
-        if kept is None or kept[0] != key or (check_gain and kept[2].tobytes() != kept[3]):
-            memory = g.detach().view(-1).view(torch.uint8).numpy() if check_gain else None
-            kept = (key, weight_norm_weight(g, v, self.layout, exp_scale=self.exp_scale), memory,
-                    memory.tobytes() if memory is not None else None)
+        if kept is None or not kept.made_from(g, v, key) or (check_gain and kept.gain_changed()):
+            kept = _Kept(g, v, key, weight_norm_weight(g, v, self.layout, exp_scale=self.exp_scale), check_gain)
             store[slot] = kept
-        return kept[1]
+        return kept.weight
 
     def cached_weight(self, g: Tensor, v: Tensor) -> Tensor:
-        """The weight, for use without autograd, kept until ``g`` or ``v`` changes (by version
-        counter, or ``g``'s values: see :meth:`_kept_weight`).  Write ``v`` alone through
-        ``.data`` only inside :func:`no_weight_cache`.
+        """The weight, for a forward without autograd, kept until ``g`` or ``v`` changes (see
+        :meth:`_kept_weight`).  Write ``v`` alone through ``.data`` only inside
+        :func:`no_weight_cache`.  Only a layer's own forward gets the kept tensor (a read of
+        ``module.weight`` from outside gets a fresh one, which the reader may write into).
 
         The cache holds one weight per layer; :func:`no_weight_cache` turns it off (the init
         pass does, so that a large model never holds a second copy of its weights).
@@ -139,7 +143,34 @@ class WeightNorm(nn.Module):
         return f"dim={self.dim}{groups}{extra}"
 
 
+def _gain_tells_updates(g: Tensor, v: Tensor) -> bool:
+    """Whether comparing ``g``'s bytes detects updates written through ``.data``: ``g`` on the
+    CPU and contiguous, and trained whenever ``v`` is (a hand-written update of the trainable
+    parameters changes ``g`` too)."""
+    return g.is_cpu and g.is_contiguous() and (g.requires_grad or not v.requires_grad)  # not device.type: 0.9 us
+
+
+class _Kept:
+    """A weight computed from ``(g, v)``, with what tells whether it is still theirs."""
+
+    __slots__ = ("g", "gain_bytes", "gain_memory", "key", "v", "weight", "weight_version")
+
+    def __init__(self, g: Tensor, v: Tensor, key: tuple, weight: Tensor, check_gain: bool) -> None:
+        self.g, self.v = weakref.ref(g), weakref.ref(v)  # a freed tensor's address can be reused
+        self.key, self.weight, self.weight_version = key, weight, weight._version
+        self.gain_memory = g.detach().view(-1).view(torch.uint8).numpy() if check_gain else None
+        self.gain_bytes = self.gain_memory.tobytes() if check_gain else None
+
+    def made_from(self, g: Tensor, v: Tensor, key: tuple) -> bool:
+        return (self.key == key and self.g() is g and self.v() is v
+                and self.weight._version == self.weight_version)  # nobody wrote into the weight
+
+    def gain_changed(self) -> bool:
+        return self.gain_memory.tobytes() != self.gain_bytes
+
+
 _CACHING: contextvars.ContextVar[bool] = contextvars.ContextVar("wn_transform_weight_cache", default=True)
+_SERVING: contextvars.ContextVar[bool] = contextvars.ContextVar("wn_transform_in_forward", default=False)
 _MEMO: contextvars.ContextVar[dict | None] = contextvars.ContextVar("wn_transform_weight_memo", default=None)
 
 
@@ -261,7 +292,8 @@ def _rebuild_parametrized(base: type, names: list[str], state: dict) -> nn.Modul
 def _extend_class(module: nn.Module) -> None:
     """Give the instance's own generated class pickling, a direct getter for each weight this
     library normalizes and, for a stock ``nn.Linear`` or ``nn.MultiheadAttention``, a faster
-    forward that computes the same thing."""
+    forward that computes the same thing; any other module keeps its forward, and its calls
+    open the eval-mode weight cache (:func:`_serving_call`)."""
     cls = type(module)
     cls.__reduce_ex__ = _reduce_parametrized
     chains = module._modules["parametrizations"]._modules
@@ -277,6 +309,21 @@ def _extend_class(module: nn.Module) -> None:
         cls.forward = _attention_forward
     else:
         cls.forward = base.forward
+        cls.__call__ = _serving_call
+
+
+def _serving_call(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The module's own ``__call__``, with the eval-mode weight cache open to the weight reads of
+    this call (a read from outside a module call gets a fresh tensor: see
+    :meth:`WeightNorm.cached_weight`).  ``forward`` stays the class's own."""
+    call = parametrize.type_before_parametrizations(self).__call__
+    if torch.compiler.is_compiling() or _SERVING.get():  # the compiler cannot trace a ContextVar
+        return call(self, *args, **kwargs)
+    token = _SERVING.set(True)
+    try:
+        return call(self, *args, **kwargs)
+    finally:
+        _SERVING.reset(token)
 
 
 class _DirectWeight(property):
@@ -330,14 +377,19 @@ def _attention_forward(self: nn.MultiheadAttention, *args, **kwargs):
     """``nn.MultiheadAttention.forward``, with each weight computed once per call (:func:`weight_memo`)."""
     if torch.compiler.is_compiling():  # the compiler removes the repeated reads itself
         return nn.MultiheadAttention.forward(self, *args, **kwargs)
-    with weight_memo():
-        return nn.MultiheadAttention.forward(self, *args, **kwargs)
+    token = _SERVING.set(True)
+    try:
+        with weight_memo():
+            return nn.MultiheadAttention.forward(self, *args, **kwargs)
+    finally:
+        _SERVING.reset(token)
 
 
 def _linear_forward(self: nn.Linear, input: Tensor) -> Tensor:
     """``nn.Linear.forward``, computing the same thing by the cheapest route.
 
-    No graph to build: the cached weight.  Training with few rows per call: the output form
+    Under ``torch.func`` transforms or forward-mode AD: the plain formula.  No graph to build:
+    the cached weight.  Training with few rows per call: the output form
     (:class:`~wn_transform.fast.ScaledLinear`, no weight built).  Otherwise (and under autocast,
     so that the layer computes in autocast's dtype as a plain Linear does): the weight form.
     Where torch's property must run (see :func:`_direct`), it reads ``self.weight``.
@@ -352,6 +404,8 @@ def _linear_forward(self: nn.Linear, input: Tensor) -> Tensor:
         return wn.calibrator(input, bias)
     params = chain._parameters
     g, v = params["original0"], params["original1"]
+    if not torch.compiler.is_compiling() and functional_transforms_active():
+        return F.linear(input, wn.forward(g, v), bias)  # torch.func or forward AD: the plain route
     if not torch.is_grad_enabled():
         if not torch.compiler.is_compiling():
             return F.linear(input, v if wn.direction_only else wn.cached_weight(g, v), bias)

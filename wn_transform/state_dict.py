@@ -25,7 +25,9 @@ from .errors import WeightNormError
 from .norm import UnitLayout, compose_weight
 from .parametrization import EXP_SCALE_MARKER
 
-__all__ = ["StateDictWeightNorm", "convert_state_dict", "find_state_dict_weight_norms", "fold_state_dict"]
+__all__ = [
+    "StateDictWeightNorm", "convert_state_dict", "find_state_dict_weight_norms", "fit_state_dict", "fold_state_dict",
+]
 
 _PARAMETRIZED = ".parametrizations."
 
@@ -67,12 +69,11 @@ def find_state_dict_weight_norms(state_dict: Mapping[str, object]) -> list[State
             weight_key = f"{prefix[1:]}.{name}" if prefix else name
             marker = f"{base}.0.{EXP_SCALE_MARKER}"
             layout = "parametrizations"
-            if v_key not in state_dict:
-                msg = f"{key}: has no {v_key} beside it (g without its v); the checkpoint is incomplete"
-                raise WeightNormError(msg)
+            _check_partner(state_dict, key, v_key, "g without its v")
         elif key.endswith("_g") and f"{key[:-2]}_v" in state_dict:
             weight_key, v_key, marker, layout = key[:-2], f"{key[:-2]}_v", None, "legacy"
         else:
+            _check_lone_half(state_dict, key)
             continue
         v = state_dict.get(v_key)
         if not isinstance(g, Tensor) or not isinstance(v, Tensor):
@@ -82,6 +83,25 @@ def find_state_dict_weight_norms(state_dict: Mapping[str, object]) -> list[State
         found.append(StateDictWeightNorm(weight_key, key, v_key, layout, dim, groups, exp_scale,
                                          tuple(g.shape), tuple(v.shape), marker if exp_scale else None))
     return found
+
+
+def _check_partner(state_dict: Mapping[str, object], key: str, partner: str, what: str) -> None:
+    if partner not in state_dict:
+        msg = f"{key}: has no {partner} beside it ({what}); the checkpoint is incomplete"
+        raise WeightNormError(msg)
+
+
+def _check_lone_half(state_dict: Mapping[str, object], key: str) -> None:
+    """Raise for half of a weight-norm pair whose other half is missing: a parametrization's
+    ``original1`` (v) without ``original0`` (g), torch's legacy ``weight_g`` without ``weight_v``
+    or the reverse.  Only the name legacy weight norm gives by default (``weight``) is checked:
+    ``<name>_g`` alone is an ordinary parameter name elsewhere (a layer norm's gain)."""
+    if key.endswith(".original1") and _PARAMETRIZED in f".{key}":
+        _check_partner(state_dict, key, f"{key[: -len('.original1')]}.original0", "v without its g")
+    elif key == "weight_g" or key.endswith(".weight_g"):
+        _check_partner(state_dict, key, f"{key[:-2]}_v", "g without its v")
+    elif key == "weight_v" or key.endswith(".weight_v"):
+        _check_partner(state_dict, key, f"{key[:-2]}_g", "v without its g")
 
 
 def fold_state_dict(state_dict: Mapping[str, object], *, keep: Collection[str] = ()) -> dict[str, object]:
@@ -137,20 +157,43 @@ def convert_state_dict(state_dict: Mapping[str, object], to: str) -> dict[str, o
     if to not in ("parametrizations", "legacy"):
         msg = f"unknown layout {to!r}; choose 'parametrizations' or 'legacy'"
         raise ValueError(msg)
+    return _relayout(state_dict, {wn.weight_key: to for wn in find_state_dict_weight_norms(state_dict)})
+
+
+def fit_state_dict(state_dict: Mapping[str, object], expected: Collection[str]) -> dict[str, object]:
+    """``state_dict`` made to fit a model whose state-dict keys are ``expected``: each weight-norm
+    pair put in the layout the model has for that weight (torch's ``"parametrizations"`` or
+    ``"legacy"``), and folded where the model has a plain weight.  Other entries are unchanged;
+    the caller compares the keys.  torch's own ``load_state_dict`` renames legacy keys only for a
+    layer with torch's parametrized weight norm, and folds nothing.
+    """
+    found = find_state_dict_weight_norms(state_dict)
+    layouts = {wn.weight_key: to for wn in found for to in ("parametrizations", "legacy")
+               if _pair_keys(wn.weight_key, to)[0] in expected}
+    return _relayout(fold_state_dict(state_dict, keep=list(layouts)), layouts)
+
+
+def _pair_keys(weight_key: str, layout: str) -> tuple[str, str]:
+    """The (g, v) keys of ``weight_key`` in ``layout``."""
+    if layout == "legacy":
+        return f"{weight_key}_g", f"{weight_key}_v"
+    prefix, _, name = weight_key.rpartition(".")
+    base = f"{prefix}{_PARAMETRIZED}{name}" if prefix else f"parametrizations.{name}"
+    return f"{base}.original0", f"{base}.original1"
+
+
+def _relayout(state_dict: Mapping[str, object], layouts: Mapping[str, str]) -> dict[str, object]:
+    """Rename the pair of each weight in ``layouts`` to the layout given there; the rest as is."""
     renames: dict[str, str] = {}
     for wn in find_state_dict_weight_norms(state_dict):
+        to = layouts.get(wn.weight_key, wn.layout)
         if wn.layout == to:
             continue
         if wn.groups > 1 or wn.exp_scale:
             what = "grouped ConvTranspose weight norm" if wn.groups > 1 else "weight norm with g = e^s"
             msg = f"{wn.g_key}: {what} has no {to} equivalent in torch; fold it instead"
             raise WeightNormError(msg)
-        if to == "legacy":
-            renames[wn.g_key], renames[wn.v_key] = f"{wn.weight_key}_g", f"{wn.weight_key}_v"
-        else:
-            prefix, _, name = wn.weight_key.rpartition(".")
-            base = f"{prefix}{_PARAMETRIZED}{name}" if prefix else f"parametrizations.{name}"
-            renames[wn.g_key], renames[wn.v_key] = f"{base}.original0", f"{base}.original1"
+        renames[wn.g_key], renames[wn.v_key] = _pair_keys(wn.weight_key, to)
     return {renames.get(key, key): value for key, value in state_dict.items()}
 
 

@@ -1,0 +1,144 @@
+"""``torch.func`` transforms and forward-mode AD see the reference formula through every layer.
+
+The fast paths (the output form's autograd Function, torch's fused kernel, the eval cache) have
+no forward-mode or batching rule and read storage that wrapped tensors lack; under these
+transforms a weight-normalized layer computes ``g * v/||v||`` with plain torch ops.  The oracle
+here is that formula written out (``wn_transform.norm.compose_weight``) in a functional model.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd import forward_ad
+from torch.func import functional_call, grad, jacrev, jvp, stack_module_state, vmap
+
+import wn_transform as wn
+from wn_transform.fast import ScaledLinear
+from wn_transform.norm import UnitLayout, compose_weight
+
+G, V = "parametrizations.weight.original0", "parametrizations.weight.original1"
+
+
+def _layer(seed: int = 0) -> nn.Module:
+    """A Linear large enough that a training call with a few rows takes the output form."""
+    torch.manual_seed(seed)
+    layer = wn.apply_weight_norm(nn.Linear(512, 512).double(), init="preserve")
+    with torch.no_grad():
+        layer.parametrizations.weight.original0.mul_(torch.linspace(0.5, 2, 512, dtype=torch.float64).unsqueeze(1))
+    return layer
+
+
+def _reference(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, compose_weight(params[G], params[V], UnitLayout(0)), params["bias"])
+
+
+def _params(layer: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach() for name, p in layer.named_parameters()}
+
+
+def _loss(call):
+    return lambda params, x: call(params, x).pow(2).sum()
+
+
+@pytest.fixture
+def layer_and_input(monkeypatch: pytest.MonkeyPatch) -> tuple[nn.Module, torch.Tensor]:
+    layer = _layer()
+    x = torch.randn(4, 512, dtype=torch.float64)
+    calls = []
+    apply = ScaledLinear.apply
+    monkeypatch.setattr(ScaledLinear, "apply", lambda *args: calls.append(1) or apply(*args))
+    layer(x)
+    assert calls, "the premise: a plain training call of this layer takes the output form"
+    return layer, x
+
+
+def test_func_grad_and_per_sample_grads_match_the_formula(layer_and_input) -> None:
+    layer, x = layer_and_input
+    params = _params(layer)
+    ours = _loss(lambda p, inputs: functional_call(layer, p, (inputs,)))
+    got = grad(ours)(params, x)
+    expected = grad(_loss(_reference))(params, x)
+    for name in params:
+        torch.testing.assert_close(got[name], expected[name], msg=name)
+    per_sample = vmap(grad(ours), in_dims=(None, 0))(params, x.unsqueeze(1))
+    expected = vmap(grad(_loss(_reference)), in_dims=(None, 0))(params, x.unsqueeze(1))
+    for name in params:
+        torch.testing.assert_close(per_sample[name], expected[name], msg=name)
+
+
+def test_jvp_jacrev_and_forward_ad_match_the_formula(layer_and_input) -> None:
+    layer, x = layer_and_input
+    params = _params(layer)
+    tangents = {name: torch.randn_like(p) for name, p in params.items()}
+
+    def ours(p: dict[str, torch.Tensor]) -> torch.Tensor:
+        return functional_call(layer, p, (x,))
+
+    out, tangent = jvp(ours, (params,), (tangents,))
+    expected_out, expected_tangent = jvp(lambda p: _reference(p, x), (params,), (tangents,))
+    torch.testing.assert_close(out, expected_out)
+    torch.testing.assert_close(tangent, expected_tangent)
+
+    row = x[:1]
+    jacobian = jacrev(lambda p: functional_call(layer, p, (row,)))(params)[G]
+    torch.testing.assert_close(jacobian, jacrev(lambda p: _reference(p, row))(params)[G])
+
+    with forward_ad.dual_level():  # forward-mode AD without torch.func
+        dual = {name: forward_ad.make_dual(p, tangents[name]) for name, p in params.items()}
+        unpacked = forward_ad.unpack_dual(functional_call(layer, dual, (x,)))
+    torch.testing.assert_close(unpacked.primal, expected_out)
+    torch.testing.assert_close(unpacked.tangent, expected_tangent)
+
+
+def _conv_net(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    tail = nn.Sequential(nn.Unflatten(-1, (8, 64)), nn.Conv1d(8, 4, 3), nn.Flatten())
+    return nn.Sequential(_layer(seed), nn.Tanh(), wn.apply_weight_norm(tail.double(), init="preserve"))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval-no-grad"])
+def test_an_ensemble_of_stacked_models_runs_under_vmap(mode: str) -> None:
+    """``stack_module_state`` + ``vmap(functional_call)``: the model-ensembling recipe."""
+    models = [_conv_net(seed).train(mode == "train") for seed in range(3)]
+    params, buffers = stack_module_state(models)
+    x = torch.randn(5, 512, dtype=torch.float64)
+    template = copy.deepcopy(models[0])
+
+    def call(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> torch.Tensor:
+        return functional_call(template, (p, b), (x,))
+
+    with torch.set_grad_enabled(mode == "train"):
+        got = vmap(call)(params, buffers)
+    with torch.no_grad():  # folding computes each weight by the formula
+        expected = torch.stack([wn.fold_weight_norm(copy.deepcopy(m))(x) for m in models])
+    torch.testing.assert_close(got.detach(), expected)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_second_derivatives_through_torch_func_are_exact(kind: str) -> None:
+    """Hessians w.r.t. ``v`` and ``g`` (MAML, Newton steps) match the formula's; torch's fused CPU
+    kernel, which the weight form uses outside torch.func, drops part of them (gradgradcheck fails
+    on ``torch._weight_norm_interface``)."""
+    torch.manual_seed(0)
+    plain = nn.Linear(5, 3) if kind == "linear" else nn.Conv1d(2, 3, 3)
+    layer = wn.apply_weight_norm(plain.double(), init="preserve")
+    x = torch.randn(4, 5, dtype=torch.float64) if kind == "linear" else torch.randn(4, 2, 6, dtype=torch.float64)
+    params = _params(layer)
+    layout = UnitLayout(0)
+
+    def ours(g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return functional_call(layer, {**params, G: g, V: v}, (x,)).tanh().pow(2).sum()
+
+    def formula(g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        op = F.linear if kind == "linear" else F.conv1d
+        return op(x, compose_weight(g, v, layout), params["bias"]).tanh().pow(2).sum()
+
+    for got, expected in zip(torch.func.hessian(ours, argnums=(0, 1))(params[G], params[V]),
+                             torch.func.hessian(formula, argnums=(0, 1))(params[G], params[V])):
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b)
