@@ -255,6 +255,24 @@ def test_batch_files_in_every_format(tmp_path: Path) -> None:
     torch.testing.assert_close(checkpoint.load_batch(tmp_path / "one.safetensors"), x)
 
 
+def test_numpy_batches_keep_shape_and_values_and_bad_ones_are_named(tmp_path: Path) -> None:
+    np.save(tmp_path / "scalar.npy", np.float32(0.5))
+    with (tmp_path / "big_endian.NPY").open("wb") as file:  # a path not ending in .npy would get one
+        np.save(file, np.arange(6, dtype=">f4").reshape(2, 3))
+    np.savez(tmp_path / "kw.npz", x=np.ones((1, 3), np.float32), temperature=np.float32(0.5))
+    assert checkpoint.load_batch(tmp_path / "scalar.npy").shape == ()
+    torch.testing.assert_close(checkpoint.load_batch(tmp_path / "big_endian.NPY"), torch.arange(6.0).reshape(2, 3))
+    assert checkpoint.load_batch(tmp_path / "kw.npz")["temperature"].shape == ()
+    (tmp_path / "empty.npy").write_bytes(b"")
+    (tmp_path / "broken.npz").write_bytes(b"PK\x03\x04 truncated")
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    (tmp_path / "folder.npy").mkdir()
+    for name, what in [("empty.npy", "not a readable NumPy array file"), ("broken.npz", "not a readable NumPy archive"),
+                       ("objects.npy", "not a readable NumPy array file"), ("folder.npy", "not a file")]:
+        with pytest.raises(checkpoint.CheckpointError, match=rf"^{re.escape(str(tmp_path / name))}: {what}"):
+            checkpoint.load_batch(tmp_path / name)
+
+
 def test_export_folds_verifies_and_reports(nested: Path, tmp_path: Path) -> None:
     import onnx
     import onnxruntime

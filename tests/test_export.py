@@ -378,6 +378,89 @@ def test_every_declared_dynamic_axis_is_verified(tmp_path) -> None:
     assert os.listdir(tmp_path) == ["dynamo.onnx"]
 
 
+class ScaledAttention(nn.Module):
+    """With ``bake``, scales attention scores by the sequence length computed in Python, which
+    the TorchScript tracer bakes in.  ``shift`` (optional) is twice as long as ``x``."""
+
+    def __init__(self, bake: bool) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.bake = bake
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.proj(x)
+        scores = h @ h.transpose(1, 2) / (int(x.shape[1]) if self.bake else 6) + mask
+        out = torch.softmax(scores, -1) @ h
+        return out if shift is None else out + shift[:, ::2]
+
+
+@pytest.mark.parametrize("case", ["square-mask", "derived-dim"])
+def test_an_axis_is_verified_wherever_it_appears(tmp_path, case: str) -> None:
+    """A symbol on two axes of one input (a T x T mask), or in an expression (``2*T``): every axis
+    that depends on it grows with it, so the grown batch is one the model accepts."""
+    torch.manual_seed(0)
+    x, mask = torch.randn(2, 6, 8), torch.zeros(2, 6, 6)
+    if case == "square-mask":
+        batch, shapes = (x, mask), ({0: "B", 1: "T"}, {0: "B", 1: "T", 2: "T"})
+        grown = r"x\[1\]: 6 -> 7, mask\[1\]: 6 -> 7, mask\[2\]: 6 -> 7"
+    else:
+        T = torch.export.Dim("T", min=2, max=64)
+        batch, shapes = (x, mask, torch.randn(2, 12, 8)), ({1: T}, {1: T, 2: T}, {1: 2 * T})
+        grown = r"x\[1\]: 6 -> 7, mask\[1\]: 6 -> 7, mask\[2\]: 6 -> 7, shift\[1\]: 12 -> 14"
+    report = export_onnx(ScaledAttention(bake=False).eval(), batch, tmp_path / "dynamo.onnx", exporter="dynamo",
+                         dynamic_shapes=shapes)
+    assert report.notes == [] and len(report.batch_sizes_checked) == (3 if case == "square-mask" else 2)
+    with pytest.raises(ExportMismatchError, match=rf"'T' grown, {grown}\): max abs diff"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_onnx(ScaledAttention(bake=True).eval(), batch, tmp_path / "torchscript.onnx", exporter="torchscript",
+                    dynamic_shapes=shapes)
+
+
+class HopFrames(nn.Module):
+    """Takes only lengths that are a multiple of its hop, as frame-based audio models do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(2, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] % 4:
+            msg = f"length {x.shape[-1]} is not a multiple of the hop 4"
+            raise ValueError(msg)
+        return self.conv(x).reshape(x.shape[0], 3, -1, 4).mean(-1)
+
+
+def test_an_axis_the_model_refuses_to_grow_a_little_is_checked_at_twice_its_size(tmp_path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = export_onnx(HopFrames(), torch.randn(2, 2, 12), tmp_path / "hop.onnx", exporter="torchscript",
+                             dynamic_shapes=({0: "B", 2: "T"},))
+    assert report.notes == [] and report.batch_sizes_checked == [2, 3, 2]  # T: 15 refused, 24 checked
+
+
+def test_a_dynamic_axis_of_size_zero_in_the_sample_is_a_note(tmp_path) -> None:
+    report = export_onnx(nn.Linear(4, 3), torch.randn(0, 4), tmp_path / "empty.onnx", exporter="dynamo")
+    assert report.batch_sizes_checked == [0]
+    assert report.notes == ["dynamic axis 'batch' (input[0]) was not checked: it has size 0 in the sample batch"]
+
+
+class LengthScaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(4, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) / math.sqrt(x.shape[-1])  # Python math on the length: specialized
+
+
+def test_an_axis_dynamic_shapes_asks_for_that_comes_out_fixed_is_an_error(tmp_path) -> None:
+    shapes = ({0: torch.export.Dim("B"), 2: torch.export.Dim("T")},)
+    with pytest.raises(ExportError, match=r"dynamic_shapes asks for axis 2 of input 'x' to be dynamic, but the dynamo "
+                                          r"exporter fixed it to 16"):
+        export_onnx(LengthScaled(), torch.randn(2, 4, 16), tmp_path / "m.onnx", exporter="dynamo", dynamic_shapes=shapes)
+    assert os.listdir(tmp_path) == []
+
+
 def test_fixed_batch_when_asked(tmp_path) -> None:
     report = export_onnx(TupleIn(), (torch.randn(3, 6, 7), torch.randn(3, 4)), tmp_path / "fixed.onnx",
                          dynamic_batch=False, exporter="torchscript")

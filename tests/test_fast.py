@@ -305,6 +305,43 @@ def test_writing_into_a_read_weight_leaves_the_layer_as_torch_does(kind: str, wr
         torch.testing.assert_close(ours.weight, theirs.weight)
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_an_eval_forward_under_inference_mode_computes_the_formula(kind: str) -> None:
+    torch.manual_seed(0)
+    model = wn.apply_weight_norm(nn.Linear(6, 4) if kind == "linear" else nn.Conv1d(3, 4, 3), init="preserve").eval()
+    x = torch.randn(2, 6) if kind == "linear" else torch.randn(2, 3, 5)
+    expected = wn.fold_weight_norm(copy.deepcopy(model))(x).detach()
+    for _ in range(2):  # an empty cache, then one filled under no_grad
+        with torch.inference_mode():
+            torch.testing.assert_close(model(x), expected)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), expected)
+
+
+@pytest.mark.parametrize("change", ["double", "load_state_dict", "assign_weight"])
+def test_a_filled_cache_lets_torch_swap_the_parameters(change: str) -> None:
+    """``torch.utils.swap_tensors`` (the future default of ``Module.to`` and ``load_state_dict``)
+    refuses tensors that have weak references; the cache holds none."""
+    torch.manual_seed(0)
+    model = wn.apply_weight_norm(nn.Sequential(nn.Linear(6, 4)), init="preserve").eval()
+    x = torch.randn(2, 6)
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        with torch.no_grad():
+            model(x)  # fills the cache
+            if change == "double":
+                model.double()
+                x = x.double()
+            elif change == "load_state_dict":
+                model.load_state_dict({k: v * 2 if k.endswith("original0") else v for k, v in model.state_dict().items()})
+            else:
+                model[0].weight = torch.randn(4, 6)
+            torch.testing.assert_close(model(x), wn.fold_weight_norm(copy.deepcopy(model))(x))
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+
+
 @pytest.mark.parametrize("init", ["preserve", "data"])
 def test_a_model_reparameterized_under_inference_mode_runs_there(init: str) -> None:
     """Parameters made under ``torch.inference_mode()`` are inference tensors, which have no version

@@ -12,7 +12,7 @@ from torch.nn.utils.parametrizations import weight_norm as parametrized_weight_n
 import wn_transform as wn
 from tests.fixtures.weight_norm import legacy_weight_norm, perturb_scales
 from tests.fixtures.hifigan import build_generator
-from wn_transform.state_dict import convert_state_dict, find_state_dict_weight_norms, fold_state_dict
+from wn_transform.state_dict import convert_state_dict, find_state_dict_weight_norms, fit_state_dict, fold_state_dict
 
 
 LAYERS = {"linear": lambda: nn.Linear(6, 5), "conv1d": lambda: nn.Conv1d(4, 6, 3),
@@ -110,23 +110,51 @@ def test_a_bare_layers_keys_without_a_module_prefix(layer: str) -> None:
 @pytest.mark.parametrize(("present", "missing", "what"), [
     ("fc.parametrizations.weight.original0", "fc.parametrizations.weight.original1", "g without its v"),
     ("fc.parametrizations.weight.original1", "fc.parametrizations.weight.original0", "v without its g"),
-    ("fc.weight_g", "fc.weight_v", "g without its v"),
-    ("fc.weight_v", "fc.weight_g", "v without its g"),
-    ("weight_g", "weight_v", "g without its v"),
 ])
-def test_half_a_pair_is_an_incomplete_checkpoint(present: str, missing: str, what: str) -> None:
-    tensor = torch.ones(3, 1) if present.endswith(("original0", "_g")) else torch.ones(3, 4)
+def test_half_a_parametrized_pair_is_an_incomplete_checkpoint(present: str, missing: str, what: str) -> None:
+    tensor = torch.ones(3, 1) if present.endswith("original0") else torch.ones(3, 4)
     state = {present: tensor, "fc.bias": torch.zeros(3)}
     for check in (fold_state_dict, find_state_dict_weight_norms, lambda s: convert_state_dict(s, "legacy")):
         with pytest.raises(wn.WeightNormError, match=rf"{re.escape(present)}: has no {re.escape(missing)} beside it \({what}\)"):
             check(state)
 
 
-def test_a_gain_named_like_half_a_legacy_pair_is_an_ordinary_parameter() -> None:
-    """Only ``weight_g``/``weight_v`` (legacy weight norm's default names) must come in pairs."""
-    state = {"ln.scale_g": torch.ones(4), "ln_v": torch.ones(4), "fc.weight": torch.ones(3, 4)}
+def test_legacy_names_alone_are_ordinary_parameters() -> None:
+    """``weight_g``/``weight_v`` pair up only together: alone, they are a gate's or an attention
+    value projection's weight (torch's load_state_dict takes them as such)."""
+    state = {"attn.weight_q": torch.ones(4, 4), "attn.weight_k": torch.ones(4, 4), "attn.weight_v": torch.ones(4, 4),
+             "gate.weight_g": torch.ones(4, 4), "ln.scale_g": torch.ones(4), "fc.weight": torch.ones(3, 4)}
     assert find_state_dict_weight_norms(state) == []
     assert fold_state_dict(state).keys() == state.keys()
+
+
+@pytest.mark.parametrize("other", ["legacy", "plain"])
+def test_a_weight_normalized_twice_is_an_error(other: str) -> None:
+    pair = {"fc.parametrizations.weight.original0": torch.ones(3, 1), "fc.parametrizations.weight.original1": torch.ones(3, 4)}
+    extra = {"fc.weight_g": torch.ones(3, 1) * 2, "fc.weight_v": torch.ones(3, 4)} if other == "legacy" else {"fc.weight": torch.ones(3, 4)}
+    for state in ({**pair, **extra}, {**extra, **pair}):
+        for check in (fold_state_dict, find_state_dict_weight_norms, lambda s: convert_state_dict(s, "legacy")):
+            with pytest.raises(wn.WeightNormError, match="fc.weight is weight-normalized twice"):
+                check(state)
+
+
+@pytest.mark.parametrize("style", ["legacy", "parametrizations"])
+def test_fitting_an_exp_scale_checkpoint_to_torchs_weight_norm_stores_g(style: str) -> None:
+    """A checkpoint with ``g = e^s`` (ours, exp_scale=True) into a model built with torch's weight
+    norm, which stores g itself: ``g = e^s``, the marker dropped."""
+    torch.manual_seed(0)
+    ours = wn.apply_weight_norm(nn.Sequential(nn.Conv1d(2, 4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(4, 3)), init="preserve",
+                                exp_scale=True)
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if name.endswith("original0"):
+                p.add_(torch.rand_like(p) - 0.5)
+    norm = legacy_weight_norm if style == "legacy" else parametrized_weight_norm
+    theirs = nn.Sequential(norm(nn.Conv1d(2, 4, 3)), nn.Tanh(), nn.Flatten(), norm(nn.Linear(4, 3)))
+    fitted = fit_state_dict(ours.state_dict(), theirs.state_dict().keys())
+    theirs.load_state_dict(fitted)
+    x = torch.randn(5, 2, 3)
+    torch.testing.assert_close(theirs(x), ours(x))
 
 
 def test_keep_leaves_the_named_weights_normalized() -> None:

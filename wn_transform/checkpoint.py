@@ -16,6 +16,7 @@ import os
 import pickle
 import tempfile
 import warnings
+import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -204,16 +205,18 @@ def load_batch(path: str | os.PathLike) -> Any:
     suffix = path.suffix.lower()
     if suffix in (".npy", ".npz"):
         if not path.is_file():
-            msg = f"{path}: no such file"
+            msg = f"{path}: no such file" if not path.exists() else f"{path}: not a file"
             raise CheckpointError(msg)
         try:
             loaded = np.load(path, allow_pickle=False)
-        except ValueError as exc:
-            msg = f"{path}: not a plain NumPy array file ({exc})"
+            if suffix == ".npy":
+                return _from_numpy(loaded)
+            with loaded:
+                return {name: _from_numpy(loaded[name]) for name in loaded.files}
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile, TypeError) as exc:
+            what = "array file" if suffix == ".npy" else "archive of named arrays"
+            msg = f"{path}: not a readable NumPy {what} ({type(exc).__name__}: {exc})"
             raise CheckpointError(msg) from exc
-        if suffix == ".npy":
-            return torch.from_numpy(np.ascontiguousarray(loaded))
-        return {name: torch.from_numpy(np.ascontiguousarray(loaded[name])) for name in loaded.files}
     batch = load_checkpoint(path)
     if isinstance(batch, Mapping) and file_format(path) == "safetensors" and len(batch) == 1:
         return next(iter(batch.values()))
@@ -224,6 +227,12 @@ def load_batch(path: str | os.PathLike) -> Any:
         raise CheckpointError(msg)
     return batch
 
+
+
+def _from_numpy(array: np.ndarray) -> Tensor:
+    """A tensor with the array's shape (0-d stays 0-d), its own copy of the data, native byte
+    order; an object or unsupported dtype raises TypeError."""
+    return torch.from_numpy(np.array(array, dtype=array.dtype.newbyteorder("="), copy=True))
 
 
 def _load_safetensors(path: Path) -> dict[str, Tensor]:

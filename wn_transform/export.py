@@ -45,6 +45,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_flatten_with_path, tree_leaves, tree_map, tree_unflatten
 
 from . import batch as batch_mod
+from . import dynamic_axes
 from .errors import WeightNormError
 from . import onnx_graph
 from .fold import fold_weight_norm
@@ -214,10 +215,13 @@ def export_onnx(
             positional inputs or a dict over the forward's argument names; per tensor a dict
             ``{axis: Dim | str}``); replaces ``dynamic_batch``.  For the TorchScript
             exporter it is translated to ``dynamic_axes`` (top-level tensor inputs only).
-            Every axis the file declares dynamic is verified: on the sample batch, then once
-            per axis on the sample grown along it (dim 0 by one sample, another axis by a
-            quarter of its size, at least 1), so that a graph that baked the sample's size in
-            (Python arithmetic on a shape, under the TorchScript exporter) is caught.
+            An axis asked to be dynamic (not ``Dim.AUTO``) that the exporter fixed is an
+            error.  Every axis the file declares dynamic is verified: on the sample batch, then
+            once per symbol on the sample grown along it (dim 0 by one sample, another axis by
+            a quarter of its size, at least 1; twice its size where the model refuses that),
+            every axis that depends on the symbol resized with it (a ``T x T`` mask, a derived
+            ``2*T``: :mod:`wn_transform.dynamic_axes`), so that a graph that baked the sample's
+            size in (Python arithmetic on a shape, under the TorchScript exporter) is caught.
         external_data: write the weights to ``<path>.data`` next to the file (``True``),
             inside the file (``False``), or decide by size (``None``: external above
             :data:`EXTERNAL_DATA_THRESHOLD` bytes of parameters and buffers).
@@ -278,7 +282,9 @@ def export_onnx(
             msg = (f"opset {opset} was asked for, but the {used} exporter could only write opset {stats['opset']} "
                    f"(it cannot convert this graph to {opset}); ask for an opset it supports, or leave it out")
             raise ExportError(msg)
-        if dynamic_batch and dynamic_shapes is None:
+        if dynamic_shapes is not None:
+            _check_requested_axes(dynamic_shapes, inputs, stats["inputs"], used)
+        elif dynamic_batch:
             _check_batch_axis(stats["inputs"], inputs)
         onnx_graph.save(proto, tmp_file, os.path.basename(data_target) if use_external else None)
         del proto
@@ -467,8 +473,10 @@ def _dynamo_batch_shapes(inputs: _Inputs, axes: dict[str, dict[int, str]]) -> tu
     return {name: tree_map(spec, value) for name, value in inputs.bound.items()}
 
 
-def _dynamic_axes_from_shapes(dynamic_shapes: Any, inputs: _Inputs) -> dict[str, dict[int, str]]:
-    """Translate ``torch.export`` dynamic shapes of top-level tensor inputs to ``dynamic_axes``."""
+def _dynamic_axes_from_shapes(dynamic_shapes: Any, inputs: _Inputs, *, required: bool = False,
+                              ) -> dict[str, dict[int, str]]:
+    """Translate ``torch.export`` dynamic shapes of top-level tensor inputs to ``dynamic_axes``.
+    ``required``: leave out ``Dim.AUTO`` axes (dynamic only where the model allows)."""
     if isinstance(dynamic_shapes, Mapping):
         items = list(dynamic_shapes.items())
     else:  # one entry per positional input, named after the parameter it binds to
@@ -485,9 +493,29 @@ def _dynamic_axes_from_shapes(dynamic_shapes: Any, inputs: _Inputs) -> dict[str,
         pairs = spec.items() if isinstance(spec, Mapping) else enumerate(spec)
         for axis, dim in pairs:
             label = _axis_label(dim, name, axis)
-            if label is not None:
+            if label is not None and not (required and dim is _DIM_AUTO):
                 axes.setdefault(name, {})[axis] = label
     return axes
+
+
+_DIM_AUTO = getattr(torch.export.Dim, "AUTO", None)
+
+
+def _check_requested_axes(dynamic_shapes: Any, inputs: _Inputs, graph_inputs: dict[str, list[int | str]],
+                          exporter: str) -> None:
+    """Raise when an axis ``dynamic_shapes`` asks to be dynamic came out of the exporter fixed."""
+    try:
+        requested = _dynamic_axes_from_shapes(dynamic_shapes, inputs, required=True)
+    except ExportError:  # nested inputs: not checked here (the verification still grows what is dynamic)
+        return
+    for name, axes in requested.items():
+        shape = graph_inputs.get(name)
+        for axis in axes:
+            if shape is not None and axis < len(shape) and not isinstance(shape[axis], str):
+                msg = (f"dynamic_shapes asks for axis {axis} of input '{name}' to be dynamic, but the {exporter} "
+                       f"exporter fixed it to {shape[axis]} (the model computes with that size in Python, or the "
+                       f"exporter specialized it); make the model's shape arithmetic traceable, or leave that axis static")
+                raise ExportError(msg)
 
 
 def _axis_label(dim: Any, name: str, axis: int) -> str | None:
@@ -684,18 +712,29 @@ def _verify(file: str, model: nn.Module, sample_batch: batch_mod.SampleBatch, in
     session_inputs = [i.name for i in session.get_inputs()]
     onnx_names = [o.name for o in session.get_outputs()]
     runs = [("the sample batch", "", inputs, reference)]
-    notes: list[str] = []
-    for axis in _grown_batches(sample_batch, inputs, graph_inputs):
-        try:
-            with torch.no_grad():
-                grown_reference = batch_mod.run(model, axis.batch)
-        except batch_mod.BatchError as exc:
-            notes.append(f"dynamic axis '{axis.symbol}' was not checked at {axis.change}: the PyTorch model "
-                         f"rejects that batch ({exc})")
-            continue
-        hint = (f"; axis '{axis.symbol}' is marked dynamic, but the graph depends on its size in the sample batch "
-                f"({axis.where}): mark it static (dynamic_batch=False, or leave it out of dynamic_shapes)")
-        runs.append((f"'{axis.symbol}' grown, {axis.change}", hint, _layout_inputs(model, axis.batch), grown_reference))
+    symbols, notes = dynamic_axes.find_symbols(inputs.names, inputs.tensors, graph_inputs)
+    for symbol in symbols:
+        refusals = []
+        for value in symbol.candidates():
+            grown = dynamic_axes.grow(sample_batch, inputs.names, inputs.tensors, graph_inputs, symbols, symbol, value)
+            if grown is None:
+                continue
+            batch, change = grown
+            try:
+                with torch.no_grad():
+                    grown_reference = batch_mod.run(model, batch)
+            except batch_mod.BatchError as exc:
+                refusals.append(f"{change}: {exc}")
+                continue
+            where = ", ".join(f"{inputs.names[p.index]}[{p.axis}] = {inputs.tensors[p.index].shape[p.axis]}"
+                              for p in symbol.places)
+            hint = (f"; axis '{symbol.name}' is marked dynamic, but the graph depends on its size in the sample "
+                    f"batch ({where}): mark it static (dynamic_batch=False, or leave it out of dynamic_shapes)")
+            runs.append((f"'{symbol.name}' grown, {change}", hint, _layout_inputs(model, batch), grown_reference))
+            break
+        else:
+            notes.append(f"dynamic axis '{symbol.name}' was not checked: the PyTorch model rejects the grown batches "
+                         f"({'; '.join(refusals) or 'no size fits its axes'})")
     diffs: dict[str, tuple[float, float]] = {}
     sizes: list[int] = []
     failures: list[str] = []
@@ -726,46 +765,6 @@ def _verify(file: str, model: nn.Module, sample_batch: batch_mod.SampleBatch, in
                f" [all outputs: {table}]")
         raise ExportMismatchError(msg)
     return diffs, sizes, notes
-
-
-@dataclass(frozen=True)
-class _GrownAxis:
-    symbol: str  # the file's name for the axis
-    where: str  # "mel[0] = 4, f0[0] = 4"
-    change: str  # "mel[0]: 4 -> 5"
-    batch: batch_mod.SampleBatch
-
-
-def _grown_batches(sample_batch: batch_mod.SampleBatch, inputs: _Inputs,
-                   graph_inputs: dict[str, list[int | str]]) -> list[_GrownAxis]:
-    """For each dynamic axis of the file (a symbolic dim of its inputs, shared by every input
-    axis with that symbol), the sample batch grown along it: dim 0 by one sample, any other axis
-    by a quarter of its size (at least 1), by repeating its first slices.  An input the file does
-    not take (the exporter dropped it) grows on dim 0 with a symbol of dim 0 of the same size.
-    """
-    places: dict[str, list[tuple[int, int]]] = {}  # symbol -> (input index, axis)
-    for index, (name, tensor) in enumerate(zip(inputs.names, inputs.tensors)):
-        for axis, dim in enumerate(graph_inputs.get(name, ())):
-            if isinstance(dim, str) and axis < tensor.dim() and tensor.shape[axis] > 0:
-                places.setdefault(dim, []).append((index, axis))
-    grown = []
-    for symbol, axes in places.items():
-        index, axis = axes[0]
-        size = inputs.tensors[index].shape[axis]
-        if axis == 0:  # inputs left out of the file share the batch axis by size
-            axes = axes + [(i, 0) for i, (name, t) in enumerate(zip(inputs.names, inputs.tensors))
-                           if name not in graph_inputs and t.dim() > 0 and t.shape[0] == size]
-        extra = 1 if axis == 0 else max(1, size // 4)
-        replaced, where = {}, []
-        for i, a in axes:
-            tensor = inputs.tensors[i]
-            if tensor.shape[a] == size:  # an axis of another size under the same symbol: left as is
-                replaced[id(tensor)] = torch.cat([tensor, tensor.narrow(a, 0, extra)], dim=a)
-                where.append(f"{inputs.names[i]}[{a}] = {size}")
-        batch = tree_map(lambda leaf: replaced.get(id(leaf), leaf) if isinstance(leaf, torch.Tensor) else leaf,
-                         sample_batch)
-        grown.append(_GrownAxis(symbol, ", ".join(where), f"{inputs.names[index]}[{axis}]: {size} -> {size + extra}", batch))
-    return grown
 
 
 def _compare(got: np.ndarray, tensor: torch.Tensor, rtol: float, atol: float) -> tuple[float, float, bool, str]:

@@ -55,12 +55,19 @@ class StateDictWeightNorm:
 
 
 def find_state_dict_weight_norms(state_dict: Mapping[str, object]) -> list[StateDictWeightNorm]:
-    """Every (g, v) pair in ``state_dict``, in key order; raises if a g does not fit its v."""
+    """Every (g, v) pair in ``state_dict``, in key order.
+
+    Raises if a g does not fit its v, if a parametrization's g or v is there without the other,
+    or if one weight is there twice (in both layouts, or as a pair and a plain tensor).  torch's
+    legacy names are paired only when both are there: ``X.weight_v`` alone is an ordinary
+    parameter (an attention's value projection), as ``X.weight_g`` is (a gate).
+    """
     if not isinstance(state_dict, Mapping):
         hint = "; pass model.state_dict(), or fold the model with fold_weight_norm" if isinstance(state_dict, torch.nn.Module) else ""
         msg = f"expected a state dict (a mapping of names to tensors), got {type(state_dict).__name__}{hint}"
         raise TypeError(msg)
     found = []
+    seen: dict[str, str] = {}  # weight key -> its g key
     for key, g in state_dict.items():
         if key.endswith(".original0") and _PARAMETRIZED in f".{key}":  # "parametrizations.weight...": a bare layer's
             base = key[: -len(".original0")]
@@ -73,12 +80,19 @@ def find_state_dict_weight_norms(state_dict: Mapping[str, object]) -> list[State
         elif key.endswith("_g") and f"{key[:-2]}_v" in state_dict:
             weight_key, v_key, marker, layout = key[:-2], f"{key[:-2]}_v", None, "legacy"
         else:
-            _check_lone_half(state_dict, key)
+            if key.endswith(".original1") and _PARAMETRIZED in f".{key}":
+                _check_partner(state_dict, key, f"{key[: -len('.original1')]}.original0", "v without its g")
             continue
         v = state_dict.get(v_key)
         if not isinstance(g, Tensor) or not isinstance(v, Tensor):
             continue
         dim, groups = _unit_axis(g, v, key, v_key)
+        if weight_key in state_dict or weight_key in seen:
+            other = weight_key if weight_key in state_dict else seen[weight_key]
+            msg = (f"{key}: {weight_key} is weight-normalized twice in this state dict (also {other}); "
+                   f"keep one of the two")
+            raise WeightNormError(msg)
+        seen[weight_key] = key
         exp_scale = marker is not None and marker in state_dict
         found.append(StateDictWeightNorm(weight_key, key, v_key, layout, dim, groups, exp_scale,
                                          tuple(g.shape), tuple(v.shape), marker if exp_scale else None))
@@ -89,19 +103,6 @@ def _check_partner(state_dict: Mapping[str, object], key: str, partner: str, wha
     if partner not in state_dict:
         msg = f"{key}: has no {partner} beside it ({what}); the checkpoint is incomplete"
         raise WeightNormError(msg)
-
-
-def _check_lone_half(state_dict: Mapping[str, object], key: str) -> None:
-    """Raise for half of a weight-norm pair whose other half is missing: a parametrization's
-    ``original1`` (v) without ``original0`` (g), torch's legacy ``weight_g`` without ``weight_v``
-    or the reverse.  Only the name legacy weight norm gives by default (``weight``) is checked:
-    ``<name>_g`` alone is an ordinary parameter name elsewhere (a layer norm's gain)."""
-    if key.endswith(".original1") and _PARAMETRIZED in f".{key}":
-        _check_partner(state_dict, key, f"{key[: -len('.original1')]}.original0", "v without its g")
-    elif key == "weight_g" or key.endswith(".weight_g"):
-        _check_partner(state_dict, key, f"{key[:-2]}_v", "g without its v")
-    elif key == "weight_v" or key.endswith(".weight_v"):
-        _check_partner(state_dict, key, f"{key[:-2]}_g", "v without its g")
 
 
 def fold_state_dict(state_dict: Mapping[str, object], *, keep: Collection[str] = ()) -> dict[str, object]:
@@ -163,14 +164,20 @@ def convert_state_dict(state_dict: Mapping[str, object], to: str) -> dict[str, o
 def fit_state_dict(state_dict: Mapping[str, object], expected: Collection[str]) -> dict[str, object]:
     """``state_dict`` made to fit a model whose state-dict keys are ``expected``: each weight-norm
     pair put in the layout the model has for that weight (torch's ``"parametrizations"`` or
-    ``"legacy"``), and folded where the model has a plain weight.  Other entries are unchanged;
+    ``"legacy"``, with ``g = e^s`` where the checkpoint stores ``s`` and the model does not),
+    and folded where the model has a plain weight.  Other entries are unchanged;
     the caller compares the keys.  torch's own ``load_state_dict`` renames legacy keys only for a
     layer with torch's parametrized weight norm, and folds nothing.
     """
     found = find_state_dict_weight_norms(state_dict)
     layouts = {wn.weight_key: to for wn in found for to in ("parametrizations", "legacy")
                if _pair_keys(wn.weight_key, to)[0] in expected}
-    return _relayout(fold_state_dict(state_dict, keep=list(layouts)), layouts)
+    # g stored as s = log g (exp_scale), for a model that stores g itself: g = e^s, no marker
+    linear = {wn.g_key: wn.marker_key for wn in found if wn.exp_scale and wn.weight_key in layouts
+              and wn.marker_key not in expected}
+    state = {key: value.exp() if key in linear else value for key, value in state_dict.items()
+             if key not in linear.values()}
+    return _relayout(fold_state_dict(state, keep=list(layouts)), layouts)
 
 
 def _pair_keys(weight_key: str, layout: str) -> tuple[str, str]:
