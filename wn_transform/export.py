@@ -696,7 +696,7 @@ def _verify(file: str, model: nn.Module, sample_batch: batch_mod.SampleBatch, in
             graph_inputs: dict[str, list[int | str]], *, rtol: float, atol: float, say: Progress,
             ) -> tuple[dict[str, tuple[float, float]], list[int], list[str]]:
     """Run the file in onnxruntime on the sample batch, and once more for each dynamic axis of
-    the file (see :func:`_grown_batches`), and compare with PyTorch.
+    the file (see :mod:`wn_transform.dynamic_axes`), and compare with PyTorch.
 
     Returns per output (max abs diff, max rel diff) over the runs, each run's batch size, notes.
     """

@@ -295,8 +295,9 @@ def _rebuild_parametrized(base: type, names: list[str], state: dict) -> nn.Modul
 def _extend_class(module: nn.Module) -> None:
     """Give the instance's own generated class pickling, a direct getter for each weight this
     library normalizes and, for a stock ``nn.Linear`` or ``nn.MultiheadAttention``, a faster
-    forward that computes the same thing; any other module keeps its forward, and its calls
-    open the eval-mode weight cache (:func:`_serving_call`)."""
+    forward that computes the same thing; any other module keeps its forward.  Except for a
+    stock Linear (whose forward reads the cache itself), the module's calls open the eval-mode
+    weight cache to its weight reads (:func:`_serving_call`)."""
     cls = type(module)
     cls.__reduce_ex__ = _reduce_parametrized
     chains = module._modules["parametrizations"]._modules
@@ -307,13 +308,13 @@ def _extend_class(module: nn.Module) -> None:
             setattr(cls, name, _DirectWeight(name, prop))
     base = parametrize.type_before_parametrizations(module)
     if base.forward is nn.Linear.forward and "weight" in ours:
-        cls.forward = _linear_forward
-    elif base.forward is nn.MultiheadAttention.forward:
-        cls.forward = _attention_forward
-    else:
-        cls.forward = base.forward
-        cls.__call__ = _serving_call
-        cls._wn_base_call = base.__call__
+        cls.forward = _linear_forward  # reads the cache itself
+        if "__call__" in cls.__dict__:  # set when the bias was parametrized first
+            del cls.__call__
+        return
+    cls.forward = _attention_forward if base.forward is nn.MultiheadAttention.forward else base.forward
+    cls.__call__ = _serving_call
+    cls._wn_base_call = base.__call__
 
 
 def _serving_call(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -381,12 +382,8 @@ def _attention_forward(self: nn.MultiheadAttention, *args, **kwargs):
     """``nn.MultiheadAttention.forward``, with each weight computed once per call (:func:`weight_memo`)."""
     if torch.compiler.is_compiling():  # the compiler removes the repeated reads itself
         return nn.MultiheadAttention.forward(self, *args, **kwargs)
-    token = _SERVING.set(True)
-    try:
-        with weight_memo():
-            return nn.MultiheadAttention.forward(self, *args, **kwargs)
-    finally:
-        _SERVING.reset(token)
+    with weight_memo():
+        return nn.MultiheadAttention.forward(self, *args, **kwargs)
 
 
 def _linear_forward(self: nn.Linear, input: Tensor) -> Tensor:
