@@ -7,11 +7,13 @@ import pickle
 import re
 import subprocess
 import sys
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import wn_transform as wn
@@ -428,3 +430,169 @@ def test_an_unwritable_folder_is_named_not_the_temporary_file(tmp_path: Path, mo
     monkeypatch.setattr(checkpoint.tempfile, "mkstemp", read_only)
     with pytest.raises(checkpoint.CheckpointError, match=r"o\.pt: cannot write in .* \(Read-only file system\)"):
         checkpoint.save_checkpoint({"w": torch.zeros(1)}, tmp_path / "o.pt")
+
+
+def test_a_1d_weight_folds_per_element_through_the_cli(tmp_path: Path) -> None:
+    from tests.fixtures.weight_norm import legacy_weight_norm
+
+    layer = legacy_weight_norm(torch.nn.LayerNorm(4), dim=0)
+    with torch.no_grad():
+        layer.weight_v.copy_(torch.tensor([0.5, -2.0, 3.0, 1.0]))
+        layer.weight_g.copy_(torch.tensor([0.5, 2.0, 3.0, 1.0]))
+    source, out = tmp_path / "ln.pt", tmp_path / "plain.pt"
+    torch.save(layer.state_dict(), source)
+    assert main(["fold", str(source), "-o", str(out)]) == 0
+    torch.testing.assert_close(torch.load(out, weights_only=True)["weight"], torch.tensor([0.5, -2.0, 3.0, 1.0]))
+
+
+def _problems(stderr: str) -> list[str]:
+    """The lines of ``stderr`` other than the timed progress lines."""
+    return [line for line in stderr.splitlines() if line.strip() and not line.startswith("[")]
+
+
+@pytest.mark.parametrize("force", [False, True])
+@pytest.mark.parametrize("command", ["fold", "export"])
+def test_an_output_that_is_not_a_regular_file_is_never_replaced(nested: Path, tmp_path: Path, force: bool, command: str,
+                                                                capsys) -> None:
+    fifo = tmp_path / ("out.onnx" if command == "export" else "out.pt")
+    os.mkfifo(fifo)
+    args = ([str(nested)] if command == "fold" else ["--model", MODEL, "--input-shape", "1,80,6"]) + ["-o", str(fifo)]
+    assert main([command, *args] + (["--force"] if force else [])) == 1
+    err = capsys.readouterr().err
+    assert f"{fifo}: is not a regular file (a FIFO)" in err and len(err.strip().splitlines()) == 1
+    assert fifo.is_fifo()
+    with pytest.raises(checkpoint.CheckpointError, match="is not a regular file"):
+        checkpoint.save_checkpoint({"w": torch.ones(1)}, fifo, force=True)
+    assert fifo.is_fifo() and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", fifo.name]
+
+
+def test_an_existing_folder_as_output_is_named_a_folder_without_force(nested: Path, tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "out.pt"
+    folder.mkdir()
+    assert main(["fold", str(nested), "-o", str(folder)]) == 1
+    assert f"{folder}: is a folder; give the path" in capsys.readouterr().err
+
+
+class _ExtraState(torch.nn.Module):
+    """A module whose extra state is a dict holding a tensor (as FP8 and quantized modules have)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(4, 4))
+        self.amax = torch.ones(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)
+
+    def get_extra_state(self) -> dict:
+        return {"amax": self.amax, "fmt": "e4m3"}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.amax = state["amax"]
+
+
+def test_a_state_dict_with_nested_tensors_is_still_the_state_dict(tmp_path: Path, capsys) -> None:
+    from tests.fixtures.weight_norm import legacy_weight_norm
+
+    model = torch.nn.Sequential(_ExtraState(), legacy_weight_norm(torch.nn.Linear(4, 2)))
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    for name, saved in [("extra", model.state_dict()), ("flat", {**model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 3})]:
+        source, out = tmp_path / f"{name}.pt", tmp_path / f"{name}_plain.pt"
+        torch.save(saved, source)
+        assert checkpoint.state_dict_paths(torch.load(source, weights_only=True)) == [()]
+        assert main(["fold", str(source), "-o", str(out)]) == 0
+        assert capsys.readouterr().out.splitlines() == ["(top level): 2 weight-normalized tensors folded"]
+        folded = torch.load(out, weights_only=True)
+        assert str(folded["0._extra_state"]) == str(saved["0._extra_state"]) and "1.weight" in folded
+        if name == "flat":
+            assert folded["epoch"] == 3 and str(folded["optimizer"]) == str(optimizer.state_dict())
+
+
+def test_callback_scores_and_param_groups_are_not_state_dicts() -> None:
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=torch.tensor(1e-3))
+    ckpt = {"epoch": 3, "state_dict": model.state_dict(), "optimizer_states": [optimizer.state_dict()],
+            "callbacks": {"ModelCheckpoint{'monitor': 'val_loss'}": {
+                "best_model_score": torch.tensor(0.25), "best_k_models": {"/ckpts/epoch=3-step=30.ckpt": torch.tensor(0.25)}}},
+            "by_path": {"runs/a b.ckpt": torch.ones(3)}, "scores": {"val_loss": torch.tensor(0.5)}}
+    assert checkpoint.state_dict_paths(ckpt) == [("state_dict",)]
+
+
+def test_a_tensor_beside_a_nested_state_dict_leaves_it_the_state_dict() -> None:
+    """``{"model": state_dict, "mel_basis": tensor}``: the container's one tensor does not make it
+    the model's state dict; the larger state dict inside it is."""
+    state = build_generator("legacy").state_dict()
+    assert checkpoint.state_dict_paths({"model": state, "mel_basis": torch.randn(80, 513)}) == [("model",)]
+    extra = {**state, "conv_pre._extra_state": {"amax": torch.ones(1), "fmt": "e4m3"}}
+    assert checkpoint.state_dict_paths(extra) == [()]
+
+
+def test_key_selects_a_path_whose_keys_hold_dots(tmp_path: Path, capsys) -> None:
+    state = build_generator("legacy").state_dict()
+    source = tmp_path / "ckpt.pt"
+    torch.save({"model.ema": state, "callbacks": {"EMA{'decay': 0.999}": {"ema_state_dict": state}}}, source)
+    assert main(["inspect", str(source), "--key", "nope"]) == 1
+    listed = capsys.readouterr().err.split("(found: ")[1].rstrip().rstrip(")")
+    assert listed == "model.ema, callbacks.EMA{'decay': 0.999}.ema_state_dict"
+    for key in listed.split(", "):
+        assert main(["inspect", str(source), "--key", key]) == 0
+        assert capsys.readouterr().out.startswith(f"{key}: 8 weight-normalized tensors")
+    assert main(["apply", "--model", MODEL, "--checkpoint", str(source), "--key", "model.ema", "--preserve",
+                 "-o", str(tmp_path / "o.pt")]) == 0
+
+
+@pytest.mark.parametrize("shape", ["2,-4", "0", "1,0,3", "", "1,,2", "a"])
+def test_a_bad_input_shape_is_a_usage_error(shape: str, capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["inspect", "--model", MODEL, "--input-shape", shape])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "argument --input-shape" in err and "Traceback" not in err
+
+
+def test_a_shape_too_large_to_allocate_is_a_one_line_error(capsys) -> None:
+    assert main(["inspect", "--model", MODEL, "--input-shape", "100000000,100000000,100000"]) == 1
+    err = capsys.readouterr().err
+    assert "--input-shape 100000000,100000000,100000" in err and len(_problems(err)) == 1
+
+
+def test_a_meta_tensor_cannot_go_to_safetensors(tmp_path: Path, capsys) -> None:
+    source, out = tmp_path / "m.pt", tmp_path / "m.safetensors"
+    torch.save({"lin.weight_g": torch.ones(2, 1), "lin.weight_v": torch.randn(2, 3), "buf": torch.empty(3, device="meta")}, source)
+    assert main(["fold", str(source), "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert _problems(err) == [f"wn-transform fold: error: {out}: buf is a meta tensor (a shape, no values), which "
+                              "safetensors cannot store; use .pt, or load real weights first"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
+
+
+def test_ordered_dicts_metadata_and_safetensors_metadata_are_kept(tmp_path: Path) -> None:
+    state = build_generator("parametrizations").state_dict()
+    source, out = tmp_path / "ckpt.pt", tmp_path / "out.pt"
+    torch.save({"generator": state, "hparams": OrderedDict(lr=1e-3)}, source)
+    for command in (["fold"], ["convert", "--to", "legacy"]):
+        assert main([*command, str(source), "-o", str(out), "--force"]) == 0
+        result = torch.load(out, weights_only=True)
+        assert type(result["generator"]) is OrderedDict and type(result["hparams"]) is OrderedDict
+        assert result["generator"]._metadata[""] == state._metadata[""]
+    flat, flat_out = tmp_path / "g.safetensors", tmp_path / "plain.safetensors"
+    save_file(dict(state), flat, metadata={"format": "pt"})
+    assert main(["fold", str(flat), "-o", str(flat_out)]) == 0
+    with safe_open(flat_out, "pt") as file:
+        assert file.metadata() == {"format": "pt"}
+
+
+def test_convert_to_the_layout_a_checkpoint_already_has_says_so(tmp_path: Path, capsys) -> None:
+    source = tmp_path / "legacy.pt"
+    torch.save(build_generator("legacy").state_dict(), source)
+    assert main(["convert", str(source), "-o", str(tmp_path / "o.pt"), "--to", "legacy"]) == 1
+    assert "already in the legacy layout; nothing to convert" in capsys.readouterr().err
+    assert not (tmp_path / "o.pt").exists()
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "_orig_mod.module."])
+def test_data_parallel_and_compile_prefixes_are_stripped(tmp_path: Path, prefix: str) -> None:
+    source = tmp_path / "ckpt.pt"
+    torch.save({f"{prefix}{k}": v for k, v in build_generator("legacy").state_dict().items()}, source)
+    assert main(["apply", "--model", MODEL, "--checkpoint", str(source), "--preserve", "-o", str(tmp_path / "o.pt")]) == 0

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import math
 import os
+import stat
 import warnings
 
 import numpy as np
@@ -378,6 +380,16 @@ def test_every_declared_dynamic_axis_is_verified(tmp_path) -> None:
     assert os.listdir(tmp_path) == ["dynamo.onnx"]
 
 
+def test_a_mismatch_on_the_sample_batch_itself_does_not_blame_the_dynamic_axis(tmp_path) -> None:
+    """Off on the sample batch already (here by float rounding against a tolerance of zero): the
+    error must not advise marking the batch axis static, which would change nothing."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(4, 32, 5, padding=2), nn.Tanh(), nn.Flatten(), nn.Linear(32 * 16, 8))
+    with pytest.raises(ExportMismatchError, match=r"'output' \(the sample batch\).*'batch' grown") as info:
+        export_onnx(model, torch.randn(4, 4, 16), tmp_path / "m.onnx", rtol=0.0, atol=1e-12)
+    assert "marked dynamic" not in str(info.value)
+
+
 class ScaledAttention(nn.Module):
     """With ``bake``, scales attention scores by the sequence length computed in Python, which
     the TorchScript tracer bakes in.  ``shift`` (optional) is twice as long as ``x``."""
@@ -629,6 +641,15 @@ def test_refuses_to_overwrite_unless_asked(tmp_path) -> None:
     assert sorted(os.listdir(tmp_path)) == ["exists.onnx"]
 
 
+def test_never_replaces_a_fifo_even_with_overwrite(tmp_path) -> None:
+    """A device or FIFO at the output path (``/dev/null``) would be replaced by the final rename."""
+    fifo = tmp_path / "out.onnx"
+    os.mkfifo(fifo)
+    with pytest.raises(ExportError, match="not a regular file"):
+        export_onnx(nn.Linear(4, 2), torch.randn(2, 4), fifo, overwrite=True)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and os.listdir(tmp_path) == ["out.onnx"]
+
+
 @pytest.mark.parametrize("how", ["forced", "automatic"])
 def test_external_data(tmp_path, monkeypatch, how: str) -> None:
     model = wn.apply_weight_norm(plain_hifigan(), init="preserve")
@@ -677,3 +698,31 @@ def test_bad_arguments(tmp_path) -> None:
         export_onnx(plain_hifigan(), mel_batch(1), tmp_path / "missing" / "m.onnx")
     with pytest.raises(TypeError, match="sample_batch"):
         export_onnx(plain_hifigan(), "not a batch", tmp_path / "m.onnx")
+
+
+class Expm1Head(nn.Module):
+    """``aten::expm1``: no symbolic in the TorchScript exporter (opset 20)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.expm1(self.fc(x))
+
+
+def test_a_failed_torchscript_export_prints_nothing(tmp_path, capfd: pytest.CaptureFixture[str]) -> None:
+    """The exporter's C++ log of its IR graph (hundreds of lines, written to file descriptor 1)
+    is held back: the error sums the failure up."""
+    with pytest.raises(ExportError, match="expm1"):
+        export_onnx(Expm1Head(), torch.randn(2, 4), tmp_path / "m.onnx", exporter="torchscript")
+    out, err = capfd.readouterr()
+    assert "graph" not in out and "graph" not in err
+
+
+def test_an_export_logs_no_noise_from_torchs_registry(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
+    """torch builds its registry of ONNX functions on every dynamo export and logs, at WARNING,
+    each torchvision op it skips (torchvision is not installed here): noise, held back."""
+    with caplog.at_level(logging.DEBUG, logger=export_mod._REGISTRY_LOGGER):
+        export_onnx(nn.Linear(4, 4), torch.randn(2, 4), tmp_path / "m.onnx", exporter="dynamo")
+    assert [r.getMessage() for r in caplog.records if r.name == export_mod._REGISTRY_LOGGER] == []

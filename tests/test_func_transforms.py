@@ -142,3 +142,38 @@ def test_second_derivatives_through_torch_func_are_exact(kind: str) -> None:
                              torch.func.hessian(formula, argnums=(0, 1))(params[G], params[V])):
         for a, b in zip(got, expected):
             torch.testing.assert_close(a, b)
+
+
+class _TraceNet(nn.Module):
+    """A Linear that trains in the output form at a few rows, a conv and an attention block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(4, 16, 3, padding=1)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.fc = nn.Linear(512, 512)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x).transpose(1, 2)  # [N, 32, 16]
+        h = self.attn(h, h, h, need_weights=False)[0]
+        return self.fc(h.reshape(x.shape[0], -1))
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # torch's own MHA checks, traced as constants
+@pytest.mark.parametrize("mode", ["train", "eval-no-grad-warm"])
+def test_jit_trace_records_the_formula_and_follows_new_parameters(mode: str) -> None:
+    """``torch.jit.trace`` (its default check re-traces under ``no_grad``) records the weight as ops on
+    ``g`` and ``v``: never the eval cache's tensor as a constant, nor a native kernel's call."""
+    torch.manual_seed(0)
+    model = wn.apply_weight_norm(_TraceNet(), init="preserve").train(mode == "train")
+    x = torch.randn(2, 4, 32)
+    with torch.set_grad_enabled(mode == "train"):
+        if mode != "train":
+            model(x)  # fills the eval weight cache before tracing
+        traced = torch.jit.trace(model, x)
+    state = {k: t * 1.5 if k.endswith("original0") else t for k, t in model.state_dict().items()}
+    traced.load_state_dict(state)
+    model.load_state_dict(state)
+    oracle = wn.fold_weight_norm(model)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), oracle(x), rtol=1e-5, atol=1e-5)

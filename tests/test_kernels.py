@@ -237,6 +237,63 @@ def test_a_double_backward_takes_the_recorded_eager_ops(count_calls: dict[str, i
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
 
 
+def _paper_linear(seed: int, rows: int = 2, in_features: int = 40, out_features: int = 24):
+    """A float32 input and layer ``(x, g, v, b)``, and the paper's layer in float64 as the oracle."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, in_features, generator=gen)
+    g = torch.rand(out_features, 1, generator=gen) + 0.5
+    v = torch.randn(out_features, in_features, generator=gen)
+    b = torch.randn(out_features, generator=gen)
+    return (x, g, v, b), lambda x, g, v, b: _reference(x, g, v, b, False)
+
+
+@needs_kernels
+@pytest.mark.parametrize("how", ["jacobian", "is_grads_batched"])
+def test_a_batched_backward_takes_the_eager_route(how: str, count_calls: dict[str, int]) -> None:
+    """``jacobian(vectorize=True)`` and ``autograd.grad(is_grads_batched=True)`` run the backward
+    under vmap, on tensors without storage: the kernel cannot read them."""
+    tensors, paper = _paper_linear(3)
+    x, g, v, b = (t.requires_grad_() for t in tensors)
+    if how == "jacobian":
+        got = torch.autograd.functional.jacobian(lambda x: ScaledLinear.apply(x, g, v, b, False), x, vectorize=True)
+        want = torch.autograd.functional.jacobian(lambda x: paper(x, *_double(g, v, b)), x.double())
+    else:
+        cotangents = torch.randn(3, 2, 24, generator=torch.Generator().manual_seed(4))
+        got = torch.autograd.grad(ScaledLinear.apply(x, g, v, b, False), (x, g, v), cotangents, is_grads_batched=True)
+        x64, g64, v64, b64 = (t.detach().double().requires_grad_() for t in (x, g, v, b))
+        want = torch.autograd.grad(paper(x64, g64, v64, b64), (x64, g64, v64), cotangents.double(), is_grads_batched=True)
+    assert count_calls["forward"] == 1 and count_calls["backward"] == 0
+    for a, e in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+        torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+def test_saved_tensors_unpacked_in_another_layout_take_the_eager_route(count_calls: dict[str, int]) -> None:
+    """A saved-tensor hook may hand back what the forward saved as a strided copy of the same
+    values: the kernel, which reads raw contiguous float32 rows, must not see it."""
+    def strided(t: torch.Tensor) -> torch.Tensor:
+        return t.t().contiguous().t() if t.ndim == 2 else t.clone()
+
+    tensors, paper = _paper_linear(6)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, strided):
+        got, got_grads = _outputs_and_grads(lambda *t: ScaledLinear.apply(*t, False), *tensors)
+    want, want_grads = _outputs_and_grads(paper, *_double(*tensors))
+    assert count_calls == {"forward": 1, "backward": 0}
+    for a, e in zip([got, *got_grads], [want, *want_grads]):
+        torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+def test_saved_tensors_unpacked_in_another_dtype_never_reach_the_kernel(count_calls: dict[str, int]) -> None:
+    """An unpack hook that changes the dtype breaks autograd's contract: a clean error from the eager
+    route, never float32 writes into a buffer sized for bfloat16 (heap corruption)."""
+    tensors, _ = _paper_linear(6)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t.bfloat16() if t.is_floating_point() else t):
+        with pytest.raises(RuntimeError, match="dtype"):
+            _outputs_and_grads(lambda *t: ScaledLinear.apply(*t, False), *tensors)
+    assert count_calls["backward"] == 0
+
+
 @needs_kernels
 @pytest.mark.parametrize("batch", [1, 3, 8, 9])
 def test_a_training_step_gives_the_eager_routes_gradients(monkeypatch: pytest.MonkeyPatch, batch: int,

@@ -43,6 +43,19 @@ def test_running_mean_updates_like_batchnorms() -> None:
     torch.testing.assert_close(ours.running_mean, reference.running_mean)
 
 
+def test_an_empty_batch_leaves_the_running_mean_as_batchnorms() -> None:
+    """An empty batch has no mean (NaN): it must not poison the running mean for good."""
+    torch.manual_seed(0)
+    ours = wn.MeanOnlyBatchNorm(5, channel_dim=-1)
+    reference = nn.BatchNorm1d(5, affine=False)
+    for rows in (8, 0, 8):
+        x = torch.randn(rows, 5) + 3
+        assert ours(x).shape == (rows, 5)
+        reference(x)
+    assert torch.isfinite(ours.running_mean).all()
+    torch.testing.assert_close(ours.running_mean, reference.running_mean)
+
+
 def test_eval_mode_subtracts_the_running_mean_and_the_state_dict_round_trips() -> None:
     torch.manual_seed(0)
     norm = wn.MeanOnlyBatchNorm(4, channel_dim=-1)
@@ -168,3 +181,129 @@ def test_an_unbatched_call_is_a_batch_of_one() -> None:
         out.train(training)
         torch.testing.assert_close(out[:3](x), out[:3](x.unsqueeze(0)).squeeze(0))
     assert out(x).shape == (5,)
+
+
+class _Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.encoder = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.attn(x, x, x)[0]))
+
+
+class _Functional(nn.Module):
+    """Reads a Linear's parameters itself: the Linear's own call never runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(torch.nn.functional.linear(x, self.fc.weight, self.fc.bias)))
+
+
+class _SharedBias(nn.Module):
+    """Calls its Linear, and reads the Linear's bias again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc(x) + self.fc.bias))
+
+
+class _Branchy(_Functional):
+    """The same, with Python control flow on the input (torch.export traces it)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4:
+            x = x.flatten(0, 1)
+        return super().forward(x)
+
+
+class _DataDependent(_Functional):
+    """The same, with control flow on the input's values (recorded: neither tracer takes it)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 1e9:
+            x = -x
+        return super().forward(x)
+
+
+_MISSING = {
+    _Attention: {"attn.in_proj_weight", "attn.out_proj.weight", "encoder.self_attn.in_proj_weight",
+                 "encoder.self_attn.out_proj.weight", "encoder.linear1.weight", "encoder.linear2.weight"},
+    _Functional: {"fc.weight"}, _SharedBias: {"fc.weight"}, _Branchy: {"fc.weight"}, _DataDependent: {"fc.weight"},
+}
+
+
+@pytest.mark.parametrize("cls", list(_MISSING), ids=lambda c: c.__name__.strip("_"))
+def test_layers_whose_own_call_does_not_produce_the_op_output_keep_their_bias_and_the_function(cls: type) -> None:
+    """MultiheadAttention reads out_proj's parameters itself, TransformerEncoderLayer reads its
+    linears' in its inference fast path, user code may read a Linear's: a hook on the layer would
+    never run, and moving its bias would change the function (or crash torch's fast path)."""
+    torch.manual_seed(0)
+    model = cls().eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_()  # a trained model: biases matter
+    x = torch.randn(4, 6, 8)
+    out = wn.apply_weight_norm(model, x, init="preserve", mean_only_bn=True).eval()
+    report = wn.weight_norm_report(out)
+    assert set(report.mean_only_bn_missing) == _MISSING[cls]
+    assert report.mean_only_bn == ["head"]
+    for name in _MISSING[cls]:
+        layer = out.get_submodule(name.rpartition(".")[0])
+        assert isinstance(layer.bias if isinstance(layer, nn.Linear) else layer.in_proj_bias, nn.Parameter), name
+    torch.testing.assert_close(out(x), model(x))
+    with torch.no_grad():  # torch's inference fast paths read the parameters directly
+        torch.testing.assert_close(out(x), model(x))
+    text = str(report)
+    assert all(f"{name}: no mean-only batch norm" in text for name in _MISSING[cls])
+
+
+def test_a_data_init_centres_attention_outputs_without_a_mean_only_bn() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(16, 6, 8)
+    out = wn.apply_weight_norm(_Attention(), x, mean_only_bn=True).eval()
+    seen = []
+    out.attn.register_forward_hook(lambda m, a, y: seen.append(y[0].detach().double()))
+    with torch.no_grad():
+        out(x)
+    mean = seen[0].reshape(-1, 8).mean(0)
+    torch.testing.assert_close(mean, torch.zeros_like(mean), atol=1e-5, rtol=0)
+
+
+class _Traced(nn.Module):
+    """A CNN that ``symbolic_trace``, torch.export (``branch="shape"``) or only a recorded run
+    (``branch="values"``) can trace."""
+
+    def __init__(self, branch: str) -> None:
+        super().__init__()
+        self.branch = branch
+        self.body = _model()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.branch == "shape" and x.dim() == 5:
+            x = x.flatten(0, 1)
+        if self.branch == "values" and x.sum() > 1e9:
+            x = -x
+        return self.body(x)
+
+
+@pytest.mark.parametrize(("branch", "found_by"), [("none", "symbolic_trace"), ("shape", "torch.export"), ("values", "recorded")])
+def test_every_layer_called_as_itself_gets_a_mean_only_bn_whichever_step_traced_it(branch: str, found_by: str) -> None:
+    model = _Traced(branch).eval()
+    x = torch.randn(4, 3, 8, 8)
+    out = wn.apply_weight_norm(model, x, init="preserve", mean_only_bn=True).eval()
+    report = wn.weight_norm_report(out)
+    assert report.found_by == found_by
+    assert report.mean_only_bn == ["body.0", "body.2", "body.4"] and not report.mean_only_bn_missing
+    torch.testing.assert_close(out(x), model(x))

@@ -165,3 +165,40 @@ def test_keep_leaves_the_named_weights_normalized() -> None:
     assert "conv_post.weight" in folded and "conv_post.parametrizations.weight.original0" not in folded
     with pytest.raises(wn.WeightNormError, match="keep names conv_pre.bias, which is not weight-normalized"):
         fold_state_dict(state, keep=["conv_pre.bias"])
+
+
+@pytest.mark.parametrize("style", list(STYLES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_1d_weight_folds_per_element_as_torch_does(style: str, dtype: torch.dtype) -> None:
+    layer = nn.LayerNorm(4)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([0.5, -2.0, 3.0, 1.0]))
+    model = perturb_scales(nn.Sequential(STYLES[style](layer, dim=0))).to(dtype)
+    (found,) = find_state_dict_weight_norms(model.state_dict())
+    assert (found.dim, found.g_shape, found.v_shape) == (0, (4,), (4,))
+    folded = fold_state_dict(model.state_dict())
+    g, v = model.state_dict()[found.g_key], model.state_dict()[found.v_key]
+    expected = torch._weight_norm(v, g, 0)  # what both of torch's weight norms compute: |v| per element
+    assert torch.equal(expected.sign(), v.sign())
+    torch.testing.assert_close(folded["0.weight"], expected)
+    torch.testing.assert_close(folded["0.weight"], wn.fold_weight_norm(model).state_dict()["0.weight"])
+
+
+def test_integer_g_and_v_are_ordinary_tensors() -> None:
+    state = {"count_g": torch.tensor([1, 2]), "count_v": torch.tensor([3, 4]), "flag_g": torch.ones(2, dtype=torch.bool),
+             "flag_v": torch.zeros(2, dtype=torch.bool), "lin.weight_g": torch.ones(2, 1), "lin.weight_v": torch.randn(2, 3)}
+    assert [wn.weight_key for wn in find_state_dict_weight_norms(state)] == ["lin.weight"]
+    folded = fold_state_dict(state)
+    assert list(folded) == ["count_g", "count_v", "flag_g", "flag_v", "lin.weight"]
+    assert all(folded[k] is state[k] for k in ("count_g", "count_v", "flag_g", "flag_v"))
+
+
+@pytest.mark.parametrize("transform", [fold_state_dict, lambda sd: convert_state_dict(sd, "legacy")], ids=["fold", "convert"])
+def test_an_ordered_dict_stays_one_and_keeps_its_metadata(transform) -> None:
+    model = nn.Sequential(parametrized_weight_norm(nn.Linear(3, 2)), nn.BatchNorm1d(2))
+    state = model.state_dict()
+    out = transform(state)
+    assert type(out) is type(state)
+    assert out._metadata[""] == state._metadata[""] and out._metadata["1"] == state._metadata["1"]
+    assert set(out._metadata) <= set(state._metadata) and "0" in out._metadata
+    nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2)).load_state_dict(fold_state_dict(state))

@@ -81,8 +81,12 @@ def apply_weight_norm(
             reparameterized ``nn.Linear``/conv layer (the paper's sec. 4); the layer's bias moves
             into it.  With ``init="data"`` the init sets ``g = s/sigma[t]``, the norm's running mean
             to the batch mean of ``g*t`` and its bias to 0, so training and eval mode both start
-            at zero mean and std ``s``.  Layers whose output is not the op's output (functional
-            calls, attention projections) get none; the report lists them.
+            at zero mean and std ``s``.  A layer gets one only where the op's output is its output:
+            the op ran in the layer's own call, and its bias is read nowhere else.  Parameters read
+            by other code (``F.linear(x, fc.weight, fc.bias)``), and layers inside torch's
+            composites (``MultiheadAttention.out_proj``, ``TransformerEncoderLayer``'s linears,
+            whose inference fast path reads them directly), get none and keep their bias; the
+            report lists them.
         distributed: with ``torch.distributed`` initialized (``None``, the default), each rank's
             batch is a shard of one calibration batch: per-unit sums, sums of squares and counts
             are reduced across ranks in float64, so every rank ends with the same ``g``, ``b``
@@ -243,11 +247,12 @@ def _plan(model: nn.Module, sample_batch, selection: Selection, existing: Existi
 
 
 def _attach_mean_only_bn(model: nn.Module, targets: list[Target]) -> tuple[list[str], list[str]]:
-    """Attach a mean-only batch norm to each standard layer among the targets."""
+    """Attach a mean-only batch norm to each standard layer among the targets whose op ran as the
+    layer's own call (its hook sees the op's output; its bias is read there alone)."""
     attached, missing = [], []
     for target in targets:
         layer = model.get_submodule(target.module)
-        channels = mean_only_bn_channels(layer, target.name)
+        channels = mean_only_bn_channels(layer, target.name) if target.own_call else None
         if channels is None:
             missing.append(target.qualname)
         else:

@@ -5,7 +5,8 @@
   safetensors file under another name, told by its first bytes) goes through the safetensors
   library; a file that is none of these is named as such.
 * Writes are atomic: a temporary file in the destination folder, then ``os.replace``.  An
-  existing file is not overwritten without ``force``, and the input is never the output.
+  existing file is not overwritten without ``force``, the input is never the output, and a
+  device, FIFO or socket is never replaced.  A safetensors output keeps the input's ``__metadata__``.
 * A checkpoint may nest its state dicts (``{"state_dict": ...}``, ``{"generator": ...,
   "discriminator": ...}``): :func:`map_state_dicts` transforms each one and keeps the rest.
 """
@@ -17,6 +18,7 @@ import pickle
 import tempfile
 import warnings
 import zipfile
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -28,8 +30,8 @@ from torch import Tensor
 from .errors import WeightNormError, few
 
 __all__ = [
-    "CheckpointError", "file_format", "is_state_dict", "load_batch", "load_checkpoint", "map_state_dicts",
-    "save_checkpoint", "state_dict_paths",
+    "CheckpointError", "check_output", "file_format", "is_state_dict", "load_batch", "load_checkpoint", "map_state_dicts",
+    "safetensors_metadata", "save_checkpoint", "state_dict_paths",
 ]
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
@@ -41,27 +43,36 @@ class CheckpointError(WeightNormError):
 
 
 def is_state_dict(obj: Any) -> bool:
-    """A mapping of string keys to tensors (a model's ``state_dict()``), which may also hold plain
-    values (``"epoch": 3``, a module's ``_extra_state``) but no tensors nested deeper."""
+    """A model's ``state_dict()``: a mapping of string keys holding at least one tensor of one
+    dimension or more, every tensor under a parameter name (``conv.0.weight``: no ``/``, space or
+    empty part).  It may hold other values too (``"epoch": 3``, a module's ``_extra_state``, an
+    optimizer's state saved beside the weights), kept as they are.  Names of scalars only (a
+    callback's ``{"/ckpts/best.ckpt": score}``, an optimizer's ``param_groups`` with a tensor
+    ``lr``) are no model's.  A mapping that holds a state dict with more tensors than its own
+    (``{"model": state_dict, "mel_basis": tensor}``) is a container of it."""
     if not isinstance(obj, Mapping) or not obj or not all(isinstance(k, str) for k in obj):
         return False
-    tensors = [isinstance(v, Tensor) for v in obj.values()]
-    return any(tensors) and not any(_holds_tensors(v) for v, tensor in zip(obj.values(), tensors) if not tensor)
+    tensors = {key: value for key, value in obj.items() if isinstance(value, Tensor)}
+    if not any(t.ndim for t in tensors.values()) or not all(map(_is_parameter_name, tensors)):
+        return False
+    return not any(is_state_dict(v) and _tensor_count(v) > len(tensors) for v in obj.values() if isinstance(v, Mapping))
 
 
-def _holds_tensors(obj: Any) -> bool:
-    if isinstance(obj, Tensor):
-        return True
-    if isinstance(obj, Mapping):
-        return any(_holds_tensors(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return any(_holds_tensors(v) for v in obj)
-    return False
+def _tensor_count(mapping: Mapping) -> int:
+    return sum(isinstance(v, Tensor) for v in mapping.values())
+
+
+def _is_parameter_name(key: str) -> bool:
+    """A dotted name such as ``encoder.layers.0.weight``, not a file path or a phrase."""
+    return all(part and not any(c.isspace() or c in "/\\" for c in part) for part in key.split("."))
 
 
 def _children(obj: Any) -> list[tuple[str, Any]]:
     """Where state dicts may nest: string-keyed mappings, lists and tuples (``{"ema": [sd]}``).
-    Mappings with other keys (an optimizer's per-parameter ``state``) hold no model weights."""
+    Mappings with other keys (an optimizer's per-parameter ``state``) hold no model weights,
+    nor does an optimizer's ``state_dict()`` (``state`` and ``param_groups``)."""
+    if isinstance(obj, Mapping) and {"state", "param_groups"} <= obj.keys():
+        return []
     if isinstance(obj, Mapping) and all(isinstance(k, str) for k in obj):
         return list(obj.items())
     if isinstance(obj, (list, tuple)):
@@ -78,15 +89,16 @@ def state_dict_paths(obj: Any, path: tuple[str, ...] = ()) -> list[tuple[str, ..
 
 
 def map_state_dicts(obj: Any, fn: Callable[[dict[str, Any], str], dict[str, Any]], where: str = "") -> Any:
-    """Apply ``fn(state_dict, where)`` to every state dict in ``obj``; keep everything else."""
+    """Apply ``fn(state_dict, where)`` to every state dict in ``obj``; keep everything else (an
+    ``OrderedDict`` stays one)."""
     if is_state_dict(obj):
-        return fn(dict(obj), where)
+        return fn(obj, where)
     children = _children(obj)
     if not children:
         return obj
     mapped = [map_state_dicts(value, fn, f"{where}.{key}" if where else key) for key, value in children]
     if isinstance(obj, Mapping):
-        return dict(zip(obj.keys(), mapped))
+        return (type(obj) if type(obj) in (dict, OrderedDict) else dict)(zip(obj.keys(), mapped))
     return type(obj)(mapped) if type(obj) in (list, tuple) else mapped
 
 
@@ -149,12 +161,11 @@ def _unpickler_detail(exc: Exception) -> str:
     return found[start:] if found[:start].endswith("error: ") else found
 
 
-def save_checkpoint(obj: Any, path: str | os.PathLike, *, force: bool = False, inputs: tuple[str | os.PathLike, ...] = ()) -> None:
-    """Write ``obj`` atomically (``.safetensors`` for a flat state dict, else ``torch.save``).
-
-    Refuses to overwrite an existing file unless ``force``, and never writes over one of
-    ``inputs`` (the files the output was made from).
-    """
+def check_output(path: str | os.PathLike, *, force: bool = False, inputs: tuple[str | os.PathLike, ...] = ()) -> None:
+    """Raise :class:`CheckpointError` if ``path`` is one of ``inputs`` (the files the output is
+    made from), a folder, an existing file that is not a regular one (a device such as
+    ``/dev/null``, a FIFO, a socket: never replaced, even with ``force``), or an existing file
+    and not ``force``."""
     path = Path(path)
     for source in inputs:
         if path.exists() and Path(source).exists() and os.path.samefile(path, source):
@@ -163,9 +174,32 @@ def save_checkpoint(obj: Any, path: str | os.PathLike, *, force: bool = False, i
     if path.is_dir():
         msg = f"{path}: is a folder; give the path of the file to write"
         raise CheckpointError(msg)
+    if path.exists() and not path.is_file():
+        msg = (f"{path}: is not a regular file ({_special_kind(path)}); outputs replace the file they are "
+               f"written to, so give the path of a new or regular file")
+        raise CheckpointError(msg)
     if path.exists() and not force:
         msg = f"{path}: already exists; pass --force (force=True) to overwrite it"
         raise CheckpointError(msg)
+
+
+def _special_kind(path: Path) -> str:
+    """What a file that is not a regular one is, in words."""
+    kinds = [("a character device", path.is_char_device), ("a block device", path.is_block_device),
+             ("a FIFO", path.is_fifo), ("a socket", path.is_socket)]
+    return next((name for name, test in kinds if test()), "a special file")
+
+
+def save_checkpoint(obj: Any, path: str | os.PathLike, *, force: bool = False, inputs: tuple[str | os.PathLike, ...] = (),
+                    metadata: Mapping[str, str] | None = None) -> None:
+    """Write ``obj`` atomically (``.safetensors`` for a flat state dict, else ``torch.save``).
+
+    Refuses what :func:`check_output` refuses: an existing file unless ``force``, one of
+    ``inputs`` (the files the output was made from), a device or FIFO.  ``metadata``: the
+    safetensors header's ``__metadata__`` (``{"format": "pt"}``), for a safetensors output.
+    """
+    path = Path(path)
+    check_output(path, force=force, inputs=inputs)
     if not path.parent.is_dir():
         msg = f"{path}: the folder {path.parent} does not exist"
         raise CheckpointError(msg)
@@ -177,6 +211,10 @@ def save_checkpoint(obj: Any, path: str | os.PathLike, *, force: bool = False, i
     if safetensors and (plain := [k for k, v in obj.items() if not isinstance(v, Tensor)]):
         msg = f"{path}: safetensors holds only tensors, but {few(plain)} {'is' if len(plain) == 1 else 'are'} not; use .pt"
         raise CheckpointError(msg)
+    if safetensors and (meta := [k for k, v in obj.items() if v.is_meta]):
+        msg = (f"{path}: {few(meta)} {'is a meta tensor' if len(meta) == 1 else 'are meta tensors'} (a shape, no "
+               f"values), which safetensors cannot store; use .pt, or load real weights first")
+        raise CheckpointError(msg)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
@@ -185,7 +223,7 @@ def save_checkpoint(obj: Any, path: str | os.PathLike, *, force: bool = False, i
     os.close(fd)
     try:
         if safetensors:
-            _save_safetensors(obj, tmp)
+            _save_safetensors(obj, tmp, metadata)
         else:
             torch.save(obj, tmp)
         umask = os.umask(0)
@@ -235,6 +273,22 @@ def _from_numpy(array: np.ndarray) -> Tensor:
     return torch.from_numpy(np.array(array, dtype=array.dtype.newbyteorder("="), copy=True))
 
 
+def safetensors_metadata(path: str | os.PathLike) -> dict[str, str] | None:
+    """The ``__metadata__`` of a safetensors file's header (``{"format": "pt"}``), or None for a
+    file without one or in another format, to carry over to an output made from it."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file() or file_format(path) != "safetensors":
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            return file.metadata()
+    except (SafetensorError, OSError, ValueError) as exc:
+        msg = f"{path}: not a readable safetensors file ({exc})"
+        raise CheckpointError(msg) from exc
+
+
 def _load_safetensors(path: Path) -> dict[str, Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -246,7 +300,7 @@ def _load_safetensors(path: Path) -> dict[str, Tensor]:
         raise CheckpointError(msg) from exc
 
 
-def _save_safetensors(state_dict: Mapping[str, Tensor], path: str) -> None:
+def _save_safetensors(state_dict: Mapping[str, Tensor], path: str, metadata: Mapping[str, str] | None = None) -> None:
     from safetensors.torch import save_file
 
     seen: set[int] = set()
@@ -255,4 +309,4 @@ def _save_safetensors(state_dict: Mapping[str, Tensor], path: str) -> None:
         storage = value.untyped_storage().data_ptr()
         tensors[key] = value.detach().clone().contiguous() if storage in seen else value.detach().contiguous()
         seen.add(storage)
-    save_file(tensors, path)
+    save_file(tensors, path, metadata=dict(metadata) if metadata else None)

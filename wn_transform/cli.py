@@ -22,7 +22,8 @@ from torch import nn
 from . import __version__
 from .apply import apply_weight_norm, plan_weight_norm, weight_norm_report
 from .checkpoint import (
-    CheckpointError, load_batch, load_checkpoint, map_state_dicts, save_checkpoint, state_dict_paths,
+    CheckpointError, check_output, load_batch, load_checkpoint, map_state_dicts, safetensors_metadata, save_checkpoint,
+    state_dict_paths,
 )
 from .errors import WeightNormError, few
 from .state_dict import convert_state_dict, find_state_dict_weight_norms, fit_state_dict, fold_state_dict
@@ -110,7 +111,8 @@ def _model_arguments(parser: argparse.ArgumentParser, *, required: bool) -> None
 def _batch_arguments(parser: argparse.ArgumentParser, name: str, *, required: bool) -> None:
     group = parser.add_mutually_exclusive_group(required=required)
     group.add_argument(f"--{name}", metavar="FILE", help="input batch: torch.save'd tensor/tuple/dict, .npy, .npz or .safetensors")
-    group.add_argument("--input-shape", metavar="N,C,...", help="a random float32 input of this shape (seed 0)")
+    group.add_argument("--input-shape", metavar="N,C,...", type=_shape,
+                       help="a random float32 input of this shape (seed 0)")
 
 
 def _output_arguments(parser: argparse.ArgumentParser, kinds: str = ".pt/.pth/.bin/.safetensors") -> None:
@@ -132,7 +134,7 @@ def cmd_inspect(args: argparse.Namespace, say: Callable[[str], None]) -> int:
         if args.key is not None and args.model is None:
             paths = [_keyed_path(paths, args.key, args.file)]
         for path in paths:
-            print(_describe_state_dict(_get(checkpoint, path), ".".join(path) or "(top level)"))
+            print(_describe_state_dict(_get(checkpoint, path), _path_name(path)))
     if args.model is not None:
         model = _build_model(args, say)
         batch = _read_batch(args, "sample") if (args.sample or args.input_shape) else None
@@ -145,7 +147,8 @@ def cmd_fold(args: argparse.Namespace, say: Callable[[str], None]) -> int:
 
 
 def cmd_convert(args: argparse.Namespace, say: Callable[[str], None]) -> int:
-    return _rewrite(args, say, lambda sd, where: convert_state_dict(sd, args.to), f"converted to {args.to}")
+    return _rewrite(args, say, lambda sd, where: convert_state_dict(sd, args.to), f"converted to {args.to}",
+                    to=args.to)
 
 
 def cmd_apply(args: argparse.Namespace, say: Callable[[str], None]) -> int:
@@ -208,20 +211,28 @@ class _UsageError(Exception):
     """Arguments that parse but make no sense together (exit code 2)."""
 
 
-def _rewrite(args: argparse.Namespace, say: Callable[[str], None], fn: Callable[[dict, str], dict], done: str) -> int:
+def _rewrite(args: argparse.Namespace, say: Callable[[str], None], fn: Callable[[dict, str], dict], done: str,
+             to: str | None = None) -> int:
+    """Load ``args.input``, apply ``fn`` to each state dict, write ``args.output``; ``to``: the
+    layout ``convert`` writes (pairs already in it are not counted as converted)."""
     _check_output_free(args)
     say(f"loading {args.input}")
     checkpoint = load_checkpoint(args.input)
     paths = state_dict_paths(checkpoint)
-    found = {".".join(p) or "(top level)": len(find_state_dict_weight_norms(_get(checkpoint, p))) for p in paths}
+    found = {_path_name(p): find_state_dict_weight_norms(_get(checkpoint, p)) for p in paths}
     if not any(found.values()):
         msg = f"{args.input}: no weight-normalized tensors found (looked in {', '.join(found) or 'no state dict'})"
         raise CheckpointError(msg)
+    counts = {where: sum(wn.layout != to for wn in pairs) for where, pairs in found.items()}
+    if not any(counts.values()):
+        msg = f"{args.input}: every weight-normalized tensor is already in the {to} layout; nothing to convert"
+        raise CheckpointError(msg)
     result = map_state_dicts(checkpoint, fn)
     say(f"writing {args.output}")
-    save_checkpoint(result, args.output, force=args.force, inputs=(args.input,))
-    for where, count in found.items():
-        print(f"{where}: {count} weight-normalized tensors {done}")
+    save_checkpoint(result, args.output, force=args.force, inputs=(args.input,), metadata=safetensors_metadata(args.input))
+    for where, count in counts.items():
+        kept = len(found[where]) - count
+        print(f"{where}: {count} weight-normalized tensors {done}" + (f" ({kept} already {to})" if kept else ""))
     return 0
 
 
@@ -304,10 +315,8 @@ def _load_weights(model: nn.Module, checkpoint: Any, args: argparse.Namespace) -
     else:
         msg = f"{args.checkpoint}: holds {len(paths)} state dicts ({_list_paths(paths)}); choose one with --key"
         raise CheckpointError(msg)
-    state_dict = dict(_get(checkpoint, path))
     expected = set(model.state_dict())
-    if not expected & set(state_dict) and all(k.startswith("module.") for k in state_dict):
-        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}  # saved from DataParallel/DDP
+    state_dict = _strip_wrapper_prefixes(dict(_get(checkpoint, path)), expected)
     if set(state_dict) != expected and find_state_dict_weight_norms(state_dict):
         # Trained with weight norm, loading into a plain model: fold the pairs the model does not
         # have; a model built with weight norm on some layers (wav2vec2's pos_conv) keeps those, in
@@ -327,12 +336,41 @@ def _load_weights(model: nn.Module, checkpoint: Any, args: argparse.Namespace) -
         raise CheckpointError(msg) from exc
 
 
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP, torch.compile
+
+
+def _strip_wrapper_prefixes(state_dict: dict[str, Any], expected: set[str]) -> dict[str, Any]:
+    """``state_dict`` without the prefixes DataParallel/DDP (``module.``) and ``torch.compile``
+    (``_orig_mod.``) add to every key, for a model whose keys have none of them."""
+    while state_dict and not expected & set(state_dict):
+        prefix = next((p for p in _WRAPPER_PREFIXES if all(k.startswith(p) for k in state_dict)), None)
+        if prefix is None:
+            break
+        state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
+    return state_dict
+
+
 def _keyed_path(paths: list[tuple[str, ...]], key: str, file: str) -> tuple[str, ...]:
-    path = tuple(key.split("."))
-    if path not in paths:
-        msg = f"{file}: no state dict under --key {key} (found: {_list_paths(paths)})"
+    """The state dict ``--key`` names, as :func:`_list_paths` prints it (``model.ema`` for
+    ``{"model.ema": ...}`` or ``{"model": {"ema": ...}}``)."""
+    named = [p for p in paths if _path_name(p) == key] or [p for p in paths if p == tuple(key.split("."))]
+    if len(named) != 1:
+        what = "no state dict" if not named else f"{len(named)} state dicts"
+        msg = f"{file}: {what} under --key {key} (found: {_list_paths(paths)})"
         raise CheckpointError(msg)
-    return path
+    return named[0]
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    """``--input-shape``: comma-separated positive integers (argparse reports a bad one)."""
+    try:
+        shape = tuple(int(n) for n in text.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or min(shape) < 1:
+        msg = f"must be comma-separated positive integers such as 1,80,100, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return shape
 
 
 def _read_batch(args: argparse.Namespace, name: str) -> Any:
@@ -340,29 +378,25 @@ def _read_batch(args: argparse.Namespace, name: str) -> Any:
     if path is not None:
         return load_batch(path)
     try:
-        shape = tuple(int(n) for n in args.input_shape.split(","))
-    except ValueError as exc:
-        msg = f"--input-shape must be comma-separated integers such as 1,80,100, got {args.input_shape!r}"
-        raise _UsageError(msg) from exc
-    return torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        return torch.randn(args.input_shape, generator=torch.Generator().manual_seed(0))
+    except (RuntimeError, MemoryError) as exc:  # the allocator: more memory than there is
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        msg = (f"--input-shape {','.join(map(str, args.input_shape))}: cannot make a random batch of this shape "
+               f"({first}); give a smaller shape")
+        raise WeightNormError(msg) from exc
 
 
 def _check_output_free(args: argparse.Namespace) -> None:
-    """Fail before any work if the output exists (without --force) or is an input, or if its
-    suffix names the other kind of file (a checkpoint to .onnx, an ONNX model to .pt)."""
+    """Fail before any work if the output exists (without --force), is an input, a folder or not
+    a regular file (a device, FIFO), or if its suffix names the other kind of file (a checkpoint
+    to .onnx, an ONNX model to .pt)."""
     output = Path(args.output)
     if (output.suffix.lower() == ".onnx") != (args.command == "export"):
         msg = (f"{args.command} writes a checkpoint (.pt/.pth/.bin/.safetensors), not {output.name}; "
                "wn-transform export writes ONNX" if args.command != "export"
                else f"export writes an ONNX model: name the output *.onnx, not {output.name}")
         raise _UsageError(msg)
-    for source in _inputs(args):
-        if output.exists() and Path(source).exists() and output.resolve() == Path(source).resolve():
-            msg = f"{output}: is the input file; write the output somewhere else"
-            raise CheckpointError(msg)
-    if output.exists() and not args.force:
-        msg = f"{output}: already exists; pass --force to overwrite it"
-        raise CheckpointError(msg)
+    check_output(output, force=args.force, inputs=_inputs(args))
 
 
 def _inputs(args: argparse.Namespace) -> tuple[str, ...]:
@@ -376,8 +410,13 @@ def _get(obj: Any, path: tuple[str, ...]) -> Any:
     return obj
 
 
+def _path_name(path: tuple[str, ...]) -> str:
+    """A state dict's path as the CLI prints it and ``--key`` takes it: ``generator``, ``ema.0``."""
+    return ".".join(path) or "(top level)"
+
+
 def _list_paths(paths: list[tuple[str, ...]]) -> str:
-    return ", ".join(".".join(p) or "(top level)" for p in paths) or "none"
+    return ", ".join(map(_path_name, paths)) or "none"
 
 
 

@@ -17,8 +17,9 @@ import contextlib
 import inspect
 import io
 import logging
+import operator
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -34,7 +35,7 @@ from .errors import BatchError
 from .layers import standard_weights
 from .ops import op_name
 from .targets import Skipped, Target, split_qualname
-from .uses import UseLog, param_aliases
+from .uses import BIAS, UseLog, param_aliases
 
 __all__ = ["Discovery", "account_for_every_layer", "discover", "preserved_state"]
 
@@ -97,7 +98,7 @@ def _finish(log: UseLog, model: nn.Module, found_by: str, failures: dict[str, st
         for tensor, kind, layout in standard_weights(module):
             qualname = f"{name}.{tensor}" if name else tensor
             if isinstance(getattr(module, tensor, None), nn.Parameter) and log.canonical(qualname) not in log.uses:
-                log.add_use(qualname, kind, layout, detail=f"{WALK} (not reached by {found_by})")
+                log.add_use(qualname, kind, layout, detail=f"{WALK} (not reached by {found_by})", own=True)
     return Discovery(*log.resolve(found_by), found_by, failures)
 
 
@@ -168,30 +169,46 @@ def _symbolic_trace_log(model: nn.Module) -> UseLog:
         return log
     graph = tracer.trace(model)  # what symbolic_trace does, minus generating a GraphModule's code
     params = dict(model.named_parameters(remove_duplicate=False))
+    modules = dict(model.named_modules(remove_duplicate=False))
     for node in graph.nodes:
         if node.op == "get_attr" and node.target in params:
             log.source(node, node.target, params[node.target].ndim)
         elif node.op == "get_attr":  # a buffer or constant
             log.static(node)
         elif node.op in ("call_function", "call_method"):
-            log.call(node.target, node.args, node.kwargs, node)
+            log.call(node.target, node.args, node.kwargs, node, _caller(node, modules))
         elif node.op == "call_module":
             _log_leaf_module(log, model, node.target)
     return log
 
 
-def _log_leaf_module(log: UseLog, model: nn.Module, path: str) -> None:
-    """A leaf module's parameters are used as its type says (every other use is 'other')."""
+def _log_leaf_module(log: UseLog, model: nn.Module, path: str, *, by_type: bool = False) -> None:
+    """A leaf module's parameters are used as its type says (every other use is 'other').
+
+    The leaf's own parameters are read by its own call; its submodules' (MultiheadAttention's
+    ``out_proj``) by the leaf's code, unless ``by_type`` (the module walk: each layer's type is
+    all it knows, so each is taken to be called as itself).
+    """
     leaf = model.get_submodule(path)
     for sub_name, sub in leaf.named_modules():
         prefix = ".".join(p for p in (path, sub_name) if p)
         known = {name: (kind, layout) for name, kind, layout in standard_weights(sub)}
         if hasattr(sub, "weight_fake_quant"):  # quantization-aware training: the op reads fake_quant(weight)
             known.pop("weight", None)
+        if "weight" in known and known["weight"][0] != "recurrent":  # a linear/conv layer: its op adds its bias
+            known["bias"] = (BIAS, None)
         for name, _ in sub.named_parameters(recurse=False):
             qualname = f"{prefix}.{name}" if prefix else name
             kind, layout = known.get(name, ("other", None))
-            log.add_use(qualname, kind, layout, detail=type(sub).__name__ if kind == "other" else "")
+            detail = {"other": type(sub).__name__, BIAS: f"{type(sub).__name__} (as its bias)"}.get(kind, "")
+            log.add_use(qualname, kind, layout, detail=detail, own=by_type or not sub_name)
+
+
+def _caller(node: torch.fx.Node, modules: dict[str, nn.Module]) -> nn.Module | None:
+    """The innermost module whose call ran ``node``'s op (``nn_module_stack``; none: the root)."""
+    stack = node.meta.get("nn_module_stack")
+    path = next(reversed(stack.values()))[0] if stack else ""
+    return modules.get(path)
 
 
 # -- step 2 ------------------------------------------------------------------------------
@@ -229,11 +246,83 @@ def _export_log(model: nn.Module, sample_batch: batch_mod.SampleBatch) -> UseLog
         if node.op == "placeholder" and node.name in inputs_to_params:
             name = inputs_to_params[node.name]
             log.source(node, name, params[name].ndim)
-        elif node.op == "get_attr" or node.name in constants:
+        elif node.op == "placeholder" and node.name in constants:
             log.static(node)
-        elif node.op == "call_function":
-            log.call(node.target, node.args, node.kwargs, node)
+    _log_export_graph(log, program.graph_module, dict(model.named_modules(remove_duplicate=False)))
     return log
+
+
+# Higher-order ops whose subgraphs take operands as they are, and where those operands are in
+# the op's arguments (torch/_higher_order_ops: wrap.py, invoke_subgraph.py, cond.py, hints_wrap.py).
+# torch.export puts a no_grad or autocast region, or a reentrant checkpoint, in one of these.
+_HOP_OPERANDS: dict[str, Callable[[tuple], list]] = {
+    "wrap_with_set_grad_enabled": lambda args: list(args[2:]),  # (enable_grad, body, *operands)
+    "wrap_with_autocast": lambda args: list(args[5:]),  # (device, dtype, enabled, cache_enabled, body, *operands)
+    "wrap": lambda args: list(args[1:]),  # (body, *operands)
+    "tag_activation_checkpoint": lambda args: list(args[1:]),  # (body, *operands, **checkpoint options)
+    "invoke_subgraph": lambda args: list(args[2:]),  # (body, identifier, *operands)
+    "cond": lambda args: list(args[3]),  # (pred, true_body, false_body, operands): each body takes them all
+    "hints_wrapper": lambda args: list(args[1]),  # (body, operands, kwargs, hints)
+}
+# Higher-order ops whose subgraphs see slices of operands, or values carried between iterations:
+# a parameter passed to them is an opaque op's operand.
+_HOP_OPAQUE = frozenset({"map_impl", "scan", "associative_scan", "while_loop", "while_loop_stack_output",
+                         "flex_attention", "flex_attention_backward"})
+
+
+def _log_export_graph(log: UseLog, owner: nn.Module, modules: dict[str, nn.Module]) -> None:
+    """Log the ops of ``owner``'s graph (an exported program's, or a higher-order op's subgraph):
+    a higher-order op's subgraphs are logged in place, their inputs and outputs tied to the op's."""
+    results: dict[torch.fx.Node, list] = {}  # a higher-order op -> its subgraph's outputs
+    for node in owner.graph.nodes:
+        if node.op == "get_attr":
+            log.static(node)
+        elif node.op != "call_function":
+            continue
+        elif node.target is operator.getitem and node.args[0] in results:
+            outputs, index = results[node.args[0]], node.args[1]
+            log.same(node, outputs[index] if isinstance(index, int) and -len(outputs) <= index < len(outputs) else None)
+        elif (outputs := _log_higher_order(log, owner, node, modules)) is not None:
+            results[node] = outputs
+        else:
+            log.call(node.target, node.args, node.kwargs, node, _caller(node, modules))
+
+
+def _log_higher_order(log: UseLog, owner: nn.Module, node: torch.fx.Node, modules: dict[str, nn.Module]) -> list | None:
+    """Log the subgraphs of a higher-order op as if their ops were inline, and return their outputs
+    (one subgraph's; none for several); ``None`` if ``node`` is no such op, or an opaque one."""
+    bodies = [body for arg in node.args if (body := _subgraph(owner, arg)) is not None]
+    if not bodies or op_name(node.target) in _HOP_OPAQUE:
+        return None
+    convention = _HOP_OPERANDS.get(op_name(node.target))
+    if convention is not None:
+        operands = convention(node.args)
+    else:  # another wrapper: the operands follow its last subgraph
+        last = max(i for i, arg in enumerate(node.args) if _subgraph(owner, arg) is not None)
+        operands = [a for arg in node.args[last + 1:] for a in (arg if isinstance(arg, (list, tuple)) else (arg,))
+                    if isinstance(a, torch.fx.Node)]
+    inputs = [[n for n in body.graph.nodes if n.op == "placeholder"] for body in bodies]
+    if any(len(placeholders) != len(operands) for placeholders in inputs):
+        return None
+    outputs: list = []
+    for body, placeholders in zip(bodies, inputs):
+        for placeholder, operand in zip(placeholders, operands):
+            log.same(placeholder, operand)
+        _log_export_graph(log, body, modules)
+        output = body.graph.output_node().args[0]
+        outputs = list(output) if isinstance(output, (list, tuple)) else [output]
+    return outputs if len(bodies) == 1 else []
+
+
+def _subgraph(owner: nn.Module, arg: object) -> torch.fx.GraphModule | None:
+    """The GraphModule ``arg`` names, if it is a ``get_attr`` node of ``owner``'s graph that names one."""
+    if not (isinstance(arg, torch.fx.Node) and arg.op == "get_attr"):
+        return None
+    try:
+        value = owner.get_submodule(arg.target)
+    except AttributeError:  # a parameter, buffer or constant
+        return None
+    return value if isinstance(value, torch.fx.GraphModule) else None
 
 
 # -- step 3 ------------------------------------------------------------------------------
@@ -242,26 +331,53 @@ _MHA_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weig
 
 
 class _RecordingMode(TorchFunctionMode):
-    """Logs every torch function call of a forward into a :class:`UseLog`."""
+    """Logs every torch function call of a forward into a :class:`UseLog`; ``running`` is the
+    stack of module calls in progress (innermost last)."""
 
-    def __init__(self, log: UseLog) -> None:
+    def __init__(self, log: UseLog, running: list[nn.Module]) -> None:
         super().__init__()
         self.log = log
+        self.running = running
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        caller = self.running[-1] if self.running else None
         if op_name(func) == "multi_head_attention_forward":  # a composite: its projections are linear
             bound = _MHA_SIGNATURE.bind(*args, **kwargs).arguments
             weights = [bound.get(name) for name in _MHA_WEIGHTS]
             for weight in weights:
                 if weight is not None:
-                    self.log.call("linear", (None, weight), {}, None)
+                    self.log.call("linear", (None, weight), {}, None, caller)
             rest = [v for k, v in bound.items() if k not in _MHA_WEIGHTS]
-            self.log.call("multi_head_attention_forward", rest, {}, None)
+            self.log.call("multi_head_attention_forward", rest, {}, None, caller)
             return func(*args, **kwargs)
         result = func(*args, **kwargs)
-        self.log.call(func, args, kwargs, result)
+        self.log.call(func, args, kwargs, result, caller)
         return result
+
+
+@contextlib.contextmanager
+def _module_calls(model: nn.Module) -> Iterator[list[nn.Module]]:
+    """A stack of the module calls in progress in ``model`` (innermost last), kept by hooks on each
+    module for the span of the context (its pre-hooks and hooks included in the module's call)."""
+    running: list[nn.Module] = []
+
+    def enter(module: nn.Module, args: tuple) -> None:
+        running.append(module)
+
+    def leave(module: nn.Module, args: tuple, output: object) -> None:
+        if running and running[-1] is module:
+            running.pop()
+
+    handles = []
+    try:
+        for module in _all_modules(model):
+            handles.append(module.register_forward_pre_hook(enter, prepend=True))
+            handles.append(module.register_forward_hook(leave, always_call=True))
+        yield running
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _recorded_log(model: nn.Module, sample_batch: batch_mod.SampleBatch) -> UseLog:
@@ -271,7 +387,7 @@ def _recorded_log(model: nn.Module, sample_batch: batch_mod.SampleBatch) -> UseL
     for buffer in model.buffers():
         log.static(buffer)
     try:
-        with torch.no_grad(), _RecordingMode(log):
+        with torch.no_grad(), _module_calls(model) as running, _RecordingMode(log, running):
             args, kwargs = batch_mod.as_args(sample_batch)
             model(*args, **kwargs)
     except Exception:
@@ -284,7 +400,7 @@ def _recorded_log(model: nn.Module, sample_batch: batch_mod.SampleBatch) -> UseL
 # -- step 4 ------------------------------------------------------------------------------
 def _walk_log(model: nn.Module) -> UseLog:
     log = UseLog(model, key=lambda v: None)
-    _log_leaf_module(log, model, "")
+    _log_leaf_module(log, model, "", by_type=True)
     return log
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
+import logging
 import math
 import os
 import re
@@ -304,8 +305,7 @@ def export_onnx(
                                       rtol=rtol, atol=atol, say=say)
         timings["verify"] = time.perf_counter() - start
 
-        if not overwrite:
-            _refuse_existing(target, data_target if use_external else None)
+        _refuse_existing(target, data_target if use_external else None, overwrite=overwrite)
         if use_external:
             os.replace(os.path.join(tmpdir, os.path.basename(data_target)), data_target)
         try:
@@ -358,14 +358,20 @@ def _check_arguments(model: nn.Module, path: str | os.PathLike, exporter: str, r
         msg = f"the folder {folder} does not exist; create it first"
         raise FileNotFoundError(msg)
     data_target = target + ".data"
-    if not overwrite:
-        _refuse_existing(target, data_target if external_data else None)
+    _refuse_existing(target, data_target if external_data else None, overwrite=overwrite)
     return target, data_target
 
 
-def _refuse_existing(target: str, data_target: str | None) -> None:
+def _refuse_existing(target: str, data_target: str | None, *, overwrite: bool) -> None:
+    """An existing output is replaced only with ``overwrite``, and only if it is a regular file:
+    never a device (``/dev/null``), a FIFO or a socket, which the final rename would replace."""
     for candidate in (target, data_target):
-        if candidate is not None and os.path.lexists(candidate):
+        if candidate is None or not os.path.lexists(candidate):
+            continue
+        if os.path.exists(candidate) and not os.path.isfile(candidate):
+            msg = f"{candidate} exists and is not a regular file (a device, FIFO or socket); give another path"
+            raise ExportError(msg)
+        if not overwrite:
             msg = f"{candidate} already exists; pass overwrite=True to replace it"
             raise FileExistsError(msg)
 
@@ -589,12 +595,47 @@ def _held_output(echo_failure: bool) -> Iterator[None]:
     sys.stderr.write(err.getvalue())
 
 
+@contextlib.contextmanager
+def _held_native_stdout() -> Iterator[None]:
+    """Hold back what native code writes to file descriptor 1 (the TorchScript exporter logs its
+    whole IR graph there when it fails, through C++: out of ``sys.stdout``'s reach); pass it on
+    only if the block succeeds."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 1)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+        held.seek(0)
+        sys.stdout.write(held.read().decode(errors="replace"))
+
+
+# torch's registry of ONNX functions logs, at WARNING, each torchvision op it skips when torchvision
+# is not installed (on every process's first export): noise about torch's tables, not the model
+_REGISTRY_LOGGER = "torch.onnx._internal.exporter._registration"
+
+
+@contextlib.contextmanager
+def _muted(logger_name: str) -> Iterator[None]:
+    """Silence one of torch's loggers at the source (its handler holds the import-time stderr)."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _export_dynamo(model: nn.Module, inputs: _Inputs, output_names: list[str], opset: int | None,
                    dynamic_batch: bool, dynamic_shapes: Any, *, echo_failure: bool) -> onnx.ModelProto:
     if dynamic_shapes is None and dynamic_batch:
         axes = _batch_axes(inputs)
         dynamic_shapes = _dynamo_batch_shapes(inputs, axes) if axes else None
-    with _held_output(echo_failure), warnings.catch_warnings(), torch.no_grad():
+    with _held_output(echo_failure), _muted(_REGISTRY_LOGGER), warnings.catch_warnings(), torch.no_grad():
         # torch-internal noise: the same axis name given to inputs torch.export unified, and a
         # deprecation inside torch's own pytree code
         warnings.filterwarnings("ignore", r"# The axis name: (\S+) will not be used.* another axis: \1\.$",
@@ -625,7 +666,7 @@ def _export_torchscript(model: nn.Module, inputs: _Inputs, output_names: list[st
     # folder of its own inside the temporary folder, then read it all back.
     raw_dir = tempfile.mkdtemp(prefix="torchscript", dir=tmpdir)
     raw_file = os.path.join(raw_dir, "model.onnx")
-    with _held_output(echo_failure=False), warnings.catch_warnings(), torch.no_grad():
+    with _held_native_stdout(), _held_output(echo_failure=False), warnings.catch_warnings(), torch.no_grad():
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
         torch.onnx.export(
             _tensors_only(model, inputs), tuple(inputs.tensors), raw_file, dynamo=False,
@@ -738,6 +779,7 @@ def _verify(file: str, model: nn.Module, sample_batch: batch_mod.SampleBatch, in
     diffs: dict[str, tuple[float, float]] = {}
     sizes: list[int] = []
     failures: list[str] = []
+    off_on_sample: set[str] = set()  # outputs already off on the sample batch: not the dynamic axes' doing
     for label, hint, run_inputs, expected in runs:
         sizes.append(next((t.shape[0] for t in run_inputs.tensors if t.dim() > 0), 1))
         say(f"verifying with onnxruntime ({label})")
@@ -758,7 +800,8 @@ def _verify(file: str, model: nn.Module, sample_batch: batch_mod.SampleBatch, in
             old = diffs.get(name, (0.0, 0.0))
             diffs[name] = (max(old[0], abs_diff), max(old[1], rel_diff))
             if not ok:
-                failures.append(f"'{name}' ({label}): {why}{hint}")
+                failures.append(f"'{name}' ({label}): {why}{'' if name in off_on_sample else hint}")
+                off_on_sample.update([name] if run_inputs is inputs else [])
     if failures:
         table = "; ".join(f"'{name}': max abs diff {a:.3g}, max rel diff {r:.3g}" for name, (a, r) in diffs.items())
         msg = (f"onnxruntime disagrees with PyTorch beyond rtol={rtol:g}, atol={atol:g}: {'; '.join(failures)}"

@@ -29,22 +29,23 @@ from torch.autograd import forward_ad
 from . import kernels
 from .norm import UnitLayout, compose_weight, safe_norm, scale_from_norm, unit_norm
 
-__all__ = ["ScaledLinear", "functional_transforms_active", "prefer_output_form", "weight_norm_weight"]
+__all__ = ["ScaledLinear", "plain_formula_only", "prefer_output_form", "weight_norm_weight"]
 
 _FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 _ROWS = UnitLayout(0)  # nn.Linear: one unit per row of [out, in]
 
 
-def functional_transforms_active() -> bool:
-    """Whether a ``torch.func`` transform (``grad``, ``vmap``, ``jvp``, ``jacrev``...) or forward-mode
-    AD (``torch.autograd.forward_ad.dual_level``) is on.
+def plain_formula_only() -> bool:
+    """Whether every layer must compute the plain formula ``g * v/||v||`` with ordinary torch ops:
+    under a ``torch.func`` transform (``grad``, ``vmap``, ``jvp``, ``jacrev``...), forward-mode AD
+    (``torch.autograd.forward_ad.dual_level``) or ``torch.jit.trace``.
 
     The fast paths step aside then: :class:`ScaledLinear` has no forward-mode or batching rule,
-    torch's fused kernel has no forward-mode derivative, and a wrapped tensor has no storage to
-    read a flag or an address from.  The plain formula (ordinary torch ops) works under all of them.
-    Cost: about 0.3 us.
+    torch's fused kernel has no forward-mode derivative, a wrapped tensor has no storage to read a
+    flag or an address from, and a trace must record the weight as ops on ``g`` and ``v`` (not a
+    cached tensor, a native kernel or a branch taken on a value).  Cost: about 0.3 us.
     """
-    return torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
+    return torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0 or torch._C._is_tracing()
 
 
 def weight_norm_weight(g: Tensor, v: Tensor, layout: UnitLayout, *, exp_scale: bool = False) -> Tensor:
@@ -56,15 +57,15 @@ def weight_norm_weight(g: Tensor, v: Tensor, layout: UnitLayout, *, exp_scale: b
     with a zero norm takes the plain formula, which gives a zero weight and zero gradient.
     Checking for a zero norm reads a flag off the device: cheap on CPU, a synchronization on
     an accelerator, where the plain formula (a few kernels, no synchronization) is used.  Under
-    ``torch.func`` transforms and forward-mode AD the plain formula is used too
-    (:func:`functional_transforms_active`).
+    ``torch.func`` transforms, forward-mode AD and ``torch.jit.trace`` the plain formula is used
+    too (:func:`plain_formula_only`).
     """
     gain = g.exp() if exp_scale else g
     dim = layout.dim % v.ndim
     fusable = (layout.groups == 1 and (dim == 0 or dim == v.ndim - 1) and v.device.type == "cpu"
                and v.dtype in _FUSED_DTYPES and v.is_contiguous())
     fusable = fusable and not torch.compiler.is_compiling()  # a compiler fuses the plain formula itself
-    if fusable and not functional_transforms_active():
+    if fusable and not plain_formula_only():
         weight, norms = torch._weight_norm_interface(v, gain if gain.dtype == v.dtype else gain.to(v.dtype), dim)
         if norms.min().item() > 0:  # no zero norm (a reduction and a read, cheaper than all())
             return weight
@@ -100,6 +101,7 @@ class ScaledLinear(torch.autograd.Function):
         rows = x.reshape(-1, x.shape[-1])
         ctx.fused = kernels.usable(rows, g, v, bias)  # a few float32 rows on CPU: the fused kernels
         if ctx.fused:
+            ctx.hooked = kernels.saved_tensors_hooked()  # what it saves comes back through the user's hook
             y, u, safe, scale = kernels.forward(rows.contiguous(), g, v, bias, exp_scale, x.shape[:-1])
         else:
             u = F.linear(x, v)
@@ -114,7 +116,7 @@ class ScaledLinear(torch.autograd.Function):
         x, g, v, safe, scale, u = ctx.saved_tensors
         rows = x.reshape(-1, x.shape[-1])
         recorded = torch.is_grad_enabled()  # a double backward: its ops must be on the graph
-        if ctx.fused and not recorded:
+        if ctx.fused and not recorded and kernels.backward_usable(grad_y, rows, u, safe, scale, v, hooked=ctx.hooked):
             grad_x, grad_g, grad_v, grad_bias = kernels.backward(
                 grad_y.reshape(-1, grad_y.shape[-1]), rows.contiguous(), u, safe, scale, v, exp_scale=ctx.exp_scale,
                 input_grad=ctx.needs_input_grad[0], bias_grad=ctx.has_bias)

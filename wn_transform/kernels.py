@@ -43,8 +43,8 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import increment_version
 
-__all__ = ["MAX_ROWS", "KernelStatus", "backward", "calibrate", "calibration_usable", "disabled", "forward", "kernel_status",
-           "usable"]
+__all__ = ["MAX_ROWS", "KernelStatus", "backward", "backward_usable", "calibrate", "calibration_usable", "disabled",
+           "forward", "kernel_status", "saved_tensors_hooked", "usable"]
 
 MAX_ROWS = 8  # the most rows per call the kernels can take (kernels.c: WN_MAX_ROWS); see _row_limit
 _ROWS = 4  # elsewhere than on AMD CPUs: from 5 rows, MKL's matmuls beat the backward's per-row updates of grad_x
@@ -52,6 +52,7 @@ _VERSION = 6  # kernels.c: wn_kernels_version()
 _SOURCE = Path(__file__).with_name("kernels.c")
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 _STREAM_MIN_ELEMENTS = 1 << 19  # a grad_v of 2 MiB or more is written past the caches (it cannot stay there)
+_top_saved_tensors_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)  # private: may go
 _PLAIN_TYPES = (Tensor, nn.Parameter)  # not FakeTensor or other subclasses, which have no data to point at
 
 
@@ -98,6 +99,32 @@ def usable(rows: Tensor, g: Tensor, v: Tensor, bias: Tensor | None) -> bool:
             and rows.shape[0] <= _load()[1].rows)  # last: only a call the kernels could take builds them
 
 
+def saved_tensors_hooked() -> bool:
+    """Whether saved-tensor hooks are on (``torch.autograd.graph.saved_tensors_hooks``: activation
+    checkpointing, offloading): what a forward saves then comes back through the user's unpack
+    hook, so :func:`backward_usable` must check it.  Without torch's query, assume so."""
+    return _top_saved_tensors_hooks is None or _top_saved_tensors_hooks(False) is not None
+
+
+def backward_usable(grad_y: Tensor, rows: Tensor, u: Tensor, safe: Tensor, scale: Tensor, v: Tensor, *,
+                    hooked: bool) -> bool:
+    """Whether :func:`backward` takes the output gradient and what the forward saved.  A batched
+    backward (``vmap``, ``autograd.grad(is_grads_batched=True)``, ``jacobian(vectorize=True)``)
+    hands in wrapped tensors with no storage.  ``hooked`` (:func:`saved_tensors_hooked` at the
+    forward): the saved tensors came back through an unpack hook, which may give another layout
+    or dtype; they must be float32 CPU tensors, ``u [R, out]``, ``safe``/``scale`` ``[out]`` and
+    ``v [out, in]`` contiguous, ``rows [R, in]``.  About 1 us without hooks."""
+    if torch._C._are_functorch_transforms_active() or torch._C._functorch.is_legacy_batchedtensor(grad_y):
+        return False
+    if not hooked:
+        return True
+    count, out = rows.shape[0], v.shape[0]
+    return (all(_plain_float32(t) for t in (grad_y, rows, u, safe, scale, v))
+            and all(t.is_contiguous() for t in (u, safe, scale, v))
+            and v.ndim == 2 and rows.shape[-1] == v.shape[1] and tuple(u.shape) == (count, out)
+            and safe.numel() == out and scale.numel() == out and grad_y.numel() == count * out)
+
+
 def calibration_usable(t: Tensor, unit_dim: int, v: Tensor | None, *tensors: Tensor | None) -> bool:
     """Whether :func:`calibrate` takes ``t`` (contiguous, not empty, its units on ``unit_dim``), ``v``
     (``[out, ...]``, contiguous, a unit per row; or None) and ``tensors`` (``g``, the statistics'
@@ -132,7 +159,7 @@ def calibrate(t: Tensor, unit_dim: int, v: Tensor | None, g: Tensor, bias: Tenso
 
 
 def _plain_float32(t: Tensor) -> bool:
-    return type(t) in _PLAIN_TYPES and t.dtype == torch.float32 and t.device.type == "cpu"
+    return type(t) in _PLAIN_TYPES and t.dtype == torch.float32 and t.is_cpu  # (is_cpu: 8x cheaper than device.type)
 
 
 def forward(rows: Tensor, g: Tensor, v: Tensor, bias: Tensor | None, exp_scale: bool,

@@ -43,8 +43,9 @@ class MeanOnlyBatchNorm(nn.Module):
         if self.training:
             dims = [d for d in range(x.ndim) if d != self.channel_dim % x.ndim]
             mean = x.mean(dim=dims)
-            with torch.no_grad():
-                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
+            if x.numel() > 0:  # an empty batch has no mean (NaN): the running mean stays, as BatchNorm's does
+                with torch.no_grad():
+                    self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
         else:
             mean = self.running_mean
         shift = -mean if self.bias is None else self.bias - mean
@@ -67,7 +68,8 @@ def _apply_hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
 def channels(layer: nn.Module, name: str) -> tuple[int, int] | None:
     """``(num_features, channel_dim)`` if ``layer.<name>`` feeds the layer's own output, else None.
 
-    Only torch's standard layers qualify: their output *is* the linear/conv op's output.
+    Only torch's standard layers qualify: their output *is* the linear/conv op's output, when
+    the op runs in their own call (discovery's ``Target.own_call``, which the caller checks).
     """
     if name != "weight":
         return None

@@ -17,7 +17,8 @@ A :class:`UnitLayout` says where the units are:
   channel in every layout, and ``G = g.shape[1] // v.shape[1]`` can be read off the shapes.
 
 Norms are accumulated in float32 for half-precision weights; a zero fan-in gives a zero
-weight (never NaN), with a zero gradient.
+weight (never NaN), with a zero gradient.  A 1-D ``v`` with ``dim=0`` (torch's ``weight_norm`` on a
+LayerNorm's weight) has one element per unit: its norm is ``|v|``, as in torch's ``norm_except_dim``.
 """
 
 from __future__ import annotations
@@ -92,7 +93,10 @@ def unit_norm(v: Tensor, layout: UnitLayout, *, out: Tensor | None = None) -> Te
     if layout.groups == 1:
         dim = layout.dim % v.ndim
         dims = [d for d in range(v.ndim) if d != dim]
-        norms = torch.linalg.vector_norm(v, dim=dims, keepdim=True, dtype=dtype, out=target)
+        if dims:
+            norms = torch.linalg.vector_norm(v, dim=dims, keepdim=True, dtype=dtype, out=target)
+        else:  # a 1-D weight: each element is a unit, its norm |v| (an empty dim list would reduce them all)
+            norms = torch.linalg.vector_norm(v.unsqueeze(-1), dim=-1, dtype=dtype, out=target)
     else:
         grouped = _grouped(v, layout.groups)  # [G, in/G, out/G, *k]
         dims = [1, *range(3, grouped.ndim)]

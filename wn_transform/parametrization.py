@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torch.nn.utils import parametrize
 
-from .fast import ScaledLinear, functional_transforms_active, prefer_output_form, weight_norm_weight
+from .fast import ScaledLinear, plain_formula_only, prefer_output_form, weight_norm_weight
 from .norm import UnitLayout, unit_norm
 
 __all__ = ["WeightNorm", "no_weight_cache", "register", "remove", "weight_memo", "weight_norm_of"]
@@ -76,7 +76,7 @@ class WeightNorm(nn.Module):
             return v
         if self.calibrator is not None:
             self.calibrator.weight_read()
-        if torch.compiler.is_compiling() or functional_transforms_active():  # the plain route
+        if torch.compiler.is_compiling() or plain_formula_only():  # the plain route
             return weight_norm_weight(g, v, self.layout, exp_scale=self.exp_scale)
         if torch.is_grad_enabled():
             memo = _MEMO.get()  # within one module call (weight_memo), the graph is shared by every read
@@ -389,7 +389,7 @@ def _attention_forward(self: nn.MultiheadAttention, *args, **kwargs):
 def _linear_forward(self: nn.Linear, input: Tensor) -> Tensor:
     """``nn.Linear.forward``, computing the same thing by the cheapest route.
 
-    Under ``torch.func`` transforms or forward-mode AD: the plain formula.  No graph to build:
+    Under ``torch.func`` transforms, forward-mode AD or ``torch.jit.trace``: the plain formula.  No graph to build:
     the cached weight.  Training with few rows per call: the output form
     (:class:`~wn_transform.fast.ScaledLinear`, no weight built).  Otherwise (and under autocast,
     so that the layer computes in autocast's dtype as a plain Linear does): the weight form.
@@ -405,8 +405,8 @@ def _linear_forward(self: nn.Linear, input: Tensor) -> Tensor:
         return wn.calibrator(input, bias)
     params = chain._parameters
     g, v = params["original0"], params["original1"]
-    if not torch.compiler.is_compiling() and functional_transforms_active():
-        return F.linear(input, wn.forward(g, v), bias)  # torch.func or forward AD: the plain route
+    if not torch.compiler.is_compiling() and plain_formula_only():
+        return F.linear(input, wn.forward(g, v), bias)  # torch.func, forward AD, jit.trace: the plain route
     if not torch.is_grad_enabled():
         if not torch.compiler.is_compiling():
             return F.linear(input, v if wn.direction_only else wn.cached_weight(g, v), bias)

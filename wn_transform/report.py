@@ -29,7 +29,7 @@ class WeightNormReport:
     trace_failures: dict[str, str] = field(default_factory=dict)
     notes: InitNotes | None = None
     mean_only_bn: list[str] = field(default_factory=list)  # layers given a mean-only batch norm
-    mean_only_bn_missing: list[str] = field(default_factory=list)  # weights whose op output is not a layer's
+    mean_only_bn_missing: list[str] = field(default_factory=list)  # weights whose op output is not their layer's alone
 
     def table(self) -> str:
         """A plain-text table, one row per weight."""
@@ -48,7 +48,8 @@ class WeightNormReport:
         if self.mean_only_bn:
             lines.append(f"  mean-only batch norm behind {len(self.mean_only_bn)} layers")
         for name in self.mean_only_bn_missing:
-            lines.append(f"  {name}: no mean-only batch norm (its op's output is not a layer's output)")
+            lines.append(f"  {name}: no mean-only batch norm (its op does not run as the layer's own call, or other "
+                         "code also reads its parameters); its bias stays")
         if self.notes is not None:
             for name, count in self.notes.constant_units.items():
                 lines.append(f"  {name}: {count} units constant on the batch (sigma ~ 0); their scale is s, not s/sigma")

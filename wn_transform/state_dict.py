@@ -84,7 +84,7 @@ def find_state_dict_weight_norms(state_dict: Mapping[str, object]) -> list[State
                 _check_partner(state_dict, key, f"{key[: -len('.original1')]}.original0", "v without its g")
             continue
         v = state_dict.get(v_key)
-        if not isinstance(g, Tensor) or not isinstance(v, Tensor):
+        if not (_is_real_tensor(g) and _is_real_tensor(v)):  # integer count_g/count_v buffers: ordinary tensors
             continue
         dim, groups = _unit_axis(g, v, key, v_key)
         if weight_key in state_dict or weight_key in seen:
@@ -99,6 +99,35 @@ def find_state_dict_weight_norms(state_dict: Mapping[str, object]) -> list[State
     return found
 
 
+def _is_real_tensor(value: object) -> bool:
+    """A tensor weight norm can hold: floating point (or complex), not an integer or bool buffer."""
+    return isinstance(value, Tensor) and (value.is_floating_point() or value.is_complex())
+
+
+def _like(source: Mapping[str, object], entries: dict[str, object]) -> dict[str, object]:
+    """``entries`` in ``source``'s container type (``model.state_dict()``'s ``OrderedDict``), with
+    its ``_metadata`` (per-module versions ``load_state_dict`` reads) for the modules still there."""
+    out = entries if type(source) is dict else _container(source, entries)
+    metadata = getattr(source, "_metadata", None)
+    if isinstance(metadata, Mapping):
+        modules = {""} | {key[:i] for key in out for i, char in enumerate(key) if char == "."}
+        kept = {module: value for module, value in metadata.items() if module in modules}
+        try:
+            out._metadata = type(metadata)(kept)  # type: ignore[attr-defined]
+        except AttributeError:  # a plain dict cannot carry it
+            pass
+    return out
+
+
+def _container(source: Mapping[str, object], entries: dict[str, object]) -> dict[str, object]:
+    """A new mapping of ``source``'s type holding ``entries``, or a plain dict if that type cannot
+    be built from one."""
+    try:
+        return type(source)(entries)  # type: ignore[call-arg]
+    except TypeError:
+        return entries
+
+
 def _check_partner(state_dict: Mapping[str, object], key: str, partner: str, what: str) -> None:
     if partner not in state_dict:
         msg = f"{key}: has no {partner} beside it ({what}); the checkpoint is incomplete"
@@ -108,10 +137,13 @@ def _check_partner(state_dict: Mapping[str, object], key: str, partner: str, wha
 def fold_state_dict(state_dict: Mapping[str, object], *, keep: Collection[str] = ()) -> dict[str, object]:
     """``w = g * v/||v||`` for every weight-normalized pair; every other entry kept, in order.
 
-    The folded weight takes the place of its g entry; v (and any marker) are dropped.  A mean-only
-    batch norm (``X.mean_only_bn.bias``/``.running_mean``) becomes the bias ``X.bias`` it adds at
-    inference, ``bias - running_mean``.  ``keep``: weights (``X.weight``) left weight-normalized,
-    for a model that has weight norm on those layers by construction (wav2vec2's ``pos_conv``).
+    The folded weight takes the place of its g entry; v (and any marker) are dropped.  The result
+    has the input's type (an ``OrderedDict`` stays one) and its ``_metadata`` for the modules left.
+    A pair of integer or bool tensors (``count_g``/``count_v`` buffers) is no weight norm: kept
+    as is.  A mean-only batch norm (``X.mean_only_bn.bias``/``.running_mean``) becomes the bias
+    ``X.bias`` it adds at inference, ``bias - running_mean``.  ``keep``: weights (``X.weight``)
+    left weight-normalized, for a model that has weight norm on those layers by construction
+    (wav2vec2's ``pos_conv``).
     """
     found = find_state_dict_weight_norms(state_dict)
     unknown = sorted(set(keep) - {wn.weight_key for wn in found})
@@ -132,7 +164,7 @@ def fold_state_dict(state_dict: Mapping[str, object], *, keep: Collection[str] =
             out[f"{layer}.bias"] = shifts[layer]
         elif key not in dropped:
             out[key] = value
-    return out
+    return _like(state_dict, out)
 
 
 _MOBN = "mean_only_bn"
@@ -201,7 +233,7 @@ def _relayout(state_dict: Mapping[str, object], layouts: Mapping[str, str]) -> d
             msg = f"{wn.g_key}: {what} has no {to} equivalent in torch; fold it instead"
             raise WeightNormError(msg)
         renames[wn.g_key], renames[wn.v_key] = _pair_keys(wn.weight_key, to)
-    return {renames.get(key, key): value for key, value in state_dict.items()}
+    return _like(state_dict, {renames.get(key, key): value for key, value in state_dict.items()})
 
 
 def _unit_axis(g: Tensor, v: Tensor, g_key: str, v_key: str) -> tuple[int | None, int]:

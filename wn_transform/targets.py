@@ -26,6 +26,9 @@ class Target:
     layout: UnitLayout
     found_by: str  # "symbolic_trace" | "torch.export" | "recorded" | "module walk"
     uses: int = 1  # how many op calls read it in one forward
+    # Every op that reads it (and its layer's bias) ran as the layer's own module call, with no
+    # torch composite around the layer that reads them directly: the op's output is the layer's.
+    own_call: bool = False
 
     @property
     def qualname(self) -> str:

@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .norm import UnitLayout
 from .ops import CELL_OPS, METADATA_OPS, RECURRENT_OPS, WeightUse, attribute_read, op_name, view_dims, weight_use
 from .targets import Skipped, Target, split_qualname
 
-__all__ = ["UseLog", "param_aliases"]
+__all__ = ["BIAS", "UseLog", "param_aliases"]
 
 
 @dataclass(frozen=True)
@@ -39,15 +40,19 @@ class _Origin:
 
 @dataclass(frozen=True)
 class _Use:
-    kind: str  # a WeightUse kind, or "other"
+    kind: str  # a WeightUse kind, "bias" or "other"
     layout: UnitLayout | None = None
     detail: str = ""  # for "other": the op; for a weight use: how it was found, if not by the log's step
+    own: bool = False  # the op ran as the parameter's module's own call (not a parent's, not functional)
 
 
 _VALUE_ATTRIBUTES = frozenset({"T", "mT", "H", "mH", "data"})  # attribute reads that hand out a tensor's values
 # Ops that select values of their first argument: the values come from it alone, whatever the index.
 _SELECTIONS = frozenset({"getitem", "__getitem__", "index_select", "take", "gather", "select"})
 _COMPUTED = "computed"  # a use kind: the parameter reaches a linear/conv op only through other ops
+BIAS = "bias"  # a use kind: read as the bias of a linear/conv op
+_NOT_WEIGHT = frozenset({"other", _COMPUTED, BIAS})
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
 def _flat(values: Sequence[Any]) -> list[Any]:
@@ -56,6 +61,28 @@ def _flat(values: Sequence[Any]) -> list[Any]:
     for value in values:
         flat.extend(value if isinstance(value, (list, tuple)) else (value,))
     return flat
+
+
+def _is_torch_composite(module: nn.Module) -> bool:
+    """Whether ``module``'s forward is one of torch.nn's layers (not a container, not a bare Module)."""
+    forward = getattr(parametrize.type_before_parametrizations(module), "forward", None)
+    where = getattr(forward, "__module__", None) or ""
+    return where.startswith("torch.nn.modules.") and where != "torch.nn.modules.module" and not isinstance(module, _CONTAINERS)
+
+
+def _inside_torch_composite(model: nn.Module, path: str) -> bool:
+    """Whether a torch.nn layer other than a container holds the layer at ``path``.
+
+    Such a parent may read its children's parameters itself on some path: MultiheadAttention
+    always reads ``out_proj``'s, TransformerEncoderLayer reads ``linear1``'s in its inference
+    fast path.  A trace of one path cannot show that the others call the child.
+    """
+    parent = model
+    for part in path.split(".") if path else ():
+        if _is_torch_composite(parent):
+            return True
+        parent = parent._modules[part]
+    return False
 
 
 def param_aliases(model: nn.Module) -> dict[int, list[str]]:
@@ -90,15 +117,28 @@ class UseLog:
         """``value`` is the parameter ``param_name`` itself."""
         self._set(value, _Origin(self.canonical(param_name), tuple(range(ndim))))
 
-    def add_use(self, param_name: str, kind: str, layout: UnitLayout | None = None, detail: str = "") -> None:
-        self.uses[self.canonical(param_name)].append(_Use(kind, layout, detail))
+    def add_use(self, param_name: str, kind: str, layout: UnitLayout | None = None, detail: str = "",
+                own: bool = False) -> None:
+        """``own``: the op ran as the module's own call (the module that holds ``param_name``)."""
+        self.uses[self.canonical(param_name)].append(_Use(kind, layout, detail, own))
+
+    def same(self, value: Any, like: Any) -> None:
+        """``value`` is ``like`` under another name (a subgraph's input, or output, in its caller)."""
+        origin = self._origin(like)
+        key = self.key(like)
+        if origin is not None:
+            self._set(value, origin)
+        elif key is not None and key in self._static:
+            self._mark_static(value, self._static[key])
 
     def static(self, value: Any) -> None:
         """``value`` is a buffer or constant of the model: it does not depend on the batch."""
         self._mark_static(value, frozenset())
 
-    def call(self, func: Callable | str, args: Sequence[Any], kwargs: dict[str, Any], result: Any) -> None:
-        """Log one op call ``result = func(*args, **kwargs)``."""
+    def call(self, func: Callable | str, args: Sequence[Any], kwargs: dict[str, Any], result: Any,
+             caller: nn.Module | None = None) -> None:
+        """Log one op call ``result = func(*args, **kwargs)``; ``caller`` is the innermost module
+        whose call ran it (``None``: not known)."""
         name = op_name(func)
         if name in RECURRENT_OPS or name in CELL_OPS:
             self._recurrent(args)
@@ -115,9 +155,12 @@ class UseLog:
         if use is not None:
             self._computed_weight_use(use)
             for arg, origin in found:
+                own = caller is not None and caller is self._owner(origin.param)
                 if arg is use.weight:
-                    self._weight_use(origin, use.kind, use.unit_dim, use.groups)
-                elif arg is not use.bias:
+                    self._weight_use(origin, use.kind, use.unit_dim, use.groups, own)
+                elif arg is use.bias:
+                    self.add_use(origin.param, BIAS, detail=f"{name} (as its bias)", own=own)
+                else:
                     self.add_use(origin.param, "other", detail=f"{name} (not as its weight)")
             return
         source = self._origin(args[0]) if args else None
@@ -144,7 +187,7 @@ class UseLog:
         params = dict(self.model.named_parameters())
         aliases = {names[0]: names for names in self.aliases.values()}
         for name, uses in self.uses.items():
-            weight_uses = [u for u in uses if u.kind not in ("other", _COMPUTED)]
+            weight_uses = [u for u in uses if u.kind not in _NOT_WEIGHT]
             if name not in params:
                 continue
             if not weight_uses:
@@ -166,8 +209,20 @@ class UseLog:
             kind = max(kinds, key=kinds.count)  # the most common (the first, on a tie)
             layout = weight_uses[0].layout
             how = weight_uses[0].detail or found_by
-            targets.append(Target(module, tensor, kind, tuple(params[name].shape), layout, how, len(weight_uses)))
+            own_call = self._own_call(module, weight_uses, aliases)
+            targets.append(Target(module, tensor, kind, tuple(params[name].shape), layout, how, len(weight_uses), own_call))
         return targets, skipped
+
+    def _own_call(self, module: str, weight_uses: list[_Use], aliases: dict[str, list[str]]) -> bool:
+        """Whether the op's output is the layer's output: every read of the weight, and every read
+        of the layer's ``bias`` (which a mean-only batch norm takes over), ran as the layer's own
+        module call, and no torch.nn layer around it reads them itself on another path."""
+        if not all(u.own for u in weight_uses) or _inside_torch_composite(self.model, module):
+            return False
+        bias = self.canonical(f"{module}.bias" if module else "bias")
+        if bias not in aliases:
+            return True  # no bias Parameter
+        return not self._tied_names(aliases[bias]) and all(u.kind == BIAS and u.own for u in self.uses.get(bias, ()))
 
     def _tied_names(self, names: list[str]) -> list[str]:
         """The names of ``names[0]``'s Parameter that belong to another module or attribute.
@@ -187,7 +242,7 @@ class UseLog:
         """Why a weight (the same Parameter as the ``tied`` names) is not a target, or ''."""
         if tied:
             return f"tied: the same Parameter is also {', '.join(tied)}; normalizing it would untie it"
-        others = sorted({u.detail for u in uses if u.kind == "other"})
+        others = sorted({u.detail for u in uses if u.kind in ("other", BIAS)})
         if others:
             return f"shared: also read by {', '.join(others)}, which weight norm would change"
         layouts = {u.layout for u in weight_uses}
@@ -206,14 +261,18 @@ class UseLog:
             if origin is not None and len(origin.axes) == 2:
                 self._weight_use(origin, "recurrent", 0, 1)
 
-    def _weight_use(self, origin: _Origin, kind: str, unit_dim: int, groups: int) -> None:
+    def _owner(self, param_name: str) -> nn.Module:
+        """The module that holds the parameter ``param_name``."""
+        return self.model.get_submodule(split_qualname(param_name)[0])
+
+    def _weight_use(self, origin: _Origin, kind: str, unit_dim: int, groups: int, own: bool = False) -> None:
         if kind == "matmul" and len(origin.axes) != 2:
             self.add_use(origin.param, "other", detail="matmul with a weight of rank other than 2")
             return
         unit_axis = origin.axes[unit_dim]
         whole_units = origin.cut <= {unit_axis} and (groups == 1 or not origin.cut)
         layout = UnitLayout(unit_axis, groups) if whole_units and (groups == 1 or unit_axis == 1) else None
-        self.uses[origin.param].append(_Use(kind, layout))
+        self.uses[origin.param].append(_Use(kind, layout, own=own))
 
     def _computed_weight_use(self, use: WeightUse) -> None:
         """A linear/conv op's weight is computed from parameters (and buffers) alone, not read as

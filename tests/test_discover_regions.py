@@ -1,0 +1,120 @@
+"""Discovery through torch.export sees the layers that a forward runs inside ``torch.no_grad()``,
+``torch.autocast`` or a reentrant checkpoint: torch.export wraps each such region in a
+higher-order op whose body is a subgraph, and the ops in it are logged as if inline."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import wn_transform as wn
+from wn_transform.discover import EXPORT, discover
+
+pytestmark = pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad")  # checkpoint in eval
+
+
+class NoGrad(nn.Module):
+    """A frozen teacher run without autograd, beside a student."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.teacher = nn.Linear(5, 8)
+        self.student = nn.Linear(5, 8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3:  # Python control flow on the input: symbolic_trace fails, torch.export does not
+            x = x.flatten(0, 1)
+        with torch.no_grad():
+            t = self.teacher(x)
+        return self.head(torch.relu(self.student(x) + t))
+
+
+class Autocast(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, 8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3:
+            x = x.flatten(0, 1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = self.fc(x)
+        return self.head(torch.relu(h.float()))
+
+
+class Reentrant(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 8))
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3:
+            x = x.flatten(0, 1)
+        return self.head(torch.relu(checkpoint(self.block, x, use_reentrant=True)))
+
+
+class Nested(nn.Module):
+    """A weight viewed inside a no_grad region and used outside it; an autocast region inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, 8)
+        self.w = nn.Parameter(torch.randn(8, 5))
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3:
+            x = x.flatten(0, 1)
+        with torch.no_grad():
+            wt = self.w.t()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                h = self.fc(x).float()
+        return self.head(torch.relu(h + x @ wt))
+
+
+CASES = {"no_grad": (NoGrad, ["teacher", "student", "head"]), "autocast": (Autocast, ["fc", "head"]),
+         "reentrant_checkpoint": (Reentrant, ["block.0", "block.2", "head"])}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_layers_in_a_region_are_found_by_torch_export(name: str) -> None:
+    torch.manual_seed(0)
+    cls, layers = CASES[name]
+    out = wn.apply_weight_norm(cls(), torch.randn(64, 5) + 0.5)
+    report = wn.weight_norm_report(out)
+    assert report.found_by == EXPORT, report.trace_failures
+    assert sorted(t.qualname for t in report.converted) == sorted(f"{layer}.weight" for layer in layers)
+    assert not report.skipped
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_the_data_init_standardizes_the_layers_in_a_region(name: str) -> None:
+    torch.manual_seed(0)
+    cls, layers = CASES[name]
+    x = torch.randn(64, 5) + 0.5
+    out = wn.apply_weight_norm(cls(), x).eval()
+    outputs = {}
+    for layer in layers:
+        out.get_submodule(layer).register_forward_hook(
+            lambda m, a, y, layer=layer: outputs.__setitem__(layer, y.detach().double()))
+    with torch.no_grad():
+        out(x)
+    tolerance = 0.05 if name == "autocast" else 1e-4  # bf16 rounding
+    for layer, value in outputs.items():
+        var, mean = torch.var_mean(value, dim=0, correction=0)
+        torch.testing.assert_close(mean, torch.zeros_like(mean), atol=tolerance, rtol=0, msg=layer)
+        torch.testing.assert_close(var.sqrt(), torch.ones_like(var), atol=tolerance, rtol=0, msg=layer)
+
+
+def test_a_weight_passed_through_a_region_keeps_its_view_and_nested_regions_are_walked() -> None:
+    torch.manual_seed(0)
+    discovery = discover(Nested().eval(), torch.randn(4, 5))
+    assert discovery.found_by == EXPORT
+    found = {t.qualname: t for t in discovery.targets}
+    assert set(found) == {"fc.weight", "w", "head.weight"}, discovery.skipped
+    assert found["w"].kind == "matmul" and found["w"].layout.dim == 0  # x @ w.t(): w's rows are the units
