@@ -1,7 +1,9 @@
-"""The wn-transform CLI, run as a subprocess the way users run it, and the checkpoint safety rules."""
+"""The wn-transform CLI (in process, and as a subprocess the way users run it), and the checkpoint safety rules."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import pickle
 import re
@@ -21,13 +23,21 @@ from tests.fixtures.hifigan import build_generator, build_plain
 from wn_transform import checkpoint
 from wn_transform.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
 MODEL = "tests.fixtures.hifigan:build_plain"
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "wn_transform.cli", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+    """``wn-transform ARGS`` in this process (a subprocess per call cost ~5 s of imports): its exit
+    status, standard output and standard error, as ``subprocess.run`` would give them.  The entry
+    point itself runs as a subprocess in ``test_a_malicious_pickle_is_refused_not_executed`` and
+    ``tests/test_api.py``; an uncaught exception (a traceback) fails the calling test."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as exc:  # argparse's usage errors and --help
+            code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    return subprocess.CompletedProcess(["wn-transform", *args], code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture
@@ -423,6 +433,105 @@ def test_an_opset_the_exporter_cannot_write_is_an_error_and_no_file(tmp_path: Pa
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("spec", ["0=batch,2=frames", "mel:2=frames,mel:0"])  # by position or the forward's name
+def test_dynamic_names_the_axes_the_graph_keeps_dynamic(spec: str, tmp_path: Path) -> None:
+    """A vocoder's time axis: exported dynamic, and the file runs at another length and batch."""
+    import onnxruntime
+
+    out = tmp_path / "g.onnx"
+    assert main(["export", "--model", MODEL, "--input-shape", "2,80,12", "--dynamic", spec, "-o", str(out)]) == 0
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape == ["batch", 80, "frames"]
+    mel = torch.randn(3, 80, 20)
+    (got,) = session.run(None, {"mel": mel.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(got, build_plain()(mel).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_dynamic_none_fixes_every_shape(tmp_path: Path) -> None:
+    import onnxruntime
+
+    out = tmp_path / "g.onnx"
+    assert main(["export", "--model", MODEL, "--input-shape", "2,80,12", "--dynamic", "none", "-o", str(out)]) == 0
+    assert onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"]).get_inputs()[0].shape == [2, 80, 12]
+
+
+@pytest.mark.parametrize(("spec", "error"), [
+    ("x", "argument --dynamic: 'x' is not [INPUT:]AXIS[=NAME]"),
+    ("2=no-name", "'2=no-name' is not"),
+    (":2", "':2' is not"),
+    ("3=t", "input '0' has shape [1, 80, 6], no axis 3"),
+    ("speech:2", "--dynamic names 'speech', but the batch's inputs are '0' (mel)"),
+])
+def test_a_bad_dynamic_axis_is_a_usage_error_naming_it(spec: str, error: str, tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["export", "--model", MODEL, "--input-shape", "1,80,6", "--dynamic", spec, "-o", str(tmp_path / "g.onnx")])
+    assert info.value.code == 2 and error in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+class _Cat(torch.nn.Module):
+    """Two inputs whose time axes may differ: ``cat(conv(a), conv(b), dim=2)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv1d(3, 4, 3, padding=1)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.conv(a), self.conv(b)], dim=2)
+
+
+class _VarKeyword(_Cat):
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        return super().forward(inputs["a"], inputs["b"])
+
+
+def build_cat() -> torch.nn.Module:
+    return _Cat()
+
+
+@pytest.mark.parametrize(("spec", "error"), [
+    ("2=T", "'T' names a[2] (8) and b[2] (6)"),
+    ("a:2=T,b:2=T", "'T' names a[2] (8) and b[2] (6)"),
+    ("0", "'batch' names a[0] (2) and b[0] (3)"),
+])
+def test_one_dynamic_name_for_axes_of_different_sizes_is_a_usage_error(spec: str, error: str, tmp_path: Path,
+                                                                     capsys) -> None:
+    sample = tmp_path / "ab.pt"
+    torch.save((torch.randn(2, 3, 8), torch.randn(3 if spec == "0" else 2, 3, 6)), sample)
+    with pytest.raises(SystemExit) as info:
+        main(["export", "--model", "tests.test_cli:build_cat", "--sample", str(sample), "--dynamic", spec,
+              "-o", str(tmp_path / "g.onnx")])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and error in err and "give them different names" in err
+    assert not (tmp_path / "g.onnx").exists()
+
+
+def test_an_unnamed_axis_of_several_inputs_gets_a_name_per_input(tmp_path: Path) -> None:
+    import onnxruntime
+
+    sample, out = tmp_path / "ab.pt", tmp_path / "g.onnx"
+    torch.save((torch.randn(2, 3, 8), torch.randn(2, 3, 6)), sample)
+    assert main(["export", "--model", "tests.test_cli:build_cat", "--sample", str(sample), "--dynamic", "2",
+                 "-o", str(out)]) == 0
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [i.shape for i in session.get_inputs()] == [[2, 3, "a_dim2"], [2, 3, "b_dim2"]]
+    from wn_transform.cli import _DynamicAxis, _dynamic_shapes
+
+    assert _dynamic_shapes((_DynamicAxis(None, 2, None),), torch.randn(1, 80, 6), build_plain()) == ({2: "dim2"},)
+
+
+def test_dynamic_shapes_of_a_dict_batch_are_keyed_by_the_forwards_arguments() -> None:
+    """A ``forward(self, **inputs)``: torch.export wants the keys it collects under ``inputs``."""
+    from wn_transform.cli import _DynamicAxis, _dynamic_shapes
+
+    batch = {"a": torch.randn(2, 3, 8), "b": torch.randn(2, 3, 6)}
+    axes = (_DynamicAxis("a", 2, "frames"), _DynamicAxis(None, 0, None))
+    expected = {"a": {2: "frames", 0: "batch"}, "b": {0: "batch"}}
+    assert _dynamic_shapes(axes, batch, _VarKeyword()) == {"inputs": expected}
+    assert _dynamic_shapes(axes, batch, _Cat()) == expected
+
+
 def test_an_unwritable_folder_is_named_not_the_temporary_file(tmp_path: Path, monkeypatch) -> None:
     def read_only(*args, **kwargs):
         raise OSError(30, "Read-only file system")
@@ -520,13 +629,73 @@ def test_callback_scores_and_param_groups_are_not_state_dicts() -> None:
     assert checkpoint.state_dict_paths(ckpt) == [("state_dict",)]
 
 
-def test_a_tensor_beside_a_nested_state_dict_leaves_it_the_state_dict() -> None:
-    """``{"model": state_dict, "mel_basis": tensor}``: the container's one tensor does not make it
-    the model's state dict; the larger state dict inside it is."""
+def test_a_tensor_beside_a_nested_state_dict_leaves_it_the_state_dict(tmp_path: Path) -> None:
+    """``{"model": state_dict, "mel_basis": tensor}``: both are listed (the top level holds a tensor
+    of its own), and loading into a model without --key takes ``model``, the only one that fits."""
     state = build_generator("legacy").state_dict()
-    assert checkpoint.state_dict_paths({"model": state, "mel_basis": torch.randn(80, 513)}) == [("model",)]
+    ckpt = {"model": state, "mel_basis": torch.randn(80, 513)}
+    assert checkpoint.state_dict_paths(ckpt) == [(), ("model",)]
     extra = {**state, "conv_pre._extra_state": {"amax": torch.ones(1), "fmt": "e4m3"}}
     assert checkpoint.state_dict_paths(extra) == [()]
+    source = tmp_path / "ckpt.pt"
+    torch.save(ckpt, source)
+    assert main(["apply", "--model", MODEL, "--checkpoint", str(source), "--preserve", "-o", str(tmp_path / "o.pt")]) == 0
+
+
+def _wn_conv_state(seed: int) -> dict[str, torch.Tensor]:
+    """A small legacy weight-normalized ``Sequential(Conv1d)``'s state dict (weight_g, weight_v, bias)."""
+    from tests.fixtures.weight_norm import legacy_weight_norm
+
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(legacy_weight_norm(torch.nn.Conv1d(4, 4, 3))).state_dict()
+
+
+def build_conv() -> torch.nn.Module:
+    """The plain model ``_wn_conv_state`` loads into."""
+    return torch.nn.Sequential(torch.nn.Conv1d(4, 4, 3))
+
+
+def test_state_dicts_beside_more_top_level_buffers_are_each_found_folded_and_chosen(tmp_path: Path, capsys) -> None:
+    """``{"model": sd, "ema": sd}`` with more top-level tensors than the small model has: each
+    state dict is found and folded; loading needs --key (both fit), and --key ema loads ema."""
+    model, ema = _wn_conv_state(0), _wn_conv_state(1)
+    ckpt = {"model": model, "ema": ema, "mel_basis": torch.randn(8, 5), "window": torch.hann_window(16),
+            "best_loss": torch.tensor([0.5])}
+    source, out = tmp_path / "ckpt.pt", tmp_path / "out.pt"
+    torch.save(ckpt, source)
+    assert checkpoint.state_dict_paths(ckpt) == [(), ("model",), ("ema",)]
+    assert main(["fold", str(source), "-o", str(out)]) == 0
+    assert capsys.readouterr().out.splitlines()[1:] == ["model: 1 weight-normalized tensors folded",
+                                                        "ema: 1 weight-normalized tensors folded"]
+    folded = torch.load(out, weights_only=True)
+    for name in ("model", "ema"):
+        assert sorted(folded[name]) == ["0.bias", "0.weight"]
+    torch.testing.assert_close(folded["mel_basis"], ckpt["mel_basis"])
+    assert main(["inspect", str(source), "--key", "ema"]) == 0
+    assert capsys.readouterr().out.startswith("ema: 1 weight-normalized tensors")
+    common = ["apply", "--model", "tests.test_cli:build_conv", "--checkpoint", str(source), "--preserve"]
+    assert main([*common, "-o", str(tmp_path / "a.pt")]) == 1
+    assert "holds 2 state dicts that fit tests.test_cli:build_conv (model, ema); choose one with --key" in capsys.readouterr().err
+    assert main([*common, "--key", "ema", "-o", str(tmp_path / "b.pt")]) == 0
+    applied = wn.fold_state_dict(torch.load(tmp_path / "b.pt", weights_only=True))
+    torch.testing.assert_close(applied["0.weight"], folded["ema"]["0.weight"])
+
+
+def test_a_state_dict_inside_a_flat_state_dict_is_folded_too(tmp_path: Path, capsys) -> None:
+    """A flat state dict holding an equal-size ``"ema": sd``: both are folded, and loading without
+    --key asks which (both fit)."""
+    state = {**_wn_conv_state(0), "ema": _wn_conv_state(1), "epoch": 3}
+    source, out = tmp_path / "ckpt.pt", tmp_path / "out.pt"
+    torch.save(state, source)
+    assert checkpoint.state_dict_paths(state) == [(), ("ema",)]
+    assert main(["fold", str(source), "-o", str(out)]) == 0
+    assert capsys.readouterr().out.splitlines() == ["(top level): 1 weight-normalized tensors folded",
+                                                    "ema: 1 weight-normalized tensors folded"]
+    folded = torch.load(out, weights_only=True)
+    assert sorted(folded) == ["0.bias", "0.weight", "ema", "epoch"] and sorted(folded["ema"]) == ["0.bias", "0.weight"]
+    assert main(["inspect", "--model", "tests.test_cli:build_conv", "--checkpoint", str(source)]) == 1
+    assert "holds 2 state dicts that fit" in capsys.readouterr().err
+    assert main(["inspect", "--model", "tests.test_cli:build_conv", "--checkpoint", str(source), "--key", "(top level)"]) == 0
 
 
 def test_key_selects_a_path_whose_keys_hold_dots(tmp_path: Path, capsys) -> None:
@@ -596,3 +765,29 @@ def test_data_parallel_and_compile_prefixes_are_stripped(tmp_path: Path, prefix:
     source = tmp_path / "ckpt.pt"
     torch.save({f"{prefix}{k}": v for k, v in build_generator("legacy").state_dict().items()}, source)
     assert main(["apply", "--model", MODEL, "--checkpoint", str(source), "--preserve", "-o", str(tmp_path / "o.pt")]) == 0
+
+
+def build_var_keyword() -> torch.nn.Module:
+    return _VarKeyword()
+
+
+def test_a_var_keyword_forward_exports_with_the_axes_asked_for(tmp_path: Path) -> None:
+    """torch.export refuses dynamic shapes nested under ``**inputs`` (torch 2.13); the TorchScript
+    fallback takes each keyword input's axes as a top-level input's."""
+    import onnxruntime
+
+    sample, out = tmp_path / "ab.pt", tmp_path / "g.onnx"
+    torch.save({"a": torch.randn(2, 3, 8), "b": torch.randn(2, 3, 6)}, sample)
+    assert main(["export", "--model", "tests.test_cli:build_var_keyword", "--sample", str(sample),
+                 "--dynamic", "a:2=frames,0", "-o", str(out)]) == 0
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [i.shape for i in session.get_inputs()] == [["batch", 3, "frames"], ["batch", 3, 6]]
+
+
+def test_a_state_dict_with_plain_values_keeps_its_metadata_through_a_fold() -> None:
+    """``{**model.state_dict(), "epoch": 3}``: still an ``OrderedDict`` with ``_metadata`` once folded."""
+    state = build_generator("parametrizations").state_dict()
+    state["epoch"] = 3
+    folded = checkpoint.map_state_dicts(state, lambda sd, where: wn.fold_state_dict(sd))
+    assert type(folded) is OrderedDict and folded["epoch"] == 3 and "conv_pre.weight" in folded
+    assert folded._metadata[""] == state._metadata[""]

@@ -118,3 +118,41 @@ def test_a_weight_passed_through_a_region_keeps_its_view_and_nested_regions_are_
     found = {t.qualname: t for t in discovery.targets}
     assert set(found) == {"fc.weight", "w", "head.weight"}, discovery.skipped
     assert found["w"].kind == "matmul" and found["w"].layout.dim == 0  # x @ w.t(): w's rows are the units
+
+
+class _CondBase(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+
+
+class CondHandsOutTheWeight(_CondBase):
+    """Each branch of ``torch.cond`` hands out ``a.weight`` (a copy), which a sum then reads."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = torch.cond(x.sum() > 0, lambda w: w.clone(), lambda w: w.clone(), (self.a.weight,))
+        if x.shape[1] > 2:
+            x = x + 1
+        return self.b(self.a(x)) * w.sum()
+
+
+class CondComputesTheWeight(_CondBase):
+    """Each branch of ``torch.cond`` computes a weight from ``a.weight``, which F.linear then reads."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = torch.cond(x.sum() > 0, lambda w: w * 2, lambda w: w * 3, (self.a.weight,))
+        if x.shape[1] > 2:
+            x = x + 1
+        return self.b(torch.nn.functional.linear(x, w))
+
+
+@pytest.mark.parametrize(("cls", "reason"), [(CondHandsOutTheWeight, "shared: also read by cond"),
+                                             (CondComputesTheWeight, "reaches its linear op only through other ops")])
+def test_a_weight_that_leaves_a_cond_is_followed_through_either_branch(cls: type, reason: str) -> None:
+    """What either branch hands out may be what runs: a parameter (or a value made from it) that
+    leaves ``torch.cond`` is still that parameter's, so it is skipped for the right reason."""
+    report = wn.plan_weight_norm(cls(), torch.randn(3, 4))
+    assert report.found_by == EXPORT
+    assert [t.qualname for t in report.converted] == ["b.weight"]
+    assert [s.qualname for s in report.skipped] == ["a.weight"] and report.skipped[0].reason.startswith(reason)

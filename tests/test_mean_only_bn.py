@@ -86,6 +86,20 @@ def test_preserve_mode_moves_the_bias_and_keeps_the_function_in_eval_mode() -> N
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
+def test_each_norm_takes_its_layers_mode(mode: str) -> None:
+    """A model in eval mode stays one: its new norms subtract the running mean (no call of
+    ``.eval()`` needed after apply), and a forward changes no running mean."""
+    model = getattr(_model(), mode)()
+    out = wn.apply_weight_norm(model, init="preserve", mean_only_bn=True)
+    norms = [m for m in out.modules() if isinstance(m, wn.MeanOnlyBatchNorm)]
+    assert len(norms) == 3 and all(norm.training == (mode == "train") for norm in norms)
+    if mode == "eval":
+        x = torch.randn(4, 3, 8, 8)
+        torch.testing.assert_close(out(x), model(x))
+        assert all(torch.equal(norm.running_mean, torch.zeros_like(norm.running_mean)) for norm in norms)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
 def test_data_init_with_mean_only_bn_starts_every_layer_centred_with_unit_std(mode: str) -> None:
     """Decision: g = s/sigma[t], running mean = mean of g*t on the batch, bias = 0; so training mode
     (batch mean) and eval mode (running mean) agree on the calibration batch."""
@@ -306,4 +320,41 @@ def test_every_layer_called_as_itself_gets_a_mean_only_bn_whichever_step_traced_
     report = wn.weight_norm_report(out)
     assert report.found_by == found_by
     assert report.mean_only_bn == ["body.0", "body.2", "body.4"] and not report.mean_only_bn_missing
+    torch.testing.assert_close(out(x), model(x))
+
+
+def test_layers_inside_a_torch_wrapper_get_one() -> None:
+    """fx takes ``DataParallel`` of torch layers as one leaf: its layers still run as their own calls."""
+    torch.manual_seed(0)
+    model = nn.DataParallel(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))).eval()
+    out = wn.apply_weight_norm(model, init="preserve", mean_only_bn=True)
+    assert wn.weight_norm_report(out).mean_only_bn == ["module.0", "module.2"]
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(out(x), model(x))
+
+
+class _ReadsItsChild(nn.Module):
+    """Untraceable by fx (a branch on the batch size); reads ``fc``'s parameters itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 1:
+            x = x * 2
+        return self.out(F.linear(x, self.fc.weight, self.fc.bias))
+
+
+def test_the_module_walk_attaches_none() -> None:
+    """Without a trace (no batch, fx fails) nothing shows how a layer is called: no layer loses its bias."""
+    torch.manual_seed(0)
+    model = _ReadsItsChild().eval()
+    with pytest.warns(UserWarning, match="could not trace"):
+        out = wn.apply_weight_norm(model, init="preserve", mean_only_bn=True)
+    report = wn.weight_norm_report(out)
+    assert report.found_by == "module walk" and report.mean_only_bn == []
+    assert report.mean_only_bn_missing == ["fc.weight", "out.weight"]
+    x = torch.randn(3, 4)
     torch.testing.assert_close(out(x), model(x))

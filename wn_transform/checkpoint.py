@@ -46,20 +46,15 @@ def is_state_dict(obj: Any) -> bool:
     """A model's ``state_dict()``: a mapping of string keys holding at least one tensor of one
     dimension or more, every tensor under a parameter name (``conv.0.weight``: no ``/``, space or
     empty part).  It may hold other values too (``"epoch": 3``, a module's ``_extra_state``, an
-    optimizer's state saved beside the weights), kept as they are.  Names of scalars only (a
-    callback's ``{"/ckpts/best.ckpt": score}``, an optimizer's ``param_groups`` with a tensor
-    ``lr``) are no model's.  A mapping that holds a state dict with more tensors than its own
-    (``{"model": state_dict, "mel_basis": tensor}``) is a container of it."""
+    optimizer's state saved beside the weights, other state dicts such as ``"ema": state_dict``),
+    kept as they are.  Names of scalars only (a callback's ``{"/ckpts/best.ckpt": score}``, an
+    optimizer's ``param_groups`` with a tensor ``lr``) are no model's.  A checkpoint that holds
+    tensors of its own beside nested state dicts (``{"model": sd, "ema": sd, "mel_basis": t}``) is
+    one too: :func:`state_dict_paths` lists it and the nested ones."""
     if not isinstance(obj, Mapping) or not obj or not all(isinstance(k, str) for k in obj):
         return False
     tensors = {key: value for key, value in obj.items() if isinstance(value, Tensor)}
-    if not any(t.ndim for t in tensors.values()) or not all(map(_is_parameter_name, tensors)):
-        return False
-    return not any(is_state_dict(v) and _tensor_count(v) > len(tensors) for v in obj.values() if isinstance(v, Mapping))
-
-
-def _tensor_count(mapping: Mapping) -> int:
-    return sum(isinstance(v, Tensor) for v in mapping.values())
+    return any(t.ndim for t in tensors.values()) and all(map(_is_parameter_name, tensors))
 
 
 def _is_parameter_name(key: str) -> bool:
@@ -68,13 +63,15 @@ def _is_parameter_name(key: str) -> bool:
 
 
 def _children(obj: Any) -> list[tuple[str, Any]]:
-    """Where state dicts may nest: string-keyed mappings, lists and tuples (``{"ema": [sd]}``).
+    """Where state dicts may nest: string-keyed mappings, lists and tuples (``{"ema": [sd]}``),
+    and a state dict's values that are not tensors (``{**sd, "ema": sd}``).
     Mappings with other keys (an optimizer's per-parameter ``state``) hold no model weights,
-    nor does an optimizer's ``state_dict()`` (``state`` and ``param_groups``)."""
+    nor does an optimizer's ``state_dict()`` (``state`` and ``param_groups``) or a module's
+    ``_extra_state``."""
     if isinstance(obj, Mapping) and {"state", "param_groups"} <= obj.keys():
         return []
     if isinstance(obj, Mapping) and all(isinstance(k, str) for k in obj):
-        return list(obj.items())
+        return [(k, v) for k, v in obj.items() if not isinstance(v, Tensor) and not k.endswith("_extra_state")]
     if isinstance(obj, (list, tuple)):
         return [(str(i), v) for i, v in enumerate(obj)]
     return []
@@ -82,24 +79,32 @@ def _children(obj: Any) -> list[tuple[str, Any]]:
 
 def state_dict_paths(obj: Any, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
     """Where the state dicts are in a checkpoint: ``[()]`` for a bare one, ``[("generator",), ...]``,
-    ``("ema", "0")`` for the first of a list."""
-    if is_state_dict(obj):
-        return [path]
-    return [p for key, value in _children(obj) for p in state_dict_paths(value, (*path, key))]
+    ``("ema", "0")`` for the first of a list; a state dict that holds others (``{**sd, "ema": sd}``)
+    comes before them: ``[(), ("ema",)]``."""
+    found = [path] if is_state_dict(obj) else []
+    return found + [p for key, value in _children(obj) for p in state_dict_paths(value, (*path, key))]
 
 
 def map_state_dicts(obj: Any, fn: Callable[[dict[str, Any], str], dict[str, Any]], where: str = "") -> Any:
     """Apply ``fn(state_dict, where)`` to every state dict in ``obj``; keep everything else (an
-    ``OrderedDict`` stays one)."""
+    ``OrderedDict`` stays one).  A state dict that holds others is mapped first, then the ones it
+    holds (``fn`` keeps values that are not tensors as they are)."""
     if is_state_dict(obj):
-        return fn(obj, where)
+        obj = fn(obj, where)
     children = _children(obj)
     if not children:
         return obj
-    mapped = [map_state_dicts(value, fn, f"{where}.{key}" if where else key) for key, value in children]
+    mapped = {key: map_state_dicts(value, fn, f"{where}.{key}" if where else key) for key, value in children}
+    if all(mapped[key] is value for key, value in children):
+        return obj  # nothing inside changed: the mapping as it is (a state dict keeps its _metadata)
     if isinstance(obj, Mapping):
-        return (type(obj) if type(obj) in (dict, OrderedDict) else dict)(zip(obj.keys(), mapped))
-    return type(obj)(mapped) if type(obj) in (list, tuple) else mapped
+        kind = type(obj) if type(obj) in (dict, OrderedDict) else dict
+        rebuilt = kind((key, mapped.get(key, value)) for key, value in obj.items())
+        if kind is OrderedDict and hasattr(obj, "_metadata"):
+            rebuilt._metadata = obj._metadata  # type: ignore[attr-defined]
+        return rebuilt
+    values = list(mapped.values())
+    return type(obj)(values) if type(obj) in (list, tuple) else values
 
 
 def load_checkpoint(path: str | os.PathLike) -> Any:

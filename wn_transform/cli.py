@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import math
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +47,11 @@ EXAMPLES = {
   wn-transform apply --model mypkg.models:build_classifier --calib calib_batch.pt -o wn_init.safetensors""",
     "export": """examples:
   wn-transform export --model mypkg.models:build_generator --checkpoint g.pt --input-shape 1,80,100 -o generator.onnx
-  wn-transform export --model mypkg.models:build_encoder --sample sample_inputs.pt -o encoder.onnx --opset 18""",
+  wn-transform export --model mypkg.models:build_generator --input-shape 1,80,100 --dynamic 0=batch,2=frames -o generator.onnx
+  wn-transform export --model mypkg.models:build_encoder --sample sample_inputs.pt -o encoder.onnx --opset 18
+  (--dynamic: which input axes stay dynamic in the graph, [INPUT:]AXIS[=NAME], INPUT a position or
+  keyword of the batch, every input when left out; default: the batch axis 0 of every input; none: all fixed;
+  an unnamed axis is batch (0), dimAXIS, or INPUT_dimAXIS with several inputs; one name: one size)""",
 }
 
 
@@ -95,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     export = command("export", "Load a model, fold its weight norm, export it to ONNX and verify it in onnxruntime.")
     _model_arguments(export, required=True)
     _batch_arguments(export, "sample", required=True)
+    export.add_argument("--dynamic", metavar="AXES", type=_dynamic_axes, default=None,
+                        help="input axes the graph keeps dynamic: comma-separated [INPUT:]AXIS[=NAME], e.g. "
+                             "0=batch,2=frames or mel:2=frames; 'none' fixes every shape (default: axis 0 of every input)")
     export.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     _output_arguments(export, ".onnx")
     return parser
@@ -174,7 +183,9 @@ def cmd_export(args: argparse.Namespace, say: Callable[[str], None]) -> int:
     _check_output_free(args)
     model = _build_model(args, say)
     batch = _read_batch(args, "sample")
-    report = export_onnx(model, batch, args.output, opset=args.opset, overwrite=args.force, progress=say)
+    shapes = _dynamic_shapes(args.dynamic, batch, model) if args.dynamic is not None else None
+    report = export_onnx(model, batch, args.output, opset=args.opset, dynamic_batch=args.dynamic is None,
+                         dynamic_shapes=shapes, overwrite=args.force, progress=say)
     print(report)
     return 0
 
@@ -306,24 +317,22 @@ def _import_factory(spec: str) -> Callable[..., Any]:
 
 
 def _load_weights(model: nn.Module, checkpoint: Any, args: argparse.Namespace) -> None:
-    """Load a (possibly nested, DataParallel-prefixed, weight-normalized) state dict."""
+    """Load a (possibly nested, DataParallel-prefixed, weight-normalized) state dict: the one
+    ``--key`` names, else the only one, else the only one that fits the model."""
     paths = state_dict_paths(checkpoint)
+    expected = set(model.state_dict())
     if args.key is not None:
         path = _keyed_path(paths, args.key, args.checkpoint)
     elif len(paths) == 1:
         path = paths[0]
     else:
-        msg = f"{args.checkpoint}: holds {len(paths)} state dicts ({_list_paths(paths)}); choose one with --key"
-        raise CheckpointError(msg)
-    expected = set(model.state_dict())
-    state_dict = _strip_wrapper_prefixes(dict(_get(checkpoint, path)), expected)
-    if set(state_dict) != expected and find_state_dict_weight_norms(state_dict):
-        # Trained with weight norm, loading into a plain model: fold the pairs the model does not
-        # have; a model built with weight norm on some layers (wav2vec2's pos_conv) keeps those, in
-        # the layout it was built with (torch's legacy hooks or parametrizations).
-        fitted = fit_state_dict(state_dict, expected)
-        if set(fitted) == expected:
-            state_dict = fitted
+        fitting = [p for p in paths if _fits(_get(checkpoint, p), expected)]
+        if len(fitting) != 1:
+            what = f"{len(paths)} state dicts" if not fitting else f"{len(fitting)} state dicts that fit {args.model}"
+            msg = f"{args.checkpoint}: holds {what} ({_list_paths(fitting or paths)}); choose one with --key"
+            raise CheckpointError(msg)
+        path = fitting[0]
+    state_dict = _fitted(_get(checkpoint, path), expected)
     missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
     if missing or unexpected:
         msg = (f"{args.checkpoint}: does not fit {args.model}: missing keys {few(missing)}; "
@@ -334,6 +343,32 @@ def _load_weights(model: nn.Module, checkpoint: Any, args: argparse.Namespace) -
     except RuntimeError as exc:
         msg = f"{args.checkpoint}: does not fit {args.model}: {str(exc).strip().splitlines()[-1].strip()}"
         raise CheckpointError(msg) from exc
+
+
+def _fits(state_dict: dict[str, Any], expected: set[str]) -> bool:
+    """Whether ``state_dict`` loads into a model whose keys are ``expected`` (see :func:`_fitted`)."""
+    try:
+        return set(_fitted(state_dict, expected)) == expected
+    except WeightNormError:  # a pair that cannot take the model's layout: not this model's weights
+        return False
+
+
+def _fitted(state_dict: dict[str, Any], expected: set[str]) -> dict[str, Any]:
+    """``state_dict`` as it would load into a model whose keys are ``expected``: without values
+    that are neither tensors nor a module's ``_extra_state`` (``"epoch": 3``, a nested ``"ema": sd``,
+    listed on its own), without wrapper prefixes, and with weight-norm pairs the model does not
+    have folded, when that makes the keys fit."""
+    state_dict = {k: v for k, v in state_dict.items()
+                  if isinstance(v, torch.Tensor) or k in expected or k.endswith("_extra_state")}
+    state_dict = _strip_wrapper_prefixes(state_dict, expected)
+    if set(state_dict) != expected and find_state_dict_weight_norms(state_dict):
+        # Trained with weight norm, loading into a plain model: fold the pairs the model does not
+        # have; a model built with weight norm on some layers (wav2vec2's pos_conv) keeps those, in
+        # the layout it was built with (torch's legacy hooks or parametrizations).
+        fitted = fit_state_dict(state_dict, expected)
+        if set(fitted) == expected:
+            state_dict = fitted
+    return state_dict
 
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP, torch.compile
@@ -371,6 +406,138 @@ def _shape(text: str) -> tuple[int, ...]:
         msg = f"must be comma-separated positive integers such as 1,80,100, got {text!r}"
         raise argparse.ArgumentTypeError(msg)
     return shape
+
+
+@dataclass(frozen=True)
+class _DynamicAxis:
+    """One ``--dynamic`` entry: ``axis`` of the input ``where`` (a position or keyword of the batch;
+    None: every input) is dynamic, named ``name`` in the graph (None: a name made from the axis)."""
+
+    where: str | None
+    axis: int
+    name: str | None
+
+
+def _dynamic_axes(text: str) -> tuple[_DynamicAxis, ...]:
+    """``--dynamic``: comma-separated ``[INPUT:]AXIS[=NAME]``, or ``none`` (argparse reports a bad one)."""
+    if text.strip().lower() == "none":
+        return ()
+    axes = []
+    for part in text.split(","):
+        spec, _, name = part.strip().partition("=")
+        where, _, axis = spec.rpartition(":")
+        try:
+            index = int(axis)
+        except ValueError:
+            index = None
+        if index is None or (name and not name.isidentifier()) or (":" in spec and not where):
+            msg = (f"{part.strip()!r} is not [INPUT:]AXIS[=NAME] (such as 2=frames, 0=batch or mel:2=frames); "
+                   f"a list of them is comma-separated, or 'none'")
+            raise argparse.ArgumentTypeError(msg)
+        axes.append(_DynamicAxis(where or None, index, name or None))
+    return tuple(axes)
+
+
+def _dynamic_shapes(axes: tuple[_DynamicAxis, ...], batch: Any, model: nn.Module) -> tuple | dict | None:
+    """``export_onnx``'s ``dynamic_shapes`` for ``--dynamic``: per input of ``batch`` (a tensor, a
+    tuple or a dict of inputs) ``{axis: name}``.  An axis without a name is ``batch`` (axis 0),
+    ``dim<axis>`` (a batch of one tensor) or ``<input>_dim<axis>``, so unnamed axes of different
+    inputs are not tied.  Axes with one name must have one size in ``batch`` (the graph declares
+    them equal).  A positional input is named by its position or by the forward's argument (``0``
+    or ``mel``); a dict batch is keyed as ``torch.export`` binds it to the forward's signature
+    (keys a ``**inputs`` forward collects go under ``inputs``)."""
+    if not axes:
+        return None
+    if isinstance(batch, dict):
+        inputs, aliases = dict(batch), {}
+    else:
+        values = batch if isinstance(batch, (tuple, list)) else (batch,)
+        inputs = {str(i): v for i, v in enumerate(values)}
+        aliases = dict(zip(_positional_names(model), inputs))
+    axes = tuple(_DynamicAxis(aliases.get(a.where, a.where), a.axis, a.name) for a in axes)
+    unknown = sorted({a.where for a in axes if a.where is not None} - set(inputs))
+    if unknown:
+        known = ", ".join(f"{key!r}" + (f" ({name})" if (name := _alias_of(aliases, key)) else "") for key in inputs)
+        msg = f"--dynamic names {', '.join(map(repr, unknown))}, but the batch's inputs are {known}"
+        raise _UsageError(msg)
+    several = sum(isinstance(v, torch.Tensor) for v in inputs.values()) > 1
+    shapes: dict[str, dict[int, str] | None] = {}
+    for key, value in inputs.items():
+        shapes[key] = _input_axes(key, value, [a for a in axes if a.where in (None, key)],
+                                  _alias_of(aliases, key) or key, several=several, alone=len(inputs) == 1)
+    _check_same_sizes(shapes, inputs, {key: _alias_of(aliases, key) or key for key in inputs})
+    if not isinstance(batch, dict):
+        return tuple(shapes.values())
+    return _bound_shapes(shapes, model)
+
+
+def _input_axes(key: str, value: Any, covered: list[_DynamicAxis], label: str, *, several: bool,
+                alone: bool) -> dict[int, str] | None:
+    """``{axis: name}`` for the ``--dynamic`` entries that cover one input (``key``, called
+    ``label`` in default names); ``several``: the batch has more than one tensor input."""
+    if not isinstance(value, torch.Tensor):
+        if any(a.where == key for a in covered):
+            msg = f"--dynamic: input {key!r} is not a tensor ({type(value).__name__}); it has no axes"
+            raise _UsageError(msg)
+        return None
+    spec = {}
+    for entry in covered:
+        if not -value.ndim <= entry.axis < value.ndim:
+            hint = "; give the input it belongs to, as INPUT:AXIS" if entry.where is None and not alone else ""
+            msg = f"--dynamic: input {key!r} has shape {list(value.shape)}, no axis {entry.axis}{hint}"
+            raise _UsageError(msg)
+        axis = entry.axis % value.ndim
+        spec[axis] = entry.name or _default_axis_name(axis, label, several=several)
+    return spec or None
+
+
+def _default_axis_name(axis: int, label: str, *, several: bool) -> str:
+    """The name of an unnamed ``--dynamic`` axis: ``batch`` for axis 0, else ``dim<axis>``, or
+    ``<input>_dim<axis>`` when the batch has several tensor inputs (their sizes may differ)."""
+    if axis == 0:
+        return "batch"
+    if not several:
+        return f"dim{axis}"
+    return f"{label if label.isidentifier() else f'input_{label}'}_dim{axis}"
+
+
+def _check_same_sizes(shapes: dict[str, dict[int, str] | None], inputs: dict[str, Any], labels: dict[str, str]) -> None:
+    """Raise a usage error when one axis name covers axes of different sizes in the sample batch:
+    the graph would declare them equal and verification would only try equal sizes."""
+    seen: dict[str, tuple[str, int, int]] = {}
+    for key, spec in shapes.items():
+        for axis, name in (spec or {}).items():
+            size = inputs[key].shape[axis]
+            first = seen.setdefault(name, (labels[key], axis, size))
+            if first[2] != size:
+                msg = (f"--dynamic: {name!r} names {first[0]}[{first[1]}] ({first[2]}) and {labels[key]}[{axis}] "
+                       f"({size}), which differ in the sample batch; give them different names "
+                       f"(INPUT:AXIS=NAME, e.g. {labels[key]}:{axis}={name}_{labels[key]})")
+                raise _UsageError(msg)
+
+
+def _bound_shapes(shapes: dict[str, dict[int, str] | None], model: nn.Module) -> dict[str, Any]:
+    """Dynamic shapes of a dict batch keyed as ``torch.export`` wants them: by the forward's
+    ``signature.bind(**batch).arguments``, so the keys a ``forward(self, **inputs)`` collects nest
+    under ``inputs``; as they are when the forward has no signature or does not take them."""
+    try:
+        return dict(inspect.signature(model.forward).bind(**shapes).arguments)
+    except (TypeError, ValueError):  # the export reports a batch the forward does not take
+        return shapes
+
+
+def _positional_names(model: nn.Module) -> list[str]:
+    """The names of the forward's positional arguments, in order (none if it takes ``*args``)."""
+    try:
+        parameters = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [p.name for p in parameters if p.kind in kinds]
+
+
+def _alias_of(aliases: dict[str, str], key: str) -> str | None:
+    return next((name for name, target in aliases.items() if target == key), None)
 
 
 def _read_batch(args: argparse.Namespace, name: str) -> Any:

@@ -35,7 +35,7 @@ from .errors import BatchError
 from .layers import standard_weights
 from .ops import op_name
 from .targets import Skipped, Target, split_qualname
-from .uses import BIAS, UseLog, param_aliases
+from .uses import BIAS, UseLog, inside_torch_composite, param_aliases
 
 __all__ = ["Discovery", "account_for_every_layer", "discover", "preserved_state"]
 
@@ -98,7 +98,7 @@ def _finish(log: UseLog, model: nn.Module, found_by: str, failures: dict[str, st
         for tensor, kind, layout in standard_weights(module):
             qualname = f"{name}.{tensor}" if name else tensor
             if isinstance(getattr(module, tensor, None), nn.Parameter) and log.canonical(qualname) not in log.uses:
-                log.add_use(qualname, kind, layout, detail=f"{WALK} (not reached by {found_by})", own=True)
+                log.add_use(qualname, kind, layout, detail=f"{WALK} (not reached by {found_by})")
     return Discovery(*log.resolve(found_by), found_by, failures)
 
 
@@ -182,12 +182,13 @@ def _symbolic_trace_log(model: nn.Module) -> UseLog:
     return log
 
 
-def _log_leaf_module(log: UseLog, model: nn.Module, path: str, *, by_type: bool = False) -> None:
+def _log_leaf_module(log: UseLog, model: nn.Module, path: str, *, traced: bool = True) -> None:
     """A leaf module's parameters are used as its type says (every other use is 'other').
 
-    The leaf's own parameters are read by its own call; its submodules' (MultiheadAttention's
-    ``out_proj``) by the leaf's code, unless ``by_type`` (the module walk: each layer's type is
-    all it knows, so each is taken to be called as itself).
+    The leaf's own parameters are read by its own call, and so are those of layers it holds in
+    containers and wrappers (``nn.DataParallel(nn.Sequential(...))``); a torch.nn layer's
+    submodules (MultiheadAttention's ``out_proj``) are read by that layer's code.  Not
+    ``traced`` (the module walk): no use is known to be the layer's own call.
     """
     leaf = model.get_submodule(path)
     for sub_name, sub in leaf.named_modules():
@@ -201,7 +202,8 @@ def _log_leaf_module(log: UseLog, model: nn.Module, path: str, *, by_type: bool 
             qualname = f"{prefix}.{name}" if prefix else name
             kind, layout = known.get(name, ("other", None))
             detail = {"other": type(sub).__name__, BIAS: f"{type(sub).__name__} (as its bias)"}.get(kind, "")
-            log.add_use(qualname, kind, layout, detail=detail, own=by_type or not sub_name)
+            own = traced and (not sub_name or not inside_torch_composite(leaf, sub_name))
+            log.add_use(qualname, kind, layout, detail=detail, own=own)
 
 
 def _caller(node: torch.fx.Node, modules: dict[str, nn.Module]) -> nn.Module | None:
@@ -273,24 +275,35 @@ _HOP_OPAQUE = frozenset({"map_impl", "scan", "associative_scan", "while_loop", "
 def _log_export_graph(log: UseLog, owner: nn.Module, modules: dict[str, nn.Module]) -> None:
     """Log the ops of ``owner``'s graph (an exported program's, or a higher-order op's subgraph):
     a higher-order op's subgraphs are logged in place, their inputs and outputs tied to the op's."""
-    results: dict[torch.fx.Node, list] = {}  # a higher-order op -> its subgraph's outputs
+    results: dict[torch.fx.Node, list[list]] = {}  # a higher-order op -> each subgraph's outputs
     for node in owner.graph.nodes:
         if node.op == "get_attr":
             log.static(node)
         elif node.op != "call_function":
             continue
         elif node.target is operator.getitem and node.args[0] in results:
-            outputs, index = results[node.args[0]], node.args[1]
-            log.same(node, outputs[index] if isinstance(index, int) and -len(outputs) <= index < len(outputs) else None)
+            _log_region_output(log, node, results[node.args[0]], node.args[1], _caller(node, modules))
         elif (outputs := _log_higher_order(log, owner, node, modules)) is not None:
             results[node] = outputs
         else:
             log.call(node.target, node.args, node.kwargs, node, _caller(node, modules))
 
 
+def _log_region_output(log: UseLog, node: torch.fx.Node, outputs: list[list], index: object, caller: nn.Module | None) -> None:
+    """``node`` picks output ``index`` of a higher-order op whose subgraphs gave ``outputs``: with
+    one subgraph, that value itself; with several (``cond``'s branches), whichever ran, so a
+    parameter (or a value made from one) that any branch hands out counts as read by ``cond``."""
+    if not (isinstance(index, int) and all(-len(o) <= index < len(o) for o in outputs)):
+        log.same(node, None)
+    elif len(outputs) == 1:
+        log.same(node, outputs[0][index])
+    else:
+        log.call("cond", [o[index] for o in outputs], {}, node, caller)
+
+
 def _log_higher_order(log: UseLog, owner: nn.Module, node: torch.fx.Node, modules: dict[str, nn.Module]) -> list | None:
-    """Log the subgraphs of a higher-order op as if their ops were inline, and return their outputs
-    (one subgraph's; none for several); ``None`` if ``node`` is no such op, or an opaque one."""
+    """Log the subgraphs of a higher-order op as if their ops were inline, and return each one's
+    outputs; ``None`` if ``node`` is no such op, or an opaque one."""
     bodies = [body for arg in node.args if (body := _subgraph(owner, arg)) is not None]
     if not bodies or op_name(node.target) in _HOP_OPAQUE:
         return None
@@ -304,14 +317,14 @@ def _log_higher_order(log: UseLog, owner: nn.Module, node: torch.fx.Node, module
     inputs = [[n for n in body.graph.nodes if n.op == "placeholder"] for body in bodies]
     if any(len(placeholders) != len(operands) for placeholders in inputs):
         return None
-    outputs: list = []
+    outputs: list[list] = []
     for body, placeholders in zip(bodies, inputs):
         for placeholder, operand in zip(placeholders, operands):
             log.same(placeholder, operand)
         _log_export_graph(log, body, modules)
         output = body.graph.output_node().args[0]
-        outputs = list(output) if isinstance(output, (list, tuple)) else [output]
-    return outputs if len(bodies) == 1 else []
+        outputs.append(list(output) if isinstance(output, (list, tuple)) else [output])
+    return outputs
 
 
 def _subgraph(owner: nn.Module, arg: object) -> torch.fx.GraphModule | None:
@@ -400,7 +413,7 @@ def _recorded_log(model: nn.Module, sample_batch: batch_mod.SampleBatch) -> UseL
 # -- step 4 ------------------------------------------------------------------------------
 def _walk_log(model: nn.Module) -> UseLog:
     log = UseLog(model, key=lambda v: None)
-    _log_leaf_module(log, model, "", by_type=True)
+    _log_leaf_module(log, model, "", traced=False)
     return log
 
 

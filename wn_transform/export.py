@@ -488,6 +488,9 @@ def _dynamic_axes_from_shapes(dynamic_shapes: Any, inputs: _Inputs, *, required:
     else:  # one entry per positional input, named after the parameter it binds to
         params = list(inputs.bound) if inputs.bound is not None else [f"input_{i}" for i in range(len(inputs.args))]
         items = list(zip(params, dynamic_shapes))
+    # a var-keyword parameter (forward(self, **inputs)) holds its keyword inputs, each a top-level input
+    items = [pair for name, spec in items for pair in (
+        spec.items() if name not in inputs.names and _keyed_by_name(spec) else [(name, spec)])]
     axes: dict[str, dict[int, str]] = {}
     for name, spec in items:
         if spec is None:
@@ -502,6 +505,11 @@ def _dynamic_axes_from_shapes(dynamic_shapes: Any, inputs: _Inputs, *, required:
             if label is not None and not (required and dim is _DIM_AUTO):
                 axes.setdefault(name, {})[axis] = label
     return axes
+
+
+def _keyed_by_name(spec: Any) -> bool:
+    """Whether a dynamic-shapes entry maps input names to their specs (not axes to dims)."""
+    return isinstance(spec, Mapping) and bool(spec) and all(isinstance(key, str) for key in spec)
 
 
 _DIM_AUTO = getattr(torch.export.Dim, "AUTO", None)
@@ -770,7 +778,8 @@ def _verify(file: str, model: nn.Module, sample_batch: batch_mod.SampleBatch, in
             where = ", ".join(f"{inputs.names[p.index]}[{p.axis}] = {inputs.tensors[p.index].shape[p.axis]}"
                               for p in symbol.places)
             hint = (f"; axis '{symbol.name}' is marked dynamic, but the graph depends on its size in the sample "
-                    f"batch ({where}): mark it static (dynamic_batch=False, or leave it out of dynamic_shapes)")
+                    f"batch ({where}): mark it static (dynamic_batch=False, or leave it out of dynamic_shapes; "
+                    f"on the command line, --dynamic)")
             runs.append((f"'{symbol.name}' grown, {change}", hint, _layout_inputs(model, batch), grown_reference))
             break
         else:

@@ -86,10 +86,12 @@ def mean_only_bn_of(layer: nn.Module) -> MeanOnlyBatchNorm | None:
 
 
 def attach(layer: nn.Module, num_features: int, channel_dim: int) -> MeanOnlyBatchNorm:
-    """Put a mean-only batch norm behind ``layer``; ``layer.bias`` (if any) moves into it."""
+    """Put a mean-only batch norm behind ``layer``, in the layer's train/eval mode; ``layer.bias``
+    (if any) moves into it."""
     bias = layer._parameters.get("bias")
     reference = next(layer.parameters())
     norm = MeanOnlyBatchNorm(num_features, channel_dim=channel_dim, device=reference.device, dtype=reference.dtype)
+    norm.train(layer.training)  # a layer in eval mode: its norm subtracts the running mean, as it will after .eval()
     if bias is not None:
         with torch.no_grad():
             norm.bias.copy_(bias.reshape(-1))

@@ -48,8 +48,8 @@ class WeightNormReport:
         if self.mean_only_bn:
             lines.append(f"  mean-only batch norm behind {len(self.mean_only_bn)} layers")
         for name in self.mean_only_bn_missing:
-            lines.append(f"  {name}: no mean-only batch norm (its op does not run as the layer's own call, or other "
-                         "code also reads its parameters); its bias stays")
+            lines.append(f"  {name}: no mean-only batch norm (the trace does not show its op running as the layer's "
+                         "own call alone: other code runs it or reads its parameters, or no trace); its bias stays")
         if self.notes is not None:
             for name, count in self.notes.constant_units.items():
                 lines.append(f"  {name}: {count} units constant on the batch (sigma ~ 0); their scale is s, not s/sigma")

@@ -25,7 +25,7 @@ from .norm import UnitLayout
 from .ops import CELL_OPS, METADATA_OPS, RECURRENT_OPS, WeightUse, attribute_read, op_name, view_dims, weight_use
 from .targets import Skipped, Target, split_qualname
 
-__all__ = ["BIAS", "UseLog", "param_aliases"]
+__all__ = ["BIAS", "UseLog", "inside_torch_composite", "param_aliases"]
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ def _is_torch_composite(module: nn.Module) -> bool:
     return where.startswith("torch.nn.modules.") and where != "torch.nn.modules.module" and not isinstance(module, _CONTAINERS)
 
 
-def _inside_torch_composite(model: nn.Module, path: str) -> bool:
+def inside_torch_composite(model: nn.Module, path: str) -> bool:
     """Whether a torch.nn layer other than a container holds the layer at ``path``.
 
     Such a parent may read its children's parameters itself on some path: MultiheadAttention
@@ -217,7 +217,7 @@ class UseLog:
         """Whether the op's output is the layer's output: every read of the weight, and every read
         of the layer's ``bias`` (which a mean-only batch norm takes over), ran as the layer's own
         module call, and no torch.nn layer around it reads them itself on another path."""
-        if not all(u.own for u in weight_uses) or _inside_torch_composite(self.model, module):
+        if not all(u.own for u in weight_uses) or inside_torch_composite(self.model, module):
             return False
         bias = self.canonical(f"{module}.bias" if module else "bias")
         if bias not in aliases:
