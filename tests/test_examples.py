@@ -134,3 +134,17 @@ def test_train_run_stops_at_a_divergence_and_fills_the_rest_with_nan() -> None:
     assert run.train[0] == 0.75 and math.isinf(run.train[1]) and math.isnan(run.train[2])
     assert run.test[:2] == [0.3, 0.3] and math.isnan(run.test[2])
     assert run.diverged and math.isnan(run.final_train)
+
+
+def test_the_demo_runs_and_its_fold_check_passes(capsys: pytest.CaptureFixture[str]) -> None:
+    """``make demo``: trains the digits CNN with and without weight norm, folds it, and checks that
+    the folded model computes the same logits with plain ``weight`` Parameters (its exit status)."""
+    import demo
+
+    threads = torch.get_num_threads()
+    try:
+        assert demo.main() == 0
+    finally:
+        torch.set_num_threads(threads)  # the demo asks for 2
+    out = capsys.readouterr().out
+    assert "4 weights reparameterized, 0 skipped" in out and out.rstrip().endswith("fold check passed")
