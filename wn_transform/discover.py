@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
-import logging
 import operator
 import warnings
 from collections.abc import Callable, Iterator
@@ -31,6 +30,7 @@ from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
 from . import batch as batch_mod
+from ._logging import muted
 from .errors import BatchError
 from .layers import standard_weights
 from .ops import op_name
@@ -223,16 +223,9 @@ def _quiet(loggers: tuple[str, ...]) -> Iterator[None]:
     """Silence torch's log messages and warnings (and the partial graph torch.export prints to
     stderr when it fails) while a ladder step is tried: its failure goes into the report
     instead.  The model's own warnings still reach the user from the real forward passes."""
-    saved = [(logging.getLogger(name), logging.getLogger(name).level) for name in loggers]
-    for logger, _ in saved:  # torch's handlers hold the stderr of import time: silence at the source
-        logger.setLevel(logging.CRITICAL + 1)
-    try:
-        with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for logger, level in saved:
-            logger.setLevel(level)
+    with muted(*loggers), contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 def _export_log(model: nn.Module, sample_batch: batch_mod.SampleBatch) -> UseLog:
@@ -304,15 +297,15 @@ def _log_region_output(log: UseLog, node: torch.fx.Node, outputs: list[list], in
 def _log_higher_order(log: UseLog, owner: nn.Module, node: torch.fx.Node, modules: dict[str, nn.Module]) -> list | None:
     """Log the subgraphs of a higher-order op as if their ops were inline, and return each one's
     outputs; ``None`` if ``node`` is no such op, or an opaque one."""
-    bodies = [body for arg in node.args if (body := _subgraph(owner, arg)) is not None]
-    if not bodies or op_name(node.target) in _HOP_OPAQUE:
+    found = [(i, body) for i, arg in enumerate(node.args) if (body := _subgraph(owner, arg)) is not None]
+    if not found or op_name(node.target) in _HOP_OPAQUE:
         return None
+    bodies = [body for _, body in found]
     convention = _HOP_OPERANDS.get(op_name(node.target))
     if convention is not None:
         operands = convention(node.args)
     else:  # another wrapper: the operands follow its last subgraph
-        last = max(i for i, arg in enumerate(node.args) if _subgraph(owner, arg) is not None)
-        operands = [a for arg in node.args[last + 1:] for a in (arg if isinstance(arg, (list, tuple)) else (arg,))
+        operands = [a for arg in node.args[found[-1][0] + 1:] for a in (arg if isinstance(arg, (list, tuple)) else (arg,))
                     if isinstance(a, torch.fx.Node)]
     inputs = [[n for n in body.graph.nodes if n.op == "placeholder"] for body in bodies]
     if any(len(placeholders) != len(operands) for placeholders in inputs):

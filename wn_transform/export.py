@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
-import logging
 import math
 import os
 import re
@@ -46,6 +45,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_flatten_with_path, tree_leaves, tree_map, tree_unflatten
 
 from . import batch as batch_mod
+from ._logging import muted
 from . import dynamic_axes
 from .errors import WeightNormError
 from . import onnx_graph
@@ -626,24 +626,12 @@ def _held_native_stdout() -> Iterator[None]:
 _REGISTRY_LOGGER = "torch.onnx._internal.exporter._registration"
 
 
-@contextlib.contextmanager
-def _muted(logger_name: str) -> Iterator[None]:
-    """Silence one of torch's loggers at the source (its handler holds the import-time stderr)."""
-    logger = logging.getLogger(logger_name)
-    level = logger.level
-    logger.setLevel(logging.CRITICAL + 1)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def _export_dynamo(model: nn.Module, inputs: _Inputs, output_names: list[str], opset: int | None,
                    dynamic_batch: bool, dynamic_shapes: Any, *, echo_failure: bool) -> onnx.ModelProto:
     if dynamic_shapes is None and dynamic_batch:
         axes = _batch_axes(inputs)
         dynamic_shapes = _dynamo_batch_shapes(inputs, axes) if axes else None
-    with _held_output(echo_failure), _muted(_REGISTRY_LOGGER), warnings.catch_warnings(), torch.no_grad():
+    with _held_output(echo_failure), muted(_REGISTRY_LOGGER), warnings.catch_warnings(), torch.no_grad():
         # torch-internal noise: the same axis name given to inputs torch.export unified, and a
         # deprecation inside torch's own pytree code
         warnings.filterwarnings("ignore", r"# The axis name: (\S+) will not be used.* another axis: \1\.$",
@@ -810,7 +798,8 @@ def _verify(file: str, model: nn.Module, sample_batch: batch_mod.SampleBatch, in
             diffs[name] = (max(old[0], abs_diff), max(old[1], rel_diff))
             if not ok:
                 failures.append(f"'{name}' ({label}): {why}{'' if name in off_on_sample else hint}")
-                off_on_sample.update([name] if run_inputs is inputs else [])
+                if run_inputs is inputs:
+                    off_on_sample.add(name)
     if failures:
         table = "; ".join(f"'{name}': max abs diff {a:.3g}, max rel diff {r:.3g}" for name, (a, r) in diffs.items())
         msg = (f"onnxruntime disagrees with PyTorch beyond rtol={rtol:g}, atol={atol:g}: {'; '.join(failures)}"

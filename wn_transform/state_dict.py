@@ -15,6 +15,7 @@ the whole-tensor norm (``dim=None``).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
@@ -105,27 +106,17 @@ def _is_real_tensor(value: object) -> bool:
 
 
 def _like(source: Mapping[str, object], entries: dict[str, object]) -> dict[str, object]:
-    """``entries`` in ``source``'s container type (``model.state_dict()``'s ``OrderedDict``), with
-    its ``_metadata`` (per-module versions ``load_state_dict`` reads) for the modules still there."""
-    out = entries if type(source) is dict else _container(source, entries)
+    """``entries`` in ``source``'s container type: a ``model.state_dict()``'s ``OrderedDict`` stays
+    one, with its ``_metadata`` (per-module versions ``load_state_dict`` reads) for the modules
+    still there."""
+    if not isinstance(source, OrderedDict):
+        return entries
+    out = OrderedDict(entries)
     metadata = getattr(source, "_metadata", None)
     if isinstance(metadata, Mapping):
         modules = {""} | {key[:i] for key in out for i, char in enumerate(key) if char == "."}
-        kept = {module: value for module, value in metadata.items() if module in modules}
-        try:
-            out._metadata = type(metadata)(kept)  # type: ignore[attr-defined]
-        except AttributeError:  # a plain dict cannot carry it
-            pass
+        out._metadata = type(metadata)((m, v) for m, v in metadata.items() if m in modules)  # type: ignore[attr-defined]
     return out
-
-
-def _container(source: Mapping[str, object], entries: dict[str, object]) -> dict[str, object]:
-    """A new mapping of ``source``'s type holding ``entries``, or a plain dict if that type cannot
-    be built from one."""
-    try:
-        return type(source)(entries)  # type: ignore[call-arg]
-    except TypeError:
-        return entries
 
 
 def _check_partner(state_dict: Mapping[str, object], key: str, partner: str, what: str) -> None:
