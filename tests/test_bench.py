@@ -59,3 +59,32 @@ def test_asking_for_cuda_without_a_cuda_device_is_a_clear_usage_error(tmp_path: 
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "--device cuda" in result.stderr and "no CUDA device" in result.stderr
     assert not (tmp_path / "bench.md").exists()
+
+
+def test_the_limit_variant_does_its_passes_over_every_normalized_weight_and_trains_as_plain() -> None:
+    """``limit`` (plain plus issue #6's floor: the norms' read, the projection's pass) reads every
+    weight weight norm would normalize and writes each one's gradient in place, yet its steps give
+    plain's parameters bit for bit (the projection's coefficient is zero)."""
+    bench = _bench_module()
+    import bench_models as bm
+
+    model = bm.transformer()  # Linear weights and MultiheadAttention.in_proj_weight
+    x, y = torch.randn(2, 5, 256), torch.tensor([1, 7])
+    plain = bench.TrainStep.of_variant("plain", bm.make_variant("plain", model), x, y)
+    limit = bench.TrainStep.of_variant("limit", bm.make_variant("limit", model), x, y)
+    weights = limit.limit.weights
+    assert len(weights) == len(bm.normalized_sites(model)) == 4 * 4 + 1
+    assert plain.limit is None
+    norms_read = []
+    original_norm = torch.linalg.vector_norm
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(torch.linalg, "vector_norm", lambda t, *a, **k: norms_read.append(t.data_ptr()) or original_norm(t, *a, **k))
+        for _ in range(3):
+            plain()
+            limit()
+            versions = [w.grad._version for w in weights]
+            limit.limit.project()  # the pass writes every gradient in place ...
+            assert [w.grad._version for w in weights] == [v + 1 for v in versions]
+    assert sorted(set(norms_read)) == sorted(w.data_ptr() for w in weights)
+    for (name, a), b in zip(plain.model.named_parameters(), limit.model.parameters(), strict=True):
+        assert torch.equal(a, b), name  # ... and leaves the training unchanged

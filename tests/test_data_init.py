@@ -646,3 +646,77 @@ def test_one_unbatched_sample_is_a_batch_of_one_with_constant_units(width: int) 
     assert wn.weight_norm_report(out).notes.constant_units == {"0.weight": 3, "2.weight": 2}
     y = out(x)
     assert y.shape == (2,) and torch.isfinite(y).all()
+
+
+class _Routed(nn.Module):
+    """A mixture of experts: each row goes to one expert Linear; an expert may get no row."""
+
+    def __init__(self, width: int = 8, experts: int = 4) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList([nn.Linear(width, width) for _ in range(experts)])
+
+    def forward(self, x: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            chosen = route == e
+            out[chosen] = expert(x[chosen])
+        return out
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_an_expert_no_row_reaches_keeps_its_scale_and_is_reported_the_others_are_standardized(exact: bool) -> None:
+    """A layer called with zero rows has nothing to measure: it is not calibrated on them (sigma
+    would be 0/0, a NaN g and bias), it keeps its scale and the report names it, like a layer the
+    batch never reaches; the experts that got rows are standardized on them."""
+    torch.manual_seed(0)
+    x, route = torch.randn(96, 8) * 2 + 1, torch.randint(0, 3, (96,))  # expert 3: no row
+    plain = _Routed()
+    model = wn.apply_weight_norm(plain, (x, route), exact_init=exact)
+    chain = model.experts[3].parametrizations.weight
+    assert torch.equal(chain.original0.flatten(), plain.experts[3].weight.norm(dim=1))
+    assert torch.equal(model.experts[3].bias, plain.experts[3].bias)
+    assert wn.weight_norm_report(model).notes.unreached == ["experts.3.weight"]
+    assert torch.isfinite(model(x, torch.full_like(route, 3))).all()
+    with torch.no_grad():
+        for e in range(3):
+            out = model.experts[e](x[route == e])
+            torch.testing.assert_close(out.mean(0), torch.zeros(8), atol=1e-5, rtol=0)
+            torch.testing.assert_close(out.std(0, unbiased=False), torch.ones(8), atol=1e-4, rtol=0)
+
+
+def test_an_empty_or_meta_batch_and_a_meta_model_are_refused_for_the_data_init_and_nothing_changes() -> None:
+    layer = nn.Linear(3, 3)
+    before = copy.deepcopy(layer.state_dict())
+    with pytest.raises(wn.BatchError, match=r"sample batch is empty \(input 0 \(0, 3\)\)"):
+        wn.apply_weight_norm(layer, torch.ones(0, 3), inplace=True)
+    with pytest.raises(wn.BatchError, match=r"meta device \(input 'x'\)"):
+        wn.apply_weight_norm(layer, {"x": torch.ones(2, 3, device="meta")}, inplace=True)
+    assert all(torch.equal(before[k], v) for k, v in layer.state_dict().items()) and not wn.find_weight_norms(layer)
+    with torch.device("meta"):
+        meta = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(wn.WeightNormError, match=r"parameter '0.weight' is on the meta device.*init='preserve'"):
+        wn.apply_weight_norm(meta, torch.randn(5, 3))
+    report = wn.plan_weight_norm(meta, torch.ones(5, 3, device="meta"))  # tracing needs no values
+    assert [t.qualname for t in report.converted] == ["0.weight", "2.weight"]
+    preserved = wn.apply_weight_norm(layer, torch.ones(0, 3), init="preserve")  # tracing takes an empty batch
+    assert len(wn.find_weight_norms(preserved)) == 1
+
+
+@pytest.mark.parametrize("flavour", ["hook", "parametrization"])
+def test_layers_after_spectral_norm_are_standardized_for_the_first_training_step(flavour: str) -> None:
+    """A GAN discriminator's spectral norm (HiFi-GAN, VITS) iterates its power method in training
+    only: the pass keeps a training layer training, so the layers after it are standardized on
+    the sigma the first training step uses (not on an un-iterated ``u``'s); its buffers are restored."""
+    torch.manual_seed(0)
+    norm = nn.utils.spectral_norm if flavour == "hook" else nn.utils.parametrizations.spectral_norm
+    model = nn.Sequential(norm(nn.Conv1d(4, 8, 3)), nn.LeakyReLU(0.1), nn.Conv1d(8, 8, 3)).train()
+    x = torch.randn(16, 4, 64)
+    buffers = copy.deepcopy(dict(model.named_buffers()))
+    out = wn.apply_weight_norm(model, x)
+    assert [t.qualname for t in wn.weight_norm_report(out).converted] == ["2.weight"]
+    for name, buf in out.named_buffers():
+        assert torch.equal(buf, buffers[name]), name
+    first_step = _pre_activations(copy.deepcopy(out).train(), x, (nn.Conv1d,))["2"]
+    mean, std = first_step.mean((0, 2)), first_step.std((0, 2), unbiased=False)
+    torch.testing.assert_close(mean, torch.zeros(8), atol=1e-4, rtol=0)
+    torch.testing.assert_close(std, torch.ones(8), atol=1e-4, rtol=0)

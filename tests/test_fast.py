@@ -484,3 +484,35 @@ def test_attention_outputs_and_gradients_match_torch_weight_norm_across_calls() 
     got = dict(ours.named_parameters())  # torch's keys: parametrizations.<name>.original0 (g), original1 (v)
     for name, param in reference.named_parameters():
         torch.testing.assert_close(got[name].grad, param.grad, msg=name)
+
+
+def test_hooks_on_the_parametrization_chain_run_and_pruning_the_direction_works_as_with_torchs() -> None:
+    """Tools that hook the chain (``torch.nn.utils.prune`` masks ``original1`` through a forward
+    pre-hook that replaces the Parameter by an attribute) see the chain called, as with torch's
+    own weight norm: the fast getters step aside for them."""
+    import torch.nn.utils.prune as prune
+    from torch.nn.utils.parametrizations import weight_norm as torch_weight_norm
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+    ours = wn.apply_weight_norm(base, init="preserve")
+    theirs = copy.deepcopy(base)
+    torch_weight_norm(theirs[0])
+    torch_weight_norm(theirs[2])
+    theirs.load_state_dict(ours.state_dict())
+    calls = []
+    ours[2].parametrizations.weight.register_forward_pre_hook(lambda module, args: calls.append(module))
+    for model in (ours, theirs):
+        prune.l1_unstructured(model[0].parametrizations.weight, "original1", amount=0.5)
+    x = torch.randn(4, 16)
+    for mode in ("train", "eval"):
+        getattr(ours, mode)(), getattr(theirs, mode)()
+        torch.testing.assert_close(ours(x), theirs(x))
+        assert float((ours[0].weight == 0).float().mean()) == 0.5
+    assert len(calls) >= 2
+    ours.train()
+    ours(x).sum().backward()
+    theirs(x).sum().backward()
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad)
+    torch.testing.assert_close(wn.fold_weight_norm(ours)(x), theirs(x))

@@ -650,3 +650,14 @@ def test_a_built_library_is_reused_not_rebuilt(monkeypatch: pytest.MonkeyPatch, 
 
     monkeypatch.setattr(kernels, "_compile", no_compile)
     assert kernels.kernel_status() == first
+
+
+@pytest.mark.parametrize("shape", [(1, 300), (2, 300), (4, 1000), (1, 0), (64, 300)])
+def test_an_input_of_the_wrong_width_gets_torchs_shape_error_never_a_kernel_call(shape: tuple[int, int]) -> None:
+    """At few rows the native kernels would read past a narrower input and write ``grad_x`` past
+    its buffer: a width that is not the layer's is refused as a plain Linear refuses it."""
+    layer = wn.apply_weight_norm(nn.Linear(512, 512), init="preserve").train()
+    x = torch.randn(shape, requires_grad=True)
+    assert not kernels.usable(x, layer.parametrizations.weight.original0, layer.parametrizations.weight.original1, None)
+    with pytest.raises(RuntimeError, match=r"mat1 and mat2 shapes cannot be multiplied"):
+        layer(x)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 
 import pytest
@@ -200,3 +201,25 @@ def test_the_whole_model_pickles_and_keeps_training_after_loading(kind: str) -> 
         optimizer.step()
     torch.testing.assert_close(loaded(x), out(x))
     assert not torch.allclose(loaded(x), wn.apply_weight_norm(Recurrent(kind), x)(x))  # the step changed it
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_copies_and_saves_in_mid_training_follow_the_weights_not_the_last_forward(kind: str) -> None:
+    """After a training forward an RNN holds the weights that forward computed (tensors with a
+    graph, which deepcopy and pickling refuse): ``copy.deepcopy``, an EMA's ``AveragedModel`` and
+    ``torch.save`` of the whole model still work, and each copy computes with the current weights."""
+    from torch.optim.swa_utils import AveragedModel
+
+    x = _batch()
+    model = wn.apply_weight_norm(Recurrent(kind), x)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(x).pow(2).mean().backward()
+    optimizer.step()  # the RNN still holds the weights of the forward before this step
+    assert any(w.grad_fn is not None for w in model.rnn._flat_weights)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    copies = [copy.deepcopy(model), AveragedModel(model).module, torch.load(buffer, weights_only=False)]
+    expected = model(x)
+    for other in copies:
+        torch.testing.assert_close(other(x), expected, rtol=0, atol=0)

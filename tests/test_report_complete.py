@@ -210,3 +210,99 @@ def test_expert_weights_picked_by_index_are_skipped_not_normalized_per_expert(ro
     assert report.found_by == found_by
     assert [t.qualname for t in report.converted] == ["gate.weight"]
     assert list(skipped) == ["w"] and "only through other ops (" in skipped["w"] and "getitem" in skipped["w"]
+
+
+class Factorized(nn.Module):
+    """A low-rank weight ``U @ V`` (a merged LoRA) used by ``F.linear``: neither factor acts on the data."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.U, self.V = nn.Parameter(torch.randn(16, 4)), nn.Parameter(torch.randn(4, 8))
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.linear(x, self.U @ self.V))
+
+
+@pytest.mark.parametrize("batch", [None, True], ids=["no-batch", "traced"])
+def test_a_factorized_weight_is_computed_not_a_matmul_layer_on_its_first_factor(batch: bool | None) -> None:
+    """``U @ V`` has no data operand: it is not ``x @ W`` with ``U`` for the data (the data init
+    would standardize the entries of ``U @ V``); both factors reach the linear op only through it."""
+    report, skipped = _reasons(Factorized(), torch.randn(8, 8) if batch else None)
+    assert [t.qualname for t in report.converted] == ["head.weight"]
+    assert sorted(skipped) == ["U", "V"]
+    assert all(reason.startswith("reaches its linear op only through other ops (matmul)") for reason in skipped.values())
+
+
+class OtherMaps(nn.Module):
+    """Matrices that act on the data through ops other than linear/conv: a torch layer (Bilinear),
+    einsum, a left multiplication ``W @ h'``, stacked experts through ``bmm``; and parameters that
+    are not linear maps at all (an embedding table, a gain vector), which are not listed."""
+
+    def __init__(self, branch: bool, d: int = 8, experts: int = 3) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.branch = branch
+        self.bil = nn.Bilinear(d, d, d)
+        self.wq, self.left = nn.Parameter(torch.randn(d, d)), nn.Parameter(torch.randn(d, d))
+        self.experts = nn.Parameter(torch.randn(experts, d, d))
+        self.table = nn.Embedding(5, d)
+        self.gain = nn.Parameter(torch.ones(1, d))
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.branch and x.sum() > -1e9:  # data-dependent control flow: only recording traces it
+            x = x + 0
+        h = self.bil(x, x) + self.table(torch.arange(x.shape[0]) % 5) * self.gain
+        h = torch.einsum("bd,ed->be", h, self.wq)
+        h = (self.left @ h.T).T
+        picked = self.experts.index_select(0, torch.arange(x.shape[0]) % self.experts.shape[0])
+        h = torch.bmm(picked, h.unsqueeze(-1)).squeeze(-1)
+        return self.fc(h)
+
+
+@pytest.mark.parametrize(("branch", "batch", "found_by"), [(False, None, "symbolic_trace"), (False, True, "symbolic_trace"),
+                                                          (True, True, "recorded")], ids=["no-batch", "traced", "recorded"])
+def test_every_matrix_that_acts_on_the_data_otherwise_is_skipped_with_its_op_never_left_out(
+        branch: bool, batch: bool | None, found_by: str) -> None:
+    report, skipped = _reasons(OtherMaps(branch), torch.randn(6, 8) if batch else None)
+    assert report.found_by == found_by
+    assert [t.qualname for t in report.converted] == ["fc.weight"]
+    ops = {"bil.weight": "bilinear", "wq": "einsum", "left": "matmul", "experts": "bmm"}
+    assert sorted(skipped) == sorted(ops)
+    for name, op in ops.items():
+        assert skipped[name].lower().startswith(f"acts on the data through {op}"), (name, skipped[name])
+
+
+class Counting(nn.Module):
+    """Updates buffers in its forward while training: a step counter (rebound) and an EMA (in place)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.o = nn.Linear(8, 16), nn.Linear(16, 4)
+        self.register_buffer("steps", torch.zeros(()))
+        self.register_buffer("ema", torch.ones(16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        if self.training:  # a Python flag: fx traces this branch, running the buffer ops for real
+            self.steps = self.steps + 1
+            self.ema.mul_(0.9).add_(0.1 * h.detach().mean(0))
+        return self.o(torch.relu(h - self.ema))
+
+
+@pytest.mark.parametrize("call", ["plan", "apply-preserve", "apply-data-inplace"])
+def test_tracing_a_model_that_updates_buffers_in_its_forward_leaves_them_as_they_were(call: str) -> None:
+    model, x = Counting(), torch.randn(32, 8)
+    steps, ema = model.steps, model.ema.clone()
+    if call == "plan":
+        result = model
+        assert wn.plan_weight_norm(model, x).found_by == "symbolic_trace"
+    else:
+        result = wn.apply_weight_norm(model, x, init="data" if call.endswith("inplace") else "preserve",
+                                      inplace=call.endswith("inplace"))
+        assert wn.weight_norm_report(result).found_by == "symbolic_trace" and result.training
+    for m in {id(model): model, id(result): result}.values():
+        assert m.steps is steps or m is result  # the model's own buffer object is kept ...
+        assert float(m.steps) == 0 and torch.equal(m.ema, ema)  # ... with its values

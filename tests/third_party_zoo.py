@@ -49,7 +49,8 @@ class ThirdPartyEntry:
     kept: ``fnmatch`` patterns of the weights that already carry torch's weight norm -> the
         ``dim`` they were given (``existing="keep"`` must leave and report them;
         ``existing="convert"`` must replace them).  :meth:`kept_weights` expands them.
-    skipped: weights that reach a linear/conv op but must be left alone -> a word of the reason.
+    skipped: weights that reach a linear/conv op but must be left alone, and other matrices that act on the data
+        (einsum, bmm, a matmul with the data) -> a word of the reason.
     unreached: patterns of weights the forward never reads (training-only branches); the init
         must report them, and no statistics are checked for them.  ``unreached_when_converted``:
         kept weights that are unreached too (they show up once ``existing="convert"`` converts them).
@@ -299,6 +300,9 @@ THIRD_PARTY: list[ThirdPartyEntry] = [
         unreached_when_converted=("posterior_encoder.wavenet.*",),
         # with noise_scale_duration=0 the reversed flow's noise input is all zeros
         constant=("duration_predictor.flows.2.conv_pre.weight",),
+        # relative position embeddings: matmuls with the queries and attention weights
+        skipped={"text_encoder.encoder.layers.0.attention.emb_rel_k": "acts on the data through matmul",
+                 "text_encoder.encoder.layers.0.attention.emb_rel_v": "acts on the data through matmul"},
         no_grad=_VITS_NO_GRAD,
         # the spline flow's range checks (torch.all) become aten._is_all_true, which the dynamo
         # exporter cannot translate
@@ -314,7 +318,9 @@ THIRD_PARTY: list[ThirdPartyEntry] = [
     ThirdPartyEntry("univnet", _univnet, lambda g: {"input_features": _randn(4, 6, 8, g=g),
                                                     "noise_sequence": _randn(4, 6, 8, g=g)},
                     found_by="torch.export", kept=_ALL),
-    ThirdPartyEntry("dac", _dac, lambda g: _randn(4, 1, 64, g=g), found_by="torch.export", kept=_ALL),
+    ThirdPartyEntry("dac", _dac, lambda g: _randn(4, 1, 64, g=g), found_by="torch.export", kept=_ALL,
+                    # the codebooks: distances to the encodings are a matmul
+                    skipped={f"quantizer.quantizers.{i}.codebook.weight": "acts on the data through matmul" for i in (0, 1)}),
     ThirdPartyEntry("mimi", _mimi, lambda g: _randn(4, 1, 64, g=g), found_by="recorded",
                     kept={"*_seanet.*": 0, "encoder.downsample.*": 0, "decoder.upsample.*": 0},
                     no_grad=_MIMI_NO_GRAD,

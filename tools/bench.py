@@ -28,6 +28,11 @@ Workloads (the variants of each are defined in ``tools/bench_models.py``):
 13. workload 1 at batch 8, where the native kernels apply on AMD CPUs (see
     ``KernelStatus.rows``), also with them off.
 
+The training workloads (1-4, 13) also time ``limit``: the plain model plus the least work weight
+norm can add to its step, by the issue's account of the physical limit (one read of every weight
+for its norms, one in-place pass over its gradient for the projection: :class:`LimitPasses`), so
+each machine shows how close to that floor the variants come ("head to head ... / limit").
+
 Method.  ``torch.set_num_threads(--threads)`` (1 by default) and one inter-op thread.  Every
 case is warmed up, then the cases of a workload are timed interleaved, A B C, B C A, C A B, ...
 (the start rotates each round), so drift and background load hit all of them alike.  One
@@ -76,7 +81,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -94,7 +99,7 @@ import bench_models as bm  # noqa: E402  (tools/ is not a package)
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "results" / "bench"
-TRAIN_VARIANTS = ("plain", "wn_transform", "torch", "torch_legacy", "batchnorm")
+TRAIN_VARIANTS = ("plain", "limit", "wn_transform", "torch", "torch_legacy", "batchnorm")
 EVAL_VARIANTS = ("plain", "wn_transform", "torch", "torch_legacy", "folded")
 LEARNING_RATE = 1e-3
 T = TypeVar("T")
@@ -345,7 +350,7 @@ def paired_note(timing: Timing, base: str) -> str:
 
 def timing_notes(timing: Timing, label: str = "") -> list[str]:
     """The cross-checks of a timing against plain: :func:`paired_note`, :func:`head_to_head_note`."""
-    notes = [paired_note(timing, "plain"), head_to_head_note(timing)]
+    notes = [paired_note(timing, "plain"), head_to_head_note(timing), head_to_head_note(timing, rival="limit")]
     return [f"{label}: {note}" if label else note for note in notes if note]
 
 
@@ -398,22 +403,56 @@ def check_normalized_counts(models: dict[str, nn.Module], expected: int) -> None
 # -- workloads 1-4: training steps ---------------------------------------------------------
 
 
-class TrainStep:
-    """``zero_grad(); loss = cross_entropy(model(x), y); loss.backward(); SGD step``."""
+class LimitPasses:
+    """The least work weight norm adds to a plain training step, by issue #6's account of the
+    physical limit: one read of every weight it would normalize (the per-unit norms) and one
+    in-place pass over that weight's gradient (the projection ``grad -= c * w``).  Here ``c = 0``,
+    so the model trains exactly as plain does.  Added to ``plain``'s step, it makes the ``limit``
+    variant: a floor for any weight norm on this machine, done with torch's own ops."""
 
-    def __init__(self, model: nn.Module, x: Tensor, y: Tensor, *, eager: bool = False) -> None:
+    def __init__(self, model: nn.Module) -> None:
+        self.weights = [getattr(model.get_submodule(site.module_name), site.name) for site in bm.normalized_sites(model)]
+        self.zeros = [w.new_zeros(w.shape[0], *[1] * (w.ndim - 1)) for w in self.weights]
+
+    def norms(self) -> None:
+        with torch.no_grad():
+            for weight in self.weights:
+                torch.linalg.vector_norm(weight.flatten(1), dim=1)
+
+    def project(self) -> None:
+        with torch.no_grad():
+            for weight, zero in zip(self.weights, self.zeros, strict=True):
+                weight.grad.addcmul_(weight, zero, value=-1)
+
+
+class TrainStep:
+    """``zero_grad(); loss = cross_entropy(model(x), y); loss.backward(); SGD step``; for the
+    ``limit`` variant, with :class:`LimitPasses` before the forward and after the backward."""
+
+    def __init__(self, model: nn.Module, x: Tensor, y: Tensor, *, eager: bool = False, limit: bool = False) -> None:
         self.model = model.train()
         self.x = x
         self.y = y
         self.optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
         self.last_loss: Tensor | None = None
         self.route = kernels.disabled if eager else contextlib.nullcontext  # eager: no native kernels
+        self.limit = LimitPasses(model) if limit else None
+
+    @classmethod
+    def of_variant(cls, name: str, model: nn.Module, x: Tensor, y: Tensor) -> TrainStep:
+        """The step of variant ``name``: ``wn_transform_eager`` with the native kernels off, ``limit``
+        with :class:`LimitPasses`."""
+        return cls(model, x, y, eager=name == "wn_transform_eager", limit=name == "limit")
 
     def __call__(self, _: object = None) -> None:
         self.optimizer.zero_grad()
+        if self.limit is not None:
+            self.limit.norms()
         with self.route():
             loss = F.cross_entropy(self.model(self.x), self.y)
         loss.backward()
+        if self.limit is not None:
+            self.limit.project()
         self.optimizer.step()
         self.last_loss = loss.detach()
 
@@ -456,7 +495,7 @@ def run_train(spec: TrainSpec, ctx: Context) -> WorkloadResult:
     diffs = check_variants(models, x)
     if spec.compile:  # the compiled module shares the model's parameters; the optimizer stays eager
         models = {name: torch.compile(model) for name, model in models.items()}
-    steps = {name: TrainStep(model, x, y, eager=name == "wn_transform_eager") for name, model in models.items()}
+    steps = {name: TrainStep.of_variant(name, model, x, y) for name, model in models.items()}
     timing = interleave([Case(name, step) for name, step in steps.items()], ctx.effort, budget_s=spec.budget_s)
     for name, step in steps.items():
         if step.last_loss is None or not bool(torch.isfinite(step.last_loss)):
@@ -502,7 +541,7 @@ def train_specs() -> list[TrainSpec]:
                   TRAIN_VARIANTS, 60.0),
         TrainSpec("4", "4. train step, transformer encoder 4x(d256, 4 heads, ff1024), seq 64, batch 8",
                   lambda bn: bm.transformer(), lambda: _classification_batch((8, 64, 256)),
-                  ("plain", "wn_transform", "torch", "torch_legacy"), 90.0,
+                  ("plain", "limit", "wn_transform", "torch", "torch_legacy"), 90.0,
                   ("batchnorm: not applicable (a transformer normalizes with LayerNorm); dropout=0 so variants agree",
                    "torch/torch_legacy also normalize MultiheadAttention.in_proj_weight (as wn_transform does); "
                    "torch_legacy needs a pre-hook on MultiheadAttention to fire out_proj's hook "
@@ -592,13 +631,14 @@ def state_bytes(model: nn.Module) -> int:
 def run_memory(ctx: Context) -> WorkloadResult:
     """Workload 5: peak memory of the training step of workload 1, per variant."""
     spec = _mlp_spec("1", 64, 0.0)
+    spec = replace(spec, variants=tuple(v for v in spec.variants if v != "limit"))  # a floor of time, not of memory
     title = "5. peak memory of a train step, MLP 784-1024-1024-10, batch 64"
     result = WorkloadResult("5", title)
     x, y = (t.to(ctx.device) for t in spec.batch())
     models = on_device(build_variants(spec), ctx)
     check_variants(models, x)
     measure = step_memory if ctx.device.type == "cpu" else cuda_step_memory
-    steps = {name: TrainStep(model, x, y, eager=name == "wn_transform_eager") for name, model in models.items()}
+    steps = {name: TrainStep.of_variant(name, model, x, y) for name, model in models.items()}
     repeats = 2 if ctx.quick else 5
     for step in steps.values():
         step()

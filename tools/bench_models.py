@@ -178,6 +178,8 @@ def _child_hook_firer(child: nn.Module, hooks: list[LegacyWeightNorm]) -> Callab
 
 _VARIANT_BUILDERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "plain": lambda model: model,
+    # the plain model; tools/bench.py adds the least work weight norm can add to its steps (LimitPasses)
+    "limit": lambda model: model,
     "wn_transform": lambda model: wn_transform.apply_weight_norm(model, init="preserve", inplace=True),
     # the same model; tools/bench.py runs its steps with the native kernels off
     "wn_transform_eager": lambda model: wn_transform.apply_weight_norm(model, init="preserve", inplace=True),

@@ -108,14 +108,17 @@ def apply_weight_norm(
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
-        BatchError: the batch holds NaN/inf (nothing is changed) or the model rejects it (the
-            layer is named).
+        BatchError: the batch holds NaN/inf, or (for the data init) is empty or on the meta device
+            (nothing is changed); or the model rejects it (the layer is named).
         SelectionError: a selection rule matches no weight.
         WeightNormError: a lazy layer (``nn.LazyLinear``...) has not run yet, so its weight has no
-            shape; or the model holds a TorchScript module.
+            shape; or the model holds a TorchScript module; or, for the data init, its parameters
+            are on the meta device.
         NoTargetsError: the model has no linear/conv weight.
     """
     init = _check_arguments(model, sample_batch, init, existing)
+    if init == "data":
+        _check_measurable(model, sample_batch)
     if not (math.isfinite(init_scale) and init_scale > 0):
         msg = f"init_scale is the std every pre-activation starts with: a positive finite number, got {init_scale!r}"
         raise ValueError(msg)
@@ -195,6 +198,17 @@ def _check_arguments(model: nn.Module, sample_batch, init: Init | None, existing
         batch_mod.as_args(sample_batch)
         batch_mod.check_finite(sample_batch)
     return init
+
+
+def _check_measurable(model: nn.Module, sample_batch: batch_mod.SampleBatch) -> None:
+    """The data-dependent init runs the model on the batch: both must hold values."""
+    batch_mod.check_measurable(sample_batch)
+    meta = next((name for name, p in model.named_parameters() if p.is_meta), None)
+    if meta is not None:
+        msg = (f"parameter {meta!r} is on the meta device, which holds no values, and init='data' runs the model "
+               "on the batch: materialize the model first (model.to_empty(device=...) and load its weights), or "
+               "use init='preserve' and load a checkpoint afterwards (load_state_dict(..., assign=True))")
+        raise WeightNormError(msg)
 
 
 def _check_modules(model: nn.Module) -> None:

@@ -17,7 +17,7 @@ from torch.utils._pytree import tree_leaves
 
 from .errors import BatchError
 
-__all__ = ["SampleBatch", "as_args", "check_finite", "layer_tracker", "run"]
+__all__ = ["SampleBatch", "as_args", "check_finite", "check_measurable", "layer_tracker", "run"]
 
 SampleBatch = Union[torch.Tensor, tuple, list, Mapping[str, Any]]
 
@@ -38,14 +38,36 @@ def as_args(batch: SampleBatch) -> tuple[tuple, dict]:
 
 
 def check_finite(batch: SampleBatch) -> None:
-    """Refuse a batch holding NaN or inf, naming the input that holds it."""
+    """Refuse a batch holding NaN or inf, naming the input that holds it (a meta tensor has no
+    values to check: tracing takes it)."""
+    for where, leaf in _tensors(batch):
+        if leaf.is_floating_point() and not leaf.is_meta and not torch.isfinite(leaf).all():
+            msg = f"the sample batch holds NaN or inf values ({where}); calibration needs finite data"
+            raise BatchError(msg)
+
+
+def check_measurable(batch: SampleBatch) -> None:
+    """Refuse a batch the data-dependent init cannot measure: one on the meta device (no values),
+    or one whose tensors are all empty (no rows).  A layer that only some rows reach (an expert
+    of a mixture) is the init's business: it keeps its scale when no row reaches it."""
+    tensors = _tensors(batch)
+    meta = next((where for where, leaf in tensors if leaf.is_meta), None)
+    if meta is not None:
+        msg = (f"the sample batch is on the meta device ({meta}), which holds no values; the data-dependent init "
+               "measures each layer's outputs on real data: pass a batch on the model's device, or use init='preserve'")
+        raise BatchError(msg)
+    if tensors and all(leaf.numel() == 0 for _, leaf in tensors):
+        shapes = ", ".join(f"{where} {tuple(leaf.shape)}" for where, leaf in tensors[:3])
+        msg = (f"the sample batch is empty ({shapes}); the data-dependent init measures each layer's outputs "
+               "on its rows: pass at least one sample (a few hundred give steady statistics)")
+        raise BatchError(msg)
+
+
+def _tensors(batch: SampleBatch) -> list[tuple[str, torch.Tensor]]:
+    """Every tensor of the batch, with where it is (``input 0``, ``input 'mask'``)."""
     args, kwargs = as_args(batch)
     named = [(f"input {i}", a) for i, a in enumerate(args)] + [(f"input '{k}'", v) for k, v in kwargs.items()]
-    for where, value in named:
-        for leaf in tree_leaves(value):
-            if isinstance(leaf, torch.Tensor) and leaf.is_floating_point() and not torch.isfinite(leaf).all():
-                msg = f"the sample batch holds NaN or inf values ({where}); calibration needs finite data"
-                raise BatchError(msg)
+    return [(where, leaf) for where, value in named for leaf in tree_leaves(value) if isinstance(leaf, torch.Tensor)]
 
 
 @contextlib.contextmanager

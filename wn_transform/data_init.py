@@ -80,7 +80,7 @@ class InitNotes:
     """What the init pass could not do as the paper says, per weight."""
 
     constant_units: dict[str, int] = field(default_factory=dict)  # sigma ~ 0: kept a finite scale
-    unreached: list[str] = field(default_factory=list)  # never ran on the batch: scale kept
+    unreached: list[str] = field(default_factory=list)  # never ran on a row of the batch: scale kept
     bias_not_set: list[str] = field(default_factory=list)  # bias is not a parameter of the model
     recurrent_kept: list[str] = field(default_factory=list)  # hidden-to-hidden weights: scale kept
     no_bias: list[str] = field(default_factory=list)  # the op adds no bias: std set, mean left as it is
@@ -476,6 +476,8 @@ class _CalibrationMode(TorchFunctionMode):
         """
         if t_raw.ndim == 1:  # F.linear on one unbatched sample [in]: a batch of one
             return _Unbatched(self._calibrate(state, t_raw.unsqueeze(0), -1, bias, units, native=native))
+        if t_raw.numel() == 0:  # no row reached the layer (an expert no token was routed to): nothing
+            return _Handed(t_raw)  # to measure; a later call with rows calibrates it, or its scale is kept
         whole = units == slice(None)
         slot = self._moments.slot(state, units)
         if native is not None and whole:

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import _SpectralNorm as _SpectralNormParametrization
+from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.overrides import TorchFunctionMode
 
 from . import batch as batch_mod
@@ -59,7 +61,8 @@ def discover(model: nn.Module, sample_batch: batch_mod.SampleBatch | None = None
     """Run the ladder on ``model`` (which it leaves as it found it)."""
     failures: dict[str, str] = {}
     try:
-        log = _symbolic_trace_log(model)
+        with preserved_state(model, eval_mode=False):  # fx runs a forward's ops on buffers for real
+            log = _symbolic_trace_log(model)
         return _finish(log, model, SYMBOLIC_TRACE, failures)
     except Exception as exc:  # any tracing failure moves one step down the ladder
         failures[SYMBOLIC_TRACE] = _one_line(exc)
@@ -97,7 +100,7 @@ def _finish(log: UseLog, model: nn.Module, found_by: str, failures: dict[str, st
     for name, module in model.named_modules():
         for tensor, kind, layout in standard_weights(module):
             qualname = f"{name}.{tensor}" if name else tensor
-            if isinstance(getattr(module, tensor, None), nn.Parameter) and log.canonical(qualname) not in log.uses:
+            if _is_own_parameter(module, tensor) and log.canonical(qualname) not in log.uses:
                 log.add_use(qualname, kind, layout, detail=f"{WALK} (not reached by {found_by})")
     return Discovery(*log.resolve(found_by), found_by, failures)
 
@@ -137,13 +140,19 @@ def _sources(module: nn.Module, tensor: str) -> list[nn.Parameter]:
     return [p for n, p in module.named_parameters() if n in own or n.startswith(f"parametrizations.{tensor}.")]
 
 
+def _is_own_parameter(module: nn.Module, tensor: str) -> bool:
+    """Whether ``module.<tensor>`` is a Parameter, read without computing it (a parametrization's
+    forward, such as spectral norm's power iteration in training, changes its buffers)."""
+    return not parametrize.is_parametrized(module, tensor) and isinstance(module._parameters.get(tensor), nn.Parameter)
+
+
 def _why_not_a_target(module: nn.Module, tensor: str, kind: str) -> str:
     if tensor == "weight" and hasattr(module, "weight_fake_quant"):
         return "fake-quantized before its op (quantization-aware training); weight norm would change what is quantized"
     if parametrize.is_parametrized(module, tensor):
         kinds = ", ".join(type(p).__name__ for p in module.parametrizations[tensor])
         return f"computed by another parametrization ({kinds}); weight norm on top of it is not supported"
-    if not isinstance(getattr(module, tensor, None), nn.Parameter):
+    if not _is_own_parameter(module, tensor):
         hooks = sorted({type(h).__name__ for h in module._forward_pre_hooks.values() if getattr(h, "name", None) == tensor})
         by = f"a {', '.join(hooks)} forward pre-hook" if hooks else "the module"
         return f"computed by {by} before each forward, not a Parameter; weight norm would change that computation"
@@ -204,6 +213,8 @@ def _log_leaf_module(log: UseLog, model: nn.Module, path: str, *, traced: bool =
             detail = {"other": type(sub).__name__, BIAS: f"{type(sub).__name__} (as its bias)"}.get(kind, "")
             own = traced and (not sub_name or not inside_torch_composite(leaf, sub_name))
             log.add_use(qualname, kind, layout, detail=detail, own=own)
+            if isinstance(sub, nn.Bilinear) and name == "weight":
+                log.map_use(qualname, type(sub).__name__)
 
 
 def _caller(node: torch.fx.Node, modules: dict[str, nn.Module]) -> nn.Module | None:
@@ -412,21 +423,27 @@ def _walk_log(model: nn.Module) -> UseLog:
 
 # -- shared ------------------------------------------------------------------------------
 @contextlib.contextmanager
-def preserved_state(model: nn.Module, *, batch_statistics: bool = False) -> Iterator[None]:
+def preserved_state(model: nn.Module, *, batch_statistics: bool = False, eval_mode: bool = True) -> Iterator[None]:
     """Put ``model`` in eval mode; afterwards restore every module's mode and every buffer.
 
     ``batch_statistics``: batch norms (and instance norms that track statistics) that were
     training stay training, so they normalize with the batch's statistics as they will in
-    training; their running statistics are restored afterwards like every buffer.
+    training; their running statistics are restored afterwards like every buffer.  So do layers
+    under spectral norm (their power iteration: the first training step's sigma, not the one an
+    un-iterated ``u`` gives).
+    ``eval_mode=False``: leave the modes as they are (fx's symbolic trace follows the branches
+    of the user's mode, and runs the ops on buffers that involve no traced value: a step counter's
+    ``+= 1``, an EMA's ``mul_``), and only restore the buffers.
     """
     modules = _all_modules(model)
     modes = [module.training for module in modules]
-    buffers = [(buf, buf.detach().clone()) for buf in {id(b): b for m in modules for b in m._buffers.values()
-                                                        if b is not None}.values()]
-    _eval(model)
+    slots = [(m, name, b) for m in modules for name, b in m._buffers.items()]  # a forward may rebind one
+    buffers = [(buf, buf.detach().clone()) for buf in {id(b): b for _, _, b in slots if b is not None}.values()]
+    if eval_mode:
+        _eval(model)
     if batch_statistics:
         for module, training in zip(modules, modes):
-            if training and isinstance(module, _NormBase):
+            if training and _trains_its_statistics(module):
                 object.__setattr__(module, "training", True)
     try:
         yield
@@ -434,10 +451,20 @@ def preserved_state(model: nn.Module, *, batch_statistics: bool = False) -> Iter
         for module, training in zip(modules, modes):
             if module.training != training:
                 object.__setattr__(module, "training", training)  # what Module.__setattr__ does, minus its checks
+        for module, name, buf in slots:
+            if module._buffers.get(name, buf) is not buf:
+                module._buffers[name] = buf
         with torch.no_grad():
             for buf, saved in buffers:
                 if buf.shape == saved.shape:
                     buf.copy_(saved)
+
+
+def _trains_its_statistics(module: nn.Module) -> bool:
+    """Whether ``module`` computes with statistics it updates in training: a batch norm, or spectral
+    norm (a layer with torch's legacy hook, or the parametrization's own module)."""
+    return (isinstance(module, (_NormBase, _SpectralNormParametrization))
+            or any(isinstance(hook, SpectralNorm) for hook in module._forward_pre_hooks.values()))
 
 
 def _all_modules(model: nn.Module) -> list[nn.Module]:

@@ -90,9 +90,11 @@ def disabled() -> Iterator[None]:
 
 def usable(rows: Tensor, g: Tensor, v: Tensor, bias: Tensor | None) -> bool:
     """Whether the kernels take ``rows [R, in]`` through the layer ``(g [out, 1], v [out, in], bias)``:
+    ``in`` the same on both (a mismatch takes the eager route, which raises torch's shape error),
     1 <= R <= :attr:`KernelStatus.rows`, float32 CPU tensors, parameters contiguous, eager mode (a
     compiler fuses the eager ops itself), no CPU autocast (whose matmuls compute in lower precision)."""
-    return (0 < rows.shape[0] <= MAX_ROWS and v.numel() > 0 and not torch.compiler.is_compiling()
+    return (0 < rows.shape[0] <= MAX_ROWS and v.numel() > 0 and v.ndim == 2 and rows.shape[1] == v.shape[1]
+            and not torch.compiler.is_compiling()
             and not torch.is_autocast_enabled("cpu") and _ENABLED.get()
             and all(_plain_float32(t) for t in (rows, g, v)) and v.is_contiguous() and g.is_contiguous()
             and (bias is None or (_plain_float32(bias) and bias.is_contiguous() and bias.numel() == v.shape[0]))

@@ -279,7 +279,19 @@ def _reduce_parametrized(self: nn.Module, protocol: int) -> tuple:
     base = parametrize.type_before_parametrizations(self)
     names = list(self.parametrizations.keys())
     state = dict(base.__getstate__(self))  # the original class's own state (an RNN drops its weakrefs)
+    if "_flat_weights" in state:  # an RNN keeps the weights of its last forward: computed ones cannot be copied
+        state["_flat_weights"] = [w.detach() if isinstance(w, Tensor) and w.grad_fn is not None else w
+                                  for w in state["_flat_weights"]]  # (its next forward computes them afresh)
     return (_rebuild_parametrized, (base, names, state))
+
+
+def _deepcopy_parametrized(self: nn.Module, memo: dict) -> nn.Module:
+    """torch's deepcopy of a parametrized module, given copies of the computed weights an RNN keeps
+    from its last forward (``_flat_weights``: tensors with a graph, which deepcopy refuses)."""
+    for weight in self.__dict__.get("_flat_weights", ()):
+        if isinstance(weight, Tensor) and weight.grad_fn is not None and id(weight) not in memo:
+            memo[id(weight)] = weight.detach().clone()  # (its next forward computes them afresh)
+    return type(self)._wn_base_deepcopy(self, memo)
 
 
 def _rebuild_parametrized(base: type, names: list[str], state: dict) -> nn.Module:
@@ -300,6 +312,9 @@ def _extend_class(module: nn.Module) -> None:
     weight cache to its weight reads (:func:`_serving_call`)."""
     cls = type(module)
     cls.__reduce_ex__ = _reduce_parametrized
+    if cls.__dict__.get("__deepcopy__", _deepcopy_parametrized) is not _deepcopy_parametrized:  # torch's own copier
+        cls._wn_base_deepcopy = cls.__dict__["__deepcopy__"]
+        cls.__deepcopy__ = _deepcopy_parametrized
     chains = module._modules["parametrizations"]._modules
     ours = {name for name, chain in chains.items() if _ours(chain) is not None}
     for name in ours:
@@ -355,14 +370,15 @@ def _direct(chain: nn.Module) -> WeightNorm | None:
     """The :class:`WeightNorm` of a parametrization chain if calling its ``forward`` directly
     computes exactly what torch's property would; None when the property must run (torch's
     ``parametrize.cached()`` is active, another parametrization is stacked on ours, a forward
-    hook is set on the parametrization module, or ``torch.fx`` is tracing: the property's module
+    hook is set on the parametrization module or on its chain (``torch.nn.utils.prune``), or ``torch.fx`` is tracing: the property's module
     call becomes a graph node that reads the parameters, where a direct call would bake the
     weight in as a constant).  This runs on every weight read, so it checks no more than that:
     torch's global module hooks do not see the parametrization's call.
     """
     wn = _ours(chain)
-    if wn is None or wn._forward_hooks or wn._forward_pre_hooks or parametrize._cache_enabled or is_fx_symbolic_tracing():
-        return None
+    if (wn is None or wn._forward_hooks or wn._forward_pre_hooks or chain._forward_hooks or chain._forward_pre_hooks
+            or parametrize._cache_enabled or is_fx_symbolic_tracing()):
+        return None  # (a hook on the chain: torch.nn.utils.prune turns original1 into a masked attribute)
     return wn
 
 
@@ -410,7 +426,7 @@ def _linear_forward(self: nn.Linear, input: Tensor) -> Tensor:
     if not torch.is_grad_enabled():
         if not torch.compiler.is_compiling():
             return F.linear(input, v if wn.direction_only else wn.cached_weight(g, v), bias)
-    elif (self.training and input.dim() > 0 and not wn.direction_only
+    elif (self.training and input.dim() > 0 and input.shape[-1] == v.shape[1] and not wn.direction_only
             and prefer_output_form(input.numel() // input.shape[-1], input.shape[-1], self.out_features)
             and not _autocast_on(input.device.type)):  # autocast casts F.linear's operands itself
         return ScaledLinear.apply(input, g, v, bias, wn.exp_scale)

@@ -21,6 +21,7 @@ from typing import Any
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .layers import standard_weights
 from .norm import UnitLayout
 from .ops import CELL_OPS, METADATA_OPS, RECURRENT_OPS, WeightUse, attribute_read, op_name, view_dims, weight_use
 from .targets import Skipped, Target, split_qualname
@@ -53,6 +54,9 @@ _COMPUTED = "computed"  # a use kind: the parameter reaches a linear/conv op onl
 BIAS = "bias"  # a use kind: read as the bias of a linear/conv op
 _NOT_WEIGHT = frozenset({"other", _COMPUTED, BIAS})
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+# Products that act on the data with a matrix other than as a linear/conv weight (a use is reported)
+_MAP_OPS = frozenset({"einsum", "bmm", "baddbmm", "addbmm", "matmul", "__matmul__", "__rmatmul__", "mm", "mv", "bilinear",
+                      "tensordot", "linear", "addmm"})
 
 
 def _flat(values: Sequence[Any]) -> list[Any]:
@@ -103,6 +107,7 @@ class UseLog:
     _origins: dict[Hashable, _Origin] = field(default_factory=dict)
     _static: dict[Hashable, frozenset[str]] = field(default_factory=dict)  # batch-independent values: their parameters
     _keep_alive: list[Any] = field(default_factory=list)
+    maps: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))  # parameter -> ops it maps data through
 
     def __post_init__(self) -> None:
         self.aliases = param_aliases(self.model)
@@ -131,6 +136,11 @@ class UseLog:
         elif key is not None and key in self._static:
             self._mark_static(value, self._static[key])
 
+    def map_use(self, param_name: str, op: str) -> None:
+        """The parameter (or a value computed from it) acts on the data through ``op``, which is not
+        a linear/conv op this library normalizes (``einsum``, ``bmm``, ``Bilinear``...)."""
+        self.maps[self.canonical(param_name)].add(op)
+
     def static(self, value: Any) -> None:
         """``value`` is a buffer or constant of the model: it does not depend on the batch."""
         self._mark_static(value, frozenset())
@@ -151,7 +161,11 @@ class UseLog:
             return
         values = _flat((*args, *kwargs.values()))
         found = [(arg, origin) for arg in values if (origin := self._origin(arg)) is not None]
+        if name in _MAP_OPS:
+            self._note_maps(name, values)
         use = weight_use(func, args, kwargs)
+        if use is not None and self._from_parameters(use.data):
+            use = None  # U @ V: the op multiplies parameters, it is not a layer (below: other uses)
         if use is not None:
             self._computed_weight_use(use)
             for arg, origin in found:
@@ -197,6 +211,10 @@ class UseLog:
                     skipped.append(Skipped(name, f"reaches its {computed[0]} op only through other ops ({ops}): a weight "
                                                  "computed or selected in the forward (weight standardization, spectral norm, an "
                                                  "expert picked by index...), which weight norm on the Parameter would change"))
+                elif self.maps.get(name) and params[name].ndim >= 2 and not self._standard_weight(name):
+                    skipped.append(Skipped(name, f"acts on the data through {', '.join(sorted(self.maps[name]))}, not as "
+                                                 "the weight of a linear/conv op: this library normalizes linear, conv and "
+                                                 "recurrent weights only"))
                 continue
             reason = self._reason_to_skip(self._tied_names(aliases[name]), uses, weight_uses)
             if not reason and params[name].numel() == 0:
@@ -303,6 +321,31 @@ class UseLog:
         if key is not None:
             self._static[key] = params
             self._keep_alive.append(value)
+
+    def _note_maps(self, name: str, values: list[Any]) -> None:
+        """A product op (``einsum``, ``bmm``, a matmul) between the data and parameters, or values
+        computed from them alone: note it against those parameters."""
+        keys = [key for value in values if (key := self.key(value)) is not None]
+        if all(key in self._origins or self._static.get(key) for key in keys):
+            return  # parameters alone (U @ V): at most a computed weight
+        for key in keys:
+            origin = self._origins.get(key)
+            for param in {origin.param} if origin is not None else self._static.get(key, ()):
+                self.maps[param].add(name)
+
+    def _standard_weight(self, name: str) -> bool:
+        """Whether ``name`` belongs to a torch linear/conv/recurrent layer (``weight``, spectral norm's
+        ``weight_orig``, a parametrization's ``original``): when it is not a target,
+        :func:`~wn_transform.discover.account_for_every_layer` gives the layer's own reason."""
+        parts = split_qualname(name)[0].split(".")
+        layer = ".".join(parts[:parts.index("parametrizations")] if "parametrizations" in parts else parts)
+        return bool(standard_weights(self.model.get_submodule(layer)))
+
+    def _from_parameters(self, value: Any) -> bool:
+        """Whether ``value`` is a parameter (or a view of one), or computed from parameters (and
+        buffers and constants) alone.  A buffer or noise drawn in the forward is data to a layer."""
+        key = self.key(value)
+        return key is not None and (key in self._origins or bool(self._static.get(key)))
 
     def _origin(self, value: Any) -> _Origin | None:
         key = self.key(value)
