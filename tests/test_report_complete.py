@@ -306,3 +306,27 @@ def test_tracing_a_model_that_updates_buffers_in_its_forward_leaves_them_as_they
     for m in {id(model): model, id(result): result}.values():
         assert m.steps is steps or m is result  # the model's own buffer object is kept ...
         assert float(m.steps) == 0 and torch.equal(m.ema, ema)  # ... with its values
+
+
+class LearnedQueries(nn.Module):
+    """Perceiver/DETR-style learned latents: a Parameter (normalized) is the input of a Linear."""
+
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.latents = nn.Parameter(torch.randn(4, d))
+        self.norm = nn.LayerNorm(d)
+        self.q = nn.Linear(d, d)
+        self.k = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.q(self.norm(self.latents))  # the same rows for every sample
+        return torch.softmax(self.k(x) @ q.T, -1)
+
+
+def test_a_layer_whose_input_is_a_learned_parameter_is_still_a_layer() -> None:
+    """Unlike a bare ``U @ V``, a Linear whose input is computed from parameters alone (learned
+    queries) is a layer: converted, its weight read per row."""
+    report, skipped = _reasons(LearnedQueries(), torch.randn(3, 8))
+    assert [t.qualname for t in report.converted] == ["q.weight", "k.weight"]
+    assert skipped == {}

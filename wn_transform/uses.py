@@ -164,8 +164,9 @@ class UseLog:
         if name in _MAP_OPS:
             self._note_maps(name, values)
         use = weight_use(func, args, kwargs)
-        if use is not None and self._from_parameters(use.data):
-            use = None  # U @ V: the op multiplies parameters, it is not a layer (below: other uses)
+        if use is not None and use.kind == "matmul" and self._from_parameters(use.data):
+            use = None  # U @ V: a bare product of parameters is not a layer (below: other uses); a Linear
+            # or conv whose input is a parameter (learned queries, latents) still is one
         if use is not None:
             self._computed_weight_use(use)
             for arg, origin in found:
