@@ -232,7 +232,8 @@ def test_a_factorized_weight_is_computed_not_a_matmul_layer_on_its_first_factor(
     report, skipped = _reasons(Factorized(), torch.randn(8, 8) if batch else None)
     assert [t.qualname for t in report.converted] == ["head.weight"]
     assert sorted(skipped) == ["U", "V"]
-    assert all(reason.startswith("reaches its linear op only through other ops (matmul)") for reason in skipped.values())
+    assert skipped["U"].startswith("reaches its linear op only through other ops (matmul")
+    assert "as a factor of a weight computed in the forward" in skipped["V"]
 
 
 class OtherMaps(nn.Module):
@@ -325,8 +326,48 @@ class LearnedQueries(nn.Module):
 
 
 def test_a_layer_whose_input_is_a_learned_parameter_is_still_a_layer() -> None:
-    """Unlike a bare ``U @ V``, a Linear whose input is computed from parameters alone (learned
-    queries) is a layer: converted, its weight read per row."""
+    """Unlike ``U @ V`` read as a weight, a Linear whose input is computed from parameters alone
+    (learned queries) is a layer: converted, its weight read per row."""
     report, skipped = _reasons(LearnedQueries(), torch.randn(3, 8))
     assert [t.qualname for t in report.converted] == ["q.weight", "k.weight"]
+    assert skipped == {}
+
+
+class DataFlows(nn.Module):
+    """Bare-matmul layers whose data passes through parameters on the way: rows picked from a table
+    by the batch, a learned initial state in a loop, learned queries, noise scaled by a parameter,
+    a state updated in place with the batch; beside additive biases (``baddbmm``, ``addmm``) and an
+    elementwise einsum gate, which act on the data but are not linear maps of it."""
+
+    def __init__(self, d: int = 6) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.table, self.w_table = nn.Parameter(torch.randn(10, d)), nn.Parameter(torch.randn(d, d))
+        self.h0, self.w_h = nn.Parameter(torch.randn(1, d)), nn.Parameter(torch.randn(d, d))
+        self.queries, self.w_q = nn.Parameter(torch.randn(3, d)), nn.Parameter(torch.randn(d, d))
+        self.scale, self.w_noise = nn.Parameter(torch.ones(d)), nn.Parameter(torch.randn(d, d))
+        self.start, self.w_state = nn.Parameter(torch.randn(1, d)), nn.Parameter(torch.randn(d, d))
+        self.rel_bias, self.gate = nn.Parameter(torch.zeros(1, 3, 3)), nn.Parameter(torch.ones(3, 3))
+        self.register_buffer("expanded", torch.ones(1).expand(d))  # cannot be copied into
+
+    def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.h0.expand(x.shape[0], -1)
+        for _ in range(2):
+            h = torch.tanh(x + h @ self.w_h)
+        state = self.start.repeat(x.shape[0], 1)
+        state.add_(x)
+        q = self.queries @ self.w_q  # [3, d]
+        scores = torch.baddbmm(self.rel_bias, q.expand(x.shape[0], -1, -1), h.unsqueeze(-1).expand(-1, -1, 3))
+        scores = torch.einsum("bij,ij->bij", scores, self.gate)
+        noise = torch.randn_like(x) * self.scale
+        return (self.table[tokens] @ self.w_table + noise @ self.w_noise + state @ self.w_state
+                + scores.sum(-1).mean(-1, keepdim=True) * self.expanded)
+
+
+@pytest.mark.parametrize("batch", [None, True], ids=["no-batch", "traced"])
+def test_a_bare_matmul_on_data_that_passed_through_parameters_is_a_layer_and_biases_are_not_maps(batch: bool | None) -> None:
+    x, tokens = torch.randn(4, 6), torch.randint(0, 10, (4,))
+    report, skipped = _reasons(DataFlows(), (x, tokens) if batch else None)
+    assert report.found_by == "symbolic_trace"
+    assert sorted(t.qualname for t in report.converted) == ["w_h", "w_noise", "w_q", "w_state", "w_table"]
     assert skipped == {}

@@ -438,7 +438,8 @@ def preserved_state(model: nn.Module, *, batch_statistics: bool = False, eval_mo
     modules = _all_modules(model)
     modes = [module.training for module in modules]
     slots = [(m, name, b) for m in modules for name, b in m._buffers.items()]  # a forward may rebind one
-    buffers = [(buf, buf.detach().clone()) for buf in {id(b): b for _, _, b in slots if b is not None}.values()]
+    buffers = [(buf, buf.detach().clone()) for buf in {id(b): b for _, _, b in slots if b is not None}.values()
+               if not buf.is_inference()]  # (an inference tensor cannot be written outside inference mode)
     if eval_mode:
         _eval(model)
     if batch_statistics:
@@ -455,9 +456,9 @@ def preserved_state(model: nn.Module, *, batch_statistics: bool = False, eval_mo
             if module._buffers.get(name, buf) is not buf:
                 module._buffers[name] = buf
         with torch.no_grad():
-            for buf, saved in buffers:
-                if buf.shape == saved.shape:
-                    buf.copy_(saved)
+            for buf, saved in buffers:  # (batch norm's kernels write running stats without a version bump)
+                if buf.shape == saved.shape and not torch.equal(buf, saved):  # only then: an expanded buffer,
+                    buf.copy_(saved)  # whose elements share memory, cannot be copied into
 
 
 def _trains_its_statistics(module: nn.Module) -> bool:

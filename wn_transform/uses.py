@@ -59,6 +59,21 @@ _MAP_OPS = frozenset({"einsum", "bmm", "baddbmm", "addbmm", "matmul", "__matmul_
                       "tensordot", "linear", "addmm"})
 
 
+def _einsum_contracts(values: list[Any], operand: Any) -> bool:
+    """Whether ``einsum(equation, *operands)`` sums over an index of ``operand`` (a product that maps
+    the data), not only multiplies it elementwise (``'bij,ij->bij'``: a gate)."""
+    equation = values[0] if values and isinstance(values[0], str) else None
+    index = next((i for i, v in enumerate(values[1:]) if v is operand), None)
+    if equation is None or index is None:
+        return True
+    inputs, _, output = equation.replace(" ", "").replace(".", "").partition("->")
+    terms = inputs.split(",")
+    if not _:  # implicit output: the indices that appear once
+        joined = "".join(terms)
+        output = "".join(c for c in joined if joined.count(c) == 1)
+    return index < len(terms) and bool(set(terms[index]) - set(output))
+
+
 def _flat(values: Sequence[Any]) -> list[Any]:
     """The values, with those in a list or tuple argument (``torch.cat([a, b])``) spelled out."""
     flat = []
@@ -164,9 +179,6 @@ class UseLog:
         if name in _MAP_OPS:
             self._note_maps(name, values)
         use = weight_use(func, args, kwargs)
-        if use is not None and use.kind == "matmul" and self._from_parameters(use.data):
-            use = None  # U @ V: a bare product of parameters is not a layer (below: other uses); a Linear
-            # or conv whose input is a parameter (learned queries, latents) still is one
         if use is not None:
             self._computed_weight_use(use)
             for arg, origin in found:
@@ -177,6 +189,7 @@ class UseLog:
                     self.add_use(origin.param, BIAS, detail=f"{name} (as its bias)", own=own)
                 else:
                     self.add_use(origin.param, "other", detail=f"{name} (not as its weight)")
+            self._follow_static(values, result)  # U @ V: a weight computed in the forward, if an op reads it as one
             return
         source = self._origin(args[0]) if args else None
         mapping = view_dims(func, args, kwargs, len(source.axes)) if source is not None else None
@@ -217,7 +230,11 @@ class UseLog:
                                                  "the weight of a linear/conv op: this library normalizes linear, conv and "
                                                  "recurrent weights only"))
                 continue
+            computed = [u.detail for u in uses if u.kind == _COMPUTED]
             reason = self._reason_to_skip(self._tied_names(aliases[name]), uses, weight_uses)
+            if computed and not reason:  # V of F.linear(x, U @ V): the matmul is a factor of a weight
+                reason = (f"also reaches a {computed[0]} op as a factor of a weight computed in the forward "
+                          "(a factorized or merged weight, U @ V), which weight norm on the Parameter would change")
             if not reason and params[name].numel() == 0:
                 reason = f"empty (shape {tuple(params[name].shape)}): there is nothing to normalize"
             if reason:
@@ -326,13 +343,15 @@ class UseLog:
     def _note_maps(self, name: str, values: list[Any]) -> None:
         """A product op (``einsum``, ``bmm``, a matmul) between the data and parameters, or values
         computed from them alone: note it against those parameters."""
-        keys = [key for value in values if (key := self.key(value)) is not None]
+        operands = values[1:3] if name in ("addmm", "baddbmm", "addbmm") else values  # not the added input
+        keys = [key for value in operands if (key := self.key(value)) is not None]
         if all(key in self._origins or self._static.get(key) for key in keys):
             return  # parameters alone (U @ V): at most a computed weight
-        for key in keys:
-            origin = self._origins.get(key)
-            for param in {origin.param} if origin is not None else self._static.get(key, ()):
-                self.maps[param].add(name)
+        for value, key in ((v, self.key(v)) for v in operands):
+            origin = self._origins.get(key) if key is not None else None
+            params = {origin.param} if origin is not None else self._static.get(key, frozenset()) if key is not None else ()
+            if len(params) == 1 and (name != "einsum" or _einsum_contracts(values, value)):  # one matrix, not a mix
+                self.maps[next(iter(params))].add(name)
 
     def _standard_weight(self, name: str) -> bool:
         """Whether ``name`` belongs to a torch linear/conv/recurrent layer (``weight``, spectral norm's
@@ -341,12 +360,6 @@ class UseLog:
         parts = split_qualname(name)[0].split(".")
         layer = ".".join(parts[:parts.index("parametrizations")] if "parametrizations" in parts else parts)
         return bool(standard_weights(self.model.get_submodule(layer)))
-
-    def _from_parameters(self, value: Any) -> bool:
-        """Whether ``value`` is a parameter (or a view of one), or computed from parameters (and
-        buffers and constants) alone.  A buffer or noise drawn in the forward is data to a layer."""
-        key = self.key(value)
-        return key is not None and (key in self._origins or bool(self._static.get(key)))
 
     def _origin(self, value: Any) -> _Origin | None:
         key = self.key(value)
