@@ -82,7 +82,6 @@ class WeightUse:
     bias: Any
     unit_dim: int
     groups: int = 1
-    data: Any = None  # the operand the weight acts on (the input; addmm's mat1)
 
 
 def weight_use(func: Callable | str, args: Sequence[Any], kwargs: dict[str, Any]) -> WeightUse | None:
@@ -91,19 +90,18 @@ def weight_use(func: Callable | str, args: Sequence[Any], kwargs: dict[str, Any]
     if name not in SIGNATURES:
         return None
     bound = bind(name, args, kwargs)
-    data = bound.get("input")
     if name == "linear":
-        return WeightUse("linear", bound.get("weight"), bound.get("bias"), 0, data=data)
+        return WeightUse("linear", bound.get("weight"), bound.get("bias"), 0)
     if name.startswith("conv_transpose") or (name == "convolution" and bound.get("transposed")):
         groups = int(bound.get("groups", 1) or 1)
-        return WeightUse("conv_transpose", bound.get("weight"), bound.get("bias"), 1, groups, data=data)
+        return WeightUse("conv_transpose", bound.get("weight"), bound.get("bias"), 1, groups)
     if name.startswith("conv"):
-        return WeightUse("conv", bound.get("weight"), bound.get("bias"), 0, data=data)
+        return WeightUse("conv", bound.get("weight"), bound.get("bias"), 0)
     if name == "addmm":
         if bound.get("beta", 1) != 1 or bound.get("alpha", 1) != 1:
             return None
-        return WeightUse("matmul", bound.get("mat2"), bound.get("input"), -1, data=bound.get("mat1"))
-    return WeightUse("matmul", bound.get("other"), None, -1, data=data)
+        return WeightUse("matmul", bound.get("mat2"), bound.get("input"), -1)
+    return WeightUse("matmul", bound.get("other"), None, -1)
 
 
 def attribute_read(func: Callable | str, args: Sequence[Any]) -> str | None:

@@ -279,19 +279,25 @@ def _reduce_parametrized(self: nn.Module, protocol: int) -> tuple:
     base = parametrize.type_before_parametrizations(self)
     names = list(self.parametrizations.keys())
     state = dict(base.__getstate__(self))  # the original class's own state (an RNN drops its weakrefs)
-    if "_flat_weights" in state:  # an RNN keeps the weights of its last forward: computed ones cannot be copied
-        state["_flat_weights"] = [w.detach() if isinstance(w, Tensor) and w.grad_fn is not None else w
-                                  for w in state["_flat_weights"]]  # (its next forward computes them afresh)
+    if "_flat_weights" in state:
+        state["_flat_weights"] = [w.detach() if _computed(w) else w for w in state["_flat_weights"]]
     return (_rebuild_parametrized, (base, names, state))
 
 
 def _deepcopy_parametrized(self: nn.Module, memo: dict) -> nn.Module:
     """torch's deepcopy of a parametrized module, given copies of the computed weights an RNN keeps
-    from its last forward (``_flat_weights``: tensors with a graph, which deepcopy refuses)."""
+    from its last forward (see :func:`_computed`)."""
     for weight in self.__dict__.get("_flat_weights", ()):
-        if isinstance(weight, Tensor) and weight.grad_fn is not None and id(weight) not in memo:
-            memo[id(weight)] = weight.detach().clone()  # (its next forward computes them afresh)
+        if _computed(weight) and id(weight) not in memo:
+            memo[id(weight)] = weight.detach().clone()
     return type(self)._wn_base_deepcopy(self, memo)
+
+
+def _computed(weight: object) -> bool:
+    """Whether an RNN's ``_flat_weights`` entry is a weight its last forward computed: a tensor with a
+    graph, which pickling and deepcopy refuse.  A copy takes its values; its next forward computes
+    them afresh from the parameters."""
+    return isinstance(weight, Tensor) and weight.grad_fn is not None
 
 
 def _rebuild_parametrized(base: type, names: list[str], state: dict) -> nn.Module:

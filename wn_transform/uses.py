@@ -66,9 +66,9 @@ def _einsum_contracts(values: list[Any], operand: Any) -> bool:
     index = next((i for i, v in enumerate(values[1:]) if v is operand), None)
     if equation is None or index is None:
         return True
-    inputs, _, output = equation.replace(" ", "").replace(".", "").partition("->")
+    inputs, arrow, output = equation.replace(" ", "").replace(".", "").partition("->")
     terms = inputs.split(",")
-    if not _:  # implicit output: the indices that appear once
+    if not arrow:  # implicit output: the indices that appear once
         joined = "".join(terms)
         output = "".join(c for c in joined if joined.count(c) == 1)
     return index < len(terms) and bool(set(terms[index]) - set(output))
@@ -218,8 +218,8 @@ class UseLog:
             weight_uses = [u for u in uses if u.kind not in _NOT_WEIGHT]
             if name not in params:
                 continue
+            computed = [u.detail for u in uses if u.kind == _COMPUTED]
             if not weight_uses:
-                computed = [u.detail for u in uses if u.kind == _COMPUTED]
                 if computed:
                     ops = ", ".join(sorted({u.detail for u in uses if u.kind == "other"}))
                     skipped.append(Skipped(name, f"reaches its {computed[0]} op only through other ops ({ops}): a weight "
@@ -230,7 +230,6 @@ class UseLog:
                                                  "the weight of a linear/conv op: this library normalizes linear, conv and "
                                                  "recurrent weights only"))
                 continue
-            computed = [u.detail for u in uses if u.kind == _COMPUTED]
             reason = self._reason_to_skip(self._tied_names(aliases[name]), uses, weight_uses)
             if computed and not reason:  # V of F.linear(x, U @ V): the matmul is a factor of a weight
                 reason = (f"also reaches a {computed[0]} op as a factor of a weight computed in the forward "
@@ -347,9 +346,12 @@ class UseLog:
         keys = [key for value in operands if (key := self.key(value)) is not None]
         if all(key in self._origins or self._static.get(key) for key in keys):
             return  # parameters alone (U @ V): at most a computed weight
-        for value, key in ((v, self.key(v)) for v in operands):
-            origin = self._origins.get(key) if key is not None else None
-            params = {origin.param} if origin is not None else self._static.get(key, frozenset()) if key is not None else ()
+        for value in operands:
+            key = self.key(value)
+            if key is None:
+                continue
+            origin = self._origins.get(key)
+            params = {origin.param} if origin is not None else self._static.get(key, frozenset())
             if len(params) == 1 and (name != "einsum" or _einsum_contracts(values, value)):  # one matrix, not a mix
                 self.maps[next(iter(params))].add(name)
 
