@@ -143,6 +143,34 @@ def test_torch_compile_gives_the_same_outputs_and_gradients(net: Net, batch: tor
                                eager.up.parametrizations.weight.original0.grad)
 
 
+class _FunctionalHead(nn.Module):
+    """A weight read by ``F.linear`` in the forward: only tracing finds it (the module walk cannot)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Conv1d(3, 4, 3)
+        self.w = nn.Parameter(torch.randn(5, 24))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(torch.relu(self.body(x)).flatten(1), self.w)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_a_compiled_model_is_weight_normalized_through_its_wrapper(inplace: bool, batch: torch.Tensor) -> None:
+    """``apply_weight_norm(torch.compile(model), batch)`` converts the model inside the wrapper, as it
+    converts the model itself (the same report, the same init), and hands back a compiled model."""
+    torch.manual_seed(0)
+    model = _FunctionalHead()
+    expected = wn.apply_weight_norm(model, batch)
+    compiled = torch.compile(copy.deepcopy(model), backend="eager")
+    assert wn.plan_weight_norm(compiled).to_dict() == wn.plan_weight_norm(model).to_dict()
+    got = wn.apply_weight_norm(compiled, batch, inplace=inplace)
+    assert type(got) is type(compiled) and (got is compiled) == inplace
+    assert parametrize.is_parametrized(compiled._orig_mod) == inplace  # a copy leaves the user's wrapper as it was
+    assert wn.weight_norm_report(got).to_dict() == wn.weight_norm_report(expected).to_dict()
+    torch.testing.assert_close(got(batch), expected(batch))
+
+
 @pytest.mark.parametrize("rows", [4, 256], ids=["output-form", "weight-form"])
 def test_torch_compile_of_both_linear_routes_gives_the_same_outputs_and_gradients(rows: int) -> None:
     """A large Linear with few rows takes the output form (a custom autograd Function) under
@@ -302,3 +330,30 @@ def test_the_cli_answers_help_and_version() -> None:
     assert version.stdout.strip() == f"wn-transform {wn.__version__}"
     help_text = subprocess.run([sys.executable, "-m", "wn_transform.cli", "--help"], capture_output=True, text=True, check=True)
     assert "usage: wn-transform" in help_text.stdout
+
+
+class _ComplexHead(nn.Module):
+    """A real layer, then a complex one (a spectral model's head)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.real = nn.Linear(4, 3)
+        self.complex = nn.Linear(3, 2, dtype=torch.cfloat)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.complex(self.real(x).to(torch.cfloat))
+
+
+def test_complex_weights_are_skipped_with_their_dtype_and_the_real_ones_converted() -> None:
+    """``g = ||w||`` and the data init's mean and std are defined for real weights: a complex layer
+    is reported, not converted (a complex ``g`` would lose its imaginary part)."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 4)
+    model = wn.apply_weight_norm(_ComplexHead(), x)
+    report = wn.weight_norm_report(model).to_dict()
+    assert [t["name"] for t in report["converted"]] == ["real.weight"]
+    assert [(s["name"], "complex64" in s["reason"]) for s in report["skipped"]] == [("complex.weight", True)]
+    out = model.real(x)
+    torch.testing.assert_close(out.std(0, correction=0), torch.ones(3), atol=1e-5, rtol=0)
+    with pytest.raises(wn.NoTargetsError, match="complex64 weight"):
+        wn.apply_weight_norm(nn.Linear(4, 3, dtype=torch.cfloat), x.to(torch.cfloat))

@@ -257,6 +257,29 @@ def test_an_interrupted_write_leaves_no_partial_output(nested: Path, tmp_path: P
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
 
 
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
+def test_a_termination_signal_during_a_write_leaves_nothing_and_exits_128_plus_its_number(
+        signame: str, nested: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """``kill``, ``timeout`` and job schedulers send SIGTERM, a closed terminal SIGHUP: by default
+    either ends the process at once, leaving the temporary file behind; the CLI cleans up as for Ctrl-C."""
+    import os
+    import signal
+
+    signum = getattr(signal, signame)
+    out = tmp_path / "out.pt"
+
+    def killed_while_writing(obj, f, *args, **kwargs) -> None:
+        Path(f).write_bytes(b"half a file")
+        os.kill(os.getpid(), signum)  # the handler runs at the next bytecode, inside this write
+
+    monkeypatch.setattr(checkpoint.torch, "save", killed_while_writing)
+    before = signal.getsignal(signum)
+    assert main(["fold", str(nested), "-o", str(out)]) == 128 + signum
+    assert f"stopped by {signame}; no output was written" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
+    assert signal.getsignal(signum) == before  # the user's handler is back
+
+
 def test_batch_files_in_every_format(tmp_path: Path) -> None:
     x = torch.randn(2, 3)
     torch.save((x, x + 1), tmp_path / "t.pt")

@@ -720,3 +720,30 @@ def test_layers_after_spectral_norm_are_standardized_for_the_first_training_step
     mean, std = first_step.mean((0, 2)), first_step.std((0, 2), unbiased=False)
     torch.testing.assert_close(mean, torch.zeros(8), atol=1e-4, rtol=0)
     torch.testing.assert_close(std, torch.ones(8), atol=1e-4, rtol=0)
+
+
+class _SharedLayer(nn.Module):
+    """One Linear applied three times (ALBERT's shared blocks, a weight-tied recurrence)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(3):
+            x = torch.tanh(self.shared(x))
+        return x
+
+
+def test_a_layer_called_several_times_is_standardized_on_its_first_call_and_the_report_says_so() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(256, 16) * 3 + 1
+    model = wn.apply_weight_norm(_SharedLayer(), x)
+    outputs = []
+    handle = model.shared.register_forward_hook(lambda module, args, out: outputs.append(out.detach()))
+    model(x)
+    handle.remove()
+    assert len(outputs) == 3
+    torch.testing.assert_close(outputs[0].mean(0), torch.zeros(16), atol=1e-5, rtol=0)
+    torch.testing.assert_close(outputs[0].std(0, correction=0), torch.ones(16), atol=1e-5, rtol=0)
+    assert "shared.weight: read by 3 op calls in one forward (a shared layer)" in str(wn.weight_norm_report(model))

@@ -21,8 +21,11 @@ from torch.nn.utils.parametrizations import weight_norm as torch_weight_norm
 
 import wn_transform as wn
 from wn_transform import export as export_mod
+from wn_transform.cli import main
 from wn_transform.errors import BatchError, WeightNormError
-from wn_transform.export import ExportError, ExportMismatchError, ExportReport, export_onnx
+from wn_transform.export import (
+    DEFAULT_TOLERANCES, ExportError, ExportMismatchError, ExportReport, ExportWarning, export_onnx,
+)
 
 WN_OPS = {"ReduceL2", "Div", "Sqrt", "Pow", "ReduceSumSquare", "LpNormalization"}
 SAMPLE_BATCH, OTHER_BATCH, FRAMES = 2, 5, 9
@@ -291,6 +294,8 @@ def test_report_fields_are_real(exported, name: str) -> None:
     assert set(report.timings) == {"fold", "export", "check", "verify"}
     assert all(t >= 0 for t in report.timings.values())
     assert report.external_data is None and report.external_data_size == 0
+    assert (report.rtol, report.atol) == DEFAULT_TOLERANCES[torch.float32]  # a float32 model: unchanged
+    assert not report.other_values_checked and report.tracer_warnings == []  # dynamo: no trace to bake values in
     json.dumps(report.to_dict())
     text = str(report)
     assert report.path in text and "dynamo" in text and "Conv" in text and "max abs diff" in text
@@ -321,6 +326,16 @@ def test_user_model_untouched_and_still_trains(exported) -> None:
     assert not torch.equal(g.detach(), before["conv_pre.parametrizations.weight.original0"])
 
 
+def test_a_compiled_model_exports_as_the_model_inside_it(exported, tmp_path) -> None:
+    """``export_onnx(torch.compile(model), ...)`` exports the model the wrapper holds."""
+    model = exported["ours"][0]
+    report = export_onnx(torch.compile(model, backend="eager"), mel_batch(SAMPLE_BATCH), tmp_path / "c.onnx")
+    assert op_counts(report.path) == op_counts(exported["plain"][1].path)
+    mel = mel_batch(OTHER_BATCH)
+    with torch.no_grad():
+        assert_close(run_onnx(report.path, {"mel": mel})["output"], wn.fold_weight_norm(model).eval()(mel))
+
+
 def test_progress_names_each_step(exported) -> None:
     messages = " | ".join(exported["ours"][3])
     for word in ("fold", "export", "check", "verif", "wrote"):
@@ -331,6 +346,8 @@ def test_torchscript_exporter_forced(exported, tmp_path) -> None:
     model = exported["torch_wn"][0]
     report = export_onnx(model, mel_batch(SAMPLE_BATCH), tmp_path / "ts.onnx", exporter="torchscript")
     assert report.exporter == "torchscript" and report.fallback_reason is None
+    assert report.other_values_checked and report.tracer_warnings == [] and report.notes == []
+    assert "other values" in str(report)
     names = {init.name for init in onnx.load(report.path).graph.initializer}
     assert {k for k in wn.fold_weight_norm(model).state_dict() if k.endswith((".weight", ".bias"))} <= names
     assert op_counts(report.path) == op_counts(exported["plain"][1].path)
@@ -443,11 +460,11 @@ class HopFrames(nn.Module):
 
 
 def test_an_axis_the_model_refuses_to_grow_a_little_is_checked_at_twice_its_size(tmp_path) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with pytest.warns(ExportWarning, match="Python boolean"):  # the hop check, `if x.shape[-1] % 4`
         report = export_onnx(HopFrames(), torch.randn(2, 2, 12), tmp_path / "hop.onnx", exporter="torchscript",
                              dynamic_shapes=({0: "B", 2: "T"},))
-    assert report.notes == [] and report.batch_sizes_checked == [2, 3, 2]  # T: 15 refused, 24 checked
+    assert report.batch_sizes_checked == [2, 3, 2]  # T: 15 refused, 24 checked
+    assert len(report.notes) == 1 and "TorchScript tracer warned" in report.notes[0]  # and nothing left unchecked
 
 
 def test_a_dynamic_axis_of_size_zero_in_the_sample_is_a_note(tmp_path) -> None:
@@ -592,8 +609,7 @@ def test_nested_inputs(tmp_path, exporter: str) -> None:
 
 def test_falls_back_to_torchscript_and_says_why(tmp_path) -> None:
     messages: list[str] = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+    with pytest.warns(ExportWarning):
         report = export_onnx(DataDependent(), torch.randn(3, 4), tmp_path / "dd.onnx", progress=messages.append)
     assert report.exporter == "torchscript"
     assert report.fallback_reason and "\n" not in report.fallback_reason and len(report.fallback_reason) <= 300
@@ -726,3 +742,209 @@ def test_an_export_logs_no_noise_from_torchs_registry(tmp_path, caplog: pytest.L
     with caplog.at_level(logging.DEBUG, logger=export_mod._REGISTRY_LOGGER):
         export_onnx(nn.Linear(4, 4), torch.randn(2, 4), tmp_path / "m.onnx", exporter="dynamo")
     assert [r.getMessage() for r in caplog.records if r.name == export_mod._REGISTRY_LOGGER] == []
+
+
+# -- a trace that holds for the sample batch only (TorchScript) -------------------------------
+
+
+class RoutedExperts(nn.Module):
+    """A mixture of experts written as many are: a Python loop over the experts the batch routes
+    its tokens to.  torch.export refuses the loop; the TorchScript tracer unrolls it for the
+    sample's experts (and their token counts), so the graph holds for batches routed alike only.
+    ``ids``: token ids in, routed by embedding + position (as a transformer routes hidden states)."""
+
+    def __init__(self, ids: bool, experts: int = 8, vocab: int = 16, width: int = 8) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width) if ids else None
+        self.position = nn.Parameter(torch.randn(6, width)) if ids else None
+        self.router = nn.Linear(width, experts)
+        self.experts = nn.ModuleList(nn.Linear(width, width) for _ in range(experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x if self.embed is None else self.embed(x) + self.position[: x.shape[-1]]
+        tokens = h.reshape(-1, h.shape[-1])
+        route = self.routes(tokens)
+        out = torch.zeros_like(tokens)
+        for expert in torch.unique(route):
+            rows = torch.where(route == expert)[0]
+            out = out.index_add(0, rows, self.experts[int(expert)](tokens[rows]))
+        return out.reshape(h.shape)
+
+    def routes(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.router(tokens).argmax(-1)
+
+    def hit(self, x: torch.Tensor) -> set[int]:
+        """The experts a batch routes to (the oracle for the test's premise)."""
+        with torch.no_grad():
+            h = x if self.embed is None else self.embed(x) + self.position[: x.shape[-1]]
+            return set(self.routes(h.reshape(-1, h.shape[-1])).tolist())
+
+
+def routed_batch(ids: bool) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(3)
+    return torch.randint(0, 16, (2, 3), generator=generator) if ids else torch.randn(6, 8, generator=generator)
+
+
+@pytest.mark.parametrize("ids", [False, True], ids=["hidden-states", "token-ids"])
+def test_a_trace_that_baked_in_the_samples_routing_is_an_error(tmp_path, ids: bool) -> None:
+    """The grown batch repeats the sample's rows, so it routes alike and the file agrees; on the
+    sample's values permuted (token ids stay valid ids) it does not, and the error says why."""
+    torch.manual_seed(0)
+    model, x = RoutedExperts(ids).eval(), routed_batch(ids)
+    other, varied = export_mod._other_values(x)
+    assert varied and model.hit(other) != model.hit(x)  # premise: the other values take another path
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(ExportMismatchError) as info:
+        warnings.simplefilter("always")
+        export_onnx(model, x, tmp_path / "moe.onnx")
+    message = str(info.value)
+    assert "depends on the values of the sample batch" in message and "dynamo exporter failed" in message
+    assert "Iterating over a tensor" in message and "test_export.py:" in message  # the tracer's warnings, quoted
+    assert "torch.export" in message  # what to do
+    assert not [w for w in caught if issubclass(w.category, (torch.jit.TracerWarning, ExportWarning))]
+    assert os.listdir(tmp_path) == []
+
+
+def test_tracer_warnings_on_a_file_that_verifies_are_one_warning_and_a_note(tmp_path) -> None:
+    """A branch on a value that goes the same way for every batch: the file holds, the tracer's
+    warning comes back once, as the library's, and in the report."""
+    model = DataDependent()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = export_onnx(model, torch.randn(3, 4), tmp_path / "dd.onnx")
+    ours = [w for w in caught if issubclass(w.category, ExportWarning)]
+    assert not [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
+    assert len(ours) == 1 and str(ours[0].message).startswith(report.path)
+    assert ours[0].filename == __file__  # points at the call to export_onnx
+    assert report.other_values_checked and len(report.tracer_warnings) == 1
+    assert report.tracer_warnings[0].startswith('"Converting a tensor to a Python boolean')
+    assert report.tracer_warnings[0].endswith(f"test_export.py:{DataDependent.forward.__code__.co_firstlineno + 1}")
+    assert report.notes == [str(ours[0].message).removeprefix(f"{report.path}: ")]
+    assert report.notes[0] in str(report)
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        assert_close(run_onnx(report.path, {"x": x})["output"], model(x))
+
+
+class RejectsUnsortedRows(nn.Module):
+    """Takes rows sorted in increasing order only; permuted values are not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not bool((x[:, 1:] >= x[:, :-1]).all()):
+            msg = "rows must be sorted"
+            raise ValueError(msg)
+        return self.lin(x)
+
+
+def test_a_model_that_rejects_other_values_skips_that_check_with_a_note(tmp_path) -> None:
+    x = torch.randn(3, 6, generator=torch.Generator().manual_seed(0)).sort(-1).values
+    with pytest.warns(ExportWarning, match="was not checked on other values"):
+        report = export_onnx(RejectsUnsortedRows(), x, tmp_path / "sorted.onnx", exporter="torchscript")
+    assert not report.other_values_checked and report.batch_sizes_checked == [3, 4]
+    assert any("not checked on other values" in n and "rows must be sorted" in n for n in report.notes)
+    sizes_row = next(line for line in str(report).splitlines() if line.startswith("batch sizes"))
+    assert "other values" not in sizes_row  # the report claims no such run
+
+
+def test_other_values_keep_structure_shapes_dtypes_and_each_tensors_values() -> None:
+    generator = torch.Generator().manual_seed(1)
+    batch = {"mel": torch.randn(2, 4, 5, generator=generator), "ids": torch.randint(0, 50, (2, 7), generator=generator),
+             "mask": torch.rand(2, 7, generator=generator) > 0.5, "pair": (torch.arange(6.0).reshape(2, 3), 3),
+             "half": torch.randn(3, 4, generator=generator).half()}
+    other, varied = export_mod._other_values(batch)
+    again, _ = export_mod._other_values(batch)
+    assert varied and other.keys() == batch.keys() and other["pair"][1] == 3
+    for key in ("mel", "ids", "half"):
+        assert other[key].shape == batch[key].shape and other[key].dtype == batch[key].dtype
+        assert not torch.equal(other[key], batch[key])  # other values ...
+        assert torch.equal(other[key].flatten().sort().values, batch[key].flatten().sort().values)  # ... the same ones
+        assert torch.equal(other[key], again[key])  # the same batch every time
+    assert torch.equal(other["mask"], batch["mask"])  # bool: unchanged
+    assert torch.equal(other["pair"][0].flatten().sort().values, batch["pair"][0].flatten())
+    assert export_mod._other_values(torch.ones(3, 4))[1] is False  # nothing to vary
+
+
+# -- tolerances by dtype ---------------------------------------------------------------------
+
+
+def build_half_convnet() -> nn.Module:
+    """A weight-normalized float16 conv net (a CLI factory too)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Flatten(),
+                          nn.Linear(8 * 6 * 6, 10))
+    return wn.apply_weight_norm(model, image_batch(4)).half()
+
+
+def image_batch(batch: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def test_a_float16_model_is_verified_with_float16_tolerances(tmp_path) -> None:
+    """float16 rounding is far above float32's tolerance: the defaults follow the dtype."""
+    model, x = build_half_convnet(), image_batch(4).half()
+    with pytest.raises(ExportMismatchError, match="rtol=0.0001, atol=1e-05"):  # float32's: the bug
+        export_onnx(model, x, tmp_path / "strict.onnx", rtol=1e-4, atol=1e-5)
+    report = export_onnx(model, x, tmp_path / "fp16.onnx")
+    rtol, atol = DEFAULT_TOLERANCES[torch.float16]
+    assert (report.rtol, report.atol) == (rtol, atol) and f"rtol={rtol:g}, atol={atol:g}" in str(report)
+    assert report.max_abs_diff["output"] > DEFAULT_TOLERANCES[torch.float32][1]  # fp16 rounding, really
+    other = image_batch(6, seed=5).half()
+    with torch.no_grad():
+        want = wn.fold_weight_norm(model).eval()(other).float().numpy()
+    got = run_onnx(report.path, {"input": other})["output"]
+    np.testing.assert_allclose(got.astype(np.float32), want, rtol=rtol, atol=atol)
+
+
+def test_a_tolerance_given_wins_and_the_other_follows_the_dtype(tmp_path) -> None:
+    report = export_onnx(build_half_convnet(), image_batch(4).half(), tmp_path / "fp16.onnx", rtol=0.5)
+    assert (report.rtol, report.atol) == (0.5, DEFAULT_TOLERANCES[torch.float16][1])
+    with pytest.raises(ValueError, match="rtol and atol must be >= 0"):
+        export_onnx(build_half_convnet(), image_batch(4).half(), tmp_path / "bad.onnx", atol=-1.0)
+
+
+# -- the CLI's --rtol/--atol (the other CLI tests live in tests/test_cli.py) ---------------------
+
+
+def build_exports_something_else() -> nn.Module:
+    """A CLI factory: a model whose exported graph is off by exactly 1."""
+    torch.manual_seed(0)
+    return ExportsSomethingElse()
+
+
+def test_cli_tolerances_reach_the_check(tmp_path, capsys) -> None:
+    out, sample = tmp_path / "m.onnx", tmp_path / "x.pt"
+    torch.save(torch.randn(3, 4, generator=torch.Generator().manual_seed(0)), sample)
+    args = ["export", "--model", "tests.test_export:build_exports_something_else", "--sample", str(sample)]
+    assert main([*args, "-o", str(out)]) == 1
+    assert "beyond rtol=0.0001, atol=1e-05" in capsys.readouterr().err and not out.exists()
+    assert main([*args, "--rtol", "0", "--atol", "1.5", "-o", str(out)]) == 0
+    assert "(tolerance: rtol=0, atol=1.5)" in capsys.readouterr().out
+    with torch.no_grad():
+        want = build_exports_something_else()(torch.load(sample))
+    np.testing.assert_allclose(run_onnx(str(out), {"x": torch.load(sample)})["output"] - want.numpy(), 1.0, rtol=1e-5)
+
+
+def test_cli_exports_a_float16_model_with_its_dtypes_tolerances(tmp_path, capsys) -> None:
+    out, sample = tmp_path / "fp16.onnx", tmp_path / "x.pt"
+    torch.save(image_batch(4).half(), sample)
+    assert main(["export", "--model", "tests.test_export:build_half_convnet", "--sample", str(sample),
+                 "-o", str(out)]) == 0
+    rtol, atol = DEFAULT_TOLERANCES[torch.float16]
+    assert f"(tolerance: rtol={rtol:g}, atol={atol:g})" in capsys.readouterr().out
+    with torch.no_grad():
+        want = wn.fold_weight_norm(build_half_convnet()).eval()(image_batch(4).half()).float().numpy()
+    np.testing.assert_allclose(run_onnx(str(out), {"input": image_batch(4).half()})["output"].astype(np.float32),
+                               want, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize(("option", "value"), [("--rtol", "-1"), ("--atol", "nan"), ("--rtol", "tight")])
+def test_cli_refuses_a_bad_tolerance(tmp_path, capsys, option: str, value: str) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["export", "--model", "tests.test_export:build_half_convnet", "--input-shape", "1,3,8,8", option, value,
+              "-o", str(tmp_path / "m.onnx")])
+    assert info.value.code == 2
+    assert f"argument {option}: must be a finite number >= 0" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []

@@ -51,6 +51,9 @@ def test_fused_weight_form_with_a_zero_direction_has_no_nan() -> None:
     torch.testing.assert_close(fast, ref)
     for a, b in zip(fast_grads, ref_grads):
         torch.testing.assert_close(a, b)
+    grad_w = torch.randn(fast.shape, generator=torch.Generator().manual_seed(0))  # what _grads backpropagates
+    assert fast_grads[0][2].item() == 0  # the zero direction's norm counts as 1: w = g * v there,
+    torch.testing.assert_close(fast_grads[1][2], g[2] * grad_w[2])  # so v gets the gradient of g * v
 
 
 def _linear_reference(x, g, v, b, exp_scale):
@@ -516,3 +519,56 @@ def test_hooks_on_the_parametrization_chain_run_and_pruning_the_direction_works_
     for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad)
     torch.testing.assert_close(wn.fold_weight_norm(ours)(x), theirs(x))
+
+
+@pytest.mark.parametrize("gain", ["expanded", "broadcast"])
+@pytest.mark.parametrize(("mode", "rows"), [("eval", 4), ("train", 2), ("train", 64)],
+                         ids=["eval-weight-form", "train-few-rows", "train-many-rows"])
+def test_a_gain_swapped_in_with_another_layout_gives_the_formula(gain: str, mode: str, rows: int) -> None:
+    """``functional_call`` or ``load_state_dict(assign=True)`` may hand a layer a gain that is an
+    expanded view (stride 0: room for one norm, not one per unit) or a broadcast ``[1, 1]``: every
+    route computes ``g * v/||v||`` with it (torch's fused kernel, given such a ``g`` as it is,
+    writes past its end)."""
+    torch.manual_seed(0)
+    layer = wn.apply_weight_norm(nn.Linear(512, 256), init="preserve").train(mode == "train")
+    v = layer.parametrizations.weight.original1
+    g = torch.full((1, 1), 1.5).expand(256, 1) if gain == "expanded" else torch.full((1, 1), 1.5)
+    x = torch.randn(rows, 512)
+    expected = F.linear(x, 1.5 * v / v.norm(dim=1, keepdim=True), layer.bias)
+    for _ in range(3):  # a cached weight, if any, must be the same
+        with torch.set_grad_enabled(mode == "train"):
+            got = torch.func.functional_call(layer, {"parametrizations.weight.original0": g}, (x,))
+        torch.testing.assert_close(got, expected)
+    if mode == "train":
+        got.sum().backward()
+        assert torch.isfinite(v.grad).all()
+
+
+def test_a_float16_layer_trains_on_the_weight_form_where_the_output_would_overflow() -> None:
+    """The output form computes ``x @ v'`` before normalizing: a float16 ``v`` with a large norm
+    (entries near 1e3, norms near 2e4) would overflow float16 there; the weight ``g * v/||v||`` does not."""
+    torch.manual_seed(0)
+    layer = wn.apply_weight_norm(nn.Linear(1024, 256), init="preserve").half()
+    reference = torch.nn.utils.parametrizations.weight_norm(nn.Linear(1024, 256).half())
+    with torch.no_grad():
+        layer.parametrizations.weight.original1.mul_(3e4)
+    reference.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 1024).half()
+    for model in (layer, reference):
+        model(x).float().square().sum().backward()
+    torch.testing.assert_close(layer(x), reference(x))
+    for name, param in layer.named_parameters():
+        assert torch.isfinite(param.grad).all(), name
+        torch.testing.assert_close(param.grad, reference.get_parameter(name).grad, msg=name)
+
+
+def test_torch_export_of_an_unfolded_model_keeps_the_batch_dynamic() -> None:
+    """Under ``torch.export`` no route is chosen by the number of rows: the program holds for
+    every batch size, as a folded model's (and torch's own weight norm's) does."""
+    torch.manual_seed(0)
+    model = wn.apply_weight_norm(nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 4)), init="preserve")
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(model, (torch.randn(8, 512),), dynamic_shapes=({0: batch},))
+    for rows in (2, 8, 300):
+        x = torch.randn(rows, 512)
+        torch.testing.assert_close(program.module()(x), model(x))

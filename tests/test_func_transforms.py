@@ -177,3 +177,15 @@ def test_jit_trace_records_the_formula_and_follows_new_parameters(mode: str) -> 
     oracle = wn.fold_weight_norm(model)
     with torch.no_grad():
         torch.testing.assert_close(traced(x), oracle(x), rtol=1e-5, atol=1e-5)
+
+
+def test_jit_script_refuses_a_weight_normalized_model_with_what_to_do_and_scripts_it_folded() -> None:
+    """TorchScript cannot compile the parametrization: the error says to fold first (torch's own
+    weight norm scripts, then fails at run time); the folded model scripts and computes the same."""
+    torch.manual_seed(0)
+    model = wn.apply_weight_norm(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Conv1d(3, 2, 1)), init="preserve")
+    with pytest.raises(wn.WeightNormError, match=r"fold the model first \(wn.fold_weight_norm"):
+        torch.jit.script(model)
+    x = torch.randn(5, 3, 4)
+    scripted = torch.jit.script(wn.fold_weight_norm(model))
+    torch.testing.assert_close(scripted(x), model(x))

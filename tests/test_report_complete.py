@@ -371,3 +371,225 @@ def test_a_bare_matmul_on_data_that_passed_through_parameters_is_a_layer_and_bia
     assert report.found_by == "symbolic_trace"
     assert sorted(t.qualname for t in report.converted) == ["w_h", "w_noise", "w_q", "w_state", "w_table"]
     assert skipped == {}
+
+
+# -- ops the library does not know, views that put unit axes back, torch's module machinery ------------
+
+
+@torch.library.custom_op("wn_test::stacked_linear", mutates_args=())
+def stacked_linear(x: torch.Tensor, w: torch.Tensor, expert: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``x[i] @ w[expert[i]].T + b``: a custom op over stacked expert weights ``[experts, out, in]``,
+    as transformers' ``grouped_mm_fallback``; what it does is hidden from every trace."""
+    return torch.einsum("bi,boi->bo", x, w[expert]) + b
+
+
+@stacked_linear.register_fake
+def _stacked_linear_fake(x: torch.Tensor, w: torch.Tensor, expert: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], w.shape[1])
+
+
+def _branch(step: str, x: torch.Tensor) -> torch.Tensor:
+    """Control flow that only the ladder step ``step`` and the ones below it can trace."""
+    if step == "torch.export" and x.dim() == 2:  # a Proxy's dim() is no bool: symbolic_trace fails
+        x = x + 0
+    if step == "recorded" and x.sum() > -1e9:  # data-dependent: torch.export fails too
+        x = x + 0
+    return x
+
+
+STEPS = ["symbolic_trace", "torch.export", "recorded"]
+
+
+class CustomOpExperts(nn.Module):
+    """Stacked expert weights read by a custom op, which also reads a Linear's weight (through a
+    view) and a bias vector; nothing but the custom op reads any of them."""
+
+    def __init__(self, step: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.step = step
+        self.gate = nn.Linear(6, 3)
+        self.experts = nn.Parameter(torch.randn(3, 4, 6) / 6**0.5)
+        self.proj = nn.Linear(6, 4)
+        self.shift = nn.Parameter(torch.zeros(4))
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _branch(self.step, x)
+        expert = self.gate(x).argmax(-1)
+        h = stacked_linear(x, self.experts, expert, self.shift)
+        h = h + stacked_linear(x, self.proj.weight.unsqueeze(0), torch.zeros_like(expert), self.shift)
+        return self.head(torch.relu(h))
+
+
+def _matrices(model: nn.Module) -> set[str]:
+    return {name for name, p in model.named_parameters() if p.ndim >= 2}
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_a_matrix_read_by_a_custom_op_is_skipped_with_that_op_named(step: str) -> None:
+    model = CustomOpExperts(step)
+    report, skipped = _reasons(model, torch.randn(16, 6))
+    assert report.found_by == step
+    assert [t.qualname for t in report.converted] == ["gate.weight", "head.weight"]
+    assert sorted(skipped) == ["experts", "proj.weight"]  # a matrix each; shift is a vector, proj.bias is unused
+    for name in skipped:
+        assert skipped[name].startswith("read by wn_test::stacked_linear, which weight norm does not know"), skipped[name]
+    assert {t.qualname for t in report.converted} | set(skipped) == _matrices(model)
+
+
+def fused_gate(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """A function that symbolic_trace keeps whole (``torch.fx.wrap``): its ops are not in the graph."""
+    return torch.sigmoid(x @ w.T)
+
+
+torch.fx.wrap("fused_gate")
+
+
+class WrappedFunction(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.w = nn.Parameter(torch.randn(5, 5))
+        self.fc = nn.Linear(5, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(fused_gate(x, self.w))
+
+
+def test_a_matrix_read_by_a_function_the_trace_keeps_whole_is_skipped_with_it_named() -> None:
+    report, skipped = _reasons(WrappedFunction(), None)
+    assert report.found_by == "symbolic_trace"
+    assert [t.qualname for t in report.converted] == ["fc.weight"]
+    assert list(skipped) == ["w"] and "fused_gate, which weight norm does not know" in skipped["w"]
+
+
+class IndexedExperts(nn.Module):
+    """Each row's expert matrix picked by ``w[idx]`` (``aten.index`` once exported), then ``bmm``."""
+
+    def __init__(self, step: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.step = step
+        self.gate = nn.Linear(6, 3)
+        self.w = nn.Parameter(torch.randn(3, 6, 6) / 6**0.5)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _branch(self.step, x)
+        expert = self.gate(x).argmax(-1)
+        return self.head(torch.bmm(self.w[expert], x.unsqueeze(-1)).squeeze(-1))
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_stacked_experts_picked_by_index_then_bmm_are_skipped_with_bmm_named(step: str) -> None:
+    model = IndexedExperts(step)
+    report, skipped = _reasons(model, torch.randn(16, 6))
+    assert report.found_by == step
+    assert [t.qualname for t in report.converted] == ["gate.weight", "head.weight"]
+    assert list(skipped) == ["w"] and skipped["w"].startswith("acts on the data through bmm"), skipped
+    assert {t.qualname for t in report.converted} | set(skipped) == _matrices(model)
+
+
+class UnitAxisViews(nn.Module):
+    """Weights read through views that take out unit axes and put them back in their place: a
+    depthwise Conv1d's ``[C, 1, k]`` weight squeezed to ``[C, k]`` and unsqueezed again (HF Mamba's
+    mixer), a Linear's weight unsqueezed and squeezed, a pointwise conv's ``[C, C, 1]`` weight
+    reshaped to ``[C, C]`` and back.  And views that do not give the layout back: a Linear's
+    ``[C, C]`` weight read by a conv as ``[C, C, 1]``, a depthwise ``[C, 1, k]`` weight read as
+    ``[1, C, k]`` (one output channel)."""
+
+    def __init__(self, step: str, c: int = 4) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.step, self.c = step, c
+        self.dw = nn.Conv1d(c, c, 3, groups=c, padding=1)
+        self.fc = nn.Linear(c, c)
+        self.pw = nn.Conv1d(c, c, 1)
+        self.as_conv = nn.Linear(c, c)
+        self.moved = nn.Conv1d(c, c, 3, groups=c, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, C, L]
+        x = _branch(self.step, x)
+        h = F.conv1d(x, self.dw.weight.squeeze(1).unsqueeze(1), self.dw.bias, padding=1, groups=self.c)
+        h = F.linear(h.transpose(1, 2), self.fc.weight.unsqueeze(0).squeeze(0), self.fc.bias).transpose(1, 2)
+        h = F.conv1d(torch.relu(h), self.pw.weight.reshape(self.c, self.c).unsqueeze(-1), self.pw.bias)
+        h = h + F.conv1d(h, self.as_conv.weight.unsqueeze(-1))
+        return h + F.conv1d(h, self.moved.weight.squeeze(1).unsqueeze(0), padding=1)
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_a_weight_whose_unit_axes_are_put_back_in_place_is_the_weight(step: str) -> None:
+    model, x = UnitAxisViews(step), torch.randn(16, 4, 10)
+    report, skipped = _reasons(model, x)
+    assert report.found_by == step
+    assert {t.qualname: (t.kind, t.layout.dim % len(t.shape), t.layout.groups) for t in report.converted} == {
+        "dw.weight": ("conv", 0, 1), "fc.weight": ("linear", 0, 1), "pw.weight": ("conv", 0, 1)}
+    assert sorted(skipped) == ["as_conv.weight", "moved.weight"]
+    assert skipped["as_conv.weight"].startswith("reaches its conv op only through other ops (unsqueeze)")
+    assert skipped["moved.weight"].startswith("reaches its conv op only through other ops (squeeze, unsqueeze)")
+    out = wn.apply_weight_norm(model, x, init="preserve")
+    torch.testing.assert_close(out(x), model(x))
+    for name in ("dw", "fc", "pw"):  # one scale per output unit (dim 0 of each weight)
+        g = getattr(out, name).parametrizations.weight.original0
+        assert g.shape == (4, *[1] * (getattr(model, name).weight.ndim - 1)), (name, g.shape)
+
+
+def test_the_data_init_standardizes_a_weight_read_through_unit_axis_views() -> None:
+    model, x = UnitAxisViews("symbolic_trace"), torch.randn(16, 4, 10)
+    out = wn.apply_weight_norm(model, x)
+    pre = F.conv1d(x, out.dw.weight, out.dw.bias, padding=1, groups=4)  # per output channel: what the init targets
+    torch.testing.assert_close(pre.std((0, 2), unbiased=False), torch.ones(4), atol=1e-4, rtol=0)
+    torch.testing.assert_close(pre.mean((0, 2)), torch.zeros(4), atol=1e-4, rtol=0)
+
+
+class LeftMultipliedLayer(nn.Module):
+    """A Linear's weight applied from the left, ``W @ h`` (HF Mamba's ``dt_proj.weight @ x``): never
+    as a linear op's weight."""
+
+    def __init__(self, step: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.step = step
+        self.inner = nn.Linear(5, 5)
+        self.dt = nn.Linear(5, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inner(_branch(self.step, x))
+        return (self.dt.weight @ h.T).T
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_a_layers_weight_multiplied_from_the_left_is_skipped_with_the_matmul_named(step: str) -> None:
+    report, skipped = _reasons(LeftMultipliedLayer(step), torch.randn(8, 5))
+    assert report.found_by == step
+    assert [t.qualname for t in report.converted] == ["inner.weight"]
+    assert list(skipped) == ["dt.weight"] and skipped["dt.weight"].startswith("acts on the data through matmul"), skipped
+
+
+class RecastRouter(nn.Module):
+    """A forward that casts a layer in place each call (``self.router = self.router.to(dtype)``, HF
+    SwitchTransformers' router): torch's module machinery reads the weight, no op of the model does."""
+
+    def __init__(self, cast: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.cast = cast
+        self.router = nn.Linear(6, 3)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.router = self.router.to(torch.float32) if self.cast == "to" else self.router.float()
+        x = _branch("recorded", x)
+        return self.router(x).softmax(-1) * self.head(x)
+
+
+@pytest.mark.parametrize("cast", ["to", "float"])
+def test_a_layer_cast_in_the_forward_is_still_a_layer(cast: str) -> None:
+    model, x = RecastRouter(cast), torch.randn(16, 6)
+    report, skipped = _reasons(model, x)
+    assert report.found_by == "recorded"
+    assert [t.qualname for t in report.converted] == ["router.weight", "head.weight"]
+    assert skipped == {}
+    out = wn.apply_weight_norm(model, x, init="preserve")
+    torch.testing.assert_close(out(x), model(x))

@@ -202,3 +202,37 @@ def test_an_ordered_dict_stays_one_and_keeps_its_metadata(transform) -> None:
     assert out._metadata[""] == state._metadata[""] and out._metadata["1"] == state._metadata["1"]
     assert set(out._metadata) <= set(state._metadata) and "0" in out._metadata
     nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2)).load_state_dict(fold_state_dict(state))
+
+
+LOAD_CASES = [(style, layer, dim) for style in [*STYLES, "plain"] for layer in LAYERS
+              for dim in ((0, None) if style != "plain" else (0,))]
+
+
+@pytest.mark.parametrize("exp_scale", [False, True], ids=["g", "exp"])
+@pytest.mark.parametrize(("style", "layer", "dim"), LOAD_CASES, ids=[f"{s}-{layer}-dim{d}" for s, layer, d in LOAD_CASES])
+def test_our_layers_load_checkpoints_of_every_other_layout_as_the_same_function(
+        style: str, layer: str, dim: int | None, exp_scale: bool) -> None:
+    """A checkpoint of the layer under torch's weight norm (either API; ConvTranspose normalized per
+    input channel, or ``dim=None``), or of the plain layer, loads strictly into our weight-normalized
+    layer and gives the layer it was written from; the caller's dict is left as it was."""
+    torch.manual_seed(0)
+    source = LAYERS[layer]()
+    if style != "plain":
+        source = perturb_scales(STYLES[style](source, dim=dim))
+    ours = wn.apply_weight_norm(LAYERS[layer](), init="preserve", exp_scale=exp_scale)
+    checkpoint = source.state_dict()
+    keys = list(checkpoint)
+    assert str(ours.load_state_dict(checkpoint)) == "<All keys matched successfully>"
+    assert list(checkpoint) == keys
+    x = torch.randn(2, 6) if layer == "linear" else torch.randn(2, 4, 7)
+    torch.testing.assert_close(ours(x), source(x))
+    if style == "legacy" and dim == 0 and layer != "conv_transpose1d" and not exp_scale:  # the same axis: kept
+        torch.testing.assert_close(ours.parametrizations.weight.original1, checkpoint["weight_v"], rtol=0, atol=0)
+
+
+def test_a_folded_layer_keeps_no_load_hook_of_ours() -> None:
+    """Folding gives a plain model: its pickle needs nothing of this library."""
+    import pickle
+
+    model = wn.fold_weight_norm(wn.apply_weight_norm(nn.Sequential(nn.Linear(3, 2), nn.Conv1d(2, 2, 1)), init="preserve"))
+    assert b"wn_transform" not in pickle.dumps(model)

@@ -8,7 +8,7 @@
 from .apply import apply_weight_norm, plan_weight_norm, weight_norm_report
 from .checkpoint import CheckpointError
 from .errors import BatchError, FoldError, NoTargetsError, SelectionError, WeightNormError
-from .export import ExportError, ExportMismatchError, ExportReport, export_onnx
+from .export import ExportError, ExportMismatchError, ExportReport, ExportWarning, export_onnx
 from .fold import FoundWeightNorm, find_weight_norms, fold_weight_norm
 from .kernels import KernelStatus, kernel_status
 from .mean_only_bn import MeanOnlyBatchNorm
@@ -26,6 +26,7 @@ __all__ = [
     "ExportError",
     "ExportMismatchError",
     "ExportReport",
+    "ExportWarning",
     "FoldError",
     "FoundWeightNorm",
     "KernelStatus",

@@ -1,13 +1,14 @@
-"""Deep copies of models, including those that ``copy.deepcopy`` refuses."""
+"""Deep copies of models, including those that ``copy.deepcopy`` refuses; telling ``torch.compile``'s wrapper."""
 
 from __future__ import annotations
 
 import copy
+import sys
 
 import torch
 from torch import nn
 
-__all__ = ["copy_model"]
+__all__ = ["compiled_wrapper", "copy_model"]
 
 
 def copy_model(model: nn.Module) -> nn.Module:
@@ -26,3 +27,11 @@ def copy_model(model: nn.Module) -> nn.Module:
                 if isinstance(item, torch.Tensor) and not item.is_leaf:
                     memo[id(item)] = item.detach().clone()
     return copy.deepcopy(model, memo)
+
+
+def compiled_wrapper(model: object) -> bool:
+    """Whether ``model`` is the wrapper ``torch.compile`` returns for a module (``OptimizedModule``);
+    the module itself is its ``_orig_mod``.  (Without importing ``torch._dynamo``, 2 s: a wrapper
+    exists only once it is imported.)"""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    return eval_frame is not None and isinstance(model, eval_frame.OptimizedModule)

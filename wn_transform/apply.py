@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import batch as batch_mod
-from ._copy import copy_model
+from ._copy import compiled_wrapper, copy_model
 from ._gc import gc_paused
 from .data_init import data_init, resample_directions
 from .discover import WALK, Discovery, account_for_every_layer, discover
@@ -116,6 +116,15 @@ def apply_weight_norm(
             are on the meta device.
         NoTargetsError: the model has no linear/conv weight.
     """
+    if compiled_wrapper(model):  # torch.compile's wrapper: the model is its _orig_mod
+        wrapper = model if inplace else copy_model(model)  # a copy wraps a copy of the model
+        inner = apply_weight_norm(
+            wrapper._orig_mod, sample_batch, init=init, init_scale=init_scale, exact_init=exact_init,
+            resample=resample, exp_scale=exp_scale, mean_only_bn=mean_only_bn, distributed=distributed,
+            include=include, exclude=exclude, types=types, filter_fn=filter_fn, existing=existing, inplace=True,
+            generator=generator)
+        _REPORTS[wrapper] = _REPORTS[inner]
+        return wrapper  # it compiles the weight-normalized model at its next call
     init = _check_arguments(model, sample_batch, init, existing)
     if init == "data":
         _check_measurable(model, sample_batch)
@@ -163,6 +172,7 @@ def plan_weight_norm(
     existing: Existing = "keep",
 ) -> WeightNormReport:
     """What :func:`apply_weight_norm` would convert and skip, and why; ``model`` is not changed."""
+    model = model._orig_mod if compiled_wrapper(model) else model
     init = _check_arguments(model, sample_batch, None, existing)
     selection = Selection.build(include, exclude, types, filter_fn)
     working = copy_model(model) if existing == "convert" else model
@@ -249,6 +259,8 @@ def _plan(model: nn.Module, sample_batch, selection: Selection, existing: Existi
         for found in already:
             fold_one(model, found)
     discovery = discover(model, sample_batch)
+    discovery.targets, not_real = _real_weights(model, discovery.targets)
+    discovery.skipped += not_real
     account_for_every_layer(model, discovery, {found.qualname for found in already} if existing == "keep" else set())
     if not discovery.targets and not (already and existing == "keep"):
         raise NoTargetsError(_no_targets_message(model, discovery, sample_batch is not None))
@@ -258,6 +270,23 @@ def _plan(model: nn.Module, sample_batch, selection: Selection, existing: Existi
         skipped += [_kept(found) for found in already]
     report = WeightNormReport(targets, skipped, discovery.found_by, init, discovery.failures)
     return report, targets
+
+
+def _real_weights(model: nn.Module, targets: list[Target]) -> tuple[list[Target], list[Skipped]]:
+    """The targets whose weight is a real floating-point tensor, and the others skipped with their
+    dtype: ``g = ||w||`` and the data init's mean and std are defined for real weights only (a
+    complex ``g`` would lose its imaginary part)."""
+    real, skipped = [], []
+    for target in targets:
+        module = model.get_submodule(target.module)
+        weight = module._parameters.get(target.name)
+        weight = getattr(module, target.name) if weight is None else weight
+        if weight.is_floating_point():
+            real.append(target)
+        else:
+            reason = f"a {weight.dtype} weight: weight norm is defined for real floating-point weights"
+            skipped.append(Skipped(target.qualname, reason))
+    return real, skipped
 
 
 def _attach_mean_only_bn(model: nn.Module, targets: list[Target]) -> tuple[list[str], list[str]]:

@@ -10,10 +10,13 @@ import argparse
 import importlib
 import inspect
 import json
+import contextlib
 import math
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,9 +52,11 @@ EXAMPLES = {
   wn-transform export --model mypkg.models:build_generator --checkpoint g.pt --input-shape 1,80,100 -o generator.onnx
   wn-transform export --model mypkg.models:build_generator --input-shape 1,80,100 --dynamic 0=batch,2=frames -o generator.onnx
   wn-transform export --model mypkg.models:build_encoder --sample sample_inputs.pt -o encoder.onnx --opset 18
+  wn-transform export --model mypkg.models:build_fp16_vocoder --sample mel_fp16.pt -o vocoder.onnx --rtol 2e-2 --atol 2e-3
   (--dynamic: which input axes stay dynamic in the graph, [INPUT:]AXIS[=NAME], INPUT a position or
   keyword of the batch, every input when left out; default: the batch axis 0 of every input; none: all fixed;
-  an unnamed axis is batch (0), dimAXIS, or INPUT_dimAXIS with several inputs; one name: one size)""",
+  an unnamed axis is batch (0), dimAXIS, or INPUT_dimAXIS with several inputs; one name: one size;
+  --rtol/--atol: how close onnxruntime must come to PyTorch, by default set by the model's float dtype)""",
 }
 
 
@@ -105,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="input axes the graph keeps dynamic: comma-separated [INPUT:]AXIS[=NAME], e.g. "
                              "0=batch,2=frames or mel:2=frames; 'none' fixes every shape (default: axis 0 of every input)")
     export.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    export.add_argument("--rtol", type=_tolerance, default=None, metavar="R",
+                        help="relative tolerance of the onnxruntime check: |onnx - torch| <= atol + rtol*|torch| "
+                             "(default: by the model's dtype, 1e-4 for float32, 1e-2 for float16, 8e-2 for bfloat16)")
+    export.add_argument("--atol", type=_tolerance, default=None, metavar="A",
+                        help="absolute tolerance of the onnxruntime check (default: by the model's dtype, 1e-5 for "
+                             "float32, 1e-3 for float16, 8e-3 for bfloat16)")
     _output_arguments(export, ".onnx")
     return parser
 
@@ -185,7 +196,7 @@ def cmd_export(args: argparse.Namespace, say: Callable[[str], None]) -> int:
     batch = _read_batch(args, "sample")
     shapes = _dynamic_shapes(args.dynamic, batch, model) if args.dynamic is not None else None
     report = export_onnx(model, batch, args.output, opset=args.opset, dynamic_batch=args.dynamic is None,
-                         dynamic_shapes=shapes, overwrite=args.force, progress=say)
+                         dynamic_shapes=shapes, rtol=args.rtol, atol=args.atol, overwrite=args.force, progress=say)
     print(report)
     return 0
 
@@ -205,7 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[{time.perf_counter() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
 
     try:
-        return COMMANDS[args.command](args, say)
+        with _stopped_by_signals():
+            return COMMANDS[args.command](args, say)
     except _UsageError as exc:
         parser.error(str(exc))
     except FAILURES as exc:
@@ -214,7 +226,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # outputs are written atomically: nothing half-written is left
         print(f"wn-transform {args.command}: interrupted; no output was written", file=sys.stderr)
         return 130
+    except _Stopped as exc:
+        print(f"wn-transform {args.command}: stopped by {exc.signal.name}; no output was written", file=sys.stderr)
+        return 128 + exc.signal.value
     return 1
+
+
+class _Stopped(BaseException):
+    """A termination signal arrived (``kill``, ``timeout``, a job scheduler, a closed terminal)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signal = signal.Signals(signum)
+
+
+@contextlib.contextmanager
+def _stopped_by_signals() -> Iterator[None]:
+    """Within this context, SIGTERM and SIGHUP raise :class:`_Stopped` where the command is, as
+    Ctrl-C raises ``KeyboardInterrupt``: the writers' cleanup runs, and no temporary file is left
+    (by default these signals end the process at once).  Only the main thread can set handlers."""
+    wanted = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise _Stopped(signum)
+
+    previous = {signum: signal.signal(signum, stop) for signum in wanted}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -406,6 +450,18 @@ def _shape(text: str) -> tuple[int, ...]:
         msg = f"must be comma-separated positive integers such as 1,80,100, got {text!r}"
         raise argparse.ArgumentTypeError(msg)
     return shape
+
+
+def _tolerance(text: str) -> float:
+    """``--rtol``/``--atol``: a finite number >= 0 (argparse reports a bad one)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        msg = f"must be a finite number >= 0 such as 1e-3, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
 
 
 @dataclass(frozen=True)

@@ -411,8 +411,19 @@ class _CalibrationMode(TorchFunctionMode):
         self._produced[id(weight)] = _Produced(weakref.ref(weight), state, state.done, rebuild)
 
     def _lookup(self, tensor: Any) -> _Produced | None:
-        entry = self._produced.get(id(tensor)) if isinstance(tensor, Tensor) else None
-        return entry if entry is not None and entry.ref() is tensor else None
+        """The weight ``tensor`` is, if it is one: the tensor handed out, a view followed from it, or a
+        chain of views that gives it back as it is (``w.squeeze(1).unsqueeze(1)``: same shape, strides
+        and offset as the tensor it views)."""
+        if not isinstance(tensor, Tensor):
+            return None
+        entry = self._produced.get(id(tensor))
+        if entry is not None and entry.ref() is tensor:
+            return entry
+        base = tensor._base
+        if (base is not None and tensor.shape == base.shape and tensor.stride() == base.stride()
+                and tensor.storage_offset() == base.storage_offset()):
+            return self._lookup(base)
+        return None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

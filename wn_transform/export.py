@@ -18,6 +18,18 @@
    file, onnxruntime (CPUExecutionProvider) on the sample batch and on a batch one sample
    larger, compared output by output with PyTorch; only then is the file moved into place
    with ``os.replace``.  Any failure leaves nothing behind: no target file, no temporary.
+5. a TorchScript export is verified once more, on a batch with the sample's shapes and dtypes
+   but other values (each input's values permuted; bools kept).  The tracer records
+   the one path the sample batch took through Python control flow on tensor values (a loop
+   over the experts a mixture-of-experts layer routed the sample to); the grown batches repeat
+   the sample's rows and take that path again, so only other values show a graph that baked
+   it in.  The tracer's own TracerWarnings are recorded rather than passed on: in the error
+   when that check fails, else in one :class:`ExportWarning` and the report.  The dynamo
+   exporter needs no such check: ``torch.export`` refuses data-dependent control flow rather
+   than tracing one branch of it.
+
+Default tolerances follow the least precise floating dtype of the model's parameters and
+outputs (:data:`DEFAULT_TOLERANCES`): float16 rounding is far above float32's tolerance.
 """
 
 from __future__ import annotations
@@ -49,9 +61,11 @@ from ._logging import muted
 from . import dynamic_axes
 from .errors import WeightNormError
 from . import onnx_graph
+from ._copy import compiled_wrapper
 from .fold import fold_weight_norm
 
-__all__ = ["EXTERNAL_DATA_THRESHOLD", "ExportError", "ExportMismatchError", "ExportReport", "export_onnx"]
+__all__ = ["DEFAULT_TOLERANCES", "EXTERNAL_DATA_THRESHOLD", "ExportError", "ExportMismatchError", "ExportReport",
+           "ExportWarning", "export_onnx"]
 
 Exporter = Literal["auto", "dynamo", "torchscript"]
 Progress = Callable[[str], None]
@@ -63,6 +77,25 @@ _PROTOBUF_LIMIT = 2**31 - 1
 _EXPORTERS = ("auto", "dynamo", "torchscript")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
+#: ``(rtol, atol)`` used when ``export_onnx`` is not given them, by the least precise floating
+#: dtype among the model's parameters and its outputs on the sample batch (any other dtype,
+#: float64 included, gets float32's).  float32's rtol of 1e-4 is ~1700 times its unit roundoff
+#: 2^-24: onnxruntime and PyTorch sum in other orders and with other kernels, so they differ by
+#: far more than one rounding.  float16 keeps 11 significant bits (unit roundoff 2^-11 ~ 4.9e-4):
+#: a single rounding of an output near 1 moves it by up to 4.9e-4, and a few layers of them,
+#: summed in another order, reach a few 1e-3; rtol=1e-2 is ~20 roundings.  bfloat16 keeps 8 bits
+#: (2^-8 ~ 3.9e-3), so 20 roundings are ~8e-2.  atol is rtol / 10 for every dtype, as for float32,
+#: for outputs near zero.
+DEFAULT_TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float32: (1e-4, 1e-5),
+    torch.float16: (1e-2, 1e-3),
+    torch.bfloat16: (8e-2, 8e-3),
+}
+#: Seed of the batch with other values (:func:`_other_values`): the same batch on every run.
+_OTHER_VALUES_SEED = 0
+#: TracerWarnings quoted in an error or a warning (the report keeps them all).
+_QUOTED_TRACER_WARNINGS = 2
+
 
 class ExportError(WeightNormError):
     """The model could not be exported to ONNX, or the written file fails its checks."""
@@ -70,6 +103,11 @@ class ExportError(WeightNormError):
 
 class ExportMismatchError(ExportError):
     """onnxruntime's outputs differ from PyTorch's beyond the tolerance (per output: max abs/rel)."""
+
+
+class ExportWarning(UserWarning):
+    """The file was written and verified, but the exporter warned that it may not hold for other
+    inputs (the TorchScript tracer's TracerWarnings, quoted)."""
 
 
 @dataclass
@@ -86,10 +124,14 @@ class ExportReport:
     ``max_abs_diff``/``max_rel_diff``: per output, the largest ``|onnx - torch|`` and
     ``|onnx - torch| / |torch|`` over every run checked: the sample batch, then the sample grown
     along each dynamic axis; ``batch_sizes_checked``: the batch size of each run.
+    ``other_values_checked``: a TorchScript export was also verified on a batch of the sample's
+    shapes with other values (the diffs include that run).  ``tracer_warnings``: what the
+    TorchScript tracer warned about (``"Iterating over a tensor might cause the trace to be
+    incorrect" at moe.py:17``), once each.  ``rtol``/``atol``: the tolerances verified against.
     ``file_size``: bytes of the ``.onnx`` file; ``external_data``: the weights file, if any.
     ``timings``: seconds spent folding (the copy, and running it on the batch), exporting
     (with renaming and writing), checking (``onnx.checker``) and verifying (onnxruntime).
-    ``notes``: what could not be checked.
+    ``notes``: what could not be checked, and what the tracer's warnings leave open.
     """
 
     path: str
@@ -113,6 +155,8 @@ class ExportReport:
     atol: float = 1e-5
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    other_values_checked: bool = False
+    tracer_warnings: list[str] = field(default_factory=list)
 
     @property
     def node_count(self) -> int:
@@ -146,7 +190,10 @@ class ExportReport:
             rows.append(("renamed", ", ".join(f"{a} -> {b}" for a, b in self.renamed_initializers.items())))
         if self.unnamed_parameters:
             rows.append(("not by name", ", ".join(self.unnamed_parameters)))
-        rows.append(("batch sizes", ", ".join(map(str, self.batch_sizes_checked))))
+        sizes = ", ".join(map(str, self.batch_sizes_checked))
+        if self.other_values_checked:
+            sizes += " (and the sample's shapes with other values)"
+        rows.append(("batch sizes", sizes))
         width = max(len(key) for key, _ in rows)
         lines = [f"{key.ljust(width)}  {value}" for key, value in rows]
         diffs = [("output", "max abs diff", "max rel diff")]
@@ -193,8 +240,8 @@ def export_onnx(
     dynamic_batch: bool = True,
     dynamic_shapes: dict[str, Any] | tuple | list | None = None,
     external_data: bool | None = None,
-    rtol: float = 1e-4,
-    atol: float = 1e-5,
+    rtol: float | None = None,
+    atol: float | None = None,
     exporter: Exporter = "auto",
     overwrite: bool = False,
     progress: Progress | None = None,
@@ -227,8 +274,13 @@ def export_onnx(
             inside the file (``False``), or decide by size (``None``: external above
             :data:`EXTERNAL_DATA_THRESHOLD` bytes of parameters and buffers).
         rtol, atol: an output element agrees when ``|onnx - torch| <= atol + rtol * |torch|``.
+            Left out (``None``), each follows the least precise floating dtype among the
+            model's parameters and outputs (:data:`DEFAULT_TOLERANCES`): float32's ``1e-4``,
+            ``1e-5``; float16's ``1e-2``, ``1e-3``; bfloat16's ``8e-2``, ``8e-3``.
         exporter: ``"auto"`` (dynamo, falling back to TorchScript when the dynamo exporter
-            raises), ``"dynamo"`` or ``"torchscript"``.
+            raises), ``"dynamo"`` or ``"torchscript"``.  A TorchScript export is verified
+            once more, on the sample's shapes with other values, since its trace can bake in
+            the path the sample took through Python control flow on tensor values.
         overwrite: replace an existing file at ``path`` (and ``<path>.data``).
         progress: called with a short message as each step starts.
 
@@ -243,10 +295,18 @@ def export_onnx(
         BatchError: the batch holds NaN/inf, or the model rejects it (the layer is named).
         ExportError: no exporter could export the model, or the file fails the ONNX checker
             or onnxruntime.
-        ExportMismatchError: onnxruntime disagrees with PyTorch beyond ``rtol``/``atol``.
+        ExportMismatchError: onnxruntime disagrees with PyTorch beyond ``rtol``/``atol``, or
+            (TorchScript) agrees on the sample batch but not on the same shapes with other
+            values: the trace baked in data-dependent control flow.
+
+    Warns:
+        ExportWarning: the TorchScript tracer warned that its trace may be incorrect for other
+            inputs, and the file agreed on every batch checked (or the model rejects other
+            values): the warnings are quoted, and kept in the report.
     """
     say = progress if progress is not None else _silent
     target, data_target = _check_arguments(model, path, exporter, rtol, atol, overwrite, external_data)
+    model = model._orig_mod if compiled_wrapper(model) else model  # torch.compile's wrapper: export the model
     batch_mod.as_args(sample_batch)
     batch_mod.check_finite(sample_batch)
     timings: dict[str, float] = {}
@@ -258,6 +318,7 @@ def export_onnx(
     say("running the folded model on the sample batch")
     with torch.no_grad():
         reference = batch_mod.run(folded, sample_batch)
+    rtol, atol = _tolerances(folded, reference, rtol, atol)
     inputs = _layout_inputs(folded, sample_batch)
     state = folded.state_dict()
     weight_bytes = _state_bytes(state)
@@ -273,9 +334,9 @@ def export_onnx(
     tmpdir = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=folder)
     try:
         start = time.perf_counter()
-        proto, used, fallback_reason = _export(folded, inputs, output_names, tmpdir, opset=opset,
-                                               dynamic_batch=dynamic_batch, dynamic_shapes=dynamic_shapes,
-                                               exporter=exporter, say=say)
+        proto, used, fallback_reason, tracer_warnings = _export(
+            folded, inputs, output_names, tmpdir, opset=opset, dynamic_batch=dynamic_batch,
+            dynamic_shapes=dynamic_shapes, exporter=exporter, say=say)
         renamed, unnamed = onnx_graph.restore_initializer_names(proto, state)
         tmp_file = os.path.join(tmpdir, os.path.basename(target))
         stats = onnx_graph.graph_stats(proto)
@@ -301,8 +362,15 @@ def export_onnx(
         timings["check"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        diffs, sizes, notes = _verify(tmp_file, folded, sample_batch, inputs, reference, stats["inputs"],
+        session = _open_session(tmp_file)
+        diffs, sizes, notes = _verify(session, folded, sample_batch, inputs, reference, stats["inputs"],
                                       rtol=rtol, atol=atol, say=say)
+        other_values_checked = False
+        if used == "torchscript":
+            other_values_checked = _verify_other_values(session, folded, sample_batch, diffs, notes, rtol=rtol,
+                                                        atol=atol, tracer_warnings=tracer_warnings,
+                                                        fallback_reason=fallback_reason, say=say)
+        del session
         timings["verify"] = time.perf_counter() - start
 
         _refuse_existing(target, data_target if use_external else None, overwrite=overwrite)
@@ -317,6 +385,9 @@ def export_onnx(
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     say(f"wrote {target}")
+    if tracer_warnings:
+        notes.append(_tracer_note(tracer_warnings, other_values_checked))
+        warnings.warn(f"{target}: {notes[-1]}", ExportWarning, stacklevel=2)
 
     return ExportReport(
         path=target, exporter=used, fallback_reason=fallback_reason, opset=stats["opset"],
@@ -327,7 +398,8 @@ def export_onnx(
         batch_sizes_checked=sizes, file_size=os.path.getsize(target),
         external_data=data_target if use_external else None,
         external_data_size=os.path.getsize(data_target) if use_external else 0,
-        rtol=rtol, atol=atol, timings=timings, notes=notes,
+        rtol=rtol, atol=atol, timings=timings, notes=notes, other_values_checked=other_values_checked,
+        tracer_warnings=tracer_warnings,
     )
 
 
@@ -338,16 +410,16 @@ def _silent(message: str) -> None:
     """The default ``progress``: say nothing."""
 
 
-def _check_arguments(model: nn.Module, path: str | os.PathLike, exporter: str, rtol: float, atol: float,
-                     overwrite: bool, external_data: bool | None) -> tuple[str, str]:
+def _check_arguments(model: nn.Module, path: str | os.PathLike, exporter: str, rtol: float | None,
+                     atol: float | None, overwrite: bool, external_data: bool | None) -> tuple[str, str]:
     if not isinstance(model, nn.Module):
         msg = f"export_onnx expects a torch.nn.Module, got {type(model).__name__}"
         raise TypeError(msg)
     if exporter not in _EXPORTERS:
         msg = f"exporter must be one of {', '.join(map(repr, _EXPORTERS))}, got {exporter!r}"
         raise ValueError(msg)
-    if not (rtol >= 0 and atol >= 0):
-        msg = f"rtol and atol must be >= 0, got rtol={rtol!r}, atol={atol!r}"
+    if not all(tol is None or tol >= 0 for tol in (rtol, atol)):
+        msg = f"rtol and atol must be >= 0 (or None for the model's dtype's defaults), got rtol={rtol!r}, atol={atol!r}"
         raise ValueError(msg)
     target = os.path.abspath(os.fspath(path))
     if os.path.isdir(target):
@@ -360,6 +432,24 @@ def _check_arguments(model: nn.Module, path: str | os.PathLike, exporter: str, r
     data_target = target + ".data"
     _refuse_existing(target, data_target if external_data else None, overwrite=overwrite)
     return target, data_target
+
+
+def _tolerances(model: nn.Module, reference: Any, rtol: float | None, atol: float | None) -> tuple[float, float]:
+    """``(rtol, atol)``: the ones given, else :data:`DEFAULT_TOLERANCES` for the least precise
+    floating dtype among the model's parameters and its outputs on the sample batch (a float16
+    model rounds every layer to float16, even where it returns float32)."""
+    if rtol is not None and atol is not None:
+        return rtol, atol
+    default_rtol, default_atol = DEFAULT_TOLERANCES.get(_least_precise_float(model, reference),
+                                                        DEFAULT_TOLERANCES[torch.float32])
+    return (default_rtol if rtol is None else rtol), (default_atol if atol is None else atol)
+
+
+def _least_precise_float(model: nn.Module, reference: Any) -> torch.dtype | None:
+    """The floating dtype with the largest epsilon among the parameters and output tensors."""
+    leaves = [*model.parameters(), *tree_leaves(reference)]
+    dtypes = {leaf.dtype for leaf in leaves if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()}
+    return max(dtypes, key=lambda dtype: torch.finfo(dtype).eps, default=None)
 
 
 def _refuse_existing(target: str, data_target: str | None, *, overwrite: bool) -> None:
@@ -548,15 +638,16 @@ def _axis_label(dim: Any, name: str, axis: int) -> str | None:
 
 def _export(model: nn.Module, inputs: _Inputs, output_names: list[str], tmpdir: str, *, opset: int | None,
             dynamic_batch: bool, dynamic_shapes: Any, exporter: Exporter, say: Progress,
-            ) -> tuple[onnx.ModelProto, str, str | None]:
-    """Export with the chosen exporter(s); return the model, the exporter used, the fallback reason."""
+            ) -> tuple[onnx.ModelProto, str, str | None, list[str]]:
+    """Export with the chosen exporter(s); return the model, the exporter used, the fallback
+    reason and the TorchScript tracer's warnings (:func:`_recorded_tracer_warnings`)."""
     fallback_reason = None
     if exporter in ("auto", "dynamo"):
         say("exporting with the dynamo exporter (torch.export)")
         try:
             proto = _export_dynamo(model, inputs, output_names, opset, dynamic_batch, dynamic_shapes,
                                    echo_failure=exporter == "dynamo")
-            return proto, "dynamo", None
+            return proto, "dynamo", None, []
         except Exception as exc:  # the dynamo exporter raises many kinds; any of them means "fall back"
             fallback_reason = _one_line(exc)
             if exporter == "dynamo":
@@ -566,13 +657,14 @@ def _export(model: nn.Module, inputs: _Inputs, output_names: list[str], tmpdir: 
     if exporter == "torchscript":
         say("exporting with the TorchScript exporter")
     try:
-        proto = _export_torchscript(model, inputs, output_names, tmpdir, opset, dynamic_batch, dynamic_shapes)
+        proto, tracer_warnings = _export_torchscript(model, inputs, output_names, tmpdir, opset, dynamic_batch,
+                                                     dynamic_shapes)
     except Exception as exc:  # idem: the TorchScript exporter raises many kinds
         msg = f"the TorchScript exporter failed: {_one_line(exc)}"
         if fallback_reason is not None:
             msg = f"both exporters failed; dynamo: {fallback_reason}; TorchScript: {_one_line(exc)}"
         raise ExportError(msg) from exc
-    return proto, "torchscript", fallback_reason
+    return proto, "torchscript", fallback_reason, tracer_warnings
 
 
 def _export_args(inputs: _Inputs) -> tuple:
@@ -653,7 +745,9 @@ def _export_dynamo(model: nn.Module, inputs: _Inputs, output_names: list[str], o
 
 
 def _export_torchscript(model: nn.Module, inputs: _Inputs, output_names: list[str], tmpdir: str,
-                        opset: int | None, dynamic_batch: bool, dynamic_shapes: Any) -> onnx.ModelProto:
+                        opset: int | None, dynamic_batch: bool, dynamic_shapes: Any,
+                        ) -> tuple[onnx.ModelProto, list[str]]:
+    """Export with the TorchScript exporter; return the model and the tracer's warnings."""
     if dynamic_shapes is not None:
         dynamic_axes = _dynamic_axes_from_shapes(dynamic_shapes, inputs)
     else:
@@ -662,7 +756,8 @@ def _export_torchscript(model: nn.Module, inputs: _Inputs, output_names: list[st
     # folder of its own inside the temporary folder, then read it all back.
     raw_dir = tempfile.mkdtemp(prefix="torchscript", dir=tmpdir)
     raw_file = os.path.join(raw_dir, "model.onnx")
-    with _held_native_stdout(), _held_output(echo_failure=False), warnings.catch_warnings(), torch.no_grad():
+    with _held_native_stdout(), _held_output(echo_failure=False), _recorded_tracer_warnings() as tracer_warnings, \
+            torch.no_grad():
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
         torch.onnx.export(
             _tensors_only(model, inputs), tuple(inputs.tensors), raw_file, dynamo=False,
@@ -671,7 +766,45 @@ def _export_torchscript(model: nn.Module, inputs: _Inputs, output_names: list[st
         )
     proto = onnx.load(raw_file)
     shutil.rmtree(raw_dir, ignore_errors=True)
-    return proto
+    return proto, tracer_warnings
+
+
+@contextlib.contextmanager
+def _recorded_tracer_warnings() -> Iterator[list[str]]:
+    """Record the TracerWarnings raised in the block, once each, as ``"<first sentence>" at
+    file.py:LINE``; every other warning is shown as it would have been.
+
+    The tracer warns where the model's Python code reads a tensor's value (iterates over it,
+    converts it to a Python number or bool): the trace keeps the value the sample batch gave.
+    Those warnings are recorded even where the caller ignores TracerWarnings, since the export
+    quotes them (:func:`_tracer_note`, :func:`_value_dependence_error`); torch's own modules
+    stay ignored, as torch itself ignores them (``TracerWarning.ignore_lib_warnings``).  The
+    hook is ``warnings.showwarning``, called after the filters: other warnings keep the
+    caller's filters (by module too) and reach the caller's ``showwarning``.
+    """
+    recorded: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", torch.jit.TracerWarning)
+        torch.jit.TracerWarning.ignore_lib_warnings()
+        show = warnings.showwarning
+
+        def record(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                   file: Any = None, line: str | None = None) -> None:
+            if not issubclass(category, torch.jit.TracerWarning):
+                show(message, category, filename, lineno, file, line)
+                return
+            described = _describe_warning(message, filename, lineno)
+            if described not in recorded:
+                recorded.append(described)
+
+        warnings.showwarning = record
+        yield recorded
+
+
+def _describe_warning(message: Warning | str, filename: str, lineno: int) -> str:
+    """``"<the message's first sentence>" at <file name>:<line>``."""
+    sentence = str(message).strip().split(". ")[0].rstrip(".")
+    return f'"{sentence}" at {os.path.basename(filename)}:{lineno}'
 
 
 def _tensors_only(model: nn.Module, inputs: _Inputs) -> nn.Module:
@@ -729,7 +862,20 @@ def _check_batch_axis(graph_inputs: dict[str, list[int | str]], inputs: _Inputs)
             raise ExportError(msg)
 
 
-def _verify(file: str, model: nn.Module, sample_batch: batch_mod.SampleBatch, inputs: _Inputs, reference: Any,
+def _open_session(file: str) -> Any:
+    """An onnxruntime CPU session on ``file`` (one for every verification run: loading costs)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(file, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/NotImplemented kinds
+        msg = f"onnxruntime cannot load the exported file: {_one_line(exc)}"
+        raise ExportError(msg) from exc
+
+
+def _verify(session: Any, model: nn.Module, sample_batch: batch_mod.SampleBatch, inputs: _Inputs, reference: Any,
             graph_inputs: dict[str, list[int | str]], *, rtol: float, atol: float, say: Progress,
             ) -> tuple[dict[str, tuple[float, float]], list[int], list[str]]:
     """Run the file in onnxruntime on the sample batch, and once more for each dynamic axis of
@@ -737,17 +883,7 @@ def _verify(file: str, model: nn.Module, sample_batch: batch_mod.SampleBatch, in
 
     Returns per output (max abs diff, max rel diff) over the runs, each run's batch size, notes.
     """
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    try:
-        session = ort.InferenceSession(file, options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/NotImplemented kinds
-        msg = f"onnxruntime cannot load the exported file: {_one_line(exc)}"
-        raise ExportError(msg) from exc
     session_inputs = [i.name for i in session.get_inputs()]
-    onnx_names = [o.name for o in session.get_outputs()]
     runs = [("the sample batch", "", inputs, reference)]
     symbols, notes = dynamic_axes.find_symbols(inputs.names, inputs.tensors, graph_inputs)
     for symbol in symbols:
@@ -787,25 +923,154 @@ def _verify(file: str, model: nn.Module, sample_batch: batch_mod.SampleBatch, in
         except Exception as exc:  # onnxruntime's own error kinds
             msg = f"onnxruntime failed to run the exported file on {label}: {_one_line(exc)}"
             raise ExportError(msg + hint) from exc
-        want = [leaf for leaf in tree_leaves(expected) if isinstance(leaf, torch.Tensor)]
-        if len(got) != len(want):
-            msg = (f"the exported graph has {len(got)} outputs ({onnx_names}), the PyTorch model "
-                   f"returns {len(want)} tensors")
-            raise ExportError(msg)
-        for name, onnx_value, torch_value in zip(onnx_names, got, want):
-            abs_diff, rel_diff, ok, why = _compare(np.asarray(onnx_value), torch_value, rtol, atol)
-            old = diffs.get(name, (0.0, 0.0))
-            diffs[name] = (max(old[0], abs_diff), max(old[1], rel_diff))
+        for name, abs_diff, rel_diff, ok, why in _compare_outputs(session, got, expected, rtol, atol):
+            _merge_diff(diffs, name, abs_diff, rel_diff)
             if not ok:
                 failures.append(f"'{name}' ({label}): {why}{'' if name in off_on_sample else hint}")
                 if run_inputs is inputs:
                     off_on_sample.add(name)
     if failures:
-        table = "; ".join(f"'{name}': max abs diff {a:.3g}, max rel diff {r:.3g}" for name, (a, r) in diffs.items())
         msg = (f"onnxruntime disagrees with PyTorch beyond rtol={rtol:g}, atol={atol:g}: {'; '.join(failures)}"
-               f" [all outputs: {table}]")
+               f" [all outputs: {_diff_table(diffs)}]")
         raise ExportMismatchError(msg)
     return diffs, sizes, notes
+
+
+def _compare_outputs(session: Any, got: list[Any], expected: Any, rtol: float, atol: float,
+                     ) -> list[tuple[str, float, float, bool, str]]:
+    """Per output of the graph: (name, max abs diff, max rel diff, within tolerance, why not)."""
+    onnx_names = [o.name for o in session.get_outputs()]
+    want = [leaf for leaf in tree_leaves(expected) if isinstance(leaf, torch.Tensor)]
+    if len(got) != len(want):
+        msg = (f"the exported graph has {len(got)} outputs ({onnx_names}), the PyTorch model "
+               f"returns {len(want)} tensors")
+        raise ExportError(msg)
+    return [(name, *_compare(np.asarray(onnx_value), torch_value, rtol, atol))
+            for name, onnx_value, torch_value in zip(onnx_names, got, want)]
+
+
+def _merge_diff(diffs: dict[str, tuple[float, float]], name: str, abs_diff: float, rel_diff: float) -> None:
+    """Keep the largest abs and rel difference of output ``name`` over the runs."""
+    old = diffs.get(name, (0.0, 0.0))
+    diffs[name] = (max(old[0], abs_diff), max(old[1], rel_diff))
+
+
+def _diff_table(diffs: dict[str, tuple[float, float]]) -> str:
+    """Every output's max differences, for an error message (the failing ones may be a few)."""
+    return "; ".join(f"'{name}': max abs diff {a:.3g}, max rel diff {r:.3g}" for name, (a, r) in diffs.items())
+
+
+# -- the same shapes, other values (TorchScript exports) ------------------------------------
+
+
+def _verify_other_values(session: Any, model: nn.Module, sample_batch: batch_mod.SampleBatch,
+                         diffs: dict[str, tuple[float, float]], notes: list[str], *, rtol: float, atol: float,
+                         tracer_warnings: list[str], fallback_reason: str | None, say: Progress) -> bool:
+    """Run the file on the sample's shapes with other values (:func:`_other_values`) and compare
+    with PyTorch: a TorchScript trace keeps the path the sample batch took through Python control
+    flow on tensor values, and the grown batches, which repeat the sample's rows, take it again.
+
+    Adds the run's differences to ``diffs``; returns whether it ran.  The model rejecting that
+    batch, or a batch with nothing to vary, is a note in ``notes``.
+
+    Raises:
+        ExportMismatchError: onnxruntime fails on that batch or disagrees with PyTorch.
+    """
+    batch, varied = _other_values(sample_batch)
+    if not varied:
+        notes.append("the file was not checked on other values: no input has values to permute (each is bool, "
+                     "constant, or of one element)")
+        return False
+    try:
+        with torch.no_grad():
+            expected = batch_mod.run(model, batch)
+    except batch_mod.BatchError as exc:
+        notes.append(f"the file was not checked on other values (the sample's shapes, each input's values "
+                     f"permuted): the PyTorch model rejects them ({_first_line(exc)})")
+        return False
+    say("verifying with onnxruntime (the sample's shapes, other values)")
+    session_inputs = [i.name for i in session.get_inputs()]
+    try:
+        got = session.run(None, _layout_inputs(model, batch).feed(session_inputs))
+    except ExportError:
+        raise
+    except Exception as exc:  # onnxruntime's own error kinds
+        failure = f"onnxruntime fails on them [{_one_line(exc)}]"
+        raise _value_dependence_error(failure, tracer_warnings, fallback_reason) from exc
+    compared = _compare_outputs(session, got, expected, rtol, atol)
+    for name, abs_diff, rel_diff, _, _ in compared:
+        _merge_diff(diffs, name, abs_diff, rel_diff)
+    failures = [f"'{name}': {why}" for name, _, _, ok, why in compared if not ok]
+    if failures:
+        failure = f"onnxruntime disagrees with PyTorch beyond rtol={rtol:g}, atol={atol:g}: {'; '.join(failures)}"
+        raise _value_dependence_error(failure, tracer_warnings, fallback_reason)
+    return True
+
+
+def _other_values(sample_batch: batch_mod.SampleBatch) -> tuple[batch_mod.SampleBatch, bool]:
+    """The sample batch with other values, and whether any value changed.
+
+    Same structure, shapes, dtypes and devices; the values of every floating and integer tensor
+    permuted among themselves, across the whole tensor (:func:`_other_tensor`); bool tensors
+    unchanged (masks keep their meaning).  Seeded: the same batch every time.
+    """
+    generator = torch.Generator().manual_seed(_OTHER_VALUES_SEED)
+    changed = []
+
+    def vary(leaf: Any) -> Any:
+        if not isinstance(leaf, torch.Tensor):
+            return leaf
+        other = _other_tensor(leaf, generator)
+        changed.append(other is not leaf and not torch.equal(other, leaf))
+        return other
+
+    return tree_map(vary, sample_batch), any(changed)
+
+
+def _other_tensor(tensor: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``tensor``'s values permuted among themselves; itself where there is nothing to permute.
+
+    A permutation, not noise: every value stays one the model was given (token ids stay ids of
+    the vocabulary, a float mask keeps its 0 and -1e9, audio its range), while each row gets
+    other values than the sample's row, as independent as the batch allows, so that routing,
+    sorting and top-k take another path.
+    """
+    if tensor.numel() < 2 or tensor.is_meta or tensor.dtype == torch.bool or tensor.is_complex():
+        return tensor
+    order = torch.randperm(tensor.numel(), generator=generator).to(tensor.device)
+    return tensor.detach().reshape(-1)[order].reshape(tensor.shape)
+
+
+def _value_dependence_error(failure: str, tracer_warnings: list[str], fallback_reason: str | None,
+                            ) -> ExportMismatchError:
+    """The error for a TorchScript graph that holds for the sample batch only: what failed, the
+    tracer's warnings that point at the cause, and how to get a graph that holds."""
+    why = f" (the dynamo exporter failed: {fallback_reason})" if fallback_reason else ""
+    warned = f"the tracer warned: {_quoted(tracer_warnings)}" if tracer_warnings else "the tracer raised no TracerWarning"
+    msg = (f"the exported graph depends on the values of the sample batch: it agrees with PyTorch on the sample "
+           f"batch, but not on a batch of the same shapes with other values (each input's values "
+           f"permuted): {failure}. The TorchScript exporter{why} traced the one path the sample took through "
+           f"data-dependent control flow and baked it into the graph; {warned}. Make the model exportable by "
+           f"torch.export (the dynamo exporter): no Python loops or branches on tensor values (iterating over a "
+           f"tensor, int()/bool()/.item() of one, a loop over torch.unique or nonzero); a mixture of experts can "
+           f"run every expert on every token and weight the results by the routing, or use torch.cond")
+    return ExportMismatchError(msg)
+
+
+def _tracer_note(tracer_warnings: list[str], other_values_checked: bool) -> str:
+    """The note (and warning) for a TorchScript export whose tracer warned, though it verified."""
+    checked = ("the file agrees with PyTorch on every batch checked, the sample's shapes with other values "
+               "included, but" if other_values_checked else "the file was not checked on other values, so")
+    return (f"the TorchScript tracer warned that its trace may be incorrect for other inputs: "
+            f"{_quoted(tracer_warnings)}; {checked} a path through Python control flow that "
+            f"those batches did not take may be baked in: check the file on your own data, or make the model "
+            f"exportable by torch.export (no Python control flow on tensor values) so the dynamo exporter is used")
+
+
+def _quoted(tracer_warnings: list[str]) -> str:
+    """The first :data:`_QUOTED_TRACER_WARNINGS` warnings, and how many more there are."""
+    more = len(tracer_warnings) - _QUOTED_TRACER_WARNINGS
+    return "; ".join(tracer_warnings[:_QUOTED_TRACER_WARNINGS]) + (f" (and {more} more)" if more > 0 else "")
 
 
 def _compare(got: np.ndarray, tensor: torch.Tensor, rtol: float, atol: float) -> tuple[float, float, bool, str]:

@@ -54,7 +54,7 @@ def weight_norm_weight(g: Tensor, v: Tensor, layout: UnitLayout, *, exp_scale: b
     Where torch's fused kernel applies (one unit axis first or last, no groups, contiguous
     float32/float64/bfloat16), it computes ``w`` and the norms in one pass and its backward
     in one more, with autograd in C++.  It divides by zero for a zero direction, so a layer
-    with a zero norm takes the plain formula, which gives a zero weight and zero gradient.
+    with a zero norm takes the plain formula, which gives a zero weight and finite gradients.
     Checking for a zero norm reads a flag off the device: cheap on CPU, a synchronization on
     an accelerator, where the plain formula (a few kernels, no synchronization) is used.  Under
     ``torch.func`` transforms, forward-mode AD and ``torch.jit.trace`` the plain formula is used
@@ -63,9 +63,11 @@ def weight_norm_weight(g: Tensor, v: Tensor, layout: UnitLayout, *, exp_scale: b
     gain = g.exp() if exp_scale else g
     dim = layout.dim % v.ndim
     fusable = (layout.groups == 1 and (dim == 0 or dim == v.ndim - 1) and v.device.type == "cpu"
-               and v.dtype in _FUSED_DTYPES and v.is_contiguous())
+               and v.dtype in _FUSED_DTYPES and v.is_contiguous()
+               and gain.numel() == v.shape[dim])  # the kernel writes a norm per element of g: one per unit
     fusable = fusable and not torch.compiler.is_compiling()  # a compiler fuses the plain formula itself
     if fusable and not plain_formula_only():
+        gain = gain.contiguous()  # an expanded g (stride 0) has room for fewer norms than units
         weight, norms = torch._weight_norm_interface(v, gain if gain.dtype == v.dtype else gain.to(v.dtype), dim)
         if norms.min().item() > 0:  # no zero norm (a reduction and a read, cheaper than all())
             return weight
@@ -133,7 +135,8 @@ class ScaledLinear(torch.autograd.Function):
         grad_g = grad_gain * scale * safe if ctx.exp_scale else grad_gain  # gain = e^g: times e^g
         grad_bias = grad_y.sum(0) if ctx.has_bias else None
         grad_x = grad_x.view(x.shape) if grad_x is not None else None
-        return grad_x, grad_g.view(g.shape).to(g.dtype), grad_v, grad_bias, None
+        grad_g = grad_g.view(g.shape) if g.numel() == grad_g.numel() else grad_g.sum().view(g.shape)  # one gain for all units
+        return grad_x, grad_g.to(g.dtype), grad_v, grad_bias, None
 
 
 def _scales(g: Tensor, norms: Tensor, exp_scale: bool) -> tuple[Tensor, Tensor]:

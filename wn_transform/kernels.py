@@ -97,6 +97,7 @@ def usable(rows: Tensor, g: Tensor, v: Tensor, bias: Tensor | None) -> bool:
             and not torch.compiler.is_compiling()
             and not torch.is_autocast_enabled("cpu") and _ENABLED.get()
             and all(_plain_float32(t) for t in (rows, g, v)) and v.is_contiguous() and g.is_contiguous()
+            and g.numel() == v.shape[0]  # a gain per unit (a broadcast one takes the eager route)
             and (bias is None or (_plain_float32(bias) and bias.is_contiguous() and bias.numel() == v.shape[0]))
             and rows.shape[0] <= _load()[1].rows)  # last: only a call the kernels could take builds them
 

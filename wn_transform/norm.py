@@ -17,18 +17,20 @@ A :class:`UnitLayout` says where the units are:
   channel in every layout, and ``G = g.shape[1] // v.shape[1]`` can be read off the shapes.
 
 Norms are accumulated in float32 for half-precision weights; a zero fan-in gives a zero
-weight (never NaN), with a zero gradient.  A 1-D ``v`` with ``dim=0`` (torch's ``weight_norm`` on a
+weight (never NaN): its norm counts as 1, so ``g`` gets a zero gradient and ``v`` that of
+``g * v``, which can bring the unit back to life (freeze or mask it to keep it pruned).  A 1-D ``v`` with ``dim=0`` (torch's ``weight_norm`` on a
 LayerNorm's weight) has one element per unit: its norm is ``|v|``, as in torch's ``norm_except_dim``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["UnitLayout", "compose_weight", "safe_norm", "scale_from_norm", "unit_norm"]
+__all__ = ["UnitLayout", "compose_weight", "layout_from_shapes", "safe_norm", "scale_from_norm", "unit_norm"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,28 @@ class UnitLayout:
         if self.groups > 1 and v_shape[0] % self.groups:
             msg = f"dim 0 of shape {tuple(v_shape)} does not split into {self.groups} groups"
             raise ValueError(msg)
+
+
+def layout_from_shapes(g_shape: tuple[int, ...], v_shape: tuple[int, ...]) -> UnitLayout | None:
+    """The layout in which ``g`` of shape ``g_shape`` fits a weight of shape ``v_shape``; None for a
+    ``g`` with one element (one norm over the whole tensor, torch's ``dim=None``).
+
+    ``g`` has ``v``'s rank with size 1 everywhere but the unit axis ``d``, where it is ``v.shape[d]``
+    (any ``dim``), or ``G * v.shape[1]`` for the grouped ConvTranspose layout.  Raises
+    ``ValueError`` for a ``g`` that fits no layout.
+    """
+    if math.prod(g_shape) == 1:
+        return None
+    off_one = [d for d, size in enumerate(g_shape) if size != 1]
+    if len(g_shape) == len(v_shape) and len(off_one) == 1:
+        d = off_one[0]
+        if g_shape[d] == v_shape[d]:
+            return UnitLayout(d)
+        if d == 1 and g_shape[1] % v_shape[1] == 0 and v_shape[0] % (g_shape[1] // v_shape[1]) == 0:
+            return UnitLayout(1, g_shape[1] // v_shape[1])
+    msg = (f"g of shape {tuple(g_shape)} does not fit v of shape {tuple(v_shape)}: g must have v's rank "
+           f"with size 1 on every axis but the normalized one")
+    raise ValueError(msg)
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

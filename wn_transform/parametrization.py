@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,8 +34,9 @@ from torch import Tensor, nn
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torch.nn.utils import parametrize
 
+from .errors import WeightNormError
 from .fast import ScaledLinear, plain_formula_only, prefer_output_form, weight_norm_weight
-from .norm import UnitLayout, unit_norm
+from .norm import UnitLayout, compose_weight, layout_from_shapes, unit_norm
 
 __all__ = ["WeightNorm", "no_weight_cache", "register", "remove", "weight_memo", "weight_norm_of"]
 
@@ -125,6 +127,14 @@ class WeightNorm(nn.Module):
             self.__dict__.pop("_cached", None)
             return weight_norm_weight(g, v, self.layout, exp_scale=self.exp_scale)
         return self._kept_weight(self.__dict__, "_cached", g, v, check_gain=True)
+
+    def __prepare_scriptable__(self) -> WeightNorm:
+        """``torch.jit.script`` calls this on every submodule before compiling it: refuse with what to
+        do instead (TorchScript cannot compile this module's Python state, nor torch's own weight norm
+        at run time)."""
+        msg = ("torch.jit.script cannot compile a weight-normalized layer: fold the model first "
+               "(wn.fold_weight_norm(model)), or use torch.jit.trace, torch.compile or torch.export")
+        raise WeightNormError(msg)
 
     def __getstate__(self) -> dict:
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
@@ -219,7 +229,73 @@ def register(module: nn.Module, name: str, parametrization: WeightNorm) -> None:
     parametrize.register_parametrization(module, name, parametrization, unsafe=True)
     module.parametrizations[name].unsafe = unsafe
     module.parametrizations.__dict__[_ORDER] = order  # where fold puts the parameter back
+    if _layout_hook(module, name) is None:
+        module._register_load_state_dict_pre_hook(functools.partial(_load_other_layouts, name), with_module=True)
     _extend_class(module)
+
+
+def _load_other_layouts(name: str, module: nn.Module, state_dict: dict, prefix: str, *_: object) -> None:
+    """A ``load_state_dict`` pre-hook: the entries of ``module.<name>`` written in another layout become
+    this library's ``(g, v)``, with the same weight.  torch's own weight norm renames the legacy keys
+    for its layers; this also takes
+
+    * the legacy ``<name>_g``/``<name>_v`` pair, kept as it is where its unit axis is ours;
+    * a ``(g, v)`` pair normalized over another axis (torch's ConvTranspose: per input channel), over
+      the whole tensor (``dim=None``), or with ``g`` (or ``s = log g``) where the layer stores the other;
+    * a plain ``<name>`` (a checkpoint of the model before weight norm): ``g = ||w||``, ``v = w``.
+
+    ``state_dict`` is ``load_state_dict``'s own copy; entries that fit nothing are left for it to report.
+    """
+    wn = weight_norm_of(module, name)
+    if wn is None:
+        return
+    chain = module.parametrizations[name]
+    base = f"{prefix}parametrizations.{name}."
+    g_key, v_key, marker_key = f"{base}original0", f"{base}original1", f"{base}0.{EXP_SCALE_MARKER}"
+    legacy = (f"{prefix}{name}_g", f"{prefix}{name}_v")
+    if g_key in state_dict and v_key in state_dict:
+        keys, stored_log = (g_key, v_key), marker_key in state_dict
+        if state_dict[g_key].shape == chain.original0.shape and stored_log == wn.exp_scale:
+            return  # this library's own layout
+    elif all(key in state_dict for key in legacy):
+        keys, stored_log = legacy, False
+    elif f"{prefix}{name}" in state_dict and state_dict[f"{prefix}{name}"].shape == chain.original1.shape:
+        weight = state_dict.pop(f"{prefix}{name}")
+        state_dict[g_key], state_dict[v_key] = wn.right_inverse(weight)
+        if wn.exp_scale:
+            state_dict[marker_key] = torch.ones(())
+        return
+    else:
+        return
+    g, v = (state_dict[key] for key in keys)
+    try:
+        layout = layout_from_shapes(tuple(g.shape), tuple(v.shape))
+    except ValueError:
+        return
+    if v.shape != chain.original1.shape:
+        return
+    for key in (*keys, marker_key):
+        state_dict.pop(key, None)
+    if layout == wn.layout and not stored_log and not wn.exp_scale:
+        state_dict[g_key], state_dict[v_key] = g, v  # the same axis: kept as they are (the norm of v too)
+        return
+    with torch.no_grad():
+        if layout is None:  # one norm over the whole tensor
+            weight = compose_weight(g.reshape(1, 1), v.reshape(1, -1), UnitLayout(0), exp_scale=stored_log).view(v.shape)
+        else:
+            weight = compose_weight(g, v, layout, exp_scale=stored_log)
+    state_dict[g_key], state_dict[v_key] = wn.right_inverse(weight)
+    if wn.exp_scale:
+        state_dict[marker_key] = torch.ones(())
+
+
+def _layout_hook(module: nn.Module, name: str) -> int | None:
+    """The id of the :func:`_load_other_layouts` hook of ``module.<name>``, if it has one."""
+    for hook_id, wrapped in module._load_state_dict_pre_hooks.items():
+        hook = getattr(wrapped, "hook", wrapped)
+        if isinstance(hook, functools.partial) and hook.func is _load_other_layouts and hook.args == (name,):
+            return hook_id
+    return None
 
 
 def weight_norm_of(module: nn.Module, name: str) -> WeightNorm | None:
@@ -247,6 +323,7 @@ def remove(module: nn.Module, name: str, value: Tensor, *, requires_grad: bool =
     """
     order = _parameter_order(module)
     base = parametrize.type_before_parametrizations(module)
+    module._load_state_dict_pre_hooks.pop(_layout_hook(module, name), None)  # a plain model needs nothing of ours
     del module.parametrizations[name]
     remaining = list(module.parametrizations.keys())
     module.__class__ = base
@@ -432,8 +509,22 @@ def _linear_forward(self: nn.Linear, input: Tensor) -> Tensor:
     if not torch.is_grad_enabled():
         if not torch.compiler.is_compiling():
             return F.linear(input, v if wn.direction_only else wn.cached_weight(g, v), bias)
-    elif (self.training and input.dim() > 0 and input.shape[-1] == v.shape[1] and not wn.direction_only
-            and prefer_output_form(input.numel() // input.shape[-1], input.shape[-1], self.out_features)
-            and not _autocast_on(input.device.type)):  # autocast casts F.linear's operands itself
+    elif self.training and not wn.direction_only and _takes_output_form(input, v):
         return ScaledLinear.apply(input, g, v, bias, wn.exp_scale)
     return F.linear(input, wn.forward(g, v), bias)
+
+
+def _takes_output_form(input: Tensor, v: Tensor) -> bool:
+    """Whether a training call of a Linear with direction ``v [out, in]`` scales the output
+    (:class:`~wn_transform.fast.ScaledLinear`) instead of building the weight: few rows through a
+    large weight (:func:`~wn_transform.fast.prefer_output_form`), except
+
+    * in float16, whose range ``u = x @ v'`` can leave (``v`` is not normalized; ``w`` is);
+    * under autocast, which casts ``F.linear``'s operands itself;
+    * while ``torch.export`` traces: an exported program holds for every batch size, so nothing
+      may branch on the number of rows.
+    """
+    return (input.dim() > 0 and input.shape[-1] == v.shape[1] and v.dtype != torch.float16
+            and not torch.compiler.is_exporting()
+            and prefer_output_form(input.numel() // input.shape[-1], input.shape[-1], v.shape[0])
+            and not _autocast_on(input.device.type))

@@ -51,6 +51,10 @@ class WeightNormReport:
             lines.append(f"  {name}: no mean-only batch norm (the trace does not show its op running as the layer's "
                          "own call alone: other code runs it or reads its parameters, or no trace); its bias stays")
         if self.notes is not None:
+            for t in self.converted:
+                if t.uses > 1:  # the pass hands out v until the first op reading it has calibrated the layer
+                    lines.append(f"  {t.qualname}: read by {t.uses} op calls in one forward (a shared layer); the data init "
+                                 "standardized its first call's output, the others follow from it")
             for name, count in self.notes.constant_units.items():
                 lines.append(f"  {name}: {count} units constant on the batch (sigma ~ 0); their scale is s, not s/sigma")
             for name in self.notes.unreached:

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .errors import WeightNormError
-from .norm import UnitLayout, compose_weight
+from .norm import UnitLayout, compose_weight, layout_from_shapes
 from .parametrization import EXP_SCALE_MARKER
 
 __all__ = [
@@ -228,18 +228,12 @@ def _relayout(state_dict: Mapping[str, object], layouts: Mapping[str, str]) -> d
 
 
 def _unit_axis(g: Tensor, v: Tensor, g_key: str, v_key: str) -> tuple[int | None, int]:
-    if g.numel() == 1:
-        return None, 1
-    off_one = [d for d in range(g.ndim) if g.shape[d] != 1]
-    if g.ndim == v.ndim and len(off_one) == 1:
-        d = off_one[0]
-        if g.shape[d] == v.shape[d]:
-            return d, 1
-        if d == 1 and g.shape[1] % v.shape[1] == 0 and v.shape[0] % (g.shape[1] // v.shape[1]) == 0:
-            return 1, g.shape[1] // v.shape[1]
-    msg = (f"{g_key}: g of shape {tuple(g.shape)} does not fit v of shape {tuple(v.shape)} ({v_key}); "
-           f"g must have v's rank with size 1 on every axis but the normalized one")
-    raise WeightNormError(msg)
+    try:
+        layout = layout_from_shapes(tuple(g.shape), tuple(v.shape))
+    except ValueError as exc:
+        msg = f"{g_key}: {exc} ({v_key})"
+        raise WeightNormError(msg) from None
+    return (None, 1) if layout is None else (layout.dim, layout.groups)
 
 
 def _fold(g: Tensor, v: Tensor, wn: StateDictWeightNorm) -> Tensor:

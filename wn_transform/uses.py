@@ -1,9 +1,13 @@
 """Follow parameters through a forward (an FX graph or an eager run) and log how ops use them.
 
 Every discovery step feeds calls into one :class:`UseLog`: a parameter enters as a *source*,
-view ops (``t``, ``transpose``, ``split``...) carry it on with its axes remapped, a
-linear/conv/matmul op that reads it as its weight logs a *weight use* (with the parameter
-axis that holds the op's output units), and any other op that reads it logs an *other use*.
+view ops (``t``, ``transpose``, ``split``...) carry it on with its axes remapped, and so do ops
+that only take out or put in unit axes (``squeeze``, ``unsqueeze``, a ``view`` to the same sizes):
+the value is the weight again once each unit axis is back in its place.  A linear/conv/matmul op
+that reads it as its weight logs a *weight use* (with the parameter axis that holds the op's
+output units), and any other op that reads it logs an *other use*; an op from outside torch (a
+custom op, a function that a trace keeps whole) is named in the report whatever it does, since
+what it does with the weight cannot be seen.
 Values computed from parameters, buffers and constants alone (not from the batch) are followed
 too, so that a weight the op reads only after other ops (weight standardization, spectral norm)
 is logged as *computed* and reported, not lost.
@@ -13,15 +17,15 @@ step produced the log.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .layers import standard_weights
 from .norm import UnitLayout
 from .ops import CELL_OPS, METADATA_OPS, RECURRENT_OPS, WeightUse, attribute_read, op_name, view_dims, weight_use
 from .targets import Skipped, Target, split_qualname
@@ -31,12 +35,21 @@ __all__ = ["BIAS", "UseLog", "inside_torch_composite", "param_aliases"]
 
 @dataclass(frozen=True)
 class _Origin:
-    """A value that is (a view of) parameter ``param``: its axis i is the parameter's ``axes[i]``."""
+    """A value that is (a view of) parameter ``param``: its axis i is the parameter's ``axes[i]``,
+    or a unit axis that an op put in (``None``)."""
 
     param: str
-    axes: tuple[int, ...]
+    axes: tuple[int | None, ...]
     cut: frozenset[int] = frozenset()  # parameter axes that a split has cut
     pieces: bool = False  # an FX node standing for a split's tuple of pieces: getitem picks one
+    dropped: frozenset[int] = frozenset()  # parameter axes (of size 1) that an op took out
+    reshaped_by: tuple[str, ...] = ()  # the ops that took out or put in unit axes not yet back in place
+
+    @property
+    def whole(self) -> bool:
+        """Whether the value has the parameter's own axes (in some order): every unit axis taken
+        out is back in its place, and no other was put in."""
+        return not self.dropped and None not in self.axes
 
 
 @dataclass(frozen=True)
@@ -48,15 +61,31 @@ class _Use:
 
 
 _VALUE_ATTRIBUTES = frozenset({"T", "mT", "H", "mH", "data"})  # attribute reads that hand out a tensor's values
-# Ops that select values of their first argument: the values come from it alone, whatever the index.
-_SELECTIONS = frozenset({"getitem", "__getitem__", "index_select", "take", "gather", "select"})
+# Ops that select values of their first argument: the values come from it alone, whatever the index
+# (``w[idx]`` is ``getitem`` in a trace, ``index`` in an exported graph).
+_SELECTIONS = frozenset({"getitem", "__getitem__", "index_select", "take", "gather", "select", "index", "_unsafe_index",
+                         "take_along_dim"})
 _COMPUTED = "computed"  # a use kind: the parameter reaches a linear/conv op only through other ops
 BIAS = "bias"  # a use kind: read as the bias of a linear/conv op
 _NOT_WEIGHT = frozenset({"other", _COMPUTED, BIAS})
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 # Products that act on the data with a matrix other than as a linear/conv weight (a use is reported)
 _MAP_OPS = frozenset({"einsum", "bmm", "baddbmm", "addbmm", "matmul", "__matmul__", "__rmatmul__", "mm", "mv", "bilinear",
-                      "tensordot", "linear", "addmm"})
+                      "tensordot", "linear", "addmm", "addmv", "inner", "chain_matmul", "linalg_multi_dot",
+                      "_grouped_mm", "grouped_mm", "_scaled_mm", "_scaled_grouped_mm"})
+_ADDED_INPUT = frozenset({"addmm", "baddbmm", "addbmm", "addmv"})  # ops whose first operand is added, not multiplied
+# Namespaces of torch's own operators: an operator in any other one is a custom op (torch.library)
+_TORCH_NAMESPACES = frozenset({"aten", "prim", "prims", "higher_order", "quantized", "_quantized", "quantized_decomposed",
+                               "c10d", "_c10d_functional", "_c10d_functional_autograd", "_dtensor", "inductor", "mkldnn",
+                               "onednn", "profiler", "_export", "debugprims", "rngprims", "symm_mem"})
+_TORCH_MODULES = frozenset({"torch", "operator", "_operator", "builtins", "math"})  # Python functions a trace may call
+# Reads of a parameter by torch's own module machinery (``Module.to``, ``.float()`` in a forward): its tensor type
+# compared, its ``.data`` set to itself converted.  Not a use of the values.
+_MACHINERY = frozenset({"_has_compatible_shallow_copy_type"})
+# Ops that may only take out or put in unit axes (``w.view(C, k)`` of a ``[C, 1, k]`` weight)
+_SQUEEZES = frozenset({"squeeze", "squeeze_copy"})
+_UNSQUEEZES = frozenset({"unsqueeze", "unsqueeze_copy"})
+_RESHAPES = frozenset({"view", "reshape", "_unsafe_view", "view_copy", "flatten", "unflatten"})
 
 
 def _einsum_contracts(values: list[Any], operand: Any) -> bool:
@@ -72,6 +101,83 @@ def _einsum_contracts(values: list[Any], operand: Any) -> bool:
         joined = "".join(terms)
         output = "".join(c for c in joined if joined.count(c) == 1)
     return index < len(terms) and bool(set(terms[index]) - set(output))
+
+
+def _foreign_op(func: Callable | str) -> str | None:
+    """The name of an op from outside torch, or ``None`` for torch's own ops and tensor methods.
+
+    Such an op (a custom op, ``transformers::grouped_mm_fallback``; a Python function that a
+    trace keeps whole) may multiply the data by a weight it reads, or do anything else with it:
+    no rule here can tell, so the weight is named in the report with the op.
+    """
+    if isinstance(func, str):
+        return None  # a method call in an FX graph
+    qualified = getattr(func, "_qualified_op_name", None)  # an OpOverloadPacket: "namespace::name"
+    namespace = getattr(func, "namespace", None)  # an OpOverload, a higher-order op
+    if isinstance(qualified, str):
+        namespace = qualified.partition("::")[0]
+    elif isinstance(namespace, str):
+        qualified = f"{namespace}::{op_name(func)}"
+    if isinstance(namespace, str):
+        return None if namespace in _TORCH_NAMESPACES else qualified
+    module = getattr(func, "__module__", None)
+    if not isinstance(module, str) or module.partition(".")[0] in _TORCH_MODULES:
+        return None  # a tensor method (no module), a torch function, an operator, a builtin
+    return f"{module}.{getattr(func, '__qualname__', op_name(func))}"
+
+
+def _arg(args: Sequence[Any], kwargs: dict[str, Any], index: int, key: str, default: Any = None) -> Any:
+    """Argument ``index`` of a call, or its keyword ``key``."""
+    return args[index] if len(args) > index else kwargs.get(key, default)
+
+
+def _ints(values: Sequence[Any]) -> list[int] | None:
+    """``values`` (a list or tuple argument spelled out) as plain ints; ``None`` if one is not an int
+    (a traced size, a dtype): then the sizes are not known."""
+    flat = _flat(values)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in flat):
+        return None
+    return [int(v) for v in flat]
+
+
+def _reshaped_sizes(name: str, args: Sequence[Any], kwargs: dict[str, Any], sizes: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The sizes of the result of ``view``/``reshape``/``flatten``/``unflatten`` on a tensor of
+    ``sizes``; ``None`` where they are not known (a size that is a traced value, a view as a dtype)."""
+    ndim = len(sizes)
+    if name == "flatten":
+        dims = _ints([_arg(args, kwargs, 1, "start_dim", 0), _arg(args, kwargs, 2, "end_dim", -1)])
+        if dims is None or ndim == 0:
+            return None
+        start, end = dims[0] % ndim, dims[1] % ndim
+        return (*sizes[:start], math.prod(sizes[start:end + 1]), *sizes[end + 1:])
+    if name == "unflatten":
+        dim, new = _arg(args, kwargs, 1, "dim"), _ints([_arg(args, kwargs, 2, "sizes", ())])
+        if not isinstance(dim, int) or new is None or ndim == 0:
+            return None
+        out = [*sizes[:dim % ndim], *new, *sizes[dim % ndim + 1:]]
+    else:
+        out = _ints(args[1:] if len(args) > 1 else [kwargs.get("size", kwargs.get("shape", ()))])
+        if out is None:
+            return None
+    known = math.prod(s for s in out if s != -1)
+    if out.count(-1) == 1 and known:
+        out[out.index(-1)] = math.prod(sizes) // known
+    return tuple(out) if math.prod(out) == math.prod(sizes) and min(out, default=0) >= 0 else None
+
+
+def _unit_axes_moved(source: _Origin, sizes: tuple[int, ...], out: tuple[int, ...]) -> _Origin | None:
+    """``source`` (of ``sizes``) reshaped to ``out``, if the reshape only takes out or puts in unit
+    axes: the other axes keep their order; the parameter's unit axes count as taken out, and a unit
+    axis of the result as put in, until one is back in its place (:meth:`UseLog._settled`)."""
+    kept_in = [i for i, size in enumerate(sizes) if size != 1]
+    kept_out = [j for j, size in enumerate(out) if size != 1]
+    if [sizes[i] for i in kept_in] != [out[j] for j in kept_out]:
+        return None
+    axes: list[int | None] = [None] * len(out)
+    for i, j in zip(kept_in, kept_out):
+        axes[j] = source.axes[i]
+    taken = {a for a, size in zip(source.axes, sizes) if size == 1 and a is not None}
+    return replace(source, axes=tuple(axes), dropped=source.dropped | taken)
 
 
 def _flat(values: Sequence[Any]) -> list[Any]:
@@ -123,10 +229,12 @@ class UseLog:
     _static: dict[Hashable, frozenset[str]] = field(default_factory=dict)  # batch-independent values: their parameters
     _keep_alive: list[Any] = field(default_factory=list)
     maps: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))  # parameter -> ops it maps data through
+    unknown: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))  # parameter -> ops from outside torch
 
     def __post_init__(self) -> None:
         self.aliases = param_aliases(self.model)
         self._canonical = {name: names[0] for names in self.aliases.values() for name in names}
+        self._sizes = {name: tuple(p.shape) for name, p in self.model.named_parameters(remove_duplicate=False)}
 
     def canonical(self, param_name: str) -> str:
         """The first name of a parameter that has several (tied weights)."""
@@ -165,8 +273,14 @@ class UseLog:
         """Log one op call ``result = func(*args, **kwargs)``; ``caller`` is the innermost module
         whose call ran it (``None``: not known)."""
         name = op_name(func)
+        foreign = _foreign_op(func)
+        if foreign is not None:  # before the names below: a custom op may be called "linear" too
+            self._unknown_call(foreign, _flat((*args, *kwargs.values())), result)
+            return
         if name in RECURRENT_OPS or name in CELL_OPS:
             self._recurrent(args)
+            return
+        if self._machinery(name, func, args):
             return
         attribute = attribute_read(func, args)
         if attribute in _VALUE_ATTRIBUTES:
@@ -185,25 +299,31 @@ class UseLog:
                 own = caller is not None and caller is self._owner(origin.param)
                 if arg is use.weight:
                     self._weight_use(origin, use.kind, use.unit_dim, use.groups, own)
-                elif arg is use.bias:
+                elif arg is use.bias and origin.whole:
                     self.add_use(origin.param, BIAS, detail=f"{name} (as its bias)", own=own)
+                elif arg is use.bias:  # through a unit axis taken out or put in: another tensor than the bias
+                    self._other_use(origin, f"{name} (as its bias)")
                 else:
-                    self.add_use(origin.param, "other", detail=f"{name} (not as its weight)")
+                    self._other_use(origin, f"{name} (not as its weight)")
             self._follow_static(values, result)  # U @ V: a weight computed in the forward, if an op reads it as one
             return
         source = self._origin(args[0]) if args else None
         mapping = view_dims(func, args, kwargs, len(source.axes)) if source is not None else None
         if name == "getitem" and source is not None and source.pieces:  # one piece of a split (FX)
             mapping = (list(range(len(source.axes))), None)
+        unit_view = self._unit_view(name, args, kwargs, source) if source is not None and mapping is None else None
+        if unit_view is not None:
+            self._set(result, unit_view)
+            return
         if mapping is None:  # indexing a weight (w[expert]) is not followed as a view: it drops an axis
             for _, origin in found:
-                self.add_use(origin.param, "other", detail=name)
+                self._other_use(origin, name)
             self._follow_static(values[:1] if name in _SELECTIONS else values, result)
             return
         axes, cut_axis = mapping
-        cut = source.cut | ({source.axes[cut_axis]} if cut_axis is not None else set())
+        cut = source.cut | ({source.axes[cut_axis]} - {None} if cut_axis is not None else set())
         pieces = cut_axis is not None and not isinstance(result, (tuple, list))
-        origin = _Origin(source.param, tuple(source.axes[a] for a in axes), frozenset(cut), pieces)
+        origin = replace(source, axes=tuple(source.axes[a] for a in axes), cut=frozenset(cut), pieces=pieces)
         for item in result if isinstance(result, (tuple, list)) else (result,):
             self._set(item, origin)
 
@@ -220,15 +340,9 @@ class UseLog:
                 continue
             computed = [u.detail for u in uses if u.kind == _COMPUTED]
             if not weight_uses:
-                if computed:
-                    ops = ", ".join(sorted({u.detail for u in uses if u.kind == "other"}))
-                    skipped.append(Skipped(name, f"reaches its {computed[0]} op only through other ops ({ops}): a weight "
-                                                 "computed or selected in the forward (weight standardization, spectral norm, an "
-                                                 "expert picked by index...), which weight norm on the Parameter would change"))
-                elif self.maps.get(name) and params[name].ndim >= 2 and not self._standard_weight(name):
-                    skipped.append(Skipped(name, f"acts on the data through {', '.join(sorted(self.maps[name]))}, not as "
-                                                 "the weight of a linear/conv op: this library normalizes linear, conv and "
-                                                 "recurrent weights only"))
+                reason = self._reason_not_a_weight(name, uses, params[name].ndim)
+                if reason:
+                    skipped.append(Skipped(name, reason))
                 continue
             reason = self._reason_to_skip(self._tied_names(aliases[name]), uses, weight_uses)
             if computed and not reason:  # V of F.linear(x, U @ V): the matmul is a factor of a weight
@@ -247,6 +361,31 @@ class UseLog:
             own_call = self._own_call(module, weight_uses, aliases)
             targets.append(Target(module, tensor, kind, tuple(params[name].shape), layout, how, len(weight_uses), own_call))
         return targets, skipped
+
+    def _reason_not_a_weight(self, name: str, uses: list[_Use], ndim: int) -> str:
+        """Why a parameter that no linear/conv op reads as its weight is reported, or '' (a vector, a
+        table the data only indexes or is added to: not a layer's weight, not listed).
+
+        A matrix that acts on the data through another op, or that an op from outside torch reads,
+        is named with that op, a layer's weight too: :func:`~wn_transform.discover.account_for_every_layer`
+        would only say that its op does not read it.
+        """
+        computed = [u.detail for u in uses if u.kind == _COMPUTED]
+        if computed:
+            ops = ", ".join(sorted({u.detail for u in uses if u.kind == "other"}))
+            return (f"reaches its {computed[0]} op only through other ops ({ops}): a weight computed or selected in the "
+                    "forward (weight standardization, spectral norm, an expert picked by index...), which weight norm on "
+                    "the Parameter would change")
+        if ndim < 2:
+            return ""
+        reasons = []
+        if self.maps.get(name):
+            reasons.append(f"acts on the data through {', '.join(sorted(self.maps[name]))}, not as the weight of a "
+                           "linear/conv op: this library normalizes linear, conv and recurrent weights only")
+        if self.unknown.get(name):
+            reasons.append(f"{'also ' if reasons else ''}read by {', '.join(sorted(self.unknown[name]))}, which weight norm "
+                           "does not know: an op from outside torch, whose use of the weight cannot be seen")
+        return "; ".join(reasons)
 
     def _own_call(self, module: str, weight_uses: list[_Use], aliases: dict[str, list[str]]) -> bool:
         """Whether the op's output is the layer's output: every read of the weight, and every read
@@ -301,6 +440,11 @@ class UseLog:
         return self.model.get_submodule(split_qualname(param_name)[0])
 
     def _weight_use(self, origin: _Origin, kind: str, unit_dim: int, groups: int, own: bool = False) -> None:
+        if not origin.whole:  # a unit axis taken out or put in: not the weight's own layout
+            self._other_use(origin, "")
+            if kind != "matmul":  # (as in _computed_weight_use)
+                self.uses[origin.param].append(_Use(_COMPUTED, None, kind))
+            return
         if kind == "matmul" and len(origin.axes) != 2:
             self.add_use(origin.param, "other", detail="matmul with a weight of rank other than 2")
             return
@@ -342,26 +486,100 @@ class UseLog:
     def _note_maps(self, name: str, values: list[Any]) -> None:
         """A product op (``einsum``, ``bmm``, a matmul) between the data and parameters, or values
         computed from them alone: note it against those parameters."""
-        operands = values[1:3] if name in ("addmm", "baddbmm", "addbmm") else values  # not the added input
+        operands = values[1:3] if name in _ADDED_INPUT else values  # not the added input
         keys = [key for value in operands if (key := self.key(value)) is not None]
         if all(key in self._origins or self._static.get(key) for key in keys):
             return  # parameters alone (U @ V): at most a computed weight
         for value in operands:
-            key = self.key(value)
-            if key is None:
-                continue
-            origin = self._origins.get(key)
-            params = {origin.param} if origin is not None else self._static.get(key, frozenset())
+            params = self._params_of(value)
             if len(params) == 1 and (name != "einsum" or _einsum_contracts(values, value)):  # one matrix, not a mix
                 self.maps[next(iter(params))].add(name)
 
-    def _standard_weight(self, name: str) -> bool:
-        """Whether ``name`` belongs to a torch linear/conv/recurrent layer (``weight``, spectral norm's
-        ``weight_orig``, a parametrization's ``original``): when it is not a target,
-        :func:`~wn_transform.discover.account_for_every_layer` gives the layer's own reason."""
-        parts = split_qualname(name)[0].split(".")
-        layer = ".".join(parts[:parts.index("parametrizations")] if "parametrizations" in parts else parts)
-        return bool(standard_weights(self.model.get_submodule(layer)))
+    def _other_use(self, origin: _Origin, op: str) -> None:
+        """``op`` reads the value ``origin`` stands for, not as a weight ('': only the ops that took out
+        or put in unit axes of it, which are named too)."""
+        for name in (op, *origin.reshaped_by) if op else origin.reshaped_by:
+            self.add_use(origin.param, "other", detail=name)
+
+    def _unknown_call(self, op: str, values: list[Any], result: Any) -> None:
+        """An op from outside torch reads ``values``: each parameter among them, or that they were
+        computed from, is read by it (and the values it returns are computed from them)."""
+        for value in values:
+            origin = self._origin(value)
+            if origin is not None:
+                self._other_use(origin, op)
+            for param in self._params_of(value):
+                self.unknown[param].add(op)
+        self._follow_static(values, result)
+
+    def _params_of(self, value: Any) -> frozenset[str]:
+        """The parameters ``value`` is a view of, or was computed from alone (none: it depends on the batch)."""
+        key = self.key(value)
+        origin = self._origins.get(key) if key is not None else None
+        if origin is not None:
+            return frozenset({origin.param})
+        return self._static.get(key, frozenset()) if key is not None else frozenset()
+
+    def _machinery(self, name: str, func: Callable | str, args: Sequence[Any]) -> bool:
+        """Whether the call is torch's own module machinery on a parameter, not a use of its values:
+        ``Module.to``/``.float()`` compare tensor types and set ``param.data`` to the parameter itself,
+        converted (a forward that does ``self.router = self.router.to(dtype)``)."""
+        if name in _MACHINERY:
+            return True
+        descriptor = getattr(getattr(func, "__self__", None), "__name__", None)
+        if name != "__set__" or descriptor != "data" or len(args) != 2:
+            return False
+        target, value = self._origin(args[0]), self._origin(args[1])
+        return target is not None and value is not None and target == value and target.whole
+
+    def _unit_view(self, name: str, args: Sequence[Any], kwargs: dict[str, Any], source: _Origin) -> _Origin | None:
+        """``source`` with unit axes taken out or put in by ``name`` (``squeeze``, ``unsqueeze``, a
+        ``view`` or ``flatten`` that keeps the other sizes in order); ``None`` if the op does more, is
+        no such op, or the sizes it needs are not known (an axis a split has cut, a traced size)."""
+        if source.pieces or name not in _SQUEEZES | _UNSQUEEZES | _RESHAPES:
+            return None
+        sizes = tuple(1 if a is None else None if a in source.cut else self._sizes[source.param][a] for a in source.axes)
+        if name in _UNSQUEEZES:
+            dim = _arg(args, kwargs, 1, "dim")
+            if not isinstance(dim, int):
+                return None
+            axes = list(source.axes)
+            axes.insert(dim % (len(axes) + 1), None)
+            moved: _Origin | None = replace(source, axes=tuple(axes))
+        elif name in _SQUEEZES:
+            moved = self._squeezed(source, sizes, _arg(args, kwargs, 1, "dim"))
+        elif None in sizes:
+            return None
+        else:
+            out = _reshaped_sizes(name, args, kwargs, sizes)
+            moved = source if out == sizes else _unit_axes_moved(source, sizes, out) if out is not None else None
+        if moved is None or moved == source:
+            return moved
+        return self._settled(replace(moved, reshaped_by=(*source.reshaped_by, name)))
+
+    @staticmethod
+    def _squeezed(source: _Origin, sizes: tuple[int | None, ...], dim: Any) -> _Origin | None:
+        """``source`` (of ``sizes``, ``None`` where a split has cut) without its unit axes ``dim`` (an
+        int, a list; ``None``: all); ``None`` if the size of one of those axes is not known."""
+        if not sizes:
+            return source  # a scalar: nothing to take out
+        dims = list(range(len(sizes))) if dim is None else _ints([dim])
+        if dims is None or any(sizes[d % len(sizes)] is None for d in dims):
+            return None
+        out = {d % len(sizes) for d in dims if sizes[d % len(sizes)] == 1}
+        axes = tuple(a for i, a in enumerate(source.axes) if i not in out)
+        taken = {source.axes[i] for i in out} - {None}
+        return replace(source, axes=axes, dropped=source.dropped | taken)
+
+    @staticmethod
+    def _settled(origin: _Origin) -> _Origin:
+        """``origin`` with each unit axis that is back in its place counted as the parameter's again: a
+        parameter axis ``i`` taken out, and a unit axis put in at position ``i`` (``w.squeeze(1)
+        .unsqueeze(1)``).  Once all are, the value is the weight in its own layout again."""
+        back = {i for i, a in enumerate(origin.axes) if a is None and i in origin.dropped}
+        axes = tuple(i if i in back else a for i, a in enumerate(origin.axes))
+        settled = replace(origin, axes=axes, dropped=origin.dropped - back)
+        return replace(settled, reshaped_by=()) if settled.whole else settled
 
     def _origin(self, value: Any) -> _Origin | None:
         key = self.key(value)
