@@ -948,3 +948,47 @@ def test_cli_refuses_a_bad_tolerance(tmp_path, capsys, option: str, value: str) 
     assert info.value.code == 2
     assert f"argument {option}: must be a finite number >= 0" in capsys.readouterr().err
     assert os.listdir(tmp_path) == []
+
+
+class _EventGaps(nn.Module):
+    """Sorted event times per row -> log of the gaps -> conv -> max-pool: right for every valid input;
+    permuted times are unsorted, and the log of a negative gap is NaN in both runtimes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(1, 4, 1)
+
+    def forward(self, times: torch.Tensor) -> torch.Tensor:
+        gaps = torch.log(times[:, 1:] - times[:, :-1]).unsqueeze(1)
+        return torch.nn.functional.max_pool1d(self.conv(gaps), 2)
+
+
+class _RankedTopK(nn.Module):
+    """Per-row ranks (no ties in a row) -> features and the top-3 indices; permuted values tie."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(12, 12)
+
+    def forward(self, ranks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.fc(ranks), ranks.topk(3, dim=-1).indices
+
+
+@pytest.mark.parametrize("case", ["nan-outside-the-domain", "topk-ties"])
+def test_the_other_values_check_ignores_what_permuting_values_alone_changes(case: str, tmp_path) -> None:
+    """Permuted values can leave the model's domain (NaN, which torch's max-pool carries and
+    onnxruntime's does not) or tie (top-k indices break ties their own ways): neither is a graph
+    that baked in the sample's path, and the export passes on the sample and grown batches."""
+    torch.manual_seed(0)
+    if case == "nan-outside-the-domain":
+        model, batch = _EventGaps(), torch.cumsum(torch.rand(4, 9) + 0.1, dim=1)
+    else:
+        model, batch = _RankedTopK(), torch.stack([torch.randperm(12) for _ in range(6)]).float()
+    model = wn.apply_weight_norm(model, batch)
+    report = export_onnx(model, batch, tmp_path / "m.onnx", exporter="torchscript")
+    assert report.other_values_checked
+    with torch.no_grad():
+        expected = wn.fold_weight_norm(model)(batch)
+    (input_name,) = [graph_input.name for graph_input in onnx.load(report.path).graph.input]
+    got = run_onnx(report.path, {input_name: batch})
+    assert_close(next(iter(got.values())), expected[0] if isinstance(expected, tuple) else expected)

@@ -214,7 +214,10 @@ def test_our_layers_load_checkpoints_of_every_other_layout_as_the_same_function(
         style: str, layer: str, dim: int | None, exp_scale: bool) -> None:
     """A checkpoint of the layer under torch's weight norm (either API; ConvTranspose normalized per
     input channel, or ``dim=None``), or of the plain layer, loads strictly into our weight-normalized
-    layer and gives the layer it was written from; the caller's dict is left as it was."""
+    layer and gives the layer it was written from; the caller's dict is left as it was.  Except one
+    case: a pair in our own keys and axis without the ``g_is_log`` marker, into a layer that stores
+    ``s = log g``, could hold either (a parameters-only save of such a layer has no marker): it loads
+    as stored, and a strict load names the missing marker."""
     torch.manual_seed(0)
     source = LAYERS[layer]()
     if style != "plain":
@@ -222,6 +225,10 @@ def test_our_layers_load_checkpoints_of_every_other_layout_as_the_same_function(
     ours = wn.apply_weight_norm(LAYERS[layer](), init="preserve", exp_scale=exp_scale)
     checkpoint = source.state_dict()
     keys = list(checkpoint)
+    if exp_scale and style == "parametrizations" and dim == 0 and layer != "conv_transpose1d":
+        with pytest.raises(RuntimeError, match="g_is_log"):
+            ours.load_state_dict(checkpoint)
+        return
     assert str(ours.load_state_dict(checkpoint)) == "<All keys matched successfully>"
     assert list(checkpoint) == keys
     x = torch.randn(2, 6) if layer == "linear" else torch.randn(2, 4, 7)
@@ -236,3 +243,50 @@ def test_a_folded_layer_keeps_no_load_hook_of_ours() -> None:
 
     model = wn.fold_weight_norm(wn.apply_weight_norm(nn.Sequential(nn.Linear(3, 2), nn.Conv1d(2, 2, 1)), init="preserve"))
     assert b"wn_transform" not in pickle.dumps(model)
+
+
+def test_a_parameters_only_dict_of_an_exp_scale_model_loads_as_stored() -> None:
+    """An EMA copy or a trainable-only save holds ``original0`` (= s) without the ``g_is_log`` marker
+    buffer: a g and an s of our layout cannot be told apart, so it loads as stored, and a strict
+    load names the missing marker."""
+    torch.manual_seed(0)
+    source = wn.apply_weight_norm(nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)), init="preserve",
+                                  exp_scale=True)
+    with torch.no_grad():
+        source[0].parametrizations.weight.original0.sub_(3.0)  # some s < 0: g = e^s < 1
+    target = wn.apply_weight_norm(nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)), init="preserve",
+                                  exp_scale=True)
+    result = target.load_state_dict(dict(source.named_parameters()), strict=False)
+    assert sorted(result.missing_keys) == ["0.parametrizations.weight.0.g_is_log", "2.parametrizations.weight.0.g_is_log"]
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float8_e4m3fn], ids=["bf16", "f16", "f8"])
+def test_a_low_precision_plain_checkpoint_loads_as_a_plain_layer_would_load_it(dtype: torch.dtype) -> None:
+    """The layer is float32: its ``g = ||w||`` is computed in float32, not rounded to the checkpoint's dtype."""
+    torch.manual_seed(0)
+    checkpoint = {key: value.to(dtype) for key, value in nn.Linear(64, 32).state_dict().items()}
+    plain = nn.Linear(64, 32)
+    plain.load_state_dict(checkpoint)
+    ours = wn.apply_weight_norm(nn.Linear(64, 32), init="preserve")
+    ours.load_state_dict(checkpoint)
+    torch.testing.assert_close(ours.weight, plain.weight, rtol=2e-7, atol=0)
+
+
+def test_models_from_torchs_weight_norm_pickle_after_convert_and_fold() -> None:
+    """torch's ``parametrizations.weight_norm`` leaves a local-function load hook on the layer; once
+    converted or folded the layer no longer has torch's parametrization, and the hook goes with it
+    (legacy keys still load into the converted layer, through ours)."""
+    import io
+    import pickle
+
+    torch.manual_seed(0)
+    model = nn.Sequential(parametrized_weight_norm(nn.Conv1d(3, 4, 3)))
+    legacy = legacy_weight_norm(nn.Conv1d(3, 4, 3))
+    converted = wn.apply_weight_norm(model, init="preserve", existing="convert")
+    torch.save(converted, io.BytesIO())
+    pickle.dumps(wn.fold_weight_norm(model))
+    converted[0].load_state_dict(legacy.state_dict())
+    x = torch.randn(2, 3, 9)
+    torch.testing.assert_close(converted[0](x), legacy(x))

@@ -113,3 +113,18 @@ def fold_one(model: nn.Module, found: FoundWeightNorm) -> None:
         weight = getattr(module, found.name)
     requires_grad = any(p.requires_grad for p in chain.parameters(recurse=False))
     remove(module, found.name, weight, requires_grad=requires_grad)
+    if found.layout == "torch":
+        _drop_torch_compat_hook(module, found.name)
+
+
+def _drop_torch_compat_hook(module: nn.Module, name: str) -> None:
+    """Remove the ``load_state_dict`` pre-hook that torch's ``parametrizations.weight_norm`` leaves on
+    the layer for ``name`` (it renames legacy ``name_g``/``name_v`` keys): a plain weight takes no
+    such keys, and the hook, a local function, makes the model impossible to pickle."""
+    for hook_id, wrapped in list(module._load_state_dict_pre_hooks.items()):
+        hook = getattr(wrapped, "hook", wrapped)
+        if getattr(hook, "__qualname__", "") != "weight_norm.<locals>._weight_norm_compat_hook":
+            continue
+        names = dict(zip(hook.__code__.co_freevars, (cell.cell_contents for cell in hook.__closure__ or ())))
+        if names.get("name") == name:
+            del module._load_state_dict_pre_hooks[hook_id]

@@ -253,15 +253,16 @@ def _load_other_layouts(name: str, module: nn.Module, state_dict: dict, prefix: 
     base = f"{prefix}parametrizations.{name}."
     g_key, v_key, marker_key = f"{base}original0", f"{base}original1", f"{base}0.{EXP_SCALE_MARKER}"
     legacy = (f"{prefix}{name}_g", f"{prefix}{name}_v")
+    dtype = chain.original1.dtype  # computed in the layer's own precision (a bfloat16 checkpoint: no bfloat16 g)
     if g_key in state_dict and v_key in state_dict:
         keys, stored_log = (g_key, v_key), marker_key in state_dict
-        if state_dict[g_key].shape == chain.original0.shape and stored_log == wn.exp_scale:
-            return  # this library's own layout
+        if state_dict[g_key].shape == chain.original0.shape and (wn.exp_scale or not stored_log):
+            return  # this library's layout (without its marker, a g cannot be told from an s: taken as stored)
     elif all(key in state_dict for key in legacy):
         keys, stored_log = legacy, False
     elif f"{prefix}{name}" in state_dict and state_dict[f"{prefix}{name}"].shape == chain.original1.shape:
         weight = state_dict.pop(f"{prefix}{name}")
-        state_dict[g_key], state_dict[v_key] = wn.right_inverse(weight)
+        state_dict[g_key], state_dict[v_key] = wn.right_inverse(_widened(weight, dtype))
         if wn.exp_scale:
             state_dict[marker_key] = torch.ones(())
         return
@@ -279,6 +280,7 @@ def _load_other_layouts(name: str, module: nn.Module, state_dict: dict, prefix: 
     if layout == wn.layout and not stored_log and not wn.exp_scale:
         state_dict[g_key], state_dict[v_key] = g, v  # the same axis: kept as they are (the norm of v too)
         return
+    g, v = _widened(g, dtype), _widened(v, dtype)
     with torch.no_grad():
         if layout is None:  # one norm over the whole tensor
             weight = compose_weight(g.reshape(1, 1), v.reshape(1, -1), UnitLayout(0), exp_scale=stored_log).view(v.shape)
@@ -287,6 +289,18 @@ def _load_other_layouts(name: str, module: nn.Module, state_dict: dict, prefix: 
     state_dict[g_key], state_dict[v_key] = wn.right_inverse(weight)
     if wn.exp_scale:
         state_dict[marker_key] = torch.ones(())
+
+
+def _widened(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    """``tensor`` in ``dtype`` where that is wider (a float8/float16/bfloat16 checkpoint for a float32
+    layer); as it is otherwise."""
+    if not tensor.is_floating_point() or not dtype.is_floating_point:
+        return tensor
+    try:
+        wide = torch.promote_types(tensor.dtype, dtype)
+    except RuntimeError:  # torch promotes no float8 type: the layer's own dtype
+        wide = dtype
+    return tensor.to(wide)
 
 
 def _layout_hook(module: nn.Module, name: str) -> int | None:
