@@ -249,6 +249,13 @@ def test_bad_arguments_get_clear_errors(net: Net, batch: torch.Tensor) -> None:
         wn.apply_weight_norm(net, "batch.pt")
 
 
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("nan"), float("inf")])
+def test_an_init_scale_that_is_no_positive_finite_number_is_a_weight_norm_error(net: Net, batch: torch.Tensor,
+                                                                               scale: float) -> None:
+    with pytest.raises(wn.WeightNormError, match="init_scale is the std every pre-activation starts with"):
+        wn.apply_weight_norm(net, batch, init_scale=scale)
+
+
 def test_lazy_layers_that_have_not_run_are_named_and_work_after_one_forward() -> None:
     model = nn.Sequential(nn.LazyConv2d(4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
     x = torch.randn(6, 3, 5, 5)

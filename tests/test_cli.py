@@ -91,6 +91,23 @@ def test_fold_keeps_the_nesting_and_equals_folding_the_model(nested: Path, tmp_p
         torch.testing.assert_close(generator[key], expected[key])
 
 
+@pytest.mark.parametrize("command", ["fold", "convert"])
+def test_key_writes_one_nested_state_dict_alone_which_safetensors_can_hold(command: str, nested: Path, tmp_path: Path,
+                                                                          capsys) -> None:
+    out = tmp_path / "generator.safetensors"
+    layout = ["--to", "legacy"] if command == "convert" else []
+    assert main([command, str(nested), "-o", str(out), *layout]) == 1  # a nested checkpoint: one state dict needed
+    assert "(fold and convert take --key)" in capsys.readouterr().err and not out.exists()
+    assert main([command, str(nested), "--key", "generator", "-o", str(out), *layout]) == 0
+    model = build_plain() if command == "fold" else build_generator("legacy")
+    model.load_state_dict(load_file(out))
+    reference = wn.fold_weight_norm(build_generator("parametrizations"))
+    mel = torch.randn(1, 80, 6)
+    torch.testing.assert_close(model(mel), reference(mel))
+    assert main([command, str(nested), "--key", "nope", "-o", str(tmp_path / "x.pt"), *layout]) == 1
+    assert "no state dict under --key nope (found: generator, discriminator)" in capsys.readouterr().err
+
+
 def test_fold_refuses_to_overwrite_without_force_and_never_writes_over_its_input(nested: Path, tmp_path: Path) -> None:
     out = tmp_path / "out.pt"
     out.write_bytes(b"keep me")
@@ -437,6 +454,10 @@ def test_inspect_shows_only_the_state_dict_under_key(nested: Path, capsys) -> No
     assert "generator: 8 weight-normalized tensors" in out and "discriminator" not in out
     assert main(["inspect", str(nested), "--key", "nope"]) == 1
     assert "no state dict under --key nope (found: generator, discriminator)" in capsys.readouterr().err
+    # with --model, --key names the same file's state dict when no other --checkpoint is given
+    assert main(["inspect", str(nested), "--key", "generator", "--model", MODEL]) == 0
+    out = capsys.readouterr().out
+    assert "generator: 8 weight-normalized tensors" in out and "discriminator" not in out
 
 
 def test_an_interrupt_exits_130_and_writes_nothing(nested: Path, tmp_path: Path, monkeypatch, capsys) -> None:

@@ -8,6 +8,8 @@ step that can trace it, so the rules hold whichever step found the weights.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -593,3 +595,26 @@ def test_a_layer_cast_in_the_forward_is_still_a_layer(cast: str) -> None:
     assert skipped == {}
     out = wn.apply_weight_norm(model, x, init="preserve")
     torch.testing.assert_close(out(x), model(x))
+
+
+class CodebookDistances(nn.Module):
+    """A VQ layer: a projection, then the distances of its output to a codebook's rows (``cdist``)."""
+
+    def __init__(self, step: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.step = step
+        self.proj = nn.Linear(4, 4)
+        self.codebook = nn.Embedding(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cdist(self.proj(_branch(self.step, x)), self.codebook.weight).argmin(-1)
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_a_codebook_read_through_cdist_is_skipped_with_the_op_named(step: str) -> None:
+    report, skipped = _reasons(CodebookDistances(step), torch.randn(8, 4))
+    assert report.found_by == step
+    assert [t.qualname for t in report.converted] == ["proj.weight"]
+    assert list(skipped) == ["codebook.weight"], skipped
+    assert re.match(r"acts on the data through \S*cdist", skipped["codebook.weight"]), skipped

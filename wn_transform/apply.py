@@ -111,8 +111,8 @@ def apply_weight_norm(
         BatchError: the batch holds NaN/inf, or (for the data init) is empty or on the meta device
             (nothing is changed); or the model rejects it (the layer is named).
         SelectionError: a selection rule matches no weight.
-        WeightNormError: a lazy layer (``nn.LazyLinear``...) has not run yet, so its weight has no
-            shape; or the model holds a TorchScript module; or, for the data init, its parameters
+        WeightNormError: ``init_scale`` is not a positive finite number; a lazy layer
+            (``nn.LazyLinear``...) has not run yet, so its weight has no shape; or the model holds a TorchScript module; or, for the data init, its parameters
             are on the meta device.
         NoTargetsError: the model has no linear/conv weight.
     """
@@ -130,7 +130,7 @@ def apply_weight_norm(
         _check_measurable(model, sample_batch)
     if not (math.isfinite(init_scale) and init_scale > 0):
         msg = f"init_scale is the std every pre-activation starts with: a positive finite number, got {init_scale!r}"
-        raise ValueError(msg)
+        raise WeightNormError(msg)
     selection = Selection.build(include, exclude, types, filter_fn)
     with gc_paused():  # a quarter to a third of the time on large models, see _gc
         working = model if inplace else copy_model(model)

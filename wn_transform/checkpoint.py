@@ -211,7 +211,8 @@ def save_checkpoint(obj: Any, path: str | os.PathLike, *, force: bool = False, i
     safetensors = path.suffix.lower() == SAFETENSORS
     if safetensors and not is_state_dict(obj):
         msg = (f"{path}: safetensors holds one flat mapping of names to tensors, but this checkpoint nests "
-               f"state dicts ({', '.join('.'.join(p) for p in state_dict_paths(obj)) or 'no tensors'}); use .pt")
+               f"state dicts ({', '.join('.'.join(p) for p in state_dict_paths(obj)) or 'no tensors'}); use .pt, "
+               f"or write one of them alone (fold and convert take --key)")
         raise CheckpointError(msg)
     if safetensors and (plain := [k for k, v in obj.items() if not isinstance(v, Tensor)]):
         msg = f"{path}: safetensors holds only tensors, but {few(plain)} {'is' if len(plain) == 1 else 'are'} not; use .pt"

@@ -41,7 +41,9 @@ EXAMPLES = {
   wn-transform inspect --model mypkg.models:build_generator --model-kwargs '{"channels": 256}' --input-shape 1,80,100""",
     "fold": """example:
   wn-transform fold hifigan_g.pt -o hifigan_g_plain.safetensors
-  (nested checkpoints such as {"generator": ..., "discriminator": ...} keep their structure)""",
+  wn-transform fold hifigan.pt -o hifigan_plain.pt
+  (nested checkpoints such as {"generator": ..., "discriminator": ..., "epoch": 3} keep their structure in a .pt;
+  --key generator writes that state dict alone, which a .safetensors file can hold)""",
     "convert": """examples:
   wn-transform convert old_legacy.pt -o new.pt --to parametrizations   # weight_g/weight_v -> parametrizations.weight.original0/1
   wn-transform convert new.pt -o old.pt --to legacy""",
@@ -80,11 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     fold = command("fold", "Fold every weight-normalized tensor of a checkpoint into a plain weight (no model code).")
     fold.add_argument("input", help="checkpoint to fold")
+    _one_state_dict_argument(fold)
     _output_arguments(fold)
 
     convert = command("convert", "Convert a checkpoint between torch's two weight-norm layouts.")
     convert.add_argument("input", help="checkpoint to convert")
     convert.add_argument("--to", required=True, choices=("parametrizations", "legacy"), help="target layout")
+    _one_state_dict_argument(convert)
     _output_arguments(convert)
 
     apply = command("apply", "Weight-normalize a model's checkpoint (data-dependent init or exact).")
@@ -135,6 +139,11 @@ def _batch_arguments(parser: argparse.ArgumentParser, name: str, *, required: bo
                        help="a random float32 input of this shape (seed 0)")
 
 
+def _one_state_dict_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--key", metavar="PATH", help="write only the nested state dict at PATH, e.g. generator "
+                                                       "(one flat state dict: what a .safetensors output holds)")
+
+
 def _output_arguments(parser: argparse.ArgumentParser, kinds: str = ".pt/.pth/.bin/.safetensors") -> None:
     parser.add_argument("-o", "--output", required=True, metavar="FILE", help=f"where to write ({kinds})")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
@@ -151,7 +160,7 @@ def cmd_inspect(args: argparse.Namespace, say: Callable[[str], None]) -> int:
         if not paths:
             msg = f"{args.file}: holds no state dict (no mapping of names to tensors)"
             raise CheckpointError(msg)
-        if args.key is not None and args.model is None:
+        if args.key is not None and args.checkpoint in (None, args.file):  # else --key names --checkpoint's
             paths = [_keyed_path(paths, args.key, args.file)]
         for path in paths:
             print(_describe_state_dict(_get(checkpoint, path), _path_name(path)))
@@ -274,6 +283,9 @@ def _rewrite(args: argparse.Namespace, say: Callable[[str], None], fn: Callable[
     say(f"loading {args.input}")
     checkpoint = load_checkpoint(args.input)
     paths = state_dict_paths(checkpoint)
+    if args.key is not None:  # that state dict alone
+        checkpoint = _get(checkpoint, _keyed_path(paths, args.key, args.input))
+        paths = state_dict_paths(checkpoint)
     found = {_path_name(p): find_state_dict_weight_norms(_get(checkpoint, p)) for p in paths}
     if not any(found.values()):
         msg = f"{args.input}: no weight-normalized tensors found (looked in {', '.join(found) or 'no state dict'})"

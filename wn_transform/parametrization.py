@@ -205,7 +205,8 @@ def weight_memo() -> Iterator[None]:
 
 @contextlib.contextmanager
 def no_weight_cache() -> Iterator[None]:
-    """Within this context, eval-mode weights are computed afresh and not kept."""
+    """Within this context, weights computed without autograd (eval mode, ``torch.no_grad()``) are
+    computed afresh and not kept."""
     token = _CACHING.set(False)
     try:
         yield

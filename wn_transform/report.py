@@ -58,7 +58,7 @@ class WeightNormReport:
             for name, count in self.notes.constant_units.items():
                 lines.append(f"  {name}: {count} units constant on the batch (sigma ~ 0); their scale is s, not s/sigma")
             for name in self.notes.unreached:
-                lines.append(f"  {name}: not reached by any row of the sample batch (the init pass runs the model in eval mode); "
+                lines.append(f"  {name}: not reached by any row of the sample batch (the init pass runs the model with dropout off); "
                              "kept its scale")
             for name in self.notes.bias_not_set:
                 lines.append(f"  {name}: its bias is computed, not a parameter; only g was set")

@@ -72,7 +72,8 @@ _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 # Products that act on the data with a matrix other than as a linear/conv weight (a use is reported)
 _MAP_OPS = frozenset({"einsum", "bmm", "baddbmm", "addbmm", "matmul", "__matmul__", "__rmatmul__", "mm", "mv", "bilinear",
                       "tensordot", "linear", "addmm", "addmv", "inner", "chain_matmul", "linalg_multi_dot",
-                      "_grouped_mm", "grouped_mm", "_scaled_mm", "_scaled_grouped_mm"})
+                      "_grouped_mm", "grouped_mm", "_scaled_mm", "_scaled_grouped_mm",
+                      "cdist", "_cdist_forward", "_euclidean_dist"})  # distances to a codebook's rows (VQ)
 _ADDED_INPUT = frozenset({"addmm", "baddbmm", "addbmm", "addmv"})  # ops whose first operand is added, not multiplied
 # Namespaces of torch's own operators: an operator in any other one is a custom op (torch.library)
 _TORCH_NAMESPACES = frozenset({"aten", "prim", "prims", "higher_order", "quantized", "_quantized", "quantized_decomposed",
