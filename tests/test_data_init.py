@@ -747,3 +747,18 @@ def test_a_layer_called_several_times_is_standardized_on_its_first_call_and_the_
     torch.testing.assert_close(outputs[0].mean(0), torch.zeros(16), atol=1e-5, rtol=0)
     torch.testing.assert_close(outputs[0].std(0, correction=0), torch.ones(16), atol=1e-5, rtol=0)
     assert "shared.weight: read by 3 op calls in one forward (a shared layer)" in str(wn.weight_norm_report(model))
+
+
+@pytest.mark.parametrize("spread", [1e-5, 1e-4])
+def test_units_nearly_constant_on_the_batch_are_reported(spread: float) -> None:
+    """Two rows that differ by ``spread`` of their size: every unit varies (none is constant), but so
+    little that float32 rounding of ``t`` is a visible part of its std; the report says so.  A
+    batch that varies does not get the note."""
+    torch.manual_seed(0)
+    row = torch.randn(1, 16) + 5
+    nearly = torch.cat([row, row + spread * row.abs().mean() * torch.randn(1, 16)])
+    notes = wn.weight_norm_report(wn.apply_weight_norm(nn.Linear(16, 8), nearly)).notes
+    assert notes.constant_units == {} and notes.nearly_constant_units == {"weight": 8}
+    report = wn.apply_weight_norm(nn.Linear(16, 8), torch.randn(64, 16))
+    assert wn.weight_norm_report(report).notes.nearly_constant_units == {}
+    assert "units nearly constant on the batch" in str(wn.weight_norm_report(wn.apply_weight_norm(nn.Linear(16, 8), nearly)))

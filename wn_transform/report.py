@@ -57,6 +57,9 @@ class WeightNormReport:
                                  "standardized its first call's output, the others follow from it")
             for name, count in self.notes.constant_units.items():
                 lines.append(f"  {name}: {count} units constant on the batch (sigma ~ 0); their scale is s, not s/sigma")
+            for name, count in self.notes.nearly_constant_units.items():
+                lines.append(f"  {name}: {count} units nearly constant on the batch (sigma < 1e-3 of their mean): "
+                             "standardized only to within float rounding (a larger or more varied batch helps)")
             for name in self.notes.unreached:
                 lines.append(f"  {name}: not reached by any row of the sample batch (the init pass runs the model with dropout off); "
                              "kept its scale")
@@ -75,7 +78,8 @@ class WeightNormReport:
 
     def to_dict(self) -> dict:
         notes = None if self.notes is None else {
-            "constant_units": self.notes.constant_units, "unreached": self.notes.unreached,
+            "constant_units": self.notes.constant_units, "nearly_constant_units": self.notes.nearly_constant_units,
+            "unreached": self.notes.unreached,
             "bias_not_set": self.notes.bias_not_set, "recurrent_kept": self.notes.recurrent_kept,
             "no_bias": self.notes.no_bias,
         }
