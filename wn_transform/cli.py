@@ -7,10 +7,10 @@ Exit codes: 0 success, 1 the operation failed (the message says which file, key 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import inspect
 import json
-import contextlib
 import math
 import signal
 import sys

@@ -368,17 +368,21 @@ class _Moments:
         self._order.append((state, units, device, start, stop))
         return _Slot(self._norms[device][start:stop], self._mean[device][start:stop], self._var[device][start:stop])
 
+    def _spread_below(self, relative: float) -> dict[torch.device, Tensor]:
+        """Per device, the units with ``sigma[t] <= relative (|mu[t]| + ||v||)`` (never those not
+        calibrated, nor those known constant: their variance is inf)."""
+        return {d: var <= (self._mean[d].abs() + self._norms[d]).mul_(relative).square_() for d, var in self._var.items()}
+
     def nearly_constant(self) -> dict[str, int]:
         """Per weight, how many of its units vary on the batch by less than ``1e-3 (|mu[t]| + 1)``
-        but more than a constant unit: standardized to within float rounding only."""
+        (after the last pass, none is constant): standardized to within float rounding only."""
+        nearly = self._spread_below(_NEARLY_CONSTANT_STD)
+        if not any(bool(flags.any()) for flags in nearly.values()):
+            return {}
         counts: dict[str, int] = {}
-        for state, units, device, start, stop in self._order:
-            var = self._var[device][start:stop]
-            bound = (self._mean[device][start:stop].abs() + self._norms[device][start:stop]) * _NEARLY_CONSTANT_STD
-            count = int((var.isfinite() & (var <= bound.square())).sum())
-            if count:
-                name = state.target.qualname
-                counts[name] = counts.get(name, 0) + count
+        for state, _, device, start, stop in self._order:
+            if count := int(nearly[device][start:stop].sum()):
+                counts[state.target.qualname] = counts.get(state.target.qualname, 0) + count
         return counts
 
     def constants(self) -> list[tuple[_State, Tensor]]:
@@ -387,8 +391,7 @@ class _Moments:
         that has any (later ones ran on what it handed on: their statistics are not certain),
         and every zero direction (constant whatever the input)."""
         zero = {d: norms == 0 for d, norms in self._norms.items()}
-        constant = {d: var <= (self._mean[d].abs() + self._norms[d]).mul_(_CONSTANT_STD).square_()
-                    for d, var in self._var.items()}
+        constant = self._spread_below(_CONSTANT_STD)
         if not any(bool(flags.any()) for flags in (*constant.values(), *zero.values())):
             return []
         found: list[tuple[_State, Tensor]] = []

@@ -145,11 +145,15 @@ def scale_from_norm(g: Tensor, safe: Tensor, *, exp_scale: bool = False) -> Tens
     return gain / safe
 
 
-def compose_weight(g: Tensor, v: Tensor, layout: UnitLayout, *, exp_scale: bool = False) -> Tensor:
+def compose_weight(g: Tensor, v: Tensor, layout: UnitLayout | None, *, exp_scale: bool = False) -> Tensor:
     """``w = g * v / ||v||`` per output unit, in ``v``'s dtype.
 
-    Shapes: ``v`` is the weight shape, ``g`` is ``layout.g_shape(v.shape)``.
+    Shapes: ``v`` is the weight shape, ``g`` is ``layout.g_shape(v.shape)``; ``layout=None``: one
+    unit, the whole tensor (torch's ``dim=None``), ``g`` of one element.
     """
+    if layout is None:
+        whole = compose_weight(g.reshape(1, 1), v.reshape(1, -1), UnitLayout(0), exp_scale=exp_scale)
+        return whole.reshape(v.shape)
     scale = scale_from_norm(g, safe_norm(unit_norm(v, layout)), exp_scale=exp_scale)
     if layout.groups == 1:
         return (v * scale).to(v.dtype)

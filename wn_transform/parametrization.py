@@ -283,10 +283,7 @@ def _load_other_layouts(name: str, module: nn.Module, state_dict: dict, prefix: 
         return
     g, v = _widened(g, dtype), _widened(v, dtype)
     with torch.no_grad():
-        if layout is None:  # one norm over the whole tensor
-            weight = compose_weight(g.reshape(1, 1), v.reshape(1, -1), UnitLayout(0), exp_scale=stored_log).view(v.shape)
-        else:
-            weight = compose_weight(g, v, layout, exp_scale=stored_log)
+        weight = compose_weight(g, v, layout, exp_scale=stored_log)  # layout None: the whole tensor
     state_dict[g_key], state_dict[v_key] = wn.right_inverse(weight)
     if wn.exp_scale:
         state_dict[marker_key] = torch.ones(())

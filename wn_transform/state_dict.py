@@ -237,8 +237,6 @@ def _unit_axis(g: Tensor, v: Tensor, g_key: str, v_key: str) -> tuple[int | None
 
 
 def _fold(g: Tensor, v: Tensor, wn: StateDictWeightNorm) -> Tensor:
+    layout = None if wn.dim is None else UnitLayout(wn.dim, wn.groups)  # None: the whole tensor
     with torch.no_grad():
-        if wn.dim is None:  # one unit: the whole tensor
-            whole = compose_weight(g.reshape(1, 1), v.reshape(1, -1), UnitLayout(0), exp_scale=wn.exp_scale)
-            return whole.reshape(v.shape)
-        return compose_weight(g, v, UnitLayout(wn.dim, wn.groups), exp_scale=wn.exp_scale)
+        return compose_weight(g, v, layout, exp_scale=wn.exp_scale)
