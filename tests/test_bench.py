@@ -88,3 +88,19 @@ def test_the_limit_variant_does_its_passes_over_every_normalized_weight_and_trai
     assert sorted(set(norms_read)) == sorted(w.data_ptr() for w in weights)
     for (name, a), b in zip(plain.model.named_parameters(), limit.model.parameters(), strict=True):
         assert torch.equal(a, b), name  # ... and leaves the training unchanged
+
+
+def test_variants_narrows_the_training_workloads_to_a_head_to_head_and_keeps_plain(tmp_path: Path) -> None:
+    """``--variants wn_transform,torch``: a training workload times plain (its baseline) and those two
+    alone, so a long run spends its rounds on the comparison asked for; an unknown name is a usage error."""
+    result = subprocess.run([sys.executable, str(TOOLS / "bench.py"), "--quick", "--only", "3", "--variants",
+                             "wn_transform,torch", "--out", str(tmp_path), "--no-plots"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    (workload,) = json.loads((tmp_path / "bench.json").read_text())["workloads"]
+    assert {row["variant"] for row in workload["rows"]} == {"plain", "wn_transform", "torch"}
+    assert any("head to head, wn_transform / torch" in note for note in workload["notes"])
+    wrong = subprocess.run([sys.executable, str(TOOLS / "bench.py"), "--variants", "wn_transform,tourch",
+                            "--out", str(tmp_path / "wrong")], capture_output=True, text=True, timeout=120)
+    assert wrong.returncode == 2 and "--variants: unknown ['tourch']" in wrong.stderr
+    assert not (tmp_path / "wrong").exists()

@@ -369,6 +369,33 @@ def test_a_layer_the_batch_never_reaches_keeps_its_scale_and_is_reported() -> No
     torch.testing.assert_close(out.unused.weight, model.unused.weight)
 
 
+def test_a_head_that_runs_only_in_training_is_reported_as_unreached_by_the_eval_mode_pass() -> None:
+    """GoogLeNet's auxiliary classifiers run under ``if self.training``; the init pass runs the model
+    in eval mode (deterministic: no dropout, no masking), so such a head keeps its scale, and the
+    report says why, while the model given in training mode stays in it."""
+
+    class WithAuxiliaryHead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+            self.fc = nn.Linear(8, 10)
+            self.aux = nn.Linear(8, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+            h = torch.relu(self.conv(x)).mean((2, 3))
+            return (self.fc(h), self.aux(h)) if self.training else self.fc(h)
+
+    torch.manual_seed(0)
+    x = torch.randn(32, 3, 8, 8)
+    out = wn.apply_weight_norm(WithAuxiliaryHead(), x)
+    report = wn.weight_norm_report(out)
+    assert report.notes.unreached == ["aux.weight"] and out.training
+    assert "aux.weight: not reached by any row of the sample batch (the init pass runs the model in eval mode" in str(report)
+    with torch.no_grad():
+        logits, _ = out(x)
+    torch.testing.assert_close(logits.std(0, unbiased=False), torch.ones(10), atol=1e-4, rtol=0)
+
+
 def test_resample_draws_directions_from_the_paper_distribution() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 128))
@@ -418,15 +445,78 @@ def test_a_wrong_shape_batch_on_an_exported_model_is_one_clean_error() -> None:
     assert done.stderr == ""
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_a_batch_with_nan_or_inf_is_refused_before_anything_changes(bad: float) -> None:
+def test_a_batch_with_nan_is_refused_before_anything_changes() -> None:
     model = nn.Sequential(nn.Linear(4, 2))
     before = model[0].weight.clone()
     batch = torch.randn(3, 4)
-    batch[1, 2] = bad
-    with pytest.raises(wn.BatchError, match="NaN or inf"):
+    batch[1, 2] = float("nan")
+    with pytest.raises(wn.BatchError, match=r"the sample batch holds NaN values \(the batch tensor\)|holds NaN values"):
         wn.apply_weight_norm(model, batch, inplace=True)
     assert type(model[0]) is nn.Linear and torch.equal(model[0].weight, before)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf")])
+def test_an_infinity_that_reaches_a_layers_statistics_names_the_layer_and_changes_nothing(bad: float) -> None:
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    before = {k: t.clone() for k, t in model.state_dict().items()}
+    batch = torch.randn(3, 4)
+    batch[1, 2] = bad
+    with pytest.raises(wn.WeightNormError, match=r"^0\.weight: the data-dependent init measured a non-finite"):
+        wn.apply_weight_norm(model, batch, inplace=True)
+    assert type(model[0]) is nn.Linear
+    assert all(torch.equal(t, before[k]) for k, t in model.state_dict().items())
+
+
+class _CausalLM(nn.Module):
+    """Calibrated with torch's own float causal mask (0 / -inf), an input of the forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 16)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 20)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(self.emb(ids), mask=mask, is_causal=True))
+
+
+def test_an_additive_minus_infinity_mask_in_the_batch_is_taken() -> None:
+    torch.manual_seed(0)
+    ids = torch.randint(0, 20, (16, 9))
+    mask = nn.Transformer.generate_square_subsequent_mask(9)
+    assert bool(mask.isinf().any())
+    out = wn.apply_weight_norm(_CausalLM(), (ids, mask))
+    with torch.no_grad():
+        logits = out(ids, mask)
+    torch.testing.assert_close(logits.flatten(0, 1).std(0, correction=0), torch.ones(20), atol=1e-4, rtol=0)
+
+
+class _NaNAtPadding(nn.Module):
+    """L2-normalizes frames, so all-zero padding frames give 0/0 = NaN, which the model never uses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(6, 6)
+        self.second = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        h = x / x.norm(dim=-1, keepdim=True)
+        h = self.second(torch.relu(self.first(h)))
+        return h[keep]
+
+
+def test_nan_the_model_computes_at_unused_positions_is_an_error_naming_the_first_layer() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 6)
+    x[:, 3:] = 0  # padding frames
+    keep = torch.ones(2, 5, dtype=torch.bool)
+    keep[:, 3:] = False
+    model = _NaNAtPadding()
+    assert bool(model(x, keep).isfinite().all())  # the plain model's output is finite
+    with pytest.raises(wn.WeightNormError, match=r"^first\.weight: the data-dependent init measured a non-finite"):
+        wn.apply_weight_norm(model, (x, keep))
+    assert wn.weight_norm_report(wn.apply_weight_norm(model, (x, keep), init="preserve")).converted
 
 
 def test_the_exact_init_standardizes_a_100_layer_network_to_the_last_layer() -> None:
@@ -762,3 +852,114 @@ def test_units_nearly_constant_on_the_batch_are_reported(spread: float) -> None:
     report = wn.apply_weight_norm(nn.Linear(16, 8), torch.randn(64, 16))
     assert wn.weight_norm_report(report).notes.nearly_constant_units == {}
     assert "units nearly constant on the batch" in str(wn.weight_norm_report(wn.apply_weight_norm(nn.Linear(16, 8), nearly)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("scale", [1e-7, 1e-4, 1e4])
+def test_the_constant_unit_check_holds_at_every_scale_of_the_input(scale: float, dtype: torch.dtype) -> None:
+    """Features in SI units (1e-7 m) vary as much, relative to their size, as unit-scale ones: no unit
+    is constant or nearly so, and every layer comes out standardized (the paper's init, which is
+    scale-free: ``g = 1/sigma[t]``)."""
+    torch.manual_seed(0)
+    x = (torch.randn(256, 10, dtype=dtype) + 0.5) * scale
+    model = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 4)).to(dtype)
+    out = wn.apply_weight_norm(model, x)
+    notes = wn.weight_norm_report(out).notes
+    assert notes.constant_units == {} and notes.nearly_constant_units == {}
+    with torch.no_grad():
+        for y in (out[0](x), out(x)):
+            torch.testing.assert_close(y.std(0, correction=0), torch.ones(y.shape[1], dtype=dtype), atol=1e-4, rtol=0)
+            torch.testing.assert_close(y.mean(0), torch.zeros(y.shape[1], dtype=dtype), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("mean_only_bn", [False, True])
+def test_a_frozen_backbone_keeps_its_function_and_the_head_is_calibrated_on_its_features(mean_only_bn: bool) -> None:
+    """Layers frozen before apply (``requires_grad_(False)``: a pretrained backbone) are
+    reparameterized, stay frozen and are left computing what they did; the data init calibrates the
+    trainable layers on the backbone's real features, and the report names the frozen ones."""
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU())
+    model = nn.Sequential(backbone, nn.Linear(32, 4))
+    backbone.requires_grad_(False)
+    x = torch.randn(64, 16) * 2 + 1
+    with torch.no_grad():
+        features = backbone(x)
+    out = wn.apply_weight_norm(model, x, mean_only_bn=mean_only_bn)
+    report = wn.weight_norm_report(out)
+    assert report.notes.frozen == ["0.0.weight", "0.2.weight"]
+    assert report.mean_only_bn == (["1"] if mean_only_bn else [])  # a frozen layer gets none: it keeps its function
+    assert "0.0.weight: frozen (requires_grad=False)" in str(report)
+    assert not any(p.requires_grad for p in out[0].parameters())
+    assert all(p.requires_grad for p in out[1].parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(out[0].eval()(x), features, rtol=1e-5, atol=1e-5)
+        out.train()
+        logits = out(x)
+    torch.testing.assert_close(logits.std(0, correction=0), torch.ones(4), atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits.mean(0), torch.zeros(4), atol=1e-4, rtol=0)
+
+
+class _ScalesItsInputInPlace(nn.Module):
+    """``x /= 255`` on its input (in place once ``x`` is float); one channel pruned to zero, so the
+    init finds a constant unit and runs a second pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 2)
+        with torch.no_grad():
+            self.conv.weight[0] = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        x /= 255.0
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+class _ScalesItsInputInPlaceUntraceably(_ScalesItsInputInPlace):
+    """The same behind control flow on a value: discovery records a real run."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if float(x.mean()) < -1e9:
+            x = -x
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("cls", [_ScalesItsInputInPlace, _ScalesItsInputInPlaceUntraceably], ids=["traced", "recorded"])
+def test_every_run_of_the_model_sees_the_batch_as_given_and_leaves_it_so(cls: type) -> None:
+    """The library runs the model on the batch several times (discovery, each init pass); a forward
+    that changes its input in place gets a fresh copy each time, so the init is that of one plain
+    run, and the caller's batch is untouched."""
+    torch.manual_seed(0)
+    x = torch.rand(8, 3, 6, 6) * 255
+    given = x.clone()
+    out = wn.apply_weight_norm(cls(), x)
+    assert torch.equal(x, given)
+    assert wn.weight_norm_report(out).notes.constant_units == {"conv.weight": 1}
+    with torch.no_grad():
+        h = out.conv(given / 255)
+    std = h.transpose(0, 1).flatten(1).std(1, correction=0)
+    torch.testing.assert_close(std, torch.tensor([0.0, 1.0, 1.0, 1.0]), atol=1e-4, rtol=0)
+
+
+def test_a_depthwise_conv_over_channels_of_very_different_scales_standardizes_each() -> None:
+    """Raw sensor channels in SI units (Pa ~1e5, m/s^2 ~10, V ~1, A ~1e-3) through a depthwise conv:
+    each unit is judged by its own spread against its own mean, so none is called constant."""
+    torch.manual_seed(0)
+    scales = torch.tensor([1e5, 10.0, 1.0, 1e-3]).view(1, 4, 1)
+    x = (torch.randn(16, 4, 64) + 0.5) * scales
+    out = wn.apply_weight_norm(nn.Sequential(nn.Conv1d(4, 4, 5, groups=4), nn.ReLU(), nn.Conv1d(4, 2, 1)), x)
+    notes = wn.weight_norm_report(out).notes
+    assert notes.constant_units == {} and notes.nearly_constant_units == {}
+    with torch.no_grad():
+        y = out[0](x)
+    torch.testing.assert_close(y.transpose(0, 1).flatten(1).std(1, correction=0), torch.ones(4), atol=1e-4, rtol=0)
+
+
+def test_a_batch_so_large_that_its_variance_overflows_float32_still_returns() -> None:
+    """A float32 batch of magnitude 1e26: its variance overflows; the init must end (each pass
+    learns something new, or the loop stops), standardizing what it can."""
+    torch.manual_seed(0)
+    x = torch.randn(32, 4) * 1e26
+    out = wn.apply_weight_norm(nn.Sequential(nn.Linear(4, 3)), x)
+    assert wn.weight_norm_report(out).notes is not None

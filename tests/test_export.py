@@ -388,13 +388,37 @@ def test_every_declared_dynamic_axis_is_verified(tmp_path) -> None:
     model, x = PadsToHop(), torch.randn(2, 1, 16)
     shapes = ({0: "batch", 2: "time"},)
     report = export_onnx(model, x, tmp_path / "dynamo.onnx", exporter="dynamo", dynamic_shapes=shapes)
-    assert report.batch_sizes_checked == [2, 3, 2]  # the sample, 'batch' grown, 'time' grown (16 -> 20)
+    assert report.batch_sizes_checked == [2, 3, 2, 2]  # the sample, 'batch' grown, 'time' grown (16 -> 20, 21)
     with pytest.raises(ExportMismatchError, match=r"'time' grown, x\[2\]: 16 -> 20\): shape \[2, 2, 4\] instead of "
                        r"\[2, 2, 5\]; axis 'time' is marked dynamic") as info, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's warning about converting a size to a Python number
         export_onnx(model, x, tmp_path / "torchscript.onnx", exporter="torchscript", dynamic_shapes=shapes)
     assert "'batch'" not in str(info.value)  # the batch axis verifies
     assert os.listdir(tmp_path) == ["dynamo.onnx"]
+
+
+class _PadsOddLengths(nn.Module):
+    """Pads an odd-length input to even before a stride-2 conv: a graph that baked in the sample's
+    (even) branch is right at every even size and wrong at every odd one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(1, 2, 2, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] % 2:
+            x = F.pad(x, (0, 1))
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_a_dynamic_axis_is_verified_at_an_odd_and_an_even_size(exporter: str, tmp_path) -> None:
+    x = torch.randn(2, 1, 16)
+    with pytest.raises(ExportMismatchError, match=r"'time' grown, x\[2\]: 16 -> 21\): shape \[2, 2, 10\] instead of \[2, 2, 11\]"), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_onnx(_PadsOddLengths(), x, tmp_path / "odd.onnx", exporter=exporter, dynamic_shapes=({0: "batch", 2: "time"},))
+    assert os.listdir(tmp_path) == []
 
 
 def test_a_mismatch_on_the_sample_batch_itself_does_not_blame_the_dynamic_axis(tmp_path) -> None:

@@ -244,6 +244,33 @@ def test_the_cached_eval_weight_follows_updates_written_through_data(width: int)
         torch.testing.assert_close(ema(x), wn.fold_weight_norm(ema)(x), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("gain", ["not in the optimizer", "in an lr=0 group"])
+@pytest.mark.parametrize("optimizer", ["Adam", "AdamW", "SGD"])
+def test_the_cached_eval_weight_follows_a_fused_optimizer_that_leaves_g_alone(optimizer: str, gain: str) -> None:
+    """torch's fused optimizers (``fused=True``) write parameters in place without bumping their
+    version counters; with ``g`` unchanged by the step, only the count of optimizer steps tells the
+    cache that ``v`` moved (the oracle: the folded model, whose weights are computed afresh)."""
+    p = nn.Parameter(torch.randn(4))
+    p.grad = torch.randn(4)
+    version = p._version
+    getattr(torch.optim, optimizer)([p], lr=0.1, fused=True).step()
+    assert p._version == version  # what makes this test necessary (if torch fixes it, the test still holds)
+    torch.manual_seed(0)
+    x = torch.randn(16, 8)
+    model = wn.apply_weight_norm(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)), x)
+    gains = [q for name, q in model.named_parameters() if name.endswith("original0")]
+    rest = [q for name, q in model.named_parameters() if not name.endswith("original0")]
+    groups = [{"params": rest}] + ([{"params": gains, "lr": 0.0}] if gain.startswith("in") else [])
+    step = getattr(torch.optim, optimizer)(groups, lr=0.05, fused=True)
+    model.eval()  # train in eval mode (frozen dropout/BN), evaluate between the steps
+    for _ in range(3):
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), wn.fold_weight_norm(model)(x), rtol=0, atol=1e-6)
+        step.zero_grad()
+        model(x).square().sum().backward()
+        step.step()
+
+
 def test_the_cached_eval_weight_is_never_served_for_other_tensors_at_a_reused_address() -> None:
     """``functional_call`` with fresh ``v`` tensors: a freed tensor's address and version counter
     come back for the next one, which must not get the weight made from the first."""
@@ -349,12 +376,13 @@ def test_a_filled_cache_lets_torch_swap_the_parameters(change: str) -> None:
 def test_a_model_reparameterized_under_inference_mode_runs_there(init: str) -> None:
     """Parameters made under ``torch.inference_mode()`` are inference tensors, which have no version
     counter to key the eval-mode cache on: their weight is computed at every call, and follows
-    in-place changes."""
+    in-place changes.  They can never be trained, which a warning says."""
     torch.manual_seed(0)
     plain = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 3))
     x = torch.randn(64, 10)
     with torch.inference_mode():
-        model = wn.apply_weight_norm(plain, x if init == "data" else None, init=init).eval()
+        with pytest.warns(UserWarning, match="runs under torch.inference_mode.*can never be trained"):
+            model = wn.apply_weight_norm(plain, x if init == "data" else None, init=init).eval()
         first = model[0]
         assert first.parametrizations.weight.original0.is_inference()
         got = model(x)
@@ -572,3 +600,10 @@ def test_torch_export_of_an_unfolded_model_keeps_the_batch_dynamic() -> None:
     for rows in (2, 8, 300):
         x = torch.randn(rows, 512)
         torch.testing.assert_close(program.module()(x), model(x))
+
+
+def test_a_model_whose_parameters_are_inference_tensors_gets_a_warning_naming_one() -> None:
+    with torch.inference_mode():
+        model = nn.Sequential(nn.Linear(4, 3))
+    with pytest.warns(UserWarning, match=r"parameter '0.weight' is an inference tensor.*can never be trained"):
+        wn.apply_weight_norm(model)

@@ -179,6 +179,23 @@ def test_jit_trace_records_the_formula_and_follows_new_parameters(mode: str) -> 
         torch.testing.assert_close(traced(x), oracle(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_jit_trace_of_a_model_that_traces_cleanly_plain_gives_no_tracer_warning(train: bool) -> None:
+    """A model whose plain form traces without a TracerWarning (and with torch's weight norm) traces
+    without one here too: no size check of ours is recorded as a traced value."""
+    import warnings
+
+    x = torch.randn(2, 16)
+    plain = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Unflatten(1, (1, 32)), nn.Conv1d(1, 2, 3), nn.Flatten(),
+                          nn.Linear(60, 4))
+    model = wn.apply_weight_norm(plain, init="preserve").train(train)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        traced = torch.jit.trace(model, x)
+    assert [str(w.message) for w in caught if issubclass(w.category, torch.jit.TracerWarning)] == []
+    torch.testing.assert_close(traced(x), wn.fold_weight_norm(model)(x))
+
+
 def test_jit_script_refuses_a_weight_normalized_model_with_what_to_do_and_scripts_it_folded() -> None:
     """TorchScript cannot compile the parametrization: the error says to fold first (torch's own
     weight norm scripts, then fails at run time); the folded model scripts and computes the same."""

@@ -250,7 +250,24 @@ class _DataDependent(_Functional):
         return super().forward(x)
 
 
+class _ActLinear(nn.Module):
+    """A Linear subclass whose forward applies an activation after the op: its output is not the op's."""
+
+    class Layer(nn.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.silu(super().forward(x))
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = self.Layer(8, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.fc(x))
+
+
 _MISSING = {
+    _ActLinear: {"fc.weight"},
     _Attention: {"attn.in_proj_weight", "attn.out_proj.weight", "encoder.self_attn.in_proj_weight",
                  "encoder.self_attn.out_proj.weight", "encoder.linear1.weight", "encoder.linear2.weight"},
     _Functional: {"fc.weight"}, _SharedBias: {"fc.weight"}, _Branchy: {"fc.weight"}, _DataDependent: {"fc.weight"},
@@ -358,3 +375,47 @@ def test_the_module_walk_attaches_none() -> None:
     assert report.mean_only_bn_missing == ["fc.weight", "out.weight"]
     x = torch.randn(3, 4)
     torch.testing.assert_close(out(x), model(x))
+
+
+def test_a_subclass_with_the_stock_forward_gets_one_ahead_of_the_users_own_hooks() -> None:
+    """A subclass that keeps torch's forward outputs the op's result, so it gets a norm; the norm runs
+    on that output before any forward hook the user had set, which sees the centred output (as if
+    the norm were part of the layer)."""
+
+    class Layer(nn.Conv1d):
+        pass
+
+    seen: list[torch.Tensor] = []
+    model = nn.Sequential(Layer(3, 5, 3), nn.ReLU(), nn.Conv1d(5, 2, 1))
+    model[0].register_forward_hook(lambda module, args, y: seen.append(y.detach()))
+    x = torch.randn(8, 3, 16)
+    out = wn.apply_weight_norm(model, x, init="preserve", mean_only_bn=True)
+    assert wn.weight_norm_report(out).mean_only_bn == ["0", "2"]
+    seen.clear()
+    out.train()(x)
+    mean, _ = _channel_stats(seen[0], 1)  # the batch mean taken out, the layer's bias put back
+    torch.testing.assert_close(mean.float(), out[0].mean_only_bn.bias.detach(), atol=1e-6, rtol=0)
+
+
+def test_a_layer_called_twice_per_forward_gets_none_so_train_and_eval_agree_after_the_init() -> None:
+    """One running mean cannot serve two calls that see different data (a shared projection, SEW-D's
+    relative-position keys): such a layer keeps its bias, is listed, and the model computes the
+    same in train and eval mode right after the data init, as every other layer's norm makes it."""
+
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(6, 6)
+            self.out = nn.Linear(6, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(torch.tanh(self.fc(x)) * torch.tanh(self.fc(3 * x + 1)))
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 6)
+    out = wn.apply_weight_norm(Shared(), x, mean_only_bn=True)
+    report = wn.weight_norm_report(out)
+    assert report.mean_only_bn == ["out"] and report.mean_only_bn_missing == ["fc.weight"]
+    assert isinstance(out.fc.bias, nn.Parameter)
+    with torch.no_grad():
+        torch.testing.assert_close(out.train()(x), out.eval()(x), rtol=1e-5, atol=1e-5)

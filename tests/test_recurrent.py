@@ -223,3 +223,19 @@ def test_copies_and_saves_in_mid_training_follow_the_weights_not_the_last_forwar
     expected = model(x)
     for other in copies:
         torch.testing.assert_close(other(x), expected, rtol=0, atol=0)
+
+
+def test_a_packed_sequence_given_as_the_batch_is_one_input() -> None:
+    """``PackedSequence`` is a namedtuple, yet a recurrent model takes it whole: the batch is
+    ``model(packed)``, not its four fields as arguments; the init standardizes the input
+    projections over the real time steps alone."""
+    torch.manual_seed(0)
+    x = _batch()
+    x[torch.arange(7) >= _LENGTHS[:, None]] = 1e3  # padding: not in the packed data
+    packed = pack_padded_sequence(x, _LENGTHS, batch_first=True, enforce_sorted=False)
+    out = wn.apply_weight_norm(nn.GRU(5, 6, batch_first=True), packed)
+    with torch.no_grad():
+        w_ih = out.weight_ih_l0
+        t = packed.data @ w_ih.t() + out.bias_ih_l0
+    torch.testing.assert_close(t.std(0, correction=0), torch.ones(18), atol=1e-4, rtol=0)
+    torch.testing.assert_close(t.mean(0), torch.zeros(18), atol=1e-4, rtol=0)

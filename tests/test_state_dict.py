@@ -290,3 +290,58 @@ def test_models_from_torchs_weight_norm_pickle_after_convert_and_fold() -> None:
     converted[0].load_state_dict(legacy.state_dict())
     x = torch.randn(2, 3, 9)
     torch.testing.assert_close(converted[0](x), legacy(x))
+
+
+class _Head(nn.Module):
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        self.body = nn.Linear(16, 32)
+        self.head = nn.Linear(32, classes, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.body(x)))
+
+
+@pytest.mark.parametrize("strict", [True, False])
+@pytest.mark.parametrize("layout", ["plain", "legacy"])
+def test_a_checkpoint_weight_of_another_shape_is_torchs_size_mismatch_error(layout: str, strict: bool) -> None:
+    """A head of 10 classes loaded into one of 4: a plain model raises torch's size mismatch (whatever
+    ``strict`` says), and so does the weight-normalized one, naming the checkpoint's key, never
+    dropping the weight silently (``strict=False``) nor calling it missing and unexpected."""
+    torch.manual_seed(0)
+    checkpoint = _Head(10)
+    if layout == "legacy":
+        legacy_weight_norm(checkpoint.head)
+    state = checkpoint.state_dict()
+    key = "head.weight" if layout == "plain" else "head.weight_v"
+    with pytest.raises(RuntimeError, match=r"size mismatch for head\.weight") as plain_error:
+        _Head(4).load_state_dict(_Head(10).state_dict(), strict=strict)
+    model = wn.apply_weight_norm(_Head(4), init="preserve")
+    before = {k: t.clone() for k, t in model.state_dict().items()}
+    with pytest.raises(RuntimeError) as error:
+        model.load_state_dict(state, strict=strict)
+    message = str(error.value)
+    assert f"size mismatch for {key}: copying a param with shape torch.Size([10, 32]) from checkpoint" in message
+    assert "Missing key" not in message and "Unexpected key" not in message
+    assert "size mismatch for head.weight" in str(plain_error.value)
+    assert torch.equal(model.state_dict()["head.parametrizations.weight.original1"], before["head.parametrizations.weight.original1"])
+    assert key in state  # the caller's dict keeps its entries
+
+
+def test_ordinary_parameters_named_like_a_legacy_pair_are_left_alone() -> None:
+    """``X_g``/``X_v`` pair up only as torch's legacy weight norm would write them: RWKV's mixing
+    coefficients ``time_maa_g``/``time_maa_v`` (both ``[1, 1, C]``: one element per "unit") and a
+    gated unit's ``w_g``/``w_v`` (two ``[8, 8]`` matrices) are plain tensors, folded as they are,
+    beside a real pair, which is folded."""
+    torch.manual_seed(0)
+    real = legacy_weight_norm(nn.Linear(8, 4))
+    state = {"att.time_maa_g": torch.randn(1, 1, 8), "att.time_maa_v": torch.randn(1, 1, 8),
+             "glu.w_g": torch.randn(8, 8), "glu.w_v": torch.randn(8, 8),
+             **{f"head.{k}": t for k, t in real.state_dict().items()}}
+    found = find_state_dict_weight_norms(state)
+    assert [f.weight_key for f in found] == ["head.weight"]
+    folded = fold_state_dict(state)
+    for key in ("att.time_maa_g", "att.time_maa_v", "glu.w_g", "glu.w_v"):
+        assert torch.equal(folded[key], state[key]), key
+    assert "att.time_maa" not in folded and "glu.w" not in folded
+    torch.testing.assert_close(folded["head.weight"], real.weight.detach())

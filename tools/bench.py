@@ -100,6 +100,7 @@ import bench_models as bm  # noqa: E402  (tools/ is not a package)
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "results" / "bench"
 TRAIN_VARIANTS = ("plain", "limit", "wn_transform", "torch", "torch_legacy", "batchnorm")
+ALL_TRAIN_VARIANTS = (*TRAIN_VARIANTS, "wn_transform_eager")  # the eager route: MLP workloads at a few rows
 EVAL_VARIANTS = ("plain", "wn_transform", "torch", "torch_legacy", "folded")
 LEARNING_RATE = 1e-3
 T = TypeVar("T")
@@ -152,6 +153,11 @@ class Context:
     effort: Effort
     threads: int
     device: torch.device = torch.device("cpu")
+    variants: frozenset[str] | None = None  # training workloads: time only these (and plain); None: all
+
+    def chosen(self, variants: Sequence[str]) -> tuple[str, ...]:
+        """``variants`` less those ``--variants`` left out; ``plain``, the baseline, always stays."""
+        return tuple(v for v in variants if self.variants is None or v == "plain" or v in self.variants)
 
     @property
     def quick(self) -> bool:
@@ -491,6 +497,7 @@ def run_train(spec: TrainSpec, ctx: Context) -> WorkloadResult:
     """Workloads 1-4: time a training step of every variant, interleaved."""
     result = WorkloadResult(spec.key, spec.title, notes=list(spec.notes))
     x, y = (t.to(ctx.device) for t in spec.batch())
+    spec = replace(spec, variants=ctx.chosen(spec.variants))
     models = on_device(build_variants(spec), ctx)
     diffs = check_variants(models, x)
     if spec.compile:  # the compiled module shares the model's parameters; the optimizer stays eager
@@ -635,6 +642,7 @@ def run_memory(ctx: Context) -> WorkloadResult:
     title = "5. peak memory of a train step, MLP 784-1024-1024-10, batch 64"
     result = WorkloadResult("5", title)
     x, y = (t.to(ctx.device) for t in spec.batch())
+    spec = replace(spec, variants=ctx.chosen(spec.variants))
     models = on_device(build_variants(spec), ctx)
     check_variants(models, x)
     measure = step_memory if ctx.device.type == "cpu" else cuda_step_memory
@@ -1395,6 +1403,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--only", default=None, help="comma-separated workload numbers, e.g. 1,5,9")
     parser.add_argument("--time-scale", type=float, default=1.0, help="multiply the full run's time budgets")
     parser.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
+    parser.add_argument("--variants", default=None,
+                        help="training-step workloads (1-4, 10, 11, 13): time only these comma-separated variants "
+                             f"besides plain, e.g. wn_transform,torch for a long head to head; known: {', '.join(ALL_TRAIN_VARIANTS)}")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="where models and batches live (default cpu); cuda skips the CPU-side workloads 8 and 9")
     args = parser.parse_args(argv)
@@ -1404,6 +1415,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--time-scale must be > 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device cuda: torch {torch.__version__} sees no CUDA device on this machine")
+    if args.variants is not None:
+        args.variants = frozenset(v.strip() for v in args.variants.split(",") if v.strip())
+        unknown_variants = sorted(args.variants - set(ALL_TRAIN_VARIANTS))
+        if unknown_variants or not args.variants:
+            parser.error(f"--variants: unknown {unknown_variants or 'empty list'}; known: {', '.join(ALL_TRAIN_VARIANTS)}")
     known = [w.key for w in workloads() if w.on_device or args.device == "cpu"]
     if args.only is None:
         args.only = known
@@ -1420,7 +1436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     set_threads(args.threads)
     effort = Effort.quick() if args.quick else Effort.full(args.time_scale)
     args.out.mkdir(parents=True, exist_ok=True)
-    ctx = Context(effort, args.threads, torch.device(args.device))
+    ctx = Context(effort, args.threads, torch.device(args.device), args.variants)
     env = Environment.collect(ctx)
     start = time.perf_counter()
     selected = [w for w in workloads() if w.key in args.only]

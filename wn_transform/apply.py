@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 from collections.abc import Iterable, Sequence
 from typing import Literal
@@ -14,7 +15,7 @@ from torch import nn
 from . import batch as batch_mod
 from ._copy import compiled_wrapper, copy_model
 from ._gc import gc_paused
-from .data_init import data_init, resample_directions
+from .data_init import InitNotes, data_init, resample_directions
 from .discover import WALK, Discovery, account_for_every_layer, discover
 from .errors import NoTargetsError, WeightNormError, few
 from .fold import FoundWeightNorm, find_weight_norms, fold_one
@@ -126,6 +127,7 @@ def apply_weight_norm(
         _REPORTS[wrapper] = _REPORTS[inner]
         return wrapper  # it compiles the weight-normalized model at its next call
     init = _check_arguments(model, sample_batch, init, existing)
+    _warn_if_untrainable(model)
     if init == "data":
         _check_measurable(model, sample_batch)
     if not (math.isfinite(init_scale) and init_scale > 0):
@@ -151,9 +153,12 @@ def apply_weight_norm(
             group = resolve_group(distributed)
             if resample:
                 resample_directions(working, targets, generator=generator, group=group)
-            if init == "data":
-                report.notes = data_init(working, targets, sample_batch, init_scale=init_scale, group=group,
-                                         exact=exact_init)
+            if init == "data":  # a frozen layer (a pretrained backbone) keeps what it computes
+                frozen = [t for t in targets if not _trainable(working, t)]
+                calibrated = [t for t in targets if t not in frozen]
+                report.notes = data_init(working, calibrated, sample_batch, init_scale=init_scale, group=group,
+                                         exact=exact_init) if calibrated else InitNotes()
+                report.notes.frozen = [t.qualname for t in frozen]
         except BaseException:
             undo.restore()
             raise
@@ -206,8 +211,27 @@ def _check_arguments(model: nn.Module, sample_batch, init: Init | None, existing
         raise ValueError(msg)
     if sample_batch is not None:
         batch_mod.as_args(sample_batch)
-        batch_mod.check_finite(sample_batch)
+        batch_mod.check_no_nan(sample_batch)
     return init
+
+
+def _trainable(model: nn.Module, target: Target) -> bool:
+    """Whether the user trains ``target``'s weight: its direction ``v`` requires grad (``g`` and ``v``
+    take the weight's ``requires_grad`` when registered)."""
+    return model.get_submodule(target.module).parametrizations[target.name].original1.requires_grad
+
+
+def _warn_if_untrainable(model: nn.Module) -> None:
+    """Weight norm is a reparameterization for training: say so when the parameters it makes will
+    be inference tensors (``torch.inference_mode()``), which run but which autograd never trains."""
+    inference = next((name for name, p in model.named_parameters() if p.is_inference()), None)
+    if torch.is_inference_mode_enabled() or inference is not None:
+        where = ("apply_weight_norm runs under torch.inference_mode()" if inference is None
+                 else f"parameter {inference!r} is an inference tensor (made under torch.inference_mode())")
+        msg = (f"{where}: the g and v it makes are inference tensors, so the model runs but can never be trained "
+               "(backward leaves them without a gradient, an optimizer step fails); to train, call it outside "
+               "inference mode (torch.no_grad() is fine) on a model whose parameters were made there")
+        warnings.warn(msg, UserWarning, stacklevel=3)
 
 
 def _check_measurable(model: nn.Module, sample_batch: batch_mod.SampleBatch) -> None:
@@ -291,11 +315,14 @@ def _real_weights(model: nn.Module, targets: list[Target]) -> tuple[list[Target]
 
 def _attach_mean_only_bn(model: nn.Module, targets: list[Target]) -> tuple[list[str], list[str]]:
     """Attach a mean-only batch norm to each standard layer among the targets whose op ran as the
-    layer's own call (its hook sees the op's output; its bias is read there alone)."""
+    layer's own call (its hook sees the op's output; its bias is read there alone), once per
+    forward (one running mean cannot serve calls that see different data), and that trains (a
+    frozen layer keeps its function)."""
     attached, missing = [], []
     for target in targets:
         layer = model.get_submodule(target.module)
-        channels = mean_only_bn_channels(layer, target.name) if target.own_call else None
+        alone = target.own_call and target.uses <= 1 and _trainable(model, target)
+        channels = mean_only_bn_channels(layer, target.name) if alone else None
         if channels is None:
             missing.append(target.qualname)
         else:

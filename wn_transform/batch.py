@@ -13,18 +13,20 @@ from typing import Any, Union
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
-from torch.utils._pytree import tree_leaves
+from torch.nn.utils.rnn import PackedSequence
+from torch.utils._pytree import tree_leaves, tree_map_only
 
 from .errors import BatchError
 
-__all__ = ["SampleBatch", "as_args", "check_finite", "check_measurable", "layer_tracker", "run"]
+__all__ = ["SampleBatch", "as_args", "check_measurable", "check_no_nan", "copied_args", "layer_tracker", "run"]
 
 SampleBatch = Union[torch.Tensor, tuple, list, Mapping[str, Any]]
 
 
 def as_args(batch: SampleBatch) -> tuple[tuple, dict]:
-    """Split a sample batch into ``(args, kwargs)`` for ``model(*args, **kwargs)``."""
-    if isinstance(batch, torch.Tensor):
+    """Split a sample batch into ``(args, kwargs)`` for ``model(*args, **kwargs)``; a
+    ``PackedSequence`` (a namedtuple) is one input, as a recurrent layer takes it."""
+    if isinstance(batch, (torch.Tensor, PackedSequence)):
         return (batch,), {}
     if isinstance(batch, Mapping):
         return (), dict(batch)
@@ -37,12 +39,14 @@ def as_args(batch: SampleBatch) -> tuple[tuple, dict]:
     raise TypeError(msg)
 
 
-def check_finite(batch: SampleBatch) -> None:
-    """Refuse a batch holding NaN or inf, naming the input that holds it (a meta tensor has no
-    values to check: tracing takes it)."""
+def check_no_nan(batch: SampleBatch) -> None:
+    """Refuse a batch holding NaN, naming the input that holds it (a meta tensor has no values to
+    check: tracing takes it).  Infinities are allowed: an additive attention mask holds -inf
+    (``nn.Transformer.generate_square_subsequent_mask``); one that reaches a layer's statistics
+    is the data-dependent init's error, which names the layer."""
     for where, leaf in _tensors(batch):
-        if leaf.is_floating_point() and not leaf.is_meta and not torch.isfinite(leaf).all():
-            msg = f"the sample batch holds NaN or inf values ({where}); calibration needs finite data"
+        if leaf.is_floating_point() and not leaf.is_meta and bool(leaf.isnan().any()):
+            msg = f"the sample batch holds NaN values ({where}); calibration and export checks need numbers"
             raise BatchError(msg)
 
 
@@ -96,9 +100,29 @@ def layer_tracker() -> Iterator[list[nn.Module]]:
             handle.remove()
 
 
+def copied_args(batch: SampleBatch) -> tuple[tuple, dict]:
+    """:func:`as_args` on a copy of the batch's tensors (see :func:`run`); a tensor given twice is
+    copied once, so it stays one tensor."""
+    copies: dict[int, torch.Tensor] = {}
+
+    def copy(tensor: torch.Tensor) -> torch.Tensor:
+        if id(tensor) not in copies:
+            copies[id(tensor)] = tensor.clone()
+        return copies[id(tensor)]
+
+    return tree_map_only(torch.Tensor, copy, as_args(batch))
+
+
 def run(model: nn.Module, batch: SampleBatch) -> Any:
-    """``model(*args, **kwargs)``; a failure names the layer where it happened."""
-    args, kwargs = as_args(batch)
+    """``model(*args, **kwargs)`` on a copy of the batch's tensors; a failure names the layer where it
+    happened.
+
+    The library may run the model on the batch several times (discovery, the init pass, an export's
+    checks); a forward that changes its input in place (``x /= 255``, an in-place activation first)
+    would otherwise see, from the second run on, what the first made of it, and leave the
+    caller's batch changed.  A tensor given twice stays one tensor.
+    """
+    args, kwargs = copied_args(batch)
     with layer_tracker() as stack:
         try:
             return model(*args, **kwargs)

@@ -63,6 +63,7 @@ from torch.overrides import TorchFunctionMode
 from . import batch as batch_mod
 from . import kernels
 from .discover import preserved_state
+from .errors import WeightNormError
 from .mean_only_bn import MeanOnlyBatchNorm, mean_only_bn_of
 from .moments import Scratch, centre_, per_unit
 from .norm import safe_norm, unit_norm
@@ -72,7 +73,7 @@ from .targets import Target
 
 __all__ = ["InitNotes", "data_init", "resample_directions"]
 
-_CONSTANT_STD = 1e-6  # below this (relative to |mean| + 1), a unit counts as constant on the batch
+_CONSTANT_STD = 1e-6  # below this (relative to |mean|), a unit counts as constant on the batch
 # below this, a unit is nearly constant: float32 rounding of t is then a visible part of sigma[t]
 # (measured, 2 rows: a spread of 1e-5 of the mean left the std 3 % off 1, 1e-3 still 1.6 %), and the report says so
 _NEARLY_CONSTANT_STD = 1e-3
@@ -88,6 +89,7 @@ class InitNotes:
     bias_not_set: list[str] = field(default_factory=list)  # bias is not a parameter of the model
     recurrent_kept: list[str] = field(default_factory=list)  # hidden-to-hidden weights: scale kept
     no_bias: list[str] = field(default_factory=list)  # the op adds no bias: std set, mean left as it is
+    frozen: list[str] = field(default_factory=list)  # requires_grad=False before apply: left as it was
 
 
 @dataclass
@@ -155,7 +157,8 @@ def data_init(model: nn.Module, targets: list[Target], sample_batch: batch_mod.S
                 continue
             except Exception as exc:  # it may come from an unguarded constant unit's NaN: check first
                 failure = exc
-            found = mode.unforeseen_constants()
+            found = [(state, mask) for state, mask in mode.unforeseen_constants()
+                     if id(state) not in known or bool((mask & ~known[id(state)]).any())]  # only news: no endless loop
             if not found:
                 if failure is not None:
                     raise failure
@@ -163,6 +166,7 @@ def data_init(model: nn.Module, targets: list[Target], sample_batch: batch_mod.S
             for state, mask in found:
                 known[id(state)] = mask | known[id(state)] if id(state) in known else mask
             backup.restore()
+        _check_finite_gains(states)
     except BaseException:
         backup.restore()
         raise
@@ -179,6 +183,22 @@ def data_init(model: nn.Module, targets: list[Target], sample_batch: batch_mod.S
             elif state.running_mean is not None:  # set after the pass, which restores every buffer
                 state.mean_only_bn.running_mean.copy_(state.running_mean)
     return notes
+
+
+def _check_finite_gains(states: list[_State]) -> None:
+    """Refuse an init that measured NaN or infinity: name the first such layer in forward order.
+
+    A model may compute NaN or inf at positions it never uses (a fully masked attention row
+    softmaxed to NaN, zero padding L2-normalized); the statistics of every later layer would
+    take them in, and their ``g`` and bias would poison every position."""
+    for state in states:
+        gain = state.g.exp() if state.wn.exp_scale else state.g
+        if state.done and not bool((gain.isfinite() & (gain != 0)).all()):
+            msg = (f"{state.target.qualname}: the data-dependent init measured a non-finite mean or std on the sample "
+                   "batch (the layer's input holds NaN or inf at some positions: a fully masked attention row, padding "
+                   "divided by its zero norm); calibrate on a batch at whose every position the model computes finite "
+                   "values, or use init='preserve'")
+            raise WeightNormError(msg)
 
 
 def _run_pass(model: nn.Module, states: list[_State], mode: _CalibrationMode, sample_batch: batch_mod.SampleBatch,
@@ -369,12 +389,18 @@ class _Moments:
         return _Slot(self._norms[device][start:stop], self._mean[device][start:stop], self._var[device][start:stop])
 
     def _spread_below(self, relative: float) -> dict[torch.device, Tensor]:
-        """Per device, the units with ``sigma[t] <= relative (|mu[t]| + ||v||)`` (never those not
-        calibrated, nor those known constant: their variance is inf)."""
-        return {d: var <= (self._mean[d].abs() + self._norms[d]).mul_(relative).square_() for d, var in self._var.items()}
+        """Per device, the units with ``sigma[t] <= relative |mu[t]|`` (never those not calibrated,
+        nor those known constant: their variance is inf).
+
+        Relative to the unit's own mean, so the test holds at every scale of its input (a layer
+        fed features of 1e-7, a depthwise conv over channels in Pa and in A); a unit with a zero
+        mean is constant only if it does not vary at all.  Compared in float64, where neither
+        side overflows.
+        """
+        return {d: var.double() <= self._mean[d].double().abs().mul_(relative).square_() for d, var in self._var.items()}
 
     def nearly_constant(self) -> dict[str, int]:
-        """Per weight, how many of its units vary on the batch by less than ``1e-3 (|mu[t]| + 1)``
+        """Per weight, how many of its units vary on the batch by less than ``1e-3 |mu[t]|``
         (after the last pass, none is constant): standardized to within float rounding only."""
         nearly = self._spread_below(_NEARLY_CONSTANT_STD)
         if not any(bool(flags.any()) for flags in nearly.values()):
@@ -386,7 +412,7 @@ class _Moments:
         return counts
 
     def constants(self) -> list[tuple[_State, Tensor]]:
-        """The units shown constant on the batch (``sigma[t] <= 1e-6 (|mu[t]| + 1)``), as
+        """The units shown constant on the batch (``sigma[t] <= 1e-6 |mu[t]|``, see :meth:`_spread_below`), as
         ``(state, mask over all its units)``: those of the first calibration, in forward order,
         that has any (later ones ran on what it handed on: their statistics are not certain),
         and every zero direction (constant whatever the input)."""

@@ -405,7 +405,7 @@ def _recorded_log(model: nn.Module, sample_batch: batch_mod.SampleBatch) -> UseL
         log.static(buffer)
     try:
         with torch.no_grad(), _module_calls(model) as running, _RecordingMode(log, running):
-            args, kwargs = batch_mod.as_args(sample_batch)
+            args, kwargs = batch_mod.copied_args(sample_batch)  # what the forward does to them stays there
             model(*args, **kwargs)
     except Exception:
         with torch.no_grad():

@@ -48,10 +48,18 @@ class Symbol:
     batch_like: bool  # dim 0 of some input: grown by one sample, not by a quarter
 
     def candidates(self) -> list[int]:
-        """Values to verify at, in order: a small step, then twice the sample's (for a model that
-        accepts only some sizes, multiples of a hop)."""
+        """Values to verify at, in order: a small step (for an axis other than the batch's, a second
+        one of the other parity, since a graph may have baked in a branch that only an odd size
+        takes: a pad to an even length), then twice the sample's (for a model that accepts only
+        some sizes, multiples of a hop)."""
         step = self.value + (1 if self.batch_like else max(1, self.value // 4))
-        return [step] if 2 * self.value == step else [step, 2 * self.value]
+        steps = [step] if self.batch_like else [step, step + 1]
+        return list(dict.fromkeys([*steps, 2 * self.value]))
+
+    @property
+    def checks(self) -> int:
+        """How many of :meth:`candidates` to verify at, where the model accepts them."""
+        return 1 if self.batch_like else 2
 
 
 def find_symbols(names: Sequence[str], tensors: Sequence[torch.Tensor],

@@ -266,7 +266,8 @@ def export_onnx(
             An axis asked to be dynamic (not ``Dim.AUTO``) that the exporter fixed is an
             error.  Every axis the file declares dynamic is verified: on the sample batch, then
             once per symbol on the sample grown along it (dim 0 by one sample, another axis by
-            a quarter of its size, at least 1; twice its size where the model refuses that),
+            a quarter of its size, at least 1, and by one more, so that both parities run;
+            twice its size where the model refuses those),
             every axis that depends on the symbol resized with it (a ``T x T`` mask, a derived
             ``2*T``: :mod:`wn_transform.dynamic_axes`), so that a graph that baked the sample's
             size in (Python arithmetic on a shape, under the TorchScript exporter) is caught.
@@ -308,7 +309,7 @@ def export_onnx(
     target, data_target = _check_arguments(model, path, exporter, rtol, atol, overwrite, external_data)
     model = model._orig_mod if compiled_wrapper(model) else model  # torch.compile's wrapper: export the model
     batch_mod.as_args(sample_batch)
-    batch_mod.check_finite(sample_batch)
+    batch_mod.check_no_nan(sample_batch)
     timings: dict[str, float] = {}
 
     start = time.perf_counter()
@@ -887,7 +888,7 @@ def _verify(session: Any, model: nn.Module, sample_batch: batch_mod.SampleBatch,
     runs = [("the sample batch", "", inputs, reference)]
     symbols, notes = dynamic_axes.find_symbols(inputs.names, inputs.tensors, graph_inputs)
     for symbol in symbols:
-        refusals = []
+        refusals, checked = [], 0
         for value in symbol.candidates():
             grown = dynamic_axes.grow(sample_batch, inputs.names, inputs.tensors, graph_inputs, symbols, symbol, value)
             if grown is None:
@@ -905,8 +906,10 @@ def _verify(session: Any, model: nn.Module, sample_batch: batch_mod.SampleBatch,
                     f"batch ({where}): mark it static (dynamic_batch=False, or leave it out of dynamic_shapes; "
                     f"on the command line, --dynamic)")
             runs.append((f"'{symbol.name}' grown, {change}", hint, _layout_inputs(model, batch), grown_reference))
-            break
-        else:
+            checked += 1
+            if checked == symbol.checks:
+                break
+        if not checked:
             notes.append(f"dynamic axis '{symbol.name}' was not checked: the PyTorch model rejects the grown batches "
                          f"({'; '.join(refusals) or 'no size fits its axes'})")
     diffs: dict[str, tuple[float, float]] = {}

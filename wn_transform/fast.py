@@ -61,12 +61,15 @@ def weight_norm_weight(g: Tensor, v: Tensor, layout: UnitLayout, *, exp_scale: b
     too (:func:`plain_formula_only`).
     """
     gain = g.exp() if exp_scale else g
+    # a compiler fuses the plain formula itself (and cannot trace plain_formula_only's checks); under
+    # torch.jit.trace the size checks below would be recorded as traced values: both first
+    if torch.compiler.is_compiling() or plain_formula_only():
+        return compose_weight(gain, v, layout)
     dim = layout.dim % v.ndim
     fusable = (layout.groups == 1 and (dim == 0 or dim == v.ndim - 1) and v.device.type == "cpu"
                and v.dtype in _FUSED_DTYPES and v.is_contiguous()
                and gain.numel() == v.shape[dim])  # the kernel writes a norm per element of g: one per unit
-    fusable = fusable and not torch.compiler.is_compiling()  # a compiler fuses the plain formula itself
-    if fusable and not plain_formula_only():
+    if fusable:
         gain = gain.contiguous()  # an expanded g (stride 0) has room for fewer norms than units
         weight, norms = torch._weight_norm_interface(v, gain if gain.dtype == v.dtype else gain.to(v.dtype), dim)
         if norms.min().item() > 0:  # no zero norm (a reduction and a read, cheaper than all())

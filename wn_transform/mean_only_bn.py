@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
+from torch.nn.utils import parametrize
 
 from .moments import per_unit
 
@@ -68,16 +69,22 @@ def _apply_hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
 def channels(layer: nn.Module, name: str) -> tuple[int, int] | None:
     """``(num_features, channel_dim)`` if ``layer.<name>`` feeds the layer's own output, else None.
 
-    Only torch's standard layers qualify: their output *is* the linear/conv op's output, when
-    the op runs in their own call (discovery's ``Target.own_call``, which the caller checks).
+    Only torch's standard layers with their own ``forward`` qualify: their output *is* the
+    linear/conv op's output, when the op runs in their own call (discovery's ``Target.own_call``,
+    which the caller checks).  A subclass that overrides ``forward`` may do more after the op (an
+    activation, a scale), which a hook on the layer's output would wrongly centre.
     """
-    if name != "weight":
+    if name != "weight" or parametrize.type_before_parametrizations(layer).forward not in _STOCK_FORWARDS:
         return None
     if isinstance(layer, nn.Linear):
         return layer.out_features, -1
     if isinstance(layer, _ConvNd):
         return layer.out_channels, 1
     return None
+
+
+_STOCK_FORWARDS = {cls.forward for cls in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
+                                           nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)}
 
 
 def mean_only_bn_of(layer: nn.Module) -> MeanOnlyBatchNorm | None:
@@ -92,12 +99,14 @@ def attach(layer: nn.Module, num_features: int, channel_dim: int) -> MeanOnlyBat
     reference = next(layer.parameters())
     norm = MeanOnlyBatchNorm(num_features, channel_dim=channel_dim, device=reference.device, dtype=reference.dtype)
     norm.train(layer.training)  # a layer in eval mode: its norm subtracts the running mean, as it will after .eval()
+    trainable = bias.requires_grad if bias is not None else any(p.requires_grad for p in layer.parameters())
+    norm.bias.requires_grad_(trainable)  # a frozen layer's norm trains nothing either
     if bias is not None:
         with torch.no_grad():
             norm.bias.copy_(bias.reshape(-1))
         layer.register_parameter("bias", None)
     layer.add_module(ATTRIBUTE, norm)
-    layer.register_forward_hook(_apply_hook)
+    layer.register_forward_hook(_apply_hook, prepend=True)  # on the forward's output, before the user's hooks
     return norm
 
 

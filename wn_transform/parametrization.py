@@ -102,12 +102,15 @@ class WeightNorm(nn.Module):
         unit: comparing it costs well under a microsecond (a NumPy view of its memory, kept with
         the weight while its storage is the same).  So the weight is not kept where such an
         update could change ``v`` alone: ``g`` frozen while ``v`` trains.  Off the CPU the
-        comparison would wait for the device, so there the weight is not kept either.
+        comparison would wait for the device, so there the weight is not kept either.  Any
+        ``torch.optim`` step also drops it (:func:`_optimizer_steps`): fused optimizers write in
+        place without bumping version counters, and may leave ``g`` as it was (an ``lr=0`` group,
+        a step that rounds away).
         """
         if (g.is_inference() or v.is_inference() or torch.is_inference_mode_enabled()
                 or (check_gain and not _gain_tells_updates(g, v))):
             return weight_norm_weight(g, v, self.layout, exp_scale=self.exp_scale)
-        key = (g.data_ptr(), v.data_ptr(), g._version, v._version, v.dtype)
+        key = (g.data_ptr(), v.data_ptr(), g._version, v._version, v.dtype, _optimizer_steps() if check_gain else 0)
         kept = store.get(slot)
         if kept is None or not kept.made_from(g, v, key) or (check_gain and kept.gain_changed()):
             kept = _Kept(g, v, key, weight_norm_weight(g, v, self.layout, exp_scale=self.exp_scale), check_gain)
@@ -159,6 +162,29 @@ def _gain_tells_updates(g: Tensor, v: Tensor) -> bool:
     CPU and contiguous, and trained whenever ``v`` is (a hand-written update of the trainable
     parameters changes ``g`` too)."""
     return g.is_cpu and g.is_contiguous() and (g.requires_grad or not v.requires_grad)  # not device.type: 0.9 us
+
+
+_STEPS = [0]  # optimizer steps counted by _count_step, once _optimizer_steps has been called
+_steps_hook: Any = None
+
+
+def _optimizer_steps() -> int:
+    """How many ``torch.optim`` optimizer steps have run in this process since the first call.
+
+    Counted by a global step post-hook (``torch.optim.optimizer.register_optimizer_step_post_hook``,
+    which every ``Optimizer`` subclass runs), registered on the first call: fused optimizers
+    (``fused=True``) update parameters in place without bumping their version counters, which
+    the weight cache would otherwise miss."""
+    global _steps_hook
+    if _steps_hook is None:
+        from torch.optim.optimizer import register_optimizer_step_post_hook  # torch.optim loads on first use
+
+        _steps_hook = register_optimizer_step_post_hook(_count_step)
+    return _STEPS[0]
+
+
+def _count_step(optimizer: Any, args: tuple, kwargs: dict) -> None:
+    _STEPS[0] += 1
 
 
 class _Kept:
@@ -235,7 +261,8 @@ def register(module: nn.Module, name: str, parametrization: WeightNorm) -> None:
     _extend_class(module)
 
 
-def _load_other_layouts(name: str, module: nn.Module, state_dict: dict, prefix: str, *_: object) -> None:
+def _load_other_layouts(name: str, module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict,
+                        strict: bool, missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
     """A ``load_state_dict`` pre-hook: the entries of ``module.<name>`` written in another layout become
     this library's ``(g, v)``, with the same weight.  torch's own weight norm renames the legacy keys
     for its layers; this also takes
@@ -246,6 +273,8 @@ def _load_other_layouts(name: str, module: nn.Module, state_dict: dict, prefix: 
     * a plain ``<name>`` (a checkpoint of the model before weight norm): ``g = ||w||``, ``v = w``.
 
     ``state_dict`` is ``load_state_dict``'s own copy; entries that fit nothing are left for it to report.
+    A plain or legacy weight of another shape is torch's "size mismatch" error (raised whatever
+    ``strict`` says, as for a plain layer), not a missing and an unexpected key.
     """
     wn = weight_norm_of(module, name)
     if wn is None:
@@ -261,7 +290,10 @@ def _load_other_layouts(name: str, module: nn.Module, state_dict: dict, prefix: 
             return  # this library's layout (without its marker, a g cannot be told from an s: taken as stored)
     elif all(key in state_dict for key in legacy):
         keys, stored_log = legacy, False
-    elif f"{prefix}{name}" in state_dict and state_dict[f"{prefix}{name}"].shape == chain.original1.shape:
+    elif f"{prefix}{name}" in state_dict:
+        if state_dict[f"{prefix}{name}"].shape != chain.original1.shape:
+            _size_mismatch(state_dict, f"{prefix}{name}", (f"{prefix}{name}",), chain, (g_key, v_key), error_msgs)
+            return
         weight = state_dict.pop(f"{prefix}{name}")
         state_dict[g_key], state_dict[v_key] = wn.right_inverse(_widened(weight, dtype))
         if wn.exp_scale:
@@ -275,6 +307,8 @@ def _load_other_layouts(name: str, module: nn.Module, state_dict: dict, prefix: 
     except ValueError:
         return
     if v.shape != chain.original1.shape:
+        if keys == legacy:  # (our own keys of another shape are torch's to report, under their names)
+            _size_mismatch(state_dict, legacy[1], (*legacy, marker_key), chain, (g_key, v_key), error_msgs)
         return
     for key in (*keys, marker_key):
         state_dict.pop(key, None)
@@ -287,6 +321,19 @@ def _load_other_layouts(name: str, module: nn.Module, state_dict: dict, prefix: 
     state_dict[g_key], state_dict[v_key] = wn.right_inverse(weight)
     if wn.exp_scale:
         state_dict[marker_key] = torch.ones(())
+
+
+def _size_mismatch(state_dict: dict, key: str, drop: tuple[str, ...], chain: nn.Module, ours: tuple[str, str],
+                   error_msgs: list[str]) -> None:
+    """Report ``state_dict[key]`` as torch reports a parameter of another shape; its entries ``drop``
+    leave the checkpoint, and the layer's own ``(g, v)`` stand in for them, so that the error is
+    that alone (not also a missing and an unexpected key)."""
+    shape, expected = tuple(state_dict[key].shape), tuple(chain.original1.shape)
+    error_msgs.append(f"size mismatch for {key}: copying a param with shape {torch.Size(shape)} from checkpoint, the shape "
+                      f"in current model is {torch.Size(expected)} (weight-normalized, stored as {ours[0]} and {ours[1]}).")
+    for dropped in drop:
+        state_dict.pop(dropped, None)
+    state_dict[ours[0]], state_dict[ours[1]] = chain.original0.detach(), chain.original1.detach()
 
 
 def _widened(tensor: Tensor, dtype: torch.dtype) -> Tensor:

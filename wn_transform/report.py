@@ -49,7 +49,8 @@ class WeightNormReport:
             lines.append(f"  mean-only batch norm behind {len(self.mean_only_bn)} layers")
         for name in self.mean_only_bn_missing:
             lines.append(f"  {name}: no mean-only batch norm (the trace does not show its op running as the layer's "
-                         "own call alone: other code runs it or reads its parameters, or no trace); its bias stays")
+                         "own call alone: other code runs it or reads its parameters, its class overrides forward, "
+                         "it runs more than once per forward, it is frozen, or no trace); its bias stays")
         if self.notes is not None:
             for t in self.converted:
                 if t.uses > 1:  # the pass hands out v until the first op reading it has calibrated the layer
@@ -58,11 +59,13 @@ class WeightNormReport:
             for name, count in self.notes.constant_units.items():
                 lines.append(f"  {name}: {count} units constant on the batch (sigma ~ 0); their scale is s, not s/sigma")
             for name, count in self.notes.nearly_constant_units.items():
-                lines.append(f"  {name}: {count} units nearly constant on the batch (sigma < 1e-3 of their mean): "
+                lines.append(f"  {name}: {count} units nearly constant on the batch (sigma < 1e-3 of their |mean|): "
                              "standardized only to within float rounding (a larger or more varied batch helps)")
             for name in self.notes.unreached:
-                lines.append(f"  {name}: not reached by any row of the sample batch (the init pass runs the model with dropout off); "
-                             "kept its scale")
+                lines.append(f"  {name}: not reached by any row of the sample batch (the init pass runs the model in eval mode: "
+                             "dropout off, no `if self.training` branch such as an auxiliary head); kept its scale")
+            for name in self.notes.frozen:
+                lines.append(f"  {name}: frozen (requires_grad=False): not calibrated, it computes what it did")
             for name in self.notes.bias_not_set:
                 lines.append(f"  {name}: its bias is computed, not a parameter; only g was set")
             if self.notes.no_bias:
@@ -81,7 +84,7 @@ class WeightNormReport:
             "constant_units": self.notes.constant_units, "nearly_constant_units": self.notes.nearly_constant_units,
             "unreached": self.notes.unreached,
             "bias_not_set": self.notes.bias_not_set, "recurrent_kept": self.notes.recurrent_kept,
-            "no_bias": self.notes.no_bias,
+            "no_bias": self.notes.no_bias, "frozen": self.notes.frozen,
         }
         return {
             "converted": [t.to_dict() for t in self.converted], "skipped": [s.to_dict() for s in self.skipped],

@@ -55,6 +55,24 @@ class StateDictWeightNorm:
         return f"dim {self.dim}" + (f", {self.groups} groups" if self.groups > 1 else "")
 
 
+def _legacy_pair(weight_key: str, g: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether tensors named ``X_g``/``X_v`` are torch's legacy weight norm.  ``<...>weight_g`` and
+    ``<...>weight_v`` are (torch's own names: a ``g`` that does not fit is then an error).  Other
+    names are where ``g`` fits ``v`` (one norm per unit along one axis, or one for the whole
+    tensor) and, beyond a 1-D tensor, each unit holds more than one element: mixing coefficients
+    such as RWKV's ``time_maa_g``/``time_maa_v``, both ``[1, 1, C]``, and a gated unit's
+    ``w_g``/``w_v`` are ordinary tensors."""
+    if weight_key.rpartition(".")[2] == "weight":
+        return True
+    if v.ndim > 1 and g.numel() >= v.numel():
+        return False
+    try:
+        layout_from_shapes(tuple(g.shape), tuple(v.shape))
+    except ValueError:
+        return False
+    return True
+
+
 def find_state_dict_weight_norms(state_dict: Mapping[str, object]) -> list[StateDictWeightNorm]:
     """Every (g, v) pair in ``state_dict``, in key order.
 
@@ -86,6 +104,8 @@ def find_state_dict_weight_norms(state_dict: Mapping[str, object]) -> list[State
             continue
         v = state_dict.get(v_key)
         if not (_is_real_tensor(g) and _is_real_tensor(v)):  # integer count_g/count_v buffers: ordinary tensors
+            continue
+        if layout == "legacy" and not _legacy_pair(weight_key, g, v):  # RWKV's time_maa_g/_v, a gate's w_g/w_v
             continue
         dim, groups = _unit_axis(g, v, key, v_key)
         if weight_key in state_dict or weight_key in seen:
