@@ -364,3 +364,34 @@ def test_complex_weights_are_skipped_with_their_dtype_and_the_real_ones_converte
     torch.testing.assert_close(out.std(0, correction=0), torch.ones(3), atol=1e-5, rtol=0)
     with pytest.raises(wn.NoTargetsError, match="complex64 weight"):
         wn.apply_weight_norm(nn.Linear(4, 3, dtype=torch.cfloat), x.to(torch.cfloat))
+
+
+def test_preserve_gives_all_zero_units_a_direction_so_a_zero_initialized_layer_trains() -> None:
+    """A zero-initialized last layer (Fixup, ControlNet's zero convs) or a pruned unit: ``g = ||w|| = 0``
+    with ``v = w = 0`` would get no gradient ever.  Each such unit's ``v`` becomes a random unit
+    direction with ``g = 0``: the function is kept (``w = 0``), the report says so, and the layer
+    trains as the plain one does (its weights leave 0 after one step)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Conv1d(6, 3, 1))
+    with torch.no_grad():
+        model[2].weight.zero_()
+        model[0].weight[1] = 0
+    x = torch.randn(16, 8, 1)
+    out = wn.apply_weight_norm(model, init="preserve", generator=torch.Generator().manual_seed(1))
+    report = wn.weight_norm_report(out)
+    assert report.zero_units == {"0.weight": 1, "2.weight": 3}
+    assert "2.weight: 3 units all zero" in str(report)
+    xs = x.transpose(1, 2).squeeze(1)
+
+    def forward(m: nn.Module) -> torch.Tensor:
+        return m[2](m[1](m[0](xs)).unsqueeze(-1))
+
+    torch.testing.assert_close(forward(out), forward(model))
+    assert torch.equal(out[2].weight, torch.zeros(3, 6, 1)) and torch.equal(out[0].weight[1], torch.zeros(8))
+    v = out[2].parametrizations.weight.original1
+    torch.testing.assert_close(v.flatten(1).norm(dim=1), torch.ones(3))
+    optimizer = torch.optim.SGD(out.parameters(), lr=0.1)
+    forward(out).square().sum().neg().backward()
+    optimizer.step()
+    assert bool((out[2].weight.abs().flatten(1).amax(1) > 0).all())
+    assert wn.weight_norm_report(wn.apply_weight_norm(nn.Linear(4, 2), init="preserve")).zero_units == {}

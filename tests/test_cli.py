@@ -835,3 +835,50 @@ def test_a_state_dict_with_plain_values_keeps_its_metadata_through_a_fold() -> N
     folded = checkpoint.map_state_dicts(state, lambda sd, where: wn.fold_state_dict(sd))
     assert type(folded) is OrderedDict and folded["epoch"] == 3 and "conv_pre.weight" in folded
     assert folded._metadata[""] == state._metadata[""]
+
+
+def test_key_top_level_writes_the_top_level_state_dict_without_the_ones_it_holds(tmp_path: Path) -> None:
+    """``{**sd, "ema": sd_of_the_average}`` (a shape README names): ``--key "(top level)"`` writes the
+    top-level weights alone, folded, which a .safetensors output can hold; ``--key ema`` the other."""
+    model = build_generator("parametrizations")
+    state = model.state_dict()
+    checkpoint = tmp_path / "ckpt.pt"
+    torch.save({**state, "ema": {k: v * 1 for k, v in state.items()}}, checkpoint)
+    out = tmp_path / "top.safetensors"
+    assert main(["fold", str(checkpoint), "--key", "(top level)", "-o", str(out)]) == 0
+    folded = load_file(out)
+    expected = wn.fold_weight_norm(model).state_dict()
+    assert folded.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(folded[key], expected[key])
+
+
+def test_an_output_path_ending_with_a_separator_is_refused_and_nothing_is_written(nested: Path, tmp_path: Path,
+                                                                                   capsys) -> None:
+    """``-o plain_ckpts/`` for a folder that does not exist: a folder was meant, not a file named so."""
+    assert main(["fold", str(nested), "--key", "generator", "-o", f"{tmp_path / 'plain_ckpts'}/"]) == 1
+    assert "names a folder (it ends with a separator)" in capsys.readouterr().err
+    assert not (tmp_path / "plain_ckpts").exists()
+
+
+def test_key_takes_a_lightning_modules_attribute_prefix_where_a_model_is_loaded(tmp_path: Path) -> None:
+    """A LightningModule with ``self.generator`` and ``self.discriminator`` saves one flat state dict,
+    ``{"state_dict": {"generator.conv_pre.weight_g": ...}}``: ``--key generator`` loads the
+    generator's keys, the prefix taken off, into the model to export."""
+    generator = build_generator("legacy")
+    with torch.no_grad():
+        for p in generator.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    state = {f"generator.{k}": v for k, v in generator.state_dict().items()}
+    state |= {f"discriminator.{k}": v for k, v in build_plain().state_dict().items()}
+    path, out = tmp_path / "last.ckpt", tmp_path / "g.onnx"
+    torch.save({"state_dict": state, "epoch": 3, "optimizer_states": []}, path)
+    assert main(["export", "--model", MODEL, "--checkpoint", str(path), "--key", "generator",
+                 "--input-shape", "1,80,12", "-o", str(out)]) == 0
+    import onnxruntime
+
+    mel = torch.randn(1, 80, 12)
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: mel.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(got, generator.eval()(mel).numpy(), rtol=1e-4, atol=1e-5)

@@ -462,7 +462,8 @@ def test_an_axis_is_verified_wherever_it_appears(tmp_path, case: str) -> None:
         grown = r"x\[1\]: 6 -> 7, mask\[1\]: 6 -> 7, mask\[2\]: 6 -> 7, shift\[1\]: 12 -> 14"
     report = export_onnx(ScaledAttention(bake=False).eval(), batch, tmp_path / "dynamo.onnx", exporter="dynamo",
                          dynamic_shapes=shapes)
-    assert report.notes == [] and len(report.batch_sizes_checked) == (3 if case == "square-mask" else 2)
+    # the sample, (the batch grown,) the time axis grown to an odd and an even size
+    assert report.notes == [] and len(report.batch_sizes_checked) == (4 if case == "square-mask" else 3)
     with pytest.raises(ExportMismatchError, match=rf"'T' grown, {grown}\): max abs diff"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         export_onnx(ScaledAttention(bake=True).eval(), batch, tmp_path / "torchscript.onnx", exporter="torchscript",
@@ -487,7 +488,7 @@ def test_an_axis_the_model_refuses_to_grow_a_little_is_checked_at_twice_its_size
     with pytest.warns(ExportWarning, match="Python boolean"):  # the hop check, `if x.shape[-1] % 4`
         report = export_onnx(HopFrames(), torch.randn(2, 2, 12), tmp_path / "hop.onnx", exporter="torchscript",
                              dynamic_shapes=({0: "B", 2: "T"},))
-    assert report.batch_sizes_checked == [2, 3, 2]  # T: 15 refused, 24 checked
+    assert report.batch_sizes_checked == [2, 3, 2, 2]  # T: 15 refused, 16 and 24 checked
     assert len(report.notes) == 1 and "TorchScript tracer warned" in report.notes[0]  # and nothing left unchecked
 
 
@@ -1016,3 +1017,67 @@ def test_the_other_values_check_ignores_what_permuting_values_alone_changes(case
     (input_name,) = [graph_input.name for graph_input in onnx.load(report.path).graph.input]
     got = run_onnx(report.path, {input_name: batch})
     assert_close(next(iter(got.values())), expected[0] if isinstance(expected, tuple) else expected)
+
+
+class _Varargs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.fc(inputs[0]) + self.fc(inputs[1])
+
+
+@pytest.mark.parametrize("wrap", ["varargs", "DataParallel"])
+def test_a_forward_taking_star_args_exports_with_the_dynamic_batch(wrap: str, tmp_path) -> None:
+    """``forward(self, *inputs)`` (``nn.DataParallel``'s own): torch.export takes one dynamic-shape
+    entry for the ``*inputs`` tuple; the dynamo export works, with its batch axis verified."""
+    torch.manual_seed(0)
+    if wrap == "varargs":
+        model, batch = _Varargs(), (torch.randn(2, 4), torch.randn(2, 4))
+    else:
+        model, batch = nn.DataParallel(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))), torch.randn(2, 4)
+    report = export_onnx(model, batch, tmp_path / "m.onnx")
+    assert report.exporter == "dynamo" and report.batch_sizes_checked == [2, 3]
+
+
+def test_overwriting_an_external_data_export_with_an_inline_one_leaves_no_stale_data_file(tmp_path) -> None:
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(4, 3)), torch.randn(2, 4)
+    path = tmp_path / "m.onnx"
+    first = export_onnx(model, x, path, external_data=True)
+    assert first.external_data is not None and (tmp_path / "m.onnx.data").exists()
+    second = export_onnx(model, x, path, external_data=False, overwrite=True)
+    assert second.external_data is None and sorted(os.listdir(tmp_path)) == ["m.onnx"]
+
+
+class _LanguageModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 16)
+        self.lstm = nn.LSTM(16, 32, batch_first=True)
+        self.out = nn.Linear(32, 50)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.out(self.lstm(self.emb(ids))[0])
+
+
+def test_an_output_axis_the_exporter_declared_fixed_but_that_follows_a_dynamic_axis_is_declared_dynamic(tmp_path) -> None:
+    """torch's dynamo exporter declares an LSTM's output time at the sample's size; the values follow
+    the dynamic time axis (verified at other lengths), so the file is corrected to declare it
+    dynamic, and says so; onnxruntime then runs other lengths against a matching declaration."""
+    import onnxruntime
+
+    torch.manual_seed(0)
+    model, ids = _LanguageModel(), torch.randint(0, 20, (2, 12))
+    report = export_onnx(model, ids, tmp_path / "lm.onnx", dynamic_shapes=({0: "batch", 1: "time"},))
+    assert report.exporter == "dynamo"
+    assert any("declared axis 1 (was 12) of a fixed size" in note for note in report.notes)
+    (output,) = onnx.load(tmp_path / "lm.onnx").graph.output
+    dims = [d.dim_param or d.dim_value for d in output.type.tensor_type.shape.dim]
+    assert dims[1] == "output_dim1" and dims[2] == 50
+    session = onnxruntime.InferenceSession(str(tmp_path / "lm.onnx"), providers=["CPUExecutionProvider"])
+    other = torch.randint(0, 20, (3, 17))
+    (got,) = session.run(None, {session.get_inputs()[0].name: other.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(other).numpy(), rtol=1e-4, atol=1e-5)

@@ -188,7 +188,7 @@ def test_an_unbatched_call_is_a_batch_of_one() -> None:
     out = wn.apply_weight_norm(model, x, mean_only_bn=True)
     seen = []
     out[2].register_forward_hook(lambda m, a, y: seen.append(y))  # after its mean-only batch norm
-    out(x)
+    out[:3](x)
     mean, _ = _channel_stats(seen[0].unsqueeze(0), 1)
     torch.testing.assert_close(mean, torch.zeros_like(mean), atol=1e-6, rtol=0)
     for training in (True, False):
@@ -419,3 +419,17 @@ def test_a_layer_called_twice_per_forward_gets_none_so_train_and_eval_agree_afte
     assert isinstance(out.fc.bias, nn.Parameter)
     with torch.no_grad():
         torch.testing.assert_close(out.train()(x), out.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 4), (4,), (1, 4, 1, 1)], ids=["one-row", "unbatched", "pooled-se"])
+def test_one_value_per_channel_in_training_is_an_error_as_in_batchnorm(shape: tuple[int, ...]) -> None:
+    """A batch-1 RL actor, a squeeze-excite conv on ``[1, C, 1, 1]``: subtracting the batch mean
+    would zero every output; torch's BatchNorm raises there, and so does this, in training only."""
+    channel_dim = 1 if len(shape) == 4 else -1
+    norm = wn.MeanOnlyBatchNorm(4, channel_dim=channel_dim)
+    x = torch.randn(shape)
+    with pytest.raises(ValueError, match=r"more than 1 value per channel when training, got input size"):
+        norm(x)
+    with pytest.raises(ValueError, match="more than 1 value per channel when training"):
+        nn.BatchNorm1d(4)(torch.randn(1, 4))
+    torch.testing.assert_close(norm.eval()(x), x)  # eval: the running mean (0) and the bias (0)

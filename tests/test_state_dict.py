@@ -90,6 +90,8 @@ def test_something_other_than_a_state_dict_is_refused_with_what_it_is(function) 
         function([1, 2])
     with pytest.raises(TypeError, match=r"got Linear; pass model\.state_dict\(\), or fold the model with fold_weight_norm"):
         function(nn.Linear(2, 2))
+    with pytest.raises(TypeError, match=r"keys are parameter names \(strings\); this one has 0 \(int\)"):
+        function({"fc.weight": torch.ones(2, 2), 0: torch.ones(1)})
 
 
 
@@ -345,3 +347,18 @@ def test_ordinary_parameters_named_like_a_legacy_pair_are_left_alone() -> None:
         assert torch.equal(folded[key], state[key]), key
     assert "att.time_maa" not in folded and "glu.w" not in folded
     torch.testing.assert_close(folded["head.weight"], real.weight.detach())
+
+
+def test_a_one_output_layer_normalized_on_dim_0_is_reported_and_converted_on_dim_0() -> None:
+    """HiFi-GAN's ``conv_post`` (one output channel, ``weight_norm(dim=0)``: ``g`` is ``[1, 1, 1]``) is
+    one unit along dim 0, not a whole-tensor norm (``dim=None``, a 0-d ``g``); converted to torch's
+    parametrizations, it loads into the layer torch's ``weight_norm(dim=0)`` builds."""
+    torch.manual_seed(0)
+    legacy = legacy_weight_norm(nn.Conv1d(4, 1, 3))
+    whole = legacy_weight_norm(nn.Conv1d(4, 1, 3), dim=None)
+    assert [f.dim for f in find_state_dict_weight_norms(legacy.state_dict())] == [0]
+    assert [f.dim for f in find_state_dict_weight_norms(whole.state_dict())] == [None]
+    target = parametrized_weight_norm(nn.Conv1d(4, 1, 3), dim=0)
+    target.load_state_dict(convert_state_dict(legacy.state_dict(), "parametrizations"))
+    x = torch.randn(2, 4, 9)
+    torch.testing.assert_close(target(x), legacy(x))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Literal
 
 import torch
@@ -22,6 +22,7 @@ from .fold import FoundWeightNorm, find_weight_norms, fold_one
 from .mean_only_bn import attach as attach_mean_only_bn
 from .mean_only_bn import channels as mean_only_bn_channels
 from .moments import resolve_group
+from .norm import compose_weight, unit_norm
 from .parametrization import WeightNorm, register
 from .report import WeightNormReport
 from .select import FilterFn, Selection
@@ -151,6 +152,9 @@ def apply_weight_norm(
             if mean_only_bn:
                 report.mean_only_bn, report.mean_only_bn_missing = _attach_mean_only_bn(working, targets)
             group = resolve_group(distributed)
+            if init == "preserve" and not resample and not exp_scale:
+                report.zero_units = _give_zero_units_a_direction(working, targets, generator,
+                                                                 undo.keep_values if inplace else None)
             if resample:
                 resample_directions(working, targets, generator=generator, group=group)
             if init == "data":  # a frozen layer (a pretrained backbone) keeps what it computes
@@ -213,6 +217,30 @@ def _check_arguments(model: nn.Module, sample_batch, init: Init | None, existing
         batch_mod.as_args(sample_batch)
         batch_mod.check_no_nan(sample_batch)
     return init
+
+
+def _give_zero_units_a_direction(model: nn.Module, targets: list[Target], generator: torch.Generator | None,
+                                 keep: Callable[[Iterable[torch.Tensor]], None] | None) -> dict[str, int]:
+    """``init="preserve"`` on units whose weight is all zero (a zero-initialized residual conv, a
+    pruned unit): ``g = ||w|| = 0`` and ``v = w = 0`` would leave both gradients zero forever.  Each
+    such unit's ``v`` becomes a random unit direction (drawn as ``resample`` draws, with
+    ``generator``): ``w = 0 * v/||v||`` stays 0, and ``dL/dg = dL/dw . v/||v||`` lets it train.
+    ``keep`` is called with each ``v`` before it is written (an in-place apply's undo).  Returns the
+    count per weight.  (With ``exp_scale`` no ``g = e^s`` is 0: not done there.)"""
+    counts: dict[str, int] = {}
+    with torch.no_grad():
+        for target in targets:
+            chain = model.get_submodule(target.module).parametrizations[target.name]
+            layout, v = chain[0].layout, chain.original1
+            zero = unit_norm(v, layout) == 0
+            if v.numel() == 0 or not bool(zero.any()):
+                continue
+            if keep is not None:
+                keep([v])
+            draw = torch.randn(v.shape, generator=generator, dtype=torch.float32, device=v.device)
+            v.add_(compose_weight(zero.to(torch.float32), draw, layout).to(v.dtype))
+            counts[target.qualname] = int(zero.sum())
+    return counts
 
 
 def _trainable(model: nn.Module, target: Target) -> bool:

@@ -170,7 +170,10 @@ def check_output(path: str | os.PathLike, *, force: bool = False, inputs: tuple[
     """Raise :class:`CheckpointError` if ``path`` is one of ``inputs`` (the files the output is
     made from), a folder, an existing file that is not a regular one (a device such as
     ``/dev/null``, a FIFO, a socket: never replaced, even with ``force``), or an existing file
-    and not ``force``."""
+    and not ``force``; or a path that ends with a separator (``out/``: a folder, meant or not)."""
+    if str(os.fspath(path)).endswith((os.sep, "/")):
+        msg = f"{os.fspath(path)}: names a folder (it ends with a separator); give the path of the file to write"
+        raise CheckpointError(msg)
     path = Path(path)
     for source in inputs:
         if path.exists() and Path(source).exists() and os.path.samefile(path, source):
@@ -203,8 +206,8 @@ def save_checkpoint(obj: Any, path: str | os.PathLike, *, force: bool = False, i
     ``inputs`` (the files the output was made from), a device or FIFO.  ``metadata``: the
     safetensors header's ``__metadata__`` (``{"format": "pt"}``), for a safetensors output.
     """
-    path = Path(path)
     check_output(path, force=force, inputs=inputs)
+    path = Path(path)
     if not path.parent.is_dir():
         msg = f"{path}: the folder {path.parent} does not exist"
         raise CheckpointError(msg)

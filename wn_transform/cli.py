@@ -16,7 +16,8 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -284,7 +285,7 @@ def _rewrite(args: argparse.Namespace, say: Callable[[str], None], fn: Callable[
     checkpoint = load_checkpoint(args.input)
     paths = state_dict_paths(checkpoint)
     if args.key is not None:  # that state dict alone
-        checkpoint = _get(checkpoint, _keyed_path(paths, args.key, args.input))
+        checkpoint = _without_nested_state_dicts(_get(checkpoint, _keyed_path(paths, args.key, args.input)))
         paths = state_dict_paths(checkpoint)
     found = {_path_name(p): find_state_dict_weight_norms(_get(checkpoint, p)) for p in paths}
     if not any(found.values()):
@@ -377,7 +378,11 @@ def _load_weights(model: nn.Module, checkpoint: Any, args: argparse.Namespace) -
     ``--key`` names, else the only one, else the only one that fits the model."""
     paths = state_dict_paths(checkpoint)
     expected = set(model.state_dict())
-    if args.key is not None:
+    prefixed = _under_prefix(checkpoint, paths, args.key) if args.key is not None else None
+    if prefixed is not None:  # Lightning's {"state_dict": {"generator.conv_pre.weight": ...}}: --key generator
+        checkpoint, paths = prefixed, [()]
+        path = ()
+    elif args.key is not None:
         path = _keyed_path(paths, args.key, args.checkpoint)
     elif len(paths) == 1:
         path = paths[0]
@@ -439,6 +444,18 @@ def _strip_wrapper_prefixes(state_dict: dict[str, Any], expected: set[str]) -> d
             break
         state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
     return state_dict
+
+
+def _under_prefix(checkpoint: Any, paths: list[tuple[str, ...]], key: str) -> dict[str, Any] | None:
+    """The entries of the one state dict whose keys start with ``<key>.``, the prefix taken off, where
+    no state dict is *named* ``key`` (a LightningModule saves ``self.generator`` as
+    ``state_dict["generator.conv_pre.weight"]``); None otherwise."""
+    if any(_path_name(p) == key or p == tuple(key.split(".")) for p in paths):
+        return None
+    holders = [p for p in paths if any(k.startswith(f"{key}.") for k in _get(checkpoint, p))]
+    if len(holders) != 1:
+        return None
+    return {k[len(key) + 1:]: v for k, v in _get(checkpoint, holders[0]).items() if k.startswith(f"{key}.")}
 
 
 def _keyed_path(paths: list[tuple[str, ...]], key: str, file: str) -> tuple[str, ...]:
@@ -631,12 +648,24 @@ def _check_output_free(args: argparse.Namespace) -> None:
                "wn-transform export writes ONNX" if args.command != "export"
                else f"export writes an ONNX model: name the output *.onnx, not {output.name}")
         raise _UsageError(msg)
-    check_output(output, force=args.force, inputs=_inputs(args))
+    check_output(args.output, force=args.force, inputs=_inputs(args))  # the text: a trailing separator counts
 
 
 def _inputs(args: argparse.Namespace) -> tuple[str, ...]:
     names = ("input", "checkpoint", "calib", "sample")
     return tuple(getattr(args, n) for n in names if getattr(args, n, None))
+
+
+def _without_nested_state_dicts(state_dict: Any) -> Any:
+    """``state_dict`` without the entries that hold other state dicts (``{**sd, "ema": sd}`` selected
+    by ``--key "(top level)"``: its own tensors, not ``ema``); other values stay."""
+    nested = {path[0] for path in state_dict_paths(state_dict) if path}
+    if not nested or not isinstance(state_dict, Mapping):
+        return state_dict
+    kept = OrderedDict((k, v) for k, v in state_dict.items() if k not in nested)
+    if hasattr(state_dict, "_metadata"):
+        kept._metadata = state_dict._metadata  # type: ignore[attr-defined]
+    return kept if isinstance(state_dict, OrderedDict) else dict(kept)
 
 
 def _get(obj: Any, path: tuple[str, ...]) -> Any:

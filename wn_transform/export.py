@@ -220,6 +220,7 @@ class _Inputs:
     names: list[str]  # one per tensor leaf of (args, kwargs), in flattening order
     tensors: list[torch.Tensor]
     bound: dict[str, Any] | None  # forward's argument name -> value (None: no signature)
+    varargs: bool = False  # the forward takes *args, and the batch fills them
 
     def feed(self, session_inputs: list[str]) -> dict[str, np.ndarray]:
         by_name = dict(zip(self.names, self.tensors))
@@ -282,7 +283,8 @@ def export_onnx(
             raises), ``"dynamo"`` or ``"torchscript"``.  A TorchScript export is verified
             once more, on the sample's shapes with other values, since its trace can bake in
             the path the sample took through Python control flow on tensor values.
-        overwrite: replace an existing file at ``path`` (and ``<path>.data``).
+        overwrite: replace an existing file at ``path`` (and ``<path>.data``; a file written with its
+            weights inside removes a ``<path>.data`` left by an earlier export to ``path``).
         progress: called with a short message as each step starts.
 
     Returns:
@@ -364,14 +366,18 @@ def export_onnx(
 
         start = time.perf_counter()
         session = _open_session(tmp_file)
-        diffs, sizes, notes = _verify(session, folded, sample_batch, inputs, reference, stats["inputs"],
-                                      rtol=rtol, atol=atol, say=say)
+        diffs, sizes, notes, fixed_outputs = _verify(session, folded, sample_batch, inputs, reference, stats["inputs"],
+                                                     rtol=rtol, atol=atol, say=say)
         other_values_checked = False
         if used == "torchscript":
             other_values_checked = _verify_other_values(session, folded, sample_batch, diffs, notes, rtol=rtol,
                                                         atol=atol, tracer_warnings=tracer_warnings,
                                                         fallback_reason=fallback_reason, say=say)
         del session
+        if fixed_outputs:  # the values are right at every size: only the declaration is wrong
+            for name, axes in onnx_graph.declare_dynamic_outputs(tmp_file, fixed_outputs).items():
+                notes.append(f"output '{name}': the exporter declared {', '.join(axes)} of a fixed size, which "
+                             "follow the dynamic axes (verified); declared dynamic in the file")
         timings["verify"] = time.perf_counter() - start
 
         _refuse_existing(target, data_target if use_external else None, overwrite=overwrite)
@@ -383,6 +389,8 @@ def export_onnx(
             if use_external:
                 os.remove(data_target)
             raise
+        if not use_external and overwrite and os.path.isfile(data_target):
+            os.remove(data_target)  # the replaced file's external weights: the new file holds its own
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     say(f"wrote {target}")
@@ -479,6 +487,7 @@ def _layout_inputs(model: nn.Module, sample_batch: batch_mod.SampleBatch) -> _In
         bound = signature.bind(*args, **kwargs).arguments
     except (TypeError, ValueError):
         signature, bound = None, None
+    varargs = False
     if signature is not None and bound is not None:
         bound = dict(bound)
         ordered = {}
@@ -494,6 +503,7 @@ def _layout_inputs(model: nn.Module, sample_batch: batch_mod.SampleBatch) -> _In
                 continue
             if param.kind is inspect.Parameter.VAR_POSITIONAL:
                 named += [(f"{name}_{i}", value) for i, value in enumerate(bound[name])]
+                varargs = True
             elif param.kind is inspect.Parameter.VAR_KEYWORD:
                 named += list(bound[name].items())
             else:
@@ -506,7 +516,7 @@ def _layout_inputs(model: nn.Module, sample_batch: batch_mod.SampleBatch) -> _In
             if isinstance(leaf, torch.Tensor):
                 names.append("_".join([base, *(_key_str(k) for k in key_path)]))
                 tensors.append(leaf)
-    return _Inputs(args, kwargs, names, tensors, bound)
+    return _Inputs(args, kwargs, names, tensors, bound, varargs)
 
 
 def _key_str(key: Any) -> str:
@@ -561,12 +571,13 @@ def _dynamo_batch_shapes(inputs: _Inputs, axes: dict[str, dict[int, str]]) -> tu
             return None
         return axes.get(next(names))
 
-    if not inputs.kwargs:
+    if not inputs.kwargs and not inputs.varargs:
         return tuple(tree_map(spec, inputs.args))
     if inputs.bound is None:
         msg = "keyword inputs to a forward without a signature need an explicit dynamic_shapes"
         raise ExportError(msg)
-    # torch.export keys a dict of dynamic shapes by signature.bind(*args, **kwargs).arguments
+    # torch.export keys a dict of dynamic shapes by signature.bind(*args, **kwargs).arguments (``*inputs``,
+    # nn.DataParallel's: one entry, a tuple over them)
     return {name: tree_map(spec, value) for name, value in inputs.bound.items()}
 
 
@@ -916,6 +927,7 @@ def _verify(session: Any, model: nn.Module, sample_batch: batch_mod.SampleBatch,
     sizes: list[int] = []
     failures: list[str] = []
     off_on_sample: set[str] = set()  # outputs already off on the sample batch: not the dynamic axes' doing
+    shapes: dict[str, set[tuple[int, ...]]] = {}  # per output, the shapes it came out in over the runs
     for label, hint, run_inputs, expected in runs:
         sizes.append(next((t.shape[0] for t in run_inputs.tensors if t.dim() > 0), 1))
         say(f"verifying with onnxruntime ({label})")
@@ -926,6 +938,8 @@ def _verify(session: Any, model: nn.Module, sample_batch: batch_mod.SampleBatch,
         except Exception as exc:  # onnxruntime's own error kinds
             msg = f"onnxruntime failed to run the exported file on {label}: {_one_line(exc)}"
             raise ExportError(msg + hint) from exc
+        for output, value in zip(session.get_outputs(), got):
+            shapes.setdefault(output.name, set()).add(tuple(np.shape(value)))
         for name, abs_diff, rel_diff, ok, why in _compare_outputs(session, got, expected, rtol, atol):
             _merge_diff(diffs, name, abs_diff, rel_diff)
             if not ok:
@@ -936,7 +950,20 @@ def _verify(session: Any, model: nn.Module, sample_batch: batch_mod.SampleBatch,
         msg = (f"onnxruntime disagrees with PyTorch beyond rtol={rtol:g}, atol={atol:g}: {'; '.join(failures)}"
                f" [all outputs: {_diff_table(diffs)}]")
         raise ExportMismatchError(msg)
-    return diffs, sizes, notes
+    return diffs, sizes, notes, _fixed_but_varying(session, shapes)
+
+
+def _fixed_but_varying(session: Any, shapes: dict[str, set[tuple[int, ...]]]) -> dict[str, list[int]]:
+    """Per output, the axes the file declares of a fixed size that came out in other sizes over the
+    verification runs (the dynamo exporter declares an LSTM's output time fixed at the sample's)."""
+    found: dict[str, list[int]] = {}
+    for output in session.get_outputs():
+        declared, seen = output.shape, shapes.get(output.name, set())
+        axes = [axis for axis, size in enumerate(declared or ()) if isinstance(size, int)
+                and any(len(shape) == len(declared) and shape[axis] != size for shape in seen)]
+        if axes:
+            found[output.name] = axes
+    return found
 
 
 def _compare_outputs(session: Any, got: list[Any], expected: Any, rtol: float, atol: float, *,

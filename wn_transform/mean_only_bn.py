@@ -42,6 +42,11 @@ class MeanOnlyBatchNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.training:
+            if x.numel() == x.shape[self.channel_dim] > 0:  # one value per channel: it would subtract itself
+                msg = (f"MeanOnlyBatchNorm expects more than 1 value per channel when training, got input size "
+                       f"{tuple(x.shape)} (as BatchNorm does): use a batch of 2 or more, or eval mode (the running "
+                       "mean) for single samples")
+                raise ValueError(msg)
             dims = [d for d in range(x.ndim) if d != self.channel_dim % x.ndim]
             mean = x.mean(dim=dims)
             if x.numel() > 0:  # an empty batch has no mean (NaN): the running mean stays, as BatchNorm's does

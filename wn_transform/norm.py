@@ -72,14 +72,17 @@ class UnitLayout:
 
 def layout_from_shapes(g_shape: tuple[int, ...], v_shape: tuple[int, ...]) -> UnitLayout | None:
     """The layout in which ``g`` of shape ``g_shape`` fits a weight of shape ``v_shape``; None for a
-    ``g`` with one element (one norm over the whole tensor, torch's ``dim=None``).
+    0-d ``g`` (one norm over the whole tensor, torch's ``dim=None``), or a ``g`` of one element that
+    names no axis of ``v`` of size 1 (a weight with one unit along ``d``, ``dim=d``: HiFi-GAN's
+    ``conv_post``, one output channel, ``g`` ``[1, 1, 1]``, is ``dim 0``).
 
     ``g`` has ``v``'s rank with size 1 everywhere but the unit axis ``d``, where it is ``v.shape[d]``
     (any ``dim``), or ``G * v.shape[1]`` for the grouped ConvTranspose layout.  Raises
     ``ValueError`` for a ``g`` that fits no layout.
     """
     if math.prod(g_shape) == 1:
-        return None
+        ones = [d for d, size in enumerate(v_shape) if size == 1]
+        return UnitLayout(ones[0]) if len(g_shape) == len(v_shape) and len(g_shape) > 1 and ones else None
     off_one = [d for d, size in enumerate(g_shape) if size != 1]
     if len(g_shape) == len(v_shape) and len(off_one) == 1:
         d = off_one[0]

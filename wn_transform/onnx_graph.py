@@ -18,7 +18,8 @@ import onnx
 import onnx.numpy_helper
 import torch
 
-__all__ = ["TORCH_TO_ONNX_DTYPE", "alias_key", "graph_stats", "restore_initializer_names", "save", "value_shape"]
+__all__ = ["TORCH_TO_ONNX_DTYPE", "alias_key", "declare_dynamic_outputs", "graph_stats", "restore_initializer_names", "save",
+           "value_shape"]
 
 TORCH_TO_ONNX_DTYPE = {
     torch.float32: onnx.TensorProto.FLOAT, torch.float16: onnx.TensorProto.FLOAT16,
@@ -147,6 +148,30 @@ def value_shape(value: onnx.ValueInfoProto) -> list[int | str]:
     dims = value.type.tensor_type.shape.dim
     return [d.dim_param if d.HasField("dim_param") else (d.dim_value if d.HasField("dim_value") else "?")
             for d in dims]
+
+
+def declare_dynamic_outputs(file: str, axes: dict[str, list[int]]) -> dict[str, list[str]]:
+    """Rewrite ``file``'s declared output shapes: each listed axis of a fixed size becomes a named
+    dynamic one (``<output>_dim<axis>``); weights stored beside the file stay where they are.
+    Returns, per output, the axes as ``"axis N (was S)"``."""
+    proto = onnx.load_model(file, load_external_data=False)
+    changed: dict[str, list[str]] = {}
+    sizes: set[int] = set()
+    for output in proto.graph.output:
+        for axis in axes.get(output.name, ()):
+            dim = output.type.tensor_type.shape.dim[axis]
+            changed.setdefault(output.name, []).append(f"axis {axis} (was {dim.dim_value})")
+            sizes.add(dim.dim_value)
+            dim.Clear()
+            dim.dim_param = f"{output.name}_dim{axis}"
+    # The intermediate shapes that carry those sizes were declared alike (onnxruntime would infer the
+    # output's from them): drop those annotations, which are optional, and let it infer them.
+    kept = [info for info in proto.graph.value_info
+            if not any(dim.HasField("dim_value") and dim.dim_value in sizes for dim in info.type.tensor_type.shape.dim)]
+    del proto.graph.value_info[:]
+    proto.graph.value_info.extend(kept)
+    onnx.save_model(proto, file)
+    return changed
 
 
 def save(proto: onnx.ModelProto, file: str, data_name: str | None) -> None:

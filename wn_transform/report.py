@@ -30,6 +30,7 @@ class WeightNormReport:
     notes: InitNotes | None = None
     mean_only_bn: list[str] = field(default_factory=list)  # layers given a mean-only batch norm
     mean_only_bn_missing: list[str] = field(default_factory=list)  # weights whose op output is not their layer's alone
+    zero_units: dict[str, int] = field(default_factory=dict)  # init="preserve": all-zero units given a direction
 
     def table(self) -> str:
         """A plain-text table, one row per weight."""
@@ -47,6 +48,9 @@ class WeightNormReport:
         lines.extend(f"  {step} failed: {why}" for step, why in self.trace_failures.items())
         if self.mean_only_bn:
             lines.append(f"  mean-only batch norm behind {len(self.mean_only_bn)} layers")
+        for name, count in self.zero_units.items():
+            lines.append(f"  {name}: {count} units all zero (zero-initialized or pruned): g = 0 and v a random direction, "
+                         "so w stays 0 and they can train (freeze or mask them to keep them at 0)")
         for name in self.mean_only_bn_missing:
             lines.append(f"  {name}: no mean-only batch norm (the trace does not show its op running as the layer's "
                          "own call alone: other code runs it or reads its parameters, its class overrides forward, "
@@ -90,4 +94,5 @@ class WeightNormReport:
             "converted": [t.to_dict() for t in self.converted], "skipped": [s.to_dict() for s in self.skipped],
             "found_by": self.found_by, "init": self.init, "trace_failures": self.trace_failures, "notes": notes,
             "mean_only_bn": self.mean_only_bn, "mean_only_bn_missing": self.mean_only_bn_missing,
+            "zero_units": self.zero_units,
         }

@@ -85,6 +85,10 @@ def find_state_dict_weight_norms(state_dict: Mapping[str, object]) -> list[State
         hint = "; pass model.state_dict(), or fold the model with fold_weight_norm" if isinstance(state_dict, torch.nn.Module) else ""
         msg = f"expected a state dict (a mapping of names to tensors), got {type(state_dict).__name__}{hint}"
         raise TypeError(msg)
+    odd = next((key for key in state_dict if not isinstance(key, str)), None)
+    if odd is not None:
+        msg = f"a state dict's keys are parameter names (strings); this one has {odd!r} ({type(odd).__name__})"
+        raise TypeError(msg)
     found = []
     seen: dict[str, str] = {}  # weight key -> its g key
     for key, g in state_dict.items():
