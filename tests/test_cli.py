@@ -410,13 +410,7 @@ def test_a_checkpoint_in_the_other_weight_norm_layout_loads_as_torch_would(tmp_p
     torch.save(state, path)
     assert main(["export", "--model", f"tests.fixtures.hifigan:{factory}", "--checkpoint", str(path),
                  "--input-shape", "1,80,12", "-o", str(out)]) == 0
-    import onnxruntime
-
-    mel = torch.randn(1, 80, 12)
-    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    (got,) = session.run(None, {session.get_inputs()[0].name: mel.numpy()})
-    with torch.no_grad():
-        np.testing.assert_allclose(got, trained.eval()(mel).numpy(), rtol=1e-4, atol=1e-5)
+    _assert_onnx_computes(out, trained)
 
 
 @pytest.mark.parametrize(("command", "name"), [("fold", "out.onnx"), ("convert", "out.onnx"), ("export", "out.pt")])
@@ -837,7 +831,7 @@ def test_a_state_dict_with_plain_values_keeps_its_metadata_through_a_fold() -> N
     assert folded._metadata[""] == state._metadata[""]
 
 
-def test_key_top_level_writes_the_top_level_state_dict_without_the_ones_it_holds(tmp_path: Path) -> None:
+def test_key_top_level_writes_the_top_level_state_dict_without_the_ones_it_holds(tmp_path: Path, capsys) -> None:
     """``{**sd, "ema": sd_of_the_average}`` (a shape README names): ``--key "(top level)"`` writes the
     top-level weights alone, folded, which a .safetensors output can hold; ``--key ema`` the other."""
     model = build_generator("parametrizations")
@@ -846,6 +840,9 @@ def test_key_top_level_writes_the_top_level_state_dict_without_the_ones_it_holds
     torch.save({**state, "ema": {k: v * 1 for k, v in state.items()}}, checkpoint)
     out = tmp_path / "top.safetensors"
     assert main(["fold", str(checkpoint), "--key", "(top level)", "-o", str(out)]) == 0
+    assert capsys.readouterr().out.startswith("(top level): ")
+    assert main(["fold", str(checkpoint), "--key", "ema", "-o", str(tmp_path / "ema.safetensors")]) == 0
+    assert capsys.readouterr().out.startswith("ema: ")  # named as the file names it
     folded = load_file(out)
     expected = wn.fold_weight_norm(model).state_dict()
     assert folded.keys() == expected.keys()
@@ -875,10 +872,15 @@ def test_key_takes_a_lightning_modules_attribute_prefix_where_a_model_is_loaded(
     torch.save({"state_dict": state, "epoch": 3, "optimizer_states": []}, path)
     assert main(["export", "--model", MODEL, "--checkpoint", str(path), "--key", "generator",
                  "--input-shape", "1,80,12", "-o", str(out)]) == 0
+    _assert_onnx_computes(out, generator)
+
+
+def _assert_onnx_computes(path: Path, model: torch.nn.Module) -> None:
+    """The ONNX file at ``path`` gives ``model``'s output (eval mode) on a random mel ``[1, 80, 12]``."""
     import onnxruntime
 
     mel = torch.randn(1, 80, 12)
-    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (got,) = session.run(None, {session.get_inputs()[0].name: mel.numpy()})
     with torch.no_grad():
-        np.testing.assert_allclose(got, generator.eval()(mel).numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(got, model.eval()(mel).numpy(), rtol=1e-4, atol=1e-5)

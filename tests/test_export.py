@@ -1081,3 +1081,11 @@ def test_an_output_axis_the_exporter_declared_fixed_but_that_follows_a_dynamic_a
     (got,) = session.run(None, {session.get_inputs()[0].name: other.numpy()})
     with torch.no_grad():
         np.testing.assert_allclose(got, model(other).numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["existing folder", "missing folder with a separator"])
+def test_a_folder_given_as_the_output_is_named_as_one_and_nothing_is_written(kind: str, tmp_path) -> None:
+    path = tmp_path if kind == "existing folder" else f"{tmp_path / 'exports'}/"
+    with pytest.raises(IsADirectoryError, match="folder"):
+        export_onnx(nn.Linear(4, 3), torch.randn(2, 4), path)
+    assert os.listdir(tmp_path) == []

@@ -349,6 +349,19 @@ def test_ordinary_parameters_named_like_a_legacy_pair_are_left_alone() -> None:
     torch.testing.assert_close(folded["head.weight"], real.weight.detach())
 
 
+def test_a_single_input_lstms_legacy_pair_folds() -> None:
+    """``weight_norm(nn.LSTM(1, 8), name="weight_ih_l0")``: ``g`` and ``v`` are both ``[32, 1]`` (units of
+    one element), under torch's own weight name: a pair, folded, loading into a plain LSTM."""
+    torch.manual_seed(0)
+    lstm = nn.LSTM(1, 8)
+    with pytest.warns(FutureWarning):
+        torch.nn.utils.weight_norm(lstm, name="weight_ih_l0")
+    plain = nn.LSTM(1, 8)
+    plain.load_state_dict(fold_state_dict(lstm.state_dict()))
+    x = torch.randn(5, 2, 1)
+    torch.testing.assert_close(plain(x)[0], lstm(x)[0])
+
+
 def test_a_one_output_layer_normalized_on_dim_0_is_reported_and_converted_on_dim_0() -> None:
     """HiFi-GAN's ``conv_post`` (one output channel, ``weight_norm(dim=0)``: ``g`` is ``[1, 1, 1]``) is
     one unit along dim 0, not a whole-tensor norm (``dim=None``, a 0-d ``g``); converted to torch's

@@ -152,16 +152,16 @@ def apply_weight_norm(
             if mean_only_bn:
                 report.mean_only_bn, report.mean_only_bn_missing = _attach_mean_only_bn(working, targets)
             group = resolve_group(distributed)
+            frozen = [t for t in targets if not _trainable(working, t)]  # a pretrained backbone: left as it is
+            trainable = [t for t in targets if t not in frozen]
             if init == "preserve" and not resample and not exp_scale:
-                report.zero_units = _give_zero_units_a_direction(working, targets, generator,
+                report.zero_units = _give_zero_units_a_direction(working, trainable, generator, group,
                                                                  undo.keep_values if inplace else None)
             if resample:
-                resample_directions(working, targets, generator=generator, group=group)
-            if init == "data":  # a frozen layer (a pretrained backbone) keeps what it computes
-                frozen = [t for t in targets if not _trainable(working, t)]
-                calibrated = [t for t in targets if t not in frozen]
-                report.notes = data_init(working, calibrated, sample_batch, init_scale=init_scale, group=group,
-                                         exact=exact_init) if calibrated else InitNotes()
+                resample_directions(working, trainable, generator=generator, group=group)
+            if init == "data":
+                report.notes = data_init(working, trainable, sample_batch, init_scale=init_scale, group=group,
+                                         exact=exact_init) if trainable else InitNotes()
                 report.notes.frozen = [t.qualname for t in frozen]
         except BaseException:
             undo.restore()
@@ -220,13 +220,15 @@ def _check_arguments(model: nn.Module, sample_batch, init: Init | None, existing
 
 
 def _give_zero_units_a_direction(model: nn.Module, targets: list[Target], generator: torch.Generator | None,
+                                 group: dist.ProcessGroup | None,
                                  keep: Callable[[Iterable[torch.Tensor]], None] | None) -> dict[str, int]:
     """``init="preserve"`` on units whose weight is all zero (a zero-initialized residual conv, a
     pruned unit): ``g = ||w|| = 0`` and ``v = w = 0`` would leave both gradients zero forever.  Each
     such unit's ``v`` becomes a random unit direction (drawn as ``resample`` draws, with
     ``generator``): ``w = 0 * v/||v||`` stays 0, and ``dL/dg = dL/dw . v/||v||`` lets it train.
-    ``keep`` is called with each ``v`` before it is written (an in-place apply's undo).  Returns the
-    count per weight.  (With ``exp_scale`` no ``g = e^s`` is 0: not done there.)"""
+    With a process ``group``, its first rank draws and the others receive the draw.  ``keep`` is
+    called with each ``v`` before it is written (an in-place apply's undo).  Returns the count per
+    weight.  (With ``exp_scale`` no ``g = e^s`` is 0: not done there.)"""
     counts: dict[str, int] = {}
     with torch.no_grad():
         for target in targets:
@@ -238,6 +240,8 @@ def _give_zero_units_a_direction(model: nn.Module, targets: list[Target], genera
             if keep is not None:
                 keep([v])
             draw = torch.randn(v.shape, generator=generator, dtype=torch.float32, device=v.device)
+            if group is not None:
+                dist.broadcast(draw, src=dist.get_global_rank(group, 0), group=group)
             v.add_(compose_weight(zero.to(torch.float32), draw, layout).to(v.dtype))
             counts[target.qualname] = int(zero.sum())
     return counts

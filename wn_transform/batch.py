@@ -7,6 +7,7 @@ raised (the innermost module whose forward was running).
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator, Mapping
 from typing import Any, Union
 
@@ -101,16 +102,22 @@ def layer_tracker() -> Iterator[list[nn.Module]]:
 
 
 def copied_args(batch: SampleBatch) -> tuple[tuple, dict]:
-    """:func:`as_args` on a copy of the batch's tensors (see :func:`run`); a tensor given twice is
-    copied once, so it stays one tensor."""
+    """:func:`as_args` on a copy of the batch (see :func:`run`): a deep copy, so that objects holding
+    tensors are copied too (a Hugging Face ``DynamicCache`` the forward appends to), and tensors
+    that share memory still do; where the batch cannot be deep-copied (a tensor with a graph
+    behind it), a copy of each tensor, a tensor given twice copied once."""
+    try:
+        return as_args(copy.deepcopy(batch))
+    except (RuntimeError, TypeError, copy.Error):
+        pass
     copies: dict[int, torch.Tensor] = {}
 
-    def copy(tensor: torch.Tensor) -> torch.Tensor:
+    def clone_once(tensor: torch.Tensor) -> torch.Tensor:
         if id(tensor) not in copies:
             copies[id(tensor)] = tensor.clone()
         return copies[id(tensor)]
 
-    return tree_map_only(torch.Tensor, copy, as_args(batch))
+    return tree_map_only(torch.Tensor, clone_once, as_args(batch))
 
 
 def run(model: nn.Module, batch: SampleBatch) -> Any:

@@ -287,7 +287,8 @@ def _rewrite(args: argparse.Namespace, say: Callable[[str], None], fn: Callable[
     if args.key is not None:  # that state dict alone
         checkpoint = _without_nested_state_dicts(_get(checkpoint, _keyed_path(paths, args.key, args.input)))
         paths = state_dict_paths(checkpoint)
-    found = {_path_name(p): find_state_dict_weight_norms(_get(checkpoint, p)) for p in paths}
+    prefix = () if args.key is None else (args.key,)  # printed as the file names them
+    found = {_path_name((*prefix, *p)): find_state_dict_weight_norms(_get(checkpoint, p)) for p in paths}
     if not any(found.values()):
         msg = f"{args.input}: no weight-normalized tensors found (looked in {', '.join(found) or 'no state dict'})"
         raise CheckpointError(msg)

@@ -73,7 +73,7 @@ from .targets import Target
 
 __all__ = ["InitNotes", "data_init", "resample_directions"]
 
-_CONSTANT_STD = 1e-6  # below this (relative to |mean|), a unit counts as constant on the batch
+_CONSTANT_STD = 1e-6  # below this (relative to |mean| + its group's scale), a unit counts as constant on the batch
 # below this, a unit is nearly constant: float32 rounding of t is then a visible part of sigma[t]
 # (measured, 2 rows: a spread of 1e-5 of the mean left the std 3 % off 1, 1e-3 still 1.6 %), and the report says so
 _NEARLY_CONSTANT_STD = 1e-3
@@ -378,41 +378,61 @@ class _Moments:
         self._norms = {d: torch.ones(n, dtype=dtypes[d], device=d) for d, n in sizes.items()}
         self._mean = {d: torch.zeros(n, dtype=dtypes[d], device=d) for d, n in sizes.items()}
         self._var = {d: torch.full((n,), float("inf"), dtype=dtypes[d], device=d) for d, n in sizes.items()}
-        self._order: list[tuple[_State, slice, torch.device, int, int]] = []  # in calibration order
+        self._order: list[tuple[_State, slice, torch.device, int, int, int]] = []  # in calibration order
 
-    def slot(self, state: _State, units: slice) -> _Slot:
-        """The slices for ``state``'s ``units``; calibrations are listed in the order they ask."""
+    def slot(self, state: _State, units: slice, groups: int = 1) -> _Slot:
+        """The slices for ``state``'s ``units`` (of an op in ``groups`` groups of consecutive units,
+        each seeing its own inputs); calibrations are listed in the order they ask."""
         device, offset = self._slot[id(state)]
         start = offset + (units.start or 0)
         stop = offset + (units.stop if units.stop is not None else state.g.numel())
-        self._order.append((state, units, device, start, stop))
+        self._order.append((state, units, device, start, stop, groups))
         return _Slot(self._norms[device][start:stop], self._mean[device][start:stop], self._var[device][start:stop])
 
     def _spread_below(self, relative: float) -> dict[torch.device, Tensor]:
-        """Per device, the units with ``sigma[t] <= relative |mu[t]|`` (never those not calibrated,
-        nor those known constant: their variance is inf).
+        """Per device, the units with ``sigma[t] <= relative (|mu[t]| + r)`` (never those not
+        calibrated, nor those known constant: their variance is inf), compared in float64.
 
-        Relative to the unit's own mean, so the test holds at every scale of its input (a layer
-        fed features of 1e-7, a depthwise conv over channels in Pa and in A); a unit with a zero
-        mean is constant only if it does not vary at all.  Compared in float64, where neither
-        side overflows.
+        ``r`` is the scale of the unit's neighbours: the mean of ``|mu[t]| + sigma[t]`` over the units
+        of its group (the units of one calibration that see the same inputs; each channel of a
+        depthwise conv is a group of its own).  So the test holds at every scale of the input (a
+        layer fed features of 1e-7 is not constant; nor is a depthwise channel in amperes beside one
+        in pascals), and a unit whose mean cancels (``mu ~ 0``, a uniform row after a LayerNorm) is
+        measured against what its inputs make of other directions: rounding noise is constant.
         """
-        return {d: var.double() <= self._mean[d].double().abs().mul_(relative).square_() for d, var in self._var.items()}
+        found = {}
+        for device, var in self._var.items():
+            norms, mean = self._norms[device].double(), self._mean[device].double().abs()
+            std = var.double().sqrt()
+            scale = (mean + std) / norms  # per unit of ||v||; inf: not calibrated or known constant; nan: zero direction
+            segments = [(start, stop, groups) for _, _, d, start, stop, groups in self._order if d == device]
+            segment = torch.zeros(scale.shape, dtype=torch.long, device=device)  # 0: no calibration
+            count = 1
+            for start, stop, groups in segments:
+                per_group = max(1, (stop - start) // max(1, groups))
+                segment[start:stop] = count + torch.arange(stop - start, device=device) // per_group
+                count += -(-(stop - start) // per_group)
+            finite = scale.isfinite()
+            sums = scale.new_zeros(count).index_add_(0, segment, scale.where(finite, 0))
+            counts = scale.new_zeros(count).index_add_(0, segment, finite.to(scale.dtype))
+            reference = (sums / counts.clamp_min(1))[segment] * norms.where(norms.isfinite(), 0)
+            found[device] = std <= (mean + reference) * relative
+        return found
 
     def nearly_constant(self) -> dict[str, int]:
-        """Per weight, how many of its units vary on the batch by less than ``1e-3 |mu[t]|``
+        """Per weight, how many of its units vary on the batch by less than ``1e-3 (|mu[t]| + r)``
         (after the last pass, none is constant): standardized to within float rounding only."""
         nearly = self._spread_below(_NEARLY_CONSTANT_STD)
         if not any(bool(flags.any()) for flags in nearly.values()):
             return {}
         counts: dict[str, int] = {}
-        for state, _, device, start, stop in self._order:
+        for state, _, device, start, stop, _ in self._order:
             if count := int(nearly[device][start:stop].sum()):
                 counts[state.target.qualname] = counts.get(state.target.qualname, 0) + count
         return counts
 
     def constants(self) -> list[tuple[_State, Tensor]]:
-        """The units shown constant on the batch (``sigma[t] <= 1e-6 |mu[t]|``, see :meth:`_spread_below`), as
+        """The units shown constant on the batch (``sigma[t] <= 1e-6 (|mu[t]| + r)``, see :meth:`_spread_below`), as
         ``(state, mask over all its units)``: those of the first calibration, in forward order,
         that has any (later ones ran on what it handed on: their statistics are not certain),
         and every zero direction (constant whatever the input)."""
@@ -422,7 +442,7 @@ class _Moments:
             return []
         found: list[tuple[_State, Tensor]] = []
         certain = True
-        for state, units, device, start, stop in self._order:
+        for state, units, device, start, stop, _ in self._order:
             units_found = zero[device][start:stop]
             if certain:
                 part = constant[device][start:stop]
@@ -500,7 +520,8 @@ class _CalibrationMode(TorchFunctionMode):
                 t = func(**(bound | {"bias": None}))
                 x = bound["input"]
                 unit_dim = 1 if x.ndim == use.weight.ndim else 0
-            fit = self._calibrate(state, t, unit_dim, use.bias, native=use.kind if use.weight is state.v else None)
+            fit = self._calibrate(state, t, unit_dim, use.bias, native=use.kind if use.weight is state.v else None,
+                                  groups=int(bound.get("groups", 1)) if use.kind in ("conv", "conv_transpose") else 1)
             if not self.exact and name != "addmm":  # hand on g*t + b, from t' (bias included)
                 return fit.output()
         # Hand on what the model computes with the new (g, b): in float arithmetic g*t + b is not
@@ -520,24 +541,25 @@ class _CalibrationMode(TorchFunctionMode):
         return result
 
     def _calibrate(self, state: _State, t_raw: Tensor, unit_dim: int, bias: Tensor | None,
-                   units: slice = slice(None), *, native: str | None = None) -> _Fit | _Handed | _Unbatched:
+                   units: slice = slice(None), *, native: str | None = None, groups: int = 1) -> _Fit | _Handed | _Unbatched:
         """From ``t_raw = op(x, v)``, the statistics of ``t = t_raw/||v||`` per unit; set
         ``g[units]`` to ``s/sigma`` and the bias to ``-s*mu/sigma`` (or, behind a mean-only batch
         norm, its running mean to ``s*mu/sigma``).  ``t_raw`` is centred in place; the result
         turns it into the layer's new output.  ``native``: the kind of op (``"linear"``, ``"conv"``,
         ``"conv_transpose"``) when ``t_raw = op(x, v)`` with ``v`` itself, which the native kernel can
-        take whole (:meth:`_calibrate_native`).
+        take whole (:meth:`_calibrate_native`); ``groups``: the op's (a grouped conv's units see their
+        group's inputs alone, which the constant-unit check takes into account).
 
         Every op here runs once per layer between two layers' matmuls, where a small op costs
         several times what it costs in a loop: the constant-unit check waits for the end of
         the pass (:meth:`unforeseen_constants`) and values are written with ``out=``.
         """
         if t_raw.ndim == 1:  # F.linear on one unbatched sample [in]: a batch of one
-            return _Unbatched(self._calibrate(state, t_raw.unsqueeze(0), -1, bias, units, native=native))
+            return _Unbatched(self._calibrate(state, t_raw.unsqueeze(0), -1, bias, units, native=native, groups=groups))
         if t_raw.numel() == 0:  # no row reached the layer (an expert no token was routed to): nothing
             return _Handed(t_raw)  # to measure; a later call with rows calibrates it, or its scale is kept
         whole = units == slice(None)
-        slot = self._moments.slot(state, units)
+        slot = self._moments.slot(state, units, groups)
         if native is not None and whole:
             handed = self._calibrate_native(state, native, t_raw, unit_dim, bias, slot)
             if handed is not None:
@@ -573,7 +595,7 @@ class _CalibrationMode(TorchFunctionMode):
             if norm.bias is not None:
                 self.backup.keep(norm.bias)
                 norm.bias.zero_()
-        elif bias is not None and self._is_parameter(bias, state.module):
+        elif bias is not None and self._settable(bias, state.module):
             self.backup.keep(bias)
             _store(bias, mean, gain).neg_()  # b = -s mu[t] / sigma[t]: the output is centred
         else:
@@ -599,7 +621,7 @@ class _CalibrationMode(TorchFunctionMode):
         rows = wn.dim == 0  # a unit per row of v: the kernel reads the norms off v itself
         if (kind not in _NATIVE_DIMS or wn.dim != _NATIVE_DIMS[kind] or wn.groups != 1 or self.group is not None
                 or id(state) in self.known or state.mean_only_bn is not None
-                or (bias is not None and not self._is_parameter(bias, state.module))
+                or (bias is not None and not self._settable(bias, state.module))
                 or not kernels.calibration_usable(t_raw, unit_dim, state.v if rows else None, state.g, bias, slot.norms,
                                                   slot.mean, slot.var)):
             return None
@@ -622,6 +644,12 @@ class _CalibrationMode(TorchFunctionMode):
         """After the pass: the units found constant on the batch that were not known to be, as
         ``(state, mask over all its units)`` (see :meth:`_Moments.constants`); empty if none."""
         return self._moments.constants()
+
+    def _settable(self, bias: Tensor, owner: nn.Module) -> bool:
+        """Whether the init may set ``bias``: a parameter of the model that trains (a frozen bias
+        keeps its value, as a frozen layer does)."""
+        source = bias if bias._base is None else bias._base  # a view made under no_grad does not require grad
+        return source.requires_grad and self._is_parameter(bias, owner)
 
     def _is_parameter(self, tensor: Tensor, owner: nn.Module) -> bool:
         """Whether ``tensor`` is (a view of) a parameter of the model: the bias can be set."""

@@ -431,6 +431,9 @@ def _check_arguments(model: nn.Module, path: str | os.PathLike, exporter: str, r
         msg = f"rtol and atol must be >= 0 (or None for the model's dtype's defaults), got rtol={rtol!r}, atol={atol!r}"
         raise ValueError(msg)
     target = os.path.abspath(os.fspath(path))
+    if os.fspath(path).endswith((os.sep, "/")):  # abspath drops it: "exports/" would become a file "exports"
+        msg = f"{os.fspath(path)} names a folder (it ends with a separator); give the path of the .onnx file to write"
+        raise IsADirectoryError(msg)
     if os.path.isdir(target):
         msg = f"{target} is a folder; give the path of the .onnx file to write"
         raise IsADirectoryError(msg)

@@ -63,7 +63,7 @@ class WeightNormReport:
             for name, count in self.notes.constant_units.items():
                 lines.append(f"  {name}: {count} units constant on the batch (sigma ~ 0); their scale is s, not s/sigma")
             for name, count in self.notes.nearly_constant_units.items():
-                lines.append(f"  {name}: {count} units nearly constant on the batch (sigma < 1e-3 of their |mean|): "
+                lines.append(f"  {name}: {count} units nearly constant on the batch (sigma < 1e-3 of their |mean| plus their neighbours' scale): "
                              "standardized only to within float rounding (a larger or more varied batch helps)")
             for name in self.notes.unreached:
                 lines.append(f"  {name}: not reached by any row of the sample batch (the init pass runs the model in eval mode: "
@@ -71,7 +71,7 @@ class WeightNormReport:
             for name in self.notes.frozen:
                 lines.append(f"  {name}: frozen (requires_grad=False): not calibrated, it computes what it did")
             for name in self.notes.bias_not_set:
-                lines.append(f"  {name}: its bias is computed, not a parameter; only g was set")
+                lines.append(f"  {name}: its bias is not a trained parameter (computed, or frozen); only g was set")
             if self.notes.no_bias:
                 lines.append(f"  {len(self.notes.no_bias)} layers whose op adds no bias: the init set their std, their mean is "
                              f"the batch's; a bias added by a later op is not set ({few(self.notes.no_bias)})")

@@ -56,13 +56,15 @@ class StateDictWeightNorm:
 
 
 def _legacy_pair(weight_key: str, g: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether tensors named ``X_g``/``X_v`` are torch's legacy weight norm.  ``<...>weight_g`` and
-    ``<...>weight_v`` are (torch's own names: a ``g`` that does not fit is then an error).  Other
+    """Whether tensors named ``X_g``/``X_v`` are torch's legacy weight norm.  Where ``X`` names a
+    weight (``weight``, an LSTM's ``weight_ih_l0``, attention's ``in_proj_weight``: torch's own
+    names) they are (a ``g`` that does not fit is then an error, and a single-input LSTM's
+    ``[4H, 1]`` pair has units of one element).  Other
     names are where ``g`` fits ``v`` (one norm per unit along one axis, or one for the whole
     tensor) and, beyond a 1-D tensor, each unit holds more than one element: mixing coefficients
     such as RWKV's ``time_maa_g``/``time_maa_v``, both ``[1, 1, C]``, and a gated unit's
     ``w_g``/``w_v`` are ordinary tensors."""
-    if weight_key.rpartition(".")[2] == "weight":
+    if "weight" in weight_key.rpartition(".")[2]:
         return True
     if v.ndim > 1 and g.numel() >= v.numel():
         return False
