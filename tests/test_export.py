@@ -411,6 +411,32 @@ class _PadsOddLengths(nn.Module):
         return self.conv(x)
 
 
+class _PadsOddFrames(nn.Module):
+    """A stride-4 conv, a pad to an even frame count, then pairs of frames pooled (SEW pads its
+    features so): the branch depends on the parity of a length derived from the input's (its
+    frames), which an odd input size does not flip; the output's length follows the frames'."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(1, 2, 4, stride=4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        if h.shape[-1] % 2:
+            h = F.pad(h, (0, 1))
+        return h.unflatten(-1, (-1, 2)).mean(-1)
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_a_dynamic_axis_is_verified_where_a_derived_length_has_the_other_parity(exporter: str, tmp_path) -> None:
+    x = torch.randn(2, 1, 32)  # 8 frames -> 4; grown to 40 (10 -> 5), then 44 (11 frames: the branch the sample skipped)
+    with pytest.raises(ExportError, match=r"'time' grown, x\[2\]: 32 -> 44"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_onnx(_PadsOddFrames(), x, tmp_path / "frames.onnx", exporter=exporter,
+                    dynamic_shapes=({0: "batch", 2: "time"},))
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
 def test_a_dynamic_axis_is_verified_at_an_odd_and_an_even_size(exporter: str, tmp_path) -> None:
     x = torch.randn(2, 1, 16)
@@ -488,7 +514,7 @@ def test_an_axis_the_model_refuses_to_grow_a_little_is_checked_at_twice_its_size
     with pytest.warns(ExportWarning, match="Python boolean"):  # the hop check, `if x.shape[-1] % 4`
         report = export_onnx(HopFrames(), torch.randn(2, 2, 12), tmp_path / "hop.onnx", exporter="torchscript",
                              dynamic_shapes=({0: "B", 2: "T"},))
-    assert report.batch_sizes_checked == [2, 3, 2, 2]  # T: 15 refused, 16 and 24 checked
+    assert report.batch_sizes_checked == [2, 3, 2, 2]  # T: 15 refused, 16 checked, then 20 (5 frames: odd)
     assert len(report.notes) == 1 and "TorchScript tracer warned" in report.notes[0]  # and nothing left unchecked
 
 

@@ -267,8 +267,9 @@ def export_onnx(
             An axis asked to be dynamic (not ``Dim.AUTO``) that the exporter fixed is an
             error.  Every axis the file declares dynamic is verified: on the sample batch, then
             once per symbol on the sample grown along it (dim 0 by one sample, another axis by
-            a quarter of its size, at least 1, and by one more, so that both parities run;
-            twice its size where the model refuses those),
+            a quarter of its size, at least 1, then once more, at the next size where an output
+            length that follows it has the other parity, or one more; twice its size where the
+            model refuses those),
             every axis that depends on the symbol resized with it (a ``T x T`` mask, a derived
             ``2*T``: :mod:`wn_transform.dynamic_axes`), so that a graph that baked the sample's
             size in (Python arithmetic on a shape, under the TorchScript exporter) is caught.
@@ -902,27 +903,29 @@ def _verify(session: Any, model: nn.Module, sample_batch: batch_mod.SampleBatch,
     runs = [("the sample batch", "", inputs, reference)]
     symbols, notes = dynamic_axes.find_symbols(inputs.names, inputs.tensors, graph_inputs)
     for symbol in symbols:
-        refusals, checked = [], 0
-        for value in symbol.candidates():
+        refusals: list[str] = []
+        where = ", ".join(f"{inputs.names[p.index]}[{p.axis}] = {inputs.tensors[p.index].shape[p.axis]}"
+                          for p in symbol.places)
+        hint = (f"; axis '{symbol.name}' is marked dynamic, but the graph depends on its size in the sample "
+                f"batch ({where}): mark it static (dynamic_batch=False, or leave it out of dynamic_shapes; "
+                f"on the command line, --dynamic)")
+
+        def grown_run(value: int, symbol: dynamic_axes.Symbol = symbol, refusals: list[str] = refusals) -> tuple | None:
+            """The grown batch's run (label, inputs, PyTorch's outputs), or None where the model refuses it."""
             grown = dynamic_axes.grow(sample_batch, inputs.names, inputs.tensors, graph_inputs, symbols, symbol, value)
             if grown is None:
-                continue
+                return None
             batch, change = grown
             try:
                 with torch.no_grad():
-                    grown_reference = batch_mod.run(model, batch)
+                    expected = batch_mod.run(model, batch)
             except batch_mod.BatchError as exc:
                 refusals.append(f"{change}: {exc}")
-                continue
-            where = ", ".join(f"{inputs.names[p.index]}[{p.axis}] = {inputs.tensors[p.index].shape[p.axis]}"
-                              for p in symbol.places)
-            hint = (f"; axis '{symbol.name}' is marked dynamic, but the graph depends on its size in the sample "
-                    f"batch ({where}): mark it static (dynamic_batch=False, or leave it out of dynamic_shapes; "
-                    f"on the command line, --dynamic)")
-            runs.append((f"'{symbol.name}' grown, {change}", hint, _layout_inputs(model, batch), grown_reference))
-            checked += 1
-            if checked == symbol.checks:
-                break
+                return None
+            return f"'{symbol.name}' grown, {change}", _layout_inputs(model, batch), expected
+
+        checked = _checked_sizes(symbol, grown_run, reference)
+        runs += [(label, hint, run_inputs, expected) for label, run_inputs, expected in checked]
         if not checked:
             notes.append(f"dynamic axis '{symbol.name}' was not checked: the PyTorch model rejects the grown batches "
                          f"({'; '.join(refusals) or 'no size fits its axes'})")
@@ -954,6 +957,46 @@ def _verify(session: Any, model: nn.Module, sample_batch: batch_mod.SampleBatch,
                f" [all outputs: {_diff_table(diffs)}]")
         raise ExportMismatchError(msg)
     return diffs, sizes, notes, _fixed_but_varying(session, shapes)
+
+
+_PARITY_SEARCH = 8  # sizes tried past the first check for one that flips a derived length's parity
+
+
+def _checked_sizes(symbol: dynamic_axes.Symbol, grown_run: Callable[[int], tuple | None], reference: Any) -> list[tuple]:
+    """The runs that check ``symbol``: the first of its candidates the model takes and, for an axis
+    other than the batch's, a second whose outputs' sizes along the axes that follow the symbol
+    have the other parity where one of the next few sizes gives it (a graph may have baked in a
+    branch that only odd or only even lengths take, of the input or of a length derived from it:
+    SEW pads its features when their frame count is odd), else the other parity of the input."""
+    candidates = symbol.candidates()
+    first, rest = None, candidates
+    for index, value in enumerate(candidates):
+        first = grown_run(value)
+        if first is not None:
+            first_value, rest = value, candidates[index + 1:]
+            break
+    if first is None or symbol.checks == 1:
+        return [first] if first is not None else []
+    base = _output_shapes(reference)
+    moved = [(i, d, size) for i, (shape, grown) in enumerate(zip(base, _output_shapes(first[2])))
+             for d, size in enumerate(grown) if d < len(shape) and shape[d] != size]
+    fallback = None
+    for value in [first_value + k for k in range(1, _PARITY_SEARCH + 1)] if moved else rest:
+        second = grown_run(value)
+        if second is None:
+            continue
+        shapes = _output_shapes(second[2])
+        if not moved or any(i < len(shapes) and d < len(shapes[i]) and (shapes[i][d] - size) % 2
+                            for i, d, size in moved):
+            return [first, second]
+        fallback = fallback or second
+    if fallback is None:
+        fallback = next((run for run in map(grown_run, rest) if run is not None), None) if moved else None
+    return [first, fallback] if fallback is not None else [first]
+
+
+def _output_shapes(outputs: Any) -> list[tuple[int, ...]]:
+    return [tuple(leaf.shape) for leaf in tree_leaves(outputs) if isinstance(leaf, torch.Tensor)]
 
 
 def _fixed_but_varying(session: Any, shapes: dict[str, set[tuple[int, ...]]]) -> dict[str, list[int]]:
