@@ -152,8 +152,9 @@ def apply_weight_norm(
             if mean_only_bn:
                 report.mean_only_bn, report.mean_only_bn_missing = _attach_mean_only_bn(working, targets)
             group = resolve_group(distributed)
-            frozen = [t for t in targets if not _trainable(working, t)]  # a pretrained backbone: left as it is
-            trainable = [t for t in targets if t not in frozen]
+            trains = [_trainable(working, t) for t in targets]  # a frozen one (a pretrained backbone): left as it is
+            trainable = [t for t, train in zip(targets, trains) if train]
+            frozen = [t for t, train in zip(targets, trains) if not train]
             if init == "preserve" and not resample and not exp_scale:
                 report.zero_units = _give_zero_units_a_direction(working, trainable, generator, group,
                                                                  undo.keep_values if inplace else None)

@@ -19,7 +19,7 @@ import tempfile
 import warnings
 import zipfile
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from .errors import WeightNormError, few
 
 __all__ = [
     "CheckpointError", "check_output", "file_format", "is_state_dict", "load_batch", "load_checkpoint", "map_state_dicts",
-    "safetensors_metadata", "save_checkpoint", "state_dict_paths",
+    "rebuilt_like", "safetensors_metadata", "save_checkpoint", "state_dict_paths",
 ]
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
@@ -85,6 +85,16 @@ def state_dict_paths(obj: Any, path: tuple[str, ...] = ()) -> list[tuple[str, ..
     return found + [p for key, value in _children(obj) for p in state_dict_paths(value, (*path, key))]
 
 
+def rebuilt_like(mapping: Mapping[str, Any], items: Iterable[tuple[str, Any]]) -> dict[str, Any]:
+    """A mapping of ``items`` of ``mapping``'s kind: an ``OrderedDict`` stays one and keeps its
+    ``_metadata`` (a ``state_dict()``'s, which ``load_state_dict`` reads); any other, a dict."""
+    kind = type(mapping) if type(mapping) in (dict, OrderedDict) else dict
+    rebuilt = kind(items)
+    if kind is OrderedDict and hasattr(mapping, "_metadata"):
+        rebuilt._metadata = mapping._metadata  # type: ignore[attr-defined]
+    return rebuilt
+
+
 def map_state_dicts(obj: Any, fn: Callable[[dict[str, Any], str], dict[str, Any]], where: str = "") -> Any:
     """Apply ``fn(state_dict, where)`` to every state dict in ``obj``; keep everything else (an
     ``OrderedDict`` stays one).  A state dict that holds others is mapped first, then the ones it
@@ -98,11 +108,7 @@ def map_state_dicts(obj: Any, fn: Callable[[dict[str, Any], str], dict[str, Any]
     if all(mapped[key] is value for key, value in children):
         return obj  # nothing inside changed: the mapping as it is (a state dict keeps its _metadata)
     if isinstance(obj, Mapping):
-        kind = type(obj) if type(obj) in (dict, OrderedDict) else dict
-        rebuilt = kind((key, mapped.get(key, value)) for key, value in obj.items())
-        if kind is OrderedDict and hasattr(obj, "_metadata"):
-            rebuilt._metadata = obj._metadata  # type: ignore[attr-defined]
-        return rebuilt
+        return rebuilt_like(obj, ((key, mapped.get(key, value)) for key, value in obj.items()))
     values = list(mapped.values())
     return type(obj)(values) if type(obj) in (list, tuple) else values
 

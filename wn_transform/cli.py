@@ -16,7 +16,6 @@ import signal
 import sys
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +27,8 @@ from torch import nn
 from . import __version__
 from .apply import apply_weight_norm, plan_weight_norm, weight_norm_report
 from .checkpoint import (
-    CheckpointError, check_output, load_batch, load_checkpoint, map_state_dicts, safetensors_metadata, save_checkpoint,
-    state_dict_paths,
+    CheckpointError, check_output, load_batch, load_checkpoint, map_state_dicts, rebuilt_like, safetensors_metadata,
+    save_checkpoint, state_dict_paths,
 )
 from .errors import WeightNormError, few
 from .state_dict import convert_state_dict, find_state_dict_weight_norms, fit_state_dict, fold_state_dict
@@ -663,10 +662,7 @@ def _without_nested_state_dicts(state_dict: Any) -> Any:
     nested = {path[0] for path in state_dict_paths(state_dict) if path}
     if not nested or not isinstance(state_dict, Mapping):
         return state_dict
-    kept = OrderedDict((k, v) for k, v in state_dict.items() if k not in nested)
-    if hasattr(state_dict, "_metadata"):
-        kept._metadata = state_dict._metadata  # type: ignore[attr-defined]
-    return kept if isinstance(state_dict, OrderedDict) else dict(kept)
+    return rebuilt_like(state_dict, ((k, v) for k, v in state_dict.items() if k not in nested))
 
 
 def _get(obj: Any, path: tuple[str, ...]) -> Any:

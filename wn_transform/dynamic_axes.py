@@ -48,18 +48,13 @@ class Symbol:
     batch_like: bool  # dim 0 of some input: grown by one sample, not by a quarter
 
     def candidates(self) -> list[int]:
-        """Values to verify at, in order: a small step (for an axis other than the batch's, a second
-        one of the other parity, since a graph may have baked in a branch that only an odd size
-        takes: a pad to an even length), then twice the sample's (for a model that accepts only
-        some sizes, multiples of a hop)."""
+        """Values to verify at first, in order: a small step (for an axis other than the batch's, the
+        next one too: a model may take only even sizes), then twice the sample's (for a model that
+        accepts only some sizes, multiples of a hop).  The export checks such an axis once more,
+        near the first size it takes (``export._checked_sizes``)."""
         step = self.value + (1 if self.batch_like else max(1, self.value // 4))
         steps = [step] if self.batch_like else [step, step + 1]
         return list(dict.fromkeys([*steps, 2 * self.value]))
-
-    @property
-    def checks(self) -> int:
-        """How many of :meth:`candidates` to verify at, where the model accepts them."""
-        return 1 if self.batch_like else 2
 
 
 def find_symbols(names: Sequence[str], tensors: Sequence[torch.Tensor],

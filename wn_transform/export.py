@@ -964,35 +964,28 @@ _PARITY_SEARCH = 8  # sizes tried past the first check for one that flips a deri
 
 def _checked_sizes(symbol: dynamic_axes.Symbol, grown_run: Callable[[int], tuple | None], reference: Any) -> list[tuple]:
     """The runs that check ``symbol``: the first of its candidates the model takes and, for an axis
-    other than the batch's, a second whose outputs' sizes along the axes that follow the symbol
-    have the other parity where one of the next few sizes gives it (a graph may have baked in a
-    branch that only odd or only even lengths take, of the input or of a length derived from it:
-    SEW pads its features when their frame count is odd), else the other parity of the input."""
-    candidates = symbol.candidates()
-    first, rest = None, candidates
-    for index, value in enumerate(candidates):
-        first = grown_run(value)
-        if first is not None:
-            first_value, rest = value, candidates[index + 1:]
-            break
-    if first is None or symbol.checks == 1:
-        return [first] if first is not None else []
-    base = _output_shapes(reference)
-    moved = [(i, d, size) for i, (shape, grown) in enumerate(zip(base, _output_shapes(first[2])))
+    other than the batch's, the next size within :data:`_PARITY_SEARCH` the model takes where an
+    output length that follows the axis has the other parity, else the next it takes at all (a
+    graph may have baked in a branch that only odd or only even lengths take, of the input or of a
+    length derived from it: SEW pads its features when their frame count is odd)."""
+    first = next(((value, run) for value in symbol.candidates() if (run := grown_run(value)) is not None), None)
+    if first is None:
+        return []
+    first_value, first_run = first
+    if symbol.batch_like:
+        return [first_run]
+    moved = [(i, d, size) for i, (shape, grown) in enumerate(zip(_output_shapes(reference), _output_shapes(first_run[2])))
              for d, size in enumerate(grown) if d < len(shape) and shape[d] != size]
     fallback = None
-    for value in [first_value + k for k in range(1, _PARITY_SEARCH + 1)] if moved else rest:
+    for value in range(first_value + 1, first_value + 1 + _PARITY_SEARCH):
         second = grown_run(value)
         if second is None:
             continue
         shapes = _output_shapes(second[2])
-        if not moved or any(i < len(shapes) and d < len(shapes[i]) and (shapes[i][d] - size) % 2
-                            for i, d, size in moved):
-            return [first, second]
+        if not moved or any(i < len(shapes) and d < len(shapes[i]) and (shapes[i][d] - size) % 2 for i, d, size in moved):
+            return [first_run, second]
         fallback = fallback or second
-    if fallback is None:
-        fallback = next((run for run in map(grown_run, rest) if run is not None), None) if moved else None
-    return [first, fallback] if fallback is not None else [first]
+    return [first_run, fallback] if fallback is not None else [first_run]
 
 
 def _output_shapes(outputs: Any) -> list[tuple[int, ...]]:

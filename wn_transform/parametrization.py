@@ -328,9 +328,9 @@ def _size_mismatch(state_dict: dict, key: str, drop: tuple[str, ...], chain: nn.
     """Report ``state_dict[key]`` as torch reports a parameter of another shape; its entries ``drop``
     leave the checkpoint, and the layer's own ``(g, v)`` stand in for them, so that the error is
     that alone (not also a missing and an unexpected key)."""
-    shape, expected = tuple(state_dict[key].shape), tuple(chain.original1.shape)
-    error_msgs.append(f"size mismatch for {key}: copying a param with shape {torch.Size(shape)} from checkpoint, the shape "
-                      f"in current model is {torch.Size(expected)} (weight-normalized, stored as {ours[0]} and {ours[1]}).")
+    error_msgs.append(f"size mismatch for {key}: copying a param with shape {state_dict[key].shape} from checkpoint, the "
+                      f"shape in current model is {chain.original1.shape} (weight-normalized, stored as {ours[0]} and "
+                      f"{ours[1]}).")
     for dropped in drop:
         state_dict.pop(dropped, None)
     state_dict[ours[0]], state_dict[ours[1]] = chain.original0.detach(), chain.original1.detach()
