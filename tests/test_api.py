@@ -58,6 +58,30 @@ def test_by_default_a_copy_is_changed_and_the_original_is_untouched(net: Net, ba
     assert all(torch.equal(net.state_dict()[k], v) for k, v in before.items())
 
 
+@pytest.mark.parametrize("normalized_by", ["torch", "wn_transform"])
+def test_taking_a_parametrization_off_the_copy_leaves_the_original_as_it_was(normalized_by: str) -> None:
+    """A vocoder that carries weight norm, passed through with ``existing="keep"``, then the repo's own
+    ``remove_weight_norm()`` (torch's ``remove_parametrizations``) on what came back: a deep copy would
+    share each layer's generated class with the original, and the removal would take the original's
+    ``weight`` property away."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.ReLU(), nn.Conv1d(3, 2, 1))
+    if normalized_by == "torch":
+        for layer in (model[0], model[2]):
+            torch.nn.utils.parametrizations.weight_norm(layer)
+    else:
+        model = wn.apply_weight_norm(model, init="preserve")
+    x = torch.randn(1, 2, 8)
+    expected = model(x)
+    out = wn.apply_weight_norm(model, init="preserve")
+    assert not wn.weight_norm_report(out).converted  # both kept as they were
+    for layer in (out[0], out[2]):
+        parametrize.remove_parametrizations(layer, "weight")
+    torch.testing.assert_close(out(x), expected)
+    torch.testing.assert_close(model(x), expected)
+    assert parametrize.is_parametrized(model[0], "weight") and parametrize.is_parametrized(model[2], "weight")
+
+
 def test_inplace_changes_and_returns_the_model_itself(net: Net) -> None:
     out = wn.apply_weight_norm(net, init="preserve", inplace=True)
     assert out is net and parametrize.is_parametrized(net.conv, "weight")
@@ -72,7 +96,7 @@ def test_the_garbage_collector_is_paused_during_apply_and_left_as_it_was(net: Ne
     try:
         wn.apply_weight_norm(net, batch, inplace=True)
         with pytest.raises(wn.BatchError):  # a failure puts it back too
-            wn.apply_weight_norm(net, torch.randn(2, 5, 8))
+            wn.apply_weight_norm(Net(), torch.randn(2, 5, 8))
         after = gc.isenabled()
     finally:
         gc.enable()
@@ -395,3 +419,50 @@ def test_preserve_gives_all_zero_units_a_direction_so_a_zero_initialized_layer_t
     optimizer.step()
     assert bool((out[2].weight.abs().flatten(1).amax(1) > 0).all())
     assert wn.weight_norm_report(wn.apply_weight_norm(nn.Linear(4, 2), init="preserve")).zero_units == {}
+
+
+class _LoRA(nn.Module):
+    """A frozen-free LoRA adapter: ``base(x) + B(A(x))`` with ``B`` zero-initialized (the branch starts at 0)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.base, self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 2, bias=False), nn.Linear(2, 8, bias=False)
+        nn.init.zeros_(self.b.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.b(self.a(x))
+
+
+def test_the_data_init_gives_a_zero_initialized_layer_g_zero_so_its_first_step_is_small() -> None:
+    """The data init cannot standardize a zero direction (a constant unit).  With a finite ``g`` and
+    ``v = 0``, the first step's tiny ``v`` would make a full-norm weight (LoRA's ``B`` jumping from 0
+    to rows of norm ``g``, whatever the learning rate).  It gets ``g = 0`` and a unit direction, as in
+    preserve mode: the branch stays 0 at init and moves by O(lr) in the first step."""
+    torch.manual_seed(0)
+    x = torch.randn(32, 8)
+    model = wn.apply_weight_norm(_LoRA(), x, generator=torch.Generator().manual_seed(0))
+    chain = model.b.parametrizations.weight
+    assert wn.weight_norm_report(model).zero_units == {"b.weight": 8}
+    assert torch.equal(chain.original0, torch.zeros(8, 1)) and torch.equal(model.b.weight, torch.zeros(8, 2))
+    torch.testing.assert_close(chain.original1.norm(dim=1), torch.ones(8))
+    before = model(x).detach()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
+    (model(x) - 1).square().mean().backward()
+    optimizer.step()
+    branch = model.b(model.a(x)).detach()
+    assert 0 < float(branch.abs().max()) < 1e-3, "the branch moves by O(lr), not to a full-norm weight"
+    assert float((model(x) - before).abs().max()) < 1e-2
+
+
+def test_preserve_applies_to_a_meta_model_whose_weights_are_loaded_later() -> None:
+    """The large-model recipe the data init's meta-device error recommends: build on meta, apply with
+    ``init="preserve"``, load the weights with ``assign=True``: the same function as loading first."""
+    torch.manual_seed(0)
+    plain = _LoRA()
+    with torch.device("meta"):
+        meta = _LoRA()
+    model = wn.apply_weight_norm(meta, init="preserve")
+    assert model.b.parametrizations.weight.original1.is_meta
+    model.load_state_dict(plain.state_dict(), assign=True)
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(model(x), plain(x))

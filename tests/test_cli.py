@@ -486,6 +486,15 @@ def test_dynamic_names_the_axes_the_graph_keeps_dynamic(spec: str, tmp_path: Pat
         np.testing.assert_allclose(got, build_plain()(mel).numpy(), rtol=1e-4, atol=1e-5)
 
 
+def test_exporter_chooses_torchs_onnx_exporter(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "g.onnx"
+    assert main(["export", "--model", MODEL, "--input-shape", "2,80,12", "--exporter", "torchscript", "-o", str(out)]) == 0
+    assert re.search(r"exporter\W+torchscript", capsys.readouterr().out)
+    with pytest.raises(SystemExit):
+        main(["export", "--model", MODEL, "--input-shape", "2,80,12", "--exporter", "tf", "-o", str(out)])
+    assert "invalid choice: 'tf'" in capsys.readouterr().err
+
+
 def test_dynamic_none_fixes_every_shape(tmp_path: Path) -> None:
     import onnxruntime
 

@@ -286,9 +286,11 @@ def test_a_zero_direction_gets_a_finite_scale_and_a_zero_output(exact_init: bool
         model[0].weight[2] = 0.0  # unit 2 of the first layer has no direction
     batch = torch.randn(32, 4)
     out = wn.apply_weight_norm(model, batch, exact_init=exact_init, init_scale=0.5)
-    g = out[0].parametrizations.weight.original0.view(-1)
-    assert g[2] == 0.5 and out[0].bias[2] == 0  # g = s, b = -s mu[t] = 0
-    assert wn.weight_norm_report(out).notes.constant_units == {"0.weight": 1}
+    chain = out[0].parametrizations.weight
+    assert chain.original0.view(-1)[2] == 0 and out[0].bias[2] == 0  # a zero output: b = -s mu[t] = 0, and g = 0
+    torch.testing.assert_close(chain.original1[2].norm(), torch.tensor(1.0))  # with a direction, so it can train
+    report = wn.weight_norm_report(out)
+    assert report.notes.constant_units == {"0.weight": 1} and report.zero_units == {"0.weight": 1}
     pre = _pre_activations(out, batch, (nn.Linear,))
     assert torch.equal(pre["0"][:, 2], torch.zeros(32)) and torch.isfinite(pre["2"]).all()
     mean, std = _per_unit(pre["2"])
@@ -453,6 +455,28 @@ def test_a_batch_with_nan_is_refused_before_anything_changes() -> None:
     with pytest.raises(wn.BatchError, match=r"the sample batch holds NaN values \(the batch tensor\)|holds NaN values"):
         wn.apply_weight_norm(model, batch, inplace=True)
     assert type(model[0]) is nn.Linear and torch.equal(model[0].weight, before)
+
+
+def test_a_half_precision_gain_that_overflows_is_named_as_an_overflow_not_a_nan_in_the_batch() -> None:
+    """Finite statistics whose ``g = s/sigma`` exceeds float16's 65504 (a tiny-scale input)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3)).half()
+    with pytest.raises(wn.WeightNormError, match=r"^0\.weight: .* g = init_scale/std overflows torch\.float16 .*float32"):
+        wn.apply_weight_norm(model, (torch.randn(16, 4) * 1e-6).half())
+
+
+@pytest.mark.parametrize("layer", [nn.LSTM(4, 3), nn.GRUCell(4, 3)], ids=["LSTM", "GRUCell"])
+def test_an_all_zero_hidden_to_hidden_row_kept_as_it_is_is_not_taken_for_an_infinity(layer: nn.Module) -> None:
+    """The init keeps hidden-to-hidden weights as they are (``g = ||row||``): a pruned row has g = 0,
+    which for a calibrated unit would mean ``sigma = inf``; here it is the row's own norm."""
+    torch.manual_seed(0)
+    name = "weight_hh_l0" if isinstance(layer, nn.LSTM) else "weight_hh"
+    with torch.no_grad():
+        getattr(layer, name)[1] = 0
+    x = torch.randn(5, 4)
+    out = wn.apply_weight_norm(nn.Sequential(layer), x)
+    assert f"0.{name}" in wn.weight_norm_report(out).notes.recurrent_kept
+    torch.testing.assert_close(getattr(out[0], name), getattr(layer, name))
 
 
 @pytest.mark.parametrize("bad", [float("inf"), float("-inf")])
@@ -636,7 +660,7 @@ def test_zero_directions_in_many_layers_cost_one_more_pass(exact_init: bool) -> 
     assert len(passes) == 2
     assert wn.weight_norm_report(out).notes.constant_units == {"0.weight": 1, "4.weight": 1, "8.weight": 1}
     for index in (0, 4, 8):
-        assert out[index].parametrizations.weight.original0.view(-1)[1] == 1.0  # g = s
+        assert out[index].parametrizations.weight.original0.view(-1)[1] == 0  # a zero output, trainable: g = 0
     assert all(torch.isfinite(p).all() for p in out.parameters())
 
 
@@ -1014,6 +1038,39 @@ def test_an_object_in_the_batch_that_the_forward_changes_is_copied_for_every_run
     with torch.no_grad():
         y = out(x, copy.deepcopy(cache))  # one run, as the init saw it
     torch.testing.assert_close(y.std(0, correction=0), torch.ones(3), atol=1e-4, rtol=0)
+
+
+class _AttrDict(dict):
+    """A config read by attribute (a common pattern): its ``__getattr__`` answers every name, so
+    ``copy.deepcopy`` raises a KeyError for ``__deepcopy__``."""
+
+    def __getattr__(self, name: str) -> object:
+        return self[name]
+
+
+class _Audio(torch.Tensor):
+    """A tensor subclass with metadata (``torch.Tensor.__deepcopy__`` refuses it in torch 2.13)."""
+
+
+class _UsesMetadata(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor, config: _AttrDict) -> torch.Tensor:
+        return self.fc(x.as_subclass(torch.Tensor) * (x.sample_rate / config.rate))
+
+
+def test_a_batch_that_cannot_be_deep_copied_runs_with_its_tensors_copied_and_their_attributes_kept() -> None:
+    torch.manual_seed(0)
+    x = (torch.randn(64, 4) * 5).as_subclass(_Audio)
+    x.sample_rate = 8000
+    config = _AttrDict(rate=16000)
+    out = wn.apply_weight_norm(_UsesMetadata(), (x, config))
+    with torch.no_grad():
+        y = out(x, config)
+    torch.testing.assert_close(y.std(0, correction=0), torch.ones(3), atol=1e-4, rtol=0)
+    assert x.sample_rate == 8000 and config == {"rate": 16000}
 
 
 def test_a_unit_whose_mean_cancels_to_rounding_noise_is_constant_not_amplified() -> None:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import gc
 import os
+import time
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -42,7 +44,38 @@ def _step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
     optimizer.step()
 
 
+class _Experts(nn.Module):
+    """Two experts of one shape, each called on every rank, on the rows routed to it (maybe none)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.out = nn.Linear(4, 8), nn.Linear(8, 3)
+        self.experts = nn.ModuleList([nn.Linear(8, 8) for _ in range(2)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, route = self.inp(x), (x[:, 0] > 0).long()
+        y = torch.zeros_like(h)
+        for e, expert in enumerate(self.experts):
+            rows = (route == e).nonzero().squeeze(1)
+            y = y.index_add(0, rows, expert(h[rows]))
+        return self.out(y)
+
+
+def _routed() -> torch.Tensor:
+    """16 rows: rank 0's 8 all go to expert 1, rank 1's 8 all to expert 0."""
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(2))
+    x[:, 0] = x[:, 0].abs() + 0.1
+    x[8:, 0] *= -1
+    return x
+
+
 def _work(rank: int, out: str, wrapper: str) -> None:
+    if wrapper == "experts":  # each expert sees rows on one rank only, and 0 rows on the other
+        model = wn.apply_weight_norm(_Experts(), _routed()[rank * 8:(rank + 1) * 8])
+        torch.save(model.state_dict(), f"{out}/init{rank}.pt")
+        torch.save(model.state_dict(), f"{out}/step{rank}.pt")
+        return
     x, y = _data()
     shard = slice(rank * 16, (rank + 1) * 16)
     model = _init(_model(), x[shard], seed=100 + rank)  # rank 1's draw must be replaced by rank 0's
@@ -57,6 +90,11 @@ def _work(rank: int, out: str, wrapper: str) -> None:
         _step(model, x[shard], y[shard])
         full = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
         torch.save(full, f"{out}/step{rank}.pt")
+        model.eval()  # a validation pass, then training goes on: the eval weight cache must leave
+        with torch.no_grad():  # FSDP's storage resizable (it frees a parameter by resizing it to 0)
+            model(x[shard])
+        model.train()
+        _step(model, x[shard], y[shard])
 
 
 def _worker(rank: int, store: str, out: str, wrapper: str) -> None:
@@ -105,8 +143,72 @@ def test_fsdp_fully_shard_step_equals_a_single_process(tmp_path: Path) -> None:
         _assert_states_equal(state, single.state_dict(), rtol=1e-4, atol=1e-6)
 
 
+def test_an_expert_with_no_rows_on_one_rank_joins_the_reduction_and_gets_the_other_ranks_statistics(
+        tmp_path: Path) -> None:
+    """A mixture of experts that calls every expert on every rank, some on 0 rows: each rank still
+    joins each expert's reduction, so the statistics pair up (an expert skipped on one rank would
+    reduce with the next expert's statistics there) and equal the single-process init's."""
+    inits, _ = _run(tmp_path, "experts")
+    single = wn.apply_weight_norm(_Experts(), _routed(), distributed=False)
+    for state in inits:
+        _assert_states_equal(state, single.state_dict(), rtol=1e-5, atol=1e-6)
+
+
 def test_a_single_process_without_a_group_is_unaffected() -> None:
     x, _ = _data()
     a = _init(_model(), x, seed=3)
     b = _init(_model(), x, seed=3, distributed=False)
     _assert_states_equal(a.state_dict(), b.state_dict())
+
+
+def test_wrapped_or_sharded_models_are_refused_with_the_route_that_works(tmp_path: Path) -> None:
+    """DDP keeps all-reducing the weights it was built with (g and v would silently drift apart
+    across ranks); FSDP's shards cannot be reparameterized, copied or folded in place.  Each is a
+    clear error that says what to do; so is a ``distributed=`` value that is not a process group."""
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(wn.WeightNormError, match=r"DistributedDataParallel wrapper.*\(ddp\.module"):
+            wn.apply_weight_norm(nn.parallel.DistributedDataParallel(_model()), init="preserve")
+        sharded = wn.apply_weight_norm(_model(), init="preserve")
+        fully_shard(sharded)
+        x, _ = _data()
+        calls = [(wn.WeightNormError, lambda: wn.apply_weight_norm(sharded, init="preserve", inplace=True)),
+                 (wn.FoldError, lambda: wn.fold_weight_norm(sharded, inplace=True)),
+                 (wn.ExportError, lambda: wn.export_onnx(sharded, x, tmp_path / "model.onnx"))]
+        for error, call in calls:
+            with pytest.raises(error, match=r"sharded by FSDP \(module '\(root\)'\).*fold_state_dict"):
+                call()
+        assert not (tmp_path / "model.onnx").exists()
+        with pytest.raises(TypeError, match=r"distributed must be .*ProcessGroup, got 'yes'"):
+            wn.apply_weight_norm(_model(), init="preserve", distributed="yes")
+    finally:
+        dist.destroy_process_group()
+
+
+def _peer_failure_worker(rank: int, store: str, out: str) -> None:
+    import datetime
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=5))
+    x, _ = _data()
+    shard = x[rank * 16:(rank + 1) * 16].clone()
+    if rank == 1:
+        shard[0, 0, 0] = float("nan")  # refused before the pass: rank 0 waits for it in vain
+    try:
+        wn.apply_weight_norm(_model(), shard)
+    except Exception as exc:  # noqa: BLE001 - the test checks the type and message
+        Path(f"{out}/error{rank}.txt").write_text(f"{type(exc).__name__}: {exc}")
+    if rank == 1:
+        time.sleep(8)  # alive past rank 0's timeout: rank 0 times out rather than losing its peer
+    os._exit(0)
+
+
+def test_a_rank_left_waiting_by_a_peers_failure_is_told_what_every_rank_must_do(tmp_path: Path) -> None:
+    """Not "the model rejected the sample batch": its own batch was fine."""
+    mp.spawn(_peer_failure_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, join=True)
+    assert (tmp_path / "error1.txt").read_text().startswith("BatchError: the sample batch holds NaN values")
+    waited = (tmp_path / "error0.txt").read_text()
+    assert waited.startswith("WeightNormError: the data-dependent init's reduction across ranks failed (")
+    assert "every rank of the process group must call apply_weight_norm" in waited and "distributed=False" in waited

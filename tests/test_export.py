@@ -1115,3 +1115,86 @@ def test_a_folder_given_as_the_output_is_named_as_one_and_nothing_is_written(kin
     with pytest.raises(IsADirectoryError, match="folder"):
         export_onnx(nn.Linear(4, 3), torch.randn(2, 4), path)
     assert os.listdir(tmp_path) == []
+
+
+class _TimeFirstBLSTM(nn.Module):
+    """Demucs v2's bidirectional LSTM over time, then a Linear: torch 2.13's dynamo exporter bakes
+    the time steps of the sample into a Reshape, so its file fails at any other length."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(input_size=8, hidden_size=8, bidirectional=True)
+        self.linear = nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.lstm(x.permute(2, 0, 1))[0]).permute(1, 2, 0)
+
+
+def test_auto_gives_up_a_dynamo_file_that_fails_its_checks_for_the_torchscript_exporters(tmp_path) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 6)
+    model = wn.apply_weight_norm(_TimeFirstBLSTM(), x).eval()
+    path = tmp_path / "blstm.onnx"
+    report = wn.export_onnx(model, x, path, dynamic_shapes=({2: "T"},))
+    # the dynamo exporter either raises or writes a file fixed to T = 6 (torch 2.13 does both, by the state of its caches)
+    assert report.exporter == "torchscript" and report.fallback_reason
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for steps in (7, 13):
+        other = torch.randn(2, 8, steps)
+        with torch.no_grad():
+            expected = model(other).numpy()
+        np.testing.assert_allclose(session.run(None, {session.get_inputs()[0].name: other.numpy()})[0], expected,
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_auto_retries_with_torchscript_when_the_dynamo_file_fails_verification(
+        tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The control flow of the retry, whatever torch's exporters do today: the dynamo file's first
+    check fails, the TorchScript file is checked (and written); with ``exporter="dynamo"`` the
+    failure is the error."""
+    verified: list[str] = []
+    real = export_mod._verify
+
+    def verify(session, *args, **kwargs):
+        verified.append("call")
+        if len(verified) == 1:
+            msg = "onnxruntime disagrees with PyTorch (made up by the test)"
+            raise wn.ExportMismatchError(msg)
+        return real(session, *args, **kwargs)
+
+    monkeypatch.setattr(export_mod, "_verify", verify)
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(4, 3)), torch.randn(2, 4)
+    report = wn.export_onnx(model, x, tmp_path / "a.onnx")
+    assert report.exporter == "torchscript" and len(verified) == 2
+    assert report.fallback_reason == "file failed its checks (ExportMismatchError: onnxruntime disagrees with PyTorch (made up by the test))"
+    verified.clear()
+    with pytest.raises(wn.ExportMismatchError, match=r"^onnxruntime disagrees with PyTorch \(made up by the test\)$"):
+        wn.export_onnx(model, x, tmp_path / "b.onnx", exporter="dynamo")
+    assert not (tmp_path / "b.onnx").exists()
+
+
+class _PaddedCodec(nn.Module):
+    """EnCodec-style padding computed in Python from the length (TorchScript bakes it), and a
+    data-dependent branch (the dynamo exporter refuses it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.up = nn.Conv1d(1, 4, 8, stride=4), nn.ConvTranspose1d(4, 1, 4, stride=4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        length = x.shape[-1]
+        y = self.up(torch.relu(self.conv(F.pad(x, (2, 2 + math.ceil(length / 4) * 4 - length)))))
+        if y.abs().max() > 100:
+            y = y / 100
+        return y[..., :length]
+
+
+def test_a_torchscript_file_that_fails_after_the_fallback_says_why_dynamo_was_given_up(tmp_path) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 40)
+    model = wn.apply_weight_norm(_PaddedCodec(), x)
+    with pytest.raises(wn.ExportError, match=r"mark it static.*\[this is the TorchScript exporter's file: the dynamo "
+                                             r"exporter's export failed \(.+\)\]$"):
+        wn.export_onnx(model, x, tmp_path / "codec.onnx", dynamic_shapes=({2: "T"},))
+    assert not os.listdir(tmp_path)

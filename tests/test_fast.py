@@ -248,13 +248,9 @@ def test_the_cached_eval_weight_follows_updates_written_through_data(width: int)
 @pytest.mark.parametrize("optimizer", ["Adam", "AdamW", "SGD"])
 def test_the_cached_eval_weight_follows_a_fused_optimizer_that_leaves_g_alone(optimizer: str, gain: str) -> None:
     """torch's fused optimizers (``fused=True``) write parameters in place without bumping their
-    version counters; with ``g`` unchanged by the step, only the count of optimizer steps tells the
-    cache that ``v`` moved (the oracle: the folded model, whose weights are computed afresh)."""
-    p = nn.Parameter(torch.randn(4))
-    p.grad = torch.randn(4)
-    version = p._version
-    getattr(torch.optim, optimizer)([p], lr=0.1, fused=True).step()
-    assert p._version == version  # what makes this test necessary (if torch fixes it, the test still holds)
+    version counters (torch 2.13); with ``g`` unchanged by the step, only our step hook, which
+    bumps them, tells the cache that ``v`` moved (the oracle: the folded model, whose weights are
+    computed afresh)."""
     torch.manual_seed(0)
     x = torch.randn(16, 8)
     model = wn.apply_weight_norm(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)), x)
@@ -269,6 +265,41 @@ def test_the_cached_eval_weight_follows_a_fused_optimizer_that_leaves_g_alone(op
         step.zero_grad()
         model(x).square().sum().backward()
         step.step()
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["for-loop", "fused"])
+def test_a_frozen_models_kept_weights_survive_another_models_optimizer_steps(
+        fused: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A frozen teacher (distillation, a DQN target network) run under ``no_grad`` between the
+    student's steps keeps its weights: a step bumps the versions of its own optimizer's parameters
+    only, so the teacher's weights are built once, not once per step."""
+    import wn_transform.parametrization as parametrization
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    teacher = wn.apply_weight_norm(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)), init="preserve").eval()
+    teacher.requires_grad_(False)
+    student = wn.apply_weight_norm(nn.Sequential(nn.Linear(8, 8)), init="preserve")
+    optimizer = torch.optim.Adam(student.parameters(), lr=0.1, fused=fused)
+    built: list[int] = []
+    original = parametrization.weight_norm_weight
+
+    def counting(g, v, layout, *, exp_scale=False):
+        built.append(id(v))
+        return original(g, v, layout, exp_scale=exp_scale)
+
+    monkeypatch.setattr(parametrization, "weight_norm_weight", counting)
+    teacher_vs = {id(m.parametrizations.weight.original1) for m in teacher if isinstance(m, nn.Linear)}
+    for _ in range(4):
+        with torch.no_grad():
+            target = teacher(x)
+        optimizer.zero_grad()
+        (student(x) - target).square().mean().backward()
+        optimizer.step()
+    assert sum(v in teacher_vs for v in built) == 2  # each teacher weight built once
+    student.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(student(x), wn.fold_weight_norm(student)(x), rtol=0, atol=1e-6)
 
 
 def test_the_cached_eval_weight_is_never_served_for_other_tensors_at_a_reused_address() -> None:
@@ -475,6 +506,39 @@ def test_fx_traces_the_weight_as_a_function_of_g_and_v_not_a_constant() -> None:
     with torch.no_grad():
         model.parametrizations.w.original0.mul_(2)  # the traced module shares the parameters
     torch.testing.assert_close(traced(x), model(x))
+
+
+class _LeafNothing(torch.fx.Tracer):
+    def is_leaf_module(self, module: nn.Module, qualname: str) -> bool:
+        return False
+
+
+def test_fx_keeps_a_normalized_layer_a_leaf_and_records_the_formula_when_told_to_enter_it() -> None:
+    """``torch.fx`` records a leaf module as one ``call_module`` node (hooks on it fire in the traced
+    module, FX tools see the layer), for our layers as for torch's own weight norm; a Tracer that
+    enters every module records ``g * v/||v||`` as ops on the parameters, the same function."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16, 5))
+    model = wn.apply_weight_norm(plain, init="preserve")
+    with torch.no_grad():
+        model[0].parametrizations.weight.original1[1] = 0  # a zero direction: a zero weight, not NaN
+    x = torch.randn(2, 3, 4, 4)
+    expected = model(x)
+    traced = torch.fx.symbolic_trace(model)
+    assert [n.target for n in traced.graph.nodes if n.op == "call_module"] == ["0", "1", "2", "3"]
+    fired: list[bool] = []
+    traced.get_submodule("0").register_forward_hook(lambda *_: fired.append(True))
+    torch.testing.assert_close(traced(x), expected)
+    assert fired == [True]
+    inlined = torch.fx.GraphModule(model, _LeafNothing().trace(model))
+    assert not any(n.op == "call_module" for n in inlined.graph.nodes)
+    torch.testing.assert_close(inlined(x), model(x))
+    with torch.no_grad():
+        model[3].parametrizations.weight.original0.mul_(2)  # the parameters are read, not baked in
+    torch.testing.assert_close(inlined(x), model(x))
+    grouped = wn.apply_weight_norm(nn.Sequential(nn.ConvTranspose1d(4, 4, 3, groups=2)), init="preserve")
+    with pytest.raises(TypeError, match="grouped ConvTranspose .*leaf module"):
+        _LeafNothing().trace(grouped)
 
 
 def _attention_pair() -> tuple[nn.MultiheadAttention, nn.MultiheadAttention]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 
 import pytest
@@ -375,3 +376,30 @@ def test_a_one_output_layer_normalized_on_dim_0_is_reported_and_converted_on_dim
     target.load_state_dict(convert_state_dict(legacy.state_dict(), "parametrizations"))
     x = torch.randn(2, 4, 9)
     torch.testing.assert_close(target(x), legacy(x))
+
+
+def test_a_plain_checkpoint_with_all_zero_units_loads_as_trainable_units_the_same_on_every_load() -> None:
+    """Loading a plain checkpoint into a weight-normalized model (apply first, load later) gives an
+    all-zero unit (a zero-initialized residual branch) ``g = 0`` and a unit direction, as
+    ``apply_weight_norm`` does, not ``v = 0`` (no gradient ever): the same weights, the layer
+    trains, and the direction is the same on every load (every process of a job)."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Conv1d(5, 4, 1))
+    with torch.no_grad():
+        plain[2].weight.zero_()
+        plain[0].weight[2] = 0
+    loaded = [wn.apply_weight_norm(copy.deepcopy(plain), init="preserve") for _ in range(2)]
+    for model in loaded:
+        model.load_state_dict(plain.state_dict())
+        assert torch.equal(model[2].weight, plain[2].weight) and torch.equal(model[0].weight, plain[0].weight)
+    chain = loaded[0][2].parametrizations.weight
+    assert torch.equal(chain.original0, torch.zeros(4, 1, 1))
+    torch.testing.assert_close(chain.original1.flatten(1).norm(dim=1), torch.ones(4))
+    assert torch.equal(chain.original1, loaded[1][2].parametrizations.weight.original1)
+    x = torch.randn(8, 6)
+    model = loaded[0]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model[2](model[1](model[0](x)).unsqueeze(-1)).square().sum().neg().backward()
+    optimizer.step()
+    assert bool((model[2].weight.abs().flatten(1).amax(1) > 0).all())  # (layer 0 gets no gradient through a zero layer)
+    torch.testing.assert_close(model[0].parametrizations.weight.original1[2].norm(), torch.tensor(1.0))

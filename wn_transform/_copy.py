@@ -1,4 +1,5 @@
-"""Deep copies of models, including those that ``copy.deepcopy`` refuses; telling ``torch.compile``'s wrapper."""
+"""Deep copies of models, including those that ``copy.deepcopy`` refuses; telling ``torch.compile``'s wrapper and
+FSDP's sharded modules."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import sys
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
-__all__ = ["compiled_wrapper", "copy_model"]
+__all__ = ["compiled_wrapper", "copy_model", "refuse_sharded"]
 
 
 def copy_model(model: nn.Module) -> nn.Module:
@@ -18,6 +20,12 @@ def copy_model(model: nn.Module) -> nn.Module:
     last forward as a plain attribute, and parametrized RNNs keep theirs in ``_flat_weights``;
     after a forward with grad on they are non-leaf tensors, and ``copy.deepcopy`` raises on
     those.  Such attributes are copied detached.
+
+    A parametrized layer's class is generated for it (``torch.nn.utils.parametrize``) and
+    ``copy.deepcopy`` shares it between the copy and the original, so that taking a
+    parametrization off the copy (``remove_parametrizations``, a repo's own
+    ``remove_weight_norm()``) would take its property off the original too: each parametrized
+    layer of the copy gets a class of its own, with the same contents.
     """
     memo: dict[int, object] = {}
     for module in model.modules():
@@ -26,7 +34,17 @@ def copy_model(model: nn.Module) -> nn.Module:
             for item in value if isinstance(value, (list, tuple)) else (value,):
                 if isinstance(item, torch.Tensor) and not item.is_leaf:
                     memo[id(item)] = item.detach().clone()
-    return copy.deepcopy(model, memo)
+    copied = copy.deepcopy(model, memo)
+    for module in copied.modules():
+        if parametrize.is_parametrized(module):
+            module.__class__ = _own_copy(type(module))
+    return copied
+
+
+def _own_copy(cls: type) -> type:
+    """A class with ``cls``'s name, bases and attributes (its properties included)."""
+    namespace = {key: value for key, value in vars(cls).items() if key not in ("__dict__", "__weakref__")}
+    return type(cls.__name__, cls.__bases__, namespace)
 
 
 def compiled_wrapper(model: object) -> bool:
@@ -35,3 +53,28 @@ def compiled_wrapper(model: object) -> bool:
     exists only once it is imported.)"""
     eval_frame = sys.modules.get("torch._dynamo.eval_frame")
     return eval_frame is not None and isinstance(model, eval_frame.OptimizedModule)
+
+
+def _sharded_module(model: nn.Module) -> str | None:
+    """The name of the first module of ``model`` that FSDP has sharded (``fully_shard`` or
+    ``FullyShardedDataParallel``), or None.  Its parameters are shards (DTensors) that FSDP
+    gathers around each forward, and it cannot be copied.  (Without importing FSDP, which exists
+    only once imported.)"""
+    if "torch.distributed.fsdp" not in sys.modules:
+        return None
+    fsdp = sys.modules["torch.distributed.fsdp"]
+    kinds = tuple(kind for kind in (getattr(fsdp, "FSDPModule", None), getattr(fsdp, "FullyShardedDataParallel", None))
+                  if kind is not None)
+    return next((name or "(root)" for name, module in model.named_modules() if isinstance(module, kinds)), None)
+
+
+def refuse_sharded(model: nn.Module, what: str, error: type[Exception]) -> None:
+    """Raise ``error`` if FSDP has sharded a module of ``model``: its shards cannot be reparameterized,
+    copied or folded in place; the message says which route works."""
+    sharded = _sharded_module(model)
+    if sharded is not None:
+        msg = (f"{what} got a model sharded by FSDP (module {sharded!r}): apply weight norm before sharding "
+               "(apply_weight_norm, then fully_shard), and fold or export a trained model from its full state dict "
+               "(torch.distributed.checkpoint.state_dict.get_model_state_dict(model, options=StateDictOptions("
+               "full_state_dict=True)), then wn_transform.fold_state_dict)")
+        raise error(msg)

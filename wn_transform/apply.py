@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import batch as batch_mod
-from ._copy import compiled_wrapper, copy_model
+from ._copy import compiled_wrapper, copy_model, refuse_sharded
 from ._gc import gc_paused
 from .data_init import InitNotes, data_init, resample_directions
 from .discover import WALK, Discovery, account_for_every_layer, discover
@@ -22,7 +22,7 @@ from .fold import FoundWeightNorm, find_weight_norms, fold_one
 from .mean_only_bn import attach as attach_mean_only_bn
 from .mean_only_bn import channels as mean_only_bn_channels
 from .moments import resolve_group
-from .norm import compose_weight, unit_norm
+from .norm import direct_zero_units, unit_norm
 from .parametrization import WeightNorm, register
 from .report import WeightNormReport
 from .select import FilterFn, Selection
@@ -128,6 +128,7 @@ def apply_weight_norm(
         _REPORTS[wrapper] = _REPORTS[inner]
         return wrapper  # it compiles the weight-normalized model at its next call
     init = _check_arguments(model, sample_batch, init, existing)
+    group = resolve_group(distributed)
     _warn_if_untrainable(model)
     if init == "data":
         _check_measurable(model, sample_batch)
@@ -151,19 +152,18 @@ def apply_weight_norm(
                          WeightNorm(target.layout.dim, target.layout.groups, exp_scale=exp_scale))
             if mean_only_bn:
                 report.mean_only_bn, report.mean_only_bn_missing = _attach_mean_only_bn(working, targets)
-            group = resolve_group(distributed)
             trains = [_trainable(working, t) for t in targets]  # a frozen one (a pretrained backbone): left as it is
             trainable = [t for t, train in zip(targets, trains) if train]
             frozen = [t for t, train in zip(targets, trains) if not train]
-            if init == "preserve" and not resample and not exp_scale:
-                report.zero_units = _give_zero_units_a_direction(working, trainable, generator, group,
-                                                                 undo.keep_values if inplace else None)
             if resample:
                 resample_directions(working, trainable, generator=generator, group=group)
             if init == "data":
                 report.notes = data_init(working, trainable, sample_batch, init_scale=init_scale, group=group,
                                          exact=exact_init) if trainable else InitNotes()
                 report.notes.frozen = [t.qualname for t in frozen]
+            if not resample and not exp_scale:
+                report.zero_units = _give_zero_units_a_direction(working, trainable, generator, group,
+                                                                 undo.keep_values if inplace else None)
         except BaseException:
             undo.restore()
             raise
@@ -223,27 +223,32 @@ def _check_arguments(model: nn.Module, sample_batch, init: Init | None, existing
 def _give_zero_units_a_direction(model: nn.Module, targets: list[Target], generator: torch.Generator | None,
                                  group: dist.ProcessGroup | None,
                                  keep: Callable[[Iterable[torch.Tensor]], None] | None) -> dict[str, int]:
-    """``init="preserve"`` on units whose weight is all zero (a zero-initialized residual conv, a
-    pruned unit): ``g = ||w|| = 0`` and ``v = w = 0`` would leave both gradients zero forever.  Each
-    such unit's ``v`` becomes a random unit direction (drawn as ``resample`` draws, with
-    ``generator``): ``w = 0 * v/||v||`` stays 0, and ``dL/dg = dL/dw . v/||v||`` lets it train.
-    With a process ``group``, its first rank draws and the others receive the draw.  ``keep`` is
-    called with each ``v`` before it is written (an in-place apply's undo).  Returns the count per
-    weight.  (With ``exp_scale`` no ``g = e^s`` is 0: not done there.)"""
+    """Units whose weight is all zero (a zero-initialized residual conv or LoRA ``B``, a pruned unit)
+    get ``g = 0`` and a random unit direction ``v`` (drawn as ``resample`` draws, with ``generator``).
+    ``init="preserve"`` would leave ``g = ||w|| = 0`` and ``v = w = 0``, both gradients zero forever;
+    the data init keeps ``v = 0`` (a constant unit) with a finite ``g``, so that the first step's
+    tiny ``v`` would jump to a full-norm weight.  Now ``w = 0 * v/||v||`` stays 0 (the function is
+    unchanged) and ``dL/dg = dL/dw . v/||v||`` lets it grow from 0.  With a process ``group``, its
+    first rank draws and the others receive the draw.  ``keep`` is called with each ``g`` and ``v``
+    before they are written (an in-place apply's undo).  Returns the count per weight.  (With
+    ``exp_scale`` no ``g = e^s`` is 0: not done there; a meta tensor has no values to test.)"""
     counts: dict[str, int] = {}
     with torch.no_grad():
         for target in targets:
             chain = model.get_submodule(target.module).parametrizations[target.name]
-            layout, v = chain[0].layout, chain.original1
+            layout, g, v = chain[0].layout, chain.original0, chain.original1
+            if v.numel() == 0 or v.is_meta:
+                continue
             zero = unit_norm(v, layout) == 0
-            if v.numel() == 0 or not bool(zero.any()):
+            if not bool(zero.any()):
                 continue
             if keep is not None:
-                keep([v])
+                keep([g, v])
             draw = torch.randn(v.shape, generator=generator, dtype=torch.float32, device=v.device)
             if group is not None:
                 dist.broadcast(draw, src=dist.get_global_rank(group, 0), group=group)
-            v.add_(compose_weight(zero.to(torch.float32), draw, layout).to(v.dtype))
+            v.copy_(direct_zero_units(v, zero, layout, draw))
+            g.masked_fill_(zero.view(g.shape), 0)
             counts[target.qualname] = int(zero.sum())
     return counts
 
@@ -281,6 +286,12 @@ def _check_measurable(model: nn.Module, sample_batch: batch_mod.SampleBatch) -> 
 def _check_modules(model: nn.Module) -> None:
     """Lazy layers (``nn.LazyLinear``...) have no weight shape until their first forward, and
     TorchScript modules cannot be reparameterized (nor copied as Python modules)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        msg = ("apply_weight_norm got a DistributedDataParallel wrapper, which keeps all-reducing the weights it was "
+               "built with, never the new g and v: apply weight norm to the model itself (ddp.module, or before "
+               "wrapping), then wrap the result in DistributedDataParallel")
+        raise WeightNormError(msg)
+    refuse_sharded(model, "apply_weight_norm", WeightNormError)
     modules = list(model.named_modules())
     scripted = [name or "(root)" for name, module in modules if isinstance(module, torch.jit.ScriptModule)]
     if scripted:

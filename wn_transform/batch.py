@@ -17,7 +17,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence
 from torch.utils._pytree import tree_leaves, tree_map_only
 
-from .errors import BatchError
+from .errors import BatchError, WeightNormError
 
 __all__ = ["SampleBatch", "as_args", "check_measurable", "check_no_nan", "copied_args", "layer_tracker", "run"]
 
@@ -105,16 +105,20 @@ def copied_args(batch: SampleBatch) -> tuple[tuple, dict]:
     """:func:`as_args` on a copy of the batch (see :func:`run`): a deep copy, so that objects holding
     tensors are copied too (a Hugging Face ``DynamicCache`` the forward appends to), and tensors
     that share memory still do; where the batch cannot be deep-copied (a tensor with a graph
-    behind it), a copy of each tensor, a tensor given twice copied once."""
+    behind it, a tensor subclass, an object whose ``__getattr__`` answers every name), a copy of
+    each tensor (with a subclass's attributes), a tensor given twice copied once."""
     try:
         return as_args(copy.deepcopy(batch))
-    except (RuntimeError, TypeError, copy.Error):
+    except Exception:  # noqa: BLE001 - a user object's __deepcopy__/__reduce_ex__/__getattr__ may raise anything
         pass
     copies: dict[int, torch.Tensor] = {}
 
     def clone_once(tensor: torch.Tensor) -> torch.Tensor:
         if id(tensor) not in copies:
-            copies[id(tensor)] = tensor.clone()
+            clone = tensor.clone()
+            if type(tensor) is not torch.Tensor and getattr(tensor, "__dict__", None):
+                clone.__dict__.update(tensor.__dict__)  # a subclass's metadata (a sampling rate): clone() drops it
+            copies[id(tensor)] = clone
         return copies[id(tensor)]
 
     return tree_map_only(torch.Tensor, clone_once, as_args(batch))
@@ -133,7 +137,7 @@ def run(model: nn.Module, batch: SampleBatch) -> Any:
     with layer_tracker() as stack:
         try:
             return model(*args, **kwargs)
-        except BatchError:
+        except WeightNormError:  # ours, raised while the model ran (a failed reduction across ranks): as it is
             raise
         except Exception as exc:
             raise BatchError(describe_failure(model, stack, exc)) from exc

@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="input axes the graph keeps dynamic: comma-separated [INPUT:]AXIS[=NAME], e.g. "
                              "0=batch,2=frames or mel:2=frames; 'none' fixes every shape (default: axis 0 of every input)")
     export.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    export.add_argument("--exporter", choices=("auto", "dynamo", "torchscript"), default="auto",
+                        help="torch's ONNX exporter: auto (dynamo, falling back to TorchScript when it fails or its "
+                             "file fails the checks), dynamo or torchscript (default: auto)")
     export.add_argument("--rtol", type=_tolerance, default=None, metavar="R",
                         help="relative tolerance of the onnxruntime check: |onnx - torch| <= atol + rtol*|torch| "
                              "(default: by the model's dtype, 1e-4 for float32, 1e-2 for float16, 8e-2 for bfloat16)")
@@ -205,7 +208,8 @@ def cmd_export(args: argparse.Namespace, say: Callable[[str], None]) -> int:
     batch = _read_batch(args, "sample")
     shapes = _dynamic_shapes(args.dynamic, batch, model) if args.dynamic is not None else None
     report = export_onnx(model, batch, args.output, opset=args.opset, dynamic_batch=args.dynamic is None,
-                         dynamic_shapes=shapes, rtol=args.rtol, atol=args.atol, overwrite=args.force, progress=say)
+                         dynamic_shapes=shapes, exporter=args.exporter, rtol=args.rtol, atol=args.atol,
+                         overwrite=args.force, progress=say)
     print(report)
     return 0
 

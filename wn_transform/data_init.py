@@ -190,15 +190,28 @@ def _check_finite_gains(states: list[_State]) -> None:
 
     A model may compute NaN or inf at positions it never uses (a fully masked attention row
     softmaxed to NaN, zero padding L2-normalized); the statistics of every later layer would
-    take them in, and their ``g`` and bias would poison every position."""
+    take them in, and their ``g`` and bias would poison every position.  ``sigma = inf`` shows
+    as ``g = 0``, which is right only for a unit with no direction (a layer the init keeps as it
+    was: an all-zero hidden-to-hidden row); ``g = s/sigma`` beyond a half-precision layer's range
+    is an overflow of its dtype, said so."""
     for state in states:
         gain = state.g.exp() if state.wn.exp_scale else state.g
-        if state.done and not bool((gain.isfinite() & (gain != 0)).all()):
+        if not state.done or bool((gain.isfinite() & (gain != 0)).all()):
+            continue
+        no_direction = unit_norm(state.v, state.wn.layout).view(gain.shape) == 0
+        if bool((gain.isfinite() & ((gain != 0) | no_direction)).all()):
+            continue
+        if not bool(gain.isnan().any()) and bool(gain.isinf().any()) and state.g.element_size() < 4:
+            msg = (f"{state.target.qualname}: the data-dependent init's g = init_scale/std overflows {state.g.dtype} "
+                   f"(the largest is {torch.finfo(state.g.dtype).max:g}): some pre-activations have a std below "
+                   "init_scale/that on the sample batch; calibrate in float32 (apply to model.float(), then convert), scale the "
+                   "inputs up, or use init='preserve'")
+        else:
             msg = (f"{state.target.qualname}: the data-dependent init measured a non-finite mean or std on the sample "
                    "batch (the layer's input holds NaN or inf at some positions: a fully masked attention row, padding "
                    "divided by its zero norm); calibrate on a batch at whose every position the model computes finite "
                    "values, or use init='preserve'")
-            raise WeightNormError(msg)
+        raise WeightNormError(msg)
 
 
 def _run_pass(model: nn.Module, states: list[_State], mode: _CalibrationMode, sample_batch: batch_mod.SampleBatch,
@@ -571,15 +584,26 @@ class _CalibrationMode(TorchFunctionMode):
         """
         if t_raw.ndim == 1:  # F.linear on one unbatched sample [in]: a batch of one
             return _Unbatched(self._calibrate(state, t_raw.unsqueeze(0), -1, bias, units, native=native, groups=groups))
-        if t_raw.numel() == 0:  # no row reached the layer (an expert no token was routed to): nothing
-            return _Handed(t_raw)  # to measure; a later call with rows calibrates it, or its scale is kept
+        reduced = None
+        if t_raw.numel() == 0:  # no row reached the layer here (an expert no token was routed to)
+            if self.group is None or t_raw.shape[unit_dim] == 0:  # nothing to measure; a later call with rows
+                # calibrates it, or its scale is kept
+                return _Handed(t_raw)
+            reduced = centre_(t_raw, unit_dim, self.group)  # every rank joins the reduction: the others' rows count
+            if bool(reduced[1].isnan().all()):  # 0/0: no rank had a row
+                return _Handed(t_raw)
         whole = units == slice(None)
         slot = self._moments.slot(state, units, groups)
-        if native is not None and whole:
+        if native is not None and whole and reduced is None:
             handed = self._calibrate_native(state, native, t_raw, unit_dim, bias, slot)
             if handed is not None:
                 return handed
-        centred, mean, var = centre_(t_raw, unit_dim, self.group, self._scratch, out=(slot.mean, slot.var))  # of t'
+        if reduced is None:
+            centred, mean, var = centre_(t_raw, unit_dim, self.group, self._scratch, out=(slot.mean, slot.var))  # of t'
+        else:
+            centred, mean, var = reduced
+            slot.mean.copy_(mean)
+            slot.var.copy_(var)
         norms = _unit_norms(state, units, slot.norms)
         if norms.dtype != mean.dtype:
             norms = norms.to(mean.dtype)

@@ -61,7 +61,7 @@ from ._logging import muted
 from . import dynamic_axes
 from .errors import WeightNormError
 from . import onnx_graph
-from ._copy import compiled_wrapper
+from ._copy import compiled_wrapper, refuse_sharded
 from .fold import fold_weight_norm
 
 __all__ = ["DEFAULT_TOLERANCES", "EXTERNAL_DATA_THRESHOLD", "ExportError", "ExportMismatchError", "ExportReport",
@@ -311,6 +311,7 @@ def export_onnx(
     say = progress if progress is not None else _silent
     target, data_target = _check_arguments(model, path, exporter, rtol, atol, overwrite, external_data)
     model = model._orig_mod if compiled_wrapper(model) else model  # torch.compile's wrapper: export the model
+    refuse_sharded(model, "export_onnx", ExportError)
     batch_mod.as_args(sample_batch)
     batch_mod.check_no_nan(sample_batch)
     timings: dict[str, float] = {}
@@ -337,49 +338,68 @@ def export_onnx(
     folder = os.path.dirname(target)
     tmpdir = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=folder)
     try:
-        start = time.perf_counter()
-        proto, used, fallback_reason, tracer_warnings = _export(
-            folded, inputs, output_names, tmpdir, opset=opset, dynamic_batch=dynamic_batch,
-            dynamic_shapes=dynamic_shapes, exporter=exporter, say=say)
-        renamed, unnamed = onnx_graph.restore_initializer_names(proto, state)
-        tmp_file = os.path.join(tmpdir, os.path.basename(target))
-        stats = onnx_graph.graph_stats(proto)
-        if opset is not None and stats["opset"] != opset:  # the dynamo exporter falls back to its own opset
-            msg = (f"opset {opset} was asked for, but the {used} exporter could only write opset {stats['opset']} "
-                   f"(it cannot convert this graph to {opset}); ask for an opset it supports, or leave it out")
-            raise ExportError(msg)
-        if dynamic_shapes is not None:
-            _check_requested_axes(dynamic_shapes, inputs, stats["inputs"], used)
-        elif dynamic_batch:
-            _check_batch_axis(stats["inputs"], inputs)
-        onnx_graph.save(proto, tmp_file, os.path.basename(data_target) if use_external else None)
-        del proto
-        timings["export"] = time.perf_counter() - start
+        # "auto": a dynamo file that fails its checks (an axis it fixed, onnxruntime failing or
+        # differing at a grown size: torch 2.13 bakes an LSTM's time steps into a Reshape) is
+        # given up for the TorchScript exporter's, as a dynamo export that raises is.
+        attempt, rejected, used = exporter, None, None
+        while True:
+            try:
+                start = time.perf_counter()
+                proto, used, fallback_reason, tracer_warnings = _export(
+                    folded, inputs, output_names, tmpdir, opset=opset, dynamic_batch=dynamic_batch,
+                    dynamic_shapes=dynamic_shapes, exporter=attempt, say=say)
+                fallback_reason = fallback_reason or rejected
+                renamed, unnamed = onnx_graph.restore_initializer_names(proto, state)
+                tmp_file = os.path.join(tmpdir, os.path.basename(target))
+                stats = onnx_graph.graph_stats(proto)
+                if opset is not None and stats["opset"] != opset:  # the dynamo exporter falls back to its own opset
+                    msg = (f"opset {opset} was asked for, but the {used} exporter could only write opset {stats['opset']} "
+                           f"(it cannot convert this graph to {opset}); ask for an opset it supports, or leave it out")
+                    raise ExportError(msg)
+                if dynamic_shapes is not None:
+                    _check_requested_axes(dynamic_shapes, inputs, stats["inputs"], used)
+                elif dynamic_batch:
+                    _check_batch_axis(stats["inputs"], inputs)
+                onnx_graph.save(proto, tmp_file, os.path.basename(data_target) if use_external else None)
+                del proto
+                timings["export"] = time.perf_counter() - start
 
-        start = time.perf_counter()
-        say(f"checking {os.path.basename(target)} with onnx.checker")
-        try:
-            onnx.checker.check_model(tmp_file)
-        except onnx.checker.ValidationError as exc:
-            msg = f"the exported file fails onnx.checker: {_one_line(exc)}"
-            raise ExportError(msg) from exc
-        timings["check"] = time.perf_counter() - start
+                start = time.perf_counter()
+                say(f"checking {os.path.basename(target)} with onnx.checker")
+                try:
+                    onnx.checker.check_model(tmp_file)
+                except onnx.checker.ValidationError as exc:
+                    msg = f"the exported file fails onnx.checker: {_one_line(exc)}"
+                    raise ExportError(msg) from exc
+                timings["check"] = time.perf_counter() - start
 
-        start = time.perf_counter()
-        session = _open_session(tmp_file)
-        diffs, sizes, notes, fixed_outputs = _verify(session, folded, sample_batch, inputs, reference, stats["inputs"],
-                                                     rtol=rtol, atol=atol, say=say)
-        other_values_checked = False
-        if used == "torchscript":
-            other_values_checked = _verify_other_values(session, folded, sample_batch, diffs, notes, rtol=rtol,
-                                                        atol=atol, tracer_warnings=tracer_warnings,
-                                                        fallback_reason=fallback_reason, say=say)
-        del session
-        if fixed_outputs:  # the values are right at every size: only the declaration is wrong
-            for name, axes in onnx_graph.declare_dynamic_outputs(tmp_file, fixed_outputs).items():
-                notes.append(f"output '{name}': the exporter declared {', '.join(axes)} of a fixed size, which "
-                             "follow the dynamic axes (verified); declared dynamic in the file")
-        timings["verify"] = time.perf_counter() - start
+                start = time.perf_counter()
+                session = _open_session(tmp_file)
+                diffs, sizes, notes, fixed_outputs = _verify(session, folded, sample_batch, inputs, reference, stats["inputs"],
+                                                             rtol=rtol, atol=atol, say=say)
+                other_values_checked = False
+                if used == "torchscript":
+                    other_values_checked = _verify_other_values(session, folded, sample_batch, diffs, notes, rtol=rtol,
+                                                                atol=atol, tracer_warnings=tracer_warnings,
+                                                                fallback_reason=fallback_reason, say=say)
+                del session
+                if fixed_outputs:  # the values are right at every size: only the declaration is wrong
+                    for name, axes in onnx_graph.declare_dynamic_outputs(tmp_file, fixed_outputs).items():
+                        notes.append(f"output '{name}': the exporter declared {', '.join(axes)} of a fixed size, which "
+                                     "follow the dynamic axes (verified); declared dynamic in the file")
+                timings["verify"] = time.perf_counter() - start
+                break
+            except ExportError as exc:
+                if exporter == "auto" and used == "dynamo":
+                    rejected = f"file failed its checks ({_one_line(exc)})"
+                    say(f"the dynamo exporter's {rejected}; exporting with the TorchScript exporter instead")
+                    attempt, used = "torchscript", None
+                    continue
+                if used != "torchscript" or not fallback_reason or fallback_reason in str(exc):
+                    raise
+                why = rejected or f"export failed ({fallback_reason})"  # say why this is TorchScript's file
+                msg = f"{exc} [this is the TorchScript exporter's file: the dynamo exporter's {why}]"
+                raise type(exc)(msg) from exc
 
         _refuse_existing(target, data_target if use_external else None, overwrite=overwrite)
         if use_external:

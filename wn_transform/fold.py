@@ -21,7 +21,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _WeightNorm
 from torch.nn.utils.weight_norm import WeightNorm as LegacyWeightNorm
 
-from ._copy import copy_model
+from ._copy import copy_model, refuse_sharded
 from .errors import FoldError
 from .mean_only_bn import detach as detach_mean_only_bn
 from .parametrization import WeightNorm, no_weight_cache, remove
@@ -78,6 +78,7 @@ def fold_weight_norm(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     if not isinstance(model, nn.Module):
         msg = f"fold_weight_norm expects a torch.nn.Module, got {type(model).__name__}"
         raise TypeError(msg)
+    refuse_sharded(model, "fold_weight_norm", FoldError)
     if not inplace:
         model = copy_model(model)
     with no_weight_cache():  # one folded layer at a time: no second copy of the weights

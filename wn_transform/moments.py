@@ -11,6 +11,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .errors import WeightNormError
+
 __all__ = ["Scratch", "centre_", "per_unit", "resolve_group"]
 
 
@@ -50,6 +52,11 @@ def resolve_group(distributed: bool | dist.ProcessGroup | None) -> dist.ProcessG
                 raise RuntimeError(msg)
             return None
         return dist.group.WORLD if dist.get_world_size() > 1 else None
+    if not isinstance(distributed, dist.ProcessGroup):
+        msg = (f"distributed must be None (the default group when torch.distributed runs), True, False or a "
+               f"torch.distributed.ProcessGroup, got {distributed!r}"
+               + (" (a DeviceMesh: pass mesh.get_group())" if type(distributed).__name__ == "DeviceMesh" else ""))
+        raise TypeError(msg)
     return distributed
 
 
@@ -78,7 +85,15 @@ def centre_(t: Tensor, unit_dim: int, group: dist.ProcessGroup | None = None, sc
         t64 = x.double()
         count = torch.tensor([x.numel() / x.shape[unit_dim]], dtype=torch.float64, device=x.device)
         packed = torch.cat([count, t64.sum(dim=reduce), t64.square().sum(dim=reduce)])
-        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+        try:
+            dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+        except RuntimeError as exc:  # a timeout, a lost peer, a mismatch of collectives
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            msg = (f"the data-dependent init's reduction across ranks failed ({first_line}): every rank of the process "
+                   "group must call apply_weight_norm at the same time with its own valid shard of the batch and run "
+                   "the same layers in the same order (a rank that raised first, on a NaN in its shard, leaves the "
+                   "others waiting), or pass distributed=False for an init on each rank's batch alone")
+            raise WeightNormError(msg) from exc
         total, sums, sum_squares = packed[0], *packed[1:].chunk(2)
         mean = sums / total
         var = (sum_squares / total - mean.square()).clamp_min(0)

@@ -148,6 +148,28 @@ def scale_from_norm(g: Tensor, safe: Tensor, *, exp_scale: bool = False) -> Tens
     return gain / safe
 
 
+def direct_zero_units(v: Tensor, zero: Tensor, layout: UnitLayout, draw: Tensor) -> Tensor:
+    """``v`` with each unit flagged in ``zero`` (shaped like ``g``, where ``v[unit] = 0``) given the
+    direction of ``draw[unit]`` (a tensor of ``v``'s shape), rescaled to norm 1; the other units
+    as they are.  With ``g = 0`` there, ``w = g * v/||v||`` stays 0 and ``dL/dg = dL/dw . v/||v||``
+    is no longer 0, so the unit can train."""
+    return v + compose_weight(zero.to(torch.float32), draw.to(v.device), layout).to(v.dtype)
+
+
+def traceable_weight(g: Tensor, v: Tensor, layout: UnitLayout, *, exp_scale: bool = False) -> Tensor:
+    """:func:`compose_weight` in ops ``torch.fx`` can record: its proxies have no shape or dtype
+    to branch on, so the norms are taken in ``v``'s own dtype, with the unit axis moved first
+    (``[units, rest]``); a zero direction still gives a zero weight.  One unit axis (no groups)."""
+    if layout.groups != 1:
+        msg = (f"torch.fx cannot trace into the weight norm of a grouped ConvTranspose ({layout.groups} groups): "
+               "keep the layer a leaf module (the default Tracer does) or fold it first (fold_weight_norm)")
+        raise TypeError(msg)
+    gain = g.exp() if exp_scale else g
+    norms = torch.linalg.vector_norm(v.transpose(0, layout.dim).flatten(1), dim=1)
+    safe = torch.where(norms == 0, torch.ones_like(norms), norms)
+    return v * (gain.reshape(-1) / safe).view_as(gain)
+
+
 def compose_weight(g: Tensor, v: Tensor, layout: UnitLayout | None, *, exp_scale: bool = False) -> Tensor:
     """``w = g * v / ||v||`` per output unit, in ``v``'s dtype.
 

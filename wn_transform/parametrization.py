@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import ctypes
 import functools
 from collections.abc import Iterator
 from typing import Any
@@ -36,7 +37,7 @@ from torch.nn.utils import parametrize
 
 from .errors import WeightNormError
 from .fast import ScaledLinear, plain_formula_only, prefer_output_form, weight_norm_weight
-from .norm import UnitLayout, compose_weight, layout_from_shapes, unit_norm
+from .norm import UnitLayout, compose_weight, direct_zero_units, layout_from_shapes, traceable_weight, unit_norm
 
 __all__ = ["WeightNorm", "no_weight_cache", "register", "remove", "weight_memo", "weight_norm_of"]
 
@@ -80,6 +81,8 @@ class WeightNorm(nn.Module):
             self.calibrator.weight_read()
         if torch.compiler.is_compiling() or plain_formula_only():  # the plain route
             return weight_norm_weight(g, v, self.layout, exp_scale=self.exp_scale)
+        if is_fx_symbolic_tracing():  # a Tracer that enters the layer (not a leaf) records the formula
+            return traceable_weight(g, v, self.layout, exp_scale=self.exp_scale)
         if torch.is_grad_enabled():
             memo = _MEMO.get()  # within one module call (weight_memo), the graph is shared by every read
             if memo is None:
@@ -102,15 +105,17 @@ class WeightNorm(nn.Module):
         unit: comparing it costs well under a microsecond (a NumPy view of its memory, kept with
         the weight while its storage is the same).  So the weight is not kept where such an
         update could change ``v`` alone: ``g`` frozen while ``v`` trains.  Off the CPU the
-        comparison would wait for the device, so there the weight is not kept either.  Any
-        ``torch.optim`` step also drops it (:func:`_optimizer_steps`): fused optimizers write in
-        place without bumping version counters, and may leave ``g`` as it was (an ``lr=0`` group,
-        a step that rounds away).
+        comparison would wait for the device, so there the weight is not kept either.  Fused
+        optimizers write in place without bumping version counters, and may leave ``g`` as it
+        was (an ``lr=0`` group, a step that rounds away): their steps bump the versions of the
+        parameters they step (:func:`_watch_optimizer_steps`).
         """
         if (g.is_inference() or v.is_inference() or torch.is_inference_mode_enabled()
                 or (check_gain and not _gain_tells_updates(g, v))):
             return weight_norm_weight(g, v, self.layout, exp_scale=self.exp_scale)
-        key = (g.data_ptr(), v.data_ptr(), g._version, v._version, v.dtype, _optimizer_steps() if check_gain else 0)
+        if _steps_hook is None:
+            _watch_optimizer_steps()
+        key = (g.data_ptr(), v.data_ptr(), g._version, v._version, v.dtype)
         kept = store.get(slot)
         if kept is None or not kept.made_from(g, v, key) or (check_gain and kept.gain_changed()):
             kept = _Kept(g, v, key, weight_norm_weight(g, v, self.layout, exp_scale=self.exp_scale), check_gain)
@@ -164,27 +169,29 @@ def _gain_tells_updates(g: Tensor, v: Tensor) -> bool:
     return g.is_cpu and g.is_contiguous() and (g.requires_grad or not v.requires_grad)  # not device.type: 0.9 us
 
 
-_STEPS = [0]  # optimizer steps counted by _count_step, once _optimizer_steps has been called
 _steps_hook: Any = None
 
 
-def _optimizer_steps() -> int:
-    """How many ``torch.optim`` optimizer steps have run in this process since the first call.
-
-    Counted by a global step post-hook (``torch.optim.optimizer.register_optimizer_step_post_hook``,
-    which every ``Optimizer`` subclass runs), registered on the first call: fused optimizers
-    (``fused=True``) update parameters in place without bumping their version counters, which
-    the weight cache would otherwise miss."""
+def _watch_optimizer_steps() -> None:
+    """Register (once per process) a global ``torch.optim`` step post-hook, which every
+    ``Optimizer`` subclass runs, that bumps the version counters of the parameters an optimizer
+    may have written without bumping them: those of torch's fused groups (``fused=True``) and of
+    optimizers from outside ``torch.optim`` (which may write through raw pointers).  torch's other
+    optimizers write with in-place ops, which bump them already.  Only the stepped optimizer's
+    parameters: a frozen teacher's kept weights stay."""
     global _steps_hook
     if _steps_hook is None:
         from torch.optim.optimizer import register_optimizer_step_post_hook  # torch.optim loads on first use
 
-        _steps_hook = register_optimizer_step_post_hook(_count_step)
-    return _STEPS[0]
+        _steps_hook = register_optimizer_step_post_hook(_bump_written_parameters)
 
 
-def _count_step(optimizer: Any, args: tuple, kwargs: dict) -> None:
-    _STEPS[0] += 1
+def _bump_written_parameters(optimizer: Any, args: tuple, kwargs: dict) -> None:
+    outside = not type(optimizer).__module__.startswith("torch.optim")
+    written = [p for group in optimizer.param_groups if outside or group.get("fused")
+               for p in group["params"] if isinstance(p, Tensor) and not p.is_inference()]
+    if written:
+        torch.autograd.graph.increment_version(written)
 
 
 class _Kept:
@@ -197,15 +204,21 @@ class _Kept:
         # next one.  Not weak references: torch.utils.swap_tensors refuses tensors that have them.
         self.g, self.v = g, v
         self.key, self.weight, self.weight_version = key, weight, weight._version
-        self.gain_memory = g.detach().view(-1).view(torch.uint8).numpy() if check_gain else None
-        self.gain_bytes = self.gain_memory.tobytes() if check_gain else None
+        # g's bytes, seen through a ctypes array at its address (not a NumPy view, which would make
+        # the storage non-resizable for good: FSDP2 frees parameters by resizing it to 0), and
+        # what they were.  Reading .raw costs 0.1 us (ctypes.string_at: 1 us).
+        size = g.numel() * g.element_size()
+        self.gain_memory = (ctypes.c_char * size).from_address(g.data_ptr()) if check_gain and size else None
+        self.gain_bytes = self.gain_memory.raw if self.gain_memory is not None else None
 
     def made_from(self, g: Tensor, v: Tensor, key: tuple) -> bool:
         return (self.key == key and self.g is g and self.v is v
                 and self.weight._version == self.weight_version)  # nobody wrote into the weight
 
     def gain_changed(self) -> bool:
-        return self.gain_memory.tobytes() != self.gain_bytes
+        """Whether ``g``'s bytes changed.  Called once :meth:`made_from` holds: ``g`` is at the address
+        it was, with the version it had (a resize would have bumped it), so the read is in bounds."""
+        return self.gain_memory is not None and self.gain_memory.raw != self.gain_bytes
 
 
 _CACHING: contextvars.ContextVar[bool] = contextvars.ContextVar("wn_transform_weight_cache", default=True)
@@ -295,7 +308,7 @@ def _load_other_layouts(name: str, module: nn.Module, state_dict: dict, prefix: 
             _size_mismatch(state_dict, f"{prefix}{name}", (f"{prefix}{name}",), chain, (g_key, v_key), error_msgs)
             return
         weight = state_dict.pop(f"{prefix}{name}")
-        state_dict[g_key], state_dict[v_key] = wn.right_inverse(_widened(weight, dtype))
+        state_dict[g_key], state_dict[v_key] = _trainable_pair(wn, _widened(weight, dtype))
         if wn.exp_scale:
             state_dict[marker_key] = torch.ones(())
         return
@@ -318,9 +331,24 @@ def _load_other_layouts(name: str, module: nn.Module, state_dict: dict, prefix: 
     g, v = _widened(g, dtype), _widened(v, dtype)
     with torch.no_grad():
         weight = compose_weight(g, v, layout, exp_scale=stored_log)  # layout None: the whole tensor
-    state_dict[g_key], state_dict[v_key] = wn.right_inverse(weight)
+    state_dict[g_key], state_dict[v_key] = _trainable_pair(wn, weight)
     if wn.exp_scale:
         state_dict[marker_key] = torch.ones(())
+
+
+def _trainable_pair(wn: WeightNorm, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """``(g, v) = wn.right_inverse(weight)``, except that a unit whose weight is all zero gets a unit
+    direction ``v`` with ``g = 0``, as :func:`~wn_transform.apply_weight_norm` gives it: the same
+    weight, but trainable (``v = 0`` would leave both gradients 0 forever).  The direction is drawn
+    from a generator seeded with 0, so every process that loads the checkpoint gets the same one."""
+    g, v = wn.right_inverse(weight)
+    if wn.exp_scale or v.is_meta or v.numel() == 0:
+        return g, v  # no g = e^s is 0 (such a unit stays at about 0); a meta tensor holds no values
+    zero = g == 0
+    if bool(zero.any()):
+        draw = torch.randn(v.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+        v = direct_zero_units(v, zero, wn.layout, draw)
+    return g, v
 
 
 def _size_mismatch(state_dict: dict, key: str, drop: tuple[str, ...], chain: nn.Module, ours: tuple[str, str],
@@ -471,14 +499,17 @@ def _extend_class(module: nn.Module) -> None:
         return
     cls.forward = _attention_forward if base.forward is nn.MultiheadAttention.forward else base.forward
     cls.__call__ = _serving_call
-    cls._wn_base_call = base.__call__
+    own = next(klass for klass in base.__mro__ if "__call__" in klass.__dict__)
+    cls._wn_base_call = None if own is nn.Module else base.__call__  # None: nn.Module's, looked up per call
 
 
 def _serving_call(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """The module's own ``__call__``, with the eval-mode weight cache open to the weight reads of
     this call (a read from outside a module call gets a fresh tensor: see
-    :meth:`WeightNorm.cached_weight`).  ``forward`` stays the class's own."""
-    call = type(self)._wn_base_call  # the class's own __call__ (not type_before_parametrizations: 2 us)
+    :meth:`WeightNorm.cached_weight`).  ``forward`` stays the class's own.  ``nn.Module.__call__``
+    is looked up at each call, not kept: ``torch.fx`` replaces it while tracing (to record a leaf
+    module as one ``call_module`` node, as torch's own weight norm is)."""
+    call = type(self)._wn_base_call or nn.Module.__call__  # not type_before_parametrizations: 2 us
     if torch.compiler.is_compiling() or _SERVING.get():  # the compiler cannot trace a ContextVar
         return call(self, *args, **kwargs)
     token = _SERVING.set(True)

@@ -30,7 +30,7 @@ class WeightNormReport:
     notes: InitNotes | None = None
     mean_only_bn: list[str] = field(default_factory=list)  # layers given a mean-only batch norm
     mean_only_bn_missing: list[str] = field(default_factory=list)  # weights whose op output is not their layer's alone
-    zero_units: dict[str, int] = field(default_factory=dict)  # init="preserve": all-zero units given a direction
+    zero_units: dict[str, int] = field(default_factory=dict)  # all-zero units given g = 0 and a direction
 
     def table(self) -> str:
         """A plain-text table, one row per weight."""
