@@ -447,6 +447,18 @@ def test_a_dynamic_axis_is_verified_at_an_odd_and_an_even_size(exporter: str, tm
     assert os.listdir(tmp_path) == []
 
 
+def test_the_parity_search_stops_where_every_output_length_moves_by_the_same_even_step(tmp_path) -> None:
+    """An upsampler (64 samples per frame): its output length's parity never flips, so the search
+    for a size that flips it ends after two steps of 64, not after all eight sizes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(4, 8, 3, padding=1), nn.ConvTranspose1d(8, 1, 64, stride=64))
+    lengths: list[int] = []
+    model[0].register_forward_pre_hook(lambda module, args: lengths.append(args[0].shape[-1]))
+    export_onnx(model, torch.randn(1, 4, 20), tmp_path / "up.onnx", dynamic_shapes=({2: "frames"},))
+    grown = sorted({n for n in lengths if n != 20})
+    assert len(grown) == 3 and grown == list(range(grown[0], grown[0] + 3))
+
+
 def test_a_mismatch_on_the_sample_batch_itself_does_not_blame_the_dynamic_axis(tmp_path) -> None:
     """Off on the sample batch already (here by float rounding against a tolerance of zero): the
     error must not advise marking the batch axis static, which would change nothing."""

@@ -987,7 +987,9 @@ def _checked_sizes(symbol: dynamic_axes.Symbol, grown_run: Callable[[int], tuple
     other than the batch's, the next size within :data:`_PARITY_SEARCH` the model takes where an
     output length that follows the axis has the other parity, else the next it takes at all (a
     graph may have baked in a branch that only odd or only even lengths take, of the input or of a
-    length derived from it: SEW pads its features when their frame count is odd)."""
+    length derived from it: SEW pads its features when their frame count is odd).  The search stops
+    early once every such length has moved by the same even amount on two steps in a row (an
+    upsampler's ``hop * frames``), whose parity no later step flips."""
     first = next(((value, run) for value in symbol.candidates() if (run := grown_run(value)) is not None), None)
     if first is None:
         return []
@@ -996,16 +998,30 @@ def _checked_sizes(symbol: dynamic_axes.Symbol, grown_run: Callable[[int], tuple
         return [first_run]
     moved = [(i, d, size) for i, (shape, grown) in enumerate(zip(_output_shapes(reference), _output_shapes(first_run[2])))
              for d, size in enumerate(grown) if d < len(shape) and shape[d] != size]
-    fallback = None
+    fallback, previous, step = None, _output_shapes(first_run[2]), None
     for value in range(first_value + 1, first_value + 1 + _PARITY_SEARCH):
         second = grown_run(value)
         if second is None:
+            previous = step = None  # a size the model refuses: the next run is not one step on
             continue
         shapes = _output_shapes(second[2])
         if not moved or any(i < len(shapes) and d < len(shapes[i]) and (shapes[i][d] - size) % 2 for i, d, size in moved):
             return [first_run, second]
         fallback = fallback or second
+        now = _length_steps(previous, shapes, moved) if previous is not None else None
+        if now is not None and now == step and all(delta and delta % 2 == 0 for delta in now):
+            break  # each length moves by the same even amount per step twice (an upsampler's 64 frames): no flip ahead
+        previous, step = shapes, now
     return [first_run, fallback] if fallback is not None else [first_run]
+
+
+def _length_steps(before: list[tuple[int, ...]], after: list[tuple[int, ...]],
+                  moved: list[tuple[int, int, int]]) -> tuple[int, ...] | None:
+    """How far each tracked output length (output ``i``, axis ``d``) moved between two runs; None if
+    one of them lacks it."""
+    if any(i >= min(len(before), len(after)) or d >= min(len(before[i]), len(after[i])) for i, d, _ in moved):
+        return None
+    return tuple(after[i][d] - before[i][d] for i, d, _ in moved)
 
 
 def _output_shapes(outputs: Any) -> list[tuple[int, ...]]:
