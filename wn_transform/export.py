@@ -47,7 +47,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import onnx
@@ -337,63 +337,74 @@ def export_onnx(
 
     folder = os.path.dirname(target)
     tmpdir = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=folder)
+    tmp_file = os.path.join(tmpdir, os.path.basename(target))
+
+    def write(proto: onnx.ModelProto, used: str) -> tuple[dict[str, str], list[str], dict[str, Any]]:
+        """Write ``proto`` to ``tmp_file`` with the parameters' names, if it has the opset and the
+        dynamic axes asked for; its renamed and unnamed initializers and its stats."""
+        renamed, unnamed = onnx_graph.restore_initializer_names(proto, state)
+        stats = onnx_graph.graph_stats(proto)
+        if opset is not None and stats["opset"] != opset:  # the dynamo exporter falls back to its own opset
+            msg = (f"opset {opset} was asked for, but the {used} exporter could only write opset {stats['opset']} "
+                   f"(it cannot convert this graph to {opset}); ask for an opset it supports, or leave it out")
+            raise ExportError(msg)
+        if dynamic_shapes is not None:
+            _check_requested_axes(dynamic_shapes, inputs, stats["inputs"], used)
+        elif dynamic_batch:
+            _check_batch_axis(stats["inputs"], inputs)
+        onnx_graph.save(proto, tmp_file, os.path.basename(data_target) if use_external else None)
+        return renamed, unnamed, stats
+
+    def check(used: str, fallback_reason: str | None, tracer_warnings: list[str], graph_inputs: dict) -> _Checked:
+        """Check the written file: onnx.checker, then onnxruntime against the folded model."""
+        check_start = time.perf_counter()
+        say(f"checking {os.path.basename(target)} with onnx.checker")
+        try:
+            onnx.checker.check_model(tmp_file)
+        except onnx.checker.ValidationError as exc:
+            msg = f"the exported file fails onnx.checker: {_one_line(exc)}"
+            raise ExportError(msg) from exc
+        timings["check"] = time.perf_counter() - check_start
+
+        verify_start = time.perf_counter()
+        session = _open_session(tmp_file)
+        diffs, sizes, notes, fixed_outputs = _verify(session, folded, sample_batch, inputs, reference, graph_inputs,
+                                                     rtol=rtol, atol=atol, say=say)
+        other_values_checked = False
+        if used == "torchscript":
+            other_values_checked = _verify_other_values(session, folded, sample_batch, diffs, notes, rtol=rtol,
+                                                        atol=atol, tracer_warnings=tracer_warnings,
+                                                        fallback_reason=fallback_reason, say=say)
+        del session
+        if fixed_outputs:  # the values are right at every size: only the declaration is wrong
+            for name, axes in onnx_graph.declare_dynamic_outputs(tmp_file, fixed_outputs).items():
+                notes.append(f"output '{name}': the exporter declared {', '.join(axes)} of a fixed size, which "
+                             "follow the dynamic axes (verified); declared dynamic in the file")
+        timings["verify"] = time.perf_counter() - verify_start
+        return _Checked(diffs, sizes, notes, other_values_checked)
+
     try:
         # "auto": a dynamo file that fails its checks (an axis it fixed, onnxruntime failing or
         # differing at a grown size: torch 2.13 bakes an LSTM's time steps into a Reshape) is
         # given up for the TorchScript exporter's, as a dynamo export that raises is.
-        attempt, rejected, used = exporter, None, None
+        attempt, rejected = exporter, None
         while True:
+            start = time.perf_counter()
+            proto, used, fallback_reason, tracer_warnings = _export(
+                folded, inputs, output_names, tmpdir, opset=opset, dynamic_batch=dynamic_batch,
+                dynamic_shapes=dynamic_shapes, exporter=attempt, say=say)
+            fallback_reason = fallback_reason or rejected
             try:
-                start = time.perf_counter()
-                proto, used, fallback_reason, tracer_warnings = _export(
-                    folded, inputs, output_names, tmpdir, opset=opset, dynamic_batch=dynamic_batch,
-                    dynamic_shapes=dynamic_shapes, exporter=attempt, say=say)
-                fallback_reason = fallback_reason or rejected
-                renamed, unnamed = onnx_graph.restore_initializer_names(proto, state)
-                tmp_file = os.path.join(tmpdir, os.path.basename(target))
-                stats = onnx_graph.graph_stats(proto)
-                if opset is not None and stats["opset"] != opset:  # the dynamo exporter falls back to its own opset
-                    msg = (f"opset {opset} was asked for, but the {used} exporter could only write opset {stats['opset']} "
-                           f"(it cannot convert this graph to {opset}); ask for an opset it supports, or leave it out")
-                    raise ExportError(msg)
-                if dynamic_shapes is not None:
-                    _check_requested_axes(dynamic_shapes, inputs, stats["inputs"], used)
-                elif dynamic_batch:
-                    _check_batch_axis(stats["inputs"], inputs)
-                onnx_graph.save(proto, tmp_file, os.path.basename(data_target) if use_external else None)
-                del proto
+                renamed, unnamed, stats = write(proto, used)
+                del proto  # not held while onnxruntime runs the file
                 timings["export"] = time.perf_counter() - start
-
-                start = time.perf_counter()
-                say(f"checking {os.path.basename(target)} with onnx.checker")
-                try:
-                    onnx.checker.check_model(tmp_file)
-                except onnx.checker.ValidationError as exc:
-                    msg = f"the exported file fails onnx.checker: {_one_line(exc)}"
-                    raise ExportError(msg) from exc
-                timings["check"] = time.perf_counter() - start
-
-                start = time.perf_counter()
-                session = _open_session(tmp_file)
-                diffs, sizes, notes, fixed_outputs = _verify(session, folded, sample_batch, inputs, reference, stats["inputs"],
-                                                             rtol=rtol, atol=atol, say=say)
-                other_values_checked = False
-                if used == "torchscript":
-                    other_values_checked = _verify_other_values(session, folded, sample_batch, diffs, notes, rtol=rtol,
-                                                                atol=atol, tracer_warnings=tracer_warnings,
-                                                                fallback_reason=fallback_reason, say=say)
-                del session
-                if fixed_outputs:  # the values are right at every size: only the declaration is wrong
-                    for name, axes in onnx_graph.declare_dynamic_outputs(tmp_file, fixed_outputs).items():
-                        notes.append(f"output '{name}': the exporter declared {', '.join(axes)} of a fixed size, which "
-                                     "follow the dynamic axes (verified); declared dynamic in the file")
-                timings["verify"] = time.perf_counter() - start
+                checked = check(used, fallback_reason, tracer_warnings, stats["inputs"])
                 break
             except ExportError as exc:
                 if exporter == "auto" and used == "dynamo":
                     rejected = f"file failed its checks ({_one_line(exc)})"
                     say(f"the dynamo exporter's {rejected}; exporting with the TorchScript exporter instead")
-                    attempt, used = "torchscript", None
+                    attempt = "torchscript"
                     continue
                 if used != "torchscript" or not fallback_reason or fallback_reason in str(exc):
                     raise
@@ -415,8 +426,9 @@ def export_onnx(
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     say(f"wrote {target}")
+    notes = checked.notes
     if tracer_warnings:
-        notes.append(_tracer_note(tracer_warnings, other_values_checked))
+        notes.append(_tracer_note(tracer_warnings, checked.other_values_checked))
         warnings.warn(f"{target}: {notes[-1]}", ExportWarning, stacklevel=2)
 
     return ExportReport(
@@ -424,13 +436,23 @@ def export_onnx(
         inputs=stats["inputs"], outputs=stats["outputs"], node_counts=stats["node_counts"],
         initializer_count=stats["initializer_count"], initializer_bytes=stats["initializer_bytes"],
         renamed_initializers=renamed, unnamed_parameters=unnamed,
-        max_abs_diff={name: d[0] for name, d in diffs.items()}, max_rel_diff={name: d[1] for name, d in diffs.items()},
-        batch_sizes_checked=sizes, file_size=os.path.getsize(target),
+        max_abs_diff={name: d[0] for name, d in checked.diffs.items()},
+        max_rel_diff={name: d[1] for name, d in checked.diffs.items()},
+        batch_sizes_checked=checked.sizes, file_size=os.path.getsize(target),
         external_data=data_target if use_external else None,
         external_data_size=os.path.getsize(data_target) if use_external else 0,
-        rtol=rtol, atol=atol, timings=timings, notes=notes, other_values_checked=other_values_checked,
+        rtol=rtol, atol=atol, timings=timings, notes=notes, other_values_checked=checked.other_values_checked,
         tracer_warnings=tracer_warnings,
     )
+
+
+class _Checked(NamedTuple):
+    """What checking an exported file in onnxruntime found (see :func:`export_onnx`)."""
+
+    diffs: dict[str, tuple]
+    sizes: list
+    notes: list[str]
+    other_values_checked: bool
 
 
 # -- arguments and inputs ----------------------------------------------------------------

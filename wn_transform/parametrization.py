@@ -102,8 +102,8 @@ class WeightNorm(nn.Module):
         ``check_gain``: also compare ``g``'s bytes with those the weight was made from.  Writes
         through ``.data`` bypass version counters; an update written that way (SGD by hand, an
         EMA of the parameters) changes every parameter it trains, and ``g`` has one value per
-        unit: comparing it costs well under a microsecond (a NumPy view of its memory, kept with
-        the weight while its storage is the same).  So the weight is not kept where such an
+        unit: comparing it costs well under a microsecond (a ctypes array at its address, kept with
+        the weight while its storage is the same: see :class:`_Kept`).  So the weight is not kept where such an
         update could change ``v`` alone: ``g`` frozen while ``v`` trains.  Off the CPU the
         comparison would wait for the device, so there the weight is not kept either.  Fused
         optimizers write in place without bumping version counters, and may leave ``g`` as it
