@@ -104,3 +104,19 @@ def test_variants_narrows_the_training_workloads_to_a_head_to_head_and_keeps_pla
                             "--out", str(tmp_path / "wrong")], capture_output=True, text=True, timeout=120)
     assert wrong.returncode == 2 and "--variants: unknown ['tourch']" in wrong.stderr
     assert not (tmp_path / "wrong").exists()
+
+
+def test_the_step_profiler_prints_each_variants_op_table_after_checking_they_agree() -> None:
+    result = subprocess.run([sys.executable, str(TOOLS / "profile_step.py"), "--workload", "2", "--steps", "2",
+                             "--rows", "4"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    headers = [line for line in result.stdout.splitlines() if line.startswith("### ")]
+    assert [h.split(":")[0] for h in headers] == ["### plain", "### wn_transform", "### torch"]
+    assert result.stdout.count("Self CPU time total") == 3
+
+
+def test_the_step_profiler_refuses_a_variant_the_workload_lacks() -> None:
+    result = subprocess.run([sys.executable, str(TOOLS / "profile_step.py"), "--workload", "4", "--variants",
+                             "batchnorm"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "workload 4 has no variants ['batchnorm']" in result.stderr

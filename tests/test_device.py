@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import wn_transform as wn
+from wn_transform import nonzero
 
 DEVICE = os.environ.get("WN_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else None)
 pytestmark = pytest.mark.skipif(DEVICE is None, reason="no CUDA device (set WN_TEST_DEVICE=cpu to run on the CPU)")
@@ -41,10 +42,12 @@ def _unit_dim(module: nn.Module) -> int:
 
 
 def _formula_weight(g: torch.Tensor, v: torch.Tensor, dim: int) -> torch.Tensor:
-    """The paper's ``w = g * v/||v||``, the norm over every axis of ``v`` but the unit axis ``dim``."""
+    """The paper's ``w = g * v/||v||``, the norm over every axis of ``v`` but the unit axis ``dim``
+    (a zero direction, whose norm is 0, gives a zero weight)."""
     shape = [1] * v.ndim
     shape[dim] = -1
-    return g.reshape(shape) * v / v.transpose(0, dim).flatten(1).norm(dim=1).reshape(shape)
+    norms = v.transpose(0, dim).flatten(1).norm(dim=1)
+    return g.reshape(shape) * v / torch.where(norms == 0, 1.0, norms).reshape(shape)
 
 
 def _float64_pairs(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -181,3 +184,32 @@ def test_a_device_state_dict_loads_into_a_cpu_model_and_back() -> None:
     with torch.no_grad():
         torch.testing.assert_close(back(x), model(x))
         torch.testing.assert_close(cpu_model(x.cpu()), model(x).cpu(), rtol=1e-4, atol=1e-5)
+
+
+def test_training_on_the_device_checks_each_direction_once_and_guards_a_zero_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA, torch's fused kernel computes the weights; whether a direction is zero is read
+    once per layer (optimizer steps carry it over), and a direction written to zero afterwards
+    is checked again and gives a zero weight, never NaN (see ``wn_transform.nonzero``)."""
+    model = wn.apply_weight_norm(_net(), init="preserve").to(DEVICE)
+    x = _batch()
+    checked: list[torch.Tensor] = []
+    real_check = nonzero.check
+    monkeypatch.setattr(nonzero, "check", lambda v, norms: checked.append(v) or real_check(v, norms))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(x).square().sum().backward()
+        optimizer.step()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).double().cpu(), _float64_forward(model, _float64_pairs(model), x),
+                                   rtol=1e-4, atol=1e-4)
+    if torch.device(DEVICE).type == "cuda":  # Conv1d and the two Linear layers (ConvTranspose1d's unit axis is 1)
+        assert len(checked) == 3
+    with torch.no_grad():
+        model.get_submodule("5").parametrizations.weight.original1[3] = 0
+    out = model(x)
+    out.square().sum().backward()
+    assert torch.equal(model.get_submodule("5").weight[3].cpu(), torch.zeros(6 * 22))
+    assert all(bool(torch.isfinite(p.grad).all()) for p in model.parameters())
+    torch.testing.assert_close(out.detach().double().cpu(), _float64_forward(model, _float64_pairs(model), x),
+                               rtol=1e-4, atol=1e-4)

@@ -50,7 +50,8 @@ cross-check).  Peak memory is read from ``torch.profiler``'s allocation events (
 ``--device cuda`` runs the workloads that compute on a device (all but 8 and 9, which are
 CPU-side work: model surgery, ONNX export and onnxruntime) with the models and batches on the
 first CUDA device; each timed block ends with ``torch.cuda.synchronize()``, and peak memory is
-``torch.cuda.max_memory_allocated`` above what was allocated before the step.
+``torch.cuda.max_memory_allocated`` above what was allocated before the step; TF32 is off
+(cuDNN turns it on for convolutions by default), so every variant computes in float32.
 
 Sanity checks, before timing: every variant computes the same function as ``plain`` on the
 batch (BatchNorm excepted: it is a different model) and normalizes the same number of weights;
@@ -1242,6 +1243,13 @@ def _version_of(module: str) -> str:
         return "not installed"
 
 
+def full_float32() -> None:
+    """float32 products and convolutions in full float32, not TF32 (cuDNN's default for convolutions):
+    the sanity checks compare variants to 1e-5, and TF32 rounds to about 1e-3.  No effect on the CPU."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
 def set_threads(threads: int) -> None:
     """Intra-op threads as asked, one inter-op thread."""
     torch.set_num_threads(threads)
@@ -1437,6 +1445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     effort = Effort.quick() if args.quick else Effort.full(args.time_scale)
     args.out.mkdir(parents=True, exist_ok=True)
     ctx = Context(effort, args.threads, torch.device(args.device), args.variants)
+    full_float32()
     env = Environment.collect(ctx)
     start = time.perf_counter()
     selected = [w for w in workloads() if w.key in args.only]

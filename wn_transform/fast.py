@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import forward_ad
 
-from . import kernels
+from . import kernels, nonzero, optim_steps
 from .norm import UnitLayout, compose_weight, safe_norm, scale_from_norm, unit_norm
 
 __all__ = ["ScaledLinear", "plain_formula_only", "prefer_output_form", "weight_norm_weight"]
@@ -52,13 +52,13 @@ def weight_norm_weight(g: Tensor, v: Tensor, layout: UnitLayout, *, exp_scale: b
     """``w = g * v/||v||`` (``g = e^s`` with ``exp_scale``), by the fastest exact route.
 
     Where torch's fused kernel applies (one unit axis first or last, no groups, contiguous
-    float32/float64/bfloat16), it computes ``w`` and the norms in one pass and its backward
-    in one more, with autograd in C++.  It divides by zero for a zero direction, so a layer
-    with a zero norm takes the plain formula, which gives a zero weight and finite gradients.
-    Checking for a zero norm reads a flag off the device: cheap on CPU, a synchronization on
-    an accelerator, where the plain formula (a few kernels, no synchronization) is used.  Under
-    ``torch.func`` transforms, forward-mode AD and ``torch.jit.trace`` the plain formula is used
-    too (:func:`plain_formula_only`).
+    float32/float64/bfloat16, and float16 on CUDA), it computes ``w`` and the norms in one pass
+    and its backward in one more, with autograd in C++.  It divides by zero for a zero
+    direction, so a layer with a zero norm takes the plain formula, which gives a zero weight
+    and finite gradients.  Checking for a zero norm reads a number off the device: on the CPU
+    at every call; on CUDA, where the read waits for the device, once per value of ``v``
+    (:mod:`wn_transform.nonzero`).  Elsewhere, and under ``torch.func`` transforms, forward-mode
+    AD and ``torch.jit.trace`` (:func:`plain_formula_only`), the plain formula is used.
     """
     gain = g.exp() if exp_scale else g
     # a compiler fuses the plain formula itself (and cannot trace plain_formula_only's checks); under
@@ -66,15 +66,23 @@ def weight_norm_weight(g: Tensor, v: Tensor, layout: UnitLayout, *, exp_scale: b
     if torch.compiler.is_compiling() or plain_formula_only():
         return compose_weight(gain, v, layout)
     dim = layout.dim % v.ndim
-    fusable = (layout.groups == 1 and (dim == 0 or dim == v.ndim - 1) and v.device.type == "cpu"
-               and v.dtype in _FUSED_DTYPES and v.is_contiguous()
+    remembered = nonzero.remembers(v)
+    fusable = (layout.groups == 1 and (dim == 0 or dim == v.ndim - 1) and (v.is_cpu or remembered)
+               and (v.dtype in _FUSED_DTYPES or (v.dtype == torch.float16 and v.is_cuda)) and v.is_contiguous()
                and gain.numel() == v.shape[dim])  # the kernel writes a norm per element of g: one per unit
-    if fusable:
-        gain = gain.contiguous()  # an expanded g (stride 0) has room for fewer norms than units
-        weight, norms = torch._weight_norm_interface(v, gain if gain.dtype == v.dtype else gain.to(v.dtype), dim)
-        if norms.min().item() > 0:  # no zero norm (a reduction and a read, cheaper than all())
-            return weight
-    return compose_weight(gain, v, layout)
+    if not fusable:
+        return compose_weight(gain, v, layout)
+    known = remembered and nonzero.known(v)
+    if remembered and not known and not nonzero.worth_checking(v):
+        return compose_weight(gain, v, layout)  # rewritten outside an optimizer again and again
+    fused_gain = gain.contiguous()  # an expanded g (stride 0) has room for fewer norms than units
+    fused_gain = fused_gain if fused_gain.dtype == v.dtype else fused_gain.to(v.dtype)
+    if remembered:
+        optim_steps.watch()  # steps carry the verdict over
+    if known:  # checked at these values: the kernel alone
+        return torch._weight_norm_interface(v, fused_gain, dim)[0]
+    weight, norms = torch._weight_norm_interface(v, fused_gain, dim)
+    return weight if nonzero.check(v, norms) else compose_weight(gain, v, layout)
 
 
 OUTPUT_FORM_MIN_WEIGHT = 1 << 17  # elements: below this, the output form's extra ops cost more than it saves

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torch.nn.utils import parametrize
 
+from . import optim_steps
 from .errors import WeightNormError
 from .fast import ScaledLinear, plain_formula_only, prefer_output_form, weight_norm_weight
 from .norm import UnitLayout, compose_weight, direct_zero_units, layout_from_shapes, traceable_weight, unit_norm
@@ -108,13 +109,12 @@ class WeightNorm(nn.Module):
         comparison would wait for the device, so there the weight is not kept either.  Fused
         optimizers write in place without bumping version counters, and may leave ``g`` as it
         was (an ``lr=0`` group, a step that rounds away): their steps bump the versions of the
-        parameters they step (:func:`_watch_optimizer_steps`).
+        parameters they step (:mod:`wn_transform.optim_steps`).
         """
         if (g.is_inference() or v.is_inference() or torch.is_inference_mode_enabled()
                 or (check_gain and not _gain_tells_updates(g, v))):
             return weight_norm_weight(g, v, self.layout, exp_scale=self.exp_scale)
-        if _steps_hook is None:
-            _watch_optimizer_steps()
+        optim_steps.watch()
         key = (g.data_ptr(), v.data_ptr(), g._version, v._version, v.dtype)
         kept = store.get(slot)
         if kept is None or not kept.made_from(g, v, key) or (check_gain and kept.gain_changed()):
@@ -167,31 +167,6 @@ def _gain_tells_updates(g: Tensor, v: Tensor) -> bool:
     CPU and contiguous, and trained whenever ``v`` is (a hand-written update of the trainable
     parameters changes ``g`` too)."""
     return g.is_cpu and g.is_contiguous() and (g.requires_grad or not v.requires_grad)  # not device.type: 0.9 us
-
-
-_steps_hook: Any = None
-
-
-def _watch_optimizer_steps() -> None:
-    """Register (once per process) a global ``torch.optim`` step post-hook, which every
-    ``Optimizer`` subclass runs, that bumps the version counters of the parameters an optimizer
-    may have written without bumping them: those of torch's fused groups (``fused=True``) and of
-    optimizers from outside ``torch.optim`` (which may write through raw pointers).  torch's other
-    optimizers write with in-place ops, which bump them already.  Only the stepped optimizer's
-    parameters: a frozen teacher's kept weights stay."""
-    global _steps_hook
-    if _steps_hook is None:
-        from torch.optim.optimizer import register_optimizer_step_post_hook  # torch.optim loads on first use
-
-        _steps_hook = register_optimizer_step_post_hook(_bump_written_parameters)
-
-
-def _bump_written_parameters(optimizer: Any, args: tuple, kwargs: dict) -> None:
-    outside = not type(optimizer).__module__.startswith("torch.optim")
-    written = [p for group in optimizer.param_groups if outside or group.get("fused")
-               for p in group["params"] if isinstance(p, Tensor) and not p.is_inference()]
-    if written:
-        torch.autograd.graph.increment_version(written)
 
 
 class _Kept:
@@ -609,12 +584,14 @@ def _takes_output_form(input: Tensor, v: Tensor) -> bool:
     (:class:`~wn_transform.fast.ScaledLinear`) instead of building the weight: few rows through a
     large weight (:func:`~wn_transform.fast.prefer_output_form`), except
 
+    * off the CPU: an accelerator's step is bound by kernel launches at the sizes where the
+      output form saves work, and it launches more of them than torch's fused weight kernel;
     * in float16, whose range ``u = x @ v'`` can leave (``v`` is not normalized; ``w`` is);
     * under autocast, which casts ``F.linear``'s operands itself;
     * while ``torch.export`` traces: an exported program holds for every batch size, so nothing
       may branch on the number of rows.
     """
-    return (input.dim() > 0 and input.shape[-1] == v.shape[1] and v.dtype != torch.float16
+    return (input.is_cpu and input.dim() > 0 and input.shape[-1] == v.shape[1] and v.dtype != torch.float16
             and not torch.compiler.is_exporting()
             and prefer_output_form(input.numel() // input.shape[-1], input.shape[-1], v.shape[0])
             and not _autocast_on(input.device.type))
