@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import prune
 
 import wn_transform as wn
 from wn_transform import nonzero
@@ -21,13 +22,15 @@ from wn_transform import nonzero
 
 @pytest.fixture
 def checks(monkeypatch: pytest.MonkeyPatch) -> list[Tensor]:
-    """Every plain tensor takes the remembered route; returns the list of the ``v`` checked, in order."""
-    monkeypatch.setattr(nonzero, "remembers", lambda v: type(v) in (Tensor, nn.Parameter))
+    """Parameters on the CPU take the remembered route, as on CUDA; returns the remembered ``v``
+    checked, in order."""
+    monkeypatch.setattr(nonzero, "remembers", lambda v: type(v) is nn.Parameter)
     seen: list[Tensor] = []
     real_check = nonzero.check
 
     def counting(v: Tensor, norms: Tensor) -> bool:
-        seen.append(v)
+        if nonzero.remembers(v):  # (the CPU route reads every other tensor's norms at every call)
+            seen.append(v)
         return real_check(v, norms)
 
     monkeypatch.setattr(nonzero, "check", counting)
@@ -157,3 +160,17 @@ def test_convolutions_and_exp_scale_take_the_route_too(checks: list[Tensor]) -> 
     torch.testing.assert_close(out, plain(x))
     model(x)
     assert len(checks) == 2
+
+
+def test_a_pruned_direction_computed_at_each_call_takes_the_guarded_formula_unchecked(checks: list[Tensor]) -> None:
+    """``torch.nn.utils.prune`` makes ``v`` a tensor computed at each call (``original1_orig * mask``):
+    its check is not kept (on CUDA it would be read at every call, so the guarded formula computes
+    its weight there), and its zero rows give zero weights."""
+    model, x = _model(), _x()
+    prune.ln_structured(model[0].parametrizations.weight, "original1", amount=2, n=2, dim=0)  # two zero rows
+    out = model(x)
+    out.square().sum().backward()
+    assert [id(v) for v in checks] == [id(model[2].parametrizations.weight.original1)]
+    torch.testing.assert_close(out.double(), _formula(model, x))
+    assert int((model[0].weight.abs().sum(dim=1) == 0).sum()) == 2
+    assert all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)

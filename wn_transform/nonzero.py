@@ -34,13 +34,15 @@ __all__ = ["MAX_CHECKS", "after_step", "before_step", "check", "known", "remembe
 MAX_CHECKS = 3
 _VERDICT = "_wn_nonzero"  # attribute on v: (data_ptr, version, checks); data_ptr None after a failed check
 _PENDING = "_wn_nonzero_pending"  # attribute on an optimizer between its step's pre- and post-hook
-_PLAIN_TYPES = (Tensor, torch.nn.Parameter)  # not a subclass (DTensor, a wrapper): its own rules apply
 _seen = False  # whether any verdict was kept in this process (the optimizer hooks do nothing until then)
 
 
 def remembers(v: Tensor) -> bool:
-    """Whether ``v``'s check is kept rather than read at every call: a plain tensor on a CUDA device."""
-    return v.is_cuda and type(v) in _PLAIN_TYPES
+    """Whether ``v``'s check is kept rather than read at every call: a parameter on a CUDA device.
+    Not a tensor computed afresh at each call (``torch.nn.utils.prune``'s masked direction), whose
+    check would be read every time (such a ``v`` takes the guarded formula), nor a subclass
+    (DTensor, a wrapper), whose own rules apply."""
+    return v.is_cuda and type(v) is torch.nn.Parameter
 
 
 def _key(v: Tensor) -> tuple[int, int]:
