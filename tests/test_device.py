@@ -213,3 +213,27 @@ def test_training_on_the_device_checks_each_direction_once_and_guards_a_zero_one
     assert all(bool(torch.isfinite(p.grad).all()) for p in model.parameters())
     torch.testing.assert_close(out.detach().double().cpu(), _float64_forward(model, _float64_pairs(model), x),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_a_cuda_graph_captures_training_and_eval_steps_before_and_after_the_check() -> None:
+    """Capturing a CUDA graph forbids reading the device: a direction not yet checked takes the
+    guarded formula during capture; one checked by warm-up calls takes torch's fused kernel."""
+    if torch.device(DEVICE).type != "cuda":
+        pytest.skip("CUDA graphs need a CUDA device")
+    x = _batch()
+    for warm_up in (0, 2):
+        model = wn.apply_weight_norm(_net(), init="preserve").to(DEVICE).eval()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.no_grad():
+            for _ in range(warm_up):
+                model(x)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), torch.no_grad():
+            out = model(x)
+        graph.replay()
+        torch.cuda.synchronize()
+        with torch.no_grad():
+            expected = _float64_forward(model, _float64_pairs(model), x)
+        torch.testing.assert_close(out.double().cpu(), expected, rtol=1e-4, atol=1e-4, msg=f"warm-up {warm_up}")

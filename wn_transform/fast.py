@@ -29,7 +29,7 @@ from torch.autograd import forward_ad
 from . import kernels, nonzero, optim_steps
 from .norm import UnitLayout, compose_weight, safe_norm, scale_from_norm, unit_norm
 
-__all__ = ["ScaledLinear", "plain_formula_only", "prefer_output_form", "weight_norm_weight"]
+__all__ = ["ScaledLinear", "eager_weight", "plain_formula_only", "prefer_output_form", "weight_norm_weight"]
 
 _FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 _ROWS = UnitLayout(0)  # nn.Linear: one unit per row of [out, in]
@@ -65,6 +65,12 @@ def weight_norm_weight(g: Tensor, v: Tensor, layout: UnitLayout, *, exp_scale: b
     # torch.jit.trace the size checks below would be recorded as traced values: both first
     if torch.compiler.is_compiling() or plain_formula_only():
         return compose_weight(gain, v, layout)
+    return eager_weight(gain, v, layout)
+
+
+def eager_weight(gain: Tensor, v: Tensor, layout: UnitLayout) -> Tensor:
+    """:func:`weight_norm_weight` with the gain ``g`` (or ``e^s``) given, for a caller that has
+    ruled out compilers, ``torch.func`` transforms, forward-mode AD and tracing itself."""
     dim = layout.dim % v.ndim
     remembered = nonzero.remembers(v)
     fusable = (layout.groups == 1 and (dim == 0 or dim == v.ndim - 1) and (v.is_cpu or remembered)

@@ -56,9 +56,13 @@ def known(v: Tensor) -> bool:
 
 
 def worth_checking(v: Tensor) -> bool:
-    """Whether ``v`` may be checked again (fewer than :data:`MAX_CHECKS` checks so far)."""
+    """Whether ``v`` may be checked now: fewer than :data:`MAX_CHECKS` checks so far, and no CUDA
+    graph being captured (reading the device is not allowed then; a graph captured after warm-up
+    calls finds its directions checked)."""
     verdict = getattr(v, _VERDICT, None)
-    return verdict is None or verdict[2] < MAX_CHECKS
+    if verdict is not None and verdict[2] >= MAX_CHECKS:
+        return False
+    return not (v.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def check(v: Tensor, norms: Tensor) -> bool:

@@ -37,7 +37,7 @@ from torch.nn.utils import parametrize
 
 from . import optim_steps
 from .errors import WeightNormError
-from .fast import ScaledLinear, plain_formula_only, prefer_output_form, weight_norm_weight
+from .fast import ScaledLinear, eager_weight, plain_formula_only, prefer_output_form, weight_norm_weight
 from .norm import UnitLayout, compose_weight, direct_zero_units, layout_from_shapes, traceable_weight, unit_norm
 
 __all__ = ["WeightNorm", "no_weight_cache", "register", "remove", "weight_memo", "weight_norm_of"]
@@ -86,8 +86,8 @@ class WeightNorm(nn.Module):
             return traceable_weight(g, v, self.layout, exp_scale=self.exp_scale)
         if torch.is_grad_enabled():
             memo = _MEMO.get()  # within one module call (weight_memo), the graph is shared by every read
-            if memo is None:
-                return weight_norm_weight(g, v, self.layout, exp_scale=self.exp_scale)
+            if memo is None:  # (the plain route is ruled out above)
+                return eager_weight(g.exp() if self.exp_scale else g, v, self.layout)
             return self._kept_weight(memo, id(self), g, v)
         if not _SERVING.get():  # read from outside a forward: a fresh tensor, as torch's own is
             return weight_norm_weight(g, v, self.layout, exp_scale=self.exp_scale)
@@ -483,9 +483,11 @@ def _serving_call(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     this call (a read from outside a module call gets a fresh tensor: see
     :meth:`WeightNorm.cached_weight`).  ``forward`` stays the class's own.  ``nn.Module.__call__``
     is looked up at each call, not kept: ``torch.fx`` replaces it while tracing (to record a leaf
-    module as one ``call_module`` node, as torch's own weight norm is)."""
+    module as one ``call_module`` node, as torch's own weight norm is).  A call with autograd on
+    opens nothing (2.5 us saved per training call): its weights are computed on the graph, never
+    kept, and a read under ``torch.no_grad()`` inside such a call gets a fresh tensor."""
     call = type(self)._wn_base_call or nn.Module.__call__  # not type_before_parametrizations: 2 us
-    if torch.compiler.is_compiling() or _SERVING.get():  # the compiler cannot trace a ContextVar
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or _SERVING.get():  # (the compiler cannot trace a ContextVar)
         return call(self, *args, **kwargs)
     token = _SERVING.set(True)
     try:
