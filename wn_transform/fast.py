@@ -26,13 +26,15 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import forward_ad
 
-from . import kernels, nonzero, optim_steps
+from . import kernels
 from .norm import UnitLayout, compose_weight, safe_norm, scale_from_norm, unit_norm
 
-__all__ = ["ScaledLinear", "eager_weight", "plain_formula_only", "prefer_output_form", "weight_norm_weight"]
+__all__ = ["GuardedWeightNorm", "ScaledLinear", "eager_weight", "guarded_on_device", "plain_formula_only",
+           "prefer_output_form", "weight_norm_weight"]
 
 _FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 _ROWS = UnitLayout(0)  # nn.Linear: one unit per row of [out, in]
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
 
 
 def plain_formula_only() -> bool:
@@ -53,12 +55,13 @@ def weight_norm_weight(g: Tensor, v: Tensor, layout: UnitLayout, *, exp_scale: b
 
     Where torch's fused kernel applies (one unit axis first or last, no groups, contiguous
     float32/float64/bfloat16, and float16 on CUDA), it computes ``w`` and the norms in one pass
-    and its backward in one more, with autograd in C++.  It divides by zero for a zero
-    direction, so a layer with a zero norm takes the plain formula, which gives a zero weight
-    and finite gradients.  Checking for a zero norm reads a number off the device: on the CPU
-    at every call; on CUDA, where the read waits for the device, once per value of ``v``
-    (:mod:`wn_transform.nonzero`).  Elsewhere, and under ``torch.func`` transforms, forward-mode
-    AD and ``torch.jit.trace`` (:func:`plain_formula_only`), the plain formula is used.
+    and its backward in one more.  It divides by zero for a zero direction, where the plain
+    formula gives a zero weight and finite gradients.  On the CPU, reading ``min ||v||`` costs
+    nanoseconds: a layer with a zero norm then takes the plain formula.  On CUDA the read would
+    wait for the device, so :class:`GuardedWeightNorm` mends the kernel's zero-norm rows on the
+    device instead (two more small kernels forward, one backward).  Elsewhere, and under
+    ``torch.func`` transforms, forward-mode AD and ``torch.jit.trace`` (:func:`plain_formula_only`),
+    the plain formula is used.
     """
     gain = g.exp() if exp_scale else g
     # a compiler fuses the plain formula itself (and cannot trace plain_formula_only's checks); under
@@ -68,27 +71,71 @@ def weight_norm_weight(g: Tensor, v: Tensor, layout: UnitLayout, *, exp_scale: b
     return eager_weight(gain, v, layout)
 
 
+def guarded_on_device(v: Tensor) -> bool:
+    """Whether ``v`` takes :class:`GuardedWeightNorm`: a plain tensor on a CUDA device (a subclass,
+    such as DTensor, follows its own rules through the plain formula)."""
+    return v.is_cuda and type(v) in _PLAIN_TYPES
+
+
 def eager_weight(gain: Tensor, v: Tensor, layout: UnitLayout) -> Tensor:
     """:func:`weight_norm_weight` with the gain ``g`` (or ``e^s``) given, for a caller that has
     ruled out compilers, ``torch.func`` transforms, forward-mode AD and tracing itself."""
     dim = layout.dim % v.ndim
-    remembered = nonzero.remembers(v)
-    fusable = (layout.groups == 1 and (dim == 0 or dim == v.ndim - 1) and (v.is_cpu or remembered)
+    guarded = guarded_on_device(v)
+    fusable = (layout.groups == 1 and (dim == 0 or dim == v.ndim - 1) and (v.is_cpu or guarded)
                and (v.dtype in _FUSED_DTYPES or (v.dtype == torch.float16 and v.is_cuda)) and v.is_contiguous()
                and gain.numel() == v.shape[dim])  # the kernel writes a norm per element of g: one per unit
     if not fusable:
         return compose_weight(gain, v, layout)
-    known = remembered and nonzero.known(v)
-    if remembered and not known and not nonzero.worth_checking(v):
-        return compose_weight(gain, v, layout)  # rewritten outside an optimizer again and again
     fused_gain = gain.contiguous()  # an expanded g (stride 0) has room for fewer norms than units
     fused_gain = fused_gain if fused_gain.dtype == v.dtype else fused_gain.to(v.dtype)
-    if remembered:
-        optim_steps.watch()  # steps carry the verdict over
-    if known:  # checked at these values: the kernel alone
-        return torch._weight_norm_interface(v, fused_gain, dim)[0]
+    if guarded:
+        if torch.is_grad_enabled() and (v.requires_grad or fused_gain.requires_grad):
+            return GuardedWeightNorm.apply(v, fused_gain, dim)
+        return _guarded_weight(v, fused_gain, dim)[0]
     weight, norms = torch._weight_norm_interface(v, fused_gain, dim)
-    return weight if nonzero.check(v, norms) else compose_weight(gain, v, layout)
+    if norms.min().item() > 0:  # no zero norm (a reduction and a read, cheaper than all())
+        return weight
+    return compose_weight(gain, v, layout)
+
+
+def _guarded_weight(v: Tensor, gain: Tensor, dim: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(w, norms, zero)``: torch's fused kernel, with the rows of zero-norm units (NaN there:
+    ``0 * g/0``) set to 0 on the device.  ``norms`` and the mask ``zero`` are shaped like ``g``."""
+    weight, norms = torch._weight_norm_interface(v, gain, dim)
+    zero = norms == 0  # (a NaN norm is not zero: NaN parameters stay visible)
+    return weight.masked_fill_(zero, 0), norms, zero
+
+
+class GuardedWeightNorm(torch.autograd.Function):
+    """``w = g * v/||v||`` by torch's fused kernel, a zero direction giving a zero weight without
+    reading the device: forward, the kernel, then its NaN rows zeroed; backward, torch's fused
+    backward kernel given a norm of 1 for those units, which is the plain formula's gradient there
+    (:func:`~wn_transform.norm.safe_norm`: ``dL/dg = 0``, ``dL/dv = g * dL/dw``).
+
+    Shapes: ``v`` the weight, ``gain`` one value per unit along ``dim`` (0 or the last axis),
+    contiguous and in ``v``'s dtype.  A double backward (``create_graph=True``) goes through the
+    plain formula, so it is exact (torch's fused kernel drops the terms through ``||v||``).
+    """
+
+    @staticmethod
+    def forward(ctx, v: Tensor, gain: Tensor, dim: int) -> Tensor:
+        weight, norms, zero = _guarded_weight(v, gain, dim)
+        ctx.save_for_backward(v, gain, norms, zero)
+        ctx.dim = dim
+        return weight
+
+    @staticmethod
+    def backward(ctx, grad_w: Tensor):
+        v, gain, norms, zero = ctx.saved_tensors
+        if torch.is_grad_enabled():  # a double backward: the plain formula's gradients, on the graph
+            wanted = [t for t, needed in zip((v, gain), ctx.needs_input_grad) if needed]
+            grads = iter(torch.autograd.grad(compose_weight(gain, v, UnitLayout(ctx.dim)), wanted, grad_w,
+                                             create_graph=True))
+            return (*(next(grads) if needed else None for needed in ctx.needs_input_grad[:2]), None)
+        grad_v, grad_gain = torch.ops.aten._weight_norm_interface_backward(
+            grad_w.contiguous(), v, gain, norms.masked_fill(zero, 1), ctx.dim)
+        return grad_v, grad_gain, None
 
 
 OUTPUT_FORM_MIN_WEIGHT = 1 << 17  # elements: below this, the output form's extra ops cost more than it saves
