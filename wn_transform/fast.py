@@ -59,7 +59,7 @@ def weight_norm_weight(g: Tensor, v: Tensor, layout: UnitLayout, *, exp_scale: b
     formula gives a zero weight and finite gradients.  On the CPU, reading ``min ||v||`` costs
     nanoseconds: a layer with a zero norm then takes the plain formula.  On CUDA the read would
     wait for the device, so :class:`GuardedWeightNorm` mends the kernel's zero-norm rows on the
-    device instead (two more small kernels forward, one backward).  Elsewhere, and under
+    device instead (three more small kernels forward, none backward; two without autograd).  Elsewhere, and under
     ``torch.func`` transforms, forward-mode AD and ``torch.jit.trace`` (:func:`plain_formula_only`),
     the plain formula is used.
     """
@@ -109,9 +109,9 @@ def _guarded_weight(v: Tensor, gain: Tensor, dim: int) -> tuple[Tensor, Tensor, 
 
 class GuardedWeightNorm(torch.autograd.Function):
     """``w = g * v/||v||`` by torch's fused kernel, a zero direction giving a zero weight without
-    reading the device: forward, the kernel, then its NaN rows zeroed; backward, torch's fused
-    backward kernel given a norm of 1 for those units, which is the plain formula's gradient there
-    (:func:`~wn_transform.norm.safe_norm`: ``dL/dg = 0``, ``dL/dv = g * dL/dw``).
+    reading the device: forward, the kernel, then its NaN rows zeroed and a norm of 1 kept for
+    those units; backward, torch's fused backward kernel given those norms, which is the plain
+    formula's gradient there (:func:`~wn_transform.norm.safe_norm`: ``dL/dg = 0``, ``dL/dv = g dL/dw``).
 
     Shapes: ``v`` the weight, ``gain`` one value per unit along ``dim`` (0 or the last axis),
     contiguous and in ``v``'s dtype.  A double backward (``create_graph=True``) goes through the
@@ -121,21 +121,23 @@ class GuardedWeightNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, v: Tensor, gain: Tensor, dim: int) -> Tensor:
         weight, norms, zero = _guarded_weight(v, gain, dim)
-        ctx.save_for_backward(v, gain, norms, zero)
+        ctx.save_for_backward(v, gain, norms.masked_fill_(zero, 1))  # the norms the backward divides by
         ctx.dim = dim
         return weight
 
     @staticmethod
     def backward(ctx, grad_w: Tensor):
-        v, gain, norms, zero = ctx.saved_tensors
+        v, gain, safe = ctx.saved_tensors
         if torch.is_grad_enabled():  # a double backward: the plain formula's gradients, on the graph
             wanted = [t for t, needed in zip((v, gain), ctx.needs_input_grad) if needed]
             grads = iter(torch.autograd.grad(compose_weight(gain, v, UnitLayout(ctx.dim)), wanted, grad_w,
                                              create_graph=True))
             return (*(next(grads) if needed else None for needed in ctx.needs_input_grad[:2]), None)
-        grad_v, grad_gain = torch.ops.aten._weight_norm_interface_backward(
-            grad_w.contiguous(), v, gain, norms.masked_fill(zero, 1), ctx.dim)
+        grad_v, grad_gain = _INTERFACE_BACKWARD(grad_w.contiguous(), v, gain, safe, ctx.dim)
         return grad_v, grad_gain, None
+
+
+_INTERFACE_BACKWARD = torch.ops.aten._weight_norm_interface_backward.default  # (no torch.* binding)
 
 
 OUTPUT_FORM_MIN_WEIGHT = 1 << 17  # elements: below this, the output form's extra ops cost more than it saves
