@@ -210,7 +210,7 @@ def test_training_on_the_device_takes_the_fused_kernel_and_guards_zero_direction
                                rtol=1e-4, atol=1e-4)
 
 
-def test_a_cuda_graph_captures_training_and_eval_steps_before_and_after_the_check() -> None:
+def test_a_cuda_graph_captures_an_eval_forward_with_or_without_warm_up_calls() -> None:
     """Capturing a CUDA graph forbids reading the device, which no weight norm does: a forward
     captures with or without warm-up calls, and its replay computes the formula."""
     if torch.device(DEVICE).type != "cuda":

@@ -34,7 +34,6 @@ __all__ = ["GuardedWeightNorm", "ScaledLinear", "eager_weight", "guarded_on_devi
 
 _FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 _ROWS = UnitLayout(0)  # nn.Linear: one unit per row of [out, in]
-_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
 
 
 def plain_formula_only() -> bool:
@@ -59,9 +58,9 @@ def weight_norm_weight(g: Tensor, v: Tensor, layout: UnitLayout, *, exp_scale: b
     formula gives a zero weight and finite gradients.  On the CPU, reading ``min ||v||`` costs
     nanoseconds: a layer with a zero norm then takes the plain formula.  On CUDA the read would
     wait for the device, so :class:`GuardedWeightNorm` mends the kernel's zero-norm rows on the
-    device instead (three more small kernels forward, none backward; two without autograd).  Elsewhere, and under
-    ``torch.func`` transforms, forward-mode AD and ``torch.jit.trace`` (:func:`plain_formula_only`),
-    the plain formula is used.
+    device instead (three more small kernels forward, none backward; two without autograd).
+    Elsewhere, and under ``torch.func`` transforms, forward-mode AD and ``torch.jit.trace``
+    (:func:`plain_formula_only`), the plain formula is used.
     """
     gain = g.exp() if exp_scale else g
     # a compiler fuses the plain formula itself (and cannot trace plain_formula_only's checks); under
@@ -74,7 +73,7 @@ def weight_norm_weight(g: Tensor, v: Tensor, layout: UnitLayout, *, exp_scale: b
 def guarded_on_device(v: Tensor) -> bool:
     """Whether ``v`` takes :class:`GuardedWeightNorm`: a plain tensor on a CUDA device (a subclass,
     such as DTensor, follows its own rules through the plain formula)."""
-    return v.is_cuda and type(v) in _PLAIN_TYPES
+    return v.is_cuda and type(v) in kernels.PLAIN_TYPES
 
 
 def eager_weight(gain: Tensor, v: Tensor, layout: UnitLayout) -> Tensor:

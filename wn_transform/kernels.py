@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import increment_version
 
-__all__ = ["MAX_ROWS", "KernelStatus", "backward", "backward_usable", "calibrate", "calibration_usable", "disabled",
+__all__ = ["MAX_ROWS", "PLAIN_TYPES", "KernelStatus", "backward", "backward_usable", "calibrate", "calibration_usable", "disabled",
            "forward", "kernel_status", "saved_tensors_hooked", "usable"]
 
 MAX_ROWS = 8  # the most rows per call the kernels can take (kernels.c: WN_MAX_ROWS); see _row_limit
@@ -53,7 +53,7 @@ _SOURCE = Path(__file__).with_name("kernels.c")
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 _STREAM_MIN_ELEMENTS = 1 << 19  # a grad_v of 2 MiB or more is written past the caches (it cannot stay there)
 _top_saved_tensors_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)  # private: may go
-_PLAIN_TYPES = (Tensor, nn.Parameter)  # not FakeTensor or other subclasses, which have no data to point at
+PLAIN_TYPES = (Tensor, nn.Parameter)  # not FakeTensor or other subclasses, which have no data to point at
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,7 @@ def calibrate(t: Tensor, unit_dim: int, v: Tensor | None, g: Tensor, bias: Tenso
 
 
 def _plain_float32(t: Tensor) -> bool:
-    return type(t) in _PLAIN_TYPES and t.dtype == torch.float32 and t.is_cpu  # (is_cpu: 8x cheaper than device.type)
+    return type(t) in PLAIN_TYPES and t.dtype == torch.float32 and t.is_cpu  # (is_cpu: 8x cheaper than device.type)
 
 
 def forward(rows: Tensor, g: Tensor, v: Tensor, bias: Tensor | None, exp_scale: bool,

@@ -35,7 +35,6 @@ from torch import Tensor, nn
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torch.nn.utils import parametrize
 
-from . import optim_steps
 from .errors import WeightNormError
 from .fast import ScaledLinear, eager_weight, plain_formula_only, prefer_output_form, weight_norm_weight
 from .norm import UnitLayout, compose_weight, direct_zero_units, layout_from_shapes, traceable_weight, unit_norm
@@ -109,12 +108,13 @@ class WeightNorm(nn.Module):
         comparison would wait for the device, so there the weight is not kept either.  Fused
         optimizers write in place without bumping version counters, and may leave ``g`` as it
         was (an ``lr=0`` group, a step that rounds away): their steps bump the versions of the
-        parameters they step (:mod:`wn_transform.optim_steps`).
+        parameters they step (:func:`_watch_optimizer_steps`).
         """
         if (g.is_inference() or v.is_inference() or torch.is_inference_mode_enabled()
                 or (check_gain and not _gain_tells_updates(g, v))):
             return weight_norm_weight(g, v, self.layout, exp_scale=self.exp_scale)
-        optim_steps.watch()
+        if _steps_hook is None:
+            _watch_optimizer_steps()
         key = (g.data_ptr(), v.data_ptr(), g._version, v._version, v.dtype)
         kept = store.get(slot)
         if kept is None or not kept.made_from(g, v, key) or (check_gain and kept.gain_changed()):
@@ -167,6 +167,31 @@ def _gain_tells_updates(g: Tensor, v: Tensor) -> bool:
     CPU and contiguous, and trained whenever ``v`` is (a hand-written update of the trainable
     parameters changes ``g`` too)."""
     return g.is_cpu and g.is_contiguous() and (g.requires_grad or not v.requires_grad)  # not device.type: 0.9 us
+
+
+_steps_hook: Any = None
+
+
+def _watch_optimizer_steps() -> None:
+    """Register (once per process) a global ``torch.optim`` step post-hook, which every
+    ``Optimizer`` subclass runs, that bumps the version counters of the parameters an optimizer
+    may have written without bumping them: those of torch's fused groups (``fused=True``) and of
+    optimizers from outside ``torch.optim`` (which may write through raw pointers).  torch's other
+    optimizers write with in-place ops, which bump them already.  Only the stepped optimizer's
+    parameters: a frozen teacher's kept weights stay."""
+    global _steps_hook
+    if _steps_hook is None:
+        from torch.optim.optimizer import register_optimizer_step_post_hook  # torch.optim loads on first use
+
+        _steps_hook = register_optimizer_step_post_hook(_bump_written_parameters)
+
+
+def _bump_written_parameters(optimizer: Any, args: tuple, kwargs: dict) -> None:
+    outside = not type(optimizer).__module__.startswith("torch.optim")
+    written = [p for group in optimizer.param_groups if outside or group.get("fused")
+               for p in group["params"] if isinstance(p, Tensor) and not p.is_inference()]
+    if written:
+        torch.autograd.graph.increment_version(written)
 
 
 class _Kept:
@@ -487,7 +512,7 @@ def _serving_call(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     opens nothing (2.5 us saved per training call): its weights are computed on the graph, never
     kept, and a read under ``torch.no_grad()`` inside such a call gets a fresh tensor."""
     call = type(self)._wn_base_call or nn.Module.__call__  # not type_before_parametrizations: 2 us
-    if torch.is_grad_enabled() or torch.compiler.is_compiling() or _SERVING.get():  # (the compiler cannot trace a ContextVar)
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or _SERVING.get():  # (no ContextVar under a compiler)
         return call(self, *args, **kwargs)
     token = _SERVING.set(True)
     try:
