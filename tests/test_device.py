@@ -186,7 +186,7 @@ def test_a_device_state_dict_loads_into_a_cpu_model_and_back() -> None:
 
 
 def test_training_on_the_device_takes_the_fused_kernel_and_guards_zero_directions() -> None:
-    """On CUDA the weights come from torch's fused kernel (``GuardedWeightNorm``), and a direction
+    """On CUDA the weights come from torch's fused kernel (``fast.guarded_weight``), and a direction
     zeroed at any point, through ``.data`` too, gives a zero weight and finite gradients."""
     model = wn.apply_weight_norm(_net(), init="preserve").to(DEVICE)
     x = _batch()
@@ -202,7 +202,7 @@ def test_training_on_the_device_takes_the_fused_kernel_and_guards_zero_direction
     optimizer.zero_grad()
     out = model(x)
     if torch.device(DEVICE).type == "cuda":  # Conv1d and the Linear layers (ConvTranspose1d's unit axis is 1)
-        assert type(model.get_submodule("5").weight.grad_fn).__name__ == "GuardedWeightNormBackward"
+        assert type(model.get_submodule("5").weight.grad_fn).__name__ == "WeightNormInterfaceBackward0"
     out.square().sum().backward()
     assert torch.equal(model.get_submodule("5").weight[3].cpu(), torch.zeros(6 * 22))
     assert all(bool(torch.isfinite(p.grad).all()) for p in model.parameters())

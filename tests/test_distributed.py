@@ -84,9 +84,10 @@ def _work(rank: int, out: str, wrapper: str) -> None:
         _step(nn.parallel.DistributedDataParallel(model), x[shard], y[shard])
         torch.save(model.state_dict(), f"{out}/step{rank}.pt")
     else:
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        fully_shard(model)
+        fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)))  # (its default mesh is on a GPU where there is one)
         _step(model, x[shard], y[shard])
         full = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
         torch.save(full, f"{out}/step{rank}.pt")

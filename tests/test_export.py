@@ -1066,17 +1066,29 @@ class _Varargs(nn.Module):
         return self.fc(inputs[0]) + self.fc(inputs[1])
 
 
-@pytest.mark.parametrize("wrap", ["varargs", "DataParallel"])
-def test_a_forward_taking_star_args_exports_with_the_dynamic_batch(wrap: str, tmp_path) -> None:
-    """``forward(self, *inputs)`` (``nn.DataParallel``'s own): torch.export takes one dynamic-shape
-    entry for the ``*inputs`` tuple; the dynamo export works, with its batch axis verified."""
+def _held_device(wrapper: nn.DataParallel) -> torch.device:
+    """Where ``wrapper`` keeps its module: on a machine with one GPU, DataParallel moves it there."""
+    return next(wrapper.module.parameters()).device
+
+
+def test_a_forward_taking_star_args_exports_with_the_dynamic_batch(tmp_path) -> None:
+    """``forward(self, *inputs)``: torch.export takes one dynamic-shape entry for the ``*inputs``
+    tuple; the dynamo export works, with its batch axis verified."""
     torch.manual_seed(0)
-    if wrap == "varargs":
-        model, batch = _Varargs(), (torch.randn(2, 4), torch.randn(2, 4))
-    else:
-        model, batch = nn.DataParallel(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))), torch.randn(2, 4)
-    report = export_onnx(model, batch, tmp_path / "m.onnx")
+    report = export_onnx(_Varargs(), (torch.randn(2, 4), torch.randn(2, 4)), tmp_path / "m.onnx")
     assert report.exporter == "dynamo" and report.batch_sizes_checked == [2, 3]
+
+
+def test_a_data_parallel_wrapper_exports_as_the_module_it_holds(tmp_path) -> None:
+    """DataParallel scatters over the GPUs (neither exporter takes it there); the file holds the
+    wrapped module's function, its initializers named as in that module (no ``module.``)."""
+    torch.manual_seed(0)
+    inner = wn.apply_weight_norm(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)), init="preserve")
+    wrapped = nn.DataParallel(inner)
+    report = export_onnx(wrapped, torch.randn(2, 4, device=_held_device(wrapped)), tmp_path / "m.onnx")
+    names = {init.name for init in onnx.load(str(tmp_path / "m.onnx")).graph.initializer}
+    assert names == {"0.weight", "0.bias", "2.weight", "2.bias"}, names
+    assert report.unnamed_parameters == [] and report.exporter == "dynamo" and report.batch_sizes_checked == [2, 3]
 
 
 def test_overwriting_an_external_data_export_with_an_inline_one_leaves_no_stale_data_file(tmp_path) -> None:
@@ -1109,7 +1121,9 @@ def test_an_output_axis_the_exporter_declared_fixed_but_that_follows_a_dynamic_a
     torch.manual_seed(0)
     model, ids = _LanguageModel(), torch.randint(0, 20, (2, 12))
     report = export_onnx(model, ids, tmp_path / "lm.onnx", dynamic_shapes=({0: "batch", 1: "time"},))
-    assert report.exporter == "dynamo"
+    if report.exporter != "dynamo" and torch.__version__ < "2.13":  # (TorchVersion compares as a version; pinned: 2.13)
+        pytest.skip(f"torch {torch.__version__}'s dynamo exporter refuses the LSTM's dynamic time: {report.fallback_reason}")
+    assert report.exporter == "dynamo", report.fallback_reason
     assert any("declared axis 1 (was 12) of a fixed size" in note for note in report.notes)
     (output,) = onnx.load(tmp_path / "lm.onnx").graph.output
     dims = [d.dim_param or d.dim_value for d in output.type.tensor_type.shape.dim]

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-__all__ = ["compiled_wrapper", "copy_model", "refuse_sharded"]
+__all__ = ["compiled_wrapper", "copy_model", "refuse_sharded", "routed_module"]
 
 
 def copy_model(model: nn.Module) -> nn.Module:
@@ -53,6 +53,20 @@ def compiled_wrapper(model: object) -> bool:
     exists only once it is imported.)"""
     eval_frame = sys.modules.get("torch._dynamo.eval_frame")
     return eval_frame is not None and isinstance(model, eval_frame.OptimizedModule)
+
+
+def routed_module(model: nn.Module) -> nn.Module:
+    """``model`` without the wrappers that only route calls to the module they hold (nested ones
+    too): ``torch.compile``'s (``_orig_mod``), ``nn.DataParallel`` and ``DistributedDataParallel``
+    (``module``).  The function is the held module's; what the wrappers add is where it runs
+    (DataParallel scatters the batch over the GPUs and gathers the outputs)."""
+    while True:
+        if compiled_wrapper(model):
+            model = model._orig_mod
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        else:
+            return model
 
 
 def _sharded_module(model: nn.Module) -> str | None:

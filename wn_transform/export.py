@@ -61,7 +61,7 @@ from ._logging import muted
 from . import dynamic_axes
 from .errors import WeightNormError
 from . import onnx_graph
-from ._copy import compiled_wrapper, refuse_sharded
+from ._copy import refuse_sharded, routed_module
 from .fold import fold_weight_norm
 
 __all__ = ["DEFAULT_TOLERANCES", "EXTERNAL_DATA_THRESHOLD", "ExportError", "ExportMismatchError", "ExportReport",
@@ -253,7 +253,9 @@ def export_onnx(
 
     Args:
         model: any ``nn.Module``; weight norm in any of the three layouts
-            :mod:`wn_transform.fold` knows is folded into plain weights first.
+            :mod:`wn_transform.fold` knows is folded into plain weights first.  A
+            ``torch.compile``, ``nn.DataParallel`` or ``DistributedDataParallel`` wrapper is
+            exported as the module it holds (initializers named as in that module).
         sample_batch: a tensor, a tuple of positional inputs, or a dict of keyword inputs; it
             traces the model and is the batch the ONNX file is verified on.
         path: the ``.onnx`` file to write; its folder must exist.
@@ -310,7 +312,7 @@ def export_onnx(
     """
     say = progress if progress is not None else _silent
     target, data_target = _check_arguments(model, path, exporter, rtol, atol, overwrite, external_data)
-    model = model._orig_mod if compiled_wrapper(model) else model  # torch.compile's wrapper: export the model
+    model = routed_module(model)  # torch.compile's, DataParallel's, DDP's wrapper: export the module they hold
     refuse_sharded(model, "export_onnx", ExportError)
     batch_mod.as_args(sample_batch)
     batch_mod.check_no_nan(sample_batch)
@@ -622,8 +624,8 @@ def _dynamo_batch_shapes(inputs: _Inputs, axes: dict[str, dict[int, str]]) -> tu
     if inputs.bound is None:
         msg = "keyword inputs to a forward without a signature need an explicit dynamic_shapes"
         raise ExportError(msg)
-    # torch.export keys a dict of dynamic shapes by signature.bind(*args, **kwargs).arguments (``*inputs``,
-    # nn.DataParallel's: one entry, a tuple over them)
+    # torch.export keys a dict of dynamic shapes by signature.bind(*args, **kwargs).arguments (a
+    # forward(self, *inputs): one entry, a tuple over them)
     return {name: tree_map(spec, value) for name, value in inputs.bound.items()}
 
 

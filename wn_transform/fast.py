@@ -29,7 +29,7 @@ from torch.autograd import forward_ad
 from . import kernels
 from .norm import UnitLayout, compose_weight, safe_norm, scale_from_norm, unit_norm
 
-__all__ = ["GuardedWeightNorm", "ScaledLinear", "eager_weight", "guarded_on_device", "plain_formula_only",
+__all__ = ["ScaledLinear", "eager_weight", "guarded_on_device", "guarded_weight", "plain_formula_only",
            "prefer_output_form", "weight_norm_weight"]
 
 _FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
@@ -57,8 +57,9 @@ def weight_norm_weight(g: Tensor, v: Tensor, layout: UnitLayout, *, exp_scale: b
     and its backward in one more.  It divides by zero for a zero direction, where the plain
     formula gives a zero weight and finite gradients.  On the CPU, reading ``min ||v||`` costs
     nanoseconds: a layer with a zero norm then takes the plain formula.  On CUDA the read would
-    wait for the device, so :class:`GuardedWeightNorm` mends the kernel's zero-norm rows on the
-    device instead (three more small kernels forward, none backward; two without autograd).
+    wait for the device, so :func:`guarded_weight` mends the kernel's zero-norm rows on the
+    device instead (three more small kernels forward, none backward; two without autograd), or,
+    under saved-tensor hooks, the plain formula is used.
     Elsewhere, and under ``torch.func`` transforms, forward-mode AD and ``torch.jit.trace``
     (:func:`plain_formula_only`), the plain formula is used.
     """
@@ -71,7 +72,7 @@ def weight_norm_weight(g: Tensor, v: Tensor, layout: UnitLayout, *, exp_scale: b
 
 
 def guarded_on_device(v: Tensor) -> bool:
-    """Whether ``v`` takes :class:`GuardedWeightNorm`: a plain tensor on a CUDA device (a subclass,
+    """Whether ``v`` takes :func:`guarded_weight`: a plain tensor on a CUDA device (a subclass,
     such as DTensor, follows its own rules through the plain formula)."""
     return v.is_cuda and type(v) in kernels.PLAIN_TYPES
 
@@ -89,54 +90,36 @@ def eager_weight(gain: Tensor, v: Tensor, layout: UnitLayout) -> Tensor:
     fused_gain = gain.contiguous()  # an expanded g (stride 0) has room for fewer norms than units
     fused_gain = fused_gain if fused_gain.dtype == v.dtype else fused_gain.to(v.dtype)
     if guarded:
-        if torch.is_grad_enabled() and (v.requires_grad or fused_gain.requires_grad):
-            return GuardedWeightNorm.apply(v, fused_gain, dim)
-        return _guarded_weight(v, fused_gain, dim)[0]
+        if torch.is_grad_enabled() and (v.requires_grad or fused_gain.requires_grad) and kernels.saved_tensors_hooked():
+            return compose_weight(gain, v, layout)  # a pack hook could copy the norms before they are mended
+        return guarded_weight(v, fused_gain, dim)
     weight, norms = torch._weight_norm_interface(v, fused_gain, dim)
     if norms.min().item() > 0:  # no zero norm (a reduction and a read, cheaper than all())
         return weight
     return compose_weight(gain, v, layout)
 
 
-def _guarded_weight(v: Tensor, gain: Tensor, dim: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``(w, norms, zero)``: torch's fused kernel, with the rows of zero-norm units (NaN there:
-    ``0 * g/0``) set to 0 on the device.  ``norms`` and the mask ``zero`` are shaped like ``g``."""
-    weight, norms = torch._weight_norm_interface(v, gain, dim)
-    zero = norms == 0  # (a NaN norm is not zero: NaN parameters stay visible)
-    return weight.masked_fill_(zero, 0), norms, zero
-
-
-class GuardedWeightNorm(torch.autograd.Function):
+def guarded_weight(v: Tensor, gain: Tensor, dim: int) -> Tensor:
     """``w = g * v/||v||`` by torch's fused kernel, a zero direction giving a zero weight without
-    reading the device: forward, the kernel, then its NaN rows zeroed and a norm of 1 kept for
-    those units; backward, torch's fused backward kernel given those norms, which is the plain
-    formula's gradient there (:func:`~wn_transform.norm.safe_norm`: ``dL/dg = 0``, ``dL/dv = g dL/dw``).
+    reading the device.  The kernel computes ``0 * g/0 = NaN`` for a zero direction and its backward
+    divides by the norms it saved; both are mended in place, right after the kernel and before
+    anything reads them: the weight's NaN rows set to 0, the saved norms of those units set to 1.
+    The kernel's own backward (C++, one kernel) then gives the plain formula's gradient there
+    (:func:`~wn_transform.norm.safe_norm`: ``dL/dg = 0``, ``dL/dv = g dL/dw``).  The writes go
+    through ``.data``, which autograd's saved-tensor version check does not see: that is the point,
+    and it is sound only because nothing has read the norms yet (:func:`eager_weight` takes the plain
+    formula instead when saved-tensor hooks could have copied them).
 
     Shapes: ``v`` the weight, ``gain`` one value per unit along ``dim`` (0 or the last axis),
-    contiguous and in ``v``'s dtype.  A double backward (``create_graph=True``) goes through the
-    plain formula, so it is exact (torch's fused kernel drops the terms through ``||v||``).
+    contiguous and in ``v``'s dtype.  Cost: three small kernels beyond torch's one (two without
+    autograd); a NaN norm is not 0, so NaN parameters stay visible.
     """
-
-    @staticmethod
-    def forward(ctx, v: Tensor, gain: Tensor, dim: int) -> Tensor:
-        weight, norms, zero = _guarded_weight(v, gain, dim)
-        ctx.save_for_backward(v, gain, norms.masked_fill_(zero, 1))  # the norms the backward divides by
-        ctx.dim = dim
-        return weight
-
-    @staticmethod
-    def backward(ctx, grad_w: Tensor):
-        v, gain, safe = ctx.saved_tensors
-        if torch.is_grad_enabled():  # a double backward: the plain formula's gradients, on the graph
-            wanted = [t for t, needed in zip((v, gain), ctx.needs_input_grad) if needed]
-            grads = iter(torch.autograd.grad(compose_weight(gain, v, UnitLayout(ctx.dim)), wanted, grad_w,
-                                             create_graph=True))
-            return (*(next(grads) if needed else None for needed in ctx.needs_input_grad[:2]), None)
-        grad_v, grad_gain = _INTERFACE_BACKWARD(grad_w.contiguous(), v, gain, safe, ctx.dim)
-        return grad_v, grad_gain, None
-
-
-_INTERFACE_BACKWARD = torch.ops.aten._weight_norm_interface_backward.default  # (no torch.* binding)
+    weight, norms = torch._weight_norm_interface(v, gain, dim)
+    zero = norms == 0
+    weight.data.masked_fill_(zero, 0)
+    if weight.requires_grad:  # the norms autograd saved for the kernel's backward
+        norms.data.masked_fill_(zero, 1)
+    return weight
 
 
 OUTPUT_FORM_MIN_WEIGHT = 1 << 17  # elements: below this, the output form's extra ops cost more than it saves
