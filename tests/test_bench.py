@@ -115,6 +115,23 @@ def test_the_step_profiler_prints_each_variants_op_table_after_checking_they_agr
     assert result.stdout.count("Self CPU time total") == 3
 
 
+def test_the_mend_cost_tool_times_each_route_after_checking_it_computes_plains_output() -> None:
+    result = subprocess.run([sys.executable, str(TOOLS / "mend_cost.py"), "--budget", "0", "--workloads", "2,eval"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    tables = result.stdout.split("## ")[1:]
+    assert [t.split(",")[0] for t in tables] == ["2. train step", "eval forward (no_grad)"]
+    for table in tables:
+        rows = [line.split(" | ")[0].strip("| ") for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+        assert rows == ["variant", "plain", "torch", "mended", "fused_alone", "plain_formula"]
+
+
+def test_the_mend_cost_tool_refuses_an_unknown_workload() -> None:
+    result = subprocess.run([sys.executable, str(TOOLS / "mend_cost.py"), "--workloads", "1,7"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "unknown workloads ['7']" in result.stderr
+
+
 def test_the_step_profiler_refuses_a_variant_the_workload_lacks() -> None:
     result = subprocess.run([sys.executable, str(TOOLS / "profile_step.py"), "--workload", "4", "--variants",
                              "batchnorm"], capture_output=True, text=True, timeout=300)

@@ -1068,7 +1068,7 @@ class _Varargs(nn.Module):
 
 def _held_device(wrapper: nn.DataParallel) -> torch.device:
     """Where ``wrapper`` keeps its module: on a machine with one GPU, DataParallel moves it there."""
-    return next(wrapper.module.parameters()).device
+    return next(wrapper.parameters()).device
 
 
 def test_a_forward_taking_star_args_exports_with_the_dynamic_batch(tmp_path) -> None:
@@ -1079,12 +1079,14 @@ def test_a_forward_taking_star_args_exports_with_the_dynamic_batch(tmp_path) -> 
     assert report.exporter == "dynamo" and report.batch_sizes_checked == [2, 3]
 
 
-def test_a_data_parallel_wrapper_exports_as_the_module_it_holds(tmp_path) -> None:
+@pytest.mark.parametrize("nested", [False, True], ids=["DataParallel", "DataParallel-of-compiled"])
+def test_a_data_parallel_wrapper_exports_as_the_module_it_holds(nested: bool, tmp_path) -> None:
     """DataParallel scatters over the GPUs (neither exporter takes it there); the file holds the
-    wrapped module's function, its initializers named as in that module (no ``module.``)."""
+    wrapped module's function, its initializers named as in that module (no ``module.``), through
+    nested wrappers too."""
     torch.manual_seed(0)
     inner = wn.apply_weight_norm(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)), init="preserve")
-    wrapped = nn.DataParallel(inner)
+    wrapped = nn.DataParallel(torch.compile(inner) if nested else inner)
     report = export_onnx(wrapped, torch.randn(2, 4, device=_held_device(wrapped)), tmp_path / "m.onnx")
     names = {init.name for init in onnx.load(str(tmp_path / "m.onnx")).graph.initializer}
     assert names == {"0.weight", "0.bias", "2.weight", "2.bias"}, names

@@ -58,6 +58,17 @@ def test_the_guarded_kernel_matches_the_formula_with_zero_directions(shape: tupl
     assert torch.equal(w.detach().select(dim, 1), torch.zeros_like(w.detach().select(dim, 1)))
 
 
+@pytest.mark.parametrize("dim", [0, 1], ids=["first", "last"])
+def test_a_one_dimensional_gain_mends_the_rows_of_its_units(dim: int) -> None:
+    """``g`` given 1-D (one value per unit) for a square ``v``: the zero direction's unit is mended,
+    not the slice across the other axis."""
+    v = torch.randn(3, 3, dtype=torch.float64)
+    v.select(dim, 1).zero_()
+    g = torch.rand(3, dtype=torch.float64) + 0.5
+    shape = [3, 1] if dim == 0 else [1, 3]
+    torch.testing.assert_close(fast.guarded_weight(v, g, dim), _oracle(v, g.view(shape), dim))
+
+
 def test_a_nan_direction_stays_nan_and_does_not_spread() -> None:
     v = torch.randn(4, 3)
     v[2, 0] = float("nan")

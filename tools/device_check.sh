@@ -8,7 +8,8 @@
 # 2. tools/bench.py --device cuda (every workload that computes on a device), its table in
 #    $OUT/bench/bench.md and raw numbers in $OUT/bench/bench.json;
 # 3. tools/profile_step.py on workload $PROFILE_WORKLOAD (default 4): where each variant's step spends its time;
-# 4. the CPU test suite under this machine's own torch (a version check: another torch than
+# 4. tools/mend_cost.py: what the zero-direction mend costs, against torch's fused kernel alone;
+# 5. the CPU test suite under this machine's own torch (a version check: another torch than
 #    requirements-dev.txt pins), spread over the cores, if pytest-xdist is there.
 # Each step runs under its own time limit and the next runs whatever the last gave; the exit
 # status is the first step's that failed.  Runs from the repository root, with or without an install.
@@ -37,6 +38,7 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device",
 step test_device 120 $PY -m pytest -q -p no:cacheprovider tests/test_device.py
 step bench 330 $PY tools/bench.py --device cuda --time-scale "$SCALE" --no-plots --out "$OUT/bench"
 step profile 90 $PY tools/profile_step.py --device cuda --workload "${PROFILE_WORKLOAD:-4}" --rows 15
+step mend_cost 120 $PY tools/mend_cost.py --device cuda --budget 8
 if $PY -c 'import xdist' 2>/dev/null; then
     step cpu_suite "${SUITE_LIMIT:-240}" $PY -m pytest -v -p no:cacheprovider --maxfail=30 -n "$(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))" \
         --ignore=tests/test_device.py

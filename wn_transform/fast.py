@@ -110,13 +110,17 @@ def guarded_weight(v: Tensor, gain: Tensor, dim: int) -> Tensor:
     and it is sound only because nothing has read the norms yet (:func:`eager_weight` takes the plain
     formula instead when saved-tensor hooks could have copied them).
 
-    Shapes: ``v`` the weight, ``gain`` one value per unit along ``dim`` (0 or the last axis),
-    contiguous and in ``v``'s dtype.  Cost: three small kernels beyond torch's one (two without
-    autograd); a NaN norm is not 0, so NaN parameters stay visible.
+    Shapes: ``v`` the weight, ``gain`` one value per unit along ``dim`` (0 or the last axis; shaped
+    like ``g`` in its layout, or 1-D), contiguous and in ``v``'s dtype.  Cost: three small kernels
+    beyond torch's one (two without autograd).  A NaN in ``v`` gives a NaN norm, which is not 0:
+    that unit's row stays NaN.  A zero direction's row is 0 even where its ``g`` is NaN or
+    infinite (the formula: NaN); training cannot make it so (such a ``g`` gets a zero gradient),
+    and telling it apart would cost a kernel more on every call.
     """
     weight, norms = torch._weight_norm_interface(v, gain, dim)
-    zero = norms == 0
-    weight.data.masked_fill_(zero, 0)
+    zero = norms == 0  # shaped like gain
+    rows = zero if zero.ndim == weight.ndim else zero.view([-1 if d == dim else 1 for d in range(weight.ndim)])
+    weight.data.masked_fill_(rows, 0)
     if weight.requires_grad:  # the norms autograd saved for the kernel's backward
         norms.data.masked_fill_(zero, 1)
     return weight
