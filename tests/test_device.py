@@ -1,4 +1,4 @@
-"""The library on an accelerator: training, autocast, half precision, data init, eval cache, fold.
+"""The library on an accelerator: training, autocast, half precision, data init, eval cache, fold, export.
 
 Every test runs on ``DEVICE``: the first CUDA device when there is one, else the module is
 skipped (CI has none).  ``WN_TEST_DEVICE=cpu pytest tests/test_device.py`` runs the same
@@ -232,3 +232,19 @@ def test_a_cuda_graph_captures_an_eval_forward_with_or_without_warm_up_calls() -
         with torch.no_grad():
             expected = _float64_forward(model, _float64_pairs(model), x)
         torch.testing.assert_close(out.double().cpu(), expected, rtol=1e-4, atol=1e-4, msg=f"warm-up {warm_up}")
+
+
+def test_export_of_a_model_on_the_device_verifies_and_leaves_it_there(tmp_path) -> None:
+    """``export_onnx`` of a weight-normalized model whose parameters and batch are on the device:
+    the file (run by onnxruntime on the CPU) agrees with the model, and the model stays where it was."""
+    import onnxruntime
+
+    model = wn.apply_weight_norm(_net(), init="preserve").to(DEVICE).eval()
+    x = _batch(4)
+    report = wn.export_onnx(model, x, tmp_path / "net.onnx")
+    assert all(p.device.type == torch.device(DEVICE).type for p in model.parameters())
+    session = onnxruntime.InferenceSession(str(tmp_path / "net.onnx"), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.cpu().numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), model(x).cpu(), rtol=1e-4, atol=1e-5)
+    assert report.batch_sizes_checked[0] == 4
