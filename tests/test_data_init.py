@@ -1073,6 +1073,24 @@ def test_a_batch_that_cannot_be_deep_copied_runs_with_its_tensors_copied_and_the
     assert x.sample_rate == 8000 and config == {"rate": 16000}
 
 
+def test_a_unit_reading_only_a_constant_unit_is_constant_too() -> None:
+    """A constant unit hands on its rounding noise (about 1e-7); a unit of the next layer that reads
+    only it sees noise, not signal, and must keep a finite scale, not ``g ~ 1/noise``.  (Measured
+    against its own terms, ``|x| @ |v|'``, that noise looks like signal: the guard for any finer test.)"""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LayerNorm(64), nn.Linear(64, 8), nn.Linear(8, 4))
+    with torch.no_grad():
+        model[1].weight[0] = 0.125  # a uniform row after the LayerNorm: constant
+        model[2].weight[0] = 0
+        model[2].weight[0, 0] = 1.0  # reads that unit alone
+    x = torch.randn(128, 64) * 3 + 1
+    out = wn.apply_weight_norm(model, x)
+    assert wn.weight_norm_report(out).notes.constant_units == {"1.weight": 1, "2.weight": 1}
+    assert float(out[2].parametrizations.weight.original0[0]) < 10
+    with torch.no_grad():
+        assert float(out(x)[:, 0].std()) < 1e-3
+
+
 def test_a_unit_whose_mean_cancels_to_rounding_noise_is_constant_not_amplified() -> None:
     """After a LayerNorm the features sum to zero, so a uniform row computes exactly 0: its mean and
     std on the batch are float rounding (1e-10, 1e-7).  Measured against its neighbours' scale it
