@@ -3,8 +3,9 @@
 Two forms of a weight-normalized layer ``y = op(x, w) + b`` with ``w = g * v/||v||``:
 
 * **weight form** (:func:`weight_norm_weight`): build ``w``, then run the op.  Uses torch's
-  fused ``_weight_norm_interface`` kernel on CPU (one pass for the norms and the scaling, one
-  fused backward) where it applies, and the plain formula elsewhere.  Cost: O(parameters).
+  fused ``_weight_norm_interface`` kernel (one pass for the norms and the scaling, one fused
+  backward) where it applies, on the CPU and, with zero directions mended on the device
+  (:func:`guarded_weight`), on CUDA; the plain formula elsewhere.  Cost: O(parameters).
 * **output form** (:class:`ScaledLinear`), for ``nn.Linear``: ``y = (x @ v') * s + b`` with
   ``s = g/||v||`` per output unit, so ``w`` is never built.  The paper's gradients (eq. 3-4)
   become, with ``u = x @ v'`` and ``gy`` the output gradient:
