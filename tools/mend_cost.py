@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402  (tools/ is not a package)
@@ -64,20 +64,13 @@ def routed(route: str, run: Callable[[object], object]) -> Callable[[object], ob
     return call
 
 
-def _eval_run(model: nn.Module, x: Tensor) -> Callable[[object], object]:
-    def forward(_: object) -> object:
-        with torch.no_grad():
-            return model(x)
-    return forward
-
-
 def workload_cases(key: str, device: torch.device) -> tuple[str, list[bench.Case]]:
     """The title and cases of a training workload of ``tools/bench.py`` (or ``"eval"``: its workload 6),
     after checking that every variant computes plain's output (each route on its own copy)."""
     spec = {s.key: s for s in bench.train_specs()}.get(key)
     if spec is None:
         title, plain = "eval forward (no_grad), MLP 784-1024-1024-10, batch 1", bm.mlp().to(device).eval()
-        x, y = torch.randn(1, 784, generator=torch.Generator().manual_seed(1)).to(device), None
+        x, y = bench._classification_batch((1, 784))[0].to(device), None  # workload 6's input
     else:
         title, plain = spec.title, spec.build(False).to(device)
         x, y = (t.to(device) for t in spec.batch())
@@ -88,7 +81,8 @@ def workload_cases(key: str, device: torch.device) -> tuple[str, list[bench.Case
         for name, model in models.items():
             if name != "plain":
                 bench.check_close(name, routed(name, model)(x) if name in ROUTES else model(x), expected)
-    runs = {name: _eval_run(model.eval(), x) if y is None else bench.TrainStep(model, x, y) for name, model in models.items()}
+    runs = {name: bench._eval_case(name, model.eval(), x).run if y is None else bench.TrainStep(model, x, y)
+            for name, model in models.items()}
     return title, [bench.Case(name, routed(name, run) if name in ROUTES else run) for name, run in runs.items()]
 
 

@@ -84,7 +84,7 @@ def eager_weight(gain: Tensor, v: Tensor, layout: UnitLayout) -> Tensor:
     dim = layout.dim % v.ndim
     guarded = guarded_on_device(v)
     fusable = (layout.groups == 1 and (dim == 0 or dim == v.ndim - 1) and (v.is_cpu or guarded)
-               and (v.dtype in _FUSED_DTYPES or (v.dtype == torch.float16 and v.is_cuda)) and v.is_contiguous()
+               and (v.dtype in _FUSED_DTYPES or (guarded and v.dtype == torch.float16)) and v.is_contiguous()
                and gain.numel() == v.shape[dim])  # the kernel writes a norm per element of g: one per unit
     if not fusable:
         return compose_weight(gain, v, layout)
