@@ -52,6 +52,20 @@ def test_the_head_to_head_sign_test_is_the_exact_binomial_one() -> None:
         assert abs(bench.sign_test(wins, rounds) - expected) < 1e-12, (wins, rounds)
 
 
+def test_the_page_fault_count_sees_a_step_that_touches_fresh_memory_and_not_one_that_reuses_it() -> None:
+    pytest.importorskip("resource")
+    bench = _bench_module()
+    kept = torch.zeros(1 << 22)
+    cases = [bench.Case("fresh", lambda _: torch.ones(1 << 24)),  # 64 MiB: mapped afresh by any allocator
+             bench.Case("reused", lambda _: kept.fill_(1.0))]
+    faults = bench.step_faults(cases, rounds=5)
+    assert sorted(faults) == ["fresh", "reused"] and all(len(c) == 5 for c in faults.values())
+    assert min(faults["fresh"]) >= 32  # at least one fault per 2 MiB, even where huge pages back it
+    assert sorted(faults["reused"])[2] <= 2, faults
+    note = bench.faults_note(faults)
+    assert note.startswith("minor page faults per step") and "fresh" in note and "of 5 interleaved steps" in note
+
+
 def test_asking_for_cuda_without_a_cuda_device_is_a_clear_usage_error(tmp_path: Path) -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has a CUDA device")

@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -194,6 +195,29 @@ def test_a_checkpoint_that_does_not_fit_names_the_keys(nested: Path, tmp_path: P
     assert result.returncode == 1 and "unexpected keys encoder.weight" in result.stderr
 
 
+def test_a_weight_normalized_checkpoint_short_of_one_key_names_that_key_alone(nested: Path, tmp_path: Path) -> None:
+    """Its pairs are folded before the keys are compared: the one key it lacks is what is missing."""
+    state = torch.load(nested)["generator"]
+    lost = next(k for k in state if k.endswith(".bias"))
+    del state[lost]
+    short = tmp_path / "short.pt"
+    torch.save(state, short)
+    result = cli("apply", "--model", MODEL, "--checkpoint", str(short), "--preserve", "-o", str(tmp_path / "o.pt"))
+    assert result.returncode == 1
+    assert result.stderr.strip().endswith(f"missing keys {lost}; unexpected keys none"), result.stderr
+
+
+def test_a_lightning_checkpoint_loaded_without_key_is_told_the_prefix_that_fits(tmp_path: Path) -> None:
+    lightning = tmp_path / "last.ckpt"
+    state = {f"generator.{k}": v for k, v in build_generator("parametrizations").state_dict().items()}
+    torch.save({"state_dict": state, "epoch": 3, "global_step": 1000}, lightning)
+    result = cli("apply", "--model", MODEL, "--checkpoint", str(lightning), "--preserve", "-o", str(tmp_path / "o.pt"))
+    assert result.returncode == 1 and "choose them with --key generator" in result.stderr, result.stderr
+    result = cli("apply", "--model", MODEL, "--checkpoint", str(lightning), "--key", "generator", "--preserve",
+                 "-o", str(tmp_path / "o.pt"))
+    assert result.returncode == 0, result.stderr
+
+
 class _Evil:
     def __reduce__(self):
         return (os.system, ("touch pwned",))
@@ -272,6 +296,40 @@ def test_an_interrupted_write_leaves_no_partial_output(nested: Path, tmp_path: P
     monkeypatch.setattr(checkpoint.torch, "save", crash)
     assert main(["fold", str(nested), "-o", str(out)]) == 130
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
+
+
+@contextlib.contextmanager
+def _file_size_limit(nbytes: int) -> Iterator[None]:
+    """Writes past ``nbytes`` fail in this process (``EFBIG``, as on a full disk; Python ignores SIGXFSZ)."""
+    resource = pytest.importorskip("resource")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_a_write_that_fails_on_a_full_disk_is_a_one_line_error_and_leaves_nothing(nested: Path, tmp_path: Path,
+                                                                                 suffix: str) -> None:
+    out = tmp_path / f"out{suffix}"
+    with _file_size_limit(4096):
+        result = cli("fold", str(nested), "--key", "generator", "-o", str(out))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert re.search(rf"error: {re.escape(str(out))}: writing it failed \(.+\); no file was written$", result.stderr.strip())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
+
+
+@pytest.mark.parametrize("exporter", ["auto", "torchscript"])  # the TorchScript exporter writes a file of its own first
+def test_an_export_that_fails_on_a_full_disk_names_its_file_and_leaves_nothing(tmp_path: Path, exporter: str) -> None:
+    out = tmp_path / "g.onnx"
+    with _file_size_limit(4096):
+        result = cli("export", "--model", "tests.fixtures.hifigan:build_generator", "--input-shape", "1,80,12",
+                     "--exporter", exporter, "-o", str(out))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"File too large: '{out}'" in result.stderr.strip().splitlines()[-1]
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])

@@ -618,3 +618,50 @@ def test_a_codebook_read_through_cdist_is_skipped_with_the_op_named(step: str) -
     assert [t.qualname for t in report.converted] == ["proj.weight"]
     assert list(skipped) == ["codebook.weight"], skipped
     assert re.match(r"acts on the data through \S*cdist", skipped["codebook.weight"]), skipped
+
+
+class FrozenProjections(nn.Module):
+    """Standard layers whose weight no Parameter is behind: a buffer (a fixed random projection), a
+    plain tensor attribute, and a parametrization of a buffer; each beside a trainable layer."""
+
+    def __init__(self, step: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.step = step
+        self.a = nn.Linear(6, 6)
+        self.buffered = nn.Linear(6, 6)
+        self.attribute = nn.Conv1d(6, 6, 1)
+        self.computed = nn.Linear(6, 6)
+        for layer, how in ((self.buffered, "buffer"), (self.attribute, "attribute"), (self.computed, "buffer")):
+            weight = layer.weight.detach().clone()
+            del layer.weight
+            if how == "buffer":
+                layer.register_buffer("weight", weight)
+            else:
+                layer.weight = weight
+        nn.utils.parametrize.register_parametrization(self.computed, "weight", _Negated())
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.buffered(torch.relu(self.a(_branch(self.step, x)))))
+        h = self.computed(self.attribute(h.unsqueeze(-1)).squeeze(-1))
+        return self.head(torch.relu(h))
+
+
+class _Negated(nn.Module):
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return -weight
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_a_layer_whose_weight_is_no_parameter_is_skipped_with_what_it_is(step: str) -> None:
+    model, x = FrozenProjections(step), torch.randn(8, 6)
+    report, skipped = _reasons(model, x)
+    assert report.found_by == step
+    assert [t.qualname for t in report.converted] == ["a.weight", "head.weight"]
+    assert skipped == {"buffered.weight": "a buffer, not a Parameter: nothing to train",
+                       "attribute.weight": "a plain tensor attribute, not a Parameter: nothing to train",
+                       "computed.weight": "computed by a parametrization from a buffer, not a Parameter: nothing to train"}
+    out = wn.apply_weight_norm(model, x, init="preserve")
+    torch.testing.assert_close(out(x), model(x))
+    assert torch.equal(out.buffered.weight, model.buffered.weight)

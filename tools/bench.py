@@ -509,11 +509,41 @@ def run_train(spec: TrainSpec, ctx: Context) -> WorkloadResult:
         if step.last_loss is None or not bool(torch.isfinite(step.last_loss)):
             msg = f"{name}: the training loss is not finite after timing ({step.last_loss})"
             raise SanityError(msg)
+    faults = step_faults([Case(name, step) for name, step in steps.items()])
     result.rows = timing_rows(spec.title, timing, "plain")
     result.notes += timing_notes(timing)
+    if faults:
+        result.notes.append(faults_note(faults))
     result.raw = {"timing": timing.to_dict("plain"), "max_abs_diff_vs_plain": diffs,
-                  "final_loss": {n: float(s.last_loss) for n, s in steps.items()}}
+                  "final_loss": {n: float(s.last_loss) for n, s in steps.items()}, "minor_page_faults_per_step": faults}
     return result
+
+
+FAULT_ROUNDS = 7  # interleaved rounds of one call per variant, after the timing
+
+
+def step_faults(cases: Sequence[Case], rounds: int = FAULT_ROUNDS) -> dict[str, list[int]]:
+    """Per case, the minor page faults of one call in each of ``rounds`` interleaved rounds (the
+    heap's state depends on what ran before, as in the timing); empty without ``resource``.
+
+    On the CPU, a weight-sized tensor allocated afresh in every step (the weight, the gradient of
+    a parameter) can land on memory the allocator has just handed back to the system: each 4 KiB
+    page touched then costs a fault (a microsecond or more in a VM), part of a variant's time."""
+    counts: dict[str, list[int]] = {case.name: [] for case in cases}
+    for r in range(rounds):
+        for case in _rotated(cases, r):
+            count = minor_faults(case)
+            if count is None:
+                return {}
+            counts[case.name].append(count)
+    return counts
+
+
+def faults_note(faults: dict[str, list[int]]) -> str:
+    """The median and largest count of :func:`step_faults` per variant."""
+    rounds = len(next(iter(faults.values())))
+    return (f"minor page faults per step (fresh memory touched), median / max of {rounds} interleaved steps after the "
+            "timing: " + ", ".join(f"{name} {statistics.median(c):g} / {max(c)}" for name, c in faults.items()))
 
 
 def _mlp_spec(key: str, batch: int, budget_s: float, *, compile: bool = False) -> TrainSpec:

@@ -211,6 +211,8 @@ def save_checkpoint(obj: Any, path: str | os.PathLike, *, force: bool = False, i
     Refuses what :func:`check_output` refuses: an existing file unless ``force``, one of
     ``inputs`` (the files the output was made from), a device or FIFO.  ``metadata``: the
     safetensors header's ``__metadata__`` (``{"format": "pt"}``), for a safetensors output.
+    A write that fails (a full disk, an object pickle cannot store) raises :class:`CheckpointError`
+    naming the file, and leaves no file behind.
     """
     check_output(path, force=force, inputs=inputs)
     path = Path(path)
@@ -245,9 +247,26 @@ def save_checkpoint(obj: Any, path: str | os.PathLike, *, force: bool = False, i
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp (and safetensors) make it private; the output gets the usual mode
         os.replace(tmp, path)
-    except BaseException:
+    except Exception as exc:  # a full disk, a file-size limit, an object pickle cannot store
+        Path(tmp).unlink(missing_ok=True)
+        msg = f"{path}: writing it failed ({_write_failure(exc)}); no file was written"
+        raise CheckpointError(msg) from exc
+    except BaseException:  # an interrupt: nothing half-written is left
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _write_failure(exc: Exception) -> str:
+    """Why a write failed, in a line: the system's reason (``No space left on device``), or the
+    writer's first line with its type (torch's zip writer stops with ``RuntimeError: ... unexpected
+    pos``, safetensors with ``SafetensorError: ... I/O error``)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    lines = str(exc).strip().splitlines()
+    detail = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    if "unexpected pos" in detail:  # the zip writer found fewer bytes in the file than it wrote
+        detail += ": the write stopped short, as on a full disk or past a file-size limit"
+    return detail
 
 
 def load_batch(path: str | os.PathLike) -> Any:

@@ -401,7 +401,7 @@ def _load_weights(model: nn.Module, checkpoint: Any, args: argparse.Namespace) -
     missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
     if missing or unexpected:
         msg = (f"{args.checkpoint}: does not fit {args.model}: missing keys {few(missing)}; "
-               f"unexpected keys {few(unexpected)}")
+               f"unexpected keys {few(unexpected)}{_prefix_hint(state_dict, expected)}")
         raise CheckpointError(msg)
     try:
         model.load_state_dict(state_dict)
@@ -430,8 +430,10 @@ def _fitted(state_dict: dict[str, Any], expected: set[str]) -> dict[str, Any]:
         # Trained with weight norm, loading into a plain model: fold the pairs the model does not
         # have; a model built with weight norm on some layers (wav2vec2's pos_conv) keeps those, in
         # the layout it was built with (torch's legacy hooks or parametrizations).
+        # A checkpoint that still does not fit is compared after folding where that brings its keys
+        # closer: a missing bias is named as missing, not every weight of the model.
         fitted = fit_state_dict(state_dict, expected)
-        if set(fitted) == expected:
+        if len(set(fitted) ^ expected) < len(set(state_dict) ^ expected):
             state_dict = fitted
     return state_dict
 
@@ -460,6 +462,17 @@ def _under_prefix(checkpoint: Any, paths: list[tuple[str, ...]], key: str) -> di
     if len(holders) != 1:
         return None
     return {k[len(key) + 1:]: v for k, v in _get(checkpoint, holders[0]).items() if k.startswith(f"{key}.")}
+
+
+def _prefix_hint(state_dict: dict[str, Any], expected: set[str]) -> str:
+    """Advice for a state dict whose keys fit the model once a first component is taken off
+    (a LightningModule's ``generator.conv_pre.weight``): ``--key generator``; else nothing."""
+    prefixes = sorted({k.split(".", 1)[0] for k in state_dict if "." in k})
+    for prefix in prefixes:
+        under = {k[len(prefix) + 1:]: v for k, v in state_dict.items() if k.startswith(f"{prefix}.")}
+        if _fits(under, expected):
+            return f" (the keys under '{prefix}.' fit it: choose them with --key {prefix})"
+    return ""
 
 
 def _keyed_path(paths: list[tuple[str, ...]], key: str, file: str) -> tuple[str, ...]:

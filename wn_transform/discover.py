@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _SpectralNorm as _SpectralNormParametrization
@@ -124,7 +124,11 @@ def account_for_every_layer(model: nn.Module, discovery: Discovery, kept: set[st
         for tensor, kind, _ in standard_weights(module):
             qualname = f"{name}.{tensor}" if name else tensor
             sources = _sources(module, tensor)
-            if sources and qualname not in listed and not any(id(p) in listed_ids for p in sources):
+            if not sources:  # no Parameter behind it: a buffer or a plain tensor (a frozen projection), or none
+                if qualname not in listed and (frozen := _held_tensor(module, tensor)):
+                    discovery.skipped.append(Skipped(qualname, f"{frozen}, not a Parameter: nothing to train"))
+                continue
+            if qualname not in listed and not any(id(p) in listed_ids for p in sources):
                 reason = _why_not_a_target(module, tensor, kind)
                 param = module._parameters.get(tensor)
                 tied = [n for n in aliases.get(id(param), []) if n != qualname] if param is not None else []
@@ -138,6 +142,19 @@ def _sources(module: nn.Module, tensor: str) -> list[nn.Parameter]:
     hook), ``weight_g``/``weight_v`` (torch's legacy weight norm), a parametrization's originals."""
     own = {tensor, f"{tensor}_orig", f"{tensor}_g", f"{tensor}_v"}
     return [p for n, p in module.named_parameters() if n in own or n.startswith(f"parametrizations.{tensor}.")]
+
+
+def _held_tensor(module: nn.Module, tensor: str) -> str | None:
+    """What ``module.<tensor>`` is when it is a tensor but no Parameter is behind it: a buffer
+    (of the module, or the original of a parametrization) or a plain attribute; None otherwise
+    (no weight at all, or one computed from Parameters)."""
+    if isinstance(module._buffers.get(tensor), Tensor):
+        return "a buffer"
+    if parametrize.is_parametrized(module, tensor):
+        return "computed by a parametrization from a buffer"
+    if isinstance(module.__dict__.get(tensor), Tensor):
+        return "a plain tensor attribute"
+    return None
 
 
 def _is_own_parameter(module: nn.Module, tensor: str) -> bool:

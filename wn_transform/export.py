@@ -35,6 +35,7 @@ outputs (:data:`DEFAULT_TOLERANCES`): float16 rounding is far above float32's to
 from __future__ import annotations
 
 import contextlib
+import errno
 import inspect
 import io
 import math
@@ -298,6 +299,7 @@ def export_onnx(
         ValueError: a bad argument (``exporter``, ``rtol``/``atol``, embedding > 2 GB).
         FileExistsError: ``path`` exists and ``overwrite`` is False.
         FileNotFoundError: the folder of ``path`` does not exist.
+        OSError: the file did not fit (a full disk, a quota or a file-size limit); it names ``path``.
         BatchError: the batch holds NaN/inf, or the model rejects it (the layer is named).
         ExportError: no exporter could export the model, or the file fails the ONNX checker
             or onnxruntime.
@@ -425,6 +427,10 @@ def export_onnx(
             raise
         if not use_external and overwrite and os.path.isfile(data_target):
             os.remove(data_target)  # the replaced file's external weights: the new file holds its own
+    except OSError as exc:
+        if exc.errno not in _FULL or exc.filename is not None:
+            raise
+        raise OSError(exc.errno, exc.strerror, target) from exc  # "No space left on device: 'x.onnx'"
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     say(f"wrote {target}")
@@ -696,6 +702,9 @@ def _axis_label(dim: Any, name: str, axis: int) -> str | None:
 # -- export --------------------------------------------------------------------------------
 
 
+_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # a write failed for want of room: the disk, a quota, a file-size limit
+
+
 def _export(model: nn.Module, inputs: _Inputs, output_names: list[str], tmpdir: str, *, opset: int | None,
             dynamic_batch: bool, dynamic_shapes: Any, exporter: Exporter, say: Progress,
             ) -> tuple[onnx.ModelProto, str, str | None, list[str]]:
@@ -720,6 +729,8 @@ def _export(model: nn.Module, inputs: _Inputs, output_names: list[str], tmpdir: 
         proto, tracer_warnings = _export_torchscript(model, inputs, output_names, tmpdir, opset, dynamic_batch,
                                                      dynamic_shapes)
     except Exception as exc:  # idem: the TorchScript exporter raises many kinds
+        if isinstance(exc, OSError) and exc.errno in _FULL:  # its file did not fit (a full disk): not the model's fault
+            raise
         msg = f"the TorchScript exporter failed: {_one_line(exc)}"
         if fallback_reason is not None:
             msg = f"both exporters failed; dynamo: {fallback_reason}; TorchScript: {_one_line(exc)}"
