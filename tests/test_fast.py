@@ -322,6 +322,24 @@ def test_the_cached_eval_weight_is_never_served_for_other_tensors_at_a_reused_ad
             check(step)
 
 
+def test_the_cached_eval_weight_follows_a_storage_swapped_in_at_the_freed_address() -> None:
+    """``v.data = new`` bumps no version; twice between two forwards, the allocator may hand the
+    second new tensor the address the cached weight was made from (freed by the first).  The
+    cache holds that memory until it is redone, so no new tensor can take the address."""
+    torch.manual_seed(0)
+    layer = wn.apply_weight_norm(nn.Linear(64, 64), init="preserve").eval()
+    v = layer.parametrizations.weight.original1
+    x = torch.randn(4, 64)
+    for step in range(50):
+        with torch.no_grad():
+            layer(x)  # the weight kept, made from v's storage
+        v.data = torch.randn(64, 64)  # the old storage is free for the next tensor, unless held
+        v.data = torch.randn(64, 64)
+        with torch.no_grad():
+            expected = F.linear(x, compose_weight(layer.parametrizations.weight.original0, v, UnitLayout(0)), layer.bias)
+            torch.testing.assert_close(layer(x), expected, msg=f"step {step}")
+
+
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 def test_the_cached_eval_weight_follows_sgd_by_hand_with_a_frozen_gain(kind: str) -> None:
     """Fixed-length weight norm: ``g`` frozen, ``v`` trained by an update written through ``.data``."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 
 import onnx
@@ -41,6 +42,48 @@ def test_running_mean_updates_like_batchnorms() -> None:
         ours(x)
         reference(x)
     torch.testing.assert_close(ours.running_mean, reference.running_mean)
+
+
+def test_momentum_none_averages_every_batch_since_the_reset_as_batchnorms() -> None:
+    torch.manual_seed(0)
+    ours = wn.MeanOnlyBatchNorm(5, channel_dim=1, momentum=None)
+    reference = nn.BatchNorm2d(5, momentum=None, affine=False)
+    ours.running_mean.fill_(7.0)
+    ours.reset_running_stats()
+    for _ in range(5):
+        x = torch.randn(8, 5, 3, 3) * 2 + torch.randn(1, 5, 1, 1)
+        ours(x)
+        reference(x)
+    torch.testing.assert_close(ours.running_mean, reference.running_mean)
+
+
+def test_update_bn_recomputes_the_running_means_of_an_averaged_model_as_torchs_does_batchnorms() -> None:
+    """SWA: the averaged model's weights are new, its running statistics those copied with it.
+    torch's ``update_bn`` finds only ``BatchNorm``; ours recomputes mean-only batch norms too, to
+    the mean over the loader of what each sees, as torch's gives a BatchNorm beside them."""
+    torch.manual_seed(0)
+    x = torch.randn(32, 3, 8, 8) + 2.0
+    model = nn.Sequential(*_model()[:3], nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(64, 5))
+    out = wn.apply_weight_norm(model, x, mean_only_bn=True)
+    swa = torch.optim.swa_utils.AveragedModel(out)
+    optimizer = torch.optim.SGD(out.parameters(), lr=0.1)
+    for _ in range(3):
+        optimizer.zero_grad()
+        F.cross_entropy(out(x), torch.arange(32) % 5).backward()
+        optimizer.step()
+        swa.update_parameters(out)
+    swa.eval()
+    loader = [(x[:16], None), (x[16:], None)]
+    expected = copy.deepcopy(swa)
+    torch.optim.swa_utils.update_bn(loader, expected)  # the BatchNorm's statistics, by torch
+    wn.update_bn(loader, swa)
+    assert not swa.training and swa.module[0].mean_only_bn.momentum == 0.1
+    torch.testing.assert_close(swa.module[3].running_mean, expected.module[3].running_mean)
+    torch.testing.assert_close(swa.module[3].running_var, expected.module[3].running_var)
+    with torch.no_grad():  # the first norm: the mean over the batches of its conv's per-channel means
+        weight = swa.module[0].weight
+        means = [F.conv2d(batch, weight).mean((0, 2, 3)) for batch, _ in loader]
+    torch.testing.assert_close(swa.module[0].mean_only_bn.running_mean, torch.stack(means).mean(0))
 
 
 def test_an_empty_batch_leaves_the_running_mean_as_batchnorms() -> None:
@@ -143,6 +186,36 @@ def test_folding_puts_the_inference_shift_into_the_bias_and_leaves_no_trace() ->
     assert by_state_dict.keys() == folded.state_dict().keys()
     for key, value in folded.state_dict().items():
         torch.testing.assert_close(by_state_dict[key], value)
+
+
+@pytest.mark.parametrize("source", ["plain", "weight norm without it"])
+def test_a_checkpoint_without_the_norms_loads_as_the_same_function_at_inference(source: str) -> None:
+    """Weight-normalize, then load pretrained weights: the layer's bias goes to its norm, with a
+    running mean of 0, so the model in eval mode computes what the checkpoint's model did."""
+    torch.manual_seed(0)
+    pretrained = _model()
+    for p in pretrained.parameters():  # biases far from 0, so that a lost bias shows
+        p.data.add_(0.3)
+    if source != "plain":
+        pretrained = wn.apply_weight_norm(pretrained, init="preserve")
+    x = torch.randn(8, 3, 8, 8)
+    out = wn.apply_weight_norm(_model(), x, mean_only_bn=True)
+    assert str(out.load_state_dict(pretrained.state_dict())) == "<All keys matched successfully>"
+    torch.testing.assert_close(out.eval()(x), pretrained.eval()(x))
+    torch.testing.assert_close(wn.fold_weight_norm(out)(x), pretrained(x))
+    partial = {k: v for k, v in pretrained.state_dict().items() if k.startswith("0.")}
+    kept = {k: v.clone() for k, v in out.state_dict().items() if k.startswith("2.mean_only_bn")}
+    out.load_state_dict(partial, strict=False)  # a layer the checkpoint leaves out keeps its norm
+    assert all(torch.equal(out.state_dict()[k], v) for k, v in kept.items())
+
+
+def test_the_folded_model_keeps_no_load_hook_of_the_norms() -> None:
+    import pickle
+
+    out = wn.apply_weight_norm(_model(), torch.randn(8, 3, 8, 8), mean_only_bn=True)
+    assert out[0]._load_state_dict_pre_hooks
+    folded = wn.fold_weight_norm(out)
+    assert b"mean_only_bn" not in pickle.dumps(folded)
 
 
 def test_the_folded_export_has_the_plain_models_graph(tmp_path) -> None:

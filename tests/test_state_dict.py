@@ -217,10 +217,9 @@ def test_our_layers_load_checkpoints_of_every_other_layout_as_the_same_function(
         style: str, layer: str, dim: int | None, exp_scale: bool) -> None:
     """A checkpoint of the layer under torch's weight norm (either API; ConvTranspose normalized per
     input channel, or ``dim=None``), or of the plain layer, loads strictly into our weight-normalized
-    layer and gives the layer it was written from; the caller's dict is left as it was.  Except one
-    case: a pair in our own keys and axis without the ``g_is_log`` marker, into a layer that stores
-    ``s = log g``, could hold either (a parameters-only save of such a layer has no marker): it loads
-    as stored, and a strict load names the missing marker."""
+    layer and gives the layer it was written from; the caller's dict is left as it was.  A pair in
+    torch's keys (ours) without the ``g_is_log`` marker holds ``g``, also into a layer that stores
+    ``s = log g``."""
     torch.manual_seed(0)
     source = LAYERS[layer]()
     if style != "plain":
@@ -228,10 +227,6 @@ def test_our_layers_load_checkpoints_of_every_other_layout_as_the_same_function(
     ours = wn.apply_weight_norm(LAYERS[layer](), init="preserve", exp_scale=exp_scale)
     checkpoint = source.state_dict()
     keys = list(checkpoint)
-    if exp_scale and style == "parametrizations" and dim == 0 and layer != "conv_transpose1d":
-        with pytest.raises(RuntimeError, match="g_is_log"):
-            ours.load_state_dict(checkpoint)
-        return
     assert str(ours.load_state_dict(checkpoint)) == "<All keys matched successfully>"
     assert list(checkpoint) == keys
     x = torch.randn(2, 6) if layer == "linear" else torch.randn(2, 4, 7)
@@ -248,19 +243,48 @@ def test_a_folded_layer_keeps_no_load_hook_of_ours() -> None:
     assert b"wn_transform" not in pickle.dumps(model)
 
 
-def test_a_parameters_only_dict_of_an_exp_scale_model_loads_as_stored() -> None:
-    """An EMA copy or a trainable-only save holds ``original0`` (= s) without the ``g_is_log`` marker
-    buffer: a g and an s of our layout cannot be told apart, so it loads as stored, and a strict
-    load names the missing marker."""
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+
+
+@pytest.mark.parametrize("source", ["torch", "ours"])
+@pytest.mark.parametrize("strict", [True, False], ids=["strict", "not-strict"])
+def test_a_pair_without_the_marker_holds_g_and_loads_into_an_exp_scale_layer_as_log_g(source: str, strict: bool) -> None:
+    """torch's weight norm and ours without ``exp_scale`` store ``g`` under the same keys, with no
+    marker: into a layer that stores ``s``, it becomes ``s = log g`` (with or without ``strict``)."""
     torch.manual_seed(0)
-    source = wn.apply_weight_norm(nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)), init="preserve",
-                                  exp_scale=True)
+    if source == "torch":
+        written = _mlp()
+        for i in (0, 2):
+            nn.utils.parametrizations.weight_norm(written[i])
+    else:
+        written = wn.apply_weight_norm(_mlp(), init="preserve")
+    with torch.no_grad():
+        written[0].parametrizations.weight.original0.mul_(torch.linspace(0.2, 3.0, 5).view(5, 1))  # g far from ||v||
+    target = wn.apply_weight_norm(_mlp(), init="preserve", exp_scale=True)
+    result = target.load_state_dict(written.state_dict(), strict=strict)
+    assert not result.missing_keys and not result.unexpected_keys
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(target(x), written(x))
+    torch.testing.assert_close(target[0].parametrizations.weight.original0.exp(),  # s = log ||w|| = log g
+                               written[0].parametrizations.weight.original0)
+
+
+def test_a_parameters_only_dict_of_an_exp_scale_model_is_refused_with_the_key_to_put_back() -> None:
+    """An EMA copy or a trainable-only save holds ``original0`` (= s) without the ``g_is_log`` marker
+    buffer.  Read as a g it would give another function; its negative values (g = e^s < 1) show it is
+    no g: the load is refused, naming the marker key; with that key put back it loads as stored."""
+    torch.manual_seed(0)
+    source = wn.apply_weight_norm(_mlp(), init="preserve", exp_scale=True)
     with torch.no_grad():
         source[0].parametrizations.weight.original0.sub_(3.0)  # some s < 0: g = e^s < 1
-    target = wn.apply_weight_norm(nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)), init="preserve",
-                                  exp_scale=True)
-    result = target.load_state_dict(dict(source.named_parameters()), strict=False)
-    assert sorted(result.missing_keys) == ["0.parametrizations.weight.0.g_is_log", "2.parametrizations.weight.0.g_is_log"]
+    target = wn.apply_weight_norm(_mlp(), init="preserve", exp_scale=True)
+    parameters = dict(source.named_parameters())
+    with pytest.raises(RuntimeError, match=r"0\.parametrizations\.weight\.original0 holds values <= 0 and no "
+                                           r"0\.parametrizations\.weight\.0\.g_is_log"):
+        target.load_state_dict(parameters, strict=False)
+    marked = {**parameters, **{k: v for k, v in source.state_dict().items() if k.endswith("g_is_log")}}
+    assert str(target.load_state_dict(marked)) == "<All keys matched successfully>"
     x = torch.randn(4, 6)
     torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)
 

@@ -11,7 +11,7 @@ from .errors import BatchError, FoldError, NoTargetsError, SelectionError, Weigh
 from .export import ExportError, ExportMismatchError, ExportReport, ExportWarning, export_onnx
 from .fold import FoundWeightNorm, find_weight_norms, fold_weight_norm
 from .kernels import KernelStatus, kernel_status
-from .mean_only_bn import MeanOnlyBatchNorm
+from .mean_only_bn import MeanOnlyBatchNorm, update_bn
 from .norm import UnitLayout, compose_weight, unit_norm
 from .parametrization import WeightNorm, no_weight_cache
 from .report import WeightNormReport
@@ -53,5 +53,6 @@ __all__ = [
     "no_weight_cache",
     "plan_weight_norm",
     "unit_norm",
+    "update_bn",
     "weight_norm_report",
 ]

@@ -11,14 +11,18 @@ class and forward; :func:`detach` folds it back into the layer's bias for infere
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils import parametrize
 
 from .moments import per_unit
 
-__all__ = ["MeanOnlyBatchNorm", "attach", "channels", "detach", "mean_only_bn_of"]
+__all__ = ["MeanOnlyBatchNorm", "attach", "channels", "detach", "mean_only_bn_of", "update_bn"]
 
 ATTRIBUTE = "mean_only_bn"  # the submodule name on the layer: <layer>.mean_only_bn.running_mean
 
@@ -28,10 +32,12 @@ class MeanOnlyBatchNorm(nn.Module):
 
     Shapes: ``x`` is ``[N, C, *]`` (``channel_dim=1``, conv outputs) or ``[*, C]``
     (``channel_dim=-1``, linear outputs); ``bias`` and ``running_mean`` are ``[C]``.
-    ``running_mean`` follows ``BatchNorm``'s rule: ``(1 - momentum) * running + momentum * mean``.
+    ``running_mean`` follows ``BatchNorm``'s rule: ``(1 - momentum) * running + momentum * mean``;
+    with ``momentum=None``, the mean of every batch since :meth:`reset_running_stats` (as
+    ``BatchNorm``'s cumulative average, which :func:`update_bn` uses).
     """
 
-    def __init__(self, num_features: int, *, channel_dim: int = 1, momentum: float = 0.1,
+    def __init__(self, num_features: int, *, channel_dim: int = 1, momentum: float | None = 0.1,
                  bias: bool = True, device=None, dtype=None) -> None:
         super().__init__()
         self.num_features = num_features
@@ -39,6 +45,11 @@ class MeanOnlyBatchNorm(nn.Module):
         self.momentum = momentum
         self.bias = nn.Parameter(torch.zeros(num_features, device=device, dtype=dtype)) if bias else None
         self.register_buffer("running_mean", torch.zeros(num_features, device=device, dtype=dtype))
+        self.batches_seen = 0  # since the last reset (not in the state dict): momentum=None averages over them
+
+    def reset_running_stats(self) -> None:
+        self.running_mean.zero_()
+        self.batches_seen = 0
 
     def forward(self, x: Tensor) -> Tensor:
         if self.training:
@@ -50,8 +61,10 @@ class MeanOnlyBatchNorm(nn.Module):
             dims = [d for d in range(x.ndim) if d != self.channel_dim % x.ndim]
             mean = x.mean(dim=dims)
             if x.numel() > 0:  # an empty batch has no mean (NaN): the running mean stays, as BatchNorm's does
+                self.batches_seen = getattr(self, "batches_seen", 0) + 1  # (a pickle of an earlier version lacks it)
+                weight = self.momentum if self.momentum is not None else 1.0 / self.batches_seen
                 with torch.no_grad():
-                    self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
+                    self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), weight)
         else:
             mean = self.running_mean
         shift = -mean if self.bias is None else self.bias - mean
@@ -112,7 +125,26 @@ def attach(layer: nn.Module, num_features: int, channel_dim: int) -> MeanOnlyBat
         layer.register_parameter("bias", None)
     layer.add_module(ATTRIBUTE, norm)
     layer.register_forward_hook(_apply_hook, prepend=True)  # on the forward's output, before the user's hooks
+    layer._register_load_state_dict_pre_hook(_load_plain_bias, with_module=True)
     return norm
+
+
+def _load_plain_bias(layer: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
+    """A ``load_state_dict`` pre-hook: a checkpoint of the layer without its norm (the plain model's,
+    or one weight-normalized without ``mean_only_bn``) gives the norm its bias and a running mean of
+    0, so that the layer computes what the checkpoint's layer did, at inference (``op(x) + b``)."""
+    own = f"{prefix}{ATTRIBUTE}."
+    if any(key.startswith(own) for key in state_dict):
+        return  # the norm's own entries: torch loads them
+    if not any(key.startswith(prefix) for key in state_dict):
+        return  # nothing of this layer's (a partial load): the norm stays as it is
+    norm = mean_only_bn_of(layer)
+    if norm is None:
+        return
+    bias = state_dict.pop(f"{prefix}bias", None)
+    if norm.bias is not None:
+        state_dict[f"{own}bias"] = bias.reshape(-1) if bias is not None else torch.zeros_like(norm.bias)
+    state_dict[f"{own}running_mean"] = torch.zeros_like(norm.running_mean)
 
 
 def detach(layer: nn.Module) -> None:
@@ -123,8 +155,40 @@ def detach(layer: nn.Module) -> None:
     for key, hook in list(layer._forward_hooks.items()):
         if hook is _apply_hook:
             del layer._forward_hooks[key]
+    for key, wrapped in list(layer._load_state_dict_pre_hooks.items()):
+        if getattr(wrapped, "hook", wrapped) is _load_plain_bias:
+            del layer._load_state_dict_pre_hooks[key]
     shift = -norm.running_mean if norm.bias is None else norm.bias - norm.running_mean
     del layer._modules[ATTRIBUTE]
     reference = next(iter(layer._parameters.values()), None)
     dtype = reference.dtype if reference is not None else shift.dtype
     layer.bias = nn.Parameter(shift.detach().to(dtype).clone())
+
+
+@torch.no_grad()
+def update_bn(loader: Iterable[Any], model: nn.Module, device: torch.device | str | int | None = None) -> None:
+    """``torch.optim.swa_utils.update_bn`` for a model with mean-only batch norm: one pass over
+    ``loader`` in training mode recomputes the running statistics of every ``MeanOnlyBatchNorm``,
+    and of torch's ``BatchNorm`` layers, as the average over its batches (torch's own finds
+    ``BatchNorm`` alone, and would leave the running means of an SWA or EMA model as they were copied).
+
+    ``loader`` yields a tensor or a list/tuple whose first element is the model's input (as for
+    torch's); ``device``: where to move it.  Momenta and the model's mode are restored after.
+    """
+    norms = [m for m in model.modules() if isinstance(m, (MeanOnlyBatchNorm, _BatchNorm)) and m.running_mean is not None]
+    if not norms:
+        return
+    momenta = {m: m.momentum for m in norms}
+    was_training = model.training
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None
+    model.train()
+    try:
+        for batch in loader:
+            batch = batch[0] if isinstance(batch, (list, tuple)) else batch
+            model(batch.to(device) if device is not None else batch)
+    finally:
+        for norm, momentum in momenta.items():
+            norm.momentum = momentum
+        model.train(was_training)

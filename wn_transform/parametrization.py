@@ -197,12 +197,15 @@ def _bump_written_parameters(optimizer: Any, args: tuple, kwargs: dict) -> None:
 class _Kept:
     """A weight computed from ``(g, v)``, with what tells whether it is still theirs."""
 
-    __slots__ = ("g", "gain_bytes", "gain_memory", "key", "v", "weight", "weight_version")
+    __slots__ = ("g", "gain_bytes", "gain_memory", "key", "storages", "v", "weight", "weight_version")
 
     def __init__(self, g: Tensor, v: Tensor, key: tuple, weight: Tensor, check_gain: bool) -> None:
         # The tensors themselves, held: a freed tensor's address (and id) could come back for the
         # next one.  Not weak references: torch.utils.swap_tensors refuses tensors that have them.
         self.g, self.v = g, v
+        # And their memory: `v.data = new` (no version bump) frees the old storage, and the new one
+        # could be allocated at its address; held, the address stays taken until the weight is redone.
+        self.storages = (g.untyped_storage(), v.untyped_storage())
         self.key, self.weight, self.weight_version = key, weight, weight._version
         # g's bytes, seen through a ctypes array at its address (not a NumPy view, which would make
         # the storage non-resizable for good: FSDP2 frees parameters by resizing it to 0), and
@@ -282,7 +285,10 @@ def _load_other_layouts(name: str, module: nn.Module, state_dict: dict, prefix: 
 
     * the legacy ``<name>_g``/``<name>_v`` pair, kept as it is where its unit axis is ours;
     * a ``(g, v)`` pair normalized over another axis (torch's ConvTranspose: per input channel), over
-      the whole tensor (``dim=None``), or with ``g`` (or ``s = log g``) where the layer stores the other;
+      the whole tensor (``dim=None``), or with ``g`` (or ``s = log g``) where the layer stores the other:
+      a pair holds ``s`` only with the marker ``<...>.0.g_is_log`` beside it (a ``state_dict()`` of an
+      ``exp_scale`` layer has it); without it, ``g``, as in torch's layouts (a gain ``<= 0`` there is an
+      error: it is an ``s`` that lost its marker, from a parameters-only save);
     * a plain ``<name>`` (a checkpoint of the model before weight norm): ``g = ||w||``, ``v = w``.
 
     ``state_dict`` is ``load_state_dict``'s own copy; entries that fit nothing are left for it to report.
@@ -299,8 +305,13 @@ def _load_other_layouts(name: str, module: nn.Module, state_dict: dict, prefix: 
     dtype = chain.original1.dtype  # computed in the layer's own precision (a bfloat16 checkpoint: no bfloat16 g)
     if g_key in state_dict and v_key in state_dict:
         keys, stored_log = (g_key, v_key), marker_key in state_dict
-        if state_dict[g_key].shape == chain.original0.shape and (wn.exp_scale or not stored_log):
-            return  # this library's layout (without its marker, a g cannot be told from an s: taken as stored)
+        if state_dict[g_key].shape == chain.original0.shape and stored_log == wn.exp_scale:
+            return  # this library's layout, as the layer stores g (without the marker: g, as torch's is)
+        if wn.exp_scale and not stored_log and bool((state_dict[g_key] <= 0).any()):
+            error_msgs.append(f"{g_key} holds values <= 0 and no {marker_key}: not a g (weight norm's gains are "
+                              f"norms, > 0) but, likely, s = log g from a model with exp_scale=True saved without "
+                              f"its buffers; to load it as s, add {marker_key!r}: torch.ones(()) to the state dict")
+            return
     elif all(key in state_dict for key in legacy):
         keys, stored_log = legacy, False
     elif f"{prefix}{name}" in state_dict:
