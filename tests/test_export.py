@@ -553,6 +553,85 @@ def test_an_axis_dynamic_shapes_asks_for_that_comes_out_fixed_is_an_error(tmp_pa
     assert os.listdir(tmp_path) == []
 
 
+class MaskedLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) * mask.unsqueeze(-1)
+
+
+@pytest.mark.parametrize(("shapes", "error"), [
+    (({0: "b"},), r"dynamic_shapes has 1 entries for 2 positional inputs \(x, mask\)"),
+    (({0: 3.5}, {0: "b"}), r"gives axis 0 of input 'x' as 3\.5: give a name"),
+    (({3: "b"}, None), r"names axis 3 of input 'x', which has 3 axes"),
+    (({1: torch.export.Dim("T", max=5)}, {1: torch.export.Dim("T", max=5)}),
+     r"axis 1 of input 'x' is 10 in the sample batch, outside the range \[\d+, 5\] of Dim\('T'\)"),
+], ids=["arity", "float", "axis", "range"])
+def test_dynamic_shapes_no_exporter_can_honour_are_refused_before_any_export(tmp_path, shapes, error: str) -> None:
+    """torch.export refuses them too, but under "auto" the TorchScript exporter would then write a
+    file that ignores them."""
+    with pytest.raises(ValueError, match=error):
+        export_onnx(MaskedLinear(), (torch.randn(3, 10, 4), torch.ones(3, 10)), tmp_path / "m.onnx", dynamic_shapes=shapes)
+    assert os.listdir(tmp_path) == []
+
+
+class PaddedEncoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.attention = nn.MultiheadAttention(16, 2, batch_first=True)
+
+    def forward(self, x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        h = self.encoder(x, src_key_padding_mask=padding)
+        return self.attention(h, h, h, need_weights=False)[0]
+
+
+def test_the_torchscript_exporter_takes_torchs_attention_layers_without_their_fused_kernels(tmp_path) -> None:
+    """In eval mode without autograd, torch's attention layers run fused kernels that have no ONNX
+    conversion; the export runs their ops instead (the same function, checked in onnxruntime)."""
+    x, padding = torch.randn(3, 7, 16), torch.zeros(3, 7, dtype=torch.bool)
+    padding[0, 5:] = True
+    model = wn.apply_weight_norm(PaddedEncoder(), (x, padding)).eval()
+    report = export_onnx(model, (x, padding), tmp_path / "m.onnx", exporter="torchscript")
+    assert report.exporter == "torchscript" and torch.backends.mha.get_fastpath_enabled()
+    ops = {node.op_type for node in onnx.load(tmp_path / "m.onnx").graph.node}
+    assert "MatMul" in ops and not any(op.startswith("_") for op in ops)
+
+
+class ExpertsByValue(nn.Module):
+    """Routes rows by their values through Python (``unique().tolist()``): the trace keeps the
+    experts the sample's rows went to, which a grown batch (its rows repeated) reaches again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.router = nn.Linear(4, 4)
+        self.experts = nn.ModuleList([nn.Linear(4, 2) for _ in range(3)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.router(x)
+        expert = h[:, 0].gt(0).long() + h[:, 1].gt(0).long()
+        out = torch.zeros(x.shape[0], 2)
+        for e in expert.unique().tolist():
+            out[expert == e] = self.experts[e](h[expert == e])
+        return out
+
+
+@pytest.mark.parametrize("dynamic_batch", [True, False], ids=["dynamic-batch", "static"])
+def test_a_graph_that_kept_the_samples_values_is_named_as_such_not_blamed_on_the_batch_axis(
+        tmp_path, dynamic_batch: bool) -> None:
+    torch.manual_seed(0)
+    sample = torch.randn(6, 4)  # its rows go to experts in numbers that a grown batch (row 0 once more) changes
+    model = wn.apply_weight_norm(ExpertsByValue(), sample)
+    with pytest.raises(ExportMismatchError, match="depends on the values of the sample batch") as failure:
+        export_onnx(model, sample, tmp_path / "m.onnx", dynamic_batch=dynamic_batch)
+    assert "mark it static" not in str(failure.value)
+    assert os.listdir(tmp_path) == []
+
+
 def test_fixed_batch_when_asked(tmp_path) -> None:
     report = export_onnx(TupleIn(), (torch.randn(3, 6, 7), torch.randn(3, 4)), tmp_path / "fixed.onnx",
                          dynamic_batch=False, exporter="torchscript")
@@ -805,6 +884,48 @@ def test_an_export_logs_no_noise_from_torchs_registry(tmp_path, caplog: pytest.L
     with caplog.at_level(logging.DEBUG, logger=export_mod._REGISTRY_LOGGER):
         export_onnx(nn.Linear(4, 4), torch.randn(2, 4), tmp_path / "m.onnx", exporter="dynamo")
     assert [r.getMessage() for r in caplog.records if r.name == export_mod._REGISTRY_LOGGER] == []
+
+
+def test_an_opset_below_the_dynamo_exporters_falls_back_without_the_converters_traceback(
+        tmp_path, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]) -> None:
+    """The dynamo exporter writes opset 18 and more; asked for 13, torch warns and onnxscript's
+    converter logs its failure with a traceback.  The export reports the opset it wrote (and "auto"
+    takes the TorchScript exporter, which writes 13): those logs are noise, held back."""
+    with caplog.at_level(logging.WARNING):
+        report = export_onnx(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), torch.randn(2, 4), tmp_path / "m.onnx", opset=13)
+    assert (report.exporter, report.opset) == ("torchscript", 13)
+    assert [r.getMessage()[:80] for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_bfloat16_model_that_onnxruntime_cannot_load_is_told_what_to_do(tmp_path) -> None:
+    """onnxruntime's CPU provider has no bfloat16 Gemm (1.31): the error names the dtype and the way out.
+    (Where a later onnxruntime runs the file, the export is verified as any other.)"""
+    x = torch.randn(6, 8, dtype=torch.bfloat16)
+    model = wn.apply_weight_norm(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).to(torch.bfloat16), x)
+    try:
+        report = export_onnx(model, x, tmp_path / "m.onnx")
+    except ExportError as exc:
+        assert "the model computes in bfloat16" in str(exc) and "model.float()" in str(exc)
+        assert os.listdir(tmp_path) == []
+    else:
+        assert report.max_abs_diff
+
+
+class UnusedInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_an_input_the_graph_does_not_use_is_in_the_file_or_noted(tmp_path, exporter: str) -> None:
+    report = export_onnx(UnusedInput(), (torch.randn(3, 4), torch.randn(3, 2)), tmp_path / "m.onnx", exporter=exporter)
+    note = [n for n in report.notes if "'extra' not in the file" in n]
+    assert ("extra" in report.inputs) == (not note), (report.inputs, report.notes)
 
 
 # -- a trace that holds for the sample batch only (TorchScript) -------------------------------

@@ -329,6 +329,8 @@ def export_onnx(
         reference = batch_mod.run(folded, sample_batch)
     rtol, atol = _tolerances(folded, reference, rtol, atol)
     inputs = _layout_inputs(folded, sample_batch)
+    if dynamic_shapes is not None:
+        _check_dynamic_shapes(dynamic_shapes, inputs)
     state = folded.state_dict()
     weight_bytes = _state_bytes(state)
     use_external = weight_bytes > EXTERNAL_DATA_THRESHOLD if external_data is None else bool(external_data)
@@ -371,15 +373,24 @@ def export_onnx(
         timings["check"] = time.perf_counter() - check_start
 
         verify_start = time.perf_counter()
-        session = _open_session(tmp_file)
-        diffs, sizes, notes, fixed_outputs = _verify(session, folded, sample_batch, inputs, reference, graph_inputs,
-                                                     rtol=rtol, atol=atol, say=say)
+        session = _open_session(tmp_file, _low_precision(folded, inputs))
+        try:
+            diffs, sizes, notes, fixed_outputs = _verify(session, folded, sample_batch, inputs, reference, graph_inputs,
+                                                         rtol=rtol, atol=atol, say=say)
+        except ExportError:
+            if used == "torchscript":  # a trace that kept the sample's values also fails on grown batches:
+                _verify_other_values(session, folded, sample_batch, {}, [], rtol=rtol, atol=atol,  # name that cause
+                                     tracer_warnings=tracer_warnings, fallback_reason=fallback_reason, say=say)
+            raise
         other_values_checked = False
         if used == "torchscript":
             other_values_checked = _verify_other_values(session, folded, sample_batch, diffs, notes, rtol=rtol,
                                                         atol=atol, tracer_warnings=tracer_warnings,
                                                         fallback_reason=fallback_reason, say=say)
         del session
+        if absent := [name for name in inputs.names if name not in graph_inputs]:
+            notes.append(f"input{'s' if len(absent) > 1 else ''} {', '.join(map(repr, absent))} not in the file: the "
+                         f"{used} exporter leaves out an input the graph does not use; feed the file without it")
         if fixed_outputs:  # the values are right at every size: only the declaration is wrong
             for name, axes in onnx_graph.declare_dynamic_outputs(tmp_file, fixed_outputs).items():
                 notes.append(f"output '{name}': the exporter declared {', '.join(axes)} of a fixed size, which "
@@ -635,20 +646,58 @@ def _dynamo_batch_shapes(inputs: _Inputs, axes: dict[str, dict[int, str]]) -> tu
     return {name: tree_map(spec, value) for name, value in inputs.bound.items()}
 
 
-def _dynamic_axes_from_shapes(dynamic_shapes: Any, inputs: _Inputs, *, required: bool = False,
-                              ) -> dict[str, dict[int, str]]:
-    """Translate ``torch.export`` dynamic shapes of top-level tensor inputs to ``dynamic_axes``.
-    ``required``: leave out ``Dim.AUTO`` axes (dynamic only where the model allows)."""
+def _named_specs(dynamic_shapes: Any, inputs: _Inputs) -> list[tuple[str, Any]]:
+    """``(input name, its spec)`` for each entry of ``torch.export`` dynamic shapes: a tuple's entries
+    named after the parameters they bind to, a var-keyword parameter's dict opened into its inputs."""
     if isinstance(dynamic_shapes, Mapping):
         items = list(dynamic_shapes.items())
     else:  # one entry per positional input, named after the parameter it binds to
         params = list(inputs.bound) if inputs.bound is not None else [f"input_{i}" for i in range(len(inputs.args))]
         items = list(zip(params, dynamic_shapes))
     # a var-keyword parameter (forward(self, **inputs)) holds its keyword inputs, each a top-level input
-    items = [pair for name, spec in items for pair in (
+    return [pair for name, spec in items for pair in (
         spec.items() if name not in inputs.names and _keyed_by_name(spec) else [(name, spec)])]
+
+
+def _check_dynamic_shapes(dynamic_shapes: Any, inputs: _Inputs) -> None:
+    """Refuse what no exporter should be left to guess at: a tuple of another length than the
+    positional inputs, an axis the input lacks, a dim that is neither a name, a ``torch.export.Dim``
+    nor None/an int (static), a ``Dim`` whose range leaves out the sample's size.  (``torch.export``
+    refuses these too, and ``"auto"`` would then take the TorchScript exporter, which ignores them.)"""
+    if not isinstance(dynamic_shapes, (Mapping, tuple, list)):
+        msg = f"dynamic_shapes must be a tuple, list or dict mirroring the inputs, got {type(dynamic_shapes).__name__}"
+        raise ValueError(msg)
+    if not isinstance(dynamic_shapes, Mapping) and not inputs.kwargs and len(dynamic_shapes) != len(inputs.args):
+        msg = (f"dynamic_shapes has {len(dynamic_shapes)} entries for {len(inputs.args)} positional inputs "
+               f"({', '.join(inputs.names)}): give one per input (None for one with no dynamic axis)")
+        raise ValueError(msg)
+    tensors = dict(zip(inputs.names, inputs.tensors))
+    for name, spec in _named_specs(dynamic_shapes, inputs):
+        if name not in tensors or not isinstance(spec, (Mapping, tuple, list)):
+            continue  # a nested input's spec, or None: torch.export's to check
+        for axis, dim in (spec.items() if isinstance(spec, Mapping) else enumerate(spec)):
+            if not isinstance(axis, int) or not -tensors[name].dim() <= axis < tensors[name].dim():
+                msg = f"dynamic_shapes names axis {axis!r} of input '{name}', which has {tensors[name].dim()} axes"
+                raise ValueError(msg)
+            if dim is None or isinstance(dim, (int, str)) and not isinstance(dim, bool) or isinstance(dim, type(_DIM_AUTO)):
+                continue
+            if not isinstance(dim, torch.export.Dim):
+                msg = (f"dynamic_shapes gives axis {axis} of input '{name}' as {dim!r}: give a name (str), a "
+                       f"torch.export.Dim, or None / an int for a static axis")
+                raise ValueError(msg)
+            size = tensors[name].shape[axis]
+            if not dim.min <= size <= dim.max:
+                msg = (f"dynamic_shapes: axis {axis} of input '{name}' is {size} in the sample batch, outside the "
+                       f"range [{dim.min}, {dim.max}] of Dim('{dim.__name__}')")
+                raise ValueError(msg)
+
+
+def _dynamic_axes_from_shapes(dynamic_shapes: Any, inputs: _Inputs, *, required: bool = False,
+                              ) -> dict[str, dict[int, str]]:
+    """Translate ``torch.export`` dynamic shapes of top-level tensor inputs to ``dynamic_axes``.
+    ``required``: leave out ``Dim.AUTO`` axes (dynamic only where the model allows)."""
     axes: dict[str, dict[int, str]] = {}
-    for name, spec in items:
+    for name, spec in _named_specs(dynamic_shapes, inputs):
         if spec is None:
             continue
         if name not in inputs.names:
@@ -787,6 +836,9 @@ def _held_native_stdout() -> Iterator[None]:
 # torch's registry of ONNX functions logs, at WARNING, each torchvision op it skips when torchvision
 # is not installed (on every process's first export): noise about torch's tables, not the model
 _REGISTRY_LOGGER = "torch.onnx._internal.exporter._registration"
+# ... and, for an opset below the exporter's own, a warning that it will convert the file, then a
+# traceback of the converter's failure: the export reports the opset it got (and "auto" falls back)
+_OPSET_LOGGERS = ("torch.onnx._internal.exporter._compat", "onnxscript.version_converter")
 
 
 def _export_dynamo(model: nn.Module, inputs: _Inputs, output_names: list[str], opset: int | None,
@@ -794,7 +846,7 @@ def _export_dynamo(model: nn.Module, inputs: _Inputs, output_names: list[str], o
     if dynamic_shapes is None and dynamic_batch:
         axes = _batch_axes(inputs)
         dynamic_shapes = _dynamo_batch_shapes(inputs, axes) if axes else None
-    with _held_output(echo_failure), muted(_REGISTRY_LOGGER), warnings.catch_warnings(), torch.no_grad():
+    with _held_output(echo_failure), muted(_REGISTRY_LOGGER, *_OPSET_LOGGERS), warnings.catch_warnings(), torch.no_grad():
         # torch-internal noise: the same axis name given to inputs torch.export unified, and a
         # deprecation inside torch's own pytree code
         warnings.filterwarnings("ignore", r"# The axis name: (\S+) will not be used.* another axis: \1\.$",
@@ -828,7 +880,7 @@ def _export_torchscript(model: nn.Module, inputs: _Inputs, output_names: list[st
     raw_dir = tempfile.mkdtemp(prefix="torchscript", dir=tmpdir)
     raw_file = os.path.join(raw_dir, "model.onnx")
     with _held_native_stdout(), _held_output(echo_failure=False), _recorded_tracer_warnings() as tracer_warnings, \
-            torch.no_grad():
+            torch.no_grad(), _attention_fast_path_off():
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
         torch.onnx.export(
             _tensors_only(model, inputs), tuple(inputs.tensors), raw_file, dynamo=False,
@@ -838,6 +890,21 @@ def _export_torchscript(model: nn.Module, inputs: _Inputs, output_names: list[st
     proto = onnx.load(raw_file)
     shutil.rmtree(raw_dir, ignore_errors=True)
     return proto, tracer_warnings
+
+
+@contextlib.contextmanager
+def _attention_fast_path_off() -> Iterator[None]:
+    """Without autograd, ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` in eval mode run
+    fused kernels (``aten::_native_multi_head_attention``, ``aten::_transformer_encoder_layer_fwd``)
+    that the TorchScript exporter cannot convert; with torch's switch off they run their ops, the
+    same function."""
+    switch = torch.backends.mha
+    enabled = switch.get_fastpath_enabled()
+    switch.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        switch.set_fastpath_enabled(enabled)
 
 
 @contextlib.contextmanager
@@ -933,16 +1000,28 @@ def _check_batch_axis(graph_inputs: dict[str, list[int | str]], inputs: _Inputs)
             raise ExportError(msg)
 
 
-def _open_session(file: str) -> Any:
-    """An onnxruntime CPU session on ``file`` (one for every verification run: loading costs)."""
+def _low_precision(model: nn.Module, inputs: _Inputs) -> str:
+    """The half-precision dtypes the model's parameters or inputs hold (``"bfloat16"``), if any."""
+    dtypes = {t.dtype for t in (*model.parameters(), *inputs.tensors)} & {torch.bfloat16, torch.float16}
+    return ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
+
+
+def _open_session(file: str, low_precision: str = "") -> Any:
+    """An onnxruntime CPU session on ``file`` (one for every verification run: loading costs).
+    ``low_precision``: the model's half-precision dtypes, named in the error where loading fails
+    (the CPU provider lacks many kernels for them, bfloat16 ``Gemm`` and ``MatMul`` among them)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: a failing run's error is raised, with its message, by the caller
     try:
         return ort.InferenceSession(file, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/NotImplemented kinds
         msg = f"onnxruntime cannot load the exported file: {_one_line(exc)}"
+        if low_precision:
+            msg += (f" (the model computes in {low_precision}, for which onnxruntime's CPU provider lacks many "
+                    "kernels: export a float32 copy, model.float() with a float32 batch, or check the file on "
+                    "the runtime that will serve it)")
         raise ExportError(msg) from exc
 
 
