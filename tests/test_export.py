@@ -912,6 +912,24 @@ def test_a_bfloat16_model_that_onnxruntime_cannot_load_is_told_what_to_do(tmp_pa
         assert report.max_abs_diff
 
 
+class BroadcastRow(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+        return self.fc(x + row)
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_a_row_broadcast_against_the_batch_keeps_its_size_1_axis(tmp_path, exporter: str) -> None:
+    """A ``[1, 8]`` input beside a batch of 5 is broadcast, not batched: declared with the batch,
+    the file would contradict the sample it was checked on."""
+    report = export_onnx(BroadcastRow(), (torch.randn(5, 8), torch.randn(1, 8)), tmp_path / "m.onnx", exporter=exporter)
+    assert report.inputs == {"x": ["batch", 8], "row": [1, 8]}
+    assert report.batch_sizes_checked == [5, 6]
+
+
 class UnusedInput(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -613,12 +613,14 @@ def _output_names(outputs: Any, input_names: list[str]) -> list[str]:
 def _batch_axes(inputs: _Inputs) -> dict[str, dict[int, str]]:
     """``{input: {0: axis name}}`` for every tensor input of 1 or more dims.
 
-    Inputs whose dim 0 equals the first input's share the name ``batch``; others get their own.
+    Inputs whose dim 0 equals the first input's share the name ``batch``; others get their own,
+    except a dim 0 of size 1 beside a larger batch: a row broadcast against it, kept static (an
+    exporter would tie it to the batch, which it broadcasts against).
     """
     axes = {}
     first = next((t.shape[0] for t in inputs.tensors if t.dim() > 0), None)
     for name, tensor in zip(inputs.names, inputs.tensors):
-        if tensor.dim() > 0:
+        if tensor.dim() > 0 and not (tensor.shape[0] == 1 != first):
             axes[name] = {0: "batch" if tensor.shape[0] == first else f"{name}_dim0"}
     return axes
 
@@ -993,9 +995,11 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _check_batch_axis(graph_inputs: dict[str, list[int | str]], inputs: _Inputs) -> None:
-    for name, tensor in zip(inputs.names, inputs.tensors):
+    """Raise when an input's dim 0 that :func:`_batch_axes` made dynamic came out of the exporter fixed."""
+    requested = _batch_axes(inputs)
+    for name in inputs.names:
         shape = graph_inputs.get(name)
-        if tensor.dim() > 0 and shape and not isinstance(shape[0], str):
+        if name in requested and shape and not isinstance(shape[0], str):
             msg = f"the batch axis of input '{name}' was exported with a fixed size {shape[0]}, not a dynamic one"
             raise ExportError(msg)
 
