@@ -326,6 +326,18 @@ def test_untraceable_model_without_batch_error_says_tracing_failed_and_how_to_fi
     assert [t.layout.dim for t in report.converted] == [1, 1]
 
 
+def test_a_plan_with_a_batch_checks_it_as_apply_would_and_leaves_the_model_as_it_was() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2)).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert len(wn.plan_weight_norm(model, torch.randn(16, 4) + 3.0).converted) == 2
+    assert model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with pytest.raises(wn.BatchError, match=r"rejected the sample batch in layer '0' \(Linear\)"):
+        wn.plan_weight_norm(model, torch.randn(16, 5))
+    with pytest.raises(wn.BatchError, match="the sample batch is empty"):
+        wn.plan_weight_norm(model, torch.randn(0, 4))
+
+
 def test_existing_weight_norm_is_never_applied_twice(batch: torch.Tensor) -> None:
     torch.manual_seed(0)
     model = Net()

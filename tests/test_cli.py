@@ -163,6 +163,58 @@ def test_apply_with_calibration_file_and_preserve(tmp_path: Path) -> None:
     assert result.returncode == 2 and "not allowed with argument" in result.stderr, result.stderr
 
 
+def build_data_parallel() -> torch.nn.Module:
+    return torch.nn.DataParallel(build_plain())
+
+
+@pytest.mark.parametrize("factory", ["build_data_parallel", "build_compiled"])
+def test_a_factory_that_wraps_its_model_loads_the_plain_models_checkpoint(tmp_path: Path, factory: str) -> None:
+    """DataParallel's and torch.compile's keys carry a prefix (``module.``, ``_orig_mod.``) that a
+    checkpoint of the model they hold lacks: it is loaded into that model."""
+    plain_ckpt = tmp_path / "plain.pt"
+    torch.save(build_plain(seed=7).state_dict(), plain_ckpt)
+    out = tmp_path / "wn.pt"
+    result = cli("apply", "--model", f"tests.test_cli:{factory}", "--checkpoint", str(plain_ckpt), "--preserve",
+                 "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    state = {k.split(".", 1)[1]: v for k, v in torch.load(out, weights_only=True).items()}  # the wrapper's prefix off
+    model = wn.apply_weight_norm(build_plain(), init="preserve")
+    model.load_state_dict(state)
+    mel = torch.randn(2, 80, 9)
+    torch.testing.assert_close(model(mel), build_plain(seed=7)(mel))
+
+
+def build_compiled() -> torch.nn.Module:
+    return torch.compile(build_plain())
+
+
+def test_an_output_in_a_folder_that_does_not_exist_is_refused_before_any_work(tmp_path: Path, monkeypatch) -> None:
+    calib = tmp_path / "mel.pt"
+    torch.save(torch.randn(4, 80, 16), calib)
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the model was weight-normalized before the output was checked")
+
+    monkeypatch.setattr("wn_transform.cli.apply_weight_norm", no_work)
+    out = tmp_path / "missing" / "wn.pt"
+    result = cli("apply", "--model", MODEL, "--calib", str(calib), "-o", str(out))
+    assert result.returncode == 1 and f"{out}: the folder {out.parent} does not exist" in result.stderr
+
+
+def test_inspect_with_a_batch_refuses_what_apply_would_refuse(tmp_path: Path) -> None:
+    """The plan runs the batch when the discovery step traced symbolically (it never ran it)."""
+    wrong = tmp_path / "wrong.pt"
+    torch.save(torch.randn(2, 79, 16), wrong)  # 79 mel bins for a model of 80
+    for command in (["inspect", "--model", MODEL, "--sample", str(wrong)],
+                    ["apply", "--model", MODEL, "--calib", str(wrong), "-o", str(tmp_path / "o.pt")]):
+        result = cli(*command)
+        assert result.returncode == 1 and "the model rejected the sample batch in layer 'conv_pre'" in result.stderr, result
+    empty = tmp_path / "empty.pt"
+    torch.save(torch.randn(0, 80, 16), empty)
+    result = cli("inspect", "--model", MODEL, "--sample", str(empty))
+    assert result.returncode == 1 and "the sample batch is empty" in result.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "message", "code"),
     [(["apply", "--model", "no_such_pkg.models:build", "--preserve"], "cannot import 'no_such_pkg.models'", 1),
@@ -216,6 +268,11 @@ def test_a_lightning_checkpoint_loaded_without_key_is_told_the_prefix_that_fits(
     result = cli("apply", "--model", MODEL, "--checkpoint", str(lightning), "--key", "generator", "--preserve",
                  "-o", str(tmp_path / "o.pt"))
     assert result.returncode == 0, result.stderr
+    for command in (["inspect", str(lightning), "--key", "generator"],  # the file's listing takes --key as loading does
+                    ["inspect", str(lightning), "--model", MODEL, "--checkpoint", str(lightning), "--key", "generator"]):
+        result = cli(*command)
+        assert result.returncode == 0 and "generator (the keys under 'generator.'): 8 weight-normalized" in result.stdout, \
+            result.stdout + result.stderr
 
 
 class _Evil:

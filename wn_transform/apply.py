@@ -11,12 +11,13 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from . import batch as batch_mod
 from ._copy import compiled_wrapper, copy_model, refuse_sharded
 from ._gc import gc_paused
 from .data_init import InitNotes, data_init, resample_directions
-from .discover import WALK, Discovery, account_for_every_layer, discover
+from .discover import WALK, Discovery, account_for_every_layer, discover, preserved_state
 from .errors import NoTargetsError, WeightNormError, few
 from .fold import FoundWeightNorm, find_weight_norms, fold_one
 from .mean_only_bn import attach as attach_mean_only_bn
@@ -181,12 +182,25 @@ def plan_weight_norm(
     filter_fn: FilterFn | None = None,
     existing: Existing = "keep",
 ) -> WeightNormReport:
-    """What :func:`apply_weight_norm` would convert and skip, and why; ``model`` is not changed."""
+    """What :func:`apply_weight_norm` would convert and skip, and why; ``model`` is not changed.
+
+    With a ``sample_batch``, the batch is checked as ``apply_weight_norm``'s data init would check it:
+    an empty batch, or one the model rejects (the layer named), raises :class:`BatchError` here too
+    (a discovery step that traces symbolically never runs it: then it runs once, the model's
+    modes and buffers restored after).  A model or batch on the meta device (a plan for a model too
+    large to build) is traced only: there are no values to check."""
     model = model._orig_mod if compiled_wrapper(model) else model
     init = _check_arguments(model, sample_batch, None, existing)
+    checked = init == "data" and not _on_meta(model, sample_batch)
+    if checked:
+        _check_measurable(model, sample_batch)
     selection = Selection.build(include, exclude, types, filter_fn)
     working = copy_model(model) if existing == "convert" else model
-    return _plan(working, sample_batch, selection, existing, init)[0]
+    report = _plan(working, sample_batch, selection, existing, init)[0]
+    if checked and report.found_by == "symbolic_trace":
+        with preserved_state(model, batch_statistics=True), torch.no_grad():
+            batch_mod.run(model, sample_batch)
+    return report
 
 
 def weight_norm_report(model: nn.Module) -> WeightNormReport:
@@ -270,6 +284,12 @@ def _warn_if_untrainable(model: nn.Module) -> None:
                "(backward leaves them without a gradient, an optimizer step fails); to train, call it outside "
                "inference mode (torch.no_grad() is fine) on a model whose parameters were made there")
         warnings.warn(msg, UserWarning, stacklevel=3)
+
+
+def _on_meta(model: nn.Module, sample_batch: batch_mod.SampleBatch) -> bool:
+    """Whether a parameter of ``model`` or a tensor of the batch is on the meta device (no values)."""
+    leaves = tree_leaves(batch_mod.as_args(sample_batch))
+    return any(p.is_meta for p in model.parameters()) or any(isinstance(t, torch.Tensor) and t.is_meta for t in leaves)
 
 
 def _check_measurable(model: nn.Module, sample_batch: batch_mod.SampleBatch) -> None:

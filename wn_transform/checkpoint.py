@@ -174,7 +174,7 @@ def _unpickler_detail(exc: Exception) -> str:
 
 def check_output(path: str | os.PathLike, *, force: bool = False, inputs: tuple[str | os.PathLike, ...] = ()) -> None:
     """Raise :class:`CheckpointError` if ``path`` is one of ``inputs`` (the files the output is
-    made from), a folder, an existing file that is not a regular one (a device such as
+    made from), a folder, in a folder that does not exist, an existing file that is not a regular one (a device such as
     ``/dev/null``, a FIFO, a socket: never replaced, even with ``force``), or an existing file
     and not ``force``; or a path that ends with a separator (``out/``: a folder, meant or not)."""
     if str(os.fspath(path)).endswith((os.sep, "/")):
@@ -187,6 +187,9 @@ def check_output(path: str | os.PathLike, *, force: bool = False, inputs: tuple[
             raise CheckpointError(msg)
     if path.is_dir():
         msg = f"{path}: is a folder; give the path of the file to write"
+        raise CheckpointError(msg)
+    if not path.parent.is_dir():
+        msg = f"{path}: the folder {path.parent} does not exist"
         raise CheckpointError(msg)
     if path.exists() and not path.is_file():
         msg = (f"{path}: is not a regular file ({_special_kind(path)}); outputs replace the file they are "
@@ -216,9 +219,6 @@ def save_checkpoint(obj: Any, path: str | os.PathLike, *, force: bool = False, i
     """
     check_output(path, force=force, inputs=inputs)
     path = Path(path)
-    if not path.parent.is_dir():
-        msg = f"{path}: the folder {path.parent} does not exist"
-        raise CheckpointError(msg)
     safetensors = path.suffix.lower() == SAFETENSORS
     if safetensors and not is_state_dict(obj):
         msg = (f"{path}: safetensors holds one flat mapping of names to tensors, but this checkpoint nests "

@@ -30,6 +30,7 @@ from .checkpoint import (
     CheckpointError, check_output, load_batch, load_checkpoint, map_state_dicts, rebuilt_like, safetensors_metadata,
     save_checkpoint, state_dict_paths,
 )
+from ._copy import routed_module
 from .errors import WeightNormError, few
 from .state_dict import convert_state_dict, find_state_dict_weight_norms, fit_state_dict, fold_state_dict
 
@@ -163,10 +164,13 @@ def cmd_inspect(args: argparse.Namespace, say: Callable[[str], None]) -> int:
         if not paths:
             msg = f"{args.file}: holds no state dict (no mapping of names to tensors)"
             raise CheckpointError(msg)
+        listed = [(_get(checkpoint, path), _path_name(path)) for path in paths]
         if args.key is not None and args.checkpoint in (None, args.file):  # else --key names --checkpoint's
-            paths = [_keyed_path(paths, args.key, args.file)]
-        for path in paths:
-            print(_describe_state_dict(_get(checkpoint, path), _path_name(path)))
+            prefixed = _under_prefix(checkpoint, paths, args.key)  # as a model loads it (a LightningModule's)
+            listed = ([(prefixed, f"{args.key} (the keys under '{args.key}.')")] if prefixed is not None else
+                      [(_get(checkpoint, path), _path_name(path)) for path in [_keyed_path(paths, args.key, args.file)]])
+        for state_dict, where in listed:
+            print(_describe_state_dict(state_dict, where))
     if args.model is not None:
         model = _build_model(args, say)
         batch = _read_batch(args, "sample") if (args.sample or args.input_shape) else None
@@ -379,7 +383,9 @@ def _import_factory(spec: str) -> Callable[..., Any]:
 
 def _load_weights(model: nn.Module, checkpoint: Any, args: argparse.Namespace) -> None:
     """Load a (possibly nested, DataParallel-prefixed, weight-normalized) state dict: the one
-    ``--key`` names, else the only one, else the only one that fits the model."""
+    ``--key`` names, else the only one, else the only one that fits the model (the module a
+    factory's ``DataParallel`` or ``torch.compile`` wrapper holds: the wrapper's keys carry a prefix)."""
+    model = routed_module(model)
     paths = state_dict_paths(checkpoint)
     expected = set(model.state_dict())
     prefixed = _under_prefix(checkpoint, paths, args.key) if args.key is not None else None
