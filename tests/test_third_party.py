@@ -462,6 +462,28 @@ def test_third_party_onnx_export_agrees_with_onnxruntime(entry: ThirdPartyEntry,
     _assert_same_outputs([torch.from_numpy(np.asarray(a)) for a in got], want, rtol=1e-3)
 
 
+def test_a_tokenizers_batch_encoding_is_the_batch_and_the_export_warns_of_nothing(tmp_path, caplog) -> None:
+    """A tokenizer returns a ``BatchEncoding`` (a ``UserDict``, not a dict): apply and export take it
+    as the keyword inputs.  onnxscript's optimizer warns of each constant it could not fold (BERT's
+    attention-mask arithmetic), a node it leaves as it was: held back, like torch's own noise."""
+    import logging
+
+    import transformers
+    from transformers import BatchEncoding
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=128)  # 512 positions, as BERT has: a slice the optimizer cannot fold
+    ids = torch.randint(0, 100, (4, 12))
+    encoding = BatchEncoding({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    out = wn.apply_weight_norm(transformers.BertModel(config).eval(), encoding)
+    assert len(wn.weight_norm_report(out).converted) == 13  # 6 linears per layer, and the pooler's
+    with caplog.at_level(logging.WARNING):
+        exported = wn.export_onnx(out, encoding, tmp_path / "bert.onnx")
+    assert exported.exporter == "dynamo" and set(exported.inputs) == {"input_ids", "attention_mask"}
+    assert [(r.name, r.getMessage()[:60]) for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
 @pytest.mark.parametrize("entry", _entries(lambda e: e.onnx_error is not None))
 def test_third_party_onnx_export_failure_names_the_construct(entry: ThirdPartyEntry, tmp_path) -> None:
     _, batch, normalized, _ = _applied(entry.name)

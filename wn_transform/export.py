@@ -839,8 +839,10 @@ def _held_native_stdout() -> Iterator[None]:
 # is not installed (on every process's first export): noise about torch's tables, not the model
 _REGISTRY_LOGGER = "torch.onnx._internal.exporter._registration"
 # ... and, for an opset below the exporter's own, a warning that it will convert the file, then a
-# traceback of the converter's failure: the export reports the opset it got (and "auto" falls back)
-_OPSET_LOGGERS = ("torch.onnx._internal.exporter._compat", "onnxscript.version_converter")
+# traceback of the converter's failure: the export reports the opset it got (and "auto" falls back);
+# and onnxscript's optimizer warns of each constant it could not fold ("Evaluation failed: ..."),
+# leaving that node as it was
+_NOISY_LOGGERS = ("torch.onnx._internal.exporter._compat", "onnxscript.version_converter", "onnxscript.optimizer")
 
 
 def _export_dynamo(model: nn.Module, inputs: _Inputs, output_names: list[str], opset: int | None,
@@ -848,7 +850,7 @@ def _export_dynamo(model: nn.Module, inputs: _Inputs, output_names: list[str], o
     if dynamic_shapes is None and dynamic_batch:
         axes = _batch_axes(inputs)
         dynamic_shapes = _dynamo_batch_shapes(inputs, axes) if axes else None
-    with _held_output(echo_failure), muted(_REGISTRY_LOGGER, *_OPSET_LOGGERS), warnings.catch_warnings(), torch.no_grad():
+    with _held_output(echo_failure), muted(_REGISTRY_LOGGER, *_NOISY_LOGGERS), warnings.catch_warnings(), torch.no_grad():
         # torch-internal noise: the same axis name given to inputs torch.export unified, and a
         # deprecation inside torch's own pytree code
         warnings.filterwarnings("ignore", r"# The axis name: (\S+) will not be used.* another axis: \1\.$",
