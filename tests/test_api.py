@@ -10,6 +10,7 @@ import gc
 import io
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -478,3 +479,25 @@ def test_preserve_applies_to_a_meta_model_whose_weights_are_loaded_later() -> No
     model.load_state_dict(plain.state_dict(), assign=True)
     x = torch.randn(4, 8)
     torch.testing.assert_close(model(x), plain(x))
+
+
+def test_an_optimizer_made_before_an_in_place_apply_is_warned_of_at_its_first_step() -> None:
+    """It holds the weights that g and v replaced: its steps would train nothing the model uses."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    early = torch.optim.SGD(model.parameters(), lr=0.1)
+    wn.apply_weight_norm(model, init="preserve", inplace=True)
+    late = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.randn(5, 4)).sum().backward()
+    with pytest.warns(UserWarning, match=r"this SGD steps 2 weights that apply_weight_norm replaced .* create the "
+                                         r"optimizer after apply_weight_norm") as caught:
+        early.step()
+    assert caught[0].filename == __file__  # points at the step
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        early.step()  # once per optimizer
+        late.step()  # made after apply: nothing to say
+        plain = nn.Linear(4, 3)  # a model weight-normalized on a copy keeps its weights, and trains them
+        wn.apply_weight_norm(plain, init="preserve")
+        plain(torch.randn(5, 4)).sum().backward()
+        torch.optim.SGD(plain.parameters(), lr=0.1).step()

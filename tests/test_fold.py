@@ -126,3 +126,39 @@ def test_the_exponential_scale_folds_the_same_way() -> None:
     folded = wn.fold_weight_norm(normalized)
     torch.testing.assert_close(folded(x), normalized(x))
     assert not any("g_is_log" in key or "parametrizations" in key for key in folded.state_dict())
+
+
+class ForwardsAttributes(nn.Module):
+    """A wrapper whose ``__getattr__`` passes unknown names to the layer it holds (``self.weight``
+    works), ``__deepcopy__`` and ``parametrizations`` included."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(8, 3)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(nn.Module.__getattr__(self, "layer"), name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+def test_a_wrapper_that_forwards_attributes_to_its_layer_is_not_taken_for_the_layer() -> None:
+    """torch's ``is_parametrized`` reads ``parametrizations`` through ``__getattr__``: the wrapper would
+    look parametrized (a phantom weight; folding it in place failed inside torch), and
+    ``copy.deepcopy`` of it copies the held layer alone (the copy would lose the wrapper's class)."""
+    torch.manual_seed(0)
+    x = torch.randn(32, 8)
+    model = wn.apply_weight_norm(ForwardsAttributes(), x)
+    assert [f.qualname for f in wn.find_weight_norms(model)] == ["layer.weight"]
+    assert [s.qualname for s in wn.plan_weight_norm(model).skipped] == ["layer.weight"]  # kept, as already normalized
+    expected = model(x)
+    with pytest.raises(wn.WeightNormError, match=r"from '<root>' \(ForwardsAttributes\) on: a __getattr__ .* inplace=True"):
+        wn.fold_weight_norm(model)
+    folded = wn.fold_weight_norm(model, inplace=True)
+    assert type(folded) is ForwardsAttributes and not wn.find_weight_norms(folded)
+    assert list(folded.state_dict()) == ["layer.weight", "layer.bias"]
+    torch.testing.assert_close(folded(x), expected)

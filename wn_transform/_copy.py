@@ -8,7 +8,9 @@ import sys
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
+
+from ._parametrized import is_parametrized, plain_type
+from .errors import WeightNormError
 
 __all__ = ["compiled_wrapper", "copy_model", "refuse_sharded", "routed_module"]
 
@@ -35,10 +37,26 @@ def copy_model(model: nn.Module) -> nn.Module:
                 if isinstance(item, torch.Tensor) and not item.is_leaf:
                     memo[id(item)] = item.detach().clone()
     copied = copy.deepcopy(model, memo)
+    _check_same_structure(model, copied)
     for module in copied.modules():
-        if parametrize.is_parametrized(module):
+        if is_parametrized(module):
             module.__class__ = _own_copy(type(module))
     return copied
+
+
+def _check_same_structure(model: nn.Module, copied: object) -> None:
+    """Raise where the copy is not the model's structure: ``copy.deepcopy`` looks ``__deepcopy__`` up
+    on the instance, and a ``__getattr__`` that forwards unknown names to a module it holds hands
+    out that module's, which copies the held module alone."""
+    ours = [(name, plain_type(module)) for name, module in model.named_modules()]
+    theirs = [(name, plain_type(module)) for name, module in copied.named_modules()] if isinstance(copied, nn.Module) else []
+    if ours != theirs:
+        where = next((f"'{name or '<root>'}' ({cls.__name__})" for (name, cls), other in zip(ours, [*theirs, None])
+                      if (name, cls) != other), f"'<root>' ({type(model).__name__})")
+        msg = (f"copy.deepcopy of the model gives another structure, from {where} on: a __getattr__ that passes "
+               f"unknown attributes to a module it holds passes on __deepcopy__ too, and copies that module alone; "
+               f"give that class a __deepcopy__ of its own, or pass inplace=True to work on the model itself")
+        raise WeightNormError(msg)
 
 
 def _own_copy(cls: type) -> type:

@@ -13,11 +13,11 @@ from typing import Any, Union
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence
 from torch.utils._pytree import tree_leaves, tree_map_only
 
 from .errors import BatchError, WeightNormError
+from ._parametrized import plain_type
 
 __all__ = ["SampleBatch", "as_args", "check_measurable", "check_no_nan", "copied_args", "layer_tracker", "run"]
 
@@ -148,5 +148,5 @@ def describe_failure(model: nn.Module, stack: list[nn.Module], exc: Exception) -
     names = {id(module): name for name, module in model.named_modules()}
     module = next((m for m in reversed(stack) if id(m) in names), model)
     name = names[id(module)] or "<root>"
-    kind = parametrize.type_before_parametrizations(module).__name__
+    kind = plain_type(module).__name__
     return f"the model rejected the sample batch in layer '{name}' ({kind}): {type(exc).__name__}: {exc}"

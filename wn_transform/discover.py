@@ -26,7 +26,6 @@ import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
-from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _SpectralNorm as _SpectralNormParametrization
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.overrides import TorchFunctionMode
@@ -38,6 +37,7 @@ from .layers import standard_weights
 from .ops import op_name
 from .targets import Skipped, Target, split_qualname
 from .uses import BIAS, UseLog, inside_torch_composite, param_aliases
+from ._parametrized import is_parametrized, plain_type
 
 __all__ = ["Discovery", "account_for_every_layer", "discover", "preserved_state"]
 
@@ -150,7 +150,7 @@ def _held_tensor(module: nn.Module, tensor: str) -> str | None:
     (no weight at all, or one computed from Parameters)."""
     if isinstance(module._buffers.get(tensor), Tensor):
         return "a buffer"
-    if parametrize.is_parametrized(module, tensor):
+    if is_parametrized(module, tensor):
         return "computed by a parametrization from a buffer"
     if isinstance(module.__dict__.get(tensor), Tensor):
         return "a plain tensor attribute"
@@ -160,13 +160,13 @@ def _held_tensor(module: nn.Module, tensor: str) -> str | None:
 def _is_own_parameter(module: nn.Module, tensor: str) -> bool:
     """Whether ``module.<tensor>`` is a Parameter, read without computing it (a parametrization's
     forward, such as spectral norm's power iteration in training, changes its buffers)."""
-    return not parametrize.is_parametrized(module, tensor) and isinstance(module._parameters.get(tensor), nn.Parameter)
+    return not is_parametrized(module, tensor) and isinstance(module._parameters.get(tensor), nn.Parameter)
 
 
 def _why_not_a_target(module: nn.Module, tensor: str, kind: str) -> str:
     if tensor == "weight" and hasattr(module, "weight_fake_quant"):
         return "fake-quantized before its op (quantization-aware training); weight norm would change what is quantized"
-    if parametrize.is_parametrized(module, tensor):
+    if is_parametrized(module, tensor):
         kinds = ", ".join(type(p).__name__ for p in module.parametrizations[tensor])
         return f"computed by another parametrization ({kinds}); weight norm on top of it is not supported"
     if not _is_own_parameter(module, tensor):
@@ -184,7 +184,7 @@ class _Tracer(torch.fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return super().is_leaf_module(m, module_qualified_name) and not any(
-            not parametrize.type_before_parametrizations(sub).__module__.startswith("torch.") for sub in m.modules())
+            not plain_type(sub).__module__.startswith("torch.") for sub in m.modules())
 
 
 def _symbolic_trace_log(model: nn.Module) -> UseLog:

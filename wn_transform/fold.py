@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _WeightNorm
 from torch.nn.utils.weight_norm import WeightNorm as LegacyWeightNorm
 
@@ -25,6 +24,7 @@ from ._copy import copy_model, refuse_sharded
 from .errors import FoldError
 from .mean_only_bn import detach as detach_mean_only_bn
 from .parametrization import WeightNorm, no_weight_cache, remove
+from ._parametrized import is_parametrized
 
 __all__ = ["FoundWeightNorm", "find_weight_norms", "fold_weight_norm"]
 
@@ -48,7 +48,7 @@ def find_weight_norms(model: nn.Module) -> list[FoundWeightNorm]:
     """Every weight-normalized tensor of ``model``, in module order."""
     found = []
     for module_name, module in model.named_modules():
-        if parametrize.is_parametrized(module):
+        if is_parametrized(module):
             for name, chain in module.parametrizations.items():
                 wn = next((p for p in chain if isinstance(p, (WeightNorm, _WeightNorm))), None)
                 if isinstance(wn, WeightNorm):

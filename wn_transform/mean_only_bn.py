@@ -18,9 +18,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
-from torch.nn.utils import parametrize
 
 from .moments import per_unit
+from ._parametrized import plain_type
 
 __all__ = ["MeanOnlyBatchNorm", "attach", "channels", "detach", "mean_only_bn_of", "update_bn"]
 
@@ -92,7 +92,7 @@ def channels(layer: nn.Module, name: str) -> tuple[int, int] | None:
     which the caller checks).  A subclass that overrides ``forward`` may do more after the op (an
     activation, a scale), which a hook on the layer's output would wrongly centre.
     """
-    if name != "weight" or parametrize.type_before_parametrizations(layer).forward not in _STOCK_FORWARDS:
+    if name != "weight" or plain_type(layer).forward not in _STOCK_FORWARDS:
         return None
     if isinstance(layer, nn.Linear):
         return layer.out_features, -1

@@ -26,6 +26,8 @@ import contextlib
 import contextvars
 import ctypes
 import functools
+import warnings
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -38,6 +40,7 @@ from torch.nn.utils import parametrize
 from .errors import WeightNormError
 from .fast import ScaledLinear, eager_weight, plain_formula_only, prefer_output_form, weight_norm_weight
 from .norm import UnitLayout, compose_weight, direct_zero_units, layout_from_shapes, traceable_weight, unit_norm
+from ._parametrized import is_parametrized, plain_type
 
 __all__ = ["WeightNorm", "no_weight_cache", "register", "remove", "weight_memo", "weight_norm_of"]
 
@@ -186,12 +189,30 @@ def _watch_optimizer_steps() -> None:
         _steps_hook = register_optimizer_step_post_hook(_bump_written_parameters)
 
 
+_REPLACED = "_wn_transform_replaced"  # set on a weight Parameter that register() replaced by g and v
+_CHECKED: weakref.WeakSet = weakref.WeakSet()  # optimizers whose parameters were looked at (at their first step)
+
+
 def _bump_written_parameters(optimizer: Any, args: tuple, kwargs: dict) -> None:
+    if optimizer not in _CHECKED:
+        _CHECKED.add(optimizer)
+        _warn_of_replaced_weights(optimizer)
     outside = not type(optimizer).__module__.startswith("torch.optim")
     written = [p for group in optimizer.param_groups if outside or group.get("fused")
                for p in group["params"] if isinstance(p, Tensor) and not p.is_inference()]
     if written:
         torch.autograd.graph.increment_version(written)
+
+
+def _warn_of_replaced_weights(optimizer: Any) -> None:
+    """Warn (once per optimizer, at its first step) when it steps weights that weight norm replaced:
+    created before ``apply_weight_norm(..., inplace=True)``, it trains nothing the model uses."""
+    stale = sum(1 for group in optimizer.param_groups for p in group["params"] if getattr(p, _REPLACED, False))
+    if stale:
+        msg = (f"this {type(optimizer).__name__} steps {stale} weight{'s' if stale > 1 else ''} that apply_weight_norm "
+               "replaced by g and v: the model no longer uses them, and its g and v are not in this optimizer, so "
+               "they do not train; create the optimizer after apply_weight_norm")
+        warnings.warn(msg, UserWarning, stacklevel=4)  # the caller of optimizer.step()
 
 
 class _Kept:
@@ -265,6 +286,10 @@ def register(module: nn.Module, name: str, parametrization: WeightNorm) -> None:
     ``module.<name> = tensor`` is checked as usual.
     """
     parametrization.layout.check(getattr(module, name).shape)
+    replaced = module._parameters.get(name)
+    if isinstance(replaced, nn.Parameter):  # an optimizer made before apply(inplace=True) still holds it
+        replaced.__dict__[_REPLACED] = True
+        _watch_optimizer_steps()
     order = _parameter_order(module) or tuple(module._parameters)
     holder = module._modules.get("parametrizations")
     stacked = holder._modules.get(name) if holder is not None else None
@@ -398,7 +423,7 @@ def _layout_hook(module: nn.Module, name: str) -> int | None:
 
 def weight_norm_of(module: nn.Module, name: str) -> WeightNorm | None:
     """This library's parametrization on ``module.<name>``, if there is one."""
-    if not parametrize.is_parametrized(module, name):
+    if not is_parametrized(module, name):
         return None
     return _ours(module.parametrizations[name])
 
@@ -420,7 +445,7 @@ def remove(module: nn.Module, name: str, value: Tensor, *, requires_grad: bool =
     freshly built layer keeps its weight.
     """
     order = _parameter_order(module)
-    base = parametrize.type_before_parametrizations(module)
+    base = plain_type(module)
     module._load_state_dict_pre_hooks.pop(_layout_hook(module, name), None)  # a plain model needs nothing of ours
     del module.parametrizations[name]
     remaining = list(module.parametrizations.keys())
@@ -451,7 +476,7 @@ def _parameter_order(module: nn.Module) -> tuple[str, ...] | None:
 
 def _reduce_parametrized(self: nn.Module, protocol: int) -> tuple:
     """Pickle a parametrized module as its original class plus the names to re-parametrize."""
-    base = parametrize.type_before_parametrizations(self)
+    base = plain_type(self)
     names = list(self.parametrizations.keys())
     state = dict(base.__getstate__(self))  # the original class's own state (an RNN drops its weakrefs)
     if "_flat_weights" in state:
@@ -502,7 +527,7 @@ def _extend_class(module: nn.Module) -> None:
         prop = cls.__dict__.get(name)
         if isinstance(prop, property) and not isinstance(prop, _DirectWeight):
             setattr(cls, name, _DirectWeight(name, prop))
-    base = parametrize.type_before_parametrizations(module)
+    base = plain_type(module)
     if base.forward is nn.Linear.forward and "weight" in ours:
         cls.forward = _linear_forward  # reads the cache itself
         if "__call__" in cls.__dict__:  # set when the bias was parametrized first

@@ -24,11 +24,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from torch import nn
-from torch.nn.utils import parametrize
 
 from .norm import UnitLayout
 from .ops import CELL_OPS, METADATA_OPS, RECURRENT_OPS, WeightUse, attribute_read, op_name, view_dims, weight_use
 from .targets import Skipped, Target, split_qualname
+from ._parametrized import plain_type
 
 __all__ = ["BIAS", "UseLog", "inside_torch_composite", "param_aliases"]
 
@@ -191,7 +191,7 @@ def _flat(values: Sequence[Any]) -> list[Any]:
 
 def _is_torch_composite(module: nn.Module) -> bool:
     """Whether ``module``'s forward is one of torch.nn's layers (not a container, not a bare Module)."""
-    forward = getattr(parametrize.type_before_parametrizations(module), "forward", None)
+    forward = getattr(plain_type(module), "forward", None)
     where = getattr(forward, "__module__", None) or ""
     return where.startswith("torch.nn.modules.") and where != "torch.nn.modules.module" and not isinstance(module, _CONTAINERS)
 
