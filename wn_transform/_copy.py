@@ -51,11 +51,12 @@ def _check_same_structure(model: nn.Module, copied: object) -> None:
     ours = [(name, plain_type(module)) for name, module in model.named_modules()]
     theirs = [(name, plain_type(module)) for name, module in copied.named_modules()] if isinstance(copied, nn.Module) else []
     if ours != theirs:
-        where = next((f"'{name or '<root>'}' ({cls.__name__})" for (name, cls), other in zip(ours, [*theirs, None])
-                      if (name, cls) != other), f"'<root>' ({type(model).__name__})")
-        msg = (f"copy.deepcopy of the model gives another structure, from {where} on: a __getattr__ that passes "
-               f"unknown attributes to a module it holds passes on __deepcopy__ too, and copies that module alone; "
-               f"give that class a __deepcopy__ of its own, or pass inplace=True to work on the model itself")
+        first = next((i for i, pair in enumerate(ours) if i >= len(theirs) or theirs[i] != pair), 0)
+        name, cls = ours[first]
+        msg = (f"copy.deepcopy of the model gives another structure, from '{name or '<root>'}' ({cls.__name__}) on: "
+               "a __getattr__ that passes unknown attributes to a module it holds passes on __deepcopy__ too, and "
+               "copies that module alone; give that class a __deepcopy__ of its own, or pass inplace=True to work on "
+               "the model itself")
         raise WeightNormError(msg)
 
 

@@ -164,13 +164,14 @@ def cmd_inspect(args: argparse.Namespace, say: Callable[[str], None]) -> int:
         if not paths:
             msg = f"{args.file}: holds no state dict (no mapping of names to tensors)"
             raise CheckpointError(msg)
-        listed = [(_get(checkpoint, path), _path_name(path)) for path in paths]
+        prefixed = None
         if args.key is not None and args.checkpoint in (None, args.file):  # else --key names --checkpoint's
             prefixed = _under_prefix(checkpoint, paths, args.key)  # as a model loads it (a LightningModule's)
-            listed = ([(prefixed, f"{args.key} (the keys under '{args.key}.')")] if prefixed is not None else
-                      [(_get(checkpoint, path), _path_name(path)) for path in [_keyed_path(paths, args.key, args.file)]])
-        for state_dict, where in listed:
-            print(_describe_state_dict(state_dict, where))
+            paths = [] if prefixed is not None else [_keyed_path(paths, args.key, args.file)]
+        if prefixed is not None:
+            print(_describe_state_dict(prefixed, f"{args.key} (the keys under '{args.key}.')"))
+        for path in paths:
+            print(_describe_state_dict(_get(checkpoint, path), _path_name(path)))
     if args.model is not None:
         model = _build_model(args, say)
         batch = _read_batch(args, "sample") if (args.sample or args.input_shape) else None

@@ -681,7 +681,8 @@ def _check_dynamic_shapes(dynamic_shapes: Any, inputs: _Inputs) -> None:
             if not isinstance(axis, int) or not -tensors[name].dim() <= axis < tensors[name].dim():
                 msg = f"dynamic_shapes names axis {axis!r} of input '{name}', which has {tensors[name].dim()} axes"
                 raise ValueError(msg)
-            if dim is None or isinstance(dim, (int, str)) and not isinstance(dim, bool) or isinstance(dim, type(_DIM_AUTO)):
+            static_or_named = dim is None or (isinstance(dim, (int, str)) and not isinstance(dim, bool))
+            if static_or_named or (_DIM_AUTO is not None and isinstance(dim, type(_DIM_AUTO))):  # a name, or Dim.AUTO/DYNAMIC/STATIC
                 continue
             if not isinstance(dim, torch.export.Dim):
                 msg = (f"dynamic_shapes gives axis {axis} of input '{name}' as {dim!r}: give a name (str), a "
