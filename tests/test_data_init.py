@@ -1073,6 +1073,81 @@ def test_a_batch_that_cannot_be_deep_copied_runs_with_its_tensors_copied_and_the
     assert x.sample_rate == 8000 and config == {"rate": 16000}
 
 
+def _tabular(n: int = 256) -> torch.Tensor:
+    """Unnormalized tabular features: 1e5 +- 100, 1e-2 +- 1e-2 (say, a price and a rate), a constant 5."""
+    torch.manual_seed(0)
+    return torch.stack([1e5 + 100 * torch.randn(n), 1e-2 * torch.randn(n), torch.full((n,), 5.0)], dim=1)
+
+
+class _ChangesItsInput(nn.Module):
+    """Changes its input in place before its layer (by nothing: ``+ 0``); the init cannot know that."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.add_(0.0))
+
+
+@pytest.mark.parametrize("layer", ["linear", "conv", "in_place"])
+def test_a_unit_reading_small_features_beside_large_ones_is_standardized_not_called_constant(layer: str) -> None:
+    """Directions with zeros on unnormalized tabular inputs: a unit reads only a feature of std 1e-2
+    while its neighbour reads one of 1e5 +- 100.  Against the neighbour's scale its spread looks like
+    rounding; but the layer reads the sample batch itself, whose values are exact, and the unit
+    spreads far beyond the rounding of its own terms (``|x| @ |v|'``): it is standardized.  The unit
+    reading the constant feature is still constant.  (A Linear takes the direct pass, a conv the
+    intercepting one.)  An input the model changed in place may hold rounding: the check against the
+    neighbours decides alone there."""
+    features = _tabular()
+    if layer == "conv":
+        model, x = nn.Sequential(nn.Conv1d(3, 3, 1)), features.view(64, 4, 3).transpose(1, 2)
+    else:
+        model, x = nn.Sequential(nn.Linear(3, 3)) if layer == "linear" else _ChangesItsInput(), features
+    weight = model[0].weight if layer != "in_place" else model.fc.weight
+    with torch.no_grad():
+        weight.copy_(torch.eye(3).view(weight.shape))
+    out = wn.apply_weight_norm(model, x)
+    name = "fc.weight" if layer == "in_place" else "0.weight"
+    assert wn.weight_norm_report(out).notes.constant_units == {name: 2 if layer == "in_place" else 1}
+    with torch.no_grad():
+        y = out(x.clone())
+    y = y.transpose(1, 2).reshape(-1, 3) if layer == "conv" else y
+    expected = torch.tensor([1.0, 0.0108 if layer == "in_place" else 1.0])
+    torch.testing.assert_close(y[:, :2].std(0, correction=0), expected, atol=1e-3, rtol=0)
+    torch.testing.assert_close(y[:, :2].mean(0), torch.zeros(2), atol=1e-3, rtol=0)
+
+
+def test_gate_rows_of_a_recurrent_layer_reading_small_features_are_standardized_too() -> None:
+    """The same for an LSTM's input projection on the batch (its gate rows are the units)."""
+    x = _tabular().view(32, 8, 3)
+    lstm = nn.LSTM(3, 4, batch_first=True)
+    with torch.no_grad():
+        lstm.weight_ih_l0.zero_()
+        lstm.weight_ih_l0[::2, 0] = 1.0  # even gate rows read the large feature, odd ones the small one
+        lstm.weight_ih_l0[1::2, 1] = 1.0
+    out = wn.apply_weight_norm(nn.Sequential(lstm), (x,))
+    projection = F.linear(x, out[0].weight_ih_l0.detach(), out[0].bias_ih_l0.detach()).reshape(-1, 16)
+    assert "0.weight_ih_l0" not in wn.weight_norm_report(out).notes.constant_units
+    torch.testing.assert_close(projection.std(0, correction=0), torch.ones(16), atol=1e-3, rtol=0)
+
+
+def test_a_unit_whose_own_terms_cancel_on_exact_inputs_stays_constant() -> None:
+    """``v = (1, 1, 1)`` on rows ``(a, 1, -a)`` with ``|a|`` from 1 to 1e9: exactly 1 in real arithmetic,
+    but float32 loses the 1 in ``a + 1`` where ``|a| > 2^24`` (0 or 1): a spread of rounding within the
+    op's own terms, on exact inputs.  Beside a unit reading ``a`` it is constant, as before."""
+    torch.manual_seed(0)
+    a = torch.randint(1, 200, (256,)).float() * 10.0 ** torch.randint(0, 8, (256,)) * torch.randn(256).sign()
+    x = torch.stack([a, torch.ones(256), -a], dim=1)
+    layer = nn.Linear(3, 2)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]]))
+        assert float((x @ layer.weight.t())[:, 1].std()) > 0.1  # the rounding this is about
+    out = wn.apply_weight_norm(nn.Sequential(layer), x)
+    assert wn.weight_norm_report(out).notes.constant_units == {"0.weight": 1}
+    assert float(out[0].parametrizations.weight.original0[1].detach()) < 10
+
+
 def test_a_unit_reading_only_a_constant_unit_is_constant_too() -> None:
     """A constant unit hands on its rounding noise (about 1e-7); a unit of the next layer that reads
     only it sees noise, not signal, and must keep a finite scale, not ``g ~ 1/noise``.  (Measured
@@ -1086,7 +1161,7 @@ def test_a_unit_reading_only_a_constant_unit_is_constant_too() -> None:
     x = torch.randn(128, 64) * 3 + 1
     out = wn.apply_weight_norm(model, x)
     assert wn.weight_norm_report(out).notes.constant_units == {"1.weight": 1, "2.weight": 1}
-    assert float(out[2].parametrizations.weight.original0[0]) < 10
+    assert float(out[2].parametrizations.weight.original0[0].detach()) < 10
     with torch.no_grad():
         assert float(out(x)[:, 0].std()) < 1e-3
 

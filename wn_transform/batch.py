@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Union
 
 import torch
@@ -124,16 +124,19 @@ def copied_args(batch: SampleBatch) -> tuple[tuple, dict]:
     return tree_map_only(torch.Tensor, clone_once, as_args(batch))
 
 
-def run(model: nn.Module, batch: SampleBatch) -> Any:
+def run(model: nn.Module, batch: SampleBatch, *, given: Callable[[tuple, dict], None] | None = None) -> Any:
     """``model(*args, **kwargs)`` on a copy of the batch's tensors; a failure names the layer where it
     happened.
 
     The library may run the model on the batch several times (discovery, the init pass, an export's
     checks); a forward that changes its input in place (``x /= 255``, an in-place activation first)
     would otherwise see, from the second run on, what the first made of it, and leave the
-    caller's batch changed.  A tensor given twice stays one tensor.
+    caller's batch changed.  A tensor given twice stays one tensor.  ``given`` is called with the
+    copies, as the model gets them, before it runs.
     """
     args, kwargs = copied_args(batch)
+    if given is not None:
+        given(args, kwargs)
     with layer_tracker() as stack:
         try:
             return model(*args, **kwargs)

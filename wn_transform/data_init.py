@@ -59,6 +59,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 from . import batch as batch_mod
 from . import kernels
@@ -251,7 +252,7 @@ def _run_pass(model: nn.Module, states: list[_State], mode: _CalibrationMode, sa
         else:
             state.wn.direction_only = True
     with preserved_state(model, batch_statistics=True), torch.no_grad(), no_weight_cache(), contextlib.nullcontext() if direct else mode:
-        batch_mod.run(model, sample_batch)
+        batch_mod.run(model, sample_batch, given=mode.note_inputs)
 
 
 def _stop_measuring(state: _State) -> None:
@@ -514,6 +515,8 @@ class _CalibrationMode(TorchFunctionMode):
         self.model = model
         self._param_ids: set[int] | None = None  # built on first need
         self._moments = _Moments(states)
+        self._inputs: dict[int, tuple[torch.dtype, int]] = {}  # the batch's tensors: see note_inputs
+        self._nearly_released: dict[str, int] = {}  # per weight, units _release let go within rounding
         self._scratch = Scratch()
         # Until its layer is calibrated, the parametrization hands out v itself: that tensor is
         # how an op is recognized as using a target's weight (views of it are followed).
@@ -555,19 +558,19 @@ class _CalibrationMode(TorchFunctionMode):
         bound = dict(zip(SIGNATURES[name], args)) | kwargs
         weight_key = "mat2" if name == "addmm" else "other" if use.kind == "matmul" else "weight"
         if not state.done:  # t' = op(x, v) without bias: the weight is v itself until calibrated
+            x = bound["mat1"] if name == "addmm" else bound["input"]
             if use.kind == "matmul":
-                x = bound["mat1"] if name == "addmm" else bound["input"]
                 t = torch.matmul(x, use.weight)
                 unit_dim = -1
             elif use.kind == "linear":  # x @ v' (faster on CPU than F.linear without a bias)
-                t = torch.matmul(bound["input"], use.weight.t())
+                t = torch.matmul(x, use.weight.t())
                 unit_dim = -1
             else:
                 t = func(**(bound | {"bias": None}))
-                x = bound["input"]
                 unit_dim = 1 if x.ndim == use.weight.ndim else 0
             fit = self._calibrate(state, t, unit_dim, use.bias, native=use.kind if use.weight is state.v else None,
-                                  groups=int(bound.get("groups", 1)) if use.kind in ("conv", "conv_transpose") else 1)
+                                  groups=int(bound.get("groups", 1)) if use.kind in ("conv", "conv_transpose") else 1,
+                                  terms=self._own_terms(x, lambda: _op_terms(func, use, bound, weight_key)))
             if not self.exact and name != "addmm":  # hand on g*t + b, from t' (bias included)
                 return fit.output()
         # Hand on what the model computes with the new (g, b): in float arithmetic g*t + b is not
@@ -587,21 +590,27 @@ class _CalibrationMode(TorchFunctionMode):
         return result
 
     def _calibrate(self, state: _State, t_raw: Tensor, unit_dim: int, bias: Tensor | None,
-                   units: slice = slice(None), *, native: str | None = None, groups: int = 1) -> _Fit | _Handed | _Unbatched:
+                   units: slice = slice(None), *, native: str | None = None, groups: int = 1,
+                   terms: Callable[[], Tensor | None] | None = None) -> _Fit | _Handed | _Unbatched:
         """From ``t_raw = op(x, v)``, the statistics of ``t = t_raw/||v||`` per unit; set
         ``g[units]`` to ``s/sigma`` and the bias to ``-s*mu/sigma`` (or, behind a mean-only batch
         norm, its running mean to ``s*mu/sigma``).  ``t_raw`` is centred in place; the result
         turns it into the layer's new output.  ``native``: the kind of op (``"linear"``, ``"conv"``,
         ``"conv_transpose"``) when ``t_raw = op(x, v)`` with ``v`` itself, which the native kernel can
         take whole (:meth:`_calibrate_native`); ``groups``: the op's (a grouped conv's units see their
-        group's inputs alone, which the constant-unit check takes into account).
+        group's inputs alone, which the constant-unit check takes into account); ``terms``: gives
+        ``op(|x|, |v|)``, shaped like ``t_raw``, where ``x`` is the sample batch itself, None
+        elsewhere (:meth:`_own_terms`); called only when a unit of this layer is known to be
+        constant (:meth:`_release`).
 
         Every op here runs once per layer between two layers' matmuls, where a small op costs
         several times what it costs in a loop: the constant-unit check waits for the end of
         the pass (:meth:`unforeseen_constants`) and values are written with ``out=``.
         """
         if t_raw.ndim == 1:  # F.linear on one unbatched sample [in]: a batch of one
-            return _Unbatched(self._calibrate(state, t_raw.unsqueeze(0), -1, bias, units, native=native, groups=groups))
+            batched = (lambda: _unsqueezed(terms())) if terms is not None else None
+            return _Unbatched(self._calibrate(state, t_raw.unsqueeze(0), -1, bias, units, native=native, groups=groups,
+                                              terms=batched))
         reduced = None
         if t_raw.numel() == 0:  # no row reached the layer here (an expert no token was routed to)
             if self.group is None or t_raw.shape[unit_dim] == 0:  # nothing to measure; a later call with rows
@@ -628,6 +637,10 @@ class _CalibrationMode(TorchFunctionMode):
         known = self.known.get(id(state))
         if known is not None and not whole:
             known = known[units]
+        released = None
+        if known is not None and terms is not None and bool(known.any()) and (own := terms()) is not None:
+            released = self._release(state, known, _rounding_bound(state, t_raw, own, unit_dim).to(var.dtype), var.sqrt())
+            known = known & ~released
         if known is None or not bool(known.any()):
             gain = var.rsqrt()  # 1 / (sigma[t] ||v||); inf for a constant unit, found after the pass
         else:  # take sigma[t] = 1 there: g = s, b = -s mu[t]
@@ -637,6 +650,8 @@ class _CalibrationMode(TorchFunctionMode):
             gain = torch.where(known, norms.reciprocal(), var.rsqrt())
             slot.var.masked_fill_(known, float("inf"))  # not constant, not a zero direction, for the check after
             slot.norms.masked_fill_(known, 1.0)
+        if released is not None:  # standardized: not constant, nor nearly (its spread is not rounding)
+            slot.var.masked_fill_(released, float("inf"))
         if self.init_scale != 1:
             gain = gain.mul_(self.init_scale)  # s / (sigma[t] ||v||)
         g = state.g.view(-1) if whole else state.g.view(-1)[units]
@@ -693,9 +708,49 @@ class _CalibrationMode(TorchFunctionMode):
         self._finish(state)
         return _Handed(t_raw)
 
+    def note_inputs(self, args: tuple, kwargs: dict[str, Any]) -> None:
+        """Remember the batch's tensors as the model gets them (:func:`batch_mod.run`), for
+        :meth:`_own_terms`: their memory, dtype and version."""
+        self._inputs = {leaf.untyped_storage().data_ptr(): (leaf.dtype, leaf._version)
+                        for leaf in tree_leaves((args, kwargs))
+                        if type(leaf) is Tensor and leaf.is_floating_point() and leaf.numel() > 0}
+
+    def _own_terms(self, x: Tensor, terms: Callable[[], Tensor]) -> Callable[[], Tensor | None]:
+        """For :meth:`_calibrate`: ``terms()`` (``op(|x|, |v|)``) if ``x`` is the sample batch as
+        given (or a view of it, unchanged), else None; looked at only when a unit is known constant.
+
+        The batch is data: its rounding is part of what the model sees, so a spread of
+        ``op(x, v)`` beyond the op's own rounding is signal.  A layer's input computed by the model
+        carries what rounding earlier ops handed on (a uniform row after a LayerNorm is noise of
+        the size of its own terms), which no test on that layer can tell from a small real feature:
+        the check against its neighbours decides alone there.  Not under a process group either:
+        every rank must decide alike."""
+        return lambda: terms() if self._is_sample(x) else None
+
+    def _is_sample(self, x: Tensor) -> bool:
+        """Whether ``x`` is one of the sample batch's tensors (:meth:`note_inputs`) or a view of it, unchanged."""
+        if self.group is not None or type(x) is not Tensor or not x.is_floating_point() or x.numel() == 0:
+            return False
+        return self._inputs.get(x.untyped_storage().data_ptr()) == (x.dtype, x._version)
+
+    def _release(self, state: _State, known: Tensor, bound: Tensor, std: Tensor) -> Tensor:
+        """The units of ``known`` (called constant against their neighbours' scale) whose spread
+        ``std`` of ``t'`` is beyond what rounding can make of a constant (``bound``, see
+        :func:`_rounding_bound`): they are standardized.  Those within 1000 times the bound are
+        standardized to within rounding only, and noted as nearly constant."""
+        released = known & (std > bound)
+        nearly = int((released & (std <= bound * (_NEARLY_CONSTANT_STD / _CONSTANT_STD))).sum())
+        if nearly:
+            qualname = state.target.qualname
+            self._nearly_released[qualname] = self._nearly_released.get(qualname, 0) + nearly
+        return released
+
     def nearly_constant_units(self) -> dict[str, int]:
         """After the pass: per weight, its units standardized to within float rounding only."""
-        return self._moments.nearly_constant()
+        counts = self._moments.nearly_constant()
+        for qualname, count in self._nearly_released.items():
+            counts[qualname] = counts.get(qualname, 0) + count
+        return counts
 
     def unforeseen_constants(self) -> list[tuple[_State, Tensor]]:
         """After the pass: the units found constant on the batch that were not known to be, as
@@ -719,7 +774,8 @@ class _CalibrationMode(TorchFunctionMode):
     def calibrate_linear(self, state: _State, x: Tensor, bias: Tensor | None) -> Tensor:
         """A stock ``nn.Linear``'s output on ``x`` (direct pass), its target calibrated first on
         ``t' = x @ v'``: the same as the intercepted ``F.linear``, without intercepting anything."""
-        fit = self._calibrate(state, torch.matmul(x, state.v.t()), -1, bias, native="linear")
+        fit = self._calibrate(state, torch.matmul(x, state.v.t()), -1, bias, native="linear",
+                              terms=self._own_terms(x, _linear_terms(x, state.v)))
         return fit.output() if not self.exact else F.linear(x, _current_weight(state), bias)
 
     @staticmethod
@@ -741,7 +797,8 @@ class _CalibrationMode(TorchFunctionMode):
                 weights = a["in_proj_weight"].split(embed)
                 biases = a["in_proj_bias"].split(embed) if a["in_proj_bias"] is not None else (None,) * 3
                 for i, (x, w, b) in enumerate(zip((a["query"], a["key"], a["value"]), weights, biases)):
-                    self._calibrate(state, F.linear(x, w), -1, b, slice(i * embed, (i + 1) * embed))
+                    self._calibrate(state, F.linear(x, w), -1, b, slice(i * embed, (i + 1) * embed),
+                                    terms=self._own_terms(x, _linear_terms(x, w)))
                 self._finish(state)
             if found is not None:
                 a["in_proj_weight"] = _current_weight(found.state)
@@ -751,7 +808,8 @@ class _CalibrationMode(TorchFunctionMode):
                                     ("v_proj_weight", a["value"])), biases):
                 found = self._lookup(a[key])
                 if found is not None and not found.state.done:
-                    self._calibrate(found.state, F.linear(x, a[key]), -1, b)
+                    self._calibrate(found.state, F.linear(x, a[key]), -1, b,
+                                    terms=self._own_terms(x, _linear_terms(x, a[key])))
                 if found is not None:
                     a[key] = _current_weight(found.state)
         found = self._lookup(a["out_proj_weight"])
@@ -773,7 +831,7 @@ class _CalibrationMode(TorchFunctionMode):
         if found is None:
             return weight
         if not found.state.done:
-            self._calibrate(found.state, F.linear(x, weight), -1, bias)
+            self._calibrate(found.state, F.linear(x, weight), -1, bias, terms=self._own_terms(x, _linear_terms(x, weight)))
         return found.rebuild()
 
     def _keep_recurrent(self, weight: Tensor) -> Tensor:
@@ -836,6 +894,51 @@ class _CalibrationMode(TorchFunctionMode):
 
 
 _NATIVE_DIMS = {"linear": 0, "conv": 0, "conv_transpose": 1}  # op kind: the axis of v that holds its output units
+
+
+def _unsqueezed(terms: Tensor | None) -> Tensor | None:
+    """``terms`` of one unbatched sample as a batch of one."""
+    return terms.unsqueeze(0) if terms is not None else None
+
+
+def _linear_terms(x: Tensor, weight: Tensor) -> Callable[[], Tensor]:
+    """``|x| @ |W|'``, for :meth:`_CalibrationMode._release`."""
+    return lambda: F.linear(x.abs(), weight.abs())
+
+
+def _op_terms(func: Callable, use: Any, bound: dict[str, Any], weight_key: str) -> Tensor:
+    """``op(|x|, |v|)`` without bias, for a linear, conv or matmul call bound as ``bound``."""
+    x = bound["mat1"] if "mat1" in bound else bound["input"]
+    if use.kind == "matmul":
+        return torch.matmul(x.abs(), use.weight.abs())
+    if use.kind == "linear":
+        return torch.matmul(x.abs(), use.weight.abs().t())
+    return func(**(bound | {"input": x.abs(), weight_key: use.weight.abs(), "bias": None}))
+
+
+def _rounding_bound(state: _State, t_raw: Tensor, terms: Tensor, unit_dim: int) -> Tensor:
+    """Per unit, how far rounding can spread ``t' = op(x, v)`` where the exact result is constant
+    and ``x`` is exact (the sample batch): each ``t'`` sums ``k`` products whose sizes add up to
+    ``m = op(|x|, |v|)`` (``terms``) and is computed to within ``k eps m`` (``eps``: the op's
+    precision, :func:`_rounding_eps`); so ``k eps max(m)``, the max over the batch (and positions).
+    A unit reading only a feature of std 1e-2 beside units reading 1e5 +- 100 (unnormalized tabular
+    inputs) spreads far beyond it; one whose terms cancel does not."""
+    reduce = [d for d in range(terms.ndim) if d != unit_dim % terms.ndim]
+    per_unit = state.v.numel() // max(state.g.numel(), 1)
+    return terms.amax(dim=reduce) * (per_unit * _rounding_eps(t_raw))
+
+
+def _rounding_eps(result: Tensor) -> float:
+    """The relative precision of the op that computed ``result``: its dtype's (that of a linear or
+    conv's inputs, or coarser under autocast); float32 counts as TF32 on CUDA and as bfloat16 where
+    torch may compute float32 matmuls in lower precision (``torch.set_float32_matmul_precision``)."""
+    eps = torch.finfo(result.dtype).eps
+    if result.dtype == torch.float32:
+        if torch.get_float32_matmul_precision() != "highest":
+            eps = max(eps, torch.finfo(torch.bfloat16).eps)
+        elif result.is_cuda:
+            eps = max(eps, 2.0 ** -10)  # TF32, on by default for cuDNN convolutions
+    return eps
 
 
 def _store(dst: Tensor, a: Tensor, b: Tensor) -> Tensor:
