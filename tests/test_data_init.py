@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -1179,7 +1180,85 @@ def test_a_unit_whose_mean_cancels_to_rounding_noise_is_constant_not_amplified()
     out = wn.apply_weight_norm(model, x)
     notes = wn.weight_norm_report(out).notes
     assert notes.constant_units == {"1.weight": 1}
-    assert float(out[1].parametrizations.weight.original0[0]) < 10
+    assert float(out[1].parametrizations.weight.original0[0].detach()) < 10
     with torch.no_grad():
         y = out(x)
     torch.testing.assert_close(y[:, 1:].std(0, correction=0), torch.ones(7), atol=1e-4, rtol=0)
+
+
+@torch.compile(backend="eager")
+def _compiled_linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return F.gelu(F.linear(x, weight, bias))
+
+
+class _CompiledInside(nn.Module):
+    """A ``torch.compile``d submodule and a compiled helper function that reads a layer's weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(8, 16)
+        self.body = torch.compile(nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)), backend="eager")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(_compiled_linear_gelu(x, self.stem.weight, self.stem.bias))
+
+
+def test_compiled_code_inside_the_model_runs_eagerly_in_the_init_and_compiles_after() -> None:
+    """The init intercepts torch functions and hands out ``v`` until a layer is calibrated, which
+    dynamo cannot trace or guard on: compiled regions run as plain Python in the pass (the same
+    ops), so every layer is standardized; the model compiles again for training."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 8) * 2 + 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nor torch's warning on global module hooks beside a compiled module
+        out = wn.apply_weight_norm(_CompiledInside(), x)
+    report = wn.weight_norm_report(out)
+    assert {t.qualname for t in report.converted} == {"stem.weight", "body._orig_mod.0.weight", "body._orig_mod.2.weight"}
+    assert report.notes.unreached == []
+    body = out.body._orig_mod
+    with torch.no_grad():
+        t0 = F.linear(x, out.stem.weight, out.stem.bias)
+        t1 = body[0](F.gelu(t0))
+        t2 = body[2](body[1](t1))
+    for t in (t0, t1, t2):
+        torch.testing.assert_close(t.mean(0), torch.zeros(t.shape[1]), atol=1e-4, rtol=0)
+        torch.testing.assert_close(t.std(0, correction=0), torch.ones(t.shape[1]), atol=1e-4, rtol=0)
+    y = out(x)
+    torch.testing.assert_close(y.detach(), t2)
+    y.square().mean().backward()
+    assert all(p.grad is not None for p in out.parameters())
+
+
+@torch.jit.script
+def _scripted_linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return F.gelu(F.linear(x, weight, bias))
+
+
+class _ScriptedHelper(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 16)
+        self.b = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(_scripted_linear_gelu(x, self.a.weight, self.a.bias))
+
+
+def test_a_weight_read_inside_a_torchscript_function_is_reported_as_unseen_not_unreached() -> None:
+    """The pass intercepts torch functions called from Python; TorchScript runs its ops where no
+    mode sees them.  The layer did run on every row: the report says its op could not be seen (not
+    that no row reached it), it keeps its scale, and the layer after it is calibrated on its output."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 8) * 3 + 1
+    model = _ScriptedHelper()
+    out = wn.apply_weight_norm(model, x)
+    report = wn.weight_norm_report(out)
+    assert {t.qualname for t in report.converted} == {"a.weight", "b.weight"}
+    assert report.notes.unseen == ["a.weight"] and report.notes.unreached == []
+    assert "a.weight: its weight was read in the init pass, but by no op the pass can see (a TorchScript" in str(report)
+    assert report.to_dict()["notes"]["unseen"] == ["a.weight"]
+    with torch.no_grad():
+        torch.testing.assert_close(out.a.weight, model.a.weight)  # its scale kept
+        t = out.b(_scripted_linear_gelu(x, out.a.weight, out.a.bias))
+    torch.testing.assert_close(t.std(0, correction=0), torch.ones(4), atol=1e-4, rtol=0)
+    assert "direction_read" not in out.a.parametrizations.weight[0].__dict__

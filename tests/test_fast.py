@@ -160,6 +160,38 @@ def test_a_linear_layer_gives_the_same_outputs_and_gradients_whatever_route_it_t
         torch.testing.assert_close(param.grad, reference.get_parameter(name).grad, msg=name)
 
 
+class _FrozenInPlaceResidual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre, self.frozen, self.head = nn.Linear(512, 512), nn.Linear(512, 512), nn.Linear(512, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.pre(x)
+        h += self.frozen(h)  # in place on the frozen layer's input: allowed, it needs no input for its gradient
+        return self.head(h)
+
+
+@pytest.mark.parametrize("rows", [4, 256], ids=["few-rows", "many-rows"])
+def test_a_layer_frozen_after_apply_does_not_keep_its_input_and_the_gradients_are_torchs(rows: int) -> None:
+    """At few rows a trained layer takes the output form, which saves its input; a frozen one builds
+    its weight, as a plain layer needs only that, so an in-place change of its input is allowed
+    (as with a plain layer and torch's weight norm)."""
+    torch.manual_seed(0)
+    plain = _FrozenInPlaceResidual()
+    ours = wn.apply_weight_norm(plain, init="preserve")
+    reference = copy.deepcopy(plain)
+    for layer in (reference.pre, reference.frozen, reference.head):
+        torch.nn.utils.parametrizations.weight_norm(layer)
+    reference.load_state_dict(ours.state_dict())
+    x = torch.randn(rows, 512)
+    for model in (ours, reference):
+        model.frozen.requires_grad_(False)
+        model(x).square().sum().backward()
+    for name, param in ours.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param.grad, reference.get_parameter(name).grad, msg=name)
+
+
 class _Doubled(nn.Module):
     def forward(self, bias: torch.Tensor) -> torch.Tensor:
         return 2 * bias

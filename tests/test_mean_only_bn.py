@@ -235,6 +235,42 @@ def test_layers_whose_op_output_is_not_theirs_get_none_and_are_reported() -> Non
     assert "no mean-only batch norm" in str(report)
 
 
+@pytest.mark.parametrize("momentum", [0.2, None], ids=["momentum", "cumulative"])
+def test_training_steps_compile_to_one_graph_and_update_the_running_mean_as_eager(momentum: float | None) -> None:
+    """The batch count is a tensor: dynamo would take an int attribute as a constant and compile
+    one graph per value (then fall back to eager at its recompile limit)."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    x = torch.randn(16, 8)
+    model = wn.apply_weight_norm(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)), x, mean_only_bn=True)
+    for norm in (model[0].mean_only_bn, model[2].mean_only_bn):
+        norm.momentum = momentum
+    eager = copy.deepcopy(model)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="eager")
+    for _ in range(5):
+        batch = torch.randn(16, 8)
+        compiled(batch).square().mean().backward()
+        eager(batch).square().mean().backward()
+    assert counters["stats"]["unique_graphs"] == 1
+    assert int(model[0].mean_only_bn.batches_seen) == int(eager[0].mean_only_bn.batches_seen) == 5
+    torch.testing.assert_close(model[0].mean_only_bn.running_mean, eager[0].mean_only_bn.running_mean)
+
+
+def test_a_pickle_that_holds_the_batch_count_as_an_int_loads_with_it() -> None:
+    """An earlier version kept ``batches_seen`` as an int attribute: it comes back as the buffer."""
+    norm = wn.MeanOnlyBatchNorm(3, momentum=None)
+    del norm._buffers["batches_seen"]
+    norm.__dict__["batches_seen"] = 4
+    loaded = copy.deepcopy(norm)  # pickles (__reduce_ex__ / __setstate__)
+    assert "batches_seen" not in loaded.__dict__ and int(loaded.batches_seen) == 4
+    loaded(torch.full((2, 3), 5.0))  # a fifth batch: weight 1/5
+    torch.testing.assert_close(loaded.running_mean, torch.full((3,), 1.0))
+    assert "batches_seen" not in loaded.state_dict()
+
+
 def test_a_model_with_mean_only_bn_pickles() -> None:
     out = wn.apply_weight_norm(_model(), torch.randn(8, 3, 8, 8), mean_only_bn=True).eval()
     buffer = io.BytesIO()

@@ -665,3 +665,35 @@ def test_a_layer_whose_weight_is_no_parameter_is_skipped_with_what_it_is(step: s
     out = wn.apply_weight_norm(model, x, init="preserve")
     torch.testing.assert_close(out(x), model(x))
     assert torch.equal(out.buffered.weight, model.buffered.weight)
+
+
+class HyperNetwork(nn.Module):
+    """A hypernetwork: ``target.0`` runs with a weight that ``hyper`` generates per call
+    (``torch.func.functional_call``); its own ``weight`` Parameter is never what it computes with."""
+
+    def __init__(self, step: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.step = step
+        self.hyper = nn.Linear(4, 16 * 8)
+        self.target = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        weight = self.hyper(z).view(16, 8)
+        return torch.func.functional_call(self.target, {"0.weight": weight}, (_branch(self.step, x),))
+
+
+@pytest.mark.parametrize("step", STEPS[1:])  # symbolic_trace cannot trace functional_call
+def test_a_layer_run_with_another_weight_is_skipped_and_the_model_still_trains(step: str) -> None:
+    model, batch = HyperNetwork(step), (torch.randn(32, 8), torch.randn(4))
+    report, skipped = _reasons(model, batch)
+    assert report.found_by == step
+    assert [t.qualname for t in report.converted] == ["hyper.weight", "target.2.weight"]
+    assert skipped["target.0.weight"].startswith("its layer ran on the sample batch with another tensor as its weight")
+    assert {t.qualname for t in report.converted} | set(skipped) == _matrices(model)
+    for init in ("preserve", "data"):
+        out = wn.apply_weight_norm(model, batch, init=init)
+        if init == "preserve":
+            torch.testing.assert_close(out(*batch), model(*batch))
+        out(*batch).square().sum().backward()  # target.0's Parameter untouched: nothing to break
+        assert out.hyper.parametrizations.weight.original1.grad is not None

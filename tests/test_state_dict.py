@@ -78,9 +78,12 @@ def test_layouts_torch_cannot_express_are_refused_with_the_key() -> None:
         convert_state_dict(model.state_dict(), "legacy")
 
 
-def test_a_g_that_does_not_fit_its_v_is_named() -> None:
-    state = {"fc.weight_g": torch.ones(3, 2), "fc.weight_v": torch.ones(3, 4)}
-    with pytest.raises(wn.WeightNormError, match=r"fc\.weight_g: g of shape \(3, 2\) does not fit v of shape \(3, 4\)"):
+@pytest.mark.parametrize(("g", "v"), [((3, 2), (3, 4)),
+                                      ((1, 8), (8, 4)),  # a Linear's g saved transposed: no grouped layout for [out, in]
+                                      ((1, 3), (1, 0)), ((1, 0), (4, 4))])  # an empty axis
+def test_a_g_that_does_not_fit_its_v_is_named(g: tuple[int, ...], v: tuple[int, ...]) -> None:
+    state = {"fc.weight_g": torch.ones(g), "fc.weight_v": torch.ones(v)}
+    with pytest.raises(wn.WeightNormError, match=rf"fc\.weight_g: g of shape \({g[0]}, {g[1]}.*\) does not fit v of shape"):
         fold_state_dict(state)
 
 

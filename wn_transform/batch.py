@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Union
 
@@ -19,7 +20,8 @@ from torch.utils._pytree import tree_leaves, tree_map_only
 from .errors import BatchError, WeightNormError
 from ._parametrized import plain_type
 
-__all__ = ["SampleBatch", "as_args", "check_measurable", "check_no_nan", "copied_args", "layer_tracker", "run"]
+__all__ = ["SampleBatch", "as_args", "check_measurable", "check_no_nan", "compiled_code_eager", "copied_args", "layer_tracker",
+           "run"]
 
 SampleBatch = Union[torch.Tensor, tuple, list, Mapping[str, Any]]
 
@@ -137,13 +139,27 @@ def run(model: nn.Module, batch: SampleBatch, *, given: Callable[[tuple, dict], 
     args, kwargs = copied_args(batch)
     if given is not None:
         given(args, kwargs)
-    with layer_tracker() as stack:
+    with layer_tracker() as stack, compiled_code_eager():
         try:
             return model(*args, **kwargs)
         except WeightNormError:  # ours, raised while the model ran (a failed reduction across ranks): as it is
             raise
         except Exception as exc:
             raise BatchError(describe_failure(model, stack, exc)) from exc
+
+
+@contextlib.contextmanager
+def compiled_code_eager() -> Iterator[None]:
+    """Run what ``torch.compile`` wraps inside a model (a compiled submodule, a compiled helper
+    function) as plain Python: the library's passes intercept torch functions and swap what a
+    layer's weight reads between runs, which dynamo cannot trace or guard on.  The same ops run,
+    so the values are the model's.  (``torch.compiler.set_stance``, torch 2.6 on; before, as is.)
+    Torch's warning that a compiled module fires global module hooks (:func:`layer_tracker`'s) an
+    extra time is muted: those hooks keep a balanced stack."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    with set_stance("force_eager") if set_stance is not None else contextlib.nullcontext(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Using `torch.compile\(module\)` when there are global hooks")
+        yield
 
 
 def describe_failure(model: nn.Module, stack: list[nn.Module], exc: Exception) -> str:

@@ -87,6 +87,7 @@ class InitNotes:
     constant_units: dict[str, int] = field(default_factory=dict)  # sigma ~ 0: kept a finite scale
     nearly_constant_units: dict[str, int] = field(default_factory=dict)  # sigma < 1e-3 |mu|: std 1 to within rounding
     unreached: list[str] = field(default_factory=list)  # never ran on a row of the batch: scale kept
+    unseen: list[str] = field(default_factory=list)  # read by code the pass cannot follow (TorchScript): scale kept
     bias_not_set: list[str] = field(default_factory=list)  # bias is not a parameter of the model
     recurrent_kept: list[str] = field(default_factory=list)  # hidden-to-hidden weights: scale kept
     no_bias: list[str] = field(default_factory=list)  # the op adds no bias: std set, mean left as it is
@@ -105,6 +106,8 @@ class _State:
     mean_only_bn: MeanOnlyBatchNorm | None = None
     running_mean: Tensor | None = None  # what the init sets the norm's running mean to
     done: bool = False
+    read: bool = False  # the layer's weight was read (handed out as v) in the pass
+    seen: bool = False  # an op the pass intercepts was given the weight (or a view of it)
 
 
 def resample_directions(model: nn.Module, targets: list[Target], *, std: float = 0.05, generator: torch.Generator | None = None,
@@ -180,7 +183,7 @@ def data_init(model: nn.Module, targets: list[Target], sample_batch: batch_mod.S
         for state in states:
             if not state.done:
                 state.g.copy_(backup.g[id(state)])
-                notes.unreached.append(state.target.qualname)
+                (notes.unseen if state.read and not state.seen else notes.unreached).append(state.target.qualname)
             elif state.running_mean is not None:  # set after the pass, which restores every buffer
                 state.mean_only_bn.running_mean.copy_(state.running_mean)
     return notes
@@ -247,6 +250,7 @@ def _run_pass(model: nn.Module, states: list[_State], mode: _CalibrationMode, sa
         state.done = False
         state.running_mean = None
         _stop_measuring(state)  # what a stopped pass left
+        state.read = state.seen = False
         if direct:
             state.wn.calibrator = _LayerInput(mode, state)
         else:
@@ -256,9 +260,11 @@ def _run_pass(model: nn.Module, states: list[_State], mode: _CalibrationMode, sa
 
 
 def _stop_measuring(state: _State) -> None:
-    """The layer computes its real weight again (see :attr:`WeightNorm.calibrator`)."""
+    """The layer computes its real weight again (see :attr:`WeightNorm.calibrator`); whether
+    the pass read its weight is kept in ``state.read``."""
     state.wn.__dict__.pop("direction_only", None)
     state.wn.__dict__.pop("calibrator", None)
+    state.read |= state.wn.__dict__.pop("direction_read", False)
 
 
 class _ReadElsewhere(BaseException):
@@ -534,6 +540,7 @@ class _CalibrationMode(TorchFunctionMode):
             return None
         entry = self._produced.get(id(tensor))
         if entry is not None and entry.ref() is tensor:
+            entry.state.seen = True
             return entry
         base = tensor._base
         if (base is not None and tensor.shape == base.shape and tensor.stride() == base.stride()
@@ -711,7 +718,7 @@ class _CalibrationMode(TorchFunctionMode):
     def note_inputs(self, args: tuple, kwargs: dict[str, Any]) -> None:
         """Remember the batch's tensors as the model gets them (:func:`batch_mod.run`), for
         :meth:`_own_terms`: their memory, dtype and version."""
-        self._inputs = {leaf.untyped_storage().data_ptr(): (leaf.dtype, leaf._version)
+        self._inputs = {leaf.untyped_storage().data_ptr(): (leaf.dtype, _version(leaf))
                         for leaf in tree_leaves((args, kwargs))
                         if type(leaf) is Tensor and leaf.is_floating_point() and leaf.numel() > 0}
 
@@ -731,7 +738,7 @@ class _CalibrationMode(TorchFunctionMode):
         """Whether ``x`` is one of the sample batch's tensors (:meth:`note_inputs`) or a view of it, unchanged."""
         if self.group is not None or type(x) is not Tensor or not x.is_floating_point() or x.numel() == 0:
             return False
-        return self._inputs.get(x.untyped_storage().data_ptr()) == (x.dtype, x._version)
+        return self._inputs.get(x.untyped_storage().data_ptr()) == (x.dtype, _version(x))
 
     def _release(self, state: _State, known: Tensor, bound: Tensor, std: Tensor) -> Tensor:
         """The units of ``known`` (called constant against their neighbours' scale) whose spread
@@ -894,6 +901,12 @@ class _CalibrationMode(TorchFunctionMode):
 
 
 _NATIVE_DIMS = {"linear": 0, "conv": 0, "conv_transpose": 1}  # op kind: the axis of v that holds its output units
+
+
+def _version(tensor: Tensor) -> int:
+    """``tensor``'s version counter (bumped by each in-place change); -1 for an inference tensor,
+    which has none (and which no in-place op outside inference mode may change)."""
+    return -1 if tensor.is_inference() else tensor._version
 
 
 def _unsqueezed(terms: Tensor | None) -> Tensor | None:

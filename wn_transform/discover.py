@@ -95,14 +95,32 @@ def _finish(log: UseLog, model: nn.Module, found_by: str, failures: dict[str, st
     """Resolve a trace's log; standard layers the forward never reached are added by type.
 
     A layer that a trace does not reach (used only by another method, or on a branch the
-    sample batch did not take) still computes with its weight the way its type says.
+    sample batch did not take) still computes with its weight the way its type says.  One that
+    ran torch's own forward without reading its weight was given another weight for the call
+    (``torch.func.functional_call``, a hypernetwork's generated weight): its Parameter is not what
+    it computes with, and is skipped.
     """
+    ran_without: list[Skipped] = []
     for name, module in model.named_modules():
         for tensor, kind, layout in standard_weights(module):
             qualname = f"{name}.{tensor}" if name else tensor
-            if _is_own_parameter(module, tensor) and log.canonical(qualname) not in log.uses:
+            if not _is_own_parameter(module, tensor) or log.canonical(qualname) in log.uses:
+                continue
+            if id(module) in log.ran and _runs_torch_forward(module):
+                ran_without.append(Skipped(qualname, (
+                    f"its layer ran on the sample batch with another tensor as its {tensor} (torch.func.functional_call "
+                    "or torch.nn.utils.stateless with other parameters, a generated weight): the Parameter is not what "
+                    "it computes with")))
+            else:
                 log.add_use(qualname, kind, layout, detail=f"{WALK} (not reached by {found_by})")
-    return Discovery(*log.resolve(found_by), found_by, failures)
+    targets, skipped = log.resolve(found_by)
+    return Discovery(targets, skipped + ran_without, found_by, failures)
+
+
+def _runs_torch_forward(module: nn.Module) -> bool:
+    """Whether ``module``'s forward is torch's own (its class's, from ``torch.nn``), which reads its weight."""
+    forward = module.__dict__.get("forward", type(module).forward)
+    return getattr(forward, "__module__", "").startswith("torch.nn.")
 
 
 def account_for_every_layer(model: nn.Module, discovery: Discovery, kept: set[str]) -> None:
@@ -421,7 +439,7 @@ def _recorded_log(model: nn.Module, sample_batch: batch_mod.SampleBatch) -> UseL
     for buffer in model.buffers():
         log.static(buffer)
     try:
-        with torch.no_grad(), _module_calls(model) as running, _RecordingMode(log, running):
+        with torch.no_grad(), _module_calls(model) as running, batch_mod.compiled_code_eager(), _RecordingMode(log, running):
             args, kwargs = batch_mod.copied_args(sample_batch)  # what the forward does to them stays there
             model(*args, **kwargs)
     except Exception:

@@ -45,11 +45,19 @@ class MeanOnlyBatchNorm(nn.Module):
         self.momentum = momentum
         self.bias = nn.Parameter(torch.zeros(num_features, device=device, dtype=dtype)) if bias else None
         self.register_buffer("running_mean", torch.zeros(num_features, device=device, dtype=dtype))
-        self.batches_seen = 0  # since the last reset (not in the state dict): momentum=None averages over them
+        # Batches since the last reset, which momentum=None averages over; not in the state dict.  A
+        # tensor, not an int: torch.compile takes a module's int attribute as a constant (one graph per value).
+        self.register_buffer("batches_seen", torch.zeros((), dtype=torch.long, device=device), persistent=False)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "batches_seen" not in self._buffers:  # a pickle of an earlier version: an int, or nothing
+            count = self.__dict__.pop("batches_seen", 0)
+            self.register_buffer("batches_seen", torch.tensor(count, device=self.running_mean.device), persistent=False)
 
     def reset_running_stats(self) -> None:
         self.running_mean.zero_()
-        self.batches_seen = 0
+        self.batches_seen.zero_()
 
     def forward(self, x: Tensor) -> Tensor:
         if self.training:
@@ -61,9 +69,9 @@ class MeanOnlyBatchNorm(nn.Module):
             dims = [d for d in range(x.ndim) if d != self.channel_dim % x.ndim]
             mean = x.mean(dim=dims)
             if x.numel() > 0:  # an empty batch has no mean (NaN): the running mean stays, as BatchNorm's does
-                self.batches_seen = getattr(self, "batches_seen", 0) + 1  # (a pickle of an earlier version lacks it)
-                weight = self.momentum if self.momentum is not None else 1.0 / self.batches_seen
                 with torch.no_grad():
+                    self.batches_seen.add_(1)
+                    weight = self.momentum if self.momentum is not None else self.batches_seen.float().reciprocal()
                     self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), weight)
         else:
             mean = self.running_mean

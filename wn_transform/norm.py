@@ -77,7 +77,8 @@ def layout_from_shapes(g_shape: tuple[int, ...], v_shape: tuple[int, ...]) -> Un
     ``conv_post``, one output channel, ``g`` ``[1, 1, 1]``, is ``dim 0``).
 
     ``g`` has ``v``'s rank with size 1 everywhere but the unit axis ``d``, where it is ``v.shape[d]``
-    (any ``dim``), or ``G * v.shape[1]`` for the grouped ConvTranspose layout.  Raises
+    (any ``dim``), or ``G * v.shape[1]`` for the grouped ConvTranspose layout (``v`` of rank 3 or
+    more, ``G > 1``).  Raises
     ``ValueError`` for a ``g`` that fits no layout.
     """
     if math.prod(g_shape) == 1:
@@ -88,8 +89,9 @@ def layout_from_shapes(g_shape: tuple[int, ...], v_shape: tuple[int, ...]) -> Un
         d = off_one[0]
         if g_shape[d] == v_shape[d]:
             return UnitLayout(d)
-        if d == 1 and g_shape[1] % v_shape[1] == 0 and v_shape[0] % (g_shape[1] // v_shape[1]) == 0:
-            return UnitLayout(1, g_shape[1] // v_shape[1])
+        groups = g_shape[1] // v_shape[1] if d == 1 and v_shape[1] > 0 else 0
+        if len(v_shape) >= 3 and groups > 1 and g_shape[1] == groups * v_shape[1] and v_shape[0] % groups == 0:
+            return UnitLayout(1, groups)  # a grouped ConvTranspose's [in, out/G, *k] (never a Linear's [out, in])
     msg = (f"g of shape {tuple(g_shape)} does not fit v of shape {tuple(v_shape)}: g must have v's rank "
            f"with size 1 on every axis but the normalized one")
     raise ValueError(msg)

@@ -71,7 +71,8 @@ class WeightNorm(nn.Module):
         return self.layout.groups
 
     # Set on an instance by the data-dependent init pass (wn_transform.data_init) until it has
-    # calibrated the layer.  direction_only: the weight is v itself (the pass measures op(x, v)).
+    # calibrated the layer.  direction_only: the weight is v itself (the pass measures op(x, v));
+    # each read then sets direction_read, which tells the pass the layer ran.
     # calibrator: a stock Linear hands its input to it instead of computing; any other read of
     # the weight calls calibrator.weight_read(), which stops that pass (the other pass then runs).
     direction_only = False
@@ -79,6 +80,7 @@ class WeightNorm(nn.Module):
 
     def forward(self, g: Tensor, v: Tensor) -> Tensor:
         if self.direction_only:
+            self.direction_read = True
             return v
         if self.calibrator is not None:
             self.calibrator.weight_read()
@@ -617,8 +619,9 @@ def _linear_forward(self: nn.Linear, input: Tensor) -> Tensor:
     """``nn.Linear.forward``, computing the same thing by the cheapest route.
 
     Under ``torch.func`` transforms, forward-mode AD or ``torch.jit.trace``: the plain formula.  No graph to build:
-    the cached weight.  Training with few rows per call: the output form
-    (:class:`~wn_transform.fast.ScaledLinear`, no weight built).  Otherwise (and under autocast,
+    the cached weight.  Training ``g`` or ``v`` with few rows per call: the output form
+    (:class:`~wn_transform.fast.ScaledLinear`, no weight built; a frozen layer builds its weight, as
+    a plain one needs only that for its input's gradient, not the input).  Otherwise (and under autocast,
     so that the layer computes in autocast's dtype as a plain Linear does): the weight form.
     Where torch's property must run (see :func:`_direct`), it reads ``self.weight``.
     """
@@ -637,7 +640,7 @@ def _linear_forward(self: nn.Linear, input: Tensor) -> Tensor:
     if not torch.is_grad_enabled():
         if not torch.compiler.is_compiling():
             return F.linear(input, v if wn.direction_only else wn.cached_weight(g, v), bias)
-    elif self.training and not wn.direction_only and _takes_output_form(input, v):
+    elif self.training and not wn.direction_only and (g.requires_grad or v.requires_grad) and _takes_output_form(input, v):
         return ScaledLinear.apply(input, g, v, bias, wn.exp_scale)
     return F.linear(input, wn.forward(g, v), bias)
 

@@ -68,6 +68,10 @@ class WeightNormReport:
             for name in self.notes.unreached:
                 lines.append(f"  {name}: not reached by any row of the sample batch (the init pass runs the model in eval mode: "
                              "dropout off, no `if self.training` branch such as an auxiliary head); kept its scale")
+            for name in self.notes.unseen:
+                lines.append(f"  {name}: its weight was read in the init pass, but by no op the pass can see (a TorchScript "
+                             "function, an op run from C++): not calibrated, kept its scale; the layers after it were "
+                             "calibrated on its output")
             for name in self.notes.frozen:
                 lines.append(f"  {name}: frozen (requires_grad=False): not calibrated, it computes what it did")
             for name in self.notes.bias_not_set:
@@ -86,7 +90,7 @@ class WeightNormReport:
     def to_dict(self) -> dict:
         notes = None if self.notes is None else {
             "constant_units": self.notes.constant_units, "nearly_constant_units": self.notes.nearly_constant_units,
-            "unreached": self.notes.unreached,
+            "unreached": self.notes.unreached, "unseen": self.notes.unseen,
             "bias_not_set": self.notes.bias_not_set, "recurrent_kept": self.notes.recurrent_kept,
             "no_bias": self.notes.no_bias, "frozen": self.notes.frozen,
         }

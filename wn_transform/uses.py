@@ -231,6 +231,7 @@ class UseLog:
     _keep_alive: list[Any] = field(default_factory=list)
     maps: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))  # parameter -> ops it maps data through
     unknown: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))  # parameter -> ops from outside torch
+    ran: set[int] = field(default_factory=set)  # id() of every module seen running an op (a call's ``caller``)
 
     def __post_init__(self) -> None:
         self.aliases = param_aliases(self.model)
@@ -273,6 +274,8 @@ class UseLog:
              caller: nn.Module | None = None) -> None:
         """Log one op call ``result = func(*args, **kwargs)``; ``caller`` is the innermost module
         whose call ran it (``None``: not known)."""
+        if caller is not None:
+            self.ran.add(id(caller))
         name = op_name(func)
         foreign = _foreign_op(func)
         if foreign is not None:  # before the names below: a custom op may be called "linear" too
