@@ -170,6 +170,7 @@ def data_init(model: nn.Module, targets: list[Target], sample_batch: batch_mod.S
             for state, mask in found:
                 known[id(state)] = mask | known[id(state)] if id(state) in known else mask
             backup.restore()
+            direct = False  # the pass that follows copies of the batch (see _CalibrationMode._note_copy)
         _check_finite_gains(states)
     except BaseException:
         backup.restore()
@@ -256,7 +257,7 @@ def _run_pass(model: nn.Module, states: list[_State], mode: _CalibrationMode, sa
         else:
             state.wn.direction_only = True
     with preserved_state(model, batch_statistics=True), torch.no_grad(), no_weight_cache(), contextlib.nullcontext() if direct else mode:
-        batch_mod.run(model, sample_batch, given=mode.note_inputs)
+        batch_mod.run(model, sample_batch, given=lambda args, kwargs: mode.note_inputs((args, kwargs), sample_batch))
 
 
 def _stop_measuring(state: _State) -> None:
@@ -521,7 +522,8 @@ class _CalibrationMode(TorchFunctionMode):
         self.model = model
         self._param_ids: set[int] | None = None  # built on first need
         self._moments = _Moments(states)
-        self._inputs: dict[int, tuple[torch.dtype, int]] = {}  # the batch's tensors: see note_inputs
+        self._inputs: dict[int, Tensor] = {}  # the batch's tensors, by the memory of their copies: see note_inputs
+        self._copies: dict[int, tuple[weakref.ref, int]] = {}  # id -> (tensor, version): copies of its values
         self._nearly_released: dict[str, int] = {}  # per weight, units _release let go within rounding
         self._scratch = Scratch()
         # Until its layer is calibrated, the parametrization hands out v itself: that tensor is
@@ -560,7 +562,10 @@ class _CalibrationMode(TorchFunctionMode):
         use = weight_use(func, args, kwargs) if name in SIGNATURES else None
         found = self._lookup(use.weight) if use is not None else None
         if found is None:
-            return self._follow_views(func, args, kwargs)
+            result = self._follow_views(func, args, kwargs)
+            if self.known and name in _VALUE_COPIES and type(result) is Tensor:
+                self._note_copy(args, kwargs, result)
+            return result
         state = found.state
         bound = dict(zip(SIGNATURES[name], args)) | kwargs
         weight_key = "mat2" if name == "addmm" else "other" if use.kind == "matmul" else "weight"
@@ -646,7 +651,8 @@ class _CalibrationMode(TorchFunctionMode):
             known = known[units]
         released = None
         if known is not None and terms is not None and bool(known.any()) and (own := terms()) is not None:
-            released = self._release(state, known, _rounding_bound(state, t_raw, own, unit_dim).to(var.dtype), var.sqrt())
+            bound = _rounding_bound(state, t_raw, own, unit_dim, units)
+            released = self._release(state, known, bound.to(var.dtype), _exact_spread(centred, unit_dim).to(var.dtype))
             known = known & ~released
         if known is None or not bool(known.any()):
             gain = var.rsqrt()  # 1 / (sigma[t] ||v||); inf for a constant unit, found after the pass
@@ -715,12 +721,15 @@ class _CalibrationMode(TorchFunctionMode):
         self._finish(state)
         return _Handed(t_raw)
 
-    def note_inputs(self, args: tuple, kwargs: dict[str, Any]) -> None:
-        """Remember the batch's tensors as the model gets them (:func:`batch_mod.run`), for
-        :meth:`_own_terms`: their memory, dtype and version."""
-        self._inputs = {leaf.untyped_storage().data_ptr(): (leaf.dtype, _version(leaf))
-                        for leaf in tree_leaves((args, kwargs))
-                        if type(leaf) is Tensor and leaf.is_floating_point() and leaf.numel() > 0}
+    def note_inputs(self, copies: tuple[tuple, dict], sample_batch: batch_mod.SampleBatch) -> None:
+        """Remember the batch's tensors, by the memory of the copies the model gets
+        (:func:`batch_mod.run`), for :meth:`_is_sample`."""
+        originals = tree_leaves(batch_mod.as_args(sample_batch))
+        self._inputs = {copy.untyped_storage().data_ptr(): original
+                        for copy, original in zip(tree_leaves(copies), originals)
+                        if type(copy) is Tensor and isinstance(original, Tensor)
+                        and copy.numel() > 0 and copy.dtype == original.dtype
+                        and copy.untyped_storage().nbytes() == original.untyped_storage().nbytes()}
 
     def _own_terms(self, x: Tensor, terms: Callable[[], Tensor]) -> Callable[[], Tensor | None]:
         """For :meth:`_calibrate`: ``terms()`` (``op(|x|, |v|)``) if ``x`` is the sample batch as
@@ -735,10 +744,33 @@ class _CalibrationMode(TorchFunctionMode):
         return lambda: terms() if self._is_sample(x) else None
 
     def _is_sample(self, x: Tensor) -> bool:
-        """Whether ``x`` is one of the sample batch's tensors (:meth:`note_inputs`) or a view of it, unchanged."""
-        if self.group is not None or type(x) is not Tensor or not x.is_floating_point() or x.numel() == 0:
+        """Whether ``x`` holds the sample batch's own values: a copy the model got (or a view of
+        it) whose elements still equal the user's batch, wherever the model may have written
+        (compared, not trusted to a version counter: ``.data`` and inference tensors have none),
+        or a tensor the model made by moving or converting such values (:meth:`_note_copy`)."""
+        if self.group is not None or type(x) is not Tensor or x.numel() == 0:
             return False
-        return self._inputs.get(x.untyped_storage().data_ptr()) == (x.dtype, _version(x))
+        copy = self._copies.get(id(x))
+        if copy is not None:
+            return copy[0]() is x and not x.is_inference() and x._version == copy[1]
+        original = self._inputs.get(x.untyped_storage().data_ptr())
+        if original is None or original.dtype != x.dtype:
+            return False
+        return torch.equal(x, original.as_strided(x.shape, x.stride(), x.storage_offset()))
+
+    def _note_copy(self, args: tuple, kwargs: dict[str, Any], result: Tensor) -> None:
+        """Remember ``result`` of an op that only moves, pads or converts values (:data:`_VALUE_COPIES`)
+        as the batch's own values, when every tensor it read holds them and a conversion is exact
+        (it converts back to the same values): an integer batch made float, a reflect-padded input.
+        Only on a pass that runs again because of constant units (``self.known``)."""
+        sources = [leaf for leaf in tree_leaves((args, kwargs)) if isinstance(leaf, Tensor)]
+        if not sources or not all(self._is_sample(source) for source in sources):
+            return
+        if result.dtype != sources[0].dtype and not (
+                len(sources) == 1 and result.shape == sources[0].shape and torch.equal(result.to(sources[0].dtype), sources[0])):
+            return
+        if not result.is_inference():
+            self._copies[id(result)] = (weakref.ref(result), result._version)
 
     def _release(self, state: _State, known: Tensor, bound: Tensor, std: Tensor) -> Tensor:
         """The units of ``known`` (called constant against their neighbours' scale) whose spread
@@ -901,12 +933,12 @@ class _CalibrationMode(TorchFunctionMode):
 
 
 _NATIVE_DIMS = {"linear": 0, "conv": 0, "conv_transpose": 1}  # op kind: the axis of v that holds its output units
-
-
-def _version(tensor: Tensor) -> int:
-    """``tensor``'s version counter (bumped by each in-place change); -1 for an inference tensor,
-    which has none (and which no in-place op outside inference mode may change)."""
-    return -1 if tensor.is_inference() else tensor._version
+# Ops whose result holds values of their tensor inputs (and constants), moved or converted, nothing computed.
+_VALUE_COPIES = frozenset({
+    "pad", "cat", "concat", "concatenate", "stack", "reshape", "view", "flatten", "unflatten", "permute", "transpose",
+    "t", "movedim", "swapaxes", "contiguous", "clone", "unsqueeze", "squeeze", "narrow", "select", "__getitem__",
+    "expand", "repeat", "flip", "roll", "to", "float", "double", "half", "bfloat16", "type", "_to_copy",
+})
 
 
 def _unsqueezed(terms: Tensor | None) -> Tensor | None:
@@ -929,29 +961,50 @@ def _op_terms(func: Callable, use: Any, bound: dict[str, Any], weight_key: str) 
     return func(**(bound | {"input": x.abs(), weight_key: use.weight.abs(), "bias": None}))
 
 
-def _rounding_bound(state: _State, t_raw: Tensor, terms: Tensor, unit_dim: int) -> Tensor:
-    """Per unit, how far rounding can spread ``t' = op(x, v)`` where the exact result is constant
-    and ``x`` is exact (the sample batch): each ``t'`` sums ``k`` products whose sizes add up to
-    ``m = op(|x|, |v|)`` (``terms``) and is computed to within ``k eps m`` (``eps``: the op's
-    precision, :func:`_rounding_eps`); so ``k eps max(m)``, the max over the batch (and positions).
-    A unit reading only a feature of std 1e-2 beside units reading 1e5 +- 100 (unnormalized tabular
-    inputs) spreads far beyond it; one whose terms cancel does not."""
+def _rounding_bound(state: _State, t_raw: Tensor, terms: Tensor, unit_dim: int, units: slice) -> Tensor:
+    """Per unit, how far rounding can spread ``t' = op(x, v)`` on the batch where the exact result
+    is constant and ``x`` is exact (the sample batch): each ``t'`` sums ``k`` non-zero products
+    (those with a zero weight are exact) whose sizes add up to ``m = op(|x|, |v|)`` (``terms``), and
+    is computed to within ``k eps m`` (``eps``: the op's precision, :func:`_rounding_eps`); so
+    ``(k + 2) eps max(m)``, the max over the batch (and positions).  A unit reading only a feature
+    of std 1e-2 beside units reading 1e5 +- 100 (unnormalized tabular inputs) spreads far beyond it;
+    one whose terms cancel does not."""
     reduce = [d for d in range(terms.ndim) if d != unit_dim % terms.ndim]
-    per_unit = state.v.numel() // max(state.g.numel(), 1)
-    return terms.amax(dim=reduce) * (per_unit * _rounding_eps(t_raw))
+    nonzero = unit_norm((state.v != 0).to(terms.dtype), state.wn.layout).reshape(-1)[units].square()  # per unit
+    return terms.amax(dim=reduce) * ((nonzero + 2) * _rounding_eps(t_raw))
+
+
+def _exact_spread(centred: Tensor, unit_dim: int) -> Tensor:
+    """Per unit, the population std of ``centred`` (``t'`` less its float mean) in float64: the
+    spread of the values themselves, without the float32 statistics' own rounding (a column of
+    equal values whose mean rounds by an ulp shows a float32 std of that ulp; here 0)."""
+    reduce = [d for d in range(centred.ndim) if d != unit_dim % centred.ndim]
+    wide = torch.float64 if centred.device.type != "mps" else torch.float32  # (MPS has no float64)
+    return torch.var(centred.to(wide), dim=reduce, correction=0).sqrt()
 
 
 def _rounding_eps(result: Tensor) -> float:
     """The relative precision of the op that computed ``result``: its dtype's (that of a linear or
-    conv's inputs, or coarser under autocast); float32 counts as TF32 on CUDA and as bfloat16 where
-    torch may compute float32 matmuls in lower precision (``torch.set_float32_matmul_precision``)."""
+    conv's inputs, or coarser under autocast); a float32 op counts as TF32 off the CPU (cuDNN's
+    convolutions use it by default), and as bfloat16 where torch was allowed to compute float32
+    matmuls in lower precision on the CPU."""
     eps = torch.finfo(result.dtype).eps
-    if result.dtype == torch.float32:
-        if torch.get_float32_matmul_precision() != "highest":
-            eps = max(eps, torch.finfo(torch.bfloat16).eps)
-        elif result.is_cuda:
-            eps = max(eps, 2.0 ** -10)  # TF32, on by default for cuDNN convolutions
+    if result.dtype == torch.float32 and result.device.type != "cpu":
+        eps = max(eps, 2.0 ** -10)
+    elif result.dtype == torch.float32 and _cpu_float32_lowered():
+        eps = max(eps, torch.finfo(torch.bfloat16).eps)
     return eps
+
+
+def _cpu_float32_lowered() -> bool:
+    """Whether float32 matmuls or convs on the CPU may run in lower precision:
+    ``torch.set_float32_matmul_precision("medium")``, or a oneDNN ``fp32_precision`` other than
+    IEEE (the newer API, with which the older query raises)."""
+    try:
+        return torch.get_float32_matmul_precision() == "medium"
+    except RuntimeError:
+        settings = (torch.backends, torch.backends.mkldnn, torch.backends.mkldnn.matmul, torch.backends.mkldnn.conv)
+        return any(getattr(setting, "fp32_precision", "none") not in ("ieee", "none") for setting in settings)
 
 
 def _store(dst: Tensor, a: Tensor, b: Tensor) -> Tensor:
