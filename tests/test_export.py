@@ -1269,6 +1269,8 @@ def test_an_output_axis_the_exporter_declared_fixed_but_that_follows_a_dynamic_a
     (output,) = onnx.load(tmp_path / "lm.onnx").graph.output
     dims = [d.dim_param or d.dim_value for d in output.type.tensor_type.shape.dim]
     assert dims[1] == "output_dim1" and dims[2] == 50
+    assert report.outputs == {output.name: dims}  # the report gives the shapes the file declares
+    assert f"{output.name} [{dims[0]}, output_dim1, 50]" in str(report)
     session = onnxruntime.InferenceSession(str(tmp_path / "lm.onnx"), providers=["CPUExecutionProvider"])
     other = torch.randint(0, 20, (3, 17))
     (got,) = session.run(None, {session.get_inputs()[0].name: other.numpy()})

@@ -170,19 +170,35 @@ class _Softplus(nn.Module):
         return F.softplus(t) + 1.0
 
 
-@pytest.mark.parametrize("wrap", ["data_parallel", "parametrized"])
-def test_torch_containers_around_the_models_code_do_not_hide_its_weights(wrap: str) -> None:
+class _Inner(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.DataParallel(nn.Sequential(FunctionalBlock(), nn.ReLU()))
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+@pytest.mark.parametrize("batch", [True, False], ids=["batch", "no-batch"])
+@pytest.mark.parametrize("wrap", ["data_parallel", "inner_data_parallel", "parametrized"])
+def test_torch_containers_around_the_models_code_do_not_hide_its_weights(wrap: str, batch: bool) -> None:
+    """Traced through, with a batch or without (symbolic_trace runs what ``nn.DataParallel`` runs:
+    its ``forward(*inputs)`` cannot take fx's Proxies)."""
     torch.manual_seed(0)
     block = FunctionalBlock()
     model: nn.Module = nn.Sequential(block, nn.ReLU(), nn.Linear(8, 2))
+    names = {"0.W", "2.weight"}
     if wrap == "data_parallel":
         model = nn.DataParallel(model)
-        prefix = "module."
+        names = {f"module.{name}" for name in names}
+    elif wrap == "inner_data_parallel":
+        model, names = _Inner(), {"body.module.0.W", "head.weight"}
     else:
         nn.utils.parametrize.register_parametrization(block, "temperature", _Softplus())  # block becomes a torch class
-        prefix = ""
-    report, _ = _reasons(model, torch.randn(16, 5))
-    assert {t.qualname for t in report.converted} == {f"{prefix}0.W", f"{prefix}2.weight"}
+    report, _ = _reasons(model, torch.randn(16, 5) if batch else None)
+    assert {t.qualname for t in report.converted} == names
+    assert report.found_by == "symbolic_trace"
 
 
 class Experts(nn.Module):

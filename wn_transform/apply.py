@@ -111,7 +111,7 @@ def apply_weight_norm(
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
-        BatchError: the batch holds NaN/inf, or (for the data init) is empty or on the meta device
+        BatchError: the batch holds NaN, or (for the data init) is empty or on the meta device
             (nothing is changed); or the model rejects it (the layer is named).
         SelectionError: a selection rule matches no weight.
         WeightNormError: ``init_scale`` is not a positive finite number; a lazy layer

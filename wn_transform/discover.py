@@ -20,6 +20,7 @@ import operator
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.fx
@@ -204,6 +205,11 @@ class _Tracer(torch.fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name) and not any(
             not plain_type(sub).__module__.startswith("torch.") for sub in m.modules())
 
+    def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict[str, Any]) -> Any:
+        if isinstance(m, nn.DataParallel) and not self.is_leaf_module(m, self.path_of_module(m)):
+            return self.call_module(m.module, m.module.forward, args, kwargs)  # what it runs, on one device or none
+        return super().call_module(m, forward, args, kwargs)
+
 
 def _symbolic_trace_log(model: nn.Module) -> UseLog:
     log = UseLog(model, key=lambda v: v if isinstance(v, torch.fx.Node) else None)
@@ -211,18 +217,20 @@ def _symbolic_trace_log(model: nn.Module) -> UseLog:
     if tracer.is_leaf_module(model, ""):  # a bare torch layer: its type says it all
         _log_leaf_module(log, model, "")
         return log
-    graph = tracer.trace(model)  # what symbolic_trace does, minus generating a GraphModule's code
+    # nn.DataParallel(net) at the root: its forward(*inputs) cannot take Proxies; trace what it runs
+    root, prefix = (model.module, "module.") if isinstance(model, nn.DataParallel) else (model, "")
+    graph = tracer.trace(root)  # what symbolic_trace does, minus generating a GraphModule's code
     params = dict(model.named_parameters(remove_duplicate=False))
-    modules = dict(model.named_modules(remove_duplicate=False))
+    modules = dict(root.named_modules(remove_duplicate=False))
     for node in graph.nodes:
-        if node.op == "get_attr" and node.target in params:
-            log.source(node, node.target, params[node.target].ndim)
+        if node.op == "get_attr" and prefix + node.target in params:
+            log.source(node, prefix + node.target, params[prefix + node.target].ndim)
         elif node.op == "get_attr":  # a buffer or constant
             log.static(node)
         elif node.op in ("call_function", "call_method"):
             log.call(node.target, node.args, node.kwargs, node, _caller(node, modules))
         elif node.op == "call_module":
-            _log_leaf_module(log, model, node.target)
+            _log_leaf_module(log, model, prefix + node.target)
     return log
 
 

@@ -300,7 +300,7 @@ def export_onnx(
         FileExistsError: ``path`` exists and ``overwrite`` is False.
         FileNotFoundError: the folder of ``path`` does not exist.
         OSError: the file did not fit (a full disk, a quota or a file-size limit); it names ``path``.
-        BatchError: the batch holds NaN/inf, or the model rejects it (the layer is named).
+        BatchError: the batch holds NaN, or the model rejects it (the layer is named).
         ExportError: no exporter could export the model, or the file fails the ONNX checker
             or onnxruntime.
         ExportMismatchError: onnxruntime disagrees with PyTorch beyond ``rtol``/``atol``, or
@@ -391,12 +391,14 @@ def export_onnx(
         if absent := [name for name in inputs.names if name not in graph_inputs]:
             notes.append(f"input{'s' if len(absent) > 1 else ''} {', '.join(map(repr, absent))} not in the file: the "
                          f"{used} exporter leaves out an input the graph does not use; feed the file without it")
+        declared = None
         if fixed_outputs:  # the values are right at every size: only the declaration is wrong
             for name, axes in onnx_graph.declare_dynamic_outputs(tmp_file, fixed_outputs).items():
                 notes.append(f"output '{name}': the exporter declared {', '.join(axes)} of a fixed size, which "
                              "follow the dynamic axes (verified); declared dynamic in the file")
+            declared = onnx_graph.output_shapes(tmp_file)
         timings["verify"] = time.perf_counter() - verify_start
-        return _Checked(diffs, sizes, notes, other_values_checked)
+        return _Checked(diffs, sizes, notes, other_values_checked, declared)
 
     try:
         # "auto": a dynamo file that fails its checks (an axis it fixed, onnxruntime failing or
@@ -452,7 +454,7 @@ def export_onnx(
 
     return ExportReport(
         path=target, exporter=used, fallback_reason=fallback_reason, opset=stats["opset"],
-        inputs=stats["inputs"], outputs=stats["outputs"], node_counts=stats["node_counts"],
+        inputs=stats["inputs"], outputs=checked.outputs or stats["outputs"], node_counts=stats["node_counts"],
         initializer_count=stats["initializer_count"], initializer_bytes=stats["initializer_bytes"],
         renamed_initializers=renamed, unnamed_parameters=unnamed,
         max_abs_diff={name: d[0] for name, d in checked.diffs.items()},
@@ -472,6 +474,7 @@ class _Checked(NamedTuple):
     sizes: list
     notes: list[str]
     other_values_checked: bool
+    outputs: dict[str, list[int | str]] | None = None  # the outputs' shapes as declared anew, if they were
 
 
 # -- arguments and inputs ----------------------------------------------------------------

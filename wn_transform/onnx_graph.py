@@ -150,6 +150,11 @@ def value_shape(value: onnx.ValueInfoProto) -> list[int | str]:
             for d in dims]
 
 
+def output_shapes(file: str) -> dict[str, list[int | str]]:
+    """``file``'s declared output shapes (:func:`value_shape`), its weights left unread."""
+    return {v.name: value_shape(v) for v in onnx.load_model(file, load_external_data=False).graph.output}
+
+
 def declare_dynamic_outputs(file: str, axes: dict[str, list[int]]) -> dict[str, list[str]]:
     """Rewrite ``file``'s declared output shapes: each listed axis of a fixed size becomes a named
     dynamic one (``<output>_dim<axis>``); weights stored beside the file stay where they are.
