@@ -70,7 +70,49 @@ def _routed() -> torch.Tensor:
     return x
 
 
+def _tabular() -> torch.Tensor:
+    """16 rows of unnormalized tabular features: 1e5 +- 100, 1e-2 +- 1e-2, a constant 5."""
+    generator = torch.Generator().manual_seed(3)
+    return torch.stack([1e5 + 100 * torch.randn(16, generator=generator), 1e-2 * torch.randn(16, generator=generator),
+                        torch.full((16,), 5.0)], dim=1)
+
+
+def _tabular_layer() -> nn.Module:
+    layer = nn.Linear(3, 3)
+    with torch.no_grad():
+        layer.weight.copy_(torch.eye(3))  # unit 1 reads the small feature alone
+    return nn.Sequential(layer)
+
+
+class _Branches(nn.Module):
+    """Takes branch ``a`` or ``b`` (layers of one width) by the sign of its batch's mean."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) if x.mean() > 0 else self.b(x)
+
+
+def _edge_cases(rank: int, out: str) -> None:
+    """Shards the init must handle as one batch, and ranks that took different branches."""
+    model = wn.apply_weight_norm(_tabular_layer(), _tabular()[rank * 8:(rank + 1) * 8])
+    torch.save(model.state_dict(), f"{out}/tabular{rank}.pt")
+    x, _ = _data()
+    model = wn.apply_weight_norm(_model(), x[:5] if rank == 0 else x[:0])  # rank 1's shard is empty
+    torch.save(model.state_dict(), f"{out}/empty{rank}.pt")
+    try:
+        wn.apply_weight_norm(_Branches(), torch.randn(8, 4) + (3 if rank == 0 else -3))
+    except wn.WeightNormError as exc:
+        Path(f"{out}/branches{rank}.txt").write_text(str(exc))
+
+
 def _work(rank: int, out: str, wrapper: str) -> None:
+    if wrapper == "edge_cases":
+        _edge_cases(rank, out)
+        return
     if wrapper == "experts":  # each expert sees rows on one rank only, and 0 rows on the other
         model = wn.apply_weight_norm(_Experts(), _routed()[rank * 8:(rank + 1) * 8])
         torch.save(model.state_dict(), f"{out}/init{rank}.pt")
@@ -155,6 +197,26 @@ def test_an_expert_with_no_rows_on_one_rank_joins_the_reduction_and_gets_the_oth
         _assert_states_equal(state, single.state_dict(), rtol=1e-5, atol=1e-6)
 
 
+def test_shards_that_are_one_batch_together_and_ranks_at_different_layers(tmp_path: Path) -> None:
+    """The init on shards equals the single-process init on their concatenation: where a unit reading
+    the batch itself is standardized after the neighbour rule called it constant (decided alike on
+    every rank), and where one rank's shard is empty.  Ranks that took different branches of the
+    model get an error naming the layer, not statistics mixed from two layers."""
+    mp.spawn(_worker, args=(str(tmp_path / "store"), str(tmp_path), "edge_cases"), nprocs=WORLD, join=True)
+    single = wn.apply_weight_norm(_tabular_layer(), _tabular(), distributed=False)
+    assert wn.weight_norm_report(single).notes.constant_units == {"0.weight": 1}  # the constant feature's unit only
+    for rank in range(WORLD):
+        _assert_states_equal(torch.load(tmp_path / f"tabular{rank}.pt"), single.state_dict(), rtol=1e-5, atol=1e-6)
+    x, _ = _data()
+    single = wn.apply_weight_norm(_model(), x[:5], distributed=False)
+    for rank in range(WORLD):
+        _assert_states_equal(torch.load(tmp_path / f"empty{rank}.pt"), single.state_dict(), rtol=1e-5, atol=1e-6)
+    for rank, layer in enumerate("ab"):
+        error = (tmp_path / f"branches{rank}.txt").read_text()
+        assert error.startswith(f"the ranks of the process group are at different layers of the data-dependent init: "
+                                f"this rank calibrates '{layer}.weight'"), error
+
+
 def test_a_single_process_without_a_group_is_unaffected() -> None:
     x, _ = _data()
     a = _init(_model(), x, seed=3)
@@ -172,6 +234,9 @@ def test_wrapped_or_sharded_models_are_refused_with_the_route_that_works(tmp_pat
     try:
         with pytest.raises(wn.WeightNormError, match=r"DistributedDataParallel wrapper.*\(ddp\.module"):
             wn.apply_weight_norm(nn.parallel.DistributedDataParallel(_model()), init="preserve")
+        inside = nn.Sequential(nn.parallel.DistributedDataParallel(_model()), nn.Linear(4, 2))
+        with pytest.raises(wn.WeightNormError, match=r"Sequential\.0 is a DistributedDataParallel wrapper.*\(0\.module"):
+            wn.apply_weight_norm(inside, init="preserve")
         sharded = wn.apply_weight_norm(_model(), init="preserve")
         fully_shard(sharded)
         x, _ = _data()

@@ -132,7 +132,7 @@ def apply_weight_norm(
     group = resolve_group(distributed)
     _warn_if_untrainable(model)
     if init == "data":
-        _check_measurable(model, sample_batch)
+        _check_measurable(model, sample_batch, group)
     if not (math.isfinite(init_scale) and init_scale > 0):
         msg = f"init_scale is the std every pre-activation starts with: a positive finite number, got {init_scale!r}"
         raise WeightNormError(msg)
@@ -292,9 +292,11 @@ def _on_meta(model: nn.Module, sample_batch: batch_mod.SampleBatch) -> bool:
     return any(p.is_meta for p in model.parameters()) or any(isinstance(t, torch.Tensor) and t.is_meta for t in leaves)
 
 
-def _check_measurable(model: nn.Module, sample_batch: batch_mod.SampleBatch) -> None:
-    """The data-dependent init runs the model on the batch: both must hold values."""
-    batch_mod.check_measurable(sample_batch)
+def _check_measurable(model: nn.Module, sample_batch: batch_mod.SampleBatch,
+                      group: dist.ProcessGroup | None = None) -> None:
+    """The data-dependent init runs the model on the batch: both must hold values (under a process
+    group, the batch is every rank's shard together: one rank's may be empty)."""
+    batch_mod.check_measurable(sample_batch, group)
     meta = next((name for name, p in model.named_parameters() if p.is_meta), None)
     if meta is not None:
         msg = (f"parameter {meta!r} is on the meta device, which holds no values, and init='data' runs the model "
@@ -306,10 +308,14 @@ def _check_measurable(model: nn.Module, sample_batch: batch_mod.SampleBatch) -> 
 def _check_modules(model: nn.Module) -> None:
     """Lazy layers (``nn.LazyLinear``...) have no weight shape until their first forward, and
     TorchScript modules cannot be reparameterized (nor copied as Python modules)."""
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        msg = ("apply_weight_norm got a DistributedDataParallel wrapper, which keeps all-reducing the weights it was "
-               "built with, never the new g and v: apply weight norm to the model itself (ddp.module, or before "
-               "wrapping), then wrap the result in DistributedDataParallel")
+    wrapped = next((name for name, module in model.named_modules()
+                    if isinstance(module, nn.parallel.DistributedDataParallel)), None)
+    if wrapped is not None:
+        where, inside = ("apply_weight_norm got", "ddp.module") if not wrapped else (
+            f"{type(model).__name__}.{wrapped} is", f"{wrapped}.module")
+        msg = (f"{where} a DistributedDataParallel wrapper, which keeps all-reducing the weights it was built "
+               f"with, never the new g and v: apply weight norm to the model itself ({inside}, or before wrapping), "
+               "then wrap the result in DistributedDataParallel anew")
         raise WeightNormError(msg)
     refuse_sharded(model, "apply_weight_norm", WeightNormError)
     modules = list(model.named_modules())

@@ -13,15 +13,17 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Union
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 from torch.utils._pytree import tree_leaves, tree_map_only
 
 from .errors import BatchError, WeightNormError
+from .moments import all_reduce
 from ._parametrized import plain_type
 
-__all__ = ["SampleBatch", "as_args", "check_measurable", "check_no_nan", "compiled_code_eager", "copied_args", "layer_tracker",
-           "run"]
+__all__ = ["SampleBatch", "as_args", "check_measurable", "check_no_nan", "collective_device", "compiled_code_eager",
+           "copied_args", "layer_tracker", "run"]
 
 SampleBatch = Union[torch.Tensor, tuple, list, Mapping[str, Any]]
 
@@ -53,21 +55,38 @@ def check_no_nan(batch: SampleBatch) -> None:
             raise BatchError(msg)
 
 
-def check_measurable(batch: SampleBatch) -> None:
+def check_measurable(batch: SampleBatch, group: dist.ProcessGroup | None = None) -> None:
     """Refuse a batch the data-dependent init cannot measure: one on the meta device (no values),
     or one whose tensors are all empty (no rows).  A layer that only some rows reach (an expert
-    of a mixture) is the init's business: it keeps its scale when no row reaches it."""
+    of a mixture) is the init's business: it keeps its scale when no row reaches it.  Under a
+    process ``group`` the batch is every rank's shard together: one rank's may be empty, and every
+    rank takes the same decision (one all-reduce)."""
     tensors = _tensors(batch)
     meta = next((where for where, leaf in tensors if leaf.is_meta), None)
+    empty = bool(tensors) and all(leaf.numel() == 0 for _, leaf in tensors)
+    if group is not None:
+        flags = torch.tensor([meta is not None, not empty], dtype=torch.float32, device=collective_device(group))
+        all_reduce(flags, dist.ReduceOp.MAX, group)
+        if meta is None and bool(flags[0]):
+            meta = "on another rank"
+        empty = not bool(flags[1])
     if meta is not None:
         msg = (f"the sample batch is on the meta device ({meta}), which holds no values; the data-dependent init "
                "measures each layer's outputs on real data: pass a batch on the model's device, or use init='preserve'")
         raise BatchError(msg)
-    if tensors and all(leaf.numel() == 0 for _, leaf in tensors):
+    if empty:
         shapes = ", ".join(f"{where} {tuple(leaf.shape)}" for where, leaf in tensors[:3])
-        msg = (f"the sample batch is empty ({shapes}); the data-dependent init measures each layer's outputs "
+        shards = " on every rank of the process group" if group is not None else ""
+        msg = (f"the sample batch is empty{shards} ({shapes}); the data-dependent init measures each layer's outputs "
                "on its rows: pass at least one sample (a few hundred give steady statistics)")
         raise BatchError(msg)
+
+
+def collective_device(group: dist.ProcessGroup) -> torch.device:
+    """Where a tensor for a collective of ``group`` lives: the current CUDA device for NCCL, else the CPU."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _tensors(batch: SampleBatch) -> list[tuple[str, torch.Tensor]]:

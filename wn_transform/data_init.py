@@ -50,6 +50,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import weakref
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,7 +67,7 @@ from . import kernels
 from .discover import preserved_state
 from .errors import WeightNormError
 from .mean_only_bn import MeanOnlyBatchNorm, mean_only_bn_of
-from .moments import Scratch, centre_, per_unit
+from .moments import Scratch, all_reduce, centre_, per_unit
 from .norm import safe_norm, unit_norm
 from .ops import CELL_OPS, RECURRENT_OPS, SIGNATURES, op_name, view_dims, weight_use
 from .parametrization import WeightNorm, hands_input_to_calibrator, no_weight_cache, weight_norm_of
@@ -628,6 +629,7 @@ class _CalibrationMode(TorchFunctionMode):
             if self.group is None or t_raw.shape[unit_dim] == 0:  # nothing to measure; a later call with rows
                 # calibrates it, or its scale is kept
                 return _Handed(t_raw)
+            self._same_layer_on_every_rank(state, units, t_raw.shape[unit_dim], t_raw.device)
             reduced = centre_(t_raw, unit_dim, self.group)  # every rank joins the reduction: the others' rows count
             if bool(reduced[1].isnan().all()):  # 0/0: no rank had a row
                 return _Handed(t_raw)
@@ -638,6 +640,8 @@ class _CalibrationMode(TorchFunctionMode):
             if handed is not None:
                 return handed
         if reduced is None:
+            if self.group is not None:
+                self._same_layer_on_every_rank(state, units, t_raw.shape[unit_dim], t_raw.device)
             centred, mean, var = centre_(t_raw, unit_dim, self.group, self._scratch, out=(slot.mean, slot.var))  # of t'
         else:
             centred, mean, var = reduced
@@ -650,10 +654,12 @@ class _CalibrationMode(TorchFunctionMode):
         if known is not None and not whole:
             known = known[units]
         released = None
-        if known is not None and terms is not None and bool(known.any()) and (own := terms()) is not None:
-            bound = _rounding_bound(state, t_raw, own, unit_dim, units)
-            released = self._release(state, known, bound.to(var.dtype), _exact_spread(centred, unit_dim).to(var.dtype))
-            known = known & ~released
+        if known is not None and terms is not None and bool(known.any()):
+            bound = self._batch_rounding_bound(state, t_raw, terms, unit_dim, units)
+            if bound is not None:  # (across ranks, the reduced var is float64 already: see centre_)
+                spread = _exact_spread(centred, unit_dim) if self.group is None else var.sqrt()
+                released = self._release(state, known, bound.to(var.dtype), spread.to(var.dtype))
+                known = known & ~released
         if known is None or not bool(known.any()):
             gain = var.rsqrt()  # 1 / (sigma[t] ||v||); inf for a constant unit, found after the pass
         else:  # take sigma[t] = 1 there: g = s, b = -s mu[t]
@@ -739,8 +745,8 @@ class _CalibrationMode(TorchFunctionMode):
         ``op(x, v)`` beyond the op's own rounding is signal.  A layer's input computed by the model
         carries what rounding earlier ops handed on (a uniform row after a LayerNorm is noise of
         the size of its own terms), which no test on that layer can tell from a small real feature:
-        the check against its neighbours decides alone there.  Not under a process group either:
-        every rank must decide alike."""
+        the check against its neighbours decides alone there.  Across ranks, every rank decides
+        alike (:meth:`_batch_rounding_bound`)."""
         return lambda: terms() if self._is_sample(x) else None
 
     def _is_sample(self, x: Tensor) -> bool:
@@ -748,7 +754,7 @@ class _CalibrationMode(TorchFunctionMode):
         it) whose elements still equal the user's batch, wherever the model may have written
         (compared, not trusted to a version counter: ``.data`` and inference tensors have none),
         or a tensor the model made by moving or converting such values (:meth:`_note_copy`)."""
-        if self.group is not None or type(x) is not Tensor or x.numel() == 0:
+        if type(x) is not Tensor or x.numel() == 0:
             return False
         copy = self._copies.get(id(x))
         if copy is not None:
@@ -771,6 +777,39 @@ class _CalibrationMode(TorchFunctionMode):
             return
         if not result.is_inference():
             self._copies[id(result)] = (weakref.ref(result), result._version)
+
+    def _batch_rounding_bound(self, state: _State, t_raw: Tensor, terms: Callable[[], Tensor | None], unit_dim: int,
+                              units: slice) -> Tensor | None:
+        """:func:`_rounding_bound` where the layer reads the sample batch, else None.  Across ranks,
+        the largest bound, and None unless every rank with rows reads its shard of the batch: the
+        ranks decide alike (one all-reduce)."""
+        own = terms() if t_raw.numel() > 0 else None
+        bound = _rounding_bound(state, t_raw, own, unit_dim, units) if own is not None else None
+        if self.group is None:
+            return bound
+        count = t_raw.shape[unit_dim]
+        packed = torch.zeros(1 + count, dtype=torch.float64, device=t_raw.device)
+        if bound is not None:
+            packed[1:] = bound
+        else:
+            packed[0] = float(t_raw.numel() > 0)  # a rank with rows that are not the batch's: no release anywhere
+        all_reduce(packed, dist.ReduceOp.MAX, self.group)
+        return packed[1:] if not bool(packed[0]) else None
+
+    def _same_layer_on_every_rank(self, state: _State, units: slice, width: int, device: torch.device) -> None:
+        """Before a reduction across ranks: check that every rank is at the same layer (its name,
+        units and width), so that ranks that took different branches get an error naming the layer,
+        not statistics mixed from two layers or a reduction of mismatched sizes."""
+        tag = zlib.crc32(f"{state.target.qualname}[{units.start}:{units.stop}]".encode())  # the same in every process
+        mine = torch.tensor([tag, -tag, width, -width], dtype=torch.float64, device=device)
+        seen = mine.clone()
+        all_reduce(seen, dist.ReduceOp.MAX, self.group)
+        if not torch.equal(seen, mine):
+            msg = (f"the ranks of the process group are at different layers of the data-dependent init: this rank "
+                   f"calibrates {state.target.qualname!r} while another calibrates another layer (a branch taken on "
+                   "some ranks only, or a different model); every rank must run the same layers in the same order, "
+                   "or pass distributed=False for an init on each rank's batch alone")
+            raise WeightNormError(msg)
 
     def _release(self, state: _State, known: Tensor, bound: Tensor, std: Tensor) -> Tensor:
         """The units of ``known`` (called constant against their neighbours' scale) whose spread

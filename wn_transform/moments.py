@@ -85,15 +85,7 @@ def centre_(t: Tensor, unit_dim: int, group: dist.ProcessGroup | None = None, sc
         t64 = x.double()
         count = torch.tensor([x.numel() / x.shape[unit_dim]], dtype=torch.float64, device=x.device)
         packed = torch.cat([count, t64.sum(dim=reduce), t64.square().sum(dim=reduce)])
-        try:
-            dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
-        except RuntimeError as exc:  # a timeout, a lost peer, a mismatch of collectives
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            msg = (f"the data-dependent init's reduction across ranks failed ({first_line}): every rank of the process "
-                   "group must call apply_weight_norm at the same time with its own valid shard of the batch and run "
-                   "the same layers in the same order (a rank that raised first, on a NaN in its shard, leaves the "
-                   "others waiting), or pass distributed=False for an init on each rank's batch alone")
-            raise WeightNormError(msg) from exc
+        all_reduce(packed, dist.ReduceOp.SUM, group)
         total, sums, sum_squares = packed[0], *packed[1:].chunk(2)
         mean = sums / total
         var = (sum_squares / total - mean.square()).clamp_min(0)
@@ -102,6 +94,20 @@ def centre_(t: Tensor, unit_dim: int, group: dist.ProcessGroup | None = None, sc
         out[0].copy_(mean)
         out[1].copy_(var)
     return centred, mean, var
+
+
+def all_reduce(tensor: Tensor, op: dist.ReduceOp, group: dist.ProcessGroup) -> None:
+    """``dist.all_reduce`` for the data-dependent init; a failure (a timeout, a lost peer, a mismatch
+    of collectives) is a :class:`WeightNormError` that says what every rank must do."""
+    try:
+        dist.all_reduce(tensor, op=op, group=group)
+    except RuntimeError as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        msg = (f"the data-dependent init's reduction across ranks failed ({first_line}): every rank of the process "
+               "group must call apply_weight_norm at the same time with its own valid shard of the batch and run "
+               "the same layers in the same order (a rank that raised first, on a NaN in its shard, leaves the "
+               "others waiting), or pass distributed=False for an init on each rank's batch alone")
+        raise WeightNormError(msg) from exc
 
 
 def per_unit(values: Tensor, ndim: int, unit_dim: int) -> Tensor:
