@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import pickle
 import re
@@ -1008,3 +1009,93 @@ def _assert_onnx_computes(path: Path, model: torch.nn.Module) -> None:
     (got,) = session.run(None, {session.get_inputs()[0].name: mel.numpy()})
     with torch.no_grad():
         np.testing.assert_allclose(got, model.eval()(mel).numpy(), rtol=1e-4, atol=1e-5)
+
+
+class _TiedLanguageModel(torch.nn.Module):
+    """An embedding and an output layer that share one Parameter (``tie_word_embeddings``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(20, 8)
+        self.mix = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, 20, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.mix(self.emb(ids))))
+
+
+def build_tied() -> torch.nn.Module:
+    return _TiedLanguageModel()
+
+
+def test_a_checkpoint_that_holds_a_tied_weight_once_loads(tmp_path: Path) -> None:
+    """``save_pretrained`` writes a tied Parameter under one of its names: the other is not missing."""
+    trained = wn.apply_weight_norm(build_tied(), torch.randint(0, 20, (4, 6)))
+    state = {k: v for k, v in trained.state_dict().items() if k != "head.weight"}
+    assert "emb.weight" in state
+    save_file(state, tmp_path / "model.safetensors")
+    sample = tmp_path / "ids.pt"
+    torch.save(torch.randint(0, 20, (2, 6)), sample)
+    result = cli("export", "--model", "tests.test_cli:build_tied", "--checkpoint", str(tmp_path / "model.safetensors"),
+                 "--sample", str(sample), "-o", str(tmp_path / "m.onnx"))
+    assert result.returncode == 0, result.stderr
+    state.pop("emb.weight")  # now the tied pair is missing for real
+    save_file(state, tmp_path / "short.safetensors")
+    result = cli("inspect", "--model", "tests.test_cli:build_tied", "--checkpoint", str(tmp_path / "short.safetensors"))
+    assert result.returncode == 1 and "missing keys emb.weight, head.weight" in result.stderr
+
+
+def _shard(state: dict, folder: Path, parts: int) -> Path:
+    """``state`` written as Hugging Face shards it (``model-0000k-of-0000n.safetensors`` and an
+    index), in key order, split every few keys: a g and its v can land in different shards."""
+    keys = list(state)
+    size = -(-len(keys) // parts)
+    weight_map = {}
+    for part in range(parts):
+        name = f"model-{part + 1:05d}-of-{parts:05d}.safetensors"
+        chunk = keys[part * size:(part + 1) * size]
+        save_file({k: state[k].contiguous() for k in chunk}, folder / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(chunk, name))
+    index = folder / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
+    return index
+
+
+def test_a_sharded_checkpoint_is_read_whole_through_its_index_and_a_shard_alone_is_refused(tmp_path: Path) -> None:
+    state = build_generator("parametrizations").state_dict()
+    index = _shard(state, tmp_path, 3)
+    assert main(["fold", str(index), "-o", str(tmp_path / "plain.safetensors")]) == 0
+    folded = load_file(tmp_path / "plain.safetensors")
+    expected = wn.fold_state_dict(state)
+    assert folded.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(folded[key], expected[key], msg=key)
+    with safe_open(str(tmp_path / "plain.safetensors"), framework="pt") as file:
+        assert file.metadata() == {"format": "pt"}
+    shard = tmp_path / "model-00002-of-00003.safetensors"
+    result = cli("fold", str(shard), "-o", str(tmp_path / "part.safetensors"))
+    assert result.returncode == 1 and not (tmp_path / "part.safetensors").exists()
+    assert f"one shard of a sharded checkpoint (a weight-norm pair may be split across shards); pass its index, {index}" \
+        in result.stderr
+    result = cli("fold", str(index), "-o", str(shard), "--force")  # an input file, even with --force
+    assert result.returncode == 1 and load_file(shard).keys() <= state.keys()
+
+
+def test_fold_keep_leaves_the_weight_norm_a_model_is_built_with(tmp_path: Path) -> None:
+    from tests.test_fold import _BuiltWithWeightNorm
+
+    source, out = tmp_path / "ckpt.pt", tmp_path / "plain.safetensors"
+    model = wn.apply_weight_norm(_BuiltWithWeightNorm(), torch.randn(6, 4, 10))
+    torch.save(model.state_dict(), source)
+    result = cli("fold", str(source), "--keep", "pos.weight", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "(top level): 2 weight-normalized tensors folded (1 kept)" in result.stdout
+    fresh = _BuiltWithWeightNorm()
+    fresh.load_state_dict(load_file(out))
+    x = torch.randn(2, 4, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x))
+    result = cli("fold", str(source), "--keep", "head.bias", "-o", str(tmp_path / "o.pt"))
+    assert result.returncode == 1 and "--keep names head.bias, which no state dict holds weight-normalized" in result.stderr

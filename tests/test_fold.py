@@ -162,3 +162,32 @@ def test_a_wrapper_that_forwards_attributes_to_its_layer_is_not_taken_for_the_la
     assert type(folded) is ForwardsAttributes and not wn.find_weight_norms(folded)
     assert list(folded.state_dict()) == ["layer.weight", "layer.bias"]
     torch.testing.assert_close(folded(x), expected)
+
+
+class _BuiltWithWeightNorm(nn.Module):
+    """A model that has torch's weight norm on one layer by construction (wav2vec2's ``pos_conv``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = nn.Conv1d(4, 8, 1)
+        self.pos = torch.nn.utils.parametrizations.weight_norm(nn.Conv1d(8, 8, 3, padding=1), dim=2)
+        self.head = nn.Conv1d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x)
+        return self.head(h + torch.tanh(self.pos(h)))
+
+
+def test_fold_can_keep_the_weight_norm_a_model_is_built_with_so_it_loads_into_its_class() -> None:
+    x = torch.randn(6, 4, 10)
+    model = wn.apply_weight_norm(_BuiltWithWeightNorm(), x)
+    folded = wn.fold_weight_norm(model, keep=["pos.weight"])
+    fresh = _BuiltWithWeightNorm()
+    fresh.load_state_dict(folded.state_dict())  # strict: the layout its class builds
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x))
+    assert [f.qualname for f in wn.find_weight_norms(folded)] == ["pos.weight"]
+    assert [f.qualname for f in wn.find_weight_norms(wn.fold_weight_norm(model))] == []
+    with pytest.raises(wn.FoldError, match=r"keep names head\.bias, which is not weight-normalized in this model"):
+        wn.fold_weight_norm(model, keep=["head.bias"])

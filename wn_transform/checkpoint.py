@@ -13,8 +13,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
+import re
 import tempfile
 import warnings
 import zipfile
@@ -30,12 +32,14 @@ from torch import Tensor
 from .errors import WeightNormError, few
 
 __all__ = [
-    "CheckpointError", "check_output", "file_format", "is_state_dict", "load_batch", "load_checkpoint", "map_state_dicts",
+    "CheckpointError", "check_output", "file_format", "files_of", "is_state_dict", "load_batch", "load_checkpoint",
+    "map_state_dicts",
     "rebuilt_like", "safetensors_metadata", "save_checkpoint", "state_dict_paths",
 ]
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
 SAFETENSORS = ".safetensors"
+INDEX_SUFFIX = ".index.json"  # a sharded checkpoint's index: model.safetensors.index.json
 
 
 class CheckpointError(WeightNormError):
@@ -114,11 +118,31 @@ def map_state_dicts(obj: Any, fn: Callable[[dict[str, Any], str], dict[str, Any]
 
 
 def load_checkpoint(path: str | os.PathLike) -> Any:
-    """Read a checkpoint safely (no arbitrary code), on the CPU."""
+    """Read a checkpoint safely (no arbitrary code), on the CPU.  A sharded checkpoint is read
+    whole through its index (``model.safetensors.index.json``, ``pytorch_model.bin.index.json``);
+    one of its shards alone is refused while the index is beside it (a weight-norm pair may be
+    split across two shards, and a fold of one shard would leave the index naming keys it lost)."""
+    path = _existing_file(path)
+    if path.name.endswith(INDEX_SUFFIX):
+        return _load_sharded(path)
+    index = _index_beside(path)
+    if index is not None:
+        msg = (f"{path}: one shard of a sharded checkpoint (a weight-norm pair may be split across shards); "
+               f"pass its index, {index}, to read the whole checkpoint")
+        raise CheckpointError(msg)
+    return _read(path)
+
+
+def _existing_file(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.is_file():
         msg = f"{path}: no such file" if not path.exists() else f"{path}: not a file"
         raise CheckpointError(msg)
+    return path
+
+
+def _read(path: Path) -> Any:
+    """One checkpoint file's contents (see :func:`load_checkpoint`)."""
     kind = file_format(path)
     if kind == "safetensors":
         return _load_safetensors(path)
@@ -143,6 +167,51 @@ def load_checkpoint(path: str | os.PathLike) -> Any:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         msg = f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {first})"
         raise CheckpointError(msg) from exc
+
+
+def _load_sharded(index: Path) -> dict[str, Any]:
+    """The state dict a sharded checkpoint's index (Hugging Face's ``weight_map``) spreads over its
+    shards, in the shards' own order (that of the model's state dict)."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        msg = f"{index}: not a readable checkpoint index (a JSON file with a 'weight_map' of key -> shard file): {exc}"
+        raise CheckpointError(msg) from exc
+    merged: dict[str, Any] = {}
+    for shard in shards:
+        part = _read(_existing_file(index.parent / shard))
+        if not is_state_dict(part):
+            msg = f"{index.parent / shard}: a shard of {index.name} that holds no state dict"
+            raise CheckpointError(msg)
+        merged.update(part)
+    absent = [key for key in weight_map if key not in merged]
+    if absent:
+        msg = f"{index}: keys the index lists are in no shard: {few(absent)}"
+        raise CheckpointError(msg)
+    return merged
+
+
+def files_of(path: str | os.PathLike) -> tuple[str, ...]:
+    """The files a checkpoint is read from: a sharded checkpoint's index and its shards, or ``path``."""
+    path = Path(path)
+    if not (path.name.endswith(INDEX_SUFFIX) and path.is_file()):
+        return (str(path),)
+    try:
+        shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return (str(path),)  # (an unreadable index is load_checkpoint's error to give)
+    return (str(path), *(str(path.parent / shard) for shard in shards))
+
+
+def _index_beside(shard: Path) -> Path | None:
+    """The index of the sharded checkpoint ``shard`` belongs to (``model-00001-of-00003.safetensors``
+    beside ``model.safetensors.index.json``), or None."""
+    match = re.fullmatch(r"(.+)-\d{5}-of-\d{5}(\.[A-Za-z]+)", shard.name)
+    if match is None:
+        return None
+    index = shard.with_name(f"{match[1]}{match[2]}{INDEX_SUFFIX}")
+    return index if index.is_file() else None
 
 
 def file_format(path: Path) -> str:
@@ -312,7 +381,7 @@ def safetensors_metadata(path: str | os.PathLike) -> dict[str, str] | None:
     file without one or in another format, to carry over to an output made from it."""
     from safetensors import SafetensorError, safe_open
 
-    path = Path(path)
+    path = Path(files_of(path)[-1])  # a sharded checkpoint's: that of its shards
     if not path.is_file() or file_format(path) != "safetensors":
         return None
     try:

@@ -27,8 +27,8 @@ from torch import nn
 from . import __version__
 from .apply import apply_weight_norm, plan_weight_norm, weight_norm_report
 from .checkpoint import (
-    CheckpointError, check_output, load_batch, load_checkpoint, map_state_dicts, rebuilt_like, safetensors_metadata,
-    save_checkpoint, state_dict_paths,
+    CheckpointError, check_output, files_of, load_batch, load_checkpoint, map_state_dicts, rebuilt_like,
+    safetensors_metadata, save_checkpoint, state_dict_paths,
 )
 from ._copy import routed_module
 from .errors import WeightNormError, few
@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     fold = command("fold", "Fold every weight-normalized tensor of a checkpoint into a plain weight (no model code).")
     fold.add_argument("input", help="checkpoint to fold")
+    fold.add_argument("--keep", action="append", default=[], metavar="WEIGHT",
+                      help="a weight left weight-normalized, e.g. encoder.pos_conv_embed.conv.weight (one a model has "
+                           "by construction, so that the file still loads into its class); repeatable")
     _one_state_dict_argument(fold)
     _output_arguments(fold)
 
@@ -180,7 +183,12 @@ def cmd_inspect(args: argparse.Namespace, say: Callable[[str], None]) -> int:
 
 
 def cmd_fold(args: argparse.Namespace, say: Callable[[str], None]) -> int:
-    return _rewrite(args, say, lambda sd, where: fold_state_dict(sd), "folded")
+    keep = set(args.keep)
+
+    def fold(state_dict: dict, where: str) -> dict:
+        return fold_state_dict(state_dict, keep=keep & {wn.weight_key for wn in find_state_dict_weight_norms(state_dict)})
+
+    return _rewrite(args, say, fold, "folded", keep=keep)
 
 
 def cmd_convert(args: argparse.Namespace, say: Callable[[str], None]) -> int:
@@ -285,9 +293,10 @@ class _UsageError(Exception):
 
 
 def _rewrite(args: argparse.Namespace, say: Callable[[str], None], fn: Callable[[dict, str], dict], done: str,
-             to: str | None = None) -> int:
+             to: str | None = None, keep: set[str] = frozenset()) -> int:
     """Load ``args.input``, apply ``fn`` to each state dict, write ``args.output``; ``to``: the
-    layout ``convert`` writes (pairs already in it are not counted as converted)."""
+    layout ``convert`` writes (pairs already in it are not counted as converted); ``keep``: the
+    weights ``fold`` leaves weight-normalized (each must be one, in some state dict)."""
     _check_output_free(args)
     say(f"loading {args.input}")
     checkpoint = load_checkpoint(args.input)
@@ -300,16 +309,22 @@ def _rewrite(args: argparse.Namespace, say: Callable[[str], None], fn: Callable[
     if not any(found.values()):
         msg = f"{args.input}: no weight-normalized tensors found (looked in {', '.join(found) or 'no state dict'})"
         raise CheckpointError(msg)
-    counts = {where: sum(wn.layout != to for wn in pairs) for where, pairs in found.items()}
+    unknown = sorted(keep - {wn.weight_key for pairs in found.values() for wn in pairs})
+    if unknown:
+        msg = f"{args.input}: --keep names {few(unknown)}, which no state dict holds weight-normalized"
+        raise CheckpointError(msg)
+    counts = {where: sum(wn.layout != to and wn.weight_key not in keep for wn in pairs) for where, pairs in found.items()}
     if not any(counts.values()):
-        msg = f"{args.input}: every weight-normalized tensor is already in the {to} layout; nothing to convert"
+        msg = (f"{args.input}: every weight-normalized tensor is already in the {to} layout; nothing to convert" if to
+               else f"{args.input}: every weight-normalized tensor is kept (--keep); nothing to fold")
         raise CheckpointError(msg)
     result = map_state_dicts(checkpoint, fn)
     say(f"writing {args.output}")
-    save_checkpoint(result, args.output, force=args.force, inputs=(args.input,), metadata=safetensors_metadata(args.input))
+    save_checkpoint(result, args.output, force=args.force, inputs=_inputs(args), metadata=safetensors_metadata(args.input))
     for where, count in counts.items():
         kept = len(found[where]) - count
-        print(f"{where}: {count} weight-normalized tensors {done}" + (f" ({kept} already {to})" if kept else ""))
+        left = f"already {to}" if to else "kept"
+        print(f"{where}: {count} weight-normalized tensors {done}" + (f" ({kept} {left})" if kept else ""))
     return 0
 
 
@@ -389,6 +404,7 @@ def _load_weights(model: nn.Module, checkpoint: Any, args: argparse.Namespace) -
     model = routed_module(model)
     paths = state_dict_paths(checkpoint)
     expected = set(model.state_dict())
+    tied = _tied_keys(model)
     prefixed = _under_prefix(checkpoint, paths, args.key) if args.key is not None else None
     if prefixed is not None:  # Lightning's {"state_dict": {"generator.conv_pre.weight": ...}}: --key generator
         checkpoint, paths = prefixed, [()]
@@ -398,31 +414,47 @@ def _load_weights(model: nn.Module, checkpoint: Any, args: argparse.Namespace) -
     elif len(paths) == 1:
         path = paths[0]
     else:
-        fitting = [p for p in paths if _fits(_get(checkpoint, p), expected)]
+        fitting = [p for p in paths if _fits(_get(checkpoint, p), expected, tied)]
         if len(fitting) != 1:
             what = f"{len(paths)} state dicts" if not fitting else f"{len(fitting)} state dicts that fit {args.model}"
             msg = f"{args.checkpoint}: holds {what} ({_list_paths(fitting or paths)}); choose one with --key"
             raise CheckpointError(msg)
         path = fitting[0]
     state_dict = _fitted(_get(checkpoint, path), expected)
-    missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
+    missing, unexpected = _missing(expected, set(state_dict), tied), sorted(set(state_dict) - expected)
     if missing or unexpected:
         msg = (f"{args.checkpoint}: does not fit {args.model}: missing keys {few(missing)}; "
-               f"unexpected keys {few(unexpected)}{_prefix_hint(state_dict, expected)}")
+               f"unexpected keys {few(unexpected)}{_prefix_hint(state_dict, expected, tied)}")
         raise CheckpointError(msg)
-    try:
-        model.load_state_dict(state_dict)
+    try:  # not strict where a key is left out for the one it is tied to (an LM head and its embedding)
+        model.load_state_dict(state_dict, strict=set(state_dict) == expected)
     except RuntimeError as exc:
         msg = f"{args.checkpoint}: does not fit {args.model}: {str(exc).strip().splitlines()[-1].strip()}"
         raise CheckpointError(msg) from exc
 
 
-def _fits(state_dict: dict[str, Any], expected: set[str]) -> bool:
+def _fits(state_dict: dict[str, Any], expected: set[str], tied: dict[str, set[str]]) -> bool:
     """Whether ``state_dict`` loads into a model whose keys are ``expected`` (see :func:`_fitted`)."""
     try:
-        return set(_fitted(state_dict, expected)) == expected
+        keys = set(_fitted(state_dict, expected))
     except WeightNormError:  # a pair that cannot take the model's layout: not this model's weights
         return False
+    return keys <= expected and not _missing(expected, keys, tied)
+
+
+def _tied_keys(model: nn.Module) -> dict[str, set[str]]:
+    """Per state-dict key of ``model``, the other keys that hold the same tensor (tied weights: a
+    language model's output layer and its embedding), which a checkpoint may hold once
+    (``save_pretrained`` leaves the tied copy out)."""
+    by_tensor: dict[int, list[str]] = {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        by_tensor.setdefault(id(value), []).append(key)
+    return {key: set(keys) - {key} for keys in by_tensor.values() if len(keys) > 1 for key in keys}
+
+
+def _missing(expected: set[str], present: set[str], tied: dict[str, set[str]]) -> list[str]:
+    """The keys of ``expected`` that ``present`` lacks, a key tied to a present one not counted."""
+    return sorted(key for key in expected - present if not tied.get(key, set()) & present)
 
 
 def _fitted(state_dict: dict[str, Any], expected: set[str]) -> dict[str, Any]:
@@ -471,13 +503,13 @@ def _under_prefix(checkpoint: Any, paths: list[tuple[str, ...]], key: str) -> di
     return {k[len(key) + 1:]: v for k, v in _get(checkpoint, holders[0]).items() if k.startswith(f"{key}.")}
 
 
-def _prefix_hint(state_dict: dict[str, Any], expected: set[str]) -> str:
+def _prefix_hint(state_dict: dict[str, Any], expected: set[str], tied: dict[str, set[str]]) -> str:
     """Advice for a state dict whose keys fit the model once a first component is taken off
     (a LightningModule's ``generator.conv_pre.weight``): ``--key generator``; else nothing."""
     prefixes = sorted({k.split(".", 1)[0] for k in state_dict if "." in k})
     for prefix in prefixes:
         under = {k[len(prefix) + 1:]: v for k, v in state_dict.items() if k.startswith(f"{prefix}.")}
-        if _fits(under, expected):
+        if _fits(under, expected, tied):
             return f" (the keys under '{prefix}.' fit it: choose them with --key {prefix})"
     return ""
 
@@ -677,7 +709,7 @@ def _check_output_free(args: argparse.Namespace) -> None:
 
 def _inputs(args: argparse.Namespace) -> tuple[str, ...]:
     names = ("input", "checkpoint", "calib", "sample")
-    return tuple(getattr(args, n) for n in names if getattr(args, n, None))
+    return tuple(file for n in names if getattr(args, n, None) for file in files_of(getattr(args, n)))
 
 
 def _without_nested_state_dicts(state_dict: Any) -> Any:

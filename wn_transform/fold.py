@@ -13,6 +13,7 @@ time and never edits a class, so folding a copy leaves the original working.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -63,11 +64,15 @@ def find_weight_norms(model: nn.Module) -> list[FoundWeightNorm]:
     return found
 
 
-def fold_weight_norm(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+def fold_weight_norm(model: nn.Module, *, keep: Collection[str] = (), inplace: bool = False) -> nn.Module:
     """Replace every weight-normalized weight by a plain Parameter with the same value.
 
     Args:
         model: any module; layers in the three layouts above are folded, others kept.
+        keep: weights (``"encoder.pos_conv_embed.conv.weight"``) left weight-normalized: those a
+            model has by construction (wav2vec2's ``pos_conv``, EnCodec's convs), so that its
+            ``state_dict`` still loads into its own class.  A name that is not weight-normalized
+            is an error.
         inplace: fold ``model`` itself; by default a deep copy is folded and returned.
 
     Returns:
@@ -79,11 +84,17 @@ def fold_weight_norm(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         msg = f"fold_weight_norm expects a torch.nn.Module, got {type(model).__name__}"
         raise TypeError(msg)
     refuse_sharded(model, "fold_weight_norm", FoldError)
+    keep = {keep} if isinstance(keep, str) else set(keep)
+    unknown = sorted(keep - {found.qualname for found in find_weight_norms(model)})
+    if unknown:
+        msg = f"keep names {', '.join(unknown)}, which {'is' if len(unknown) == 1 else 'are'} not weight-normalized in this model"
+        raise FoldError(msg)
     if not inplace:
         model = copy_model(model)
     with no_weight_cache():  # one folded layer at a time: no second copy of the weights
         for found in find_weight_norms(model):
-            fold_one(model, found)
+            if found.qualname not in keep:
+                fold_one(model, found)
     for module in model.modules():
         if not isinstance(module, torch.jit.ScriptModule):  # scripted modules carry no mean-only batch norm
             detach_mean_only_bn(module)  # its inference-mode shift goes into the layer's bias
