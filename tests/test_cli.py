@@ -1099,3 +1099,31 @@ def test_fold_keep_leaves_the_weight_norm_a_model_is_built_with(tmp_path: Path) 
         torch.testing.assert_close(fresh(x), model(x))
     result = cli("fold", str(source), "--keep", "head.bias", "-o", str(tmp_path / "o.pt"))
     assert result.returncode == 1 and "--keep names head.bias, which no state dict holds weight-normalized" in result.stderr
+
+
+def test_a_checkpoint_whose_tied_names_disagree_is_refused(tmp_path: Path) -> None:
+    state = build_tied().state_dict()
+    state["head.weight"] = torch.zeros_like(state["head.weight"])  # the file's two copies of one Parameter differ
+    torch.save(state, tmp_path / "ckpt.pt")
+    result = cli("apply", "--model", "tests.test_cli:build_tied", "--checkpoint", str(tmp_path / "ckpt.pt"), "--preserve",
+                 "-o", str(tmp_path / "o.pt"))
+    assert result.returncode == 1 and not (tmp_path / "o.pt").exists()
+    assert "holds different values for names that are one Parameter in tests.test_cli:build_tied (tied): " \
+           "emb.weight and head.weight" in result.stderr
+
+
+def test_a_sharded_key_is_read_from_the_shard_its_index_names(tmp_path: Path) -> None:
+    """A stale copy of a key in another shard is not read; a key the index does not list is an error."""
+    state = build_generator("parametrizations").state_dict()
+    index = _shard(state, tmp_path, 2)
+    key = next(iter(state))
+    stale = tmp_path / "model-00002-of-00002.safetensors"
+    save_file({**load_file(stale), key: torch.full_like(state[key], 9.0)}, stale, metadata={"format": "pt"})
+    torch.testing.assert_close(checkpoint.load_checkpoint(index)[key], state[key])
+    save_file({**load_file(stale), "extra.weight": torch.ones(2, 2)}, stale)
+    with pytest.raises(checkpoint.CheckpointError, match=r"holds keys its index model\.safetensors\.index\.json does not list: "
+                                                         r"extra\.weight"):
+        checkpoint.load_checkpoint(index)
+    index.write_text(json.dumps({"weight_map": {key: 1}}))
+    result = cli("fold", str(index), "-o", str(tmp_path / "o.pt"))
+    assert result.returncode == 1 and "its 'weight_map' must map each key to a shard file name" in result.stderr

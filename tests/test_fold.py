@@ -191,3 +191,15 @@ def test_fold_can_keep_the_weight_norm_a_model_is_built_with_so_it_loads_into_it
     assert [f.qualname for f in wn.find_weight_norms(wn.fold_weight_norm(model))] == []
     with pytest.raises(wn.FoldError, match=r"keep names head\.bias, which is not weight-normalized in this model"):
         wn.fold_weight_norm(model, keep=["head.bias"])
+    assert [f.qualname for f in wn.find_weight_norms(wn.fold_weight_norm(model, keep="pos.weight"))] == ["pos.weight"]
+    state = wn.fold_state_dict(model.state_dict(), keep="pos.weight")  # a name, not its characters
+    assert "pos.parametrizations.weight.original1" in state and "head.weight" in state
+
+
+def test_fold_keep_takes_any_name_of_a_layer_reachable_under_two() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    model.head = model[1]  # the same module under a second name
+    model = wn.apply_weight_norm(model, init="preserve")
+    for name in ("1.weight", "head.weight"):
+        folded = wn.fold_weight_norm(model, keep=[name])
+        assert [f.qualname for f in wn.find_weight_norms(folded)] == ["1.weight"]

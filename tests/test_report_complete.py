@@ -705,7 +705,7 @@ def test_a_layer_run_with_another_weight_is_skipped_and_the_model_still_trains(s
     report, skipped = _reasons(model, batch)
     assert report.found_by == step
     assert [t.qualname for t in report.converted] == ["hyper.weight", "target.2.weight"]
-    assert skipped["target.0.weight"].startswith("its layer ran on the sample batch with another tensor as its weight")
+    assert skipped["target.0.weight"].startswith("its layer runs with another tensor as its weight")
     assert {t.qualname for t in report.converted} | set(skipped) == _matrices(model)
     for init in ("preserve", "data"):
         out = wn.apply_weight_norm(model, batch, init=init)
@@ -713,3 +713,31 @@ def test_a_layer_run_with_another_weight_is_skipped_and_the_model_still_trains(s
             torch.testing.assert_close(out(*batch), model(*batch))
         out(*batch).square().sum().backward()  # target.0's Parameter untouched: nothing to break
         assert out.hyper.parametrizations.weight.original1.grad is not None
+
+
+class _WeightBank(nn.Module):
+    """``l`` runs with a buffer as its weight (``functional_call``): fx traces it (as a leaf call)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.l, self.o = nn.Linear(4, 4), nn.Linear(4, 2)
+        self.register_buffer("bank", torch.randn(4, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.o(torch.func.functional_call(self.l, {"weight": self.bank}, (x,)))
+
+
+@pytest.mark.parametrize("batch", [True, False], ids=["batch", "no-batch"])
+def test_a_leaf_layer_run_with_another_weight_is_skipped_by_symbolic_trace_too(batch: bool) -> None:
+    """fx records the layer as one ``call_module``; the tracer sees that its parameters are not its own
+    during that call, and the layer is skipped as on the other steps; the model trains."""
+    model, x = _WeightBank(), torch.randn(16, 4)
+    report, skipped = _reasons(model, x if batch else None)
+    assert report.found_by == "symbolic_trace"
+    assert [t.qualname for t in report.converted] == ["o.weight"]
+    assert skipped["l.weight"].startswith("its layer runs with another tensor as its weight")
+    out = wn.apply_weight_norm(model, x if batch else None)
+    out(x).square().sum().backward()
+    if not batch:  # init="preserve": the same function
+        torch.testing.assert_close(out(x), model(x))

@@ -171,25 +171,39 @@ def _read(path: Path) -> Any:
 
 def _load_sharded(index: Path) -> dict[str, Any]:
     """The state dict a sharded checkpoint's index (Hugging Face's ``weight_map``) spreads over its
-    shards, in the shards' own order (that of the model's state dict)."""
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        shards = sorted(set(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        msg = f"{index}: not a readable checkpoint index (a JSON file with a 'weight_map' of key -> shard file): {exc}"
-        raise CheckpointError(msg) from exc
+    shards, in the shards' own order (that of the model's state dict); each key from the shard the
+    index names (another shard's copy of it is stale)."""
+    weight_map = _weight_map(index)
     merged: dict[str, Any] = {}
-    for shard in shards:
-        part = _read(_existing_file(index.parent / shard))
+    for shard in sorted(set(weight_map.values())):
+        path = index.parent / shard
+        part = _read(_existing_file(path))
         if not is_state_dict(part):
-            msg = f"{index.parent / shard}: a shard of {index.name} that holds no state dict"
+            msg = f"{path}: a shard of {index.name} that holds no state dict"
             raise CheckpointError(msg)
-        merged.update(part)
+        unlisted = [key for key in part if key not in weight_map]
+        if unlisted:
+            msg = f"{path}: holds keys its index {index.name} does not list: {few(unlisted)}"
+            raise CheckpointError(msg)
+        merged.update((key, value) for key, value in part.items() if weight_map[key] == shard)
     absent = [key for key in weight_map if key not in merged]
     if absent:
-        msg = f"{index}: keys the index lists are in no shard: {few(absent)}"
+        msg = f"{index}: keys the index lists are not in the shards it names: {few(absent)}"
         raise CheckpointError(msg)
     return merged
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """A sharded checkpoint's ``weight_map`` (key -> shard file), checked."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        msg = f"{index}: not a readable checkpoint index (a JSON file with a 'weight_map' of key -> shard file): {exc}"
+        raise CheckpointError(msg) from exc
+    if not (isinstance(weight_map, dict) and all(isinstance(v, str) and v for v in weight_map.values())):
+        msg = f"{index}: not a checkpoint index: its 'weight_map' must map each key to a shard file name"
+        raise CheckpointError(msg)
+    return weight_map
 
 
 def files_of(path: str | os.PathLike) -> tuple[str, ...]:
@@ -198,9 +212,9 @@ def files_of(path: str | os.PathLike) -> tuple[str, ...]:
     if not (path.name.endswith(INDEX_SUFFIX) and path.is_file()):
         return (str(path),)
     try:
-        shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return (str(path),)  # (an unreadable index is load_checkpoint's error to give)
+        shards = sorted(set(_weight_map(path).values()))
+    except CheckpointError:
+        return (str(path),)  # (load_checkpoint's error to give)
     return (str(path), *(str(path.parent / shard) for shard in shards))
 
 

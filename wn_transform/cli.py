@@ -426,6 +426,13 @@ def _load_weights(model: nn.Module, checkpoint: Any, args: argparse.Namespace) -
         msg = (f"{args.checkpoint}: does not fit {args.model}: missing keys {few(missing)}; "
                f"unexpected keys {few(unexpected)}{_prefix_hint(state_dict, expected, tied)}")
         raise CheckpointError(msg)
+    disagree = sorted(f"{key} and {other}" for key, others in tied.items() for other in others
+                      if key < other and key in state_dict and other in state_dict
+                      and not _same_values(state_dict[key], state_dict[other]))
+    if disagree:
+        msg = (f"{args.checkpoint}: holds different values for names that are one Parameter in {args.model} (tied): "
+               f"{few(disagree)}; loading would keep one and lose the other")
+        raise CheckpointError(msg)
     try:  # not strict where a key is left out for the one it is tied to (an LM head and its embedding)
         model.load_state_dict(state_dict, strict=set(state_dict) == expected)
     except RuntimeError as exc:
@@ -440,6 +447,10 @@ def _fits(state_dict: dict[str, Any], expected: set[str], tied: dict[str, set[st
     except WeightNormError:  # a pair that cannot take the model's layout: not this model's weights
         return False
     return keys <= expected and not _missing(expected, keys, tied)
+
+
+def _same_values(a: Any, b: Any) -> bool:
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
 
 
 def _tied_keys(model: nn.Module) -> dict[str, set[str]]:

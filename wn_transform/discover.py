@@ -109,7 +109,7 @@ def _finish(log: UseLog, model: nn.Module, found_by: str, failures: dict[str, st
                 continue
             if id(module) in log.ran and _runs_torch_forward(module):
                 ran_without.append(Skipped(qualname, (
-                    f"its layer ran on the sample batch with another tensor as its {tensor} (torch.func.functional_call "
+                    f"its layer runs with another tensor as its {tensor} (torch.func.functional_call "
                     "or torch.nn.utils.stateless with other parameters, a generated weight): the Parameter is not what "
                     "it computes with")))
             else:
@@ -201,24 +201,35 @@ class _Tracer(torch.fx.Tracer):
     model's (``nn.DataParallel(net)``, a parametrized custom module): traced through, so that the
     weights used in that code are seen."""
 
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.own = {id(module): dict(module._parameters) for module in model.modules()}
+        self.swapped: set[str] = set()  # leaves called with other tensors in place of their own parameters
+
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return super().is_leaf_module(m, module_qualified_name) and not any(
             not plain_type(sub).__module__.startswith("torch.") for sub in m.modules())
 
     def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict[str, Any]) -> Any:
-        if isinstance(m, nn.DataParallel) and not self.is_leaf_module(m, self.path_of_module(m)):
+        path = self.path_of_module(m)
+        if isinstance(m, nn.DataParallel) and not self.is_leaf_module(m, path):
             return self.call_module(m.module, m.module.forward, args, kwargs)  # what it runs, on one device or none
+        own = self.own.get(id(m), m._parameters)
+        if self.is_leaf_module(m, path) and any(m._parameters.get(name) is not p for name, p in own.items()):
+            self.swapped.add(path)  # torch.func.functional_call(layer, {"weight": other}): not its own weight
         return super().call_module(m, forward, args, kwargs)
 
 
 def _symbolic_trace_log(model: nn.Module) -> UseLog:
     log = UseLog(model, key=lambda v: v if isinstance(v, torch.fx.Node) else None)
-    tracer = _Tracer()
+    tracer = _Tracer(model)
     if tracer.is_leaf_module(model, ""):  # a bare torch layer: its type says it all
         _log_leaf_module(log, model, "")
         return log
     # nn.DataParallel(net) at the root: its forward(*inputs) cannot take Proxies; trace what it runs
-    root, prefix = (model.module, "module.") if isinstance(model, nn.DataParallel) else (model, "")
+    root, prefix = model, ""
+    while isinstance(root, nn.DataParallel) and not tracer.is_leaf_module(root, ""):
+        root, prefix = root.module, f"{prefix}module."
     graph = tracer.trace(root)  # what symbolic_trace does, minus generating a GraphModule's code
     params = dict(model.named_parameters(remove_duplicate=False))
     modules = dict(root.named_modules(remove_duplicate=False))
@@ -229,6 +240,8 @@ def _symbolic_trace_log(model: nn.Module) -> UseLog:
             log.static(node)
         elif node.op in ("call_function", "call_method"):
             log.call(node.target, node.args, node.kwargs, node, _caller(node, modules))
+        elif node.op == "call_module" and node.target in tracer.swapped:  # ran, without its weight: see _finish
+            log.ran.add(id(model.get_submodule(prefix + node.target)))
         elif node.op == "call_module":
             _log_leaf_module(log, model, prefix + node.target)
     return log

@@ -84,7 +84,7 @@ def fold_weight_norm(model: nn.Module, *, keep: Collection[str] = (), inplace: b
         msg = f"fold_weight_norm expects a torch.nn.Module, got {type(model).__name__}"
         raise TypeError(msg)
     refuse_sharded(model, "fold_weight_norm", FoldError)
-    keep = {keep} if isinstance(keep, str) else set(keep)
+    keep = {_first_name(model, name) for name in ([keep] if isinstance(keep, str) else keep)}
     unknown = sorted(keep - {found.qualname for found in find_weight_norms(model)})
     if unknown:
         msg = f"keep names {', '.join(unknown)}, which {'is' if len(unknown) == 1 else 'are'} not weight-normalized in this model"
@@ -99,6 +99,18 @@ def fold_weight_norm(model: nn.Module, *, keep: Collection[str] = (), inplace: b
         if not isinstance(module, torch.jit.ScriptModule):  # scripted modules carry no mean-only batch norm
             detach_mean_only_bn(module)  # its inference-mode shift goes into the layer's bias
     return model
+
+
+def _first_name(model: nn.Module, qualname: str) -> str:
+    """``qualname`` under its module's first name (the one :func:`find_weight_norms` gives) where the
+    module is reachable under several (``self.head = self.blocks[-1]``)."""
+    module_name, _, tensor = qualname.rpartition(".")
+    names = {id(m): name for name, m in reversed(list(model.named_modules(remove_duplicate=False)))}
+    try:
+        first = names.get(id(model.get_submodule(module_name)), module_name)
+    except AttributeError:  # no such module: named as given, in the error
+        return qualname
+    return f"{first}.{tensor}" if first else tensor
 
 
 def fold_one(model: nn.Module, found: FoundWeightNorm) -> None:

@@ -69,9 +69,9 @@ class WeightNormReport:
                 lines.append(f"  {name}: not reached by any row of the sample batch (the init pass runs the model in eval mode: "
                              "dropout off, no `if self.training` branch such as an auxiliary head); kept its scale")
             for name in self.notes.unseen:
-                lines.append(f"  {name}: its weight was read in the init pass, but by no op the pass can see (a TorchScript "
-                             "function, an op run from C++): not calibrated, kept its scale; the layers after it were "
-                             "calibrated on its output")
+                lines.append(f"  {name}: its weight was read in the init pass, but no op the pass can see used it: an op "
+                             "it cannot follow did (a TorchScript function, an op run from C++), or the forward only "
+                             "tested it (`is not None`) and the layer did not run; not calibrated, kept its scale")
             for name in self.notes.frozen:
                 lines.append(f"  {name}: frozen (requires_grad=False): not calibrated, it computes what it did")
             for name in self.notes.bias_not_set:

@@ -163,7 +163,8 @@ def fold_state_dict(state_dict: Mapping[str, object], *, keep: Collection[str] =
     (wav2vec2's ``pos_conv``).
     """
     found = find_state_dict_weight_norms(state_dict)
-    unknown = sorted(set(keep) - {wn.weight_key for wn in found})
+    keep = {keep} if isinstance(keep, str) else set(keep)
+    unknown = sorted(keep - {wn.weight_key for wn in found})
     if unknown:
         msg = f"keep names {', '.join(unknown)}, which {'is' if len(unknown) == 1 else 'are'} not weight-normalized in this state dict"
         raise WeightNormError(msg)
