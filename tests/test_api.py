@@ -501,3 +501,24 @@ def test_an_optimizer_made_before_an_in_place_apply_is_warned_of_at_its_first_st
         wn.apply_weight_norm(plain, init="preserve")
         plain(torch.randn(5, 4)).sum().backward()
         torch.optim.SGD(plain.parameters(), lr=0.1).step()
+
+
+def test_overlapping_runs_of_the_library_put_the_compile_stance_and_warning_filters_back() -> None:
+    """``compiled_code_eager`` changes process-wide settings (dynamo's stance, a warnings filter):
+    calls that overlap (threads: A in, B in, A out, B out) leave them as the first found them."""
+    import contextlib
+    import warnings
+
+    from torch._dynamo import eval_frame  # (the stance is set only where dynamo is loaded)
+
+    from wn_transform.batch import compiled_code_eager
+
+    filters, stance = list(warnings.filters), eval_frame._stance.stance
+    first, second = contextlib.ExitStack(), contextlib.ExitStack()
+    first.enter_context(compiled_code_eager())
+    assert eval_frame._stance.stance == "force_eager"
+    second.enter_context(compiled_code_eager())
+    first.close()
+    assert eval_frame._stance.stance == "force_eager"  # the second call is still running
+    second.close()
+    assert eval_frame._stance.stance == stance and warnings.filters == filters

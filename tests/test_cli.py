@@ -1127,3 +1127,6 @@ def test_a_sharded_key_is_read_from_the_shard_its_index_names(tmp_path: Path) ->
     index.write_text(json.dumps({"weight_map": {key: 1}}))
     result = cli("fold", str(index), "-o", str(tmp_path / "o.pt"))
     assert result.returncode == 1 and "its 'weight_map' must map each key to a shard file name" in result.stderr
+    index.write_text(json.dumps({"weight_map": {key: "../elsewhere.safetensors"}}))
+    result = cli("fold", str(index), "-o", str(tmp_path / "o.pt"))
+    assert result.returncode == 1 and "names shard files outside its folder (../elsewhere.safetensors)" in result.stderr

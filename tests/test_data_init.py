@@ -1393,3 +1393,53 @@ def test_a_weight_read_inside_a_torchscript_function_is_reported_as_unseen_not_u
         t = out.b(_scripted_linear_gelu(x, out.a.weight, out.a.bias))
     torch.testing.assert_close(t.std(0, correction=0), torch.ones(4), atol=1e-4, rtol=0)
     assert "direction_read" not in out.a.parametrizations.weight[0].__dict__
+
+
+@torch.jit.script
+def _scripted_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, weight)
+
+
+class _ScriptedView(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8, bias=False), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(_scripted_linear(x, self.a.weight.t().t().contiguous()))
+
+
+def test_a_weight_viewed_before_a_torchscript_function_is_unseen_too() -> None:
+    """A view of the weight (intercepted) then the TorchScript op (not): still unseen, not unreached."""
+    torch.manual_seed(0)
+    out = wn.apply_weight_norm(_ScriptedView(), torch.randn(64, 8))
+    notes = wn.weight_norm_report(out).notes
+    assert notes.unseen == ["a.weight"] and notes.unreached == []
+
+
+class _SparseGraph(nn.Module):
+    """A graph convolution: the adjacency is a sparse tensor in the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor, adjacency: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.sparse.mm(adjacency, torch.relu(self.fc1(x))))
+
+
+def test_a_batch_holding_a_sparse_tensor_is_calibrated() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(32, 4)
+    x[:, 3] = 2.0  # a constant feature, which unit 0 reads alone: the init runs again, and looks at the batch then
+    adjacency = (torch.rand(32, 32) < 0.2).float().to_sparse()
+    model = _SparseGraph()
+    with torch.no_grad():
+        model.fc1.weight[0] = torch.tensor([0.0, 0.0, 0.0, 1.0])
+    out = wn.apply_weight_norm(model, (x, adjacency))
+    assert {t.qualname for t in wn.weight_norm_report(out).converted} == {"fc1.weight", "fc2.weight"}
+    assert wn.weight_norm_report(out).notes.constant_units == {"fc1.weight": 1}
+    with torch.no_grad():
+        h = out.fc1(x)
+    torch.testing.assert_close(h.std(0, correction=0)[h.std(0) > 1e-3], torch.ones(int((h.std(0) > 1e-3).sum())),
+                               atol=1e-4, rtol=0)

@@ -184,8 +184,10 @@ def plan_weight_norm(
 ) -> WeightNormReport:
     """What :func:`apply_weight_norm` would convert and skip, and why; ``model`` is not changed.
 
-    With a ``sample_batch``, the batch is checked as ``apply_weight_norm``'s data init would check it:
-    an empty batch, or one the model rejects (the layer named), raises :class:`BatchError` here too
+    With a ``sample_batch``, the batch is checked as ``apply_weight_norm``'s data init would check it
+    in one process: an empty batch (here, even where it is one rank's shard of a batch split across a
+    process group, which ``apply_weight_norm`` accepts), or one the model rejects (the layer named),
+    raises :class:`BatchError` here too
     (a discovery step that traces symbolically never runs it: then it runs once, the model's
     modes and buffers restored after).  A model or batch on the meta device (a plan for a model too
     large to build) is traced only: there are no values to check."""

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import sys
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Union
@@ -65,7 +67,8 @@ def check_measurable(batch: SampleBatch, group: dist.ProcessGroup | None = None)
     meta = next((where for where, leaf in tensors if leaf.is_meta), None)
     empty = bool(tensors) and all(leaf.numel() == 0 for _, leaf in tensors)
     if group is not None:
-        flags = torch.tensor([meta is not None, not empty], dtype=torch.float32, device=collective_device(group))
+        device = collective_device(group, next((leaf.device for _, leaf in tensors if leaf.is_cuda), None))
+        flags = torch.tensor([meta is not None, not empty], dtype=torch.float32, device=device)
         all_reduce(flags, dist.ReduceOp.MAX, group)
         if meta is None and bool(flags[0]):
             meta = "on another rank"
@@ -82,10 +85,11 @@ def check_measurable(batch: SampleBatch, group: dist.ProcessGroup | None = None)
         raise BatchError(msg)
 
 
-def collective_device(group: dist.ProcessGroup) -> torch.device:
-    """Where a tensor for a collective of ``group`` lives: the current CUDA device for NCCL, else the CPU."""
+def collective_device(group: dist.ProcessGroup, cuda: torch.device | None = None) -> torch.device:
+    """Where a tensor for a collective of ``group`` lives: for NCCL, ``cuda`` (the data's device) or
+    the current CUDA device; else the CPU."""
     if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
+        return cuda if cuda is not None else torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
@@ -172,13 +176,43 @@ def compiled_code_eager() -> Iterator[None]:
     """Run what ``torch.compile`` wraps inside a model (a compiled submodule, a compiled helper
     function) as plain Python: the library's passes intercept torch functions and swap what a
     layer's weight reads between runs, which dynamo cannot trace or guard on.  The same ops run,
-    so the values are the model's.  (``torch.compiler.set_stance``, torch 2.6 on; before, as is.)
-    Torch's warning that a compiled module fires global module hooks (:func:`layer_tracker`'s) an
-    extra time is muted: those hooks keep a balanced stack."""
-    set_stance = getattr(torch.compiler, "set_stance", None)
-    with set_stance("force_eager") if set_stance is not None else contextlib.nullcontext(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"Using `torch.compile\(module\)` when there are global hooks")
+    so the values are the model's.  (``torch.compiler.set_stance``, torch 2.6 on; before, as is;
+    and nothing to do where dynamo was never imported: nothing is compiled.)  Torch's warning that
+    a compiled module fires global module hooks (:func:`layer_tracker`'s) an extra time is muted:
+    those hooks keep a balanced stack.
+
+    Both are process-wide settings: the first of overlapping calls (threads) sets them and the last
+    one out puts back what the first found."""
+    global _eager_depth, _eager_settings
+    with _eager_lock:
+        if _eager_depth == 0:
+            _eager_settings = _eager_stack()
+        _eager_depth += 1
+    try:
         yield
+    finally:
+        with _eager_lock:
+            _eager_depth -= 1
+            if _eager_depth == 0:
+                _eager_settings.close()
+
+
+_eager_lock = threading.Lock()
+_eager_depth = 0  # compiled_code_eager calls in progress
+_eager_settings = contextlib.ExitStack()  # what the first of them changed, to put back
+
+
+def _eager_stack() -> contextlib.ExitStack:
+    stack = contextlib.ExitStack()
+    stack.enter_context(warnings.catch_warnings())
+    warnings.filterwarnings("ignore", message=r"Using `torch.compile\(module\)` when there are global hooks")
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    if set_stance is not None and "torch._dynamo" in sys.modules:
+        try:
+            stack.enter_context(set_stance("force_eager"))
+        except (RuntimeError, ImportError):  # a platform where dynamo cannot run: nothing can be compiled
+            pass
+    return stack
 
 
 def describe_failure(model: nn.Module, stack: list[nn.Module], exc: Exception) -> str:

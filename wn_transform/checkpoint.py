@@ -171,8 +171,8 @@ def _read(path: Path) -> Any:
 
 def _load_sharded(index: Path) -> dict[str, Any]:
     """The state dict a sharded checkpoint's index (Hugging Face's ``weight_map``) spreads over its
-    shards, in the shards' own order (that of the model's state dict); each key from the shard the
-    index names (another shard's copy of it is stale)."""
+    shards, shard after shard, each in the order its file gives (a safetensors file's: sorted by
+    name); each key from the shard the index names (another shard's copy of it is stale)."""
     weight_map = _weight_map(index)
     merged: dict[str, Any] = {}
     for shard in sorted(set(weight_map.values())):
@@ -202,6 +202,10 @@ def _weight_map(index: Path) -> dict[str, str]:
         raise CheckpointError(msg) from exc
     if not (isinstance(weight_map, dict) and all(isinstance(v, str) and v for v in weight_map.values())):
         msg = f"{index}: not a checkpoint index: its 'weight_map' must map each key to a shard file name"
+        raise CheckpointError(msg)
+    elsewhere = sorted({v for v in weight_map.values() if Path(v).name != v or v in (".", "..")})
+    if elsewhere:
+        msg = f"{index}: names shard files outside its folder ({few(elsewhere)}); a sharded checkpoint keeps them beside it"
         raise CheckpointError(msg)
     return weight_map
 

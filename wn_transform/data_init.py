@@ -69,7 +69,7 @@ from .errors import WeightNormError
 from .mean_only_bn import MeanOnlyBatchNorm, mean_only_bn_of
 from .moments import Scratch, all_reduce, centre_, per_unit
 from .norm import safe_norm, unit_norm
-from .ops import CELL_OPS, RECURRENT_OPS, SIGNATURES, op_name, view_dims, weight_use
+from .ops import CELL_OPS, RECURRENT_OPS, SIGNATURES, op_name, reads_metadata, view_dims, weight_use
 from .parametrization import WeightNorm, hands_input_to_calibrator, no_weight_cache, weight_norm_of
 from .targets import Target
 
@@ -108,7 +108,7 @@ class _State:
     running_mean: Tensor | None = None  # what the init sets the norm's running mean to
     done: bool = False
     read: bool = False  # the layer's weight was read (handed out as v) in the pass
-    seen: bool = False  # an op the pass intercepts was given the weight (or a view of it)
+    seen: bool = False  # an op the pass intercepts read the weight's metadata (w.shape): not hidden from the pass
 
 
 def resample_directions(model: nn.Module, targets: list[Target], *, std: float = 0.05, generator: torch.Generator | None = None,
@@ -185,7 +185,10 @@ def data_init(model: nn.Module, targets: list[Target], sample_batch: batch_mod.S
         for state in states:
             if not state.done:
                 state.g.copy_(backup.g[id(state)])
-                (notes.unseen if state.read and not state.seen else notes.unreached).append(state.target.qualname)
+                if state.read and not state.seen:  # read, then used where the pass cannot see (TorchScript)
+                    notes.unseen.append(state.target.qualname)
+                else:
+                    notes.unreached.append(state.target.qualname)
             elif state.running_mean is not None:  # set after the pass, which restores every buffer
                 state.mean_only_bn.running_mean.copy_(state.running_mean)
     return notes
@@ -258,7 +261,8 @@ def _run_pass(model: nn.Module, states: list[_State], mode: _CalibrationMode, sa
         else:
             state.wn.direction_only = True
     with preserved_state(model, batch_statistics=True), torch.no_grad(), no_weight_cache(), contextlib.nullcontext() if direct else mode:
-        batch_mod.run(model, sample_batch, given=lambda args, kwargs: mode.note_inputs((args, kwargs), sample_batch))
+        given = (lambda args, kwargs: mode.note_inputs((args, kwargs), sample_batch)) if mode.known else None
+        batch_mod.run(model, sample_batch, given=given)  # (the batch matters on a rerun only: see _own_terms)
 
 
 def _stop_measuring(state: _State) -> None:
@@ -543,7 +547,6 @@ class _CalibrationMode(TorchFunctionMode):
             return None
         entry = self._produced.get(id(tensor))
         if entry is not None and entry.ref() is tensor:
-            entry.state.seen = True
             return entry
         base = tensor._base
         if (base is not None and tensor.shape == base.shape and tensor.stride() == base.stride()
@@ -596,6 +599,8 @@ class _CalibrationMode(TorchFunctionMode):
         """Run ``func``; a view of a weight that keeps whole units (``W.t()``) is that weight too."""
         result = func(*args, **kwargs)
         parent = self._lookup(args[0]) if args else None
+        if parent is not None and reads_metadata(func, args):  # (w.shape: the layer is not hidden from the pass)
+            parent.state.seen = True
         if parent is not None and isinstance(result, Tensor):
             mapping = view_dims(func, args, kwargs, args[0].ndim)
             if mapping is not None and mapping[1] is None:
@@ -618,7 +623,9 @@ class _CalibrationMode(TorchFunctionMode):
 
         Every op here runs once per layer between two layers' matmuls, where a small op costs
         several times what it costs in a loop: the constant-unit check waits for the end of
-        the pass (:meth:`unforeseen_constants`) and values are written with ``out=``.
+        the pass (:meth:`unforeseen_constants`) and values are written with ``out=``.  (Across
+        ranks, each layer's reductions wait for the other ranks anyway; a check that they are at
+        the same layer goes first, :meth:`_same_layer_on_every_rank`.)
         """
         if t_raw.ndim == 1:  # F.linear on one unbatched sample [in]: a batch of one
             batched = (lambda: _unsqueezed(terms())) if terms is not None else None
@@ -733,7 +740,7 @@ class _CalibrationMode(TorchFunctionMode):
         originals = tree_leaves(batch_mod.as_args(sample_batch))
         self._inputs = {copy.untyped_storage().data_ptr(): original
                         for copy, original in zip(tree_leaves(copies), originals)
-                        if type(copy) is Tensor and isinstance(original, Tensor)
+                        if _strided(copy) and isinstance(original, Tensor) and original.layout == torch.strided
                         and copy.numel() > 0 and copy.dtype == original.dtype
                         and copy.untyped_storage().nbytes() == original.untyped_storage().nbytes()}
 
@@ -754,7 +761,7 @@ class _CalibrationMode(TorchFunctionMode):
         it) whose elements still equal the user's batch, wherever the model may have written
         (compared, not trusted to a version counter: ``.data`` and inference tensors have none),
         or a tensor the model made by moving or converting such values (:meth:`_note_copy`)."""
-        if type(x) is not Tensor or x.numel() == 0:
+        if not _strided(x) or x.numel() == 0:
             return False
         copy = self._copies.get(id(x))
         if copy is not None:
@@ -772,8 +779,9 @@ class _CalibrationMode(TorchFunctionMode):
         sources = [leaf for leaf in tree_leaves((args, kwargs)) if isinstance(leaf, Tensor)]
         if not sources or not all(self._is_sample(source) for source in sources):
             return
-        if result.dtype != sources[0].dtype and not (
-                len(sources) == 1 and result.shape == sources[0].shape and torch.equal(result.to(sources[0].dtype), sources[0])):
+        source = sources[0]
+        if result.dtype != source.dtype and not (len(sources) == 1 and result.shape == source.shape and torch.equal(
+                result.to(device=source.device, dtype=source.dtype), source)):  # converts back exactly
             return
         if not result.is_inference():
             self._copies[id(result)] = (weakref.ref(result), result._version)
@@ -978,6 +986,11 @@ _VALUE_COPIES = frozenset({
     "t", "movedim", "swapaxes", "contiguous", "clone", "unsqueeze", "squeeze", "narrow", "select", "__getitem__",
     "expand", "repeat", "flip", "roll", "to", "float", "double", "half", "bfloat16", "type", "_to_copy",
 })
+
+
+def _strided(tensor: Any) -> bool:
+    """A plain dense tensor, whose memory can be read (not a sparse, nested or subclass tensor)."""
+    return type(tensor) is Tensor and tensor.layout == torch.strided and not tensor.is_nested
 
 
 def _unsqueezed(terms: Tensor | None) -> Tensor | None:

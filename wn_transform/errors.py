@@ -17,7 +17,7 @@ class WeightNormError(ValueError):
 
 
 class BatchError(WeightNormError):
-    """The sample batch is unusable: NaN values, no rows, or the model rejects it (the layer is named)."""
+    """The sample batch is unusable: NaN values, no rows, on the meta device, or the model rejects it (the layer is named)."""
 
 
 class SelectionError(WeightNormError):

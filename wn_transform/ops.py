@@ -17,7 +17,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["CELL_OPS", "METADATA_OPS", "RECURRENT_OPS", "WeightUse", "attribute_read", "bind", "op_name", "view_dims", "weight_use"]
+__all__ = ["CELL_OPS", "METADATA_OPS", "RECURRENT_OPS", "VALUE_ATTRIBUTES", "WeightUse", "attribute_read", "bind", "op_name",
+           "reads_metadata", "view_dims", "weight_use"]
 
 _CONV = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV_T = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
@@ -102,6 +103,15 @@ def weight_use(func: Callable | str, args: Sequence[Any], kwargs: dict[str, Any]
             return None
         return WeightUse("matmul", bound.get("mat2"), bound.get("input"), -1)
     return WeightUse("matmul", bound.get("other"), None, -1)
+
+
+VALUE_ATTRIBUTES = frozenset({"T", "mT", "H", "mH", "data"})  # attribute reads that hand out a tensor's values
+
+
+def reads_metadata(func: Callable | str, args: Sequence[Any]) -> bool:
+    """Whether the call reads only its tensor's metadata (``w.shape``, ``w.size(0)``, ``w.dtype``),
+    not its values (``w.T`` is a view)."""
+    return op_name(func) in METADATA_OPS and attribute_read(func, args) not in VALUE_ATTRIBUTES
 
 
 def attribute_read(func: Callable | str, args: Sequence[Any]) -> str | None:

@@ -26,7 +26,8 @@ from typing import Any
 from torch import nn
 
 from .norm import UnitLayout
-from .ops import CELL_OPS, METADATA_OPS, RECURRENT_OPS, WeightUse, attribute_read, op_name, view_dims, weight_use
+from .ops import (CELL_OPS, METADATA_OPS, RECURRENT_OPS, VALUE_ATTRIBUTES, WeightUse, attribute_read, op_name, view_dims,
+                  weight_use)
 from .targets import Skipped, Target, split_qualname
 from ._parametrized import plain_type
 
@@ -60,7 +61,6 @@ class _Use:
     own: bool = False  # the op ran as the parameter's module's own call (not a parent's, not functional)
 
 
-_VALUE_ATTRIBUTES = frozenset({"T", "mT", "H", "mH", "data"})  # attribute reads that hand out a tensor's values
 # Ops that select values of their first argument: the values come from it alone, whatever the index
 # (``w[idx]`` is ``getitem`` in a trace, ``index`` in an exported graph).
 _SELECTIONS = frozenset({"getitem", "__getitem__", "index_select", "take", "gather", "select", "index", "_unsafe_index",
@@ -287,7 +287,7 @@ class UseLog:
         if self._machinery(name, func, args):
             return
         attribute = attribute_read(func, args)
-        if attribute in _VALUE_ATTRIBUTES:
+        if attribute in VALUE_ATTRIBUTES:
             name = f".{attribute}"  # W.T is a view (below); W.data hands out the values, detached
         elif name in METADATA_OPS:
             self.static(result)
