@@ -108,7 +108,7 @@ class _State:
     running_mean: Tensor | None = None  # what the init sets the norm's running mean to
     done: bool = False
     read: bool = False  # the layer's weight was read (handed out as v) in the pass
-    seen: bool = False  # an op the pass intercepts read the weight's metadata (w.shape): not hidden from the pass
+    seen: bool = False  # an op the pass intercepts used the weight, or read its metadata (w.shape): not hidden
 
 
 def resample_directions(model: nn.Module, targets: list[Target], *, std: float = 0.05, generator: torch.Generator | None = None,
@@ -627,6 +627,7 @@ class _CalibrationMode(TorchFunctionMode):
         ranks, each layer's reductions wait for the other ranks anyway; a check that they are at
         the same layer goes first, :meth:`_same_layer_on_every_rank`.)
         """
+        state.seen = True  # an op the pass intercepts used the weight (with rows or without)
         if t_raw.ndim == 1:  # F.linear on one unbatched sample [in]: a batch of one
             batched = (lambda: _unsqueezed(terms())) if terms is not None else None
             return _Unbatched(self._calibrate(state, t_raw.unsqueeze(0), -1, bias, units, native=native, groups=groups,
