@@ -313,8 +313,10 @@ def _check_modules(model: nn.Module) -> None:
     wrapped = next((name for name, module in model.named_modules()
                     if isinstance(module, nn.parallel.DistributedDataParallel)), None)
     if wrapped is not None:
-        where, inside = ("apply_weight_norm got", "ddp.module") if not wrapped else (
-            f"{type(model).__name__}.{wrapped} is", f"{wrapped}.module")
+        if wrapped:
+            where, inside = f"{type(model).__name__}.{wrapped} is", f"{wrapped}.module"
+        else:
+            where, inside = "apply_weight_norm got", "ddp.module"
         msg = (f"{where} a DistributedDataParallel wrapper, which keeps all-reducing the weights it was built "
                f"with, never the new g and v: apply weight norm to the model itself ({inside}, or before wrapping), "
                "then wrap the result in DistributedDataParallel anew")

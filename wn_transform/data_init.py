@@ -574,7 +574,7 @@ class _CalibrationMode(TorchFunctionMode):
         bound = dict(zip(SIGNATURES[name], args)) | kwargs
         weight_key = "mat2" if name == "addmm" else "other" if use.kind == "matmul" else "weight"
         if not state.done:  # t' = op(x, v) without bias: the weight is v itself until calibrated
-            x = bound["mat1"] if name == "addmm" else bound["input"]
+            x = _data_operand(bound)
             if use.kind == "matmul":
                 t = torch.matmul(x, use.weight)
                 unit_dim = -1
@@ -1004,9 +1004,14 @@ def _linear_terms(x: Tensor, weight: Tensor) -> Callable[[], Tensor]:
     return lambda: F.linear(x.abs(), weight.abs())
 
 
+def _data_operand(bound: dict[str, Any]) -> Any:
+    """The data a linear/conv/matmul call bound as ``bound`` multiplies (``addmm``'s ``mat1``)."""
+    return bound["mat1"] if "mat1" in bound else bound["input"]
+
+
 def _op_terms(func: Callable, use: Any, bound: dict[str, Any], weight_key: str) -> Tensor:
     """``op(|x|, |v|)`` without bias, for a linear, conv or matmul call bound as ``bound``."""
-    x = bound["mat1"] if "mat1" in bound else bound["input"]
+    x = _data_operand(bound)
     if use.kind == "matmul":
         return torch.matmul(x.abs(), use.weight.abs())
     if use.kind == "linear":
