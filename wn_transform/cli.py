@@ -33,6 +33,7 @@ from .checkpoint import (
 from ._copy import routed_module
 from .errors import WeightNormError, few
 from .state_dict import convert_state_dict, find_state_dict_weight_norms, fit_state_dict, fold_state_dict
+from .uses import param_aliases
 
 FAILURES = (WeightNormError, CheckpointError, OSError, ValueError)  # ValueError: the library's argument checks
 
@@ -457,10 +458,7 @@ def _tied_keys(model: nn.Module) -> dict[str, set[str]]:
     """Per state-dict key of ``model``, the other keys that hold the same tensor (tied weights: a
     language model's output layer and its embedding), which a checkpoint may hold once
     (``save_pretrained`` leaves the tied copy out)."""
-    by_tensor: dict[int, list[str]] = {}
-    for key, value in model.state_dict(keep_vars=True).items():
-        by_tensor.setdefault(id(value), []).append(key)
-    return {key: set(keys) - {key} for keys in by_tensor.values() if len(keys) > 1 for key in keys}
+    return {key: set(keys) - {key} for keys in param_aliases(model).values() if len(keys) > 1 for key in keys}
 
 
 def _missing(expected: set[str], present: set[str], tied: dict[str, set[str]]) -> list[str]:

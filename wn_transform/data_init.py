@@ -53,7 +53,7 @@ import weakref
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -262,7 +262,7 @@ def _run_pass(model: nn.Module, states: list[_State], mode: _CalibrationMode, sa
             state.wn.direction_only = True
     with preserved_state(model, batch_statistics=True), torch.no_grad(), no_weight_cache(), contextlib.nullcontext() if direct else mode:
         given = (lambda args, kwargs: mode.note_inputs((args, kwargs), sample_batch)) if mode.known else None
-        batch_mod.run(model, sample_batch, given=given)  # (the batch matters on a rerun only: see _own_terms)
+        batch_mod.run(model, sample_batch, given=given)  # (the batch matters on a rerun only: _batch_rounding_bound)
 
 
 def _stop_measuring(state: _State) -> None:
@@ -586,7 +586,7 @@ class _CalibrationMode(TorchFunctionMode):
                 unit_dim = 1 if x.ndim == use.weight.ndim else 0
             fit = self._calibrate(state, t, unit_dim, use.bias, native=use.kind if use.weight is state.v else None,
                                   groups=int(bound.get("groups", 1)) if use.kind in ("conv", "conv_transpose") else 1,
-                                  terms=self._own_terms(x, lambda: _op_terms(func, use, bound, weight_key)))
+                                  terms=_Terms(x, lambda: _op_terms(func, use, bound, weight_key)))
             if not self.exact and name != "addmm":  # hand on g*t + b, from t' (bias included)
                 return fit.output()
         # Hand on what the model computes with the new (g, b): in float arithmetic g*t + b is not
@@ -609,17 +609,16 @@ class _CalibrationMode(TorchFunctionMode):
 
     def _calibrate(self, state: _State, t_raw: Tensor, unit_dim: int, bias: Tensor | None,
                    units: slice = slice(None), *, native: str | None = None, groups: int = 1,
-                   terms: Callable[[], Tensor | None] | None = None) -> _Fit | _Handed | _Unbatched:
+                   terms: _Terms | None = None) -> _Fit | _Handed | _Unbatched:
         """From ``t_raw = op(x, v)``, the statistics of ``t = t_raw/||v||`` per unit; set
         ``g[units]`` to ``s/sigma`` and the bias to ``-s*mu/sigma`` (or, behind a mean-only batch
         norm, its running mean to ``s*mu/sigma``).  ``t_raw`` is centred in place; the result
         turns it into the layer's new output.  ``native``: the kind of op (``"linear"``, ``"conv"``,
         ``"conv_transpose"``) when ``t_raw = op(x, v)`` with ``v`` itself, which the native kernel can
         take whole (:meth:`_calibrate_native`); ``groups``: the op's (a grouped conv's units see their
-        group's inputs alone, which the constant-unit check takes into account); ``terms``: gives
-        ``op(|x|, |v|)``, shaped like ``t_raw``, where ``x`` is the sample batch itself, None
-        elsewhere (:meth:`_own_terms`); called only when a unit of this layer is known to be
-        constant (:meth:`_release`).
+        group's inputs alone, which the constant-unit check takes into account); ``terms``: the op's
+        input and how to compute ``op(|x|, |v|)``, looked at only when a unit of this layer is known
+        to be constant (:meth:`_batch_rounding_bound`, :meth:`_release`).
 
         Every op here runs once per layer between two layers' matmuls, where a small op costs
         several times what it costs in a loop: the constant-unit check waits for the end of
@@ -629,7 +628,7 @@ class _CalibrationMode(TorchFunctionMode):
         """
         state.seen = True  # an op the pass intercepts used the weight (with rows or without)
         if t_raw.ndim == 1:  # F.linear on one unbatched sample [in]: a batch of one
-            batched = (lambda: _unsqueezed(terms())) if terms is not None else None
+            batched = _Terms(terms.x, lambda: terms.compute().unsqueeze(0)) if terms is not None else None
             return _Unbatched(self._calibrate(state, t_raw.unsqueeze(0), -1, bias, units, native=native, groups=groups,
                                               terms=batched))
         reduced = None
@@ -745,18 +744,6 @@ class _CalibrationMode(TorchFunctionMode):
                         and copy.numel() > 0 and copy.dtype == original.dtype
                         and copy.untyped_storage().nbytes() == original.untyped_storage().nbytes()}
 
-    def _own_terms(self, x: Tensor, terms: Callable[[], Tensor]) -> Callable[[], Tensor | None]:
-        """For :meth:`_calibrate`: ``terms()`` (``op(|x|, |v|)``) if ``x`` is the sample batch as
-        given (or a view of it, unchanged), else None; looked at only when a unit is known constant.
-
-        The batch is data: its rounding is part of what the model sees, so a spread of
-        ``op(x, v)`` beyond the op's own rounding is signal.  A layer's input computed by the model
-        carries what rounding earlier ops handed on (a uniform row after a LayerNorm is noise of
-        the size of its own terms), which no test on that layer can tell from a small real feature:
-        the check against its neighbours decides alone there.  Across ranks, every rank decides
-        alike (:meth:`_batch_rounding_bound`)."""
-        return lambda: terms() if self._is_sample(x) else None
-
     def _is_sample(self, x: Tensor) -> bool:
         """Whether ``x`` holds the sample batch's own values: a copy the model got (or a view of
         it) whose elements still equal the user's batch, wherever the model may have written
@@ -787,12 +774,19 @@ class _CalibrationMode(TorchFunctionMode):
         if not result.is_inference():
             self._copies[id(result)] = (weakref.ref(result), result._version)
 
-    def _batch_rounding_bound(self, state: _State, t_raw: Tensor, terms: Callable[[], Tensor | None], unit_dim: int,
+    def _batch_rounding_bound(self, state: _State, t_raw: Tensor, terms: _Terms, unit_dim: int,
                               units: slice) -> Tensor | None:
-        """:func:`_rounding_bound` where the layer reads the sample batch, else None.  Across ranks,
-        the largest bound, and None unless every rank with rows reads its shard of the batch: the
-        ranks decide alike (one all-reduce)."""
-        own = terms() if t_raw.numel() > 0 else None
+        """:func:`_rounding_bound` where the layer's input is the sample batch (:meth:`_is_sample`),
+        else None; looked at only when a unit is known constant.
+
+        The batch is data: its rounding is part of what the model sees, so a spread of
+        ``op(x, v)`` beyond the op's own rounding is signal.  A layer's input computed by the model
+        carries what rounding earlier ops handed on (a uniform row after a LayerNorm is noise of
+        the size of its own terms), which no test on that layer can tell from a small real feature:
+        the check against its neighbours decides alone there.  Across ranks, the largest bound, and
+        None unless every rank with rows reads its shard of the batch: the ranks decide alike (one
+        all-reduce)."""
+        own = terms.compute() if t_raw.numel() > 0 and self._is_sample(terms.x) else None
         bound = _rounding_bound(state, t_raw, own, unit_dim, units) if own is not None else None
         if self.group is None:
             return bound
@@ -862,7 +856,7 @@ class _CalibrationMode(TorchFunctionMode):
         """A stock ``nn.Linear``'s output on ``x`` (direct pass), its target calibrated first on
         ``t' = x @ v'``: the same as the intercepted ``F.linear``, without intercepting anything."""
         fit = self._calibrate(state, torch.matmul(x, state.v.t()), -1, bias, native="linear",
-                              terms=self._own_terms(x, _linear_terms(x, state.v)))
+                              terms=_linear_terms(x, state.v))
         return fit.output() if not self.exact else F.linear(x, _current_weight(state), bias)
 
     @staticmethod
@@ -885,7 +879,7 @@ class _CalibrationMode(TorchFunctionMode):
                 biases = a["in_proj_bias"].split(embed) if a["in_proj_bias"] is not None else (None,) * 3
                 for i, (x, w, b) in enumerate(zip((a["query"], a["key"], a["value"]), weights, biases)):
                     self._calibrate(state, F.linear(x, w), -1, b, slice(i * embed, (i + 1) * embed),
-                                    terms=self._own_terms(x, _linear_terms(x, w)))
+                                    terms=_linear_terms(x, w))
                 self._finish(state)
             if found is not None:
                 a["in_proj_weight"] = _current_weight(found.state)
@@ -896,7 +890,7 @@ class _CalibrationMode(TorchFunctionMode):
                 found = self._lookup(a[key])
                 if found is not None and not found.state.done:
                     self._calibrate(found.state, F.linear(x, a[key]), -1, b,
-                                    terms=self._own_terms(x, _linear_terms(x, a[key])))
+                                    terms=_linear_terms(x, a[key]))
                 if found is not None:
                     a[key] = _current_weight(found.state)
         found = self._lookup(a["out_proj_weight"])
@@ -918,7 +912,7 @@ class _CalibrationMode(TorchFunctionMode):
         if found is None:
             return weight
         if not found.state.done:
-            self._calibrate(found.state, F.linear(x, weight), -1, bias, terms=self._own_terms(x, _linear_terms(x, weight)))
+            self._calibrate(found.state, F.linear(x, weight), -1, bias, terms=_linear_terms(x, weight))
         return found.rebuild()
 
     def _keep_recurrent(self, weight: Tensor) -> Tensor:
@@ -994,14 +988,17 @@ def _strided(tensor: Any) -> bool:
     return type(tensor) is Tensor and tensor.layout == torch.strided and not tensor.is_nested
 
 
-def _unsqueezed(terms: Tensor | None) -> Tensor | None:
-    """``terms`` of one unbatched sample as a batch of one."""
-    return terms.unsqueeze(0) if terms is not None else None
+class _Terms(NamedTuple):
+    """A calibrated op's input ``x``, and how to compute ``op(|x|, |v|)``: the size of each output's
+    own terms, for :meth:`_CalibrationMode._batch_rounding_bound`."""
+
+    x: Tensor
+    compute: Callable[[], Tensor]
 
 
-def _linear_terms(x: Tensor, weight: Tensor) -> Callable[[], Tensor]:
-    """``|x| @ |W|'``, for :meth:`_CalibrationMode._release`."""
-    return lambda: F.linear(x.abs(), weight.abs())
+def _linear_terms(x: Tensor, weight: Tensor) -> _Terms:
+    """``|x| @ |W|'``."""
+    return _Terms(x, lambda: F.linear(x.abs(), weight.abs()))
 
 
 def _data_operand(bound: dict[str, Any]) -> Any:

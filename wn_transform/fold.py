@@ -84,7 +84,7 @@ def fold_weight_norm(model: nn.Module, *, keep: Collection[str] = (), inplace: b
         msg = f"fold_weight_norm expects a torch.nn.Module, got {type(model).__name__}"
         raise TypeError(msg)
     refuse_sharded(model, "fold_weight_norm", FoldError)
-    keep = {_first_name(model, name) for name in ([keep] if isinstance(keep, str) else keep)}
+    keep = _first_names(model, [keep] if isinstance(keep, str) else keep)
     unknown = sorted(keep - {found.qualname for found in find_weight_norms(model)})
     if unknown:
         msg = f"keep names {', '.join(unknown)}, which {'is' if len(unknown) == 1 else 'are'} not weight-normalized in this model"
@@ -101,16 +101,19 @@ def fold_weight_norm(model: nn.Module, *, keep: Collection[str] = (), inplace: b
     return model
 
 
-def _first_name(model: nn.Module, qualname: str) -> str:
-    """``qualname`` under its module's first name (the one :func:`find_weight_norms` gives) where the
-    module is reachable under several (``self.head = self.blocks[-1]``)."""
-    module_name, _, tensor = qualname.rpartition(".")
-    names = {id(m): name for name, m in reversed(list(model.named_modules(remove_duplicate=False)))}
-    try:
-        first = names.get(id(model.get_submodule(module_name)), module_name)
-    except AttributeError:  # no such module: named as given, in the error
-        return qualname
-    return f"{first}.{tensor}" if first else tensor
+def _first_names(model: nn.Module, qualnames: Collection[str]) -> set[str]:
+    """Each of ``qualnames`` under its module's first name (the one :func:`find_weight_norms` gives)
+    where the module is reachable under several (``self.head = self.blocks[-1]``)."""
+    first = {id(m): name for name, m in reversed(list(model.named_modules(remove_duplicate=False)))}
+    named = set()
+    for qualname in qualnames:
+        module_name, _, tensor = qualname.rpartition(".")
+        try:
+            module_name = first.get(id(model.get_submodule(module_name)), module_name)
+        except AttributeError:  # no such module: named as given, in the error
+            pass
+        named.add(f"{module_name}.{tensor}" if module_name else tensor)
+    return named
 
 
 def fold_one(model: nn.Module, found: FoundWeightNorm) -> None:
