@@ -14,6 +14,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm as torch_weight_norm
@@ -81,6 +82,25 @@ def test_taking_a_parametrization_off_the_copy_leaves_the_original_as_it_was(nor
     torch.testing.assert_close(out(x), expected)
     torch.testing.assert_close(model(x), expected)
     assert parametrize.is_parametrized(model[0], "weight") and parametrize.is_parametrized(model[2], "weight")
+
+
+def test_a_plain_deepcopy_of_a_weight_normalized_model_has_classes_of_its_own() -> None:
+    """``export_copy = copy.deepcopy(model); export_copy.remove_weight_norm()`` (a vocoder's deploy
+    step, an EMA copy): torch's deepcopy of a parametrized layer shares its generated class, so
+    the removal on the copy would take the weight property off the training model too."""
+    torch.manual_seed(0)
+    model = wn.apply_weight_norm(nn.Sequential(nn.Conv1d(2, 3, 3), nn.ReLU(), nn.Linear(6, 2)), init="preserve")
+    x = torch.randn(1, 2, 8)
+    expected = model(x)
+    replica = copy.deepcopy(model)
+    assert type(replica[0]) is not type(model[0]) and type(replica[0]).__name__ == type(model[0]).__name__
+    for layer in (replica[0], replica[2]):
+        parametrize.remove_parametrizations(layer, "weight")
+    torch.testing.assert_close(replica(x), expected)
+    torch.testing.assert_close(model(x), expected)
+    assert parametrize.is_parametrized(model[0], "weight") and parametrize.is_parametrized(model[2], "weight")
+    again = copy.deepcopy(model)  # a copy of a copy's class: the same behaviour
+    torch.testing.assert_close(copy.deepcopy(again)(x), expected)
 
 
 def test_inplace_changes_and_returns_the_model_itself(net: Net) -> None:
@@ -522,3 +542,173 @@ def test_overlapping_runs_of_the_library_put_the_compile_stance_and_warning_filt
     assert eval_frame._stance.stance == "force_eager"  # the second call is still running
     second.close()
     assert eval_frame._stance.stance == stance and warnings.filters == filters
+
+
+def test_a_failed_inplace_apply_leaves_no_replaced_mark_on_the_restored_weights() -> None:
+    """The optimizer warning about weights replaced by g and v must not fire for a model that a
+    failed in-place apply put back as it was (its weights are the model's again)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    x = torch.randn(8, 4)
+    x[0, 0] = float("inf")  # passes the NaN check, then the init measures a non-finite std
+    with pytest.raises(wn.WeightNormError, match="non-finite mean or std"):
+        wn.apply_weight_norm(model, x, inplace=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.randn(3, 4)).sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        optimizer.step()
+    # and the warning still fires for a weight a successful apply did replace
+    replaced = model[0].weight
+    stale = torch.optim.SGD([replaced], lr=0.1)
+    wn.apply_weight_norm(model, inplace=True)
+    replaced.grad = torch.ones_like(replaced)
+    with pytest.warns(UserWarning, match="replaced by g and v"):
+        stale.step()
+
+
+def test_rules_that_match_only_weights_kept_with_their_weight_norm_are_satisfied(net: Net) -> None:
+    """existing='keep': a rule is checked against the kept weights too, so applying twice with the
+    same rules is no error, while a rule that matches nothing at all still is, even when every
+    weight already has weight norm."""
+    once = wn.apply_weight_norm(net, include="conv")
+    twice = wn.apply_weight_norm(once, include="conv")
+    assert wn.weight_norm_report(twice).converted == []  # up and head: left out by the rule, as the first time
+    assert {s.qualname: s.reason for s in wn.weight_norm_report(twice).skipped}["head.weight"] == "not matched by include"
+    assert "already weight-normalized" in {s.qualname: s.reason for s in wn.weight_norm_report(twice).skipped}["conv.weight"]
+    everything = wn.apply_weight_norm(net)
+    with pytest.raises(wn.SelectionError, match="include pattern 'decoder.*' matches none of the weights found "
+                                                r"\(conv.weight, up.weight, head.weight\)"):
+        wn.apply_weight_norm(everything, include="decoder.*")
+    with pytest.raises(wn.SelectionError, match="types entry Embedding matches none"):
+        wn.apply_weight_norm(everything, types=nn.Embedding)
+    assert wn.weight_norm_report(wn.apply_weight_norm(everything, types=nn.Linear)).converted == []
+
+
+def test_the_could_not_trace_warning_points_at_the_callers_line() -> None:
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x) if x.sum() > 0 else -self.fc(x)  # symbolic_trace fails; no batch for the others
+
+    for call in (wn.apply_weight_norm, wn.plan_weight_norm):
+        with pytest.warns(UserWarning, match="could not trace Branchy") as caught:
+            call(Branchy())
+        assert [w.filename for w in caught if "could not trace" in str(w.message)] == [__file__]
+
+
+def test_a_bug_in_resolving_a_trace_is_raised_not_taken_for_a_tracing_failure(net: Net, batch: torch.Tensor,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the tracers' failures move down the discovery ladder; the library's own code after a
+    trace raises as it is."""
+    from wn_transform import uses
+
+    resolve, calls = uses.UseLog.resolve, []
+
+    def broken_once(self, found_by):  # the next discovery step would succeed
+        calls.append(found_by)
+        if len(calls) == 1:
+            raise KeyError("resolve broke")
+        return resolve(self, found_by)
+
+    monkeypatch.setattr(uses.UseLog, "resolve", broken_once)
+    with pytest.raises(KeyError, match="resolve broke"):
+        wn.apply_weight_norm(net, batch)
+
+
+def test_a_half_precision_unit_whose_norm_overflows_its_dtype_is_refused_with_its_layer() -> None:
+    """g = ||w|| beyond float16's range would be inf and make the layer compute NaN."""
+    model = nn.Sequential(nn.Linear(4096, 4)).half()
+    with torch.no_grad():
+        model[0].weight.fill_(1100.0)  # every element finite, each row's norm 70400 > 65504
+    for exp_scale in (False, True):
+        with pytest.raises(wn.WeightNormError, match=r"^0.weight: a unit's norm \|\|w\|\| = 70[\d.]+ is beyond torch.float16's range"):
+            wn.apply_weight_norm(model, exp_scale=exp_scale)
+    target = wn.apply_weight_norm(nn.Sequential(nn.Linear(4096, 4)).half())
+    with pytest.raises(wn.WeightNormError, match=r"^0.weight: a unit's norm"):
+        target.load_state_dict(model.state_dict())
+    model[0].weight.data.fill_(1.0)  # in range: the same function
+    x = torch.randn(3, 4096, dtype=torch.half)
+    assert torch.equal(wn.fold_weight_norm(wn.apply_weight_norm(model))(x), model(x))
+
+
+def test_distributed_true_without_torch_distributed_is_a_clear_error(net: Net, batch: torch.Tensor) -> None:
+    with pytest.raises(wn.WeightNormError, match="distributed=True, but torch.distributed is not initialized"):
+        wn.apply_weight_norm(net, batch, distributed=True)
+
+
+class _MambaMixer(nn.Module):
+    """HF Mamba's slow path: the depthwise conv's weight viewed by its own sizes, then a unit axis put back."""
+
+    def __init__(self, spelling: str) -> None:
+        super().__init__()
+        self.spelling = spelling
+        self.conv1d = nn.Conv1d(8, 8, 4, groups=8, padding=3)
+        self.out_proj = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.conv1d.weight
+        if self.spelling == "size":
+            w = w.view(w.size(0), w.size(2))
+        elif self.spelling == "shape":
+            w = w.view(w.shape[0], w.shape[2])
+        else:
+            w = w.view(w.size()[0], -1)
+        y = F.conv1d(F.pad(x, (3, 0)), w.unsqueeze(1), self.conv1d.bias, groups=8)
+        return self.out_proj(F.silu(y).transpose(1, 2))
+
+
+@pytest.mark.parametrize("spelling", ["size", "shape", "size()[i]"])
+def test_a_weight_viewed_by_its_own_sizes_is_found_by_the_symbolic_trace(spelling: str) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(64, 8, 12)
+    model = _MambaMixer(spelling)
+    out = wn.apply_weight_norm(model, x)
+    report = wn.weight_norm_report(out)
+    assert report.found_by == "symbolic_trace"
+    assert {t.qualname: t.found_by for t in report.converted} == {"conv1d.weight": "symbolic_trace",
+                                                                  "out_proj.weight": "symbolic_trace"}
+    with torch.no_grad():  # the data init standardized the conv's pre-activations on the batch
+        pre = F.conv1d(F.pad(x, (3, 0)), out.conv1d.weight, out.conv1d.bias, groups=8)
+    torch.testing.assert_close(pre.mean((0, 2)), torch.zeros(8), atol=1e-5, rtol=0)
+    torch.testing.assert_close(pre.std((0, 2), unbiased=False), torch.ones(8), atol=1e-4, rtol=0)
+
+
+class _RoutedExperts(nn.Module):
+    """A mixture of experts whose data-dependent routing breaks the graph: its experts are called
+    from eager code."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.router = nn.Linear(16, 10, bias=False)
+        self.experts = nn.ModuleList([nn.Linear(16, 16) for _ in range(10)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pick = self.router(x).argmax(-1)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            rows = torch.where(pick == e)[0]
+            out = out.index_add(0, rows, expert(x[rows]))
+        return out
+
+
+def test_compiled_code_that_calls_layers_from_eager_code_compiles_no_more_than_the_plain_models() -> None:
+    """Each weight-normalized layer has a class of its own: were its forward compiled as a frame of
+    its own when eager code calls it, every layer would recompile it, up to dynamo's limit."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    x = torch.randn(256, 16)
+    plain = _RoutedExperts()
+    graphs = {}
+    for label, model in (("plain", plain), ("ours", wn.apply_weight_norm(plain, x))):
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(model, backend="eager")
+        compiled(x).sum().backward()
+        graphs[label] = counters["stats"]["unique_graphs"]
+        torch.testing.assert_close(compiled(x), model(x))
+    assert graphs["ours"] == graphs["plain"]

@@ -951,7 +951,7 @@ def test_a_state_dict_with_plain_values_keeps_its_metadata_through_a_fold() -> N
     """``{**model.state_dict(), "epoch": 3}``: still an ``OrderedDict`` with ``_metadata`` once folded."""
     state = build_generator("parametrizations").state_dict()
     state["epoch"] = 3
-    folded = checkpoint.map_state_dicts(state, lambda sd, where: wn.fold_state_dict(sd))
+    folded = checkpoint.map_state_dicts(state, wn.fold_state_dict)
     assert type(folded) is OrderedDict and folded["epoch"] == 3 and "conv_pre.weight" in folded
     assert folded._metadata[""] == state._metadata[""]
 
@@ -1098,7 +1098,7 @@ def test_fold_keep_leaves_the_weight_norm_a_model_is_built_with(tmp_path: Path) 
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), model(x))
     result = cli("fold", str(source), "--keep", "head.bias", "-o", str(tmp_path / "o.pt"))
-    assert result.returncode == 1 and "--keep names head.bias, which no state dict holds weight-normalized" in result.stderr
+    assert result.returncode == 1 and "--keep names head.bias, which is not weight-normalized in any of its state dicts" in result.stderr
 
 
 def test_a_checkpoint_whose_tied_names_disagree_is_refused(tmp_path: Path) -> None:
@@ -1130,3 +1130,72 @@ def test_a_sharded_key_is_read_from_the_shard_its_index_names(tmp_path: Path) ->
     index.write_text(json.dumps({"weight_map": {key: "../elsewhere.safetensors"}}))
     result = cli("fold", str(index), "-o", str(tmp_path / "o.pt"))
     assert result.returncode == 1 and "names shard files outside its folder (../elsewhere.safetensors)" in result.stderr
+
+
+def test_fold_and_convert_take_a_lightning_modules_attribute_prefix_as_inspect_does(tmp_path: Path) -> None:
+    """``--key generator`` on ``{"state_dict": {"generator.*": ..., "discriminator.*": ...}}``: the
+    generator's keys, the prefix taken off, written alone (what a deploy step extracts)."""
+    generator = build_generator("legacy")
+    state = {f"generator.{k}": v for k, v in generator.state_dict().items()}
+    state |= {f"discriminator.{k}": v for k, v in build_plain().state_dict().items()}
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": state, "epoch": 3}, path)
+    out = tmp_path / "g.safetensors"
+    result = cli("fold", str(path), "--key", "generator", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    plain = build_plain()
+    plain.load_state_dict(load_file(out))
+    mel = torch.randn(1, 80, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(mel), generator(mel))
+    converted = tmp_path / "g.pt"
+    assert cli("convert", str(path), "--key", "generator", "--to", "parametrizations", "-o", str(converted)).returncode == 0
+    assert list(torch.load(converted)) == list(wn.convert_state_dict(generator.state_dict(), "parametrizations"))
+
+
+def test_a_torchscript_archive_is_named_as_one(tmp_path: Path) -> None:
+    path = tmp_path / "model.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), path)
+    result = cli("inspect", str(path))
+    assert result.returncode == 1
+    assert result.stderr.strip() == (f"wn-transform inspect: error: {path}: a TorchScript archive (torch.jit.save), which "
+                                     "holds code, not a checkpoint; load it with torch.jit.load and save its state_dict() "
+                                     "with torch.save")
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path: Path, nested: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """(As root, folder permissions do not apply: the check is what os.access says.)"""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == folder else real(p, mode, **kw))
+    result = cli("fold", str(nested), "-o", str(folder / "out.pt"))
+    assert result.returncode == 1 and f"{folder / 'out.pt'}: cannot write in {folder} (permission denied)" in result.stderr
+    with pytest.raises(PermissionError, match=f"cannot write in {re.escape(str(folder))}"):
+        wn.export_onnx(torch.nn.Linear(2, 2), torch.randn(1, 2), folder / "m.onnx")
+    assert not list(folder.iterdir())
+
+
+def test_an_existing_external_data_file_is_refused_before_the_export_in_the_clis_words(tmp_path: Path) -> None:
+    out = tmp_path / "g.onnx"
+    data = tmp_path / "g.onnx.data"
+    data.write_bytes(b"earlier weights")
+    result = cli("export", "--model", MODEL, "--input-shape", "1,80,12", "-o", str(out))
+    assert result.returncode == 1 and f"{data}: already exists; pass --force" in result.stderr
+    assert data.read_bytes() == b"earlier weights" and not out.exists()
+
+
+def test_model_takes_a_python_file_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "helpers_for_wn.py").write_text("WIDTH = 6\n")
+    (tmp_path / "my_models_for_wn.py").write_text(
+        "from torch import nn\nfrom helpers_for_wn import WIDTH\n\n\ndef build():\n    return nn.Linear(4, WIDTH)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setattr(sys, "modules", dict(sys.modules))
+    result = cli("apply", "--model", "./my_models_for_wn.py:build", "--preserve", "-o", "out.pt")
+    assert result.returncode == 0, result.stderr
+    assert set(torch.load(tmp_path / "out.pt")) == {"bias", "parametrizations.weight.original0",
+                                                     "parametrizations.weight.original1"}
+    missing = cli("apply", "--model", "./nope.py:build", "--preserve", "-o", "out2.pt")
+    assert missing.returncode == 1 and "cannot read ./nope.py (from --model ./nope.py:build): no such file" in missing.stderr

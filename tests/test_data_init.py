@@ -467,6 +467,24 @@ def test_a_half_precision_gain_that_overflows_is_named_as_an_overflow_not_a_nan_
         wn.apply_weight_norm(model, (torch.randn(16, 4) * 1e-6).half())
 
 
+@pytest.mark.parametrize("mean_only_bn", [False, True])
+def test_a_half_precision_bias_that_overflows_is_refused_and_the_model_left_as_it_was(mean_only_bn: bool) -> None:
+    """b = -s*mu/sigma beyond float16's range (a pre-activation whose mean is 84,000 of its stds
+    from zero) would be -inf, the gains all finite: named, and nothing is changed."""
+    model = nn.Sequential(nn.Linear(1, 1)).half()
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+    x = torch.full((10_000, 1), 60_000.0)
+    x[:5] = 60_032.0
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(wn.WeightNormError, match=r"^0\.weight: .* bias = -init_scale\*mean/std overflows torch\.float16"):
+        wn.apply_weight_norm(model, x.half(), mean_only_bn=mean_only_bn, inplace=True)
+    assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
+    x[:5] = 61_000.0  # mean/std about 1,400: in range
+    out = wn.apply_weight_norm(model, x.half(), mean_only_bn=mean_only_bn)
+    assert all(bool(t.isfinite().all()) for t in out.state_dict().values() if t.is_floating_point())
+
+
 @pytest.mark.parametrize("layer", [nn.LSTM(4, 3), nn.GRUCell(4, 3)], ids=["LSTM", "GRUCell"])
 def test_an_all_zero_hidden_to_hidden_row_kept_as_it_is_is_not_taken_for_an_infinity(layer: nn.Module) -> None:
     """The init keeps hidden-to-hidden weights as they are (``g = ||row||``): a pruned row has g = 0,

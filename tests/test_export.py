@@ -849,6 +849,15 @@ def test_refuses_nan_batch(tmp_path) -> None:
         export_onnx(plain_hifigan(), mel, tmp_path / "m.onnx")
 
 
+def test_a_model_or_batch_on_the_meta_device_is_refused_before_any_exporter_runs(tmp_path) -> None:
+    model = wn.apply_weight_norm(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)))
+    with pytest.raises(wn.ExportError, match=r"parameter '0\.bias' is on the meta device, which holds no values"):
+        export_onnx(model.to("meta"), torch.randn(2, 4), tmp_path / "m.onnx")
+    with pytest.raises(wn.ExportError, match="the sample batch's input 0 is on the meta device"):
+        export_onnx(model.to_empty(device="cpu"), torch.randn(2, 4, device="meta"), tmp_path / "m.onnx")
+    assert not list(tmp_path.iterdir())
+
+
 def test_bad_arguments(tmp_path) -> None:
     with pytest.raises(ValueError, match="exporter"):
         export_onnx(plain_hifigan(), mel_batch(1), tmp_path / "m.onnx", exporter="onnxscript")

@@ -158,6 +158,11 @@ def test_a_wrapper_that_forwards_attributes_to_its_layer_is_not_taken_for_the_la
     expected = model(x)
     with pytest.raises(wn.WeightNormError, match=r"from '<root>' \(ForwardsAttributes\) on: a __getattr__ .* inplace=True"):
         wn.fold_weight_norm(model)
+    with pytest.raises(wn.WeightNormError, match=r"__deepcopy__ of its own, or fold it yourself first, "
+                                                 r"fold_weight_norm\(model, inplace=True\), and export that"):
+        wn.export_onnx(model, x, "never-written.onnx")
+    with pytest.raises(wn.WeightNormError, match="__deepcopy__ of its own, or plan with existing='keep'"):
+        wn.plan_weight_norm(model, existing="convert")
     folded = wn.fold_weight_norm(model, inplace=True)
     assert type(folded) is ForwardsAttributes and not wn.find_weight_norms(folded)
     assert list(folded.state_dict()) == ["layer.weight", "layer.bias"]
@@ -203,3 +208,26 @@ def test_fold_keep_takes_any_name_of_a_layer_reachable_under_two() -> None:
     for name in ("1.weight", "head.weight"):
         folded = wn.fold_weight_norm(model, keep=[name])
         assert [f.qualname for f in wn.find_weight_norms(folded)] == ["1.weight"]
+
+
+@pytest.mark.parametrize("api", ["parametrizations", "legacy"])
+def test_a_unit_with_no_direction_in_torchs_weight_norm_folds_to_zeros_on_every_route(api: str) -> None:
+    """torch's formula makes a pruned unit (g = 0, v row = 0) 0/0 = NaN; the library's routes give it
+    a zero weight, all alike: fold of the model, fold of its state dict, and existing='convert'
+    (which then gives it g = 0 and a trainable direction, as apply does any zero unit)."""
+    torch.manual_seed(0)
+    layer = torch_weight_norm(nn.Linear(4, 3)) if api == "parametrizations" else legacy_weight_norm(nn.Linear(4, 3))
+    g, v = ((layer.parametrizations.weight.original0, layer.parametrizations.weight.original1)
+            if api == "parametrizations" else (layer.weight_g, layer.weight_v))
+    with torch.no_grad():
+        g[1], v[1] = 0.0, 0.0
+    model = nn.Sequential(layer)
+    folded = wn.fold_weight_norm(model)[0].weight
+    assert torch.equal(folded[1], torch.zeros(4)) and bool(folded.isfinite().all())
+    torch.testing.assert_close(folded[[0, 2]], torch._weight_norm(v, g, 0)[[0, 2]], rtol=0, atol=0)
+    assert torch.equal(wn.fold_state_dict(model.state_dict())["0.weight"], folded)
+    x = torch.randn(16, 4)
+    for batch in (None, x):
+        converted = wn.apply_weight_norm(model, batch, existing="convert")
+        assert wn.weight_norm_report(converted).zero_units == {"0.weight": 1}
+        assert bool(converted(x).isfinite().all())

@@ -533,3 +533,32 @@ def test_one_value_per_channel_in_training_is_an_error_as_in_batchnorm(shape: tu
     with pytest.raises(ValueError, match="more than 1 value per channel when training"):
         nn.BatchNorm1d(4)(torch.randn(1, 4))
     torch.testing.assert_close(norm.eval()(x), x)  # eval: the running mean (0) and the bias (0)
+
+
+def test_fold_state_dict_folds_the_mean_only_batch_norm_of_a_bare_layer() -> None:
+    """A bare layer's norm has keys 'mean_only_bn.bias'/'.running_mean' (no module prefix):
+    they become its 'bias', as fold_weight_norm gives it."""
+    torch.manual_seed(0)
+    layer = wn.apply_weight_norm(nn.Linear(8, 4), torch.randn(64, 8) + 1.0, mean_only_bn=True)
+    layer.eval()
+    by_state_dict = wn.fold_state_dict(layer.state_dict())
+    by_model = wn.fold_weight_norm(layer).state_dict()
+    assert list(by_state_dict) == list(by_model) == ["weight", "bias"]
+    for key in by_model:
+        torch.testing.assert_close(by_state_dict[key], by_model[key], rtol=0, atol=1e-6)
+    plain = nn.Linear(8, 4)
+    plain.load_state_dict(by_state_dict)
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(plain(x), layer(x), rtol=1e-5, atol=1e-6)
+
+
+def test_update_bn_puts_back_each_modules_own_mode() -> None:
+    """A batch norm frozen in eval mode inside a training model stays in eval mode after."""
+    torch.manual_seed(0)
+    model = wn.apply_weight_norm(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)),
+                                 torch.randn(32, 4), mean_only_bn=True)
+    model.train()
+    model[1].eval()
+    modes = [m.training for m in model.modules()]
+    wn.update_bn([torch.randn(8, 4) for _ in range(3)], model)
+    assert [m.training for m in model.modules()] == modes

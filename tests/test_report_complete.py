@@ -741,3 +741,45 @@ def test_a_leaf_layer_run_with_another_weight_is_skipped_by_symbolic_trace_too(b
     out(x).square().sum().backward()
     if not batch:  # init="preserve": the same function
         torch.testing.assert_close(out(x), model(x))
+
+
+def test_a_recurrent_cell_run_over_steps_is_not_said_to_be_standardized_by_its_hidden_weight() -> None:
+    """A GRUCell looped over 5 steps reads both weights 5 times; the init standardizes the input
+    weight's first call, and keeps the hidden-to-hidden weight's scale: the report says each."""
+
+    class Loop(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cell = nn.GRUCell(4, 6)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.zeros(x.shape[1], 6)
+            for step in x:
+                h = self.cell(step, h)
+            return h
+
+    torch.manual_seed(0)
+    text = str(wn.weight_norm_report(wn.apply_weight_norm(Loop(), torch.randn(5, 32, 4))))
+    assert "cell.weight_ih: read by 5 op calls in one forward (a shared layer); the data init standardized" in text
+    assert "cell.weight_hh: read by" not in text and "1 hidden-to-hidden weights kept their scale" in text
+
+
+def test_a_stacked_experts_bias_is_not_reported_as_a_matrix_acting_on_the_data() -> None:
+    """``F.linear(x, self.w[e], self.b[e])``: w is a weight selected in the forward (skipped with that
+    reason); b is added, as a linear op's bias, not multiplied: no layer weight, not listed."""
+
+    class Experts(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.router = nn.Linear(8, 3)
+            self.w = nn.Parameter(torch.randn(3, 8, 8))
+            self.b = nn.Parameter(torch.zeros(3, 8))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            pick = self.router(x).argmax(-1)
+            return sum((pick == e).float()[:, None] * F.linear(x, self.w[e], self.b[e]) for e in range(3))
+
+    report = wn.plan_weight_norm(Experts(), torch.randn(32, 8))
+    reasons = {s.qualname: s.reason for s in report.skipped}
+    assert reasons["w"].startswith("reaches its linear op only through other ops (getitem)")
+    assert "b" not in reasons

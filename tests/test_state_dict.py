@@ -430,3 +430,71 @@ def test_a_plain_checkpoint_with_all_zero_units_loads_as_trainable_units_the_sam
     optimizer.step()
     assert bool((model[2].weight.abs().flatten(1).amax(1) > 0).all())  # (layer 0 gets no gradient through a zero layer)
     torch.testing.assert_close(model[0].parametrizations.weight.original1[2].norm(), torch.tensor(1.0))
+
+
+def test_weight_norm_stacked_with_another_parametrization_is_refused_not_folded_without_it() -> None:
+    """Spectral norm on top of weight norm: g*v/||v|| alone is not the layer's weight, and the
+    spectral norm's entries would be left behind."""
+    layer = torch.nn.utils.parametrizations.spectral_norm(parametrized_weight_norm(nn.Linear(4, 3)))
+    state = layer.state_dict()
+    (found,) = find_state_dict_weight_norms(state)
+    assert found.stacked_key == "parametrizations.weight.1._u"
+    with pytest.raises(wn.WeightNormError, match=r"^parametrizations\.weight\.original0: weight norm is stacked with "
+                                                 r"another parametrization \(parametrizations\.weight\.1\._u\); folding"):
+        fold_state_dict(state)
+    with pytest.raises(wn.WeightNormError, match="stacked .* converting it to the legacy layout"):
+        convert_state_dict(state, "legacy")
+    assert fold_state_dict(state, keep="weight") == state  # left as it is: no error
+    # this library's own marker (g = e^s) is part of the weight norm, not another parametrization
+    ours = wn.apply_weight_norm(nn.Linear(4, 3), exp_scale=True).state_dict()
+    assert find_state_dict_weight_norms(ours)[0].stacked_key is None and "weight" in fold_state_dict(ours)
+
+
+def test_another_parametrizations_two_tensors_are_ordinary_tensors() -> None:
+    """A parametrization whose right_inverse returns two tensors (low-rank factors U [5, 2],
+    V [2, 6]) stores original0/original1 too; a g that cannot be weight norm's marks it."""
+
+    class LowRank(nn.Module):
+        def forward(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return u @ v
+
+        def right_inverse(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            u, s, vh = torch.linalg.svd(w, full_matrices=False)
+            return u[:, :2] * s[:2], vh[:2]
+
+    layer = nn.Linear(6, 5)
+    torch.nn.utils.parametrize.register_parametrization(layer, "weight", LowRank())
+    state = nn.Sequential(layer, legacy_weight_norm(nn.Linear(5, 2))).state_dict()
+    assert [f.weight_key for f in find_state_dict_weight_norms(state)] == ["1.weight"]
+    folded = fold_state_dict(state)
+    assert "0.parametrizations.weight.original0" in folded and "1.weight" in folded
+
+
+@pytest.mark.parametrize("style", ["parametrizations", "legacy", "wn_transform"])
+def test_folded_weights_take_the_place_a_plain_layer_gives_them(style: str) -> None:
+    """torch's weight norm registers g and v after the bias; the folded state dict has the plain
+    model's key order, as fold_weight_norm gives it (for tools that pair keys by position)."""
+    torch.manual_seed(0)
+    layers = [nn.Conv1d(2, 4, 3), nn.ReLU(), nn.Linear(4, 3)]
+    if style == "wn_transform":
+        model = wn.apply_weight_norm(nn.Sequential(*layers))
+    else:
+        normalize = parametrized_weight_norm if style == "parametrizations" else legacy_weight_norm
+        model = nn.Sequential(normalize(layers[0]), layers[1], normalize(layers[2]))
+    folded = fold_state_dict(model.state_dict())
+    assert list(folded) == list(wn.fold_weight_norm(model).state_dict()) == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    root = parametrized_weight_norm(nn.Linear(4, 3)) if style != "legacy" else legacy_weight_norm(nn.Linear(4, 3))
+    assert list(fold_state_dict(root.state_dict())) == ["weight", "bias"]
+
+
+@pytest.mark.parametrize("name", ["0.weight_g", "0.weight_v", "0"])
+def test_a_keep_name_that_is_part_of_a_weight_is_answered_with_the_weights_name(name: str) -> None:
+    model = nn.Sequential(legacy_weight_norm(nn.Linear(4, 3)))
+    expected = re.escape(f"keep names {name}, which is not weight-normalized in this state dict ('{name}' is part of "
+                         "'0.weight', the name to pass)")
+    with pytest.raises(wn.WeightNormError, match=expected):
+        fold_state_dict(model.state_dict(), keep=name)
+    with pytest.raises(wn.FoldError, match=re.escape(f"'{name}' is part of '0.weight', the name to pass")):
+        wn.fold_weight_norm(model, keep=name)
+    with pytest.raises(wn.WeightNormError, match=r"keep names 2\.weight, .*; those there are: 0\.weight$"):
+        fold_state_dict(model.state_dict(), keep="2.weight")

@@ -9,14 +9,18 @@ import sys
 import torch
 from torch import nn
 
-from ._parametrized import is_parametrized, plain_type
+from ._parametrized import is_parametrized, own_class, plain_type
 from .errors import WeightNormError
 
 __all__ = ["compiled_wrapper", "copy_model", "refuse_sharded", "routed_module"]
 
 
-def copy_model(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` that leaves ``model`` untouched.
+_INPLACE = "pass inplace=True to work on the model itself"
+
+
+def copy_model(model: nn.Module, *, instead: str = _INPLACE) -> nn.Module:
+    """A deep copy of ``model`` that leaves ``model`` untouched.  ``instead``: the way around a
+    copy for the caller's user, in the error raised where ``copy.deepcopy`` gets the structure wrong.
 
     Layers carrying the legacy ``torch.nn.utils.weight_norm`` hook keep the weight of their
     last forward as a plain attribute, and parametrized RNNs keep theirs in ``_flat_weights``;
@@ -37,14 +41,14 @@ def copy_model(model: nn.Module) -> nn.Module:
                 if isinstance(item, torch.Tensor) and not item.is_leaf:
                     memo[id(item)] = item.detach().clone()
     copied = copy.deepcopy(model, memo)
-    _check_same_structure(model, copied)
+    _check_same_structure(model, copied, instead)
     for module in copied.modules():
         if is_parametrized(module):
-            module.__class__ = _own_copy(type(module))
+            module.__class__ = own_class(type(module))
     return copied
 
 
-def _check_same_structure(model: nn.Module, copied: object) -> None:
+def _check_same_structure(model: nn.Module, copied: object, instead: str) -> None:
     """Raise where the copy is not the model's structure: ``copy.deepcopy`` looks ``__deepcopy__`` up
     on the instance, and a ``__getattr__`` that forwards unknown names to a module it holds hands
     out that module's, which copies the held module alone."""
@@ -55,15 +59,8 @@ def _check_same_structure(model: nn.Module, copied: object) -> None:
         name, cls = ours[first]
         msg = (f"copy.deepcopy of the model gives another structure, from '{name or '<root>'}' ({cls.__name__}) on: "
                "a __getattr__ that passes unknown attributes to a module it holds passes on __deepcopy__ too, and "
-               "copies that module alone; give that class a __deepcopy__ of its own, or pass inplace=True to work on "
-               "the model itself")
+               f"copies that module alone; give that class a __deepcopy__ of its own, or {instead}")
         raise WeightNormError(msg)
-
-
-def _own_copy(cls: type) -> type:
-    """A class with ``cls``'s name, bases and attributes (its properties included)."""
-    namespace = {key: value for key, value in vars(cls).items() if key not in ("__dict__", "__weakref__")}
-    return type(cls.__name__, cls.__bases__, namespace)
 
 
 def compiled_wrapper(model: object) -> bool:

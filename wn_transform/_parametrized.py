@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["is_parametrized", "own_chains", "plain_type"]
+__all__ = ["is_parametrized", "own_chains", "own_class", "plain_type"]
 
 
 def own_chains(module: nn.Module) -> nn.ModuleDict | None:
@@ -29,3 +29,10 @@ def is_parametrized(module: nn.Module, name: str | None = None) -> bool:
 def plain_type(module: nn.Module) -> type:
     """``module``'s class before torch made it one of its own for its parametrizations."""
     return type(module).__bases__[0] if is_parametrized(module) else type(module)
+
+
+def own_class(cls: type) -> type:
+    """A class with ``cls``'s name, bases and attributes (its properties included): for the copy of
+    a parametrized module, whose generated class ``copy.deepcopy`` would share with the original."""
+    namespace = {key: value for key, value in vars(cls).items() if key not in ("__dict__", "__weakref__")}
+    return type(cls.__name__, cls.__bases__, namespace)

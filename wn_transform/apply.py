@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Literal
@@ -18,13 +17,13 @@ from ._copy import compiled_wrapper, copy_model, refuse_sharded
 from ._gc import gc_paused
 from .data_init import InitNotes, data_init, resample_directions
 from .discover import WALK, Discovery, account_for_every_layer, discover, preserved_state
-from .errors import NoTargetsError, WeightNormError, few
+from .errors import NoTargetsError, WeightNormError, few, warn_user
 from .fold import FoundWeightNorm, find_weight_norms, fold_one
 from .mean_only_bn import attach as attach_mean_only_bn
 from .mean_only_bn import channels as mean_only_bn_channels
-from .moments import resolve_group
+from .moments import broadcast, resolve_group
 from .norm import direct_zero_units, unit_norm
-from .parametrization import WeightNorm, register
+from .parametrization import REPLACED_MARK, WeightNorm, register
 from .report import WeightNormReport
 from .select import FilterFn, Selection
 from .targets import Skipped, Target
@@ -94,7 +93,8 @@ def apply_weight_norm(
             batch is a shard of one calibration batch: per-unit sums, sums of squares and counts
             are reduced across ranks in float64, so every rank ends with the same ``g``, ``b``
             and (with ``resample``) ``v``, equal to a single-process init on the concatenated
-            batch.  A ``ProcessGroup`` restricts it to that group; ``False`` turns it off.
+            batch.  A ``ProcessGroup`` restricts it to that group; ``False`` turns it off;
+            ``True`` insists on it (an error where ``torch.distributed`` is not initialized).
         include, exclude: ``fnmatch`` patterns on weight or module names.
         types: keep only weights owned by modules of these classes.
         filter_fn: ``filter_fn(module, module_name) -> bool``.
@@ -102,7 +102,8 @@ def apply_weight_norm(
             ``"keep"`` leaves them (and reports them), ``"convert"`` folds them and
             reparameterizes them with this library (the right unit axis included).
         inplace: change ``model`` itself; by default a deep copy is changed and returned.
-        generator: random source for ``resample``.
+        generator: random source for ``resample``, and for the direction given to a unit whose
+            weight is all zeros (it gets ``g = 0`` and a random unit ``v``).
 
     Returns:
         The weight-normalized model (same classes, methods and forward).  Its state dict holds
@@ -110,13 +111,17 @@ def apply_weight_norm(
         :func:`weight_norm_report` describes what was done.
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``.
+        TypeError: ``model`` is not an ``nn.Module``; ``distributed`` is not a bool, None or a
+            ``ProcessGroup``.
+        ValueError: an unknown ``init`` or ``existing``.
         BatchError: the batch holds NaN, or (for the data init) is empty or on the meta device
             (nothing is changed); or the model rejects it (the layer is named).
         SelectionError: a selection rule matches no weight.
         WeightNormError: ``init_scale`` is not a positive finite number; a lazy layer
-            (``nn.LazyLinear``...) has not run yet, so its weight has no shape; or the model holds a TorchScript module; or, for the data init, its parameters
-            are on the meta device.
+            (``nn.LazyLinear``...) has not run yet, so its weight has no shape; the model holds a
+            TorchScript module, is (or holds) a ``DistributedDataParallel`` wrapper or FSDP-sharded
+            modules; ``distributed=True`` without ``torch.distributed`` initialized; or, for the
+            data init, its parameters are on the meta device.
         NoTargetsError: the model has no linear/conv weight.
     """
     if compiled_wrapper(model):  # torch.compile's wrapper: the model is its _orig_mod
@@ -149,8 +154,12 @@ def apply_weight_norm(
                 if resample:  # v will be the user's weight Parameter, drawn anew in place
                     undo.keep_values(working.get_submodule(t.module)._parameters[t.name] for t in targets)
             for target in targets:
-                register(working.get_submodule(target.module), target.name,
-                         WeightNorm(target.layout.dim, target.layout.groups, exp_scale=exp_scale))
+                try:
+                    register(working.get_submodule(target.module), target.name,
+                             WeightNorm(target.layout.dim, target.layout.groups, exp_scale=exp_scale))
+                except WeightNormError as exc:
+                    msg = f"{target.qualname}: {exc}"
+                    raise WeightNormError(msg) from None
             if mean_only_bn:
                 report.mean_only_bn, report.mean_only_bn_missing = _attach_mean_only_bn(working, targets)
             trains = [_trainable(working, t) for t in targets]  # a frozen one (a pretrained backbone): left as it is
@@ -197,7 +206,7 @@ def plan_weight_norm(
     if checked:
         _check_measurable(model, sample_batch)
     selection = Selection.build(include, exclude, types, filter_fn)
-    working = copy_model(model) if existing == "convert" else model
+    working = copy_model(model, instead="plan with existing='keep', which needs no copy") if existing == "convert" else model
     report = _plan(working, sample_batch, selection, existing, init)[0]
     if checked and report.found_by == "symbolic_trace":
         with preserved_state(model, batch_statistics=True), torch.no_grad():
@@ -262,7 +271,7 @@ def _give_zero_units_a_direction(model: nn.Module, targets: list[Target], genera
                 keep([g, v])
             draw = torch.randn(v.shape, generator=generator, dtype=torch.float32, device=v.device)
             if group is not None:
-                dist.broadcast(draw, src=dist.get_global_rank(group, 0), group=group)
+                broadcast(draw, group)
             v.copy_(direct_zero_units(v, zero, layout, draw))
             g.masked_fill_(zero.view(g.shape), 0)
             counts[target.qualname] = int(zero.sum())
@@ -285,7 +294,7 @@ def _warn_if_untrainable(model: nn.Module) -> None:
         msg = (f"{where}: the g and v it makes are inference tensors, so the model runs but can never be trained "
                "(backward leaves them without a gradient, an optimizer step fails); to train, call it outside "
                "inference mode (torch.no_grad() is fine) on a model whose parameters were made there")
-        warnings.warn(msg, UserWarning, stacklevel=3)
+        warn_user(msg)
 
 
 def _on_meta(model: nn.Module, sample_batch: batch_mod.SampleBatch) -> bool:
@@ -308,8 +317,9 @@ def _check_measurable(model: nn.Module, sample_batch: batch_mod.SampleBatch,
 
 
 def _check_modules(model: nn.Module) -> None:
-    """Lazy layers (``nn.LazyLinear``...) have no weight shape until their first forward, and
-    TorchScript modules cannot be reparameterized (nor copied as Python modules)."""
+    """Refuse what cannot be reparameterized: a ``DistributedDataParallel`` wrapper (it keeps
+    reducing the old weights), lazy layers (``nn.LazyLinear``...: no weight shape until their
+    first forward), and TorchScript modules (nor copied as Python modules)."""
     wrapped = next((name for name, module in model.named_modules()
                     if isinstance(module, nn.parallel.DistributedDataParallel)), None)
     if wrapped is not None:
@@ -362,7 +372,7 @@ def _plan(model: nn.Module, sample_batch, selection: Selection, existing: Existi
     account_for_every_layer(model, discovery, {found.qualname for found in already} if existing == "keep" else set())
     if not discovery.targets and not (already and existing == "keep"):
         raise NoTargetsError(_no_targets_message(model, discovery, sample_batch is not None))
-    targets, left_out = selection.apply(model, discovery.targets) if discovery.targets else ([], [])
+    targets, left_out = selection.apply(model, discovery.targets, already if existing == "keep" else ())
     skipped = [*discovery.skipped, *left_out]
     if existing == "keep":
         skipped += [_kept(found) for found in already]
@@ -438,3 +448,6 @@ class _Undo:
             module.__class__ = cls
             vars(module).clear()
             vars(module).update(state)
+            for parameter in module._parameters.values():  # back in the model: no longer "replaced"
+                if parameter is not None:
+                    vars(parameter).pop(REPLACED_MARK, None)

@@ -21,11 +21,11 @@ from torch.nn.utils.rnn import PackedSequence
 from torch.utils._pytree import tree_leaves, tree_map_only
 
 from .errors import BatchError, WeightNormError
-from .moments import all_reduce
+from .moments import all_reduce, collective_device
 from ._parametrized import plain_type
 
-__all__ = ["SampleBatch", "as_args", "check_measurable", "check_no_nan", "collective_device", "compiled_code_eager",
-           "copied_args", "layer_tracker", "run"]
+__all__ = ["SampleBatch", "as_args", "check_measurable", "check_no_nan", "compiled_code_eager",
+           "copied_args", "layer_tracker", "run", "tensors_of"]
 
 SampleBatch = Union[torch.Tensor, tuple, list, Mapping[str, Any]]
 
@@ -51,7 +51,7 @@ def check_no_nan(batch: SampleBatch) -> None:
     check: tracing takes it).  Infinities are allowed: an additive attention mask holds -inf
     (``nn.Transformer.generate_square_subsequent_mask``); one that reaches a layer's statistics
     is the data-dependent init's error, which names the layer."""
-    for where, leaf in _tensors(batch):
+    for where, leaf in tensors_of(batch):
         if leaf.is_floating_point() and not leaf.is_meta and bool(leaf.isnan().any()):
             msg = f"the sample batch holds NaN values ({where}); calibration and export checks need numbers"
             raise BatchError(msg)
@@ -63,7 +63,7 @@ def check_measurable(batch: SampleBatch, group: dist.ProcessGroup | None = None)
     of a mixture) is the init's business: it keeps its scale when no row reaches it.  Under a
     process ``group`` the batch is every rank's shard together: one rank's may be empty, and every
     rank takes the same decision (one all-reduce)."""
-    tensors = _tensors(batch)
+    tensors = tensors_of(batch)
     meta = next((where for where, leaf in tensors if leaf.is_meta), None)
     empty = bool(tensors) and all(leaf.numel() == 0 for _, leaf in tensors)
     if group is not None:
@@ -85,15 +85,7 @@ def check_measurable(batch: SampleBatch, group: dist.ProcessGroup | None = None)
         raise BatchError(msg)
 
 
-def collective_device(group: dist.ProcessGroup, cuda: torch.device | None = None) -> torch.device:
-    """Where a tensor for a collective of ``group`` lives: for NCCL, ``cuda`` (the data's device) or
-    the current CUDA device; else the CPU."""
-    if dist.get_backend(group) == "nccl":
-        return cuda if cuda is not None else torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _tensors(batch: SampleBatch) -> list[tuple[str, torch.Tensor]]:
+def tensors_of(batch: SampleBatch) -> list[tuple[str, torch.Tensor]]:
     """Every tensor of the batch, with where it is (``input 0``, ``input 'mask'``)."""
     args, kwargs = as_args(batch)
     named = [(f"input {i}", a) for i, a in enumerate(args)] + [(f"input '{k}'", v) for k, v in kwargs.items()]

@@ -1,9 +1,10 @@
 """Checkpoint files: safe loading, atomic saving, nested state dicts, sample batches.
 
-* ``.pt``/``.pth``/``.bin``/``.ckpt`` are read with ``torch.load(weights_only=True)``: a file that
-  needs arbitrary pickled code is refused, never executed.  ``.safetensors`` (any case, or a
-  safetensors file under another name, told by its first bytes) goes through the safetensors
-  library; a file that is none of these is named as such.
+* A ``.safetensors`` name (any case), or a safetensors header under another name, goes through
+  the safetensors library; a ``torch.save`` archive or pickle, whatever its name (``.pt``,
+  ``.pth``, ``.bin``, ``.ckpt``...), is read with ``torch.load(weights_only=True)``: a file that
+  needs arbitrary pickled code is refused, never executed; a file that is none of these is named
+  as such.
 * Writes are atomic: a temporary file in the destination folder, then ``os.replace``.  An
   existing file is not overwritten without ``force``, the input is never the output, and a
   device, FIFO or socket is never replaced.  A safetensors output keeps the input's ``__metadata__``.
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import WeightNormError, few
+from .errors import WeightNormError, few, first_line
 
 __all__ = [
     "CheckpointError", "check_output", "file_format", "files_of", "is_state_dict", "load_batch", "load_checkpoint",
@@ -37,7 +38,6 @@ __all__ = [
     "rebuilt_like", "safetensors_metadata", "save_checkpoint", "state_dict_paths",
 ]
 
-TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
 SAFETENSORS = ".safetensors"
 INDEX_SUFFIX = ".index.json"  # a sharded checkpoint's index: model.safetensors.index.json
 
@@ -99,16 +99,16 @@ def rebuilt_like(mapping: Mapping[str, Any], items: Iterable[tuple[str, Any]]) -
     return rebuilt
 
 
-def map_state_dicts(obj: Any, fn: Callable[[dict[str, Any], str], dict[str, Any]], where: str = "") -> Any:
-    """Apply ``fn(state_dict, where)`` to every state dict in ``obj``; keep everything else (an
+def map_state_dicts(obj: Any, fn: Callable[[dict[str, Any]], dict[str, Any]]) -> Any:
+    """Apply ``fn(state_dict)`` to every state dict in ``obj``; keep everything else (an
     ``OrderedDict`` stays one).  A state dict that holds others is mapped first, then the ones it
     holds (``fn`` keeps values that are not tensors as they are)."""
     if is_state_dict(obj):
-        obj = fn(obj, where)
+        obj = fn(obj)
     children = _children(obj)
     if not children:
         return obj
-    mapped = {key: map_state_dicts(value, fn, f"{where}.{key}" if where else key) for key, value in children}
+    mapped = {key: map_state_dicts(value, fn) for key, value in children}
     if all(mapped[key] is value for key, value in children):
         return obj  # nothing inside changed: the mapping as it is (a state dict keeps its _metadata)
     if isinstance(obj, Mapping):
@@ -151,6 +151,10 @@ def _read(path: Path) -> Any:
         what = f"it starts with {start!r}" if start else "it is empty"
         msg = f"{path}: not a PyTorch checkpoint (neither a torch.save archive, a pickle nor safetensors: {what})"
         raise CheckpointError(msg)
+    if kind == "zip" and _is_torchscript(path):
+        msg = (f"{path}: a TorchScript archive (torch.jit.save), which holds code, not a checkpoint; load it with "
+               "torch.jit.load and save its state_dict() with torch.save")
+        raise CheckpointError(msg)
     try:
         with warnings.catch_warnings():  # a bare pickle's protocol draws a warning before the clear error
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
@@ -164,8 +168,7 @@ def _read(path: Path) -> Any:
             msg = f"{path}: not a PyTorch checkpoint torch.load can read safely ({_unpickler_detail(exc)})"
         raise CheckpointError(msg) from exc
     except Exception as exc:  # on a file that is not a checkpoint torch's unpickler raises KeyError, ValueError...
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        msg = f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {first})"
+        msg = f"{path}: not a readable PyTorch checkpoint ({first_line(exc)})"
         raise CheckpointError(msg) from exc
 
 
@@ -249,6 +252,16 @@ def file_format(path: Path) -> str:
     return "unknown"
 
 
+def _is_torchscript(path: Path) -> bool:
+    """Whether a zip archive is ``torch.jit.save``'s: its record holds ``code/`` and ``constants.pkl``."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):  # torch.load then names what is wrong
+        return False
+    return any(name.endswith("/constants.pkl") for name in names) and any("/code/" in name for name in names)
+
+
 def _unpickler_detail(exc: Exception) -> str:
     """The line of torch's weights-only unpickler error that says what it met."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
@@ -261,7 +274,7 @@ def _unpickler_detail(exc: Exception) -> str:
 
 def check_output(path: str | os.PathLike, *, force: bool = False, inputs: tuple[str | os.PathLike, ...] = ()) -> None:
     """Raise :class:`CheckpointError` if ``path`` is one of ``inputs`` (the files the output is
-    made from), a folder, in a folder that does not exist, an existing file that is not a regular one (a device such as
+    made from), a folder, in a folder that does not exist or that it cannot write in, an existing file that is not a regular one (a device such as
     ``/dev/null``, a FIFO, a socket: never replaced, even with ``force``), or an existing file
     and not ``force``; or a path that ends with a separator (``out/``: a folder, meant or not)."""
     if str(os.fspath(path)).endswith((os.sep, "/")):
@@ -277,6 +290,9 @@ def check_output(path: str | os.PathLike, *, force: bool = False, inputs: tuple[
         raise CheckpointError(msg)
     if not path.parent.is_dir():
         msg = f"{path}: the folder {path.parent} does not exist"
+        raise CheckpointError(msg)
+    if not os.access(path.parent, os.W_OK | os.X_OK):  # found before the work, not when the result is written
+        msg = f"{path}: cannot write in {path.parent} (permission denied)"
         raise CheckpointError(msg)
     if path.exists() and not path.is_file():
         msg = (f"{path}: is not a regular file ({_special_kind(path)}); outputs replace the file they are "

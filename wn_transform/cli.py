@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import importlib
+import importlib.util
 import inspect
 import json
 import math
@@ -31,7 +33,7 @@ from .checkpoint import (
     safetensors_metadata, save_checkpoint, state_dict_paths,
 )
 from ._copy import routed_module
-from .errors import WeightNormError, few
+from .errors import WeightNormError, few, first_line, unknown_keep_message
 from .state_dict import convert_state_dict, find_state_dict_weight_norms, fit_state_dict, fold_state_dict
 from .uses import param_aliases
 
@@ -134,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _model_arguments(parser: argparse.ArgumentParser, *, required: bool) -> None:
     parser.add_argument("--model", required=required, metavar="MODULE:FACTORY",
-                        help="importable factory that builds the model, e.g. mypkg.models:build_generator")
+                        help="factory that builds the model: importable, e.g. mypkg.models:build_generator, "
+                             "or in a file, e.g. ./models.py:build_generator")
     parser.add_argument("--model-kwargs", default="{}", metavar="JSON", help="keyword arguments for the factory")
     parser.add_argument("--checkpoint", metavar="FILE", help="weights to load into the model")
     parser.add_argument("--key", metavar="PATH", help="which nested state dict to use, e.g. generator or model.ema")
@@ -148,8 +151,10 @@ def _batch_arguments(parser: argparse.ArgumentParser, name: str, *, required: bo
 
 
 def _one_state_dict_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--key", metavar="PATH", help="write only the nested state dict at PATH, e.g. generator "
-                                                       "(one flat state dict: what a .safetensors output holds)")
+    parser.add_argument("--key", metavar="PATH", help="write only the nested state dict at PATH, e.g. generator, "
+                                                       "or the keys under the prefix PATH. with it taken off (a "
+                                                       "LightningModule's generator.*): one flat state dict, what a "
+                                                       ".safetensors output holds")
 
 
 def _output_arguments(parser: argparse.ArgumentParser, kinds: str = ".pt/.pth/.bin/.safetensors") -> None:
@@ -186,14 +191,14 @@ def cmd_inspect(args: argparse.Namespace, say: Callable[[str], None]) -> int:
 def cmd_fold(args: argparse.Namespace, say: Callable[[str], None]) -> int:
     keep = set(args.keep)
 
-    def fold(state_dict: dict, where: str) -> dict:
+    def fold(state_dict: dict) -> dict:  # each --keep name in one of the state dicts (_rewrite checks)
         return fold_state_dict(state_dict, keep=keep & {wn.weight_key for wn in find_state_dict_weight_norms(state_dict)})
 
     return _rewrite(args, say, fold, "folded", keep=keep)
 
 
 def cmd_convert(args: argparse.Namespace, say: Callable[[str], None]) -> int:
-    return _rewrite(args, say, lambda sd, where: convert_state_dict(sd, args.to), f"converted to {args.to}",
+    return _rewrite(args, say, lambda sd: convert_state_dict(sd, args.to), f"converted to {args.to}",
                     to=args.to)
 
 
@@ -256,7 +261,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _Stopped as exc:
         print(f"wn-transform {args.command}: stopped by {exc.signal.name}; no output was written", file=sys.stderr)
         return 128 + exc.signal.value
-    return 1
 
 
 class _Stopped(BaseException):
@@ -293,8 +297,8 @@ class _UsageError(Exception):
     """Arguments that parse but make no sense together (exit code 2)."""
 
 
-def _rewrite(args: argparse.Namespace, say: Callable[[str], None], fn: Callable[[dict, str], dict], done: str,
-             to: str | None = None, keep: set[str] = frozenset()) -> int:
+def _rewrite(args: argparse.Namespace, say: Callable[[str], None], fn: Callable[[dict], dict], done: str,
+             to: str | None = None, keep: frozenset[str] | set[str] = frozenset()) -> int:
     """Load ``args.input``, apply ``fn`` to each state dict, write ``args.output``; ``to``: the
     layout ``convert`` writes (pairs already in it are not counted as converted); ``keep``: the
     weights ``fold`` leaves weight-normalized (each must be one, in some state dict)."""
@@ -302,17 +306,20 @@ def _rewrite(args: argparse.Namespace, say: Callable[[str], None], fn: Callable[
     say(f"loading {args.input}")
     checkpoint = load_checkpoint(args.input)
     paths = state_dict_paths(checkpoint)
-    if args.key is not None:  # that state dict alone
-        checkpoint = _without_nested_state_dicts(_get(checkpoint, _keyed_path(paths, args.key, args.input)))
+    if args.key is not None:  # that state dict alone, or the keys under that prefix (a LightningModule's)
+        prefixed = _under_prefix(checkpoint, paths, args.key)
+        checkpoint = prefixed if prefixed is not None else _without_nested_state_dicts(
+            _get(checkpoint, _keyed_path(paths, args.key, args.input)))
         paths = state_dict_paths(checkpoint)
     prefix = () if args.key is None else (args.key,)  # printed as the file names them
     found = {_path_name((*prefix, *p)): find_state_dict_weight_norms(_get(checkpoint, p)) for p in paths}
     if not any(found.values()):
         msg = f"{args.input}: no weight-normalized tensors found (looked in {', '.join(found) or 'no state dict'})"
         raise CheckpointError(msg)
-    unknown = sorted(keep - {wn.weight_key for pairs in found.values() for wn in pairs})
+    weights = [wn.weight_key for pairs in found.values() for wn in pairs]
+    unknown = sorted(keep - set(weights))
     if unknown:
-        msg = f"{args.input}: --keep names {few(unknown)}, which no state dict holds weight-normalized"
+        msg = f"{args.input}: --{unknown_keep_message(unknown, weights, 'any of its state dicts')}"
         raise CheckpointError(msg)
     counts = {where: sum(wn.layout != to and wn.weight_key not in keep for wn in pairs) for where, pairs in found.items()}
     if not any(counts.values()):
@@ -376,14 +383,19 @@ def _build_model(args: argparse.Namespace, say: Callable[[str], None]) -> nn.Mod
 
 
 def _import_factory(spec: str) -> Callable[..., Any]:
-    module_name, sep, attr = spec.partition(":")
+    """The factory ``--model`` names: ``package.module:factory`` (importable from the current
+    folder too), or ``path/to/file.py:factory``."""
+    module_name, sep, attr = spec.rpartition(":")  # (a Windows path has a colon of its own)
     if not sep or not module_name or not attr:
-        msg = f"--model must look like package.module:factory, got {spec!r}"
+        msg = f"--model must look like package.module:factory or path/to/models.py:factory, got {spec!r}"
         raise _UsageError(msg)
     if str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))
     try:
-        obj: Any = importlib.import_module(module_name)
+        obj: Any = _module_from_file(Path(module_name)) if module_name.endswith(".py") else importlib.import_module(module_name)
+    except OSError as exc:
+        msg = f"cannot read {module_name} (from --model {spec}): {exc.strerror or exc}"
+        raise WeightNormError(msg) from exc
     except Exception as exc:  # ImportError, or whatever the module raises at import
         msg = f"cannot import {module_name!r} (from --model {spec}): {type(exc).__name__}: {exc}"
         raise WeightNormError(msg) from exc
@@ -398,6 +410,25 @@ def _import_factory(spec: str) -> Callable[..., Any]:
     return obj
 
 
+def _module_from_file(path: Path) -> Any:
+    """Import the Python file ``path`` as the module named after it (its folder importable, for
+    the imports of its own), as ``python path`` would run it."""
+    if not path.is_file():
+        raise FileNotFoundError(errno.ENOENT, "no such file", str(path))
+    folder = str(path.resolve().parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module  # (pickle and dataclasses look classes up there)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[path.stem]
+        raise
+    return module
+
+
 def _load_weights(model: nn.Module, checkpoint: Any, args: argparse.Namespace) -> None:
     """Load a (possibly nested, DataParallel-prefixed, weight-normalized) state dict: the one
     ``--key`` names, else the only one, else the only one that fits the model (the module a
@@ -408,8 +439,7 @@ def _load_weights(model: nn.Module, checkpoint: Any, args: argparse.Namespace) -
     tied = _tied_keys(model)
     prefixed = _under_prefix(checkpoint, paths, args.key) if args.key is not None else None
     if prefixed is not None:  # Lightning's {"state_dict": {"generator.conv_pre.weight": ...}}: --key generator
-        checkpoint, paths = prefixed, [()]
-        path = ()
+        checkpoint, path = prefixed, ()
     elif args.key is not None:
         path = _keyed_path(paths, args.key, args.checkpoint)
     elif len(paths) == 1:
@@ -697,16 +727,15 @@ def _read_batch(args: argparse.Namespace, name: str) -> Any:
     try:
         return torch.randn(args.input_shape, generator=torch.Generator().manual_seed(0))
     except (RuntimeError, MemoryError) as exc:  # the allocator: more memory than there is
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         msg = (f"--input-shape {','.join(map(str, args.input_shape))}: cannot make a random batch of this shape "
-               f"({first}); give a smaller shape")
+               f"({first_line(exc)}); give a smaller shape")
         raise WeightNormError(msg) from exc
 
 
 def _check_output_free(args: argparse.Namespace) -> None:
-    """Fail before any work if the output exists (without --force), is an input, a folder or not
-    a regular file (a device, FIFO), or if its suffix names the other kind of file (a checkpoint
-    to .onnx, an ONNX model to .pt)."""
+    """Fail before any work if the output (or an export's ``<output>.data``) exists (without
+    --force), is an input, a folder or not a regular file (a device, FIFO), or if its suffix names
+    the other kind of file (a checkpoint to .onnx, an ONNX model to .pt)."""
     output = Path(args.output)
     if (output.suffix.lower() == ".onnx") != (args.command == "export"):
         msg = (f"{args.command} writes a checkpoint (.pt/.pth/.bin/.safetensors), not {output.name}; "
@@ -714,6 +743,9 @@ def _check_output_free(args: argparse.Namespace) -> None:
                else f"export writes an ONNX model: name the output *.onnx, not {output.name}")
         raise _UsageError(msg)
     check_output(args.output, force=args.force, inputs=_inputs(args))  # the text: a trailing separator counts
+    data = Path(f"{args.output}.data")  # where an export above 2 GB puts its weights
+    if args.command == "export" and (data.exists() or data.is_symlink()):
+        check_output(data, force=args.force, inputs=_inputs(args))
 
 
 def _inputs(args: argparse.Namespace) -> tuple[str, ...]:

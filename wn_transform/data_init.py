@@ -67,7 +67,7 @@ from . import kernels
 from .discover import preserved_state
 from .errors import WeightNormError
 from .mean_only_bn import MeanOnlyBatchNorm, mean_only_bn_of
-from .moments import Scratch, all_reduce, centre_, per_unit
+from .moments import Scratch, all_reduce, broadcast, centre_, per_unit
 from .norm import safe_norm, unit_norm
 from .ops import CELL_OPS, RECURRENT_OPS, SIGNATURES, op_name, reads_metadata, view_dims, weight_use
 from .parametrization import WeightNorm, hands_input_to_calibrator, no_weight_cache, weight_norm_of
@@ -123,7 +123,7 @@ def resample_directions(model: nn.Module, targets: list[Target], *, std: float =
             v = chain.original1
             v.copy_(torch.randn(v.shape, generator=generator, dtype=torch.float32, device=v.device) * std)
             if group is not None:
-                dist.broadcast(v, src=dist.get_global_rank(group, 0), group=group)
+                broadcast(v, group)
             chain.original0.copy_(chain[0].right_inverse(v)[0])
 
 
@@ -173,6 +173,7 @@ def data_init(model: nn.Module, targets: list[Target], sample_batch: batch_mod.S
             backup.restore()
             direct = False  # the pass that follows copies of the batch (see _CalibrationMode._note_copy)
         _check_finite_gains(states)
+        _check_finite_offsets(mode.half_offsets)
     except BaseException:
         backup.restore()
         raise
@@ -224,6 +225,23 @@ def _check_finite_gains(states: list[_State]) -> None:
                    "divided by its zero norm); calibrate on a batch at whose every position the model computes finite "
                    "values, or use init='preserve'")
         raise WeightNormError(msg)
+
+
+def _check_finite_offsets(offsets: list[tuple[str, Tensor]]) -> None:
+    """Refuse a half-precision bias (or mean-only batch norm running mean) that the init made
+    infinite: with every ``g`` finite, only ``b = -s*mu/sigma`` beyond the dtype's range does (a
+    pre-activation whose mean is tens of thousands of its stds from zero).  One read per device."""
+    verdicts: dict[torch.device, list[Tensor]] = {}
+    for _, offset in offsets:
+        verdicts.setdefault(offset.device, []).append(offset.isfinite().all())
+    if all(bool(torch.stack(flags).all()) for flags in verdicts.values()):
+        return
+    qualname, offset = next((name, o) for name, o in offsets if not bool(o.isfinite().all()))
+    msg = (f"{qualname}: the data-dependent init's bias = -init_scale*mean/std overflows {offset.dtype} (the largest "
+           f"is {torch.finfo(offset.dtype).max:g}): on the sample batch, some pre-activations' mean lies that many stds "
+           "from zero; calibrate in float32 (apply to model.float(), then convert), centre the inputs, or use "
+           "init='preserve'")
+    raise WeightNormError(msg)
 
 
 def _gains_finite_and_nonzero(states: list[_State]) -> bool:
@@ -530,6 +548,7 @@ class _CalibrationMode(TorchFunctionMode):
         self._inputs: dict[int, Tensor] = {}  # the batch's tensors, by the memory of their copies: see note_inputs
         self._copies: dict[int, tuple[weakref.ref, int]] = {}  # id -> (tensor, version): copies of its values
         self._nearly_released: dict[str, int] = {}  # per weight, units _release let go within rounding
+        self.half_offsets: list[tuple[str, Tensor]] = []  # biases, running means set in half precision: see _check_finite_offsets
         self._scratch = Scratch()
         # Until its layer is calibrated, the parametrization hands out v itself: that tensor is
         # how an op is recognized as using a target's weight (views of it are followed).
@@ -689,6 +708,7 @@ class _CalibrationMode(TorchFunctionMode):
         if norm is not None:  # the norm centres the output: its running mean is the mean of g*t
             offset = mean * gain
             state.running_mean = offset.to(norm.running_mean.dtype)
+            self._note_half(state, state.running_mean)
             norm.running_mean.copy_(state.running_mean)
             if norm.bias is not None:
                 self.backup.keep(norm.bias)
@@ -696,6 +716,7 @@ class _CalibrationMode(TorchFunctionMode):
         elif bias is not None and self._settable(bias, state.module):
             self.backup.keep(bias)
             _store(bias, mean, gain).neg_()  # b = -s mu[t] / sigma[t]: the output is centred
+            self._note_half(state, bias)
         else:
             offset = mean * gain
             if bias is not None:
@@ -707,6 +728,10 @@ class _CalibrationMode(TorchFunctionMode):
         if whole:
             self._finish(state)
         return _Fit(centred, gain, offset, unit_dim, t_raw.dtype)
+
+    def _note_half(self, state: _State, offset: Tensor) -> None:
+        if offset.element_size() < 4 and (not self.half_offsets or self.half_offsets[-1][1] is not offset):
+            self.half_offsets.append((state.target.qualname, offset))
 
     def _calibrate_native(self, state: _State, kind: str, t_raw: Tensor, unit_dim: int, bias: Tensor | None,
                           slot: _Slot) -> _Handed | None:

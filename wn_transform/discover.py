@@ -33,7 +33,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import batch as batch_mod
 from ._logging import muted
-from .errors import BatchError
+from .errors import BatchError, one_line, warn_user
 from .layers import standard_weights
 from .ops import op_name
 from .targets import Skipped, Target, split_qualname
@@ -61,34 +61,38 @@ class Discovery:
 def discover(model: nn.Module, sample_batch: batch_mod.SampleBatch | None = None) -> Discovery:
     """Run the ladder on ``model`` (which it leaves as it found it)."""
     failures: dict[str, str] = {}
+    # Only tracing failures move down the ladder; resolving a trace's log is the library's own code.
     try:
         with preserved_state(model, eval_mode=False):  # fx runs a forward's ops on buffers for real
             log = _symbolic_trace_log(model)
-        return _finish(log, model, SYMBOLIC_TRACE, failures)
     except Exception as exc:  # any tracing failure moves one step down the ladder
-        failures[SYMBOLIC_TRACE] = _one_line(exc)
+        failures[SYMBOLIC_TRACE] = one_line(exc)
+    else:
+        return _finish(log, model, SYMBOLIC_TRACE, failures)
     if sample_batch is not None:
         try:
             with preserved_state(model):
                 log = _export_log(model, sample_batch)
-            return _finish(log, model, EXPORT, failures)
         except Exception as exc:
-            failures[EXPORT] = _one_line(exc)
+            failures[EXPORT] = one_line(exc)
+        else:
+            return _finish(log, model, EXPORT, failures)
         try:
             with preserved_state(model):
                 log = _recorded_log(model, sample_batch)
-            return _finish(log, model, RECORDED, failures)
         except BatchError:
             raise
         except Exception as exc:
-            failures[RECORDED] = _one_line(exc)
+            failures[RECORDED] = one_line(exc)
+        else:
+            return _finish(log, model, RECORDED, failures)
     detail = "; ".join(f"{step}: {why}" for step, why in failures.items())
     hint = "" if sample_batch is not None else " Pass a sample_batch to trace it with torch.export."
     msg = (
         f"could not trace {type(model).__name__} ({detail}); converting torch's standard layers found "
         f"by module type. Weights used through functional calls may be missed.{hint}"
     )
-    warnings.warn(msg, stacklevel=3)
+    warn_user(msg)
     return Discovery(*_walk_log(model).resolve(WALK), WALK, failures)
 
 
@@ -233,18 +237,43 @@ def _symbolic_trace_log(model: nn.Module) -> UseLog:
     graph = tracer.trace(root)  # what symbolic_trace does, minus generating a GraphModule's code
     params = dict(model.named_parameters(remove_duplicate=False))
     modules = dict(root.named_modules(remove_duplicate=False))
+    shapes: dict[torch.fx.Node, tuple[int, ...]] = {}  # a parameter's shape
+    sizes: dict[torch.fx.Node, Any] = {}  # the sizes read off one: known numbers
     for node in graph.nodes:
         if node.op == "get_attr" and prefix + node.target in params:
             log.source(node, prefix + node.target, params[prefix + node.target].ndim)
+            shapes[node] = tuple(params[prefix + node.target].shape)
         elif node.op == "get_attr":  # a buffer or constant
             log.static(node)
         elif node.op in ("call_function", "call_method"):
-            log.call(node.target, node.args, node.kwargs, node, _caller(node, modules))
+            _fold_size(node, shapes, sizes)
+            args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda a: sizes.get(a, a))
+            log.call(node.target, args, kwargs, node, _caller(node, modules))
         elif node.op == "call_module" and node.target in tracer.swapped:  # ran, without its weight: see _finish
             log.ran.add(id(model.get_submodule(prefix + node.target)))
         elif node.op == "call_module":
             _log_leaf_module(log, model, prefix + node.target)
     return log
+
+
+def _fold_size(node: torch.fx.Node, shapes: dict[torch.fx.Node, tuple[int, ...]], sizes: dict[torch.fx.Node, Any]) -> None:
+    """Record in ``sizes`` the value of ``node`` where it reads a parameter's size (``w.size(0)``,
+    ``w.shape``, ``w.shape[2]``): symbolic tracing leaves them as nodes, and a view of a weight by
+    its own sizes (HF Mamba's depthwise conv, ``w.view(w.size(0), w.size(2))``) keeps its unit axis."""
+    args = node.args
+    if not args or not isinstance(args[0], torch.fx.Node):
+        return
+    if args[0] in shapes:
+        shape = shapes[args[0]]
+        if node.op == "call_method" and node.target == "size":
+            index = args[1] if len(args) > 1 else node.kwargs.get("dim")
+            if index is None or isinstance(index, int):
+                sizes[node] = shape if index is None else shape[index]
+        elif node.op == "call_function" and node.target is getattr and args[1:] == ("shape",):
+            sizes[node] = shape
+    elif (node.op == "call_function" and node.target is operator.getitem and isinstance(sizes.get(args[0]), tuple)
+          and isinstance(args[1], (int, slice))):
+        sizes[node] = sizes[args[0]][args[1]]
 
 
 def _log_leaf_module(log: UseLog, model: nn.Module, path: str, *, traced: bool = True) -> None:
@@ -525,7 +554,8 @@ def _trains_its_statistics(module: nn.Module) -> bool:
 
 
 def _all_modules(model: nn.Module) -> list[nn.Module]:
-    """``list(model.modules())`` (each module once), without a generator per module."""
+    """The modules of ``list(model.modules())`` (each once), breadth first rather than in its
+    depth-first order, without a generator per module."""
     seen = {id(model)}
     order = [model]
     for module in order:  # grows while it is walked: breadth first
@@ -534,11 +564,6 @@ def _all_modules(model: nn.Module) -> list[nn.Module]:
                 seen.add(id(child))
                 order.append(child)
     return order
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
 def _eval(model: nn.Module) -> None:

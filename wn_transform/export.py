@@ -4,8 +4,9 @@
 (:func:`~wn_transform.fold.fold_weight_norm`), so the graph holds plain weights and no
 ``g * v / ||v||`` arithmetic, puts the copy in eval mode and exports it:
 
-1. with the dynamo exporter (``torch.onnx.export(..., dynamo=True)``); when that raises, with
-   the TorchScript exporter (``dynamo=False``), and the report says why it fell back;
+1. with the dynamo exporter (``torch.onnx.export(..., dynamo=True)``); when that raises, or its
+   file fails the checks below, with the TorchScript exporter (``dynamo=False``), and the report
+   says why it fell back;
 2. with a dynamic batch axis (dim 0 of every tensor input) unless told otherwise;
 3. with the model's parameter names on the initializers (``conv_pre.weight``).  Both
    exporters keep them for plain parameters; where one names a weight after the op that
@@ -40,7 +41,6 @@ import inspect
 import io
 import math
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -60,9 +60,9 @@ from torch.utils._pytree import tree_flatten, tree_flatten_with_path, tree_leave
 from . import batch as batch_mod
 from ._logging import muted
 from . import dynamic_axes
-from .errors import WeightNormError
+from .errors import WeightNormError, first_line, one_line, warn_user
 from . import onnx_graph
-from ._copy import refuse_sharded, routed_module
+from ._copy import copy_model, refuse_sharded, routed_module
 from .fold import fold_weight_norm
 
 __all__ = ["DEFAULT_TOLERANCES", "EXTERNAL_DATA_THRESHOLD", "ExportError", "ExportMismatchError", "ExportReport",
@@ -76,7 +76,6 @@ Progress = Callable[[str], None]
 EXTERNAL_DATA_THRESHOLD = 1_500_000_000
 _PROTOBUF_LIMIT = 2**31 - 1
 _EXPORTERS = ("auto", "dynamo", "torchscript")
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 #: ``(rtol, atol)`` used when ``export_onnx`` is not given them, by the least precise floating
 #: dtype among the model's parameters and its outputs on the sample batch (any other dtype,
@@ -284,7 +283,7 @@ def export_onnx(
             model's parameters and outputs (:data:`DEFAULT_TOLERANCES`): float32's ``1e-4``,
             ``1e-5``; float16's ``1e-2``, ``1e-3``; bfloat16's ``8e-2``, ``8e-3``.
         exporter: ``"auto"`` (dynamo, falling back to TorchScript when the dynamo exporter
-            raises), ``"dynamo"`` or ``"torchscript"``.  A TorchScript export is verified
+            raises or its file fails the checks), ``"dynamo"`` or ``"torchscript"``.  A TorchScript export is verified
             once more, on the sample's shapes with other values, since its trace can bake in
             the path the sample took through Python control flow on tensor values.
         overwrite: replace an existing file at ``path`` (and ``<path>.data``; a file written with its
@@ -299,6 +298,7 @@ def export_onnx(
         ValueError: a bad argument (``exporter``, ``rtol``/``atol``, embedding > 2 GB).
         FileExistsError: ``path`` exists and ``overwrite`` is False.
         FileNotFoundError: the folder of ``path`` does not exist.
+        PermissionError: the folder of ``path`` cannot be written in (found before any work).
         OSError: the file did not fit (a full disk, a quota or a file-size limit); it names ``path``.
         BatchError: the batch holds NaN, or the model rejects it (the layer is named).
         ExportError: no exporter could export the model, or the file fails the ONNX checker
@@ -317,12 +317,14 @@ def export_onnx(
     model = routed_module(model)  # torch.compile's, DataParallel's, DDP's wrapper: export the module they hold
     refuse_sharded(model, "export_onnx", ExportError)
     batch_mod.as_args(sample_batch)
+    _refuse_meta(model, sample_batch)
     batch_mod.check_no_nan(sample_batch)
     timings: dict[str, float] = {}
 
     start = time.perf_counter()
     say("folding weight norm into plain weights (on a copy)")
-    folded = fold_weight_norm(model)
+    folded = fold_weight_norm(copy_model(model, instead="fold it yourself first, fold_weight_norm(model, "
+                                                  "inplace=True), and export that"), inplace=True)
     folded.eval()
     say("running the folded model on the sample batch")
     with torch.no_grad():
@@ -368,7 +370,7 @@ def export_onnx(
         try:
             onnx.checker.check_model(tmp_file)
         except onnx.checker.ValidationError as exc:
-            msg = f"the exported file fails onnx.checker: {_one_line(exc)}"
+            msg = f"the exported file fails onnx.checker: {one_line(exc)}"
             raise ExportError(msg) from exc
         timings["check"] = time.perf_counter() - check_start
 
@@ -419,7 +421,7 @@ def export_onnx(
                 break
             except ExportError as exc:
                 if exporter == "auto" and used == "dynamo":
-                    rejected = f"file failed its checks ({_one_line(exc)})"
+                    rejected = f"file failed its checks ({one_line(exc)})"
                     say(f"the dynamo exporter's {rejected}; exporting with the TorchScript exporter instead")
                     attempt = "torchscript"
                     continue
@@ -450,7 +452,7 @@ def export_onnx(
     notes = checked.notes
     if tracer_warnings:
         notes.append(_tracer_note(tracer_warnings, checked.other_values_checked))
-        warnings.warn(f"{target}: {notes[-1]}", ExportWarning, stacklevel=2)
+        warn_user(f"{target}: {notes[-1]}", ExportWarning)
 
     return ExportReport(
         path=target, exporter=used, fallback_reason=fallback_reason, opset=stats["opset"],
@@ -506,9 +508,26 @@ def _check_arguments(model: nn.Module, path: str | os.PathLike, exporter: str, r
     if not os.path.isdir(folder):
         msg = f"the folder {folder} does not exist; create it first"
         raise FileNotFoundError(msg)
+    if not os.access(folder, os.W_OK | os.X_OK):  # found before the export's work, not at its end
+        msg = f"{target}: cannot write in {folder} (permission denied)"
+        raise PermissionError(msg)
     data_target = target + ".data"
     _refuse_existing(target, data_target if external_data else None, overwrite=overwrite)
     return target, data_target
+
+
+def _refuse_meta(model: nn.Module, sample_batch: batch_mod.SampleBatch) -> None:
+    """An export writes the model's weights and compares the file's outputs with the model's on
+    the batch: a parameter, buffer or batch tensor on the meta device has no values for either."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    meta = next((f"{'parameter' if isinstance(t, nn.Parameter) else 'buffer'} {name!r}"
+                 for name, t in tensors if t.is_meta), None)
+    meta = meta or next((f"the sample batch's {where}" for where, t in batch_mod.tensors_of(sample_batch) if t.is_meta), None)
+    if meta is not None:
+        msg = (f"{meta} is on the meta device, which holds no values, and an export writes the weights and checks "
+               "the file's outputs against the model's: materialize the model (model.to_empty(device='cpu') and "
+               "load its weights) and pass a batch of real tensors")
+        raise ExportError(msg)
 
 
 def _tolerances(model: nn.Module, reference: Any, rtol: float | None, atol: float | None) -> tuple[float, float]:
@@ -773,7 +792,7 @@ def _export(model: nn.Module, inputs: _Inputs, output_names: list[str], tmpdir: 
                                    echo_failure=exporter == "dynamo")
             return proto, "dynamo", None, []
         except Exception as exc:  # the dynamo exporter raises many kinds; any of them means "fall back"
-            fallback_reason = _one_line(exc)
+            fallback_reason = one_line(exc)
             if exporter == "dynamo":
                 msg = f"the dynamo exporter failed: {fallback_reason}"
                 raise ExportError(msg) from exc
@@ -786,9 +805,9 @@ def _export(model: nn.Module, inputs: _Inputs, output_names: list[str], tmpdir: 
     except Exception as exc:  # idem: the TorchScript exporter raises many kinds
         if isinstance(exc, OSError) and exc.errno in _FULL:  # its file did not fit (a full disk): not the model's fault
             raise
-        msg = f"the TorchScript exporter failed: {_one_line(exc)}"
+        msg = f"the TorchScript exporter failed: {one_line(exc)}"
         if fallback_reason is not None:
-            msg = f"both exporters failed; dynamo: {fallback_reason}; TorchScript: {_one_line(exc)}"
+            msg = f"both exporters failed; dynamo: {fallback_reason}; TorchScript: {one_line(exc)}"
         raise ExportError(msg) from exc
     return proto, "torchscript", fallback_reason, tracer_warnings
 
@@ -979,24 +998,6 @@ def _tensors_only(model: nn.Module, inputs: _Inputs) -> nn.Module:
     return flat
 
 
-def _one_line(exc: BaseException) -> str:
-    """``Type: first line of the message`` (of the root cause too), at most 300 characters."""
-    root, seen = exc, {id(exc)}
-    while root.__cause__ is not None and id(root.__cause__) not in seen:
-        root = root.__cause__
-        seen.add(id(root))
-    line = _first_line(root)
-    if root is not exc:
-        line = f"{type(exc).__name__}: {line}"
-    return line if len(line) <= 300 else line[:297] + "..."
-
-
-def _first_line(exc: BaseException) -> str:
-    text = _ANSI.sub("", str(exc))
-    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-
-
 # -- checking ------------------------------------------------------------------------------
 
 
@@ -1027,7 +1028,7 @@ def _open_session(file: str, low_precision: str = "") -> Any:
     try:
         return ort.InferenceSession(file, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/NotImplemented kinds
-        msg = f"onnxruntime cannot load the exported file: {_one_line(exc)}"
+        msg = f"onnxruntime cannot load the exported file: {one_line(exc)}"
         if low_precision:
             msg += (f" (the model computes in {low_precision}, for which onnxruntime's CPU provider lacks many "
                     "kernels: export a float32 copy, model.float() with a float32 batch, or check the file on "
@@ -1086,7 +1087,7 @@ def _verify(session: Any, model: nn.Module, sample_batch: batch_mod.SampleBatch,
         except ExportError:
             raise
         except Exception as exc:  # onnxruntime's own error kinds
-            msg = f"onnxruntime failed to run the exported file on {label}: {_one_line(exc)}"
+            msg = f"onnxruntime failed to run the exported file on {label}: {one_line(exc)}"
             raise ExportError(msg + hint) from exc
         for output, value in zip(session.get_outputs(), got):
             shapes.setdefault(output.name, set()).add(tuple(np.shape(value)))
@@ -1222,7 +1223,7 @@ def _verify_other_values(session: Any, model: nn.Module, sample_batch: batch_mod
             expected = batch_mod.run(model, batch)
     except batch_mod.BatchError as exc:
         notes.append(f"the file was not checked on other values (the sample's shapes, each input's values "
-                     f"permuted): the PyTorch model rejects them ({_first_line(exc)})")
+                     f"permuted): the PyTorch model rejects them ({first_line(exc)})")
         return False
     say("verifying with onnxruntime (the sample's shapes, other values)")
     session_inputs = [i.name for i in session.get_inputs()]
@@ -1231,7 +1232,7 @@ def _verify_other_values(session: Any, model: nn.Module, sample_batch: batch_mod
     except ExportError:
         raise
     except Exception as exc:  # onnxruntime's own error kinds
-        failure = f"onnxruntime fails on them [{_one_line(exc)}]"
+        failure = f"onnxruntime fails on them [{one_line(exc)}]"
         raise _value_dependence_error(failure, tracer_warnings, fallback_reason) from exc
     compared = _compare_outputs(session, got, expected, rtol, atol, other_values=True)
     for name, abs_diff, rel_diff, _, _ in compared:

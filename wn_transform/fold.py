@@ -22,8 +22,9 @@ from torch.nn.utils.parametrizations import _WeightNorm
 from torch.nn.utils.weight_norm import WeightNorm as LegacyWeightNorm
 
 from ._copy import copy_model, refuse_sharded
-from .errors import FoldError
+from .errors import FoldError, unknown_keep_message
 from .mean_only_bn import detach as detach_mean_only_bn
+from .norm import compose_weight, layout_from_shapes
 from .parametrization import WeightNorm, no_weight_cache, remove
 from ._parametrized import is_parametrized
 
@@ -85,10 +86,10 @@ def fold_weight_norm(model: nn.Module, *, keep: Collection[str] = (), inplace: b
         raise TypeError(msg)
     refuse_sharded(model, "fold_weight_norm", FoldError)
     keep = _first_names(model, [keep] if isinstance(keep, str) else keep)
-    unknown = sorted(keep - {found.qualname for found in find_weight_norms(model)})
+    weights = [found.qualname for found in find_weight_norms(model)]
+    unknown = sorted(keep - set(weights))
     if unknown:
-        msg = f"keep names {', '.join(unknown)}, which {'is' if len(unknown) == 1 else 'are'} not weight-normalized in this model"
-        raise FoldError(msg)
+        raise FoldError(unknown_keep_message(unknown, weights, "this model"))
     if not inplace:
         model = copy_model(model)
     with no_weight_cache():  # one folded layer at a time: no second copy of the weights
@@ -123,8 +124,7 @@ def fold_one(model: nn.Module, found: FoundWeightNorm) -> None:
         hook_id, hook = next((k, h) for k, h in module._forward_pre_hooks.items()
                              if isinstance(h, LegacyWeightNorm) and h.name == found.name)
         g, v = getattr(module, f"{found.name}_g"), getattr(module, f"{found.name}_v")
-        with torch.no_grad():
-            weight = hook.compute_weight(module)
+        weight = _composed(g, v)
         del module._parameters[f"{found.name}_g"], module._parameters[f"{found.name}_v"], module._forward_pre_hooks[hook_id]
         if found.name in vars(module):
             delattr(module, found.name)
@@ -136,12 +136,23 @@ def fold_one(model: nn.Module, found: FoundWeightNorm) -> None:
         msg = (f"cannot fold {found.qualname}: weight norm is stacked with other parametrizations "
                f"({', '.join(type(p).__name__ for p in chain)}); remove those first")
         raise FoldError(msg)
-    with torch.no_grad():
-        weight = getattr(module, found.name)
+    if found.layout == "torch":
+        weight = _composed(chain.original0, chain.original1)
+    else:
+        with torch.no_grad():
+            weight = getattr(module, found.name)
     requires_grad = any(p.requires_grad for p in chain.parameters(recurse=False))
     remove(module, found.name, weight, requires_grad=requires_grad)
     if found.layout == "torch":
         _drop_torch_compat_hook(module, found.name)
+
+
+def _composed(g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """torch's weight norm ``g * v/||v||`` (either API; the axis read off the shapes) computed as
+    :func:`~wn_transform.fold_state_dict` computes it: a unit whose ``v`` is all zeros (a pruned
+    unit) gets a zero weight, where torch's own formula makes it 0/0 = NaN."""
+    with torch.no_grad():
+        return compose_weight(g, v, layout_from_shapes(tuple(g.shape), tuple(v.shape)))
 
 
 def _drop_torch_compat_hook(module: nn.Module, name: str) -> None:

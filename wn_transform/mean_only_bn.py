@@ -181,13 +181,13 @@ def update_bn(loader: Iterable[Any], model: nn.Module, device: torch.device | st
     ``BatchNorm`` alone, and would leave the running means of an SWA or EMA model as they were copied).
 
     ``loader`` yields a tensor or a list/tuple whose first element is the model's input (as for
-    torch's); ``device``: where to move it.  Momenta and the model's mode are restored after.
+    torch's); ``device``: where to move it.  Momenta and every module's mode are restored after.
     """
     norms = [m for m in model.modules() if isinstance(m, (MeanOnlyBatchNorm, _BatchNorm)) and m.running_mean is not None]
     if not norms:
         return
     momenta = {m: m.momentum for m in norms}
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # each one's: a batch norm frozen in eval mode stays so
     for norm in norms:
         norm.reset_running_stats()
         norm.momentum = None
@@ -199,4 +199,5 @@ def update_bn(loader: Iterable[Any], model: nn.Module, device: torch.device | st
     finally:
         for norm, momentum in momenta.items():
             norm.momentum = momentum
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training

@@ -11,9 +11,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .errors import WeightNormError
+from .errors import WeightNormError, first_line
 
-__all__ = ["Scratch", "centre_", "per_unit", "resolve_group"]
+__all__ = ["Scratch", "all_reduce", "broadcast", "centre_", "collective_device", "per_unit", "resolve_group"]
 
 
 class Scratch:
@@ -49,7 +49,7 @@ def resolve_group(distributed: bool | dist.ProcessGroup | None) -> dist.ProcessG
         if not (dist.is_available() and dist.is_initialized()):
             if distributed is True:
                 msg = "distributed=True, but torch.distributed is not initialized (call init_process_group first)"
-                raise RuntimeError(msg)
+                raise WeightNormError(msg)
             return None
         return dist.group.WORLD if dist.get_world_size() > 1 else None
     if not isinstance(distributed, dist.ProcessGroup):
@@ -96,18 +96,41 @@ def centre_(t: Tensor, unit_dim: int, group: dist.ProcessGroup | None = None, sc
     return centred, mean, var
 
 
+def collective_device(group: dist.ProcessGroup, cuda: torch.device | None = None) -> torch.device:
+    """Where a tensor for a collective of ``group`` lives: for NCCL, ``cuda`` (the data's device) or
+    the current CUDA device; else the CPU."""
+    if dist.get_backend(group) == "nccl":
+        return cuda if cuda is not None else torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce(tensor: Tensor, op: dist.ReduceOp, group: dist.ProcessGroup) -> None:
     """``dist.all_reduce`` for the data-dependent init; a failure (a timeout, a lost peer, a mismatch
     of collectives) is a :class:`WeightNormError` that says what every rank must do."""
     try:
         dist.all_reduce(tensor, op=op, group=group)
     except RuntimeError as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        msg = (f"the data-dependent init's reduction across ranks failed ({first_line}): every rank of the process "
-               "group must call apply_weight_norm at the same time with its own valid shard of the batch and run "
-               "the same layers in the same order (a rank that raised first, on a NaN in its shard, leaves the "
-               "others waiting), or pass distributed=False for an init on each rank's batch alone")
-        raise WeightNormError(msg) from exc
+        raise WeightNormError(_failed("reduction", exc)) from exc
+
+
+def broadcast(tensor: Tensor, group: dist.ProcessGroup) -> None:
+    """``tensor`` set, in place, to the group's first rank's on every rank (random draws every rank
+    must share), through the device the backend needs; a failure as in :func:`all_reduce`."""
+    device = collective_device(group, tensor.device if tensor.is_cuda else None)
+    carrier = tensor if tensor.device == device else tensor.to(device)
+    try:
+        dist.broadcast(carrier, src=dist.get_global_rank(group, 0), group=group)
+    except RuntimeError as exc:
+        raise WeightNormError(_failed("broadcast", exc)) from exc
+    if carrier is not tensor:
+        tensor.copy_(carrier)
+
+
+def _failed(collective: str, exc: RuntimeError) -> str:
+    return (f"the data-dependent init's {collective} across ranks failed ({first_line(exc)}): every rank of the process "
+            "group must call apply_weight_norm at the same time with its own valid shard of the batch and run "
+            "the same layers in the same order (a rank that raised first, on a NaN in its shard, leaves the "
+            "others waiting), or pass distributed=False for an init on each rank's batch alone")
 
 
 def per_unit(values: Tensor, ndim: int, unit_dim: int) -> Tensor:

@@ -40,7 +40,7 @@ from torch.nn.utils import parametrize
 from .errors import WeightNormError
 from .fast import ScaledLinear, eager_weight, plain_formula_only, prefer_output_form, weight_norm_weight
 from .norm import UnitLayout, compose_weight, direct_zero_units, layout_from_shapes, traceable_weight, unit_norm
-from ._parametrized import is_parametrized, plain_type
+from ._parametrized import is_parametrized, own_class, plain_type
 
 __all__ = ["WeightNorm", "no_weight_cache", "register", "remove", "weight_memo", "weight_norm_of"]
 
@@ -156,8 +156,16 @@ class WeightNorm(nn.Module):
         return state
 
     def right_inverse(self, weight: Tensor) -> tuple[Tensor, Tensor]:
+        """``(g, v) = (||w||, w)`` per unit (``g = log ||w||`` with ``exp_scale``), in ``w``'s dtype.
+        A half-precision unit whose norm is beyond its dtype's range (every element finite) is
+        refused: ``g = inf`` would make the layer compute NaN."""
         with torch.no_grad():
             norm = unit_norm(weight, self.layout)
+            if weight.element_size() < 4 and not weight.is_meta and bool((norm > torch.finfo(weight.dtype).max).any()):
+                msg = (f"a unit's norm ||w|| = {norm.max().item():g} is beyond {weight.dtype}'s range (the largest is "
+                       f"{torch.finfo(weight.dtype).max:g}), so g cannot hold it and the layer would compute NaN; "
+                       "weight-normalize this layer in float32 or bfloat16 (model.float() first)")
+                raise WeightNormError(msg)
             g = norm.clamp_min(_TINY).log() if self.exp_scale else norm
         return g.to(weight.dtype), weight
 
@@ -191,7 +199,7 @@ def _watch_optimizer_steps() -> None:
         _steps_hook = register_optimizer_step_post_hook(_bump_written_parameters)
 
 
-_REPLACED = "_wn_transform_replaced"  # set on a weight Parameter that register() replaced by g and v
+REPLACED_MARK = "_wn_transform_replaced"  # set on a weight Parameter that register() replaced by g and v
 _CHECKED: weakref.WeakSet = weakref.WeakSet()  # optimizers whose parameters were looked at (at their first step)
 
 
@@ -209,7 +217,7 @@ def _bump_written_parameters(optimizer: Any, args: tuple, kwargs: dict) -> None:
 def _warn_of_replaced_weights(optimizer: Any) -> None:
     """Warn (once per optimizer, at its first step) when it steps weights that weight norm replaced:
     created before ``apply_weight_norm(..., inplace=True)``, it trains nothing the model uses."""
-    stale = sum(1 for group in optimizer.param_groups for p in group["params"] if getattr(p, _REPLACED, False))
+    stale = sum(1 for group in optimizer.param_groups for p in group["params"] if getattr(p, REPLACED_MARK, False))
     if stale:
         msg = (f"this {type(optimizer).__name__} steps {stale} weight{'s' if stale > 1 else ''} that apply_weight_norm "
                "replaced by g and v: the model no longer uses them, and its g and v are not in this optimizer, so "
@@ -290,7 +298,7 @@ def register(module: nn.Module, name: str, parametrization: WeightNorm) -> None:
     parametrization.layout.check(getattr(module, name).shape)
     replaced = module._parameters.get(name)
     if isinstance(replaced, nn.Parameter):  # an optimizer made before apply(inplace=True) still holds it
-        replaced.__dict__[_REPLACED] = True
+        replaced.__dict__[REPLACED_MARK] = True
         _watch_optimizer_steps()
     order = _parameter_order(module) or tuple(module._parameters)
     holder = module._modules.get("parametrizations")
@@ -346,7 +354,7 @@ def _load_other_layouts(name: str, module: nn.Module, state_dict: dict, prefix: 
             _size_mismatch(state_dict, f"{prefix}{name}", (f"{prefix}{name}",), chain, (g_key, v_key), error_msgs)
             return
         weight = state_dict.pop(f"{prefix}{name}")
-        state_dict[g_key], state_dict[v_key] = _trainable_pair(wn, _widened(weight, dtype))
+        state_dict[g_key], state_dict[v_key] = _trainable_pair(wn, _widened(weight, dtype), f"{prefix}{name}")
         if wn.exp_scale:
             state_dict[marker_key] = torch.ones(())
         return
@@ -369,17 +377,22 @@ def _load_other_layouts(name: str, module: nn.Module, state_dict: dict, prefix: 
     g, v = _widened(g, dtype), _widened(v, dtype)
     with torch.no_grad():
         weight = compose_weight(g, v, layout, exp_scale=stored_log)  # layout None: the whole tensor
-    state_dict[g_key], state_dict[v_key] = _trainable_pair(wn, weight)
+    state_dict[g_key], state_dict[v_key] = _trainable_pair(wn, weight, g_key)
     if wn.exp_scale:
         state_dict[marker_key] = torch.ones(())
 
 
-def _trainable_pair(wn: WeightNorm, weight: Tensor) -> tuple[Tensor, Tensor]:
+def _trainable_pair(wn: WeightNorm, weight: Tensor, key: str) -> tuple[Tensor, Tensor]:
     """``(g, v) = wn.right_inverse(weight)``, except that a unit whose weight is all zero gets a unit
     direction ``v`` with ``g = 0``, as :func:`~wn_transform.apply_weight_norm` gives it: the same
     weight, but trainable (``v = 0`` would leave both gradients 0 forever).  The direction is drawn
-    from a generator seeded with 0, so every process that loads the checkpoint gets the same one."""
-    g, v = wn.right_inverse(weight)
+    from a generator seeded with 0, so every process that loads the checkpoint gets the same one.
+    ``key``: the checkpoint's, named in an error."""
+    try:
+        g, v = wn.right_inverse(weight)
+    except WeightNormError as exc:
+        msg = f"{key}: {exc}"
+        raise WeightNormError(msg) from None
     if wn.exp_scale or v.is_meta or v.numel() == 0:
         return g, v  # no g = e^s is 0 (such a unit stays at about 0); a meta tensor holds no values
     zero = g == 0
@@ -488,11 +501,15 @@ def _reduce_parametrized(self: nn.Module, protocol: int) -> tuple:
 
 def _deepcopy_parametrized(self: nn.Module, memo: dict) -> nn.Module:
     """torch's deepcopy of a parametrized module, given copies of the computed weights an RNN keeps
-    from its last forward (see :func:`_computed`)."""
+    from its last forward (see :func:`_computed`), and a class of its own: torch's shares the
+    generated class, so that ``remove_parametrizations`` on the copy (a repo's own
+    ``remove_weight_norm()`` on an export copy) would take the weight's property off the original."""
     for weight in self.__dict__.get("_flat_weights", ()):
         if _computed(weight) and id(weight) not in memo:
             memo[id(weight)] = weight.detach().clone()
-    return type(self)._wn_base_deepcopy(self, memo)
+    replica = type(self)._wn_base_deepcopy(self, memo)
+    replica.__class__ = own_class(type(self))
+    return replica
 
 
 def _computed(weight: object) -> bool:
@@ -568,15 +585,18 @@ class _DirectWeight(property):
     """
 
     def __init__(self, name: str, fallback: property) -> None:
-        def get(module: nn.Module) -> Tensor:
-            chain = module._modules["parametrizations"]._modules[name]
-            wn = _direct(chain)
-            if wn is None:
-                return fallback.fget(module)
-            params = chain._parameters
-            return wn.forward(params["original0"], params["original1"])
+        super().__init__(fallback.fget, fallback.fset, None, fallback.__doc__)
+        self.name = name
 
-        super().__init__(get, fallback.fset, None, fallback.__doc__)
+    def __get__(self, module: nn.Module | None, owner: type | None = None) -> Any:
+        if module is None:
+            return self
+        chain = module._modules["parametrizations"]._modules[self.name]
+        wn = _direct(chain)
+        if wn is None:
+            return self.fget(module)  # torch's own getter
+        params = chain._parameters
+        return wn.forward(params["original0"], params["original1"])
 
 
 def _direct(chain: nn.Module) -> WeightNorm | None:
@@ -661,3 +681,24 @@ def _takes_output_form(input: Tensor, v: Tensor) -> bool:
             and not torch.compiler.is_exporting()
             and prefer_output_form(input.numel() // input.shape[-1], input.shape[-1], v.shape[0])
             and not _autocast_on(input.device.type))
+
+
+def _run_eagerly_when_entered_from_eager_code(*functions: Any) -> None:
+    """Have ``torch.compile`` run these as they are when eager code calls them (a layer called after
+    a graph break, a mixture of experts' data-dependent loop), as it does torch.nn's own forwards,
+    instead of compiling each as a frame of its own: they are shared by every weight-normalized
+    layer, each of which has a class of its own, so every layer would recompile them, until
+    dynamo's recompile limit.  Compiled code that calls them still traces through them (the
+    setting applies to frames dynamo is handed, not to code it inlines).  A torch without the
+    setting (before 2.6) compiles them as before."""
+    try:
+        from torch._dynamo.eval_frame import set_code_exec_strategy
+        from torch._dynamo.types import FrameAction, FrameExecStrategy
+    except ImportError:
+        return
+    for function in functions:
+        set_code_exec_strategy(function.__code__, FrameExecStrategy(FrameAction.SKIP, FrameAction.SKIP))
+
+
+_run_eagerly_when_entered_from_eager_code(_linear_forward, _serving_call, _attention_forward, _DirectWeight.__get__,
+                                          WeightNorm.forward)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from .data_init import InitNotes
 from .errors import few
@@ -56,8 +56,10 @@ class WeightNormReport:
                          "own call alone: other code runs it or reads its parameters, its class overrides forward, "
                          "it runs more than once per forward, it is frozen, or no trace); its bias stays")
         if self.notes is not None:
+            notes = self.notes
+            left_as_it_was = {*notes.recurrent_kept, *notes.frozen, *notes.unreached, *notes.unseen}
             for t in self.converted:
-                if t.uses > 1:  # the pass hands out v until the first op reading it has calibrated the layer
+                if t.uses > 1 and t.qualname not in left_as_it_was:  # the pass hands out v until the first op reading it has calibrated the layer
                     lines.append(f"  {t.qualname}: read by {t.uses} op calls in one forward (a shared layer); the data init "
                                  "standardized its first call's output, the others follow from it")
             for name, count in self.notes.constant_units.items():
@@ -88,12 +90,7 @@ class WeightNormReport:
         return self.table()
 
     def to_dict(self) -> dict:
-        notes = None if self.notes is None else {
-            "constant_units": self.notes.constant_units, "nearly_constant_units": self.notes.nearly_constant_units,
-            "unreached": self.notes.unreached, "unseen": self.notes.unseen,
-            "bias_not_set": self.notes.bias_not_set, "recurrent_kept": self.notes.recurrent_kept,
-            "no_bias": self.notes.no_bias, "frozen": self.notes.frozen,
-        }
+        notes = None if self.notes is None else asdict(self.notes)  # every field, a new one too
         return {
             "converted": [t.to_dict() for t in self.converted], "skipped": [s.to_dict() for s in self.skipped],
             "found_by": self.found_by, "init": self.init, "trace_failures": self.trace_failures, "notes": notes,

@@ -14,6 +14,7 @@ from fnmatch import fnmatchcase
 from torch import nn
 
 from .errors import SelectionError
+from .fold import FoundWeightNorm
 from .targets import Skipped, Target
 
 __all__ = ["FilterFn", "Selection"]
@@ -47,38 +48,54 @@ class Selection:
                 raise TypeError(msg)
         return selection
 
-    def apply(self, model: nn.Module, targets: list[Target]) -> tuple[list[Target], list[Skipped]]:
-        """Split ``targets`` into the selected ones and the ones a rule left out."""
-        modules = {t.qualname: model.get_submodule(t.module) for t in targets}
-        available = ", ".join(t.qualname for t in targets) or "none"
+    def apply(self, model: nn.Module, targets: list[Target],
+              kept: Sequence[FoundWeightNorm] = ()) -> tuple[list[Target], list[Skipped]]:
+        """Split ``targets`` into the selected ones and the ones a rule left out.
 
-        def matches(pattern: str, target: Target) -> bool:
-            return fnmatchcase(target.qualname, pattern) or fnmatchcase(target.module, pattern)
+        ``kept``: weights that already have weight norm and stay as they are (``existing="keep"``).
+        A rule that matches one of them matches something, so applying twice with the same rules
+        is no error, and neither is a selection all of whose weights already have weight norm.
+        """
+        named = [*targets, *kept]
+        modules = {t.qualname: model.get_submodule(t.module) for t in named}
+        available = ", ".join(t.qualname for t in named) or "none"
 
         for rule, patterns in (("include", self.include), ("exclude", self.exclude)):
             for pattern in patterns:
-                if not any(matches(pattern, t) for t in targets):
+                if not any(_matches(pattern, t) for t in named):
                     msg = f"{rule} pattern {pattern!r} matches none of the weights found ({available})"
                     raise SelectionError(msg)
         for kind in self.types:
-            if not any(isinstance(modules[t.qualname], kind) for t in targets):
+            if not any(isinstance(modules[t.qualname], kind) for t in named):
                 msg = f"types entry {kind.__name__} matches none of the weights found ({available})"
                 raise SelectionError(msg)
 
         selected, left_out = [], []
         for target in targets:
-            module = modules[target.qualname]
-            if self.include and not any(matches(p, target) for p in self.include):
-                left_out.append(Skipped(target.qualname, "not matched by include"))
-            elif any(matches(p, target) for p in self.exclude):
-                left_out.append(Skipped(target.qualname, "matched by exclude"))
-            elif self.types and not isinstance(module, self.types):
-                left_out.append(Skipped(target.qualname, "module type not in types"))
-            elif self.filter_fn is not None and not self.filter_fn(module, target.module):
-                left_out.append(Skipped(target.qualname, "rejected by filter_fn"))
-            else:
+            reason = self._left_out_because(target, modules[target.qualname])
+            if reason is None:
                 selected.append(target)
-        if targets and not selected:
+            else:
+                left_out.append(Skipped(target.qualname, reason))
+        kept_selected = any(self._left_out_because(k, modules[k.qualname]) is None for k in kept)
+        if targets and not selected and not kept_selected:
             msg = f"the selection rules leave no weight to normalize (found: {available})"
             raise SelectionError(msg)
         return selected, left_out
+
+    def _left_out_because(self, target: Target | FoundWeightNorm, module: nn.Module) -> str | None:
+        """Why a rule leaves ``target`` out, or None where it is selected."""
+        if self.include and not any(_matches(p, target) for p in self.include):
+            return "not matched by include"
+        if any(_matches(p, target) for p in self.exclude):
+            return "matched by exclude"
+        if self.types and not isinstance(module, self.types):
+            return "module type not in types"
+        if self.filter_fn is not None and not self.filter_fn(module, target.module):
+            return "rejected by filter_fn"
+        return None
+
+
+def _matches(pattern: str, target: Target | FoundWeightNorm) -> bool:
+    """``pattern`` against the weight's qualified name or its module's."""
+    return fnmatchcase(target.qualname, pattern) or fnmatchcase(target.module, pattern)

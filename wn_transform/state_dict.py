@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .errors import WeightNormError
+from .errors import WeightNormError, unknown_keep_message
 from .norm import UnitLayout, compose_weight, layout_from_shapes
 from .parametrization import EXP_SCALE_MARKER
 
@@ -47,6 +47,7 @@ class StateDictWeightNorm:
     g_shape: tuple[int, ...]
     v_shape: tuple[int, ...]
     marker_key: str | None = None
+    stacked_key: str | None = None  # an entry of another parametrization in the same chain (spectral norm's _u)
 
     @property
     def axis(self) -> str:
@@ -66,8 +67,11 @@ def _legacy_pair(weight_key: str, g: torch.Tensor, v: torch.Tensor) -> bool:
     ``w_g``/``w_v`` are ordinary tensors."""
     if "weight" in weight_key.rpartition(".")[2]:
         return True
-    if v.ndim > 1 and g.numel() >= v.numel():
-        return False
+    return not (v.ndim > 1 and g.numel() >= v.numel()) and _fits(g, v)
+
+
+def _fits(g: Tensor, v: Tensor) -> bool:
+    """Whether ``g`` has a weight-norm shape for ``v`` (one norm per unit, or one in all)."""
     try:
         layout_from_shapes(tuple(g.shape), tuple(v.shape))
     except ValueError:
@@ -78,10 +82,14 @@ def _legacy_pair(weight_key: str, g: torch.Tensor, v: torch.Tensor) -> bool:
 def find_state_dict_weight_norms(state_dict: Mapping[str, object]) -> list[StateDictWeightNorm]:
     """Every (g, v) pair in ``state_dict``, in key order.
 
-    Raises if a g does not fit its v, if a parametrization's g or v is there without the other,
-    or if one weight is there twice (in both layouts, or as a pair and a plain tensor).  torch's
-    legacy names are paired only when both are there: ``X.weight_v`` alone is an ordinary
-    parameter (an attention's value projection), as ``X.weight_g`` is (a gate).
+    Raises if a legacy ``X.weight_g`` does not fit its ``X.weight_v``, if a parametrization's g or
+    v is there without the other, or if one weight is there twice (in both layouts, or as a pair
+    and a plain tensor).  torch's legacy names are paired only when both are there:
+    ``X.weight_v`` alone is an ordinary parameter (an attention's value projection), as
+    ``X.weight_g`` is (a gate).  A parametrization's ``original0``/``original1`` that do not fit
+    are another parametrization's two tensors (low-rank factors), not weight norm.  A pair that
+    shares its chain with another parametrization's entries is found with ``stacked_key`` set:
+    folding or converting it without the model is refused.
     """
     if not isinstance(state_dict, Mapping):
         hint = "; pass model.state_dict(), or fold the model with fold_weight_norm" if isinstance(state_dict, torch.nn.Module) else ""
@@ -93,6 +101,7 @@ def find_state_dict_weight_norms(state_dict: Mapping[str, object]) -> list[State
         raise TypeError(msg)
     found = []
     seen: dict[str, str] = {}  # weight key -> its g key
+    stacked = _stacked_entries(state_dict)
     for key, g in state_dict.items():
         if key.endswith(".original0") and _PARAMETRIZED in f".{key}":  # "parametrizations.weight...": a bare layer's
             base = key[: -len(".original0")]
@@ -113,6 +122,8 @@ def find_state_dict_weight_norms(state_dict: Mapping[str, object]) -> list[State
             continue
         if layout == "legacy" and not _legacy_pair(weight_key, g, v):  # RWKV's time_maa_g/_v, a gate's w_g/w_v
             continue
+        if layout == "parametrizations" and not _fits(g, v):  # another parametrization's two tensors (low-rank factors)
+            continue
         dim, groups = _unit_axis(g, v, key, v_key)
         if weight_key in state_dict or weight_key in seen:
             other = weight_key if weight_key in state_dict else seen[weight_key]
@@ -121,9 +132,32 @@ def find_state_dict_weight_norms(state_dict: Mapping[str, object]) -> list[State
             raise WeightNormError(msg)
         seen[weight_key] = key
         exp_scale = marker is not None and marker in state_dict
-        found.append(StateDictWeightNorm(weight_key, key, v_key, layout, dim, groups, exp_scale,
-                                         tuple(g.shape), tuple(v.shape), marker if exp_scale else None))
+        found.append(StateDictWeightNorm(weight_key, key, v_key, layout, dim, groups, exp_scale, tuple(g.shape),
+                                         tuple(v.shape), marker if exp_scale else None,
+                                         stacked.get(key[: -len(".original0")]) if layout == "parametrizations" else None))
     return found
+
+
+def _stacked_entries(state_dict: Mapping[str, object]) -> dict[str, str]:
+    """``X.parametrizations.name`` -> the first entry of another parametrization in that chain
+    (``...weight.1._u``: spectral norm stacked on weight norm), whose function a fold without the
+    model's code would drop.  The chain's own tensors and this library's ``g = e^s`` marker are not."""
+    own = {"original", "original0", "original1", f"0.{EXP_SCALE_MARKER}"}
+    stacked: dict[str, str] = {}
+    for key in state_dict:
+        head, found, tail = f".{key}".rpartition(_PARAMETRIZED)
+        name, _, rest = tail.partition(".")
+        if found and rest and rest not in own:
+            stacked.setdefault(f"{head[1:]}{_PARAMETRIZED}{name}".lstrip("."), key)
+    return stacked
+
+
+def _refuse_stacked(wn: StateDictWeightNorm, what: str) -> None:
+    if wn.stacked_key is not None:
+        msg = (f"{wn.g_key}: weight norm is stacked with another parametrization ({wn.stacked_key}); {what} without the "
+               "model's code would drop it: load the checkpoint into the model and use fold_weight_norm after removing "
+               "the other parametrization")
+        raise WeightNormError(msg)
 
 
 def _is_real_tensor(value: object) -> bool:
@@ -166,35 +200,67 @@ def fold_state_dict(state_dict: Mapping[str, object], *, keep: Collection[str] =
     keep = {keep} if isinstance(keep, str) else set(keep)
     unknown = sorted(keep - {wn.weight_key for wn in found})
     if unknown:
-        msg = f"keep names {', '.join(unknown)}, which {'is' if len(unknown) == 1 else 'are'} not weight-normalized in this state dict"
+        msg = unknown_keep_message(unknown, [wn.weight_key for wn in found], "this state dict")
         raise WeightNormError(msg)
     pairs = {wn.g_key: wn for wn in found if wn.weight_key not in keep}
+    for wn in pairs.values():
+        _refuse_stacked(wn, "folding it")
     dropped = {wn.v_key for wn in pairs.values()} | {wn.marker_key for wn in pairs.values() if wn.marker_key}
     shifts = _mean_only_bn_shifts(state_dict)
-    dropped |= {f"{layer}.{_MOBN}.{part}" for layer in shifts for part in ("bias", "running_mean")}
+    dropped |= {key for layer in shifts for key in _mobn_keys(layer)[:2]}
+    # A folded weight goes first among its module's entries, where a plain layer has its weight (and
+    # where fold_weight_norm puts it); torch's weight norm registers g and v after the bias.
+    first = _first_keys(state_dict, {wn.weight_key.rpartition(".")[0] for wn in pairs.values()})
+    folded_at: dict[str, list[StateDictWeightNorm]] = {}
+    for wn in pairs.values():
+        folded_at.setdefault(first[wn.weight_key.rpartition(".")[0]], []).append(wn)
     out: dict[str, object] = {}
     for key, value in state_dict.items():
-        if key in pairs:
-            wn = pairs[key]
+        for wn in folded_at.get(key, ()):
             out[wn.weight_key] = _fold(state_dict[wn.g_key], state_dict[wn.v_key], wn)
-        elif key.endswith(f".{_MOBN}.running_mean") and key[: -len(f".{_MOBN}.running_mean")] in shifts:
-            layer = key[: -len(f".{_MOBN}.running_mean")]
-            out[f"{layer}.bias"] = shifts[layer]
+        if key in pairs:
+            continue
+        if (layer := _mobn_layer(key)) is not None and layer in shifts:
+            out[_mobn_keys(layer)[2]] = shifts[layer]
         elif key not in dropped:
             out[key] = value
     return _like(state_dict, out)
 
 
+def _first_keys(state_dict: Mapping[str, object], modules: set[str]) -> dict[str, str]:
+    """The first key of each of ``modules`` (``X`` -> the first ``X.*`` key; ``""``: the first key)."""
+    first: dict[str, str] = {}
+    for key in state_dict:
+        prefixes = [""] + [key[:i] for i, char in enumerate(key) if char == "."]
+        for module in prefixes:
+            if module in modules and module not in first:
+                first[module] = key
+    return first
+
+
 _MOBN = "mean_only_bn"
+
+
+def _mobn_keys(layer: str) -> tuple[str, str, str]:
+    """The keys of ``layer``'s mean-only batch norm (``""``: a bare layer, the state dict's root):
+    its bias, its running mean, and the layer bias they fold into."""
+    prefix = f"{layer}." if layer else ""
+    return f"{prefix}{_MOBN}.bias", f"{prefix}{_MOBN}.running_mean", f"{prefix}bias"
+
+
+def _mobn_layer(key: str) -> str | None:
+    """The layer whose mean-only batch norm's running mean ``key`` is (``""`` at the root), or None."""
+    head, _, tail = f".{key}".rpartition(f".{_MOBN}.running_mean")
+    return head[1:] if not tail and _ else None
 
 
 def _mean_only_bn_shifts(state_dict: Mapping[str, object]) -> dict[str, Tensor]:
     """``layer -> bias - running_mean`` for every mean-only batch norm: its inference-mode shift."""
     shifts = {}
     for key, running_mean in state_dict.items():
-        if key.endswith(f".{_MOBN}.running_mean") and isinstance(running_mean, Tensor):
-            layer = key[: -len(f".{_MOBN}.running_mean")]
-            bias = state_dict.get(f"{layer}.{_MOBN}.bias")
+        layer = _mobn_layer(key)
+        if layer is not None and isinstance(running_mean, Tensor):
+            bias = state_dict.get(_mobn_keys(layer)[0])
             shifts[layer] = -running_mean if bias is None else bias - running_mean
     return shifts
 
@@ -246,6 +312,7 @@ def _relayout(state_dict: Mapping[str, object], layouts: Mapping[str, str]) -> d
         to = layouts.get(wn.weight_key, wn.layout)
         if wn.layout == to:
             continue
+        _refuse_stacked(wn, f"converting it to the {to} layout")
         if wn.groups > 1 or wn.exp_scale:
             what = "grouped ConvTranspose weight norm" if wn.groups > 1 else "weight norm with g = e^s"
             msg = f"{wn.g_key}: {what} has no {to} equivalent in torch; fold it instead"

@@ -75,6 +75,7 @@ _MAP_OPS = frozenset({"einsum", "bmm", "baddbmm", "addbmm", "matmul", "__matmul_
                       "_grouped_mm", "grouped_mm", "_scaled_mm", "_scaled_grouped_mm",
                       "cdist", "_cdist_forward", "_euclidean_dist"})  # distances to a codebook's rows (VQ)
 _ADDED_INPUT = frozenset({"addmm", "baddbmm", "addbmm", "addmv"})  # ops whose first operand is added, not multiplied
+_ADDED_LAST = {"linear": 2, "bilinear": 3}  # ops whose operands after these are added (a bias), not multiplied
 # Namespaces of torch's own operators: an operator in any other one is a custom op (torch.library)
 _TORCH_NAMESPACES = frozenset({"aten", "prim", "prims", "higher_order", "quantized", "_quantized", "quantized_decomposed",
                                "c10d", "_c10d_functional", "_c10d_functional_autograd", "_dtensor", "inductor", "mkldnn",
@@ -490,7 +491,7 @@ class UseLog:
     def _note_maps(self, name: str, values: list[Any]) -> None:
         """A product op (``einsum``, ``bmm``, a matmul) between the data and parameters, or values
         computed from them alone: note it against those parameters."""
-        operands = values[1:3] if name in _ADDED_INPUT else values  # not the added input
+        operands = values[1:3] if name in _ADDED_INPUT else values[: _ADDED_LAST.get(name)]  # not an added input
         keys = [key for value in operands if (key := self.key(value)) is not None]
         if all(key in self._origins or self._static.get(key) for key in keys):
             return  # parameters alone (U @ V): at most a computed weight
