@@ -1199,3 +1199,37 @@ def test_model_takes_a_python_file_path(tmp_path: Path, monkeypatch: pytest.Monk
                                                      "parametrizations.weight.original1"}
     missing = cli("apply", "--model", "./nope.py:build", "--preserve", "-o", "out2.pt")
     assert missing.returncode == 1 and "cannot read ./nope.py (from --model ./nope.py:build): no such file" in missing.stderr
+
+
+@pytest.mark.parametrize("option", ["--checkpoint", "--calib"])
+def test_a_missing_input_file_is_named_before_the_model_is_built(tmp_path: Path, option: str) -> None:
+    missing = tmp_path / "nope.pt"
+    args = ["apply", "--model", "tests.fixtures.no_such_module:build", option, str(missing), "-o", str(tmp_path / "o.pt")]
+    if option == "--checkpoint":
+        args.insert(-2, "--preserve")
+    result = cli(*args)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"wn-transform apply: error: {missing}: no such file ({option})"
+
+
+def test_a_random_batch_follows_a_half_precision_models_dtype(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "half_model_for_wn.py").write_text(
+        "import torch\nfrom torch import nn\n\n\ndef build():\n"
+        "    return nn.Sequential(nn.Conv1d(4, 8, 3), nn.ReLU(), nn.Conv1d(8, 2, 1)).to(torch.bfloat16)\n")
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setattr(sys, "modules", dict(sys.modules))
+    result = cli("inspect", "--model", f"{tmp_path / 'half_model_for_wn.py'}:build", "--input-shape", "64,4,16")
+    assert result.returncode == 0, result.stderr
+    assert "2 weights reparameterized" in result.stdout
+
+
+def test_a_model_file_named_like_an_imported_module_replaces_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import random
+
+    (tmp_path / "random.py").write_text("from torch import nn\n\n\ndef build():\n    return nn.Linear(4, 3)\n")
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setattr(sys, "modules", dict(sys.modules))
+    result = cli("apply", "--model", f"{tmp_path / 'random.py'}:build", "--preserve", "-o", str(tmp_path / "o.pt"))
+    assert result.returncode == 0, result.stderr
+    assert sys.modules["random"] is random
+    assert set(torch.load(tmp_path / "o.pt")) == {"bias", "parametrizations.weight.original0", "parametrizations.weight.original1"}

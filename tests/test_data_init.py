@@ -1461,3 +1461,43 @@ def test_a_batch_holding_a_sparse_tensor_is_calibrated() -> None:
         h = out.fc1(x)
     torch.testing.assert_close(h.std(0, correction=0)[h.std(0) > 1e-3], torch.ones(int((h.std(0) > 1e-3).sum())),
                                atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_attention_in_half_precision_is_calibrated(dtype: torch.dtype) -> None:
+    """q/k/v are slices of one in_proj_bias, set under no_grad: the half-precision bias check
+    after the pass reads them as they are."""
+    torch.manual_seed(0)
+    attention = nn.MultiheadAttention(16, 2, batch_first=True)
+    x = torch.randn(8, 5, 16)
+    out = wn.apply_weight_norm(attention.to(dtype), (x.to(dtype), x.to(dtype), x.to(dtype)))
+    assert {t.qualname for t in wn.weight_norm_report(out).converted} >= {"in_proj_weight"}
+    q = F.linear(x.to(dtype), out.in_proj_weight[:16], out.in_proj_bias[:16]).float()
+    torch.testing.assert_close(q.mean((0, 1)), torch.zeros(16), atol=0.05, rtol=0)
+    torch.testing.assert_close(q.std((0, 1), unbiased=False), torch.ones(16), atol=0.05, rtol=0)
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_a_layer_fed_only_by_constant_units_is_found_constant_not_scaled_up_on_rounding(exact: bool) -> None:
+    """A batch of identical rows makes every unit of the first layer constant; float rounding
+    leaves about 1e-8 of noise in their centred outputs (the GEMM computes rows with different
+    kernels), which the next layer would standardize: g of 1e8 and more.  Constant units hand on
+    their exact value, so the next layer is constant too."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
+    out = wn.apply_weight_norm(model, torch.ones(16, 6), exact_init=exact)
+    notes = wn.weight_norm_report(out).notes
+    assert notes.constant_units == {"0.weight": 8, "2.weight": 4}
+    assert float(out[2].parametrizations.weight.original0.abs().max()) <= 1.0 + 1e-6
+    assert float(out(torch.randn(64, 6)).abs().max()) < 100
+
+
+def test_two_layers_sharing_one_bias_leave_it_as_it_is_and_say_so() -> None:
+    """One bias Parameter cannot centre two layers: only g is set, and the report lists both."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6))
+    model[2].bias = model[0].bias
+    before = model[0].bias.detach().clone()
+    out = wn.apply_weight_norm(model, torch.randn(64, 6) * 2 + 3)
+    assert wn.weight_norm_report(out).notes.bias_not_set == ["0.weight", "2.weight"]
+    assert torch.equal(out[0].bias, before) and out[0].bias is out[2].bias

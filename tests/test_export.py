@@ -808,20 +808,25 @@ def test_never_replaces_a_fifo_even_with_overwrite(tmp_path) -> None:
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and os.listdir(tmp_path) == ["out.onnx"]
 
 
-@pytest.mark.parametrize("how", ["forced", "automatic"])
-def test_external_data(tmp_path, monkeypatch, how: str) -> None:
+@pytest.mark.parametrize(("how", "exporter"), [("forced", "torchscript"), ("automatic", "torchscript"),
+                                               ("forced", "dynamo")])
+def test_external_data(tmp_path, monkeypatch, how: str, exporter: str) -> None:
+    """Every weight goes to the data file; an op's small integer operands (a Reshape's shape, a
+    ReduceMean's axes) stay in the graph, where onnxruntime's shape inference reads them."""
     model = wn.apply_weight_norm(plain_hifigan(), init="preserve")
     if how == "automatic":
         monkeypatch.setattr(export_mod, "EXTERNAL_DATA_THRESHOLD", 1000)
-    report = export_onnx(model, mel_batch(SAMPLE_BATCH), tmp_path / "big.onnx", exporter="torchscript",
+    report = export_onnx(model, mel_batch(SAMPLE_BATCH), tmp_path / "big.onnx", exporter=exporter,
                          external_data=True if how == "forced" else None)
+    assert report.exporter == exporter and report.fallback_reason is None
     data = str(tmp_path / "big.onnx.data")
     assert report.external_data == data
     assert sorted(os.listdir(tmp_path)) == ["big.onnx", "big.onnx.data"]
-    assert report.external_data_size == os.path.getsize(data) >= report.initializer_bytes
-    assert report.file_size == os.path.getsize(report.path) < report.initializer_bytes
+    assert report.file_size == os.path.getsize(report.path) < report.initializer_bytes / 2
+    assert report.external_data_size == os.path.getsize(data) > 0.9 * report.initializer_bytes
     for init in onnx.load(report.path, load_external_data=False).graph.initializer:
-        assert init.data_location == onnx.TensorProto.EXTERNAL
+        floating = init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+        assert (init.data_location == onnx.TensorProto.EXTERNAL) == (floating or len(init.raw_data) >= 1024), init.name
     onnx.checker.check_model(report.path)
     mel = mel_batch(OTHER_BATCH)
     with torch.no_grad():
@@ -855,6 +860,94 @@ def test_a_model_or_batch_on_the_meta_device_is_refused_before_any_exporter_runs
         export_onnx(model.to("meta"), torch.randn(2, 4), tmp_path / "m.onnx")
     with pytest.raises(wn.ExportError, match="the sample batch's input 0 is on the meta device"):
         export_onnx(model.to_empty(device="cpu"), torch.randn(2, 4, device="meta"), tmp_path / "m.onnx")
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_small_integer_constant_stays_in_the_graph_with_external_data(tmp_path) -> None:
+    """A ReduceMean's axes in the data file: onnxruntime's shape inference cannot read it there,
+    and every dynamo export with external data failed its check."""
+
+    class Pooled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.head = nn.Conv1d(4, 6, 3, padding=1), nn.Linear(6, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.conv(x).mean(-1))
+
+    x = torch.randn(3, 4, 7)
+    model = wn.apply_weight_norm(Pooled(), x)
+    report = export_onnx(model, x, tmp_path / "m.onnx", exporter="dynamo", external_data=True)
+    assert report.exporter == "dynamo" and os.path.exists(tmp_path / "m.onnx.data")
+    other = torch.randn(5, 4, 7)
+    (got,) = run_onnx(report.path, {"x": other}).values()
+    with torch.no_grad():
+        assert_close(got, wn.fold_weight_norm(model).eval()(other))
+
+
+@pytest.mark.parametrize(("shapes", "match"), [
+    (({0: "batch", 2: "time"}, None, None), None),
+    (([0, 2], None), r"gives input 'x' \(3 axes\) the list \[0, 2\]: a list has one entry per axis .* give a dict"),
+    ((["batch", 4, 9], None), r"axis 2 of input 'x' the static size 9, but it is 7 in the sample batch"),
+    ({"x": {0: "batch"}}, r"dynamic_shapes has no entry for 'mask': give one per input of the forward"),
+    ({"x": {0: "batch"}, "mask": None, "extra": None}, r"dynamic_shapes names 'extra', which the sample batch does not give"),
+])
+def test_dynamic_shapes_that_would_leave_axes_static_unasked_are_refused(tmp_path, shapes, match) -> None:
+    class Masked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv1d(4, 3, 1)
+
+        def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return self.conv(x) * mask.unsqueeze(1)
+
+    x, mask = torch.randn(3, 4, 7), torch.ones(3, 7)
+    if match is None:  # (a tuple of another length than the inputs stays refused, as before)
+        with pytest.raises(ValueError, match="dynamic_shapes has 3 entries for 2 positional inputs"):
+            export_onnx(Masked(), (x, mask), tmp_path / "m.onnx", dynamic_shapes=shapes)
+        return
+    with pytest.raises(ValueError, match=match):
+        export_onnx(Masked(), (x, mask), tmp_path / "m.onnx", dynamic_shapes=shapes)
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_exporters_message_that_announces_its_detail_keeps_it(tmp_path) -> None:
+    """torch's "Found the following conflicts ...:" names the axis on its next line."""
+    with pytest.raises(ExportError, match=r"conflicts between user-specified ranges and inferred ranges from model "
+                                          r"tracing: - Received .* inferred a static shape of 8 for dimension"):
+        export_onnx(nn.Linear(8, 3), torch.randn(2, 8), tmp_path / "m.onnx", exporter="dynamo",
+                    dynamic_shapes=({0: "batch", 1: "features"},))
+
+
+class _FrameBranch(nn.Module):
+    """A strided conv, then a branch on the frame count's parity (a Python int: the TorchScript
+    tracer bakes in the sample's path); ``pad``: pad an odd count (the outputs' lengths stay even)."""
+
+    def __init__(self, *, pad: bool, time_major: bool = False) -> None:
+        super().__init__()
+        self.pad, self.time_major = pad, time_major
+        self.down, self.out = nn.Conv1d(4, 6, 2, stride=2), nn.Conv1d(6, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(1, 2, 0) if self.time_major else x  # (T, B, C) -> (B, C, T)
+        h = self.down(x)
+        if h.shape[-1] % 2 == 1:
+            h = F.pad(h, (0, 1)) if self.pad else h * 2
+        y = self.out(h)
+        return y.permute(2, 0, 1) if self.time_major else y
+
+
+@pytest.mark.parametrize(("pad", "time_major"), [(True, False), (False, True)], ids=["pads odd counts", "time-major"])
+def test_a_graph_that_baked_in_a_parity_branch_is_caught(tmp_path, pad: bool, time_major: bool) -> None:
+    """Padding keeps every output length even, so no size flips its parity: each size the search
+    ran is checked in the file.  A time-major input's dim 0 is a length, not the batch: it gets the
+    same search."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 2, 4) if time_major else torch.randn(2, 4, 16)
+    shapes = ({0: "time", 1: "batch"},) if time_major else ({0: "batch", 2: "time"},)
+    model = wn.apply_weight_norm(_FrameBranch(pad=pad, time_major=time_major), x)
+    with pytest.raises(wn.ExportMismatchError, match=r"'time' grown, x\[[02]\]: 16 -> 22"):
+        export_onnx(model, x, tmp_path / "m.onnx", exporter="torchscript", dynamic_shapes=shapes)
     assert not list(tmp_path.iterdir())
 
 

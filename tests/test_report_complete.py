@@ -783,3 +783,26 @@ def test_a_stacked_experts_bias_is_not_reported_as_a_matrix_acting_on_the_data()
     reasons = {s.qualname: s.reason for s in report.skipped}
     assert reasons["w"].startswith("reaches its linear op only through other ops (getitem)")
     assert "b" not in reasons
+
+
+def test_cross_attentions_projections_read_in_slices_are_not_called_a_shared_layer() -> None:
+    """``MultiheadAttention(q, mem, mem)`` reads in_proj_weight as q's rows and k/v's rows: two calls
+    on disjoint units, each calibrated on its own, not one layer run twice."""
+
+    class Cross(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+
+        def forward(self, q: torch.Tensor, mem: torch.Tensor) -> torch.Tensor:
+            if q.shape[1] > mem.shape[1]:  # a branch on sizes: symbolic_trace fails, torch.export traces the ops
+                q = q[:, : mem.shape[1]]
+            return self.attn(q, mem, mem, need_weights=False)[0]
+
+    torch.manual_seed(0)
+    batch = (torch.randn(8, 3, 16), torch.randn(8, 5, 16))
+    out = wn.apply_weight_norm(Cross(), batch)
+    report = wn.weight_norm_report(out)
+    assert report.found_by == "torch.export"
+    assert {t.qualname: t.uses for t in report.converted}["attn.in_proj_weight"] == 1
+    assert "read by" not in str(report)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from torch.nn.utils.parametrizations import weight_norm as parametrized_weight_n
 import wn_transform as wn
 from tests.fixtures.weight_norm import legacy_weight_norm, perturb_scales
 from tests.fixtures.hifigan import build_generator
+from wn_transform.parametrization import register
 from wn_transform.state_dict import convert_state_dict, find_state_dict_weight_norms, fit_state_dict, fold_state_dict
 
 
@@ -468,6 +470,12 @@ def test_another_parametrizations_two_tensors_are_ordinary_tensors() -> None:
     assert [f.weight_key for f in find_state_dict_weight_norms(state)] == ["1.weight"]
     folded = fold_state_dict(state)
     assert "0.parametrizations.weight.original0" in folded and "1.weight" in folded
+    # a g that has the form of one (v's rank, one axis longer than 1) but does not fit is still an error
+    broken = {"a.parametrizations.weight.original0": torch.ones(16, 1, 1, 1),
+              "a.parametrizations.weight.original1": torch.ones(32, 8, 3, 3)}
+    with pytest.raises(wn.WeightNormError, match=r"a\.parametrizations\.weight\.original0: g of shape \(16, 1, 1, 1\) "
+                                                 r"does not fit v of shape \(32, 8, 3, 3\)"):
+        fold_state_dict(broken)
 
 
 @pytest.mark.parametrize("style", ["parametrizations", "legacy", "wn_transform"])
@@ -486,6 +494,22 @@ def test_folded_weights_take_the_place_a_plain_layer_gives_them(style: str) -> N
     root = parametrized_weight_norm(nn.Linear(4, 3)) if style != "legacy" else legacy_weight_norm(nn.Linear(4, 3))
     assert list(fold_state_dict(root.state_dict())) == ["weight", "bias"]
 
+    class Nested(nn.Module):  # a weight-normalized layer with a weight-normalized child: the parent's first
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(3, 4))
+            self.sub = nn.Linear(4, 3)
+
+    nested = Nested()
+    if style == "wn_transform":
+        for module in (nested, nested.sub):
+            register(module, "weight", wn.WeightNorm(0))
+    else:
+        normalize(nested)
+        normalize(nested.sub)
+    assert list(fold_state_dict(nested.state_dict())) == list(wn.fold_weight_norm(nested).state_dict()) == [
+        "weight", "sub.weight", "sub.bias"]
+
 
 @pytest.mark.parametrize("name", ["0.weight_g", "0.weight_v", "0"])
 def test_a_keep_name_that_is_part_of_a_weight_is_answered_with_the_weights_name(name: str) -> None:
@@ -498,3 +522,14 @@ def test_a_keep_name_that_is_part_of_a_weight_is_answered_with_the_weights_name(
         wn.fold_weight_norm(model, keep=name)
     with pytest.raises(wn.WeightNormError, match=r"keep names 2\.weight, .*; those there are: 0\.weight$"):
         fold_state_dict(model.state_dict(), keep="2.weight")
+
+
+def test_a_keep_name_that_is_part_of_several_weights_names_them_all() -> None:
+    lstm = nn.LSTM(3, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        for name in ("weight_ih_l0", "weight_hh_l0"):
+            torch.nn.utils.weight_norm(lstm, name)
+    model = nn.Sequential(lstm)
+    with pytest.raises(wn.WeightNormError, match=re.escape("'0' is part of '0.weight_ih_l0' and '0.weight_hh_l0', the names to pass")):
+        fold_state_dict(model.state_dict(), keep="0")

@@ -23,7 +23,7 @@ from .mean_only_bn import attach as attach_mean_only_bn
 from .mean_only_bn import channels as mean_only_bn_channels
 from .moments import broadcast, resolve_group
 from .norm import direct_zero_units, unit_norm
-from .parametrization import REPLACED_MARK, WeightNorm, register
+from .parametrization import REPLACED_MARK, WeightNorm, check_gain_fits, register
 from .report import WeightNormReport
 from .select import FilterFn, Selection
 from .targets import Skipped, Target
@@ -154,12 +154,8 @@ def apply_weight_norm(
                 if resample:  # v will be the user's weight Parameter, drawn anew in place
                     undo.keep_values(working.get_submodule(t.module)._parameters[t.name] for t in targets)
             for target in targets:
-                try:
-                    register(working.get_submodule(target.module), target.name,
-                             WeightNorm(target.layout.dim, target.layout.groups, exp_scale=exp_scale))
-                except WeightNormError as exc:
-                    msg = f"{target.qualname}: {exc}"
-                    raise WeightNormError(msg) from None
+                register(working.get_submodule(target.module), target.name,
+                         WeightNorm(target.layout.dim, target.layout.groups, exp_scale=exp_scale))
             if mean_only_bn:
                 report.mean_only_bn, report.mean_only_bn_missing = _attach_mean_only_bn(working, targets)
             trains = [_trainable(working, t) for t in targets]  # a frozen one (a pretrained backbone): left as it is
@@ -171,6 +167,10 @@ def apply_weight_norm(
                 report.notes = data_init(working, trainable, sample_batch, init_scale=init_scale, group=group,
                                          exact=exact_init) if trainable else InitNotes()
                 report.notes.frozen = [t.qualname for t in frozen]
+            if init != "data":  # (the data init sets g itself, and refuses one beyond its dtype's range)
+                for target in trainable:
+                    chain = working.get_submodule(target.module).parametrizations[target.name]
+                    check_gain_fits(chain[0], chain.original0, chain.original1, target.qualname)
             if not resample and not exp_scale:
                 report.zero_units = _give_zero_units_a_direction(working, trainable, generator, group,
                                                                  undo.keep_values if inplace else None)

@@ -76,8 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
-        return commands.add_parser(name, help=help_text, description=help_text, epilog=EXAMPLES[name],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+        sub = commands.add_parser(name, help=help_text, description=help_text, epilog=EXAMPLES[name],
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        sub.set_defaults(usage_error=sub.error)  # a usage error found later shows this command's usage
+        return sub
 
     inspect = command("inspect", "Show what a checkpoint holds, or what apply would convert in a model.")
     inspect.add_argument("file", nargs="?", help="checkpoint (.pt/.pth/.bin/.safetensors)")
@@ -147,7 +149,7 @@ def _batch_arguments(parser: argparse.ArgumentParser, name: str, *, required: bo
     group = parser.add_mutually_exclusive_group(required=required)
     group.add_argument(f"--{name}", metavar="FILE", help="input batch: torch.save'd tensor/tuple/dict, .npy, .npz or .safetensors")
     group.add_argument("--input-shape", metavar="N,C,...", type=_shape,
-                       help="a random float32 input of this shape (seed 0)")
+                       help="a random input of this shape (seed 0), in the model's floating dtype")
 
 
 def _one_state_dict_argument(parser: argparse.ArgumentParser) -> None:
@@ -183,7 +185,7 @@ def cmd_inspect(args: argparse.Namespace, say: Callable[[str], None]) -> int:
             print(_describe_state_dict(_get(checkpoint, path), _path_name(path)))
     if args.model is not None:
         model = _build_model(args, say)
-        batch = _read_batch(args, "sample") if (args.sample or args.input_shape) else None
+        batch = _read_batch(args, "sample", model) if (args.sample or args.input_shape) else None
         print(plan_weight_norm(model, batch))
     return 0
 
@@ -208,7 +210,7 @@ def cmd_apply(args: argparse.Namespace, say: Callable[[str], None]) -> int:
         raise _UsageError(msg)
     _check_output_free(args)
     model = _build_model(args, say)
-    batch = None if args.preserve else _read_batch(args, "calib")
+    batch = None if args.preserve else _read_batch(args, "calib", model)
     say("applying weight norm" + ("" if args.preserve else " with data-dependent init"))
     model = apply_weight_norm(model, batch, init="preserve" if args.preserve else "data", include=args.include,
                               exclude=args.exclude, init_scale=args.init_scale, exp_scale=args.exp_scale,
@@ -224,7 +226,7 @@ def cmd_export(args: argparse.Namespace, say: Callable[[str], None]) -> int:
 
     _check_output_free(args)
     model = _build_model(args, say)
-    batch = _read_batch(args, "sample")
+    batch = _read_batch(args, "sample", model)
     shapes = _dynamic_shapes(args.dynamic, batch, model) if args.dynamic is not None else None
     report = export_onnx(model, batch, args.output, opset=args.opset, dynamic_batch=args.dynamic is None,
                          dynamic_shapes=shapes, exporter=args.exporter, rtol=args.rtol, atol=args.atol,
@@ -251,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _stopped_by_signals():
             return COMMANDS[args.command](args, say)
     except _UsageError as exc:
-        parser.error(str(exc))
+        args.usage_error(str(exc))
     except FAILURES as exc:
         print(f"wn-transform {args.command}: error: {exc}", file=sys.stderr)
         return 1
@@ -412,19 +414,21 @@ def _import_factory(spec: str) -> Callable[..., Any]:
 
 def _module_from_file(path: Path) -> Any:
     """Import the Python file ``path`` as the module named after it (its folder importable, for
-    the imports of its own), as ``python path`` would run it."""
+    the imports of its own), as ``python path`` would run it; under a name of its own where that
+    name is a module already imported (``./random.py``, ``./typing.py``: never replaced)."""
     if not path.is_file():
         raise FileNotFoundError(errno.ENOENT, "no such file", str(path))
     folder = str(path.resolve().parent)
     if folder not in sys.path:
-        sys.path.insert(0, folder)
-    spec = importlib.util.spec_from_file_location(path.stem, path)
+        sys.path.append(folder)  # after the installed packages: a file named like one does not shadow it
+    name = path.stem if path.stem not in sys.modules else f"_wn_transform_model_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules[path.stem] = module  # (pickle and dataclasses look classes up there)
+    sys.modules[name] = module  # (pickle and dataclasses look classes up there)
     try:
         spec.loader.exec_module(module)
     except BaseException:
-        del sys.modules[path.stem]
+        del sys.modules[name]
         raise
     return module
 
@@ -720,12 +724,15 @@ def _alias_of(aliases: dict[str, str], key: str) -> str | None:
     return next((name for name, target in aliases.items() if target == key), None)
 
 
-def _read_batch(args: argparse.Namespace, name: str) -> Any:
+def _read_batch(args: argparse.Namespace, name: str, model: nn.Module) -> Any:
+    """The batch file ``--<name>`` names, else a random ``--input-shape`` batch in the dtype of the
+    model's first floating-point parameter (a half-precision model rejects float32 inputs)."""
     path = getattr(args, name, None)
     if path is not None:
         return load_batch(path)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     try:
-        return torch.randn(args.input_shape, generator=torch.Generator().manual_seed(0))
+        return torch.randn(args.input_shape, generator=torch.Generator().manual_seed(0)).to(dtype)
     except (RuntimeError, MemoryError) as exc:  # the allocator: more memory than there is
         msg = (f"--input-shape {','.join(map(str, args.input_shape))}: cannot make a random batch of this shape "
                f"({first_line(exc)}); give a smaller shape")
@@ -733,9 +740,15 @@ def _read_batch(args: argparse.Namespace, name: str) -> Any:
 
 
 def _check_output_free(args: argparse.Namespace) -> None:
-    """Fail before any work if the output (or an export's ``<output>.data``) exists (without
-    --force), is an input, a folder or not a regular file (a device, FIFO), or if its suffix names
-    the other kind of file (a checkpoint to .onnx, an ONNX model to .pt)."""
+    """Fail before any work if an input file given is missing, if the output (or an export's
+    ``<output>.data``) exists (without --force), is an input, a folder or not a regular file (a
+    device, FIFO), or if its suffix names the other kind of file (a checkpoint to .onnx, an ONNX
+    model to .pt)."""
+    for name in ("checkpoint", "calib", "sample"):  # found missing now, not after the model is built
+        given = getattr(args, name, None)
+        if given is not None and not Path(given).is_file():
+            msg = f"{given}: {'not a file' if Path(given).exists() else 'no such file'} (--{name})"
+            raise CheckpointError(msg)
     output = Path(args.output)
     if (output.suffix.lower() == ".onnx") != (args.command == "export"):
         msg = (f"{args.command} writes a checkpoint (.pt/.pth/.bin/.safetensors), not {output.name}; "

@@ -358,9 +358,15 @@ class _Fit:
     offset: Tensor | None  # mean[t'] * gain + b; None where the init set b to cancel it
     unit_dim: int
     dtype: torch.dtype  # of the op's output
+    constant: Tensor | None = None  # units known to be constant on the batch (a rerun's)
 
     def output(self) -> Tensor:
-        """``g*t + b``, computed in place in ``centred``."""
+        """``g*t + b``, computed in place in ``centred``.  A unit known to be constant hands on its
+        value in exact arithmetic, its mean: what float rounding leaves of its centred values is
+        noise, which the next layer would take for features and scale up by orders of magnitude
+        (every unit of a layer constant: a batch of identical rows)."""
+        if self.constant is not None:
+            self.centred.masked_fill_(per_unit(self.constant, self.centred.ndim, self.unit_dim), 0)
         out = self.centred.mul_(self._per_unit(self.gain))
         if self.offset is not None:
             out = out.add_(self._per_unit(self.offset))
@@ -388,6 +394,26 @@ class _Unbatched:
 
     def output(self) -> Tensor:
         return self.fit.output().squeeze(0)
+
+
+def _shared_biases(states: list[_State]) -> set[int]:
+    """The ids of bias Parameters that more than one target's layer holds (``b.bias = a.bias``)."""
+    holders: dict[int, int] = {}
+    for state in states:
+        bias = state.module._parameters.get("bias")
+        if bias is not None:
+            holders[id(bias)] = holders.get(id(bias), 0) + 1
+    return {key for key, count in holders.items() if count > 1}
+
+
+def _constant_units_flat(out: Tensor, fit: _Fit | _Handed | _Unbatched | None) -> Tensor:
+    """``out``, the op's output with the new ``(g, b)`` (``exact_init``), with each unit that
+    ``fit`` knows to be constant set to its mean over the batch: see :meth:`_Fit.output`."""
+    if not isinstance(fit, _Fit) or fit.constant is None:
+        return out
+    unit_dim = fit.unit_dim % out.ndim
+    mean = out.mean([d for d in range(out.ndim) if d != unit_dim], keepdim=True)
+    return torch.where(per_unit(fit.constant, out.ndim, unit_dim), mean, out)
 
 
 def _as(tensor: Tensor, dtype: torch.dtype) -> Tensor:
@@ -549,6 +575,7 @@ class _CalibrationMode(TorchFunctionMode):
         self._copies: dict[int, tuple[weakref.ref, int]] = {}  # id -> (tensor, version): copies of its values
         self._nearly_released: dict[str, int] = {}  # per weight, units _release let go within rounding
         self.half_offsets: list[tuple[str, Tensor]] = []  # biases, running means set in half precision: see _check_finite_offsets
+        self._shared_biases = _shared_biases(states)
         self._scratch = Scratch()
         # Until its layer is calibrated, the parametrization hands out v itself: that tensor is
         # how an op is recognized as using a target's weight (views of it are followed).
@@ -592,6 +619,7 @@ class _CalibrationMode(TorchFunctionMode):
         state = found.state
         bound = dict(zip(SIGNATURES[name], args)) | kwargs
         weight_key = "mat2" if name == "addmm" else "other" if use.kind == "matmul" else "weight"
+        fit = None
         if not state.done:  # t' = op(x, v) without bias: the weight is v itself until calibrated
             x = _data_operand(bound)
             if use.kind == "matmul":
@@ -612,7 +640,7 @@ class _CalibrationMode(TorchFunctionMode):
         # bitwise that, and a deep network amplifies the difference layer after layer.
         if not found.calibrated:
             bound[weight_key] = found.rebuild()
-        return func(**bound) if name not in ("matmul", "__matmul__", "mm") else func(*bound.values())
+        return _constant_units_flat(func(**bound) if name not in ("matmul", "__matmul__", "mm") else func(*bound.values()), fit)
 
     def _follow_views(self, func, args, kwargs):
         """Run ``func``; a view of a weight that keeps whole units (``W.t()``) is that weight too."""
@@ -727,11 +755,12 @@ class _CalibrationMode(TorchFunctionMode):
             offset = offset + bias.to(offset.dtype)
         if whole:
             self._finish(state)
-        return _Fit(centred, gain, offset, unit_dim, t_raw.dtype)
+        constant = known if known is not None and bool(known.any()) else None
+        return _Fit(centred, gain, offset, unit_dim, t_raw.dtype, constant)
 
     def _note_half(self, state: _State, offset: Tensor) -> None:
         if offset.element_size() < 4 and (not self.half_offsets or self.half_offsets[-1][1] is not offset):
-            self.half_offsets.append((state.target.qualname, offset))
+            self.half_offsets.append((state.target.qualname, offset.detach()))  # (q/k/v slices: views made under no_grad)
 
     def _calibrate_native(self, state: _State, kind: str, t_raw: Tensor, unit_dim: int, bias: Tensor | None,
                           slot: _Slot) -> _Handed | None:
@@ -865,9 +894,10 @@ class _CalibrationMode(TorchFunctionMode):
 
     def _settable(self, bias: Tensor, owner: nn.Module) -> bool:
         """Whether the init may set ``bias``: a parameter of the model that trains (a frozen bias
-        keeps its value, as a frozen layer does)."""
+        keeps its value, as a frozen layer does) and that no other calibrated layer adds (one bias
+        Parameter shared by two layers cannot centre both)."""
         source = bias if bias._base is None else bias._base  # a view made under no_grad does not require grad
-        return source.requires_grad and self._is_parameter(bias, owner)
+        return source.requires_grad and id(source) not in self._shared_biases and self._is_parameter(bias, owner)
 
     def _is_parameter(self, tensor: Tensor, owner: nn.Module) -> bool:
         """Whether ``tensor`` is (a view of) a parameter of the model: the bias can be set."""
@@ -882,7 +912,7 @@ class _CalibrationMode(TorchFunctionMode):
         ``t' = x @ v'``: the same as the intercepted ``F.linear``, without intercepting anything."""
         fit = self._calibrate(state, torch.matmul(x, state.v.t()), -1, bias, native="linear",
                               terms=_linear_terms(x, state.v))
-        return fit.output() if not self.exact else F.linear(x, _current_weight(state), bias)
+        return fit.output() if not self.exact else _constant_units_flat(F.linear(x, _current_weight(state), bias), fit)
 
     @staticmethod
     def _finish(state: _State) -> None:

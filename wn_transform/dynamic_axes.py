@@ -45,7 +45,7 @@ class Symbol:
     name: str
     value: int
     places: tuple[Place, ...]
-    batch_like: bool  # dim 0 of some input: grown by one sample, not by a quarter
+    batch_like: bool  # the batch axis: grown by one sample, not by a quarter, and checked once
 
     def candidates(self) -> list[int]:
         """Values to verify at first, in order: a small step (for an axis other than the batch's, the
@@ -57,10 +57,13 @@ class Symbol:
         return list(dict.fromkeys([*steps, 2 * self.value]))
 
 
-def find_symbols(names: Sequence[str], tensors: Sequence[torch.Tensor],
-                 graph_inputs: dict[str, list[int | str]]) -> tuple[list[Symbol], list[str]]:
+def find_symbols(names: Sequence[str], tensors: Sequence[torch.Tensor], graph_inputs: dict[str, list[int | str]],
+                 *, batch_at_dim_0: bool = True) -> tuple[list[Symbol], list[str]]:
     """The file's symbols with their values in the sample batch, and notes on those that cannot
-    be verified (size 0 in the sample, a value the sample's sizes do not determine)."""
+    be verified (size 0 in the sample, a value the sample's sizes do not determine).  A symbol is
+    the batch axis where it is dim 0 of an input and ``batch_at_dim_0`` (the default dynamic
+    axes), or where its name says so (:func:`_named_batch`); an axis the caller named
+    otherwise is checked as a length, at two sizes (a time-major input's dim 0 too)."""
     places: list[tuple[int, int, sympy.Expr]] = []
     for index, (name, tensor) in enumerate(zip(names, tensors)):
         for axis, dim in enumerate(graph_inputs.get(name, ())):
@@ -77,8 +80,14 @@ def find_symbols(names: Sequence[str], tensors: Sequence[torch.Tensor],
         elif values[symbol] == 0:
             notes.append(f"dynamic axis '{symbol}' ({where}) was not checked: it has size 0 in the sample batch")
         else:
-            symbols.append(Symbol(str(symbol), values[symbol], mine, any(p.axis == 0 for p in mine)))
+            batch = _named_batch(str(symbol)) or (batch_at_dim_0 and any(p.axis == 0 for p in mine))
+            symbols.append(Symbol(str(symbol), values[symbol], mine, batch))
     return symbols, notes
+
+
+def _named_batch(name: str) -> bool:
+    """Whether a dynamic axis's name says it is the batch (``batch``, ``batch_size``, ``B``, ``N``, ``bsz``)."""
+    return "batch" in name.lower() or name.lower() in ("b", "n", "bs", "bsz")
 
 
 def grow(sample_batch: Any, names: Sequence[str], tensors: Sequence[torch.Tensor], graph_inputs: dict[str, Any],

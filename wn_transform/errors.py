@@ -22,9 +22,16 @@ _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 def first_line(exc: BaseException) -> str:
-    """``Type: first non-blank line of the message`` (colour codes removed), for a one-line error."""
-    text = _ANSI.sub("", str(exc))
-    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    """``Type: first non-blank line of the message`` (colour codes removed), for a one-line error;
+    a line that announces more (it ends with ``:``) or leaves a bracket open runs on into the next
+    ones (torch's "Found the following conflicts ...:" names the axis on the line after)."""
+    lines = [line.strip() for line in _ANSI.sub("", str(exc)).splitlines() if line.strip()]
+    first = lines[0] if lines else ""
+    for line in lines[1:]:
+        if len(first) >= 300 or not (first.endswith(":") or first.count("(") > first.count(")")
+                                     or first.count("[") > first.count("]")):
+            break
+        first = f"{first} {line}"
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
@@ -54,9 +61,10 @@ def unknown_keep_message(unknown: list[str], weights: list[str], where: str) -> 
     ``X.weight_g``, ``X.parametrizations.weight.original0``) is answered with the weight's name."""
     hints = []
     for name in unknown:
-        weight = next((w for w in weights if name in _keep_aliases(w)), None)
-        if weight is not None:
-            hints.append(f"{name!r} is part of {weight!r}, the name to pass")
+        parts = [w for w in weights if name in _keep_aliases(w)]
+        if parts:
+            names = " and ".join(map(repr, parts))
+            hints.append(f"{name!r} is part of {names}, the name{'s' if len(parts) > 1 else ''} to pass")
     verb = "is" if len(unknown) == 1 else "are"
     hint = f" ({'; '.join(hints)})" if hints else f"; those there are: {few(weights)}"
     return f"keep names {', '.join(unknown)}, which {verb} not weight-normalized in {where}{hint}"

@@ -378,7 +378,8 @@ def export_onnx(
         session = _open_session(tmp_file, _low_precision(folded, inputs))
         try:
             diffs, sizes, notes, fixed_outputs = _verify(session, folded, sample_batch, inputs, reference, graph_inputs,
-                                                         rtol=rtol, atol=atol, say=say)
+                                                         rtol=rtol, atol=atol, say=say,
+                                                         batch_at_dim_0=dynamic_shapes is None)
         except ExportError:
             if used == "torchscript":  # a trace that kept the sample's values also fails on grown batches:
                 _verify_other_values(session, folded, sample_batch, {}, [], rtol=rtol, atol=atol,  # name that cause
@@ -695,13 +696,24 @@ def _check_dynamic_shapes(dynamic_shapes: Any, inputs: _Inputs) -> None:
         msg = (f"dynamic_shapes has {len(dynamic_shapes)} entries for {len(inputs.args)} positional inputs "
                f"({', '.join(inputs.names)}): give one per input (None for one with no dynamic axis)")
         raise ValueError(msg)
+    if isinstance(dynamic_shapes, Mapping) and inputs.bound is not None:
+        _check_spec_keys(dynamic_shapes, inputs)
     tensors = dict(zip(inputs.names, inputs.tensors))
     for name, spec in _named_specs(dynamic_shapes, inputs):
         if name not in tensors or not isinstance(spec, (Mapping, tuple, list)):
             continue  # a nested input's spec, or None: torch.export's to check
+        if not isinstance(spec, Mapping) and len(spec) != tensors[name].dim():  # torch.onnx's dynamic_axes list: [0, 2]
+            msg = (f"dynamic_shapes gives input '{name}' ({tensors[name].dim()} axes) the list {list(spec)!r}: a list has "
+                   f"one entry per axis (a name or Dim for a dynamic one, None for a static one); to name axes by "
+                   f"number give a dict, e.g. {{0: 'batch', 2: 'time'}}")
+            raise ValueError(msg)
         for axis, dim in (spec.items() if isinstance(spec, Mapping) else enumerate(spec)):
             if not isinstance(axis, int) or not -tensors[name].dim() <= axis < tensors[name].dim():
                 msg = f"dynamic_shapes names axis {axis!r} of input '{name}', which has {tensors[name].dim()} axes"
+                raise ValueError(msg)
+            if isinstance(dim, int) and not isinstance(dim, bool) and dim != tensors[name].shape[axis]:
+                msg = (f"dynamic_shapes gives axis {axis} of input '{name}' the static size {dim}, but it is "
+                       f"{tensors[name].shape[axis]} in the sample batch (to make the axis dynamic, give it a name)")
                 raise ValueError(msg)
             static_or_named = dim is None or (isinstance(dim, (int, str)) and not isinstance(dim, bool))
             if static_or_named or (_DIM_AUTO is not None and isinstance(dim, type(_DIM_AUTO))):  # a name, or Dim.AUTO/DYNAMIC/STATIC
@@ -715,6 +727,23 @@ def _check_dynamic_shapes(dynamic_shapes: Any, inputs: _Inputs) -> None:
                 msg = (f"dynamic_shapes: axis {axis} of input '{name}' is {size} in the sample batch, outside the "
                        f"range [{dim.min}, {dim.max}] of Dim('{dim.__name__}')")
                 raise ValueError(msg)
+
+
+def _check_spec_keys(dynamic_shapes: Mapping, inputs: _Inputs) -> None:
+    """A dict of dynamic shapes has one entry per argument the batch gives the forward, as
+    ``torch.export`` binds it (None for one with no dynamic axis); an input left out would be
+    exported with every axis static."""
+    given = set(inputs.bound)
+    unknown = sorted(str(key) for key in dynamic_shapes if key not in given)
+    missing = sorted(name for name in given if name not in dynamic_shapes)
+    if unknown:
+        msg = (f"dynamic_shapes names {', '.join(map(repr, unknown))}, which the sample batch does not give the "
+               f"forward (its inputs: {', '.join(inputs.bound)})")
+        raise ValueError(msg)
+    if missing:
+        msg = (f"dynamic_shapes has no entry for {', '.join(map(repr, missing))}: give one per input of the "
+               f"forward (None for an input with no dynamic axis)")
+        raise ValueError(msg)
 
 
 def _dynamic_axes_from_shapes(dynamic_shapes: Any, inputs: _Inputs, *, required: bool = False,
@@ -1038,15 +1067,16 @@ def _open_session(file: str, low_precision: str = "") -> Any:
 
 def _verify(session: Any, model: nn.Module, sample_batch: batch_mod.SampleBatch, inputs: _Inputs, reference: Any,
             graph_inputs: dict[str, list[int | str]], *, rtol: float, atol: float, say: Progress,
-            ) -> tuple[dict[str, tuple[float, float]], list[int], list[str]]:
+            batch_at_dim_0: bool = True) -> tuple[dict[str, tuple[float, float]], list[int], list[str]]:
     """Run the file in onnxruntime on the sample batch, and once more for each dynamic axis of
-    the file (see :mod:`wn_transform.dynamic_axes`), and compare with PyTorch.
+    the file (see :mod:`wn_transform.dynamic_axes`), and compare with PyTorch.  ``batch_at_dim_0``:
+    the dynamic axes are the default batch axes (else the caller's ``dynamic_shapes`` named them).
 
     Returns per output (max abs diff, max rel diff) over the runs, each run's batch size, notes.
     """
     session_inputs = [i.name for i in session.get_inputs()]
     runs = [("the sample batch", "", inputs, reference)]
-    symbols, notes = dynamic_axes.find_symbols(inputs.names, inputs.tensors, graph_inputs)
+    symbols, notes = dynamic_axes.find_symbols(inputs.names, inputs.tensors, graph_inputs, batch_at_dim_0=batch_at_dim_0)
     for symbol in symbols:
         refusals: list[str] = []
         where = ", ".join(f"{inputs.names[p.index]}[{p.axis}] = {inputs.tensors[p.index].shape[p.axis]}"
@@ -1110,9 +1140,10 @@ _PARITY_SEARCH = 8  # sizes tried past the first check for one that flips a deri
 def _checked_sizes(symbol: dynamic_axes.Symbol, grown_run: Callable[[int], tuple | None], reference: Any) -> list[tuple]:
     """The runs that check ``symbol``: the first of its candidates the model takes and, for an axis
     other than the batch's, the next size within :data:`_PARITY_SEARCH` the model takes where an
-    output length that follows the axis has the other parity, else the next it takes at all (a
+    output length that follows the axis has the other parity, else every size the search ran (a
     graph may have baked in a branch that only odd or only even lengths take, of the input or of a
-    length derived from it: SEW pads its features when their frame count is odd).  The search stops
+    length derived from it: SEW pads its features when their frame count is odd; a model that pads
+    odd lengths keeps its outputs' parity, and is caught where the file does not).  The search stops
     early once every such length has moved by the same even amount on two steps in a row (an
     upsampler's ``hop * frames``), whose parity no later step flips."""
     first = next(((value, run) for value in symbol.candidates() if (run := grown_run(value)) is not None), None)
@@ -1123,7 +1154,7 @@ def _checked_sizes(symbol: dynamic_axes.Symbol, grown_run: Callable[[int], tuple
         return [first_run]
     moved = [(i, d, size) for i, (shape, grown) in enumerate(zip(_output_shapes(reference), _output_shapes(first_run[2])))
              for d, size in enumerate(grown) if d < len(shape) and shape[d] != size]
-    fallback, previous, step = None, _output_shapes(first_run[2]), None
+    tried, previous, step = [], _output_shapes(first_run[2]), None
     for value in range(first_value + 1, first_value + 1 + _PARITY_SEARCH):
         second = grown_run(value)
         if second is None:
@@ -1132,12 +1163,14 @@ def _checked_sizes(symbol: dynamic_axes.Symbol, grown_run: Callable[[int], tuple
         shapes = _output_shapes(second[2])
         if not moved or any(i < len(shapes) and d < len(shapes[i]) and (shapes[i][d] - size) % 2 for i, d, size in moved):
             return [first_run, second]
-        fallback = fallback or second
+        tried.append(second)
         now = _length_steps(previous, shapes, moved) if previous is not None else None
         if now is not None and now == step and all(delta and delta % 2 == 0 for delta in now):
             break  # each length moves by the same even amount per step twice (an upsampler's 64 frames): no flip ahead
         previous, step = shapes, now
-    return [first_run, fallback] if fallback is not None else [first_run]
+    # No flip found: every size the search ran in PyTorch is checked in the file too (small batches);
+    # a branch that pads odd lengths keeps PyTorch's output lengths even and shows only there.
+    return [first_run, *tried]
 
 
 def _length_steps(before: list[tuple[int, ...]], after: list[tuple[int, ...]],

@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.autograd import forward_ad
 
 from . import kernels
-from .norm import UnitLayout, compose_weight, safe_norm, scale_from_norm, unit_norm
+from .norm import UnitLayout, compose_weight, exp_gain, safe_norm, scale_from_norm, unit_norm
 
 __all__ = ["ScaledLinear", "eager_weight", "guarded_on_device", "guarded_weight", "plain_formula_only",
            "prefer_output_form", "weight_norm_weight"]
@@ -64,7 +64,7 @@ def weight_norm_weight(g: Tensor, v: Tensor, layout: UnitLayout, *, exp_scale: b
     Elsewhere, and under ``torch.func`` transforms, forward-mode AD and ``torch.jit.trace``
     (:func:`plain_formula_only`), the plain formula is used.
     """
-    gain = g.exp() if exp_scale else g
+    gain = exp_gain(g) if exp_scale else g
     # a compiler fuses the plain formula itself (and cannot trace plain_formula_only's checks); under
     # torch.jit.trace the size checks below would be recorded as traced values: both first
     if torch.compiler.is_compiling() or plain_formula_only():

@@ -172,6 +172,13 @@ def traceable_weight(g: Tensor, v: Tensor, layout: UnitLayout, *, exp_scale: boo
     return v * (gain.reshape(-1) / safe).view_as(gain)
 
 
+def exp_gain(s: Tensor) -> Tensor:
+    """``g = e^s``, taken in float32 for a half-precision ``s``: ``s = log ||w||`` fits float16 far
+    beyond the point (about 11.1) where ``e^s`` leaves its range, and the weight ``g * v/||v||``
+    does not."""
+    return s.exp() if s.element_size() >= 4 else s.float().exp()
+
+
 def compose_weight(g: Tensor, v: Tensor, layout: UnitLayout | None, *, exp_scale: bool = False) -> Tensor:
     """``w = g * v / ||v||`` per output unit, in ``v``'s dtype.
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -180,9 +180,22 @@ def declare_dynamic_outputs(file: str, axes: dict[str, list[int]]) -> dict[str, 
 
 
 def save(proto: onnx.ModelProto, file: str, data_name: str | None) -> None:
-    """Write ``proto`` to ``file``: self-contained, or with every weight in ``data_name`` beside it."""
-    if data_name is None:
-        onnx.save_model(proto, file)
-    else:
-        onnx.save_model(proto, file, save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=0)
+    """Write ``proto`` to ``file``: self-contained, or with its weights (every floating-point
+    initializer, and any other of 1 KiB or more) in ``data_name`` beside it.  Small integer ones
+    stay inside: onnxruntime's shape inference cannot read an op's constant operands (a
+    ReduceMean's axes, a Reshape's shape) from external data."""
+    if data_name is not None:
+        floating = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+        for tensor in _initializers(proto.graph):
+            if tensor.HasField("raw_data") and (tensor.data_type in floating or len(tensor.raw_data) >= 1024):
+                onnx.external_data_helper.set_external_data(tensor, data_name)
+    onnx.save_model(proto, file)  # (writes the tensors marked external to data_name, beside file)
+
+
+def _initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """The initializers of ``graph`` and of the subgraphs its nodes hold (an If's branches, a Loop's body)."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attribute in node.attribute:
+            for sub in [attribute.g, *attribute.graphs] if attribute.HasField("g") else attribute.graphs:
+                yield from _initializers(sub)

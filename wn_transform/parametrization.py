@@ -39,7 +39,7 @@ from torch.nn.utils import parametrize
 
 from .errors import WeightNormError
 from .fast import ScaledLinear, eager_weight, plain_formula_only, prefer_output_form, weight_norm_weight
-from .norm import UnitLayout, compose_weight, direct_zero_units, layout_from_shapes, traceable_weight, unit_norm
+from .norm import UnitLayout, compose_weight, direct_zero_units, exp_gain, layout_from_shapes, traceable_weight, unit_norm
 from ._parametrized import is_parametrized, own_class, plain_type
 
 __all__ = ["WeightNorm", "no_weight_cache", "register", "remove", "weight_memo", "weight_norm_of"]
@@ -91,7 +91,7 @@ class WeightNorm(nn.Module):
         if torch.is_grad_enabled():
             memo = _MEMO.get()  # within one module call (weight_memo), the graph is shared by every read
             if memo is None:  # (the plain route is ruled out above)
-                return eager_weight(g.exp() if self.exp_scale else g, v, self.layout)
+                return eager_weight(exp_gain(g) if self.exp_scale else g, v, self.layout)
             return self._kept_weight(memo, id(self), g, v)
         if not _SERVING.get():  # read from outside a forward: a fresh tensor, as torch's own is
             return weight_norm_weight(g, v, self.layout, exp_scale=self.exp_scale)
@@ -156,16 +156,10 @@ class WeightNorm(nn.Module):
         return state
 
     def right_inverse(self, weight: Tensor) -> tuple[Tensor, Tensor]:
-        """``(g, v) = (||w||, w)`` per unit (``g = log ||w||`` with ``exp_scale``), in ``w``'s dtype.
-        A half-precision unit whose norm is beyond its dtype's range (every element finite) is
-        refused: ``g = inf`` would make the layer compute NaN."""
+        """``(g, v) = (||w||, w)`` per unit (``g = log ||w||`` with ``exp_scale``), in ``w``'s dtype
+        (a half-precision norm beyond the dtype's range is inf: see :func:`check_gain_fits`)."""
         with torch.no_grad():
             norm = unit_norm(weight, self.layout)
-            if weight.element_size() < 4 and not weight.is_meta and bool((norm > torch.finfo(weight.dtype).max).any()):
-                msg = (f"a unit's norm ||w|| = {norm.max().item():g} is beyond {weight.dtype}'s range (the largest is "
-                       f"{torch.finfo(weight.dtype).max:g}), so g cannot hold it and the layer would compute NaN; "
-                       "weight-normalize this layer in float32 or bfloat16 (model.float() first)")
-                raise WeightNormError(msg)
             g = norm.clamp_min(_TINY).log() if self.exp_scale else norm
         return g.to(weight.dtype), weight
 
@@ -382,17 +376,26 @@ def _load_other_layouts(name: str, module: nn.Module, state_dict: dict, prefix: 
         state_dict[marker_key] = torch.ones(())
 
 
+def check_gain_fits(wn: WeightNorm, g: Tensor, v: Tensor, where: str) -> None:
+    """Refuse ``g = ||w||`` that is inf in a half-precision layer whose weight is finite (every
+    element fits, their norm does not): the layer would compute NaN.  ``where`` names it."""
+    if wn.exp_scale or g.element_size() >= 4 or g.is_meta or not bool(g.isinf().any()) or not bool(v.isfinite().all()):
+        return
+    norm = unit_norm(v.detach(), wn.layout).max().item()
+    msg = (f"{where}: a unit's norm ||w|| = {norm:g} is beyond {g.dtype}'s range (the largest is "
+           f"{torch.finfo(g.dtype).max:g}), so g cannot hold it and the layer would compute NaN; weight-normalize "
+           "this layer in float32 or bfloat16 (model.float() first), or with exp_scale=True (g = e^s)")
+    raise WeightNormError(msg)
+
+
 def _trainable_pair(wn: WeightNorm, weight: Tensor, key: str) -> tuple[Tensor, Tensor]:
     """``(g, v) = wn.right_inverse(weight)``, except that a unit whose weight is all zero gets a unit
     direction ``v`` with ``g = 0``, as :func:`~wn_transform.apply_weight_norm` gives it: the same
     weight, but trainable (``v = 0`` would leave both gradients 0 forever).  The direction is drawn
     from a generator seeded with 0, so every process that loads the checkpoint gets the same one.
     ``key``: the checkpoint's, named in an error."""
-    try:
-        g, v = wn.right_inverse(weight)
-    except WeightNormError as exc:
-        msg = f"{key}: {exc}"
-        raise WeightNormError(msg) from None
+    g, v = wn.right_inverse(weight)
+    check_gain_fits(wn, g, v, key)
     if wn.exp_scale or v.is_meta or v.numel() == 0:
         return g, v  # no g = e^s is 0 (such a unit stays at about 0); a meta tensor holds no values
     zero = g == 0
@@ -659,7 +662,7 @@ def _linear_forward(self: nn.Linear, input: Tensor) -> Tensor:
         return F.linear(input, wn.forward(g, v), bias)  # torch.func, forward AD, jit.trace: the plain route
     if not torch.is_grad_enabled():
         if not torch.compiler.is_compiling():
-            return F.linear(input, v if wn.direction_only else wn.cached_weight(g, v), bias)
+            return F.linear(input, wn.forward(g, v) if wn.direction_only else wn.cached_weight(g, v), bias)  # (v, read)
     elif self.training and not wn.direction_only and (g.requires_grad or v.requires_grad) and _takes_output_form(input, v):
         return ScaledLinear.apply(input, g, v, bias, wn.exp_scale)
     return F.linear(input, wn.forward(g, v), bias)
@@ -682,23 +685,3 @@ def _takes_output_form(input: Tensor, v: Tensor) -> bool:
             and prefer_output_form(input.numel() // input.shape[-1], input.shape[-1], v.shape[0])
             and not _autocast_on(input.device.type))
 
-
-def _run_eagerly_when_entered_from_eager_code(*functions: Any) -> None:
-    """Have ``torch.compile`` run these as they are when eager code calls them (a layer called after
-    a graph break, a mixture of experts' data-dependent loop), as it does torch.nn's own forwards,
-    instead of compiling each as a frame of its own: they are shared by every weight-normalized
-    layer, each of which has a class of its own, so every layer would recompile them, until
-    dynamo's recompile limit.  Compiled code that calls them still traces through them (the
-    setting applies to frames dynamo is handed, not to code it inlines).  A torch without the
-    setting (before 2.6) compiles them as before."""
-    try:
-        from torch._dynamo.eval_frame import set_code_exec_strategy
-        from torch._dynamo.types import FrameAction, FrameExecStrategy
-    except ImportError:
-        return
-    for function in functions:
-        set_code_exec_strategy(function.__code__, FrameExecStrategy(FrameAction.SKIP, FrameAction.SKIP))
-
-
-_run_eagerly_when_entered_from_eager_code(_linear_forward, _serving_call, _attention_forward, _DirectWeight.__get__,
-                                          WeightNorm.forward)

@@ -77,7 +77,8 @@ class WeightNormReport:
             for name in self.notes.frozen:
                 lines.append(f"  {name}: frozen (requires_grad=False): not calibrated, it computes what it did")
             for name in self.notes.bias_not_set:
-                lines.append(f"  {name}: its bias is not a trained parameter (computed, or frozen); only g was set")
+                lines.append(f"  {name}: its bias is not a trained parameter of its own (computed, frozen, or shared with "
+                             "another layer); only g was set")
             if self.notes.no_bias:
                 lines.append(f"  {len(self.notes.no_bias)} layers whose op adds no bias: the init set their std, their mean is "
                              f"the batch's; a bias added by a later op is not set ({few(self.notes.no_bias)})")

@@ -70,6 +70,13 @@ def _legacy_pair(weight_key: str, g: torch.Tensor, v: torch.Tensor) -> bool:
     return not (v.ndim > 1 and g.numel() >= v.numel()) and _fits(g, v)
 
 
+def _could_be_gain(g: Tensor, v: Tensor) -> bool:
+    """Whether ``g`` has the form of a weight norm's ``g`` for ``v``: one element (the whole-tensor
+    norm, any rank), or ``v``'s rank with size 1 on every axis but at most one (whether that one
+    fits is :func:`_unit_axis`'s to say).  Low-rank factors (``U [out, r]``, ``V [r, in]``) have not."""
+    return g.numel() == 1 or (g.ndim == v.ndim and sum(size != 1 for size in g.shape) <= 1)
+
+
 def _fits(g: Tensor, v: Tensor) -> bool:
     """Whether ``g`` has a weight-norm shape for ``v`` (one norm per unit, or one in all)."""
     try:
@@ -86,7 +93,8 @@ def find_state_dict_weight_norms(state_dict: Mapping[str, object]) -> list[State
     v is there without the other, or if one weight is there twice (in both layouts, or as a pair
     and a plain tensor).  torch's legacy names are paired only when both are there:
     ``X.weight_v`` alone is an ordinary parameter (an attention's value projection), as
-    ``X.weight_g`` is (a gate).  A parametrization's ``original0``/``original1`` that do not fit
+    ``X.weight_g`` is (a gate).  A parametrization's ``original0``/``original1`` where
+    ``original0`` has not the form of a ``g`` (another rank, or more than one axis longer than 1)
     are another parametrization's two tensors (low-rank factors), not weight norm.  A pair that
     shares its chain with another parametrization's entries is found with ``stacked_key`` set:
     folding or converting it without the model is refused.
@@ -122,7 +130,7 @@ def find_state_dict_weight_norms(state_dict: Mapping[str, object]) -> list[State
             continue
         if layout == "legacy" and not _legacy_pair(weight_key, g, v):  # RWKV's time_maa_g/_v, a gate's w_g/w_v
             continue
-        if layout == "parametrizations" and not _fits(g, v):  # another parametrization's two tensors (low-rank factors)
+        if layout == "parametrizations" and not _could_be_gain(g, v):  # another parametrization's (low-rank factors)
             continue
         dim, groups = _unit_axis(g, v, key, v_key)
         if weight_key in state_dict or weight_key in seen:
@@ -212,7 +220,7 @@ def fold_state_dict(state_dict: Mapping[str, object], *, keep: Collection[str] =
     # where fold_weight_norm puts it); torch's weight norm registers g and v after the bias.
     first = _first_keys(state_dict, {wn.weight_key.rpartition(".")[0] for wn in pairs.values()})
     folded_at: dict[str, list[StateDictWeightNorm]] = {}
-    for wn in pairs.values():
+    for wn in sorted(pairs.values(), key=lambda wn: wn.weight_key.count(".")):  # a layer's before its children's
         folded_at.setdefault(first[wn.weight_key.rpartition(".")[0]], []).append(wn)
     out: dict[str, object] = {}
     for key, value in state_dict.items():

@@ -25,7 +25,7 @@ class Target:
     shape: tuple[int, ...]
     layout: UnitLayout
     found_by: str  # "symbolic_trace" | "torch.export" | "recorded" | "module walk"
-    uses: int = 1  # how many op calls read it in one forward
+    uses: int = 1  # how many op calls read it in one forward (calls on slices of its units, q and k/v, as one)
     # Every op that reads it (and its layer's bias) ran as the layer's own module call, with no
     # torch composite around the layer that reads them directly: the op's output is the layer's.
     own_call: bool = False

@@ -59,6 +59,7 @@ class _Use:
     layout: UnitLayout | None = None
     detail: str = ""  # for "other": the op; for a weight use: how it was found, if not by the log's step
     own: bool = False  # the op ran as the parameter's module's own call (not a parent's, not functional)
+    part: bool = False  # the op read some of the units (a slice along the unit axis: attention's q, or k and v)
 
 
 # Ops that select values of their first argument: the values come from it alone, whatever the index
@@ -364,7 +365,8 @@ class UseLog:
             layout = weight_uses[0].layout
             how = weight_uses[0].detail or found_by
             own_call = self._own_call(module, weight_uses, aliases)
-            targets.append(Target(module, tensor, kind, tuple(params[name].shape), layout, how, len(weight_uses), own_call))
+            calls = sum(not u.part for u in weight_uses) + any(u.part for u in weight_uses)  # slices: one read
+            targets.append(Target(module, tensor, kind, tuple(params[name].shape), layout, how, calls, own_call))
         return targets, skipped
 
     def _reason_not_a_weight(self, name: str, uses: list[_Use], ndim: int) -> str:
@@ -456,7 +458,7 @@ class UseLog:
         unit_axis = origin.axes[unit_dim]
         whole_units = origin.cut <= {unit_axis} and (groups == 1 or not origin.cut)
         layout = UnitLayout(unit_axis, groups) if whole_units and (groups == 1 or unit_axis == 1) else None
-        self.uses[origin.param].append(_Use(kind, layout, own=own))
+        self.uses[origin.param].append(_Use(kind, layout, own=own, part=unit_axis in origin.cut))
 
     def _computed_weight_use(self, use: WeightUse) -> None:
         """A linear/conv op's weight is computed from parameters (and buffers) alone, not read as
