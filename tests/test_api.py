@@ -632,6 +632,10 @@ def test_a_half_precision_unit_whose_norm_overflows_its_dtype_is_refused_with_it
     torch.testing.assert_close(wn.fold_weight_norm(as_exp)(x), as_exp(x), rtol=1e-2, atol=1.0)
     resampled = wn.apply_weight_norm(model, torch.randn(64, 4096, dtype=torch.half), resample=True)  # g from the init
     assert bool(resampled(x).isfinite().all())
+    model[0].weight.requires_grad_(False)  # a frozen layer keeps g = ||w||, whatever the init
+    with pytest.raises(wn.WeightNormError, match=r"^0.weight: a unit's norm"):
+        wn.apply_weight_norm(model, torch.randn(64, 4096, dtype=torch.half))
+    model[0].weight.requires_grad_(True)
     target = wn.apply_weight_norm(nn.Sequential(nn.Linear(4096, 4)).half())
     with pytest.raises(wn.WeightNormError, match=r"^0.weight: a unit's norm"):
         target.load_state_dict(model.state_dict())
@@ -680,3 +684,23 @@ def test_a_weight_viewed_by_its_own_sizes_is_found_by_the_symbolic_trace(spellin
     torch.testing.assert_close(pre.mean((0, 2)), torch.zeros(8), atol=1e-5, rtol=0)
     torch.testing.assert_close(pre.std((0, 2), unbiased=False), torch.ones(8), atol=1e-4, rtol=0)
 
+
+
+@pytest.mark.parametrize(("message", "expected"), [
+    ("Found the following conflicts:\n- axis 1 is static\nmore", "RuntimeError: Found the following conflicts: - axis 1 is static"),
+    ("output 1 (3\n[ torch.LongTensor{} ]) of traced region\nnext", "RuntimeError: output 1 (3 [ torch.LongTensor{} ]) of traced region"),
+    ("kernel failed :(\nTraceback (most recent call last):\n  File \"x.py\"", "RuntimeError: kernel failed :("),
+    ("\x1b[31mred\x1b[0m text\nsecond", "RuntimeError: red text"),
+])
+def test_one_line_errors_keep_what_a_line_announces_and_no_more(message: str, expected: str) -> None:
+    from wn_transform.errors import first_line
+
+    assert first_line(RuntimeError(message)) == expected
+    long = first_line(RuntimeError("Unexpected keys:\n" + ", ".join(f"layer{i}.weight" for i in range(2000))))
+    assert len(long) == 400 and long.endswith("...")
+
+
+def test_the_report_of_a_copy_is_a_clear_weight_norm_error(net: Net) -> None:
+    out = wn.apply_weight_norm(net)
+    with pytest.raises(wn.WeightNormError, match="is a copy of a model that did .*plan_weight_norm"):
+        wn.weight_norm_report(copy.deepcopy(out))

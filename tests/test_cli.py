@@ -1233,3 +1233,9 @@ def test_a_model_file_named_like_an_imported_module_replaces_nothing(tmp_path: P
     assert result.returncode == 0, result.stderr
     assert sys.modules["random"] is random
     assert set(torch.load(tmp_path / "o.pt")) == {"bias", "parametrizations.weight.original0", "parametrizations.weight.original1"}
+
+
+def test_a_model_path_without_its_py_suffix_is_a_usage_error(tmp_path: Path) -> None:
+    result = cli("inspect", "--model", "./models:build")
+    assert result.returncode == 2
+    assert "--model must look like package.module:factory or path/to/models.py:factory, got './models:build'" in result.stderr

@@ -1493,11 +1493,76 @@ def test_a_layer_fed_only_by_constant_units_is_found_constant_not_scaled_up_on_r
 
 
 def test_two_layers_sharing_one_bias_leave_it_as_it_is_and_say_so() -> None:
-    """One bias Parameter cannot centre two layers: only g is set, and the report lists both."""
+    """One bias Parameter cannot centre two layers: only g is set, and the report lists both;
+    one that a frozen layer also adds keeps its value (the frozen layer computes what it did)."""
     torch.manual_seed(0)
+    x = torch.randn(64, 6) * 2 + 3
     model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6))
     model[2].bias = model[0].bias
     before = model[0].bias.detach().clone()
-    out = wn.apply_weight_norm(model, torch.randn(64, 6) * 2 + 3)
+    out = wn.apply_weight_norm(model, x)
     assert wn.weight_norm_report(out).notes.bias_not_set == ["0.weight", "2.weight"]
     assert torch.equal(out[0].bias, before) and out[0].bias is out[2].bias
+    model[0].weight.requires_grad_(False)
+    frozen_output = model[0](x)
+    out = wn.apply_weight_norm(model, x)
+    assert wn.weight_norm_report(out).notes.frozen == ["0.weight"]
+    torch.testing.assert_close(out[0](x), frozen_output)
+
+
+class _Gated(nn.Module):
+    """Two weights in one module, one bias that the first op adds: the module's own, shared with nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(8, 6) * 0.3)
+        self.gate_weight = nn.Parameter(torch.randn(8, 6) * 0.3)
+        self.bias = nn.Parameter(torch.zeros(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias) * torch.sigmoid(F.linear(x, self.gate_weight))
+
+
+def test_a_bias_that_one_op_of_a_two_weight_module_adds_is_set() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(256, 6) * 2 + 3
+    out = wn.apply_weight_norm(_Gated(), x)
+    assert wn.weight_norm_report(out).notes.bias_not_set == []
+    with torch.no_grad():
+        pre = F.linear(x, out.weight, out.bias)
+    torch.testing.assert_close(pre.mean(0), torch.zeros(8), atol=1e-4, rtol=0)
+
+
+def test_a_bias_another_layer_adds_functionally_is_set_by_the_first_only() -> None:
+    """``F.linear(h, self.w2, self.a.bias)``: the layer calibrated first sets it; the other keeps
+    it (it would undo the first's centring) and is listed under bias_not_set."""
+
+    class Borrowing(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(6, 6)
+            self.w2 = nn.Parameter(torch.randn(6, 6) * 0.4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.linear(torch.tanh(self.a(x)), self.w2, self.a.bias)
+
+    torch.manual_seed(0)
+    x = torch.randn(256, 6) * 2 + 3
+    out = wn.apply_weight_norm(Borrowing(), x)
+    assert wn.weight_norm_report(out).notes.bias_not_set == ["w2"]
+    with torch.no_grad():
+        torch.testing.assert_close(out.a(x).mean(0), torch.zeros(6), atol=1e-4, rtol=0)
+
+
+def test_the_exponential_scale_in_half_precision_calibrates_a_gain_beyond_its_range() -> None:
+    """g = 1e5 does not fit float16, s = log g does, and so do the weight's entries (about g/8 over
+    64 inputs): with exp_scale the init stores s; without, it says g overflows."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 4)).half()
+    x = (torch.randn(256, 64) * 1e-5).half()
+    with pytest.raises(wn.WeightNormError, match="g = init_scale/std overflows torch.float16"):
+        wn.apply_weight_norm(model, x)
+    out = wn.apply_weight_norm(model, x, exp_scale=True)
+    assert float(out[0].parametrizations.weight.original0.float().exp().min()) > 65504
+    y = out(x).float()
+    torch.testing.assert_close(y.std(0, unbiased=False), torch.ones(4), atol=0.02, rtol=0)

@@ -811,8 +811,9 @@ def test_never_replaces_a_fifo_even_with_overwrite(tmp_path) -> None:
 @pytest.mark.parametrize(("how", "exporter"), [("forced", "torchscript"), ("automatic", "torchscript"),
                                                ("forced", "dynamo")])
 def test_external_data(tmp_path, monkeypatch, how: str, exporter: str) -> None:
-    """Every weight goes to the data file; an op's small integer operands (a Reshape's shape, a
-    ReduceMean's axes) stay in the graph, where onnxruntime's shape inference reads them."""
+    """Every weight goes to the data file; an op's small operands (a Reshape's shape, a
+    ReduceMean's axes, a Resize's scales) stay in the graph, where onnxruntime's shape inference
+    reads them."""
     model = wn.apply_weight_norm(plain_hifigan(), init="preserve")
     if how == "automatic":
         monkeypatch.setattr(export_mod, "EXTERNAL_DATA_THRESHOLD", 1000)
@@ -825,8 +826,9 @@ def test_external_data(tmp_path, monkeypatch, how: str, exporter: str) -> None:
     assert report.file_size == os.path.getsize(report.path) < report.initializer_bytes / 2
     assert report.external_data_size == os.path.getsize(data) > 0.9 * report.initializer_bytes
     for init in onnx.load(report.path, load_external_data=False).graph.initializer:
-        floating = init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
-        assert (init.data_location == onnx.TensorProto.EXTERNAL) == (floating or len(init.raw_data) >= 1024), init.name
+        external = init.data_location == onnx.TensorProto.EXTERNAL
+        size = int(next(e.value for e in init.external_data if e.key == "length")) if external else len(init.raw_data)
+        assert external == (size >= 1024), init.name
     onnx.checker.check_model(report.path)
     mel = mel_batch(OTHER_BATCH)
     with torch.no_grad():
@@ -1469,3 +1471,24 @@ def test_a_torchscript_file_that_fails_after_the_fallback_says_why_dynamo_was_gi
                                              r"exporter's export failed \(.+\)\]$"):
         wn.export_onnx(model, x, tmp_path / "codec.onnx", dynamic_shapes=({2: "T"},))
     assert not os.listdir(tmp_path)
+
+
+def test_an_upsampler_exported_with_external_data_keeps_its_resize_scales_inline(tmp_path) -> None:
+    class Up(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 16, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.interpolate(self.conv(x), scale_factor=2.0, mode="nearest")
+
+    x = torch.randn(2, 3, 8, 8)
+    model = wn.apply_weight_norm(Up(), x)
+    report = export_onnx(model, x, tmp_path / "up.onnx", exporter="dynamo", external_data=True)
+    assert report.exporter == "dynamo" and report.external_data_size == os.path.getsize(tmp_path / "up.onnx.data") > 0
+
+
+def test_auto_says_why_dynamos_file_was_given_up_when_torchscript_fails_too(tmp_path) -> None:
+    with pytest.raises(ExportError, match=r"^both exporters failed; dynamo: its file failed its checks \(ExportError: "
+                                          r"opset 3 was asked for.*; the TorchScript exporter failed: .*3"):
+        export_onnx(nn.Sequential(nn.Conv1d(2, 3, 3), nn.Tanh()), torch.randn(2, 2, 8), tmp_path / "m.onnx", opset=3)

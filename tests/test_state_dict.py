@@ -457,13 +457,20 @@ def test_another_parametrizations_two_tensors_are_ordinary_tensors() -> None:
     V [2, 6]) stores original0/original1 too; a g that cannot be weight norm's marks it."""
 
     class LowRank(nn.Module):
+        def __init__(self, rank: int = 2) -> None:
+            super().__init__()
+            self.rank = rank
+
         def forward(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             return u @ v
 
         def right_inverse(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             u, s, vh = torch.linalg.svd(w, full_matrices=False)
-            return u[:, :2] * s[:2], vh[:2]
+            return u[:, : self.rank] * s[: self.rank], vh[: self.rank]
 
+    rank_one = nn.Linear(6, 5)  # U [5, 1], V [1, 6]: one axis of U is longer than 1, as a g's is
+    torch.nn.utils.parametrize.register_parametrization(rank_one, "weight", LowRank(rank=1))
+    assert find_state_dict_weight_norms(rank_one.state_dict()) == []
     layer = nn.Linear(6, 5)
     torch.nn.utils.parametrize.register_parametrization(layer, "weight", LowRank())
     state = nn.Sequential(layer, legacy_weight_norm(nn.Linear(5, 2))).state_dict()

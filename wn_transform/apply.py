@@ -167,10 +167,11 @@ def apply_weight_norm(
                 report.notes = data_init(working, trainable, sample_batch, init_scale=init_scale, group=group,
                                          exact=exact_init) if trainable else InitNotes()
                 report.notes.frozen = [t.qualname for t in frozen]
-            if init != "data":  # (the data init sets g itself, and refuses one beyond its dtype's range)
-                for target in trainable:
-                    chain = working.get_submodule(target.module).parametrizations[target.name]
-                    check_gain_fits(chain[0], chain.original0, chain.original1, target.qualname)
+            # g = ||w|| beyond a half-precision dtype's range (the data init sets a trained layer's g itself,
+            # and refuses one beyond that range)
+            for target in frozen if init == "data" else targets:
+                chain = working.get_submodule(target.module).parametrizations[target.name]
+                check_gain_fits(chain[0], chain.original0, chain.original1, target.qualname)
             if not resample and not exp_scale:
                 report.zero_units = _give_zero_units_a_direction(working, trainable, generator, group,
                                                                  undo.keep_values if inplace else None)
@@ -192,6 +193,10 @@ def plan_weight_norm(
     existing: Existing = "keep",
 ) -> WeightNormReport:
     """What :func:`apply_weight_norm` would convert and skip, and why; ``model`` is not changed.
+
+    ``include``, ``exclude``, ``types``, ``filter_fn`` and ``existing`` select as they do for
+    :func:`apply_weight_norm`; ``existing="convert"`` plans on a copy with the existing weight norm
+    folded.  The report's ``init`` is ``"data"`` with a batch, ``"preserve"`` without.
 
     With a ``sample_batch``, the batch is checked as ``apply_weight_norm``'s data init would check it
     in one process: an empty batch (here, even where it is one rank's shard of a batch split across a
@@ -215,12 +220,18 @@ def plan_weight_norm(
 
 
 def weight_norm_report(model: nn.Module) -> WeightNormReport:
-    """The report of the :func:`apply_weight_norm` call that returned ``model``."""
+    """The report of the :func:`apply_weight_norm` call that returned ``model``.
+
+    Raises:
+        WeightNormError: ``model`` did not come from ``apply_weight_norm``, or is a copy of one
+            (``copy.deepcopy``, ``torch.save`` and load): the report stays with the model returned.
+    """
     try:
         return _REPORTS[model]
     except KeyError:
-        msg = f"{type(model).__name__} did not come from apply_weight_norm (or was copied since); use plan_weight_norm"
-        raise KeyError(msg) from None
+        msg = (f"{type(model).__name__} did not come from apply_weight_norm, or is a copy of a model that did (a report "
+               "stays with the model apply_weight_norm returned); plan_weight_norm(model) describes any model")
+        raise WeightNormError(msg) from None
 
 
 def _check_arguments(model: nn.Module, sample_batch, init: Init | None, existing: Existing) -> Init:

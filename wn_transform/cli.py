@@ -388,7 +388,8 @@ def _import_factory(spec: str) -> Callable[..., Any]:
     """The factory ``--model`` names: ``package.module:factory`` (importable from the current
     folder too), or ``path/to/file.py:factory``."""
     module_name, sep, attr = spec.rpartition(":")  # (a Windows path has a colon of its own)
-    if not sep or not module_name or not attr:
+    looks_like_a_path = any(mark in module_name for mark in ("/", "\\")) or module_name.startswith(".")
+    if not sep or not module_name or not attr or (looks_like_a_path and not module_name.endswith(".py")):
         msg = f"--model must look like package.module:factory or path/to/models.py:factory, got {spec!r}"
         raise _UsageError(msg)
     if str(Path.cwd()) not in sys.path:

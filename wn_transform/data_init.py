@@ -68,7 +68,7 @@ from .discover import preserved_state
 from .errors import WeightNormError
 from .mean_only_bn import MeanOnlyBatchNorm, mean_only_bn_of
 from .moments import Scratch, all_reduce, broadcast, centre_, per_unit
-from .norm import safe_norm, unit_norm
+from .norm import exp_gain, safe_norm, unit_norm
 from .ops import CELL_OPS, RECURRENT_OPS, SIGNATURES, op_name, reads_metadata, view_dims, weight_use
 from .parametrization import WeightNorm, hands_input_to_calibrator, no_weight_cache, weight_norm_of
 from .targets import Target
@@ -208,7 +208,7 @@ def _check_finite_gains(states: list[_State]) -> None:
     if _gains_finite_and_nonzero(states):  # the usual case, told by one read per device
         return
     for state in states:
-        gain = state.g.exp() if state.wn.exp_scale else state.g
+        gain = exp_gain(state.g) if state.wn.exp_scale else state.g
         if bool((gain.isfinite() & (gain != 0)).all()):
             continue
         no_direction = unit_norm(state.v, state.wn.layout).view(gain.shape) == 0
@@ -254,7 +254,7 @@ def _gains_finite_and_nonzero(states: list[_State]) -> bool:
     verdicts: dict[torch.device, list[Tensor]] = {}
     for (device, _, exp_scale), gains in flats.items():
         gain = torch.cat(gains) if len(gains) > 1 else gains[0]
-        gain = gain.exp() if exp_scale else gain
+        gain = exp_gain(gain) if exp_scale else gain
         verdicts.setdefault(device, []).append((gain.isfinite() & (gain != 0)).all())
     return all(bool(torch.stack(found).all()) for found in verdicts.values())
 
@@ -396,11 +396,13 @@ class _Unbatched:
         return self.fit.output().squeeze(0)
 
 
-def _shared_biases(states: list[_State]) -> set[int]:
-    """The ids of bias Parameters that more than one target's layer holds (``b.bias = a.bias``)."""
+def _shared_biases(model: nn.Module) -> set[int]:
+    """The ids of bias Parameters that more than one module of ``model`` holds (``b.bias = a.bias``:
+    one bias cannot centre two layers, and one that a frozen or skipped layer also adds must keep
+    its value).  A module reachable under two names is one module."""
     holders: dict[int, int] = {}
-    for state in states:
-        bias = state.module._parameters.get("bias")
+    for module in model.modules():
+        bias = module._parameters.get("bias")
         if bias is not None:
             holders[id(bias)] = holders.get(id(bias), 0) + 1
     return {key for key, count in holders.items() if count > 1}
@@ -575,7 +577,8 @@ class _CalibrationMode(TorchFunctionMode):
         self._copies: dict[int, tuple[weakref.ref, int]] = {}  # id -> (tensor, version): copies of its values
         self._nearly_released: dict[str, int] = {}  # per weight, units _release let go within rounding
         self.half_offsets: list[tuple[str, Tensor]] = []  # biases, running means set in half precision: see _check_finite_offsets
-        self._shared_biases = _shared_biases(states)
+        self._shared_biases = _shared_biases(model)
+        self._bias_setter: dict[int, int] = {}  # id(bias) -> id of the state that set it in this pass
         self._scratch = Scratch()
         # Until its layer is calibrated, the parametrization hands out v itself: that tensor is
         # how an op is recognized as using a target's weight (views of it are followed).
@@ -728,9 +731,10 @@ class _CalibrationMode(TorchFunctionMode):
         if self.init_scale != 1:
             gain = gain.mul_(self.init_scale)  # s / (sigma[t] ||v||)
         g = state.g.view(-1) if whole else state.g.view(-1)[units]
-        _store(g, gain, norms)  # g = s / sigma[t]
-        if state.wn.exp_scale:
-            g.log_()
+        if state.wn.exp_scale:  # s = log(s / sigma[t]), taken before a half-precision g could overflow
+            g.copy_(torch.log(gain * norms).view(g.shape))
+        else:
+            _store(g, gain, norms)  # g = s / sigma[t]
         offset = None  # g*t + b = (t' - mu[t']) * gain + offset
         norm = state.mean_only_bn
         if norm is not None:  # the norm centres the output: its running mean is the mean of g*t
@@ -742,6 +746,7 @@ class _CalibrationMode(TorchFunctionMode):
                 self.backup.keep(norm.bias)
                 norm.bias.zero_()
         elif bias is not None and self._settable(bias, state.module):
+            self._bias_setter[id(bias if bias._base is None else bias._base)] = id(state.module)
             self.backup.keep(bias)
             _store(bias, mean, gain).neg_()  # b = -s mu[t] / sigma[t]: the output is centred
             self._note_half(state, bias)
@@ -778,6 +783,7 @@ class _CalibrationMode(TorchFunctionMode):
                                                   slot.mean, slot.var)):
             return None
         if bias is not None:
+            self._bias_setter[id(bias if bias._base is None else bias._base)] = id(state.module)
             self.backup.keep(bias)
         else:
             self.notes.no_bias.append(state.target.qualname)
@@ -897,7 +903,9 @@ class _CalibrationMode(TorchFunctionMode):
         keeps its value, as a frozen layer does) and that no other calibrated layer adds (one bias
         Parameter shared by two layers cannot centre both)."""
         source = bias if bias._base is None else bias._base  # a view made under no_grad does not require grad
-        return source.requires_grad and id(source) not in self._shared_biases and self._is_parameter(bias, owner)
+        if not source.requires_grad or id(source) in self._shared_biases or not self._is_parameter(bias, owner):
+            return False
+        return self._bias_setter.get(id(source), id(owner)) == id(owner)  # (a layer adding another's: that one's)
 
     def _is_parameter(self, tensor: Tensor, owner: nn.Module) -> bool:
         """Whether ``tensor`` is (a view of) a parameter of the model: the bias can be set."""

@@ -28,11 +28,12 @@ def first_line(exc: BaseException) -> str:
     lines = [line.strip() for line in _ANSI.sub("", str(exc)).splitlines() if line.strip()]
     first = lines[0] if lines else ""
     for line in lines[1:]:
-        if len(first) >= 300 or not (first.endswith(":") or first.count("(") > first.count(")")
-                                     or first.count("[") > first.count("]")):
+        announces = first.endswith(":") or first.count("(") > first.count(")") or first.count("[") > first.count("]")
+        if len(first) >= 300 or not announces or line.startswith(("Traceback", 'File "')):
             break
         first = f"{first} {line}"
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    text = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return text if len(text) <= 400 else text[:397] + "..."
 
 
 def one_line(exc: BaseException) -> str:

@@ -268,10 +268,10 @@ def export_onnx(
             exporter it is translated to ``dynamic_axes`` (top-level tensor inputs only).
             An axis asked to be dynamic (not ``Dim.AUTO``) that the exporter fixed is an
             error.  Every axis the file declares dynamic is verified: on the sample batch, then
-            once per symbol on the sample grown along it (dim 0 by one sample, another axis by
-            a quarter of its size, at least 1, then once more, at the next size where an output
-            length that follows it has the other parity, or one more; twice its size where the
-            model refuses those),
+            once per symbol on the sample grown along it (the batch axis by one sample; another
+            axis by a quarter of its size, at least 1, then at the next size where an output
+            length that follows it has the other parity, or else at every size that search ran;
+            twice its size where the model refuses those),
             every axis that depends on the symbol resized with it (a ``T x T`` mask, a derived
             ``2*T``: :mod:`wn_transform.dynamic_axes`), so that a graph that baked the sample's
             size in (Python arithmetic on a shape, under the TorchScript exporter) is caught.
@@ -410,9 +410,15 @@ def export_onnx(
         attempt, rejected = exporter, None
         while True:
             start = time.perf_counter()
-            proto, used, fallback_reason, tracer_warnings = _export(
-                folded, inputs, output_names, tmpdir, opset=opset, dynamic_batch=dynamic_batch,
-                dynamic_shapes=dynamic_shapes, exporter=attempt, say=say)
+            try:
+                proto, used, fallback_reason, tracer_warnings = _export(
+                    folded, inputs, output_names, tmpdir, opset=opset, dynamic_batch=dynamic_batch,
+                    dynamic_shapes=dynamic_shapes, exporter=attempt, say=say)
+            except ExportError as exc:
+                if rejected is None:
+                    raise
+                msg = f"both exporters failed; dynamo: its {rejected}; {exc}"  # (the TorchScript exporter's, after)
+                raise type(exc)(msg) from exc
             fallback_reason = fallback_reason or rejected
             try:
                 renamed, unnamed, stats = write(proto, used)

@@ -85,7 +85,8 @@ def eager_weight(gain: Tensor, v: Tensor, layout: UnitLayout) -> Tensor:
     guarded = guarded_on_device(v)
     fusable = (layout.groups == 1 and (dim == 0 or dim == v.ndim - 1) and (v.is_cpu or guarded)
                and (v.dtype in _FUSED_DTYPES or (guarded and v.dtype == torch.float16)) and v.is_contiguous()
-               and gain.numel() == v.shape[dim])  # the kernel writes a norm per element of g: one per unit
+               and gain.numel() == v.shape[dim]  # the kernel writes a norm per element of g: one per unit
+               and (gain.dtype == v.dtype or v.dtype != torch.float16))  # (e^s past float16's range: see exp_gain)
     if not fusable:
         return compose_weight(gain, v, layout)
     fused_gain = gain.contiguous()  # an expanded g (stride 0) has room for fewer norms than units

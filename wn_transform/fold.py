@@ -69,7 +69,9 @@ def fold_weight_norm(model: nn.Module, *, keep: Collection[str] = (), inplace: b
     """Replace every weight-normalized weight by a plain Parameter with the same value.
 
     Args:
-        model: any module; layers in the three layouts above are folded, others kept.
+        model: any module; weights in any of the three layouts (this library's, torch's
+            ``parametrizations.weight_norm`` and its legacy ``weight_norm`` hooks) are folded,
+            others kept.
         keep: weights (``"encoder.pos_conv_embed.conv.weight"``) left weight-normalized: those a
             model has by construction (wav2vec2's ``pos_conv``, EnCodec's convs), so that its
             ``state_dict`` still loads into its own class.  A name that is not weight-normalized

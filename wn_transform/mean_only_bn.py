@@ -31,7 +31,8 @@ class MeanOnlyBatchNorm(nn.Module):
     """Subtract the per-channel mean of ``x`` (channels on ``channel_dim``), then add ``bias``.
 
     Shapes: ``x`` is ``[N, C, *]`` (``channel_dim=1``, conv outputs) or ``[*, C]``
-    (``channel_dim=-1``, linear outputs); ``bias`` and ``running_mean`` are ``[C]``.
+    (``channel_dim=-1``, linear outputs); ``bias`` and ``running_mean`` are ``[C]``, ``C`` being
+    ``num_features``.  ``bias=False``: no bias is added (the layer's own, if any, comes before).
     ``running_mean`` follows ``BatchNorm``'s rule: ``(1 - momentum) * running + momentum * mean``;
     with ``momentum=None``, the mean of every batch since :meth:`reset_running_stats` (as
     ``BatchNorm``'s cumulative average, which :func:`update_bn` uses).

@@ -166,10 +166,14 @@ def traceable_weight(g: Tensor, v: Tensor, layout: UnitLayout, *, exp_scale: boo
         msg = (f"torch.fx cannot trace into the weight norm of a grouped ConvTranspose ({layout.groups} groups): "
                "keep the layer a leaf module (the default Tracer does) or fold it first (fold_weight_norm)")
         raise TypeError(msg)
-    gain = g.exp() if exp_scale else g
+    if exp_scale:  # e^s in float32 (see exp_gain; a proxy has no dtype to branch on), the weight in v's
+        gain = g.float().exp()
+        norms = torch.linalg.vector_norm(v.transpose(0, layout.dim).flatten(1).float(), dim=1)
+        safe = torch.where(norms == 0, torch.ones_like(norms), norms)
+        return (v * (gain.reshape(-1) / safe).view_as(gain)).to(v.dtype)
     norms = torch.linalg.vector_norm(v.transpose(0, layout.dim).flatten(1), dim=1)
     safe = torch.where(norms == 0, torch.ones_like(norms), norms)
-    return v * (gain.reshape(-1) / safe).view_as(gain)
+    return v * (g.reshape(-1) / safe).view_as(g)
 
 
 def exp_gain(s: Tensor) -> Tensor:
@@ -183,7 +187,8 @@ def compose_weight(g: Tensor, v: Tensor, layout: UnitLayout | None, *, exp_scale
     """``w = g * v / ||v||`` per output unit, in ``v``'s dtype.
 
     Shapes: ``v`` is the weight shape, ``g`` is ``layout.g_shape(v.shape)``; ``layout=None``: one
-    unit, the whole tensor (torch's ``dim=None``), ``g`` of one element.
+    unit, the whole tensor (torch's ``dim=None``), ``g`` of one element.  ``exp_scale``: ``g``
+    holds ``s = log g``, and ``w = e^s * v / ||v||``.
     """
     if layout is None:
         whole = compose_weight(g.reshape(1, 1), v.reshape(1, -1), UnitLayout(0), exp_scale=exp_scale)

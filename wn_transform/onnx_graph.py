@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import math
+import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -180,16 +181,24 @@ def declare_dynamic_outputs(file: str, axes: dict[str, list[int]]) -> dict[str, 
 
 
 def save(proto: onnx.ModelProto, file: str, data_name: str | None) -> None:
-    """Write ``proto`` to ``file``: self-contained, or with its weights (every floating-point
-    initializer, and any other of 1 KiB or more) in ``data_name`` beside it.  Small integer ones
-    stay inside: onnxruntime's shape inference cannot read an op's constant operands (a
-    ReduceMean's axes, a Reshape's shape) from external data."""
-    if data_name is not None:
-        floating = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
-        for tensor in _initializers(proto.graph):
-            if tensor.HasField("raw_data") and (tensor.data_type in floating or len(tensor.raw_data) >= 1024):
-                onnx.external_data_helper.set_external_data(tensor, data_name)
+    """Write ``proto`` to ``file``: self-contained, or with every initializer of 1 KiB or more (the
+    weights) in ``data_name`` beside it, written afresh (an empty file where there is none).
+    Smaller ones stay inside: onnxruntime's shape inference cannot read an op's constant operands
+    (a ReduceMean's axes, a Reshape's shape, a Resize's scales) from external data."""
+    if data_name is None:
+        onnx.save_model(proto, file)
+        return
+    data_file = os.path.join(os.path.dirname(file), data_name)
+    if os.path.exists(data_file):
+        os.remove(data_file)  # onnx appends to it: a second export's weights would follow the first's
+    for tensor in _initializers(proto.graph):
+        if tensor.HasField("raw_data") and len(tensor.raw_data) >= _INLINE_BYTES:
+            onnx.external_data_helper.set_external_data(tensor, data_name)
     onnx.save_model(proto, file)  # (writes the tensors marked external to data_name, beside file)
+    open(data_file, "ab").close()
+
+
+_INLINE_BYTES = 1024  # onnx's own default threshold for external data
 
 
 def _initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:

@@ -51,8 +51,11 @@ EXP_SCALE_MARKER = "g_is_log"  # state-dict key <module>.parametrizations.<name>
 class WeightNorm(nn.Module):
     """``forward(g, v) = g * v / ||v||`` per output unit; ``right_inverse(w) = (||w||, w)``.
 
-    The right inverse makes registration exact: the model computes the same function
-    (up to float rounding) right after :func:`register`.
+    ``dim``: the unit axis of the weight (0 for Linear and conv, 1 for a ConvTranspose's output
+    channels); ``groups``: a grouped ConvTranspose's groups, whose output channels are
+    ``groups * weight.shape[1]``; ``exp_scale``: ``g`` is stored as ``s = log g`` (``w = e^s * v/||v||``).
+    The right inverse makes registration exact: the model computes the same function (up to
+    float rounding) right after ``torch.nn.utils.parametrize.register_parametrization``.
     """
 
     def __init__(self, dim: int = 0, groups: int = 1, *, exp_scale: bool = False) -> None:

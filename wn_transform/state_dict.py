@@ -72,9 +72,13 @@ def _legacy_pair(weight_key: str, g: torch.Tensor, v: torch.Tensor) -> bool:
 
 def _could_be_gain(g: Tensor, v: Tensor) -> bool:
     """Whether ``g`` has the form of a weight norm's ``g`` for ``v``: one element (the whole-tensor
-    norm, any rank), or ``v``'s rank with size 1 on every axis but at most one (whether that one
-    fits is :func:`_unit_axis`'s to say).  Low-rank factors (``U [out, r]``, ``V [r, in]``) have not."""
-    return g.numel() == 1 or (g.ndim == v.ndim and sum(size != 1 for size in g.shape) <= 1)
+    norm, any rank), or ``v``'s rank with size 1 on every axis but one, on which ``v`` has more
+    than one unit too (whether the sizes agree is :func:`_unit_axis`'s to say).  Low-rank factors
+    (``U [out, r]``, ``V [r, in]``; rank 1: ``U [out, 1]``, ``V [1, in]``) have not."""
+    if g.numel() == 1:
+        return True
+    long_axes = [axis for axis, size in enumerate(g.shape) if size != 1]
+    return g.ndim == v.ndim and len(long_axes) == 1 and v.shape[long_axes[0]] > 1
 
 
 def _fits(g: Tensor, v: Tensor) -> bool:
@@ -274,7 +278,7 @@ def _mean_only_bn_shifts(state_dict: Mapping[str, object]) -> dict[str, Tensor]:
 
 
 def convert_state_dict(state_dict: Mapping[str, object], to: str) -> dict[str, object]:
-    """Rename weight-norm keys between torch's ``"parametrizations"`` and ``"legacy"`` layouts.
+    """Rename weight-norm keys to the layout ``to``: torch's ``"parametrizations"`` or ``"legacy"``.
 
     Values are not changed (both layouts store g with v's rank, size 1 off the unit axis).
     Layouts torch's legacy hooks cannot express (grouped ConvTranspose, ``g = e^s``) are refused.
