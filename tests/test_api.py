@@ -704,3 +704,24 @@ def test_the_report_of_a_copy_is_a_clear_weight_norm_error(net: Net) -> None:
     out = wn.apply_weight_norm(net)
     with pytest.raises(wn.WeightNormError, match="is a copy of a model that did .*plan_weight_norm"):
         wn.weight_norm_report(copy.deepcopy(out))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_an_fx_tracer_that_enters_an_exp_scale_layer_computes_what_the_layer_does(dtype: torch.dtype) -> None:
+    """e^s in float32 for a half-precision s, in s's own precision above: one recorded call."""
+
+    class Enter(torch.fx.Tracer):
+        def is_leaf_module(self, module: nn.Module, name: str) -> bool:
+            return False
+
+    torch.manual_seed(0)
+    model = wn.apply_weight_norm(nn.Sequential(nn.Linear(64, 4)).to(dtype), exp_scale=True)
+    if dtype == torch.float16:
+        with torch.no_grad():
+            model[0].parametrizations.weight.original0.fill_(11.5)  # e^s = 98700: beyond float16, the weight is not
+    traced = torch.fx.GraphModule(model, Enter().trace(model))
+    x = torch.randn(3, 64, dtype=dtype) / 64
+    with torch.no_grad():
+        expected, got = model(x), traced(x)
+    assert bool(got.isfinite().all())
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)

@@ -540,3 +540,15 @@ def test_a_keep_name_that_is_part_of_several_weights_names_them_all() -> None:
     model = nn.Sequential(lstm)
     with pytest.raises(wn.WeightNormError, match=re.escape("'0' is part of '0.weight_ih_l0' and '0.weight_hh_l0', the names to pass")):
         fold_state_dict(model.state_dict(), keep="0")
+
+
+@pytest.mark.parametrize("groups", [4, 2])
+def test_a_grouped_conv_transpose_with_one_channel_per_group_is_folded(groups: int) -> None:
+    """This library's grouped layout: g ``[1, G * (out/G), 1]`` for v ``[in, out/G, k]``, here one
+    output channel per group (``v.shape[1] == 1``), which rank-1 factors' shapes resemble."""
+    torch.manual_seed(0)
+    layer = nn.ConvTranspose1d(4, groups, 3, groups=groups)
+    model = wn.apply_weight_norm(nn.Sequential(layer), init="preserve")
+    folded = fold_state_dict(model.state_dict())
+    assert set(folded) == {"0.weight", "0.bias"}
+    torch.testing.assert_close(folded["0.weight"], wn.fold_weight_norm(model)[0].weight.detach())

@@ -67,6 +67,7 @@ from . import kernels
 from .discover import preserved_state
 from .errors import WeightNormError
 from .mean_only_bn import MeanOnlyBatchNorm, mean_only_bn_of
+from .layers import standard_weights
 from .moments import Scratch, all_reduce, broadcast, centre_, per_unit
 from .norm import exp_gain, safe_norm, unit_norm
 from .ops import CELL_OPS, RECURRENT_OPS, SIGNATURES, op_name, reads_metadata, view_dims, weight_use
@@ -396,14 +397,31 @@ class _Unbatched:
         return self.fit.output().squeeze(0)
 
 
-def _shared_biases(model: nn.Module) -> set[int]:
-    """The ids of bias Parameters that more than one module of ``model`` holds (``b.bias = a.bias``:
+def _bias_key(bias: Tensor) -> tuple:
+    """The bias an op adds: a Parameter, or one slice of it (attention's q, k and v thirds of
+    ``in_proj_bias``, each its own projection's)."""
+    source = bias if bias._base is None else bias._base
+    return id(source), bias.storage_offset() - source.storage_offset(), tuple(bias.shape)
+
+
+def _bias_holders(model: nn.Module, states: list[_State]) -> dict[int, int]:
+    """``id(bias) -> id(layer)`` for each bias Parameter a layer holds (see :func:`_shared_biases`)."""
+    layers = {id(state.module) for state in states}
+    return {id(bias): id(module) for module in model.modules()
+            if (bias := module._parameters.get("bias")) is not None and (id(module) in layers or standard_weights(module))}
+
+
+def _shared_biases(model: nn.Module, states: list[_State]) -> set[int]:
+    """The ids of bias Parameters that more than one layer of ``model`` holds (``b.bias = a.bias``:
     one bias cannot centre two layers, and one that a frozen or skipped layer also adds must keep
-    its value).  A module reachable under two names is one module."""
+    its value).  A layer is a target's module or a torch linear/conv layer; a module that only
+    holds a layer's bias under a name of its own (an LM head's ``self.bias = self.decoder.bias``)
+    adds nothing, and a module reachable under two names is one module."""
+    layers = {id(state.module) for state in states}
     holders: dict[int, int] = {}
     for module in model.modules():
         bias = module._parameters.get("bias")
-        if bias is not None:
+        if bias is not None and (id(module) in layers or standard_weights(module)):
             holders[id(bias)] = holders.get(id(bias), 0) + 1
     return {key for key, count in holders.items() if count > 1}
 
@@ -577,8 +595,9 @@ class _CalibrationMode(TorchFunctionMode):
         self._copies: dict[int, tuple[weakref.ref, int]] = {}  # id -> (tensor, version): copies of its values
         self._nearly_released: dict[str, int] = {}  # per weight, units _release let go within rounding
         self.half_offsets: list[tuple[str, Tensor]] = []  # biases, running means set in half precision: see _check_finite_offsets
-        self._shared_biases = _shared_biases(model)
-        self._bias_setter: dict[int, int] = {}  # id(bias) -> id of the state that set it in this pass
+        self._shared_biases = _shared_biases(model, states)
+        self._bias_setter: dict[tuple, int] = {}  # bias (or the slice of it an op adds) -> the state that set it
+        self._bias_holders = _bias_holders(model, states)  # id(bias) -> id of the layer that holds it
         self._scratch = Scratch()
         # Until its layer is calibrated, the parametrization hands out v itself: that tensor is
         # how an op is recognized as using a target's weight (views of it are followed).
@@ -745,8 +764,8 @@ class _CalibrationMode(TorchFunctionMode):
             if norm.bias is not None:
                 self.backup.keep(norm.bias)
                 norm.bias.zero_()
-        elif bias is not None and self._settable(bias, state.module):
-            self._bias_setter[id(bias if bias._base is None else bias._base)] = id(state.module)
+        elif bias is not None and self._settable(bias, state):
+            self._bias_setter[_bias_key(bias)] = id(state)
             self.backup.keep(bias)
             _store(bias, mean, gain).neg_()  # b = -s mu[t] / sigma[t]: the output is centred
             self._note_half(state, bias)
@@ -778,12 +797,12 @@ class _CalibrationMode(TorchFunctionMode):
         rows = wn.dim == 0  # a unit per row of v: the kernel reads the norms off v itself
         if (kind not in _NATIVE_DIMS or wn.dim != _NATIVE_DIMS[kind] or wn.groups != 1 or self.group is not None
                 or id(state) in self.known or state.mean_only_bn is not None
-                or (bias is not None and not self._settable(bias, state.module))
+                or (bias is not None and not self._settable(bias, state))
                 or not kernels.calibration_usable(t_raw, unit_dim, state.v if rows else None, state.g, bias, slot.norms,
                                                   slot.mean, slot.var)):
             return None
         if bias is not None:
-            self._bias_setter[id(bias if bias._base is None else bias._base)] = id(state.module)
+            self._bias_setter[_bias_key(bias)] = id(state)
             self.backup.keep(bias)
         else:
             self.notes.no_bias.append(state.target.qualname)
@@ -898,14 +917,17 @@ class _CalibrationMode(TorchFunctionMode):
         ``(state, mask over all its units)`` (see :meth:`_Moments.constants`); empty if none."""
         return self._moments.constants()
 
-    def _settable(self, bias: Tensor, owner: nn.Module) -> bool:
-        """Whether the init may set ``bias``: a parameter of the model that trains (a frozen bias
-        keeps its value, as a frozen layer does) and that no other calibrated layer adds (one bias
-        Parameter shared by two layers cannot centre both)."""
+    def _settable(self, bias: Tensor, state: _State) -> bool:
+        """Whether the init may set ``bias`` for ``state``'s op: a parameter of the model that trains
+        (a frozen bias keeps its value, as a frozen layer does), that no two layers hold (one bias
+        cannot centre both), that belongs to no other layer than this one (``F.linear(h, w2,
+        self.a.bias)``: ``a``'s to set), and that no other weight's op has set in this pass."""
         source = bias if bias._base is None else bias._base  # a view made under no_grad does not require grad
-        if not source.requires_grad or id(source) in self._shared_biases or not self._is_parameter(bias, owner):
+        if (not source.requires_grad or id(source) in self._shared_biases
+                or self._bias_holders.get(id(source), id(state.module)) != id(state.module)
+                or not self._is_parameter(bias, state.module)):
             return False
-        return self._bias_setter.get(id(source), id(owner)) == id(owner)  # (a layer adding another's: that one's)
+        return self._bias_setter.get(_bias_key(bias), id(state)) == id(state)
 
     def _is_parameter(self, tensor: Tensor, owner: nn.Module) -> bool:
         """Whether ``tensor`` is (a view of) a parameter of the model: the bias can be set."""

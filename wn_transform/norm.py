@@ -28,6 +28,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.fx
 from torch import Tensor
 
 __all__ = ["UnitLayout", "compose_weight", "layout_from_shapes", "safe_norm", "scale_from_norm", "unit_norm"]
@@ -166,14 +167,20 @@ def traceable_weight(g: Tensor, v: Tensor, layout: UnitLayout, *, exp_scale: boo
         msg = (f"torch.fx cannot trace into the weight norm of a grouped ConvTranspose ({layout.groups} groups): "
                "keep the layer a leaf module (the default Tracer does) or fold it first (fold_weight_norm)")
         raise TypeError(msg)
-    if exp_scale:  # e^s in float32 (see exp_gain; a proxy has no dtype to branch on), the weight in v's
-        gain = g.float().exp()
-        norms = torch.linalg.vector_norm(v.transpose(0, layout.dim).flatten(1).float(), dim=1)
-        safe = torch.where(norms == 0, torch.ones_like(norms), norms)
-        return (v * (gain.reshape(-1) / safe).view_as(gain)).to(v.dtype)
+    if exp_scale:  # recorded as one call (e^s in float32 for a half-precision s: see exp_gain)
+        return _exp_scaled_weight(g, v, layout)
     norms = torch.linalg.vector_norm(v.transpose(0, layout.dim).flatten(1), dim=1)
     safe = torch.where(norms == 0, torch.ones_like(norms), norms)
     return v * (g.reshape(-1) / safe).view_as(g)
+
+
+def _exp_scaled_weight(s: Tensor, v: Tensor, layout: UnitLayout) -> Tensor:
+    """``compose_weight`` with ``g = e^s``, which ``torch.fx`` records as one call (:func:`torch.fx.wrap`):
+    the precision it takes depends on the dtypes, which a proxy does not have."""
+    return compose_weight(s, v, layout, exp_scale=True)
+
+
+torch.fx.wrap("_exp_scaled_weight")
 
 
 def exp_gain(s: Tensor) -> Tensor:

@@ -72,10 +72,11 @@ def _legacy_pair(weight_key: str, g: torch.Tensor, v: torch.Tensor) -> bool:
 
 def _could_be_gain(g: Tensor, v: Tensor) -> bool:
     """Whether ``g`` has the form of a weight norm's ``g`` for ``v``: one element (the whole-tensor
-    norm, any rank), or ``v``'s rank with size 1 on every axis but one, on which ``v`` has more
-    than one unit too (whether the sizes agree is :func:`_unit_axis`'s to say).  Low-rank factors
-    (``U [out, r]``, ``V [r, in]``; rank 1: ``U [out, 1]``, ``V [1, in]``) have not."""
-    if g.numel() == 1:
+    norm, any rank), one that fits (:func:`_fits`: a depthwise ConvTranspose's ``[1, G, 1]`` for
+    ``v [G, 1, k]`` too), or ``v``'s rank with size 1 on every axis but one, on which ``v`` has
+    more than one unit (a g of the wrong size there: :func:`_unit_axis` names it).  Low-rank
+    factors (``U [out, r]``, ``V [r, in]``; rank 1: ``U [out, 1]``, ``V [1, in]``) have not."""
+    if g.numel() == 1 or _fits(g, v):
         return True
     long_axes = [axis for axis, size in enumerate(g.shape) if size != 1]
     return g.ndim == v.ndim and len(long_axes) == 1 and v.shape[long_axes[0]] > 1
