@@ -51,7 +51,7 @@ import contextlib
 import inspect
 import weakref
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -232,10 +232,7 @@ def _check_finite_offsets(offsets: list[tuple[str, Tensor]]) -> None:
     """Refuse a half-precision bias (or mean-only batch norm running mean) that the init made
     infinite: with every ``g`` finite, only ``b = -s*mu/sigma`` beyond the dtype's range does (a
     pre-activation whose mean is tens of thousands of its stds from zero).  One read per device."""
-    verdicts: dict[torch.device, list[Tensor]] = {}
-    for _, offset in offsets:
-        verdicts.setdefault(offset.device, []).append(offset.isfinite().all())
-    if all(bool(torch.stack(flags).all()) for flags in verdicts.values()):
+    if _all_true(offset.isfinite().all() for _, offset in offsets):
         return
     qualname, offset = next((name, o) for name, o in offsets if not bool(o.isfinite().all()))
     msg = (f"{qualname}: the data-dependent init's bias = -init_scale*mean/std overflows {offset.dtype} (the largest "
@@ -252,12 +249,21 @@ def _gains_finite_and_nonzero(states: list[_State]) -> bool:
     flats: dict[tuple[torch.device, torch.dtype, bool], list[Tensor]] = {}
     for state in states:
         flats.setdefault((state.g.device, state.g.dtype, state.wn.exp_scale), []).append(state.g.detach().reshape(-1))
-    verdicts: dict[torch.device, list[Tensor]] = {}
-    for (device, _, exp_scale), gains in flats.items():
+    verdicts = []
+    for (_, _, exp_scale), gains in flats.items():
         gain = torch.cat(gains) if len(gains) > 1 else gains[0]
         gain = exp_gain(gain) if exp_scale else gain
-        verdicts.setdefault(device, []).append((gain.isfinite() & (gain != 0)).all())
-    return all(bool(torch.stack(found).all()) for found in verdicts.values())
+        verdicts.append((gain.isfinite() & (gain != 0)).all())
+    return _all_true(verdicts)
+
+
+def _all_true(verdicts: Iterable[Tensor]) -> bool:
+    """Whether every one of ``verdicts`` (0-d bool tensors, on any devices) is true, read once per
+    device: a read waits for the device, and per layer that is a wait per layer."""
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for verdict in verdicts:
+        by_device.setdefault(verdict.device, []).append(verdict)
+    return all(bool(torch.stack(flags).all()) for flags in by_device.values())
 
 
 def _run_pass(model: nn.Module, states: list[_State], mode: _CalibrationMode, sample_batch: batch_mod.SampleBatch,
@@ -404,26 +410,20 @@ def _bias_key(bias: Tensor) -> tuple:
     return id(source), bias.storage_offset() - source.storage_offset(), tuple(bias.shape)
 
 
-def _bias_holders(model: nn.Module, states: list[_State]) -> dict[int, int]:
-    """``id(bias) -> id(layer)`` for each bias Parameter a layer holds (see :func:`_shared_biases`)."""
+def _bias_holders(model: nn.Module, states: list[_State]) -> dict[int, int | None]:
+    """``id(bias) -> id(layer)`` for each bias Parameter a layer of ``model`` holds, None where two
+    layers hold it (``b.bias = a.bias``: one bias cannot centre both, and one that a frozen or
+    skipped layer also adds must keep its value).  A layer is a target's module or a torch
+    linear/conv layer; a module that only holds a layer's bias under a name of its own (an LM
+    head's ``self.bias = self.decoder.bias``) adds nothing, and a module reachable under two
+    names is one module."""
     layers = {id(state.module) for state in states}
-    return {id(bias): id(module) for module in model.modules()
-            if (bias := module._parameters.get("bias")) is not None and (id(module) in layers or standard_weights(module))}
-
-
-def _shared_biases(model: nn.Module, states: list[_State]) -> set[int]:
-    """The ids of bias Parameters that more than one layer of ``model`` holds (``b.bias = a.bias``:
-    one bias cannot centre two layers, and one that a frozen or skipped layer also adds must keep
-    its value).  A layer is a target's module or a torch linear/conv layer; a module that only
-    holds a layer's bias under a name of its own (an LM head's ``self.bias = self.decoder.bias``)
-    adds nothing, and a module reachable under two names is one module."""
-    layers = {id(state.module) for state in states}
-    holders: dict[int, int] = {}
+    holders: dict[int, int | None] = {}
     for module in model.modules():
         bias = module._parameters.get("bias")
         if bias is not None and (id(module) in layers or standard_weights(module)):
-            holders[id(bias)] = holders.get(id(bias), 0) + 1
-    return {key for key, count in holders.items() if count > 1}
+            holders[id(bias)] = id(module) if id(bias) not in holders else None
+    return holders
 
 
 def _constant_units_flat(out: Tensor, fit: _Fit | _Handed | _Unbatched | None) -> Tensor:
@@ -595,9 +595,8 @@ class _CalibrationMode(TorchFunctionMode):
         self._copies: dict[int, tuple[weakref.ref, int]] = {}  # id -> (tensor, version): copies of its values
         self._nearly_released: dict[str, int] = {}  # per weight, units _release let go within rounding
         self.half_offsets: list[tuple[str, Tensor]] = []  # biases, running means set in half precision: see _check_finite_offsets
-        self._shared_biases = _shared_biases(model, states)
+        self._bias_holders = _bias_holders(model, states)  # id(bias) -> the layer that holds it (None: two do)
         self._bias_setter: dict[tuple, int] = {}  # bias (or the slice of it an op adds) -> the state that set it
-        self._bias_holders = _bias_holders(model, states)  # id(bias) -> id of the layer that holds it
         self._scratch = Scratch()
         # Until its layer is calibrated, the parametrization hands out v itself: that tensor is
         # how an op is recognized as using a target's weight (views of it are followed).
@@ -783,7 +782,7 @@ class _CalibrationMode(TorchFunctionMode):
         return _Fit(centred, gain, offset, unit_dim, t_raw.dtype, constant)
 
     def _note_half(self, state: _State, offset: Tensor) -> None:
-        if offset.element_size() < 4 and (not self.half_offsets or self.half_offsets[-1][1] is not offset):
+        if offset.element_size() < 4:
             self.half_offsets.append((state.target.qualname, offset.detach()))  # (q/k/v slices: views made under no_grad)
 
     def _calibrate_native(self, state: _State, kind: str, t_raw: Tensor, unit_dim: int, bias: Tensor | None,
@@ -923,8 +922,7 @@ class _CalibrationMode(TorchFunctionMode):
         cannot centre both), that belongs to no other layer than this one (``F.linear(h, w2,
         self.a.bias)``: ``a``'s to set), and that no other weight's op has set in this pass."""
         source = bias if bias._base is None else bias._base  # a view made under no_grad does not require grad
-        if (not source.requires_grad or id(source) in self._shared_biases
-                or self._bias_holders.get(id(source), id(state.module)) != id(state.module)
+        if (not source.requires_grad or self._bias_holders.get(id(source), id(state.module)) != id(state.module)
                 or not self._is_parameter(bias, state.module)):
             return False
         return self._bias_setter.get(_bias_key(bias), id(state)) == id(state)

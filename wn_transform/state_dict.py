@@ -263,8 +263,8 @@ def _mobn_keys(layer: str) -> tuple[str, str, str]:
 
 def _mobn_layer(key: str) -> str | None:
     """The layer whose mean-only batch norm's running mean ``key`` is (``""`` at the root), or None."""
-    head, _, tail = f".{key}".rpartition(f".{_MOBN}.running_mean")
-    return head[1:] if not tail and _ else None
+    head, found, tail = f".{key}".rpartition(f".{_MOBN}.running_mean")
+    return head[1:] if found and not tail else None
 
 
 def _mean_only_bn_shifts(state_dict: Mapping[str, object]) -> dict[str, Tensor]:
