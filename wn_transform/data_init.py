@@ -725,6 +725,31 @@ class _CalibrationMode(TorchFunctionMode):
         norms = _unit_norms(state, units, slot.norms)
         if norms.dtype != mean.dtype:
             norms = norms.to(mean.dtype)
+        gain, norms, constant = self._unit_gains(state, t_raw, centred, var, norms, unit_dim, units, slot, terms)
+        if self.init_scale != 1:
+            gain = gain.mul_(self.init_scale)  # s / (sigma[t] ||v||)
+        g = state.g.view(-1) if whole else state.g.view(-1)[units]
+        if state.wn.exp_scale:  # s = log(s / sigma[t]), taken before a half-precision g could overflow
+            g.copy_(torch.log(gain * norms).view(g.shape))
+        else:
+            _store(g, gain, norms)  # g = s / sigma[t]
+        offset = self._set_offset(state, bias, mean, gain, units)
+        if whole:
+            self._finish(state)
+        return _Fit(centred, gain, offset, unit_dim, t_raw.dtype, constant)
+
+    def _unit_gains(self, state: _State, t_raw: Tensor, centred: Tensor, var: Tensor, norms: Tensor, unit_dim: int,
+                    units: slice, slot: _Slot, terms: _Terms | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(gain, norms, constant)`` of :meth:`_calibrate`'s units: ``gain = 1/(sigma[t] ||v||)``
+        per unit (``var`` is that of ``t' = t ||v||``), the norms to store ``g`` with, and the
+        mask of the units known to be constant (None when there are none).
+
+        A unit known to be constant (:meth:`constants`, found on an earlier pass) takes
+        ``sigma[t] = 1``: ``g = s``, ``b = -s mu[t]``, and its slot is marked so that the check
+        after the pass passes it by; one whose spread on this batch is above what rounding can
+        explain (:meth:`_release`) is standardized after all.  Any other constant unit gets an
+        infinite gain here, found after the pass (:meth:`unforeseen_constants`)."""
+        whole = units == slice(None)
         known = self.known.get(id(state))
         if known is not None and not whole:
             known = known[units]
@@ -735,25 +760,26 @@ class _CalibrationMode(TorchFunctionMode):
                 spread = _exact_spread(centred, unit_dim) if self.group is None else var.sqrt()
                 released = self._release(state, known, bound.to(var.dtype), spread.to(var.dtype))
                 known = known & ~released
-        if known is None or not bool(known.any()):
+        constant = known if known is not None and bool(known.any()) else None
+        if constant is None:
             gain = var.rsqrt()  # 1 / (sigma[t] ||v||); inf for a constant unit, found after the pass
-        else:  # take sigma[t] = 1 there: g = s, b = -s mu[t]
-            qualname = state.target.qualname
-            self.notes.constant_units[qualname] = self.notes.constant_units.get(qualname, 0) + int(known.sum())
-            norms = safe_norm(norms)  # a zero direction: any norm will do
-            gain = torch.where(known, norms.reciprocal(), var.rsqrt())
-            slot.var.masked_fill_(known, float("inf"))  # not constant, not a zero direction, for the check after
-            slot.norms.masked_fill_(known, 1.0)
-        if released is not None:  # standardized: not constant, nor nearly (its spread is not rounding)
-            slot.var.masked_fill_(released, float("inf"))
-        if self.init_scale != 1:
-            gain = gain.mul_(self.init_scale)  # s / (sigma[t] ||v||)
-        g = state.g.view(-1) if whole else state.g.view(-1)[units]
-        if state.wn.exp_scale:  # s = log(s / sigma[t]), taken before a half-precision g could overflow
-            g.copy_(torch.log(gain * norms).view(g.shape))
         else:
-            _store(g, gain, norms)  # g = s / sigma[t]
-        offset = None  # g*t + b = (t' - mu[t']) * gain + offset
+            qualname = state.target.qualname
+            self.notes.constant_units[qualname] = self.notes.constant_units.get(qualname, 0) + int(constant.sum())
+            norms = safe_norm(norms)  # a zero direction: any norm will do
+            gain = torch.where(constant, norms.reciprocal(), var.rsqrt())
+            slot.var.masked_fill_(constant, float("inf"))  # not constant, not a zero direction, for the check after
+            slot.norms.masked_fill_(constant, 1.0)
+        if released is not None:  # standardized: not constant, nor nearly (its spread is not rounding)
+            slot.var.masked_fill_(released, float("inf"))  # (var may be slot.var: after the gains are taken)
+        return gain, norms, constant
+
+    def _set_offset(self, state: _State, bias: Tensor | None, mean: Tensor, gain: Tensor,
+                    units: slice) -> Tensor | None:
+        """Centre the layer's output, ``g*t + b = (t' - mu[t']) * gain + offset``: set the bias to
+        ``-s*mu/sigma`` where the layer may (the offset is then 0: None), or a mean-only batch
+        norm's running mean to ``s*mu/sigma``; else the offset the output keeps (and a note)."""
+        offset = None
         norm = state.mean_only_bn
         if norm is not None:  # the norm centres the output: its running mean is the mean of g*t
             offset = mean * gain
@@ -772,14 +798,11 @@ class _CalibrationMode(TorchFunctionMode):
             offset = mean * gain
             if bias is not None:
                 self.notes.bias_not_set.append(state.target.qualname)
-            elif whole or units.start == 0:  # once per weight (attention's q/k/v rows are three slices)
+            elif units == slice(None) or units.start == 0:  # once per weight (attention's q/k/v rows are three slices)
                 self.notes.no_bias.append(state.target.qualname)
         if offset is not None and bias is not None:
             offset = offset + bias.to(offset.dtype)
-        if whole:
-            self._finish(state)
-        constant = known if known is not None and bool(known.any()) else None
-        return _Fit(centred, gain, offset, unit_dim, t_raw.dtype, constant)
+        return offset
 
     def _note_half(self, state: _State, offset: Tensor) -> None:
         if offset.element_size() < 4:

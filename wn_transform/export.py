@@ -319,8 +319,78 @@ def export_onnx(
     batch_mod.as_args(sample_batch)
     _refuse_meta(model, sample_batch)
     batch_mod.check_no_nan(sample_batch)
-    timings: dict[str, float] = {}
+    job = _fold_for_export(model, sample_batch, target, data_target, opset=opset, dynamic_batch=dynamic_batch,
+                           dynamic_shapes=dynamic_shapes, external_data=external_data, rtol=rtol, atol=atol, say=say)
 
+    tmpdir = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=os.path.dirname(target))
+    job.tmp_file = os.path.join(tmpdir, os.path.basename(target))
+    try:
+        exported = _export_checked(job, exporter, tmpdir)
+        _move_into_place(job, tmpdir, overwrite=overwrite)
+    except OSError as exc:
+        if exc.errno not in _FULL or exc.filename is not None:
+            raise
+        raise OSError(exc.errno, exc.strerror, target) from exc  # "No space left on device: 'x.onnx'"
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    say(f"wrote {target}")
+    checked = exported.checked
+    if exported.tracer_warnings:
+        checked.notes.append(_tracer_note(exported.tracer_warnings, checked.other_values_checked))
+        warn_user(f"{target}: {checked.notes[-1]}", ExportWarning)
+    return _report(job, exported)
+
+
+@dataclass
+class _Job:
+    """One call of :func:`export_onnx`: the folded copy and its outputs on the sample batch,
+    the options that shape the file, and where it goes (``tmp_file`` until it is verified)."""
+
+    folded: nn.Module
+    sample_batch: batch_mod.SampleBatch
+    reference: Any  # the folded model's outputs on the sample batch
+    inputs: _Inputs
+    state: dict[str, torch.Tensor]  # the folded model's state dict: the initializers' names
+    output_names: list[str]
+    rtol: float
+    atol: float
+    opset: int | None
+    dynamic_batch: bool
+    dynamic_shapes: Any
+    use_external: bool
+    target: str
+    data_target: str
+    say: Progress
+    timings: dict[str, float]
+    tmp_file: str = ""
+
+
+class _Checked(NamedTuple):
+    """What checking an exported file in onnxruntime found (see :func:`_check`)."""
+
+    diffs: dict[str, tuple]
+    sizes: list
+    notes: list[str]
+    other_values_checked: bool
+    outputs: dict[str, list[int | str]] | None = None  # the outputs' shapes as declared anew, if they were
+
+
+class _Exported(NamedTuple):
+    """A file written to ``tmp_file`` that passed its checks (see :func:`_export_checked`)."""
+
+    exporter: str
+    fallback_reason: str | None
+    tracer_warnings: list[str]
+    renamed: dict[str, str]
+    unnamed: list[str]
+    stats: dict[str, Any]
+    checked: _Checked
+
+
+def _fold_for_export(model: nn.Module, sample_batch: batch_mod.SampleBatch, target: str, data_target: str, *,
+                     opset: int | None, dynamic_batch: bool, dynamic_shapes: Any, external_data: bool | None,
+                     rtol: float | None, atol: float | None, say: Progress) -> _Job:
+    """Fold a copy of ``model``, run it on the sample batch, and settle what the file will hold."""
     start = time.perf_counter()
     say("folding weight norm into plain weights (on a copy)")
     folded = fold_weight_norm(copy_model(model, instead="fold it yourself first, fold_weight_norm(model, "
@@ -340,150 +410,142 @@ def export_onnx(
         msg = (f"the model holds {_human_bytes(weight_bytes)} of weights, more than one ONNX file can embed "
                f"(2 GB); use external_data=True or None")
         raise ValueError(msg)
-    output_names = _output_names(reference, inputs.names)
-    timings["fold"] = time.perf_counter() - start
+    timings = {"fold": time.perf_counter() - start}
+    return _Job(folded, sample_batch, reference, inputs, state, _output_names(reference, inputs.names), rtol, atol,
+                opset, dynamic_batch, dynamic_shapes, use_external, target, data_target, say, timings)
 
-    folder = os.path.dirname(target)
-    tmpdir = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=folder)
-    tmp_file = os.path.join(tmpdir, os.path.basename(target))
 
-    def write(proto: onnx.ModelProto, used: str) -> tuple[dict[str, str], list[str], dict[str, Any]]:
-        """Write ``proto`` to ``tmp_file`` with the parameters' names, if it has the opset and the
-        dynamic axes asked for; its renamed and unnamed initializers and its stats."""
-        renamed, unnamed = onnx_graph.restore_initializer_names(proto, state)
-        stats = onnx_graph.graph_stats(proto)
-        if opset is not None and stats["opset"] != opset:  # the dynamo exporter falls back to its own opset
-            msg = (f"opset {opset} was asked for, but the {used} exporter could only write opset {stats['opset']} "
-                   f"(it cannot convert this graph to {opset}); ask for an opset it supports, or leave it out")
-            raise ExportError(msg)
-        if dynamic_shapes is not None:
-            _check_requested_axes(dynamic_shapes, inputs, stats["inputs"], used)
-        elif dynamic_batch:
-            _check_batch_axis(stats["inputs"], inputs)
-        onnx_graph.save(proto, tmp_file, os.path.basename(data_target) if use_external else None)
-        return renamed, unnamed, stats
-
-    def check(used: str, fallback_reason: str | None, tracer_warnings: list[str], graph_inputs: dict) -> _Checked:
-        """Check the written file: onnx.checker, then onnxruntime against the folded model."""
-        check_start = time.perf_counter()
-        say(f"checking {os.path.basename(target)} with onnx.checker")
+def _export_checked(job: _Job, exporter: Exporter, tmpdir: str) -> _Exported:
+    """Export, write and check the file; with ``"auto"``, a dynamo file that fails its checks (an
+    axis it fixed, onnxruntime failing or differing at a grown size: torch 2.13 bakes an LSTM's
+    time steps into a Reshape) is given up for the TorchScript exporter's, as a dynamo export
+    that raises is."""
+    attempt, rejected = exporter, None
+    while True:
+        start = time.perf_counter()
         try:
-            onnx.checker.check_model(tmp_file)
-        except onnx.checker.ValidationError as exc:
-            msg = f"the exported file fails onnx.checker: {one_line(exc)}"
-            raise ExportError(msg) from exc
-        timings["check"] = time.perf_counter() - check_start
-
-        verify_start = time.perf_counter()
-        session = _open_session(tmp_file, _low_precision(folded, inputs))
+            proto, used, fallback_reason, tracer_warnings = _export(
+                job.folded, job.inputs, job.output_names, tmpdir, opset=job.opset, dynamic_batch=job.dynamic_batch,
+                dynamic_shapes=job.dynamic_shapes, exporter=attempt, say=job.say)
+        except ExportError as exc:
+            if rejected is None:
+                raise
+            msg = f"both exporters failed; dynamo: its {rejected}; {exc}"  # (the TorchScript exporter's, after)
+            raise type(exc)(msg) from exc
+        fallback_reason = fallback_reason or rejected
         try:
-            diffs, sizes, notes, fixed_outputs = _verify(session, folded, sample_batch, inputs, reference, graph_inputs,
-                                                         rtol=rtol, atol=atol, say=say,
-                                                         batch_at_dim_0=dynamic_shapes is None)
-        except ExportError:
-            if used == "torchscript":  # a trace that kept the sample's values also fails on grown batches:
-                _verify_other_values(session, folded, sample_batch, {}, [], rtol=rtol, atol=atol,  # name that cause
-                                     tracer_warnings=tracer_warnings, fallback_reason=fallback_reason, say=say)
-            raise
-        other_values_checked = False
-        if used == "torchscript":
-            other_values_checked = _verify_other_values(session, folded, sample_batch, diffs, notes, rtol=rtol,
-                                                        atol=atol, tracer_warnings=tracer_warnings,
-                                                        fallback_reason=fallback_reason, say=say)
-        del session
-        if absent := [name for name in inputs.names if name not in graph_inputs]:
-            notes.append(f"input{'s' if len(absent) > 1 else ''} {', '.join(map(repr, absent))} not in the file: the "
-                         f"{used} exporter leaves out an input the graph does not use; feed the file without it")
-        declared = None
-        if fixed_outputs:  # the values are right at every size: only the declaration is wrong
-            for name, axes in onnx_graph.declare_dynamic_outputs(tmp_file, fixed_outputs).items():
-                notes.append(f"output '{name}': the exporter declared {', '.join(axes)} of a fixed size, which "
-                             "follow the dynamic axes (verified); declared dynamic in the file")
-            declared = onnx_graph.output_shapes(tmp_file)
-        timings["verify"] = time.perf_counter() - verify_start
-        return _Checked(diffs, sizes, notes, other_values_checked, declared)
+            renamed, unnamed, stats = _write(job, proto, used)
+            del proto  # not held while onnxruntime runs the file
+            job.timings["export"] = time.perf_counter() - start
+            checked = _check(job, used, fallback_reason, tracer_warnings, stats["inputs"])
+            return _Exported(used, fallback_reason, tracer_warnings, renamed, unnamed, stats, checked)
+        except ExportError as exc:
+            if exporter == "auto" and used == "dynamo":
+                rejected = f"file failed its checks ({one_line(exc)})"
+                job.say(f"the dynamo exporter's {rejected}; exporting with the TorchScript exporter instead")
+                attempt = "torchscript"
+                continue
+            if used != "torchscript" or not fallback_reason or fallback_reason in str(exc):
+                raise
+            why = rejected or f"export failed ({fallback_reason})"  # say why this is TorchScript's file
+            msg = f"{exc} [this is the TorchScript exporter's file: the dynamo exporter's {why}]"
+            raise type(exc)(msg) from exc
 
+
+def _write(job: _Job, proto: onnx.ModelProto, used: str) -> tuple[dict[str, str], list[str], dict[str, Any]]:
+    """Write ``proto`` to ``job.tmp_file`` with the parameters' names, if it has the opset and the
+    dynamic axes asked for; its renamed and unnamed initializers and its stats."""
+    renamed, unnamed = onnx_graph.restore_initializer_names(proto, job.state)
+    stats = onnx_graph.graph_stats(proto)
+    if job.opset is not None and stats["opset"] != job.opset:  # the dynamo exporter falls back to its own opset
+        msg = (f"opset {job.opset} was asked for, but the {used} exporter could only write opset {stats['opset']} "
+               f"(it cannot convert this graph to {job.opset}); ask for an opset it supports, or leave it out")
+        raise ExportError(msg)
+    if job.dynamic_shapes is not None:
+        _check_requested_axes(job.dynamic_shapes, job.inputs, stats["inputs"], used)
+    elif job.dynamic_batch:
+        _check_batch_axis(stats["inputs"], job.inputs)
+    onnx_graph.save(proto, job.tmp_file, os.path.basename(job.data_target) if job.use_external else None)
+    return renamed, unnamed, stats
+
+
+def _check(job: _Job, used: str, fallback_reason: str | None, tracer_warnings: list[str],
+           graph_inputs: dict[str, list[int | str]]) -> _Checked:
+    """Check the written file: onnx.checker, then onnxruntime against the folded model."""
+    say, tmp_file, folded = job.say, job.tmp_file, job.folded
+    check_start = time.perf_counter()
+    say(f"checking {os.path.basename(job.target)} with onnx.checker")
     try:
-        # "auto": a dynamo file that fails its checks (an axis it fixed, onnxruntime failing or
-        # differing at a grown size: torch 2.13 bakes an LSTM's time steps into a Reshape) is
-        # given up for the TorchScript exporter's, as a dynamo export that raises is.
-        attempt, rejected = exporter, None
-        while True:
-            start = time.perf_counter()
-            try:
-                proto, used, fallback_reason, tracer_warnings = _export(
-                    folded, inputs, output_names, tmpdir, opset=opset, dynamic_batch=dynamic_batch,
-                    dynamic_shapes=dynamic_shapes, exporter=attempt, say=say)
-            except ExportError as exc:
-                if rejected is None:
-                    raise
-                msg = f"both exporters failed; dynamo: its {rejected}; {exc}"  # (the TorchScript exporter's, after)
-                raise type(exc)(msg) from exc
-            fallback_reason = fallback_reason or rejected
-            try:
-                renamed, unnamed, stats = write(proto, used)
-                del proto  # not held while onnxruntime runs the file
-                timings["export"] = time.perf_counter() - start
-                checked = check(used, fallback_reason, tracer_warnings, stats["inputs"])
-                break
-            except ExportError as exc:
-                if exporter == "auto" and used == "dynamo":
-                    rejected = f"file failed its checks ({one_line(exc)})"
-                    say(f"the dynamo exporter's {rejected}; exporting with the TorchScript exporter instead")
-                    attempt = "torchscript"
-                    continue
-                if used != "torchscript" or not fallback_reason or fallback_reason in str(exc):
-                    raise
-                why = rejected or f"export failed ({fallback_reason})"  # say why this is TorchScript's file
-                msg = f"{exc} [this is the TorchScript exporter's file: the dynamo exporter's {why}]"
-                raise type(exc)(msg) from exc
+        onnx.checker.check_model(tmp_file)
+    except onnx.checker.ValidationError as exc:
+        msg = f"the exported file fails onnx.checker: {one_line(exc)}"
+        raise ExportError(msg) from exc
+    job.timings["check"] = time.perf_counter() - check_start
 
-        _refuse_existing(target, data_target if use_external else None, overwrite=overwrite)
-        if use_external:
-            os.replace(os.path.join(tmpdir, os.path.basename(data_target)), data_target)
-        try:
-            os.replace(tmp_file, target)
-        except OSError:
-            if use_external:
-                os.remove(data_target)
-            raise
-        if not use_external and overwrite and os.path.isfile(data_target):
-            os.remove(data_target)  # the replaced file's external weights: the new file holds its own
-    except OSError as exc:
-        if exc.errno not in _FULL or exc.filename is not None:
-            raise
-        raise OSError(exc.errno, exc.strerror, target) from exc  # "No space left on device: 'x.onnx'"
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
-    say(f"wrote {target}")
-    notes = checked.notes
-    if tracer_warnings:
-        notes.append(_tracer_note(tracer_warnings, checked.other_values_checked))
-        warn_user(f"{target}: {notes[-1]}", ExportWarning)
+    verify_start = time.perf_counter()
+    session = _open_session(tmp_file, _low_precision(folded, job.inputs))
+    tolerance = {"rtol": job.rtol, "atol": job.atol}
+    try:
+        diffs, sizes, notes, fixed_outputs = _verify(session, folded, job.sample_batch, job.inputs, job.reference,
+                                                     graph_inputs, **tolerance, say=say,
+                                                     batch_at_dim_0=job.dynamic_shapes is None)
+    except ExportError:
+        if used == "torchscript":  # a trace that kept the sample's values also fails on grown batches:
+            _verify_other_values(session, folded, job.sample_batch, {}, [], **tolerance,  # name that cause
+                                 tracer_warnings=tracer_warnings, fallback_reason=fallback_reason, say=say)
+        raise
+    other_values_checked = False
+    if used == "torchscript":
+        other_values_checked = _verify_other_values(session, folded, job.sample_batch, diffs, notes, **tolerance,
+                                                    tracer_warnings=tracer_warnings,
+                                                    fallback_reason=fallback_reason, say=say)
+    del session
+    if absent := [name for name in job.inputs.names if name not in graph_inputs]:
+        notes.append(f"input{'s' if len(absent) > 1 else ''} {', '.join(map(repr, absent))} not in the file: the "
+                     f"{used} exporter leaves out an input the graph does not use; feed the file without it")
+    declared = None
+    if fixed_outputs:  # the values are right at every size: only the declaration is wrong
+        for name, axes in onnx_graph.declare_dynamic_outputs(tmp_file, fixed_outputs).items():
+            notes.append(f"output '{name}': the exporter declared {', '.join(axes)} of a fixed size, which "
+                         "follow the dynamic axes (verified); declared dynamic in the file")
+        declared = onnx_graph.output_shapes(tmp_file)
+    job.timings["verify"] = time.perf_counter() - verify_start
+    return _Checked(diffs, sizes, notes, other_values_checked, declared)
 
+
+def _move_into_place(job: _Job, tmpdir: str, *, overwrite: bool) -> None:
+    """Move the verified file (and its weights file) from ``tmpdir`` to the target: the weights
+    first, so that a target file never points at weights that are not there."""
+    target, data_target = job.target, job.data_target
+    _refuse_existing(target, data_target if job.use_external else None, overwrite=overwrite)
+    if job.use_external:
+        os.replace(os.path.join(tmpdir, os.path.basename(data_target)), data_target)
+    try:
+        os.replace(job.tmp_file, target)
+    except OSError:
+        if job.use_external:
+            os.remove(data_target)
+        raise
+    if not job.use_external and overwrite and os.path.isfile(data_target):
+        os.remove(data_target)  # the replaced file's external weights: the new file holds its own
+
+
+def _report(job: _Job, exported: _Exported) -> ExportReport:
+    """The :class:`ExportReport` of a file moved into place."""
+    checked, stats, external = exported.checked, exported.stats, job.use_external
     return ExportReport(
-        path=target, exporter=used, fallback_reason=fallback_reason, opset=stats["opset"],
+        path=job.target, exporter=exported.exporter, fallback_reason=exported.fallback_reason, opset=stats["opset"],
         inputs=stats["inputs"], outputs=checked.outputs or stats["outputs"], node_counts=stats["node_counts"],
         initializer_count=stats["initializer_count"], initializer_bytes=stats["initializer_bytes"],
-        renamed_initializers=renamed, unnamed_parameters=unnamed,
+        renamed_initializers=exported.renamed, unnamed_parameters=exported.unnamed,
         max_abs_diff={name: d[0] for name, d in checked.diffs.items()},
         max_rel_diff={name: d[1] for name, d in checked.diffs.items()},
-        batch_sizes_checked=checked.sizes, file_size=os.path.getsize(target),
-        external_data=data_target if use_external else None,
-        external_data_size=os.path.getsize(data_target) if use_external else 0,
-        rtol=rtol, atol=atol, timings=timings, notes=notes, other_values_checked=checked.other_values_checked,
-        tracer_warnings=tracer_warnings,
+        batch_sizes_checked=checked.sizes, file_size=os.path.getsize(job.target),
+        external_data=job.data_target if external else None,
+        external_data_size=os.path.getsize(job.data_target) if external else 0,
+        rtol=job.rtol, atol=job.atol, timings=job.timings, notes=checked.notes,
+        other_values_checked=checked.other_values_checked, tracer_warnings=exported.tracer_warnings,
     )
-
-
-class _Checked(NamedTuple):
-    """What checking an exported file in onnxruntime found (see :func:`export_onnx`)."""
-
-    diffs: dict[str, tuple]
-    sizes: list
-    notes: list[str]
-    other_values_checked: bool
-    outputs: dict[str, list[int | str]] | None = None  # the outputs' shapes as declared anew, if they were
 
 
 # -- arguments and inputs ----------------------------------------------------------------
