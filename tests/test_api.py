@@ -378,6 +378,53 @@ def test_existing_weight_norm_is_never_applied_twice(batch: torch.Tensor) -> Non
     torch.testing.assert_close(converted(batch), expected)
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("layout", ["torch", "legacy"])
+def test_existing_convert_keeps_the_weight_norm_of_weights_it_does_not_convert(layout: str, inplace: bool) -> None:
+    """existing='convert' folds every existing weight norm before discovery; a weight the selection
+    then leaves out (excluded, or a layer quantization-aware training fake-quantizes) gets its
+    weight norm back, as it was, and its skip reason says so."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    for index in (0, 2, 4):
+        torch_weight_norm(model[index]) if layout == "torch" else torch.nn.utils.weight_norm(model[index])
+    x = torch.randn(64, 8)
+    with torch.no_grad():
+        expected = model[0](x)
+    g = model[0].parametrizations.weight.original0 if layout == "torch" else model[0].weight_g
+    out = wn.apply_weight_norm(model, x, existing="convert", exclude=["0.weight", "4.weight"], inplace=inplace)
+    assert {f.qualname: f.layout for f in wn.find_weight_norms(out)} == {
+        "0.weight": layout, "2.weight": "wn_transform", "4.weight": layout}
+    g_now = out[0].parametrizations.weight.original0 if layout == "torch" else out[0].weight_g
+    assert (g_now is g) == inplace  # the user's own Parameter, put back
+    with torch.no_grad():
+        torch.testing.assert_close(out[0](x), expected, rtol=0, atol=0)
+    name = {"torch": "torch.nn.utils.parametrizations.weight_norm", "legacy": "legacy torch.nn.utils.weight_norm"}[layout]
+    skipped = {s.qualname: s.reason for s in wn.weight_norm_report(out).skipped}
+    assert skipped == {q: f"matched by exclude; its {name} is kept" for q in ("0.weight", "4.weight")}
+    optimizer = torch.optim.SGD(out.parameters(), lr=0.1)
+    out(x).sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # none of the parameters it steps is marked as replaced
+        optimizer.step()
+
+
+def test_existing_convert_keeps_the_weight_norm_of_a_quantization_aware_layer() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    torch_weight_norm(model[0])
+    torch_weight_norm(model[2])
+    model.qconfig = torch.ao.quantization.get_default_qat_qconfig("x86")
+    model[2].qconfig = None
+    prepared = torch.ao.quantization.prepare_qat(model.train())  # moves layer 0's parametrization over
+    x = torch.randn(64, 8)
+    out = wn.apply_weight_norm(prepared, x, existing="convert")
+    assert {f.qualname: f.layout for f in wn.find_weight_norms(out)} == {"0.weight": "torch", "2.weight": "wn_transform"}
+    reason = next(s.reason for s in wn.weight_norm_report(out).skipped if s.qualname == "0.weight")
+    assert reason.startswith("fake-quantized before its op") and reason.endswith(
+        "; its torch.nn.utils.parametrizations.weight_norm is kept")
+
+
 def test_the_report_is_a_table_and_a_dict(net: Net, batch: torch.Tensor) -> None:
     report = wn.weight_norm_report(wn.apply_weight_norm(net, batch))
     text = str(report)
@@ -565,6 +612,62 @@ def test_a_failed_inplace_apply_leaves_no_replaced_mark_on_the_restored_weights(
     replaced.grad = torch.ones_like(replaced)
     with pytest.warns(UserWarning, match="replaced by g and v"):
         stale.step()
+
+
+def test_an_optimizer_of_replaced_parameters_warns_after_any_replacement_not_only_at_its_first_step() -> None:
+    """An optimizer that stepped plain weights before an in-place apply (while other models were
+    weight-normalized earlier in the process), or g and v before an in-place fold, trains nothing
+    the model uses from then on: its next step warns, naming what replaced them."""
+    torch.manual_seed(0)
+    wn.apply_weight_norm(nn.Linear(4, 4), init="preserve")  # weight norm was used before in this process
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(8, 4)
+
+    def step() -> None:
+        optimizer.zero_grad()
+        model(x).square().sum().backward()
+        optimizer.step()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        step()  # plain training: no warning
+    wn.apply_weight_norm(model, x, inplace=True)
+    with pytest.warns(UserWarning, match=r"this SGD steps 2 weights that apply_weight_norm replaced by g and v"):
+        step()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    step()
+    wn.fold_weight_norm(model, inplace=True)
+    with pytest.warns(UserWarning, match=r"this SGD steps 4 g and v parameters that fold_weight_norm replaced by "
+                                         r"plain weights: .* create the optimizer after fold_weight_norm"):
+        step()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        step()
+        wn.fold_weight_norm(wn.apply_weight_norm(nn.Linear(4, 4), init="preserve"))  # others' copies: no warning
+        step()
+
+
+def test_converting_a_weight_normalized_model_to_float16_warns_of_a_norm_beyond_its_range() -> None:
+    """Every element of the weight fits in float16, their norm (96000) does not: g becomes inf and
+    the layer would compute NaN.  apply_weight_norm on the float16 model refuses it; .half() after
+    apply warns, naming the layer, at the user's line."""
+    layer = nn.Linear(1024, 4)
+    with torch.no_grad():
+        layer.weight.fill_(3000.0)  # row norm 3000 * 32 = 96000 > 65504
+    model = wn.apply_weight_norm(nn.Sequential(layer), init="preserve")
+    with pytest.warns(UserWarning, match=r"Linear\(in_features=1024, out_features=4, bias=True\)\.weight: a unit's "
+                                         r"norm \|\|w\|\| = 96000 is beyond torch.float16's range") as record:
+        model.half()
+    assert record[0].filename == __file__
+    assert torch.isinf(model[0].parametrizations.weight.original0).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.float()
+        model.bfloat16()  # fits: no warning
+        wn.apply_weight_norm(nn.Sequential(nn.Linear(1024, 4)), init="preserve").half()
+        wn.apply_weight_norm(nn.Sequential(layer), init="preserve", exp_scale=True).half()  # s = log g fits
 
 
 def test_rules_that_match_only_weights_kept_with_their_weight_norm_are_satisfied(net: Net) -> None:

@@ -78,6 +78,7 @@ def _tabular() -> torch.Tensor:
 
 
 def _tabular_layer() -> nn.Module:
+    torch.manual_seed(0)  # the same bias on every rank: the init checks that the ranks' models are equal
     layer = nn.Linear(3, 3)
     with torch.no_grad():
         layer.weight.copy_(torch.eye(3))  # unit 1 reads the small feature alone
@@ -103,10 +104,28 @@ def _edge_cases(rank: int, out: str) -> None:
     x, _ = _data()
     model = wn.apply_weight_norm(_model(), x[:5] if rank == 0 else x[:0])  # rank 1's shard is empty
     torch.save(model.state_dict(), f"{out}/empty{rank}.pt")
-    try:
-        wn.apply_weight_norm(_Branches(), torch.randn(8, 4) + (3 if rank == 0 else -3))
-    except wn.WeightNormError as exc:
-        Path(f"{out}/branches{rank}.txt").write_text(str(exc))
+    cases = {
+        "branches": lambda: wn.apply_weight_norm(_Branches(), torch.randn(8, 4) + (3 if rank == 0 else -3)),
+        "unseeded": lambda: wn.apply_weight_norm(_unseeded(rank), torch.randn(8, 4)),  # DDP would sync it later
+        "deeper": lambda: wn.apply_weight_norm(_deeper(extra=rank == 1), torch.randn(8, 4)),
+    }
+    for name, case in cases.items():
+        start = time.perf_counter()
+        try:
+            case()
+        except wn.WeightNormError as exc:
+            Path(f"{out}/{name}{rank}.txt").write_text(f"{time.perf_counter() - start:.1f} {exc}")
+
+
+def _unseeded(rank: int) -> nn.Module:
+    torch.manual_seed(rank)  # each rank draws its own weights
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+
+
+def _deeper(*, extra: bool) -> nn.Module:
+    torch.manual_seed(0)
+    layers = [nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)]
+    return nn.Sequential(*layers, *([nn.ReLU(), nn.Linear(3, 2)] if extra else []))
 
 
 def _work(rank: int, out: str, wrapper: str) -> None:
@@ -212,9 +231,18 @@ def test_shards_that_are_one_batch_together_and_ranks_at_different_layers(tmp_pa
     for rank in range(WORLD):
         _assert_states_equal(torch.load(tmp_path / f"empty{rank}.pt"), single.state_dict(), rtol=1e-5, atol=1e-6)
     for rank, layer in enumerate("ab"):
-        error = (tmp_path / f"branches{rank}.txt").read_text()
+        error = (tmp_path / f"branches{rank}.txt").read_text().split(" ", 1)[1]
         assert error.startswith(f"the ranks of the process group are at different layers of the data-dependent init: "
                                 f"this rank calibrates '{layer}.weight'"), error
+    for rank in range(WORLD):  # every rank is told at once (not one left waiting out the group's timeout)
+        seconds, error = (tmp_path / f"unseeded{rank}.txt").read_text().split(" ", 1)
+        assert error.startswith("the ranks of the process group hold different parameter values (0.weight, 0.bias, "
+                                "2.weight, 2.bias)"), error
+        assert "torch.manual_seed" in error and float(seconds) < 5
+        seconds, error = (tmp_path / f"deeper{rank}.txt").read_text().split(" ", 1)
+        assert error.startswith(f"the ranks of the process group found different weights to normalize: this rank "
+                                f"has {2 + rank} ("), error
+        assert float(seconds) < 5
 
 
 def test_a_single_process_without_a_group_is_unaffected() -> None:
@@ -278,3 +306,46 @@ def test_a_rank_left_waiting_by_a_peers_failure_is_told_what_every_rank_must_do(
     waited = (tmp_path / "error0.txt").read_text()
     assert waited.startswith("WeightNormError: the data-dependent init's reduction across ranks failed (")
     assert "every rank of the process group must call apply_weight_norm" in waited and "distributed=False" in waited
+
+
+def test_ddp_wrappers_in_fold_plan_and_report_and_fsdp1_flat_parameters(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture) -> None:
+    """``fold_weight_norm`` of a DDP wrapper: refused in place (the wrapper would keep all-reducing
+    g and v), a copy of the module it holds otherwise; ``plan_weight_norm`` and
+    ``weight_norm_report`` look through the wrapper.  FSDP's v1 wrapper with a flat parameter
+    (its default) leaves g and v as plain attributes: the layers compute through torch's getter.
+    One rank's FSDP shards saved with torch.save are named as such by the CLI."""
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+
+    from wn_transform.cli import main
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        x, _ = _data()
+        model = wn.apply_weight_norm(_model(), x)
+        ddp = nn.parallel.DistributedDataParallel(model)
+        assert wn.weight_norm_report(ddp) is wn.weight_norm_report(model)
+        assert wn.plan_weight_norm(ddp).converted == wn.plan_weight_norm(model).converted
+        with pytest.raises(wn.FoldError, match=r"fold_weight_norm got a DistributedDataParallel wrapper.*never the "
+                                               r"folded weights: call fold_weight_norm on the model itself \(ddp\.module"):
+            wn.fold_weight_norm(ddp, inplace=True)
+        assert wn.find_weight_norms(model)  # left as it was
+        folded = wn.fold_weight_norm(ddp)
+        assert type(folded) is nn.Sequential and not wn.find_weight_norms(folded)
+        with torch.no_grad():
+            torch.testing.assert_close(folded(x), model(x))
+
+        flat = FullyShardedDataParallel(wn.apply_weight_norm(_model(), x), device_id=torch.device("cpu"))
+        with torch.no_grad():
+            torch.testing.assert_close(flat(x), model(x), rtol=1e-5, atol=1e-6)
+        F.cross_entropy(flat(x), torch.zeros(len(x), dtype=torch.long)).backward()
+
+        sharded = wn.apply_weight_norm(_model(), init="preserve")
+        fully_shard(sharded)
+        torch.save(sharded.state_dict(), tmp_path / "rank0.pt")
+    finally:
+        dist.destroy_process_group()
+    assert main(["fold", str(tmp_path / "rank0.pt"), "-o", str(tmp_path / "plain.pt")]) == 1
+    error = capsys.readouterr().err
+    assert "rank0.pt: one rank's shards of a model sharded by FSDP (DTensors), not a whole state dict" in error
+    assert "full_state_dict=True" in error and not (tmp_path / "plain.pt").exists()

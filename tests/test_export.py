@@ -667,6 +667,63 @@ def test_equal_values_are_not_guessed(tmp_path) -> None:
     assert not report.renamed_initializers
 
 
+class _WithExtraState(nn.Linear):
+    """A layer that keeps metadata in its state dict (a quantization recipe, FP8 scaling history)."""
+
+    def get_extra_state(self) -> dict:
+        return {"recipe": "e4m3", "amax_history": [1.0, 2.0]}
+
+    def set_extra_state(self, state: dict) -> None:
+        pass
+
+
+def test_state_dict_entries_that_are_not_weights_are_no_initializers(tmp_path) -> None:
+    """A module's ``_extra_state`` (a dict) is not a tensor, and a counter (BatchNorm's
+    ``num_batches_tracked``) is in no graph: neither is taken for a weight the exporter renamed
+    or transformed."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 8)
+    model = wn.apply_weight_norm(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), _WithExtraState(16, 4)), x)
+    report = export_onnx(model, x, tmp_path / "extra.onnx")
+    with torch.no_grad():
+        assert_close(run_onnx(report.path, {"input": x})["output"], model(x))
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    report = export_onnx(conv, torch.randn(2, 3, 8, 8), tmp_path / "bn.onnx")
+    assert not any(name.endswith("num_batches_tracked") for name in report.unnamed_parameters)
+
+
+def test_a_fake_quantizing_model_that_disagrees_is_told_the_quantization_step(tmp_path) -> None:
+    """Quantization-aware training exports QuantizeLinear/DequantizeLinear; a value on a step's
+    boundary may round to the neighbouring step in onnxruntime: a disagreement names the largest
+    step (not data-dependent control flow, which the model has none of), and an atol of a few
+    steps exports."""
+    from torch.ao.quantization import DeQuantStub, QuantStub, default_qat_qconfig, disable_observer, prepare_qat
+
+    class Quantized(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q, self.dq, self.fc1, self.fc2 = QuantStub(), DeQuantStub(), nn.Linear(8, 16), nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.dq(self.fc2(torch.relu(self.fc1(self.q(x)))))
+
+    torch.manual_seed(0)
+    x = torch.randn(32, 8)
+    model = wn.apply_weight_norm(Quantized(), x)
+    model.qconfig = default_qat_qconfig
+    prepared = prepare_qat(model.train())
+    prepared(x)
+    prepared.apply(disable_observer)
+    prepared.eval()
+    with pytest.raises(ExportMismatchError) as error:
+        export_onnx(prepared, x, tmp_path / "qdq.onnx", exporter="torchscript", rtol=0, atol=0)
+    assert "the model fake-quantizes (quantization-aware training; its largest step is" in str(error.value)
+    assert "control flow" not in str(error.value) and not (tmp_path / "qdq.onnx").exists()
+    step = max(float(m.scale.max()) for m in prepared.modules() if isinstance(m, torch.ao.quantization.FakeQuantizeBase))
+    report = export_onnx(prepared, x, tmp_path / "qdq.onnx", exporter="torchscript", atol=3 * step)
+    assert report.node_counts.get("QuantizeLinear", 0) > 0
+
+
 # -- other input and output structures -------------------------------------------------------
 
 

@@ -276,6 +276,24 @@ def test_the_cached_eval_weight_follows_updates_written_through_data(width: int)
         torch.testing.assert_close(ema(x), wn.fold_weight_norm(ema)(x), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_eval_weight_follows_sgd_by_hand_that_rounds_away_on_g(dtype: torch.dtype) -> None:
+    """A learning rate's step on a float16/bfloat16 g is below its resolution and rounds away,
+    while v changes: g's bytes cannot tell the update, so such a layer is not cached."""
+    torch.manual_seed(0)
+    model = wn.apply_weight_norm(nn.Sequential(nn.Linear(64, 64)), init="preserve").to(dtype).eval()
+    g, v = model[0].parametrizations.weight.original0, model[0].parametrizations.weight.original1
+    x = torch.randn(2, 64, dtype=dtype)
+    with torch.no_grad():
+        for _ in range(3):
+            model(x)  # the cache is filled
+            before = g.detach().clone()
+            g.data.add_(g.data * 1e-5)  # a step on g under its resolution
+            v.data.add_(torch.randn_like(v), alpha=1e-2)
+            assert torch.equal(g, before)
+            torch.testing.assert_close(model(x), wn.fold_weight_norm(model)(x), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("gain", ["not in the optimizer", "in an lr=0 group"])
 @pytest.mark.parametrize("optimizer", ["Adam", "AdamW", "SGD"])
 def test_the_cached_eval_weight_follows_a_fused_optimizer_that_leaves_g_alone(optimizer: str, gain: str) -> None:

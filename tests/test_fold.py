@@ -101,6 +101,11 @@ def test_weight_norm_stacked_with_another_parametrization_is_a_clear_error() -> 
     parametrize.register_parametrization(layer, "weight", _Double())
     with pytest.raises(wn.FoldError, match="stacked"):
         wn.fold_weight_norm(layer)
+    model = nn.Sequential(wn.apply_weight_norm(nn.Linear(4, 4), init="preserve"), layer)
+    with pytest.raises(wn.FoldError, match=r"cannot fold 1\.weight: weight norm is stacked"):
+        wn.fold_weight_norm(model, inplace=True)
+    assert [f.qualname for f in wn.find_weight_norms(model)] == ["0.weight", "1.weight"]  # nothing folded
+    assert parametrize.is_parametrized(model[0], "weight")
 
 
 def test_fold_refuses_a_non_module() -> None:

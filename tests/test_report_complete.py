@@ -153,6 +153,45 @@ def test_a_quantization_aware_layer_is_skipped_with_its_reason() -> None:
     assert skipped == {"0.weight": "fake-quantized before its op (quantization-aware training); weight norm would change what is quantized"}
 
 
+@pytest.mark.parametrize("fused", ["ConvReLU2d", "ConvBnReLU2d", "ConvBn2d"])
+def test_a_fused_quantization_aware_layer_is_skipped_with_its_reason(fused: str) -> None:
+    """torch.ao's fused QAT layers are containers fx traces through: their weight reaches the conv
+    through the fake-quant op, which is QAT, not a computed weight; a fused batch norm's gamma
+    scales the fake-quantized weight."""
+    import torch.ao.nn.intrinsic.qat as nniqat
+
+    torch.manual_seed(0)
+    layer = getattr(nniqat, fused)(3, 8, 3, qconfig=torch.ao.quantization.get_default_qat_qconfig("x86"))
+    model, x = nn.Sequential(layer, nn.Flatten(), nn.Linear(288, 4)), torch.randn(16, 3, 8, 8)
+    report, skipped = _reasons(model, x)
+    assert [t.qualname for t in report.converted] == ["2.weight"]
+    assert skipped.pop("0.weight") == ("fake-quantized before its op (quantization-aware training); weight norm would "
+                                       "change what is quantized")
+    assert skipped == ({} if fused == "ConvReLU2d" else {"0.bn.weight": (
+        "the batch norm that quantization-aware training folds into its conv's fake-quantized weight; weight norm "
+        "would change what is quantized")})
+
+
+def test_quantized_layers_are_reported_with_the_route_that_works() -> None:
+    """A dynamically quantized Linear or LSTM, a statically quantized conv: int8 weights packed for
+    their kernels, read through methods.  Each is in the report with its reason; a model of them
+    alone names them in its NoTargetsError."""
+    torch.manual_seed(0)
+    float_model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    quantized = torch.ao.quantization.quantize_dynamic(float_model, {nn.Linear}, dtype=torch.qint8)
+    quantized[2] = nn.Linear(16, 4)
+    report, skipped = _reasons(quantized, torch.randn(8, 8))
+    assert [t.qualname for t in report.converted] == ["2.weight"]
+    assert skipped == {"0.weight": "a quantized layer, Linear (torch.ao.nn.quantized.dynamic): its int8 weight is "
+                                   "packed for its kernel, not a Parameter; weight-normalize the float model, and fold "
+                                   "it before quantizing"}
+    lstm = torch.ao.quantization.quantize_dynamic(nn.Sequential(nn.LSTM(4, 4)), {nn.LSTM}, dtype=torch.qint8)
+    conv = torch.ao.nn.quantized.Conv2d(3, 3, 3)
+    for model, kind in [(lstm, "LSTM (torch.ao.nn.quantized.dynamic)"), (nn.Sequential(conv), "Conv2d (torch.ao.nn.quantized)")]:
+        with pytest.raises(wn.NoTargetsError, match=re.escape(f"(0.weight: a quantized layer, {kind}: its int8")):
+            wn.apply_weight_norm(model, init="preserve")
+
+
 class FunctionalBlock(nn.Module):
     """Code of the model's own: a functional weight, and a parameter under another parametrization."""
 

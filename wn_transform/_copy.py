@@ -12,7 +12,7 @@ from torch import nn
 from ._parametrized import is_parametrized, own_class, plain_type
 from .errors import WeightNormError
 
-__all__ = ["compiled_wrapper", "copy_model", "refuse_sharded", "routed_module"]
+__all__ = ["compiled_wrapper", "copy_model", "refuse_ddp", "refuse_sharded", "routed_module"]
 
 
 _INPLACE = "pass inplace=True to work on the model itself"
@@ -96,6 +96,25 @@ def _sharded_module(model: nn.Module) -> str | None:
     kinds = tuple(kind for kind in (getattr(fsdp, "FSDPModule", None), getattr(fsdp, "FullyShardedDataParallel", None))
                   if kind is not None)
     return next((name or "(root)" for name, module in model.named_modules() if isinstance(module, kinds)), None)
+
+
+def refuse_ddp(model: nn.Module, what: str, error: type[Exception]) -> None:
+    """Raise ``error`` if ``model`` is or holds a ``DistributedDataParallel`` wrapper: it keeps
+    all-reducing the Parameters it was built with, which ``what`` (``apply_weight_norm``,
+    ``fold_weight_norm``) replaces; the message says which route works."""
+    wrapped = next((name for name, module in model.named_modules()
+                    if isinstance(module, nn.parallel.DistributedDataParallel)), None)
+    if wrapped is None:
+        return
+    if wrapped:
+        where, inside = f"{type(model).__name__}.{wrapped} is", f"{wrapped}.module"
+    else:
+        where, inside = f"{what} got", "ddp.module"
+    new = "the new g and v" if what == "apply_weight_norm" else "the folded weights"
+    msg = (f"{where} a DistributedDataParallel wrapper, which keeps all-reducing the Parameters it was built with, "
+           f"never {new}: call {what} on the model itself ({inside}, or before wrapping), then wrap the result in "
+           "DistributedDataParallel anew")
+    raise error(msg)
 
 
 def refuse_sharded(model: nn.Module, what: str, error: type[Exception]) -> None:

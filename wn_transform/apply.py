@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from . import batch as batch_mod
-from ._copy import compiled_wrapper, copy_model, refuse_sharded
+from ._copy import compiled_wrapper, copy_model, refuse_ddp, refuse_sharded, routed_module
 from ._gc import gc_paused
 from .data_init import InitNotes, data_init, resample_directions
 from .discover import WALK, Discovery, account_for_every_layer, discover, preserved_state
@@ -22,6 +22,7 @@ from .fold import FoundWeightNorm, find_weight_norms, fold_one
 from .mean_only_bn import attach as attach_mean_only_bn
 from .mean_only_bn import channels as mean_only_bn_channels
 from .moments import broadcast, resolve_group
+from .ranks import check_same_model
 from .norm import direct_zero_units, unit_norm
 from .parametrization import REPLACED_MARK, WeightNorm, check_gain_fits, register
 from .report import WeightNormReport
@@ -149,6 +150,8 @@ def apply_weight_norm(
             undo.keep_modules(working.get_submodule(found.module) for found in find_weight_norms(working))
         try:
             report, targets = _plan(working, sample_batch, selection, existing, init)
+            if group is not None and (init == "data" or resample):  # before the first collective of the init
+                check_same_model(working, targets, group)
             if inplace:
                 undo.keep_modules(working.get_submodule(t.module) for t in targets)
                 if resample:  # v will be the user's weight Parameter, drawn anew in place
@@ -196,7 +199,9 @@ def plan_weight_norm(
 
     ``include``, ``exclude``, ``types``, ``filter_fn`` and ``existing`` select as they do for
     :func:`apply_weight_norm`; ``existing="convert"`` plans on a copy with the existing weight norm
-    folded.  The report's ``init`` is ``"data"`` with a batch, ``"preserve"`` without.
+    folded.  The report's ``init`` is ``"data"`` with a batch, ``"preserve"`` without.  A
+    ``torch.compile`` or ``DistributedDataParallel`` wrapper is planned as the module it holds
+    (the one to apply weight norm to: ``apply_weight_norm`` refuses a DDP wrapper).
 
     With a ``sample_batch``, the batch is checked as ``apply_weight_norm``'s data init would check it
     in one process: an empty batch (here, even where it is one rank's shard of a batch split across a
@@ -206,6 +211,8 @@ def plan_weight_norm(
     modes and buffers restored after).  A model or batch on the meta device (a plan for a model too
     large to build) is traced only: there are no values to check."""
     model = model._orig_mod if compiled_wrapper(model) else model
+    if isinstance(model, nn.parallel.DistributedDataParallel):  # which apply refuses: plan the module to apply it on
+        model = model.module
     init = _check_arguments(model, sample_batch, None, existing)
     checked = init == "data" and not _on_meta(model, sample_batch)
     if checked:
@@ -220,14 +227,15 @@ def plan_weight_norm(
 
 
 def weight_norm_report(model: nn.Module) -> WeightNormReport:
-    """The report of the :func:`apply_weight_norm` call that returned ``model``.
+    """The report of the :func:`apply_weight_norm` call that returned ``model`` (or the module a
+    ``DistributedDataParallel``, ``DataParallel`` or ``torch.compile`` wrapper made since holds).
 
     Raises:
         WeightNormError: ``model`` did not come from ``apply_weight_norm``, or is a copy of one
             (``copy.deepcopy``, ``torch.save`` and load): the report stays with the model returned.
     """
     try:
-        return _REPORTS[model]
+        return _REPORTS[model] if model in _REPORTS else _REPORTS[routed_module(model)]  # a wrapper made after apply
     except KeyError:
         msg = (f"{type(model).__name__} did not come from apply_weight_norm, or is a copy of a model that did (a report "
                "stays with the model apply_weight_norm returned); plan_weight_norm(model) describes any model")
@@ -331,17 +339,7 @@ def _check_modules(model: nn.Module) -> None:
     """Refuse what cannot be reparameterized: a ``DistributedDataParallel`` wrapper (it keeps
     reducing the old weights), lazy layers (``nn.LazyLinear``...: no weight shape until their
     first forward), and TorchScript modules (nor copied as Python modules)."""
-    wrapped = next((name for name, module in model.named_modules()
-                    if isinstance(module, nn.parallel.DistributedDataParallel)), None)
-    if wrapped is not None:
-        if wrapped:
-            where, inside = f"{type(model).__name__}.{wrapped} is", f"{wrapped}.module"
-        else:
-            where, inside = "apply_weight_norm got", "ddp.module"
-        msg = (f"{where} a DistributedDataParallel wrapper, which keeps all-reducing the weights it was built "
-               f"with, never the new g and v: apply weight norm to the model itself ({inside}, or before wrapping), "
-               "then wrap the result in DistributedDataParallel anew")
-        raise WeightNormError(msg)
+    refuse_ddp(model, "apply_weight_norm", WeightNormError)
     refuse_sharded(model, "apply_weight_norm", WeightNormError)
     modules = list(model.named_modules())
     scripted = [name or "(root)" for name, module in modules if isinstance(module, torch.jit.ScriptModule)]
@@ -374,9 +372,7 @@ def _no_targets_message(model: nn.Module, discovery: Discovery, had_batch: bool)
 
 def _plan(model: nn.Module, sample_batch, selection: Selection, existing: Existing, init: Init) -> tuple[WeightNormReport, list[Target]]:
     already = find_weight_norms(model)
-    if existing == "convert":
-        for found in already:
-            fold_one(model, found)
+    folded = _fold_existing(model, already) if existing == "convert" else {}
     discovery = discover(model, sample_batch)
     discovery.targets, not_real = _real_weights(model, discovery.targets)
     discovery.skipped += not_real
@@ -387,8 +383,43 @@ def _plan(model: nn.Module, sample_batch, selection: Selection, existing: Existi
     skipped = [*discovery.skipped, *left_out]
     if existing == "keep":
         skipped += [_kept(found) for found in already]
+    else:
+        skipped = _unfold_unconverted(model, already, folded, targets, skipped)
     report = WeightNormReport(targets, skipped, discovery.found_by, init, discovery.failures)
     return report, targets
+
+
+def _fold_existing(model: nn.Module, already: list[FoundWeightNorm]) -> dict[str, _Undo]:
+    """Fold each existing weight norm (``existing="convert"``), so that discovery sees plain
+    weights; per layer, what puts its weight norm back (:func:`_unfold_unconverted`)."""
+    undos: dict[str, _Undo] = {}
+    for found in already:
+        if found.module not in undos:
+            undos[found.module] = _Undo()
+            undos[found.module].keep_layer(model.get_submodule(found.module))
+        fold_one(model, found, by="apply_weight_norm")
+    return undos
+
+
+def _unfold_unconverted(model: nn.Module, already: list[FoundWeightNorm], undos: dict[str, _Undo],
+                        targets: list[Target], skipped: list[Skipped]) -> list[Skipped]:
+    """Give the weights that ``existing="convert"`` folded but that are not converted (excluded,
+    or skipped: a layer quantization-aware training fake-quantizes) their weight norm back, and
+    say so in their skip reasons."""
+    converted = {target.qualname for target in targets}
+    left = {found.qualname: found for found in already if found.qualname not in converted}
+    for module, undo in undos.items():
+        founds = [found for found in already if found.module == module]
+        if any(found.qualname in left for found in founds):
+            undo.restore()  # the layer as it was, then its converted weights folded again
+            for found in founds:
+                if found.qualname not in left:
+                    fold_one(model, found, by="apply_weight_norm")
+    kept = [Skipped(s.qualname, f"{s.reason}; its {_LAYOUT_NAMES[left[s.qualname].layout]} is kept")
+            if s.qualname in left else s for s in skipped]
+    named = {s.qualname for s in kept}
+    return kept + [Skipped(q, f"already weight-normalized ({_LAYOUT_NAMES[found.layout]}); kept, not converted")
+                   for q, found in left.items() if q not in named]
 
 
 def _real_weights(model: nn.Module, targets: list[Target]) -> tuple[list[Target], list[Skipped]]:
@@ -447,6 +478,15 @@ class _Undo:
             if id(module) not in self._modules:  # the first state seen is the user's
                 state = {key: value.copy() if isinstance(value, dict) else value for key, value in vars(module).items()}
                 self._modules[id(module)] = (module, type(module), state)
+
+    def keep_layer(self, layer: nn.Module) -> None:
+        """One layer and its parametrizations, not the layers it holds."""
+        chains = layer._modules.get("parametrizations")
+        if chains is not None:
+            self.keep_modules([chains])
+        if id(layer) not in self._modules:
+            state = {key: value.copy() if isinstance(value, dict) else value for key, value in vars(layer).items()}
+            self._modules[id(layer)] = (layer, type(layer), state)
 
     def keep_values(self, tensors: Iterable[torch.Tensor]) -> None:
         self._values += [(tensor, tensor.detach().clone()) for tensor in tensors]

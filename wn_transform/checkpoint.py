@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_leaves
 
 from .errors import WeightNormError, few, first_line
 
@@ -158,18 +159,29 @@ def _read(path: Path) -> Any:
     try:
         with warnings.catch_warnings():  # a bare pickle's protocol draws a warning before the clear error
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            return torch.load(path, map_location="cpu", weights_only=True)
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "unsupported global" in str(exc).lower():  # the unpickler met a class or function it would import
             msg = (f"{path}: refused to load: the file needs arbitrary Python code to unpickle "
                    f"({_unpickler_detail(exc)}). It was not executed. If you trust its source, load it yourself "
                    f"with torch.load(..., weights_only=False) and save model.state_dict() instead.")
+        elif "DTensor" in str(exc):  # torch.save(model.state_dict()) of a model FSDP sharded: one rank's shards
+            raise CheckpointError(_shards_message(path)) from exc
         else:
             msg = f"{path}: not a PyTorch checkpoint torch.load can read safely ({_unpickler_detail(exc)})"
         raise CheckpointError(msg) from exc
     except Exception as exc:  # on a file that is not a checkpoint torch's unpickler raises KeyError, ValueError...
         msg = f"{path}: not a readable PyTorch checkpoint ({first_line(exc)})"
         raise CheckpointError(msg) from exc
+    if any(type(leaf).__name__ == "DTensor" for leaf in tree_leaves(loaded)):  # (where DTensor was imported first)
+        raise CheckpointError(_shards_message(path))
+    return loaded
+
+
+def _shards_message(path: Path) -> str:
+    return (f"{path}: one rank's shards of a model sharded by FSDP (DTensors), not a whole state dict; save the full "
+            "state dict on one rank (torch.distributed.checkpoint.state_dict.get_model_state_dict(model, "
+            "options=StateDictOptions(full_state_dict=True, cpu_offload=True))) and convert that")
 
 
 def _load_sharded(index: Path) -> dict[str, Any]:

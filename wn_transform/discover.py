@@ -34,10 +34,10 @@ from torch.overrides import TorchFunctionMode
 from . import batch as batch_mod
 from ._logging import muted
 from .errors import BatchError, one_line, warn_user
-from .layers import standard_weights
+from .layers import quantized_kind, standard_weights
 from .ops import op_name
 from .targets import Skipped, Target, split_qualname
-from .uses import BIAS, UseLog, inside_torch_composite, param_aliases
+from .uses import BIAS, QAT_REASON, UseLog, inside_torch_composite, param_aliases
 from ._parametrized import is_parametrized, plain_type
 
 __all__ = ["Discovery", "account_for_every_layer", "discover", "preserved_state"]
@@ -144,6 +144,12 @@ def account_for_every_layer(model: nn.Module, discovery: Discovery, kept: set[st
     listed_ids = {id(p) for name, p in params.items() if name in listed}
     aliases = param_aliases(model)
     for name, module in model.named_modules():
+        quantized = quantized_kind(module)
+        qualname = f"{name}.weight" if name else "weight"
+        if quantized is not None and qualname not in listed:
+            discovery.skipped.append(Skipped(qualname, f"a quantized layer, {quantized}: its int8 weight is packed for "
+                                             "its kernel, not a Parameter; weight-normalize the float model, and "
+                                             "fold it before quantizing"))
         for tensor, kind, _ in standard_weights(module):
             qualname = f"{name}.{tensor}" if name else tensor
             sources = _sources(module, tensor)
@@ -188,7 +194,7 @@ def _is_own_parameter(module: nn.Module, tensor: str) -> bool:
 
 def _why_not_a_target(module: nn.Module, tensor: str, kind: str) -> str:
     if tensor == "weight" and hasattr(module, "weight_fake_quant"):
-        return "fake-quantized before its op (quantization-aware training); weight norm would change what is quantized"
+        return QAT_REASON
     if is_parametrized(module, tensor):
         kinds = ", ".join(type(p).__name__ for p in module.parametrizations[tensor])
         return f"computed by another parametrization ({kinds}); weight norm on top of it is not supported"

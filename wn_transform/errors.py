@@ -7,6 +7,8 @@ import re
 import sys
 import warnings
 
+import torch
+
 __all__ = ["BatchError", "FoldError", "NoTargetsError", "SelectionError", "WeightNormError"]
 
 
@@ -19,6 +21,7 @@ def few(names: list[str], most: int = 5) -> str:
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # colour codes some tools put in their messages
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_TORCH = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep  # its modules call ours (.half(), hooks)
 
 
 def first_line(exc: BaseException) -> str:
@@ -49,9 +52,9 @@ def one_line(exc: BaseException) -> str:
 
 
 def warn_user(msg: str, category: type[Warning] = UserWarning) -> None:
-    """``warnings.warn`` attributed to the first line outside this package: the user's call."""
+    """``warnings.warn`` attributed to the first line outside this package and torch: the user's call."""
     frame, level = sys._getframe(1), 2
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE):
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith((_PACKAGE, _TORCH)):
         frame, level = frame.f_back, level + 1
     warnings.warn(msg, category, stacklevel=level)
 

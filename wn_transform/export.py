@@ -60,10 +60,11 @@ from torch.utils._pytree import tree_flatten, tree_flatten_with_path, tree_leave
 from . import batch as batch_mod
 from ._logging import muted
 from . import dynamic_axes
-from .errors import WeightNormError, first_line, one_line, warn_user
+from .errors import WeightNormError, few, first_line, one_line, warn_user
 from . import onnx_graph
 from ._copy import copy_model, refuse_sharded, routed_module
 from .fold import fold_weight_norm
+from .layers import quantized_layers
 
 __all__ = ["DEFAULT_TOLERANCES", "EXTERNAL_DATA_THRESHOLD", "ExportError", "ExportMismatchError", "ExportReport",
            "ExportWarning", "export_onnx"]
@@ -403,7 +404,8 @@ def _fold_for_export(model: nn.Module, sample_batch: batch_mod.SampleBatch, targ
     inputs = _layout_inputs(folded, sample_batch)
     if dynamic_shapes is not None:
         _check_dynamic_shapes(dynamic_shapes, inputs)
-    state = folded.state_dict()
+    state = {key: value for key, value in folded.state_dict().items()  # (not a module's _extra_state, nor
+             if isinstance(value, torch.Tensor) and not value.is_quantized}  # a quantized layer's packed weights)
     weight_bytes = _state_bytes(state)
     use_external = weight_bytes > EXTERNAL_DATA_THRESHOLD if external_data is None else bool(external_data)
     if not use_external and weight_bytes > _PROTOBUF_LIMIT:
@@ -905,6 +907,10 @@ def _export(model: nn.Module, inputs: _Inputs, output_names: list[str], tmpdir: 
         msg = f"the TorchScript exporter failed: {one_line(exc)}"
         if fallback_reason is not None:
             msg = f"both exporters failed; dynamo: {fallback_reason}; TorchScript: {one_line(exc)}"
+        if quantized := quantized_layers(model):
+            msg += (f" [the model holds layers of PyTorch's quantization ({few(quantized, 3)}), whose packed ops "
+                    "these exporters may not take: export the float model, then quantize the ONNX file with "
+                    "onnxruntime.quantization (quantize_dynamic, quantize_static)]")
         raise ExportError(msg) from exc
     return proto, "torchscript", fallback_reason, tracer_warnings
 
@@ -1197,9 +1203,22 @@ def _verify(session: Any, model: nn.Module, sample_batch: batch_mod.SampleBatch,
                     off_on_sample.add(name)
     if failures:
         msg = (f"onnxruntime disagrees with PyTorch beyond rtol={rtol:g}, atol={atol:g}: {'; '.join(failures)}"
-               f" [all outputs: {_diff_table(diffs)}]")
+               f" [all outputs: {_diff_table(diffs)}]{_fake_quant_note(model)}")
         raise ExportMismatchError(msg)
     return diffs, sizes, notes, _fixed_but_varying(session, shapes)
+
+
+def _fake_quant_note(model: nn.Module) -> str:
+    """What to add to a disagreement of a model that fake-quantizes (quantization-aware training,
+    exported as QuantizeLinear/DequantizeLinear), or ''."""
+    scales = [float(m.scale.max()) for m in model.modules() if isinstance(m, torch.ao.quantization.FakeQuantizeBase)
+              and bool(m.fake_quant_enabled.all()) and isinstance(getattr(m, "scale", None), torch.Tensor)
+              and m.scale.numel() > 0]
+    if not scales:
+        return ""
+    return (f"; the model fake-quantizes (quantization-aware training; its largest step is {max(scales):g}): a value "
+            "on a step's boundary can round to neighbouring steps in onnxruntime and PyTorch, which moves an output "
+            "by about a step; where the differences are of that size, pass atol of a step or more")
 
 
 _PARITY_SEARCH = 8  # sizes tried past the first check for one that flips a derived length's parity
@@ -1341,6 +1360,9 @@ def _verify_other_values(session: Any, model: nn.Module, sample_batch: batch_mod
     failures = [f"'{name}': {why}" for name, _, _, ok, why in compared if not ok]
     if failures:
         failure = f"onnxruntime disagrees with PyTorch beyond rtol={rtol:g}, atol={atol:g}: {'; '.join(failures)}"
+        if quantized := _fake_quant_note(model):  # a rounding at a step's boundary, more likely than a baked path
+            msg = f"on a batch of the sample's shapes with other values (each input's values permuted), {failure}{quantized}"
+            raise ExportMismatchError(msg)
         raise _value_dependence_error(failure, tracer_warnings, fallback_reason)
     return True
 

@@ -21,11 +21,11 @@ from torch import nn
 from torch.nn.utils.parametrizations import _WeightNorm
 from torch.nn.utils.weight_norm import WeightNorm as LegacyWeightNorm
 
-from ._copy import copy_model, refuse_sharded
+from ._copy import copy_model, refuse_ddp, refuse_sharded
 from .errors import FoldError, unknown_keep_message
 from .mean_only_bn import detach as detach_mean_only_bn
 from .norm import compose_weight, layout_from_shapes
-from .parametrization import WeightNorm, no_weight_cache, remove
+from .parametrization import WeightNorm, mark_replaced, no_weight_cache, remove
 from ._parametrized import is_parametrized
 
 __all__ = ["FoundWeightNorm", "find_weight_norms", "fold_weight_norm"]
@@ -76,7 +76,9 @@ def fold_weight_norm(model: nn.Module, *, keep: Collection[str] = (), inplace: b
             model has by construction (wav2vec2's ``pos_conv``, EnCodec's convs), so that its
             ``state_dict`` still loads into its own class.  A name that is not weight-normalized
             is an error.
-        inplace: fold ``model`` itself; by default a deep copy is folded and returned.
+        inplace: fold ``model`` itself; by default a deep copy is folded and returned.  A
+            ``DistributedDataParallel`` wrapper (which would keep all-reducing g and v) is refused
+            in place; a copy is of the module it holds (a plain model to save or export).
 
     Returns:
         The folded model: same classes, same parameter names (``conv.weight``), same function.
@@ -86,12 +88,18 @@ def fold_weight_norm(model: nn.Module, *, keep: Collection[str] = (), inplace: b
     if not isinstance(model, nn.Module):
         msg = f"fold_weight_norm expects a torch.nn.Module, got {type(model).__name__}"
         raise TypeError(msg)
+    if isinstance(model, nn.parallel.DistributedDataParallel) and not inplace:
+        model = model.module  # (copied below)
+    refuse_ddp(model, "fold_weight_norm", FoldError)
     refuse_sharded(model, "fold_weight_norm", FoldError)
     keep = _first_names(model, [keep] if isinstance(keep, str) else keep)
     weights = [found.qualname for found in find_weight_norms(model)]
     unknown = sorted(keep - set(weights))
     if unknown:
         raise FoldError(unknown_keep_message(unknown, weights, "this model"))
+    for found in find_weight_norms(model):  # before anything is folded: an in-place fold is all or nothing
+        if found.qualname not in keep:
+            _check_foldable(model, found)
     if not inplace:
         model = copy_model(model)
     with no_weight_cache():  # one folded layer at a time: no second copy of the weights
@@ -119,34 +127,46 @@ def _first_names(model: nn.Module, qualnames: Collection[str]) -> set[str]:
     return named
 
 
-def fold_one(model: nn.Module, found: FoundWeightNorm) -> None:
-    """Fold the single weight-normalized tensor ``found`` of ``model``, in place."""
+def fold_one(model: nn.Module, found: FoundWeightNorm, *, by: str = "fold_weight_norm") -> None:
+    """Fold the single weight-normalized tensor ``found`` of ``model``, in place; its g and v are
+    marked as replaced by ``by`` (the function named in an optimizer's warning)."""
     module = model.get_submodule(found.module)
     if found.layout == "legacy":
         hook_id, hook = next((k, h) for k, h in module._forward_pre_hooks.items()
                              if isinstance(h, LegacyWeightNorm) and h.name == found.name)
         g, v = getattr(module, f"{found.name}_g"), getattr(module, f"{found.name}_v")
         weight = _composed(g, v)
+        mark_replaced([g, v], by)  # an optimizer made before the fold may hold them
         del module._parameters[f"{found.name}_g"], module._parameters[f"{found.name}_v"], module._forward_pre_hooks[hook_id]
         if found.name in vars(module):
             delattr(module, found.name)
         module._parameters = {found.name: nn.Parameter(weight.detach(), requires_grad=v.requires_grad or g.requires_grad),
                               **module._parameters}
         return
+    _check_foldable(model, found)
     chain = module.parametrizations[found.name]
-    if len(chain) != 1:
-        msg = (f"cannot fold {found.qualname}: weight norm is stacked with other parametrizations "
-               f"({', '.join(type(p).__name__ for p in chain)}); remove those first")
-        raise FoldError(msg)
     if found.layout == "torch":
         weight = _composed(chain.original0, chain.original1)
     else:
         with torch.no_grad():
             weight = getattr(module, found.name)
     requires_grad = any(p.requires_grad for p in chain.parameters(recurse=False))
+    mark_replaced(chain.parameters(recurse=False), by)
     remove(module, found.name, weight, requires_grad=requires_grad)
     if found.layout == "torch":
         _drop_torch_compat_hook(module, found.name)
+
+
+def _check_foldable(model: nn.Module, found: FoundWeightNorm) -> None:
+    """Refuse a weight norm stacked with other parametrizations (spectral norm after it): folding
+    it alone would drop them."""
+    if found.layout == "legacy":
+        return
+    chain = model.get_submodule(found.module).parametrizations[found.name]
+    if len(chain) != 1:
+        msg = (f"cannot fold {found.qualname}: weight norm is stacked with other parametrizations "
+               f"({', '.join(type(p).__name__ for p in chain)}); remove those first")
+        raise FoldError(msg)
 
 
 def _composed(g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

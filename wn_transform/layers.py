@@ -7,11 +7,14 @@ the last step of the discovery ladder (a walk of module types).
 from __future__ import annotations
 
 from torch import nn
+from torch.ao.nn.quantized.dynamic.modules.rnn import RNNBase, RNNCellBase  # (imported by torch itself)
+from torch.ao.nn.quantized.modules.utils import WeightedQuantizedModule
 from torch.nn.modules.conv import _ConvNd
 
 from .norm import UnitLayout
 
-__all__ = ["standard_weights"]
+__all__ = ["quantized_kind", "quantized_layers", "standard_weights"]
+
 
 
 def standard_weights(module: nn.Module) -> list[tuple[str, str, UnitLayout]]:
@@ -30,3 +33,19 @@ def standard_weights(module: nn.Module) -> list[tuple[str, str, UnitLayout]]:
         names = ["in_proj_weight"] if module._qkv_same_embed_dim else ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
         return [(name, "linear", UnitLayout(0)) for name in names]
     return []
+
+
+def quantized_kind(module: nn.Module) -> str | None:
+    """What a layer of PyTorch's quantization holds (``"Linear (torch.ao.nn.quantized.dynamic)"``)
+    when it is one with a weight (a quantized or dynamically quantized Linear, conv or RNN): an
+    int8 tensor packed for its kernel, read through a method, not a Parameter; else None."""
+    if not isinstance(module, (WeightedQuantizedModule, RNNBase, RNNCellBase)):
+        return None
+    kind = type(module)
+    return f"{kind.__name__} ({kind.__module__.rsplit('.modules', 1)[0]})"
+
+
+def quantized_layers(model: nn.Module) -> list[str]:
+    """``"name: kind"`` for each quantized layer of ``model`` (:func:`quantized_kind`)."""
+    return [f"{name or '(root)'}: {kind}" for name, module in model.named_modules()
+            if (kind := quantized_kind(module)) is not None]

@@ -38,7 +38,8 @@ def restore_initializer_names(proto: onnx.ModelProto, state: Mapping[str, torch.
     An initializer is renamed to ``name`` when its dtype, shape and bytes equal those of the
     state-dict entry ``name``, no other state-dict entry holds the same value, no other
     initializer holds it either, and ``name`` is not already a value name in the model.
-    Returns the renames (old -> new) and the state-dict entries still without an initializer.
+    Returns the renames (old -> new) and the floating-point state-dict entries still without an
+    initializer (tied ones once).
     """
     graph = proto.graph
     init_names = {init.name for init in graph.initializer}
@@ -73,8 +74,8 @@ def restore_initializer_names(proto: onnx.ModelProto, state: Mapping[str, torch.
             renamed = mapping
     init_names = {init.name for init in graph.initializer}
     kept = {alias_key(t) for name, t in state.items() if name in init_names}
-    unnamed = [name for name, t in state.items()
-               if name not in init_names and t.numel() > 0 and alias_key(t) not in kept]  # tied weights: once
+    unnamed = [name for name, t in state.items()  # (not a counter or a flag: num_batches_tracked is in no graph)
+               if name not in init_names and t.numel() > 0 and t.is_floating_point() and alias_key(t) not in kept]
     return renamed, unnamed
 
 

@@ -28,7 +28,8 @@ import ctypes
 import functools
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -37,7 +38,7 @@ from torch import Tensor, nn
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torch.nn.utils import parametrize
 
-from .errors import WeightNormError
+from .errors import WeightNormError, warn_user
 from .fast import ScaledLinear, eager_weight, plain_formula_only, prefer_output_form, weight_norm_weight
 from .norm import UnitLayout, compose_weight, direct_zero_units, exp_gain, layout_from_shapes, traceable_weight, unit_norm
 from ._parametrized import is_parametrized, own_class, plain_type
@@ -174,9 +175,11 @@ class WeightNorm(nn.Module):
 
 def _gain_tells_updates(g: Tensor, v: Tensor) -> bool:
     """Whether comparing ``g``'s bytes detects updates written through ``.data``: ``g`` on the
-    CPU and contiguous, and trained whenever ``v`` is (a hand-written update of the trainable
-    parameters changes ``g`` too)."""
-    return g.is_cpu and g.is_contiguous() and (g.requires_grad or not v.requires_grad)  # not device.type: 0.9 us
+    CPU and contiguous, trained whenever ``v`` is (a hand-written update of the trainable
+    parameters changes ``g`` too), and at least float32: a step on a float16 or bfloat16 ``g``
+    rounds away below about 1e-3 or 8e-3 of its size, as a learning rate's steps do (float32: 1e-7)."""
+    return (g.is_cpu and g.is_contiguous() and g.element_size() >= 4  # (not device.type: 0.9 us)
+            and (g.requires_grad or not v.requires_grad))
 
 
 _steps_hook: Any = None
@@ -196,13 +199,27 @@ def _watch_optimizer_steps() -> None:
         _steps_hook = register_optimizer_step_post_hook(_bump_written_parameters)
 
 
-REPLACED_MARK = "_wn_transform_replaced"  # set on a weight Parameter that register() replaced by g and v
-_CHECKED: weakref.WeakSet = weakref.WeakSet()  # optimizers whose parameters were looked at (at their first step)
+REPLACED_MARK = "_wn_transform_replaced"  # on a Parameter the model no longer uses: what replaced it
+_replacements = 0  # how many times mark_replaced marked Parameters in this process
+_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> _replacements when last checked
+
+
+def mark_replaced(parameters: Iterable[Tensor | None], by: str) -> None:
+    """Mark ``parameters`` as replaced by ``by`` (``"apply_weight_norm"``: by g and v;
+    ``"fold_weight_norm"``: g and v by a plain weight): an optimizer made before that still steps
+    them, and its next step warns (:func:`_warn_of_replaced_weights`)."""
+    global _replacements
+    marked = [p for p in parameters if isinstance(p, nn.Parameter)]
+    for parameter in marked:
+        parameter.__dict__[REPLACED_MARK] = by
+    if marked:
+        _replacements += 1  # every optimizer is looked at again at its next step
+        _watch_optimizer_steps()
 
 
 def _bump_written_parameters(optimizer: Any, args: tuple, kwargs: dict) -> None:
-    if optimizer not in _CHECKED:
-        _CHECKED.add(optimizer)
+    if _CHECKED.get(optimizer) != _replacements:
+        _CHECKED[optimizer] = _replacements
         _warn_of_replaced_weights(optimizer)
     outside = not type(optimizer).__module__.startswith("torch.optim")
     written = [p for group in optimizer.param_groups if outside or group.get("fused")
@@ -212,13 +229,18 @@ def _bump_written_parameters(optimizer: Any, args: tuple, kwargs: dict) -> None:
 
 
 def _warn_of_replaced_weights(optimizer: Any) -> None:
-    """Warn (once per optimizer, at its first step) when it steps weights that weight norm replaced:
-    created before ``apply_weight_norm(..., inplace=True)``, it trains nothing the model uses."""
-    stale = sum(1 for group in optimizer.param_groups for p in group["params"] if getattr(p, REPLACED_MARK, False))
-    if stale:
-        msg = (f"this {type(optimizer).__name__} steps {stale} weight{'s' if stale > 1 else ''} that apply_weight_norm "
-               "replaced by g and v: the model no longer uses them, and its g and v are not in this optimizer, so "
-               "they do not train; create the optimizer after apply_weight_norm")
+    """Warn (at an optimizer's first step, and at its first step after Parameters were marked
+    replaced) when it steps Parameters the model no longer uses: created before
+    ``apply_weight_norm(..., inplace=True)`` or ``fold_weight_norm(..., inplace=True)``, it trains
+    none of those that replaced them."""
+    stale = Counter(p.__dict__[REPLACED_MARK] for group in optimizer.param_groups for p in group["params"]
+                    if REPLACED_MARK in getattr(p, "__dict__", {}))
+    for by, count in stale.items():
+        what = "weights" if by == "apply_weight_norm" else "g and v parameters"
+        new = "g and v" if by == "apply_weight_norm" else "plain weights"
+        msg = (f"this {type(optimizer).__name__} steps {count} {what[:-1] if count == 1 else what} that {by} "
+               f"replaced by {new}: the model no longer uses {'it' if count == 1 else 'them'}, and its {new} are not "
+               f"in this optimizer, so they do not train; create the optimizer after {by}")
         warnings.warn(msg, UserWarning, stacklevel=4)  # the caller of optimizer.step()
 
 
@@ -293,10 +315,7 @@ def register(module: nn.Module, name: str, parametrization: WeightNorm) -> None:
     ``module.<name> = tensor`` is checked as usual.
     """
     parametrization.layout.check(getattr(module, name).shape)
-    replaced = module._parameters.get(name)
-    if isinstance(replaced, nn.Parameter):  # an optimizer made before apply(inplace=True) still holds it
-        replaced.__dict__[REPLACED_MARK] = True
-        _watch_optimizer_steps()
+    mark_replaced([module._parameters.get(name)], "apply_weight_norm")  # an optimizer made before may hold it
     order = _parameter_order(module) or tuple(module._parameters)
     holder = module._modules.get("parametrizations")
     stacked = holder._modules.get(name) if holder is not None else None
@@ -382,13 +401,35 @@ def _load_other_layouts(name: str, module: nn.Module, state_dict: dict, prefix: 
 def check_gain_fits(wn: WeightNorm, g: Tensor, v: Tensor, where: str) -> None:
     """Refuse ``g = ||w||`` that is inf in a half-precision layer whose weight is finite (every
     element fits, their norm does not): the layer would compute NaN.  ``where`` names it."""
+    msg = _gain_overflow(wn, g, v, where, "weight-normalize this layer in float32 or bfloat16 (model.float() "
+                                          "first), or with exp_scale=True (g = e^s)")
+    if msg is not None:
+        raise WeightNormError(msg)
+
+
+def _gain_overflow(wn: WeightNorm, g: Tensor, v: Tensor, where: str, remedy: str) -> str | None:
+    """What :func:`check_gain_fits` says of ``g``, or None where ``g`` fits."""
     if wn.exp_scale or g.element_size() >= 4 or g.is_meta or not bool(g.isinf().any()) or not bool(v.isfinite().all()):
-        return
+        return None
     norm = unit_norm(v.detach(), wn.layout).max().item()
-    msg = (f"{where}: a unit's norm ||w|| = {norm:g} is beyond {g.dtype}'s range (the largest is "
-           f"{torch.finfo(g.dtype).max:g}), so g cannot hold it and the layer would compute NaN; weight-normalize "
-           "this layer in float32 or bfloat16 (model.float() first), or with exp_scale=True (g = e^s)")
-    raise WeightNormError(msg)
+    return (f"{where}: a unit's norm ||w|| = {norm:g} is beyond {g.dtype}'s range (the largest is "
+            f"{torch.finfo(g.dtype).max:g}), so g cannot hold it and the layer would compute NaN; {remedy}")
+
+
+def _apply_checking_gains(self: nn.Module, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> nn.Module:
+    """The layer's own ``_apply`` (what ``.to()``, ``.half()``, ``.cuda()`` run), then a warning
+    for each ``g`` that a conversion to float16 took beyond its range (the plain layer's weight
+    would still fit: :func:`check_gain_fits`)."""
+    plain_type(self)._apply(self, fn, recurse)
+    for name, chain in self._modules["parametrizations"].items():
+        wn = _ours(chain)
+        if wn is not None and chain.original0.dtype == torch.float16:
+            where = f"{plain_type(self).__name__}({self.extra_repr()}).{name}"
+            msg = _gain_overflow(wn, chain.original0, chain.original1, where, "keep this layer in float32 or "
+                                 "bfloat16, or weight-normalize it with exp_scale=True (g = e^s, which fits)")
+            if msg is not None:
+                warn_user(msg, UserWarning)
+    return self
 
 
 def _trainable_pair(wn: WeightNorm, weight: Tensor, key: str) -> tuple[Tensor, Tensor]:
@@ -548,6 +589,8 @@ def _extend_class(module: nn.Module) -> None:
         cls.__deepcopy__ = _deepcopy_parametrized
     chains = module._modules["parametrizations"]._modules
     ours = {name for name, chain in chains.items() if _ours(chain) is not None}
+    if ours:
+        cls._apply = _apply_checking_gains
     for name in ours:
         prop = cls.__dict__.get(name)
         if isinstance(prop, property) and not isinstance(prop, _DirectWeight):
@@ -616,9 +659,9 @@ def _direct(chain: nn.Module) -> WeightNorm | None:
     """
     wn = _ours(chain)
     if (wn is None or wn._forward_hooks or wn._forward_pre_hooks or chain._forward_hooks or chain._forward_pre_hooks
-            or parametrize._cache_enabled or is_fx_symbolic_tracing()):
-        return None  # (a hook on the chain: torch.nn.utils.prune turns original1 into a masked attribute)
-    return wn
+            or parametrize._cache_enabled or is_fx_symbolic_tracing() or "original1" not in chain._parameters):
+        return None  # (a hook on the chain: torch.nn.utils.prune turns original1 into a masked attribute;
+    return wn  # FSDP's flat parameter leaves g and v as plain attributes, outside _parameters)
 
 
 def _autocast_on(device_type: str) -> bool:

@@ -31,7 +31,7 @@ from .ops import (CELL_OPS, METADATA_OPS, RECURRENT_OPS, VALUE_ATTRIBUTES, Weigh
 from .targets import Skipped, Target, split_qualname
 from ._parametrized import plain_type
 
-__all__ = ["BIAS", "UseLog", "inside_torch_composite", "param_aliases"]
+__all__ = ["BIAS", "QAT_REASON", "UseLog", "inside_torch_composite", "param_aliases"]
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,8 @@ _SELECTIONS = frozenset({"getitem", "__getitem__", "index_select", "take", "gath
                          "take_along_dim"})
 _COMPUTED = "computed"  # a use kind: the parameter reaches a linear/conv op only through other ops
 BIAS = "bias"  # a use kind: read as the bias of a linear/conv op
+#: Why a layer that quantization-aware training prepared (its ``weight_fake_quant``) is skipped.
+QAT_REASON = "fake-quantized before its op (quantization-aware training); weight norm would change what is quantized"
 _NOT_WEIGHT = frozenset({"other", _COMPUTED, BIAS})
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 # Products that act on the data with a matrix other than as a linear/conv weight (a use is reported)
@@ -377,6 +379,15 @@ class UseLog:
         is named with that op, a layer's weight too: :func:`~wn_transform.discover.account_for_every_layer`
         would only say that its op does not read it.
         """
+        module, tensor = split_qualname(name)
+        owner = self.model.get_submodule(module)
+        if tensor == "weight" and hasattr(owner, "weight_fake_quant"):  # torch.ao's fused QAT layers (ConvBnReLU2d)
+            return QAT_REASON
+        parent = self.model.get_submodule(split_qualname(module)[0]) if module else None
+        if (tensor == "weight" and parent is not None and hasattr(parent, "weight_fake_quant")
+                and isinstance(owner, nn.modules.batchnorm._BatchNorm)):  # ConvBn2d's gamma scales the conv weight
+            return ("the batch norm that quantization-aware training folds into its conv's fake-quantized weight; "
+                    "weight norm would change what is quantized")
         computed = [u.detail for u in uses if u.kind == _COMPUTED]
         if computed:
             ops = ", ".join(sorted({u.detail for u in uses if u.kind == "other"}))
