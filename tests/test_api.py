@@ -647,6 +647,136 @@ def test_an_optimizer_of_replaced_parameters_warns_after_any_replacement_not_onl
         step()
         wn.fold_weight_norm(wn.apply_weight_norm(nn.Linear(4, 4), init="preserve"))  # others' copies: no warning
         step()
+    backbone = nn.Linear(4, 4)  # progressive unfreezing: a group added after the replacement and first steps
+    held = list(backbone.parameters())
+    wn.apply_weight_norm(backbone, init="preserve", inplace=True)
+    step()
+    optimizer.add_param_group({"params": held})
+    scaler = torch.amp.GradScaler("cpu")
+    optimizer.zero_grad()
+    scaler.scale(model(x).square().sum()).backward()
+    with pytest.warns(UserWarning, match=r"this SGD steps 1 weight that apply_weight_norm replaced") as record:
+        scaler.step(optimizer)  # the warning points at this line, not into torch.amp
+    assert record[0].filename == __file__
+
+
+def _compiled_graphs(model: nn.Module, calls) -> int:  # noqa: ANN001 - calls: the compiled model -> None
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    calls(torch.compile(model, backend="eager", dynamic=True))
+    graphs = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    return graphs
+
+
+def test_compiling_adds_no_graph_per_batch_size_or_per_recurrent_weight() -> None:
+    """Under torch.compile(dynamic=True), a Linear too small for the output form adds no guard on the
+    batch size (no recompile per size threshold); an RNN, which dynamo runs eagerly, has its weight
+    reads run eagerly too (not a compiled frame per weight shape and grad mode)."""
+    widths = [4, 8, 16, 32, 64, 128, 8]
+
+    def mlp() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(*[nn.Linear(a, b) for a, b in zip(widths, widths[1:])])
+
+    def sizes(compiled: nn.Module) -> None:
+        for rows in (2, 3, 5, 9, 17, 33, 65, 129):
+            compiled(torch.randn(rows, 4)).sum().backward()
+
+    assert _compiled_graphs(wn.apply_weight_norm(mlp(), init="preserve"), sizes) == _compiled_graphs(mlp(), sizes)
+
+    class Encoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.rnn, self.out = nn.LSTM(8, 16, num_layers=2, bidirectional=True, batch_first=True), nn.Linear(32, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(self.rnn(x)[0])
+
+    x = torch.randn(2, 5, 8)
+
+    def train_and_eval(compiled: nn.Module) -> None:
+        for _ in range(2):
+            compiled.train()
+            compiled(x).sum().backward()
+            compiled.eval()
+            with torch.no_grad():
+                compiled(x)
+
+    model = wn.apply_weight_norm(Encoder(), x)
+    assert _compiled_graphs(model, train_and_eval) <= _compiled_graphs(Encoder(), train_and_eval) + 2  # (out's)
+
+
+def test_options_of_the_data_init_with_init_preserve_are_an_error() -> None:
+    model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match=r"init_scale sets the data-dependent init, and init='preserve' keeps"):
+        wn.apply_weight_norm(model, init="preserve", init_scale=0.5)
+    with pytest.raises(ValueError, match=r"init_scale, exact_init set the data-dependent init"):
+        wn.apply_weight_norm(model, init="preserve", init_scale=0.5, exact_init=True)
+    assert not wn.find_weight_norms(model)
+
+
+def test_a_second_apply_with_mean_only_bn_replaces_the_first_norm() -> None:
+    """existing='convert' with mean_only_bn=True on a model that has mean-only batch norms: each layer
+    ends with one norm (the old one's shift goes to the bias first), and eval mode starts centred."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 8)
+    once = wn.apply_weight_norm(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)), x, mean_only_bn=True)
+    twice = wn.apply_weight_norm(once, x + 1, existing="convert", mean_only_bn=True)
+    assert len(twice[0]._forward_hooks) == 1 and len(twice[2]._forward_hooks) == 1
+    twice.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(twice(x + 1), wn.fold_weight_norm(twice)(x + 1))
+        assert float(twice[0](x + 1).mean(0).abs().max()) < 1e-4
+
+
+class _ScaledLinear(nn.Linear):
+    """A layer with a tensor attribute of its own, converted by its ``_apply(self, fn)`` (the form
+    torch calls on children, and that third-party layers write)."""
+
+    def __init__(self, *args: int) -> None:
+        super().__init__(*args)
+        self.scale = torch.ones(())
+
+    def _apply(self, fn):  # noqa: ANN001, ANN202 - the signature under test
+        super()._apply(fn)
+        self.scale = fn(self.scale)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * self.scale
+
+
+def test_a_layer_whose_apply_takes_fn_alone_converts_after_weight_norm() -> None:
+    model = wn.apply_weight_norm(nn.Sequential(_ScaledLinear(4, 2)), init="preserve")
+    model.double()
+    assert model[0].scale.dtype == torch.float64 and model[0].parametrizations.weight.original1.dtype == torch.float64
+    model(torch.randn(3, 4, dtype=torch.float64))
+
+
+def test_existing_convert_leaves_a_weight_norm_stacked_with_another_parametrization() -> None:
+    """It cannot be folded alone: it is left as it is, reported, and a rule may still exclude it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    torch_weight_norm(model[0])
+    parametrize.register_parametrization(model[0], "weight", _Twice())
+    torch_weight_norm(model[2])
+    x = torch.randn(8, 4)
+    for exclude in (None, "0.weight"):
+        out = wn.apply_weight_norm(model, x, existing="convert", exclude=exclude)
+        assert [t.qualname for t in wn.weight_norm_report(out).converted] == ["2.weight"]
+        reason = next(s.reason for s in wn.weight_norm_report(out).skipped if s.qualname == "0.weight")
+        assert reason == ("computed by another parametrization (_WeightNorm, _Twice); weight norm on top of it is not "
+                          "supported; its torch.nn.utils.parametrizations.weight_norm is kept")
+        assert len(out[0].parametrizations.weight) == 2
+
+
+class _Twice(nn.Module):
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return 2 * w
 
 
 def test_converting_a_weight_normalized_model_to_float16_warns_of_a_norm_beyond_its_range() -> None:

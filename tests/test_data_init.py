@@ -299,6 +299,24 @@ def test_a_zero_direction_gets_a_finite_scale_and_a_zero_output(exact_init: bool
     torch.testing.assert_close(std, torch.full_like(std, 0.5), atol=1e-4, rtol=0)
 
 
+def test_a_zero_unit_with_exp_scale_stays_at_about_zero_after_the_data_init() -> None:
+    """With g = e^s no g is 0: the data init would leave s finite and v = 0, and the first step's tiny
+    v would be a full-norm row.  The unit gets s = log(tiny), as init='preserve' gives it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    with torch.no_grad():
+        model[0].weight[2] = 0.0
+    batch = torch.randn(32, 4)
+    out = wn.apply_weight_norm(model, batch, exp_scale=True)
+    assert out[0].parametrizations.weight.original0.view(-1)[2] < -80
+    std = _per_unit(_pre_activations(out, batch, (nn.Linear,))["2"])[1]  # the next layer is standardized
+    torch.testing.assert_close(std, torch.ones_like(std), atol=1e-4, rtol=0)
+    optimizer = torch.optim.SGD(out.parameters(), lr=1e-6)
+    out(batch).square().sum().backward()
+    optimizer.step()
+    assert float(out[0].weight[2].norm()) < 1e-30
+
+
 @EXACT
 def test_constant_units_deep_in_the_network_are_found_and_every_other_unit_is_standardized(exact_init: bool) -> None:
     """Zero directions (constant on any input) and a unit whose ``t`` is constant only because

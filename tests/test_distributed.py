@@ -108,6 +108,7 @@ def _edge_cases(rank: int, out: str) -> None:
         "branches": lambda: wn.apply_weight_norm(_Branches(), torch.randn(8, 4) + (3 if rank == 0 else -3)),
         "unseeded": lambda: wn.apply_weight_norm(_unseeded(rank), torch.randn(8, 4)),  # DDP would sync it later
         "deeper": lambda: wn.apply_weight_norm(_deeper(extra=rank == 1), torch.randn(8, 4)),
+        "complex": lambda: wn.apply_weight_norm(_Spectral(imaginary=float(rank)), torch.randn(8, 4)),
     }
     for name, case in cases.items():
         start = time.perf_counter()
@@ -120,6 +121,15 @@ def _edge_cases(rank: int, out: str) -> None:
 def _unseeded(rank: int) -> nn.Module:
     torch.manual_seed(rank)  # each rank draws its own weights
     return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+
+
+class _Spectral(nn.Sequential):
+    """Complex spectral weights (an FNO's) beside a Linear: the ranks differ in their imaginary parts."""
+
+    def __init__(self, imaginary: float) -> None:
+        torch.manual_seed(0)
+        super().__init__(nn.Linear(4, 4))
+        self.spectral = nn.Parameter(torch.complex(torch.ones(3), torch.full((3,), imaginary)))
 
 
 def _deeper(*, extra: bool) -> nn.Module:
@@ -243,6 +253,8 @@ def test_shards_that_are_one_batch_together_and_ranks_at_different_layers(tmp_pa
         assert error.startswith(f"the ranks of the process group found different weights to normalize: this rank "
                                 f"has {2 + rank} ("), error
         assert float(seconds) < 5
+        error = (tmp_path / f"complex{rank}.txt").read_text().split(" ", 1)[1]
+        assert error.startswith("the ranks of the process group hold different parameter values (spectral)"), error
 
 
 def test_a_single_process_without_a_group_is_unaffected() -> None:
@@ -332,6 +344,8 @@ def test_ddp_wrappers_in_fold_plan_and_report_and_fsdp1_flat_parameters(tmp_path
         assert wn.find_weight_norms(model)  # left as it was
         folded = wn.fold_weight_norm(ddp)
         assert type(folded) is nn.Sequential and not wn.find_weight_norms(folded)
+        compiled = wn.fold_weight_norm(torch.compile(ddp))  # a copy through both wrappers
+        assert type(compiled) is nn.Sequential and not wn.find_weight_norms(compiled)
         with torch.no_grad():
             torch.testing.assert_close(folded(x), model(x))
 

@@ -172,6 +172,19 @@ def test_a_fused_quantization_aware_layer_is_skipped_with_its_reason(fused: str)
         "would change what is quantized")})
 
 
+def test_a_reference_quantized_layer_is_skipped_with_its_reason() -> None:
+    """convert_to_reference_fx's layers quantize and dequantize their weight with a fixed scale."""
+    from torch.ao.nn.quantized.reference import Linear as ReferenceLinear
+
+    torch.manual_seed(0)
+    qparams = {"qscheme": torch.per_tensor_affine, "dtype": torch.qint8, "scale": 0.01, "zero_point": 0}
+    layer = ReferenceLinear(4, 8, weight_qparams=qparams)
+    report, skipped = _reasons(nn.Sequential(layer, nn.ReLU(), nn.Linear(8, 2)), torch.randn(16, 4))
+    assert [t.qualname for t in report.converted] == ["2.weight"]
+    assert skipped == {"0.weight": "quantized and dequantized before its op with a fixed scale (a reference quantized "
+                                   "layer); weight norm would change what is quantized"}
+
+
 def test_quantized_layers_are_reported_with_the_route_that_works() -> None:
     """A dynamically quantized Linear or LSTM, a statically quantized conv: int8 weights packed for
     their kernels, read through methods.  Each is in the report with its reason; a model of them

@@ -275,6 +275,28 @@ def test_a_pair_without_the_marker_holds_g_and_loads_into_an_exp_scale_layer_as_
                                written[0].parametrizations.weight.original0)
 
 
+@pytest.mark.parametrize("source", ["torch", "ours"])
+def test_a_zero_gain_loads_into_an_exp_scale_model(source: str) -> None:
+    """g = 0 is a pruned or zero-initialized unit's (torch's weight norm writes it, and so does this
+    library for an all-zero unit): a g, not a lost s; it loads as the weight it gives."""
+    torch.manual_seed(0)
+    plain = _mlp()
+    with torch.no_grad():
+        plain[0].weight[1] = 0.0
+    if source == "torch":
+        parametrized_weight_norm(plain[0])
+        parametrized_weight_norm(plain[2])
+        saved = plain
+    else:
+        saved = wn.apply_weight_norm(plain, torch.randn(16, 6))
+    assert float(saved[0].parametrizations.weight.original0.view(-1)[1]) == 0
+    target = wn.apply_weight_norm(_mlp(), init="preserve", exp_scale=True)
+    state = {k: v for k, v in saved.state_dict().items() if not k.endswith("g_is_log")}
+    target.load_state_dict(state, strict=False)
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(target(x), wn.fold_weight_norm(saved)(x), rtol=1e-5, atol=1e-6)  # (torch's: 0/0)
+
+
 def test_a_parameters_only_dict_of_an_exp_scale_model_is_refused_with_the_key_to_put_back() -> None:
     """An EMA copy or a trainable-only save holds ``original0`` (= s) without the ``g_is_log`` marker
     buffer.  Read as a g it would give another function; its negative values (g = e^s < 1) show it is
@@ -285,7 +307,7 @@ def test_a_parameters_only_dict_of_an_exp_scale_model_is_refused_with_the_key_to
         source[0].parametrizations.weight.original0.sub_(3.0)  # some s < 0: g = e^s < 1
     target = wn.apply_weight_norm(_mlp(), init="preserve", exp_scale=True)
     parameters = dict(source.named_parameters())
-    with pytest.raises(RuntimeError, match=r"0\.parametrizations\.weight\.original0 holds values <= 0 and no "
+    with pytest.raises(RuntimeError, match=r"0\.parametrizations\.weight\.original0 holds negative values and no "
                                            r"0\.parametrizations\.weight\.0\.g_is_log"):
         target.load_state_dict(parameters, strict=False)
     marked = {**parameters, **{k: v for k, v in source.state_dict().items() if k.endswith("g_is_log")}}

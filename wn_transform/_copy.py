@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import sys
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -12,7 +13,7 @@ from torch import nn
 from ._parametrized import is_parametrized, own_class, plain_type
 from .errors import WeightNormError
 
-__all__ = ["compiled_wrapper", "copy_model", "refuse_ddp", "refuse_sharded", "routed_module"]
+__all__ = ["compiled_wrapper", "copy_model", "held_by_ddp", "refuse_ddp", "refuse_sharded", "routed_module"]
 
 
 _INPLACE = "pass inplace=True to work on the model itself"
@@ -76,13 +77,28 @@ def routed_module(model: nn.Module) -> nn.Module:
     too): ``torch.compile``'s (``_orig_mod``), ``nn.DataParallel`` and ``DistributedDataParallel``
     (``module``).  The function is the held module's; what the wrappers add is where it runs
     (DataParallel scatters the batch over the GPUs and gathers the outputs)."""
+    *_, held = _routing_chain(model)
+    return held
+
+
+def held_by_ddp(model: nn.Module) -> nn.Module | None:
+    """The module a ``DistributedDataParallel`` wrapper at the root of ``model`` holds (through the
+    other routing wrappers around or inside it: :func:`routed_module`), or None when there is none."""
+    if not any(isinstance(wrapper, nn.parallel.DistributedDataParallel) for wrapper in _routing_chain(model)):
+        return None
+    return routed_module(model)
+
+
+def _routing_chain(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` and the modules its routing wrappers hold, outermost first."""
     while True:
+        yield model
         if compiled_wrapper(model):
             model = model._orig_mod
         elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
             model = model.module
         else:
-            return model
+            return
 
 
 def _sharded_module(model: nn.Module) -> str | None:

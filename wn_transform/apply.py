@@ -13,14 +13,15 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from . import batch as batch_mod
-from ._copy import compiled_wrapper, copy_model, refuse_ddp, refuse_sharded, routed_module
+from ._copy import compiled_wrapper, copy_model, held_by_ddp, refuse_ddp, refuse_sharded, routed_module
 from ._gc import gc_paused
 from .data_init import InitNotes, data_init, resample_directions
 from .discover import WALK, Discovery, account_for_every_layer, discover, preserved_state
 from .errors import NoTargetsError, WeightNormError, few, warn_user
-from .fold import FoundWeightNorm, find_weight_norms, fold_one
+from .fold import FoundWeightNorm, find_weight_norms, fold_one, foldable
 from .mean_only_bn import attach as attach_mean_only_bn
 from .mean_only_bn import channels as mean_only_bn_channels
+from .mean_only_bn import detach as detach_mean_only_bn
 from .moments import broadcast, resolve_group
 from .ranks import check_same_model
 from .norm import direct_zero_units, unit_norm
@@ -114,7 +115,8 @@ def apply_weight_norm(
     Raises:
         TypeError: ``model`` is not an ``nn.Module``; ``distributed`` is not a bool, None or a
             ``ProcessGroup``.
-        ValueError: an unknown ``init`` or ``existing``.
+        ValueError: an unknown ``init`` or ``existing``; ``init_scale`` or ``exact_init`` with
+            ``init="preserve"``, which sets no scale.
         BatchError: the batch holds NaN, or (for the data init) is empty or on the meta device
             (nothing is changed); or the model rejects it (the layer is named).
         SelectionError: a selection rule matches no weight.
@@ -142,6 +144,11 @@ def apply_weight_norm(
     if not (math.isfinite(init_scale) and init_scale > 0):
         msg = f"init_scale is the std every pre-activation starts with: a positive finite number, got {init_scale!r}"
         raise WeightNormError(msg)
+    if init == "preserve" and (init_scale != 1 or exact_init):
+        given = ", ".join(name for name, on in (("init_scale", init_scale != 1), ("exact_init", exact_init)) if on)
+        msg = (f"{given} set{'s' if ',' not in given else ''} the data-dependent init, and init='preserve' keeps "
+               "every weight as it is: pass a sample batch (init='data'), or leave them out")
+        raise ValueError(msg)
     selection = Selection.build(include, exclude, types, filter_fn)
     with gc_paused():  # a quarter to a third of the time on large models, see _gc
         working = model if inplace else copy_model(model)
@@ -175,9 +182,9 @@ def apply_weight_norm(
             for target in frozen if init == "data" else targets:
                 chain = working.get_submodule(target.module).parametrizations[target.name]
                 check_gain_fits(chain[0], chain.original0, chain.original1, target.qualname)
-            if not resample and not exp_scale:
+            if not resample and not (exp_scale and init == "preserve"):  # (there right_inverse gave s = log tiny)
                 report.zero_units = _give_zero_units_a_direction(working, trainable, generator, group,
-                                                                 undo.keep_values if inplace else None)
+                                                                 undo.keep_values if inplace else None, exp_scale)
         except BaseException:
             undo.restore()
             raise
@@ -210,9 +217,8 @@ def plan_weight_norm(
     (a discovery step that traces symbolically never runs it: then it runs once, the model's
     modes and buffers restored after).  A model or batch on the meta device (a plan for a model too
     large to build) is traced only: there are no values to check."""
-    model = model._orig_mod if compiled_wrapper(model) else model
-    if isinstance(model, nn.parallel.DistributedDataParallel):  # which apply refuses: plan the module to apply it on
-        model = model.module
+    held = held_by_ddp(model)  # a DDP wrapper, which apply refuses: plan the module to apply it to
+    model = held if held is not None else model._orig_mod if compiled_wrapper(model) else model
     init = _check_arguments(model, sample_batch, None, existing)
     checked = init == "data" and not _on_meta(model, sample_batch)
     if checked:
@@ -266,7 +272,8 @@ def _check_arguments(model: nn.Module, sample_batch, init: Init | None, existing
 
 def _give_zero_units_a_direction(model: nn.Module, targets: list[Target], generator: torch.Generator | None,
                                  group: dist.ProcessGroup | None,
-                                 keep: Callable[[Iterable[torch.Tensor]], None] | None) -> dict[str, int]:
+                                 keep: Callable[[Iterable[torch.Tensor]], None] | None,
+                                 exp_scale: bool = False) -> dict[str, int]:
     """Units whose weight is all zero (a zero-initialized residual conv or LoRA ``B``, a pruned unit)
     get ``g = 0`` and a random unit direction ``v`` (drawn as ``resample`` draws, with ``generator``).
     ``init="preserve"`` would leave ``g = ||w|| = 0`` and ``v = w = 0``, both gradients zero forever;
@@ -274,8 +281,10 @@ def _give_zero_units_a_direction(model: nn.Module, targets: list[Target], genera
     tiny ``v`` would jump to a full-norm weight.  Now ``w = 0 * v/||v||`` stays 0 (the function is
     unchanged) and ``dL/dg = dL/dw . v/||v||`` lets it grow from 0.  With a process ``group``, its
     first rank draws and the others receive the draw.  ``keep`` is called with each ``g`` and ``v``
-    before they are written (an in-place apply's undo).  Returns the count per weight.  (With
-    ``exp_scale`` no ``g = e^s`` is 0: not done there; a meta tensor has no values to test.)"""
+    before they are written (an in-place apply's undo).  Returns the count per weight.  With
+    ``exp_scale`` no ``g = e^s`` is 0: such a unit gets ``s = log(tiny)`` and keeps ``v = 0``, as
+    ``init="preserve"`` gives it, so that it stays at about 0 (not counted).  (A meta tensor has no
+    values to test.)"""
     counts: dict[str, int] = {}
     with torch.no_grad():
         for target in targets:
@@ -288,6 +297,9 @@ def _give_zero_units_a_direction(model: nn.Module, targets: list[Target], genera
                 continue
             if keep is not None:
                 keep([g, v])
+            if exp_scale:
+                g.masked_fill_(zero.view(g.shape), math.log(torch.finfo(torch.float32).tiny))
+                continue
             draw = torch.randn(v.shape, generator=generator, dtype=torch.float32, device=v.device)
             if group is not None:
                 broadcast(draw, group)
@@ -372,14 +384,17 @@ def _no_targets_message(model: nn.Module, discovery: Discovery, had_batch: bool)
 
 def _plan(model: nn.Module, sample_batch, selection: Selection, existing: Existing, init: Init) -> tuple[WeightNormReport, list[Target]]:
     already = find_weight_norms(model)
-    folded = _fold_existing(model, already) if existing == "convert" else {}
+    # existing="convert": each weight norm is folded for discovery, but one stacked with another
+    # parametrization is left as it is (discovery reports the weight as computed by them)
+    kept = already if existing == "keep" else [found for found in already if not foldable(model, found)]
+    folded = _fold_existing(model, [found for found in already if found not in kept]) if existing == "convert" else {}
     discovery = discover(model, sample_batch)
     discovery.targets, not_real = _real_weights(model, discovery.targets)
     discovery.skipped += not_real
     account_for_every_layer(model, discovery, {found.qualname for found in already} if existing == "keep" else set())
     if not discovery.targets and not (already and existing == "keep"):
         raise NoTargetsError(_no_targets_message(model, discovery, sample_batch is not None))
-    targets, left_out = selection.apply(model, discovery.targets, already if existing == "keep" else ())
+    targets, left_out = selection.apply(model, discovery.targets, kept)
     skipped = [*discovery.skipped, *left_out]
     if existing == "keep":
         skipped += [_kept(found) for found in already]
@@ -405,7 +420,7 @@ def _unfold_unconverted(model: nn.Module, already: list[FoundWeightNorm], undos:
                         targets: list[Target], skipped: list[Skipped]) -> list[Skipped]:
     """Give the weights that ``existing="convert"`` folded but that are not converted (excluded,
     or skipped: a layer quantization-aware training fake-quantizes) their weight norm back, and
-    say so in their skip reasons."""
+    say in the skip reasons of all it found but did not convert that their weight norm is kept."""
     converted = {target.qualname for target in targets}
     left = {found.qualname: found for found in already if found.qualname not in converted}
     for module, undo in undos.items():
@@ -446,12 +461,15 @@ def _attach_mean_only_bn(model: nn.Module, targets: list[Target]) -> tuple[list[
     frozen layer keeps its function)."""
     attached, missing = [], []
     for target in targets:
+        if target.kind == "recurrent":  # a recurrent layer's gates get none (nor are they listed as missing)
+            continue
         layer = model.get_submodule(target.module)
         alone = target.own_call and target.uses <= 1 and _trainable(model, target)
         channels = mean_only_bn_channels(layer, target.name) if alone else None
         if channels is None:
             missing.append(target.qualname)
         else:
+            detach_mean_only_bn(layer)  # one from an earlier apply (existing="convert"): its shift into the bias
             attach_mean_only_bn(layer, *channels)
             attached.append(target.module)
     return attached, missing

@@ -208,6 +208,9 @@ def cmd_apply(args: argparse.Namespace, say: Callable[[str], None]) -> int:
     if not (math.isfinite(args.init_scale) and args.init_scale > 0):
         msg = f"--init-scale must be a positive finite number (the std every pre-activation starts with), got {args.init_scale}"
         raise _UsageError(msg)
+    if args.preserve and (args.init_scale != 1 or args.exact_init):
+        msg = "--init-scale and --exact-init set the data-dependent init; --preserve keeps every weight as it is"
+        raise _UsageError(msg)
     _check_output_free(args)
     model = _build_model(args, say)
     batch = None if args.preserve else _read_batch(args, "calib", model)

@@ -34,10 +34,10 @@ from torch.overrides import TorchFunctionMode
 from . import batch as batch_mod
 from ._logging import muted
 from .errors import BatchError, one_line, warn_user
-from .layers import quantized_kind, standard_weights
+from .layers import quantized_kind, quantized_weight_reason, standard_weights
 from .ops import op_name
 from .targets import Skipped, Target, split_qualname
-from .uses import BIAS, QAT_REASON, UseLog, inside_torch_composite, param_aliases
+from .uses import BIAS, UseLog, inside_torch_composite, param_aliases
 from ._parametrized import is_parametrized, plain_type
 
 __all__ = ["Discovery", "account_for_every_layer", "discover", "preserved_state"]
@@ -193,8 +193,8 @@ def _is_own_parameter(module: nn.Module, tensor: str) -> bool:
 
 
 def _why_not_a_target(module: nn.Module, tensor: str, kind: str) -> str:
-    if tensor == "weight" and hasattr(module, "weight_fake_quant"):
-        return QAT_REASON
+    if tensor == "weight" and (quantized := quantized_weight_reason(module)):
+        return quantized
     if is_parametrized(module, tensor):
         kinds = ", ".join(type(p).__name__ for p in module.parametrizations[tensor])
         return f"computed by another parametrization ({kinds}); weight norm on top of it is not supported"
@@ -294,7 +294,7 @@ def _log_leaf_module(log: UseLog, model: nn.Module, path: str, *, traced: bool =
     for sub_name, sub in leaf.named_modules():
         prefix = ".".join(p for p in (path, sub_name) if p)
         known = {name: (kind, layout) for name, kind, layout in standard_weights(sub)}
-        if hasattr(sub, "weight_fake_quant"):  # quantization-aware training: the op reads fake_quant(weight)
+        if quantized_weight_reason(sub):  # quantization-aware training, reference layers: the op reads q(weight)
             known.pop("weight", None)
         if "weight" in known and known["weight"][0] != "recurrent":  # a linear/conv layer: its op adds its bias
             known["bias"] = (BIAS, None)

@@ -140,7 +140,9 @@ def prefer_output_form(rows: int, in_features: int, out_features: int) -> bool:
     elements (0.71-0.93 of the weight form's time from 512x256 to 1024x1024) while
     ``rows <= in/4``, and loses on smaller weights (1.2-1.6 at 256x256 and below).
     """
-    return 4 * rows <= in_features and in_features * out_features >= OUTPUT_FORM_MIN_WEIGHT
+    # the weight's size first: under torch.compile(dynamic=True) a test on the rows is a guard on the
+    # batch size, which a layer too small for the output form must not add (a recompile per threshold)
+    return in_features * out_features >= OUTPUT_FORM_MIN_WEIGHT and 4 * rows <= in_features
 
 
 class ScaledLinear(torch.autograd.Function):

@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import _WeightNorm
 from torch.nn.utils.weight_norm import WeightNorm as LegacyWeightNorm
 
-from ._copy import copy_model, refuse_ddp, refuse_sharded
+from ._copy import copy_model, held_by_ddp, refuse_ddp, refuse_sharded
 from .errors import FoldError, unknown_keep_message
 from .mean_only_bn import detach as detach_mean_only_bn
 from .norm import compose_weight, layout_from_shapes
@@ -78,7 +78,8 @@ def fold_weight_norm(model: nn.Module, *, keep: Collection[str] = (), inplace: b
             is an error.
         inplace: fold ``model`` itself; by default a deep copy is folded and returned.  A
             ``DistributedDataParallel`` wrapper (which would keep all-reducing g and v) is refused
-            in place; a copy is of the module it holds (a plain model to save or export).
+            in place; a copy is of the module it holds, through ``torch.compile``'s wrapper too
+            (a plain model to save or export).
 
     Returns:
         The folded model: same classes, same parameter names (``conv.weight``), same function.
@@ -88,8 +89,8 @@ def fold_weight_norm(model: nn.Module, *, keep: Collection[str] = (), inplace: b
     if not isinstance(model, nn.Module):
         msg = f"fold_weight_norm expects a torch.nn.Module, got {type(model).__name__}"
         raise TypeError(msg)
-    if isinstance(model, nn.parallel.DistributedDataParallel) and not inplace:
-        model = model.module  # (copied below)
+    if not inplace and (held := held_by_ddp(model)) is not None:
+        model = held  # (copied below)
     refuse_ddp(model, "fold_weight_norm", FoldError)
     refuse_sharded(model, "fold_weight_norm", FoldError)
     keep = _first_names(model, [keep] if isinstance(keep, str) else keep)
@@ -157,13 +158,16 @@ def fold_one(model: nn.Module, found: FoundWeightNorm, *, by: str = "fold_weight
         _drop_torch_compat_hook(module, found.name)
 
 
+def foldable(model: nn.Module, found: FoundWeightNorm) -> bool:
+    """Whether ``found`` is weight norm alone, not stacked with other parametrizations (spectral
+    norm after it), which folding it alone would drop."""
+    return found.layout == "legacy" or len(model.get_submodule(found.module).parametrizations[found.name]) == 1
+
+
 def _check_foldable(model: nn.Module, found: FoundWeightNorm) -> None:
-    """Refuse a weight norm stacked with other parametrizations (spectral norm after it): folding
-    it alone would drop them."""
-    if found.layout == "legacy":
-        return
-    chain = model.get_submodule(found.module).parametrizations[found.name]
-    if len(chain) != 1:
+    """Refuse a weight norm that is not :func:`foldable`."""
+    if not foldable(model, found):
+        chain = model.get_submodule(found.module).parametrizations[found.name]
         msg = (f"cannot fold {found.qualname}: weight norm is stacked with other parametrizations "
                f"({', '.join(type(p).__name__ for p in chain)}); remove those first")
         raise FoldError(msg)

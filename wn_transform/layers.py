@@ -9,11 +9,12 @@ from __future__ import annotations
 from torch import nn
 from torch.ao.nn.quantized.dynamic.modules.rnn import RNNBase, RNNCellBase  # (imported by torch itself)
 from torch.ao.nn.quantized.modules.utils import WeightedQuantizedModule
+from torch.ao.nn.quantized.reference.modules.utils import ReferenceQuantizedModule
 from torch.nn.modules.conv import _ConvNd
 
 from .norm import UnitLayout
 
-__all__ = ["quantized_kind", "quantized_layers", "standard_weights"]
+__all__ = ["quantized_kind", "quantized_layers", "quantized_weight_reason", "standard_weights"]
 
 
 
@@ -43,6 +44,19 @@ def quantized_kind(module: nn.Module) -> str | None:
         return None
     kind = type(module)
     return f"{kind.__name__} ({kind.__module__.rsplit('.modules', 1)[0]})"
+
+
+def quantized_weight_reason(module: nn.Module) -> str | None:
+    """Why ``module.weight`` is left as it is when the layer quantizes it before its op: prepared
+    for quantization-aware training (``weight_fake_quant``, the fused ``ConvBnReLU2d``... too), or
+    a reference quantized layer (``convert_to_reference_fx``: quantize and dequantize with a
+    fixed scale); else None.  Weight norm would change what is quantized."""
+    if hasattr(module, "weight_fake_quant"):
+        return "fake-quantized before its op (quantization-aware training); weight norm would change what is quantized"
+    if isinstance(module, ReferenceQuantizedModule):
+        return ("quantized and dequantized before its op with a fixed scale (a reference quantized layer); weight norm "
+                "would change what is quantized")
+    return None
 
 
 def quantized_layers(model: nn.Module) -> list[str]:

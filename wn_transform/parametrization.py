@@ -26,7 +26,6 @@ import contextlib
 import contextvars
 import ctypes
 import functools
-import warnings
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -201,7 +200,7 @@ def _watch_optimizer_steps() -> None:
 
 REPLACED_MARK = "_wn_transform_replaced"  # on a Parameter the model no longer uses: what replaced it
 _replacements = 0  # how many times mark_replaced marked Parameters in this process
-_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> _replacements when last checked
+_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> _checked_key when last checked
 
 
 def mark_replaced(parameters: Iterable[Tensor | None], by: str) -> None:
@@ -218,8 +217,9 @@ def mark_replaced(parameters: Iterable[Tensor | None], by: str) -> None:
 
 
 def _bump_written_parameters(optimizer: Any, args: tuple, kwargs: dict) -> None:
-    if _CHECKED.get(optimizer) != _replacements:
-        _CHECKED[optimizer] = _replacements
+    key = (_replacements, *map(len, (group["params"] for group in optimizer.param_groups)))  # (add_param_group)
+    if _CHECKED.get(optimizer) != key:
+        _CHECKED[optimizer] = key
         _warn_of_replaced_weights(optimizer)
     outside = not type(optimizer).__module__.startswith("torch.optim")
     written = [p for group in optimizer.param_groups if outside or group.get("fused")
@@ -241,7 +241,7 @@ def _warn_of_replaced_weights(optimizer: Any) -> None:
         msg = (f"this {type(optimizer).__name__} steps {count} {what[:-1] if count == 1 else what} that {by} "
                f"replaced by {new}: the model no longer uses {'it' if count == 1 else 'them'}, and its {new} are not "
                f"in this optimizer, so they do not train; create the optimizer after {by}")
-        warnings.warn(msg, UserWarning, stacklevel=4)  # the caller of optimizer.step()
+        warn_user(msg, UserWarning)  # the caller of optimizer.step() (or of GradScaler.step)
 
 
 class _Kept:
@@ -338,8 +338,9 @@ def _load_other_layouts(name: str, module: nn.Module, state_dict: dict, prefix: 
     * a ``(g, v)`` pair normalized over another axis (torch's ConvTranspose: per input channel), over
       the whole tensor (``dim=None``), or with ``g`` (or ``s = log g``) where the layer stores the other:
       a pair holds ``s`` only with the marker ``<...>.0.g_is_log`` beside it (a ``state_dict()`` of an
-      ``exp_scale`` layer has it); without it, ``g``, as in torch's layouts (a gain ``<= 0`` there is an
-      error: it is an ``s`` that lost its marker, from a parameters-only save);
+      ``exp_scale`` layer has it); without it, ``g``, as in torch's layouts (a negative gain there is an
+      error: an ``s`` that lost its marker, from a parameters-only save, or a ``g`` trained below 0;
+      a gain of 0, a pruned or zero unit's, is a ``g``);
     * a plain ``<name>`` (a checkpoint of the model before weight norm): ``g = ||w||``, ``v = w``.
 
     ``state_dict`` is ``load_state_dict``'s own copy; entries that fit nothing are left for it to report.
@@ -358,10 +359,12 @@ def _load_other_layouts(name: str, module: nn.Module, state_dict: dict, prefix: 
         keys, stored_log = (g_key, v_key), marker_key in state_dict
         if state_dict[g_key].shape == chain.original0.shape and stored_log == wn.exp_scale:
             return  # this library's layout, as the layer stores g (without the marker: g, as torch's is)
-        if wn.exp_scale and not stored_log and bool((state_dict[g_key] <= 0).any()):
-            error_msgs.append(f"{g_key} holds values <= 0 and no {marker_key}: not a g (weight norm's gains are "
-                              f"norms, > 0) but, likely, s = log g from a model with exp_scale=True saved without "
-                              f"its buffers; to load it as s, add {marker_key!r}: torch.ones(()) to the state dict")
+        if wn.exp_scale and not stored_log and bool((state_dict[g_key] < 0).any()):
+            error_msgs.append(f"{g_key} holds negative values and no {marker_key}: either s = log g from a model "
+                              f"with exp_scale=True saved without its buffers (to load it as s, add {marker_key!r}: "
+                              "torch.ones(()) to the state dict), or a g that training drove below 0 (torch's weight "
+                              "norm does not keep it positive; to load it as g, fold the checkpoint first, "
+                              "wn.fold_state_dict, and load its plain weights)")
             return
     elif all(key in state_dict for key in legacy):
         keys, stored_log = legacy, False
@@ -420,7 +423,10 @@ def _apply_checking_gains(self: nn.Module, fn: Callable[[Tensor], Tensor], recur
     """The layer's own ``_apply`` (what ``.to()``, ``.half()``, ``.cuda()`` run), then a warning
     for each ``g`` that a conversion to float16 took beyond its range (the plain layer's weight
     would still fit: :func:`check_gain_fits`)."""
-    plain_type(self)._apply(self, fn, recurse)
+    if recurse:  # as torch calls it on a child: a layer's own _apply(self, fn) may take fn alone
+        plain_type(self)._apply(self, fn)
+    else:
+        plain_type(self)._apply(self, fn, recurse)
     for name, chain in self._modules["parametrizations"].items():
         wn = _ours(chain)
         if wn is not None and chain.original0.dtype == torch.float16:
@@ -596,6 +602,8 @@ def _extend_class(module: nn.Module) -> None:
         if isinstance(prop, property) and not isinstance(prop, _DirectWeight):
             setattr(cls, name, _DirectWeight(name, prop))
     base = plain_type(module)
+    if issubclass(base, nn.RNNBase) and "_update_flat_weights" not in cls.__dict__:
+        cls._update_flat_weights = _eager_flat_weights
     if base.forward is nn.Linear.forward and "weight" in ours:
         cls.forward = _linear_forward  # reads the cache itself
         if "__call__" in cls.__dict__:  # set when the bias was parametrized first
@@ -605,6 +613,15 @@ def _extend_class(module: nn.Module) -> None:
     cls.__call__ = _serving_call
     own = next(klass for klass in base.__mro__ if "__call__" in klass.__dict__)
     cls._wn_base_call = None if own is nn.Module else base.__call__  # None: nn.Module's, looked up per call
+
+
+@torch.compiler.disable
+def _eager_flat_weights(self: nn.RNNBase) -> None:
+    """``RNNBase._update_flat_weights``, never compiled.  dynamo does not trace an RNN module: it
+    breaks the graph there and runs the RNN's forward eagerly, which reads every weight; left to
+    itself, dynamo would compile each read's ``WeightNorm.forward`` as a frame of its own, once per
+    weight shape and grad mode, up to its recompile limit."""
+    nn.RNNBase._update_flat_weights(self)
 
 
 def _serving_call(self: nn.Module, *args: Any, **kwargs: Any) -> Any:

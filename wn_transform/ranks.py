@@ -30,8 +30,8 @@ def check_same_model(model: nn.Module, targets: list[Target], group: dist.Proces
     ``targets`` (names, shapes) and the same parameters (names, shapes, values).
 
     Two all-reduces (MAX of each number and of its negation): one of four numbers (the count and
-    a CRC-32 of the targets' names and shapes, in any order, the same for the parameters), then,
-    when those agree, one of two float64 numbers per parameter (the sum of its values and of their squares).
+    a CRC-32 of the targets' names and shapes, in any order, and of the parameters' in
+    ``named_parameters`` order), then, when those agree, one of two float64 numbers per parameter (the sum of its values and of their squares).
     """
     params = [(name, p) for name, p in model.named_parameters() if not p.is_meta]
     device = collective_device(group, next((p.device for _, p in params if p.is_cuda), None))
@@ -49,8 +49,7 @@ def check_same_model(model: nn.Module, targets: list[Target], group: dist.Proces
     if not params:
         return
     with torch.no_grad():
-        sums = torch.stack([torch.stack([(q := p.detach().to(torch.float64)).sum(), q.square().sum()])
-                            for _, p in params]).to(device)
+        sums = torch.stack([_sums(p.detach()) for _, p in params]).to(device)
     differs = _differs(torch.nan_to_num(sums, nan=0.5), group).view(-1, 2).any(dim=1)
     if differs.any():
         names = [name for (name, _), bad in zip(params, differs.tolist()) if bad]
@@ -60,6 +59,20 @@ def check_same_model(model: nn.Module, targets: list[Target], group: dist.Proces
                "apply_weight_norm (for each tensor of model.state_dict(): torch.distributed.broadcast(tensor, src=0)), "
                "as DistributedDataParallel does when it wraps")
         raise WeightNormError(msg)
+
+
+def _sums(p: Tensor) -> Tensor:
+    """``[sum, sum of squares]`` of ``p``'s values (real and imaginary parts), in float64, a chunk
+    of :data:`_CHUNK` values at a time (no float64 copy of a large embedding at once)."""
+    p = torch.view_as_real(p) if p.is_complex() else p
+    total = torch.zeros(2, dtype=torch.float64, device=p.device)
+    for chunk in p.reshape(-1).split(_CHUNK):
+        chunk = chunk.to(torch.float64)
+        total += torch.stack([chunk.sum(), chunk.square().sum()])
+    return total
+
+
+_CHUNK = 1 << 20
 
 
 def _crc(lines: Iterable[str]) -> int:

@@ -28,10 +28,11 @@ from torch import nn
 from .norm import UnitLayout
 from .ops import (CELL_OPS, METADATA_OPS, RECURRENT_OPS, VALUE_ATTRIBUTES, WeightUse, attribute_read, op_name, view_dims,
                   weight_use)
+from .layers import quantized_weight_reason
 from .targets import Skipped, Target, split_qualname
 from ._parametrized import plain_type
 
-__all__ = ["BIAS", "QAT_REASON", "UseLog", "inside_torch_composite", "param_aliases"]
+__all__ = ["BIAS", "UseLog", "inside_torch_composite", "param_aliases"]
 
 
 @dataclass(frozen=True)
@@ -68,8 +69,6 @@ _SELECTIONS = frozenset({"getitem", "__getitem__", "index_select", "take", "gath
                          "take_along_dim"})
 _COMPUTED = "computed"  # a use kind: the parameter reaches a linear/conv op only through other ops
 BIAS = "bias"  # a use kind: read as the bias of a linear/conv op
-#: Why a layer that quantization-aware training prepared (its ``weight_fake_quant``) is skipped.
-QAT_REASON = "fake-quantized before its op (quantization-aware training); weight norm would change what is quantized"
 _NOT_WEIGHT = frozenset({"other", _COMPUTED, BIAS})
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 # Products that act on the data with a matrix other than as a linear/conv weight (a use is reported)
@@ -381,8 +380,8 @@ class UseLog:
         """
         module, tensor = split_qualname(name)
         owner = self.model.get_submodule(module)
-        if tensor == "weight" and hasattr(owner, "weight_fake_quant"):  # torch.ao's fused QAT layers (ConvBnReLU2d)
-            return QAT_REASON
+        if tensor == "weight" and (quantized := quantized_weight_reason(owner)):  # fused QAT layers (ConvBnReLU2d)
+            return quantized
         parent = self.model.get_submodule(split_qualname(module)[0]) if module else None
         if (tensor == "weight" and parent is not None and hasattr(parent, "weight_fake_quant")
                 and isinstance(owner, nn.modules.batchnorm._BatchNorm)):  # ConvBn2d's gamma scales the conv weight
