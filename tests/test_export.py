@@ -667,6 +667,15 @@ def test_equal_values_are_not_guessed(tmp_path) -> None:
     assert not report.renamed_initializers
 
 
+def test_a_float64_conv_that_onnxruntime_cannot_load_is_named_by_its_dtype(tmp_path) -> None:
+    """onnxruntime's CPU provider has no double Conv."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(2, 3, 3)).double()
+    with pytest.raises(ExportError, match=r"cannot load the exported file: .*the model computes in float64"):
+        export_onnx(model, torch.randn(2, 2, 8, dtype=torch.float64), tmp_path / "double.onnx")
+    assert not (tmp_path / "double.onnx").exists()
+
+
 class _WithExtraState(nn.Linear):
     """A layer that keeps metadata in its state dict (a quantization recipe, FP8 scaling history)."""
 

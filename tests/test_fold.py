@@ -108,6 +108,28 @@ def test_weight_norm_stacked_with_another_parametrization_is_a_clear_error() -> 
     assert parametrize.is_parametrized(model[0], "weight")
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+def test_a_folded_lstm_scripts_to_the_same_function(inplace: bool) -> None:
+    """An RNN keeps a list of its weights, which TorchScript never refreshes: the fold rebuilds it."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 4)
+    model = wn.apply_weight_norm(nn.Sequential(nn.LSTM(4, 8, batch_first=True)), x)
+    folded = wn.fold_weight_norm(model, inplace=inplace)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.script(folded)(x)[0], folded(x)[0], rtol=0, atol=0)
+
+
+def test_a_graph_module_is_copied_and_folded() -> None:
+    """Each torch.fx.GraphModule has a class of its own (GraphModuleImpl), which its copy does not share."""
+    torch.manual_seed(0)
+    traced = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))
+    x = torch.randn(16, 4)
+    model = wn.apply_weight_norm(traced, x)
+    folded = wn.fold_weight_norm(model)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x))
+
+
 def test_fold_refuses_a_non_module() -> None:
     with pytest.raises(TypeError, match="torch.nn.Module"):
         wn.fold_weight_norm({"weight": torch.zeros(2)})

@@ -8,6 +8,7 @@ step that can trace it, so the rules hold whichever step found the weights.
 
 from __future__ import annotations
 
+import io
 import re
 
 import pytest
@@ -172,6 +173,51 @@ def test_a_fused_quantization_aware_layer_is_skipped_with_its_reason(fused: str)
         "would change what is quantized")})
 
 
+class _KeepsItsState(nn.Module):
+    """Keeps its last hidden state on itself (attention maps kept for a plot, a streaming context)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+        self.last_hidden: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        if self.last_hidden is not None and self.last_hidden.shape == h.shape:
+            h = h + 0 * self.last_hidden
+        self.last_hidden = h.detach()
+        return self.b(h)
+
+
+def test_tracing_leaves_the_models_attributes_and_random_stream_as_they_were() -> None:
+    """fx's trace runs the forward with Proxies: `self.last_hidden = h` must not keep one (the model
+    would not pickle).  A forward that draws noise leaves the user's random stream unchanged."""
+    torch.manual_seed(0)
+    model = _KeepsItsState()
+    assert wn.plan_weight_norm(model).found_by == "symbolic_trace" and model.last_hidden is None
+    out = wn.apply_weight_norm(model, init="preserve")
+    assert out.last_hidden is None
+    torch.save(out, io.BytesIO())
+    wn.apply_weight_norm(model, torch.randn(16, 4))  # reads its state back in the init pass
+
+    class Noisy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.enc, self.dec = nn.Linear(8, 8), nn.Linear(4, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            mu, log_var = self.enc(x).chunk(2, dim=-1)
+            return self.dec(mu + torch.randn_like(mu) * (0.5 * log_var).exp())  # sampled in any mode
+
+    noisy, batch = Noisy(), torch.randn(64, 8)
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    wn.apply_weight_norm(noisy, batch, generator=torch.Generator().manual_seed(0))
+    wn.plan_weight_norm(noisy, batch)
+    assert torch.equal(torch.rand(4), expected)
+
+
 def test_a_reference_quantized_layer_is_skipped_with_its_reason() -> None:
     """convert_to_reference_fx's layers quantize and dequantize their weight with a fixed scale."""
     from torch.ao.nn.quantized.reference import Linear as ReferenceLinear
@@ -183,6 +229,20 @@ def test_a_reference_quantized_layer_is_skipped_with_its_reason() -> None:
     assert [t.qualname for t in report.converted] == ["2.weight"]
     assert skipped == {"0.weight": "quantized and dequantized before its op with a fixed scale (a reference quantized "
                                    "layer); weight norm would change what is quantized"}
+    from torch.ao.nn.quantized.reference import LSTM as ReferenceLSTM
+
+    class Recurrent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.out = ReferenceLSTM(4, 8, batch_first=True), nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(self.rnn(x)[0])
+
+    report, skipped = _reasons(Recurrent(), torch.randn(2, 5, 4))
+    assert [t.qualname for t in report.converted] == ["out.weight"]
+    assert {name for name, reason in skipped.items() if "reference quantized" in reason} == {
+        "rnn.weight_ih_l0", "rnn.weight_hh_l0"}
 
 
 def test_quantized_layers_are_reported_with_the_route_that_works() -> None:

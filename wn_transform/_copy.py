@@ -53,8 +53,8 @@ def _check_same_structure(model: nn.Module, copied: object, instead: str) -> Non
     """Raise where the copy is not the model's structure: ``copy.deepcopy`` looks ``__deepcopy__`` up
     on the instance, and a ``__getattr__`` that forwards unknown names to a module it holds hands
     out that module's, which copies the held module alone."""
-    ours = [(name, plain_type(module)) for name, module in model.named_modules()]
-    theirs = [(name, plain_type(module)) for name, module in copied.named_modules()] if isinstance(copied, nn.Module) else []
+    ours = [(name, _kind(module)) for name, module in model.named_modules()]
+    theirs = [(name, _kind(module)) for name, module in copied.named_modules()] if isinstance(copied, nn.Module) else []
     if ours != theirs:
         first = next((i for i, pair in enumerate(ours) if i >= len(theirs) or theirs[i] != pair), 0)
         name, cls = ours[first]
@@ -62,6 +62,13 @@ def _check_same_structure(model: nn.Module, copied: object, instead: str) -> Non
                "a __getattr__ that passes unknown attributes to a module it holds passes on __deepcopy__ too, and "
                f"copies that module alone; give that class a __deepcopy__ of its own, or {instead}")
         raise WeightNormError(msg)
+
+
+def _kind(module: nn.Module) -> type:
+    """``plain_type(module)``, with every ``torch.fx.GraphModule`` one kind: each instance has a
+    generated class of its own (``GraphModuleImpl``), which its copy does not share."""
+    kind = plain_type(module)
+    return torch.fx.GraphModule if isinstance(module, torch.fx.GraphModule) else kind
 
 
 def compiled_wrapper(model: object) -> bool:

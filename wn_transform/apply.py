@@ -21,7 +21,7 @@ from .errors import NoTargetsError, WeightNormError, few, warn_user
 from .fold import FoundWeightNorm, find_weight_norms, fold_one, foldable
 from .mean_only_bn import attach as attach_mean_only_bn
 from .mean_only_bn import channels as mean_only_bn_channels
-from .mean_only_bn import detach as detach_mean_only_bn
+from .mean_only_bn import mean_only_bn_of
 from .moments import broadcast, resolve_group
 from .ranks import check_same_model
 from .norm import direct_zero_units, unit_norm
@@ -469,8 +469,8 @@ def _attach_mean_only_bn(model: nn.Module, targets: list[Target]) -> tuple[list[
         if channels is None:
             missing.append(target.qualname)
         else:
-            detach_mean_only_bn(layer)  # one from an earlier apply (existing="convert"): its shift into the bias
-            attach_mean_only_bn(layer, *channels)
+            if mean_only_bn_of(layer) is None:  # one from an earlier apply (existing="convert") is kept
+                attach_mean_only_bn(layer, *channels)
             attached.append(target.module)
     return attached, missing
 

@@ -209,7 +209,9 @@ def cmd_apply(args: argparse.Namespace, say: Callable[[str], None]) -> int:
         msg = f"--init-scale must be a positive finite number (the std every pre-activation starts with), got {args.init_scale}"
         raise _UsageError(msg)
     if args.preserve and (args.init_scale != 1 or args.exact_init):
-        msg = "--init-scale and --exact-init set the data-dependent init; --preserve keeps every weight as it is"
+        given = " and ".join(flag for flag, on in (("--init-scale", args.init_scale != 1), ("--exact-init", args.exact_init))
+                             if on)
+        msg = f"{given} set{'s' if ' and ' not in given else ''} the data-dependent init; --preserve keeps every weight as it is"
         raise _UsageError(msg)
     _check_output_free(args)
     model = _build_model(args, say)

@@ -35,6 +35,7 @@ from . import batch as batch_mod
 from ._logging import muted
 from .errors import BatchError, one_line, warn_user
 from .layers import quantized_kind, quantized_weight_reason, standard_weights
+from .mean_only_bn import MeanOnlyBatchNorm
 from .ops import op_name
 from .targets import Skipped, Target, split_qualname
 from .uses import BIAS, UseLog, inside_torch_composite, param_aliases
@@ -63,8 +64,8 @@ def discover(model: nn.Module, sample_batch: batch_mod.SampleBatch | None = None
     failures: dict[str, str] = {}
     # Only tracing failures move down the ladder; resolving a trace's log is the library's own code.
     try:
-        with preserved_state(model, eval_mode=False):  # fx runs a forward's ops on buffers for real
-            log = _symbolic_trace_log(model)
+        with preserved_state(model, eval_mode=False, attributes=True):  # fx runs a forward's ops on buffers for
+            log = _symbolic_trace_log(model)  # real, and a forward's `self.h = h` would keep a Proxy
     except Exception as exc:  # any tracing failure moves one step down the ladder
         failures[SYMBOLIC_TRACE] = one_line(exc)
     else:
@@ -193,7 +194,7 @@ def _is_own_parameter(module: nn.Module, tensor: str) -> bool:
 
 
 def _why_not_a_target(module: nn.Module, tensor: str, kind: str) -> str:
-    if tensor == "weight" and (quantized := quantized_weight_reason(module)):
+    if tensor.startswith("weight") and (quantized := quantized_weight_reason(module)):  # (an RNN's weight_ih_l0)
         return quantized
     if is_parametrized(module, tensor):
         kinds = ", ".join(type(p).__name__ for p in module.parametrizations[tensor])
@@ -217,8 +218,9 @@ class _Tracer(torch.fx.Tracer):
         self.swapped: set[str] = set()  # leaves called with other tensors in place of their own parameters
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return super().is_leaf_module(m, module_qualified_name) and not any(
-            not plain_type(sub).__module__.startswith("torch.") for sub in m.modules())
+        return super().is_leaf_module(m, module_qualified_name) and not any(  # (a mean-only norm is no code of
+            not plain_type(sub).__module__.startswith("torch.") and not isinstance(sub, MeanOnlyBatchNorm)  # the
+            for sub in m.modules())  # model's: its layer stays a leaf, its hook unrun, as on the first apply)
 
     def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict[str, Any]) -> Any:
         path = self.path_of_module(m)
@@ -295,7 +297,7 @@ def _log_leaf_module(log: UseLog, model: nn.Module, path: str, *, traced: bool =
         prefix = ".".join(p for p in (path, sub_name) if p)
         known = {name: (kind, layout) for name, kind, layout in standard_weights(sub)}
         if quantized_weight_reason(sub):  # quantization-aware training, reference layers: the op reads q(weight)
-            known.pop("weight", None)
+            known = {name: use for name, use in known.items() if not name.startswith("weight")}
         if "weight" in known and known["weight"][0] != "recurrent":  # a linear/conv layer: its op adds its bias
             known["bias"] = (BIAS, None)
         for name, _ in sub.named_parameters(recurse=False):
@@ -514,8 +516,12 @@ def _walk_log(model: nn.Module) -> UseLog:
 
 # -- shared ------------------------------------------------------------------------------
 @contextlib.contextmanager
-def preserved_state(model: nn.Module, *, batch_statistics: bool = False, eval_mode: bool = True) -> Iterator[None]:
-    """Put ``model`` in eval mode; afterwards restore every module's mode and every buffer.
+def preserved_state(model: nn.Module, *, batch_statistics: bool = False, eval_mode: bool = True,
+                    attributes: bool = False) -> Iterator[None]:
+    """Put ``model`` in eval mode; afterwards restore every module's mode and every buffer, and the
+    global random number generators (CPU and the model's CUDA devices): a forward that draws noise
+    (a VAE's sample, a diffusion model's timestep) leaves the user's random stream as it was, and
+    every pass the library runs starts from the same state (the init is reproducible).
 
     ``batch_statistics``: batch norms (and instance norms that track statistics) that were
     training stay training, so they normalize with the batch's statistics as they will in
@@ -525,8 +531,12 @@ def preserved_state(model: nn.Module, *, batch_statistics: bool = False, eval_mo
     ``eval_mode=False``: leave the modes as they are (fx's symbolic trace follows the branches
     of the user's mode, and runs the ops on buffers that involve no traced value: a step counter's
     ``+= 1``, an EMA's ``mul_``), and only restore the buffers.
+    ``attributes``: also restore each module's plain attributes (a forward's ``self.last_hidden =
+    h``, which fx's trace would leave holding a ``Proxy``), removing those the block added.
     """
     modules = _all_modules(model)
+    kept = [(module, _plain_attributes(module)) for module in modules] if attributes else []
+    devices = sorted({t.device.index or 0 for t in (*model.parameters(), *model.buffers()) if t.is_cuda})
     modes = [module.training for module in modules]
     slots = [(m, name, b) for m in modules for name, b in m._buffers.items()]  # a forward may rebind one
     buffers = [(buf, buf.detach().clone()) for buf in {id(b): b for _, _, b in slots if b is not None}.values()
@@ -538,8 +548,13 @@ def preserved_state(model: nn.Module, *, batch_statistics: bool = False, eval_mo
             if training and _trains_its_statistics(module):
                 object.__setattr__(module, "training", True)
     try:
-        yield
+        with torch.random.fork_rng(devices=devices):
+            yield
     finally:
+        for module, saved in kept:
+            for key in _plain_attributes(module).keys() - saved.keys():
+                del module.__dict__[key]
+            module.__dict__.update(saved)
         for module, training in zip(modules, modes):
             if module.training != training:
                 object.__setattr__(module, "training", training)  # what Module.__setattr__ does, minus its checks
@@ -550,6 +565,15 @@ def preserved_state(model: nn.Module, *, batch_statistics: bool = False, eval_mo
             for buf, saved in buffers:  # (batch norm's kernels write running stats without a version bump)
                 if buf.shape == saved.shape and not torch.equal(buf, saved):  # only then: an expanded buffer,
                     buf.copy_(saved)  # whose elements share memory, cannot be copied into
+
+
+_MODULE_STATE = frozenset({"_parameters", "_buffers", "_modules", "training"})
+
+
+def _plain_attributes(module: nn.Module) -> dict[str, Any]:
+    """``module.__dict__`` without the registries of parameters, buffers and submodules (restored
+    apart) and its mode."""
+    return {key: value for key, value in module.__dict__.items() if key not in _MODULE_STATE}
 
 
 def _trains_its_statistics(module: nn.Module) -> bool:

@@ -1115,15 +1115,16 @@ def _check_batch_axis(graph_inputs: dict[str, list[int | str]], inputs: _Inputs)
 
 
 def _low_precision(model: nn.Module, inputs: _Inputs) -> str:
-    """The half-precision dtypes the model's parameters or inputs hold (``"bfloat16"``), if any."""
-    dtypes = {t.dtype for t in (*model.parameters(), *inputs.tensors)} & {torch.bfloat16, torch.float16}
+    """The dtypes other than float32 the model's parameters or inputs hold (``"bfloat16"``), for
+    which onnxruntime's CPU provider lacks kernels (bfloat16 ``MatMul``, float64 ``Conv``), if any."""
+    dtypes = {t.dtype for t in (*model.parameters(), *inputs.tensors)} & {torch.bfloat16, torch.float16, torch.float64}
     return ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
 
 
 def _open_session(file: str, low_precision: str = "") -> Any:
     """An onnxruntime CPU session on ``file`` (one for every verification run: loading costs).
-    ``low_precision``: the model's half-precision dtypes, named in the error where loading fails
-    (the CPU provider lacks many kernels for them, bfloat16 ``Gemm`` and ``MatMul`` among them)."""
+    ``low_precision``: the model's dtypes other than float32, named in the error where loading fails
+    (the CPU provider lacks many kernels for them: bfloat16 ``Gemm`` and ``MatMul``, float64 ``Conv``)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()

@@ -9,6 +9,8 @@ from __future__ import annotations
 from torch import nn
 from torch.ao.nn.quantized.dynamic.modules.rnn import RNNBase, RNNCellBase  # (imported by torch itself)
 from torch.ao.nn.quantized.modules.utils import WeightedQuantizedModule
+from torch.ao.nn.quantized.reference.modules.rnn import RNNBase as ReferenceRNNBase
+from torch.ao.nn.quantized.reference.modules.rnn import RNNCellBase as ReferenceRNNCellBase
 from torch.ao.nn.quantized.reference.modules.utils import ReferenceQuantizedModule
 from torch.nn.modules.conv import _ConvNd
 
@@ -53,7 +55,7 @@ def quantized_weight_reason(module: nn.Module) -> str | None:
     fixed scale); else None.  Weight norm would change what is quantized."""
     if hasattr(module, "weight_fake_quant"):
         return "fake-quantized before its op (quantization-aware training); weight norm would change what is quantized"
-    if isinstance(module, ReferenceQuantizedModule):
+    if isinstance(module, (ReferenceQuantizedModule, ReferenceRNNBase, ReferenceRNNCellBase)):
         return ("quantized and dequantized before its op with a fixed scale (a reference quantized layer); weight norm "
                 "would change what is quantized")
     return None

@@ -531,6 +531,8 @@ def remove(module: nn.Module, name: str, value: Tensor, *, requires_grad: bool =
         rank = {key: i for i, key in enumerate(order)}
         params = dict(sorted(params.items(), key=lambda item: rank.get(item[0], len(rank))))
     module._parameters = params
+    if isinstance(module, nn.RNNBase):  # its cached list of weights: TorchScript never refreshes it
+        module._init_flat_weights()
 
 
 _ORDER = "_wn_parameter_order"
@@ -602,8 +604,6 @@ def _extend_class(module: nn.Module) -> None:
         if isinstance(prop, property) and not isinstance(prop, _DirectWeight):
             setattr(cls, name, _DirectWeight(name, prop))
     base = plain_type(module)
-    if issubclass(base, nn.RNNBase) and "_update_flat_weights" not in cls.__dict__:
-        cls._update_flat_weights = _eager_flat_weights()
     if base.forward is nn.Linear.forward and "weight" in ours:
         cls.forward = _linear_forward  # reads the cache itself
         if "__call__" in cls.__dict__:  # set when the bias was parametrized first
@@ -613,16 +613,6 @@ def _extend_class(module: nn.Module) -> None:
     cls.__call__ = _serving_call
     own = next(klass for klass in base.__mro__ if "__call__" in klass.__dict__)
     cls._wn_base_call = None if own is nn.Module else base.__call__  # None: nn.Module's, looked up per call
-
-
-@functools.cache
-def _eager_flat_weights() -> Callable[[nn.RNNBase], None]:
-    """``RNNBase._update_flat_weights``, never compiled.  dynamo does not trace an RNN module: it
-    breaks the graph there and runs the RNN's forward eagerly, which reads every weight; left to
-    itself, dynamo would compile each read's ``WeightNorm.forward`` as a frame of its own, once per
-    weight shape and grad mode, up to its recompile limit.  (Made on first use: ``torch.compiler.disable``
-    imports dynamo, 0.7 s.)"""
-    return torch.compiler.disable(nn.RNNBase._update_flat_weights)
 
 
 def _serving_call(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
