@@ -257,6 +257,16 @@ def test_shards_that_are_one_batch_together_and_ranks_at_different_layers(tmp_pa
         assert error.startswith("the ranks of the process group hold different parameter values (spectral)"), error
 
 
+@pytest.mark.parametrize("layout", ["coo", "csr"])
+def test_the_same_model_check_sums_a_sparse_parameter_by_its_values(layout: str) -> None:
+    from wn_transform.ranks import _sums
+
+    dense = torch.tensor([[0.0, 2.0, 0.0], [1.5, 0.0, -3.0]])
+    sparse = dense.to_sparse() if layout == "coo" else dense.to_sparse_csr()
+    torch.testing.assert_close(_sums(sparse), _sums(dense))
+    torch.testing.assert_close(_sums(dense), torch.tensor([0.5, 15.25], dtype=torch.float64))
+
+
 def test_a_single_process_without_a_group_is_unaffected() -> None:
     x, _ = _data()
     a = _init(_model(), x, seed=3)

@@ -180,12 +180,16 @@ class _KeepsItsState(nn.Module):
         super().__init__()
         self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
         self.last_hidden: torch.Tensor | None = None
+        self.maps: list[torch.Tensor] = []
+        self.cache: dict[str, torch.Tensor] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.relu(self.a(x))
         if self.last_hidden is not None and self.last_hidden.shape == h.shape:
             h = h + 0 * self.last_hidden
         self.last_hidden = h.detach()
+        self.maps.append(h.detach())
+        self.cache["input"] = x.detach()
         return self.b(h)
 
 
@@ -195,8 +199,9 @@ def test_tracing_leaves_the_models_attributes_and_random_stream_as_they_were() -
     torch.manual_seed(0)
     model = _KeepsItsState()
     assert wn.plan_weight_norm(model).found_by == "symbolic_trace" and model.last_hidden is None
+    assert model.maps == [] and model.cache == {}
     out = wn.apply_weight_norm(model, init="preserve")
-    assert out.last_hidden is None
+    assert out.last_hidden is None and out.maps == [] and out.cache == {}
     torch.save(out, io.BytesIO())
     wn.apply_weight_norm(model, torch.randn(16, 4))  # reads its state back in the init pass
 

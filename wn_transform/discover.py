@@ -14,6 +14,7 @@ rules whichever step saw it.  The first step that succeeds is used.
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import io
 import operator
@@ -532,10 +533,13 @@ def preserved_state(model: nn.Module, *, batch_statistics: bool = False, eval_mo
     of the user's mode, and runs the ops on buffers that involve no traced value: a step counter's
     ``+= 1``, an EMA's ``mul_``), and only restore the buffers.
     ``attributes``: also restore each module's plain attributes (a forward's ``self.last_hidden =
-    h``, which fx's trace would leave holding a ``Proxy``), removing those the block added.
+    h``, which fx's trace would leave holding a ``Proxy``), removing those the block added, and the
+    contents of those that are lists, dicts or sets (``self.maps.append(h)``, ``self.cache[k] = h``).
     """
     modules = _all_modules(model)
     kept = [(module, _plain_attributes(module)) for module in modules] if attributes else []
+    contents = [(value, copy.copy(value)) for _, saved in kept for value in saved.values()
+                if type(value) in (list, dict, set)]  # written into in place (self.maps.append(h)), not rebound
     devices = sorted({t.device.index or 0 for t in (*model.parameters(), *model.buffers()) if t.is_cuda})
     modes = [module.training for module in modules]
     slots = [(m, name, b) for m in modules for name, b in m._buffers.items()]  # a forward may rebind one
@@ -555,6 +559,12 @@ def preserved_state(model: nn.Module, *, batch_statistics: bool = False, eval_mo
             for key in _plain_attributes(module).keys() - saved.keys():
                 del module.__dict__[key]
             module.__dict__.update(saved)
+        for container, saved_contents in contents:
+            container.clear()
+            if isinstance(container, list):
+                container.extend(saved_contents)
+            else:
+                container.update(saved_contents)
         for module, training in zip(modules, modes):
             if module.training != training:
                 object.__setattr__(module, "training", training)  # what Module.__setattr__ does, minus its checks

@@ -64,7 +64,8 @@ def check_same_model(model: nn.Module, targets: list[Target], group: dist.Proces
 def _sums(p: Tensor) -> Tensor:
     """``[sum, sum of squares]`` of ``p``'s values (real and imaginary parts), in float64, a chunk
     of :data:`_CHUNK` values at a time (no float64 copy of a large embedding at once)."""
-    p = p.coalesce().values() if p.is_sparse else p
+    if p.layout != torch.strided:  # sparse: its stored values (COO coalesced; CSR, CSC, BSR, BSC as they are)
+        p = p.coalesce().values() if p.layout == torch.sparse_coo else p.values()
     p = torch.view_as_real(p) if p.is_complex() else p
     total = torch.zeros(2, dtype=torch.float64, device=p.device)
     for chunk in p.reshape(-1).split(_CHUNK):
