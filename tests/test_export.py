@@ -683,7 +683,7 @@ class _WithExtraState(nn.Linear):
         return {"recipe": "e4m3", "amax_history": [1.0, 2.0]}
 
     def set_extra_state(self, state: dict) -> None:
-        pass
+        """Nothing to restore: the metadata is fixed."""
 
 
 def test_state_dict_entries_that_are_not_weights_are_no_initializers(tmp_path) -> None:

@@ -386,8 +386,10 @@ def _plan(model: nn.Module, sample_batch, selection: Selection, existing: Existi
     already = find_weight_norms(model)
     # existing="convert": each weight norm is folded for discovery, but one stacked with another
     # parametrization is left as it is (discovery reports the weight as computed by them)
-    kept = already if existing == "keep" else [found for found in already if not foldable(model, found)]
-    folded = _fold_existing(model, [found for found in already if found not in kept]) if existing == "convert" else {}
+    kept, folded = already, {}
+    if existing == "convert":
+        kept = [found for found in already if not foldable(model, found)]
+        folded = _fold_existing(model, [found for found in already if foldable(model, found)])
     discovery = discover(model, sample_batch)
     discovery.targets, not_real = _real_weights(model, discovery.targets)
     discovery.skipped += not_real
@@ -493,18 +495,19 @@ class _Undo:
     def keep_modules(self, modules: Iterable[nn.Module]) -> None:
         """Each module and its submodules (a parametrization's list and originals)."""
         for module in (sub for top in modules for sub in top.modules()):
-            if id(module) not in self._modules:  # the first state seen is the user's
-                state = {key: value.copy() if isinstance(value, dict) else value for key, value in vars(module).items()}
-                self._modules[id(module)] = (module, type(module), state)
+            self._keep(module)
 
     def keep_layer(self, layer: nn.Module) -> None:
         """One layer and its parametrizations, not the layers it holds."""
         chains = layer._modules.get("parametrizations")
         if chains is not None:
             self.keep_modules([chains])
-        if id(layer) not in self._modules:
-            state = {key: value.copy() if isinstance(value, dict) else value for key, value in vars(layer).items()}
-            self._modules[id(layer)] = (layer, type(layer), state)
+        self._keep(layer)
+
+    def _keep(self, module: nn.Module) -> None:
+        if id(module) not in self._modules:  # the first state seen is the user's
+            state = {key: value.copy() if isinstance(value, dict) else value for key, value in vars(module).items()}
+            self._modules[id(module)] = (module, type(module), state)
 
     def keep_values(self, tensors: Iterable[torch.Tensor]) -> None:
         self._values += [(tensor, tensor.detach().clone()) for tensor in tensors]

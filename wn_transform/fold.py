@@ -94,11 +94,12 @@ def fold_weight_norm(model: nn.Module, *, keep: Collection[str] = (), inplace: b
     refuse_ddp(model, "fold_weight_norm", FoldError)
     refuse_sharded(model, "fold_weight_norm", FoldError)
     keep = _first_names(model, [keep] if isinstance(keep, str) else keep)
-    weights = [found.qualname for found in find_weight_norms(model)]
+    founds = find_weight_norms(model)
+    weights = [found.qualname for found in founds]
     unknown = sorted(keep - set(weights))
     if unknown:
         raise FoldError(unknown_keep_message(unknown, weights, "this model"))
-    for found in find_weight_norms(model):  # before anything is folded: an in-place fold is all or nothing
+    for found in founds:  # before anything is folded: an in-place fold is all or nothing
         if found.qualname not in keep:
             _check_foldable(model, found)
     if not inplace:
