@@ -8,10 +8,12 @@ from __future__ import annotations
 import copy
 import gc
 import io
+import json
 import subprocess
 import sys
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -436,6 +438,22 @@ def test_the_report_is_a_table_and_a_dict(net: Net, batch: torch.Tensor) -> None
     assert {row["found_by"] for row in as_dict["converted"]} == {"symbolic_trace"}
 
 
+def test_the_report_records_the_options_that_made_the_weights(net: Net, batch: torch.Tensor) -> None:
+    """The report says how the weights were made: the options given away from their defaults (in
+    the table's summary line and in ``to_dict``), nothing for a default call, and for a plan the
+    ``existing`` rule it planned with."""
+    default = wn.weight_norm_report(wn.apply_weight_norm(net, batch))
+    assert default.options == {} and default.to_dict()["options"] == {}
+    assert default.table().splitlines()[-1].endswith("init=data")
+    made = wn.weight_norm_report(wn.apply_weight_norm(net, batch, init_scale=0.5, exp_scale=True, exact_init=True))
+    assert made.to_dict()["options"] == {"init_scale": 0.5, "exact_init": True, "exp_scale": True}
+    assert "init=data (init_scale=0.5, exact_init=True, exp_scale=True)" in made.table()
+    json.loads(json.dumps(made.to_dict()))
+    assert wn.plan_weight_norm(net, existing="convert").options == {"existing": "convert"}
+    numpy_scale = wn.weight_norm_report(wn.apply_weight_norm(net, batch, init_scale=np.float32(0.5)))
+    assert json.loads(json.dumps(numpy_scale.to_dict()))["options"] == {"init_scale": 0.5}
+
+
 def test_the_cli_answers_help_and_version() -> None:
     version = subprocess.run([sys.executable, "-m", "wn_transform.cli", "--version"], capture_output=True, text=True, check=True)
     assert version.stdout.strip() == f"wn-transform {wn.__version__}"
@@ -693,6 +711,49 @@ def test_compiling_adds_no_graph_per_batch_size() -> None:
     assert _compiled_graphs(wn.apply_weight_norm(mlp(), init="preserve"), sizes) == _compiled_graphs(mlp(), sizes)
 
 
+def test_compiling_adds_no_graph_where_the_rows_leave_the_native_kernels_range() -> None:
+    """A Linear trained at 16 rows then 4 takes the output form both times: the native kernels'
+    row test (which never runs under a compiler) adds no guard on the batch size."""
+    def layer() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(512, 512))
+
+    def sizes(compiled: nn.Module) -> None:
+        for rows in (16, 4):
+            compiled(torch.randn(rows, 512)).sum().backward()
+
+    assert _compiled_graphs(wn.apply_weight_norm(layer(), init="preserve"), sizes) == _compiled_graphs(layer(), sizes) == 1
+
+
+def test_a_compiled_optimizer_step_trains_the_weight_normalized_model() -> None:
+    """``torch.compile(optimizer.step)`` (torch's compiled-optimizer recipe) traces the global step
+    hook the library registers: it compiles, every step trains g and v, and the eval-mode weights
+    that follow are the new ones (a plain model's compiled step works beside it too)."""
+    torch.manual_seed(0)
+    model = wn.apply_weight_norm(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)), init="preserve")
+    x, y = torch.randn(4, 8), torch.randint(0, 3, (4,))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    step = torch.compile(optimizer.step, backend="eager")
+    torch._dynamo.reset()
+    try:
+        for _ in range(3):
+            with torch.no_grad():
+                before = model.eval()(x)  # fills the eval-mode weight cache
+            optimizer.zero_grad()
+            F.cross_entropy(model.train()(x), y).backward()
+            step()
+            with torch.no_grad():
+                after = model.eval()(x)
+                torch.testing.assert_close(after, wn.fold_weight_norm(model)(x), rtol=1e-6, atol=1e-6)
+            assert not torch.equal(after, before)
+        plain = nn.Linear(8, 3)
+        plain_step = torch.compile(torch.optim.Adam(plain.parameters()).step, backend="eager")
+        plain(x).sum().backward()
+        plain_step()
+    finally:
+        torch._dynamo.reset()
+
+
 def test_options_of_the_data_init_with_init_preserve_are_an_error() -> None:
     model = nn.Sequential(nn.Linear(4, 4))
     with pytest.raises(ValueError, match=r"init_scale sets the data-dependent init, and init='preserve' keeps"):
@@ -809,6 +870,42 @@ def test_rules_that_match_only_weights_kept_with_their_weight_norm_are_satisfied
     with pytest.raises(wn.SelectionError, match="types entry Embedding matches none"):
         wn.apply_weight_norm(everything, types=nn.Embedding)
     assert wn.weight_norm_report(wn.apply_weight_norm(everything, types=nn.Linear)).converted == []
+
+
+class _TinyLM(nn.Module):
+    """An embedding, a block and an output layer, the output tied to the embedding or not."""
+
+    def __init__(self, tied: bool) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(16, 8)
+        self.block = nn.Linear(8, 8)
+        self.lm_head = nn.Linear(8, 16, bias=False)
+        if tied:
+            self.lm_head.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(torch.relu(self.block(self.embed(ids))))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_an_exclude_rule_for_a_weight_left_alone_anyway_is_satisfied(tied: bool) -> None:
+    """``exclude="lm_head"`` serves a tied and an untied model alike: where the head is tied to
+    the embedding it is skipped already (reported as tied), and the rule matches it; an include
+    rule that matches only such a weight is an error that says why it is left alone."""
+    ids = torch.randint(0, 16, (4, 6))
+    report = wn.weight_norm_report(wn.apply_weight_norm(_TinyLM(tied), ids, exclude="lm_head"))
+    assert [t.qualname for t in report.converted] == ["block.weight"]
+    reasons = {s.qualname: s.reason for s in report.skipped}
+    if tied:  # reported under its first name
+        assert reasons["embed.weight"].startswith("tied: the same Parameter is also lm_head.weight")
+        with pytest.raises(wn.SelectionError, match=r"include pattern 'lm_head' matches only weights that are left "
+                                                    r"as they are \(embed.weight: tied.*\); the weights found to "
+                                                    r"normalize are block.weight"):
+            wn.apply_weight_norm(_TinyLM(tied), ids, include="lm_head")
+    else:
+        assert reasons["lm_head.weight"] == "matched by exclude"
+    with pytest.raises(wn.SelectionError, match="exclude pattern 'decoder' matches none of the weights found"):
+        wn.apply_weight_norm(_TinyLM(tied), ids, exclude="decoder")
 
 
 def test_the_could_not_trace_warning_points_at_the_callers_line() -> None:

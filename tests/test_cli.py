@@ -1239,3 +1239,198 @@ def test_a_model_path_without_its_py_suffix_is_a_usage_error(tmp_path: Path) -> 
     result = cli("inspect", "--model", "./models:build")
     assert result.returncode == 2
     assert "--model must look like package.module:factory or path/to/models.py:factory, got './models:build'" in result.stderr
+
+
+@pytest.mark.parametrize("factory", ["build_generator", "build_legacy_generator"])
+@pytest.mark.parametrize("source", ["plain", "ours"])
+def test_a_checkpoint_loads_into_a_model_built_with_weight_norm_on_its_own_axes(factory: str, source: str,
+                                                                               tmp_path: Path) -> None:
+    """A vocoder class that builds torch's weight norm (either API), given its released plain
+    weights or ``apply --preserve``'s output (ConvTranspose normalized per output channel, where
+    torch's ``dim=0`` is the input channel): each weight is normalized on the model's own axis
+    (``conv_post``: the whole tensor), and the model computes the plain function; a zero unit
+    computes 0, not torch's 0/0."""
+    import onnxruntime
+
+    plain = build_plain(seed=3)
+    with torch.no_grad():
+        plain.resblocks[0].convs[0].weight[1].zero_()  # a pruned unit
+    state = plain.state_dict() if source == "plain" else wn.apply_weight_norm(plain, init="preserve").state_dict()
+    ckpt, out = tmp_path / "ckpt.pt", tmp_path / "g.onnx"
+    torch.save(state, ckpt)
+    assert main(["export", "--model", f"tests.fixtures.hifigan:{factory}", "--checkpoint", str(ckpt),
+                 "--input-shape", "1,80,12", "--exporter", "torchscript", "-o", str(out)]) == 0
+    mel = torch.randn(2, 80, 12, generator=torch.Generator().manual_seed(0))
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: mel.numpy()})[0]
+    with torch.no_grad():
+        want = plain(mel).numpy()
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_checkpoint_none_of_whose_state_dicts_fits_names_the_closest(tmp_path: Path, capsys) -> None:
+    """A discriminators' file (HiFi-GAN's ``do_...``: mpd, msd) given for the generator: no
+    ``--key`` would help, and the error says what the closest state dict lacks; two state dicts
+    with the model's keys but other shapes do not fit either."""
+    source = tmp_path / "do_00000010"
+    torch.save({"mpd": {"a.weight": torch.zeros(2, 2)}, "msd": {"b.weight": torch.zeros(2, 2), "b.bias": torch.zeros(2)},
+                "steps": 10}, source)
+    common = ["inspect", "--model", "tests.test_cli:build_conv", "--checkpoint"]
+    assert main([*common, str(source)]) == 1
+    err = capsys.readouterr().err
+    assert ("none of its 2 state dicts (mpd, msd) fits tests.test_cli:build_conv (the closest, mpd: missing keys "
+            "0.bias, 0.weight; unexpected keys a.weight)") in err and "--key" not in err
+    other_shapes = tmp_path / "wide.pt"
+    wide = {"0.weight": torch.zeros(8, 4, 3), "0.bias": torch.zeros(8)}
+    torch.save({"model": wide, "ema": wide}, other_shapes)
+    assert main([*common, str(other_shapes)]) == 1
+    err = capsys.readouterr().err
+    assert "none of its 2 state dicts (model, ema) fits" in err and "other shapes for 0.bias, 0.weight" in err
+
+
+def test_a_stop_that_a_library_swallows_still_stops_the_export(tmp_path: Path, monkeypatch, capsys) -> None:
+    """SIGTERM inside the dynamo exporter, where torch's lazy import turns it into an AttributeError
+    (its ``except torch._dynamo.exc.UserError`` on a half-imported module): the export does not fall
+    back and write a file; the CLI stops as for any SIGTERM."""
+    import signal
+
+    from wn_transform import export as export_module
+
+    def swallowing_exporter(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler raises at the next bytecode, in here
+            sum(range(10))
+        except BaseException as exc:
+            msg = "module 'torch._dynamo' has no attribute 'exc'"
+            raise AttributeError(msg) from exc
+        raise AssertionError("the signal handler did not run")
+
+    monkeypatch.setattr(export_module, "_export_dynamo", swallowing_exporter)
+    out = tmp_path / "g.onnx"
+    args = ["export", "--model", MODEL, "--input-shape", "1,80,8", "-o", str(out)]
+    assert main(args) == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM; no output was written" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_stop_after_the_output_is_written_lets_the_command_finish(nested: Path, tmp_path: Path, monkeypatch,
+                                                                    capsys) -> None:
+    """The output is complete once it is renamed into place: a SIGTERM while the summary prints is
+    noted, and the command exits 0 (not "no output was written" beside a complete file)."""
+    import builtins
+    import signal
+
+    out = tmp_path / "out.pt"
+    sent = []
+
+    def print_then_killed(*args, **kwargs) -> None:
+        builtins.print(*args, **kwargs)
+        if not sent and kwargs.get("file") is not sys.stderr:
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr("wn_transform.cli.print", print_then_killed, raising=False)
+    assert main(["fold", str(nested), "-o", str(out)]) == 0
+    assert sent and "SIGTERM arrived after" in capsys.readouterr().err
+    assert wn.find_state_dict_weight_norms(torch.load(out, weights_only=True)["generator"]) == []
+
+
+def test_a_closed_pipe_on_stdout_ends_inspect_quietly(nested: Path, monkeypatch, capsys) -> None:
+    """``wn-transform inspect big.pt | head -1``: the reader closed the pipe; no error message, the
+    exit code a shell gives a process stopped by SIGPIPE."""
+    def closed_pipe(*args, **kwargs) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr("wn_transform.cli.print", closed_pipe, raising=False)
+    assert main(["inspect", str(nested)]) == 141
+    assert "error" not in capsys.readouterr().err
+
+
+def test_a_folder_given_as_the_checkpoint_names_the_files_in_it(tmp_path: Path, capsys) -> None:
+    """A ``save_pretrained`` folder: the error names its index (a sharded checkpoint), or its files."""
+    sharded, single, empty = tmp_path / "sharded", tmp_path / "single", tmp_path / "empty"
+    for folder in (sharded, single, empty):
+        folder.mkdir()
+    save_file({"w": torch.ones(2)}, sharded / "model-00001-of-00002.safetensors")
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "model-00001-of-00002.safetensors"}}))
+    save_file({"w": torch.ones(2)}, single / "model.safetensors")
+    (single / "config.json").write_text("{}")
+    for folder, said in ((sharded, "pass the checkpoint file in it: model.safetensors.index.json (a sharded "
+                                   "checkpoint's index, read whole)"),
+                         (single, "pass the checkpoint file in it: model.safetensors"),
+                         (empty, "it holds no checkpoint file")):
+        assert main(["fold", str(folder), "-o", str(tmp_path / "out.pt")]) == 1
+        assert f"error: {folder}: is a folder; {said}" in capsys.readouterr().err
+
+
+def build_lazy() -> torch.nn.Module:
+    """A model whose first layer is lazy until its first call."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.LazyLinear(4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+
+
+def test_a_lazy_model_loads_its_checkpoint(tmp_path: Path, capsys) -> None:
+    """A lazy layer has no shape until load_state_dict materializes it: any shape fits."""
+    trained = build_lazy()
+    trained(torch.randn(2, 3))
+    ckpt = tmp_path / "lazy.pt"
+    torch.save(trained.state_dict(), ckpt)
+    assert main(["apply", "--model", "tests.test_cli:build_lazy", "--checkpoint", str(ckpt), "--preserve",
+                 "-o", str(tmp_path / "wn.pt")]) == 0
+    folded = wn.fold_state_dict(torch.load(tmp_path / "wn.pt", weights_only=True))
+    torch.testing.assert_close(folded["0.weight"], trained[0].weight)
+
+
+def test_a_stop_between_the_rename_and_the_writers_return_says_the_output_is_complete(
+        nested: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """A signal that lands after the output was renamed into place, before the command hears of it:
+    the run reports the output complete and exits 0."""
+    import signal
+
+    from wn_transform import cli
+
+    real_save = cli.save_checkpoint
+
+    def saved_then_killed(*args, **kwargs) -> None:
+        real_save(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        sum(range(10))
+
+    monkeypatch.setattr(cli, "save_checkpoint", saved_then_killed)
+    out = tmp_path / "out.pt"
+    assert main(["fold", str(nested), "-o", str(out)]) == 0
+    assert f"SIGTERM arrived after {out} was written in full; it is complete" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "out.pt"]
+
+
+def test_no_fitting_state_dict_with_one_unreadable_pair_still_names_the_closest(tmp_path: Path, capsys) -> None:
+    """A state dict whose weight-norm pair cannot take the model's layout is ranked out, not raised."""
+    source = tmp_path / "two.pt"
+    torch.save({"model": {"0.weight": torch.zeros(8, 4, 3), "0.bias": torch.zeros(8)},
+                "disc": {"x.weight_g": torch.ones(3), "x.weight_v": torch.ones(4, 5, 6)}}, source)
+    assert main(["inspect", "--model", "tests.test_cli:build_conv", "--checkpoint", str(source)]) == 1
+    assert "none of its 2 state dicts (model, disc) fits tests.test_cli:build_conv (the closest, model: other shapes " \
+           "for 0.bias, 0.weight)" in capsys.readouterr().err
+
+
+def build_exp_scale_generator() -> torch.nn.Module:
+    """The generator weight-normalized by this library with ``g = e^s`` (a marker in its state dict)."""
+    return wn.apply_weight_norm(build_plain(seed=0), init="preserve", exp_scale=True)
+
+
+def test_a_plain_checkpoint_loads_into_an_exp_scale_model(tmp_path: Path) -> None:
+    """The pairs made from the plain weights hold ``g`` and no ``g_is_log`` marker: the layer's load
+    stores ``s = log g`` (and the model computes the plain function, a pruned unit included)."""
+    plain = build_plain(seed=3)
+    with torch.no_grad():
+        plain.conv_pre.weight[2].zero_()
+    ckpt, out = tmp_path / "plain.pt", tmp_path / "wn.pt"
+    torch.save(plain.state_dict(), ckpt)
+    assert main(["apply", "--model", "tests.test_cli:build_exp_scale_generator", "--checkpoint", str(ckpt),
+                 "--preserve", "-o", str(out)]) == 0
+    model = build_exp_scale_generator()
+    model.load_state_dict(torch.load(out, weights_only=True))
+    mel = torch.randn(2, 80, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(model(mel), plain(mel), rtol=1e-5, atol=1e-6)

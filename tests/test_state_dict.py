@@ -165,6 +165,42 @@ def test_fitting_an_exp_scale_checkpoint_to_torchs_weight_norm_stores_g(style: s
     torch.testing.assert_close(theirs(x), ours(x))
 
 
+@pytest.mark.parametrize("source", ["plain", "exp_scale"])
+@pytest.mark.parametrize("style", ["legacy", "parametrizations"])
+def test_fitting_with_the_models_pairs_normalizes_on_its_axis_and_gives_zero_units_a_direction(
+        style: str, source: str) -> None:
+    """Given the model's own pairs, a plain weight (a released vocoder's) is normalized on the
+    model's axis, and a pair whose direction has an all-zero unit (a pruned unit of an exp_scale
+    checkpoint: ``g = e^s`` tiny, ``v = 0``) is folded and normalized there too: torch's weight norm
+    would compute ``0/0`` for it.  Each such unit gets ``g = 0`` and a unit direction."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv1d(2, 4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(4, 3))
+    with torch.no_grad():
+        plain[0].weight[1].zero_()
+        plain[3].weight[2].zero_()
+    state = (plain.state_dict() if source == "plain"
+             else wn.apply_weight_norm(plain, init="preserve", exp_scale=True).state_dict())
+    if source == "exp_scale":
+        with torch.no_grad():
+            state["0.parametrizations.weight.original1"][1].zero_()  # the pruned unit's direction
+    norm = legacy_weight_norm if style == "legacy" else parametrized_weight_norm
+    theirs = nn.Sequential(norm(nn.Conv1d(2, 4, 3)), nn.Tanh(), nn.Flatten(), norm(nn.Linear(4, 3)))
+    own = theirs.state_dict()
+    fitted = fit_state_dict(state, own.keys(), find_state_dict_weight_norms(own))
+    assert set(fitted) == set(own)
+    theirs.load_state_dict(fitted)
+    x = torch.randn(5, 2, 3)
+    out = theirs(x)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, plain(x))
+    g_key, v_key = (("3.weight_g", "3.weight_v") if style == "legacy"
+                    else ("3.parametrizations.weight.original0", "3.parametrizations.weight.original1"))
+    assert float(fitted[g_key][2]) == 0 and float(torch.linalg.vector_norm(fitted[v_key][2])) == pytest.approx(1)
+    meta = fit_state_dict({k: v.to("meta") for k, v in plain.state_dict().items()}, own.keys(),
+                          find_state_dict_weight_norms(own))
+    assert {k: v.shape for k, v in meta.items()} == {k: v.shape for k, v in own.items()}
+
+
 def test_keep_leaves_the_named_weights_normalized() -> None:
     model = build_generator("parametrizations")
     state = model.state_dict()

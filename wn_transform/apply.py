@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -157,6 +158,9 @@ def apply_weight_norm(
             undo.keep_modules(working.get_submodule(found.module) for found in find_weight_norms(working))
         try:
             report, targets = _plan(working, sample_batch, selection, existing, init)
+            report.options = _non_default(init_scale=float(init_scale), exact_init=bool(exact_init),
+                                          resample=bool(resample), exp_scale=bool(exp_scale),
+                                          mean_only_bn=bool(mean_only_bn), existing=str(existing))
             if group is not None and (init == "data" or resample):  # before the first collective of the init
                 check_same_model(working, targets, group)
             if inplace:
@@ -190,6 +194,12 @@ def apply_weight_norm(
             raise
     _REPORTS[working] = report
     return working
+
+
+def _non_default(**options: object) -> dict[str, object]:
+    """The given options of :func:`apply_weight_norm` whose values are not its defaults."""
+    defaults = inspect.signature(apply_weight_norm).parameters
+    return {name: value for name, value in options.items() if value != defaults[name].default}
 
 
 def plan_weight_norm(
@@ -226,6 +236,7 @@ def plan_weight_norm(
     selection = Selection.build(include, exclude, types, filter_fn)
     working = copy_model(model, instead="plan with existing='keep', which needs no copy") if existing == "convert" else model
     report = _plan(working, sample_batch, selection, existing, init)[0]
+    report.options = _non_default(existing=existing)
     if checked and report.found_by == "symbolic_trace":
         with preserved_state(model, batch_statistics=True), torch.no_grad():
             batch_mod.run(model, sample_batch)
@@ -396,7 +407,7 @@ def _plan(model: nn.Module, sample_batch, selection: Selection, existing: Existi
     account_for_every_layer(model, discovery, {found.qualname for found in already} if existing == "keep" else set())
     if not discovery.targets and not (already and existing == "keep"):
         raise NoTargetsError(_no_targets_message(model, discovery, sample_batch is not None))
-    targets, left_out = selection.apply(model, discovery.targets, kept)
+    targets, left_out = selection.apply(model, discovery.targets, kept, discovery.skipped)
     skipped = [*discovery.skipped, *left_out]
     if existing == "keep":
         skipped += [_kept(found) for found in already]

@@ -134,8 +134,20 @@ def load_checkpoint(path: str | os.PathLike) -> Any:
     return _read(path)
 
 
+_CHECKPOINT_SUFFIXES = (".index.json", ".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
 def _existing_file(path: str | os.PathLike) -> Path:
     path = Path(path)
+    if path.is_dir():  # a save_pretrained folder, a run's checkpoint folder: name what is inside
+        inside = sorted((p.name for p in path.iterdir() if p.is_file() and p.name.lower().endswith(_CHECKPOINT_SUFFIXES)),
+                        key=lambda name: ("model" not in name.lower(), name))  # the weights before a trainer's state
+        index = [name for name in inside if name.lower().endswith(".index.json")]
+        hint = (f"; pass the checkpoint file in it: {', '.join(index or inside[:5])}"
+                + (" (a sharded checkpoint's index, read whole)" if index else "") if inside else
+                "; it holds no checkpoint file (.safetensors, .bin, .pt, .pth, .ckpt)")
+        msg = f"{path}: is a folder{hint}"
+        raise CheckpointError(msg)
     if not path.is_file():
         msg = f"{path}: no such file" if not path.exists() else f"{path}: not a file"
         raise CheckpointError(msg)
@@ -164,7 +176,8 @@ def _read(path: Path) -> Any:
         if "unsupported global" in str(exc).lower():  # the unpickler met a class or function it would import
             msg = (f"{path}: refused to load: the file needs arbitrary Python code to unpickle "
                    f"({_unpickler_detail(exc)}). It was not executed. If you trust its source, load it yourself "
-                   f"with torch.load(..., weights_only=False) and save model.state_dict() instead.")
+                   f"with torch.load(..., weights_only=False) and save the weights alone: model.state_dict(), or "
+                   f"the entry holding them (fairseq's and Coqui's ckpt['model'] beside their config objects).")
         elif "DTensor" in str(exc):  # torch.save(model.state_dict()) of a model FSDP sharded: one rank's shards
             raise CheckpointError(_shards_message(path)) from exc
         else:

@@ -14,6 +14,7 @@ import importlib.util
 import inspect
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -34,7 +35,8 @@ from .checkpoint import (
 )
 from ._copy import routed_module
 from .errors import WeightNormError, few, first_line, unknown_keep_message
-from .state_dict import convert_state_dict, find_state_dict_weight_norms, fit_state_dict, fold_state_dict
+from .state_dict import (StateDictWeightNorm, convert_state_dict, find_state_dict_weight_norms, fit_state_dict,
+                         fold_state_dict)
 from .uses import param_aliases
 
 FAILURES = (WeightNormError, CheckpointError, OSError, ValueError)  # ValueError: the library's argument checks
@@ -127,8 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch's ONNX exporter: auto (dynamo, falling back to TorchScript when it fails or its "
                              "file fails the checks), dynamo or torchscript (default: auto)")
     export.add_argument("--rtol", type=_tolerance, default=None, metavar="R",
-                        help="relative tolerance of the onnxruntime check: |onnx - torch| <= atol + rtol*|torch| "
-                             "(default: by the model's dtype, 1e-4 for float32, 1e-2 for float16, 8e-2 for bfloat16)")
+                        help="relative tolerance of the onnxruntime check: |onnx - torch| <= atol + rtol*max(|torch|, "
+                             "the median magnitude of the output's values that occur once) (default: by the model's dtype, "
+                             "1e-3 for float32, 1e-2 "
+                             "for float16, 8e-2 for bfloat16)")
     export.add_argument("--atol", type=_tolerance, default=None, metavar="A",
                         help="absolute tolerance of the onnxruntime check (default: by the model's dtype, 1e-5 for "
                              "float32, 1e-3 for float16, 8e-3 for bfloat16)")
@@ -190,7 +194,7 @@ def cmd_inspect(args: argparse.Namespace, say: Callable[[str], None]) -> int:
     return 0
 
 
-def cmd_fold(args: argparse.Namespace, say: Callable[[str], None]) -> int:
+def cmd_fold(args: argparse.Namespace, say: _Progress) -> int:
     keep = set(args.keep)
 
     def fold(state_dict: dict) -> dict:  # each --keep name in one of the state dicts (_rewrite checks)
@@ -199,12 +203,12 @@ def cmd_fold(args: argparse.Namespace, say: Callable[[str], None]) -> int:
     return _rewrite(args, say, fold, "folded", keep=keep)
 
 
-def cmd_convert(args: argparse.Namespace, say: Callable[[str], None]) -> int:
+def cmd_convert(args: argparse.Namespace, say: _Progress) -> int:
     return _rewrite(args, say, lambda sd: convert_state_dict(sd, args.to), f"converted to {args.to}",
                     to=args.to)
 
 
-def cmd_apply(args: argparse.Namespace, say: Callable[[str], None]) -> int:
+def cmd_apply(args: argparse.Namespace, say: _Progress) -> int:
     if not (math.isfinite(args.init_scale) and args.init_scale > 0):
         msg = f"--init-scale must be a positive finite number (the std every pre-activation starts with), got {args.init_scale}"
         raise _UsageError(msg)
@@ -223,10 +227,11 @@ def cmd_apply(args: argparse.Namespace, say: Callable[[str], None]) -> int:
     print(weight_norm_report(model))
     say(f"writing {args.output}")
     save_checkpoint(model.state_dict(), args.output, force=args.force, inputs=_inputs(args))
+    say.wrote(args.output)
     return 0
 
 
-def cmd_export(args: argparse.Namespace, say: Callable[[str], None]) -> int:
+def cmd_export(args: argparse.Namespace, say: _Progress) -> int:
     from .export import export_onnx
 
     _check_output_free(args)
@@ -236,6 +241,7 @@ def cmd_export(args: argparse.Namespace, say: Callable[[str], None]) -> int:
     report = export_onnx(model, batch, args.output, opset=args.opset, dynamic_batch=args.dynamic is None,
                          dynamic_shapes=shapes, exporter=args.exporter, rtol=args.rtol, atol=args.atol,
                          overwrite=args.force, progress=say)
+    say.wrote(args.output)
     print(report)
     return 0
 
@@ -249,25 +255,92 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    started = time.perf_counter()
-
-    def say(message: str) -> None:
-        print(f"[{time.perf_counter() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
-
+    progress = _Progress(time.perf_counter(), getattr(args, "output", None))
     try:
-        with _stopped_by_signals():
-            return COMMANDS[args.command](args, say)
+        with _stopped_by_signals(progress):
+            code = COMMANDS[args.command](args, progress)
+    except BrokenPipeError:  # `inspect big.pt | head`: the reader has what it wanted
+        _quiet_stdout()
+        return 0 if progress.output_written() else 128 + _SIGPIPE
     except _UsageError as exc:
         args.usage_error(str(exc))
     except FAILURES as exc:
+        if progress.received is not None:  # the stop surfaced as another error (raised inside torch's lazy import)
+            return _stopped(args, progress, progress.received)
         print(f"wn-transform {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # outputs are written atomically: nothing half-written is left
-        print(f"wn-transform {args.command}: interrupted; no output was written", file=sys.stderr)
-        return 130
+        return _stopped(args, progress, signal.SIGINT)
     except _Stopped as exc:
-        print(f"wn-transform {args.command}: stopped by {exc.signal.name}; no output was written", file=sys.stderr)
-        return 128 + exc.signal.value
+        return _stopped(args, progress, exc.signal)
+    if progress.received is not None:  # noted after the output was written, or swallowed by a library
+        return _stopped(args, progress, progress.received)
+    return code
+
+
+_SIGPIPE = getattr(signal, "SIGPIPE", 13)  # (Windows has none; a shell reports a process it stopped as 128 + 13)
+
+
+class _Progress:
+    """The CLI's progress messages (``[  1.2s] loading x.pt`` on stderr), and what stop signals did
+    meanwhile: the first that arrived (``received``), and whether the output was in place by then
+    (``written``: a stop after that lets the command finish, since the output is complete)."""
+
+    def __init__(self, started: float, output: str | None = None) -> None:
+        self.started = started
+        self.received: signal.Signals | None = None
+        self.written: str | None = None
+        self.output, self._output_before = output, _file_identity(output)
+
+    def output_written(self) -> bool:
+        """Whether this run put its output in place: marked so (:meth:`wrote`), or renamed into its
+        path since the run started (a signal can land between the writer's rename and the mark)."""
+        return self.written is not None or (self.output is not None
+                                            and _file_identity(self.output) not in (None, self._output_before))
+
+    def __call__(self, message: str) -> None:
+        if self.received is not None and self.written is None:  # a library caught the stop: raise it again here
+            raise _stop_exception(self.received)
+        print(f"[{time.perf_counter() - self.started:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+    def wrote(self, path: str) -> None:
+        """The output is in place (renamed into its path): from here on a stop signal is noted, not raised."""
+        self.written = path
+
+
+def _stopped(args: argparse.Namespace, progress: _Progress, signum: signal.Signals) -> int:
+    """Say that the command was stopped: with nothing written, the exit code a shell gives; once
+    the output is in place (outputs are renamed into their path whole), 0 and a line saying so."""
+    if progress.output_written():
+        print(f"wn-transform {args.command}: {signum.name} arrived after {progress.output} was written in full; "
+              "it is complete", file=sys.stderr)
+        return 0
+    what = "interrupted" if signum == signal.SIGINT else f"stopped by {signum.name}"
+    print(f"wn-transform {args.command}: {what}; no output was written", file=sys.stderr)
+    return 128 + signum.value
+
+
+def _file_identity(path: str | None) -> tuple[int, ...] | None:
+    """What tells a file at ``path`` from the one there before (device, inode, mtime, size), or None."""
+    try:
+        info = os.stat(path) if path is not None else None
+    except OSError:
+        return None
+    return None if info is None else (info.st_dev, info.st_ino, info.st_mtime_ns, info.st_size)
+
+
+def _quiet_stdout() -> None:
+    """Point the process's stdout, whose reader has gone, at the null device, so that the
+    interpreter's last flush is silent (the pipe could take no more anyway).  Only the process's own
+    stdout: a caller's replacement (a capture) is left as it is."""
+    if sys.stdout is not sys.__stdout__:
+        return
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, sys.stdout.fileno())
+        finally:
+            os.close(null)
 
 
 class _Stopped(BaseException):
@@ -278,18 +351,29 @@ class _Stopped(BaseException):
         self.signal = signal.Signals(signum)
 
 
+def _stop_exception(signum: signal.Signals) -> BaseException:
+    """What a stop signal raises: ``KeyboardInterrupt`` for Ctrl-C (as Python's own handler), else :class:`_Stopped`."""
+    return KeyboardInterrupt() if signum == signal.SIGINT else _Stopped(signum)
+
+
 @contextlib.contextmanager
-def _stopped_by_signals() -> Iterator[None]:
-    """Within this context, SIGTERM and SIGHUP raise :class:`_Stopped` where the command is, as
-    Ctrl-C raises ``KeyboardInterrupt``: the writers' cleanup runs, and no temporary file is left
-    (by default these signals end the process at once).  Only the main thread can set handlers."""
-    wanted = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
+def _stopped_by_signals(progress: _Progress) -> Iterator[None]:
+    """Within this context, SIGTERM and SIGHUP raise :class:`_Stopped` where the command is, and
+    SIGINT (Ctrl-C) ``KeyboardInterrupt``: the writers' cleanup runs, and no temporary file is left
+    (by default the first two end the process at once).  Each is noted in ``progress``, whose next
+    message raises it again where a library caught it (torch's lazy imports turn it into an
+    ``AttributeError``, which an exporter's fallback would take as a failure); once the output is
+    written, a signal is only noted.  Only the main thread can set handlers."""
+    wanted = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)]
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def stop(signum: int, frame: object) -> None:
-        raise _Stopped(signum)
+        if progress.received is None:
+            progress.received = signal.Signals(signum)
+        if progress.written is None:
+            raise _stop_exception(signal.Signals(signum))
 
     previous = {signum: signal.signal(signum, stop) for signum in wanted}
     try:
@@ -304,7 +388,7 @@ class _UsageError(Exception):
     """Arguments that parse but make no sense together (exit code 2)."""
 
 
-def _rewrite(args: argparse.Namespace, say: Callable[[str], None], fn: Callable[[dict], dict], done: str,
+def _rewrite(args: argparse.Namespace, say: _Progress, fn: Callable[[dict], dict], done: str,
              to: str | None = None, keep: frozenset[str] | set[str] = frozenset()) -> int:
     """Load ``args.input``, apply ``fn`` to each state dict, write ``args.output``; ``to``: the
     layout ``convert`` writes (pairs already in it are not counted as converted); ``keep``: the
@@ -336,6 +420,7 @@ def _rewrite(args: argparse.Namespace, say: Callable[[str], None], fn: Callable[
     result = map_state_dicts(checkpoint, fn)
     say(f"writing {args.output}")
     save_checkpoint(result, args.output, force=args.force, inputs=_inputs(args), metadata=safetensors_metadata(args.input))
+    say.wrote(args.output)
     for where, count in counts.items():
         kept = len(found[where]) - count
         left = f"already {to}" if to else "kept"
@@ -439,14 +524,50 @@ def _module_from_file(path: Path) -> Any:
     return module
 
 
+@dataclass(frozen=True)
+class _ModelKeys:
+    """What a checkpoint must hold to load into a model: its state-dict keys, their shapes, its own
+    weight-norm pairs (a vocoder built with weight norm), and the keys tied to others."""
+
+    keys: frozenset[str]
+    shapes: dict[str, tuple[int, ...]]
+    pairs: tuple[StateDictWeightNorm, ...]
+    tied: dict[str, set[str]]
+
+    @classmethod
+    def of(cls, model: nn.Module) -> _ModelKeys:
+        """A lazy layer's parameters (``nn.LazyLinear`` before its first call) have no shape yet:
+        any fits, as ``load_state_dict`` materializes them."""
+        state = {k: v for k, v in model.state_dict().items()
+                 if not (isinstance(v, torch.Tensor) and nn.parameter.is_lazy(v))}
+        pairs = tuple(find_state_dict_weight_norms(state))
+        shapes = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+        shapes.update({wn.weight_key: wn.v_shape for wn in pairs})  # a plain weight given for a pair
+        return cls(frozenset(model.state_dict()), shapes, pairs, _tied_keys(model))
+
+    def missing(self, present: set[str]) -> list[str]:
+        """The keys ``present`` lacks, a key tied to a present one not counted, nor an ``exp_scale``
+        marker (a pair without it holds ``g``, which the layer's load takes to ``s = log g``)."""
+        markers = {wn.marker_key for wn in self.pairs if wn.marker_key}
+        return sorted(key for key in self.keys - present - markers if not self.tied.get(key, set()) & present)
+
+    def distance(self, state_dict: dict[str, Any]) -> int:
+        """How many keys ``state_dict`` lacks, has beyond the model's, or holds in another shape."""
+        return len(set(state_dict) ^ self.keys) + len(self.other_shapes(state_dict))
+
+    def other_shapes(self, state_dict: dict[str, Any]) -> list[str]:
+        """The keys whose tensor in ``state_dict`` has another shape than the model's."""
+        return [k for k, v in state_dict.items()
+                if isinstance(v, torch.Tensor) and k in self.shapes and tuple(v.shape) != self.shapes[k]]
+
+
 def _load_weights(model: nn.Module, checkpoint: Any, args: argparse.Namespace) -> None:
     """Load a (possibly nested, DataParallel-prefixed, weight-normalized) state dict: the one
     ``--key`` names, else the only one, else the only one that fits the model (the module a
     factory's ``DataParallel`` or ``torch.compile`` wrapper holds: the wrapper's keys carry a prefix)."""
     model = routed_module(model)
     paths = state_dict_paths(checkpoint)
-    expected = set(model.state_dict())
-    tied = _tied_keys(model)
+    expected = _ModelKeys.of(model)
     prefixed = _under_prefix(checkpoint, paths, args.key) if args.key is not None else None
     if prefixed is not None:  # Lightning's {"state_dict": {"generator.conv_pre.weight": ...}}: --key generator
         checkpoint, path = prefixed, ()
@@ -455,19 +576,16 @@ def _load_weights(model: nn.Module, checkpoint: Any, args: argparse.Namespace) -
     elif len(paths) == 1:
         path = paths[0]
     else:
-        fitting = [p for p in paths if _fits(_get(checkpoint, p), expected, tied)]
-        if len(fitting) != 1:
-            what = f"{len(paths)} state dicts" if not fitting else f"{len(fitting)} state dicts that fit {args.model}"
-            msg = f"{args.checkpoint}: holds {what} ({_list_paths(fitting or paths)}); choose one with --key"
-            raise CheckpointError(msg)
-        path = fitting[0]
+        path = _the_one_that_fits(checkpoint, paths, expected, args)
     state_dict = _fitted(_get(checkpoint, path), expected)
-    missing, unexpected = _missing(expected, set(state_dict), tied), sorted(set(state_dict) - expected)
+    missing, unexpected = expected.missing(set(state_dict)), sorted(set(state_dict) - expected.keys)
     if missing or unexpected:
+        reshaped = sorted(expected.other_shapes(state_dict))  # a plain weight of another width than its pair's v
         msg = (f"{args.checkpoint}: does not fit {args.model}: missing keys {few(missing)}; "
-               f"unexpected keys {few(unexpected)}{_prefix_hint(state_dict, expected, tied)}")
+               f"unexpected keys {few(unexpected)}{f'; other shapes for {few(reshaped)}' if reshaped else ''}"
+               f"{_prefix_hint(state_dict, expected)}")
         raise CheckpointError(msg)
-    disagree = sorted(f"{key} and {other}" for key, others in tied.items() for other in others
+    disagree = sorted(f"{key} and {other}" for key, others in expected.tied.items() for other in others
                       if key < other and key in state_dict and other in state_dict
                       and not _same_values(state_dict[key], state_dict[other]))
     if disagree:
@@ -475,19 +593,52 @@ def _load_weights(model: nn.Module, checkpoint: Any, args: argparse.Namespace) -
                f"{few(disagree)}; loading would keep one and lose the other")
         raise CheckpointError(msg)
     try:  # not strict where a key is left out for the one it is tied to (an LM head and its embedding)
-        model.load_state_dict(state_dict, strict=set(state_dict) == expected)
+        model.load_state_dict(state_dict, strict=set(state_dict) == expected.keys)
     except RuntimeError as exc:
-        msg = f"{args.checkpoint}: does not fit {args.model}: {str(exc).strip().splitlines()[-1].strip()}"
+        lines = [line.strip() for line in str(exc).strip().splitlines()[1:] if line.strip()]  # after torch's header
+        listed = "; ".join(lines[:3]) + (f"; ... ({len(lines) - 3} more)" if len(lines) > 3 else "")
+        msg = f"{args.checkpoint}: does not fit {args.model}: {listed or str(exc).strip()}"
         raise CheckpointError(msg) from exc
 
 
-def _fits(state_dict: dict[str, Any], expected: set[str], tied: dict[str, set[str]]) -> bool:
-    """Whether ``state_dict`` loads into a model whose keys are ``expected`` (see :func:`_fitted`)."""
+def _the_one_that_fits(checkpoint: Any, paths: list[tuple[str, ...]], expected: _ModelKeys,
+                       args: argparse.Namespace) -> tuple[str, ...]:
+    """The path of the one state dict that fits the model; where none does, an error that names the
+    closest and what keeps it from fitting; where several do, one that asks for ``--key``."""
+    fitted: dict[tuple[str, ...], dict[str, Any]] = {}
+    for path in paths:
+        with contextlib.suppress(WeightNormError):  # a pair that cannot take the model's layout: not its weights
+            fitted[path] = _fitted(_get(checkpoint, path), expected)
+    fitting = [path for path, state_dict in fitted.items() if not _mismatch(state_dict, expected)]
+    if len(fitting) == 1:
+        return fitting[0]
+    if fitting:
+        msg = (f"{args.checkpoint}: holds {len(fitting)} state dicts that fit {args.model} "
+               f"({_list_paths(fitting)}); choose one with --key")
+        raise CheckpointError(msg)
+    closest = min(fitted, key=lambda path: expected.distance(fitted[path]), default=None)
+    why = "" if closest is None else (f" (the closest, {_path_name(closest)}: "
+                                      f"{'; '.join(_mismatch(fitted[closest], expected))})")
+    msg = f"{args.checkpoint}: none of its {len(paths)} state dicts ({_list_paths(paths)}) fits {args.model}{why}"
+    raise CheckpointError(msg)
+
+
+def _mismatch(state_dict: dict[str, Any], expected: _ModelKeys) -> list[str]:
+    """What keeps ``state_dict`` (fitted) from loading into the model: missing keys, unexpected
+    keys, tensors of other shapes; empty where it fits."""
+    missing, unexpected = expected.missing(set(state_dict)), sorted(set(state_dict) - expected.keys)
+    reshaped = sorted(expected.other_shapes(state_dict))
+    return [f"{what} {few(keys)}" for what, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                                                      ("other shapes for", reshaped)) if keys]
+
+
+def _fits(state_dict: dict[str, Any], expected: _ModelKeys) -> bool:
+    """Whether ``state_dict`` loads into the model (see :func:`_fitted`): its keys, and their shapes."""
     try:
-        keys = set(_fitted(state_dict, expected))
+        fitted = _fitted(state_dict, expected)
     except WeightNormError:  # a pair that cannot take the model's layout: not this model's weights
         return False
-    return keys <= expected and not _missing(expected, keys, tied)
+    return not _mismatch(fitted, expected)
 
 
 def _same_values(a: Any, b: Any) -> bool:
@@ -501,27 +652,25 @@ def _tied_keys(model: nn.Module) -> dict[str, set[str]]:
     return {key: set(keys) - {key} for keys in param_aliases(model).values() if len(keys) > 1 for key in keys}
 
 
-def _missing(expected: set[str], present: set[str], tied: dict[str, set[str]]) -> list[str]:
-    """The keys of ``expected`` that ``present`` lacks, a key tied to a present one not counted."""
-    return sorted(key for key in expected - present if not tied.get(key, set()) & present)
-
-
-def _fitted(state_dict: dict[str, Any], expected: set[str]) -> dict[str, Any]:
-    """``state_dict`` as it would load into a model whose keys are ``expected``: without values
-    that are neither tensors nor a module's ``_extra_state`` (``"epoch": 3``, a nested ``"ema": sd``,
-    listed on its own), without wrapper prefixes, and with weight-norm pairs the model does not
-    have folded, when that makes the keys fit."""
+def _fitted(state_dict: dict[str, Any], expected: _ModelKeys) -> dict[str, Any]:
+    """``state_dict`` as it would load into the model: without values that are neither tensors nor
+    a module's ``_extra_state`` (``"epoch": 3``, a nested ``"ema": sd``, listed on its own),
+    without wrapper prefixes, and with weight-norm pairs made to fit the model's layers, when that
+    makes the keys fit (:func:`~wn_transform.state_dict.fit_state_dict`)."""
+    keys = expected.keys
     state_dict = {k: v for k, v in state_dict.items()
-                  if isinstance(v, torch.Tensor) or k in expected or k.endswith("_extra_state")}
-    state_dict = _strip_wrapper_prefixes(state_dict, expected)
-    if set(state_dict) != expected and find_state_dict_weight_norms(state_dict):
+                  if isinstance(v, torch.Tensor) or k in keys or k.endswith("_extra_state")}
+    state_dict = _strip_wrapper_prefixes(state_dict, keys)
+    if (set(state_dict) != keys or expected.other_shapes(state_dict)) and (
+            expected.pairs or find_state_dict_weight_norms(state_dict)):
         # Trained with weight norm, loading into a plain model: fold the pairs the model does not
-        # have; a model built with weight norm on some layers (wav2vec2's pos_conv) keeps those, in
-        # the layout it was built with (torch's legacy hooks or parametrizations).
-        # A checkpoint that still does not fit is compared after folding where that brings its keys
+        # have; a model built with weight norm on some layers (wav2vec2's pos_conv, a vocoder) keeps
+        # those, in the layout it was built with (torch's legacy hooks or parametrizations), and
+        # normalizes a plain weight (or a pair on another axis) there.
+        # A checkpoint that still does not fit is compared after this where that brings its keys
         # closer: a missing bias is named as missing, not every weight of the model.
-        fitted = fit_state_dict(state_dict, expected)
-        if len(set(fitted) ^ expected) < len(set(state_dict) ^ expected):
+        fitted = fit_state_dict(state_dict, keys, expected.pairs)
+        if expected.distance(fitted) < expected.distance(state_dict):
             state_dict = fitted
     return state_dict
 
@@ -529,7 +678,7 @@ def _fitted(state_dict: dict[str, Any], expected: set[str]) -> dict[str, Any]:
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP, torch.compile
 
 
-def _strip_wrapper_prefixes(state_dict: dict[str, Any], expected: set[str]) -> dict[str, Any]:
+def _strip_wrapper_prefixes(state_dict: dict[str, Any], expected: frozenset[str]) -> dict[str, Any]:
     """``state_dict`` without the prefixes DataParallel/DDP (``module.``) and ``torch.compile``
     (``_orig_mod.``) add to every key, for a model whose keys have none of them."""
     while state_dict and not expected & set(state_dict):
@@ -552,13 +701,13 @@ def _under_prefix(checkpoint: Any, paths: list[tuple[str, ...]], key: str) -> di
     return {k[len(key) + 1:]: v for k, v in _get(checkpoint, holders[0]).items() if k.startswith(f"{key}.")}
 
 
-def _prefix_hint(state_dict: dict[str, Any], expected: set[str], tied: dict[str, set[str]]) -> str:
+def _prefix_hint(state_dict: dict[str, Any], expected: _ModelKeys) -> str:
     """Advice for a state dict whose keys fit the model once a first component is taken off
     (a LightningModule's ``generator.conv_pre.weight``): ``--key generator``; else nothing."""
     prefixes = sorted({k.split(".", 1)[0] for k in state_dict if "." in k})
     for prefix in prefixes:
         under = {k[len(prefix) + 1:]: v for k, v in state_dict.items() if k.startswith(f"{prefix}.")}
-        if _fits(under, expected, tied):
+        if _fits(under, expected):
             return f" (the keys under '{prefix}.' fit it: choose them with --key {prefix})"
     return ""
 

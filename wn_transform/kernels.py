@@ -93,8 +93,8 @@ def usable(rows: Tensor, g: Tensor, v: Tensor, bias: Tensor | None) -> bool:
     ``in`` the same on both (a mismatch takes the eager route, which raises torch's shape error),
     1 <= R <= :attr:`KernelStatus.rows`, float32 CPU tensors, parameters contiguous, eager mode (a
     compiler fuses the eager ops itself), no CPU autocast (whose matmuls compute in lower precision)."""
-    return (0 < rows.shape[0] <= MAX_ROWS and v.numel() > 0 and v.ndim == 2 and rows.shape[1] == v.shape[1]
-            and not torch.compiler.is_compiling()
+    return (not torch.compiler.is_compiling()  # first: a compiler would guard on the rows tested below
+            and 0 < rows.shape[0] <= MAX_ROWS and v.numel() > 0 and v.ndim == 2 and rows.shape[1] == v.shape[1]
             and not torch.is_autocast_enabled("cpu") and _ENABLED.get()
             and all(_plain_float32(t) for t in (rows, g, v)) and v.is_contiguous() and g.is_contiguous()
             and g.numel() == v.shape[0]  # a gain per unit (a broadcast one takes the eager route)

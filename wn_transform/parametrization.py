@@ -217,6 +217,8 @@ def mark_replaced(parameters: Iterable[Tensor | None], by: str) -> None:
 
 
 def _bump_written_parameters(optimizer: Any, args: tuple, kwargs: dict) -> None:
+    if torch.compiler.is_compiling():  # traced into a compiled step (torch.compile(optimizer.step)), whose
+        return  # runtime bumps the versions of the inputs its graph writes; the warning is an eager step's
     key = (_replacements, *map(len, (group["params"] for group in optimizer.param_groups)))  # (add_param_group)
     if _CHECKED.get(optimizer) != key:
         _CHECKED[optimizer] = key

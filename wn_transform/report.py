@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from .data_init import InitNotes
 from .errors import few
@@ -19,7 +20,10 @@ class WeightNormReport:
     discovery step that found them); ``skipped``: the weights left alone, with the reason;
     ``found_by``: the step of the tracing ladder that succeeded (``trace_failures`` says why
     the steps above it failed); ``init``: ``"data"`` or ``"preserve"``; ``notes``: what the
-    data-dependent init could not do (constant units, layers the batch never reached).
+    data-dependent init could not do (constant units, layers the batch never reached);
+    ``options``: the options of the call that differ from their defaults (``init_scale``,
+    ``exact_init``, ``resample``, ``exp_scale``, ``mean_only_bn``, ``existing``), so that the
+    report says how the weights were made.
     """
 
     converted: list[Target]
@@ -31,6 +35,7 @@ class WeightNormReport:
     mean_only_bn: list[str] = field(default_factory=list)  # layers given a mean-only batch norm
     mean_only_bn_missing: list[str] = field(default_factory=list)  # weights whose op output is not their layer's alone
     zero_units: dict[str, int] = field(default_factory=dict)  # all-zero units given g = 0 and a direction
+    options: dict[str, Any] = field(default_factory=dict)  # the call's options that differ from their defaults
 
     def table(self) -> str:
         """A plain-text table, one row per weight."""
@@ -44,6 +49,8 @@ class WeightNormReport:
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths)) + "  " + row[4] for row in rows]
         lines.insert(1, "-" * len(lines[0]))
         summary = f"{len(self.converted)} weights reparameterized, {len(self.skipped)} skipped; traced by {self.found_by}; init={self.init}"
+        if self.options:
+            summary += " (" + ", ".join(f"{name}={value!r}" for name, value in self.options.items()) + ")"
         lines.append(summary)
         lines.extend(f"  {step} failed: {why}" for step, why in self.trace_failures.items())
         if self.mean_only_bn:
@@ -96,5 +103,5 @@ class WeightNormReport:
             "converted": [t.to_dict() for t in self.converted], "skipped": [s.to_dict() for s in self.skipped],
             "found_by": self.found_by, "init": self.init, "trace_failures": self.trace_failures, "notes": notes,
             "mean_only_bn": self.mean_only_bn, "mean_only_bn_missing": self.mean_only_bn_missing,
-            "zero_units": self.zero_units,
+            "zero_units": self.zero_units, "options": self.options,
         }

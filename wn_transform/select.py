@@ -15,7 +15,7 @@ from torch import nn
 
 from .errors import SelectionError
 from .fold import FoundWeightNorm
-from .targets import Skipped, Target
+from .targets import Skipped, Target, split_qualname
 
 __all__ = ["FilterFn", "Selection"]
 
@@ -48,23 +48,38 @@ class Selection:
                 raise TypeError(msg)
         return selection
 
-    def apply(self, model: nn.Module, targets: list[Target],
-              kept: Sequence[FoundWeightNorm] = ()) -> tuple[list[Target], list[Skipped]]:
+    def apply(self, model: nn.Module, targets: list[Target], kept: Sequence[FoundWeightNorm] = (),
+              skipped: Sequence[Skipped] = ()) -> tuple[list[Target], list[Skipped]]:
         """Split ``targets`` into the selected ones and the ones a rule left out.
 
         ``kept``: weights that already have weight norm and stay as they are (``existing="keep"``).
         A rule that matches one of them matches something, so applying twice with the same rules
         is no error, and neither is a selection all of whose weights already have weight norm.
+        ``skipped``: weights discovery left alone (a tied output layer); an exclude pattern that
+        matches one of them, under any name of its Parameter, matches something (the same rules
+        serve a model whose output layer is tied to its embedding and one whose is not),
+        and an include pattern that matches only such weights names them and why.
         """
         named = [*targets, *kept]
         modules = {t.qualname: model.get_submodule(t.module) for t in named}
         available = ", ".join(t.qualname for t in named) or "none"
 
+        aliases: dict[str, list[str]] | None = None
         for rule, patterns in (("include", self.include), ("exclude", self.exclude)):
             for pattern in patterns:
-                if not any(_matches(pattern, t) for t in named):
-                    msg = f"{rule} pattern {pattern!r} matches none of the weights found ({available})"
-                    raise SelectionError(msg)
+                if any(_matches(pattern, t.qualname) for t in named):
+                    continue
+                aliases = _aliases(model) if aliases is None else aliases
+                left_alone = [s for s in skipped
+                              if any(_matches(pattern, name) for name in aliases.get(s.qualname, [s.qualname]))]
+                if rule == "exclude" and left_alone:
+                    continue
+                msg = f"{rule} pattern {pattern!r} matches none of the weights found ({available})"
+                if left_alone:
+                    reasons = "; ".join(f"{s.qualname}: {s.reason}" for s in left_alone[:3])
+                    msg = (f"{rule} pattern {pattern!r} matches only weights that are left as they are "
+                           f"({reasons}); the weights found to normalize are {available}")
+                raise SelectionError(msg)
         for kind in self.types:
             if not any(isinstance(modules[t.qualname], kind) for t in named):
                 msg = f"types entry {kind.__name__} matches none of the weights found ({available})"
@@ -85,9 +100,9 @@ class Selection:
 
     def _left_out_because(self, target: Target | FoundWeightNorm, module: nn.Module) -> str | None:
         """Why a rule leaves ``target`` out, or None where it is selected."""
-        if self.include and not any(_matches(p, target) for p in self.include):
+        if self.include and not any(_matches(p, target.qualname) for p in self.include):
             return "not matched by include"
-        if any(_matches(p, target) for p in self.exclude):
+        if any(_matches(p, target.qualname) for p in self.exclude):
             return "matched by exclude"
         if self.types and not isinstance(module, self.types):
             return "module type not in types"
@@ -96,6 +111,14 @@ class Selection:
         return None
 
 
-def _matches(pattern: str, target: Target | FoundWeightNorm) -> bool:
+def _aliases(model: nn.Module) -> dict[str, list[str]]:
+    """Each Parameter's name -> every name it has (a tied Parameter has several)."""
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    return {name: group for group in names.values() for name in group}
+
+
+def _matches(pattern: str, qualname: str) -> bool:
     """``pattern`` against the weight's qualified name or its module's."""
-    return fnmatchcase(target.qualname, pattern) or fnmatchcase(target.module, pattern)
+    return fnmatchcase(qualname, pattern) or fnmatchcase(split_qualname(qualname)[0], pattern)

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .errors import WeightNormError, unknown_keep_message
-from .norm import UnitLayout, compose_weight, layout_from_shapes
+from .norm import UnitLayout, compose_weight, direct_zero_units, layout_from_shapes, unit_norm
 from .parametrization import EXP_SCALE_MARKER
 
 __all__ = [
@@ -290,23 +290,79 @@ def convert_state_dict(state_dict: Mapping[str, object], to: str) -> dict[str, o
     return _relayout(state_dict, {wn.weight_key: to for wn in find_state_dict_weight_norms(state_dict)})
 
 
-def fit_state_dict(state_dict: Mapping[str, object], expected: Collection[str]) -> dict[str, object]:
+def fit_state_dict(state_dict: Mapping[str, object], expected: Collection[str],
+                   pairs: Collection[StateDictWeightNorm] = ()) -> dict[str, object]:
     """``state_dict`` made to fit a model whose state-dict keys are ``expected``: each weight-norm
     pair put in the layout the model has for that weight (torch's ``"parametrizations"`` or
     ``"legacy"``, with ``g = e^s`` where the checkpoint stores ``s`` and the model does not),
-    and folded where the model has a plain weight.  Other entries are unchanged;
-    the caller compares the keys.  torch's own ``load_state_dict`` renames legacy keys only for a
-    layer with torch's parametrized weight norm, and folds nothing.
+    and folded where the model has a plain weight.  ``pairs``: the model's own weight-norm pairs
+    (:func:`find_state_dict_weight_norms` of its ``state_dict()``); a plain weight for one of them
+    (a plain checkpoint of a model built with weight norm, a vocoder's released weights), or a
+    pair on another axis (a ConvTranspose normalized per input channel), is normalized on the
+    model's axis: ``g = ||w||`` per unit, ``v = w`` (:func:`_normalized_pair`; for this library's
+    ``exp_scale`` layer too, without its ``g_is_log`` marker: such a pair holds ``g``, which the
+    layer's load takes to ``s = log g``).  Other entries are
+    unchanged; the caller compares the keys.  torch's own ``load_state_dict`` renames legacy keys
+    only for a layer with torch's parametrized weight norm, and folds nothing.
     """
     found = find_state_dict_weight_norms(state_dict)
+    own = {wn.weight_key: wn for wn in pairs}
     layouts = {wn.weight_key: to for wn in found for to in ("parametrizations", "legacy")
-               if _pair_keys(wn.weight_key, to)[0] in expected}
+               if _pair_keys(wn.weight_key, to)[0] in expected and _takes_pair(own.get(wn.weight_key), wn, state_dict)}
     # g stored as s = log g (exp_scale), for a model that stores g itself: g = e^s, no marker
     linear = {wn.g_key: wn.marker_key for wn in found if wn.exp_scale and wn.weight_key in layouts
               and wn.marker_key not in expected}
     state = {key: value.exp() if key in linear else value for key, value in state_dict.items()
              if key not in linear.values()}
-    return _relayout(fold_state_dict(state, keep=list(layouts)), layouts)
+    fitted = _relayout(fold_state_dict(state, keep=list(layouts)), layouts)
+    plain = {wn.weight_key: wn for wn in pairs if _pair_keys(wn.weight_key, wn.layout)[0] not in fitted
+             and isinstance(fitted.get(wn.weight_key), Tensor) and tuple(fitted[wn.weight_key].shape) == wn.v_shape}
+    if not plain:
+        return fitted
+    out: dict[str, object] = {}
+    for key, value in fitted.items():
+        if key in plain:
+            wn = plain[key]
+            g_key, v_key = _pair_keys(key, wn.layout)
+            out[g_key], out[v_key] = _normalized_pair(value, wn)
+        else:
+            out[key] = value
+    return _like(fitted, out)
+
+
+def _takes_pair(own: StateDictWeightNorm | None, found: StateDictWeightNorm, state_dict: Mapping[str, object]) -> bool:
+    """Whether the checkpoint's pair ``found`` loads as a pair into the model's pair ``own`` (None:
+    the model's pair is not known): on the same axis, and, where the model's layer computes
+    ``g * v/||v||`` itself (not ``e^s``), with no all-zero direction, for which torch's weight
+    norm computes ``0/0``.  Otherwise it is folded, and normalized on the model's axis."""
+    if own is None:
+        return True
+    if (own.dim, own.groups, own.v_shape) != (found.dim, found.groups, found.v_shape):
+        return False
+    v = state_dict[found.v_key]
+    if own.exp_scale or v.is_meta or v.numel() == 0 or found.dim is None:
+        return True
+    return not bool((unit_norm(v.detach(), UnitLayout(found.dim, found.groups)) == 0).any())
+
+
+def _normalized_pair(weight: Tensor, wn: StateDictWeightNorm) -> tuple[Tensor, Tensor]:
+    """``(g, v)`` of ``weight`` on ``wn``'s axis, in the weight's dtype: ``g = ||w||`` per unit (the
+    norms accumulated in float32 or wider), ``v = w``; a unit whose weight is all zero gets a unit
+    direction ``v`` (drawn from a generator seeded with 0, the same in every process) with
+    ``g = 0``, so that it computes 0, not torch's ``0/0``, and can train."""
+    with torch.no_grad():
+        w = weight.detach()
+        layout = None if wn.dim is None else UnitLayout(wn.dim, wn.groups)  # None: one norm over the whole tensor
+        norms = (unit_norm(w, layout) if layout is not None
+                 else torch.linalg.vector_norm(w, dtype=torch.float64 if w.dtype == torch.float64 else torch.float32))
+        g = norms.reshape(wn.g_shape)
+        v = w.clone()
+        if w.is_meta or w.numel() == 0 or not bool((g == 0).any()):
+            return g.to(w.dtype), v
+        draw = torch.randn(w.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+        if layout is None:
+            return g.to(w.dtype), (draw / torch.linalg.vector_norm(draw)).to(w.dtype)
+        return g.to(w.dtype), direct_zero_units(v, (g == 0).reshape(layout.g_shape(w.shape)), layout, draw)
 
 
 def _pair_keys(weight_key: str, layout: str) -> tuple[str, str]:
