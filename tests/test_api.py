@@ -317,10 +317,15 @@ def test_lazy_layers_that_have_not_run_are_named_and_work_after_one_forward() ->
 
 def test_torchscript_submodules_are_named_and_fold_leaves_them_alone() -> None:
     model = nn.Sequential(torch.jit.script(nn.Linear(3, 3)), nn.ReLU(), nn.Linear(3, 2))
-    with pytest.raises(wn.WeightNormError, match=r"holds TorchScript modules \(0\); weight norm needs the eager modules"):
+    with pytest.raises(wn.WeightNormError, match=r"holds TorchScript modules \(0\); weight norm needs the eager "
+                                                 r"modules: apply it to the eager model; to script the result, fold "
+                                                 r"it first \(fold_weight_norm\)"):
         wn.apply_weight_norm(model, torch.randn(4, 3))
     x = torch.randn(4, 3)
     torch.testing.assert_close(wn.fold_weight_norm(model)(x), model(x))
+    eager = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2))  # the advice works
+    scripted = torch.jit.script(wn.fold_weight_norm(wn.apply_weight_norm(eager, x)))
+    torch.testing.assert_close(scripted(x), wn.apply_weight_norm(eager, x)(x))
 
 
 class _TransposedLinear(nn.Module):
@@ -756,9 +761,9 @@ def test_a_compiled_optimizer_step_trains_the_weight_normalized_model() -> None:
 
 def test_options_of_the_data_init_with_init_preserve_are_an_error() -> None:
     model = nn.Sequential(nn.Linear(4, 4))
-    with pytest.raises(ValueError, match=r"init_scale sets the data-dependent init, and init='preserve' keeps"):
+    with pytest.raises(wn.WeightNormError, match=r"init_scale sets the data-dependent init, and init='preserve' keeps"):
         wn.apply_weight_norm(model, init="preserve", init_scale=0.5)
-    with pytest.raises(ValueError, match=r"init_scale, exact_init set the data-dependent init"):
+    with pytest.raises(wn.WeightNormError, match=r"init_scale, exact_init set the data-dependent init"):
         wn.apply_weight_norm(model, init="preserve", init_scale=0.5, exact_init=True)
     assert not wn.find_weight_norms(model)
 
@@ -785,6 +790,16 @@ def test_a_second_apply_with_mean_only_bn_keeps_the_first_norm() -> None:
         kept.train(mode)
         with torch.no_grad():
             torch.testing.assert_close(kept(x), once(x))
+
+
+def test_the_float16_warning_names_the_gain_a_data_init_set_not_the_directions_norm() -> None:
+    """After a data init g is not ||v||: the warning names g = ||w||, the norm that overflowed."""
+    torch.manual_seed(0)
+    model = wn.apply_weight_norm(nn.Sequential(nn.Linear(300, 2)), torch.randn(64, 300) * 1e-5)
+    g = float(model[0].parametrizations.weight.original0.max())
+    assert g > 65504 > float(torch.linalg.vector_norm(model[0].parametrizations.weight.original1, dim=1).max())
+    with pytest.warns(UserWarning, match=rf"a unit's norm g = \|\|w\|\| = {g:g} is beyond torch.float16's range"):
+        model.half()
 
 
 class _ScaledLinear(nn.Linear):
@@ -842,7 +857,7 @@ def test_converting_a_weight_normalized_model_to_float16_warns_of_a_norm_beyond_
         layer.weight.fill_(3000.0)  # row norm 3000 * 32 = 96000 > 65504
     model = wn.apply_weight_norm(nn.Sequential(layer), init="preserve")
     with pytest.warns(UserWarning, match=r"Linear\(in_features=1024, out_features=4, bias=True\)\.weight: a unit's "
-                                         r"norm \|\|w\|\| = 96000 is beyond torch.float16's range") as record:
+                                         r"norm g = \|\|w\|\| = 96000 is beyond torch.float16's range") as record:
         model.half()
     assert record[0].filename == __file__
     assert torch.isinf(model[0].parametrizations.weight.original0).all()
@@ -947,7 +962,7 @@ def test_a_half_precision_unit_whose_norm_overflows_its_dtype_is_refused_with_it
     model = nn.Sequential(nn.Linear(4096, 4)).half()
     with torch.no_grad():
         model[0].weight.fill_(1100.0)  # every element finite, each row's norm 70400 > 65504
-    with pytest.raises(wn.WeightNormError, match=r"^0.weight: a unit's norm \|\|w\|\| = 70[\d.]+ is beyond torch.float16's range"):
+    with pytest.raises(wn.WeightNormError, match=r"^0.weight: a unit's norm g = \|\|w\|\| = 70[\d.]+ is beyond torch.float16's range"):
         wn.apply_weight_norm(model)
     x = torch.randn(3, 4096, dtype=torch.half) / 64
     as_exp = wn.apply_weight_norm(model, exp_scale=True)  # s = log ||w|| fits, and e^s is taken in float32

@@ -1182,7 +1182,7 @@ def test_an_existing_external_data_file_is_refused_before_the_export_in_the_clis
     data = tmp_path / "g.onnx.data"
     data.write_bytes(b"earlier weights")
     result = cli("export", "--model", MODEL, "--input-shape", "1,80,12", "-o", str(out))
-    assert result.returncode == 1 and f"{data}: already exists; pass --force" in result.stderr
+    assert result.returncode == 1 and f"{data}: already exists; to overwrite it, pass --force" in result.stderr
     assert data.read_bytes() == b"earlier weights" and not out.exists()
 
 

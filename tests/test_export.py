@@ -1615,37 +1615,48 @@ def _export_off(tmp_path, name: str, **off: float) -> wn.ExportReport:
     return export_onnx(model, x, tmp_path / f"{name}.onnx", exporter="torchscript", dynamic_batch=False)
 
 
-def test_the_tolerance_is_relative_to_the_outputs_scale_not_to_an_element_near_zero(tmp_path) -> None:
-    """An offset of 3e-4 of the output's median magnitude reaches every element, one near zero too
-    (elementwise, that element would be off by far more than rtol of itself): rounding of this
-    kind agrees; an offset of the output's own scale does not, with no hint at rounding."""
+def _eager_output() -> tuple[torch.Tensor, float]:
+    """``_export_off``'s output in PyTorch, and the allowance of its elements near zero: rtol of
+    its typical magnitude (no zeros, sentinels or outliers here: its median), plus atol."""
     torch.manual_seed(0)
-    y = _OffInTheGraph(torch.randn(8, 4)).lin(torch.randn(8, 4))
-    median = float(y.detach().abs().median())
-    assert float(y.abs().min()) < 0.05 * median  # an element near zero, which the check must not judge alone
-    report = _export_off(tmp_path, "rounding", delta=3e-4 * median)
-    assert report.max_abs_diff["output"] == pytest.approx(3e-4 * median, rel=1e-2)
+    x = torch.randn(8, 4)
+    y = _OffInTheGraph(x).lin(x).detach()
+    rtol, atol = DEFAULT_TOLERANCES[torch.float32]
+    return y, atol + rtol * float(y.abs().median())
+
+
+def test_the_tolerance_is_relative_to_the_outputs_scale_not_to_an_element_near_zero(tmp_path) -> None:
+    """An offset of a quarter of the allowance of the output's typical magnitude reaches every
+    element, one near zero too (elementwise, that element would be off by far more than rtol of
+    itself): rounding of this kind agrees; an offset of the output's own scale does not, with no
+    hint at rounding."""
+    y, allowance = _eager_output()
+    assert float(y.abs().min()) * DEFAULT_TOLERANCES[torch.float32][0] < 0.1 * allowance  # an element near zero
+    report = _export_off(tmp_path, "rounding", delta=0.25 * allowance)  # (the permuted batch's quantile is another)
+    assert report.max_abs_diff["output"] == pytest.approx(0.25 * allowance, rel=1e-2)
     assert report.max_rel_diff["output"] > 2 * DEFAULT_TOLERANCES[torch.float32][0]  # elementwise, it would fail
     with pytest.raises(ExportMismatchError) as info:
-        _export_off(tmp_path, "wrong", delta=median)
+        _export_off(tmp_path, "wrong", delta=float(y.abs().median()))
     assert "float rounding can make" not in str(info.value)
     assert sorted(os.listdir(tmp_path)) == ["rounding.onnx"]  # the wrong file was not written
 
 
 def test_a_near_miss_names_rounding_and_the_tolerance_options(tmp_path) -> None:
     """Off by a few times the allowance: the error says rounding can make that and how to allow it."""
+    _, allowance = _eager_output()
     with pytest.raises(ExportMismatchError, match=r"beyond rtol=0.001, atol=1e-05: 'output' \(the sample batch\).*"
                                                   r"the worst difference is [0-9.]+ times the tolerance: float "
                                                   r"rounding can make that much.*--rtol/--atol"):
-        _export_off(tmp_path, "near", delta=1e-3)
+        _export_off(tmp_path, "near", delta=2 * allowance)
 
 
 def test_other_values_off_by_a_near_miss_without_tracer_warnings_are_not_blamed_on_control_flow(tmp_path) -> None:
     """The TorchScript file agrees on the sample batch and is off by a near miss on permuted values:
     with no TracerWarning, the error names the rounding, not a baked path; off by the output's
     scale, it is blamed on the values the trace depended on."""
-    with pytest.raises(ExportMismatchError) as info:
-        _export_off(tmp_path, "near", slope=1e-4)
+    _, allowance = _eager_output()
+    with pytest.raises(ExportMismatchError) as info:  # about twice the allowance on the permuted batch
+        _export_off(tmp_path, "near", slope=0.2 * allowance)
     message = str(info.value)
     assert message.startswith("on a batch of the sample's shapes with other values (each input's values permuted), "
                               "onnxruntime disagrees with PyTorch beyond rtol=0.001")
@@ -1680,3 +1691,40 @@ def test_a_sentinel_majority_or_large_integer_ids_do_not_loosen_the_check(ids: b
         export_onnx(_MaskedLogits(ids), x, tmp_path / "m.onnx", exporter="torchscript", dynamic_batch=False)
     assert re.search(r"'output'[^;]*: max abs diff 5\b" if ids else r"'output'[^;]*: max abs diff 1\b", str(info.value))
     assert not os.listdir(tmp_path)
+
+
+def test_the_check_judges_masked_logits_and_repeated_rows_at_the_scale_of_their_real_values() -> None:
+    """The comparison itself: logits masked by adding -10000 (70 % of them, all distinct) leave the
+    real logits judged at their own scale, so a file off by 5 there is caught while rounding at
+    5e-5 of their scale passes (not elementwise: a logit near zero carries it too); a batch of one
+    grown to two identical rows is judged as the row."""
+    from wn_transform.export import _compare, _output_floors
+
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((4, 64))
+    masked = rng.random((4, 64)) < 0.7
+    want = torch.from_numpy(np.where(masked, logits - 10000.0, logits).astype(np.float32))
+    rounding = want.numpy() + (5e-5 * rng.standard_normal((4, 64))).astype(np.float32)
+    rtol, atol = DEFAULT_TOLERANCES[torch.float32]
+    assert _compare(rounding, want, rtol, atol)[2]
+    assert not _compare(want.numpy() + np.where(masked, 0.0, 5.0).astype(np.float32), want, rtol, atol)[2]
+    row = torch.from_numpy(logits[:1].astype(np.float32))
+    off = row.numpy() + (3e-5 * rng.standard_normal((1, 64))).astype(np.float32)
+    single = _compare(off, row, rtol, atol)
+    grown = _compare(np.concatenate([off, off]), torch.cat([row, row]), rtol, atol, floor=_output_floors(row)[0])
+    assert single[2] and grown[2] and grown[4] == single[4]
+
+
+def test_a_batch_of_one_grown_to_repeated_rows_is_judged_with_the_samples_scale(tmp_path) -> None:
+    """A vocoder's or a streaming model's sample is one example; the batch axis is checked on two
+    copies of it, whose every value is held twice (the share of a sentinel in a small output):
+    judged with the sample's typical magnitude, rounding that the sample passes passes there too."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 4)
+    model = _OffInTheGraph(x)
+    y = model.lin(x).detach()
+    rtol, atol = DEFAULT_TOLERANCES[torch.float32]
+    model.delta = 0.5 * (atol + rtol * float(y.abs().median()))
+    assert float(y.abs().min()) * rtol + atol < model.delta  # elementwise, the smallest element would fail
+    report = export_onnx(model, x, tmp_path / "one.onnx", exporter="torchscript")
+    assert report.batch_sizes_checked[:2] == [1, 2]

@@ -116,12 +116,12 @@ def apply_weight_norm(
     Raises:
         TypeError: ``model`` is not an ``nn.Module``; ``distributed`` is not a bool, None or a
             ``ProcessGroup``.
-        ValueError: an unknown ``init`` or ``existing``; ``init_scale`` or ``exact_init`` with
-            ``init="preserve"``, which sets no scale.
+        ValueError: an unknown ``init`` or ``existing``.
         BatchError: the batch holds NaN, or (for the data init) is empty or on the meta device
             (nothing is changed); or the model rejects it (the layer is named).
         SelectionError: a selection rule matches no weight.
-        WeightNormError: ``init_scale`` is not a positive finite number; a lazy layer
+        WeightNormError: ``init_scale`` is not a positive finite number, or is given (as is
+            ``exact_init``) with ``init="preserve"``, which sets no scale; a lazy layer
             (``nn.LazyLinear``...) has not run yet, so its weight has no shape; the model holds a
             TorchScript module, is (or holds) a ``DistributedDataParallel`` wrapper or FSDP-sharded
             modules; ``distributed=True`` without ``torch.distributed`` initialized; or, for the
@@ -149,7 +149,7 @@ def apply_weight_norm(
         given = ", ".join(name for name, on in (("init_scale", init_scale != 1), ("exact_init", exact_init)) if on)
         msg = (f"{given} set{'s' if ',' not in given else ''} the data-dependent init, and init='preserve' keeps "
                "every weight as it is: pass a sample batch (init='data'), or leave them out")
-        raise ValueError(msg)
+        raise WeightNormError(msg)
     selection = Selection.build(include, exclude, types, filter_fn)
     with gc_paused():  # a quarter to a third of the time on large models, see _gc
         working = model if inplace else copy_model(model)
@@ -368,7 +368,8 @@ def _check_modules(model: nn.Module) -> None:
     scripted = [name or "(root)" for name, module in modules if isinstance(module, torch.jit.ScriptModule)]
     if scripted:
         msg = (f"{type(model).__name__} holds TorchScript modules ({few(scripted)}); weight norm needs the eager "
-               "modules: apply it before torch.jit.script, or script the weight-normalized model afterwards")
+               "modules: apply it to the eager model; to script the result, fold it first (fold_weight_norm), or "
+               "trace it (torch.jit.trace)")
         raise WeightNormError(msg)
     lazy = [f"{name or '(root)'} ({type(module).__name__})" for name, module in modules
             if any(nn.parameter.is_lazy(p) for p in module._parameters.values() if p is not None)]

@@ -324,7 +324,7 @@ def check_output(path: str | os.PathLike, *, force: bool = False, inputs: tuple[
                f"written to, so give the path of a new or regular file")
         raise CheckpointError(msg)
     if path.exists() and not force:
-        msg = f"{path}: already exists; pass --force (force=True) to overwrite it"
+        msg = f"{path}: already exists; to overwrite it, pass --force (force=True from Python)"
         raise CheckpointError(msg)
 
 

@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     _one_state_dict_argument(convert)
     _output_arguments(convert)
 
-    apply = command("apply", "Weight-normalize a model's checkpoint (data-dependent init or exact).")
+    apply = command("apply", "Weight-normalize a model's checkpoint (data-dependent init, or --preserve: g = ||w||, v = w).")
     _model_arguments(apply, required=True)
     mode = apply.add_mutually_exclusive_group(required=True)
     mode.add_argument("--calib", metavar="FILE", help="calibration batch for the data-dependent init")
@@ -129,10 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch's ONNX exporter: auto (dynamo, falling back to TorchScript when it fails or its "
                              "file fails the checks), dynamo or torchscript (default: auto)")
     export.add_argument("--rtol", type=_tolerance, default=None, metavar="R",
-                        help="relative tolerance of the onnxruntime check: |onnx - torch| <= atol + rtol*max(|torch|, "
-                             "the median magnitude of the output's values that occur once) (default: by the model's dtype, "
-                             "1e-3 for float32, 1e-2 "
-                             "for float16, 8e-2 for bfloat16)")
+                        help="relative tolerance of the onnxruntime check: |onnx - torch| <= atol + rtol*max(|torch|, the "
+                             "typical magnitude of the output's values) "
+                             "(default: by the model's dtype, 1e-3 for float32, 1e-2 for float16, 8e-2 for bfloat16)")
     export.add_argument("--atol", type=_tolerance, default=None, metavar="A",
                         help="absolute tolerance of the onnxruntime check (default: by the model's dtype, 1e-5 for "
                              "float32, 1e-3 for float16, 8e-3 for bfloat16)")

@@ -80,17 +80,17 @@ _EXPORTERS = ("auto", "dynamo", "torchscript")
 
 #: ``(rtol, atol)`` used when ``export_onnx`` is not given them, by the least precise floating
 #: dtype among the model's parameters and its outputs on the sample batch (any other dtype,
-#: float64 included, gets float32's).  rtol is relative to each element's magnitude or its
-#: output's typical magnitude, whichever is larger (:func:`_compare`): rounding in a deep network
-#: is relative to the scale of the activations, so an output element near zero carries the
+#: float64 included, gets float32's).  rtol is taken of each element's magnitude, or of its
+#: output's typical magnitude where that is larger (:func:`_compare`): rounding in a deep
+#: network is absolute at the scale of the activations, so an element near zero carries the
 #: absolute error of its neighbours.  float32's rtol of 1e-3 (``torch.onnx.verification``'s
 #: default) is ~17000 times its unit roundoff 2^-24: onnxruntime and PyTorch sum in other orders
 #: and with other kernels (Winograd convolutions), and a 53-conv MobileNetV2 differs by 1e-4 of
 #: its output's scale.  float16 keeps 11 significant bits (unit roundoff 2^-11 ~ 4.9e-4): a
 #: single rounding of an output near 1 moves it by up to 4.9e-4, and a few layers of them,
 #: summed in another order, reach a few 1e-3; rtol=1e-2 is ~20 roundings.  bfloat16 keeps 8 bits
-#: (2^-8 ~ 3.9e-3), so 20 roundings are ~8e-2.  atol, for outputs whose median is near zero, is
-#: 1e-5 for float32 and rtol / 10 for the half-precision types.
+#: (2^-8 ~ 3.9e-3), so 20 roundings are ~8e-2.  atol, for outputs near zero, is 1e-5 for
+#: float32 and rtol / 10 for the half-precision types.
 DEFAULT_TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.float32: (1e-3, 1e-5),
     torch.float16: (1e-2, 1e-3),
@@ -283,11 +283,11 @@ def export_onnx(
         external_data: write the weights to ``<path>.data`` next to the file (``True``),
             inside the file (``False``), or decide by size (``None``: external above
             :data:`EXTERNAL_DATA_THRESHOLD` bytes of parameters and buffers).
-        rtol, atol: an output element agrees when ``|onnx - torch| <= atol + rtol * max(|torch|, m)``,
-            ``m`` the median magnitude of that output's values that occur once (rounding is
-            relative to the output's scale, not to an element that happens to be near zero; a
-            repeated sentinel such as a masked logit's ``finfo.min`` does not count).  Integer
-            and bool outputs must be equal.
+        rtol, atol: an output element agrees when ``|onnx - torch| <= atol + rtol * max(|torch|, f)``,
+            ``f`` the typical magnitude of the output's computed values on the sample batch
+            (rounding is absolute at the activations' scale, so an element near zero carries its
+            neighbours' error; zeros, sentinels and a block of far larger magnitudes are left out
+            of it: ``_floor_magnitude``).  Integer and bool outputs must be equal.
             Left out (``None``), each follows the least precise floating dtype among the
             model's parameters and outputs (:data:`DEFAULT_TOLERANCES`): float32's ``1e-3``,
             ``1e-5``; float16's ``1e-2``, ``1e-3``; bfloat16's ``8e-2``, ``8e-3``.
@@ -509,9 +509,10 @@ def _check(job: _Job, used: str, fallback_reason: str | None, tracer_warnings: l
         diffs, sizes, notes, fixed_outputs = _verify(session, folded, job.sample_batch, job.inputs, job.reference,
                                                      graph_inputs, **tolerance, say=say,
                                                      batch_at_dim_0=job.dynamic_shapes is None)
-    except ExportError:
-        if used == "torchscript":  # a trace that kept the sample's values also fails on grown batches:
-            _verify_other_values(session, folded, job.sample_batch, {}, [], **tolerance,  # name that cause
+    except ExportError as exc:
+        if used == "torchscript" and not getattr(exc, "on_sample", False):  # a trace that kept the sample's
+            _verify_other_values(session, folded, job.sample_batch, {}, [], **tolerance,  # values also fails on
+                                 # grown batches (not on the sample itself, whose path it follows): name that cause
                                  tracer_warnings=tracer_warnings, fallback_reason=fallback_reason, say=say,
                                  blame_only=True)
         raise
@@ -1204,6 +1205,7 @@ def _verify(session: Any, model: nn.Module, sample_batch: batch_mod.SampleBatch,
     excesses: list[float] = []  # per failure, its largest difference over its allowance
     off_on_sample: set[str] = set()  # outputs already off on the sample batch: not the dynamic axes' doing
     shapes: dict[str, set[tuple[int, ...]]] = {}  # per output, the shapes it came out in over the runs
+    floors = _output_floors(reference)
     for label, hint, run_inputs, expected in runs:
         sizes.append(next((t.shape[0] for t in run_inputs.tensors if t.dim() > 0), 1))
         say(f"verifying with onnxruntime ({label})")
@@ -1216,7 +1218,8 @@ def _verify(session: Any, model: nn.Module, sample_batch: batch_mod.SampleBatch,
             raise ExportError(msg + hint) from exc
         for output, value in zip(session.get_outputs(), got):
             shapes.setdefault(output.name, set()).add(tuple(np.shape(value)))
-        for name, abs_diff, rel_diff, ok, why, excess in _compare_outputs(session, got, expected, rtol, atol):
+        for name, abs_diff, rel_diff, ok, why, excess in _compare_outputs(session, got, expected, rtol, atol,
+                                                                          floors=floors):
             _merge_diff(diffs, name, abs_diff, rel_diff)
             if not ok:
                 failures.append(f"'{name}' ({label}): {why}{'' if name in off_on_sample else hint}")
@@ -1226,7 +1229,9 @@ def _verify(session: Any, model: nn.Module, sample_batch: batch_mod.SampleBatch,
     if failures:
         msg = (f"onnxruntime disagrees with PyTorch beyond rtol={rtol:g}, atol={atol:g}: {'; '.join(failures)}"
                f" [all outputs: {_diff_table(diffs)}]{_fake_quant_note(model)}{_rounding_note(max(excesses))}")
-        raise ExportMismatchError(msg)
+        error = ExportMismatchError(msg)
+        error.on_sample = bool(off_on_sample)  # off on the sample batch itself, not only on grown ones
+        raise error
     return diffs, sizes, notes, _fixed_but_varying(session, shapes)
 
 
@@ -1326,7 +1331,8 @@ def _fixed_but_varying(session: Any, shapes: dict[str, set[tuple[int, ...]]]) ->
 
 
 def _compare_outputs(session: Any, got: list[Any], expected: Any, rtol: float, atol: float, *,
-                     other_values: bool = False) -> list[tuple[str, float, float, bool, str, float]]:
+                     other_values: bool = False, floors: list[float] | None = None,
+                     ) -> list[tuple[str, float, float, bool, str, float]]:
     """Per output of the graph: (name, max abs diff, max rel diff, within tolerance, why not, the
     largest ratio of a difference to its allowance: :func:`_compare`).
 
@@ -1341,8 +1347,9 @@ def _compare_outputs(session: Any, got: list[Any], expected: Any, rtol: float, a
         msg = (f"the exported graph has {len(got)} outputs ({onnx_names}), the PyTorch model "
                f"returns {len(want)} tensors")
         raise ExportError(msg)
-    return [(name, *_compare(np.asarray(onnx_value), torch_value, rtol, atol, nan_either=other_values))
-            for name, onnx_value, torch_value in zip(onnx_names, got, want)
+    floors = floors or [None] * len(want)
+    return [(name, *_compare(np.asarray(onnx_value), torch_value, rtol, atol, nan_either=other_values, floor=floor))
+            for name, onnx_value, torch_value, floor in zip(onnx_names, got, want, floors)
             if not other_values or torch_value.is_floating_point()]
 
 
@@ -1481,14 +1488,16 @@ def _quoted(tracer_warnings: list[str]) -> str:
 
 
 def _compare(got: np.ndarray, tensor: torch.Tensor, rtol: float, atol: float, *,
-             nan_either: bool = False) -> tuple[float, float, bool, str, float]:
+             nan_either: bool = False, floor: float | None = None) -> tuple[float, float, bool, str, float]:
     """(max abs diff, max rel diff, within tolerance, a description of the worst difference, the
     largest ratio of an element's difference to its allowance).
 
-    Within tolerance: every element's ``|got - want| <= atol + rtol * max(|want|, m)``, ``m`` the
-    output's typical magnitude (:func:`_typical_magnitude`); integer and bool outputs (token ids,
-    indices, masks) must be equal.  NaN agrees with NaN; with ``nan_either``, with anything."""
-    if not (tensor.is_floating_point() or tensor.is_complex()):
+    Within tolerance: every element's ``|got - want| <= atol + rtol * max(|want|, f)``, ``f`` the
+    output's :func:`_floor_magnitude` (``floor``, where given: the sample batch's); integer and
+    bool outputs (token ids, indices, masks) must be equal.  NaN agrees with NaN; with
+    ``nan_either``, with anything."""
+    exact = not (tensor.is_floating_point() or tensor.is_complex())
+    if exact:
         rtol = atol = 0.0
     want = _to_numpy(tensor.detach().cpu().float() if tensor.dtype == torch.bfloat16 else tensor)
     if got.shape != want.shape:
@@ -1504,32 +1513,60 @@ def _compare(got: np.ndarray, tensor: torch.Tensor, rtol: float, atol: float, *,
     scale = np.abs(b)
     with np.errstate(divide="ignore", invalid="ignore"):
         rel = np.where(diff == 0, 0.0, np.where(scale > 0, diff / np.where(scale > 0, scale, 1.0), np.inf))
-    typical = _typical_magnitude(b) if rtol else 0.0
-    allowance = atol + rtol * np.maximum(np.where(np.isfinite(scale), scale, 0.0), typical)
+    floor = (_floor_magnitude(b) if floor is None else floor) if rtol else 0.0
+    allowance = atol + rtol * np.maximum(np.where(np.isfinite(scale), scale, 0.0), floor)
     ok = bool(np.all(diff <= allowance))
     with np.errstate(divide="ignore", invalid="ignore"):
         excess = float(np.max(np.where(diff == 0, 0.0, diff / allowance)))
     max_abs, max_rel = float(diff.max()), float(rel.max())
-    return max_abs, max_rel, ok, f"max abs diff {max_abs:.3g}, max rel diff {max_rel:.3g}", excess
+    why = f"max abs diff {max_abs:.3g}, max rel diff {max_rel:.3g}"
+    if exact and not ok:
+        differ = int(np.count_nonzero(diff))
+        why = f"{differ} of {diff.size} elements differ, {why}"
+        if differ <= diff.size // 100:  # a few of many: a search over values that tie within rounding
+            why += (" (an argmax, argmin or top-k over values that tie within rounding may pick either: so few "
+                    "differing indices may be such ties, common in float16 and bfloat16; run that search in float32)")
+    return max_abs, max_rel, ok, why, excess
 
 
-#: Elements :func:`_typical_magnitude` looks at, at most (evenly spaced over a larger output).
-_TYPICAL_SAMPLE = 1_000_000
+#: :func:`_floor_magnitude`: a value held by more than this share of an output's elements is a
+#: sentinel or a clamp's bound, not a computed value; magnitudes above this many times the
+#: output's 1st percentile are another block (an additive mask's -1e4); at most this many
+#: elements, drawn at random (seeded), estimate it.
+_REPEATED_SHARE = 0.01
+_FLOOR_SPAN = 1e4
+_FLOOR_SAMPLE = 1_000_000
 
 
-def _typical_magnitude(values: np.ndarray) -> float:
-    """The median ``|x|`` of an output's finite values that occur once: the scale of the
-    activations behind it, which float rounding is relative to.  A value that occurs more than
-    once is left out: a computed value rarely repeats exactly, while a sentinel does (a masked
-    logit's ``finfo.min`` or -1e9, however many of the elements hold it), and so does a clamp's
-    bound or a ReLU's 0, whose omission only makes the rule stricter.  0 where nothing is left
-    (the rule is then elementwise)."""
+def _floor_magnitude(values: np.ndarray) -> float:
+    """The typical magnitude of an output's computed values, of which rtol is taken for its
+    smaller elements: rounding in a deep network is absolute at the scale of the activations, so
+    an element that happens to be near zero (a logit, a waveform's zero crossing) carries the
+    absolute error of its neighbours.  The median ``|x|`` of the finite values, leaving out zeros
+    (a ReLU's, padding), values held by more than 1 % of the elements (a masked logit's
+    ``finfo.min`` or -1e9, a clamp's bound: whatever their share) and magnitudes more than
+    :data:`_FLOOR_SPAN` times the 1st percentile of the rest (logits masked by adding -1e4, on
+    up to 99 % of the elements; a few huge values); 0 where nothing is left (the rule is then
+    elementwise)."""
     flat = values.reshape(-1)
-    flat = flat[:: max(1, flat.size // _TYPICAL_SAMPLE)]
-    flat = flat[np.isfinite(flat)]
-    unique, counts = np.unique(flat, return_counts=True)
-    single = np.abs(unique[counts == 1])
-    return float(np.median(single)) if single.size else 0.0
+    if flat.size > _FLOOR_SAMPLE:
+        flat = flat[np.random.default_rng(0).integers(0, flat.size, _FLOOR_SAMPLE)]
+    flat = flat[np.isfinite(flat) & (flat != 0)].astype(np.float64)
+    if not flat.size:
+        return 0.0
+    _, inverse, counts = np.unique(flat, return_inverse=True, return_counts=True)
+    kept = np.abs(flat[counts[inverse] <= max(1.0, _REPEATED_SHARE * flat.size)])
+    if not kept.size:
+        return 0.0
+    kept = kept[kept <= _FLOOR_SPAN * np.quantile(kept, 0.01)]
+    return float(np.median(kept))
+
+
+def _output_floors(expected: Any) -> list[float]:
+    """:func:`_floor_magnitude` of each floating output (0 for the others), in output order: taken
+    once from the sample batch's outputs, for its runs on grown batches too (which repeat its rows)."""
+    return [_floor_magnitude(_to_numpy(leaf.detach().cpu().double())) if leaf.is_floating_point() else 0.0
+            for leaf in tree_leaves(expected) if isinstance(leaf, torch.Tensor)]
 
 
 def _to_numpy(tensor: torch.Tensor) -> np.ndarray:

@@ -412,12 +412,15 @@ def check_gain_fits(wn: WeightNorm, g: Tensor, v: Tensor, where: str) -> None:
         raise WeightNormError(msg)
 
 
-def _gain_overflow(wn: WeightNorm, g: Tensor, v: Tensor, where: str, remedy: str) -> str | None:
-    """What :func:`check_gain_fits` says of ``g``, or None where ``g`` fits."""
+def _gain_overflow(wn: WeightNorm, g: Tensor, v: Tensor, where: str, remedy: str,
+                   before: Tensor | None = None) -> str | None:
+    """What :func:`check_gain_fits` says of ``g``, or None where ``g`` fits.  ``before``: ``g`` as it
+    was before a conversion made it overflow (its largest unit is the norm named); else ``g = ||v||``."""
     if wn.exp_scale or g.element_size() >= 4 or g.is_meta or not bool(g.isinf().any()) or not bool(v.isfinite().all()):
         return None
-    norm = unit_norm(v.detach(), wn.layout).max().item()
-    return (f"{where}: a unit's norm ||w|| = {norm:g} is beyond {g.dtype}'s range (the largest is "
+    norm = (before.detach().abs().max() if before is not None and bool(before.isfinite().all())
+            else unit_norm(v.detach(), wn.layout).max()).item()
+    return (f"{where}: a unit's norm g = ||w|| = {norm:g} is beyond {g.dtype}'s range (the largest is "
             f"{torch.finfo(g.dtype).max:g}), so g cannot hold it and the layer would compute NaN; {remedy}")
 
 
@@ -425,6 +428,7 @@ def _apply_checking_gains(self: nn.Module, fn: Callable[[Tensor], Tensor], recur
     """The layer's own ``_apply`` (what ``.to()``, ``.half()``, ``.cuda()`` run), then a warning
     for each ``g`` that a conversion to float16 took beyond its range (the plain layer's weight
     would still fit: :func:`check_gain_fits`)."""
+    gains = {name: chain.original0.detach() for name, chain in self._modules["parametrizations"].items()}  # held, not copied
     if recurse:  # as torch calls it on a child: a layer's own _apply(self, fn) may take fn alone
         plain_type(self)._apply(self, fn)
     else:
@@ -434,7 +438,8 @@ def _apply_checking_gains(self: nn.Module, fn: Callable[[Tensor], Tensor], recur
         if wn is not None and chain.original0.dtype == torch.float16:
             where = f"{plain_type(self).__name__}({self.extra_repr()}).{name}"
             msg = _gain_overflow(wn, chain.original0, chain.original1, where, "keep this layer in float32 or "
-                                 "bfloat16, or weight-normalize it with exp_scale=True (g = e^s, which fits)")
+                                 "bfloat16, or weight-normalize it with exp_scale=True (g = e^s, which fits)",
+                                 before=gains.get(name))
             if msg is not None:
                 warn_user(msg, UserWarning)
     return self
