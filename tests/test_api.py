@@ -802,6 +802,20 @@ def test_the_float16_warning_names_the_gain_a_data_init_set_not_the_directions_n
         model.half()
 
 
+def test_converting_a_layer_with_weight_norm_and_another_parametrization_to_float16_works() -> None:
+    """The float16 check looks at weight norm's g alone: a parametrization on the bias has none."""
+    class _Clamp(nn.Module):
+        def forward(self, b: torch.Tensor) -> torch.Tensor:
+            return b.clamp(-1, 1)
+
+    model = wn.apply_weight_norm(nn.Sequential(nn.Linear(4, 3)), init="preserve")
+    parametrize.register_parametrization(model[0], "bias", _Clamp())
+    x = torch.randn(2, 4)
+    want = model(x)
+    model.half()
+    torch.testing.assert_close(model(x.half()).float(), want, rtol=1e-2, atol=1e-2)
+
+
 class _ScaledLinear(nn.Linear):
     """A layer with a tensor attribute of its own, converted by its ``_apply(self, fn)`` (the form
     torch calls on children, and that third-party layers write)."""

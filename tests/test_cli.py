@@ -1355,6 +1355,7 @@ def test_a_folder_given_as_the_checkpoint_names_the_files_in_it(tmp_path: Path, 
     save_file({"w": torch.ones(2)}, sharded / "model-00001-of-00002.safetensors")
     (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "model-00001-of-00002.safetensors"}}))
     save_file({"w": torch.ones(2)}, single / "model.safetensors")
+    torch.save({"state": {}}, single / "optimizer.pt")  # a trainer's state beside the weights: not offered
     (single / "config.json").write_text("{}")
     for folder, said in ((sharded, "pass the checkpoint file in it: model.safetensors.index.json (a sharded "
                                    "checkpoint's index, read whole)"),
@@ -1434,3 +1435,32 @@ def test_a_plain_checkpoint_loads_into_an_exp_scale_model(tmp_path: Path) -> Non
     mel = torch.randn(2, 80, 12)
     with torch.no_grad():
         torch.testing.assert_close(model(mel), plain(mel), rtol=1e-5, atol=1e-6)
+
+
+def test_a_bfloat16_checkpoint_into_a_float32_model_built_with_weight_norm_keeps_the_function(tmp_path: Path) -> None:
+    """g is the norm of the bfloat16 weight taken in float32, not rounded to bfloat16: the float32
+    model computes the checkpoint's weights to float32 rounding."""
+    plain = build_plain(seed=3)
+    state = {k: v.to(torch.bfloat16) for k, v in plain.state_dict().items()}
+    ckpt, out = tmp_path / "bf16.pt", tmp_path / "wn.pt"
+    torch.save(state, ckpt)
+    assert main(["apply", "--model", "tests.fixtures.hifigan:build_generator", "--checkpoint", str(ckpt),
+                 "--preserve", "-o", str(out)]) == 0
+    model = build_generator()
+    model.load_state_dict(torch.load(out, weights_only=True))
+    plain.load_state_dict({k: v.float() for k, v in state.items()})
+    mel = torch.randn(2, 80, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(model(mel), plain(mel), rtol=1e-5, atol=1e-6)
+
+
+def test_apply_piped_into_a_reader_that_closes_writes_its_output_first(tmp_path: Path, monkeypatch, capsys) -> None:
+    """``wn-transform apply ... | head``: the checkpoint is written before the report is printed."""
+    def closed_pipe(*args, **kwargs) -> None:
+        if kwargs.get("file") is not sys.stderr:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr("wn_transform.cli.print", closed_pipe, raising=False)
+    out = tmp_path / "wn.pt"
+    assert main(["apply", "--model", "tests.test_cli:build_conv", "--preserve", "-o", str(out)]) == 0
+    assert wn.find_state_dict_weight_norms(torch.load(out, weights_only=True))

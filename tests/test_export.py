@@ -1728,3 +1728,14 @@ def test_a_batch_of_one_grown_to_repeated_rows_is_judged_with_the_samples_scale(
     assert float(y.abs().min()) * rtol + atol < model.delta  # elementwise, the smallest element would fail
     report = export_onnx(model, x, tmp_path / "one.onnx", exporter="torchscript")
     assert report.batch_sizes_checked[:2] == [1, 2]
+
+
+def test_a_sample_batch_that_repeats_a_row_is_judged_as_the_row() -> None:
+    """The typical magnitude counts a repeated row once: a sample of two equal rows, each value held
+    twice, is not taken for sentinels (which would leave nothing and make the check elementwise)."""
+    from wn_transform.export import _floor_magnitude
+
+    row = np.random.default_rng(0).standard_normal((1, 40))
+    assert _floor_magnitude(np.concatenate([row, row])) == _floor_magnitude(row) == pytest.approx(np.median(np.abs(row)))
+    sentinel = np.where(np.arange(40) < 30, -1e9, row)  # 30 of 40 masked: left out, whatever their share
+    assert _floor_magnitude(sentinel) == pytest.approx(np.median(np.abs(row[0, 30:])))

@@ -134,18 +134,21 @@ def load_checkpoint(path: str | os.PathLike) -> Any:
     return _read(path)
 
 
-_CHECKPOINT_SUFFIXES = (".index.json", ".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+_CHECKPOINT_SUFFIXES = (INDEX_SUFFIX, ".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+#: Files a trainer saves beside the weights (Hugging Face's Trainer, Lightning): not offered as the checkpoint.
+_NOT_WEIGHTS = ("optimizer", "scheduler", "rng_state", "training_args", "scaler", "trainer_state")
 
 
 def _existing_file(path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.is_dir():  # a save_pretrained folder, a run's checkpoint folder: name what is inside
-        inside = sorted((p.name for p in path.iterdir() if p.is_file() and p.name.lower().endswith(_CHECKPOINT_SUFFIXES)),
-                        key=lambda name: ("model" not in name.lower(), name))  # the weights before a trainer's state
-        index = [name for name in inside if name.lower().endswith(".index.json")]
+        inside = sorted((p.name for p in path.iterdir() if p.is_file() and p.name.lower().endswith(_CHECKPOINT_SUFFIXES)
+                         and not p.name.lower().startswith(_NOT_WEIGHTS)),
+                        key=lambda name: ("model" not in name.lower(), name))  # the weights first
+        index = [name for name in inside if name.lower().endswith(INDEX_SUFFIX)]
         hint = (f"; pass the checkpoint file in it: {', '.join(index or inside[:5])}"
                 + (" (a sharded checkpoint's index, read whole)" if index else "") if inside else
-                "; it holds no checkpoint file (.safetensors, .bin, .pt, .pth, .ckpt)")
+                "; it holds no checkpoint file (.safetensors, .bin, .pt, .pth, .ckpt, or a sharded one's .index.json)")
         msg = f"{path}: is a folder{hint}"
         raise CheckpointError(msg)
     if not path.is_file():

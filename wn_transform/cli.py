@@ -168,7 +168,7 @@ def _output_arguments(parser: argparse.ArgumentParser, kinds: str = ".pt/.pth/.b
 
 
 # -- commands ------------------------------------------------------------------------------
-def cmd_inspect(args: argparse.Namespace, say: Callable[[str], None]) -> int:
+def cmd_inspect(args: argparse.Namespace, say: _Progress) -> int:
     if args.file is None and args.model is None:
         msg = "inspect needs a checkpoint FILE, or --model to plan what apply would convert"
         raise _UsageError(msg)
@@ -223,10 +223,10 @@ def cmd_apply(args: argparse.Namespace, say: _Progress) -> int:
     model = apply_weight_norm(model, batch, init="preserve" if args.preserve else "data", include=args.include,
                               exclude=args.exclude, init_scale=args.init_scale, exp_scale=args.exp_scale,
                               exact_init=args.exact_init, inplace=True)
-    print(weight_norm_report(model))
     say(f"writing {args.output}")
     save_checkpoint(model.state_dict(), args.output, force=args.force, inputs=_inputs(args))
-    say.wrote(args.output)
+    say.wrote(args.output)  # before the report: a reader that closes the pipe (| head) loses nothing
+    print(weight_norm_report(model))
     return 0
 
 
@@ -369,10 +369,11 @@ def _stopped_by_signals(progress: _Progress) -> Iterator[None]:
         return
 
     def stop(signum: int, frame: object) -> None:
-        if progress.received is None:
-            progress.received = signal.Signals(signum)
+        if progress.received is not None:  # a second one: the first is on its way out (its cleanup runs)
+            return
+        progress.received = signal.Signals(signum)
         if progress.written is None:
-            raise _stop_exception(signal.Signals(signum))
+            raise _stop_exception(progress.received)
 
     previous = {signum: signal.signal(signum, stop) for signum in wanted}
     try:
@@ -537,12 +538,12 @@ class _ModelKeys:
     def of(cls, model: nn.Module) -> _ModelKeys:
         """A lazy layer's parameters (``nn.LazyLinear`` before its first call) have no shape yet:
         any fits, as ``load_state_dict`` materializes them."""
-        state = {k: v for k, v in model.state_dict().items()
-                 if not (isinstance(v, torch.Tensor) and nn.parameter.is_lazy(v))}
+        full = model.state_dict()
+        state = {k: v for k, v in full.items() if not (isinstance(v, torch.Tensor) and nn.parameter.is_lazy(v))}
         pairs = tuple(find_state_dict_weight_norms(state))
         shapes = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
         shapes.update({wn.weight_key: wn.v_shape for wn in pairs})  # a plain weight given for a pair
-        return cls(frozenset(model.state_dict()), shapes, pairs, _tied_keys(model))
+        return cls(frozenset(full), shapes, pairs, _tied_keys(model))
 
     def missing(self, present: set[str]) -> list[str]:
         """The keys ``present`` lacks, a key tied to a present one not counted, nor an ``exp_scale``

@@ -107,7 +107,10 @@ class ExportError(WeightNormError):
 
 
 class ExportMismatchError(ExportError):
-    """onnxruntime's outputs differ from PyTorch's beyond the tolerance (per output: max abs/rel)."""
+    """onnxruntime's outputs differ from PyTorch's beyond the tolerance (per output: max abs/rel).
+    ``on_sample``: they differ on the sample batch itself, not only on the batches grown from it."""
+
+    on_sample: bool = False
 
 
 class ExportWarning(UserWarning):
@@ -156,8 +159,8 @@ class ExportReport:
     file_size: int
     external_data: str | None = None
     external_data_size: int = 0
-    rtol: float = 1e-4
-    atol: float = 1e-5
+    rtol: float = DEFAULT_TOLERANCES[torch.float32][0]
+    atol: float = DEFAULT_TOLERANCES[torch.float32][1]
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     other_values_checked: bool = False
@@ -510,9 +513,10 @@ def _check(job: _Job, used: str, fallback_reason: str | None, tracer_warnings: l
                                                      graph_inputs, **tolerance, say=say,
                                                      batch_at_dim_0=job.dynamic_shapes is None)
     except ExportError as exc:
-        if used == "torchscript" and not getattr(exc, "on_sample", False):  # a trace that kept the sample's
-            _verify_other_values(session, folded, job.sample_batch, {}, [], **tolerance,  # values also fails on
-                                 # grown batches (not on the sample itself, whose path it follows): name that cause
+        # A trace that kept the sample's values also fails on grown batches (not on the sample itself,
+        # whose path it follows): name that cause
+        if used == "torchscript" and not getattr(exc, "on_sample", False):  # (other ExportErrors have none)
+            _verify_other_values(session, folded, job.sample_batch, {}, [], **tolerance,
                                  tracer_warnings=tracer_warnings, fallback_reason=fallback_reason, say=say,
                                  blame_only=True)
         raise
@@ -1542,20 +1546,24 @@ def _floor_magnitude(values: np.ndarray) -> float:
     """The typical magnitude of an output's computed values, of which rtol is taken for its
     smaller elements: rounding in a deep network is absolute at the scale of the activations, so
     an element that happens to be near zero (a logit, a waveform's zero crossing) carries the
-    absolute error of its neighbours.  The median ``|x|`` of the finite values, leaving out zeros
-    (a ReLU's, padding), values held by more than 1 % of the elements (a masked logit's
+    absolute error of its neighbours.  The median ``|x|`` of the finite values (a row that repeats
+    another along the batch axis counted once), leaving out zeros (a ReLU's, padding), values held
+    by more than 1 % of the elements and more than twice (a masked logit's
     ``finfo.min`` or -1e9, a clamp's bound: whatever their share) and magnitudes more than
     :data:`_FLOOR_SPAN` times the 1st percentile of the rest (logits masked by adding -1e4, on
     up to 99 % of the elements; a few huge values); 0 where nothing is left (the rule is then
     elementwise)."""
-    flat = values.reshape(-1)
+    rows = values.reshape(len(values), -1) if values.ndim > 1 and len(values) > 1 else values.reshape(1, -1)
+    if len(rows) > 1 and rows.size <= 64 * _FLOOR_SAMPLE:  # a batch that repeats a row: each value counts once
+        rows = np.unique(rows, axis=0)
+    flat = rows.reshape(-1)
     if flat.size > _FLOOR_SAMPLE:
         flat = flat[np.random.default_rng(0).integers(0, flat.size, _FLOOR_SAMPLE)]
     flat = flat[np.isfinite(flat) & (flat != 0)].astype(np.float64)
     if not flat.size:
         return 0.0
     _, inverse, counts = np.unique(flat, return_inverse=True, return_counts=True)
-    kept = np.abs(flat[counts[inverse] <= max(1.0, _REPEATED_SHARE * flat.size)])
+    kept = np.abs(flat[counts[inverse] <= max(2.0, _REPEATED_SHARE * flat.size)])
     if not kept.size:
         return 0.0
     kept = kept[kept <= _FLOOR_SPAN * np.quantile(kept, 0.01)]

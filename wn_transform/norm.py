@@ -98,7 +98,7 @@ def layout_from_shapes(g_shape: tuple[int, ...], v_shape: tuple[int, ...]) -> Un
     raise ValueError(msg)
 
 
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
@@ -118,7 +118,7 @@ def unit_norm(v: Tensor, layout: UnitLayout, *, out: Tensor | None = None) -> Te
     ``out``: a contiguous tensor with one element per unit to write the norms to (no new
     tensor where its dtype is the norms'); the result is then ``out`` shaped like ``g``.
     """
-    dtype = _accumulation_dtype(v.dtype)
+    dtype = accumulation_dtype(v.dtype)
     target = out.view(layout.g_shape(v.shape)) if out is not None and out.dtype == dtype else None
     if layout.groups == 1:
         dim = layout.dim % v.ndim

@@ -428,7 +428,8 @@ def _apply_checking_gains(self: nn.Module, fn: Callable[[Tensor], Tensor], recur
     """The layer's own ``_apply`` (what ``.to()``, ``.half()``, ``.cuda()`` run), then a warning
     for each ``g`` that a conversion to float16 took beyond its range (the plain layer's weight
     would still fit: :func:`check_gain_fits`)."""
-    gains = {name: chain.original0.detach() for name, chain in self._modules["parametrizations"].items()}  # held, not copied
+    gains = {name: chain.original0.detach() for name, chain in self._modules["parametrizations"].items()
+             if _ours(chain) is not None}  # held, not copied (another parametrization, on the bias say, has no g)
     if recurse:  # as torch calls it on a child: a layer's own _apply(self, fn) may take fn alone
         plain_type(self)._apply(self, fn)
     else:

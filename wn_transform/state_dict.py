@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .errors import WeightNormError, unknown_keep_message
-from .norm import UnitLayout, compose_weight, direct_zero_units, layout_from_shapes, unit_norm
+from .norm import UnitLayout, accumulation_dtype, compose_weight, direct_zero_units, layout_from_shapes, unit_norm
 from .parametrization import EXP_SCALE_MARKER
 
 __all__ = [
@@ -346,23 +346,24 @@ def _takes_pair(own: StateDictWeightNorm | None, found: StateDictWeightNorm, sta
 
 
 def _normalized_pair(weight: Tensor, wn: StateDictWeightNorm) -> tuple[Tensor, Tensor]:
-    """``(g, v)`` of ``weight`` on ``wn``'s axis, in the weight's dtype: ``g = ||w||`` per unit (the
-    norms accumulated in float32 or wider), ``v = w``; a unit whose weight is all zero gets a unit
+    """``(g, v)`` of ``weight`` on ``wn``'s axis: ``g = ||w||`` per unit, in float32 or wider (a
+    bfloat16 weight's norm rounded to bfloat16 would change the function; the load casts ``g`` to
+    the layer's own precision), ``v = w``; a unit whose weight is all zero gets a unit
     direction ``v`` (drawn from a generator seeded with 0, the same in every process) with
     ``g = 0``, so that it computes 0, not torch's ``0/0``, and can train."""
     with torch.no_grad():
         w = weight.detach()
         layout = None if wn.dim is None else UnitLayout(wn.dim, wn.groups)  # None: one norm over the whole tensor
         norms = (unit_norm(w, layout) if layout is not None
-                 else torch.linalg.vector_norm(w, dtype=torch.float64 if w.dtype == torch.float64 else torch.float32))
-        g = norms.reshape(wn.g_shape)
+                 else torch.linalg.vector_norm(w, dtype=accumulation_dtype(w.dtype)))
+        g = norms.reshape(wn.g_shape)  # float32 or wider: the load casts it to the layer's precision
         v = w.clone()
         if w.is_meta or w.numel() == 0 or not bool((g == 0).any()):
-            return g.to(w.dtype), v
+            return g, v
         draw = torch.randn(w.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
         if layout is None:
-            return g.to(w.dtype), (draw / torch.linalg.vector_norm(draw)).to(w.dtype)
-        return g.to(w.dtype), direct_zero_units(v, (g == 0).reshape(layout.g_shape(w.shape)), layout, draw)
+            return g, (draw / torch.linalg.vector_norm(draw)).to(w.dtype)
+        return g, direct_zero_units(v, (g == 0).reshape(layout.g_shape(w.shape)), layout, draw)
 
 
 def _pair_keys(weight_key: str, layout: str) -> tuple[str, str]:
