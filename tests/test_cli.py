@@ -1464,3 +1464,24 @@ def test_apply_piped_into_a_reader_that_closes_writes_its_output_first(tmp_path:
     out = tmp_path / "wn.pt"
     assert main(["apply", "--model", "tests.test_cli:build_conv", "--preserve", "-o", str(out)]) == 0
     assert wn.find_state_dict_weight_norms(torch.load(out, weights_only=True))
+
+
+def test_every_stop_signal_raises_until_the_output_is_written() -> None:
+    """A library that swallows the first stop does not make the next one harmless: each raises (as
+    Python's Ctrl-C does) until the output is in place; after that a signal is only noted."""
+    import signal
+
+    from wn_transform import cli
+
+    progress = cli._Progress(0.0)
+    with cli._stopped_by_signals(progress):
+        with contextlib.suppress(cli._Stopped):  # a library that catches everything
+            os.kill(os.getpid(), signal.SIGTERM)
+            sum(range(10))
+        with pytest.raises(cli._Stopped):
+            os.kill(os.getpid(), signal.SIGTERM)
+            sum(range(10))
+        progress.wrote("out.pt")
+        os.kill(os.getpid(), signal.SIGTERM)  # noted, not raised
+        sum(range(10))
+    assert progress.received == signal.SIGTERM and progress.output_written()

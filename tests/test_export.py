@@ -1737,5 +1737,6 @@ def test_a_sample_batch_that_repeats_a_row_is_judged_as_the_row() -> None:
 
     row = np.random.default_rng(0).standard_normal((1, 40))
     assert _floor_magnitude(np.concatenate([row, row])) == _floor_magnitude(row) == pytest.approx(np.median(np.abs(row)))
+    assert _floor_magnitude(np.zeros((0, 4))) == _floor_magnitude(np.zeros((2, 0))) == 0.0  # empty outputs
     sentinel = np.where(np.arange(40) < 30, -1e9, row)  # 30 of 40 masked: left out, whatever their share
     assert _floor_magnitude(sentinel) == pytest.approx(np.median(np.abs(row[0, 30:])))

@@ -369,11 +369,10 @@ def _stopped_by_signals(progress: _Progress) -> Iterator[None]:
         return
 
     def stop(signum: int, frame: object) -> None:
-        if progress.received is not None:  # a second one: the first is on its way out (its cleanup runs)
-            return
-        progress.received = signal.Signals(signum)
-        if progress.written is None:
-            raise _stop_exception(progress.received)
+        if progress.received is None:
+            progress.received = signal.Signals(signum)
+        if progress.written is None:  # every one, as Python's Ctrl-C: a library may have caught the first
+            raise _stop_exception(signal.Signals(signum))
 
     previous = {signum: signal.signal(signum, stop) for signum in wanted}
     try:

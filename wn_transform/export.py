@@ -1553,9 +1553,12 @@ def _floor_magnitude(values: np.ndarray) -> float:
     :data:`_FLOOR_SPAN` times the 1st percentile of the rest (logits masked by adding -1e4, on
     up to 99 % of the elements; a few huge values); 0 where nothing is left (the rule is then
     elementwise)."""
-    rows = values.reshape(len(values), -1) if values.ndim > 1 and len(values) > 1 else values.reshape(1, -1)
-    if len(rows) > 1 and rows.size <= 64 * _FLOOR_SAMPLE:  # a batch that repeats a row: each value counts once
-        rows = np.unique(rows, axis=0)
+    if values.size == 0:
+        return 0.0
+    rows = np.ascontiguousarray(values.reshape(len(values), -1) if values.ndim > 1 else values.reshape(1, -1))
+    if len(rows) > 1 and rows.shape[1] > 0:  # a batch that repeats a row: each value counts once
+        keys = rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))).ravel()  # a row's bytes
+        rows = rows[np.sort(np.unique(keys, return_index=True)[1])]
     flat = rows.reshape(-1)
     if flat.size > _FLOOR_SAMPLE:
         flat = flat[np.random.default_rng(0).integers(0, flat.size, _FLOOR_SAMPLE)]
