@@ -550,6 +550,12 @@ class _ModelKeys:
         markers = {wn.marker_key for wn in self.pairs if wn.marker_key}
         return sorted(key for key in self.keys - present - markers if not self.tied.get(key, set()) & present)
 
+    def mismatch(self, state_dict: dict[str, Any]) -> tuple[list[str], list[str], list[str]]:
+        """The keys ``state_dict`` (fitted) lacks, the keys it has beyond the model's, and those it
+        holds in another shape; all empty where it loads."""
+        return (self.missing(set(state_dict)), sorted(set(state_dict) - self.keys),
+                sorted(self.other_shapes(state_dict)))
+
     def distance(self, state_dict: dict[str, Any]) -> int:
         """How many keys ``state_dict`` lacks, has beyond the model's, or holds in another shape."""
         return len(set(state_dict) ^ self.keys) + len(self.other_shapes(state_dict))
@@ -577,9 +583,8 @@ def _load_weights(model: nn.Module, checkpoint: Any, args: argparse.Namespace) -
     else:
         path = _the_one_that_fits(checkpoint, paths, expected, args)
     state_dict = _fitted(_get(checkpoint, path), expected)
-    missing, unexpected = expected.missing(set(state_dict)), sorted(set(state_dict) - expected.keys)
+    missing, unexpected, reshaped = expected.mismatch(state_dict)  # reshaped alone: torch's error names the shapes
     if missing or unexpected:
-        reshaped = sorted(expected.other_shapes(state_dict))  # a plain weight of another width than its pair's v
         msg = (f"{args.checkpoint}: does not fit {args.model}: missing keys {few(missing)}; "
                f"unexpected keys {few(unexpected)}{f'; other shapes for {few(reshaped)}' if reshaped else ''}"
                f"{_prefix_hint(state_dict, expected)}")
@@ -604,10 +609,8 @@ def _the_one_that_fits(checkpoint: Any, paths: list[tuple[str, ...]], expected: 
                        args: argparse.Namespace) -> tuple[str, ...]:
     """The path of the one state dict that fits the model; where none does, an error that names the
     closest and what keeps it from fitting; where several do, one that asks for ``--key``."""
-    fitted: dict[tuple[str, ...], dict[str, Any]] = {}
-    for path in paths:
-        with contextlib.suppress(WeightNormError):  # a pair that cannot take the model's layout: not its weights
-            fitted[path] = _fitted(_get(checkpoint, path), expected)
+    fitted = {path: state_dict for path in paths
+              if (state_dict := _fitted_or_none(_get(checkpoint, path), expected)) is not None}
     fitting = [path for path, state_dict in fitted.items() if not _mismatch(state_dict, expected)]
     if len(fitting) == 1:
         return fitting[0]
@@ -623,21 +626,24 @@ def _the_one_that_fits(checkpoint: Any, paths: list[tuple[str, ...]], expected: 
 
 
 def _mismatch(state_dict: dict[str, Any], expected: _ModelKeys) -> list[str]:
-    """What keeps ``state_dict`` (fitted) from loading into the model: missing keys, unexpected
-    keys, tensors of other shapes; empty where it fits."""
-    missing, unexpected = expected.missing(set(state_dict)), sorted(set(state_dict) - expected.keys)
-    reshaped = sorted(expected.other_shapes(state_dict))
-    return [f"{what} {few(keys)}" for what, keys in (("missing keys", missing), ("unexpected keys", unexpected),
-                                                      ("other shapes for", reshaped)) if keys]
+    """What keeps ``state_dict`` (fitted) from loading into the model, in words; empty where it fits."""
+    return [f"{what} {few(keys)}" for what, keys in zip(("missing keys", "unexpected keys", "other shapes for"),
+                                                         expected.mismatch(state_dict)) if keys]
+
+
+def _fitted_or_none(state_dict: dict[str, Any], expected: _ModelKeys) -> dict[str, Any] | None:
+    """:func:`_fitted`, or None for a state dict with a pair that cannot take the model's layout
+    (not this model's weights)."""
+    try:
+        return _fitted(state_dict, expected)
+    except WeightNormError:
+        return None
 
 
 def _fits(state_dict: dict[str, Any], expected: _ModelKeys) -> bool:
     """Whether ``state_dict`` loads into the model (see :func:`_fitted`): its keys, and their shapes."""
-    try:
-        fitted = _fitted(state_dict, expected)
-    except WeightNormError:  # a pair that cannot take the model's layout: not this model's weights
-        return False
-    return not _mismatch(fitted, expected)
+    fitted = _fitted_or_none(state_dict, expected)
+    return fitted is not None and not _mismatch(fitted, expected)
 
 
 def _same_values(a: Any, b: Any) -> bool:

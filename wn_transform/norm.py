@@ -159,6 +159,18 @@ def direct_zero_units(v: Tensor, zero: Tensor, layout: UnitLayout, draw: Tensor)
     return v + compose_weight(zero.to(torch.float32), draw.to(v.device), layout).to(v.dtype)
 
 
+def direct_zero_units_on_load(v: Tensor, g: Tensor, layout: UnitLayout) -> Tensor:
+    """:func:`direct_zero_units` for the units whose ``g`` is 0 in a pair made from a plain weight
+    (``g = ||w||``, ``v = w``) as a checkpoint loads, the directions drawn from a generator seeded
+    with 0, so that every process that loads the same checkpoint gets the same ones; ``v`` itself
+    where there is none (or no values: a meta tensor)."""
+    zero = g == 0
+    if v.is_meta or v.numel() == 0 or not bool(zero.any()):
+        return v
+    draw = torch.randn(v.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+    return direct_zero_units(v, zero.reshape(layout.g_shape(v.shape)), layout, draw)
+
+
 def traceable_weight(g: Tensor, v: Tensor, layout: UnitLayout, *, exp_scale: bool = False) -> Tensor:
     """:func:`compose_weight` in ops ``torch.fx`` can record: its proxies have no shape or dtype
     to branch on, so the norms are taken in ``v``'s own dtype, with the unit axis moved first

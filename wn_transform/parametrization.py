@@ -39,7 +39,8 @@ from torch.nn.utils import parametrize
 
 from .errors import WeightNormError, warn_user
 from .fast import ScaledLinear, eager_weight, plain_formula_only, prefer_output_form, weight_norm_weight
-from .norm import UnitLayout, compose_weight, direct_zero_units, exp_gain, layout_from_shapes, traceable_weight, unit_norm
+from .norm import (UnitLayout, compose_weight, direct_zero_units_on_load, exp_gain, layout_from_shapes, traceable_weight,
+                   unit_norm)
 from ._parametrized import is_parametrized, own_class, plain_type
 
 __all__ = ["WeightNorm", "no_weight_cache", "register", "remove", "weight_memo", "weight_norm_of"]
@@ -454,13 +455,9 @@ def _trainable_pair(wn: WeightNorm, weight: Tensor, key: str) -> tuple[Tensor, T
     ``key``: the checkpoint's, named in an error."""
     g, v = wn.right_inverse(weight)
     check_gain_fits(wn, g, v, key)
-    if wn.exp_scale or v.is_meta or v.numel() == 0:
-        return g, v  # no g = e^s is 0 (such a unit stays at about 0); a meta tensor holds no values
-    zero = g == 0
-    if bool(zero.any()):
-        draw = torch.randn(v.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
-        v = direct_zero_units(v, zero, wn.layout, draw)
-    return g, v
+    if wn.exp_scale:
+        return g, v  # no g = e^s is 0 (such a unit stays at about 0)
+    return g, direct_zero_units_on_load(v, g, wn.layout)
 
 
 def _size_mismatch(state_dict: dict, key: str, drop: tuple[str, ...], chain: nn.Module, ours: tuple[str, str],

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .errors import WeightNormError, unknown_keep_message
-from .norm import UnitLayout, accumulation_dtype, compose_weight, direct_zero_units, layout_from_shapes, unit_norm
+from .norm import UnitLayout, accumulation_dtype, compose_weight, direct_zero_units_on_load, layout_from_shapes, unit_norm
 from .parametrization import EXP_SCALE_MARKER
 
 __all__ = [
@@ -357,13 +357,9 @@ def _normalized_pair(weight: Tensor, wn: StateDictWeightNorm) -> tuple[Tensor, T
         norms = (unit_norm(w, layout) if layout is not None
                  else torch.linalg.vector_norm(w, dtype=accumulation_dtype(w.dtype)))
         g = norms.reshape(wn.g_shape)  # float32 or wider: the load casts it to the layer's precision
-        v = w.clone()
-        if w.is_meta or w.numel() == 0 or not bool((g == 0).any()):
-            return g, v
-        draw = torch.randn(w.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
-        if layout is None:
-            return g, (draw / torch.linalg.vector_norm(draw)).to(w.dtype)
-        return g, direct_zero_units(v, (g == 0).reshape(layout.g_shape(w.shape)), layout, draw)
+        if layout is None:  # the whole tensor as one unit
+            return g, direct_zero_units_on_load(w.clone().reshape(1, -1), g.reshape(1, 1), UnitLayout(0)).view_as(w)
+        return g, direct_zero_units_on_load(w.clone(), g, layout)
 
 
 def _pair_keys(weight_key: str, layout: str) -> tuple[str, str]:
