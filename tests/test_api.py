@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import gc
 import io
+import pickle
 import json
 import subprocess
 import sys
@@ -177,6 +178,19 @@ def test_the_whole_model_pickles_with_torch_save(net: Net, batch: torch.Tensor) 
     torch.testing.assert_close(loaded(batch), out(batch))
     assert isinstance(loaded, Net) and parametrize.is_parametrized(loaded.up, "weight")
     torch.testing.assert_close(wn.fold_weight_norm(loaded)(batch), out(batch))
+
+
+def test_a_model_pickled_by_an_earlier_version_still_loads(net: Net, batch: torch.Tensor) -> None:
+    """Files from before the pickled state came apart from the class (``_rebuild_parametrized``,
+    whose name the pickle holds) load to the same model."""
+    from wn_transform import parametrization
+    out = wn.apply_weight_norm(net, batch)
+    _, (base, names), state = parametrization._reduce_parametrized(out.up, 4)
+    old_payload = pickle.dumps((parametrization._rebuild_parametrized, (base, list(names), state)))
+    rebuild, args = pickle.loads(old_payload)
+    out.up = rebuild(*args)
+    assert parametrize.is_parametrized(out.up, "weight") and type(out.up).__bases__[0] is base
+    torch.testing.assert_close(wn.fold_weight_norm(out)(batch), out(batch))
 
 
 def test_torch_compile_gives_the_same_outputs_and_gradients(net: Net, batch: torch.Tensor) -> None:
@@ -545,7 +559,9 @@ def test_the_data_init_gives_a_zero_initialized_layer_g_zero_so_its_first_step_i
     x = torch.randn(32, 8)
     model = wn.apply_weight_norm(_LoRA(), x, generator=torch.Generator().manual_seed(0))
     chain = model.b.parametrizations.weight
-    assert wn.weight_norm_report(model).zero_units == {"b.weight": 8}
+    report = wn.weight_norm_report(model)
+    assert report.zero_units == {"b.weight": 8}
+    assert report.notes.constant_units == {} and "constant on the batch" not in str(report)  # one note, the true one
     assert torch.equal(chain.original0, torch.zeros(8, 1)) and torch.equal(model.b.weight, torch.zeros(8, 2))
     torch.testing.assert_close(chain.original1.norm(dim=1), torch.ones(8))
     before = model(x).detach()
@@ -869,11 +885,12 @@ def test_converting_a_weight_normalized_model_to_float16_warns_of_a_norm_beyond_
     layer = nn.Linear(1024, 4)
     with torch.no_grad():
         layer.weight.fill_(3000.0)  # row norm 3000 * 32 = 96000 > 65504
-    model = wn.apply_weight_norm(nn.Sequential(layer), init="preserve")
-    with pytest.warns(UserWarning, match=r"Linear\(in_features=1024, out_features=4, bias=True\)\.weight: a unit's "
-                                         r"norm g = \|\|w\|\| = 96000 is beyond torch.float16's range") as record:
+    model = wn.apply_weight_norm(nn.Sequential(layer, copy.deepcopy(layer)), init="preserve")
+    with pytest.warns(UserWarning, match=r"0.weight \(Linear\(in_features=1024, out_features=4, bias=True\)\): a "
+                                         r"unit's norm g = \|\|w\|\| = 96000 is beyond torch.float16's range") as record:
         model.half()
     assert record[0].filename == __file__
+    assert [str(r.message).split(" ")[0] for r in record] == ["0.weight", "1.weight"]  # one per layer, by its path
     assert torch.isinf(model[0].parametrizations.weight.original0).all()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -1077,3 +1094,44 @@ def test_an_fx_tracer_that_enters_an_exp_scale_layer_computes_what_the_layer_doe
         expected, got = model(x), traced(x)
     assert bool(got.isfinite().all())
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+class _MaskedConv(nn.Module):
+    """PixelCNN's causal conv kept causal by a mask on its gradient: the masked taps start at 0 and
+    the hook keeps them there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 2, 1)
+        mask = torch.ones_like(self.conv.weight)
+        mask[:, :, 1, 2:] = 0
+        mask[:, :, 2:] = 0
+        with torch.no_grad():
+            self.conv.weight.mul_(mask)
+        self.conv.weight.register_hook(lambda grad: grad * mask)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.conv(x)))
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_a_weight_with_a_gradient_hook_keeps_it_and_is_left_alone(inplace: bool) -> None:
+    """g and v replacing the weight would drop its hook, and training would fill the masked taps
+    (the model would see the pixel it predicts): the weight is skipped with that reason, in the copy
+    too (whose deepcopy would lose the hook), and its taps stay 0 through training."""
+    torch.manual_seed(0)
+    model = _MaskedConv()
+    masked = model.conv.weight.detach() == 0
+    x = torch.randn(8, 2, 6, 6)
+    out = wn.apply_weight_norm(model, x, inplace=inplace)
+    report = wn.weight_norm_report(out)
+    assert [t.qualname for t in report.converted] == ["head.weight"]
+    assert "1 gradient hook (register_hook" in {s.qualname: s.reason for s in report.skipped}["conv.weight"]
+    start = out.conv.weight.detach().clone()
+    optimizer = torch.optim.SGD(out.parameters(), lr=0.5)
+    for _ in range(3):
+        optimizer.zero_grad()
+        out(x).square().mean().backward()
+        optimizer.step()
+    assert bool((out.conv.weight[masked] == 0).all())  # the mask held
+    assert bool((out.conv.weight[~masked] != start[~masked]).any())  # the other taps trained

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import wn_transform as wn
-from tests.fixtures.hifigan import build_generator, build_plain
+from tests.fixtures.hifigan import build_generator, build_partly_normalized, build_plain
 from wn_transform import checkpoint
 from wn_transform.cli import main
 
@@ -202,6 +202,25 @@ def test_an_output_in_a_folder_that_does_not_exist_is_refused_before_any_work(tm
     assert result.returncode == 1 and f"{out}: the folder {out.parent} does not exist" in result.stderr
 
 
+def test_apply_converts_the_weight_norm_a_model_is_built_with_when_asked(tmp_path: Path) -> None:
+    """``--existing convert`` (the report's advice for a weight norm the model already has): the pair
+    over the kernel axis (``dim=2``) becomes ours, per output unit, computing the same weight; the
+    default keeps it as torch's."""
+    path = "tests.fixtures.hifigan:build_partly_normalized"
+    pairs = {}
+    for existing in ("keep", "convert"):
+        out = tmp_path / f"{existing}.safetensors"
+        result = cli("apply", "--model", path, "--preserve", "--existing", existing, "-o", str(out))
+        assert result.returncode == 0, result.stderr
+        state = load_file(out)
+        pairs[existing] = {p.weight_key: p for p in wn.find_state_dict_weight_norms(state)}
+        torch.testing.assert_close(wn.fold_state_dict(state)["conv_pre.weight"],
+                                   wn.fold_weight_norm(build_partly_normalized()).conv_pre.weight)
+    assert pairs["keep"]["conv_pre.weight"].dim == 2 and pairs["convert"]["conv_pre.weight"].dim == 0
+    assert "existing='convert' replaces it" in cli("apply", "--model", path, "--preserve", "-o",
+                                                   str(tmp_path / "again.pt")).stdout
+
+
 def test_inspect_with_a_batch_refuses_what_apply_would_refuse(tmp_path: Path) -> None:
     """The plan runs the batch when the discovery step traced symbolically (it never ran it)."""
     wrong = tmp_path / "wrong.pt"
@@ -257,7 +276,7 @@ def test_a_weight_normalized_checkpoint_short_of_one_key_names_that_key_alone(ne
     torch.save(state, short)
     result = cli("apply", "--model", MODEL, "--checkpoint", str(short), "--preserve", "-o", str(tmp_path / "o.pt"))
     assert result.returncode == 1
-    assert result.stderr.strip().endswith(f"missing keys {lost}; unexpected keys none"), result.stderr
+    assert result.stderr.strip().endswith(f"does not fit {MODEL}: missing keys {lost}"), result.stderr
 
 
 def test_a_lightning_checkpoint_loaded_without_key_is_told_the_prefix_that_fits(tmp_path: Path) -> None:
@@ -934,15 +953,16 @@ def build_var_keyword() -> torch.nn.Module:
     return _VarKeyword()
 
 
-def test_a_var_keyword_forward_exports_with_the_axes_asked_for(tmp_path: Path) -> None:
-    """torch.export refuses dynamic shapes nested under ``**inputs`` (torch 2.13); the TorchScript
-    fallback takes each keyword input's axes as a top-level input's."""
+def test_a_var_keyword_forward_exports_with_the_axes_asked_for(tmp_path: Path, capsys) -> None:
+    """torch.export refuses dynamic shapes nested under ``**inputs`` (torch 2.13): the inputs go to
+    the dynamo exporter flat, each keyword input's axes as a top-level input's."""
     import onnxruntime
 
     sample, out = tmp_path / "ab.pt", tmp_path / "g.onnx"
     torch.save({"a": torch.randn(2, 3, 8), "b": torch.randn(2, 3, 6)}, sample)
     assert main(["export", "--model", "tests.test_cli:build_var_keyword", "--sample", str(sample),
                  "--dynamic", "a:2=frames,0", "-o", str(out)]) == 0
+    assert re.search(r"^exporter +dynamo$", capsys.readouterr().out, re.M)
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert [i.shape for i in session.get_inputs()] == [["batch", 3, "frames"], ["batch", 3, 6]]
 
@@ -1289,10 +1309,16 @@ def test_a_checkpoint_none_of_whose_state_dicts_fits_names_the_closest(tmp_path:
     assert "none of its 2 state dicts (model, ema) fits" in err and "other shapes for 0.bias, 0.weight" in err
 
 
-def test_a_stop_that_a_library_swallows_still_stops_the_export(tmp_path: Path, monkeypatch, capsys) -> None:
+@pytest.mark.parametrize(("where", "error", "msg"), [
+    ("_export_dynamo", AttributeError, "module 'torch._dynamo' has no attribute 'exc'"),  # torch's lazy import
+    ("_open_session", ImportError, "initialization failed"),  # onnxruntime's import (pybind), before the check
+])
+def test_a_stop_that_a_library_swallows_still_stops_the_export(tmp_path: Path, monkeypatch, capsys, where: str,
+                                                               error: type, msg: str) -> None:
     """SIGTERM inside the dynamo exporter, where torch's lazy import turns it into an AttributeError
-    (its ``except torch._dynamo.exc.UserError`` on a half-imported module): the export does not fall
-    back and write a file; the CLI stops as for any SIGTERM."""
+    (its ``except torch._dynamo.exc.UserError`` on a half-imported module), or an import turns it into
+    an ImportError: the export does not fall back and write a file; the CLI stops as for any SIGTERM,
+    with no traceback."""
     import signal
 
     from wn_transform import export as export_module
@@ -1302,11 +1328,10 @@ def test_a_stop_that_a_library_swallows_still_stops_the_export(tmp_path: Path, m
             os.kill(os.getpid(), signal.SIGTERM)  # the handler raises at the next bytecode, in here
             sum(range(10))
         except BaseException as exc:
-            msg = "module 'torch._dynamo' has no attribute 'exc'"
-            raise AttributeError(msg) from exc
+            raise error(msg) from exc
         raise AssertionError("the signal handler did not run")
 
-    monkeypatch.setattr(export_module, "_export_dynamo", swallowing_exporter)
+    monkeypatch.setattr(export_module, where, swallowing_exporter)
     out = tmp_path / "g.onnx"
     args = ["export", "--model", MODEL, "--input-shape", "1,80,8", "-o", str(out)]
     assert main(args) == 128 + signal.SIGTERM
@@ -1336,6 +1361,24 @@ def test_a_stop_after_the_output_is_written_lets_the_command_finish(nested: Path
     assert wn.find_state_dict_weight_norms(torch.load(out, weights_only=True)["generator"]) == []
 
 
+def test_a_stop_while_the_interpreter_cleans_up_after_the_output_is_written_exits_0(nested: Path,
+                                                                                       tmp_path: Path) -> None:
+    """The command line's process takes about a second to clean up after a large export: a SIGTERM
+    then (sent here from an exit handler) leaves the exit code 0, since the output is complete; a
+    run that wrote nothing keeps the signal's status."""
+    script = ("import atexit, os, signal, time\n"
+              "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(0.2)))\n"
+              "from wn_transform.cli import console_script\n"
+              "console_script()\n")
+    out = tmp_path / "out.pt"
+    done = subprocess.run([sys.executable, "-c", script, "fold", str(nested), "-o", str(out)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and out.exists(), done.stderr
+    failed = subprocess.run([sys.executable, "-c", script, "fold", str(tmp_path / "absent.pt"), "-o",
+                             str(tmp_path / "none.pt")], capture_output=True, text=True, timeout=120)
+    assert failed.returncode == -15 and "no such file" in failed.stderr
+
+
 def test_a_closed_pipe_on_stdout_ends_inspect_quietly(nested: Path, monkeypatch, capsys) -> None:
     """``wn-transform inspect big.pt | head -1``: the reader closed the pipe; no error message, the
     exit code a shell gives a process stopped by SIGPIPE."""
@@ -1363,6 +1406,59 @@ def test_a_folder_given_as_the_checkpoint_names_the_files_in_it(tmp_path: Path, 
                          (empty, "it holds no checkpoint file")):
         assert main(["fold", str(folder), "-o", str(tmp_path / "out.pt")]) == 1
         assert f"error: {folder}: is a folder; {said}" in capsys.readouterr().err
+
+
+def _inner_autoencoder() -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.utils.weight_norm(torch.nn.Conv1d(1, 4, 7, padding=3)), torch.nn.ELU(),
+                               torch.nn.utils.weight_norm(torch.nn.Conv1d(4, 1, 7, padding=3)))
+
+
+class _Wrapper(torch.nn.Module):
+    """A user's wrapper around a library's model (moshi's SEANet, diffusers' Oobleck): its keys are
+    the inner model's under ``ae.``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ae = _inner_autoencoder()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ae(x)
+
+
+def build_wrapper() -> torch.nn.Module:
+    return _Wrapper()
+
+
+def test_a_checkpoint_of_the_inner_module_names_both_sides_alike_and_the_prefix(tmp_path: Path, capsys) -> None:
+    """The inner model's checkpoint given for the wrapper: the missing pairs are named by their
+    weight, as the checkpoint's are (not ``weight_g``/``weight_v`` beside ``weight``), and the
+    error says the keys fit under ``ae.``."""
+    ckpt = tmp_path / "inner.pt"
+    with pytest.warns(FutureWarning):  # torch's legacy weight_norm
+        torch.save(_inner_autoencoder().state_dict(), ckpt)
+    assert main(["export", "--model", "tests.test_cli:build_wrapper", "--checkpoint", str(ckpt), "--input-shape",
+                 "1,1,32", "-o", str(tmp_path / "m.onnx")]) == 1
+    err = capsys.readouterr().err
+    assert ("missing keys ae.0.bias, ae.0.weight, ae.2.bias, ae.2.weight; unexpected keys 0.bias, 0.weight, 2.bias, "
+            "2.weight (they fit it under 'ae.': the checkpoint holds the state dict of the model's 'ae' module alone") in err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def build_normalized_pair() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.utils.parametrizations.weight_norm(torch.nn.Conv1d(3, 4, 3)), torch.nn.ReLU(),
+                               torch.nn.Conv1d(4, 2, 1))
+
+
+def test_a_plain_weight_of_another_shape_for_a_pair_is_named_once(tmp_path: Path, capsys) -> None:
+    """The checkpoint's ``0.weight`` (another shape) for the model's pair: named as of another shape,
+    not also as missing and unexpected."""
+    ckpt = tmp_path / "other.pt"
+    torch.save(torch.nn.Sequential(torch.nn.Conv1d(3, 5, 3), torch.nn.ReLU(), torch.nn.Conv1d(4, 2, 1)).state_dict(), ckpt)
+    assert main(["apply", "--model", "tests.test_cli:build_normalized_pair", "--checkpoint", str(ckpt), "--preserve",
+                 "-o", str(tmp_path / "out.pt")]) == 1
+    err = capsys.readouterr().err
+    assert "0.weight" in err and "missing keys 0.weight" not in err and "unexpected keys 0.weight" not in err, err
 
 
 def build_lazy() -> torch.nn.Module:

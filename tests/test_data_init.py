@@ -292,7 +292,7 @@ def test_a_zero_direction_gets_a_finite_scale_and_a_zero_output(exact_init: bool
     assert chain.original0.view(-1)[2] == 0 and out[0].bias[2] == 0  # a zero output: b = -s mu[t] = 0, and g = 0
     torch.testing.assert_close(chain.original1[2].norm(), torch.tensor(1.0))  # with a direction, so it can train
     report = wn.weight_norm_report(out)
-    assert report.notes.constant_units == {"0.weight": 1} and report.zero_units == {"0.weight": 1}
+    assert report.notes.constant_units == {} and report.zero_units == {"0.weight": 1}  # one note: g = 0
     pre = _pre_activations(out, batch, (nn.Linear,))
     assert torch.equal(pre["0"][:, 2], torch.zeros(32)) and torch.isfinite(pre["2"]).all()
     mean, std = _per_unit(pre["2"])
@@ -333,7 +333,9 @@ def test_constant_units_deep_in_the_network_are_found_and_every_other_unit_is_st
         model[4].weight[0, 3] = -1.0  # reads only the output of that constant unit: t = -0.5
     batch = torch.randn(64, 6)
     out = wn.apply_weight_norm(model, batch, exact_init=exact_init, init_scale=0.5)
-    assert wn.weight_norm_report(out).notes.constant_units == {"0.weight": 1, "2.weight": 1, "4.weight": 1}
+    report = wn.weight_norm_report(out)
+    assert report.notes.constant_units == {"2.weight": 1, "4.weight": 1}  # unit 1 of 0.weight: a zero unit, g = 0
+    assert report.zero_units == {"0.weight": 1}
     for name, unit, mu in (("2", 3, 0.5), ("4", 0, -0.5)):
         layer = out.get_submodule(name)
         assert layer.parametrizations.weight.original0.view(-1)[unit] == 0.5  # g = s
@@ -696,7 +698,8 @@ def test_zero_directions_in_many_layers_cost_one_more_pass(exact_init: bool) -> 
     model[0].register_forward_pre_hook(lambda m, a: passes.append(1))
     out = wn.apply_weight_norm(model, torch.randn(64, 10), exact_init=exact_init, inplace=True)
     assert len(passes) == 2
-    assert wn.weight_norm_report(out).notes.constant_units == {"0.weight": 1, "4.weight": 1, "8.weight": 1}
+    report = wn.weight_norm_report(out)
+    assert report.notes.constant_units == {} and report.zero_units == {"0.weight": 1, "4.weight": 1, "8.weight": 1}
     for index in (0, 4, 8):
         assert out[index].parametrizations.weight.original0.view(-1)[1] == 0  # a zero output, trainable: g = 0
     assert all(torch.isfinite(p).all() for p in out.parameters())
@@ -901,6 +904,66 @@ def test_a_layer_called_several_times_is_standardized_on_its_first_call_and_the_
     assert "shared.weight: read by 3 op calls in one forward (a shared layer)" in str(wn.weight_norm_report(model))
 
 
+class _ProbedLowRank(nn.Module):
+    """peft's DoRA: ``b(a(torch.eye(n)))`` gives the low-rank product (for its norm) before the layers
+    run on the data; the product scales the output by its norm here, as DoRA's magnitude does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 4, bias=False), nn.Linear(4, 16, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        product = self.b(self.a(torch.eye(16, dtype=x.dtype)))
+        return self.b(self.a(x)) / product.norm()
+
+
+@pytest.mark.parametrize("probe_last", [False, True])
+def test_a_layer_run_on_a_constant_first_is_standardized_on_its_call_on_the_data(probe_last: bool) -> None:
+    """The call on the identity says nothing of the batch: the init passes it over and standardizes
+    the call on the data, and the report says which call it took.  A layer whose later call is the
+    constant one keeps its first call's, as any shared layer."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 16) * 3 + 1
+    model = _ProbedLowRank()
+    if probe_last:  # the data first, then the probe
+        model.forward = lambda x: model.b(model.a(x)) / model.b(model.a(torch.eye(16))).norm()
+    model = wn.apply_weight_norm(model, x, inplace=True)
+    seen: dict[str, list[torch.Tensor]] = {"a": [], "b": []}
+    for name in seen:
+        getattr(model, name).register_forward_hook(lambda m, args, out, name=name: seen[name].append(out.detach()))
+    model(x)
+    data = 1 if not probe_last else 0
+    torch.testing.assert_close(seen["a"][data].std(0, correction=0), torch.ones(4), atol=1e-4, rtol=0)
+    report = wn.weight_norm_report(model)
+    said = "standardized its first call on data from the batch (not a constant the forward builds"
+    assert (said in str(report)) is (not probe_last)
+    assert report.notes.passed_over == ([] if probe_last else ["a.weight", "b.weight"])
+
+
+class _FilledBuffer(nn.Module):
+    """A shared layer whose first call reads a buffer made by ``torch.zeros`` and filled with the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        buffer = torch.zeros(x.shape[0], 8)
+        buffer[:, :] = x
+        return self.fc(torch.tanh(self.fc(buffer)) * 5)
+
+
+def test_a_buffer_built_by_a_factory_and_filled_with_the_batch_is_data() -> None:
+    """Written in place after the factory made it, the buffer holds the batch: its call is not passed
+    over, and the first call is standardized."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 8) * 3 + 1
+    model = wn.apply_weight_norm(_FilledBuffer(), x)
+    first = model.fc(x).detach()
+    torch.testing.assert_close(first.std(0, correction=0), torch.ones(8), atol=1e-4, rtol=0)
+    assert wn.weight_norm_report(model).notes.passed_over == []
+
+
 @pytest.mark.parametrize("spread", [1e-5, 1e-4])
 def test_units_nearly_constant_on_the_batch_are_reported(spread: float) -> None:
     """Two rows that differ by ``spread`` of their size: every unit varies, but so little that float32
@@ -999,7 +1062,7 @@ def test_every_run_of_the_model_sees_the_batch_as_given_and_leaves_it_so(cls: ty
     given = x.clone()
     out = wn.apply_weight_norm(cls(), x)
     assert torch.equal(x, given)
-    assert wn.weight_norm_report(out).notes.constant_units == {"conv.weight": 1}
+    assert wn.weight_norm_report(out).zero_units == {"conv.weight": 1}  # found on the first pass: a second ran
     with torch.no_grad():
         h = out.conv(given / 255)
     std = h.transpose(0, 1).flatten(1).std(1, correction=0)

@@ -10,6 +10,7 @@ import os
 import re
 import stat
 import warnings
+from typing import Any
 
 import numpy as np
 import onnx
@@ -1586,6 +1587,240 @@ def test_when_both_exporters_fail_the_dynamo_files_diagnosis_is_kept_whole(tmp_p
                                           r"UnsupportedOperatorError.*expm1"):
         export_onnx(model, x, tmp_path / "m.onnx")
     assert not os.listdir(tmp_path)
+
+
+class _UnrunnableReshape(torch.autograd.Function):
+    """The identity eagerly; in the TorchScript exporter's graph, a Reshape no input can take."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def symbolic(g, x):
+        return g.op("Reshape", x, g.op("Constant", value_t=torch.tensor([1, 4, 2])))
+
+
+class _Unrunnable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch_weight_norm(nn.Conv1d(1, 4, 3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _UnrunnableReshape.apply(self.conv(x))
+
+
+def test_a_file_that_cannot_run_the_sample_itself_is_not_said_to_agree_on_it(tmp_path) -> None:
+    """onnxruntime fails on the sample batch (snac 1.2.1's TorchScript file fails a Reshape on every
+    input): the error says so; it is not blamed on a path the trace baked in, as a failure on the
+    grown batches alone would be."""
+    model = _Unrunnable()
+    with pytest.raises(ExportError, match=r"^onnxruntime failed to run the exported file on the sample batch: .*Reshape") as info:
+        export_onnx(model, torch.randn(1, 1, 64), tmp_path / "m.onnx", exporter="torchscript")
+    assert info.value.on_sample and "agrees with PyTorch on the sample batch" not in str(info.value)
+    assert not os.listdir(tmp_path)
+
+
+class _Noisy(nn.Module):
+    """SNAC's ``NoiseBlock``: noise drawn in the forward, in inference mode too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(2, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.randn(x.shape[0], 1, x.shape[2]) * self.conv(x)
+
+
+def test_a_model_that_draws_noise_in_its_forward_is_named_as_random(tmp_path) -> None:
+    """No file can agree with a random model: the error says PyTorch disagrees with itself and names
+    the op, instead of blaming the exporter; the caller's random state is as it was."""
+    torch.manual_seed(0)
+    model = wn.apply_weight_norm(_Noisy(), init="preserve")
+    x = torch.randn(2, 2, 16)
+    reference = model(x)
+    state = torch.random.get_rng_state()
+    assert export_mod._random_ops(model, x, reference) == "torch.randn"
+    assert torch.equal(torch.random.get_rng_state(), state)
+    with pytest.raises(ExportMismatchError, match=r"^PyTorch itself gives other outputs on another run of the same "
+                                                  r"sample batch: the model draws random numbers in inference mode "
+                                                  r"\(torch\.randn\)"):
+        export_onnx(model, x, tmp_path / "m.onnx", exporter="torchscript")
+    assert not os.listdir(tmp_path)
+    with pytest.raises(ExportMismatchError, match=r"^onnxruntime disagrees"):  # a deterministic one that disagrees
+        _export_off(tmp_path, "off", delta=1.0)
+    counting = wn.apply_weight_norm(_Counting(), init="preserve")  # other outputs each run, drawing nothing
+    with pytest.raises(ExportMismatchError, match=r"^PyTorch itself gives other outputs on another run of the same "
+                                                  r"sample batch: its outputs change from run to run \(state kept"):
+        export_onnx(counting, torch.randn(2, 4), tmp_path / "c.onnx", exporter="torchscript")
+
+
+class _Counting(nn.Module):
+    """State kept across calls (a call counter, as a streaming module's cache)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.lin(x) + self.calls
+
+
+class _LogOfLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 8)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.lin(x)
+        return y.log(), y  # NaN where y < 0
+
+
+def test_an_output_that_is_nan_in_pytorch_is_noted_and_warned_of(tmp_path) -> None:
+    """NaN agrees with NaN position for position: the file passes, but the report and a warning say
+    that PyTorch's own values are not finite there (a float16 model whose g overflowed)."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 4)
+    model = wn.apply_weight_norm(_LogOfLinear(), init="preserve")
+    nan = int(model(x)[0].isnan().sum())
+    assert nan > 0
+    with pytest.warns(ExportWarning, match=rf"output 'output_0': PyTorch's own output on the sample batch holds {nan} NaN of 48"):
+        report = export_onnx(model, x, tmp_path / "m.onnx")
+    notes = [n for n in report.notes if "PyTorch's own output" in n]
+    assert len(notes) == 1 and notes[0].startswith("output 'output_0'")  # the finite output_1 has none
+
+
+class _MaskedPool(nn.Module):
+    """A length ``T`` that the input and its mask share; ``baked`` divides by the length as a Python
+    number, which a TorchScript trace keeps as the sample's."""
+
+    def __init__(self, baked: bool) -> None:
+        super().__init__()
+        self.conv, self.out, self.baked = nn.Conv1d(4, 8, 3, padding=1), nn.Linear(8, 2), baked
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        h = (self.conv(x) * mask[:, None, :]).sum(-1)
+        return self.out(h / float(x.shape[-1]) if self.baked else h / mask.sum(-1, keepdim=True)) + z.mean(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("baked", [False, True])
+def test_length_axes_named_apart_that_the_model_needs_equal_are_checked_together(tmp_path, baked: bool) -> None:
+    """Axes named apart (``--dynamic x:2,mask:1`` names them x_dim2 and mask_dim1) that the model
+    rejects grown alone are grown together: a file that baked the sample's length in is refused, not
+    written with the length unchecked; a right one is written with a note that says so."""
+    torch.manual_seed(0)
+    batch = (torch.randn(2, 4, 16), torch.ones(2, 16), torch.randn(2, 16))  # z: a free length, 16 here too
+    model = wn.apply_weight_norm(_MaskedPool(baked), batch, init="preserve")
+    shapes = ({0: "batch", 2: "x_dim2"}, {0: "batch", 1: "mask_dim1"}, {0: "batch", 1: "z_dim1"})
+    path = tmp_path / "m.onnx"
+    if baked:
+        with pytest.raises(ExportMismatchError, match=r"'x_dim2' and 'mask_dim1' grown, x\[2\]: 16 -> 20, mask\[1\]: 16 -> 20"):
+            export_onnx(model, batch, path, dynamic_shapes=shapes, exporter="torchscript")
+        assert not os.listdir(tmp_path)
+        return
+    report = export_onnx(model, batch, path, dynamic_shapes=shapes, exporter="torchscript")
+    assert any("'x_dim2', 'mask_dim1' were checked grown together" in note for note in report.notes)
+    assert not any("'z_dim1'" in note for note in report.notes)  # the free axis of one size: grown alone
+    assert not any("was not checked" in note for note in report.notes)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x, mask, z = torch.randn(3, 4, 40), torch.ones(3, 40), torch.randn(3, 9)
+    (got,) = session.run(None, {"x": x.numpy(), "mask": mask.numpy(), "z": z.numpy()})
+    np.testing.assert_allclose(got, model(x, mask, z).detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+class _Detector(nn.Module):
+    """A detector head's ``[boxes in pixels | class probabilities]`` along the last axis (YOLO's
+    ``[B, N, 4 + C]``); the exported graph adds ``offset`` to the probabilities."""
+
+    def __init__(self, offset: float) -> None:
+        super().__init__()
+        self.head, self.offset = nn.Linear(8, 6), offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.head(x)
+        boxes, probs = 320 * torch.sigmoid(y[..., :4]), torch.sigmoid(y[..., 4:])
+        if torch.onnx.is_in_onnx_export():
+            probs = probs + self.offset
+        return torch.cat([boxes, probs], -1)
+
+
+@pytest.mark.parametrize("offset", [0.0, 0.05])
+def test_probabilities_beside_pixel_boxes_are_held_to_their_own_scale(tmp_path, offset: float) -> None:
+    """The rtol floor is the output's typical magnitude; here the boxes' (about 160) would let every
+    probability be off by 0.16.  Slices of different scales along an axis get floors of their own:
+    probabilities off by 0.05 are refused (and not called rounding), a right file passes."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 50, 8)
+    model = wn.apply_weight_norm(_Detector(offset), init="preserve")
+    path = tmp_path / "m.onnx"
+    if not offset:
+        export_onnx(model, x, path, exporter="torchscript", dynamic_batch=False)
+        return
+    with pytest.raises(ExportMismatchError, match=r"max abs diff 0\.05") as info:
+        export_onnx(model, x, path, exporter="torchscript", dynamic_batch=False)
+    assert "float rounding can make" not in str(info.value) and not os.listdir(tmp_path)
+
+
+def test_an_output_of_one_scale_keeps_one_floor() -> None:
+    """Per-slice floors only where slices' scales are 100 times apart; never stricter than a hundredth
+    of the whole output's, nor looser than it."""
+    rng = np.random.default_rng(0)
+    even = rng.standard_normal((4, 32, 6))
+    assert isinstance(export_mod._floor_magnitudes(even), float)
+    mixed = np.concatenate([300 * rng.random((4, 32, 4)), 0.3 + 0.4 * rng.random((4, 32, 2))], -1)
+    floors = export_mod._floor_magnitudes(mixed)
+    whole = export_mod._floor_magnitude(mixed)
+    assert floors.shape == (1, 1, 6) and whole > 30
+    own = [np.median(np.abs(mixed[..., j])) for j in range(6)]
+    np.testing.assert_allclose(floors[0, 0, 4:], np.maximum(own[4:], whole / 100))  # about 0.5, or whole / 100
+    assert np.all(floors[0, 0, :4] == whole)  # their own (about 150) is above the whole output's
+    assert isinstance(export_mod._floor_magnitudes(mixed.astype(np.float16), half=True), float)
+
+
+class _Flagged(nn.Module):
+    """A Hugging Face-style forward: named tensors, and a ``**kwargs`` that collects a flag."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, **kwargs: Any) -> Any:
+        h = self.lin(x) * mask[..., None]
+        return (h, h.sum(-1)) if kwargs.get("output_sums") else h
+
+
+class _AllKeywords(nn.Module):
+    """peft's ``PeftModel.forward(*args, **kwargs)``: every input under ``**kwargs``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = _Flagged()
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.inner(*args, **kwargs)
+
+
+@pytest.mark.parametrize("model", [_Flagged, _AllKeywords])
+def test_inputs_a_var_keyword_collects_export_with_dynamo_and_dynamic_axes(tmp_path, model: type) -> None:
+    """torch.export takes no dynamic shapes for what ``**kwargs`` collects: the tensors go in flat
+    and the flag stays a constant, so the dynamo exporter keeps the batch (and a named length)
+    dynamic instead of falling back to TorchScript."""
+    torch.manual_seed(0)
+    batch = {"x": torch.randn(2, 5, 4), "mask": torch.ones(2, 5), "output_sums": True}
+    normalized = wn.apply_weight_norm(model(), init="preserve")
+    report = export_onnx(normalized, batch, tmp_path / "m.onnx")
+    assert report.exporter == "dynamo" and report.fallback_reason is None and report.batch_sizes_checked == [2, 3]
+    axes = {"x": {0: "batch", 1: "T"}, "mask": {0: "batch", 1: "T"}}  # keyed as torch.export binds the forward
+    shapes = {**axes, "kwargs": None} if model is _Flagged else {"kwargs": axes}
+    report = export_onnx(normalized, batch, tmp_path / "t.onnx", dynamic_shapes=shapes)
+    assert report.exporter == "dynamo" and report.inputs["x"] == ["batch", "T", 4]
+    session = ort.InferenceSession(str(tmp_path / "t.onnx"), providers=["CPUExecutionProvider"])
+    x, mask = torch.randn(3, 7, 4), torch.ones(3, 7)
+    got = session.run(None, {"x": x.numpy(), "mask": mask.numpy()})
+    for value, expected in zip(got, normalized(x=x, mask=mask, output_sums=True)):
+        np.testing.assert_allclose(value, expected.detach().numpy(), rtol=1e-5, atol=1e-6)
 
 
 # -- tolerances relative to the output's scale, and near misses ---------------------------------

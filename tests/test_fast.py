@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import warnings
 import pytest
 import torch
 import torch.fx
@@ -315,6 +316,71 @@ def test_the_cached_eval_weight_follows_a_fused_optimizer_that_leaves_g_alone(op
         step.zero_grad()
         model(x).square().sum().backward()
         step.step()
+
+
+def test_a_copy_of_a_layer_with_a_parametrization_stacked_on_ours_follows_a_fused_step() -> None:
+    """A chain whose WeightNorm has another parametrization after it, deep-copied (its class rebuilt):
+    the step hook bumps its g and v too, so the eval cache never serves the weight from before a
+    fused step that leaves g as it was."""
+    from torch.nn.utils import parametrize
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16)
+    original = wn.apply_weight_norm(nn.Sequential(nn.Conv1d(3, 4, 3)), x, init="preserve")
+    parametrize.register_parametrization(original[0], "weight", nn.Identity())
+    model = copy.deepcopy(original)
+    conv, chain = model[0], model[0].parametrizations.weight
+    step = torch.optim.Adam([{"params": [chain.original0], "lr": 0.0}, {"params": [chain.original1, conv.bias]}],
+                            lr=0.1, fused=True)
+    model.eval()
+    with torch.no_grad():
+        model(x)  # fills the cache
+    model(x).sum().backward()
+    step.step()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), F.conv1d(x, conv.weight, conv.bias), rtol=0, atol=1e-6)
+
+
+def test_the_step_hook_keeps_working_after_its_warning_was_raised_as_an_error() -> None:
+    """Under ``-W error`` the stale-optimizer warning raises at the first step: the next step runs."""
+    x = torch.randn(4, 8)
+    model = nn.Sequential(nn.Linear(8, 8))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    wn.apply_weight_norm(model, x, init="preserve", inplace=True)
+    model(x).sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match="create the optimizer after apply_weight_norm"):
+            optimizer.step()
+        optimizer.step()
+
+
+class _Adam(torch.optim.Adam):
+    """An optimizer from outside torch.optim (the step hook bumps what such a one steps)."""
+
+
+@pytest.mark.parametrize("critic_normalized", [False, True], ids=["plain critic", "weight-normalized critic"])
+@pytest.mark.parametrize("make", [lambda p: torch.optim.Adam(p, lr=1e-3, fused=True), lambda p: _Adam(p, lr=1e-3)],
+                         ids=["fused", "outside torch.optim"])
+def test_a_step_bumps_only_the_g_and_v_it_stepped(make, critic_normalized: bool) -> None:
+    """An actor and a critic in one optimizer; only the actor has gradients at the step, which
+    leaves the critic alone: the critic's graph, kept for a later backward, stays valid, as in torch
+    (bumping every parameter in the groups made that backward fail as "modified by an inplace
+    operation"), with or without weight norm on the critic."""
+    torch.manual_seed(0)
+    actor = wn.apply_weight_norm(nn.Linear(4, 2), init="preserve")
+    critic = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    if critic_normalized:
+        critic = wn.apply_weight_norm(critic, init="preserve")
+    optimizer = make([*actor.parameters(), *critic.parameters()])
+    s = torch.randn(8, 4)
+    value = critic(s)
+    actor(s).square().mean().backward()
+    before = actor.weight.detach().clone()
+    optimizer.step()
+    value.square().mean().backward()  # the critic's graph is still its parameters' values
+    assert all(p.grad is not None for p in critic.parameters())
+    assert not torch.equal(actor.weight, before)
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["for-loop", "fused"])

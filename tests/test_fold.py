@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -173,26 +174,47 @@ class ForwardsAttributes(nn.Module):
         return self.layer(x)
 
 
-def test_a_wrapper_that_forwards_attributes_to_its_layer_is_not_taken_for_the_layer() -> None:
+def test_a_wrapper_that_forwards_attributes_to_its_layer_is_not_taken_for_the_layer(tmp_path: Path) -> None:
     """torch's ``is_parametrized`` reads ``parametrizations`` through ``__getattr__``: the wrapper would
-    look parametrized (a phantom weight; folding it in place failed inside torch), and
-    ``copy.deepcopy`` of it copies the held layer alone (the copy would lose the wrapper's class)."""
+    look parametrized (a phantom weight; folding it in place failed inside torch).  ``copy.deepcopy``
+    looks ``__deepcopy__`` up through it too: our layers have none (the copy goes through
+    ``__reduce_ex__``), so the copy keeps the wrapper (peft's ``ModulesToSaveWrapper`` around a
+    classifier) and fold, export and plan work on copies."""
     torch.manual_seed(0)
     x = torch.randn(32, 8)
     model = wn.apply_weight_norm(ForwardsAttributes(), x)
     assert [f.qualname for f in wn.find_weight_norms(model)] == ["layer.weight"]
     assert [s.qualname for s in wn.plan_weight_norm(model).skipped] == ["layer.weight"]  # kept, as already normalized
     expected = model(x)
-    with pytest.raises(wn.WeightNormError, match=r"from '<root>' \(ForwardsAttributes\) on: a __getattr__ .* inplace=True"):
-        wn.fold_weight_norm(model)
-    with pytest.raises(wn.WeightNormError, match=r"__deepcopy__ of its own, or fold it yourself first, "
-                                                 r"fold_weight_norm\(model, inplace=True\), and export that"):
-        wn.export_onnx(model, x, "never-written.onnx")
-    with pytest.raises(wn.WeightNormError, match="__deepcopy__ of its own, or plan with existing='keep'"):
-        wn.plan_weight_norm(model, existing="convert")
+    replica = copy.deepcopy(model)
+    assert type(replica) is ForwardsAttributes and list(replica.state_dict()) == list(model.state_dict())
+    assert type(replica.layer) is not type(model.layer)  # a class of its own
+    torch.testing.assert_close(replica(x), expected)
+    folded = wn.fold_weight_norm(model)
+    assert type(folded) is ForwardsAttributes and list(folded.state_dict()) == ["layer.weight", "layer.bias"]
+    torch.testing.assert_close(folded(x), expected)
+    assert max(wn.export_onnx(model, x, tmp_path / "wrapped.onnx").max_abs_diff.values()) < 1e-4
+    assert [t.qualname for t in wn.plan_weight_norm(model, existing="convert").converted] == ["layer.weight"]
     folded = wn.fold_weight_norm(model, inplace=True)
     assert type(folded) is ForwardsAttributes and not wn.find_weight_norms(folded)
     assert list(folded.state_dict()) == ["layer.weight", "layer.bias"]
+    torch.testing.assert_close(folded(x), expected)
+
+
+def test_a_wrapper_that_forwards_deepcopy_to_a_layer_torch_normalized_is_refused_clearly() -> None:
+    """torch's own parametrized class has a ``__deepcopy__``, which the wrapper hands out: a copy
+    would be the held layer alone, so fold and plan on a copy say what to do instead."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    model = ForwardsAttributes()
+    torch.nn.utils.parametrizations.weight_norm(model.layer)
+    expected = model(x)
+    with pytest.raises(wn.WeightNormError, match=r"from '<root>' \(ForwardsAttributes\) on: a __getattr__ .* inplace=True"):
+        wn.fold_weight_norm(model)
+    with pytest.raises(wn.WeightNormError, match="__deepcopy__ of its own, or plan with existing='keep'"):
+        wn.plan_weight_norm(model, existing="convert")
+    folded = wn.fold_weight_norm(model, inplace=True)
+    assert type(folded) is ForwardsAttributes and list(folded.state_dict()) == ["layer.weight", "layer.bias"]
     torch.testing.assert_close(folded(x), expected)
 
 

@@ -562,3 +562,44 @@ def test_update_bn_puts_back_each_modules_own_mode() -> None:
     modes = [m.training for m in model.modules()]
     wn.update_bn([torch.randn(8, 4) for _ in range(3)], model)
     assert [m.training for m in model.modules()] == modes
+
+
+def test_a_frozen_bias_keeps_its_value_and_gets_no_norm() -> None:
+    """A trainable weight beside a frozen bias: without the norm the data init leaves the bias as it
+    is (``bias_not_set``); with ``mean_only_bn`` the norm would take the bias over and zero it, for
+    good.  The layer gets no norm (listed as missing) and keeps its bias."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    with torch.no_grad():
+        model[0].bias.fill_(0.7)
+    model[0].bias.requires_grad_(False)
+    out = wn.apply_weight_norm(model, torch.randn(32, 6), mean_only_bn=True)
+    report = wn.weight_norm_report(out)
+    assert report.mean_only_bn == ["2"] and report.mean_only_bn_missing == ["0.weight"]
+    assert torch.equal(out[0].bias, torch.full((8,), 0.7)) and not out[0].bias.requires_grad
+    assert report.notes.bias_not_set == ["0.weight"]
+
+
+def test_a_bias_keeps_the_flags_set_on_it_when_the_norm_takes_it_over() -> None:
+    """Optimizer grouping by a flag on the Parameter (timm's ``_no_weight_decay``): the norm's bias,
+    which replaces the layer's in place, carries it."""
+    model = nn.Sequential(nn.Linear(6, 8))
+    model[0].bias._no_weight_decay = True
+    out = wn.apply_weight_norm(model, torch.randn(16, 6), mean_only_bn=True, inplace=True)
+    assert out[0].mean_only_bn.bias._no_weight_decay is True
+
+
+def test_mean_only_bn_attached_under_inference_mode_runs_in_training_mode() -> None:
+    """The running mean a training-mode forward updates in place must not be an inference tensor
+    (the warning promises that the model runs)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.randn(16, 6)
+    with pytest.warns(UserWarning, match="inference_mode"), torch.inference_mode():
+        out = wn.apply_weight_norm(model, x, mean_only_bn=True)
+    norm = out[0].mean_only_bn
+    assert not norm.running_mean.is_inference()
+    before = norm.running_mean.clone()
+    with torch.no_grad():
+        out.train()(x + 1)
+    assert not torch.equal(norm.running_mean, before)  # updated by the training-mode forward

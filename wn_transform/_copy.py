@@ -46,7 +46,25 @@ def copy_model(model: nn.Module, *, instead: str = _INPLACE) -> nn.Module:
     for module in copied.modules():
         if is_parametrized(module):
             module.__class__ = own_class(type(module))
+    _copy_gradient_hooks(model, copied)
     return copied
+
+
+def _copy_gradient_hooks(model: nn.Module, copied: nn.Module) -> None:
+    """Give each Parameter of the copy the gradient hooks of the original's (``copy.deepcopy`` of a
+    Parameter leaves them out): a PixelCNN's ``weight.register_hook(lambda g: g * mask)`` is part
+    of what the model does when it trains."""
+    originals = dict(model.named_parameters(remove_duplicate=False))
+    for name, param in copied.named_parameters(remove_duplicate=False):
+        source = originals.get(name)
+        if source is None or param is source:
+            continue
+        if not param._backward_hooks:
+            for hook in (source._backward_hooks or {}).values():
+                param.register_hook(hook)
+        if not getattr(param, "_post_accumulate_grad_hooks", None):
+            for hook in (getattr(source, "_post_accumulate_grad_hooks", None) or {}).values():
+                param.register_post_accumulate_grad_hook(hook)
 
 
 def _check_same_structure(model: nn.Module, copied: object, instead: str) -> None:

@@ -30,6 +30,7 @@ from .parametrization import REPLACED_MARK, WeightNorm, check_gain_fits, registe
 from .report import WeightNormReport
 from .select import FilterFn, Selection
 from .targets import Skipped, Target
+from .uses import gradient_hooks
 
 __all__ = ["apply_weight_norm", "plan_weight_norm", "weight_norm_report"]
 
@@ -169,7 +170,8 @@ def apply_weight_norm(
                     undo.keep_values(working.get_submodule(t.module)._parameters[t.name] for t in targets)
             for target in targets:
                 register(working.get_submodule(target.module), target.name,
-                         WeightNorm(target.layout.dim, target.layout.groups, exp_scale=exp_scale))
+                         WeightNorm(target.layout.dim, target.layout.groups, exp_scale=exp_scale,
+                                    qualname=target.qualname))
             if mean_only_bn:
                 report.mean_only_bn, report.mean_only_bn_missing = _attach_mean_only_bn(working, targets)
             trains = [_trainable(working, t) for t in targets]  # a frozen one (a pretrained backbone): left as it is
@@ -189,6 +191,8 @@ def apply_weight_norm(
             if not resample and not (exp_scale and init == "preserve"):  # (there right_inverse gave s = log tiny)
                 report.zero_units = _give_zero_units_a_direction(working, trainable, generator, group,
                                                                  undo.keep_values if inplace else None, exp_scale)
+                if report.notes is not None:
+                    report.notes.without_zero_units(report.zero_units)
         except BaseException:
             undo.restore()
             raise
@@ -471,14 +475,16 @@ def _real_weights(model: nn.Module, targets: list[Target]) -> tuple[list[Target]
 def _attach_mean_only_bn(model: nn.Module, targets: list[Target]) -> tuple[list[str], list[str]]:
     """Attach a mean-only batch norm to each standard layer among the targets whose op ran as the
     layer's own call (its hook sees the op's output; its bias is read there alone), once per
-    forward (one running mean cannot serve calls that see different data), and that trains (a
-    frozen layer keeps its function)."""
+    forward (one running mean cannot serve calls that see different data), and that trains, its
+    bias too (a frozen layer keeps its function; a frozen bias, its value)."""
     attached, missing = [], []
     for target in targets:
         if target.kind == "recurrent":  # a recurrent layer's gates get none (nor are they listed as missing)
             continue
         layer = model.get_submodule(target.module)
-        alone = target.own_call and target.uses <= 1 and _trainable(model, target)
+        bias = layer._parameters.get("bias")
+        trains = _trainable(model, target) and (bias is None or (bias.requires_grad and not gradient_hooks(bias)))
+        alone = target.own_call and target.uses <= 1 and trains
         channels = mean_only_bn_channels(layer, target.name) if alone else None
         if channels is None:
             missing.append(target.qualname)

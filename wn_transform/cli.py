@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--exclude", action="append", metavar="PATTERN", help="leave weights/modules matching (repeatable)")
     apply.add_argument("--init-scale", type=float, default=1.0, help="std of every pre-activation after init (default 1)")
     apply.add_argument("--exp-scale", action="store_true", help="store g as e^s")
+    apply.add_argument("--existing", choices=("keep", "convert"), default="keep",
+                       help="weights the model already weight-normalizes (torch's weight norm, built in): keep them "
+                            "as they are (default), or fold and convert them too (existing='convert')")
     handing = apply.add_mutually_exclusive_group()
     handing.add_argument("--exact-init", action="store_true",
                          help="run each layer's op again with the new g, b and hand its real output on "
@@ -222,7 +225,7 @@ def cmd_apply(args: argparse.Namespace, say: _Progress) -> int:
     say("applying weight norm" + ("" if args.preserve else " with data-dependent init"))
     model = apply_weight_norm(model, batch, init="preserve" if args.preserve else "data", include=args.include,
                               exclude=args.exclude, init_scale=args.init_scale, exp_scale=args.exp_scale,
-                              exact_init=args.exact_init, inplace=True)
+                              exact_init=args.exact_init, existing=args.existing, inplace=True)
     say(f"writing {args.output}")
     save_checkpoint(model.state_dict(), args.output, force=args.force, inputs=_inputs(args))
     say.wrote(args.output)  # before the report: a reader that closes the pipe (| head) loses nothing
@@ -249,12 +252,33 @@ COMMANDS = {"inspect": cmd_inspect, "fold": cmd_fold, "convert": cmd_convert, "a
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one ``wn-transform`` command; its exit code."""
+    return _run(argv)[0]
+
+
+def console_script() -> None:
+    """The ``wn-transform`` command: :func:`main`, then an exit that a stop signal cannot turn into a
+    failure once the output is in place (the interpreter's cleanup after a large export takes about
+    a second, where the default handlers would end the process with the signal's status)."""
+    code, progress = _run()
+    if progress is not None and progress.output_written():
+        for name in _STOP_SIGNALS:
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), signal.SIG_IGN)
+    sys.exit(code)
+
+
+def _run(argv: Sequence[str] | None = None) -> tuple[int, _Progress | None]:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
-        return 2
+        return 2, None
     progress = _Progress(time.perf_counter(), getattr(args, "output", None))
+    return _run_command(args, progress), progress
+
+
+def _run_command(args: argparse.Namespace, progress: _Progress) -> int:
     try:
         with _stopped_by_signals(progress):
             code = COMMANDS[args.command](args, progress)
@@ -272,11 +296,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _stopped(args, progress, signal.SIGINT)
     except _Stopped as exc:
         return _stopped(args, progress, exc.signal)
+    except Exception:
+        if progress.received is not None:  # a library turned the stop into its own error (an extension's import
+            return _stopped(args, progress, progress.received)  # fails with ImportError mid-initialization)
+        raise
     if progress.received is not None:  # noted after the output was written, or swallowed by a library
         return _stopped(args, progress, progress.received)
     return code
 
 
+_STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
 _SIGPIPE = getattr(signal, "SIGPIPE", 13)  # (Windows has none; a shell reports a process it stopped as 128 + 13)
 
 
@@ -363,7 +392,7 @@ def _stopped_by_signals(progress: _Progress) -> Iterator[None]:
     message raises it again where a library caught it (torch's lazy imports turn it into an
     ``AttributeError``, which an exporter's fallback would take as a failure); once the output is
     written, a signal is only noted.  Only the main thread can set handlers."""
-    wanted = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    wanted = [getattr(signal, name) for name in _STOP_SIGNALS if hasattr(signal, name)]
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -546,14 +575,25 @@ class _ModelKeys:
 
     def missing(self, present: set[str]) -> list[str]:
         """The keys ``present`` lacks, a key tied to a present one not counted, nor an ``exp_scale``
-        marker (a pair without it holds ``g``, which the layer's load takes to ``s = log g``)."""
+        marker (a pair without it holds ``g``, which the layer's load takes to ``s = log g``).  A
+        pair of the model's that is wholly missing is named by its weight (``conv.weight``, not
+        ``conv.weight_g`` and ``conv.weight_v``), as the checkpoint's own pairs are named folded;
+        one given as a plain weight that could not become the pair (another shape) is not missing
+        (:meth:`other_shapes` names it)."""
         markers = {wn.marker_key for wn in self.pairs if wn.marker_key}
-        return sorted(key for key in self.keys - present - markers if not self.tied.get(key, set()) & present)
+        absent = {key for key in self.keys - present - markers if not self.tied.get(key, set()) & present}
+        for wn in self.pairs:
+            if wn.g_key in absent and wn.v_key in absent:
+                absent -= {wn.g_key, wn.v_key}
+                if wn.weight_key not in present:
+                    absent.add(wn.weight_key)
+        return sorted(absent)
 
     def mismatch(self, state_dict: dict[str, Any]) -> tuple[list[str], list[str], list[str]]:
         """The keys ``state_dict`` (fitted) lacks, the keys it has beyond the model's, and those it
         holds in another shape; all empty where it loads."""
-        return (self.missing(set(state_dict)), sorted(set(state_dict) - self.keys),
+        plain = {wn.weight_key for wn in self.pairs}  # a pair's plain weight of another shape: other_shapes
+        return (self.missing(set(state_dict)), sorted(set(state_dict) - self.keys - plain),
                 sorted(self.other_shapes(state_dict)))
 
     def distance(self, state_dict: dict[str, Any]) -> int:
@@ -583,10 +623,9 @@ def _load_weights(model: nn.Module, checkpoint: Any, args: argparse.Namespace) -
     else:
         path = _the_one_that_fits(checkpoint, paths, expected, args)
     state_dict = _fitted(_get(checkpoint, path), expected)
-    missing, unexpected, reshaped = expected.mismatch(state_dict)  # reshaped alone: torch's error names the shapes
-    if missing or unexpected:
-        msg = (f"{args.checkpoint}: does not fit {args.model}: missing keys {few(missing)}; "
-               f"unexpected keys {few(unexpected)}{f'; other shapes for {few(reshaped)}' if reshaped else ''}"
+    missing, unexpected, reshaped = expected.mismatch(state_dict)
+    if missing or unexpected or (reshaped and not set(reshaped) <= expected.keys):  # (torch's error names shapes)
+        msg = (f"{args.checkpoint}: does not fit {args.model}: {'; '.join(_mismatch(state_dict, expected))}"
                f"{_prefix_hint(state_dict, expected)}")
         raise CheckpointError(msg)
     disagree = sorted(f"{key} and {other}" for key, others in expected.tied.items() for other in others
@@ -714,6 +753,12 @@ def _prefix_hint(state_dict: dict[str, Any], expected: _ModelKeys) -> str:
         under = {k[len(prefix) + 1:]: v for k, v in state_dict.items() if k.startswith(f"{prefix}.")}
         if _fits(under, expected):
             return f" (the keys under '{prefix}.' fit it: choose them with --key {prefix})"
+    module = {k.split(".", 1)[0] for k in expected.keys}
+    if len(module) == 1 and all("." in k for k in expected.keys):
+        (prefix,) = module
+        if _fits({f"{prefix}.{k}": v for k, v in state_dict.items()}, expected):
+            return (f" (they fit it under '{prefix}.': the checkpoint holds the state dict of the model's '{prefix}' "
+                    f"module alone; give --model a factory that returns that module, or save the whole model's)")
     return ""
 
 
@@ -952,4 +997,4 @@ def _list_paths(paths: list[tuple[str, ...]]) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console_script()

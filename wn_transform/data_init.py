@@ -94,6 +94,17 @@ class InitNotes:
     recurrent_kept: list[str] = field(default_factory=list)  # hidden-to-hidden weights: scale kept
     no_bias: list[str] = field(default_factory=list)  # the op adds no bias: std set, mean left as it is
     frozen: list[str] = field(default_factory=list)  # requires_grad=False before apply: left as it was
+    passed_over: list[str] = field(default_factory=list)  # calibrated on a later call than a call on a constant
+
+    def without_zero_units(self, zero_units: dict[str, int]) -> None:
+        """Take units whose weight is all zero out of ``constant_units``: a zero direction is constant
+        on any batch, and such a unit is given ``g = 0`` after the pass (the report's ``zero_units``)."""
+        for name, count in zero_units.items():
+            left = self.constant_units.get(name, 0) - count
+            if left > 0:
+                self.constant_units[name] = left
+            else:
+                self.constant_units.pop(name, None)
 
 
 @dataclass
@@ -110,6 +121,7 @@ class _State:
     done: bool = False
     read: bool = False  # the layer's weight was read (handed out as v) in the pass
     seen: bool = False  # an op the pass intercepts used the weight, or read its metadata (w.shape): not hidden
+    calls: int = 0  # op calls that read the weight in the pass, before it was calibrated
 
 
 def resample_directions(model: nn.Module, targets: list[Target], *, std: float = 0.05, generator: torch.Generator | None = None,
@@ -150,7 +162,10 @@ def data_init(model: nn.Module, targets: list[Target], sample_batch: batch_mod.S
     backup = _Backup(states)
     # Under a process group every rank must take the same path: a fall-back on one rank only
     # (a weight read on a branch its shard took) would leave the others waiting in a collective.
-    direct = group is None and all(hands_input_to_calibrator(s.module, s.target.name) for s in states)
+    # A layer read by several calls per forward may be run on a constant first (see _passes_over),
+    # which only intercepting every op shows.
+    direct = group is None and all(hands_input_to_calibrator(s.module, s.target.name) and s.target.uses <= 1
+                                   for s in states)
     try:
         while True:
             mode = _CalibrationMode(model, states, init_scale, group, backup, known, exact=exact)
@@ -281,6 +296,7 @@ def _run_pass(model: nn.Module, states: list[_State], mode: _CalibrationMode, sa
         state.running_mean = None
         _stop_measuring(state)  # what a stopped pass left
         state.read = state.seen = False
+        state.calls = 0
         if direct:
             state.wn.calibrator = _LayerInput(mode, state)
         else:
@@ -598,6 +614,9 @@ class _CalibrationMode(TorchFunctionMode):
         self._bias_holders = _bias_holders(model, states)  # id(bias) -> the layer that holds it (None: two do)
         self._bias_setter: dict[tuple, int] = {}  # bias (or the slice of it an op adds) -> the state that set it
         self._scratch = Scratch()
+        # Tensors the forward builds from no input (torch.eye: peft's DoRA runs its LoRA layers on an
+        # identity to get their product), and what a layer passed over made of them: see _passes_over
+        self._constants: dict[int, tuple[weakref.ref, int]] = {}  # id -> (tensor, its version: unwritten since)
         # Until its layer is calibrated, the parametrization hands out v itself: that tensor is
         # how an op is recognized as using a target's weight (views of it are followed).
         self._produced: dict[int, _Produced] = {
@@ -630,6 +649,11 @@ class _CalibrationMode(TorchFunctionMode):
             return self._recurrent(func, args, kwargs)
         if name in CELL_OPS:
             return self._cell(func, args, kwargs)
+        if name in _FACTORIES:
+            result = func(*args, **kwargs)
+            if type(result) is Tensor:
+                self._constants[id(result)] = (weakref.ref(result), result._version)
+            return result
         use = weight_use(func, args, kwargs) if name in SIGNATURES else None
         found = self._lookup(use.weight) if use is not None else None
         if found is None:
@@ -643,6 +667,11 @@ class _CalibrationMode(TorchFunctionMode):
         fit = None
         if not state.done:  # t' = op(x, v) without bias: the weight is v itself until calibrated
             x = _data_operand(bound)
+            state.calls += 1
+            if self._passes_over(state, x):
+                result = func(*args, **kwargs)  # what the layer computes before the init
+                self._constants[id(result)] = (weakref.ref(result), result._version)
+                return result
             if use.kind == "matmul":
                 t = torch.matmul(x, use.weight)
                 unit_dim = -1
@@ -662,6 +691,18 @@ class _CalibrationMode(TorchFunctionMode):
         if not found.calibrated:
             bound[weight_key] = found.rebuild()
         return _constant_units_flat(func(**bound) if name not in ("matmul", "__matmul__", "mm") else func(*bound.values()), fit)
+
+    def _passes_over(self, state: _State, x: Tensor) -> bool:
+        """Whether a call of a layer read by several op calls per forward is left for a later one: its
+        data is a constant the forward built (peft's DoRA runs ``lora_B(lora_A(torch.eye(n)))`` before
+        ``lora_B(lora_A(x))``), whose statistics say nothing of the batch.  The layer's last call is
+        calibrated whatever its data."""
+        ref, version = self._constants.get(id(x), (None, None))
+        if ref is None or ref() is not x or x._version != version or state.calls >= state.target.uses:
+            return False  # (a buffer the forward filled with data is data)
+        if state.target.qualname not in self.notes.passed_over:
+            self.notes.passed_over.append(state.target.qualname)
+        return True
 
     def _follow_views(self, func, args, kwargs):
         """Run ``func``; a view of a weight that keeps whole units (``W.t()``) is that weight too."""
@@ -1082,6 +1123,10 @@ class _CalibrationMode(TorchFunctionMode):
 
 _NATIVE_DIMS = {"linear": 0, "conv": 0, "conv_transpose": 1}  # op kind: the axis of v that holds its output units
 # Ops whose result holds values of their tensor inputs (and constants), moved or converted, nothing computed.
+#: Functions that build a tensor from no input (torch.eye, zeros, arange...): see _CalibrationMode._passes_over.
+_FACTORIES = frozenset({"eye", "zeros", "ones", "full", "arange", "linspace", "logspace", "empty", "tensor",
+                        "as_tensor", "zeros_like", "ones_like", "full_like", "empty_like"})
+
 _VALUE_COPIES = frozenset({
     "pad", "cat", "concat", "concatenate", "stack", "reshape", "view", "flatten", "unflatten", "permute", "transpose",
     "t", "movedim", "swapaxes", "contiguous", "clone", "unsqueeze", "squeeze", "narrow", "select", "__getitem__",

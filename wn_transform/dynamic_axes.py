@@ -91,14 +91,16 @@ def _named_batch(name: str) -> bool:
 
 
 def grow(sample_batch: Any, names: Sequence[str], tensors: Sequence[torch.Tensor], graph_inputs: dict[str, Any],
-         symbols: Sequence[Symbol], symbol: Symbol, value: int) -> tuple[Any, str] | None:
-    """``sample_batch`` with ``symbol`` at ``value`` (the other symbols as in the sample), and a
-    description (``"x[2]: 16 -> 20"``); None when an axis would get a size that is not a
-    non-negative integer.  An input the file does not take (the exporter dropped it) follows a
-    dim-0 symbol on its own dim 0 when its size there is the symbol's."""
-    subs = {sympy.Symbol(s.name): s.value for s in symbols} | {sympy.Symbol(symbol.name): value}
+         symbols: Sequence[Symbol], symbol: Symbol, value: int, together: Sequence[Symbol] = ()) -> tuple[Any, str] | None:
+    """``sample_batch`` with ``symbol`` at ``value`` (the other symbols as in the sample, except
+    those ``together`` with it, at ``value`` too: axes the model needs equal), and a description
+    (``"x[2]: 16 -> 20"``); None when an axis would get a size that is not a non-negative integer.
+    An input the file does not take (the exporter dropped it) follows a dim-0 symbol on its own dim
+    0 when its size there is the symbol's."""
+    moving = [symbol, *together]
+    subs = {sympy.Symbol(s.name): s.value for s in symbols} | {sympy.Symbol(s.name): value for s in moving}
     sizes: dict[int, dict[int, int]] = {}
-    for place in symbol.places:
+    for place in (p for s in moving for p in s.places):
         size = place.expr.subs(subs)
         if not (size.is_integer and size >= 0) or (tensors[place.index].shape[place.axis] == 0 and size > 0):
             return None  # not a size, or nothing to repeat

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import inspect
 import io
 import math
@@ -350,7 +351,28 @@ def export_onnx(
     if exported.tracer_warnings:
         checked.notes.append(_tracer_note(exported.tracer_warnings, checked.other_values_checked))
         warn_user(f"{target}: {checked.notes[-1]}", ExportWarning)
+    for note in _non_finite_notes(job.reference, job.output_names):
+        checked.notes.append(note)
+        warn_user(f"{target}: {note}", ExportWarning)
     return _report(job, exported)
+
+
+def _non_finite_notes(reference: Any, output_names: list[str]) -> list[str]:
+    """A note per output whose PyTorch values on the sample batch hold NaN or inf: the check matched
+    them position for position, which says nothing of the values the model should have computed."""
+    notes = []
+    tensors = [leaf for leaf in tree_leaves(reference) if isinstance(leaf, torch.Tensor)]
+    for name, tensor in zip(output_names, tensors):
+        if not (tensor.is_floating_point() or tensor.is_complex()):
+            continue
+        nan, inf = int(tensor.isnan().sum()), int(tensor.isinf().sum())
+        if nan or inf:
+            counts = " and ".join(f"{n} {kind}" for n, kind in ((nan, "NaN"), (inf, "inf")) if n)
+            notes.append(f"output '{name}': PyTorch's own output on the sample batch holds {counts} of "
+                         f"{tensor.numel()} values (an overflow: a float16 model whose g went beyond its range, a "
+                         "log or a division by 0); the file gives them in the same places, which checks nothing "
+                         "there")
+    return notes
 
 
 @dataclass
@@ -997,9 +1019,16 @@ _NOISY_LOGGERS = ("torch.onnx._internal.exporter._compat", "onnxscript.version_c
 
 def _export_dynamo(model: nn.Module, inputs: _Inputs, output_names: list[str], opset: int | None,
                    dynamic_batch: bool, dynamic_shapes: Any, *, echo_failure: bool) -> onnx.ModelProto:
+    args, kwargs = _export_args(inputs), inputs.kwargs or None
     if dynamic_shapes is None and dynamic_batch:
         axes = _batch_axes(inputs)
         dynamic_shapes = _dynamo_batch_shapes(inputs, axes) if axes else None
+    if dynamic_shapes is not None and _var_keyword_inputs(model, inputs):
+        # torch.export takes no dynamic shapes for inputs a **kwargs collects (torch 2.13: "Must provide a
+        # tree_name"): the tensors go in flat, positionally, and the other values stay in the forward
+        flat = _flat_shapes(dynamic_shapes, inputs)
+        if flat is not None:
+            model, args, kwargs, dynamic_shapes = _tensors_only(model, inputs), tuple(inputs.tensors), None, flat
     with _held_output(echo_failure), muted(_REGISTRY_LOGGER, *_NOISY_LOGGERS), warnings.catch_warnings(), torch.no_grad():
         # torch-internal noise: the same axis name given to inputs torch.export unified, and a
         # deprecation inside torch's own pytree code
@@ -1011,7 +1040,7 @@ def _export_dynamo(model: nn.Module, inputs: _Inputs, output_names: list[str], o
         warnings.filterwarnings("ignore", r"The tensor attributes .* were assigned during export", UserWarning)
         warnings.filterwarnings("ignore", r"_check_is_size will be removed", FutureWarning)
         program = torch.onnx.export(
-            model, _export_args(inputs), kwargs=inputs.kwargs or None, dynamo=True, opset_version=opset,
+            model, args, kwargs=kwargs, dynamo=True, opset_version=opset,
             dynamic_shapes=dynamic_shapes, input_names=inputs.names, output_names=output_names,
             optimize=True, verbose=False,
         )
@@ -1019,6 +1048,32 @@ def _export_dynamo(model: nn.Module, inputs: _Inputs, output_names: list[str], o
         msg = "torch.onnx.export(dynamo=True) returned no ONNXProgram"
         raise ExportError(msg)
     return program.model_proto
+
+
+def _flat_shapes(dynamic_shapes: Any, inputs: _Inputs) -> tuple | None:
+    """``dynamic_shapes`` for the forward of :func:`_tensors_only` (one entry, a tuple over the
+    batch's tensors in input order), or None where a spec is for no top-level tensor input (a
+    tuple input's parts, given whole)."""
+    specs = {}
+    for name, spec in _named_specs(dynamic_shapes, inputs):
+        if spec is None:
+            continue
+        if name not in inputs.names:
+            return None
+        specs[name] = spec
+    return (tuple(specs.get(name) for name in inputs.names),)
+
+
+def _var_keyword_inputs(model: nn.Module, inputs: _Inputs) -> bool:
+    """Whether the forward's ``**kwargs`` collects any of the batch's inputs (a Hugging Face model's
+    ``output_hidden_states=True``, peft's ``PeftModel.forward(*args, **kwargs)``)."""
+    if inputs.bound is None:
+        return False
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD and inputs.bound.get(name) for name, p in parameters.items())
 
 
 def _export_torchscript(model: nn.Module, inputs: _Inputs, output_names: list[str], tmpdir: str,
@@ -1176,6 +1231,7 @@ def _verify(session: Any, model: nn.Module, sample_batch: batch_mod.SampleBatch,
     session_inputs = [i.name for i in session.get_inputs()]
     runs = [("the sample batch", "", inputs, reference)]
     symbols, notes = dynamic_axes.find_symbols(inputs.names, inputs.tensors, graph_inputs, batch_at_dim_0=batch_at_dim_0)
+    tied: set[str] = set()  # symbols checked together with an earlier one
     for symbol in symbols:
         refusals: list[str] = []
         where = ", ".join(f"{inputs.names[p.index]}[{p.axis}] = {inputs.tensors[p.index].shape[p.axis]}"
@@ -1184,9 +1240,11 @@ def _verify(session: Any, model: nn.Module, sample_batch: batch_mod.SampleBatch,
                 f"batch ({where}): mark it static (dynamic_batch=False, or leave it out of dynamic_shapes; "
                 f"on the command line, --dynamic)")
 
-        def grown_run(value: int, symbol: dynamic_axes.Symbol = symbol, refusals: list[str] = refusals) -> tuple | None:
+        def grown_run(value: int, symbol: dynamic_axes.Symbol = symbol, refusals: list[str] = refusals,
+                      together: tuple[dynamic_axes.Symbol, ...] = ()) -> tuple | None:
             """The grown batch's run (label, inputs, PyTorch's outputs), or None where the model refuses it."""
-            grown = dynamic_axes.grow(sample_batch, inputs.names, inputs.tensors, graph_inputs, symbols, symbol, value)
+            grown = dynamic_axes.grow(sample_batch, inputs.names, inputs.tensors, graph_inputs, symbols, symbol, value,
+                                      together)
             if grown is None:
                 return None
             batch, change = grown
@@ -1196,9 +1254,26 @@ def _verify(session: Any, model: nn.Module, sample_batch: batch_mod.SampleBatch,
             except batch_mod.BatchError as exc:
                 refusals.append(f"{change}: {exc}")
                 return None
-            return f"'{symbol.name}' grown, {change}", _layout_inputs(model, batch), expected
+            label = " and ".join(f"'{s.name}'" for s in (symbol, *together))
+            return f"{label} grown, {change}", _layout_inputs(model, batch), expected
 
+        if symbol.name in tied:
+            continue  # checked with the axis it is tied to
         checked = _checked_sizes(symbol, grown_run, reference)
+        candidates = tuple(s for s in symbols if s is not symbol and s.value == symbol.value and not s.batch_like)
+        if not checked and candidates and not symbol.batch_like:
+            # axes of the same size that the model needs equal (a mask's length and its input's), which the
+            # file names apart: grown together, one other axis at a time, else all of them
+            for partners in [*((c,) for c in candidates), *([candidates] if len(candidates) > 1 else [])]:
+                checked = _checked_sizes(symbol, functools.partial(grown_run, together=partners), reference)
+                if checked:
+                    break
+            if checked:
+                tied.update(s.name for s in partners)
+                names = ", ".join(f"'{s.name}'" for s in (symbol, *partners))
+                notes.append(f"dynamic axes {names} were checked grown together: the PyTorch model rejects each one "
+                             f"grown alone, so they are one length, which the file names apart (give them one name, "
+                             f"as dynamic_shapes or --dynamic x:2=T,mask:1=T do, so that the file says so)")
         runs += [(label, hint, run_inputs, expected) for label, run_inputs, expected in checked]
         if not checked:
             notes.append(f"dynamic axis '{symbol.name}' was not checked: the PyTorch model rejects the grown batches "
@@ -1219,7 +1294,9 @@ def _verify(session: Any, model: nn.Module, sample_batch: batch_mod.SampleBatch,
             raise
         except Exception as exc:  # onnxruntime's own error kinds
             msg = f"onnxruntime failed to run the exported file on {label}: {one_line(exc)}"
-            raise ExportError(msg + hint) from exc
+            error = ExportError(msg + hint)
+            error.on_sample = run_inputs is inputs  # it cannot run the sample itself: no baked path's doing
+            raise error from exc
         for output, value in zip(session.get_outputs(), got):
             shapes.setdefault(output.name, set()).add(tuple(np.shape(value)))
         for name, abs_diff, rel_diff, ok, why, excess in _compare_outputs(session, got, expected, rtol, atol,
@@ -1233,10 +1310,58 @@ def _verify(session: Any, model: nn.Module, sample_batch: batch_mod.SampleBatch,
     if failures:
         msg = (f"onnxruntime disagrees with PyTorch beyond rtol={rtol:g}, atol={atol:g}: {'; '.join(failures)}"
                f" [all outputs: {_diff_table(diffs)}]{_fake_quant_note(model)}{_rounding_note(max(excesses))}")
+        if off_on_sample and (drawn := _random_ops(model, sample_batch, reference)) is not None:
+            why = (f"the model draws random numbers in inference mode ({drawn}), so no file can agree with it; turn "
+                   "the noise off for export (a vocoder's noise flag), or draw it from an input" if drawn else
+                   "its outputs change from run to run (state kept across calls, such as a counter or a cache, or a "
+                   "non-deterministic op), so no file can agree with it; make the forward a function of its inputs")
+            msg = f"PyTorch itself gives other outputs on another run of the same sample batch: {why}. {msg}"
         error = ExportMismatchError(msg)
         error.on_sample = bool(off_on_sample)  # off on the sample batch itself, not only on grown ones
         raise error
     return diffs, sizes, notes, _fixed_but_varying(session, shapes)
+
+
+#: Ops that draw random numbers (their in-place and ``_like`` forms included), named when a
+#: model's outputs change from one run of the same batch to the next.
+_RANDOM_OPS = frozenset({"rand", "randn", "randint", "randperm", "normal", "bernoulli", "multinomial", "poisson",
+                         "uniform_", "normal_", "bernoulli_", "exponential_", "geometric_", "cauchy_", "log_normal_",
+                         "random_", "rand_like", "randn_like", "randint_like", "dropout", "alpha_dropout",
+                         "feature_alpha_dropout", "dropout1d", "dropout2d", "dropout3d", "rrelu"})
+
+
+class _RandomOpLog(torch.overrides.TorchFunctionMode):
+    """Records the names of the random ops a forward calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in _RANDOM_OPS and name not in self.seen:
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def _random_ops(model: nn.Module, sample_batch: batch_mod.SampleBatch, reference: Any) -> str | None:
+    """Where the model's outputs on the sample batch change from run to run (a vocoder's noise in
+    inference mode), the random ops its forward called (``"torch.randn"``; ``""`` where it called
+    none: state kept across calls); None where another run gives ``reference`` again.  The
+    caller's random state is left as it was."""
+    log = _RandomOpLog()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), log:
+        torch.manual_seed(torch.initial_seed() + 1)
+        again = batch_mod.run(model, sample_batch)
+    leaves, others = tree_leaves(reference), tree_leaves(again)
+    same = len(leaves) == len(others) and all(
+        not isinstance(a, torch.Tensor) or (isinstance(b, torch.Tensor) and a.shape == b.shape
+                                            and torch.equal(a.cpu(), b.cpu()))
+        for a, b in zip(leaves, others))
+    if same:
+        return None
+    return ", ".join(f"torch.{name}" for name in log.seen)
 
 
 #: A disagreement whose every element is within this many times its allowance is a near miss,
@@ -1335,7 +1460,7 @@ def _fixed_but_varying(session: Any, shapes: dict[str, set[tuple[int, ...]]]) ->
 
 
 def _compare_outputs(session: Any, got: list[Any], expected: Any, rtol: float, atol: float, *,
-                     other_values: bool = False, floors: list[float] | None = None,
+                     other_values: bool = False, floors: list[float | np.ndarray] | None = None,
                      ) -> list[tuple[str, float, float, bool, str, float]]:
     """Per output of the graph: (name, max abs diff, max rel diff, within tolerance, why not, the
     largest ratio of a difference to its allowance: :func:`_compare`).
@@ -1492,12 +1617,12 @@ def _quoted(tracer_warnings: list[str]) -> str:
 
 
 def _compare(got: np.ndarray, tensor: torch.Tensor, rtol: float, atol: float, *,
-             nan_either: bool = False, floor: float | None = None) -> tuple[float, float, bool, str, float]:
+             nan_either: bool = False, floor: float | np.ndarray | None = None) -> tuple[float, float, bool, str, float]:
     """(max abs diff, max rel diff, within tolerance, a description of the worst difference, the
     largest ratio of an element's difference to its allowance).
 
     Within tolerance: every element's ``|got - want| <= atol + rtol * max(|want|, f)``, ``f`` the
-    output's :func:`_floor_magnitude` (``floor``, where given: the sample batch's); integer and
+    output's :func:`_floor_magnitudes` (``floor``, where given: the sample batch's); integer and
     bool outputs (token ids, indices, masks) must be equal.  NaN agrees with NaN; with
     ``nan_either``, with anything."""
     exact = not (tensor.is_floating_point() or tensor.is_complex())
@@ -1517,7 +1642,10 @@ def _compare(got: np.ndarray, tensor: torch.Tensor, rtol: float, atol: float, *,
     scale = np.abs(b)
     with np.errstate(divide="ignore", invalid="ignore"):
         rel = np.where(diff == 0, 0.0, np.where(scale > 0, diff / np.where(scale > 0, scale, 1.0), np.inf))
-    floor = (_floor_magnitude(b) if floor is None else floor) if rtol else 0.0
+    if not rtol:
+        floor = 0.0
+    elif floor is None or (isinstance(floor, np.ndarray) and not _broadcasts(floor.shape, b.shape)):
+        floor = _floor_magnitudes(b, half=tensor.element_size() <= 2)  # (a grown axis that had floors per slice)
     allowance = atol + rtol * np.maximum(np.where(np.isfinite(scale), scale, 0.0), floor)
     ok = bool(np.all(diff <= allowance))
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -1573,10 +1701,61 @@ def _floor_magnitude(values: np.ndarray) -> float:
     return float(np.median(kept))
 
 
-def _output_floors(expected: Any) -> list[float]:
-    """:func:`_floor_magnitude` of each floating output (0 for the others), in output order: taken
+#: :func:`_floor_magnitudes`: slices along an axis whose typical magnitudes (medians of ``|x|``)
+#: are this many times apart are parts of different scales side by side (a detector's boxes in
+#: pixels beside its class probabilities); each such slice has at least this many values; its
+#: floor is at least the whole output's over :data:`_MIXED_SCALES` (no stricter than that) and at
+#: most the whole output's.
+_MIXED_SCALES = 100.0
+_SLICE_VALUES = 64
+_MAX_SLICES = 4096
+
+
+def _floor_magnitudes(values: np.ndarray, *, half: bool = False) -> float | np.ndarray:
+    """:func:`_floor_magnitude` of the whole output, or, where the output puts parts of different
+    scales side by side along one axis other than the batch's (``[boxes | probabilities]``: a
+    detector's pixel coordinates beside values below 1), one floor per slice along that axis, shaped
+    to broadcast: the whole output's median would let the small part be off by a tenth of the large
+    part's scale.  Each slice's floor is its own :func:`_floor_magnitude`, kept within
+    ``[whole / 100, whole]``.  Not in float16 and bfloat16 (``half``), whose rounding is absolute at
+    the scale of the whole computation."""
+    whole = _floor_magnitude(values)
+    if half or values.ndim < 2 or not whole:
+        return whole
+    best, spread = None, _MIXED_SCALES
+    sample = np.random.default_rng(0)
+    for axis in range(1, values.ndim):
+        n = values.shape[axis]
+        if not 2 <= n <= _MAX_SLICES or values.size // n < _SLICE_VALUES:
+            continue
+        slices = np.moveaxis(values, axis, 0).reshape(n, -1)
+        if slices.shape[1] > 1024:  # a median per slice, estimated
+            slices = slices[:, sample.integers(0, slices.shape[1], 1024)]
+        with np.errstate(invalid="ignore"):
+            medians = np.median(np.abs(np.where(np.isfinite(slices), slices, np.nan)), axis=1)
+        medians = medians[np.isfinite(medians) & (medians > 0)]
+        if len(medians) > 1 and medians.max() > spread * medians.min():
+            best, spread = axis, medians.max() / medians.min()
+    if best is None:
+        return whole
+    slices = np.moveaxis(values, best, 0)
+    floors = np.array([_floor_magnitude(piece) for piece in slices])
+    floors = np.clip(np.where(floors > 0, floors, whole), whole / _MIXED_SCALES, whole)
+    shape = [1] * values.ndim
+    shape[best] = len(floors)
+    return floors.reshape(shape)
+
+
+def _broadcasts(shape: tuple[int, ...], onto: tuple[int, ...]) -> bool:
+    """Whether an array of ``shape`` broadcasts onto ``onto`` without changing it."""
+    return len(shape) == len(onto) and all(a in (1, b) for a, b in zip(shape, onto))
+
+
+def _output_floors(expected: Any) -> list[float | np.ndarray]:
+    """:func:`_floor_magnitudes` of each floating output (0 for the others), in output order: taken
     once from the sample batch's outputs, for its runs on grown batches too (which repeat its rows)."""
-    return [_floor_magnitude(_to_numpy(leaf.detach().cpu().double())) if leaf.is_floating_point() else 0.0
+    return [_floor_magnitudes(_to_numpy(leaf.detach().cpu().double()), half=leaf.element_size() <= 2)
+            if leaf.is_floating_point() else 0.0
             for leaf in tree_leaves(expected) if isinstance(leaf, torch.Tensor)]
 
 

@@ -124,13 +124,17 @@ def attach(layer: nn.Module, num_features: int, channel_dim: int) -> MeanOnlyBat
     (if any) moves into it."""
     bias = layer._parameters.get("bias")
     reference = next(layer.parameters())
-    norm = MeanOnlyBatchNorm(num_features, channel_dim=channel_dim, device=reference.device, dtype=reference.dtype)
+    with torch.inference_mode(False):  # (an apply under inference_mode: buffers a training forward can update)
+        norm = MeanOnlyBatchNorm(num_features, channel_dim=channel_dim, device=reference.device, dtype=reference.dtype)
     norm.train(layer.training)  # a layer in eval mode: its norm subtracts the running mean, as it will after .eval()
     trainable = bias.requires_grad if bias is not None else any(p.requires_grad for p in layer.parameters())
     norm.bias.requires_grad_(trainable)  # a frozen layer's norm trains nothing either
     if bias is not None:
         with torch.no_grad():
             norm.bias.copy_(bias.reshape(-1))
+        for name, value in vars(bias).items():  # flags other code groups parameters by (_no_weight_decay)
+            if not hasattr(norm.bias, name):
+                setattr(norm.bias, name, value)
         layer.register_parameter("bias", None)
     layer.add_module(ATTRIBUTE, norm)
     layer.register_forward_hook(_apply_hook, prepend=True)  # on the forward's output, before the user's hooks

@@ -41,7 +41,7 @@ from .errors import WeightNormError, warn_user
 from .fast import ScaledLinear, eager_weight, plain_formula_only, prefer_output_form, weight_norm_weight
 from .norm import (UnitLayout, compose_weight, direct_zero_units_on_load, exp_gain, layout_from_shapes, traceable_weight,
                    unit_norm)
-from ._parametrized import is_parametrized, own_class, plain_type
+from ._parametrized import is_parametrized, plain_type
 
 __all__ = ["WeightNorm", "no_weight_cache", "register", "remove", "weight_memo", "weight_norm_of"]
 
@@ -54,15 +54,17 @@ class WeightNorm(nn.Module):
 
     ``dim``: the unit axis of the weight (0 for Linear and conv, 1 for a ConvTranspose's output
     channels); ``groups``: a grouped ConvTranspose's groups, whose output channels are
-    ``groups * weight.shape[1]``; ``exp_scale``: ``g`` is stored as ``s = log g`` (``w = e^s * v/||v||``).
-    The right inverse makes registration exact: the model computes the same function (up to
+    ``groups * weight.shape[1]``; ``exp_scale``: ``g`` is stored as ``s = log g`` (``w = e^s * v/||v||``);
+    ``qualname``: the weight's name in the model it was applied to (``"blocks.2.fc.weight"``), which
+    warnings name.  The right inverse makes registration exact: the model computes the same function (up to
     float rounding) right after ``torch.nn.utils.parametrize.register_parametrization``.
     """
 
-    def __init__(self, dim: int = 0, groups: int = 1, *, exp_scale: bool = False) -> None:
+    def __init__(self, dim: int = 0, groups: int = 1, *, exp_scale: bool = False, qualname: str | None = None) -> None:
         super().__init__()
         self.layout = UnitLayout(dim, groups)
         self.exp_scale = exp_scale
+        self.qualname = qualname
         if exp_scale:  # marks the state dict, so checkpoint tools know original0 holds s = log g
             self.register_buffer(EXP_SCALE_MARKER, torch.ones(()))
 
@@ -191,7 +193,10 @@ def _watch_optimizer_steps() -> None:
     may have written without bumping them: those of torch's fused groups (``fused=True``) and of
     optimizers from outside ``torch.optim`` (which may write through raw pointers).  torch's other
     optimizers write with in-place ops, which bump them already.  Only the stepped optimizer's
-    parameters: a frozen teacher's kept weights stay."""
+    ``g`` and ``v`` (:data:`_CHAINS`) that it stepped (those with a gradient): a frozen teacher's
+    kept weights stay, and a graph kept for a later backward through parameters the step skipped
+    (an actor's step beside a critic's graph), or through any model without weight norm, stays
+    valid, as in torch."""
     global _steps_hook
     if _steps_hook is None:
         from torch.optim.optimizer import register_optimizer_step_post_hook  # torch.optim loads on first use
@@ -202,6 +207,9 @@ def _watch_optimizer_steps() -> None:
 REPLACED_MARK = "_wn_transform_replaced"  # on a Parameter the model no longer uses: what replaced it
 _replacements = 0  # how many times mark_replaced marked Parameters in this process
 _CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> _checked_key when last checked
+_CHAINS: weakref.WeakSet = weakref.WeakSet()  # every parametrization list holding our WeightNorm (g, v: its originals)
+_chains_added = 0  # how many times a list joined _CHAINS
+_UNBUMPED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> the g and v it writes unbumped
 
 
 def mark_replaced(parameters: Iterable[Tensor | None], by: str) -> None:
@@ -220,13 +228,15 @@ def mark_replaced(parameters: Iterable[Tensor | None], by: str) -> None:
 def _bump_written_parameters(optimizer: Any, args: tuple, kwargs: dict) -> None:
     if torch.compiler.is_compiling():  # traced into a compiled step (torch.compile(optimizer.step)), whose
         return  # runtime bumps the versions of the inputs its graph writes; the warning is an eager step's
-    key = (_replacements, *map(len, (group["params"] for group in optimizer.param_groups)))  # (add_param_group)
-    if _CHECKED.get(optimizer) != key:
+    key = (_replacements, _chains_added, *map(len, (group["params"] for group in optimizer.param_groups)))
+    if _CHECKED.get(optimizer) != key:  # (add_param_group, another model weight-normalized)
+        ours = {id(p) for chain in list(_CHAINS) for p in (chain.original0, chain.original1)}
+        outside = not type(optimizer).__module__.startswith("torch.optim")
+        _UNBUMPED[optimizer] = [p for group in optimizer.param_groups if outside or group.get("fused")
+                                for p in group["params"] if id(p) in ours and not p.is_inference()]
         _CHECKED[optimizer] = key
-        _warn_of_replaced_weights(optimizer)
-    outside = not type(optimizer).__module__.startswith("torch.optim")
-    written = [p for group in optimizer.param_groups if outside or group.get("fused")
-               for p in group["params"] if isinstance(p, Tensor) and not p.is_inference()]
+        _warn_of_replaced_weights(optimizer)  # (last: -W error makes it raise)
+    written = [p for p in _UNBUMPED.get(optimizer, ()) if p.grad is not None]
     if written:
         torch.autograd.graph.increment_version(written)
 
@@ -438,7 +448,8 @@ def _apply_checking_gains(self: nn.Module, fn: Callable[[Tensor], Tensor], recur
     for name, chain in self._modules["parametrizations"].items():
         wn = _ours(chain)
         if wn is not None and chain.original0.dtype == torch.float16:
-            where = f"{plain_type(self).__name__}({self.extra_repr()}).{name}"
+            layer = f"{plain_type(self).__name__}({self.extra_repr()})"
+            where = f"{wn.__dict__.get('qualname')} ({layer})" if wn.__dict__.get("qualname") else f"{layer}.{name}"
             msg = _gain_overflow(wn, chain.original0, chain.original1, where, "keep this layer in float32 or "
                                  "bfloat16, or weight-normalize it with exp_scale=True (g = e^s, which fits)",
                                  before=gains.get(name))
@@ -550,26 +561,46 @@ def _parameter_order(module: nn.Module) -> tuple[str, ...] | None:
 
 
 def _reduce_parametrized(self: nn.Module, protocol: int) -> tuple:
-    """Pickle a parametrized module as its original class plus the names to re-parametrize."""
+    """Pickle, and deep-copy, a parametrized module as its original class, the names to
+    re-parametrize and its own state, given last: ``copy.deepcopy`` records the copy in its memo
+    before it copies the state (a submodule that refers back to the module gets the copy).
+
+    The copy has a generated class of its own (torch's deepcopy shares the original's, so that
+    ``remove_parametrizations`` on the copy, a repo's own ``remove_weight_norm()`` on an export
+    copy, would take the weight's property off the original), and the weights an RNN computed in
+    its last forward (see :func:`_computed`) are copied by value."""
     base = plain_type(self)
-    names = list(self.parametrizations.keys())
+    names = tuple(self.parametrizations.keys())
     state = dict(base.__getstate__(self))  # the original class's own state (an RNN drops its weakrefs)
     if "_flat_weights" in state:
         state["_flat_weights"] = [w.detach() if _computed(w) else w for w in state["_flat_weights"]]
-    return (_rebuild_parametrized, (base, names, state))
+    return (_parametrized_shell, (base, names), state)
 
 
-def _deepcopy_parametrized(self: nn.Module, memo: dict) -> nn.Module:
-    """torch's deepcopy of a parametrized module, given copies of the computed weights an RNN keeps
-    from its last forward (see :func:`_computed`), and a class of its own: torch's shares the
-    generated class, so that ``remove_parametrizations`` on the copy (a repo's own
-    ``remove_weight_norm()`` on an export copy) would take the weight's property off the original."""
-    for weight in self.__dict__.get("_flat_weights", ()):
-        if _computed(weight) and id(weight) not in memo:
-            memo[id(weight)] = weight.detach().clone()
-    replica = type(self)._wn_base_deepcopy(self, memo)
-    replica.__class__ = own_class(type(self))
-    return replica
+def _parametrized_shell(base: type, names: tuple[str, ...]) -> nn.Module:
+    """An empty instance of a new parametrized class of ``base``; its state follows (unpickling,
+    ``copy.deepcopy``) through :func:`_set_parametrized_state`."""
+    module = base.__new__(base)
+    parametrize._inject_new_class(module)
+    for name in names:
+        parametrize._inject_property(module, name)
+    type(module).__setstate__ = _set_parametrized_state
+    return module
+
+
+def _set_parametrized_state(self: nn.Module, state: dict) -> None:
+    """The original class's ``__setstate__``, then this library's additions to the class."""
+    cls = type(self)
+    del cls.__setstate__
+    cls.__bases__[0].__setstate__(self, state)
+    _extend_class(self)
+
+
+def _rebuild_parametrized(base: type, names: list[str], state: dict) -> nn.Module:
+    """How files pickled by wn_transform 0.x before the state came apart from the class load."""
+    module = _parametrized_shell(base, tuple(names))
+    module.__setstate__(state)
+    return module
 
 
 def _computed(weight: object) -> bool:
@@ -579,14 +610,13 @@ def _computed(weight: object) -> bool:
     return isinstance(weight, Tensor) and weight.grad_fn is not None
 
 
-def _rebuild_parametrized(base: type, names: list[str], state: dict) -> nn.Module:
-    module = base.__new__(base)
-    module.__setstate__(state)
-    parametrize._inject_new_class(module)
-    for name in names:
-        parametrize._inject_property(module, name)
-    _extend_class(module)
-    return module
+def _join_chains(chains: Iterable[nn.Module]) -> None:
+    """Add parametrization lists of ours to :data:`_CHAINS` (the step hook bumps their g and v)."""
+    global _chains_added
+    for chain in chains:
+        if chain not in _CHAINS:
+            _CHAINS.add(chain)
+            _chains_added += 1
 
 
 def _extend_class(module: nn.Module) -> None:
@@ -597,11 +627,14 @@ def _extend_class(module: nn.Module) -> None:
     weight cache to its weight reads (:func:`_serving_call`)."""
     cls = type(module)
     cls.__reduce_ex__ = _reduce_parametrized
-    if cls.__dict__.get("__deepcopy__", _deepcopy_parametrized) is not _deepcopy_parametrized:  # torch's own copier
-        cls._wn_base_deepcopy = cls.__dict__["__deepcopy__"]
-        cls.__deepcopy__ = _deepcopy_parametrized
+    if "__deepcopy__" in cls.__dict__ and not hasattr(cls.__bases__[0], "__deepcopy__"):
+        # torch's copier, given to a class that has none: copy.deepcopy looks __deepcopy__ up on
+        # the instance, and a wrapper whose __getattr__ forwards unknown names to the layer it holds
+        # (peft's ModulesToSaveWrapper) would copy the layer alone; deepcopy takes __reduce_ex__.
+        del cls.__deepcopy__
     chains = module._modules["parametrizations"]._modules
     ours = {name for name, chain in chains.items() if _ours(chain) is not None}
+    _join_chains(chain for chain in chains.values() if isinstance(chain._modules.get("0"), WeightNorm))  # (stacked too)
     if ours:
         cls._apply = _apply_checking_gains
     for name in ours:

@@ -67,8 +67,10 @@ class WeightNormReport:
             left_as_it_was = {*notes.recurrent_kept, *notes.frozen, *notes.unreached, *notes.unseen}
             for t in self.converted:
                 if t.uses > 1 and t.qualname not in left_as_it_was:  # the pass hands out v until the first op reading it has calibrated the layer
+                    first = ("first call on data from the batch (not a constant the forward builds, DoRA's "
+                             "torch.eye)" if t.qualname in notes.passed_over else "first call")
                     lines.append(f"  {t.qualname}: read by {t.uses} op calls in one forward (a shared layer); the data init "
-                                 "standardized its first call's output, the others follow from it")
+                                 f"standardized its {first}'s output, the others follow from it")
             for name, count in self.notes.constant_units.items():
                 lines.append(f"  {name}: {count} units constant on the batch (sigma ~ 0); their scale is s, not s/sigma")
             for name, count in self.notes.nearly_constant_units.items():

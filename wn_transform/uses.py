@@ -32,7 +32,7 @@ from .layers import quantized_weight_reason
 from .targets import Skipped, Target, split_qualname
 from ._parametrized import plain_type
 
-__all__ = ["BIAS", "UseLog", "inside_torch_composite", "param_aliases"]
+__all__ = ["BIAS", "UseLog", "gradient_hooks", "inside_torch_composite", "param_aliases"]
 
 
 @dataclass(frozen=True)
@@ -214,6 +214,38 @@ def inside_torch_composite(model: nn.Module, path: str) -> bool:
     return False
 
 
+def gradient_hooks(param: nn.Parameter) -> str:
+    """Why a Parameter with gradient hooks is left alone, or ''.  A hook on the weight (a PixelCNN
+    that keeps its masked taps at 0 with ``weight.register_hook(lambda g: g * mask)``) belongs to
+    that tensor: ``g`` and ``v`` would replace it and the hook would never run again."""
+    hooks = [*(getattr(param, "_backward_hooks", None) or {}).values(),
+             *(getattr(param, "_post_accumulate_grad_hooks", None) or {}).values()]
+    if not hooks:
+        return ""
+    return (f"its Parameter has {len(hooks)} gradient hook{'s' if len(hooks) > 1 else ''} (register_hook, "
+            "register_post_accumulate_grad_hook: a mask on its gradient), which g and v would replace, and the hook "
+            "would no longer run; exclude it, or remove the hook and put it on v")
+
+
+def _adapter_base(model: nn.Module, qualname: str) -> str:
+    """Why a weight is left alone as the frozen base layer of a peft adapter (LoRA, DoRA...), or ''.
+
+    peft merges the adapter into that weight in place (``merge_and_unload``, ``merge_adapter``:
+    ``base_layer.weight.data += delta``), which a computed weight would silently lose, and the
+    base does not train; the adapter's own layers are normalized.  Told by the class (peft's
+    ``BaseTunerLayer``) without importing peft.
+    """
+    module = split_qualname(qualname)[0]
+    parent_path, child = split_qualname(module) if module else ("", "")
+    if child != "base_layer":
+        return ""
+    parent = model.get_submodule(parent_path)
+    if not any(k.__name__ == "BaseTunerLayer" and k.__module__.startswith("peft.") for k in type(parent).__mro__):
+        return ""
+    return (f"the base layer of a peft adapter ({type(parent).__name__}): peft merges the adapter into it in place "
+            "(merge_and_unload), which a weight-normalized layer would lose; the adapter's own layers are normalized")
+
+
 def param_aliases(model: nn.Module) -> dict[int, list[str]]:
     """``id(parameter) -> every qualified name it has`` (more than one when weights are tied)."""
     aliases: dict[int, list[str]] = defaultdict(list)
@@ -351,7 +383,8 @@ class UseLog:
                 if reason:
                     skipped.append(Skipped(name, reason))
                 continue
-            reason = self._reason_to_skip(self._tied_names(aliases[name]), uses, weight_uses)
+            reason = (self._reason_to_skip(self._tied_names(aliases[name]), uses, weight_uses)
+                      or _adapter_base(self.model, name) or gradient_hooks(params[name]))
             if computed and not reason:  # V of F.linear(x, U @ V): the matmul is a factor of a weight
                 reason = (f"also reaches a {computed[0]} op as a factor of a weight computed in the forward "
                           "(a factorized or merged weight, U @ V), which weight norm on the Parameter would change")
