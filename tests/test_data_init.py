@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import subprocess
 import sys
 import warnings
@@ -938,6 +939,60 @@ def test_a_layer_run_on_a_constant_first_is_standardized_on_its_call_on_the_data
     said = "standardized its first call on data from the batch (not a constant the forward builds"
     assert (said in str(report)) is (not probe_last)
     assert report.notes.passed_over == ([] if probe_last else ["a.weight", "b.weight"])
+
+
+@pytest.mark.parametrize("layer", [nn.Linear, functools.partial(nn.Conv1d, kernel_size=1)], ids=["linear", "conv"])
+def test_rows_nearly_alike_get_the_real_outputs_handed_on(layer) -> None:
+    """A batch whose rows are nearly alike (|mu| = 500 sigma at the first layer): the real op's
+    ``x @ w + b`` cancels a large ``g*mu/sigma`` against the bias, so its rounding is 500 times
+    float rounding, and layers calibrated on ``g*t + b`` would be off by that at every depth; those
+    layers hand on the real output, and every layer is standardized as with ``exact_init``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*(module for _ in range(6) for module in (layer(16, 16), nn.Tanh())))[:-1]
+    x = 5 + 0.01 * torch.randn(64, 16, 1)
+    x = x if isinstance(model[0], nn.Conv1d) else x[..., 0]
+    out = wn.apply_weight_norm(model, x)
+    outputs = []
+    for module in out:
+        if isinstance(module, layer if isinstance(layer, type) else nn.Conv1d):
+            module.register_forward_hook(lambda m, args, o: outputs.append(o.detach().double().transpose(0, 1).flatten(1)
+                                                                           if o.ndim == 3 else o.detach().double().t()))
+    out(x)
+    assert len(outputs) == 6
+    for o in outputs[1:]:  # (the first: its input is the batch itself, exact in both)
+        torch.testing.assert_close(o.std(1, correction=0), torch.ones(16, dtype=torch.float64), atol=2e-6, rtol=0)
+
+
+class _ZeroBranchIntoAttention(nn.Module):
+    """ControlNet: a zero-initialized conv added to the data path, then cross-attention whose keys
+    and values come from another input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.zero = nn.Linear(8, 8), nn.Conv1d(8, 8, 1)
+        nn.init.zeros_(self.zero.weight)
+        nn.init.zeros_(self.zero.bias)
+        self.q, self.k, self.v, self.out = (nn.Linear(8, 8) for _ in range(4))
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x) + self.zero(cond.transpose(1, 2)).transpose(1, 2)
+        attended = F.scaled_dot_product_attention(self.q(h)[:, None], self.k(context)[:, None], self.v(context)[:, None])
+        return self.out(attended[:, 0])
+
+
+def test_a_layer_after_a_zero_direction_is_not_taken_for_constant() -> None:
+    """The first pass hands on the zero direction's NaN, which attention on the CPU turns into 0:
+    the layer after it looks constant on that pass, but ran on what the zero unit handed on; the
+    rerun, with the zero direction known, standardizes it."""
+    torch.manual_seed(0)
+    batch = (torch.randn(4, 16, 8), torch.randn(4, 16, 8), torch.randn(4, 5, 8))
+    model = wn.apply_weight_norm(_ZeroBranchIntoAttention(), batch)
+    report = wn.weight_norm_report(model)
+    assert report.notes.constant_units == {} and report.zero_units == {"zero.weight": 8}
+    outputs = []
+    model.out.register_forward_hook(lambda module, args, out: outputs.append(out.detach().reshape(-1, 8)))
+    model(*batch)
+    torch.testing.assert_close(outputs[0].std(0, correction=0), torch.ones(8), atol=1e-4, rtol=0)
 
 
 class _FilledBuffer(nn.Module):

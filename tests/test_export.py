@@ -1791,6 +1791,30 @@ class _Flagged(nn.Module):
         return (h, h.sum(-1)) if kwargs.get("output_sums") else h
 
 
+class _WithFlag(nn.Module):
+    """diffusers' ``return_dict``: a named flag beside the tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(3, 4)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, return_dict: bool = True) -> Any:
+        out = self.a(x) + self.b(y)
+        return {"out": out} if return_dict else (out,)
+
+
+def test_a_flag_in_the_batch_keeps_the_batch_axis_named(tmp_path) -> None:
+    """torch.export names the axes by the exporter's symbols (s17) when a flag sits among the inputs:
+    the tensors go in flat, and the file's axes are named ``batch`` as without the flag."""
+    torch.manual_seed(0)
+    model = wn.apply_weight_norm(_WithFlag(), init="preserve")
+    path = tmp_path / "m.onnx"
+    report = export_onnx(model, {"x": torch.randn(2, 4), "y": torch.randn(2, 3), "return_dict": False}, path)
+    assert report.exporter == "dynamo" and report.inputs == {"x": ["batch", 4], "y": ["batch", 3]}
+    graph = onnx.load(str(path)).graph
+    assert [i.type.tensor_type.shape.dim[0].dim_param for i in graph.input] == ["batch", "batch"]
+
+
 class _AllKeywords(nn.Module):
     """peft's ``PeftModel.forward(*args, **kwargs)``: every input under ``**kwargs``."""
 
@@ -1821,6 +1845,56 @@ def test_inputs_a_var_keyword_collects_export_with_dynamo_and_dynamic_axes(tmp_p
     got = session.run(None, {"x": x.numpy(), "mask": mask.numpy()})
     for value, expected in zip(got, normalized(x=x, mask=mask, output_sums=True)):
         np.testing.assert_allclose(value, expected.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+class _ThreeLengths(nn.Module):
+    """An input, its mask and its positions, one length the model needs equal in all three."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return (self.lin(x + positions[..., None]) * mask[..., None]).sum(1)
+
+
+def test_three_axes_named_apart_that_the_model_needs_equal_are_grown_all_together(tmp_path) -> None:
+    """No pair of the three can grow alone (the third refuses): all of them grow together."""
+    torch.manual_seed(0)
+    batch = (torch.randn(2, 8, 4), torch.ones(2, 8), torch.arange(8.0).expand(2, 8).contiguous())
+    model = wn.apply_weight_norm(_ThreeLengths(), init="preserve")
+    shapes = ({0: "batch", 1: "T1"}, {0: "batch", 1: "T2"}, {0: "batch", 1: "T3"})
+    report = export_onnx(model, batch, tmp_path / "m.onnx", dynamic_shapes=shapes, exporter="torchscript")
+    assert any("'T1', 'T2', 'T3' were checked grown together" in note for note in report.notes), report.notes
+    assert not any("was not checked" in note for note in report.notes)
+
+
+class _FlattenOnlyOutput(collections.OrderedDict):
+    """diffusers' ``BaseOutput``: a dict-like output class registered as a pytree node with a flatten
+    function alone (no key paths, on which ``tree_flatten_with_path`` raises)."""
+
+
+torch.utils._pytree.register_pytree_node(_FlattenOnlyOutput, lambda out: (list(out.values()), list(out.keys())),
+                                         lambda values, keys: _FlattenOnlyOutput(zip(keys, values)))
+
+
+class _ReturnsFlattenOnly(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, sample: torch.Tensor) -> _FlattenOnlyOutput:
+        y = self.conv(sample)
+        return _FlattenOnlyOutput(denoised=y, energy=y.square().mean((1, 2, 3)))
+
+
+def test_an_output_class_registered_without_key_paths_is_named_by_its_keys(tmp_path) -> None:
+    """A diffusers model's default output (``UNet2DOutput``) made the export crash inside torch's
+    pytree code; its tensors are named by their keys."""
+    torch.manual_seed(0)
+    model = wn.apply_weight_norm(_ReturnsFlattenOnly(), init="preserve")
+    report = export_onnx(model, torch.randn(2, 3, 8, 8), tmp_path / "m.onnx")
+    assert list(report.max_abs_diff) == ["denoised", "energy"] and max(report.max_abs_diff.values()) < 1e-4
 
 
 # -- tolerances relative to the output's scale, and near misses ---------------------------------

@@ -382,6 +382,7 @@ class _Fit:
     unit_dim: int
     dtype: torch.dtype  # of the op's output
     constant: Tensor | None = None  # units known to be constant on the batch (a rerun's)
+    real: bool = False  # hand on the real op's output instead: see _needs_real_output
 
     def output(self) -> Tensor:
         """``g*t + b``, computed in place in ``centred``.  A unit known to be constant hands on its
@@ -404,6 +405,7 @@ class _Handed:
     """A calibrated layer's output on the batch, already computed (by the native kernel)."""
 
     tensor: Tensor
+    real: bool = False  # hand on the real op's output instead: see _needs_real_output
 
     def output(self) -> Tensor:
         return self.tensor
@@ -414,6 +416,10 @@ class _Unbatched:
     """A calibrated layer's output on one unbatched sample, measured as a batch of one."""
 
     fit: _Fit | _Handed
+
+    @property
+    def real(self) -> bool:
+        return self.fit.real
 
     def output(self) -> Tensor:
         return self.fit.output().squeeze(0)
@@ -450,6 +456,21 @@ def _constant_units_flat(out: Tensor, fit: _Fit | _Handed | _Unbatched | None) -
     unit_dim = fit.unit_dim % out.ndim
     mean = out.mean([d for d in range(out.ndim) if d != unit_dim], keepdim=True)
     return torch.where(per_unit(fit.constant, out.ndim, unit_dim), mean, out)
+
+
+#: :func:`_needs_real_output`: a unit whose batch mean is this many stds from 0 (on ``t' = op(x, v)``).
+_AMPLIFYING = 10.0
+
+
+def _needs_real_output(mean: Tensor, var: Tensor) -> bool:
+    """Whether a layer hands on the real op's output rather than ``g*t + b``: where a unit's rows are
+    nearly alike (``|mu| > 10 sigma``: a calibration batch of two, a learned query every row shares),
+    the real op's ``x @ w + b`` cancels ``g*mu/sigma`` against the bias, and its rounding, relative
+    to the output's std, is ``|mu|/sigma`` times float rounding; the layers after it, calibrated on
+    ``g*t + b``, would each multiply that difference again (Perceiver's decoder on a batch of two:
+    its last layer's std 1.9 instead of 1).  Calibrated on the real output, they hold for it.  (A
+    constant unit, infinite here, is found after the pass and run again anyway.)"""
+    return bool((mean.square() > var * (_AMPLIFYING * _AMPLIFYING)).any())
 
 
 def _as(tensor: Tensor, dtype: torch.dtype) -> Tensor:
@@ -554,8 +575,8 @@ class _Moments:
     def constants(self) -> list[tuple[_State, Tensor]]:
         """The units shown constant on the batch (``sigma[t] <= 1e-6 (|mu[t]| + r)``, see :meth:`_spread_below`), as
         ``(state, mask over all its units)``: those of the first calibration, in forward order,
-        that has any (later ones ran on what it handed on: their statistics are not certain),
-        and every zero direction (constant whatever the input)."""
+        that has any, or a zero direction (later ones ran on what it handed on: their statistics are
+        not certain), and every zero direction (constant whatever the input)."""
         zero = {d: norms == 0 for d, norms in self._norms.items()}
         constant = self._spread_below(_CONSTANT_STD)
         if not any(bool(flags.any()) for flags in (*constant.values(), *zero.values())):
@@ -568,6 +589,9 @@ class _Moments:
                 part = constant[device][start:stop]
                 certain = not bool(part.any())
                 units_found = units_found | part
+            # after a zero direction too: it handed on NaN, which an op may turn into a constant
+            # (scaled_dot_product_attention's NaN queries give 0 on the CPU: ControlNet's zero convs)
+            certain = certain and not bool(units_found.any())
             if bool(units_found.any()):
                 mask = torch.zeros(state.g.numel(), dtype=torch.bool, device=state.g.device)
                 mask[units] = units_found.to(mask.device)
@@ -684,7 +708,7 @@ class _CalibrationMode(TorchFunctionMode):
             fit = self._calibrate(state, t, unit_dim, use.bias, native=use.kind if use.weight is state.v else None,
                                   groups=int(bound.get("groups", 1)) if use.kind in ("conv", "conv_transpose") else 1,
                                   terms=_Terms(x, lambda: _op_terms(func, use, bound, weight_key)))
-            if not self.exact and name != "addmm":  # hand on g*t + b, from t' (bias included)
+            if not self.exact and name != "addmm" and not fit.real:  # hand on g*t + b, from t' (bias included)
                 return fit.output()
         # Hand on what the model computes with the new (g, b): in float arithmetic g*t + b is not
         # bitwise that, and a deep network amplifies the difference layer after layer.
@@ -777,7 +801,7 @@ class _CalibrationMode(TorchFunctionMode):
         offset = self._set_offset(state, bias, mean, gain, units)
         if whole:
             self._finish(state)
-        return _Fit(centred, gain, offset, unit_dim, t_raw.dtype, constant)
+        return _Fit(centred, gain, offset, unit_dim, t_raw.dtype, constant, _needs_real_output(slot.mean, slot.var))
 
     def _unit_gains(self, state: _State, t_raw: Tensor, centred: Tensor, var: Tensor, norms: Tensor, unit_dim: int,
                     units: slice, slot: _Slot, terms: _Terms | None) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -874,7 +898,7 @@ class _CalibrationMode(TorchFunctionMode):
         kernels.calibrate(t_raw, unit_dim, state.v if rows else None, state.g, bias, slot.norms, slot.mean, slot.var,
                           scale=self.init_scale, exp_scale=wn.exp_scale, output=not self.exact)
         self._finish(state)
-        return _Handed(t_raw)
+        return _Handed(t_raw, _needs_real_output(slot.mean, slot.var))
 
     def note_inputs(self, copies: tuple[tuple, dict], sample_batch: batch_mod.SampleBatch) -> None:
         """Remember the batch's tensors, by the memory of the copies the model gets
@@ -1004,7 +1028,9 @@ class _CalibrationMode(TorchFunctionMode):
         ``t' = x @ v'``: the same as the intercepted ``F.linear``, without intercepting anything."""
         fit = self._calibrate(state, torch.matmul(x, state.v.t()), -1, bias, native="linear",
                               terms=_linear_terms(x, state.v))
-        return fit.output() if not self.exact else _constant_units_flat(F.linear(x, _current_weight(state), bias), fit)
+        if not self.exact and not fit.real:
+            return fit.output()
+        return _constant_units_flat(F.linear(x, _current_weight(state), bias), fit)
 
     @staticmethod
     def _finish(state: _State) -> None:

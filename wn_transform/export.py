@@ -56,7 +56,8 @@ import onnx
 import onnx.numpy_helper
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_flatten_with_path, tree_leaves, tree_map, tree_unflatten
+from torch.utils._pytree import (MappingKey, SequenceKey, tree_flatten, tree_flatten_with_path, tree_leaves, tree_map,
+                                 tree_unflatten)
 
 from . import batch as batch_mod
 from ._logging import muted
@@ -716,11 +717,29 @@ def _layout_inputs(model: nn.Module, sample_batch: batch_mod.SampleBatch) -> _In
         named = [(f"input_{i}", value) for i, value in enumerate(args)] + list(kwargs.items())
     names, tensors = [], []
     for base, value in named:
-        for key_path, leaf in tree_flatten_with_path(value)[0]:
+        for key_path, leaf in _leaves_with_paths(value):
             if isinstance(leaf, torch.Tensor):
                 names.append("_".join([base, *(_key_str(k) for k in key_path)]))
                 tensors.append(leaf)
     return _Inputs(args, kwargs, names, tensors, bound, varargs)
+
+
+def _leaves_with_paths(value: Any) -> list[tuple[tuple, Any]]:
+    """``tree_flatten_with_path(value)[0]``, also for a pytree class registered without key paths
+    (diffusers registers every ``BaseOutput`` with a flatten function alone, on which torch 2.13
+    raises): a mapping by its keys, a sequence by its indices, anything else by the position of
+    its leaves, in ``tree_leaves`` order."""
+    try:
+        return tree_flatten_with_path(value)[0]
+    except ValueError:
+        pass
+    if isinstance(value, Mapping):
+        children = [(MappingKey(key), child) for key, child in value.items()]
+    elif isinstance(value, (tuple, list)):
+        children = [(SequenceKey(i), child) for i, child in enumerate(value)]
+    else:
+        return [((SequenceKey(i),), leaf) for i, leaf in enumerate(tree_leaves(value))]
+    return [((key, *path), leaf) for key, child in children for path, leaf in _leaves_with_paths(child)]
 
 
 def _key_str(key: Any) -> str:
@@ -733,7 +752,7 @@ def _key_str(key: Any) -> str:
 def _output_names(outputs: Any, input_names: list[str]) -> list[str]:
     """``output`` for a lone tensor; ``output_0``, ``output_1.0`` for sequences; dict keys as is."""
     names = []
-    for key_path, leaf in tree_flatten_with_path(outputs)[0]:
+    for key_path, leaf in _leaves_with_paths(outputs):
         if not isinstance(leaf, torch.Tensor):
             continue
         parts = [_key_str(k) for k in key_path]
@@ -1023,9 +1042,10 @@ def _export_dynamo(model: nn.Module, inputs: _Inputs, output_names: list[str], o
     if dynamic_shapes is None and dynamic_batch:
         axes = _batch_axes(inputs)
         dynamic_shapes = _dynamo_batch_shapes(inputs, axes) if axes else None
-    if dynamic_shapes is not None and _var_keyword_inputs(model, inputs):
+    if dynamic_shapes is not None and (_var_keyword_inputs(model, inputs) or _other_values_given(inputs)):
         # torch.export takes no dynamic shapes for inputs a **kwargs collects (torch 2.13: "Must provide a
-        # tree_name"): the tensors go in flat, positionally, and the other values stay in the forward
+        # tree_name"), and drops the axis names beside a flag (return_dict=False: axes named s17): the
+        # tensors go in flat, positionally, and the other values stay in the forward
         flat = _flat_shapes(dynamic_shapes, inputs)
         if flat is not None:
             model, args, kwargs, dynamic_shapes = _tensors_only(model, inputs), tuple(inputs.tensors), None, flat
@@ -1062,6 +1082,11 @@ def _flat_shapes(dynamic_shapes: Any, inputs: _Inputs) -> tuple | None:
             return None
         specs[name] = spec
     return (tuple(specs.get(name) for name in inputs.names),)
+
+
+def _other_values_given(inputs: _Inputs) -> bool:
+    """Whether the batch gives the forward a value other than a tensor (a flag, a number, a string)."""
+    return any(not isinstance(leaf, torch.Tensor) for leaf in tree_leaves((inputs.args, inputs.kwargs)))
 
 
 def _var_keyword_inputs(model: nn.Module, inputs: _Inputs) -> bool:
