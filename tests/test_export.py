@@ -1815,6 +1815,30 @@ def test_a_flag_in_the_batch_keeps_the_batch_axis_named(tmp_path) -> None:
     assert [i.type.tensor_type.shape.dim[0].dim_param for i in graph.input] == ["batch", "batch"]
 
 
+class _NestedSameName(nn.Module):
+    """A dict input with an entry named as a top-level input, and a flag."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, extras: dict, flag: bool = False) -> torch.Tensor:
+        return self.lin(x).sum(0) + self.lin(extras["x"]).sum(0)
+
+
+def test_a_dict_inputs_entry_named_like_a_top_level_input_keeps_its_own_axes(tmp_path) -> None:
+    """``{"extras": {"x": ...}}``'s spec is that entry's, not the top-level ``x``'s (which took the
+    other axis, and the entry came out fixed)."""
+    torch.manual_seed(0)
+    model = wn.apply_weight_norm(_NestedSameName(), init="preserve")
+    batch = {"x": torch.randn(2, 4), "extras": {"x": torch.randn(3, 4)}, "flag": True}
+    shapes = {"x": {0: "batch"}, "extras": {"x": {0: "n_extra"}}, "flag": None}
+    report = export_onnx(model, batch, tmp_path / "m.onnx", dynamic_shapes=shapes)
+    assert report.exporter == "dynamo"
+    assert isinstance(report.inputs["x"][0], str) and isinstance(report.inputs["extras_x"][0], str)
+    assert report.inputs["x"][0] != report.inputs["extras_x"][0]
+
+
 class _AllKeywords(nn.Module):
     """peft's ``PeftModel.forward(*args, **kwargs)``: every input under ``**kwargs``."""
 

@@ -231,6 +231,7 @@ class _Inputs:
     tensors: list[torch.Tensor]
     bound: dict[str, Any] | None  # forward's argument name -> value (None: no signature)
     varargs: bool = False  # the forward takes *args, and the batch fills them
+    var_keyword: str | None = None  # the name of the forward's **kwargs parameter, if the batch fills it
 
     def feed(self, session_inputs: list[str]) -> dict[str, np.ndarray]:
         by_name = dict(zip(self.names, self.tensors))
@@ -692,7 +693,7 @@ def _layout_inputs(model: nn.Module, sample_batch: batch_mod.SampleBatch) -> _In
         bound = signature.bind(*args, **kwargs).arguments
     except (TypeError, ValueError):
         signature, bound = None, None
-    varargs = False
+    varargs, var_keyword = False, None
     if signature is not None and bound is not None:
         bound = dict(bound)
         ordered = {}
@@ -711,6 +712,7 @@ def _layout_inputs(model: nn.Module, sample_batch: batch_mod.SampleBatch) -> _In
                 varargs = True
             elif param.kind is inspect.Parameter.VAR_KEYWORD:
                 named += list(bound[name].items())
+                var_keyword = name
             else:
                 named.append((name, bound[name]))
     else:
@@ -721,7 +723,7 @@ def _layout_inputs(model: nn.Module, sample_batch: batch_mod.SampleBatch) -> _In
             if isinstance(leaf, torch.Tensor):
                 names.append("_".join([base, *(_key_str(k) for k in key_path)]))
                 tensors.append(leaf)
-    return _Inputs(args, kwargs, names, tensors, bound, varargs)
+    return _Inputs(args, kwargs, names, tensors, bound, varargs, var_keyword)
 
 
 def _leaves_with_paths(value: Any) -> list[tuple[tuple, Any]]:
@@ -815,8 +817,9 @@ def _named_specs(dynamic_shapes: Any, inputs: _Inputs) -> list[tuple[str, Any]]:
         params = list(inputs.bound) if inputs.bound is not None else [f"input_{i}" for i in range(len(inputs.args))]
         items = list(zip(params, dynamic_shapes))
     # a var-keyword parameter (forward(self, **inputs)) holds its keyword inputs, each a top-level input
+    # (not a dict input's entries, whose keys may repeat a top-level input's name)
     return [pair for name, spec in items for pair in (
-        spec.items() if name not in inputs.names and _keyed_by_name(spec) else [(name, spec)])]
+        spec.items() if name == inputs.var_keyword and _keyed_by_name(spec) else [(name, spec)])]
 
 
 def _check_dynamic_shapes(dynamic_shapes: Any, inputs: _Inputs) -> None:
