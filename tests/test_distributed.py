@@ -97,6 +97,27 @@ class _Branches(nn.Module):
         return self.a(x) if x.mean() > 0 else self.b(x)
 
 
+class _SkipsItsLastLayer(nn.Module):
+    """Runs ``b`` only on a batch of negative mean: a rank whose shard skips it finishes the pass early
+    (an expert no row of its shard was routed to, behind ``if rows.numel() == 0: continue``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        return self.b(h) if x.mean() < 0 else h
+
+
+def _with_a_zero_layer() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    nn.init.zeros_(model[2].weight)  # a zero-initialized output: its units get directions drawn
+    return model
+
+
 def _edge_cases(rank: int, out: str) -> None:
     """Shards the init must handle as one batch, and ranks that took different branches."""
     model = wn.apply_weight_norm(_tabular_layer(), _tabular()[rank * 8:(rank + 1) * 8])
@@ -109,7 +130,14 @@ def _edge_cases(rank: int, out: str) -> None:
         "unseeded": lambda: wn.apply_weight_norm(_unseeded(rank), torch.randn(8, 4)),  # DDP would sync it later
         "deeper": lambda: wn.apply_weight_norm(_deeper(extra=rank == 1), torch.randn(8, 4)),
         "complex": lambda: wn.apply_weight_norm(_Spectral(imaginary=float(rank)), torch.randn(8, 4)),
+        "tail": lambda: wn.apply_weight_norm(_SkipsItsLastLayer(), torch.randn(8, 4) + (3 if rank == 0 else -3)),
+        "outside": lambda: wn.apply_weight_norm(_model(), init="preserve", distributed=first_only),
     }
+    first_only = dist.new_group([0])  # (every rank creates it; rank 1 is not in it)
+    if rank == 0:  # a preserve apply talks to no other rank: rank 0 alone, while rank 1 goes on to the barrier
+        start = time.perf_counter()
+        wn.apply_weight_norm(_with_a_zero_layer(), init="preserve")
+        Path(f"{out}/alone{rank}.txt").write_text(f"{time.perf_counter() - start:.1f}")
     for name, case in cases.items():
         start = time.perf_counter()
         try:
@@ -170,7 +198,11 @@ def _work(rank: int, out: str, wrapper: str) -> None:
 
 
 def _worker(rank: int, store: str, out: str, wrapper: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    import datetime
+
+    # (a collective a rank never joins fails in a minute, not after gloo's default 30)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
     try:
         _work(rank, out, wrapper)
         dist.barrier()  # both ranks are done with every collective
@@ -255,6 +287,15 @@ def test_shards_that_are_one_batch_together_and_ranks_at_different_layers(tmp_pa
         assert float(seconds) < 5
         error = (tmp_path / f"complex{rank}.txt").read_text().split(" ", 1)[1]
         assert error.startswith("the ranks of the process group hold different parameter values (spectral)"), error
+    # a rank whose shard skips the last layer does not return with it uncalibrated: both are told
+    done, waiting = ((tmp_path / f"tail{rank}.txt").read_text().split(" ", 1)[1] for rank in range(WORLD))
+    assert done.startswith("the ranks of the process group are at different layers of the data-dependent init: this "
+                           "rank has finished the pass while another still calibrates a layer"), done
+    assert waiting.startswith("the ranks of the process group are at different layers of the data-dependent init: "
+                              "this rank calibrates 'b.weight'"), waiting
+    assert not (tmp_path / "outside0.txt").exists()  # rank 0 is in the group: a one-rank init
+    assert "names a process group this rank is not a member of" in (tmp_path / "outside1.txt").read_text()
+    assert float((tmp_path / "alone0.txt").read_text()) < 5
 
 
 @pytest.mark.parametrize("layout", ["coo", "csr"])
@@ -326,7 +367,7 @@ def test_a_rank_left_waiting_by_a_peers_failure_is_told_what_every_rank_must_do(
     mp.spawn(_peer_failure_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, join=True)
     assert (tmp_path / "error1.txt").read_text().startswith("BatchError: the sample batch holds NaN values")
     waited = (tmp_path / "error0.txt").read_text()
-    assert waited.startswith("WeightNormError: the data-dependent init's reduction across ranks failed (")
+    assert waited.startswith("WeightNormError: apply_weight_norm's reduction across ranks failed (")
     assert "every rank of the process group must call apply_weight_norm" in waited and "distributed=False" in waited
 
 

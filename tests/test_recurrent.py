@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import wn_transform as wn
+from tests.fixtures.weight_norm import legacy_weight_norm
 
 
 class Recurrent(nn.Module):
@@ -239,3 +240,97 @@ def test_a_packed_sequence_given_as_the_batch_is_one_input() -> None:
         t = packed.data @ w_ih.t() + out.bias_ih_l0
     torch.testing.assert_close(t.std(0, correction=0), torch.ones(18), atol=1e-4, rtol=0)
     torch.testing.assert_close(t.mean(0), torch.zeros(18), atol=1e-4, rtol=0)
+
+
+class _TeacherForced(nn.Module):
+    """Tacotron's decoder: a zeros go frame through a prenet into the cell, then the targets."""
+
+    def __init__(self, cell: type) -> None:
+        super().__init__()
+        self.prenet, self.cell = nn.Linear(4, 6), cell(6, 8)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        frame, state, outputs = torch.zeros(y.shape[0], 4), None, []
+        for t in range(y.shape[1]):
+            state = self.cell(torch.relu(self.prenet(frame)), state)
+            outputs.append(state[0] if isinstance(state, tuple) else state)
+            frame = y[:, t]
+        return torch.stack(outputs, 1)
+
+
+class _WarmedUp(nn.Module):
+    """A GRU run first on a zeros step, then on the data from the state it left."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(4, 8, batch_first=True)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        _, h = self.rnn(torch.zeros(y.shape[0], 1, 4))
+        return self.rnn(y, h)[0]
+
+
+@pytest.mark.parametrize("make", [lambda: _TeacherForced(nn.LSTMCell), lambda: _TeacherForced(nn.GRUCell), _WarmedUp],
+                         ids=["lstm-cell", "gru-cell", "gru-warm-up"])
+def test_a_recurrent_call_on_a_zeros_frame_is_passed_over_for_the_data(make) -> None:
+    """The go frame (zeros, through a prenet and a ReLU) says nothing of the batch: the input
+    projection is standardized on the first step of data, not reported constant on the zeros."""
+    torch.manual_seed(0)
+    y = torch.randn(16, 6, 4) * 2 + 1
+    model = wn.apply_weight_norm(make(), y)
+    notes = wn.weight_norm_report(model).notes
+    assert notes.constant_units == {}
+    if isinstance(model, _WarmedUp):
+        w_ih, b_ih, data = model.rnn.weight_ih_l0, model.rnn.bias_ih_l0, y.reshape(-1, 4)
+    else:
+        w_ih, b_ih = model.cell.weight_ih, model.cell.bias_ih
+        data = torch.relu(model.prenet(y[:, :-1].reshape(-1, 4)))  # the steps after the go frame
+    projection = (data @ w_ih.t() + b_ih).detach()
+    if not isinstance(model, _WarmedUp):
+        projection = projection.reshape(16, 5, -1)[:, 0]  # the first step on data calibrates it
+    torch.testing.assert_close(projection.std(0, correction=0), torch.ones(projection.shape[-1]), atol=1e-4, rtol=0)
+
+
+class _LegacyRecurrent(nn.Module):
+    """An LSTM whose hidden-to-hidden weight carries torch's legacy weight norm hook."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(5, 8, batch_first=True)
+        legacy_weight_norm(self.rnn, name="weight_hh_l0")  # computes rnn.weight_hh_l0 (and _flat_weights[1]) once
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(x)[0])
+
+
+def test_a_folded_legacy_recurrent_layer_scripts_with_its_folded_weights() -> None:
+    """Build, load a trained checkpoint, fold, script: TorchScript reads the RNN's cached list of
+    weights, which must be the folded Parameters, not the ones the hook computed before the load."""
+    torch.manual_seed(0)
+    trained = _LegacyRecurrent()
+    with torch.no_grad():
+        trained.rnn.weight_hh_l0_g.mul_(3.0)
+    model = _LegacyRecurrent()
+    model.load_state_dict(trained.state_dict())
+    x = torch.randn(2, 4, 5)
+    folded = wn.fold_weight_norm(model)
+    assert folded.rnn._flat_weights[1] is folded.rnn.weight_hh_l0
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.script(folded)(x), trained(x))
+
+
+@pytest.mark.parametrize("layout", ["legacy", "parametrizations"])
+def test_folding_torchs_weight_norm_on_an_lstm_keeps_its_parameter_order(layout: str) -> None:
+    """An optimizer's state is indexed by parameter position: the folded LSTM lists its parameters
+    as a plain one does, not the folded weights first."""
+    torch.manual_seed(0)
+    lstm = nn.LSTM(3, 4, num_layers=2, bidirectional=True)
+    plain_order = [name for name, _ in lstm.named_parameters()]
+    for name in ("weight_hh_l0", "weight_ih_l1_reverse"):
+        if layout == "legacy":
+            legacy_weight_norm(lstm, name=name)
+        else:
+            torch.nn.utils.parametrizations.weight_norm(lstm, name)
+    folded = wn.fold_weight_norm(lstm)
+    assert [name for name, _ in folded.named_parameters()] == plain_order

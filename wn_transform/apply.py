@@ -189,7 +189,9 @@ def apply_weight_norm(
                 chain = working.get_submodule(target.module).parametrizations[target.name]
                 check_gain_fits(chain[0], chain.original0, chain.original1, target.qualname)
             if not resample and not (exp_scale and init == "preserve"):  # (there right_inverse gave s = log tiny)
-                report.zero_units = _give_zero_units_a_direction(working, trainable, generator, group,
+                # (a preserve apply talks to no other rank: it may run on one rank alone; seed ranks alike)
+                report.zero_units = _give_zero_units_a_direction(working, trainable, generator,
+                                                                 group if init == "data" else None,
                                                                  undo.keep_values if inplace else None, exp_scale)
                 if report.notes is not None:
                     report.notes.without_zero_units(report.zero_units)

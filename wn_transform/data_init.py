@@ -172,6 +172,7 @@ def data_init(model: nn.Module, targets: list[Target], sample_batch: batch_mod.S
             failure = None
             try:
                 _run_pass(model, states, mode, sample_batch, direct=direct)
+                mode.finished_on_every_rank(states[0].g.device)
             except _ReadElsewhere:  # a weight is also read outside its layer: intercept every op instead
                 direct = False
                 backup.restore()
@@ -676,7 +677,7 @@ class _CalibrationMode(TorchFunctionMode):
         if name in _FACTORIES:
             result = func(*args, **kwargs)
             if type(result) is Tensor:
-                self._constants[id(result)] = (weakref.ref(result), result._version)
+                self._note_constant(result)
             return result
         use = weight_use(func, args, kwargs) if name in SIGNATURES else None
         found = self._lookup(use.weight) if use is not None else None
@@ -684,6 +685,8 @@ class _CalibrationMode(TorchFunctionMode):
             result = self._follow_views(func, args, kwargs)
             if self.known and name in _VALUE_COPIES and type(result) is Tensor:
                 self._note_copy(args, kwargs, result)
+            if self._constants and self._made_of_constants(args, kwargs):  # relu(prenet(go frame)): constant too
+                self._note_constant(result)
             return result
         state = found.state
         bound = dict(zip(SIGNATURES[name], args)) | kwargs
@@ -694,7 +697,7 @@ class _CalibrationMode(TorchFunctionMode):
             state.calls += 1
             if self._passes_over(state, x):
                 result = func(*args, **kwargs)  # what the layer computes before the init
-                self._constants[id(result)] = (weakref.ref(result), result._version)
+                self._note_constant(result)
                 return result
             if use.kind == "matmul":
                 t = torch.matmul(x, use.weight)
@@ -721,12 +724,30 @@ class _CalibrationMode(TorchFunctionMode):
         data is a constant the forward built (peft's DoRA runs ``lora_B(lora_A(torch.eye(n)))`` before
         ``lora_B(lora_A(x))``), whose statistics say nothing of the batch.  The layer's last call is
         calibrated whatever its data."""
-        ref, version = self._constants.get(id(x), (None, None))
-        if ref is None or ref() is not x or x._version != version or state.calls >= state.target.uses:
-            return False  # (a buffer the forward filled with data is data)
+        if not self._constant(x) or state.calls >= state.target.uses:
+            return False
         if state.target.qualname not in self.notes.passed_over:
             self.notes.passed_over.append(state.target.qualname)
         return True
+
+    def _constant(self, x: Any) -> bool:
+        """Whether ``x`` is a tensor the forward built from no input (or a passed-over call made of
+        such), unwritten since (a buffer the forward filled with data is data)."""
+        ref, version = self._constants.get(id(x), (None, None))
+        return ref is not None and ref() is x and x._version == version
+
+    def _made_of_constants(self, args: tuple, kwargs: dict) -> bool:
+        """Whether an op's tensor arguments (top level, and in a list: ``cat``) are all constants, and
+        there is one."""
+        tensors = [a for value in (*args, *kwargs.values())
+                   for a in (value if isinstance(value, (tuple, list)) else (value,)) if isinstance(a, Tensor)]
+        return bool(tensors) and all(self._constant(t) for t in tensors)
+
+    def _note_constant(self, value: Any) -> None:
+        """Record the tensors of ``value`` as constants (see :meth:`_constant`)."""
+        for tensor in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(tensor, Tensor):
+                self._constants[id(tensor)] = (weakref.ref(tensor), tensor._version)
 
     def _follow_views(self, func, args, kwargs):
         """Run ``func``; a view of a weight that keeps whole units (``W.t()``) is that weight too."""
@@ -980,6 +1001,24 @@ class _CalibrationMode(TorchFunctionMode):
                    "or pass distributed=False for an init on each rank's batch alone")
             raise WeightNormError(msg)
 
+    def finished_on_every_rank(self, device: torch.device) -> None:
+        """After a pass across ranks: check that every rank has finished it.  A rank whose shard skips
+        the last layers (``if rows.numel() == 0: continue`` over experts) would return with them
+        uncalibrated while another waits in their reduction; both get the error naming the layer."""
+        if self.group is None:
+            return
+        tag = zlib.crc32(b"<the end of the pass>")
+        mine = torch.tensor([tag, -tag, 0, 0], dtype=torch.float64, device=device)
+        seen = mine.clone()
+        all_reduce(seen, dist.ReduceOp.MAX, self.group)
+        if not torch.equal(seen, mine):
+            msg = ("the ranks of the process group are at different layers of the data-dependent init: this rank "
+                   "has finished the pass while another still calibrates a layer (one this rank's shard skips: a "
+                   "branch taken on some ranks only, an expert none of its rows was routed to and that the forward "
+                   "skips); every rank must run the same layers in the same order (call an expert with no rows "
+                   "too), or pass distributed=False for an init on each rank's batch alone")
+            raise WeightNormError(msg)
+
     def _release(self, state: _State, known: Tensor, bound: Tensor, std: Tensor) -> Tensor:
         """The units of ``known`` (called constant against their neighbours' scale) whose spread
         ``std`` of ``t'`` is beyond what rounding can make of a constant (``bound``, see
@@ -1079,14 +1118,23 @@ class _CalibrationMode(TorchFunctionMode):
         return F.linear(heads_out, _current_weight(state), out_bias), attn_weights
 
 
-    def _input_projection(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        """Calibrate a recurrent layer's input projection ``x @ W_ih'`` per gate row; the weight to use."""
+    def _input_projection(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, bool]:
+        """Calibrate a recurrent layer's input projection ``x @ W_ih'`` per gate row; the weight to use,
+        and whether this call was passed over (its input a constant: a decoder's zeros go frame, see
+        :meth:`_passes_over`)."""
         found = self._lookup(weight)
         if found is None:
-            return weight
+            return weight, False
         if not found.state.done:
+            found.state.calls += 1
+            if self._passes_over(found.state, x):
+                return weight, True  # what the layer computes before the init
             self._calibrate(found.state, F.linear(x, weight), -1, bias, terms=_linear_terms(x, weight))
-        return found.rebuild()
+        return found.rebuild(), False
+
+    def _constant_state(self, hx: Any) -> bool:
+        """Whether a recurrent call's initial state is none or constants (zeros the layer made)."""
+        return all(self._constant(h) for h in (hx if isinstance(hx, (tuple, list)) else (hx,)) if h is not None)
 
     def _keep_recurrent(self, weight: Tensor) -> Tensor:
         """Hidden-to-hidden weights keep their scale (documented): restore it, note them."""
@@ -1125,14 +1173,18 @@ class _CalibrationMode(TorchFunctionMode):
         for layer in range(num_layers):
             first = layer * directions * per
             chunk = list(params[first:first + directions * per])
+            passed = []
             for d in range(directions):
                 bias = chunk[d * per + 2] if has_biases else None
-                chunk[d * per] = self._input_projection(x, chunk[d * per], bias)
+                chunk[d * per], passed_over = self._input_projection(x, chunk[d * per], bias)
+                passed.append(passed_over)
                 for j in range(1, per):
                     chunk[d * per + j] = self._keep_recurrent(chunk[d * per + j])
             rows = slice(layer * directions, (layer + 1) * directions)
             layer_hx = tuple(h[rows] for h in states) if len(states) > 1 else states[0][rows]
             out = func(x, *layout, layer_hx, chunk, has_biases, 1, 0.0, *tail)
+            if all(passed) and self._constant_state(hx):  # (a warm-up run on zeros: constant all through)
+                self._note_constant(out)
             x = out[0]
             for final, value in zip(finals, out[1:]):
                 final.append(value)
@@ -1143,16 +1195,19 @@ class _CalibrationMode(TorchFunctionMode):
         if kwargs or len(args) < 4:
             return func(*args, **kwargs)
         x, hx, w_ih, w_hh, *biases = args
-        w_ih = self._input_projection(x, w_ih, biases[0] if biases else None)
-        return func(x, hx, w_ih, self._keep_recurrent(w_hh), *biases)
+        w_ih, passed = self._input_projection(x, w_ih, biases[0] if biases else None)
+        out = func(x, hx, w_ih, self._keep_recurrent(w_hh), *biases)
+        if passed and self._constant_state(hx):  # (a decoder's go frame, its state zeros: constant outputs)
+            self._note_constant(out)
+        return out
 
 
 _NATIVE_DIMS = {"linear": 0, "conv": 0, "conv_transpose": 1}  # op kind: the axis of v that holds its output units
-# Ops whose result holds values of their tensor inputs (and constants), moved or converted, nothing computed.
 #: Functions that build a tensor from no input (torch.eye, zeros, arange...): see _CalibrationMode._passes_over.
 _FACTORIES = frozenset({"eye", "zeros", "ones", "full", "arange", "linspace", "logspace", "empty", "tensor",
                         "as_tensor", "zeros_like", "ones_like", "full_like", "empty_like"})
 
+# Ops whose result holds values of their tensor inputs (and constants), moved or converted, nothing computed.
 _VALUE_COPIES = frozenset({
     "pad", "cat", "concat", "concatenate", "stack", "reshape", "view", "flatten", "unflatten", "permute", "transpose",
     "t", "movedim", "swapaxes", "contiguous", "clone", "unsqueeze", "squeeze", "narrow", "select", "__getitem__",

@@ -25,7 +25,7 @@ from ._copy import copy_model, held_by_ddp, refuse_ddp, refuse_sharded
 from .errors import FoldError, unknown_keep_message
 from .mean_only_bn import detach as detach_mean_only_bn
 from .norm import compose_weight, layout_from_shapes
-from .parametrization import WeightNorm, mark_replaced, no_weight_cache, remove
+from .parametrization import WeightNorm, mark_replaced, no_weight_cache, put_back, remove
 from ._parametrized import is_parametrized
 
 __all__ = ["FoundWeightNorm", "find_weight_norms", "fold_weight_norm"]
@@ -142,8 +142,7 @@ def fold_one(model: nn.Module, found: FoundWeightNorm, *, by: str = "fold_weight
         del module._parameters[f"{found.name}_g"], module._parameters[f"{found.name}_v"], module._forward_pre_hooks[hook_id]
         if found.name in vars(module):
             delattr(module, found.name)
-        module._parameters = {found.name: nn.Parameter(weight.detach(), requires_grad=v.requires_grad or g.requires_grad),
-                              **module._parameters}
+        put_back(module, found.name, nn.Parameter(weight.detach(), requires_grad=v.requires_grad or g.requires_grad))
         return
     _check_foldable(model, found)
     chain = module.parametrizations[found.name]

@@ -52,6 +52,11 @@ def resolve_group(distributed: bool | dist.ProcessGroup | None) -> dist.ProcessG
                 raise WeightNormError(msg)
             return None
         return dist.group.WORLD if dist.get_world_size() > 1 else None
+    if _outside(distributed):
+        msg = ("distributed= names a process group this rank is not a member of (dist.new_group returns "
+               "GroupMember.NON_GROUP_MEMBER on the other ranks): on this rank pass distributed=False, or call "
+               "apply_weight_norm on the group's ranks only")
+        raise WeightNormError(msg)
     if not isinstance(distributed, dist.ProcessGroup):
         msg = (f"distributed must be None (the default group when torch.distributed runs), True, False or a "
                f"torch.distributed.ProcessGroup, got {distributed!r}"
@@ -104,6 +109,12 @@ def collective_device(group: dist.ProcessGroup, cuda: torch.device | None = None
     return torch.device("cpu")
 
 
+def _outside(distributed: object) -> bool:
+    """Whether ``distributed`` is torch's marker for a group this rank is not in (``-100``)."""
+    member = getattr(dist, "GroupMember", None)
+    return member is not None and distributed is getattr(member, "NON_GROUP_MEMBER", object())
+
+
 def all_reduce(tensor: Tensor, op: dist.ReduceOp, group: dist.ProcessGroup) -> None:
     """``dist.all_reduce`` for the data-dependent init; a failure (a timeout, a lost peer, a mismatch
     of collectives) is a :class:`WeightNormError` that says what every rank must do."""
@@ -127,7 +138,7 @@ def broadcast(tensor: Tensor, group: dist.ProcessGroup) -> None:
 
 
 def _failed(collective: str, exc: RuntimeError) -> str:
-    return (f"the data-dependent init's {collective} across ranks failed ({first_line(exc)}): every rank of the process "
+    return (f"apply_weight_norm's {collective} across ranks failed ({first_line(exc)}): every rank of the process "
             "group must call apply_weight_norm at the same time with its own valid shard of the batch and run "
             "the same layers in the same order (a rank that raised first, on a NaN in its shard, leaves the "
             "others waiting), or pass distributed=False for an init on each rank's batch alone")

@@ -43,7 +43,7 @@ from .norm import (UnitLayout, compose_weight, direct_zero_units_on_load, exp_ga
                    unit_norm)
 from ._parametrized import is_parametrized, plain_type
 
-__all__ = ["WeightNorm", "no_weight_cache", "register", "remove", "weight_memo", "weight_norm_of"]
+__all__ = ["WeightNorm", "no_weight_cache", "put_back", "register", "remove", "weight_memo", "weight_norm_of"]
 
 _TINY = torch.finfo(torch.float32).tiny
 EXP_SCALE_MARKER = "g_is_log"  # state-dict key <module>.parametrizations.<name>.0.g_is_log
@@ -542,12 +542,22 @@ def remove(module: nn.Module, name: str, value: Tensor, *, requires_grad: bool =
             parametrize._inject_property(module, other)
         _extend_class(module)
     parameter = value if isinstance(value, nn.Parameter) else nn.Parameter(value.detach(), requires_grad=requires_grad)
+    put_back(module, name, parameter, order)
+
+
+def put_back(module: nn.Module, name: str, parameter: nn.Parameter, order: tuple[str, ...] | None = None) -> None:
+    """Make ``parameter`` ``module.<name>`` again, where the module had it: at its place in ``order``
+    (the parameters' order before this library parametrized any), else, for an RNN, its place in
+    ``_flat_weights_names`` (an optimizer's state is indexed by parameter position), else first;
+    an RNN's cached list of weights is refreshed (TorchScript never refreshes it)."""
     params = {name: parameter, **module._parameters}
+    if not order and isinstance(module, nn.RNNBase):
+        order = tuple(module._flat_weights_names)
     if order:
         rank = {key: i for i, key in enumerate(order)}
         params = dict(sorted(params.items(), key=lambda item: rank.get(item[0], len(rank))))
     module._parameters = params
-    if isinstance(module, nn.RNNBase):  # its cached list of weights: TorchScript never refreshes it
+    if isinstance(module, nn.RNNBase):
         module._init_flat_weights()
 
 
