@@ -963,6 +963,42 @@ def test_rows_nearly_alike_get_the_real_outputs_handed_on(layer) -> None:
         torch.testing.assert_close(o.std(1, correction=0), torch.ones(16, dtype=torch.float64), atol=2e-6, rtol=0)
 
 
+class _PreprocessesInForward(nn.Module):
+    """An RL policy: ``torch.as_tensor(obs) / 255`` in the forward, a shared layer applied three times."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Linear(16, 16)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        x = torch.as_tensor(obs, dtype=torch.float32) / 255
+        for _ in range(3):
+            x = torch.relu(self.shared(x))
+        return x
+
+
+class _TableUnderInferenceMode(_PreprocessesInForward):
+    """A positional table computed under inference mode (no version counter) beside the data."""
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            table = torch.sin(torch.arange(16, dtype=torch.float32) / 10)
+        return super().forward(obs + table.clone())
+
+
+@pytest.mark.parametrize("cls", [_PreprocessesInForward, _TableUnderInferenceMode])
+def test_data_given_through_as_tensor_is_data(cls: type) -> None:
+    """``torch.as_tensor(x)`` returns the data itself: not a constant built in the forward, so the
+    shared layer is calibrated on its first call; a tensor made under inference mode is no trouble."""
+    torch.manual_seed(0)
+    obs = torch.rand(128, 16) * 255
+    model = wn.apply_weight_norm(cls(), obs)
+    assert wn.weight_norm_report(model).notes.passed_over == []
+    x = obs if cls is _PreprocessesInForward else obs + torch.sin(torch.arange(16.0) / 10)
+    first = model.shared(x / 255).detach()
+    torch.testing.assert_close(first.std(0, correction=0), torch.ones(16), atol=1e-4, rtol=0)
+
+
 class _ZeroBranchIntoAttention(nn.Module):
     """ControlNet: a zero-initialized conv added to the data path, then cross-attention whose keys
     and values come from another input."""

@@ -111,6 +111,31 @@ class _SkipsItsLastLayer(nn.Module):
         return self.b(h) if x.mean() < 0 else h
 
 
+class _ChecksItsRows(nn.Module):
+    """Raises on its own output's non-finite values in the rows it uses (after its last layer), and only
+    rank 0's rows are used; unit 0 of ``fc`` is constant on the whole batch, so the init runs twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc, self.out = nn.Linear(4, 4), nn.Linear(4, 2)
+        with torch.no_grad():
+            self.fc.weight[0] = torch.tensor([1.0, 0.0, 0.0, 0.0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.out(torch.relu(self.fc(x)))
+        if not bool(y[x[:, 1] > 0].isfinite().all()):
+            raise ValueError("non-finite output")
+        return y
+
+
+def _constant_feature_shard(rank: int) -> torch.Tensor:
+    x = torch.randn(32, 4, generator=torch.Generator().manual_seed(rank))
+    x[:, 0] = 0.5
+    x[:, 1] = x[:, 1].abs() * (1 if rank == 0 else -1)
+    return x
+
+
 def _with_a_zero_layer() -> nn.Module:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
@@ -134,6 +159,8 @@ def _edge_cases(rank: int, out: str) -> None:
         "outside": lambda: wn.apply_weight_norm(_model(), init="preserve", distributed=first_only),
     }
     first_only = dist.new_group([0])  # (every rank creates it; rank 1 is not in it)
+    # a pass that raised on one rank only (the constant unit's NaN, in the rows rank 0 checks): both rerun
+    torch.save(wn.apply_weight_norm(_ChecksItsRows(), _constant_feature_shard(rank)).state_dict(), f"{out}/checks{rank}.pt")
     if rank == 0:  # a preserve apply talks to no other rank: rank 0 alone, while rank 1 goes on to the barrier
         start = time.perf_counter()
         wn.apply_weight_norm(_with_a_zero_layer(), init="preserve")
@@ -288,7 +315,9 @@ def test_shards_that_are_one_batch_together_and_ranks_at_different_layers(tmp_pa
         error = (tmp_path / f"complex{rank}.txt").read_text().split(" ", 1)[1]
         assert error.startswith("the ranks of the process group hold different parameter values (spectral)"), error
     # a rank whose shard skips the last layer does not return with it uncalibrated: both are told
-    done, waiting = ((tmp_path / f"tail{rank}.txt").read_text().split(" ", 1)[1] for rank in range(WORLD))
+    (done_after, done), (waiting_after, waiting) = ((tmp_path / f"tail{rank}.txt").read_text().split(" ", 1)
+                                                    for rank in range(WORLD))
+    assert float(done_after) < 5 and float(waiting_after) < 5  # told at once, not after the group's timeout
     assert done.startswith("the ranks of the process group are at different layers of the data-dependent init: this "
                            "rank has finished the pass while another still calibrates a layer"), done
     assert waiting.startswith("the ranks of the process group are at different layers of the data-dependent init: "
@@ -296,6 +325,10 @@ def test_shards_that_are_one_batch_together_and_ranks_at_different_layers(tmp_pa
     assert not (tmp_path / "outside0.txt").exists()  # rank 0 is in the group: a one-rank init
     assert "names a process group this rank is not a member of" in (tmp_path / "outside1.txt").read_text()
     assert float((tmp_path / "alone0.txt").read_text()) < 5
+    single = wn.apply_weight_norm(_ChecksItsRows(), torch.cat([_constant_feature_shard(r) for r in range(WORLD)]),
+                                  distributed=False)
+    for rank in range(WORLD):
+        _assert_states_equal(torch.load(tmp_path / f"checks{rank}.pt"), single.state_dict(), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("layout", ["coo", "csr"])

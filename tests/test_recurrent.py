@@ -321,13 +321,17 @@ def test_a_folded_legacy_recurrent_layer_scripts_with_its_folded_weights() -> No
 
 
 @pytest.mark.parametrize("layout", ["legacy", "parametrizations"])
-def test_folding_torchs_weight_norm_on_an_lstm_keeps_its_parameter_order(layout: str) -> None:
-    """An optimizer's state is indexed by parameter position: the folded LSTM lists its parameters
-    as a plain one does, not the folded weights first."""
+@pytest.mark.parametrize(("make", "names"), [
+    (lambda: nn.LSTM(3, 4, num_layers=2, bidirectional=True), ("weight_hh_l0", "weight_ih_l1_reverse")),
+    (lambda: nn.LSTMCell(3, 4), ("weight_hh",)),
+], ids=["lstm", "lstm-cell"])
+def test_folding_torchs_weight_norm_on_an_lstm_keeps_its_parameter_order(layout: str, make, names) -> None:
+    """An optimizer's state is indexed by parameter position: the folded LSTM (or cell) lists its
+    parameters as a plain one does, not the folded weights first."""
     torch.manual_seed(0)
-    lstm = nn.LSTM(3, 4, num_layers=2, bidirectional=True)
+    lstm = make()
     plain_order = [name for name, _ in lstm.named_parameters()]
-    for name in ("weight_hh_l0", "weight_ih_l1_reverse"):
+    for name in names:
         if layout == "legacy":
             legacy_weight_norm(lstm, name=name)
         else:

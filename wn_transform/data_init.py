@@ -65,7 +65,7 @@ from torch.utils._pytree import tree_leaves
 from . import batch as batch_mod
 from . import kernels
 from .discover import preserved_state
-from .errors import WeightNormError
+from .errors import BatchError, WeightNormError
 from .mean_only_bn import MeanOnlyBatchNorm, mean_only_bn_of
 from .layers import standard_weights
 from .moments import Scratch, all_reduce, broadcast, centre_, per_unit
@@ -172,13 +172,21 @@ def data_init(model: nn.Module, targets: list[Target], sample_batch: batch_mod.S
             failure = None
             try:
                 _run_pass(model, states, mode, sample_batch, direct=direct)
-                mode.finished_on_every_rank(states[0].g.device)
             except _ReadElsewhere:  # a weight is also read outside its layer: intercept every op instead
                 direct = False
                 backup.restore()
                 continue
             except Exception as exc:  # it may come from an unguarded constant unit's NaN: check first
                 failure = exc
+            # Every rank whose pass ran through, or failed in the model's own code (a BatchError: a check on
+            # the rows it uses, after the last reduction): the others wait for it there.  Not one stopped by
+            # this library's error (ranks at different layers, a lost peer, an overflow every rank raises alike).
+            if not isinstance(failure, WeightNormError) or isinstance(failure, BatchError):
+                try:
+                    mode.finished_on_every_rank(states[0].g.device)
+                except WeightNormError:
+                    if failure is None:
+                        raise  # (a rank that failed first raises its own error below)
             found = [(state, mask) for state, mask in mode.unforeseen_constants()
                      if id(state) not in known or bool((mask & ~known[id(state)]).any())]  # only news: no endless loop
             if not found:
@@ -676,7 +684,8 @@ class _CalibrationMode(TorchFunctionMode):
             return self._cell(func, args, kwargs)
         if name in _FACTORIES:
             result = func(*args, **kwargs)
-            if type(result) is Tensor:
+            source = args[0] if args else kwargs.get("data")  # torch.as_tensor(x): x itself, data or constant
+            if type(result) is Tensor and (not isinstance(source, Tensor) or self._constant(source)):
                 self._note_constant(result)
             return result
         use = weight_use(func, args, kwargs) if name in SIGNATURES else None
@@ -746,7 +755,7 @@ class _CalibrationMode(TorchFunctionMode):
     def _note_constant(self, value: Any) -> None:
         """Record the tensors of ``value`` as constants (see :meth:`_constant`)."""
         for tensor in value if isinstance(value, (tuple, list)) else (value,):
-            if isinstance(tensor, Tensor):
+            if isinstance(tensor, Tensor) and not tensor.is_inference():  # (no version counter to watch)
                 self._constants[id(tensor)] = (weakref.ref(tensor), tensor._version)
 
     def _follow_views(self, func, args, kwargs):

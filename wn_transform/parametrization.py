@@ -547,12 +547,14 @@ def remove(module: nn.Module, name: str, value: Tensor, *, requires_grad: bool =
 
 def put_back(module: nn.Module, name: str, parameter: nn.Parameter, order: tuple[str, ...] | None = None) -> None:
     """Make ``parameter`` ``module.<name>`` again, where the module had it: at its place in ``order``
-    (the parameters' order before this library parametrized any), else, for an RNN, its place in
-    ``_flat_weights_names`` (an optimizer's state is indexed by parameter position), else first;
+    (the parameters' order before this library parametrized any), else, for an RNN or a cell, its
+    place in a plain one's (an optimizer's state is indexed by parameter position), else first;
     an RNN's cached list of weights is refreshed (TorchScript never refreshes it)."""
     params = {name: parameter, **module._parameters}
     if not order and isinstance(module, nn.RNNBase):
         order = tuple(module._flat_weights_names)
+    elif not order and isinstance(module, nn.RNNCellBase):
+        order = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
     if order:
         rank = {key: i for i, key in enumerate(order)}
         params = dict(sorted(params.items(), key=lambda item: rank.get(item[0], len(rank))))
