@@ -156,3 +156,29 @@ def test_a_weight_that_leaves_a_cond_is_followed_through_either_branch(cls: type
     assert report.found_by == EXPORT
     assert [t.qualname for t in report.converted] == ["b.weight"]
     assert [s.qualname for s in report.skipped] == ["a.weight"] and report.skipped[0].reason.startswith(reason)
+
+
+class _WhileLoop(nn.Module):
+    """A layer applied in the body of ``torch.while_loop``, whose subgraph discovery does not follow."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.c = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch._higher_order_ops import while_loop
+
+        _, h = while_loop(lambda i, h: i < 3, lambda i, h: (i + 1, torch.tanh(self.a(h))),
+                          (torch.zeros((), dtype=torch.int64), x))
+        return self.c(h)
+
+
+def test_a_layer_in_a_while_loop_body_is_skipped_with_that_reason() -> None:
+    """Not "not read as the weight of a linear op by the forward that was traced": the report says
+    it is read in a while_loop body, which discovery does not follow, and what to do."""
+    torch.manual_seed(0)
+    report = wn.plan_weight_norm(_WhileLoop(), torch.randn(8, 4))
+    assert [t.qualname for t in report.converted] == ["c.weight"]
+    assert {s.qualname: s.reason for s in report.skipped}["a.weight"].startswith(
+        "read inside the body of torch's while_loop (a loop whose body torch.export keeps as a subgraph")
+    assert [s.qualname for s in report.skipped] == ["a.weight"]  # (its bias is no weight: not listed)

@@ -35,6 +35,11 @@ from ._parametrized import plain_type
 __all__ = ["BIAS", "UseLog", "gradient_hooks", "inside_torch_composite", "param_aliases"]
 
 
+#: Higher-order ops that run their body in a loop (torch._higher_order_ops): a parameter read
+#: there is reported with that reason (see discover._HOP_OPAQUE, which does not follow them).
+_LOOPING_OPS = frozenset({"map_impl", "scan", "associative_scan", "while_loop", "while_loop_stack_output"})
+
+
 @dataclass(frozen=True)
 class _Origin:
     """A value that is (a view of) parameter ``param``: its axis i is the parameter's ``axes[i]``,
@@ -428,6 +433,11 @@ class UseLog:
                     "the Parameter would change")
         if ndim < 2:
             return ""
+        loops = sorted({u.detail for u in uses if u.kind == "other" and u.detail in _LOOPING_OPS})
+        if loops:
+            return (f"read inside the body of torch's {', '.join(loops)} (a loop whose body torch.export keeps as a "
+                    "subgraph, its carried values changing between iterations), which this library does not follow: "
+                    "its op cannot be seen; write the loop in Python (a for loop over the steps) to normalize it")
         reasons = []
         if self.maps.get(name):
             reasons.append(f"acts on the data through {', '.join(sorted(self.maps[name]))}, not as the weight of a "
