@@ -703,7 +703,6 @@ class _CalibrationMode(TorchFunctionMode):
         fit = None
         if not state.done:  # t' = op(x, v) without bias: the weight is v itself until calibrated
             x = _data_operand(bound)
-            state.calls += 1
             if self._passes_over(state, x):
                 result = func(*args, **kwargs)  # what the layer computes before the init
                 self._note_constant(result)
@@ -729,10 +728,12 @@ class _CalibrationMode(TorchFunctionMode):
         return _constant_units_flat(func(**bound) if name not in ("matmul", "__matmul__", "mm") else func(*bound.values()), fit)
 
     def _passes_over(self, state: _State, x: Tensor) -> bool:
-        """Whether a call of a layer read by several op calls per forward is left for a later one: its
-        data is a constant the forward built (peft's DoRA runs ``lora_B(lora_A(torch.eye(n)))`` before
-        ``lora_B(lora_A(x))``), whose statistics say nothing of the batch.  The layer's last call is
-        calibrated whatever its data."""
+        """Count a call of a layer not yet calibrated, on data ``x``; whether it is left for a later
+        call: ``x`` is a constant the forward built (peft's DoRA runs ``lora_B(lora_A(torch.eye(n)))``
+        before ``lora_B(lora_A(x))``), whose statistics say nothing of the batch, and the layer has
+        calls to come (it is read by several op calls per forward).  Its last call is calibrated
+        whatever its data."""
+        state.calls += 1
         if not self._constant(x) or state.calls >= state.target.uses:
             return False
         if state.target.qualname not in self.notes.passed_over:
@@ -831,7 +832,8 @@ class _CalibrationMode(TorchFunctionMode):
         offset = self._set_offset(state, bias, mean, gain, units)
         if whole:
             self._finish(state)
-        return _Fit(centred, gain, offset, unit_dim, t_raw.dtype, constant, _needs_real_output(slot.mean, slot.var))
+        return _Fit(centred, gain, offset, unit_dim, t_raw.dtype, constant,
+                    not self.exact and _needs_real_output(slot.mean, slot.var))
 
     def _unit_gains(self, state: _State, t_raw: Tensor, centred: Tensor, var: Tensor, norms: Tensor, unit_dim: int,
                     units: slice, slot: _Slot, terms: _Terms | None) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -928,7 +930,7 @@ class _CalibrationMode(TorchFunctionMode):
         kernels.calibrate(t_raw, unit_dim, state.v if rows else None, state.g, bias, slot.norms, slot.mean, slot.var,
                           scale=self.init_scale, exp_scale=wn.exp_scale, output=not self.exact)
         self._finish(state)
-        return _Handed(t_raw, _needs_real_output(slot.mean, slot.var))
+        return _Handed(t_raw, not self.exact and _needs_real_output(slot.mean, slot.var))
 
     def note_inputs(self, copies: tuple[tuple, dict], sample_batch: batch_mod.SampleBatch) -> None:
         """Remember the batch's tensors, by the memory of the copies the model gets
@@ -999,28 +1001,29 @@ class _CalibrationMode(TorchFunctionMode):
         """Before a reduction across ranks: check that every rank is at the same layer (its name,
         units and width), so that ranks that took different branches get an error naming the layer,
         not statistics mixed from two layers or a reduction of mismatched sizes."""
-        tag = zlib.crc32(f"{state.target.qualname}[{units.start}:{units.stop}]".encode())  # the same in every process
-        mine = torch.tensor([tag, -tag, width, -width], dtype=torch.float64, device=device)
-        seen = mine.clone()
-        all_reduce(seen, dist.ReduceOp.MAX, self.group)
-        if not torch.equal(seen, mine):
+        if not self._at_one_point(f"{state.target.qualname}[{units.start}:{units.stop}]", width, device):
             msg = (f"the ranks of the process group are at different layers of the data-dependent init: this rank "
                    f"calibrates {state.target.qualname!r} while another calibrates another layer (a branch taken on "
                    "some ranks only, or a different model); every rank must run the same layers in the same order, "
                    "or pass distributed=False for an init on each rank's batch alone")
             raise WeightNormError(msg)
 
+    def _at_one_point(self, point: str, width: int, device: torch.device) -> bool:
+        """Whether every rank of the group is at ``point`` (a layer's units, the end of the pass) with
+        ``width``: one all-reduce of the point's hash and the width, negated too, so that the
+        maximum is this rank's own on every rank only where all agree."""
+        tag = zlib.crc32(point.encode())  # the same in every process
+        mine = torch.tensor([tag, -tag, width, -width], dtype=torch.float64, device=device)
+        seen = mine.clone()
+        all_reduce(seen, dist.ReduceOp.MAX, self.group)
+        return torch.equal(seen, mine)
+
     def finished_on_every_rank(self, device: torch.device) -> None:
         """After a pass across ranks: check that every rank has finished it.  A rank whose shard skips
         the last layers (``if rows.numel() == 0: continue`` over experts) would return with them
-        uncalibrated while another waits in their reduction; both get the error naming the layer."""
-        if self.group is None:
-            return
-        tag = zlib.crc32(b"<the end of the pass>")
-        mine = torch.tensor([tag, -tag, 0, 0], dtype=torch.float64, device=device)
-        seen = mine.clone()
-        all_reduce(seen, dist.ReduceOp.MAX, self.group)
-        if not torch.equal(seen, mine):
+        uncalibrated while another waits in their reduction: it is told that it finished early, and
+        the other, in :meth:`_same_layer_on_every_rank`, which layer it is at."""
+        if self.group is not None and not self._at_one_point("<the end of the pass>", 0, device):
             msg = ("the ranks of the process group are at different layers of the data-dependent init: this rank "
                    "has finished the pass while another still calibrates a layer (one this rank's shard skips: a "
                    "branch taken on some ranks only, an expert none of its rows was routed to and that the forward "
@@ -1135,7 +1138,6 @@ class _CalibrationMode(TorchFunctionMode):
         if found is None:
             return weight, False
         if not found.state.done:
-            found.state.calls += 1
             if self._passes_over(found.state, x):
                 return weight, True  # what the layer computes before the init
             self._calibrate(found.state, F.linear(x, weight), -1, bias, terms=_linear_terms(x, weight))

@@ -39,7 +39,7 @@ from .layers import quantized_kind, quantized_weight_reason, standard_weights
 from .mean_only_bn import MeanOnlyBatchNorm
 from .ops import op_name
 from .targets import Skipped, Target, split_qualname
-from .uses import BIAS, UseLog, inside_torch_composite, param_aliases
+from .uses import BIAS, LOOPING_OPS, UseLog, inside_torch_composite, param_aliases
 from ._parametrized import is_parametrized, plain_type
 
 __all__ = ["Discovery", "account_for_every_layer", "discover", "preserved_state"]
@@ -366,8 +366,7 @@ _HOP_OPERANDS: dict[str, Callable[[tuple], list]] = {
 }
 # Higher-order ops whose subgraphs see slices of operands, or values carried between iterations:
 # a parameter passed to them is an opaque op's operand.
-_HOP_OPAQUE = frozenset({"map_impl", "scan", "associative_scan", "while_loop", "while_loop_stack_output",
-                         "flex_attention", "flex_attention_backward"})
+_HOP_OPAQUE = LOOPING_OPS | {"flex_attention", "flex_attention_backward"}
 
 
 def _log_export_graph(log: UseLog, owner: nn.Module, modules: dict[str, nn.Module]) -> None:

@@ -231,7 +231,8 @@ class _Inputs:
     tensors: list[torch.Tensor]
     bound: dict[str, Any] | None  # forward's argument name -> value (None: no signature)
     varargs: bool = False  # the forward takes *args, and the batch fills them
-    var_keyword: str | None = None  # the name of the forward's **kwargs parameter, if the batch fills it
+    var_keyword: str | None = None  # the forward's **kwargs parameter, where the batch gives it inputs
+    # (a Hugging Face model's output_hidden_states=True, everything peft's PeftModel.forward gets)
 
     def feed(self, session_inputs: list[str]) -> dict[str, np.ndarray]:
         by_name = dict(zip(self.names, self.tensors))
@@ -1045,7 +1046,7 @@ def _export_dynamo(model: nn.Module, inputs: _Inputs, output_names: list[str], o
     if dynamic_shapes is None and dynamic_batch:
         axes = _batch_axes(inputs)
         dynamic_shapes = _dynamo_batch_shapes(inputs, axes) if axes else None
-    if dynamic_shapes is not None and (_var_keyword_inputs(model, inputs) or _other_values_given(inputs)):
+    if dynamic_shapes is not None and (inputs.var_keyword is not None or _other_values_given(inputs)):
         # torch.export takes no dynamic shapes for inputs a **kwargs collects (torch 2.13: "Must provide a
         # tree_name"), and drops the axis names beside a flag (return_dict=False: axes named s17): the
         # tensors go in flat, positionally, and the other values stay in the forward
@@ -1090,18 +1091,6 @@ def _flat_shapes(dynamic_shapes: Any, inputs: _Inputs) -> tuple | None:
 def _other_values_given(inputs: _Inputs) -> bool:
     """Whether the batch gives the forward a value other than a tensor (a flag, a number, a string)."""
     return any(not isinstance(leaf, torch.Tensor) for leaf in tree_leaves((inputs.args, inputs.kwargs)))
-
-
-def _var_keyword_inputs(model: nn.Module, inputs: _Inputs) -> bool:
-    """Whether the forward's ``**kwargs`` collects any of the batch's inputs (a Hugging Face model's
-    ``output_hidden_states=True``, peft's ``PeftModel.forward(*args, **kwargs)``)."""
-    if inputs.bound is None:
-        return False
-    try:
-        parameters = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-    return any(p.kind is inspect.Parameter.VAR_KEYWORD and inputs.bound.get(name) for name, p in parameters.items())
 
 
 def _export_torchscript(model: nn.Module, inputs: _Inputs, output_names: list[str], tmpdir: str,

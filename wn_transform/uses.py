@@ -32,12 +32,12 @@ from .layers import quantized_weight_reason
 from .targets import Skipped, Target, split_qualname
 from ._parametrized import plain_type
 
-__all__ = ["BIAS", "UseLog", "gradient_hooks", "inside_torch_composite", "param_aliases"]
+__all__ = ["BIAS", "LOOPING_OPS", "UseLog", "gradient_hooks", "inside_torch_composite", "param_aliases"]
 
 
-#: Higher-order ops that run their body in a loop (torch._higher_order_ops): a parameter read
-#: there is reported with that reason (see discover._HOP_OPAQUE, which does not follow them).
-_LOOPING_OPS = frozenset({"map_impl", "scan", "associative_scan", "while_loop", "while_loop_stack_output"})
+#: Higher-order ops that run their body in a loop (torch._higher_order_ops), whose subgraphs
+#: discovery does not follow (discover._HOP_OPAQUE): a parameter read there is reported so.
+LOOPING_OPS = frozenset({"map_impl", "scan", "associative_scan", "while_loop", "while_loop_stack_output"})
 
 
 @dataclass(frozen=True)
@@ -433,7 +433,7 @@ class UseLog:
                     "the Parameter would change")
         if ndim < 2:
             return ""
-        loops = sorted({u.detail for u in uses if u.kind == "other" and u.detail in _LOOPING_OPS})
+        loops = sorted({u.detail for u in uses if u.kind == "other" and u.detail in LOOPING_OPS})
         if loops:
             return (f"read inside the body of torch's {', '.join(loops)} (a loop whose body torch.export keeps as a "
                     "subgraph, its carried values changing between iterations), which this library does not follow: "
