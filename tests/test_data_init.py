@@ -142,6 +142,82 @@ def test_functional_linear_and_attention_are_calibrated(exact_init: bool) -> Non
     torch.testing.assert_close(std, torch.ones_like(std), atol=1e-4, rtol=0)
 
 
+class _FusedProjections(nn.Module):
+    """A fused q/k/v Parameter split in the forward: ``chunk`` of rows for ``F.linear`` (with its bias
+    split too), or ``split`` of the columns of an ``(in, out)`` weight for ``x @ w``; ``used``: how
+    many of the pieces the forward uses."""
+
+    def __init__(self, how: str, used: int = 3) -> None:
+        super().__init__()
+        self.how, self.used = how, used
+        shape = (12, 6) if how == "chunk" else (6, 12)
+        self.w = nn.Parameter(torch.randn(shape) / 6**0.5)
+        self.b = nn.Parameter(torch.zeros(12))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.how == "chunk":
+            pieces = zip(self.w.chunk(3, dim=0), self.b.chunk(3))
+            return tuple(F.linear(x, w, b) for w, b in list(pieces)[:self.used])
+        return tuple(x @ w for w in self.w.split(4, dim=1)[:self.used])
+
+
+@EXACT
+@pytest.mark.parametrize("how", ["chunk", "split"])
+def test_the_pieces_of_a_split_weight_are_each_standardized(how: str, exact_init: bool) -> None:
+    """Each piece split off along the unit axis is its range of units: the op that reads it
+    calibrates them (a fused q/k/v weight: not left at its scale, said to be unseen)."""
+    torch.manual_seed(0)
+    batch = torch.randn(64, 6) * 3 + 1
+    out = wn.apply_weight_norm(_FusedProjections(how), batch, exact_init=exact_init)
+    report = wn.weight_norm_report(out)
+    assert [t.qualname for t in report.converted] == ["w"] and not report.notes.unseen
+    for piece in out(batch):
+        mean, std = _per_unit(piece.detach())
+        torch.testing.assert_close(std, torch.ones_like(std), atol=1e-4, rtol=0)
+        if how == "chunk":  # (x @ w adds no bias: its mean is the batch's)
+            torch.testing.assert_close(mean, torch.zeros_like(mean), atol=1e-5, rtol=0)
+
+
+def test_pieces_of_a_split_weight_that_no_op_used_keep_their_scale_and_are_reported() -> None:
+    torch.manual_seed(0)
+    model, batch = _FusedProjections("chunk", used=2), torch.randn(64, 6) * 3 + 1
+    g = model.w.detach().norm(dim=1)
+    out = wn.apply_weight_norm(model, batch)
+    report = wn.weight_norm_report(out)
+    assert report.notes.unreached_units == {"w": 4} and "w: 4 of its units" in report.table()
+    torch.testing.assert_close(out.parametrizations.w.original0.view(-1)[8:], g[8:])  # as they were
+    for piece in out(batch):
+        mean, std = _per_unit(piece.detach())
+        torch.testing.assert_close(std, torch.ones_like(std), atol=1e-4, rtol=0)
+        torch.testing.assert_close(mean, torch.zeros_like(mean), atol=1e-5, rtol=0)
+
+
+@EXACT
+@pytest.mark.parametrize("form", ["method", "expanded bias"])
+def test_addmm_as_a_tensor_method_or_with_an_expanded_bias_is_calibrated(form: str, exact_init: bool) -> None:
+    """``b.addmm(x, w)`` (the tensor method takes its tensor only by position) and ``torch.addmm(
+    b.expand(n, -1), x, w)`` (the init writes the bias's memory, not its broadcast view)."""
+
+    class Projection(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(8, 6) / 8**0.5)
+            self.b = nn.Parameter(torch.randn(6))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if form == "method":
+                return self.b.addmm(x, self.w)
+            return torch.addmm(self.b.expand(x.shape[0], -1), x, self.w)
+
+    torch.manual_seed(0)
+    batch = torch.randn(64, 8) * 2 + 1
+    out = wn.apply_weight_norm(Projection(), batch, exact_init=exact_init)
+    assert not wn.weight_norm_report(out).notes.bias_not_set
+    mean, std = _per_unit(out(batch).detach())
+    torch.testing.assert_close(std, torch.ones_like(std), atol=1e-4, rtol=0)
+    torch.testing.assert_close(mean, torch.zeros_like(mean), atol=1e-5, rtol=0)
+
+
 class _CountMatmuls(torch.overrides.TorchFunctionMode):
     """Counts the linear/matmul/conv calls it sees (those the calibration pass itself runs)."""
 

@@ -923,3 +923,44 @@ def test_cross_attentions_projections_read_in_slices_are_not_called_a_shared_lay
     assert report.found_by == "torch.export"
     assert {t.qualname: t.uses for t in report.converted}["attn.in_proj_weight"] == 1
     assert "read by" not in str(report)
+
+
+class ReadsByOtherNames(nn.Module):
+    """Ops that read weights under forms of their own: ``torch.linalg.matmul`` (``torch.matmul``
+    under another name), ``x.type_as(w)`` / ``w.new_zeros`` / ``torch.zeros_like(w)`` (the weight's
+    dtype, device and shape alone: no use of its values), a 1-D weight in ``F.linear`` (one output
+    per row: no unit axis) and fairseq's ``torch.conv_tbc`` (a conv this library does not normalize)."""
+
+    def __init__(self, step: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.step = step
+        self.proj = nn.Parameter(torch.randn(6, 8) / 6**0.5)  # (in, out): x @ proj
+        self.fc = nn.Linear(8, 8)
+        self.score = nn.Parameter(torch.randn(8) / 8**0.5)
+        self.tbc = nn.Parameter(torch.randn(3, 8, 8) / 5)  # (k, in, out)
+        self.tbc_bias = nn.Parameter(torch.zeros(8))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.linalg.matmul(_branch(self.step, x), self.proj).type_as(self.fc.weight)
+        h = torch.relu(self.fc(h)) + self.fc.weight.new_zeros(8) + torch.zeros_like(self.fc.bias)
+        sequence = torch.conv_tbc(h.unsqueeze(1).contiguous(), self.tbc, self.tbc_bias, 1)  # (T=rows, B=1, C)
+        return F.linear(h, self.score), sequence
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_weights_read_by_aliases_metadata_ops_as_vectors_or_by_conv_tbc_are_accounted_for(step: str) -> None:
+    model, x = ReadsByOtherNames(step), torch.randn(16, 6)
+    report, skipped = _reasons(model, x)
+    assert report.found_by == step
+    converted = {t.qualname: t for t in report.converted}
+    assert list(converted) == ["proj", "fc.weight"]
+    assert converted["proj"].layout.dim == 1  # one unit per column of an (in, out) weight
+    assert set(skipped) == {"score", "tbc"}, skipped
+    assert skipped["score"].startswith("read by linear as a 1-D weight"), skipped
+    assert re.match(r"acts on the data through \S*conv_tbc", skipped["tbc"]), skipped
+    out = wn.apply_weight_norm(model, x, init="preserve")
+    torch.testing.assert_close(out(x), model(x))
+    out = wn.apply_weight_norm(model, x)  # the data init calibrates torch.linalg.matmul's weight too
+    std = torch.linalg.matmul(x, out.proj).detach().std(dim=0, unbiased=False)
+    torch.testing.assert_close(std, torch.ones_like(std), atol=1e-4, rtol=0)

@@ -1,5 +1,5 @@
-"""Deep copies of models, including those that ``copy.deepcopy`` refuses; telling ``torch.compile``'s wrapper and
-FSDP's sharded modules."""
+"""Deep copies of models, including those that ``copy.deepcopy`` refuses; telling ``torch.compile``'s wrapper,
+FSDP's sharded modules and the modules whose weights ``accelerate`` offloads."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from torch import nn
 from ._parametrized import is_parametrized, own_class, plain_type
 from .errors import WeightNormError
 
-__all__ = ["compiled_wrapper", "copy_model", "held_by_ddp", "refuse_ddp", "refuse_sharded", "routed_module"]
+__all__ = ["compiled_wrapper", "copy_model", "held_by_ddp", "refuse_ddp", "refuse_offloaded", "refuse_sharded",
+           "routed_module"]
 
 
 _INPLACE = "pass inplace=True to work on the model itself"
@@ -167,4 +168,35 @@ def refuse_sharded(model: nn.Module, what: str, error: type[Exception]) -> None:
                "(apply_weight_norm, then fully_shard), and fold or export a trained model from its full state dict "
                "(torch.distributed.checkpoint.state_dict.get_model_state_dict(model, options=StateDictOptions("
                "full_state_dict=True)), then wn_transform.fold_state_dict)")
+        raise error(msg)
+
+
+_OFFLOADED_ROUTES = {
+    "apply_weight_norm": "apply weight norm before offloading (apply_weight_norm, then dispatch_model or cpu_offload), "
+                         "or load the model without a device_map that offloads",
+    "fold_weight_norm": "fold before offloading, or fold its checkpoint (wn_transform.fold_state_dict, or wn-transform "
+                        "fold) and load that into the model",
+    "export_onnx": "load the model without a device_map that offloads (device_map={'': 'cpu'}) and export that",
+}
+
+
+def _offloaded_module(model: nn.Module) -> str | None:
+    """The name of the first module of ``model`` whose own parameters ``accelerate`` offloads
+    (``cpu_offload``, ``dispatch_model`` with ``"cpu"``/``"disk"`` entries): an ``_hf_hook`` that
+    loads them from its ``weights_map`` before each call, and puts meta tensors back after it.
+    (Without importing accelerate.)"""
+    return next((name or "(root)" for name, module in model.named_modules()
+                 if getattr(module, "_hf_hook", None) is not None
+                 and any(p.is_meta for p in module.parameters(recurse=False))), None)
+
+
+def refuse_offloaded(model: nn.Module, what: str, error: type[Exception]) -> None:
+    """Raise ``error`` if ``accelerate`` offloads weights of ``model``: between calls they are meta
+    tensors, and the values sit in its hooks' ``weights_map`` under the old names, which ``what``
+    (``apply_weight_norm``, ``fold_weight_norm``, ``export_onnx``) can neither read nor rename;
+    the message says which route works."""
+    offloaded = _offloaded_module(model)
+    if offloaded is not None:
+        msg = (f"{what} got a model whose weights accelerate offloads (module {offloaded!r} holds meta tensors "
+               f"between calls and loads its values in a hook): {_OFFLOADED_ROUTES[what]}")
         raise error(msg)

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from . import batch as batch_mod
-from ._copy import compiled_wrapper, copy_model, held_by_ddp, refuse_ddp, refuse_sharded, routed_module
+from ._copy import compiled_wrapper, copy_model, held_by_ddp, refuse_ddp, refuse_offloaded, refuse_sharded, routed_module
 from ._gc import gc_paused
 from .data_init import InitNotes, data_init, resample_directions
 from .discover import WALK, Discovery, account_for_every_layer, discover, preserved_state
@@ -124,9 +124,10 @@ def apply_weight_norm(
         WeightNormError: ``init_scale`` is not a positive finite number, or is given (as is
             ``exact_init``) with ``init="preserve"``, which sets no scale; a lazy layer
             (``nn.LazyLinear``...) has not run yet, so its weight has no shape; the model holds a
-            TorchScript module, is (or holds) a ``DistributedDataParallel`` wrapper or FSDP-sharded
-            modules; ``distributed=True`` without ``torch.distributed`` initialized; or, for the
-            data init, its parameters are on the meta device.
+            TorchScript module, is (or holds) a ``DistributedDataParallel`` wrapper, FSDP-sharded
+            modules or modules whose weights ``accelerate`` offloads (apply before offloading);
+            ``distributed=True`` without ``torch.distributed`` initialized; or, for the data init,
+            its parameters are on the meta device.
         NoTargetsError: the model has no linear/conv weight.
     """
     if compiled_wrapper(model):  # torch.compile's wrapper: the model is its _orig_mod
@@ -370,6 +371,7 @@ def _check_modules(model: nn.Module) -> None:
     first forward), and TorchScript modules (nor copied as Python modules)."""
     refuse_ddp(model, "apply_weight_norm", WeightNormError)
     refuse_sharded(model, "apply_weight_norm", WeightNormError)
+    refuse_offloaded(model, "apply_weight_norm", WeightNormError)
     modules = list(model.named_modules())
     scripted = [name or "(root)" for name, module in modules if isinstance(module, torch.jit.ScriptModule)]
     if scripted:

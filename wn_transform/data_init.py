@@ -51,7 +51,7 @@ import contextlib
 import inspect
 import weakref
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -89,6 +89,7 @@ class InitNotes:
     constant_units: dict[str, int] = field(default_factory=dict)  # sigma ~ 0: kept a finite scale
     nearly_constant_units: dict[str, int] = field(default_factory=dict)  # sigma < 1e-3 |mu|: std 1 to within rounding
     unreached: list[str] = field(default_factory=list)  # never ran on a row of the batch: scale kept
+    unreached_units: dict[str, int] = field(default_factory=dict)  # pieces of a split weight no op used: scale kept
     unseen: list[str] = field(default_factory=list)  # read by code the pass cannot follow (TorchScript): scale kept
     bias_not_set: list[str] = field(default_factory=list)  # bias is not a parameter of the model
     recurrent_kept: list[str] = field(default_factory=list)  # hidden-to-hidden weights: scale kept
@@ -122,6 +123,7 @@ class _State:
     read: bool = False  # the layer's weight was read (handed out as v) in the pass
     seen: bool = False  # an op the pass intercepts used the weight, or read its metadata (w.shape): not hidden
     calls: int = 0  # op calls that read the weight in the pass, before it was calibrated
+    pieces_done: list[slice] = field(default_factory=list)  # units calibrated through pieces split off v
 
 
 def resample_directions(model: nn.Module, targets: list[Target], *, std: float = 0.05, generator: torch.Generator | None = None,
@@ -209,7 +211,9 @@ def data_init(model: nn.Module, targets: list[Target], sample_batch: batch_mod.S
     notes.nearly_constant_units = mode.nearly_constant_units()
     with torch.no_grad():
         for state in states:
-            if not state.done:
+            if not state.done and state.pieces_done:  # the pieces calibrated keep g and bias; the others their scale
+                notes.unreached_units[state.target.qualname] = state.g.numel() - _units_in(state.pieces_done)
+            elif not state.done:
                 state.g.copy_(backup.g[id(state)])
                 if state.read and not state.seen:  # read, then used where the pass cannot see (TorchScript)
                     notes.unseen.append(state.target.qualname)
@@ -434,6 +438,14 @@ class _Unbatched:
         return self.fit.output().squeeze(0)
 
 
+def _unbroadcast(bias: Tensor) -> Tensor:
+    """``bias`` without the axes an ``expand`` repeated it along (stride 0): the memory its values are
+    in, which the init writes (``torch.addmm(b.expand(n, -1), x, w)`` adds ``b``)."""
+    if 0 not in bias.stride():
+        return bias
+    return bias[tuple(0 if stride == 0 and size > 1 else slice(None) for size, stride in zip(bias.shape, bias.stride()))]
+
+
 def _bias_key(bias: Tensor) -> tuple:
     """The bias an op adds: a Parameter, or one slice of it (attention's q, k and v thirds of
     ``in_proj_bias``, each its own projection's)."""
@@ -495,6 +507,8 @@ class _Produced:
     state: _State
     calibrated: bool  # made after its target was calibrated
     rebuild: Callable[[], Tensor]  # the same tensor from the current (g, v)
+    units: slice = field(default_factory=lambda: slice(None))  # the target's units it holds: all, or a piece
+    # split off along the unit axis
 
 
 @dataclass
@@ -655,8 +669,9 @@ class _CalibrationMode(TorchFunctionMode):
         self._produced: dict[int, _Produced] = {
             id(s.v): _Produced(weakref.ref(s.v), s, False, lambda s=s: _current_weight(s)) for s in states}
 
-    def _remember(self, weight: Tensor, state: _State, rebuild: Callable[[], Tensor]) -> None:
-        self._produced[id(weight)] = _Produced(weakref.ref(weight), state, state.done, rebuild)
+    def _remember(self, weight: Tensor, state: _State, rebuild: Callable[[], Tensor],
+                  units: slice = slice(None)) -> None:
+        self._produced[id(weight)] = _Produced(weakref.ref(weight), state, state.done, rebuild, units)
 
     def _lookup(self, tensor: Any) -> _Produced | None:
         """The weight ``tensor`` is, if it is one: the tensor handed out, a view followed from it, or a
@@ -701,7 +716,7 @@ class _CalibrationMode(TorchFunctionMode):
         bound = dict(zip(SIGNATURES[name], args)) | kwargs
         weight_key = "mat2" if name == "addmm" else "other" if use.kind == "matmul" else "weight"
         fit = None
-        if not state.done:  # t' = op(x, v) without bias: the weight is v itself until calibrated
+        if not state.done and found.units not in state.pieces_done:  # t' = op(x, v) without bias: v until calibrated
             x = _data_operand(bound)
             if self._passes_over(state, x):
                 result = func(*args, **kwargs)  # what the layer computes before the init
@@ -716,16 +731,19 @@ class _CalibrationMode(TorchFunctionMode):
             else:
                 t = func(**(bound | {"bias": None}))
                 unit_dim = 1 if x.ndim == use.weight.ndim else 0
-            fit = self._calibrate(state, t, unit_dim, use.bias, native=use.kind if use.weight is state.v else None,
+            fit = self._calibrate(state, t, unit_dim, use.bias, found.units,
+                                  native=use.kind if use.weight is state.v else None,
                                   groups=int(bound.get("groups", 1)) if use.kind in ("conv", "conv_transpose") else 1,
                                   terms=_Terms(x, lambda: _op_terms(func, use, bound, weight_key)))
+            if found.units != slice(None):
+                self._piece_done(state, found.units)
             if not self.exact and name != "addmm" and not fit.real:  # hand on g*t + b, from t' (bias included)
                 return fit.output()
         # Hand on what the model computes with the new (g, b): in float arithmetic g*t + b is not
         # bitwise that, and a deep network amplifies the difference layer after layer.
         if not found.calibrated:
             bound[weight_key] = found.rebuild()
-        return _constant_units_flat(func(**bound) if name not in ("matmul", "__matmul__", "mm") else func(*bound.values()), fit)
+        return _constant_units_flat(_call_as_given(func, SIGNATURES[name][:len(args)], bound), fit)
 
     def _passes_over(self, state: _State, x: Tensor) -> bool:
         """Count a call of a layer not yet calibrated, on data ``x``; whether it is left for a later
@@ -760,16 +778,42 @@ class _CalibrationMode(TorchFunctionMode):
                 self._constants[id(tensor)] = (weakref.ref(tensor), tensor._version)
 
     def _follow_views(self, func, args, kwargs):
-        """Run ``func``; a view of a weight that keeps whole units (``W.t()``) is that weight too."""
+        """Run ``func``; a view of a weight that keeps whole units (``W.t()``) is that weight too, and
+        the pieces ``v`` is split into along its unit axis (a fused q/k/v weight, ``W.chunk(3)``) are
+        its units in turn, each calibrated by the op that reads it (:meth:`_piece_done`)."""
         result = func(*args, **kwargs)
         parent = self._lookup(args[0]) if args else None
         if parent is not None and reads_metadata(func, args):  # (w.shape: the layer is not hidden from the pass)
             parent.state.seen = True
-        if parent is not None and isinstance(result, Tensor):
-            mapping = view_dims(func, args, kwargs, args[0].ndim)
-            if mapping is not None and mapping[1] is None:
-                self._remember(result, parent.state, lambda: func(parent.rebuild(), *args[1:], **kwargs))
+        mapping = view_dims(func, args, kwargs, args[0].ndim) if parent is not None else None
+        if mapping is None:
+            return result
+        if mapping[1] is None and isinstance(result, Tensor):
+            self._remember(result, parent.state, lambda: func(parent.rebuild(), *args[1:], **kwargs), parent.units)
+        elif mapping[1] is not None and args[0] is parent.state.v and isinstance(result, (tuple, list)):
+            self._remember_pieces(parent, mapping[1], result, lambda: func(parent.rebuild(), *args[1:], **kwargs))
         return result
+
+    def _remember_pieces(self, parent: _Produced, axis: int, pieces: Sequence[Any],
+                         rebuild: Callable[[], Sequence[Tensor]]) -> None:
+        """Remember the pieces ``v`` was split into along ``axis``, each with its range of units, where
+        that axis is the layer's unit axis (no groups, no mean-only batch norm, which centres the
+        whole output)."""
+        state = parent.state
+        if (axis != state.wn.dim % state.v.ndim or state.wn.groups != 1 or state.mean_only_bn is not None
+                or not all(isinstance(piece, Tensor) for piece in pieces)):
+            return
+        start = 0
+        for i, piece in enumerate(pieces):
+            size = piece.shape[axis]
+            self._remember(piece, state, lambda i=i: rebuild()[i], slice(start, start + size))
+            start += size
+
+    def _piece_done(self, state: _State, units: slice) -> None:
+        """A piece of the layer's units is calibrated; the layer is, once every unit is."""
+        state.pieces_done.append(units)
+        if _units_in(state.pieces_done) == state.g.numel():
+            self._finish(state)
 
     def _calibrate(self, state: _State, t_raw: Tensor, unit_dim: int, bias: Tensor | None,
                    units: slice = slice(None), *, native: str | None = None, groups: int = 1,
@@ -886,11 +930,11 @@ class _CalibrationMode(TorchFunctionMode):
             if norm.bias is not None:
                 self.backup.keep(norm.bias)
                 norm.bias.zero_()
-        elif bias is not None and self._settable(bias, state):
-            self._bias_setter[_bias_key(bias)] = id(state)
-            self.backup.keep(bias)
-            _store(bias, mean, gain).neg_()  # b = -s mu[t] / sigma[t]: the output is centred
-            self._note_half(state, bias)
+        elif bias is not None and (own := _unbroadcast(bias)).numel() == mean.numel() and self._settable(own, state):
+            self._bias_setter[_bias_key(own)] = id(state)
+            self.backup.keep(own)
+            _store(own, mean, gain).neg_()  # b = -s mu[t] / sigma[t]: the output is centred
+            self._note_half(state, own)
         else:
             offset = mean * gain
             if bias is not None:
@@ -1244,6 +1288,13 @@ def _linear_terms(x: Tensor, weight: Tensor) -> _Terms:
     return _Terms(x, lambda: F.linear(x.abs(), weight.abs()))
 
 
+def _call_as_given(func: Callable, positional: Sequence[str], bound: dict[str, Any]) -> Any:
+    """``func`` on the arguments ``bound`` names, those the call gave by position (``positional``)
+    by position again: a Tensor method (``bias.addmm(x, w)``, ``x.matmul(w)``) takes its tensor
+    only so, and ``torch.addmm``'s ``beta`` only by keyword."""
+    return func(*(bound[key] for key in positional), **{k: v for k, v in bound.items() if k not in positional})
+
+
 def _data_operand(bound: dict[str, Any]) -> Any:
     """The data a linear/conv/matmul call bound as ``bound`` multiplies (``addmm``'s ``mat1``)."""
     return bound["mat1"] if "mat1" in bound else bound["input"]
@@ -1319,6 +1370,11 @@ def _unit_norms(state: _State, units: slice, out: Tensor) -> Tensor:
     if units != slice(None):
         v = v.narrow(state.wn.layout.dim, units.start, units.stop - units.start)
     return unit_norm(v, state.wn.layout, out=out).view(-1)
+
+
+def _units_in(pieces: list[slice]) -> int:
+    """How many units the (disjoint) ``pieces`` hold."""
+    return sum(piece.stop - piece.start for piece in pieces)
 
 
 def _current_weight(state: _State) -> Tensor:

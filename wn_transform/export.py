@@ -64,7 +64,7 @@ from ._logging import muted
 from . import dynamic_axes
 from .errors import WeightNormError, few, first_line, one_line, warn_user
 from . import onnx_graph
-from ._copy import copy_model, refuse_sharded, routed_module
+from ._copy import copy_model, refuse_offloaded, refuse_sharded, routed_module
 from .fold import fold_weight_norm
 from .layers import quantized_layers
 
@@ -332,6 +332,7 @@ def export_onnx(
     target, data_target = _check_arguments(model, path, exporter, rtol, atol, overwrite, external_data)
     model = routed_module(model)  # torch.compile's, DataParallel's, DDP's wrapper: export the module they hold
     refuse_sharded(model, "export_onnx", ExportError)
+    refuse_offloaded(model, "export_onnx", ExportError)
     batch_mod.as_args(sample_batch)
     _refuse_meta(model, sample_batch)
     batch_mod.check_no_nan(sample_batch)

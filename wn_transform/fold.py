@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import _WeightNorm
 from torch.nn.utils.weight_norm import WeightNorm as LegacyWeightNorm
 
-from ._copy import copy_model, held_by_ddp, refuse_ddp, refuse_sharded
+from ._copy import copy_model, held_by_ddp, refuse_ddp, refuse_offloaded, refuse_sharded
 from .errors import FoldError, unknown_keep_message
 from .mean_only_bn import detach as detach_mean_only_bn
 from .norm import compose_weight, layout_from_shapes
@@ -79,7 +79,8 @@ def fold_weight_norm(model: nn.Module, *, keep: Collection[str] = (), inplace: b
         inplace: fold ``model`` itself; by default a deep copy is folded and returned.  A
             ``DistributedDataParallel`` wrapper (which would keep all-reducing g and v) is refused
             in place; a copy is of the module it holds, through ``torch.compile``'s wrapper too
-            (a plain model to save or export).
+            (a plain model to save or export).  A model whose weights ``accelerate`` offloads is
+            refused (its hooks hold the values under the old names): fold before offloading.
 
     Returns:
         The folded model: same classes, same parameter names (``conv.weight``), same function.
@@ -93,6 +94,7 @@ def fold_weight_norm(model: nn.Module, *, keep: Collection[str] = (), inplace: b
         model = held  # (copied below)
     refuse_ddp(model, "fold_weight_norm", FoldError)
     refuse_sharded(model, "fold_weight_norm", FoldError)
+    refuse_offloaded(model, "fold_weight_norm", FoldError)
     keep = _first_names(model, [keep] if isinstance(keep, str) else keep)
     founds = find_weight_norms(model)
     weights = [found.qualname for found in founds]

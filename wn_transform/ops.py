@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["CELL_OPS", "METADATA_OPS", "RECURRENT_OPS", "VALUE_ATTRIBUTES", "WeightUse", "attribute_read", "bind", "op_name",
+__all__ = ["CELL_OPS", "CONVERSIONS_LIKE", "METADATA_OPS", "RECURRENT_OPS", "VALUE_ATTRIBUTES", "WeightUse", "attribute_read", "bind", "op_name",
            "reads_metadata", "view_dims", "weight_use"]
 
 _CONV = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
@@ -37,8 +37,13 @@ SIGNATURES: dict[str, tuple[str, ...]] = {
 # Ops that read only a tensor's metadata: using a parameter here is not a use of its values.
 METADATA_OPS = frozenset(
     {"__get__", "size", "dim", "numel", "stride", "getattr", "is_contiguous", "sym_size", "__len__",
-     "element_size", "is_floating_point", "data_ptr", "sym_numel", "sym_stride", "get_device"}
+     "element_size", "is_floating_point", "data_ptr", "sym_numel", "sym_stride", "get_device",
+     # new tensors of the parameter's dtype, device (and shape): w.new_zeros(n), torch.zeros_like(w)
+     "new_zeros", "new_ones", "new_empty", "new_full", "new_tensor", "zeros_like", "ones_like", "empty_like",
+     "full_like", "rand_like", "randn_like", "randint_like"}
 )
+# Ops whose second tensor lends only its dtype and device: x.type_as(w), x.to(w).
+CONVERSIONS_LIKE = frozenset({"type_as", "to"})
 # Recurrent layers' ops (``_VF.lstm``, ``aten.gru.input``...): their weights come in a list, one gate
 # unit per row (weight_ih, weight_hh, weight_hr); whole layers, and cells.
 RECURRENT_OPS = frozenset({"lstm", "gru", "rnn_tanh", "rnn_relu"})
@@ -48,6 +53,8 @@ _SAME_AXES = frozenset(
     {"contiguous", "to", "_to_copy", "type_as", "float", "half", "bfloat16", "double", "clone", "alias",
      "type", "cpu", "cuda", "lift_fresh_copy"}
 )
+# Python functions that are another op under another name (``torch.linalg.matmul``).
+_ALIASES = {"linalg_matmul": "matmul"}
 # Ops that cut their input along one axis into pieces with the same axes.
 _SPLITS = frozenset({"chunk", "split", "split_with_sizes", "tensor_split", "unsafe_split", "unsafe_chunk"})
 
@@ -60,10 +67,10 @@ def op_name(func: Callable | str) -> str:
         return "getitem"
     if func is operator.matmul:
         return "matmul"
-    opname = getattr(func, "_opname", None)  # torch._ops.OpOverload / OpOverloadPacket
-    if opname is not None:
-        return opname
-    return getattr(func, "__name__", "")
+    name = getattr(func, "_opname", None)  # torch._ops.OpOverload / OpOverloadPacket
+    if name is None:
+        name = getattr(func, "__name__", "")
+    return _ALIASES.get(name, name)
 
 
 def bind(name: str, args: Sequence[Any], kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -368,6 +368,7 @@ def _load_other_layouts(name: str, module: nn.Module, state_dict: dict, prefix: 
     g_key, v_key, marker_key = f"{base}original0", f"{base}original1", f"{base}0.{EXP_SCALE_MARKER}"
     legacy = (f"{prefix}{name}_g", f"{prefix}{name}_v")
     dtype = chain.original1.dtype  # computed in the layer's own precision (a bfloat16 checkpoint: no bfloat16 g)
+    assign = bool(local_metadata.get("assign_to_params_buffers", False))  # (then stored in the checkpoint's)
     if g_key in state_dict and v_key in state_dict:
         keys, stored_log = (g_key, v_key), marker_key in state_dict
         if state_dict[g_key].shape == chain.original0.shape and stored_log == wn.exp_scale:
@@ -386,7 +387,8 @@ def _load_other_layouts(name: str, module: nn.Module, state_dict: dict, prefix: 
             _size_mismatch(state_dict, f"{prefix}{name}", (f"{prefix}{name}",), chain, (g_key, v_key), error_msgs)
             return
         weight = state_dict.pop(f"{prefix}{name}")
-        state_dict[g_key], state_dict[v_key] = _trainable_pair(wn, _widened(weight, dtype), f"{prefix}{name}")
+        pair = _trainable_pair(wn, _widened(weight, dtype), f"{prefix}{name}")
+        state_dict[g_key], state_dict[v_key] = _as_stored(wn, pair, weight.dtype if assign else None, f"{prefix}{name}")
         if wn.exp_scale:
             state_dict[marker_key] = torch.ones(())
         return
@@ -406,12 +408,26 @@ def _load_other_layouts(name: str, module: nn.Module, state_dict: dict, prefix: 
     if layout == wn.layout and not stored_log and not wn.exp_scale:
         state_dict[g_key], state_dict[v_key] = g, v  # the same axis: kept as they are (the norm of v too)
         return
+    stored = v.dtype if assign else None
     g, v = _widened(g, dtype), _widened(v, dtype)
     with torch.no_grad():
         weight = compose_weight(g, v, layout, exp_scale=stored_log)  # layout None: the whole tensor
-    state_dict[g_key], state_dict[v_key] = _trainable_pair(wn, weight, g_key)
+    state_dict[g_key], state_dict[v_key] = _as_stored(wn, _trainable_pair(wn, weight, g_key), stored, g_key)
     if wn.exp_scale:
         state_dict[marker_key] = torch.ones(())
+
+
+def _as_stored(wn: WeightNorm, pair: tuple[Tensor, Tensor], dtype: torch.dtype | None,
+               key: str) -> tuple[Tensor, Tensor]:
+    """``(g, v)`` as the load stores them: in ``dtype``, the checkpoint's, under ``load_state_dict(...,
+    assign=True)`` (which makes the checkpoint's tensors the parameters, in their dtype, as it does the
+    bias's: a bfloat16 checkpoint gives a bfloat16 layer); computed wider, kept as they are otherwise
+    (None).  A ``g`` beyond a half-precision dtype's range is refused (``key``: the checkpoint's)."""
+    if dtype is None or not dtype.is_floating_point:
+        return pair
+    g, v = pair[0].to(dtype), pair[1].to(dtype)
+    check_gain_fits(wn, g, v, key)
+    return g, v
 
 
 def check_gain_fits(wn: WeightNorm, g: Tensor, v: Tensor, where: str) -> None:
@@ -710,13 +726,16 @@ def _direct(chain: nn.Module) -> WeightNorm | None:
     """The :class:`WeightNorm` of a parametrization chain if calling its ``forward`` directly
     computes exactly what torch's property would; None when the property must run (torch's
     ``parametrize.cached()`` is active, another parametrization is stacked on ours, a forward
-    hook is set on the parametrization module or on its chain (``torch.nn.utils.prune``), or ``torch.fx`` is tracing: the property's module
+    hook is set on the parametrization module or on its chain (``torch.nn.utils.prune``), the
+    chain's ``forward`` is replaced on the instance (``accelerate``'s device and offload hooks,
+    which load g and v around the chain's call), or ``torch.fx`` is tracing: the property's module
     call becomes a graph node that reads the parameters, where a direct call would bake the
     weight in as a constant).  This runs on every weight read, so it checks no more than that:
     torch's global module hooks do not see the parametrization's call.
     """
     wn = _ours(chain)
     if (wn is None or wn._forward_hooks or wn._forward_pre_hooks or chain._forward_hooks or chain._forward_pre_hooks
+            or "forward" in chain.__dict__
             or parametrize._cache_enabled or is_fx_symbolic_tracing() or "original1" not in chain._parameters):
         return None  # (a hook on the chain: torch.nn.utils.prune turns original1 into a masked attribute;
     return wn  # FSDP's flat parameter leaves g and v as plain attributes, outside _parameters)
@@ -752,7 +771,10 @@ def _linear_forward(self: nn.Linear, input: Tensor) -> Tensor:
     so that the layer computes in autocast's dtype as a plain Linear does): the weight form.
     Where torch's property must run (see :func:`_direct`), it reads ``self.weight``.
     """
-    chain = self._modules["parametrizations"]._modules["weight"]
+    chains = self._modules.get("parametrizations")
+    chain = chains._modules.get("weight") if chains is not None else None
+    if chain is None:  # folded since this forward was bound (accelerate's hooks keep it as _old_forward)
+        return nn.Linear.forward(self, input)
     own = self._parameters
     bias = own["bias"] if "bias" in own else self.bias  # not Module.__getattr__: 3-4 % of a batch-1 forward
     wn = _direct(chain)

@@ -79,6 +79,9 @@ class WeightNormReport:
             for name in self.notes.unreached:
                 lines.append(f"  {name}: not reached by any row of the sample batch (the init pass runs the model in eval mode: "
                              "dropout off, no `if self.training` branch such as an auxiliary head); kept its scale")
+            for name, count in self.notes.unreached_units.items():
+                lines.append(f"  {name}: {count} of its units (pieces its weight was split into that no op used on the "
+                             "batch) not calibrated; they kept their scale, the other pieces were standardized")
             for name in self.notes.unseen:
                 lines.append(f"  {name}: its weight was read in the init pass, but no op the pass can see used it: an op "
                              "it cannot follow did (a TorchScript function, an op run from C++), or the forward only "

@@ -26,7 +26,7 @@ from typing import Any
 from torch import nn
 
 from .norm import UnitLayout
-from .ops import (CELL_OPS, METADATA_OPS, RECURRENT_OPS, VALUE_ATTRIBUTES, WeightUse, attribute_read, op_name, view_dims,
+from .ops import (CELL_OPS, CONVERSIONS_LIKE, METADATA_OPS, RECURRENT_OPS, VALUE_ATTRIBUTES, WeightUse, attribute_read, op_name, view_dims,
                   weight_use)
 from .layers import quantized_weight_reason
 from .targets import Skipped, Target, split_qualname
@@ -80,9 +80,11 @@ _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 _MAP_OPS = frozenset({"einsum", "bmm", "baddbmm", "addbmm", "matmul", "__matmul__", "__rmatmul__", "mm", "mv", "bilinear",
                       "tensordot", "linear", "addmm", "addmv", "inner", "chain_matmul", "linalg_multi_dot",
                       "_grouped_mm", "grouped_mm", "_scaled_mm", "_scaled_grouped_mm",
-                      "cdist", "_cdist_forward", "_euclidean_dist"})  # distances to a codebook's rows (VQ)
+                      "cdist", "_cdist_forward", "_euclidean_dist",  # distances to a codebook's rows (VQ)
+                      "conv_tbc"})  # fairseq's ConvTBC (time, batch, channel), weight (k, in, out)
+_AS_VECTOR = "as a 1-D weight"  # a linear/matmul op read the parameter as a vector
 _ADDED_INPUT = frozenset({"addmm", "baddbmm", "addbmm", "addmv"})  # ops whose first operand is added, not multiplied
-_ADDED_LAST = {"linear": 2, "bilinear": 3}  # ops whose operands after these are added (a bias), not multiplied
+_ADDED_LAST = {"linear": 2, "bilinear": 3, "conv_tbc": 2}  # ops whose operands after these are added (a bias), not multiplied
 # Namespaces of torch's own operators: an operator in any other one is a custom op (torch.library)
 _TORCH_NAMESPACES = frozenset({"aten", "prim", "prims", "higher_order", "quantized", "_quantized", "quantized_decomposed",
                                "c10d", "_c10d_functional", "_c10d_functional_autograd", "_dtensor", "inductor", "mkldnn",
@@ -332,6 +334,8 @@ class UseLog:
         elif name in METADATA_OPS:
             self.static(result)
             return
+        if name in CONVERSIONS_LIKE and len(args) > 1 and self._origin(args[1]) is not None:
+            args = args[:1]  # x.type_as(w): w's dtype and device alone, not its values
         values = _flat((*args, *kwargs.values()))
         found = [(arg, origin) for arg in values if (origin := self._origin(arg)) is not None]
         if name in _MAP_OPS:
@@ -431,6 +435,10 @@ class UseLog:
             return (f"reaches its {computed[0]} op only through other ops ({ops}): a weight computed or selected in the "
                     "forward (weight standardization, spectral norm, an expert picked by index...), which weight norm on "
                     "the Parameter would change")
+        vector = sorted({u.detail for u in uses if u.kind == "other" and u.detail.endswith(_AS_VECTOR)})
+        if vector:
+            return (f"read by {vector[0]} (one output per row, a dot product): a 1-D weight has no output-unit axis "
+                    "for weight norm; to normalize it, make it a (1, in) matrix (a Linear with one output)")
         if ndim < 2:
             return ""
         loops = sorted({u.detail for u in uses if u.kind == "other" and u.detail in LOOPING_OPS})
@@ -504,6 +512,9 @@ class UseLog:
             self._other_use(origin, "")
             if kind != "matmul":  # (as in _computed_weight_use)
                 self.uses[origin.param].append(_Use(_COMPUTED, None, kind))
+            return
+        if len(origin.axes) < 2:  # F.linear(x, w) with w [in]: a dot product per row, no unit axis
+            self.add_use(origin.param, "other", detail=f"{kind} {_AS_VECTOR}")
             return
         if kind == "matmul" and len(origin.axes) != 2:
             self.add_use(origin.param, "other", detail="matmul with a weight of rank other than 2")
