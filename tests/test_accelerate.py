@@ -87,6 +87,9 @@ def test_a_model_offloaded_by_accelerate_is_refused_by_apply_fold_and_export(whe
     if when == "after":
         with pytest.raises(wn.FoldError, match="accelerate offloads.*fold before offloading"):
             wn.fold_weight_norm(offloaded)
+    else:  # no weight norm to fold: the model comes back as it is
+        with torch.no_grad():
+            torch.testing.assert_close(wn.fold_weight_norm(offloaded, inplace=True)(x), _mlp()(x))
     with pytest.raises(wn.ExportError, match="accelerate offloads.*without a device_map that offloads"):
         wn.export_onnx(offloaded, x, tmp_path / "model.onnx")
     assert not (tmp_path / "model.onnx").exists()

@@ -548,7 +548,8 @@ def test_a_checkpoint_in_the_other_weight_norm_layout_loads_as_torch_would(tmp_p
     _assert_onnx_computes(out, trained)
 
 
-@pytest.mark.parametrize(("command", "name"), [("fold", "out.onnx"), ("convert", "out.onnx"), ("export", "out.pt")])
+@pytest.mark.parametrize(("command", "name"), [("fold", "out.onnx"), ("convert", "out.onnx"), ("export", "out.pt"),
+                                               ("fold", "out.npz"), ("convert", "out"), ("export", "out.json")])
 def test_an_output_named_for_the_other_kind_of_file_is_refused_before_any_work(nested: Path, tmp_path: Path, command: str,
                                                                              name: str, capsys) -> None:
     args = {"fold": [str(nested)], "convert": [str(nested), "--to", "legacy"],
@@ -556,7 +557,9 @@ def test_an_output_named_for_the_other_kind_of_file_is_refused_before_any_work(n
     with pytest.raises(SystemExit) as info:
         main([command, *args, "-o", str(tmp_path / name)])
     assert info.value.code == 2
-    assert ("wn-transform export writes ONNX" if command != "export" else "name the output *.onnx") in capsys.readouterr().err
+    expected = ("writes a checkpoint (.pt/.pth/.bin/.ckpt/.tar: torch.save's archive, or .safetensors), not "
+                f"{name}" if command != "export" else "name the output *.onnx")
+    assert expected in capsys.readouterr().err
     assert not (tmp_path / name).exists()
 
 
@@ -1581,3 +1584,98 @@ def test_every_stop_signal_raises_until_the_output_is_written() -> None:
         os.kill(os.getpid(), signal.SIGTERM)  # noted, not raised
         sum(range(10))
     assert progress.received == signal.SIGTERM and progress.output_written()
+
+
+def _legacy_conv_state(prefix: str = "") -> dict[str, torch.Tensor]:
+    layer = torch.nn.utils.weight_norm(torch.nn.Conv1d(3, 4, 5))
+    return {f"{prefix}{key}": value.detach().clone() for key, value in layer.state_dict().items()}
+
+
+def test_a_prefix_in_two_state_dicts_is_chosen_with_path_and_prefix(tmp_path: Path) -> None:
+    """Lightning's weight averaging keeps ``model.`` keys in ``state_dict`` and ``current_model_state``:
+    ``--key model`` names both, ``--key state_dict.model`` takes one."""
+    state = _legacy_conv_state("model.")
+    path = tmp_path / "last.ckpt"
+    torch.save({"epoch": 3, "state_dict": state, "current_model_state": {k: v * 2 for k, v in state.items()}}, path)
+    result = cli("fold", str(path), "--key", "model", "-o", str(tmp_path / "a.pt"))
+    assert result.returncode == 1
+    assert ("keys under 'model.' are in 2 state dicts (state_dict, current_model_state): choose one with --key "
+            "state_dict.model or --key current_model_state.model") in result.stderr
+    assert not (tmp_path / "a.pt").exists()
+    assert cli("fold", str(path), "--key", "current_model_state.model", "-o", str(tmp_path / "b.pt")).returncode == 0
+    expected = wn.fold_state_dict({k.removeprefix("model."): v * 2 for k, v in state.items()})
+    folded = torch.load(tmp_path / "b.pt")
+    assert folded.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(folded[key], expected[key])
+
+
+def test_an_error_in_one_of_several_state_dicts_names_it(tmp_path: Path) -> None:
+    ema = _legacy_conv_state()
+    ema["weight"] = ema["weight_v"].clone()  # a plain weight beside its pair
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": _legacy_conv_state(), "ema": ema}, path)
+    result = cli("fold", str(path), "-o", str(tmp_path / "out.pt"))
+    assert result.returncode == 1
+    assert (f"{path} (state dict ema): weight_g: this state dict holds both a plain weight and its weight-norm pair "
+            "(weight_g, weight_v)") in result.stderr
+
+
+def test_a_torch_save_archive_named_safetensors_is_read_by_its_content(tmp_path: Path) -> None:
+    path = tmp_path / "model.safetensors"
+    torch.save(_legacy_conv_state(), path)
+    assert checkpoint.file_format(path) == "zip"
+    assert cli("fold", str(path), "-o", str(tmp_path / "out.pt")).returncode == 0
+    assert set(torch.load(tmp_path / "out.pt")) == {"weight", "bias"}
+
+
+def test_a_checkpoint_whose_config_holds_itself_folds(tmp_path: Path) -> None:
+    config: dict = {"lr": 0.1}
+    config["parent"] = config  # pickle keeps the cycle; weights_only loads it
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": _legacy_conv_state(), "config": config}, path)
+    assert cli("inspect", str(path)).returncode == 0
+    assert cli("fold", str(path), "-o", str(tmp_path / "out.pt")).returncode == 0
+    folded = torch.load(tmp_path / "out.pt")
+    assert set(folded["model"]) == {"weight", "bias"} and folded["config"]["parent"] is folded["config"]
+
+
+def test_tensors_safetensors_cannot_store_are_named_before_writing(tmp_path: Path) -> None:
+    path = tmp_path / "ckpt.pt"
+    torch.save({**_legacy_conv_state(), "codes": torch.ones(3, 3).to_sparse()}, path)
+    result = cli("fold", str(path), "-o", str(tmp_path / "out.safetensors"))
+    assert result.returncode == 1
+    assert "codes is a sparse_coo tensor, which safetensors cannot store (it holds dense tensors); use .pt" in result.stderr
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_a_tar_archive_is_named_with_what_to_extract(tmp_path: Path) -> None:
+    import tarfile
+
+    inner = tmp_path / "model_weights.ckpt"
+    torch.save(_legacy_conv_state(), inner)
+    with tarfile.open(tmp_path / "model.nemo", "w") as archive:
+        archive.add(inner, arcname="model_weights.ckpt")
+    result = cli("inspect", str(tmp_path / "model.nemo"))
+    assert result.returncode == 1
+    assert "a tar archive (NeMo's .nemo is one), not a checkpoint; extract it" in result.stderr
+
+
+def test_apply_keeps_the_input_safetensors_metadata(tmp_path: Path) -> None:
+    source = tmp_path / "plain.safetensors"
+    save_file(build_plain().state_dict(), source, metadata={"format": "pt", "origin": "test"})
+    out = tmp_path / "wn.safetensors"
+    assert cli("apply", "--model", MODEL, "--checkpoint", str(source), "--preserve", "-o", str(out)).returncode == 0
+    with safe_open(str(out), framework="pt") as file:
+        assert file.metadata() == {"format": "pt", "origin": "test"}
+
+
+def test_apply_names_the_path_and_prefix_that_fit_among_several_state_dicts(tmp_path: Path) -> None:
+    state = {f"model.{key}": value for key, value in build_plain().state_dict().items()}
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": state, "current_model_state": dict(state)}, path)
+    result = cli("apply", "--model", MODEL, "--checkpoint", str(path), "--preserve", "-o", str(tmp_path / "out.pt"))
+    assert result.returncode == 1
+    assert "(the keys under 'model.' fit it: choose them with --key state_dict.model)" in result.stderr
+    assert cli("apply", "--model", MODEL, "--checkpoint", str(path), "--key", "state_dict.model", "--preserve",
+               "-o", str(tmp_path / "out.pt")).returncode == 0

@@ -178,6 +178,75 @@ def test_the_pieces_of_a_split_weight_are_each_standardized(how: str, exact_init
             torch.testing.assert_close(mean, torch.zeros_like(mean), atol=1e-5, rtol=0)
 
 
+class _Pieces(nn.Module):
+    """A fused (12, 6) weight read through pieces in the ways ``form`` names."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form = form
+        self.w = nn.Parameter(torch.randn(12, 6) / 6**0.5)
+        self.b = nn.Parameter(torch.zeros(12))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        w, b = self.w, self.b
+        if self.form == "gap":  # units 0-3 and 0-7: 8-11 unused
+            return F.linear(x, w.chunk(3)[0], b.chunk(3)[0]), F.linear(x, w.split([8, 4])[0], b.split([8, 4])[0])
+        if self.form == "overlap":  # units 0-7, then 6-11
+            return F.linear(x, w.chunk(3)[0], b.chunk(3)[0]), F.linear(x, w.chunk(3)[1], b.chunk(3)[1]), \
+                F.linear(x, w.chunk(2)[1], b.chunk(2)[1])
+        if self.form == "no rows first":  # an empty call (no token routed), then one with rows
+            pieces = list(zip(w.chunk(2), b.chunk(2)))
+            F.linear(x[:0], *pieces[0])
+            return tuple(F.linear(x, *piece) for piece in pieces)
+        if self.form == "transposed":  # a split of w.t(), which the pass does not follow
+            return tuple(x @ piece for piece in w.t().chunk(3, dim=1))
+        return tuple(F.linear(x, *piece) for piece in zip(w.chunk(3), b.chunk(3)))  # "zero row"
+
+
+@pytest.mark.parametrize(("form", "unreached"), [("gap", 4), ("overlap", 0), ("no rows first", 0), ("zero row", 0)])
+def test_the_units_of_pieces_are_counted_once_whatever_the_pieces(form: str, unreached: int) -> None:
+    """Each unit is calibrated by the first piece with rows that holds it; a unit no piece held is
+    noted; the pass's rerun (after a zero direction) calibrates the pieces again."""
+    torch.manual_seed(0)
+    model, batch = _Pieces(form), torch.randn(64, 6) * 3 + 1
+    if form == "zero row":
+        with torch.no_grad():
+            model.w[0] = 0
+    g = model.w.detach().norm(dim=1)
+    out = wn.apply_weight_norm(model, batch)
+    notes = wn.weight_norm_report(out).notes
+    assert notes.unreached_units == ({"w": unreached} if unreached else {})
+    for piece in out(batch)[:2] if form == "overlap" else out(batch):  # (the last overlap piece: from the others)
+        mean, std = _per_unit(piece.detach())
+        live = std > 0  # (the zero row: g = 0 and a direction, an output of 0)
+        assert live.sum() >= piece.shape[1] - 1
+        torch.testing.assert_close(std[live], torch.ones_like(std[live]), atol=1e-4, rtol=0)
+        torch.testing.assert_close(mean[live], torch.zeros_like(mean[live]), atol=1e-5, rtol=0)
+    if unreached:
+        torch.testing.assert_close(out.parametrizations.w.original0.view(-1)[8:], g[8:])  # as they were
+
+
+def test_a_split_the_pass_does_not_follow_is_noted_and_keeps_its_scale() -> None:
+    torch.manual_seed(0)
+    model, batch = _Pieces("transposed"), torch.randn(64, 6)
+    g = model.w.detach().norm(dim=1)
+    out = wn.apply_weight_norm(model, batch)
+    report = wn.weight_norm_report(out)
+    assert report.notes.split_unfollowed == ["w"] and not report.notes.unseen
+    assert "split into pieces in a way the init pass does not follow" in report.table()
+    torch.testing.assert_close(out.parametrizations.w.original0.view(-1), g)
+
+
+def test_a_partly_calibrated_split_weight_is_checked_for_nan_too() -> None:
+    """The pieces used are calibrated on a layer input that holds NaN: the init is refused, as
+    for a weight whose every piece ran."""
+    model = _FusedProjections("chunk", used=2)
+    batch = torch.randn(64, 6)
+    batch[0, 0] = float("inf")
+    with pytest.raises(wn.WeightNormError, match="w: the data-dependent init measured a non-finite"):
+        wn.apply_weight_norm(model, batch)
+
+
 def test_pieces_of_a_split_weight_that_no_op_used_keep_their_scale_and_are_reported() -> None:
     torch.manual_seed(0)
     model, batch = _FusedProjections("chunk", used=2), torch.randn(64, 6) * 3 + 1

@@ -10,7 +10,7 @@ import os
 import re
 import stat
 import warnings
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import onnx
@@ -2073,3 +2073,249 @@ def test_a_sample_batch_that_repeats_a_row_is_judged_as_the_row() -> None:
     assert _floor_magnitude(np.zeros((0, 4))) == _floor_magnitude(np.zeros((2, 0))) == 0.0  # empty outputs
     sentinel = np.where(np.arange(40) < 30, -1e9, row)  # 30 of 40 masked: left out, whatever their share
     assert _floor_magnitude(sentinel) == pytest.approx(np.median(np.abs(row[0, 30:])))
+
+
+# -- dynamic shapes as given, outputs as returned, inputs as named ------------------------------
+
+
+class _Conv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv1d(3, 5, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_a_negative_axis_in_dynamic_shapes_is_the_axis_counted_from_the_end(tmp_path, exporter: str) -> None:
+    """``{-1: "T"}`` is the last axis: torch 2.13's dynamo exporter ignores a negative axis (and the
+    export blamed the model for fixing it), its TorchScript exporter aborts the process on one."""
+    model, path = _Conv(), str(tmp_path / "m.onnx")
+    report = export_onnx(model, torch.randn(2, 3, 16), path, dynamic_shapes=({0: "batch", -1: "T"},), exporter=exporter)
+    assert report.exporter == exporter and report.inputs == {"x": ["batch", 3, "T"]}
+    assert report.batch_sizes_checked[:2] == [2, 3] and len(report.batch_sizes_checked) > 2  # T grown too
+    other = torch.randn(3, 3, 23)
+    assert_close(run_onnx(path, {"x": other})["output"], model(other))
+
+
+def test_an_axis_given_twice_from_both_ends_is_refused(tmp_path) -> None:
+    with pytest.raises(ValueError, match=r"gives axis 2 of input 'x' twice, as 2 and as -1: give each axis once"):
+        export_onnx(_Conv(), torch.randn(2, 3, 16), tmp_path / "m.onnx", dynamic_shapes=({2: "T", -1: "U"},))
+    assert os.listdir(tmp_path) == []
+
+
+class _TwoSequences(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.fc(x).mean(1), self.fc(y).mean(1)
+
+
+@pytest.mark.parametrize("dim", ["T", torch.export.Dim("T")], ids=["name", "Dim"])
+def test_one_axis_name_for_axes_of_different_sizes_is_refused(tmp_path, dim: Any) -> None:
+    """The file would declare x[1] and y[1] one length (onnxruntime warns on the sample itself), and
+    the verification could only grow them together."""
+    shapes = ({0: "batch", 1: dim}, {0: "batch", 1: dim})
+    with pytest.raises(ValueError, match=r"axis 1 of input 'x' \(8 in the sample batch\) and axis 1 of input 'y' "
+                                         r"\(10\) both 'T'.*give them different names"):
+        export_onnx(_TwoSequences(), (torch.randn(2, 8, 4), torch.randn(2, 10, 4)), tmp_path / "m.onnx",
+                    dynamic_shapes=shapes)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("name", ["batch-size", "time.steps", "2T"])
+def test_an_axis_name_that_is_not_an_identifier_is_refused(tmp_path, name: str) -> None:
+    """The file's dims are read back as expressions of names (``2*T``): ``batch-size`` would be
+    ``batch - size`` (neither axis verified), ``time.steps`` an attribute access."""
+    with pytest.raises(ValueError, match=rf"axis 2 of input 'x' '{re.escape(name)}', which is not a Python identifier"):
+        export_onnx(_Conv(), torch.randn(2, 3, 16), tmp_path / "m.onnx", dynamic_shapes=({0: "batch", 2: name},))
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_dim_that_is_no_expression_of_its_names_is_one_symbol() -> None:
+    """A file from elsewhere may name a dim anything: what sympy would read as something other than an
+    expression of the names in it is one symbol, never an error."""
+    from sympy import Symbol
+
+    from wn_transform.dynamic_axes import _parse
+
+    assert _parse("time.steps") == Symbol("time.steps")  # sympy: AttributeError ('steps' of a Symbol)
+    assert _parse("lambda") == Symbol("lambda") and _parse("E") == Symbol("E")  # not sympy's constant e
+    assert _parse("2*T") == 2 * Symbol("T") and _parse("s0 + 1") == Symbol("s0") + 1
+
+
+class _IntegerHead(nn.Module):
+    """A float output beside an integer one computed from an integer input."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.fc, self.kind = nn.Linear(4, 2), kind
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.fc(x), ids.cumsum(1) if self.kind == "cumsum" else ids // 2
+
+
+def test_an_output_of_another_dtype_than_pytorchs_is_a_mismatch(tmp_path) -> None:
+    """The TorchScript exporter keeps an int32 cumsum int32, where PyTorch promotes it to int64: equal
+    on the sample, the file wraps around on counts PyTorch holds."""
+    counts = torch.randint(0, 5, (2, 4), dtype=torch.int32)
+    with pytest.raises(ExportMismatchError, match=r"'output_1' \(the sample batch\): dtype int32 instead of "
+                                                  r"PyTorch's int64"):
+        export_onnx(_IntegerHead("cumsum"), (torch.randn(2, 4), counts), tmp_path / "m.onnx", exporter="torchscript")
+    assert os.listdir(tmp_path) == []
+    from wn_transform.export import _compare
+
+    ones = torch.ones(3)
+    assert not _compare(ones.double().numpy(), ones, 1e-3, 1e-5)[2]  # float64 where PyTorch gives float32
+    assert _compare(ones.numpy(), ones, 1e-3, 1e-5)[2]
+
+
+def test_integer_outputs_are_compared_exactly_beyond_float64s_integers(tmp_path) -> None:
+    """int64 values near -2**60 that differ by 1 (the TorchScript exporter's floor division truncates)
+    are one float64: compared as integers, they differ."""
+    ids = torch.tensor([[-(2**60) - 1, -(2**60) - 3], [-(2**60) - 5, -(2**60) - 7]])
+    with pytest.raises(ExportMismatchError, match=r"'output_1' \(the sample batch\): 4 of 4 elements differ, "
+                                                  r"max abs diff 1,"):
+        export_onnx(_IntegerHead("floordiv"), (torch.randn(2, 4), ids), tmp_path / "m.onnx", exporter="torchscript")
+    assert os.listdir(tmp_path) == []
+    from wn_transform.export import _compare
+
+    big = torch.tensor([2**60, 2**60 + 2])
+    assert not _compare(big.numpy() + 1, big, 1e-3, 1e-5)[2] and _compare(big.numpy(), big, 0.0, 0.0)[2]
+
+
+class _RowFirst(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, row: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x + row)
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_a_row_given_before_the_batch_keeps_its_size_1_axis(tmp_path, exporter: str) -> None:
+    """The batch size is not the first input's dim 0 when that is a row broadcast against the batch:
+    the row stays static, the batch is ``batch``, and the file takes other batch sizes."""
+    model, path = _RowFirst(), str(tmp_path / "m.onnx")
+    row = torch.randn(1, 8)
+    report = export_onnx(model, (row, torch.randn(5, 8)), path, exporter=exporter)
+    assert report.inputs == {"row": [1, 8], "x": ["batch", 8]}
+    assert report.batch_sizes_checked == [5, 6]
+    other = torch.randn(7, 8)
+    assert_close(run_onnx(path, {"row": row, "x": other})["output"], model(row, other))
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+@pytest.mark.parametrize("form", ["one per input", "torch.export's"])
+def test_dynamic_shapes_of_a_star_args_forward_in_either_tuple_form(tmp_path, exporter: str, form: str) -> None:
+    """``forward(self, *inputs)``: a tuple with one spec per input, as for any forward, or
+    torch.export's own (one entry for ``*inputs``, a tuple over them)."""
+    torch.manual_seed(0)
+    specs = ({0: "batch"}, {0: "batch"})
+    shapes = specs if form == "one per input" else (specs,)
+    report = export_onnx(_Varargs(), (torch.randn(2, 4), torch.randn(2, 4)), tmp_path / "m.onnx",
+                         dynamic_shapes=shapes, exporter=exporter)
+    assert report.exporter == exporter
+    assert report.inputs == {"inputs_0": ["batch", 4], "inputs_1": ["batch", 4]}
+    assert report.batch_sizes_checked == [2, 3]
+
+
+class _WithLength(nn.Module):
+    def __init__(self, constant: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.constant = nn.Conv1d(3, 4, 3, padding=1), constant
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        return self.conv(x), 3 if self.constant else x.shape[0]
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_a_python_int_read_off_a_dynamic_axis_is_a_0d_output(tmp_path, exporter: str) -> None:
+    """Both exporters write ``x.shape[0]`` as a 0-d int64 output; it is compared as one."""
+    path = str(tmp_path / "m.onnx")
+    report = export_onnx(_WithLength(), torch.randn(2, 3, 16), path, exporter=exporter)
+    assert report.outputs["output_1"] == [] and report.max_abs_diff["output_1"] == 0.0
+    got = run_onnx(path, {"x": torch.randn(5, 3, 16)})["output_1"]
+    assert got.dtype == np.int64 and int(got) == 5
+
+
+def test_a_constant_python_number_output_is_named_in_the_error(tmp_path) -> None:
+    with pytest.raises(ExportError, match=r"the model returns Python numbers beside its tensors \('output_1' = 3\)"):
+        export_onnx(_WithLength(constant=True), torch.randn(2, 3, 16), tmp_path / "m.onnx")
+    assert os.listdir(tmp_path) == []
+
+
+class _PairAndX0(nn.Module):
+    """``x`` a pair, whose parts would be named ``x_0``, ``x_1``, beside an input named ``x_0``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: tuple[torch.Tensor, torch.Tensor], x_0: torch.Tensor) -> torch.Tensor:
+        a, b = x
+        return self.fc(a) + 2 * self.fc(b) + 3 * self.fc(x_0)
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_a_nested_input_named_like_a_top_level_one_gets_a_name_of_its_own(tmp_path, exporter: str) -> None:
+    model, path = _PairAndX0(), str(tmp_path / "m.onnx")
+    a, b, c = torch.randn(3, 2, 4)
+    report = export_onnx(model, ((a, b), c), path, exporter=exporter)
+    assert list(report.inputs) == ["x_0_in", "x_1", "x_0"]
+    a, b, c = torch.randn(3, 5, 4)
+    assert_close(run_onnx(path, {"x_0_in": a, "x_1": b, "x_0": c})["output"], model((a, b), c))
+
+
+class _Registered(nn.Module):
+    """A base class that registers its subclasses by name (a model zoo's registry)."""
+
+    registry: ClassVar[dict[str, type]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _Registered.registry[cls.__name__] = cls
+
+
+class _RegisteredNet(_Registered):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("batch", ["tensor", "with a flag"])
+def test_the_export_does_not_subclass_the_models_class(tmp_path, batch: str) -> None:
+    """The TorchScript exporter (and the dynamo one beside a flag) takes the tensors flat: the model's
+    class gets no subclass, whose ``__init_subclass__`` would replace the registry's entry."""
+    model = _RegisteredNet() if batch == "tensor" else _WithFlag()
+    sample = torch.randn(2, 4) if batch == "tensor" else {"x": torch.randn(2, 4), "y": torch.randn(2, 3),
+                                                           "return_dict": False}
+    before = dict(_Registered.registry)
+    export_onnx(model, sample, tmp_path / "m.onnx", exporter="torchscript" if batch == "tensor" else "auto")
+    assert _Registered.registry == before and _Registered.registry["_RegisteredNet"] is _RegisteredNet
+    assert type(model).__subclasses__() == []
+
+
+def test_an_existing_weights_file_is_refused_before_the_work_when_the_size_decides(tmp_path, monkeypatch) -> None:
+    """``external_data=None`` on a model above the threshold: ``<path>.data`` is refused before the
+    model runs, not after the export and its verification."""
+    monkeypatch.setattr(export_mod, "EXTERNAL_DATA_THRESHOLD", 10)
+    path = tmp_path / "m.onnx"
+    (tmp_path / "m.onnx.data").write_text("another export's weights")
+    steps: list[str] = []
+    with pytest.raises(FileExistsError, match=r"m\.onnx\.data already exists; pass overwrite=True"):
+        export_onnx(_Conv(), torch.randn(2, 3, 16), path, progress=steps.append)
+    assert steps == ["folding weight norm into plain weights (on a copy)"]
+    assert os.listdir(tmp_path) == ["m.onnx.data"]
+    assert (tmp_path / "m.onnx.data").read_text() == "another export's weights"

@@ -138,9 +138,16 @@ def test_second_derivatives_through_torch_func_are_exact(kind: str) -> None:
         op = F.linear if kind == "linear" else F.conv1d
         return op(x, compose_weight(g, v, layout), params["bias"]).tanh().pow(2).sum()
 
-    for got, expected in zip(torch.func.hessian(ours, argnums=(0, 1))(params[G], params[V]),
-                             torch.func.hessian(formula, argnums=(0, 1))(params[G], params[V])):
-        for a, b in zip(got, expected):
+    expected = torch.func.hessian(formula, argnums=(0, 1))(params[G], params[V])
+    for got, want in zip(torch.func.hessian(ours, argnums=(0, 1))(params[G], params[V]), expected):
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
+    # torch.autograd.functional.hessian over forward mode (README's exact alternative to its default
+    # double backward): forward AD takes the plain formula too
+    forward = torch.autograd.functional.hessian(ours, (params[G].detach(), params[V].detach()),
+                                                outer_jacobian_strategy="forward-mode", vectorize=True)
+    for got, want in zip(forward, expected):
+        for a, b in zip(got, want):
             torch.testing.assert_close(a, b)
 
 

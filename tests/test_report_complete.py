@@ -943,7 +943,7 @@ class ReadsByOtherNames(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = torch.linalg.matmul(_branch(self.step, x), self.proj).type_as(self.fc.weight)
-        h = torch.relu(self.fc(h)) + self.fc.weight.new_zeros(8) + torch.zeros_like(self.fc.bias)
+        h = torch.relu(self.fc(h)) + self.fc.weight.new_zeros(8) + torch.zeros_like(self.fc.weight).sum()
         sequence = torch.conv_tbc(h.unsqueeze(1).contiguous(), self.tbc, self.tbc_bias, 1)  # (T=rows, B=1, C)
         return F.linear(h, self.score), sequence
 

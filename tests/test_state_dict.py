@@ -142,7 +142,9 @@ def test_a_weight_normalized_twice_is_an_error(other: str) -> None:
     extra = {"fc.weight_g": torch.ones(3, 1) * 2, "fc.weight_v": torch.ones(3, 4)} if other == "legacy" else {"fc.weight": torch.ones(3, 4)}
     for state in ({**pair, **extra}, {**extra, **pair}):
         for check in (fold_state_dict, find_state_dict_weight_norms, lambda s: convert_state_dict(s, "legacy")):
-            with pytest.raises(wn.WeightNormError, match="fc.weight is weight-normalized twice"):
+            twice = "fc.weight is weight-normalized twice" if other == "legacy" else \
+                "holds both a plain fc.weight and its weight-norm pair"
+            with pytest.raises(wn.WeightNormError, match=twice):
                 check(state)
 
 
@@ -207,7 +209,7 @@ def test_keep_leaves_the_named_weights_normalized() -> None:
     folded = fold_state_dict(state, keep=["conv_pre.weight"])
     assert "conv_pre.parametrizations.weight.original0" in folded and "conv_pre.weight" not in folded
     assert "conv_post.weight" in folded and "conv_post.parametrizations.weight.original0" not in folded
-    with pytest.raises(wn.WeightNormError, match="keep names conv_pre.bias, which is not weight-normalized"):
+    with pytest.raises(wn.FoldError, match="keep names conv_pre.bias, which is not weight-normalized"):
         fold_state_dict(state, keep=["conv_pre.bias"])
 
 
@@ -610,3 +612,23 @@ def test_a_grouped_conv_transpose_with_one_channel_per_group_is_folded(groups: i
     folded = fold_state_dict(model.state_dict())
     assert set(folded) == {"0.weight", "0.bias"}
     torch.testing.assert_close(folded["0.weight"], wn.fold_weight_norm(model)[0].weight.detach())
+
+
+def test_a_float8_pair_folds_in_float32_and_is_stored_in_float8() -> None:
+    """torch promotes float8 with no other dtype: the norms and the product are computed in float32."""
+    v = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    g = torch.rand(4, 1, generator=torch.Generator().manual_seed(1)) + 0.5
+    state = {"l.weight_g": g.to(torch.float8_e4m3fn), "l.weight_v": v.to(torch.float8_e4m3fn)}
+    folded = fold_state_dict(state)["l.weight"]
+    g8, v8 = (t.to(torch.float8_e4m3fn).float() for t in (g, v))
+    assert folded.dtype == torch.float8_e4m3fn
+    torch.testing.assert_close(folded.float(), (g8 * v8 / v8.norm(dim=1, keepdim=True)).to(torch.float8_e4m3fn).float())
+
+
+def test_a_gated_units_one_dimensional_b_g_and_b_v_are_ordinary_tensors() -> None:
+    state = {"ffn.w_g": torch.randn(8, 4), "ffn.w_v": torch.randn(8, 4), "ffn.b_g": torch.randn(8),
+             "ffn.b_v": torch.randn(8), "proj.weight_g": torch.ones(3, 1), "proj.weight_v": torch.randn(3, 4)}
+    assert [found.weight_key for found in find_state_dict_weight_norms(state)] == ["proj.weight"]
+    folded = fold_state_dict(state)
+    assert list(folded) == ["ffn.w_g", "ffn.w_v", "ffn.b_g", "ffn.b_v", "proj.weight"]
+    assert all(folded[key] is state[key] for key in ("ffn.b_g", "ffn.b_v"))

@@ -18,6 +18,7 @@ import json
 import os
 import pickle
 import re
+import tarfile
 import tempfile
 import warnings
 import zipfile
@@ -29,7 +30,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_leaves
 
 from .errors import WeightNormError, few, first_line
 
@@ -82,12 +82,15 @@ def _children(obj: Any) -> list[tuple[str, Any]]:
     return []
 
 
-def state_dict_paths(obj: Any, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+def state_dict_paths(obj: Any, path: tuple[str, ...] = (), *, _above: frozenset[int] = frozenset()) -> list[tuple[str, ...]]:
     """Where the state dicts are in a checkpoint: ``[()]`` for a bare one, ``[("generator",), ...]``,
     ``("ema", "0")`` for the first of a list; a state dict that holds others (``{**sd, "ema": sd}``)
-    comes before them: ``[(), ("ema",)]``."""
+    comes before them: ``[(), ("ema",)]``.  A container that holds itself (``cfg["parent"] = cfg``,
+    which pickle keeps) is not entered again (``_above``: the containers on the way here)."""
     found = [path] if is_state_dict(obj) else []
-    return found + [p for key, value in _children(obj) for p in state_dict_paths(value, (*path, key))]
+    above = _above | {id(obj)}
+    return found + [p for key, value in _children(obj) if id(value) not in above
+                    for p in state_dict_paths(value, (*path, key), _above=above)]
 
 
 def rebuilt_like(mapping: Mapping[str, Any], items: Iterable[tuple[str, Any]]) -> dict[str, Any]:
@@ -100,16 +103,19 @@ def rebuilt_like(mapping: Mapping[str, Any], items: Iterable[tuple[str, Any]]) -
     return rebuilt
 
 
-def map_state_dicts(obj: Any, fn: Callable[[dict[str, Any]], dict[str, Any]]) -> Any:
+def map_state_dicts(obj: Any, fn: Callable[[dict[str, Any]], dict[str, Any]], *,
+                    _above: frozenset[int] = frozenset()) -> Any:
     """Apply ``fn(state_dict)`` to every state dict in ``obj``; keep everything else (an
     ``OrderedDict`` stays one).  A state dict that holds others is mapped first, then the ones it
-    holds (``fn`` keeps values that are not tensors as they are)."""
+    holds (``fn`` keeps values that are not tensors as they are).  A container that holds itself
+    keeps that reference as it is (see :func:`state_dict_paths`)."""
+    above = _above | {id(obj)}
     if is_state_dict(obj):
         obj = fn(obj)
     children = _children(obj)
     if not children:
         return obj
-    mapped = {key: map_state_dicts(value, fn) for key, value in children}
+    mapped = {key: value if id(value) in above else map_state_dicts(value, fn, _above=above) for key, value in children}
     if all(mapped[key] is value for key, value in children):
         return obj  # nothing inside changed: the mapping as it is (a state dict keeps its _metadata)
     if isinstance(obj, Mapping):
@@ -162,6 +168,10 @@ def _read(path: Path) -> Any:
     kind = file_format(path)
     if kind == "safetensors":
         return _load_safetensors(path)
+    if kind == "unknown" and tarfile.is_tarfile(path):
+        msg = (f"{path}: a tar archive (NeMo's .nemo is one), not a checkpoint; extract it (tar -xf) and pass the "
+               "checkpoint inside (NeMo's model_weights.ckpt)")
+        raise CheckpointError(msg)
     if kind == "unknown":
         start = path.read_bytes()[:16] if path.stat().st_size else b""
         what = f"it starts with {start!r}" if start else "it is empty"
@@ -174,7 +184,8 @@ def _read(path: Path) -> Any:
     try:
         with warnings.catch_warnings():  # a bare pickle's protocol draws a warning before the clear error
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
+            with path.open("rb") as file:  # (a file, not its name: torch reads a .safetensors name as one)
+                loaded = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "unsupported global" in str(exc).lower():  # the unpickler met a class or function it would import
             msg = (f"{path}: refused to load: the file needs arbitrary Python code to unpickle "
@@ -189,9 +200,30 @@ def _read(path: Path) -> Any:
     except Exception as exc:  # on a file that is not a checkpoint torch's unpickler raises KeyError, ValueError...
         msg = f"{path}: not a readable PyTorch checkpoint ({first_line(exc)})"
         raise CheckpointError(msg) from exc
-    if any(type(leaf).__name__ == "DTensor" for leaf in tree_leaves(loaded)):  # (where DTensor was imported first)
+    if _holds_dtensor(loaded):
         raise CheckpointError(_shards_message(path))
     return loaded
+
+
+def _kind(tensor: Tensor) -> str:
+    """``quantized (qint8)``, ``sparse_coo``: what makes ``tensor`` other than a dense one."""
+    if tensor.is_quantized:
+        return f"quantized ({str(tensor.dtype).removeprefix('torch.')})"
+    return str(tensor.layout).removeprefix("torch.")
+
+
+def _holds_dtensor(obj: Any) -> bool:
+    """Whether a DTensor is among the values of ``obj`` (by its class's name: where DTensor was not
+    imported first); each mapping, list and tuple is walked once (a config may hold itself)."""
+    stack, seen = [obj], set()
+    while stack:
+        item = stack.pop()
+        if type(item).__name__ == "DTensor":
+            return True
+        if isinstance(item, (Mapping, list, tuple)) and id(item) not in seen:
+            seen.add(id(item))
+            stack.extend(item.values() if isinstance(item, Mapping) else item)
+    return False
 
 
 def _shards_message(path: Path) -> str:
@@ -264,16 +296,17 @@ def _index_beside(shard: Path) -> Path | None:
 
 
 def file_format(path: Path) -> str:
-    """``"safetensors"`` (by name, any case, or by content), ``"zip"`` (``torch.save``'s archive),
-    ``"pickle"`` (legacy ``torch.save``, or a bare pickle) or ``"unknown"``, read off the first bytes."""
-    if path.suffix.lower() == SAFETENSORS:
-        return "safetensors"
+    """``"zip"`` (``torch.save``'s archive), ``"pickle"`` (legacy ``torch.save``, or a bare pickle),
+    ``"safetensors"`` (by content, or by name, any case) or ``"unknown"``, read off the first bytes
+    (a ``torch.save`` archive named ``.safetensors`` is one)."""
     with path.open("rb") as file:
         head = file.read(9)
     if head.startswith(b"PK\x03\x04"):
         return "zip"
     if head.startswith(b"\x80"):  # pickle protocol 2 or later
         return "pickle"
+    if path.suffix.lower() == SAFETENSORS:
+        return "safetensors"
     # safetensors: an 8-byte little-endian header length, then the JSON header
     if len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= path.stat().st_size - 8:
         return "safetensors"
@@ -358,6 +391,11 @@ def save_checkpoint(obj: Any, path: str | os.PathLike, *, force: bool = False, i
         raise CheckpointError(msg)
     if safetensors and (plain := [k for k, v in obj.items() if not isinstance(v, Tensor)]):
         msg = f"{path}: safetensors holds only tensors, but {few(plain)} {'is' if len(plain) == 1 else 'are'} not; use .pt"
+        raise CheckpointError(msg)
+    if safetensors and (odd := [k for k, v in obj.items() if v.is_quantized or v.layout != torch.strided]):
+        kinds = ", ".join(sorted({_kind(obj[k]) for k in odd}))
+        msg = (f"{path}: {few(odd)} {'is a' if len(odd) == 1 else 'are'} {kinds} tensor{'' if len(odd) == 1 else 's'}, "
+               "which safetensors cannot store (it holds dense tensors); use .pt")
         raise CheckpointError(msg)
     if safetensors and (meta := [k for k, v in obj.items() if v.is_meta]):
         msg = (f"{path}: {few(meta)} {'is a meta tensor' if len(meta) == 1 else 'are meta tensors'} (a shape, no "

@@ -160,9 +160,10 @@ def _batch_arguments(parser: argparse.ArgumentParser, name: str, *, required: bo
 
 def _one_state_dict_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key", metavar="PATH", help="write only the nested state dict at PATH, e.g. generator, "
-                                                       "or the keys under the prefix PATH. with it taken off (a "
-                                                       "LightningModule's generator.*): one flat state dict, what a "
-                                                       ".safetensors output holds")
+                                                       "or the keys under the prefix 'PATH.', that prefix taken "
+                                                       "off (a LightningModule's generator.*; state_dict.model for "
+                                                       "those of one state dict among several): one flat state dict, "
+                                                       "what a .safetensors output holds")
 
 
 def _output_arguments(parser: argparse.ArgumentParser, kinds: str = ".pt/.pth/.bin/.safetensors") -> None:
@@ -183,7 +184,7 @@ def cmd_inspect(args: argparse.Namespace, say: _Progress) -> int:
             raise CheckpointError(msg)
         prefixed = None
         if args.key is not None and args.checkpoint in (None, args.file):  # else --key names --checkpoint's
-            prefixed = _under_prefix(checkpoint, paths, args.key)  # as a model loads it (a LightningModule's)
+            prefixed = _under_prefix(checkpoint, paths, args.key, args.file)  # as a model loads it (a LightningModule's)
             paths = [] if prefixed is not None else [_keyed_path(paths, args.key, args.file)]
         if prefixed is not None:
             print(_describe_state_dict(prefixed, f"{args.key} (the keys under '{args.key}.')"))
@@ -227,7 +228,8 @@ def cmd_apply(args: argparse.Namespace, say: _Progress) -> int:
                               exclude=args.exclude, init_scale=args.init_scale, exp_scale=args.exp_scale,
                               exact_init=args.exact_init, existing=args.existing, inplace=True)
     say(f"writing {args.output}")
-    save_checkpoint(model.state_dict(), args.output, force=args.force, inputs=_inputs(args))
+    metadata = safetensors_metadata(args.checkpoint) if args.checkpoint else None  # (a file: --key's state dict too)
+    save_checkpoint(model.state_dict(), args.output, force=args.force, inputs=_inputs(args), metadata=metadata)
     say.wrote(args.output)  # before the report: a reader that closes the pipe (| head) loses nothing
     print(weight_norm_report(model))
     return 0
@@ -426,12 +428,13 @@ def _rewrite(args: argparse.Namespace, say: _Progress, fn: Callable[[dict], dict
     checkpoint = load_checkpoint(args.input)
     paths = state_dict_paths(checkpoint)
     if args.key is not None:  # that state dict alone, or the keys under that prefix (a LightningModule's)
-        prefixed = _under_prefix(checkpoint, paths, args.key)
+        prefixed = _under_prefix(checkpoint, paths, args.key, args.input)
         checkpoint = prefixed if prefixed is not None else _without_nested_state_dicts(
             _get(checkpoint, _keyed_path(paths, args.key, args.input)))
         paths = state_dict_paths(checkpoint)
     prefix = () if args.key is None else (args.key,)  # printed as the file names them
-    found = {_path_name((*prefix, *p)): find_state_dict_weight_norms(_get(checkpoint, p)) for p in paths}
+    found = {_path_name((*prefix, *p)): _pairs_in(_get(checkpoint, p), _path_name((*prefix, *p)), args.input)
+             for p in paths}
     if not any(found.values()):
         msg = f"{args.input}: no weight-normalized tensors found (looked in {', '.join(found) or 'no state dict'})"
         raise CheckpointError(msg)
@@ -613,7 +616,7 @@ def _load_weights(model: nn.Module, checkpoint: Any, args: argparse.Namespace) -
     model = routed_module(model)
     paths = state_dict_paths(checkpoint)
     expected = _ModelKeys.of(model)
-    prefixed = _under_prefix(checkpoint, paths, args.key) if args.key is not None else None
+    prefixed = _under_prefix(checkpoint, paths, args.key, args.checkpoint) if args.key is not None else None
     if prefixed is not None:  # Lightning's {"state_dict": {"generator.conv_pre.weight": ...}}: --key generator
         checkpoint, path = prefixed, ()
     elif args.key is not None:
@@ -657,10 +660,11 @@ def _the_one_that_fits(checkpoint: Any, paths: list[tuple[str, ...]], expected: 
         msg = (f"{args.checkpoint}: holds {len(fitting)} state dicts that fit {args.model} "
                f"({_list_paths(fitting)}); choose one with --key")
         raise CheckpointError(msg)
+    hint = next((hint for path in paths if (hint := _prefix_hint(_get(checkpoint, path), expected, path))), "")
     closest = min(fitted, key=lambda path: expected.distance(fitted[path]), default=None)
-    why = "" if closest is None else (f" (the closest, {_path_name(closest)}: "
-                                      f"{'; '.join(_mismatch(fitted[closest], expected))})")
-    msg = f"{args.checkpoint}: none of its {len(paths)} state dicts ({_list_paths(paths)}) fits {args.model}{why}"
+    why = "" if closest is None or hint else (f" (the closest, {_path_name(closest)}: "
+                                              f"{'; '.join(_mismatch(fitted[closest], expected))})")
+    msg = f"{args.checkpoint}: none of its {len(paths)} state dicts ({_list_paths(paths)}) fits {args.model}{why}{hint}"
     raise CheckpointError(msg)
 
 
@@ -733,26 +737,49 @@ def _strip_wrapper_prefixes(state_dict: dict[str, Any], expected: frozenset[str]
     return state_dict
 
 
-def _under_prefix(checkpoint: Any, paths: list[tuple[str, ...]], key: str) -> dict[str, Any] | None:
+def _pairs_in(state_dict: dict[str, Any], where: str, file: str) -> list:
+    """:func:`~wn_transform.find_state_dict_weight_norms` of the state dict ``where`` in ``file``,
+    whose errors name both (a checkpoint holds a model's and its EMA's)."""
+    try:
+        return find_state_dict_weight_norms(state_dict)
+    except WeightNormError as exc:
+        msg = f"{file} (state dict {where}): {exc}"
+        raise WeightNormError(msg) from exc
+
+
+def _under_prefix(checkpoint: Any, paths: list[tuple[str, ...]], key: str, file: str) -> dict[str, Any] | None:
     """The entries of the one state dict whose keys start with ``<key>.``, the prefix taken off, where
     no state dict is *named* ``key`` (a LightningModule saves ``self.generator`` as
-    ``state_dict["generator.conv_pre.weight"]``); None otherwise."""
+    ``state_dict["generator.conv_pre.weight"]``); ``PATH.PREFIX`` takes those under ``PREFIX.`` in the
+    state dict ``PATH`` (Lightning's weight averaging keeps ``model.`` keys in ``state_dict`` and in
+    ``current_model_state``: ``state_dict.model``).  None where no state dict holds such keys; an
+    error where several do."""
     if any(_path_name(p) == key or p == tuple(key.split(".")) for p in paths):
         return None
-    holders = [p for p in paths if any(k.startswith(f"{key}.") for k in _get(checkpoint, p))]
-    if len(holders) != 1:
+    candidates = [(p, key) for p in paths] + [(p, key[len(_path_name(p)) + 1:]) for p in paths
+                                              if key.startswith(f"{_path_name(p)}.")]
+    holders = [(p, prefix) for p, prefix in candidates if any(k.startswith(f"{prefix}.") for k in _get(checkpoint, p))]
+    if not holders:
         return None
-    return {k[len(key) + 1:]: v for k, v in _get(checkpoint, holders[0]).items() if k.startswith(f"{key}.")}
+    if len(holders) > 1:
+        names = [f"{_path_name(p)}.{prefix}" for p, prefix in holders]
+        msg = (f"{file}: keys under '{key}.' are in {len(holders)} state dicts ({_list_paths([p for p, _ in holders])}): "
+               f"choose one with --key {' or --key '.join(names)}")
+        raise CheckpointError(msg)
+    path, prefix = holders[0]
+    return {k[len(prefix) + 1:]: v for k, v in _get(checkpoint, path).items() if k.startswith(f"{prefix}.")}
 
 
-def _prefix_hint(state_dict: dict[str, Any], expected: _ModelKeys) -> str:
+def _prefix_hint(state_dict: dict[str, Any], expected: _ModelKeys, path: tuple[str, ...] = ()) -> str:
     """Advice for a state dict whose keys fit the model once a first component is taken off
-    (a LightningModule's ``generator.conv_pre.weight``): ``--key generator``; else nothing."""
+    (a LightningModule's ``generator.conv_pre.weight``): ``--key generator`` (``PATH.generator``
+    for the state dict at ``path`` among others); else nothing."""
     prefixes = sorted({k.split(".", 1)[0] for k in state_dict if "." in k})
     for prefix in prefixes:
         under = {k[len(prefix) + 1:]: v for k, v in state_dict.items() if k.startswith(f"{prefix}.")}
         if _fits(under, expected):
-            return f" (the keys under '{prefix}.' fit it: choose them with --key {prefix})"
+            key = f"{_path_name(path)}.{prefix}" if path else prefix
+            return f" (the keys under '{prefix}.' fit it: choose them with --key {key})"
     module = {k.split(".", 1)[0] for k in expected.keys}
     if len(module) == 1 and all("." in k for k in expected.keys):
         (prefix,) = module
@@ -893,16 +920,15 @@ def _default_axis_name(axis: int, label: str, *, several: bool) -> str:
 def _check_same_sizes(shapes: dict[str, dict[int, str] | None], inputs: dict[str, Any], labels: dict[str, str]) -> None:
     """Raise a usage error when one axis name covers axes of different sizes in the sample batch:
     the graph would declare them equal and verification would only try equal sizes."""
-    seen: dict[str, tuple[str, int, int]] = {}
-    for key, spec in shapes.items():
-        for axis, name in (spec or {}).items():
-            size = inputs[key].shape[axis]
-            first = seen.setdefault(name, (labels[key], axis, size))
-            if first[2] != size:
-                msg = (f"--dynamic: {name!r} names {first[0]}[{first[1]}] ({first[2]}) and {labels[key]}[{axis}] "
-                       f"({size}), which differ in the sample batch; give them different names "
-                       f"(INPUT:AXIS=NAME, e.g. {labels[key]}:{axis}={name}_{labels[key]})")
-                raise _UsageError(msg)
+    from .export import size_conflict  # (as export_onnx: the CLI's other commands do not load the exporter)
+
+    conflict = size_conflict([(name, labels[key], axis, inputs[key].shape[axis])
+                              for key, spec in shapes.items() for axis, name in (spec or {}).items()])
+    if conflict is not None:
+        (name, first, first_axis, first_size), (_, label, axis, size) = conflict
+        msg = (f"--dynamic: {name!r} names {first}[{first_axis}] ({first_size}) and {label}[{axis}] ({size}), which "
+               f"differ in the sample batch; give them different names (INPUT:AXIS=NAME, e.g. {label}:{axis}={name}_{label})")
+        raise _UsageError(msg)
 
 
 def _bound_shapes(shapes: dict[str, dict[int, str] | None], model: nn.Module) -> dict[str, Any]:
@@ -944,23 +970,28 @@ def _read_batch(args: argparse.Namespace, name: str, model: nn.Module) -> Any:
         raise WeightNormError(msg) from exc
 
 
+_CHECKPOINT_OUTPUTS = frozenset({".pt", ".pth", ".bin", ".ckpt", ".tar", ".safetensors"})  # (any case)
+
+
 def _check_output_free(args: argparse.Namespace) -> None:
     """Fail before any work if an input file given is missing, if the output (or an export's
     ``<output>.data``) exists (without --force), is an input, a folder or not a regular file (a
-    device, FIFO), or if its suffix names the other kind of file (a checkpoint to .onnx, an ONNX
-    model to .pt)."""
+    device, FIFO), or if its suffix is not one of the kind of file the command writes (a checkpoint
+    to .onnx or .npz, an ONNX model to .pt)."""
     for name in ("checkpoint", "calib", "sample"):  # found missing now, not after the model is built
         given = getattr(args, name, None)
         if given is not None and not Path(given).is_file():
             msg = f"{given}: {'not a file' if Path(given).exists() else 'no such file'} (--{name})"
             raise CheckpointError(msg)
+    check_output(args.output, force=args.force, inputs=_inputs(args))  # the text: a trailing separator counts
     output = Path(args.output)
-    if (output.suffix.lower() == ".onnx") != (args.command == "export"):
-        msg = (f"{args.command} writes a checkpoint (.pt/.pth/.bin/.safetensors), not {output.name}; "
-               "wn-transform export writes ONNX" if args.command != "export"
+    if (output.suffix.lower() in _CHECKPOINT_OUTPUTS) == (args.command == "export") or (
+            args.command == "export" and output.suffix.lower() != ".onnx"):
+        also = "; wn-transform export writes ONNX" if output.suffix.lower() == ".onnx" else ""
+        msg = (f"{args.command} writes a checkpoint (.pt/.pth/.bin/.ckpt/.tar: torch.save's archive, or "
+               f".safetensors), not {output.name}{also}" if args.command != "export"
                else f"export writes an ONNX model: name the output *.onnx, not {output.name}")
         raise _UsageError(msg)
-    check_output(args.output, force=args.force, inputs=_inputs(args))  # the text: a trailing separator counts
     data = Path(f"{args.output}.data")  # where an export above 2 GB puts its weights
     if args.command == "export" and (data.exists() or data.is_symlink()):
         check_output(data, force=args.force, inputs=_inputs(args))

@@ -90,6 +90,7 @@ class InitNotes:
     nearly_constant_units: dict[str, int] = field(default_factory=dict)  # sigma < 1e-3 |mu|: std 1 to within rounding
     unreached: list[str] = field(default_factory=list)  # never ran on a row of the batch: scale kept
     unreached_units: dict[str, int] = field(default_factory=dict)  # pieces of a split weight no op used: scale kept
+    split_unfollowed: list[str] = field(default_factory=list)  # split in a way the pass does not follow: scale kept
     unseen: list[str] = field(default_factory=list)  # read by code the pass cannot follow (TorchScript): scale kept
     bias_not_set: list[str] = field(default_factory=list)  # bias is not a parameter of the model
     recurrent_kept: list[str] = field(default_factory=list)  # hidden-to-hidden weights: scale kept
@@ -123,7 +124,8 @@ class _State:
     read: bool = False  # the layer's weight was read (handed out as v) in the pass
     seen: bool = False  # an op the pass intercepts used the weight, or read its metadata (w.shape): not hidden
     calls: int = 0  # op calls that read the weight in the pass, before it was calibrated
-    pieces_done: list[slice] = field(default_factory=list)  # units calibrated through pieces split off v
+    pieces_done: Tensor | None = None  # per unit, whether calibrated through a piece split off v (bool, CPU)
+    split_unfollowed: bool = False  # v was split in a way the pass does not follow (see _follow_views)
 
 
 def resample_directions(model: nn.Module, targets: list[Target], *, std: float = 0.05, generator: torch.Generator | None = None,
@@ -211,11 +213,13 @@ def data_init(model: nn.Module, targets: list[Target], sample_batch: batch_mod.S
     notes.nearly_constant_units = mode.nearly_constant_units()
     with torch.no_grad():
         for state in states:
-            if not state.done and state.pieces_done:  # the pieces calibrated keep g and bias; the others their scale
-                notes.unreached_units[state.target.qualname] = state.g.numel() - _units_in(state.pieces_done)
+            if not state.done and state.pieces_done is not None:  # the pieces calibrated keep g and bias; the
+                notes.unreached_units[state.target.qualname] = int((~state.pieces_done).sum())  # others their scale
             elif not state.done:
                 state.g.copy_(backup.g[id(state)])
-                if state.read and not state.seen:  # read, then used where the pass cannot see (TorchScript)
+                if state.split_unfollowed:
+                    notes.split_unfollowed.append(state.target.qualname)
+                elif state.read and not state.seen:  # read, then used where the pass cannot see (TorchScript)
                     notes.unseen.append(state.target.qualname)
                 else:
                     notes.unreached.append(state.target.qualname)
@@ -233,7 +237,7 @@ def _check_finite_gains(states: list[_State]) -> None:
     as ``g = 0``, which is right only for a unit with no direction (a layer the init keeps as it
     was: an all-zero hidden-to-hidden row); ``g = s/sigma`` beyond a half-precision layer's range
     is an overflow of its dtype, said so."""
-    states = [state for state in states if state.done]
+    states = [state for state in states if state.done or state.pieces_done is not None]  # (the other units: as given)
     if _gains_finite_and_nonzero(states):  # the usual case, told by one read per device
         return
     for state in states:
@@ -308,8 +312,9 @@ def _run_pass(model: nn.Module, states: list[_State], mode: _CalibrationMode, sa
         state.done = False
         state.running_mean = None
         _stop_measuring(state)  # what a stopped pass left
-        state.read = state.seen = False
+        state.read = state.seen = state.split_unfollowed = False
         state.calls = 0
+        state.pieces_done = None
         if direct:
             state.wn.calibrator = _LayerInput(mode, state)
         else:
@@ -716,7 +721,7 @@ class _CalibrationMode(TorchFunctionMode):
         bound = dict(zip(SIGNATURES[name], args)) | kwargs
         weight_key = "mat2" if name == "addmm" else "other" if use.kind == "matmul" else "weight"
         fit = None
-        if not state.done and found.units not in state.pieces_done:  # t' = op(x, v) without bias: v until calibrated
+        if not state.done and not _piece_calibrated(state, found.units):  # t' = op(x, v) without bias: v until calibrated
             x = _data_operand(bound)
             if self._passes_over(state, x):
                 result = func(*args, **kwargs)  # what the layer computes before the init
@@ -735,7 +740,7 @@ class _CalibrationMode(TorchFunctionMode):
                                   native=use.kind if use.weight is state.v else None,
                                   groups=int(bound.get("groups", 1)) if use.kind in ("conv", "conv_transpose") else 1,
                                   terms=_Terms(x, lambda: _op_terms(func, use, bound, weight_key)))
-            if found.units != slice(None):
+            if found.units != slice(None) and not isinstance(fit, _Handed):  # (no row here: a later call calibrates it)
                 self._piece_done(state, found.units)
             if not self.exact and name != "addmm" and not fit.real:  # hand on g*t + b, from t' (bias included)
                 return fit.output()
@@ -790,18 +795,21 @@ class _CalibrationMode(TorchFunctionMode):
             return result
         if mapping[1] is None and isinstance(result, Tensor):
             self._remember(result, parent.state, lambda: func(parent.rebuild(), *args[1:], **kwargs), parent.units)
-        elif mapping[1] is not None and args[0] is parent.state.v and isinstance(result, (tuple, list)):
-            self._remember_pieces(parent, mapping[1], result, lambda: func(parent.rebuild(), *args[1:], **kwargs))
+        elif mapping[1] is not None and isinstance(result, (tuple, list)):
+            self._remember_pieces(parent, args[0], mapping[1], result,
+                                  lambda: func(parent.rebuild(), *args[1:], **kwargs))
         return result
 
-    def _remember_pieces(self, parent: _Produced, axis: int, pieces: Sequence[Any],
+    def _remember_pieces(self, parent: _Produced, split: Tensor, axis: int, pieces: Sequence[Any],
                          rebuild: Callable[[], Sequence[Tensor]]) -> None:
-        """Remember the pieces ``v`` was split into along ``axis``, each with its range of units, where
-        that axis is the layer's unit axis (no groups, no mean-only batch norm, which centres the
-        whole output)."""
+        """Remember the pieces ``split`` was cut into along ``axis``, each with its range of units, where
+        ``split`` is ``v`` itself, that axis is the layer's unit axis, and the layer has no groups and no
+        mean-only batch norm (which centres the whole output); else the layer is noted: its split is
+        not followed (a split of ``v.t()``), so it is not calibrated."""
         state = parent.state
-        if (axis != state.wn.dim % state.v.ndim or state.wn.groups != 1 or state.mean_only_bn is not None
-                or not all(isinstance(piece, Tensor) for piece in pieces)):
+        if (split is not state.v or axis != state.wn.dim % state.v.ndim or state.wn.groups != 1
+                or state.mean_only_bn is not None or not all(isinstance(piece, Tensor) for piece in pieces)):
+            state.split_unfollowed = not state.done
             return
         start = 0
         for i, piece in enumerate(pieces):
@@ -811,8 +819,10 @@ class _CalibrationMode(TorchFunctionMode):
 
     def _piece_done(self, state: _State, units: slice) -> None:
         """A piece of the layer's units is calibrated; the layer is, once every unit is."""
-        state.pieces_done.append(units)
-        if _units_in(state.pieces_done) == state.g.numel():
+        if state.pieces_done is None:
+            state.pieces_done = torch.zeros(state.g.numel(), dtype=torch.bool)
+        state.pieces_done[units] = True
+        if bool(state.pieces_done.all()):
             self._finish(state)
 
     def _calibrate(self, state: _State, t_raw: Tensor, unit_dim: int, bias: Tensor | None,
@@ -1372,9 +1382,10 @@ def _unit_norms(state: _State, units: slice, out: Tensor) -> Tensor:
     return unit_norm(v, state.wn.layout, out=out).view(-1)
 
 
-def _units_in(pieces: list[slice]) -> int:
-    """How many units the (disjoint) ``pieces`` hold."""
-    return sum(piece.stop - piece.start for piece in pieces)
+def _piece_calibrated(state: _State, units: slice) -> bool:
+    """Whether every unit of a piece split off the layer's ``v`` is calibrated (False for ``v`` whole,
+    which is calibrated when its layer is done)."""
+    return units != slice(None) and state.pieces_done is not None and bool(state.pieces_done[units].all())
 
 
 def _current_weight(state: _State) -> Tensor:

@@ -27,6 +27,9 @@ from torch.utils._pytree import tree_map
 __all__ = ["Place", "Symbol", "find_symbols", "grow"]
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+#: What a derived dim of torch.export looks like (``2*T``, ``s0 + 1``, ``(T//2)``, ``Max(1, s0 - 1)``):
+#: names, integers, arithmetic, parentheses and commas; nothing else is read as an expression.
+_EXPRESSION = re.compile(r"[A-Za-z0-9_+\-*/%() ,]+")
 
 
 @dataclass(frozen=True)
@@ -116,12 +119,21 @@ def grow(sample_batch: Any, names: Sequence[str], tensors: Sequence[torch.Tensor
 
 
 def _parse(dim: str) -> sympy.Expr:
-    """A dim name or expression as a sympy expression; anything sympy cannot read is one symbol."""
-    try:
-        expr = sympy.sympify(dim, locals={name: sympy.Symbol(name) for name in _NAME.findall(dim)})
-    except (sympy.SympifyError, SyntaxError, TypeError):
+    """A dim name or expression as a sympy expression; anything else is one symbol: a name as it is
+    (``lambda``, ``E``: not sympy's), and what sympy cannot read as an expression of the names in it
+    alone (``time.steps``, an attribute access; ``batch-size``, where the names are not all symbols)."""
+    if dim.isidentifier():
         return sympy.Symbol(dim)
-    return expr if isinstance(expr, sympy.Expr) and expr.free_symbols else sympy.Symbol(dim)
+    names = _NAME.findall(dim)
+    if not _EXPRESSION.fullmatch(dim):
+        return sympy.Symbol(dim)
+    try:
+        expr = sympy.sympify(dim, locals={name: sympy.Symbol(name) for name in names})
+    except (sympy.SympifyError, SyntaxError, TypeError, AttributeError, ValueError):
+        return sympy.Symbol(dim)
+    if not isinstance(expr, sympy.Expr) or not expr.free_symbols or {str(s) for s in expr.free_symbols} - set(names):
+        return sympy.Symbol(dim)
+    return expr
 
 
 def _solve(symbols: list[sympy.Symbol], sized: list[tuple[int, sympy.Expr]]) -> dict[sympy.Symbol, int]:

@@ -35,6 +35,7 @@ outputs (:data:`DEFAULT_TOLERANCES`): float16 rounding is far above float32's to
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import functools
@@ -46,6 +47,7 @@ import shutil
 import sys
 import tempfile
 import time
+import types
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -230,7 +232,7 @@ class _Inputs:
     names: list[str]  # one per tensor leaf of (args, kwargs), in flattening order
     tensors: list[torch.Tensor]
     bound: dict[str, Any] | None  # forward's argument name -> value (None: no signature)
-    varargs: bool = False  # the forward takes *args, and the batch fills them
+    varargs: str | None = None  # the forward's *args parameter, where the batch fills it
     var_keyword: str | None = None  # the forward's **kwargs parameter, where the batch gives it inputs
     # (a Hugging Face model's output_hidden_states=True, everything peft's PeftModel.forward gets)
 
@@ -272,11 +274,16 @@ def export_onnx(
             traces the model and is the batch the ONNX file is verified on.
         path: the ``.onnx`` file to write; its folder must exist.
         opset: the ONNX opset (default: the exporter's default).
-        dynamic_batch: make dim 0 of every tensor input (of 1 or more dims) dynamic.
+        dynamic_batch: make dim 0 of every tensor input (of 1 or more dims) dynamic: ``batch``
+            where it is the batch size (the most common dim 0 above 1), static where it is 1
+            beside a larger batch (a row broadcast against it).
             ``False``: every shape is fixed to the sample's.
         dynamic_shapes: explicit dynamic shapes, in ``torch.export`` form (a tuple over the
             positional inputs or a dict over the forward's argument names; per tensor a dict
-            ``{axis: Dim | str}``); replaces ``dynamic_batch``.  For the TorchScript
+            ``{axis: Dim | str}``, a negative axis counted from the end; for a ``forward(*xs)``,
+            one entry per input or torch.export's one tuple for ``xs``); replaces ``dynamic_batch``.
+            An axis name is a Python identifier, and one name is given to axes of one size in
+            the sample batch.  For the TorchScript
             exporter it is translated to ``dynamic_axes`` (top-level tensor inputs only).
             An axis asked to be dynamic (not ``Dim.AUTO``) that the exporter fixed is an
             error.  Every axis the file declares dynamic is verified: on the sample batch, then
@@ -294,7 +301,8 @@ def export_onnx(
             ``f`` the typical magnitude of the output's computed values on the sample batch
             (rounding is absolute at the activations' scale, so an element near zero carries its
             neighbours' error; zeros, sentinels and a block of far larger magnitudes are left out
-            of it: ``_floor_magnitude``).  Integer and bool outputs must be equal.
+            of it: ``_floor_magnitude``).  Integer and bool outputs must be equal, compared in their
+            own dtype; an output of another dtype than PyTorch's disagrees.
             Left out (``None``), each follows the least precise floating dtype among the
             model's parameters and outputs (:data:`DEFAULT_TOLERANCES`): float32's ``1e-3``,
             ``1e-5``; float16's ``1e-2``, ``1e-3``; bfloat16's ``8e-2``, ``8e-3``.
@@ -311,8 +319,10 @@ def export_onnx(
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, or the batch is not a tensor/tuple/dict.
-        ValueError: a bad argument (``exporter``, ``rtol``/``atol``, embedding > 2 GB).
-        FileExistsError: ``path`` exists and ``overwrite`` is False.
+        ValueError: a bad argument (``exporter``, ``rtol``/``atol``, embedding > 2 GB, ``dynamic_shapes``
+            that no exporter can honour).
+        FileExistsError: ``path`` exists and ``overwrite`` is False (or ``<path>.data``, where the
+            weights go there: refused before the model runs).
         FileNotFoundError: the folder of ``path`` does not exist.
         PermissionError: the folder of ``path`` cannot be written in (found before any work).
         OSError: the file did not fit (a full disk, a quota or a file-size limit); it names ``path``.
@@ -337,7 +347,8 @@ def export_onnx(
     _refuse_meta(model, sample_batch)
     batch_mod.check_no_nan(sample_batch)
     job = _fold_for_export(model, sample_batch, target, data_target, opset=opset, dynamic_batch=dynamic_batch,
-                           dynamic_shapes=dynamic_shapes, external_data=external_data, rtol=rtol, atol=atol, say=say)
+                           dynamic_shapes=dynamic_shapes, external_data=external_data, overwrite=overwrite, rtol=rtol,
+                           atol=atol, say=say)
 
     tmpdir = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=os.path.dirname(target))
     job.tmp_file = os.path.join(tmpdir, os.path.basename(target))
@@ -365,8 +376,7 @@ def _non_finite_notes(reference: Any, output_names: list[str]) -> list[str]:
     """A note per output whose PyTorch values on the sample batch hold NaN or inf: the check matched
     them position for position, which says nothing of the values the model should have computed."""
     notes = []
-    tensors = [leaf for leaf in tree_leaves(reference) if isinstance(leaf, torch.Tensor)]
-    for name, tensor in zip(output_names, tensors):
+    for name, tensor in zip(output_names, _output_tensors(reference)):
         if not (tensor.is_floating_point() or tensor.is_complex()):
             continue
         nan, inf = int(tensor.isnan().sum()), int(tensor.isinf().sum())
@@ -427,31 +437,41 @@ class _Exported(NamedTuple):
 
 def _fold_for_export(model: nn.Module, sample_batch: batch_mod.SampleBatch, target: str, data_target: str, *,
                      opset: int | None, dynamic_batch: bool, dynamic_shapes: Any, external_data: bool | None,
-                     rtol: float | None, atol: float | None, say: Progress) -> _Job:
+                     overwrite: bool, rtol: float | None, atol: float | None, say: Progress) -> _Job:
     """Fold a copy of ``model``, run it on the sample batch, and settle what the file will hold."""
     start = time.perf_counter()
     say("folding weight norm into plain weights (on a copy)")
     folded = fold_weight_norm(copy_model(model, instead="fold it yourself first, fold_weight_norm(model, "
                                                   "inplace=True), and export that"), inplace=True)
     folded.eval()
+    state = {key: value for key, value in folded.state_dict().items()  # (not a module's _extra_state, nor
+             if isinstance(value, torch.Tensor) and not value.is_quantized}  # a quantized layer's packed weights)
+    use_external = _external_data(state, external_data)
+    if use_external and external_data is None:  # decided by size: refused now, not after the export's work
+        _refuse_existing(target, data_target, overwrite=overwrite)
     say("running the folded model on the sample batch")
     with torch.no_grad():
         reference = batch_mod.run(folded, sample_batch)
     rtol, atol = _tolerances(folded, reference, rtol, atol)
     inputs = _layout_inputs(folded, sample_batch)
     if dynamic_shapes is not None:
-        _check_dynamic_shapes(dynamic_shapes, inputs)
-    state = {key: value for key, value in folded.state_dict().items()  # (not a module's _extra_state, nor
-             if isinstance(value, torch.Tensor) and not value.is_quantized}  # a quantized layer's packed weights)
+        dynamic_shapes = _prepared_dynamic_shapes(dynamic_shapes, inputs)
+    timings = {"fold": time.perf_counter() - start}
+    return _Job(folded, sample_batch, reference, inputs, state, _output_names(reference, inputs.names), rtol, atol,
+                opset, dynamic_batch, dynamic_shapes, use_external, target, data_target, say, timings)
+
+
+def _external_data(state: dict[str, torch.Tensor], external_data: bool | None) -> bool:
+    """Whether the weights go to ``<path>.data``: as asked, else (``None``) above
+    :data:`EXTERNAL_DATA_THRESHOLD` bytes.  Decided on the folded copy before it runs, so that an
+    existing ``<path>.data`` is refused before the export's work."""
     weight_bytes = _state_bytes(state)
     use_external = weight_bytes > EXTERNAL_DATA_THRESHOLD if external_data is None else bool(external_data)
     if not use_external and weight_bytes > _PROTOBUF_LIMIT:
         msg = (f"the model holds {_human_bytes(weight_bytes)} of weights, more than one ONNX file can embed "
                f"(2 GB); use external_data=True or None")
         raise ValueError(msg)
-    timings = {"fold": time.perf_counter() - start}
-    return _Job(folded, sample_batch, reference, inputs, state, _output_names(reference, inputs.names), rtol, atol,
-                opset, dynamic_batch, dynamic_shapes, use_external, target, data_target, say, timings)
+    return use_external
 
 
 def _export_checked(job: _Job, exporter: Exporter, tmpdir: str) -> _Exported:
@@ -467,9 +487,10 @@ def _export_checked(job: _Job, exporter: Exporter, tmpdir: str) -> _Exported:
                 job.folded, job.inputs, job.output_names, tmpdir, opset=job.opset, dynamic_batch=job.dynamic_batch,
                 dynamic_shapes=job.dynamic_shapes, exporter=attempt, say=job.say)
         except ExportError as exc:
-            if rejected is None:
+            hint = _number_outputs_hint(job.reference, job.output_names)
+            if rejected is None and not hint:
                 raise
-            msg = f"both exporters failed; dynamo: its {rejected}; {exc}"  # (the TorchScript exporter's, after)
+            msg = f"{exc}{hint}" if rejected is None else f"both exporters failed; dynamo: its {rejected}; {exc}{hint}"
             raise type(exc)(msg) from exc
         fallback_reason = fallback_reason or rejected
         try:
@@ -489,6 +510,19 @@ def _export_checked(job: _Job, exporter: Exporter, tmpdir: str) -> _Exported:
             why = rejected or f"export failed ({fallback_reason})"  # say why this is TorchScript's file
             msg = f"{exc} [this is the TorchScript exporter's file: the dynamo exporter's {why}]"
             raise type(exc)(msg) from exc
+
+
+def _number_outputs_hint(reference: Any, output_names: list[str]) -> str:
+    """What to add to a failed export of a model that returns Python numbers beside its tensors: the
+    exporters write one computed from an input's shape (``x.shape[0]``) as a 0-d output, but not a
+    constant (``3``, ``0.5``, ``True``), which no graph computes from the inputs; '' where it returns none."""
+    numbers = [f"'{name}' = {leaf!r}" for name, leaf in zip(output_names, _output_leaves(reference))
+               if isinstance(leaf, _NUMBERS)]
+    if not numbers:
+        return ""
+    return (f" [the model returns Python numbers beside its tensors ({few(numbers, 3)}): an exporter writes one "
+            "read off an input's shape as a 0-d output, but not a constant; return such a value as a tensor "
+            "computed from the inputs, or leave it out of the forward's outputs]")
 
 
 def _middle_cut(text: str, most: int = 1000) -> str:
@@ -695,7 +729,7 @@ def _layout_inputs(model: nn.Module, sample_batch: batch_mod.SampleBatch) -> _In
         bound = signature.bind(*args, **kwargs).arguments
     except (TypeError, ValueError):
         signature, bound = None, None
-    varargs, var_keyword = False, None
+    varargs, var_keyword = None, None
     if signature is not None and bound is not None:
         bound = dict(bound)
         ordered = {}
@@ -711,7 +745,7 @@ def _layout_inputs(model: nn.Module, sample_batch: batch_mod.SampleBatch) -> _In
                 continue
             if param.kind is inspect.Parameter.VAR_POSITIONAL:
                 named += [(f"{name}_{i}", value) for i, value in enumerate(bound[name])]
-                varargs = True
+                varargs = name
             elif param.kind is inspect.Parameter.VAR_KEYWORD:
                 named += list(bound[name].items())
                 var_keyword = name
@@ -720,12 +754,25 @@ def _layout_inputs(model: nn.Module, sample_batch: batch_mod.SampleBatch) -> _In
     else:
         named = [(f"input_{i}", value) for i, value in enumerate(args)] + list(kwargs.items())
     names, tensors = [], []
+    top_level = {base for base, value in named if isinstance(value, torch.Tensor)}
     for base, value in named:
         for key_path, leaf in _leaves_with_paths(value):
             if isinstance(leaf, torch.Tensor):
-                names.append("_".join([base, *(_key_str(k) for k in key_path)]))
+                names.append(_input_name(base, [_key_str(k) for k in key_path], top_level, names))
                 tensors.append(leaf)
     return _Inputs(args, kwargs, names, tensors, bound, varargs, var_keyword)
+
+
+def _input_name(base: str, parts: list[str], top_level: set[str], taken: list[str]) -> str:
+    """The name of a tensor input: ``base`` for a top-level tensor, else ``base`` and its path joined
+    by ``_`` (``pair_0``), with ``_in`` appended until it is no top-level tensor's name and no earlier
+    input's: a ``forward(x, x_0)`` whose ``x`` is a pair would otherwise give two inputs ``x_0``, which
+    the dynamo exporter refuses and onnxruntime cannot be fed.  Top-level names stay as they are:
+    ``dynamic_shapes`` and the file's users know the inputs by them."""
+    name = "_".join([base, *parts])
+    while parts and (name in top_level or name in taken):
+        name += "_in"
+    return name
 
 
 def _leaves_with_paths(value: Any) -> list[tuple[tuple, Any]]:
@@ -754,10 +801,11 @@ def _key_str(key: Any) -> str:
 
 
 def _output_names(outputs: Any, input_names: list[str]) -> list[str]:
-    """``output`` for a lone tensor; ``output_0``, ``output_1.0`` for sequences; dict keys as is."""
+    """``output`` for a lone tensor; ``output_0``, ``output_1.0`` for sequences; dict keys as is.  A Python
+    number beside the tensors (``x.shape[0]``) is an output too (:func:`_output_tensors`)."""
     names = []
     for key_path, leaf in _leaves_with_paths(outputs):
-        if not isinstance(leaf, torch.Tensor):
+        if not isinstance(leaf, (torch.Tensor, *_NUMBERS)):
             continue
         parts = [_key_str(k) for k in key_path]
         if not parts:
@@ -772,19 +820,48 @@ def _output_names(outputs: Any, input_names: list[str]) -> list[str]:
     return names
 
 
+#: Python values a forward may return beside its tensors that the exporters write as 0-d outputs (a
+#: length read off a dynamic axis, ``x.shape[1]``).
+_NUMBERS = (bool, int, float)
+
+
+def _output_leaves(outputs: Any) -> list[torch.Tensor | bool | int | float]:
+    """The leaves of a forward's outputs that the file has as outputs, in its order: tensors and
+    Python numbers."""
+    return [leaf for leaf in tree_leaves(outputs) if isinstance(leaf, (torch.Tensor, *_NUMBERS))]
+
+
+def _output_tensors(outputs: Any) -> list[torch.Tensor]:
+    """The outputs the file has, in its order: each tensor, and each Python number (``x.shape[0]``)
+    as the 0-d tensor the exporters write it as (an int as int64, a bool as bool)."""
+    return [leaf if isinstance(leaf, torch.Tensor) else torch.tensor(leaf) for leaf in _output_leaves(outputs)]
+
+
 def _batch_axes(inputs: _Inputs) -> dict[str, dict[int, str]]:
     """``{input: {0: axis name}}`` for every tensor input of 1 or more dims.
 
-    Inputs whose dim 0 equals the first input's share the name ``batch``; others get their own,
-    except a dim 0 of size 1 beside a larger batch: a row broadcast against it, kept static (an
-    exporter would tie it to the batch, which it broadcasts against).
+    Inputs whose dim 0 is the batch size (:func:`_batch_size`) share the name ``batch``; others get
+    their own, except a dim 0 of size 1 beside a larger batch: a row broadcast against it, kept
+    static (an exporter would tie it to the batch, which it broadcasts against).
     """
     axes = {}
-    first = next((t.shape[0] for t in inputs.tensors if t.dim() > 0), None)
+    batch = _batch_size(inputs.tensors)
     for name, tensor in zip(inputs.names, inputs.tensors):
-        if tensor.dim() > 0 and not (tensor.shape[0] == 1 != first):
-            axes[name] = {0: "batch" if tensor.shape[0] == first else f"{name}_dim0"}
+        if tensor.dim() > 0 and not (tensor.shape[0] == 1 != batch):
+            axes[name] = {0: "batch" if tensor.shape[0] == batch else f"{name}_dim0"}
     return axes
+
+
+def _batch_size(tensors: list[torch.Tensor]) -> int | None:
+    """The batch size of the sample: the most common dim 0 above 1 among the tensor inputs (the first
+    input's on a tie), 1 where every dim 0 is 1, None without an input of 1 or more dims.  Not simply
+    the first input's: a row broadcast against the batch (``forward(row, x)``, ``row`` of
+    ``[1, D]``) may come first."""
+    sizes = [t.shape[0] for t in tensors if t.dim() > 0]
+    larger = [size for size in sizes if size > 1]
+    if larger:
+        return collections.Counter(larger).most_common(1)[0][0]
+    return sizes[0] if sizes else None
 
 
 def _dynamo_batch_shapes(inputs: _Inputs, axes: dict[str, dict[int, str]]) -> tuple | dict:
@@ -819,9 +896,154 @@ def _named_specs(dynamic_shapes: Any, inputs: _Inputs) -> list[tuple[str, Any]]:
         params = list(inputs.bound) if inputs.bound is not None else [f"input_{i}" for i in range(len(inputs.args))]
         items = list(zip(params, dynamic_shapes))
     # a var-keyword parameter (forward(self, **inputs)) holds its keyword inputs, each a top-level input
-    # (not a dict input's entries, whose keys may repeat a top-level input's name)
+    # (not a dict input's entries, whose keys may repeat a top-level input's name); a var-positional one
+    # (forward(self, *xs)) a tuple over its inputs, named xs_0, xs_1 as _layout_inputs names them
     return [pair for name, spec in items for pair in (
-        spec.items() if name == inputs.var_keyword and _keyed_by_name(spec) else [(name, spec)])]
+        spec.items() if name == inputs.var_keyword and _keyed_by_name(spec) else
+        [(f"{name}_{i}", part) for i, part in enumerate(spec)]
+        if name == inputs.varargs and isinstance(spec, (tuple, list)) else [(name, spec)])]
+
+
+def _positional_entries(inputs: _Inputs) -> int:
+    """How many entries a tuple of dynamic shapes has: one per positional input, where the forward's
+    ``*args`` parameter takes one for all of its inputs (``torch.export`` binds them to it)."""
+    if inputs.varargs is None or inputs.bound is None:
+        return len(inputs.args)
+    return list(inputs.bound).index(inputs.varargs) + 1
+
+
+def _prepared_dynamic_shapes(dynamic_shapes: Any, inputs: _Inputs) -> Any:
+    """``dynamic_shapes`` checked and in the one form both exporters read alike: a ``*args``
+    parameter's inputs under its name (:func:`_regrouped_varargs`), every axis numbered from 0
+    (:func:`_nonnegative_axes`: torch 2.13's dynamo exporter ignores a negative axis, and its
+    TorchScript exporter aborts the process on one), every axis name an identifier given to axes
+    of one size (:func:`_check_axis_names`)."""
+    dynamic_shapes = _regrouped_varargs(dynamic_shapes, inputs)
+    _check_dynamic_shapes(dynamic_shapes, inputs)
+    dynamic_shapes = _map_tensor_specs(dynamic_shapes, inputs, _nonnegative_axes)
+    _check_axis_names(dynamic_shapes, inputs)
+    return dynamic_shapes
+
+
+def _regrouped_varargs(dynamic_shapes: Any, inputs: _Inputs) -> Any:
+    """For a ``forward(self, *xs)``, a tuple of dynamic shapes with one entry per input (as for any
+    other forward) regrouped into ``torch.export``'s form, where ``xs`` takes one entry, a tuple over
+    its inputs.  One given in that form already is returned as it is (with a single input, a tuple of
+    one spec in ``xs``'s place is that form)."""
+    if inputs.varargs is None or inputs.bound is None or not isinstance(dynamic_shapes, (tuple, list)):
+        return dynamic_shapes
+    at, count = _positional_entries(inputs) - 1, len(inputs.bound[inputs.varargs])
+    specs = list(dynamic_shapes)
+    if len(specs) != at + count or (count == 1 and _varargs_form(specs[at], count)):
+        return dynamic_shapes
+    return (*specs[:at], tuple(specs[at:]))
+
+
+def _varargs_form(entry: Any, count: int) -> bool:
+    """Whether a dynamic-shapes entry in a ``*xs`` parameter's place is a tuple over its ``count``
+    inputs (each None or a spec), not one tensor's spec (a dict of axes, or a list of one entry per axis)."""
+    return isinstance(entry, (tuple, list)) and len(entry) == count and all(
+        part is None or isinstance(part, (Mapping, tuple, list)) for part in entry)
+
+
+def _map_tensor_specs(dynamic_shapes: Any, inputs: _Inputs, change: Callable[[str, torch.Tensor, Any], Any]) -> Any:
+    """``dynamic_shapes`` rebuilt with ``change(input name, tensor, spec)`` in place of each tensor
+    input's spec (a dict or list of its axes), nested ones included (a tuple input's parts, a dict
+    input's entries), each named as :func:`_layout_inputs` names it; a spec that sits on no tensor of
+    the batch (None, or one torch.export will refuse) is kept as it is."""
+    bound = inputs.bound if inputs.bound is not None else {
+        **{f"input_{i}": value for i, value in enumerate(inputs.args)}, **inputs.kwargs}
+    if isinstance(dynamic_shapes, Mapping):
+        return {key: _map_spec(spec, bound.get(key), str(key), change, by_key=key == inputs.var_keyword)
+                for key, spec in dynamic_shapes.items()}
+    specs = [_map_spec(spec, value, name, change) for spec, (name, value) in zip(dynamic_shapes, bound.items())]
+    return tuple(specs) if isinstance(dynamic_shapes, tuple) else specs
+
+
+def _map_spec(spec: Any, value: Any, name: str, change: Callable[[str, torch.Tensor, Any], Any], *,
+              by_key: bool = False) -> Any:
+    """:func:`_map_tensor_specs` of one input ``value`` called ``name``; ``by_key``: the entries of a
+    ``**kwargs`` parameter, named by their keys alone."""
+    if isinstance(value, torch.Tensor):
+        return change(name, value, spec) if isinstance(spec, (Mapping, tuple, list)) else spec
+    if isinstance(value, (tuple, list)) and isinstance(spec, (tuple, list)) and len(spec) == len(value):
+        parts = [_map_spec(part, item, f"{name}_{i}", change) for i, (part, item) in enumerate(zip(spec, value))]
+        return tuple(parts) if isinstance(spec, tuple) else parts
+    if isinstance(value, Mapping) and isinstance(spec, Mapping):
+        return {key: _map_spec(part, value.get(key), str(key) if by_key else f"{name}_{key}", change)
+                for key, part in spec.items()}
+    return spec
+
+
+def _nonnegative_axes(name: str, tensor: torch.Tensor, spec: Any) -> Any:
+    """A tensor's spec with each negative axis numbered from 0 (``-1`` of a 3-D input is ``2``); an
+    axis given twice, once from each end, is refused."""
+    if not isinstance(spec, Mapping):
+        return spec
+    axes: dict[Any, Any] = {}
+    for axis, dim in spec.items():
+        if isinstance(axis, int) and not isinstance(axis, bool) and -tensor.dim() <= axis < 0:
+            if axis + tensor.dim() in spec:
+                msg = (f"dynamic_shapes gives axis {axis + tensor.dim()} of input '{name}' twice, as "
+                       f"{axis + tensor.dim()} and as {axis}: give each axis once")
+                raise ValueError(msg)
+            axis += tensor.dim()
+        axes[axis] = dim
+    return axes
+
+
+def _check_axis_names(dynamic_shapes: Any, inputs: _Inputs) -> None:
+    """Refuse an axis name that is not a Python identifier (``"batch-size"``, ``"time.steps"``: the
+    file's dims are read back as expressions of names, ``2*T``, so it would be read as
+    ``batch - size``), and one name given to axes of different sizes in the sample batch (the file
+    would declare them one dim, and the verification could only grow them together)."""
+    axes: list[tuple[str, str, int, int]] = []
+
+    def collect(name: str, tensor: torch.Tensor, spec: Any) -> Any:
+        for axis, dim in (spec.items() if isinstance(spec, Mapping) else enumerate(spec)):
+            if isinstance(dim, str) and not dim.isidentifier():
+                msg = (f"dynamic_shapes names axis {axis} of input '{name}' {dim!r}, which is not a Python identifier "
+                       f"(letters, digits and '_', not starting with a digit): the file's dims are read as "
+                       f"expressions of names ('2*T'); use e.g. {_identifier(dim)!r}")
+                raise ValueError(msg)
+            label = dim if isinstance(dim, str) else _root_dim_name(dim)
+            if label is not None and isinstance(axis, int) and 0 <= axis < tensor.dim():
+                axes.append((label, name, axis, tensor.shape[axis]))
+        return spec
+
+    _map_tensor_specs(dynamic_shapes, inputs, collect)
+    if (conflict := size_conflict(axes)) is not None:
+        (label, first, first_axis, first_size), (_, other, axis, size) = conflict
+        msg = (f"dynamic_shapes names axis {first_axis} of input '{first}' ({first_size} in the sample batch) and "
+               f"axis {axis} of input '{other}' ({size}) both {label!r}, which declares them one length: give them "
+               f"different names (e.g. {label}_{other!s}), or a sample batch where they are equal")
+        raise ValueError(msg)
+
+
+def size_conflict(axes: list[tuple[str, str, int, int]],
+                  ) -> tuple[tuple[str, str, int, int], tuple[str, str, int, int]] | None:
+    """The first two of ``(axis name, input, axis, size in the sample)`` that give one name to
+    different sizes, or None.  (Shared with the command line's ``--dynamic``.)"""
+    first: dict[str, tuple[str, str, int, int]] = {}
+    for entry in axes:
+        seen = first.setdefault(entry[0], entry)
+        if seen[3] != entry[3]:
+            return seen, entry
+    return None
+
+
+def _root_dim_name(dim: Any) -> str | None:
+    """The name of a ``torch.export.Dim`` of its own (``Dim("T")``), which stands for one size;
+    None for anything else (a derived ``2*T``, ``Dim.AUTO``, a static axis)."""
+    if isinstance(dim, torch.export.Dim) and not hasattr(dim, "root"):
+        return dim.__name__
+    return None
+
+
+def _identifier(name: str) -> str:
+    """``name`` made an identifier, for an error's example: other characters as ``_``."""
+    fixed = "".join(c if c.isalnum() or c == "_" else "_" for c in name)
+    return fixed if fixed.isidentifier() else f"d_{fixed}"
 
 
 def _check_dynamic_shapes(dynamic_shapes: Any, inputs: _Inputs) -> None:
@@ -832,9 +1054,12 @@ def _check_dynamic_shapes(dynamic_shapes: Any, inputs: _Inputs) -> None:
     if not isinstance(dynamic_shapes, (Mapping, tuple, list)):
         msg = f"dynamic_shapes must be a tuple, list or dict mirroring the inputs, got {type(dynamic_shapes).__name__}"
         raise ValueError(msg)
-    if not isinstance(dynamic_shapes, Mapping) and not inputs.kwargs and len(dynamic_shapes) != len(inputs.args):
+    entries = _positional_entries(inputs)
+    if not isinstance(dynamic_shapes, Mapping) and not inputs.kwargs and len(dynamic_shapes) != entries:
+        varargs = (f", or one for *{inputs.varargs} (a tuple over its {len(inputs.args) - entries + 1} inputs), as "
+                   "torch.export takes it" if inputs.varargs is not None and inputs.bound is not None else "")
         msg = (f"dynamic_shapes has {len(dynamic_shapes)} entries for {len(inputs.args)} positional inputs "
-               f"({', '.join(inputs.names)}): give one per input (None for one with no dynamic axis)")
+               f"({', '.join(inputs.names)}): give one per input (None for one with no dynamic axis){varargs}")
         raise ValueError(msg)
     if isinstance(dynamic_shapes, Mapping) and inputs.bound is not None:
         _check_spec_keys(dynamic_shapes, inputs)
@@ -1179,7 +1404,9 @@ def _tensors_only(model: nn.Module, inputs: _Inputs) -> nn.Module:
     and turns Python numbers among them into graph inputs; called with nothing but tensors,
     its graph inputs are exactly ``inputs.names``.  The copy shares the model's submodules and
     parameters (same names) and rebuilds the original ``(args, kwargs)``, non-tensor values
-    included, before calling the model's own forward.
+    included, before calling the model's own forward.  The copy is of the model's own class, its
+    flat forward set on the instance: a subclass would run the class's ``__init_subclass__`` (a
+    registry of model classes by name would get the copy's class in place of the user's).
     """
     leaves, spec = tree_flatten((inputs.args, inputs.kwargs))
     positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
@@ -1192,9 +1419,9 @@ def _tensors_only(model: nn.Module, inputs: _Inputs) -> nn.Module:
         args, kwargs = tree_unflatten(filled, spec)
         return base.forward(self, *args, **kwargs)
 
-    flat_class = type(base.__name__, (base,), {"forward": forward, "__module__": base.__module__})
-    flat = flat_class.__new__(flat_class)  # not copy.copy: parametrized classes refuse pickling
+    flat = base.__new__(base)  # not copy.copy: parametrized classes refuse pickling
     flat.__dict__.update(model.__dict__)
+    flat.__dict__["forward"] = types.MethodType(forward, flat)  # found before the class's forward
     return flat
 
 
@@ -1304,7 +1531,7 @@ def _verify(session: Any, model: nn.Module, sample_batch: batch_mod.SampleBatch,
     shapes: dict[str, set[tuple[int, ...]]] = {}  # per output, the shapes it came out in over the runs
     floors = _output_floors(reference)
     for label, hint, run_inputs, expected in runs:
-        sizes.append(next((t.shape[0] for t in run_inputs.tensors if t.dim() > 0), 1))
+        sizes.append(1 if (size := _batch_size(run_inputs.tensors)) is None else size)
         say(f"verifying with onnxruntime ({label})")
         try:
             got = session.run(None, run_inputs.feed(session_inputs))
@@ -1489,10 +1716,10 @@ def _compare_outputs(session: Any, got: list[Any], expected: Any, rtol: float, a
     integer outputs (top-k indices) break the ties that permuted values make in their own ways.
     """
     onnx_names = [o.name for o in session.get_outputs()]
-    want = [leaf for leaf in tree_leaves(expected) if isinstance(leaf, torch.Tensor)]
+    want = _output_tensors(expected)
     if len(got) != len(want):
         msg = (f"the exported graph has {len(got)} outputs ({onnx_names}), the PyTorch model "
-               f"returns {len(want)} tensors")
+               f"returns {len(want)} tensors and numbers")
         raise ExportError(msg)
     floors = floors or [None] * len(want)
     return [(name, *_compare(np.asarray(onnx_value), torch_value, rtol, atol, nan_either=other_values, floor=floor))
@@ -1641,16 +1868,23 @@ def _compare(got: np.ndarray, tensor: torch.Tensor, rtol: float, atol: float, *,
 
     Within tolerance: every element's ``|got - want| <= atol + rtol * max(|want|, f)``, ``f`` the
     output's :func:`_floor_magnitudes` (``floor``, where given: the sample batch's); integer and
-    bool outputs (token ids, indices, masks) must be equal.  NaN agrees with NaN; with
-    ``nan_either``, with anything."""
+    bool outputs (token ids, indices, masks) must be equal, compared in their own dtype (int64 ids
+    beyond 2**53 differ by 1 in float64 too).  An output of another dtype than PyTorch's disagrees
+    whatever its values (an int32 sum that wraps where PyTorch's int64 does not).  NaN agrees with
+    NaN; with ``nan_either``, with anything."""
     exact = not (tensor.is_floating_point() or tensor.is_complex())
-    if exact:
-        rtol = atol = 0.0
     want = _to_numpy(tensor.detach().cpu().float() if tensor.dtype == torch.bfloat16 else tensor)
+    torch_dtype = str(tensor.dtype).removeprefix("torch.")  # (numpy has no bfloat16: want holds it as float32)
+    if got.dtype.name != torch_dtype:
+        why = (f"dtype {got.dtype.name} instead of PyTorch's {torch_dtype} (the exporter changed the output's type: "
+               f"its values can differ where the types' ranges or precisions do)")
+        return math.inf, math.inf, False, why, math.inf
     if got.shape != want.shape:
         return math.inf, math.inf, False, f"shape {list(got.shape)} instead of {list(want.shape)}", math.inf
     if got.size == 0:
         return 0.0, 0.0, True, "", 0.0
+    if exact:
+        return _compare_exact(got, want)
     a = got.astype(np.float64)
     b = want.astype(np.float64)
     both_nan = (np.isnan(a) | np.isnan(b)) if nan_either else (np.isnan(a) & np.isnan(b))
@@ -1669,14 +1903,27 @@ def _compare(got: np.ndarray, tensor: torch.Tensor, rtol: float, atol: float, *,
     with np.errstate(divide="ignore", invalid="ignore"):
         excess = float(np.max(np.where(diff == 0, 0.0, diff / allowance)))
     max_abs, max_rel = float(diff.max()), float(rel.max())
-    why = f"max abs diff {max_abs:.3g}, max rel diff {max_rel:.3g}"
-    if exact and not ok:
-        differ = int(np.count_nonzero(diff))
-        why = f"{differ} of {diff.size} elements differ, {why}"
-        if differ <= diff.size // 100:  # a few of many: a search over values that tie within rounding
-            why += (" (an argmax, argmin or top-k over values that tie within rounding may pick either: so few "
-                    "differing indices may be such ties, common in float16 and bfloat16; run that search in float32)")
-    return max_abs, max_rel, ok, why, excess
+    return max_abs, max_rel, ok, f"max abs diff {max_abs:.3g}, max rel diff {max_rel:.3g}", excess
+
+
+def _compare_exact(got: np.ndarray, want: np.ndarray) -> tuple[float, float, bool, str, float]:
+    """:func:`_compare` of an integer or bool output, of PyTorch's dtype: equal element for element,
+    compared as they are (not in float64, which holds integers exactly only up to 2**53).  A
+    difference is reported as at least 1, the least two integers can differ by."""
+    unequal = got != want
+    differ = int(np.count_nonzero(unequal))
+    if not differ:
+        return 0.0, 0.0, True, "", 0.0
+    a, b = got.astype(np.float64), want.astype(np.float64)
+    diff = np.where(unequal, np.maximum(np.abs(a - b), 1.0), 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(unequal, np.where(b != 0, diff / np.abs(np.where(b != 0, b, 1.0)), np.inf), 0.0)
+    max_abs, max_rel = float(diff.max()), float(rel.max())
+    why = f"{differ} of {diff.size} elements differ, max abs diff {max_abs:.3g}, max rel diff {max_rel:.3g}"
+    if differ <= diff.size // 100:  # a few of many: a search over values that tie within rounding
+        why += (" (an argmax, argmin or top-k over values that tie within rounding may pick either: so few "
+                "differing indices may be such ties, common in float16 and bfloat16; run that search in float32)")
+    return max_abs, max_rel, False, why, math.inf
 
 
 #: :func:`_floor_magnitude`: a value held by more than this share of an output's elements is a
@@ -1774,7 +2021,7 @@ def _output_floors(expected: Any) -> list[float | np.ndarray]:
     once from the sample batch's outputs, for its runs on grown batches too (which repeat its rows)."""
     return [_floor_magnitudes(_to_numpy(leaf.detach().cpu().double()), half=leaf.element_size() <= 2)
             if leaf.is_floating_point() else 0.0
-            for leaf in tree_leaves(expected) if isinstance(leaf, torch.Tensor)]
+            for leaf in _output_tensors(expected)]
 
 
 def _to_numpy(tensor: torch.Tensor) -> np.ndarray:

@@ -94,9 +94,10 @@ def fold_weight_norm(model: nn.Module, *, keep: Collection[str] = (), inplace: b
         model = held  # (copied below)
     refuse_ddp(model, "fold_weight_norm", FoldError)
     refuse_sharded(model, "fold_weight_norm", FoldError)
-    refuse_offloaded(model, "fold_weight_norm", FoldError)
-    keep = _first_names(model, [keep] if isinstance(keep, str) else keep)
     founds = find_weight_norms(model)
+    if founds:  # (a model without weight norm is returned as it is, offloaded or not)
+        refuse_offloaded(model, "fold_weight_norm", FoldError)
+    keep = _first_names(model, [keep] if isinstance(keep, str) else keep)
     weights = [found.qualname for found in founds]
     unknown = sorted(keep - set(weights))
     if unknown:

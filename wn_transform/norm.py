@@ -118,6 +118,8 @@ def unit_norm(v: Tensor, layout: UnitLayout, *, out: Tensor | None = None) -> Te
     ``out``: a contiguous tensor with one element per unit to write the norms to (no new
     tensor where its dtype is the norms'); the result is then ``out`` shaped like ``g``.
     """
+    if v.dtype.itemsize == 1 and v.dtype.is_floating_point:  # float8: torch promotes it with nothing
+        v = v.float()
     dtype = accumulation_dtype(v.dtype)
     target = out.view(layout.g_shape(v.shape)) if out is not None and out.dtype == dtype else None
     if layout.groups == 1:
@@ -212,6 +214,8 @@ def compose_weight(g: Tensor, v: Tensor, layout: UnitLayout | None, *, exp_scale
     if layout is None:
         whole = compose_weight(g.reshape(1, 1), v.reshape(1, -1), UnitLayout(0), exp_scale=exp_scale)
         return whole.reshape(v.shape)
+    if v.dtype.is_floating_point and v.dtype.itemsize == 1:  # float8: torch promotes it with nothing
+        return compose_weight(g.float(), v.float(), layout, exp_scale=exp_scale).to(v.dtype)
     scale = scale_from_norm(g, safe_norm(unit_norm(v, layout)), exp_scale=exp_scale)
     if layout.groups == 1:
         return (v * scale).to(v.dtype)

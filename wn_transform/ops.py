@@ -39,7 +39,7 @@ METADATA_OPS = frozenset(
     {"__get__", "size", "dim", "numel", "stride", "getattr", "is_contiguous", "sym_size", "__len__",
      "element_size", "is_floating_point", "data_ptr", "sym_numel", "sym_stride", "get_device",
      # new tensors of the parameter's dtype, device (and shape): w.new_zeros(n), torch.zeros_like(w)
-     "new_zeros", "new_ones", "new_empty", "new_full", "new_tensor", "zeros_like", "ones_like", "empty_like",
+     "new_zeros", "new_ones", "new_empty", "new_full", "zeros_like", "ones_like", "empty_like",
      "full_like", "rand_like", "randn_like", "randint_like"}
 )
 # Ops whose second tensor lends only its dtype and device: x.type_as(w), x.to(w).

@@ -64,7 +64,8 @@ class WeightNormReport:
                          "it runs more than once per forward, it is frozen, or no trace); its bias stays")
         if self.notes is not None:
             notes = self.notes
-            left_as_it_was = {*notes.recurrent_kept, *notes.frozen, *notes.unreached, *notes.unseen}
+            left_as_it_was = {*notes.recurrent_kept, *notes.frozen, *notes.unreached, *notes.unseen,
+                              *notes.split_unfollowed}
             for t in self.converted:
                 if t.uses > 1 and t.qualname not in left_as_it_was:  # the pass hands out v until the first op reading it has calibrated the layer
                     first = ("first call on data from the batch (not a constant the forward builds, DoRA's "
@@ -82,6 +83,10 @@ class WeightNormReport:
             for name, count in self.notes.unreached_units.items():
                 lines.append(f"  {name}: {count} of its units (pieces its weight was split into that no op used on the "
                              "batch) not calibrated; they kept their scale, the other pieces were standardized")
+            for name in self.notes.split_unfollowed:
+                lines.append(f"  {name}: its weight is split into pieces in a way the init pass does not follow (a split "
+                             "of a transposed or reshaped view, of a grouped weight, or of a layer behind a mean-only "
+                             "batch norm); not calibrated, kept its scale")
             for name in self.notes.unseen:
                 lines.append(f"  {name}: its weight was read in the init pass, but no op the pass can see used it: an op "
                              "it cannot follow did (a TorchScript function, an op run from C++), or the forward only "

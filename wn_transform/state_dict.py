@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .errors import WeightNormError, unknown_keep_message
+from .errors import FoldError, WeightNormError, unknown_keep_message
 from .norm import UnitLayout, accumulation_dtype, compose_weight, direct_zero_units_on_load, layout_from_shapes, unit_norm
 from .parametrization import EXP_SCALE_MARKER
 
@@ -61,13 +61,13 @@ def _legacy_pair(weight_key: str, g: torch.Tensor, v: torch.Tensor) -> bool:
     weight (``weight``, an LSTM's ``weight_ih_l0``, attention's ``in_proj_weight``: torch's own
     names) they are (a ``g`` that does not fit is then an error, and a single-input LSTM's
     ``[4H, 1]`` pair has units of one element).  Other
-    names are where ``g`` fits ``v`` (one norm per unit along one axis, or one for the whole
-    tensor) and, beyond a 1-D tensor, each unit holds more than one element: mixing coefficients
-    such as RWKV's ``time_maa_g``/``time_maa_v``, both ``[1, 1, C]``, and a gated unit's
-    ``w_g``/``w_v`` are ordinary tensors."""
+    names are where ``v`` has more than one axis, ``g`` fits it (one norm per unit along one axis,
+    or one for the whole tensor) and each unit holds more than one element: mixing coefficients
+    such as RWKV's ``time_maa_g``/``time_maa_v``, both ``[1, 1, C]``, a gated unit's
+    ``w_g``/``w_v`` and its biases ``b_g``/``b_v`` (``[C]`` each) are ordinary tensors."""
     if "weight" in weight_key.rpartition(".")[2]:
         return True
-    return not (v.ndim > 1 and g.numel() >= v.numel()) and _fits(g, v)
+    return v.ndim > 1 and g.numel() < v.numel() and _fits(g, v)
 
 
 def _could_be_gain(g: Tensor, v: Tensor) -> bool:
@@ -138,9 +138,12 @@ def find_state_dict_weight_norms(state_dict: Mapping[str, object]) -> list[State
         if layout == "parametrizations" and not _could_be_gain(g, v):  # another parametrization's (low-rank factors)
             continue
         dim, groups = _unit_axis(g, v, key, v_key)
-        if weight_key in state_dict or weight_key in seen:
-            other = weight_key if weight_key in state_dict else seen[weight_key]
-            msg = (f"{key}: {weight_key} is weight-normalized twice in this state dict (also {other}); "
+        if weight_key in state_dict:
+            msg = (f"{key}: this state dict holds both a plain {weight_key} and its weight-norm pair ({key}, "
+                   f"{v_key}); keep one of the two")
+            raise WeightNormError(msg)
+        if weight_key in seen:
+            msg = (f"{key}: {weight_key} is weight-normalized twice in this state dict (also {seen[weight_key]}); "
                    f"keep one of the two")
             raise WeightNormError(msg)
         seen[weight_key] = key
@@ -214,7 +217,7 @@ def fold_state_dict(state_dict: Mapping[str, object], *, keep: Collection[str] =
     unknown = sorted(keep - {wn.weight_key for wn in found})
     if unknown:
         msg = unknown_keep_message(unknown, [wn.weight_key for wn in found], "this state dict")
-        raise WeightNormError(msg)
+        raise FoldError(msg)  # (as fold_weight_norm's keep)
     pairs = {wn.g_key: wn for wn in found if wn.weight_key not in keep}
     for wn in pairs.values():
         _refuse_stacked(wn, "folding it")
