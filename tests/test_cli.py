@@ -549,7 +549,7 @@ def test_a_checkpoint_in_the_other_weight_norm_layout_loads_as_torch_would(tmp_p
 
 
 @pytest.mark.parametrize(("command", "name"), [("fold", "out.onnx"), ("convert", "out.onnx"), ("export", "out.pt"),
-                                               ("fold", "out.npz"), ("convert", "out"), ("export", "out.json")])
+                                               ("fold", "out.npz"), ("convert", "out.JSON"), ("export", "out")])
 def test_an_output_named_for_the_other_kind_of_file_is_refused_before_any_work(nested: Path, tmp_path: Path, command: str,
                                                                              name: str, capsys) -> None:
     args = {"fold": [str(nested)], "convert": [str(nested), "--to", "legacy"],
@@ -557,7 +557,7 @@ def test_an_output_named_for_the_other_kind_of_file_is_refused_before_any_work(n
     with pytest.raises(SystemExit) as info:
         main([command, *args, "-o", str(tmp_path / name)])
     assert info.value.code == 2
-    expected = ("writes a checkpoint (.pt/.pth/.bin/.ckpt/.tar: torch.save's archive, or .safetensors), not "
+    expected = ("writes a checkpoint (torch.save's archive: .pt, .pth, .bin..., or .safetensors), not "
                 f"{name}" if command != "export" else "name the output *.onnx")
     assert expected in capsys.readouterr().err
     assert not (tmp_path / name).exists()
@@ -1679,3 +1679,29 @@ def test_apply_names_the_path_and_prefix_that_fit_among_several_state_dicts(tmp_
     assert "(the keys under 'model.' fit it: choose them with --key state_dict.model)" in result.stderr
     assert cli("apply", "--model", MODEL, "--checkpoint", str(path), "--key", "state_dict.model", "--preserve",
                "-o", str(tmp_path / "out.pt")).returncode == 0
+
+
+@pytest.mark.parametrize("name", ["best.th", "weights.pkl", "model_best.pth.tar", "plain"])
+def test_an_output_with_another_checkpoint_suffix_is_written_with_torch_save(nested: Path, tmp_path: Path, name: str) -> None:
+    assert cli("fold", str(nested), "-o", str(tmp_path / name)).returncode == 0
+    assert set(torch.load(tmp_path / name)) == {"generator", "discriminator", "step"}
+
+
+def test_a_safetensors_header_whose_length_starts_with_0x80_is_not_taken_for_a_pickle(tmp_path: Path) -> None:
+    """safetensors' header length is 8-byte little-endian: its first byte is 0x80 (a pickle's first
+    byte) for 1 in 32 header lengths; the layout is tested before the magic bytes."""
+    path = tmp_path / "model.safetensors"
+    for padding in range(400):
+        save_file({"fc.weight": torch.ones(3, 4)}, path, metadata={"pad": "x" * padding})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    assert checkpoint.file_format(path) == "safetensors"
+    assert list(checkpoint.load_checkpoint(path)) == ["fc.weight"]
+
+
+def test_a_zero_filled_file_is_not_called_a_tar_archive(tmp_path: Path) -> None:
+    path = tmp_path / "truncated.pt"
+    path.write_bytes(b"\0" * 1024)  # a preallocated download that never came
+    result = cli("inspect", str(path))
+    assert result.returncode == 1 and "not a PyTorch checkpoint" in result.stderr and "tar archive" not in result.stderr

@@ -1907,3 +1907,60 @@ def test_a_bias_a_head_only_holds_under_a_second_name_is_set() -> None:
     assert wn.weight_norm_report(out).notes.bias_not_set == []
     with torch.no_grad():
         torch.testing.assert_close(out(x).mean(0), torch.zeros(5), atol=1e-4, rtol=0)
+
+
+class _SignedDistance(nn.Module):
+    """NeuS/IDR-style: a signed-distance MLP whose normals (``d sdf / d x``, taken in the forward with
+    ``torch.autograd.grad`` under ``enable_grad``) feed a colour MLP."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2, self.l3 = nn.Linear(3, 32), nn.Linear(32, 32), nn.Linear(32, 33)
+        self.r1, self.r2 = nn.Linear(38, 32), nn.Linear(32, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            x = x.requires_grad_(True)
+            out = self.l3(F.softplus(self.l2(F.softplus(self.l1(x), beta=100)), beta=100))
+            sdf, feat = out[:, :1], out[:, 1:]
+            normals = torch.autograd.grad(sdf.sum(), x, create_graph=True)[0]
+        return torch.cat([sdf, self.r2(F.relu(self.r1(torch.cat([x, normals, feat], -1))))], -1)
+
+
+@EXACT
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "eager"])
+def test_a_forward_that_differentiates_through_its_layers_is_calibrated(exact_init: bool, kernels: bool) -> None:
+    """The statistics are taken without a graph, and each layer hands on its real output, on the graph
+    the forward differentiates: the normals seen in the pass are those of the calibrated layers."""
+    torch.manual_seed(0)
+    batch = torch.randn(256, 3)
+    with contextlib.nullcontext() if kernels else wn.kernels.disabled():
+        out = wn.apply_weight_norm(_SignedDistance(), batch, exact_init=exact_init)
+    outputs: dict[str, torch.Tensor] = {}
+    handles = [getattr(out, name).register_forward_hook(
+        lambda m, a, y, name=name: outputs.__setitem__(name, y.detach())) for name in ("l1", "l2", "l3", "r1", "r2")]
+    out(batch.clone())
+    for handle in handles:
+        handle.remove()
+    for name, pre in outputs.items():
+        mean, std = _per_unit(pre)
+        torch.testing.assert_close(std, torch.ones_like(std), atol=1e-4, rtol=0, msg=name)
+        torch.testing.assert_close(mean, torch.zeros_like(mean), atol=1e-5, rtol=0, msg=name)
+
+
+def test_a_recurrent_state_made_with_new_zeros_is_a_constant_passed_over() -> None:
+    class Loop(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.wx, self.wh = nn.Linear(6, 12), nn.Linear(12, 12)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = x.new_zeros(x.shape[0], 12)
+            for t in range(x.shape[1]):
+                h = torch.tanh(self.wx(x[:, t]) + self.wh(h))
+            return h
+
+    torch.manual_seed(0)
+    out = wn.apply_weight_norm(Loop(), torch.randn(16, 5, 6))
+    notes = wn.weight_norm_report(out).notes
+    assert notes.passed_over == ["wh.weight"] and notes.constant_units == {}

@@ -2319,3 +2319,81 @@ def test_an_existing_weights_file_is_refused_before_the_work_when_the_size_decid
     assert steps == ["folding weight norm into plain weights (on a copy)"]
     assert os.listdir(tmp_path) == ["m.onnx.data"]
     assert (tmp_path / "m.onnx.data").read_text() == "another export's weights"
+
+
+def test_a_dim_0_that_torch_export_finds_static_is_named_with_the_way_around_it(tmp_path) -> None:
+    """A GNN's ``edge_index [2, E]``: the default dynamic batch makes every input's dim 0 dynamic,
+    torch.export finds that one static, and TorchScript's file (``index_add_`` with repeated indices)
+    disagrees; the error says how to export (and that way verifies)."""
+
+    class MessagePassing(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.message, self.out = nn.Linear(32, 16), nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
+            src, dst = edge_index
+            messages = torch.relu(self.message(torch.cat([x[src], x[dst]], -1)))
+            return self.out(torch.zeros_like(x).index_add_(0, dst, messages))
+
+    generator = torch.Generator().manual_seed(3)
+    batch = (torch.randn(10, 16, generator=generator), torch.randint(0, 10, (2, 30), generator=generator))
+    torch.manual_seed(0)
+    model = wn.apply_weight_norm(MessagePassing(), batch)
+    with pytest.raises(wn.ExportError, match=r"axis 0 of input 'edge_index' static.*pass dynamic_batch=False"):
+        wn.export_onnx(model, batch, tmp_path / "gnn.onnx")
+    assert not (tmp_path / "gnn.onnx").exists()
+    assert wn.export_onnx(model, batch, tmp_path / "gnn.onnx", dynamic_batch=False).exporter == "dynamo"
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_a_batch_of_one_beside_a_1d_table_keeps_its_batch_axis(tmp_path, exporter: str) -> None:
+    """``forward(text [1, T], lengths [1], scales [3])`` (Piper/VITS): the batch size is that of the
+    inputs of 2 or more dims, so the scales' 3 does not make the text's axis a broadcast row."""
+
+    class Synth(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(20, 4)
+            self.proj = nn.Linear(4, 4)
+
+        def forward(self, text: torch.Tensor, lengths: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+            h = self.proj(self.embed(text)) * scales[0]
+            return h * (torch.arange(text.shape[1]) < lengths[:, None]).unsqueeze(-1)
+
+    batch = (torch.randint(0, 20, (1, 7)), torch.tensor([5]), torch.tensor([0.667, 1.0, 0.8]))
+    report = wn.export_onnx(wn.apply_weight_norm(Synth()), batch, tmp_path / "m.onnx", exporter=exporter)
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
+    assert dims["text"][0] == dims["lengths"][0] == "batch", dims
+    assert report.batch_sizes_checked and max(report.batch_sizes_checked) > 1
+
+
+def test_a_forward_set_on_the_instance_is_the_one_exported(tmp_path) -> None:
+    """A forward patched onto the instance (accelerate's hooks, a user's ``m.forward = ...``) is what
+    PyTorch runs; the TorchScript exporter's flat copy runs it too."""
+    import types
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x)
+
+    model = wn.apply_weight_norm(Net())
+    model.forward = types.MethodType(lambda self, x: 2 * Net.forward(self, x) + 1, model)
+    x = torch.randn(2, 4)
+    wn.export_onnx(model, x, tmp_path / "m.onnx", exporter="torchscript")
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    np.testing.assert_allclose(got, model(x).detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_lazy_layer_that_has_not_run_yet_exports(tmp_path) -> None:
+    """Its weight has no size before the first forward: the size that decides external data is
+    taken again after the sample batch ran."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.LazyLinear(3))
+    report = wn.export_onnx(model, torch.randn(2, 4), tmp_path / "m.onnx")
+    assert report.initializer_count >= 4 and report.outputs["output"][-1] == 3

@@ -964,3 +964,26 @@ def test_weights_read_by_aliases_metadata_ops_as_vectors_or_by_conv_tbc_are_acco
     out = wn.apply_weight_norm(model, x)  # the data init calibrates torch.linalg.matmul's weight too
     std = torch.linalg.matmul(x, out.proj).detach().std(dim=0, unbiased=False)
     torch.testing.assert_close(std, torch.ones_like(std), atol=1e-4, rtol=0)
+
+
+class _Mask(nn.Module):
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * self.mask
+
+
+@pytest.mark.parametrize("batch", [None, True], ids=["no-batch", "traced"])
+def test_a_weight_masked_by_a_parametrization_is_named_by_the_layer_and_the_parametrization(batch: bool | None) -> None:
+    """PixelCNN's mask as a torch parametrization: the trace follows into it and reads its original
+    through ``mul``; the report names the layer's weight, computed by that parametrization."""
+    conv = nn.Conv2d(1, 8, 5, padding=2)
+    mask = torch.ones_like(conv.weight)
+    mask[:, :, 2, 2:] = 0
+    mask[:, :, 3:] = 0
+    nn.utils.parametrize.register_parametrization(conv, "weight", _Mask(mask))
+    report, skipped = _reasons(nn.Sequential(conv, nn.ReLU(), nn.Conv2d(8, 4, 1)), torch.randn(2, 1, 8, 8) if batch else None)
+    assert [t.qualname for t in report.converted] == ["2.weight"]
+    assert skipped == {"0.weight": "computed by another parametrization (_Mask); weight norm on top of it is not supported"}

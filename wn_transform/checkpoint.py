@@ -168,7 +168,7 @@ def _read(path: Path) -> Any:
     kind = file_format(path)
     if kind == "safetensors":
         return _load_safetensors(path)
-    if kind == "unknown" and tarfile.is_tarfile(path):
+    if kind == "unknown" and _tar_with_members(path):
         msg = (f"{path}: a tar archive (NeMo's .nemo is one), not a checkpoint; extract it (tar -xf) and pass the "
                "checkpoint inside (NeMo's model_weights.ckpt)")
         raise CheckpointError(msg)
@@ -203,6 +203,15 @@ def _read(path: Path) -> Any:
     if _holds_dtensor(loaded):
         raise CheckpointError(_shards_message(path))
     return loaded
+
+
+def _tar_with_members(path: Path) -> bool:
+    """Whether ``path`` is a tar archive holding a file (``tarfile.is_tarfile`` takes zero bytes for one)."""
+    try:
+        with tarfile.open(path) as archive:
+            return archive.next() is not None
+    except (tarfile.TarError, OSError):
+        return False
 
 
 def _kind(tensor: Tensor) -> str:
@@ -301,16 +310,14 @@ def file_format(path: Path) -> str:
     (a ``torch.save`` archive named ``.safetensors`` is one)."""
     with path.open("rb") as file:
         head = file.read(9)
+    # safetensors: an 8-byte little-endian header length (its low byte may be 0x80), then the JSON header
+    if len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= path.stat().st_size - 8:
+        return "safetensors"
     if head.startswith(b"PK\x03\x04"):
         return "zip"
     if head.startswith(b"\x80"):  # pickle protocol 2 or later
         return "pickle"
-    if path.suffix.lower() == SAFETENSORS:
-        return "safetensors"
-    # safetensors: an 8-byte little-endian header length, then the JSON header
-    if len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= path.stat().st_size - 8:
-        return "safetensors"
-    return "unknown"
+    return "safetensors" if path.suffix.lower() == SAFETENSORS else "unknown"  # (its reader says what is wrong)
 
 
 def _is_torchscript(path: Path) -> bool:

@@ -970,13 +970,14 @@ def _read_batch(args: argparse.Namespace, name: str, model: nn.Module) -> Any:
         raise WeightNormError(msg) from exc
 
 
-_CHECKPOINT_OUTPUTS = frozenset({".pt", ".pth", ".bin", ".ckpt", ".tar", ".safetensors"})  # (any case)
+# Suffixes of files other than checkpoints, which the CLI reads as such (batches, configs): refused as outputs
+_OTHER_FILES = frozenset({".onnx", ".npz", ".npy", ".json", ".yaml", ".yml", ".txt", ".csv"})  # (any case)
 
 
 def _check_output_free(args: argparse.Namespace) -> None:
     """Fail before any work if an input file given is missing, if the output (or an export's
     ``<output>.data``) exists (without --force), is an input, a folder or not a regular file (a
-    device, FIFO), or if its suffix is not one of the kind of file the command writes (a checkpoint
+    device, FIFO), or if its suffix names another kind of file than the command writes (a checkpoint
     to .onnx or .npz, an ONNX model to .pt)."""
     for name in ("checkpoint", "calib", "sample"):  # found missing now, not after the model is built
         given = getattr(args, name, None)
@@ -985,11 +986,11 @@ def _check_output_free(args: argparse.Namespace) -> None:
             raise CheckpointError(msg)
     check_output(args.output, force=args.force, inputs=_inputs(args))  # the text: a trailing separator counts
     output = Path(args.output)
-    if (output.suffix.lower() in _CHECKPOINT_OUTPUTS) == (args.command == "export") or (
-            args.command == "export" and output.suffix.lower() != ".onnx"):
-        also = "; wn-transform export writes ONNX" if output.suffix.lower() == ".onnx" else ""
-        msg = (f"{args.command} writes a checkpoint (.pt/.pth/.bin/.ckpt/.tar: torch.save's archive, or "
-               f".safetensors), not {output.name}{also}" if args.command != "export"
+    suffix = output.suffix.lower()
+    if (args.command == "export") != (suffix == ".onnx") or (args.command != "export" and suffix in _OTHER_FILES):
+        also = "; wn-transform export writes ONNX" if suffix == ".onnx" else ""
+        msg = (f"{args.command} writes a checkpoint (torch.save's archive: .pt, .pth, .bin..., or .safetensors), "
+               f"not {output.name}{also}" if args.command != "export"
                else f"export writes an ONNX model: name the output *.onnx, not {output.name}")
         raise _UsageError(msg)
     data = Path(f"{args.output}.data")  # where an export above 2 GB puts its weights

@@ -702,6 +702,11 @@ class _CalibrationMode(TorchFunctionMode):
             return self._recurrent(func, args, kwargs)
         if name in CELL_OPS:
             return self._cell(func, args, kwargs)
+        if name in _METHOD_FACTORIES:
+            result = func(*args, **kwargs)
+            if type(result) is Tensor:
+                self._note_constant(result)
+            return result
         if name in _FACTORIES:
             result = func(*args, **kwargs)
             source = args[0] if args else kwargs.get("data")  # torch.as_tensor(x): x itself, data or constant
@@ -727,22 +732,24 @@ class _CalibrationMode(TorchFunctionMode):
                 result = func(*args, **kwargs)  # what the layer computes before the init
                 self._note_constant(result)
                 return result
-            if use.kind == "matmul":
-                t = torch.matmul(x, use.weight)
-                unit_dim = -1
-            elif use.kind == "linear":  # x @ v' (faster on CPU than F.linear without a bias)
-                t = torch.matmul(x, use.weight.t())
-                unit_dim = -1
-            else:
-                t = func(**(bound | {"bias": None}))
-                unit_dim = 1 if x.ndim == use.weight.ndim else 0
-            fit = self._calibrate(state, t, unit_dim, use.bias, found.units,
-                                  native=use.kind if use.weight is state.v else None,
-                                  groups=int(bound.get("groups", 1)) if use.kind in ("conv", "conv_transpose") else 1,
-                                  terms=_Terms(x, lambda: _op_terms(func, use, bound, weight_key)))
+            traced = torch.is_grad_enabled()  # (the forward turned grad on to differentiate: see _measured_apart)
+            with _measured_apart(traced):
+                if use.kind == "matmul":
+                    t = torch.matmul(x, use.weight)
+                    unit_dim = -1
+                elif use.kind == "linear":  # x @ v' (faster on CPU than F.linear without a bias)
+                    t = torch.matmul(x, use.weight.t())
+                    unit_dim = -1
+                else:
+                    t = func(**(bound | {"bias": None}))
+                    unit_dim = 1 if x.ndim == use.weight.ndim else 0
+                fit = self._calibrate(state, t, unit_dim, use.bias, found.units,
+                                      native=use.kind if use.weight is state.v else None,
+                                      groups=int(bound.get("groups", 1)) if use.kind in ("conv", "conv_transpose") else 1,
+                                      terms=_Terms(x, lambda: _op_terms(func, use, bound, weight_key)))
             if found.units != slice(None) and not isinstance(fit, _Handed):  # (no row here: a later call calibrates it)
                 self._piece_done(state, found.units)
-            if not self.exact and name != "addmm" and not fit.real:  # hand on g*t + b, from t' (bias included)
+            if not self.exact and name != "addmm" and not fit.real and not traced:  # hand on g*t + b, from t'
                 return fit.output()
         # Hand on what the model computes with the new (g, b): in float arithmetic g*t + b is not
         # bitwise that, and a deep network amplifies the difference layer after layer.
@@ -1131,9 +1138,11 @@ class _CalibrationMode(TorchFunctionMode):
     def calibrate_linear(self, state: _State, x: Tensor, bias: Tensor | None) -> Tensor:
         """A stock ``nn.Linear``'s output on ``x`` (direct pass), its target calibrated first on
         ``t' = x @ v'``: the same as the intercepted ``F.linear``, without intercepting anything."""
-        fit = self._calibrate(state, torch.matmul(x, state.v.t()), -1, bias, native="linear",
-                              terms=_linear_terms(x, state.v))
-        if not self.exact and not fit.real:
+        traced = torch.is_grad_enabled()  # (the forward turned grad on to differentiate: see _measured_apart)
+        with _measured_apart(traced):
+            fit = self._calibrate(state, torch.matmul(x, state.v.t()), -1, bias, native="linear",
+                                  terms=_linear_terms(x, state.v))
+        if not self.exact and not fit.real and not traced:
             return fit.output()
         return _constant_units_flat(F.linear(x, _current_weight(state), bias), fit)
 
@@ -1271,6 +1280,8 @@ _NATIVE_DIMS = {"linear": 0, "conv": 0, "conv_transpose": 1}  # op kind: the axi
 #: Functions that build a tensor from no input (torch.eye, zeros, arange...): see _CalibrationMode._passes_over.
 _FACTORIES = frozenset({"eye", "zeros", "ones", "full", "arange", "linspace", "logspace", "empty", "tensor",
                         "as_tensor", "zeros_like", "ones_like", "full_like", "empty_like"})
+# Tensor methods that make a constant of the tensor's dtype and device (a recurrent state: h = x.new_zeros(B, H))
+_METHOD_FACTORIES = frozenset({"new_zeros", "new_ones", "new_full", "new_empty"})
 
 # Ops whose result holds values of their tensor inputs (and constants), moved or converted, nothing computed.
 _VALUE_COPIES = frozenset({
@@ -1380,6 +1391,15 @@ def _unit_norms(state: _State, units: slice, out: Tensor) -> Tensor:
     if units != slice(None):
         v = v.narrow(state.wn.layout.dim, units.start, units.stop - units.start)
     return unit_norm(v, state.wn.layout, out=out).view(-1)
+
+
+def _measured_apart(traced: bool) -> contextlib.AbstractContextManager:
+    """Where the statistics of a layer are taken: under ``no_grad`` where the forward turned grad on
+    inside the pass's ``no_grad`` (to differentiate through its layers: the normals of a signed
+    distance, a physics residual), so that no graph runs through them; the layer then hands on its
+    real output with the new ``(g, b)``, on a graph, and the derivatives the forward takes are those
+    of the calibrated layer."""
+    return torch.no_grad() if traced else contextlib.nullcontext()
 
 
 def _piece_calibrated(state: _State, units: slice) -> bool:

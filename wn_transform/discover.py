@@ -159,6 +159,12 @@ def account_for_every_layer(model: nn.Module, discovery: Discovery, kept: set[st
                 if qualname not in listed and (frozen := _held_tensor(module, tensor)):
                     discovery.skipped.append(Skipped(qualname, f"{frozen}, not a Parameter: nothing to train"))
                 continue
+            if qualname not in listed and is_parametrized(module, tensor):  # a trace that followed the parametrization
+                # names its original with an op's reason: the layer's weight, computed by it, says what it is
+                originals = {f"{name}.parametrizations.{tensor}.{n}".lstrip(".")
+                             for n in module.parametrizations[tensor]._parameters}
+                discovery.skipped = [s for s in discovery.skipped if s.qualname not in originals]
+                listed_ids -= {id(p) for p in sources}
             if qualname not in listed and not any(id(p) in listed_ids for p in sources):
                 reason = _why_not_a_target(module, tensor, kind)
                 param = module._parameters.get(tensor)

@@ -43,6 +43,7 @@ import inspect
 import io
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -58,6 +59,7 @@ import onnx
 import onnx.numpy_helper
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 from torch.utils._pytree import (MappingKey, SequenceKey, tree_flatten, tree_flatten_with_path, tree_leaves, tree_map,
                                  tree_unflatten)
 
@@ -444,14 +446,15 @@ def _fold_for_export(model: nn.Module, sample_batch: batch_mod.SampleBatch, targ
     folded = fold_weight_norm(copy_model(model, instead="fold it yourself first, fold_weight_norm(model, "
                                                   "inplace=True), and export that"), inplace=True)
     folded.eval()
-    state = {key: value for key, value in folded.state_dict().items()  # (not a module's _extra_state, nor
-             if isinstance(value, torch.Tensor) and not value.is_quantized}  # a quantized layer's packed weights)
-    use_external = _external_data(state, external_data)
-    if use_external and external_data is None:  # decided by size: refused now, not after the export's work
-        _refuse_existing(target, data_target, overwrite=overwrite)
+    if _external_data(_weights_of(folded), external_data) and external_data is None:  # decided by size: an
+        _refuse_existing(target, data_target, overwrite=overwrite)  # existing .data refused now, not after the work
     say("running the folded model on the sample batch")
     with torch.no_grad():
         reference = batch_mod.run(folded, sample_batch)
+    state = _weights_of(folded)  # (lazy layers have run, buffers made in the first forward are there)
+    use_external = _external_data(state, external_data)
+    if use_external and external_data is None:
+        _refuse_existing(target, data_target, overwrite=overwrite)
     rtol, atol = _tolerances(folded, reference, rtol, atol)
     inputs = _layout_inputs(folded, sample_batch)
     if dynamic_shapes is not None:
@@ -461,9 +464,16 @@ def _fold_for_export(model: nn.Module, sample_batch: batch_mod.SampleBatch, targ
                 opset, dynamic_batch, dynamic_shapes, use_external, target, data_target, say, timings)
 
 
+def _weights_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors of ``model``'s state dict the file will hold: not a module's ``_extra_state``, a
+    quantized layer's packed weights, nor a lazy layer's weight before its first call."""
+    return {key: value for key, value in model.state_dict().items()
+            if isinstance(value, torch.Tensor) and not value.is_quantized and not is_lazy(value)}
+
+
 def _external_data(state: dict[str, torch.Tensor], external_data: bool | None) -> bool:
     """Whether the weights go to ``<path>.data``: as asked, else (``None``) above
-    :data:`EXTERNAL_DATA_THRESHOLD` bytes.  Decided on the folded copy before it runs, so that an
+    :data:`EXTERNAL_DATA_THRESHOLD` bytes.  Decided on the folded copy before it runs too, so that an
     existing ``<path>.data`` is refused before the export's work."""
     weight_bytes = _state_bytes(state)
     use_external = weight_bytes > EXTERNAL_DATA_THRESHOLD if external_data is None else bool(external_data)
@@ -490,6 +500,7 @@ def _export_checked(job: _Job, exporter: Exporter, tmpdir: str) -> _Exported:
             hint = _number_outputs_hint(job.reference, job.output_names)
             if rejected is None and not hint:
                 raise
+            hint += _static_axis_hint(job, rejected or "")
             msg = f"{exc}{hint}" if rejected is None else f"both exporters failed; dynamo: its {rejected}; {exc}{hint}"
             raise type(exc)(msg) from exc
         fallback_reason = fallback_reason or rejected
@@ -509,7 +520,19 @@ def _export_checked(job: _Job, exporter: Exporter, tmpdir: str) -> _Exported:
                 raise
             why = rejected or f"export failed ({fallback_reason})"  # say why this is TorchScript's file
             msg = f"{exc} [this is the TorchScript exporter's file: the dynamo exporter's {why}]"
-            raise type(exc)(msg) from exc
+            raise type(exc)(f"{msg}{_static_axis_hint(job, why)}") from exc
+
+
+def _static_axis_hint(job: _Job, dynamo_failure: str) -> str:
+    """What to add where the dynamo exporter refused a dim 0 that the default dynamic batch made
+    dynamic (a GNN's ``edge_index [2, E]``: torch.export found it static) and the fallback failed
+    too: the way to export without it; '' otherwise."""
+    found = re.search(r"static shape of \d+ for dimension inputs\['(\w+)'\]\.shape\[(\d+)\]", dynamo_failure)
+    if found is None or job.dynamic_shapes is not None or not job.dynamic_batch:
+        return ""
+    return (f" (the dynamo exporter found axis {found[2]} of input '{found[1]}' static, which the default dynamic "
+            "batch made dynamic as every input's dim 0: pass dynamic_batch=False, or dynamic_shapes naming the axes "
+            "that vary)")
 
 
 def _number_outputs_hint(reference: Any, output_names: list[str]) -> str:
@@ -853,11 +876,12 @@ def _batch_axes(inputs: _Inputs) -> dict[str, dict[int, str]]:
 
 
 def _batch_size(tensors: list[torch.Tensor]) -> int | None:
-    """The batch size of the sample: the most common dim 0 above 1 among the tensor inputs (the first
-    input's on a tie), 1 where every dim 0 is 1, None without an input of 1 or more dims.  Not simply
-    the first input's: a row broadcast against the batch (``forward(row, x)``, ``row`` of
-    ``[1, D]``) may come first."""
-    sizes = [t.shape[0] for t in tensors if t.dim() > 0]
+    """The batch size of the sample: the most common dim 0 above 1 among the tensor inputs of 2 or more
+    dims (the first input's on a tie), 1 where every such dim 0 is 1; among 1-D inputs where there are
+    no others; None without an input of 1 or more dims.  Not simply the first input's: a row broadcast
+    against the batch (``forward(row, x)``, ``row`` of ``[1, D]``) may come first; and not a 1-D
+    table's (``forward(text [1, T], lengths [1], scales [3])``: a batch of one)."""
+    sizes = [t.shape[0] for t in tensors if t.dim() > 1] or [t.shape[0] for t in tensors if t.dim() > 0]
     larger = [size for size in sizes if size > 1]
     if larger:
         return collections.Counter(larger).most_common(1)[0][0]
@@ -953,6 +977,12 @@ def _map_tensor_specs(dynamic_shapes: Any, inputs: _Inputs, change: Callable[[st
     the batch (None, or one torch.export will refuse) is kept as it is."""
     bound = inputs.bound if inputs.bound is not None else {
         **{f"input_{i}": value for i, value in enumerate(inputs.args)}, **inputs.kwargs}
+    named = {id(tensor): name for name, tensor in zip(inputs.names, inputs.tensors)}  # (x_0_in beside a top-level x_0)
+    given = change
+
+    def change(name: str, tensor: torch.Tensor, spec: Any) -> Any:
+        return given(named.get(id(tensor), name), tensor, spec)
+
     if isinstance(dynamic_shapes, Mapping):
         return {key: _map_spec(spec, bound.get(key), str(key), change, by_key=key == inputs.var_keyword)
                 for key, spec in dynamic_shapes.items()}
@@ -1411,13 +1441,14 @@ def _tensors_only(model: nn.Module, inputs: _Inputs) -> nn.Module:
     leaves, spec = tree_flatten((inputs.args, inputs.kwargs))
     positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
     base = type(model)
+    own = model.__dict__.get("forward")  # a forward set on the instance (accelerate's hooks): the one that runs
 
     def forward(self: nn.Module, *tensors: torch.Tensor) -> Any:
         filled = list(leaves)
         for position, tensor in zip(positions, tensors):
             filled[position] = tensor
         args, kwargs = tree_unflatten(filled, spec)
-        return base.forward(self, *args, **kwargs)
+        return own(*args, **kwargs) if own is not None else base.forward(self, *args, **kwargs)
 
     flat = base.__new__(base)  # not copy.copy: parametrized classes refuse pickling
     flat.__dict__.update(model.__dict__)
