@@ -549,7 +549,8 @@ def test_a_checkpoint_in_the_other_weight_norm_layout_loads_as_torch_would(tmp_p
 
 
 @pytest.mark.parametrize(("command", "name"), [("fold", "out.onnx"), ("convert", "out.onnx"), ("export", "out.pt"),
-                                               ("fold", "out.npz"), ("convert", "out.JSON"), ("export", "out")])
+                                               ("fold", "out.npz"), ("convert", "out.JSON"), ("export", "out"),
+                                               ("fold", "out.h5")])
 def test_an_output_named_for_the_other_kind_of_file_is_refused_before_any_work(nested: Path, tmp_path: Path, command: str,
                                                                              name: str, capsys) -> None:
     args = {"fold": [str(nested)], "convert": [str(nested), "--to", "legacy"],

@@ -1964,3 +1964,63 @@ def test_a_recurrent_state_made_with_new_zeros_is_a_constant_passed_over() -> No
     out = wn.apply_weight_norm(Loop(), torch.randn(16, 5, 6))
     notes = wn.weight_norm_report(out).notes
     assert notes.passed_over == ["wh.weight"] and notes.constant_units == {}
+
+
+class _UnderGrad(nn.Module):
+    """Layers with calibration paths of their own (a fused q/k/v weight and its bias split in the
+    forward, attention, an LSTM, a GRU cell) in a forward that turns grad on."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.qkv = nn.Linear(8, 24)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.lstm = nn.LSTM(8, 8, batch_first=True)
+        self.cell = nn.GRUCell(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            if self.kind == "split":
+                pieces = zip(self.qkv.weight.chunk(3), self.qkv.bias.chunk(3))
+                return torch.cat([F.linear(x, w, b) for w, b in pieces], -1)
+            if self.kind == "attention":
+                return self.attn(x, x, x, need_weights=False)[0]
+            if self.kind == "lstm":
+                return self.lstm(x)[0]
+            return self.cell(x.flatten(0, 1))
+
+
+@EXACT
+@pytest.mark.parametrize("kind", ["split", "attention", "lstm", "cell"])
+def test_layers_with_their_own_calibration_are_calibrated_under_grad(kind: str, exact_init: bool) -> None:
+    torch.manual_seed(0)
+    batch = torch.randn(16, 6, 8) * 2 + 1
+    model = _UnderGrad(kind)
+    out = wn.apply_weight_norm(model, batch, exact_init=exact_init, include=["qkv", "attn", "lstm", "cell"])
+    layer = {"split": "qkv", "attention": "attn", "lstm": "lstm", "cell": "cell"}[kind]
+    assert getattr(out, layer) is not None and wn.weight_norm_report(out).converted
+    if kind in ("split", "attention"):  # the projections' outputs on the batch: standardized
+        weight = out.qkv.weight if kind == "split" else out.attn.in_proj_weight
+        bias = out.qkv.bias if kind == "split" else out.attn.in_proj_bias
+        mean, std = _per_unit(F.linear(batch, weight, bias).detach().flatten(0, 1))
+    else:  # the input projection's, x @ W_ih' + b_ih
+        module = out.lstm if kind == "lstm" else out.cell
+        weight = module.weight_ih_l0 if kind == "lstm" else module.weight_ih
+        bias = module.bias_ih_l0 if kind == "lstm" else module.bias_ih
+        mean, std = _per_unit(F.linear(batch, weight, bias).detach().flatten(0, 1))
+    torch.testing.assert_close(std, torch.ones_like(std), atol=1e-4, rtol=0)
+    torch.testing.assert_close(mean, torch.zeros_like(mean), atol=1e-4, rtol=0)
+
+
+def test_a_weights_new_zeros_marks_it_read_so_an_unused_layer_is_unreached() -> None:
+    class Branch(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.enc, self.dec = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            state = self.dec.weight.new_zeros(x.shape[0], 4)
+            return self.enc(x) + state if x.shape[0] > 0 else self.dec(state)
+
+    notes = wn.weight_norm_report(wn.apply_weight_norm(Branch(), torch.randn(8, 4))).notes
+    assert notes.unreached == ["dec.weight"] and notes.unseen == []

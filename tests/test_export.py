@@ -2397,3 +2397,26 @@ def test_a_lazy_layer_that_has_not_run_yet_exports(tmp_path) -> None:
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.LazyLinear(3))
     report = wn.export_onnx(model, torch.randn(2, 4), tmp_path / "m.onnx")
     assert report.initializer_count >= 4 and report.outputs["output"][-1] == 3
+
+
+def test_a_row_beside_a_1d_batch_keeps_its_size_1_axis(tmp_path) -> None:
+    class Scale(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, row: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.fc(row) * t[:, None]
+
+    report = wn.export_onnx(wn.apply_weight_norm(Scale()), (torch.randn(1, 8), torch.randn(6)), tmp_path / "m.onnx")
+    assert report.inputs == {"row": [1, 8], "t": ["batch"]}
+
+
+def test_one_tensor_given_twice_is_named_by_its_first_place_in_errors(tmp_path) -> None:
+    class Pair(nn.Module):
+        def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return a + b
+
+    x = torch.randn(2, 3)
+    with pytest.raises(ValueError, match="axis 0 of input 'a' 'bad-name', which is not a Python identifier"):
+        wn.export_onnx(Pair(), (x, x), tmp_path / "m.onnx", dynamic_shapes=({0: "bad-name"}, None))

@@ -661,3 +661,58 @@ def test_an_input_of_the_wrong_width_gets_torchs_shape_error_never_a_kernel_call
     assert not kernels.usable(x, layer.parametrizations.weight.original0, layer.parametrizations.weight.original1, None)
     with pytest.raises(RuntimeError, match=r"mat1 and mat2 shapes cannot be multiplied"):
         layer(x)
+
+
+def _value_head(out: int = 512, width: int = 1024) -> nn.Module:
+    """A large Linear trained at a few rows: the output form, on the kernels where they exist."""
+    torch.manual_seed(0)
+    return wn.apply_weight_norm(nn.Linear(width, out))
+
+
+@pytest.mark.parametrize("where", ["output gradient", "input"])
+def test_a_zero_tensor_without_memory_takes_the_eager_route(where: str) -> None:
+    """``sgn``'s backward hands out a ZeroTensor (no memory, ``data_ptr() == 0``): the kernels would
+    read address 0.  As an output gradient, every gradient is 0; as an input, the output is the bias."""
+    layer = _value_head()
+    if where == "output gradient":
+        torch.sgn(layer(torch.randn(2, 1024))).sum().backward()
+        assert all(bool((p.grad == 0).all()) for p in layer.parameters())
+        return
+    h = torch.randn(2, 1024, requires_grad=True)
+    (zeros,) = torch.autograd.grad(torch.sgn(h).sum(), h)
+    assert zeros._is_zerotensor()
+    torch.testing.assert_close(layer(zeros), layer.bias.detach().expand(2, -1))
+
+
+def test_an_output_gradient_negated_by_a_flag_is_read_negated() -> None:
+    """``conj``'s backward on a single element sets the negative bit without rewriting the memory."""
+    layer = _value_head(out=1, width=131072)  # (one output: a weight this wide takes the output form)
+    y = layer(torch.randn(1, 131072))
+    (torch.complex(torch.zeros_like(y), y).conj() * (2 + 3j)).real.sum().backward()  # = 3 y
+    torch.testing.assert_close(layer.bias.grad, torch.tensor([3.0]))
+
+
+def test_the_layer_computes_on_its_input_device_whatever_the_default_device() -> None:
+    layer, x = _value_head(), torch.randn(2, 1024)
+    expected = F.linear(x, layer.weight.detach(), layer.bias.detach())
+    torch.set_default_device("meta")
+    try:
+        y = layer(x)
+        y.sum().backward()
+    finally:
+        torch.set_default_device(None)
+    assert y.device.type == "cpu" and layer.bias.grad.device.type == "cpu"
+    torch.testing.assert_close(y.detach(), expected)
+
+
+@pytest.mark.parametrize("layout", ["sparse_coo", "sparse_csr"])
+def test_a_sparse_input_at_a_few_rows_computes_as_a_plain_linear(layout: str) -> None:
+    layer, x = _value_head(), torch.randn(2, 1024)
+    sparse = x.to_sparse() if layout == "sparse_coo" else x.to_sparse_csr()
+    torch.testing.assert_close(layer(sparse).detach(), F.linear(x, layer.weight.detach(), layer.bias.detach()))
+
+
+def test_an_empty_cache_variable_counts_as_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WN_TRANSFORM_CACHE", "")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert kernels._cache_dir() == Path.home() / ".cache" / "wn_transform"

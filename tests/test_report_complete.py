@@ -987,3 +987,16 @@ def test_a_weight_masked_by_a_parametrization_is_named_by_the_layer_and_the_para
     report, skipped = _reasons(nn.Sequential(conv, nn.ReLU(), nn.Conv2d(8, 4, 1)), torch.randn(2, 1, 8, 8) if batch else None)
     assert [t.qualname for t in report.converted] == ["2.weight"]
     assert skipped == {"0.weight": "computed by another parametrization (_Mask); weight norm on top of it is not supported"}
+
+
+class _PassThrough(nn.Module):
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight
+
+
+def test_a_weight_under_a_pass_through_parametrization_is_converted_and_not_also_skipped() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    nn.utils.parametrize.register_parametrization(model[0], "weight", _PassThrough())
+    report, skipped = _reasons(model, torch.randn(8, 4))
+    assert skipped == {}
+    assert [t.qualname for t in report.converted] == ["0.parametrizations.weight.original", "2.weight"]

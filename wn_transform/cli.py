@@ -971,7 +971,8 @@ def _read_batch(args: argparse.Namespace, name: str, model: nn.Module) -> Any:
 
 
 # Suffixes of files other than checkpoints, which the CLI reads as such (batches, configs): refused as outputs
-_OTHER_FILES = frozenset({".onnx", ".npz", ".npy", ".json", ".yaml", ".yml", ".txt", ".csv"})  # (any case)
+_OTHER_FILES = frozenset({".onnx", ".npz", ".npy", ".json", ".yaml", ".yml", ".txt", ".csv", ".h5", ".hdf5", ".gguf",
+                          ".msgpack", ".tflite", ".pb", ".pt2", ".engine", ".plan", ".mlmodel", ".xml"})  # (any case)
 
 
 def _check_output_free(args: argparse.Namespace) -> None:

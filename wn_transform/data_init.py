@@ -706,6 +706,9 @@ class _CalibrationMode(TorchFunctionMode):
             result = func(*args, **kwargs)
             if type(result) is Tensor:
                 self._note_constant(result)
+            parent = self._lookup(args[0]) if args else None
+            if parent is not None:  # (w.new_zeros: w's dtype and device read, the layer is not hidden)
+                parent.state.seen = True
             return result
         if name in _FACTORIES:
             result = func(*args, **kwargs)
@@ -950,7 +953,8 @@ class _CalibrationMode(TorchFunctionMode):
         elif bias is not None and (own := _unbroadcast(bias)).numel() == mean.numel() and self._settable(own, state):
             self._bias_setter[_bias_key(own)] = id(state)
             self.backup.keep(own)
-            _store(own, mean, gain).neg_()  # b = -s mu[t] / sigma[t]: the output is centred
+            _store(own.data, mean, gain).neg_()  # b = -s mu[t] / sigma[t]: the output is centred (through .data:
+            # views of the bias a forward took on a graph, b.chunk(3) under enable_grad, stay valid for it)
             self._note_half(state, own)
         else:
             offset = mean * gain
@@ -1154,6 +1158,7 @@ class _CalibrationMode(TorchFunctionMode):
 
     def _attention(self, func, args, kwargs):
         """``F.multi_head_attention_forward``: calibrate the q/k/v and output projections."""
+        apart = _measured_apart(torch.is_grad_enabled())  # (the statistics: off any graph the forward builds)
         bound = _MHA_SIGNATURE.bind(*args, **kwargs)
         bound.apply_defaults()
         a = bound.arguments
@@ -1165,8 +1170,9 @@ class _CalibrationMode(TorchFunctionMode):
                 weights = a["in_proj_weight"].split(embed)
                 biases = a["in_proj_bias"].split(embed) if a["in_proj_bias"] is not None else (None,) * 3
                 for i, (x, w, b) in enumerate(zip((a["query"], a["key"], a["value"]), weights, biases)):
-                    self._calibrate(state, F.linear(x, w), -1, b, slice(i * embed, (i + 1) * embed),
-                                    terms=_linear_terms(x, w))
+                    with apart:
+                        self._calibrate(state, F.linear(x, w), -1, b, slice(i * embed, (i + 1) * embed),
+                                        terms=_linear_terms(x, w))
                 self._finish(state)
             if found is not None:
                 a["in_proj_weight"] = _current_weight(found.state)
@@ -1176,8 +1182,8 @@ class _CalibrationMode(TorchFunctionMode):
                                     ("v_proj_weight", a["value"])), biases):
                 found = self._lookup(a[key])
                 if found is not None and not found.state.done:
-                    self._calibrate(found.state, F.linear(x, a[key]), -1, b,
-                                    terms=_linear_terms(x, a[key]))
+                    with apart:
+                        self._calibrate(found.state, F.linear(x, a[key]), -1, b, terms=_linear_terms(x, a[key]))
                 if found is not None:
                     a[key] = _current_weight(found.state)
         found = self._lookup(a["out_proj_weight"])
@@ -1189,7 +1195,8 @@ class _CalibrationMode(TorchFunctionMode):
         a["out_proj_bias"] = None
         heads_out, attn_weights = func(*bound.args, **bound.kwargs)
         if not state.done:
-            self._calibrate(state, F.linear(heads_out, out_weight), -1, out_bias)
+            with apart:
+                self._calibrate(state, F.linear(heads_out, out_weight), -1, out_bias)
         return F.linear(heads_out, _current_weight(state), out_bias), attn_weights
 
 
@@ -1203,7 +1210,8 @@ class _CalibrationMode(TorchFunctionMode):
         if not found.state.done:
             if self._passes_over(found.state, x):
                 return weight, True  # what the layer computes before the init
-            self._calibrate(found.state, F.linear(x, weight), -1, bias, terms=_linear_terms(x, weight))
+            with _measured_apart(torch.is_grad_enabled()):
+                self._calibrate(found.state, F.linear(x, weight), -1, bias, terms=_linear_terms(x, weight))
         return found.rebuild(), False
 
     def _constant_state(self, hx: Any) -> bool:
@@ -1216,7 +1224,8 @@ class _CalibrationMode(TorchFunctionMode):
         if found is None:
             return weight
         if not found.state.done:
-            found.state.g.copy_(self.backup.g[id(found.state)])
+            with torch.no_grad():  # (a forward that turned grad on: g is a leaf that requires grad)
+                found.state.g.copy_(self.backup.g[id(found.state)])
             self._finish(found.state)
             self.notes.recurrent_kept.append(found.state.target.qualname)
         return found.rebuild()
@@ -1399,7 +1408,10 @@ def _measured_apart(traced: bool) -> contextlib.AbstractContextManager:
     distance, a physics residual), so that no graph runs through them; the layer then hands on its
     real output with the new ``(g, b)``, on a graph, and the derivatives the forward takes are those
     of the calibrated layer."""
-    return torch.no_grad() if traced else contextlib.nullcontext()
+    return torch.no_grad() if traced else _AS_IT_IS
+
+
+_AS_IT_IS = contextlib.nullcontext()  # (reusable: one per layer would cost a microsecond each)
 
 
 def _piece_calibrated(state: _State, units: slice) -> bool:

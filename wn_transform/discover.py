@@ -144,6 +144,7 @@ def account_for_every_layer(model: nn.Module, discovery: Discovery, kept: set[st
     discovery.skipped = [s for s in discovery.skipped if id(params.get(s.qualname)) not in kept_ids]
     listed = {t.qualname for t in discovery.targets} | {s.qualname for s in discovery.skipped} | kept
     listed_ids = {id(p) for name, p in params.items() if name in listed}
+    target_ids = {id(params[t.qualname]) for t in discovery.targets if t.qualname in params}
     aliases = param_aliases(model)
     for name, module in model.named_modules():
         quantized = quantized_kind(module)
@@ -159,11 +160,11 @@ def account_for_every_layer(model: nn.Module, discovery: Discovery, kept: set[st
                 if qualname not in listed and (frozen := _held_tensor(module, tensor)):
                     discovery.skipped.append(Skipped(qualname, f"{frozen}, not a Parameter: nothing to train"))
                 continue
-            if qualname not in listed and is_parametrized(module, tensor):  # a trace that followed the parametrization
-                # names its original with an op's reason: the layer's weight, computed by it, says what it is
-                originals = {f"{name}.parametrizations.{tensor}.{n}".lstrip(".")
-                             for n in module.parametrizations[tensor]._parameters}
-                discovery.skipped = [s for s in discovery.skipped if s.qualname not in originals]
+            if qualname not in listed and is_parametrized(module, tensor) and not any(id(p) in target_ids for p in sources):
+                # a trace that followed the parametrization names its parameters with an op's reason: the
+                # layer's weight, computed by it, says what it is
+                chain = f"{name}.parametrizations.{tensor}.".lstrip(".")
+                discovery.skipped = [s for s in discovery.skipped if not s.qualname.startswith(chain)]
                 listed_ids -= {id(p) for p in sources}
             if qualname not in listed and not any(id(p) in listed_ids for p in sources):
                 reason = _why_not_a_target(module, tensor, kind)

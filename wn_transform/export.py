@@ -277,8 +277,9 @@ def export_onnx(
         path: the ``.onnx`` file to write; its folder must exist.
         opset: the ONNX opset (default: the exporter's default).
         dynamic_batch: make dim 0 of every tensor input (of 1 or more dims) dynamic: ``batch``
-            where it is the batch size (the most common dim 0 above 1), static where it is 1
-            beside a larger batch (a row broadcast against it).
+            where it is the batch size (the most common dim 0 above 1 of the inputs of 2 or more
+            dims, or of all where those have none), static where it is 1 beside a larger batch (a
+            row broadcast against it).
             ``False``: every shape is fixed to the sample's.
         dynamic_shapes: explicit dynamic shapes, in ``torch.export`` form (a tuple over the
             positional inputs or a dict over the forward's argument names; per tensor a dict
@@ -532,7 +533,7 @@ def _static_axis_hint(job: _Job, dynamo_failure: str) -> str:
         return ""
     return (f" (the dynamo exporter found axis {found[2]} of input '{found[1]}' static, which the default dynamic "
             "batch made dynamic as every input's dim 0: pass dynamic_batch=False, or dynamic_shapes naming the axes "
-            "that vary)")
+            "that vary; on the command line, --dynamic none or --dynamic INPUT:AXIS=NAME)")
 
 
 def _number_outputs_hint(reference: Any, output_names: list[str]) -> str:
@@ -877,15 +878,26 @@ def _batch_axes(inputs: _Inputs) -> dict[str, dict[int, str]]:
 
 def _batch_size(tensors: list[torch.Tensor]) -> int | None:
     """The batch size of the sample: the most common dim 0 above 1 among the tensor inputs of 2 or more
-    dims (the first input's on a tie), 1 where every such dim 0 is 1; among 1-D inputs where there are
-    no others; None without an input of 1 or more dims.  Not simply the first input's: a row broadcast
-    against the batch (``forward(row, x)``, ``row`` of ``[1, D]``) may come first; and not a 1-D
-    table's (``forward(text [1, T], lengths [1], scales [3])``: a batch of one)."""
-    sizes = [t.shape[0] for t in tensors if t.dim() > 1] or [t.shape[0] for t in tensors if t.dim() > 0]
-    larger = [size for size in sizes if size > 1]
-    if larger:
-        return collections.Counter(larger).most_common(1)[0][0]
+    dims (the first input's on a tie); 1 where each of those is 1 and a 1-D input's dim 0 is 1 too
+    (``forward(text [1, T], lengths [1], scales [3])``: a batch of one beside a table); else the most
+    common dim 0 above 1 among all inputs (``forward(row [1, D], t [6])``: a row broadcast against a
+    1-D batch), else the first input's; None without an input of 1 or more dims.  Not simply the
+    first input's: a row broadcast against the batch (``forward(row, x)``) may come first."""
+    matrices = [t.shape[0] for t in tensors if t.dim() > 1]
+    vectors = [t.shape[0] for t in tensors if t.dim() == 1]
+    if any(size > 1 for size in matrices):
+        return _most_common_above_1(matrices)
+    if matrices and 1 in vectors:
+        return 1
+    sizes = [t.shape[0] for t in tensors if t.dim() > 0]
+    if any(size > 1 for size in sizes):
+        return _most_common_above_1(sizes)
     return sizes[0] if sizes else None
+
+
+def _most_common_above_1(sizes: list[int]) -> int:
+    """The most common of ``sizes`` above 1, the first on a tie."""
+    return collections.Counter(size for size in sizes if size > 1).most_common(1)[0][0]
 
 
 def _dynamo_batch_shapes(inputs: _Inputs, axes: dict[str, dict[int, str]]) -> tuple | dict:
@@ -977,7 +989,9 @@ def _map_tensor_specs(dynamic_shapes: Any, inputs: _Inputs, change: Callable[[st
     the batch (None, or one torch.export will refuse) is kept as it is."""
     bound = inputs.bound if inputs.bound is not None else {
         **{f"input_{i}": value for i, value in enumerate(inputs.args)}, **inputs.kwargs}
-    named = {id(tensor): name for name, tensor in zip(inputs.names, inputs.tensors)}  # (x_0_in beside a top-level x_0)
+    named: dict[int, str] = {}  # (x_0_in beside a top-level x_0; one tensor given twice: its first name)
+    for name, tensor in zip(inputs.names, inputs.tensors):
+        named.setdefault(id(tensor), name)
     given = change
 
     def change(name: str, tensor: torch.Tensor, spec: Any) -> Any:

@@ -96,7 +96,7 @@ def usable(rows: Tensor, g: Tensor, v: Tensor, bias: Tensor | None) -> bool:
     return (not torch.compiler.is_compiling()  # first: a compiler would guard on the rows tested below
             and 0 < rows.shape[0] <= MAX_ROWS and v.numel() > 0 and v.ndim == 2 and rows.shape[1] == v.shape[1]
             and not torch.is_autocast_enabled("cpu") and _ENABLED.get()
-            and all(_plain_float32(t) for t in (rows, g, v)) and v.is_contiguous() and g.is_contiguous()
+            and all(_plain_float32(t) for t in (rows, g, v)) and _in_memory(rows) and v.is_contiguous() and g.is_contiguous()
             and g.numel() == v.shape[0]  # a gain per unit (a broadcast one takes the eager route)
             and (bias is None or (_plain_float32(bias) and bias.is_contiguous() and bias.numel() == v.shape[0]))
             and rows.shape[0] <= _load()[1].rows)  # last: only a call the kernels could take builds them
@@ -117,7 +117,8 @@ def backward_usable(grad_y: Tensor, rows: Tensor, u: Tensor, safe: Tensor, scale
     forward): the saved tensors came back through an unpack hook, which may give another layout
     or dtype; they must be float32 CPU tensors, ``u [R, out]``, ``safe``/``scale`` ``[out]`` and
     ``v [out, in]`` contiguous, ``rows [R, in]``.  About 1 us without hooks."""
-    if torch._C._are_functorch_transforms_active() or torch._C._functorch.is_legacy_batchedtensor(grad_y):
+    if (torch._C._are_functorch_transforms_active() or torch._C._functorch.is_legacy_batchedtensor(grad_y)
+            or not _in_memory(grad_y)):
         return False
     if not hooked:
         return True
@@ -165,6 +166,13 @@ def _plain_float32(t: Tensor) -> bool:
     return type(t) in PLAIN_TYPES and t.dtype == torch.float32 and t.is_cpu  # (is_cpu: 8x cheaper than device.type)
 
 
+def _in_memory(t: Tensor) -> bool:
+    """Whether ``t``'s values are the floats in its memory, as the kernels read them: a dense tensor,
+    not a ZeroTensor (the zero gradient autograd hands out without memory: ``sgn``'s backward) nor one
+    whose negation is a flag (``conj``'s backward on a single element)."""
+    return t.layout == torch.strided and not t._is_zerotensor() and not t.is_neg()
+
+
 def forward(rows: Tensor, g: Tensor, v: Tensor, bias: Tensor | None, exp_scale: bool,
             batch_shape: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(y, u, safe, scale)``: ``y = u * scale + bias`` (``[*batch_shape, out]``, a tensor of its own:
@@ -172,9 +180,10 @@ def forward(rows: Tensor, g: Tensor, v: Tensor, bias: Tensor | None, exp_scale: 
     ||v||`` per unit (1 for a zero direction) and ``scale = gain / safe`` (``[out]``).  ``rows`` contiguous."""
     lib = _load()[0]
     count, out = rows.shape[0], v.shape[0]
-    y = torch.empty(*batch_shape, out, dtype=torch.float32)
-    u = torch.empty(count, out, dtype=torch.float32)
-    safe, scale = torch.empty(out, dtype=torch.float32), torch.empty(out, dtype=torch.float32)
+    cpu = rows.device  # (not torch's default device, which set_default_device may have moved)
+    y = torch.empty(*batch_shape, out, dtype=torch.float32, device=cpu)
+    u = torch.empty(count, out, dtype=torch.float32, device=cpu)
+    safe, scale = torch.empty(out, dtype=torch.float32, device=cpu), torch.empty(out, dtype=torch.float32, device=cpu)
     lib.wn_forward_f32(rows.data_ptr(), v.data_ptr(), g.data_ptr(), bias.data_ptr() if bias is not None else None,
                        y.data_ptr(), u.data_ptr(), safe.data_ptr(), scale.data_ptr(), count, v.shape[1], out,
                        int(exp_scale), torch.get_num_threads())
@@ -188,8 +197,8 @@ def backward(grad_y: Tensor, rows: Tensor, u: Tensor, safe: Tensor, scale: Tenso
     lib = _load()[0]
     grad_y = grad_y.contiguous()  # (an expanded output gradient is not)
     grad_x = torch.empty_like(rows) if input_grad else None  # before grad_v: the heap keeps grad_v's block warm
-    grad_g = torch.empty(v.shape[0], dtype=torch.float32)
-    grad_bias = torch.empty(v.shape[0], dtype=torch.float32) if bias_grad else None
+    grad_g = torch.empty(v.shape[0], dtype=torch.float32, device=v.device)
+    grad_bias = torch.empty(v.shape[0], dtype=torch.float32, device=v.device) if bias_grad else None
     grad_v = torch.empty_like(v, memory_format=torch.contiguous_format)
     lib.wn_backward_f32(grad_y.data_ptr(), rows.data_ptr(), u.data_ptr(), safe.data_ptr(), scale.data_ptr(),
                         v.data_ptr(), grad_v.data_ptr(), grad_x.data_ptr() if grad_x is not None else None,
@@ -208,10 +217,12 @@ def _load() -> tuple[ctypes.CDLL | None, KernelStatus]:
 
 
 def _cache_dir() -> Path:
-    if "WN_TRANSFORM_CACHE" in os.environ:
-        return Path(os.environ["WN_TRANSFORM_CACHE"])
+    """``$WN_TRANSFORM_CACHE``, else ``$XDG_CACHE_HOME/wn_transform`` or ``~/.cache/wn_transform``
+    (an empty variable counts as unset), made absolute: the loader searches its own path for a bare name."""
+    if os.environ.get("WN_TRANSFORM_CACHE"):
+        return Path(os.environ["WN_TRANSFORM_CACHE"]).absolute()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "wn_transform"
+    return (Path(base) / "wn_transform").absolute()
 
 
 def _row_limit(vendor: str) -> int:
