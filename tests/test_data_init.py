@@ -2024,3 +2024,26 @@ def test_a_weights_new_zeros_marks_it_read_so_an_unused_layer_is_unreached() -> 
 
     notes = wn.weight_norm_report(wn.apply_weight_norm(Branch(), torch.randn(8, 4))).notes
     assert notes.unreached == ["dec.weight"] and notes.unseen == []
+
+
+@EXACT
+@pytest.mark.parametrize("how", ["chunk", "split"])
+def test_the_layer_after_a_split_weight_is_standardized_on_its_calibrated_output(how: str, exact_init: bool) -> None:
+    """Each piece's real output, handed on, is computed with the new (g, b) of its units, also while
+    other pieces are still to come (the parametrization hands out v until the whole layer is done)."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fused = _FusedProjections(how)
+            self.out = nn.Linear(12, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(torch.tanh(torch.cat(self.fused(x), -1)))
+
+    torch.manual_seed(0)
+    batch = torch.randn(128, 6) * 3 + 1
+    out = wn.apply_weight_norm(Block(), batch, exact_init=exact_init)
+    mean, std = _per_unit(out(batch).detach())
+    torch.testing.assert_close(std, torch.ones_like(std), atol=1e-4, rtol=0)
+    torch.testing.assert_close(mean, torch.zeros_like(mean), atol=1e-5, rtol=0)

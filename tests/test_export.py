@@ -2399,17 +2399,20 @@ def test_a_lazy_layer_that_has_not_run_yet_exports(tmp_path) -> None:
     assert report.initializer_count >= 4 and report.outputs["output"][-1] == 3
 
 
-def test_a_row_beside_a_1d_batch_keeps_its_size_1_axis(tmp_path) -> None:
-    class Scale(nn.Module):
+def test_an_image_of_one_beside_per_channel_vectors_keeps_its_batch_axis(tmp_path) -> None:
+    """``forward(image [1, 3, H, W], mean [3], std [3])``: the inputs of 2 or more dims say the batch."""
+
+    class Normalized(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.fc = nn.Linear(8, 4)
+            self.conv = nn.Conv2d(3, 4, 3)
 
-        def forward(self, row: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self.fc(row) * t[:, None]
+        def forward(self, image: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+            return self.conv((image - mean[:, None, None]) / std[:, None, None])
 
-    report = wn.export_onnx(wn.apply_weight_norm(Scale()), (torch.randn(1, 8), torch.randn(6)), tmp_path / "m.onnx")
-    assert report.inputs == {"row": [1, 8], "t": ["batch"]}
+    batch = (torch.randn(1, 3, 8, 8), torch.rand(3), torch.rand(3) + 0.5)
+    report = wn.export_onnx(wn.apply_weight_norm(Normalized()), batch, tmp_path / "m.onnx")
+    assert report.inputs["image"] == ["batch", 3, 8, 8]
 
 
 def test_one_tensor_given_twice_is_named_by_its_first_place_in_errors(tmp_path) -> None:

@@ -716,3 +716,18 @@ def test_an_empty_cache_variable_counts_as_unset(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("WN_TRANSFORM_CACHE", "")
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     assert kernels._cache_dir() == Path.home() / ".cache" / "wn_transform"
+
+
+def test_a_nested_input_at_a_few_rows_computes_as_a_plain_linear() -> None:
+    layer = _value_head()
+    nested = torch.nested.nested_tensor([torch.randn(2, 1024), torch.randn(1, 1024)], layout=torch.strided)
+    for got, x in zip(layer(nested).unbind(), nested.unbind()):
+        torch.testing.assert_close(got.detach(), F.linear(x, layer.weight.detach(), layer.bias.detach()))
+
+
+def test_an_input_whose_storage_was_freed_is_refused_by_torch_not_read() -> None:
+    """A storage resized to 0 (FSDP2 frees memory so): torch's ops raise; the kernels would read past it."""
+    layer, x = _value_head(), torch.randn(2, 1024)
+    x.untyped_storage().resize_(0)
+    with pytest.raises(RuntimeError):
+        layer(x)

@@ -603,3 +603,17 @@ def test_mean_only_bn_attached_under_inference_mode_runs_in_training_mode() -> N
     with torch.no_grad():
         out.train()(x + 1)
     assert not torch.equal(norm.running_mean, before)  # updated by the training-mode forward
+
+
+def test_a_meta_model_with_norms_takes_a_plain_checkpoint_with_assign() -> None:
+    """``assign=True`` hands the checkpoint's tensors over: the norms' running means are made on the
+    checkpoint's device, and their batch count (no state-dict entry) follows them off the meta device."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    model = wn.apply_weight_norm(model, mean_only_bn=True, inplace=True)
+    model.load_state_dict(plain.state_dict(), assign=True)
+    assert not any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(model.eval()(x), plain(x))

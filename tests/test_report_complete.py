@@ -1000,3 +1000,23 @@ def test_a_weight_under_a_pass_through_parametrization_is_converted_and_not_also
     report, skipped = _reasons(model, torch.randn(8, 4))
     assert skipped == {}
     assert [t.qualname for t in report.converted] == ["0.parametrizations.weight.original", "2.weight"]
+
+
+class _Hyper(nn.Module):
+    """A parametrization holding a layer of its own: ``w + net(z)`` (a hypernetwork's correction)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.z = nn.Parameter(torch.randn(1, 3))
+        self.net = nn.Linear(3, 16)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + self.net(self.z).view(4, 4)
+
+
+def test_a_layer_whose_parametrization_holds_a_layer_is_reported_and_so_is_that_layer() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    nn.utils.parametrize.register_parametrization(model[0], "weight", _Hyper())
+    report, skipped = _reasons(model, torch.randn(8, 4))
+    assert [t.qualname for t in report.converted] == ["0.parametrizations.weight.0.net.weight", "2.weight"]
+    assert skipped["0.weight"].startswith("computed by another parametrization (_Hyper)")

@@ -66,6 +66,7 @@ from . import batch as batch_mod
 from . import kernels
 from .discover import preserved_state
 from .errors import BatchError, WeightNormError
+from .fast import weight_norm_weight
 from .mean_only_bn import MeanOnlyBatchNorm, mean_only_bn_of
 from .layers import standard_weights
 from .moments import Scratch, all_reduce, broadcast, centre_, per_unit
@@ -1421,4 +1422,8 @@ def _piece_calibrated(state: _State, units: slice) -> bool:
 
 
 def _current_weight(state: _State) -> Tensor:
+    """The layer's weight from its current ``(g, v)``: the parametrization's, except while it still
+    hands out ``v`` (a layer whose split pieces are calibrated one at a time): then the formula."""
+    if state.wn.__dict__.get("direction_only"):
+        return weight_norm_weight(state.g, state.v, state.wn.layout, exp_scale=state.wn.exp_scale)
     return getattr(state.module, state.target.name)

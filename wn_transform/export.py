@@ -878,18 +878,12 @@ def _batch_axes(inputs: _Inputs) -> dict[str, dict[int, str]]:
 
 def _batch_size(tensors: list[torch.Tensor]) -> int | None:
     """The batch size of the sample: the most common dim 0 above 1 among the tensor inputs of 2 or more
-    dims (the first input's on a tie); 1 where each of those is 1 and a 1-D input's dim 0 is 1 too
-    (``forward(text [1, T], lengths [1], scales [3])``: a batch of one beside a table); else the most
-    common dim 0 above 1 among all inputs (``forward(row [1, D], t [6])``: a row broadcast against a
-    1-D batch), else the first input's; None without an input of 1 or more dims.  Not simply the
-    first input's: a row broadcast against the batch (``forward(row, x)``) may come first."""
-    matrices = [t.shape[0] for t in tensors if t.dim() > 1]
-    vectors = [t.shape[0] for t in tensors if t.dim() == 1]
-    if any(size > 1 for size in matrices):
-        return _most_common_above_1(matrices)
-    if matrices and 1 in vectors:
-        return 1
-    sizes = [t.shape[0] for t in tensors if t.dim() > 0]
+    dims (the first input's on a tie), 1 where each of those is 1 (``forward(text [1, T], lengths [1],
+    scales [3])``, ``forward(image [1, 3, H, W], mean [3], std [3])``: a batch of one beside tables);
+    among 1-D inputs where there are no others; None without an input of 1 or more dims.  Not simply
+    the first input's: a row broadcast against the batch (``forward(row [1, D], x)``) may come first.
+    (A row beside a 1-D batch, ``forward(row [1, D], t [6])``, takes ``dynamic_shapes``.)"""
+    sizes = [t.shape[0] for t in tensors if t.dim() > 1] or [t.shape[0] for t in tensors if t.dim() > 0]
     if any(size > 1 for size in sizes):
         return _most_common_above_1(sizes)
     return sizes[0] if sizes else None

@@ -98,7 +98,8 @@ def usable(rows: Tensor, g: Tensor, v: Tensor, bias: Tensor | None) -> bool:
             and not torch.is_autocast_enabled("cpu") and _ENABLED.get()
             and all(_plain_float32(t) for t in (rows, g, v)) and _in_memory(rows) and v.is_contiguous() and g.is_contiguous()
             and g.numel() == v.shape[0]  # a gain per unit (a broadcast one takes the eager route)
-            and (bias is None or (_plain_float32(bias) and bias.is_contiguous() and bias.numel() == v.shape[0]))
+            and (bias is None or (_plain_float32(bias) and _in_memory(bias) and bias.is_contiguous()
+                                  and bias.numel() == v.shape[0]))
             and rows.shape[0] <= _load()[1].rows)  # last: only a call the kernels could take builds them
 
 
@@ -170,7 +171,9 @@ def _in_memory(t: Tensor) -> bool:
     """Whether ``t``'s values are the floats in its memory, as the kernels read them: a dense tensor,
     not a ZeroTensor (the zero gradient autograd hands out without memory: ``sgn``'s backward) nor one
     whose negation is a flag (``conj``'s backward on a single element)."""
-    return t.layout == torch.strided and not t._is_zerotensor() and not t.is_neg()
+    return (t.layout == torch.strided and not t._is_zerotensor() and not t.is_neg()
+            and t.untyped_storage().nbytes() >= (t.storage_offset() + t.numel()) * t.element_size())  # (a storage
+    # resized to 0, as FSDP2 frees one: torch's ops raise, the kernels would read past it)
 
 
 def forward(rows: Tensor, g: Tensor, v: Tensor, bias: Tensor | None, exp_scale: bool,

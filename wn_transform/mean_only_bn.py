@@ -56,6 +56,11 @@ class MeanOnlyBatchNorm(nn.Module):
             count = self.__dict__.pop("batches_seen", 0)
             self.register_buffer("batches_seen", torch.tensor(count, device=self.running_mean.device), persistent=False)
 
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        if self.batches_seen.is_meta and not self.running_mean.is_meta:  # assign=True into a meta model: the count
+            self.batches_seen = torch.zeros((), dtype=torch.long, device=self.running_mean.device)  # is no entry
+
     def reset_running_stats(self) -> None:
         self.running_mean.zero_()
         self.batches_seen.zero_()
@@ -155,9 +160,11 @@ def _load_plain_bias(layer: nn.Module, state_dict: dict, prefix: str, *args: obj
     if norm is None:
         return
     bias = state_dict.pop(f"{prefix}bias", None)
-    if norm.bias is not None:
-        state_dict[f"{own}bias"] = bias.reshape(-1) if bias is not None else torch.zeros_like(norm.bias)
-    state_dict[f"{own}running_mean"] = torch.zeros_like(norm.running_mean)
+    like = next((v for k, v in state_dict.items() if k.startswith(prefix) and isinstance(v, torch.Tensor)), bias)
+    device = like.device if like is not None else norm.running_mean.device  # (the checkpoint's: assign=True on
+    if norm.bias is not None:  # a meta model keeps what it is given)
+        state_dict[f"{own}bias"] = bias.reshape(-1) if bias is not None else torch.zeros_like(norm.bias, device=device)
+    state_dict[f"{own}running_mean"] = torch.zeros_like(norm.running_mean, device=device)
 
 
 def detach(layer: nn.Module) -> None:

@@ -805,9 +805,10 @@ def _takes_output_form(input: Tensor, v: Tensor) -> bool:
     * under autocast, which casts ``F.linear``'s operands itself;
     * while ``torch.export`` traces: an exported program holds for every batch size, so nothing
       may branch on the number of rows;
-    * for a sparse or MKL-DNN input, which ``F.linear`` takes and the output form's reshape does not.
+    * for a sparse, MKL-DNN or nested input, which ``F.linear`` takes and the output form's reshape does not.
     """
-    return (input.is_cpu and input.layout == torch.strided and input.dim() > 0 and input.shape[-1] == v.shape[1]
+    return (input.is_cpu and input.layout == torch.strided and not input.is_nested and input.dim() > 0
+            and input.shape[-1] == v.shape[1]
             and v.dtype != torch.float16
             and not torch.compiler.is_exporting()
             and prefer_output_form(input.numel() // input.shape[-1], input.shape[-1], v.shape[0])
