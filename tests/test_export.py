@@ -2423,3 +2423,19 @@ def test_one_tensor_given_twice_is_named_by_its_first_place_in_errors(tmp_path) 
     x = torch.randn(2, 3)
     with pytest.raises(ValueError, match="axis 0 of input 'a' 'bad-name', which is not a Python identifier"):
         wn.export_onnx(Pair(), (x, x), tmp_path / "m.onnx", dynamic_shapes=({0: "bad-name"}, None))
+
+
+def test_a_row_beside_a_1d_batch_keeps_its_size_1_axis(tmp_path) -> None:
+    """``forward(row [1, D], t [6])`` returns 6 rows: the 1-D input is the batch (an image of one beside
+    per-channel vectors returns one: there the batch is 1; see the test above)."""
+
+    class Scale(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, row: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.fc(row) * t[:, None]
+
+    report = wn.export_onnx(wn.apply_weight_norm(Scale()), (torch.randn(1, 8), torch.randn(6)), tmp_path / "m.onnx")
+    assert report.inputs == {"row": [1, 8], "t": ["batch"]}

@@ -1014,8 +1014,13 @@ class _Hyper(nn.Module):
         return weight + self.net(self.z).view(4, 4)
 
 
-def test_a_layer_whose_parametrization_holds_a_layer_is_reported_and_so_is_that_layer() -> None:
+@pytest.mark.parametrize("original", ["parameter", "buffer"])
+def test_a_layer_whose_parametrization_holds_a_layer_is_reported_and_so_is_that_layer(original: str) -> None:
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    if original == "buffer":  # a fixed base weight, the hypernetwork's correction trained
+        weight = model[0].weight.detach().clone()
+        del model[0].weight
+        model[0].register_buffer("weight", weight)
     nn.utils.parametrize.register_parametrization(model[0], "weight", _Hyper())
     report, skipped = _reasons(model, torch.randn(8, 4))
     assert [t.qualname for t in report.converted] == ["0.parametrizations.weight.0.net.weight", "2.weight"]

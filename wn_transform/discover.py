@@ -160,7 +160,8 @@ def account_for_every_layer(model: nn.Module, discovery: Discovery, kept: set[st
                 if qualname not in listed and (frozen := _held_tensor(module, tensor)):
                     discovery.skipped.append(Skipped(qualname, f"{frozen}, not a Parameter: nothing to train"))
                 continue
-            originals = module.parametrizations[tensor]._parameters.values() if is_parametrized(module, tensor) else ()
+            parametrized = is_parametrized(module, tensor)
+            originals = list(module.parametrizations[tensor]._parameters.values()) if parametrized else []
             if qualname not in listed and originals and not any(id(p) in target_ids for p in originals):
                 # a trace that followed the parametrization names its originals with an op's reason: the
                 # layer's weight, computed by it, says what it is (a layer held by the parametrization,
@@ -168,7 +169,7 @@ def account_for_every_layer(model: nn.Module, discovery: Discovery, kept: set[st
                 chain = f"{name}.parametrizations.{tensor}.original".lstrip(".")
                 discovery.skipped = [s for s in discovery.skipped if not s.qualname.startswith(chain)]
                 listed_ids -= {id(p) for p in originals}
-            if qualname not in listed and not any(id(p) in listed_ids for p in originals or sources):
+            if qualname not in listed and not any(id(p) in listed_ids for p in (originals if parametrized else sources)):
                 reason = _why_not_a_target(module, tensor, kind)
                 param = module._parameters.get(tensor)
                 tied = [n for n in aliases.get(id(param), []) if n != qualname] if param is not None else []

@@ -237,6 +237,7 @@ class _Inputs:
     varargs: str | None = None  # the forward's *args parameter, where the batch fills it
     var_keyword: str | None = None  # the forward's **kwargs parameter, where the batch gives it inputs
     # (a Hugging Face model's output_hidden_states=True, everything peft's PeftModel.forward gets)
+    output_rows: int | None = None  # dim 0 of the model's first output on the sample (see _batch_size)
 
     def feed(self, session_inputs: list[str]) -> dict[str, np.ndarray]:
         by_name = dict(zip(self.names, self.tensors))
@@ -278,8 +279,9 @@ def export_onnx(
         opset: the ONNX opset (default: the exporter's default).
         dynamic_batch: make dim 0 of every tensor input (of 1 or more dims) dynamic: ``batch``
             where it is the batch size (the most common dim 0 above 1 of the inputs of 2 or more
-            dims, or of all where those have none), static where it is 1 beside a larger batch (a
-            row broadcast against it).
+            dims, or of all where those have none; where they are 1 beside a longer 1-D input,
+            the output's rows decide), static where it is 1 beside a larger batch (a row
+            broadcast against it).
             ``False``: every shape is fixed to the sample's.
         dynamic_shapes: explicit dynamic shapes, in ``torch.export`` form (a tuple over the
             positional inputs or a dict over the forward's argument names; per tensor a dict
@@ -458,6 +460,7 @@ def _fold_for_export(model: nn.Module, sample_batch: batch_mod.SampleBatch, targ
         _refuse_existing(target, data_target, overwrite=overwrite)
     rtol, atol = _tolerances(folded, reference, rtol, atol)
     inputs = _layout_inputs(folded, sample_batch)
+    inputs.output_rows = next((t.shape[0] for t in _output_tensors(reference) if t.dim() > 0), None)
     if dynamic_shapes is not None:
         dynamic_shapes = _prepared_dynamic_shapes(dynamic_shapes, inputs)
     timings = {"fold": time.perf_counter() - start}
@@ -869,23 +872,27 @@ def _batch_axes(inputs: _Inputs) -> dict[str, dict[int, str]]:
     static (an exporter would tie it to the batch, which it broadcasts against).
     """
     axes = {}
-    batch = _batch_size(inputs.tensors)
+    batch = _batch_size(inputs.tensors, inputs.output_rows)
     for name, tensor in zip(inputs.names, inputs.tensors):
         if tensor.dim() > 0 and not (tensor.shape[0] == 1 != batch):
             axes[name] = {0: "batch" if tensor.shape[0] == batch else f"{name}_dim0"}
     return axes
 
 
-def _batch_size(tensors: list[torch.Tensor]) -> int | None:
+def _batch_size(tensors: list[torch.Tensor], output_rows: int | None = None) -> int | None:
     """The batch size of the sample: the most common dim 0 above 1 among the tensor inputs of 2 or more
     dims (the first input's on a tie), 1 where each of those is 1 (``forward(text [1, T], lengths [1],
     scales [3])``, ``forward(image [1, 3, H, W], mean [3], std [3])``: a batch of one beside tables);
     among 1-D inputs where there are no others; None without an input of 1 or more dims.  Not simply
     the first input's: a row broadcast against the batch (``forward(row [1, D], x)``) may come first.
-    (A row beside a 1-D batch, ``forward(row [1, D], t [6])``, takes ``dynamic_shapes``.)"""
+    Where those say 1 and a 1-D input is longer, ``output_rows`` (dim 0 of the model's first output on
+    the sample) tells a row broadcast against a 1-D batch (``forward(row [1, D], t [6])`` returns 6
+    rows) from tables beside a batch of one (the image's output has 1)."""
     sizes = [t.shape[0] for t in tensors if t.dim() > 1] or [t.shape[0] for t in tensors if t.dim() > 0]
     if any(size > 1 for size in sizes):
         return _most_common_above_1(sizes)
+    if output_rows is not None and output_rows > 1 and any(t.dim() == 1 and t.shape[0] == output_rows for t in tensors):
+        return output_rows
     return sizes[0] if sizes else None
 
 

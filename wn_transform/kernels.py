@@ -170,7 +170,9 @@ def _plain_float32(t: Tensor) -> bool:
 def _in_memory(t: Tensor) -> bool:
     """Whether ``t``'s values are the floats in its memory, as the kernels read them: a dense tensor,
     not a ZeroTensor (the zero gradient autograd hands out without memory: ``sgn``'s backward) nor one
-    whose negation is a flag (``conj``'s backward on a single element)."""
+    whose negation is a flag (``conj``'s backward on a single element), with a float in its storage
+    for each element (an expanded tensor, whose elements share their memory, is refused too: the
+    eager route is as fast for it, ``y.sum()``'s output gradient)."""
     return (t.layout == torch.strided and not t._is_zerotensor() and not t.is_neg()
             and t.untyped_storage().nbytes() >= (t.storage_offset() + t.numel()) * t.element_size())  # (a storage
     # resized to 0, as FSDP2 frees one: torch's ops raise, the kernels would read past it)
@@ -198,7 +200,7 @@ def backward(grad_y: Tensor, rows: Tensor, u: Tensor, safe: Tensor, scale: Tenso
     """The gradients of :func:`forward`'s ``y``: ``(grad_x [R, in] or None, grad_g [out], grad_v [out, in],
     grad_bias [out] or None)``, ``grad_v`` projected away from ``v``.  ``rows`` contiguous."""
     lib = _load()[0]
-    grad_y = grad_y.contiguous()  # (an expanded output gradient is not)
+    grad_y = grad_y.contiguous()  # (a transposed one is not)
     grad_x = torch.empty_like(rows) if input_grad else None  # before grad_v: the heap keeps grad_v's block warm
     grad_g = torch.empty(v.shape[0], dtype=torch.float32, device=v.device)
     grad_bias = torch.empty(v.shape[0], dtype=torch.float32, device=v.device) if bias_grad else None
