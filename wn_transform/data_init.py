@@ -703,13 +703,9 @@ class _CalibrationMode(TorchFunctionMode):
             return self._recurrent(func, args, kwargs)
         if name in CELL_OPS:
             return self._cell(func, args, kwargs)
-        if name in _METHOD_FACTORIES:
-            result = func(*args, **kwargs)
-            if type(result) is Tensor:
-                self._note_constant(result)
-            parent = self._lookup(args[0]) if args else None
-            if parent is not None:  # (w.new_zeros: w's dtype and device read, the layer is not hidden)
-                parent.state.seen = True
+        if name in _METHOD_FACTORIES:  # (w.new_zeros reads w's metadata alone: _follow_views marks w seen)
+            result = self._follow_views(func, args, kwargs)
+            self._note_constant(result)
             return result
         if name in _FACTORIES:
             result = func(*args, **kwargs)
@@ -737,7 +733,7 @@ class _CalibrationMode(TorchFunctionMode):
                 self._note_constant(result)
                 return result
             traced = torch.is_grad_enabled()  # (the forward turned grad on to differentiate: see _measured_apart)
-            with _measured_apart(traced):
+            with _measured_apart():
                 if use.kind == "matmul":
                     t = torch.matmul(x, use.weight)
                     unit_dim = -1
@@ -1144,7 +1140,7 @@ class _CalibrationMode(TorchFunctionMode):
         """A stock ``nn.Linear``'s output on ``x`` (direct pass), its target calibrated first on
         ``t' = x @ v'``: the same as the intercepted ``F.linear``, without intercepting anything."""
         traced = torch.is_grad_enabled()  # (the forward turned grad on to differentiate: see _measured_apart)
-        with _measured_apart(traced):
+        with _measured_apart():
             fit = self._calibrate(state, torch.matmul(x, state.v.t()), -1, bias, native="linear",
                                   terms=_linear_terms(x, state.v))
         if not self.exact and not fit.real and not traced:
@@ -1159,7 +1155,7 @@ class _CalibrationMode(TorchFunctionMode):
 
     def _attention(self, func, args, kwargs):
         """``F.multi_head_attention_forward``: calibrate the q/k/v and output projections."""
-        apart = _measured_apart(torch.is_grad_enabled())  # (the statistics: off any graph the forward builds)
+        apart = _measured_apart()  # (the statistics: off any graph the forward builds)
         bound = _MHA_SIGNATURE.bind(*args, **kwargs)
         bound.apply_defaults()
         a = bound.arguments
@@ -1211,7 +1207,7 @@ class _CalibrationMode(TorchFunctionMode):
         if not found.state.done:
             if self._passes_over(found.state, x):
                 return weight, True  # what the layer computes before the init
-            with _measured_apart(torch.is_grad_enabled()):
+            with _measured_apart():
                 self._calibrate(found.state, F.linear(x, weight), -1, bias, terms=_linear_terms(x, weight))
         return found.rebuild(), False
 
@@ -1403,13 +1399,13 @@ def _unit_norms(state: _State, units: slice, out: Tensor) -> Tensor:
     return unit_norm(v, state.wn.layout, out=out).view(-1)
 
 
-def _measured_apart(traced: bool) -> contextlib.AbstractContextManager:
+def _measured_apart() -> contextlib.AbstractContextManager:
     """Where the statistics of a layer are taken: under ``no_grad`` where the forward turned grad on
     inside the pass's ``no_grad`` (to differentiate through its layers: the normals of a signed
     distance, a physics residual), so that no graph runs through them; the layer then hands on its
     real output with the new ``(g, b)``, on a graph, and the derivatives the forward takes are those
     of the calibrated layer."""
-    return torch.no_grad() if traced else _AS_IT_IS
+    return torch.no_grad() if torch.is_grad_enabled() else _AS_IT_IS
 
 
 _AS_IT_IS = contextlib.nullcontext()  # (reusable: one per layer would cost a microsecond each)

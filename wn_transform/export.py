@@ -449,8 +449,8 @@ def _fold_for_export(model: nn.Module, sample_batch: batch_mod.SampleBatch, targ
     folded = fold_weight_norm(copy_model(model, instead="fold it yourself first, fold_weight_norm(model, "
                                                   "inplace=True), and export that"), inplace=True)
     folded.eval()
-    if _external_data(_weights_of(folded), external_data) and external_data is None:  # decided by size: an
-        _refuse_existing(target, data_target, overwrite=overwrite)  # existing .data refused now, not after the work
+    if _external_data(_weights_of(folded), external_data) and external_data is None:  # (embedding > 2 GB refused,
+        _refuse_existing(target, data_target, overwrite=overwrite)  # and an existing .data, before the work)
     say("running the folded model on the sample batch")
     with torch.no_grad():
         reference = batch_mod.run(folded, sample_batch)
@@ -993,15 +993,14 @@ def _map_tensor_specs(dynamic_shapes: Any, inputs: _Inputs, change: Callable[[st
     named: dict[int, str] = {}  # (x_0_in beside a top-level x_0; one tensor given twice: its first name)
     for name, tensor in zip(inputs.names, inputs.tensors):
         named.setdefault(id(tensor), name)
-    given = change
 
-    def change(name: str, tensor: torch.Tensor, spec: Any) -> Any:
-        return given(named.get(id(tensor), name), tensor, spec)
+    def as_named(name: str, tensor: torch.Tensor, spec: Any) -> Any:  # change, under the file's name
+        return change(named.get(id(tensor), name), tensor, spec)
 
     if isinstance(dynamic_shapes, Mapping):
-        return {key: _map_spec(spec, bound.get(key), str(key), change, by_key=key == inputs.var_keyword)
+        return {key: _map_spec(spec, bound.get(key), str(key), as_named, by_key=key == inputs.var_keyword)
                 for key, spec in dynamic_shapes.items()}
-    specs = [_map_spec(spec, value, name, change) for spec, (name, value) in zip(dynamic_shapes, bound.items())]
+    specs = [_map_spec(spec, value, name, as_named) for spec, (name, value) in zip(dynamic_shapes, bound.items())]
     return tuple(specs) if isinstance(dynamic_shapes, tuple) else specs
 
 
