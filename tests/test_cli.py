@@ -328,8 +328,16 @@ def test_only_a_file_that_needs_code_gets_the_weights_only_advice(tmp_path: Path
     path = tmp_path / "args.pt"
     torch.save({"state_dict": build_generator().state_dict(), "args": argparse.Namespace(lr=1)}, path)
     with pytest.raises(checkpoint.CheckpointError, match=r"needs arbitrary Python code to unpickle \(Unsupported "
-                       r"global: GLOBAL argparse.Namespace.*weights_only=False"):
+                       r"global: GLOBAL argparse.Namespace.*allow it with --safe-global argparse.Namespace .*"
+                       r"safe_globals\(\[argparse.Namespace\]\).*weights_only=False"):
         checkpoint.load_checkpoint(path)
+    out = tmp_path / "plain.pt"  # the class allowed: folded, its Namespace kept
+    assert main(["fold", str(path), "--safe-global", "argparse.Namespace", "-o", str(out)]) == 0
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        folded = torch.load(out, weights_only=True)
+    assert folded["args"] == argparse.Namespace(lr=1) and not wn.find_state_dict_weight_norms(folded["state_dict"])
+    with pytest.raises(SystemExit):  # (argparse's usage error, exit code 2)
+        main(["fold", str(path), "--safe-global", "argparse.Nope", "-o", str(out)])
 
 
 @pytest.mark.parametrize(("written", "read"), [
@@ -492,7 +500,10 @@ def test_fold_finds_state_dicts_in_lists_and_beside_plain_values_and_leaves_opti
     assert checkpoint.state_dict_paths(torch.load(source, weights_only=True)) == [("generator",), ("ema", "0")]
     assert main(["fold", str(source), "-o", str(out)]) == 0
     assert capsys.readouterr().out.splitlines() == ["generator: 8 weight-normalized tensors folded",
-                                                    "ema.0: 8 weight-normalized tensors folded"]
+                                                    "ema.0: 8 weight-normalized tensors folded",
+                                                    "optim: an optimizer's state, kept as it was: where it steps g and "
+                                                    "v, it does not load into an optimizer of the folded model (resume "
+                                                    "training from the unfolded checkpoint)"]
     folded = torch.load(out, weights_only=True)
     expected = wn.fold_weight_norm(model).state_dict()
     for state in (folded["generator"], folded["ema"][0]):
@@ -597,7 +608,7 @@ def test_an_interrupt_exits_130_and_writes_nothing(nested: Path, tmp_path: Path,
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("wn_transform.cli.fold_state_dict", interrupted)
+    monkeypatch.setattr("wn_transform.cli.fold_one_state_dict", interrupted)
     assert main(["fold", str(nested), "-o", str(tmp_path / "o.pt")]) == 130
     assert "interrupted; no output was written" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
@@ -798,7 +809,7 @@ def test_a_state_dict_with_nested_tensors_is_still_the_state_dict(tmp_path: Path
         torch.save(saved, source)
         assert checkpoint.state_dict_paths(torch.load(source, weights_only=True)) == [()]
         assert main(["fold", str(source), "-o", str(out)]) == 0
-        assert capsys.readouterr().out.splitlines() == ["(top level): 2 weight-normalized tensors folded"]
+        assert capsys.readouterr().out.splitlines()[0] == "(top level): 2 weight-normalized tensors folded"
         folded = torch.load(out, weights_only=True)
         assert str(folded["0._extra_state"]) == str(saved["0._extra_state"]) and "1.weight" in folded
         if name == "flat":
@@ -1107,6 +1118,23 @@ def test_a_sharded_checkpoint_is_read_whole_through_its_index_and_a_shard_alone_
     assert result.returncode == 1 and load_file(shard).keys() <= state.keys()
 
 
+def test_a_shard_holding_only_0_d_tensors_is_read(tmp_path: Path) -> None:
+    """Hugging Face shards by size: CLIP's 0-d ``logit_scale`` (or a whole-tensor norm's g) can land
+    alone in the last shard, which is no state dict of its own but is a shard all the same."""
+    state = {**build_generator("parametrizations").state_dict(), "logit_scale": torch.tensor(2.6592)}
+    index = _shard(state, tmp_path, len(state))  # a key per shard: the last holds the 0-d tensor alone
+    assert main(["fold", str(index), "-o", str(tmp_path / "plain.safetensors")]) == 0
+    folded, expected = load_file(tmp_path / "plain.safetensors"), wn.fold_state_dict(state)
+    assert folded.keys() == expected.keys()
+    torch.testing.assert_close(folded["logit_scale"], state["logit_scale"])
+    torch.save({"x": torch.ones(2), "epoch": 3}, tmp_path / "pytorch_model-00001-of-00001.bin")  # not tensors alone
+    bin_index = tmp_path / "pytorch_model.bin.index.json"
+    bin_index.write_text(json.dumps({"weight_map": {"x": "pytorch_model-00001-of-00001.bin"}}))
+    with pytest.raises(checkpoint.CheckpointError, match="pytorch_model-00001-of-00001.bin: a shard of pytorch_model.bin."
+                                                         "index.json that holds no state dict"):
+        checkpoint.load_checkpoint(bin_index)
+
+
 def test_fold_keep_leaves_the_weight_norm_a_model_is_built_with(tmp_path: Path) -> None:
     from tests.test_fold import _BuiltWithWeightNorm
 
@@ -1175,6 +1203,65 @@ def test_fold_and_convert_take_a_lightning_modules_attribute_prefix_as_inspect_d
     converted = tmp_path / "g.pt"
     assert cli("convert", str(path), "--key", "generator", "--to", "parametrizations", "-o", str(converted)).returncode == 0
     assert list(torch.load(converted)) == list(wn.convert_state_dict(generator.state_dict(), "parametrizations"))
+
+
+def test_an_averaged_models_weights_load_and_a_hint_under_key_keeps_the_key(tmp_path: Path) -> None:
+    """``AveragedModel(model).state_dict()`` is ``n_averaged`` beside ``module.*``: the prefix is
+    taken off and the count left out, bare or under a LightningModule's ``ema_model.``; a
+    hint about a further prefix under ``--key net`` names ``--key net.inner``, which works."""
+    from torch.optim.swa_utils import AveragedModel
+
+    generator = build_generator("parametrizations")
+    averaged = AveragedModel(generator)
+    averaged.update_parameters(generator)
+    model = "tests.fixtures.hifigan:build_plain"
+    checkpoints = {"swa.pt": averaged.state_dict(),
+                   "lit.ckpt": {"state_dict": {f"ema_model.{k}": v for k, v in averaged.state_dict().items()}, "epoch": 1}}
+    mel = torch.randn(1, 80, 12)
+    for name, content in checkpoints.items():
+        torch.save(content, tmp_path / name)
+        out = tmp_path / f"{name}.out.pt"
+        key = ("--key", "ema_model") if name == "lit.ckpt" else ()
+        result = cli("apply", "--model", model, "--checkpoint", str(tmp_path / name), *key, "--preserve", "-o", str(out))
+        assert result.returncode == 0, result.stderr
+        loaded = wn.apply_weight_norm(build_plain(), init="preserve")
+        loaded.load_state_dict(torch.load(out))
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(mel), generator(mel))
+    nested = {"state_dict": {f"net.inner.{k}": v for k, v in generator.state_dict().items()}}
+    torch.save(nested, tmp_path / "nested.ckpt")
+    args = ("apply", "--model", model, "--checkpoint", str(tmp_path / "nested.ckpt"), "--preserve")
+    result = cli(*args, "--key", "net", "-o", str(tmp_path / "a.pt"))
+    assert result.returncode == 1 and "(the keys under 'inner.' fit it: choose them with --key net.inner)" in result.stderr
+    assert cli(*args, "--key", "net.inner", "-o", str(tmp_path / "b.pt")).returncode == 0
+
+
+def test_convert_renames_an_optimizers_parameter_names_and_fold_says_what_its_optimizer_state_is(tmp_path: Path) -> None:
+    """An optimizer made from ``named_parameters()`` keeps the names in its ``param_groups``: convert
+    renames them with the pairs, and the state resumes in the converted model's optimizer with
+    the same moments; fold keeps it as it was and says it steps g and v."""
+    model = build_generator("parametrizations")
+    optimizer = torch.optim.Adam(model.named_parameters())
+    model(torch.randn(1, 80, 6)).sum().backward()
+    optimizer.step()
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": model.state_dict(), "optimizer_states": [optimizer.state_dict()]}, path)
+    result = cli("convert", str(path), "--to", "legacy", "-o", str(tmp_path / "legacy.ckpt"))
+    assert result.returncode == 0, result.stderr
+    pairs = len(wn.find_state_dict_weight_norms(model.state_dict()))
+    assert f"optimizer_states.0: an optimizer's state: {2 * pairs} parameter names (param_names) renamed" in result.stdout
+    converted = torch.load(tmp_path / "legacy.ckpt")
+    legacy = build_generator("legacy")
+    legacy.load_state_dict(converted["state_dict"])
+    resumed = torch.optim.Adam(legacy.named_parameters())
+    resumed.load_state_dict(converted["optimizer_states"][0])
+    (names,) = [group["param_names"] for group in converted["optimizer_states"][0]["param_groups"]]
+    assert names == [name for name, _ in legacy.named_parameters()]
+    for p, q in zip(legacy.parameters(), model.parameters(), strict=True):  # the moments follow their parameters
+        torch.testing.assert_close(resumed.state[p]["exp_avg"], optimizer.state[q]["exp_avg"])
+    result = cli("fold", str(path), "-o", str(tmp_path / "plain.ckpt"))
+    assert result.returncode == 0, result.stderr
+    assert "optimizer_states.0: an optimizer's state, kept as it was: where it steps g and v" in result.stdout
 
 
 def test_a_torchscript_archive_is_named_as_one(tmp_path: Path) -> None:
@@ -1395,10 +1482,14 @@ def test_a_closed_pipe_on_stdout_ends_inspect_quietly(nested: Path, monkeypatch,
 
 
 def test_a_folder_given_as_the_checkpoint_names_the_files_in_it(tmp_path: Path, capsys) -> None:
-    """A ``save_pretrained`` folder: the error names its index (a sharded checkpoint), or its files."""
-    sharded, single, empty = tmp_path / "sharded", tmp_path / "single", tmp_path / "empty"
-    for folder in (sharded, single, empty):
-        folder.mkdir()
+    """A ``save_pretrained`` folder: the error names its index (a sharded checkpoint), or its files;
+    DeepSpeed's folder, the files one folder down, those its ``latest`` names first."""
+    sharded, single, empty, deepspeed = tmp_path / "sharded", tmp_path / "single", tmp_path / "empty", tmp_path / "ds"
+    for folder in (sharded, single, empty, deepspeed / "global_step100", deepspeed / "global_step200"):
+        folder.mkdir(parents=True)
+    for step in (100, 200):
+        torch.save({"module": {"w": torch.ones(2)}}, deepspeed / f"global_step{step}" / "mp_rank_00_model_states.pt")
+    (deepspeed / "latest").write_text("global_step200")
     save_file({"w": torch.ones(2)}, sharded / "model-00001-of-00002.safetensors")
     (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "model-00001-of-00002.safetensors"}}))
     save_file({"w": torch.ones(2)}, single / "model.safetensors")
@@ -1407,6 +1498,8 @@ def test_a_folder_given_as_the_checkpoint_names_the_files_in_it(tmp_path: Path, 
     for folder, said in ((sharded, "pass the checkpoint file in it: model.safetensors.index.json (a sharded "
                                    "checkpoint's index, read whole)"),
                          (single, "pass the checkpoint file in it: model.safetensors"),
+                         (deepspeed, "pass a checkpoint file in a folder in it: global_step200/mp_rank_00_model_states.pt, "
+                                     "global_step100/mp_rank_00_model_states.pt"),
                          (empty, "it holds no checkpoint file")):
         assert main(["fold", str(folder), "-o", str(tmp_path / "out.pt")]) == 1
         assert f"error: {folder}: is a folder; {said}" in capsys.readouterr().err

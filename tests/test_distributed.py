@@ -447,3 +447,31 @@ def test_ddp_wrappers_in_fold_plan_and_report_and_fsdp1_flat_parameters(tmp_path
     error = capsys.readouterr().err
     assert "rank0.pt: one rank's shards of a model sharded by FSDP (DTensors), not a whole state dict" in error
     assert "full_state_dict=True" in error and not (tmp_path / "plain.pt").exists()
+
+
+def test_dtensor_parameters_on_the_cpu_train_through_the_plain_formula(tmp_path: Path) -> None:
+    """A DTensor is no plain tensor: torch's fused weight-norm kernel has no sharding rule for its
+    backward (torch's own weight norm fails there), so such parameters take the plain formula, on
+    the CPU as on CUDA; the gradients are the plain layer's."""
+    from torch.distributed.tensor import DeviceMesh, Replicate, Shard, distribute_module, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        mesh = DeviceMesh("cpu", [0])
+        for make, x in ((lambda: nn.Linear(6, 4), torch.randn(3, 6)), (lambda: nn.Conv1d(3, 4, 3), torch.randn(2, 3, 7))):
+            for placement in (Replicate(), Shard(0)):
+                torch.manual_seed(0)
+                reference = wn.apply_weight_norm(make(), init="preserve")
+                reference(x).square().sum().backward()
+                torch.manual_seed(0)
+
+                def distribute(name: str, module: nn.Module, mesh: DeviceMesh, placement=placement) -> None:
+                    for key, p in list(module.named_parameters(recurse=False)):
+                        module.register_parameter(key, nn.Parameter(distribute_tensor(p.data, mesh, [placement])))
+
+                model = distribute_module(wn.apply_weight_norm(make(), init="preserve"), mesh, distribute)
+                model(distribute_tensor(x, mesh, [Replicate()])).full_tensor().square().sum().backward()
+                for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+                    torch.testing.assert_close(p.grad.full_tensor(), q.grad, msg=f"{placement} {name}")
+    finally:
+        dist.destroy_process_group()

@@ -805,3 +805,60 @@ def test_a_model_whose_parameters_are_inference_tensors_gets_a_warning_naming_on
         model = nn.Sequential(nn.Linear(4, 3))
     with pytest.warns(UserWarning, match=r"parameter '0.weight' is an inference tensor.*can never be trained"):
         wn.apply_weight_norm(model)
+
+
+@pytest.mark.parametrize("make", [lambda: nn.Linear(6, 4), lambda: nn.Conv1d(4, 6, 3), lambda: nn.ConvTranspose1d(4, 6, 3, groups=2),
+                                  lambda: nn.Linear(512, 256)], ids=["linear", "conv1d", "grouped_conv_transpose", "output_form"])
+def test_fake_tensor_mode_gives_fake_outputs_and_leaves_no_fake_weight_behind(make) -> None:
+    """Shape inference and memory estimates run a model under ``FakeTensorMode`` (torch's own weight
+    norm runs there): the fused kernel's zero-norm read has no value to read, and a weight computed
+    there is fake, so the eval cache must not keep it for the next real forward."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    torch.manual_seed(0)
+    layer = make()
+    model = wn.apply_weight_norm(copy.deepcopy(layer), init="preserve")
+    x = torch.randn(2, 6) if isinstance(layer, nn.Linear) and layer.in_features == 6 else (
+        torch.randn(2, 512) if isinstance(layer, nn.Linear) else torch.randn(2, 4, 5))
+    expected = layer(x)
+    for mode in ("train", "eval"):
+        getattr(model, mode)()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # (reading a FakeTensor's data pointer warns)
+            with FakeTensorMode(allow_non_fake_inputs=True), torch.set_grad_enabled(mode == "train"):
+                fake = model(torch.empty_like(x))
+        assert isinstance(fake, FakeTensor) and fake.shape == expected.shape
+        with torch.set_grad_enabled(mode == "train"):
+            real = model(x)
+        assert type(real) is torch.Tensor
+        torch.testing.assert_close(real, expected.detach() if mode == "eval" else expected)
+
+
+def test_a_gradient_penalty_and_its_parameter_gradients_are_the_plain_formulas() -> None:
+    """WGAN-GP's penalty ``(||dD/dx|| - 1)^2`` differentiates ``D``'s input gradient w.r.t. the
+    parameters: only first derivatives of ``w(g, v)``, which every fast path has exactly (the fused
+    kernel's incomplete double backward is not reached).  Oracle: ``torch.func``, where every layer
+    computes the plain formula, in float64."""
+    from torch.func import functional_call, grad
+
+    torch.manual_seed(0)
+    critic = nn.Sequential(nn.Conv2d(3, 8, 3), nn.LeakyReLU(0.2), nn.Conv2d(8, 8, 3, groups=2), nn.LeakyReLU(0.2),
+                           nn.Flatten(), nn.Linear(8 * 4 * 4, 512), nn.Tanh(), nn.Linear(512, 256), nn.Tanh(),
+                           nn.Linear(256, 1))  # (512 -> 256 at 2 rows: the output form)
+    model = wn.apply_weight_norm(critic, init="preserve").double()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+
+    def penalty(run, inputs):
+        (grad_x,) = torch.autograd.grad(run(inputs).sum(), inputs, create_graph=True)
+        return (grad_x.flatten(1).norm(dim=1) - 1).square().mean()
+
+    got = torch.autograd.grad(penalty(model, x), list(model.parameters()), materialize_grads=True)  # (a last bias: 0)
+    parameters = {name: p.detach() for name, p in model.named_parameters()}
+
+    def plain_penalty(params):
+        input_grad = grad(lambda inputs: functional_call(model, params, (inputs,)).sum())(x.detach())
+        return (input_grad.flatten(1).norm(dim=1) - 1).square().mean()
+
+    expected = grad(plain_penalty)(parameters)
+    for (name, _), value in zip(model.named_parameters(), got, strict=True):
+        torch.testing.assert_close(value, expected[name], msg=name)

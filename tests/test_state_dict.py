@@ -213,6 +213,82 @@ def test_keep_leaves_the_named_weights_normalized() -> None:
         fold_state_dict(state, keep=["conv_pre.bias"])
 
 
+class _LitEma(nn.Module):
+    """CompVis's ``LitEma`` (latent diffusion, many audio models): each trainable parameter kept
+    as a buffer named without its dots, and copied back into the model by that name."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.names = {name: name.replace(".", "") for name, p in model.named_parameters() if p.requires_grad}
+        for name, p in model.named_parameters():
+            self.register_buffer(self.names[name], p.detach().clone() * 1.5)
+
+    def copy_to(self, model: nn.Module) -> None:
+        buffers = dict(self.named_buffers())
+        for name, p in model.named_parameters():
+            p.data.copy_(buffers[self.names[name]])
+
+
+class _LightningWithEma(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model, self.model_ema = model, _LitEma(model)
+
+
+@pytest.mark.parametrize("style", list(STYLES))
+def test_an_ema_that_names_parameters_without_their_dots_is_folded_with_the_model(style: str) -> None:
+    """``model_ema.0parametrizationsweightoriginal0``: folded to ``model_ema.0weight``, which the
+    plain model's ``LitEma`` copies into ``0.weight``: the EMA's folded function."""
+    torch.manual_seed(0)
+    normalized = nn.Sequential(STYLES[style](nn.Conv1d(4, 6, 3)), nn.ReLU(), STYLES[style](nn.Linear(4, 3), dim=1))
+    folded = fold_state_dict(_LightningWithEma(normalized).state_dict())
+    plain = _LightningWithEma(nn.Sequential(nn.Conv1d(4, 6, 3), nn.ReLU(), nn.Linear(4, 3)))
+    plain.load_state_dict(folded)  # strict: every key fits
+    (found,) = [wn for wn in find_state_dict_weight_norms(_LightningWithEma(normalized).state_dict())
+                if wn.weight_key == "model_ema.2weight"]
+    assert found.dim == 1
+    with torch.no_grad():
+        for p in normalized.parameters():
+            p.mul_(1.5)  # what the EMA holds
+        plain.model_ema.copy_to(plain.model)
+        x = torch.randn(2, 4, 6)
+        torch.testing.assert_close(plain.model(x), normalized(x))
+    legacy = nn.Sequential(legacy_weight_norm(nn.Conv1d(4, 6, 3)), nn.ReLU(), legacy_weight_norm(nn.Linear(4, 3), dim=1))
+    converted = convert_state_dict(_LightningWithEma(normalized).state_dict(), "legacy")
+    assert list(converted) == list(_LightningWithEma(legacy).state_dict())  # (the EMA's as its LitEma names them)
+
+
+def test_a_whole_checkpoint_has_each_of_its_state_dicts_folded_and_the_rest_kept() -> None:
+    """HiFi-GAN's ``g_*`` file (``{"generator": sd}``) and a Lightning ``.ckpt`` with an EMA
+    callback's copy: each state dict folded or converted, the other entries the same objects;
+    ``find_state_dict_weight_norms`` of such a checkpoint names where its state dicts are."""
+    model = build_generator("legacy")
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.randn(1, 80, 6)).sum().backward()
+    optimizer.step()
+    ema = {k: v + 1 for k, v in model.state_dict().items()}
+    hyper = {"lr": 1e-3}
+    ckpt = {"state_dict": model.state_dict(), "optimizer_states": [optimizer.state_dict()], "epoch": 3,
+            "callbacks": {"EMA": {"ema_state_dict": ema}}, "hyper_parameters": hyper}
+    folded = fold_state_dict(ckpt, keep=["conv_pre.weight"])
+    assert folded["hyper_parameters"] is hyper and folded["optimizer_states"] is ckpt["optimizer_states"]
+    assert folded["epoch"] == 3
+    for got, state in ((folded["state_dict"], ckpt["state_dict"]), (folded["callbacks"]["EMA"]["ema_state_dict"], ema)):
+        expected = fold_state_dict(state, keep=["conv_pre.weight"])
+        assert got.keys() == expected.keys() and "conv_pre.weight_g" in got and "conv_post.weight" in got
+        for key in expected:
+            torch.testing.assert_close(got[key], expected[key], msg=key)
+    converted = convert_state_dict({"generator": model.state_dict(), "steps": 10}, "parametrizations")
+    assert converted["steps"] == 10
+    assert converted["generator"].keys() == convert_state_dict(model.state_dict(), "parametrizations").keys()
+    with pytest.raises(wn.FoldError, match="keep names conv_pre.bias, which is not weight-normalized"):
+        fold_state_dict(ckpt, keep=["conv_pre.bias"])
+    with pytest.raises(wn.WeightNormError, match=re.escape(
+            "a checkpoint that holds state dicts (state_dict, callbacks.EMA.ema_state_dict), not one state dict: pass "
+            'one of them (checkpoint["state_dict"])')):
+        find_state_dict_weight_norms(ckpt)
+
+
 @pytest.mark.parametrize("style", list(STYLES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_1d_weight_folds_per_element_as_torch_does(style: str, dtype: torch.dtype) -> None:

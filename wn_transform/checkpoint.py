@@ -35,8 +35,7 @@ from .errors import WeightNormError, few, first_line
 
 __all__ = [
     "CheckpointError", "check_output", "file_format", "files_of", "is_state_dict", "load_batch", "load_checkpoint",
-    "map_state_dicts",
-    "rebuilt_like", "safetensors_metadata", "save_checkpoint", "state_dict_paths",
+    "map_state_dicts", "optimizer_states", "rebuilt_like", "safetensors_metadata", "save_checkpoint", "state_dict_paths",
 ]
 
 SAFETENSORS = ".safetensors"
@@ -93,6 +92,18 @@ def state_dict_paths(obj: Any, path: tuple[str, ...] = (), *, _above: frozenset[
                     for p in state_dict_paths(value, (*path, key), _above=above)]
 
 
+def optimizer_states(obj: Any, path: tuple[str, ...] = (), *,
+                     _above: frozenset[int] = frozenset()) -> list[tuple[tuple[str, ...], Mapping[str, Any]]]:
+    """Every optimizer's ``state_dict()`` (``state`` and ``param_groups``) in a checkpoint, with
+    its path (Lightning's ``("optimizer_states", "0")``, HiFi-GAN's ``("optim_g",)``)."""
+    if isinstance(obj, Mapping) and {"state", "param_groups"} <= obj.keys():
+        return [(path, obj)]
+    items = (obj.items() if isinstance(obj, Mapping) else enumerate(obj) if isinstance(obj, (list, tuple)) else ())
+    above = _above | {id(obj)}
+    return [found for key, value in items if not isinstance(value, Tensor) and id(value) not in above
+            for found in optimizer_states(value, (*path, str(key)), _above=above)]
+
+
 def rebuilt_like(mapping: Mapping[str, Any], items: Iterable[tuple[str, Any]]) -> dict[str, Any]:
     """A mapping of ``items`` of ``mapping``'s kind: an ``OrderedDict`` stays one and keeps its
     ``_metadata`` (a ``state_dict()``'s, which ``load_state_dict`` reads); any other, a dict."""
@@ -145,15 +156,31 @@ _CHECKPOINT_SUFFIXES = (INDEX_SUFFIX, ".safetensors", ".bin", ".pt", ".pth", ".c
 _NOT_WEIGHTS = ("optimizer", "scheduler", "rng_state", "training_args", "scaler", "trainer_state")
 
 
+def _checkpoint_files(folder: Path) -> list[str]:
+    """The names of the files in ``folder`` that may be a model's checkpoint, the weights first."""
+    return sorted((p.name for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(_CHECKPOINT_SUFFIXES)
+                   and not p.name.lower().startswith(_NOT_WEIGHTS)),
+                  key=lambda name: ("model" not in name.lower(), name))
+
+
+def _checkpoint_files_below(folder: Path) -> list[str]:
+    """Checkpoint files one folder down (``global_step100/mp_rank_00_model_states.pt``, DeepSpeed's
+    layout), those of the folder its ``latest`` file names first."""
+    latest = folder / "latest"
+    named = latest.read_text(errors="replace").strip() if latest.is_file() and latest.stat().st_size < 4096 else ""
+    subfolders = sorted((p for p in folder.iterdir() if p.is_dir()), key=lambda p: (p.name != named, p.name))
+    return [f"{sub.name}/{name}" for sub in subfolders for name in _checkpoint_files(sub)]
+
+
 def _existing_file(path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.is_dir():  # a save_pretrained folder, a run's checkpoint folder: name what is inside
-        inside = sorted((p.name for p in path.iterdir() if p.is_file() and p.name.lower().endswith(_CHECKPOINT_SUFFIXES)
-                         and not p.name.lower().startswith(_NOT_WEIGHTS)),
-                        key=lambda name: ("model" not in name.lower(), name))  # the weights first
+        inside = _checkpoint_files(path)
         index = [name for name in inside if name.lower().endswith(INDEX_SUFFIX)]
+        below = [] if inside else _checkpoint_files_below(path)
         hint = (f"; pass the checkpoint file in it: {', '.join(index or inside[:5])}"
                 + (" (a sharded checkpoint's index, read whole)" if index else "") if inside else
+                f"; pass a checkpoint file in a folder in it: {', '.join(below[:5])}" if below else
                 "; it holds no checkpoint file (.safetensors, .bin, .pt, .pth, .ckpt, or a sharded one's .index.json)")
         msg = f"{path}: is a folder{hint}"
         raise CheckpointError(msg)
@@ -188,10 +215,14 @@ def _read(path: Path) -> Any:
                 loaded = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "unsupported global" in str(exc).lower():  # the unpickler met a class or function it would import
+            needed = re.search(r"GLOBAL ([\w.]+)", str(exc))
+            name = needed.group(1) if needed else "MODULE.NAME"
             msg = (f"{path}: refused to load: the file needs arbitrary Python code to unpickle "
-                   f"({_unpickler_detail(exc)}). It was not executed. If you trust its source, load it yourself "
-                   f"with torch.load(..., weights_only=False) and save the weights alone: model.state_dict(), or "
-                   f"the entry holding them (fairseq's and Coqui's ckpt['model'] beside their config objects).")
+                   f"({_unpickler_detail(exc)}). It was not executed. If you trust its source and that class: "
+                   f"allow it with --safe-global {name} (the CLI), or in Python load it within "
+                   f"torch.serialization.safe_globals([{name}]) and fold it with wn.fold_state_dict, which keeps "
+                   f"its other entries; or load it with torch.load(..., weights_only=False) and save the weights "
+                   f"alone (fairseq's and Coqui's ckpt['model'] beside their config objects).")
         elif "DTensor" in str(exc):  # torch.save(model.state_dict()) of a model FSDP sharded: one rank's shards
             raise CheckpointError(_shards_message(path)) from exc
         else:
@@ -250,8 +281,8 @@ def _load_sharded(index: Path) -> dict[str, Any]:
     for shard in sorted(set(weight_map.values())):
         path = index.parent / shard
         part = _read(_existing_file(path))
-        if not is_state_dict(part):
-            msg = f"{path}: a shard of {index.name} that holds no state dict"
+        if not _holds_tensors_only(part):  # (a shard may hold 0-d tensors alone: CLIP's logit_scale)
+            msg = f"{path}: a shard of {index.name} that holds no state dict (a mapping of names to tensors)"
             raise CheckpointError(msg)
         unlisted = [key for key in part if key not in weight_map]
         if unlisted:
@@ -263,6 +294,11 @@ def _load_sharded(index: Path) -> dict[str, Any]:
         msg = f"{index}: keys the index lists are not in the shards it names: {few(absent)}"
         raise CheckpointError(msg)
     return merged
+
+
+def _holds_tensors_only(obj: Any) -> bool:
+    """A mapping of string keys to tensors, as a sharded checkpoint's shard is."""
+    return isinstance(obj, Mapping) and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items())
 
 
 def _weight_map(index: Path) -> dict[str, str]:

@@ -19,7 +19,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,13 +30,13 @@ from torch import nn
 from . import __version__
 from .apply import apply_weight_norm, plan_weight_norm, weight_norm_report
 from .checkpoint import (
-    CheckpointError, check_output, files_of, load_batch, load_checkpoint, map_state_dicts, rebuilt_like,
-    safetensors_metadata, save_checkpoint, state_dict_paths,
+    CheckpointError, check_output, files_of, load_batch, load_checkpoint, map_state_dicts, optimizer_states,
+    rebuilt_like, safetensors_metadata, save_checkpoint, state_dict_paths,
 )
 from ._copy import routed_module
 from .errors import WeightNormError, few, first_line, unknown_keep_message
-from .state_dict import (StateDictWeightNorm, convert_state_dict, find_state_dict_weight_norms, fit_state_dict,
-                         fold_state_dict)
+from .state_dict import (StateDictWeightNorm, convert_one_state_dict, find_state_dict_weight_norms, fit_state_dict,
+                         fold_one_state_dict, pair_keys)
 from .uses import param_aliases
 
 FAILURES = (WeightNormError, CheckpointError, OSError, ValueError)  # ValueError: the library's argument checks
@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text, epilog=EXAMPLES[name],
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
         sub.set_defaults(usage_error=sub.error)  # a usage error found later shows this command's usage
+        sub.add_argument("--safe-global", action="append", default=[], metavar="MODULE.NAME", type=_safe_global,
+                         help="a class the checkpoint's pickle needs that you trust, e.g. argparse.Namespace "
+                              "(fairseq's args): allowed to torch's safe loader (torch.serialization.safe_globals); "
+                              "repeatable")
         return sub
 
     inspect = command("inspect", "Show what a checkpoint holds, or what apply would convert in a model.")
@@ -198,16 +202,12 @@ def cmd_inspect(args: argparse.Namespace, say: _Progress) -> int:
 
 
 def cmd_fold(args: argparse.Namespace, say: _Progress) -> int:
-    keep = set(args.keep)
-
-    def fold(state_dict: dict) -> dict:  # each --keep name in one of the state dicts (_rewrite checks)
-        return fold_state_dict(state_dict, keep=keep & {wn.weight_key for wn in find_state_dict_weight_norms(state_dict)})
-
-    return _rewrite(args, say, fold, "folded", keep=keep)
+    keep = set(args.keep)  # each name in one of the state dicts (_rewrite checks)
+    return _rewrite(args, say, lambda sd: fold_one_state_dict(sd, keep=keep), "folded", keep=keep)
 
 
 def cmd_convert(args: argparse.Namespace, say: _Progress) -> int:
-    return _rewrite(args, say, lambda sd: convert_state_dict(sd, args.to), f"converted to {args.to}",
+    return _rewrite(args, say, lambda sd: convert_one_state_dict(sd, args.to), f"converted to {args.to}",
                     to=args.to)
 
 
@@ -282,7 +282,7 @@ def _run(argv: Sequence[str] | None = None) -> tuple[int, _Progress | None]:
 
 def _run_command(args: argparse.Namespace, progress: _Progress) -> int:
     try:
-        with _stopped_by_signals(progress):
+        with _stopped_by_signals(progress), torch.serialization.safe_globals(args.safe_global):
             code = COMMANDS[args.command](args, progress)
     except BrokenPipeError:  # `inspect big.pt | head`: the reader has what it wanted
         _quiet_stdout()
@@ -449,6 +449,8 @@ def _rewrite(args: argparse.Namespace, say: _Progress, fn: Callable[[dict], dict
                else f"{args.input}: every weight-normalized tensor is kept (--keep); nothing to fold")
         raise CheckpointError(msg)
     result = map_state_dicts(checkpoint, fn)
+    optimizers = optimizer_states(result)
+    renamed = {} if to is None else _rename_parameter_names(optimizers, found.values(), to)
     say(f"writing {args.output}")
     save_checkpoint(result, args.output, force=args.force, inputs=_inputs(args), metadata=safetensors_metadata(args.input))
     say.wrote(args.output)
@@ -456,7 +458,31 @@ def _rewrite(args: argparse.Namespace, say: _Progress, fn: Callable[[dict], dict
         kept = len(found[where]) - count
         left = f"already {to}" if to else "kept"
         print(f"{where}: {count} weight-normalized tensors {done}" + (f" ({kept} {left})" if kept else ""))
+    for path, _ in optimizers:
+        if to is None:
+            print(f"{_path_name(path)}: an optimizer's state, kept as it was: where it steps g and v, it does not load "
+                  "into an optimizer of the folded model (resume training from the unfolded checkpoint)")
+        elif renamed.get(path):
+            print(f"{_path_name(path)}: an optimizer's state: {renamed[path]} parameter names (param_names) renamed")
     return 0
+
+
+def _rename_parameter_names(optimizers: list[tuple[tuple[str, ...], Any]], found: Iterable[list[StateDictWeightNorm]],
+                            to: str) -> dict[tuple[str, ...], int]:
+    """Rename, in place, the g and v names that optimizers made from ``named_parameters()`` keep in
+    their ``param_groups`` (``param_names``) to the layout ``to``; how many per optimizer.  (The
+    checkpoint is the CLI's own copy, just loaded.)"""
+    renames = {old: new for pairs in found for wn in pairs if wn.layout != to
+               for old, new in zip((wn.g_key, wn.v_key), pair_keys(wn.weight_key, to), strict=True)}
+    counts = {}
+    for path, state in optimizers:
+        counts[path] = 0
+        for group in state["param_groups"]:
+            names = group.get("param_names") if isinstance(group, dict) else None
+            if isinstance(names, list):
+                counts[path] += sum(name in renames for name in names)
+                group["param_names"] = [renames.get(name, name) for name in names]
+    return counts
 
 
 def _describe_state_dict(state_dict: dict[str, torch.Tensor], where: str) -> str:
@@ -503,6 +529,19 @@ def _build_model(args: argparse.Namespace, say: Callable[[str], None]) -> nn.Mod
         say(f"loading {args.checkpoint}")
         _load_weights(model, load_checkpoint(args.checkpoint), args)
     return model
+
+
+def _safe_global(name: str) -> Any:
+    """``--safe-global argparse.Namespace``: the object that dotted name imports to."""
+    module_name, _, attribute = name.rpartition(".")
+    try:
+        obj = importlib.import_module(module_name) if module_name else None
+        for part in attribute.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError, ValueError) as exc:
+        msg = f"{name!r} is not an importable MODULE.NAME ({first_line(exc)})"
+        raise argparse.ArgumentTypeError(msg) from exc
+    return obj
 
 
 def _import_factory(spec: str) -> Callable[..., Any]:
@@ -617,8 +656,9 @@ def _load_weights(model: nn.Module, checkpoint: Any, args: argparse.Namespace) -
     paths = state_dict_paths(checkpoint)
     expected = _ModelKeys.of(model)
     prefixed = _under_prefix(checkpoint, paths, args.key, args.checkpoint) if args.key is not None else None
+    hint_path: tuple[str, ...] = ()
     if prefixed is not None:  # Lightning's {"state_dict": {"generator.conv_pre.weight": ...}}: --key generator
-        checkpoint, path = prefixed, ()
+        checkpoint, path, hint_path = prefixed, (), tuple(args.key.split("."))  # (a hint's prefix goes after --key's)
     elif args.key is not None:
         path = _keyed_path(paths, args.key, args.checkpoint)
     elif len(paths) == 1:
@@ -629,7 +669,7 @@ def _load_weights(model: nn.Module, checkpoint: Any, args: argparse.Namespace) -
     missing, unexpected, reshaped = expected.mismatch(state_dict)
     if missing or unexpected or (reshaped and not set(reshaped) <= expected.keys):  # (torch's error names shapes)
         msg = (f"{args.checkpoint}: does not fit {args.model}: {'; '.join(_mismatch(state_dict, expected))}"
-               f"{_prefix_hint(state_dict, expected)}")
+               f"{_prefix_hint(state_dict, expected, hint_path)}")
         raise CheckpointError(msg)
     disagree = sorted(f"{key} and {other}" for key, others in expected.tied.items() for other in others
                       if key < other and key in state_dict and other in state_dict
@@ -723,17 +763,20 @@ def _fitted(state_dict: dict[str, Any], expected: _ModelKeys) -> dict[str, Any]:
     return state_dict
 
 
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP, torch.compile
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP (and AveragedModel), torch.compile
+_WRAPPER_ENTRIES = {"module.": {"n_averaged"}}  # a wrapper's own entries beside the prefixed ones: AveragedModel's count
 
 
 def _strip_wrapper_prefixes(state_dict: dict[str, Any], expected: frozenset[str]) -> dict[str, Any]:
     """``state_dict`` without the prefixes DataParallel/DDP (``module.``) and ``torch.compile``
-    (``_orig_mod.``) add to every key, for a model whose keys have none of them."""
+    (``_orig_mod.``) add to every key, for a model whose keys have none of them; an
+    ``AveragedModel``'s ``module.`` keys without its ``n_averaged`` count."""
     while state_dict and not expected & set(state_dict):
-        prefix = next((p for p in _WRAPPER_PREFIXES if all(k.startswith(p) for k in state_dict)), None)
+        prefix = next((p for p in _WRAPPER_PREFIXES if any(k.startswith(p) for k in state_dict)
+                       and all(k.startswith(p) or k in _WRAPPER_ENTRIES.get(p, ()) for k in state_dict)), None)
         if prefix is None:
             break
-        state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
+        state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
     return state_dict
 
 

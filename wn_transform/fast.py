@@ -83,7 +83,7 @@ def eager_weight(gain: Tensor, v: Tensor, layout: UnitLayout) -> Tensor:
     ruled out compilers, ``torch.func`` transforms, forward-mode AD and tracing itself."""
     dim = layout.dim % v.ndim
     guarded = guarded_on_device(v)
-    fusable = (layout.groups == 1 and (dim == 0 or dim == v.ndim - 1) and (v.is_cpu or guarded)
+    fusable = (layout.groups == 1 and (dim == 0 or dim == v.ndim - 1) and (guarded or (v.is_cpu and type(v) in kernels.PLAIN_TYPES))
                and (v.dtype in _FUSED_DTYPES or (guarded and v.dtype == torch.float16)) and v.is_contiguous()
                and gain.numel() == v.shape[dim]  # the kernel writes a norm per element of g: one per unit
                and (gain.dtype == v.dtype or v.dtype != torch.float16))  # (e^s past float16's range: see exp_gain)
@@ -96,7 +96,9 @@ def eager_weight(gain: Tensor, v: Tensor, layout: UnitLayout) -> Tensor:
             return compose_weight(gain, v, layout)  # a pack hook could copy the norms before they are mended
         return guarded_weight(v, fused_gain, dim)
     weight, norms = torch._weight_norm_interface(v, fused_gain, dim)
-    if norms.min().item() > 0:  # no zero norm (a reduction and a read, cheaper than all())
+    # no zero norm (a reduction and a read, cheaper than all()); under FakeTensorMode (shape
+    # inference, memory estimates) the norms are fake, with no value to read
+    if type(norms) is Tensor and norms.min().item() > 0:
         return weight
     return compose_weight(gain, v, layout)
 

@@ -39,6 +39,7 @@ from torch.nn.utils import parametrize
 
 from .errors import WeightNormError, warn_user
 from .fast import ScaledLinear, eager_weight, plain_formula_only, prefer_output_form, weight_norm_weight
+from .kernels import PLAIN_TYPES
 from .norm import (UnitLayout, compose_weight, direct_zero_units_on_load, exp_gain, layout_from_shapes, traceable_weight,
                    unit_norm)
 from ._parametrized import is_parametrized, plain_type
@@ -122,6 +123,7 @@ class WeightNorm(nn.Module):
         parameters they step (:func:`_watch_optimizer_steps`).
         """
         if (g.is_inference() or v.is_inference() or torch.is_inference_mode_enabled()
+                or type(g) not in PLAIN_TYPES or type(v) not in PLAIN_TYPES  # (a FakeTensor: no data to point at)
                 or (check_gain and not _gain_tells_updates(g, v))):
             return weight_norm_weight(g, v, self.layout, exp_scale=self.exp_scale)
         if _steps_hook is None:
@@ -129,7 +131,10 @@ class WeightNorm(nn.Module):
         key = (g.data_ptr(), v.data_ptr(), g._version, v._version, v.dtype)
         kept = store.get(slot)
         if kept is None or not kept.made_from(g, v, key) or (check_gain and kept.gain_changed()):
-            kept = _Kept(g, v, key, weight_norm_weight(g, v, self.layout, exp_scale=self.exp_scale), check_gain)
+            weight = weight_norm_weight(g, v, self.layout, exp_scale=self.exp_scale)
+            if type(weight) not in PLAIN_TYPES:  # made under FakeTensorMode from real g and v: not theirs to keep
+                return weight
+            kept = _Kept(g, v, key, weight, check_gain)
             store[slot] = kept
         return kept.weight
 

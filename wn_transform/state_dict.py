@@ -16,18 +16,20 @@ the whole-tensor norm (``dim=None``).
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from .checkpoint import map_state_dicts, state_dict_paths
 from .errors import FoldError, WeightNormError, unknown_keep_message
 from .norm import UnitLayout, accumulation_dtype, compose_weight, direct_zero_units_on_load, layout_from_shapes, unit_norm
 from .parametrization import EXP_SCALE_MARKER
 
 __all__ = [
-    "StateDictWeightNorm", "convert_state_dict", "find_state_dict_weight_norms", "fit_state_dict", "fold_state_dict",
+    "StateDictWeightNorm", "convert_one_state_dict", "convert_state_dict", "find_state_dict_weight_norms", "fit_state_dict",
+    "fold_one_state_dict", "fold_state_dict", "pair_keys",
 ]
 
 _PARAMETRIZED = ".parametrizations."
@@ -112,6 +114,7 @@ def find_state_dict_weight_norms(state_dict: Mapping[str, object]) -> list[State
     if odd is not None:
         msg = f"a state dict's keys are parameter names (strings); this one has {odd!r} ({type(odd).__name__})"
         raise TypeError(msg)
+    _refuse_checkpoint(state_dict)
     found = []
     seen: dict[str, str] = {}  # weight key -> its g key
     stacked = _stacked_entries(state_dict)
@@ -124,6 +127,8 @@ def find_state_dict_weight_norms(state_dict: Mapping[str, object]) -> list[State
             marker = f"{base}.0.{EXP_SCALE_MARKER}"
             layout = "parametrizations"
             _check_partner(state_dict, key, v_key, "g without its v")
+        elif (dotless := _dotless_weight_key(key)) is not None and f"{key[:-1]}1" in state_dict:
+            weight_key, v_key, marker, layout = dotless, f"{key[:-1]}1", None, "parametrizations"
         elif key.endswith("_g") and f"{key[:-2]}_v" in state_dict:
             weight_key, v_key, marker, layout = key[:-2], f"{key[:-2]}_v", None, "legacy"
         else:
@@ -150,7 +155,56 @@ def find_state_dict_weight_norms(state_dict: Mapping[str, object]) -> list[State
         exp_scale = marker is not None and marker in state_dict
         found.append(StateDictWeightNorm(weight_key, key, v_key, layout, dim, groups, exp_scale, tuple(g.shape),
                                          tuple(v.shape), marker if exp_scale else None,
-                                         stacked.get(key[: -len(".original0")]) if layout == "parametrizations" else None))
+                                         stacked.get(key[: -len(".original0")]) if marker is not None else None))
+    return found
+
+
+def _dotless_weight_key(key: str) -> str | None:
+    """The weight a parametrization's g is stored for under a name without its dots, or None:
+    an EMA that keeps each parameter as a buffer named ``name.replace(".", "")`` (CompVis's
+    ``LitEma``, in latent diffusion and many audio models) stores ``0.parametrizations.weight.original0``
+    as ``0parametrizationsweightoriginal0``, for the weight ``0weight`` (what it names the
+    folded model's ``0.weight``)."""
+    head, _, last = key.rpartition(".")
+    before, found, name = last.removesuffix("original0").rpartition("parametrizations")
+    if not (found and name and last.endswith("original0")):
+        return None
+    return f"{head}.{before}{name}" if head else f"{before}{name}"
+
+
+def _refuse_checkpoint(obj: Mapping[str, object]) -> None:
+    """Raise if ``obj`` is a checkpoint that holds state dicts (``{"generator": sd}``, a Lightning
+    ``.ckpt``) rather than one: its weight norms are in those, which have keys of their own."""
+    paths = state_dict_paths(obj)
+    if paths and () not in paths:
+        where = ", ".join(".".join(path) for path in paths[:4]) + (", ..." if len(paths) > 4 else "")
+        msg = (f"this is a checkpoint that holds state dicts ({where}), not one state dict: pass one of them "
+               f"(checkpoint{_subscripts(paths[0])}); fold_state_dict and convert_state_dict take the whole checkpoint")
+        raise WeightNormError(msg)
+
+
+def _subscripts(path: tuple[str, ...]) -> str:
+    """``('callbacks', 'EMA', 'ema_state_dict')`` -> ``["callbacks"]["EMA"]["ema_state_dict"]`` (a list's index as a number)."""
+    return "".join(f"[{key}]" if key.isdigit() else f'["{key}"]' for key in path)
+
+
+def _each_state_dict(obj: Mapping[str, object], fn: Callable[[Mapping[str, object]], dict[str, object]]) -> dict[str, object]:
+    """``fn(obj)`` for a state dict; for a checkpoint that holds state dicts (``{"generator": sd,
+    "optim_g": ...}``, a Lightning ``.ckpt`` with an EMA callback's copy), ``fn`` of each, the
+    rest kept as it is (:func:`~wn_transform.checkpoint.map_state_dicts`)."""
+    paths = state_dict_paths(obj) if isinstance(obj, Mapping) else []
+    return fn(obj) if paths in ([], [()]) else map_state_dicts(obj, fn)
+
+
+def _all_weight_norms(obj: Mapping[str, object]) -> list[StateDictWeightNorm]:
+    """:func:`find_state_dict_weight_norms` of every state dict in ``obj`` (see :func:`_each_state_dict`)."""
+    found: list[StateDictWeightNorm] = []
+
+    def collect(state_dict: Mapping[str, object]) -> dict[str, object]:
+        found.extend(find_state_dict_weight_norms(state_dict))
+        return dict(state_dict)
+
+    _each_state_dict(obj, collect)
     return found
 
 
@@ -203,6 +257,8 @@ def _check_partner(state_dict: Mapping[str, object], key: str, partner: str, wha
 
 def fold_state_dict(state_dict: Mapping[str, object], *, keep: Collection[str] = ()) -> dict[str, object]:
     """``w = g * v/||v||`` for every weight-normalized pair; every other entry kept, in order.
+    A whole checkpoint that holds state dicts (HiFi-GAN's ``{"generator": sd, ...}``, a Lightning
+    ``.ckpt``'s ``state_dict`` and its EMA callback's) has each one folded, the rest kept.
 
     The folded weight takes the place of its g entry; v (and any marker) are dropped.  The result
     has the input's type (an ``OrderedDict`` stays one) and its ``_metadata`` for the modules left.
@@ -212,12 +268,20 @@ def fold_state_dict(state_dict: Mapping[str, object], *, keep: Collection[str] =
     left weight-normalized, for a model that has weight norm on those layers by construction
     (wav2vec2's ``pos_conv``).
     """
-    found = find_state_dict_weight_norms(state_dict)
     keep = {keep} if isinstance(keep, str) else set(keep)
+    found = _all_weight_norms(state_dict)
     unknown = sorted(keep - {wn.weight_key for wn in found})
     if unknown:
         msg = unknown_keep_message(unknown, [wn.weight_key for wn in found], "this state dict")
         raise FoldError(msg)  # (as fold_weight_norm's keep)
+    return _each_state_dict(state_dict, lambda one: fold_one_state_dict(one, keep=keep))
+
+
+def fold_one_state_dict(state_dict: Mapping[str, object], *, keep: Collection[str] = ()) -> dict[str, object]:
+    """:func:`fold_state_dict` of one state dict (a checkpoint's state dicts are found by the
+    caller); ``keep``: names, those not in this state dict ignored."""
+    keep = {keep} if isinstance(keep, str) else set(keep)
+    found = find_state_dict_weight_norms(state_dict)
     pairs = {wn.g_key: wn for wn in found if wn.weight_key not in keep}
     for wn in pairs.values():
         _refuse_stacked(wn, "folding it")
@@ -286,10 +350,16 @@ def convert_state_dict(state_dict: Mapping[str, object], to: str) -> dict[str, o
 
     Values are not changed (both layouts store g with v's rank, size 1 off the unit axis).
     Layouts torch's legacy hooks cannot express (grouped ConvTranspose, ``g = e^s``) are refused.
+    A whole checkpoint that holds state dicts has each one converted, the rest kept.
     """
     if to not in ("parametrizations", "legacy"):
         msg = f"unknown layout {to!r}; choose 'parametrizations' or 'legacy'"
         raise ValueError(msg)
+    return _each_state_dict(state_dict, lambda one: convert_one_state_dict(one, to))
+
+
+def convert_one_state_dict(state_dict: Mapping[str, object], to: str) -> dict[str, object]:
+    """:func:`convert_state_dict` of one state dict."""
     return _relayout(state_dict, {wn.weight_key: to for wn in find_state_dict_weight_norms(state_dict)})
 
 
@@ -311,14 +381,14 @@ def fit_state_dict(state_dict: Mapping[str, object], expected: Collection[str],
     found = find_state_dict_weight_norms(state_dict)
     own = {wn.weight_key: wn for wn in pairs}
     layouts = {wn.weight_key: to for wn in found for to in ("parametrizations", "legacy")
-               if _pair_keys(wn.weight_key, to)[0] in expected and _takes_pair(own.get(wn.weight_key), wn, state_dict)}
+               if pair_keys(wn.weight_key, to)[0] in expected and _takes_pair(own.get(wn.weight_key), wn, state_dict)}
     # g stored as s = log g (exp_scale), for a model that stores g itself: g = e^s, no marker
     linear = {wn.g_key: wn.marker_key for wn in found if wn.exp_scale and wn.weight_key in layouts
               and wn.marker_key not in expected}
     state = {key: value.exp() if key in linear else value for key, value in state_dict.items()
              if key not in linear.values()}
-    fitted = _relayout(fold_state_dict(state, keep=list(layouts)), layouts)
-    plain = {wn.weight_key: wn for wn in pairs if _pair_keys(wn.weight_key, wn.layout)[0] not in fitted
+    fitted = _relayout(fold_one_state_dict(state, keep=layouts.keys()), layouts)
+    plain = {wn.weight_key: wn for wn in pairs if pair_keys(wn.weight_key, wn.layout)[0] not in fitted
              and isinstance(fitted.get(wn.weight_key), Tensor) and tuple(fitted[wn.weight_key].shape) == wn.v_shape}
     if not plain:
         return fitted
@@ -326,7 +396,7 @@ def fit_state_dict(state_dict: Mapping[str, object], expected: Collection[str],
     for key, value in fitted.items():
         if key in plain:
             wn = plain[key]
-            g_key, v_key = _pair_keys(key, wn.layout)
+            g_key, v_key = pair_keys(key, wn.layout)
             out[g_key], out[v_key] = _normalized_pair(value, wn)
         else:
             out[key] = value
@@ -365,7 +435,7 @@ def _normalized_pair(weight: Tensor, wn: StateDictWeightNorm) -> tuple[Tensor, T
         return g, direct_zero_units_on_load(w.clone(), g, layout)
 
 
-def _pair_keys(weight_key: str, layout: str) -> tuple[str, str]:
+def pair_keys(weight_key: str, layout: str) -> tuple[str, str]:
     """The (g, v) keys of ``weight_key`` in ``layout``."""
     if layout == "legacy":
         return f"{weight_key}_g", f"{weight_key}_v"
@@ -386,7 +456,7 @@ def _relayout(state_dict: Mapping[str, object], layouts: Mapping[str, str]) -> d
             what = "grouped ConvTranspose weight norm" if wn.groups > 1 else "weight norm with g = e^s"
             msg = f"{wn.g_key}: {what} has no {to} equivalent in torch; fold it instead"
             raise WeightNormError(msg)
-        renames[wn.g_key], renames[wn.v_key] = _pair_keys(wn.weight_key, to)
+        renames[wn.g_key], renames[wn.v_key] = pair_keys(wn.weight_key, to)
     return _like(state_dict, {renames.get(key, key): value for key, value in state_dict.items()})
 
 
