@@ -1149,8 +1149,15 @@ def test_fold_keep_leaves_the_weight_norm_a_model_is_built_with(tmp_path: Path) 
     x = torch.randn(2, 4, 10)
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), model(x))
+    assert "kernel axis" not in result.stdout
     result = cli("fold", str(source), "--keep", "head.bias", "-o", str(tmp_path / "o.pt"))
     assert result.returncode == 1 and "--keep names head.bias, which is not weight-normalized in any of its state dicts" in result.stderr
+    result = cli("fold", str(source), "-o", str(tmp_path / "all.pt"))  # the built-in one folded too: said, with the way back
+    assert result.returncode == 0, result.stderr
+    assert ("(top level): pos.weight was normalized on dim 2, a kernel axis, as a model that builds weight norm into its "
+            "class does (wav2vec2's pos_conv): where the file must load into that class, keep it with --keep pos.weight"
+            in result.stdout)
+    assert result.stdout.count("kernel axis") == 1  # (the layers ours normalized per output channel: not named)
 
 
 def test_a_checkpoint_whose_tied_names_disagree_is_refused(tmp_path: Path) -> None:
@@ -1262,6 +1269,46 @@ def test_convert_renames_an_optimizers_parameter_names_and_fold_says_what_its_op
     result = cli("fold", str(path), "-o", str(tmp_path / "plain.ckpt"))
     assert result.returncode == 0, result.stderr
     assert "optimizer_states.0: an optimizer's state, kept as it was: where it steps g and v" in result.stdout
+
+
+class _Unrolled(torch.nn.Module):
+    """Its weight reaches ``F.linear`` in a loop over the rows: symbolic tracing cannot follow it,
+    and the module walk sees no standard layer; torch.export, given a batch, finds it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(4, 6) * 0.3)
+        self.b = torch.nn.Parameter(torch.zeros(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([torch.nn.functional.linear(x[i], self.w, self.b) for i in range(x.shape[0])])
+
+
+def build_unrolled() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return _Unrolled()
+
+
+def test_apply_preserve_takes_a_sample_batch_to_find_the_weights_and_says_so_when_it_needs_one(tmp_path: Path) -> None:
+    source, out = tmp_path / "plain.pt", tmp_path / "wn.pt"
+    model = build_unrolled()
+    torch.save(model.state_dict(), source)
+    args = ("apply", "--model", "tests.test_cli:build_unrolled", "--checkpoint", str(source), "--preserve", "-o", str(out))
+    result = cli(*args)
+    assert result.returncode == 1 and not out.exists()
+    assert "pass a sample batch (--sample FILE or --input-shape N,C,...) so that torch.export can trace it" in result.stderr
+    result = cli(*args, "--input-shape", "3,6")
+    assert result.returncode == 0, result.stderr
+    assert "1 weights reparameterized, 0 skipped; traced by torch.export; init=preserve" in result.stdout
+    normalized = wn.apply_weight_norm(build_unrolled(), torch.randn(3, 6), init="preserve")
+    normalized.load_state_dict(torch.load(out))
+    x = torch.randn(2, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(normalized(x), model(x))
+    torch.save(torch.randn(3, 6), tmp_path / "batch.pt")
+    result = cli("apply", "--model", "tests.test_cli:build_unrolled", "--calib", str(tmp_path / "batch.pt"), "--sample",
+                 str(tmp_path / "batch.pt"), "-o", str(tmp_path / "o.pt"))
+    assert result.returncode == 2 and "--sample goes with --preserve" in result.stderr
 
 
 def test_a_torchscript_archive_is_named_as_one(tmp_path: Path) -> None:

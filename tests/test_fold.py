@@ -250,6 +250,37 @@ def test_fold_can_keep_the_weight_norm_a_model_is_built_with_so_it_loads_into_it
     assert "pos.parametrizations.weight.original1" in state and "head.weight" in state
 
 
+class _BuiltWithBothLayouts(_BuiltWithWeightNorm):
+    """Built with torch's parametrization on ``dim=2`` and its legacy hooks on a ConvTranspose's
+    input channels (torch's default ``dim=0``: EnCodec's, where ours is per output channel)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = legacy_weight_norm(nn.ConvTranspose1d(2, 3, 4, stride=2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(super().forward(x))
+
+
+@pytest.mark.parametrize("init", ["preserve", "data"])
+def test_a_kept_weight_that_existing_convert_replaced_gets_the_classs_own_weight_norm_back(init: str) -> None:
+    """``existing="convert"`` replaces the class's weight norm by ours, on our axis; ``keep`` puts
+    torch's back, in its layout and on its axis, so the folded state dict loads into the class."""
+    x = torch.randn(6, 4, 10)
+    model = wn.apply_weight_norm(_BuiltWithBothLayouts(), x, init=init, existing="convert")
+    assert {f.qualname: f.layout for f in wn.find_weight_norms(model)}["pos.weight"] == "wn_transform"
+    folded = wn.fold_weight_norm(model, keep=["pos.weight", "up.weight"])
+    found = {f.qualname: (f.layout, f.dim) for f in wn.find_weight_norms(folded)}
+    assert found == {"pos.weight": ("torch", 2), "up.weight": ("legacy", 0)}
+    fresh = _BuiltWithBothLayouts()
+    fresh.load_state_dict(folded.state_dict())  # strict, and every shape the class's
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x))
+    assert all(p.requires_grad for p in folded.parameters())
+    again = wn.fold_weight_norm(model, keep=["pos.weight"])  # the model itself is unchanged: its copy folded
+    assert {f.qualname: f.layout for f in wn.find_weight_norms(again)} == {"pos.weight": "torch"}
+
+
 def test_fold_keep_takes_any_name_of_a_layer_reachable_under_two() -> None:
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
     model.head = model[1]  # the same module under a second name

@@ -506,3 +506,19 @@ def test_third_party_gpt2_without_batch_error_says_how_to_find_its_weights() -> 
     with pytest.warns(UserWarning, match="could not trace"):
         with pytest.raises(wn.NoTargetsError, match=r"(?s)(could not trace|symbolic_trace).*sample_batch"):
             wn.plan_weight_norm(entry.model())
+
+
+def test_the_cli_says_how_to_load_a_transformers_checkpoint_saved_under_older_names(tmp_path, capsys) -> None:
+    """transformers 5 saves a ViT under its older checkpoint names (``encoder.layer.0.attention.
+    attention.query``) while its modules are ``layers.0.attention.q_proj``: ``from_pretrained``
+    renames them on load, ``load_state_dict`` cannot; the CLI's error says which route works."""
+    from wn_transform.cli import main
+
+    model = next(e for e in THIRD_PARTY if e.name == "vit").model()
+    model.save_pretrained(tmp_path / "vit")
+    assert main(["apply", "--model", "tests.third_party_zoo:_vit", "--checkpoint", str(tmp_path / "vit" / "model.safetensors"),
+                 "--preserve", "-o", str(tmp_path / "o.pt")]) == 1
+    assert ("(a transformers model: save_pretrained writes some models' weights under older names that from_pretrained "
+            "renames on load; build it in the factory with from_pretrained(folder) and leave out --checkpoint)"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "o.pt").exists()

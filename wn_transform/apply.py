@@ -19,7 +19,7 @@ from ._gc import gc_paused
 from .data_init import InitNotes, data_init, resample_directions
 from .discover import WALK, Discovery, account_for_every_layer, discover, preserved_state
 from .errors import NoTargetsError, WeightNormError, few, warn_user
-from .fold import FoundWeightNorm, find_weight_norms, fold_one, foldable
+from .fold import FoundWeightNorm, find_weight_norms, fold_one, foldable, remember_built_with
 from .mean_only_bn import attach as attach_mean_only_bn
 from .mean_only_bn import channels as mean_only_bn_channels
 from .mean_only_bn import mean_only_bn_of
@@ -422,6 +422,10 @@ def _plan(model: nn.Module, sample_batch, selection: Selection, existing: Existi
         skipped += [_kept(found) for found in already]
     else:
         skipped = _unfold_unconverted(model, already, folded, targets, skipped)
+        converted = {target.qualname for target in targets}
+        for found in already:
+            if found.qualname in converted:
+                remember_built_with(model, found)
     report = WeightNormReport(targets, skipped, discovery.found_by, init, discovery.failures)
     return report, targets
 

@@ -34,7 +34,7 @@ from .checkpoint import (
     rebuilt_like, safetensors_metadata, save_checkpoint, state_dict_paths,
 )
 from ._copy import routed_module
-from .errors import WeightNormError, few, first_line, unknown_keep_message
+from .errors import NoTargetsError, WeightNormError, few, first_line, unknown_keep_message
 from .state_dict import (StateDictWeightNorm, convert_one_state_dict, find_state_dict_weight_norms, fit_state_dict,
                          fold_one_state_dict, pair_keys)
 from .uses import param_aliases
@@ -55,6 +55,9 @@ EXAMPLES = {
   wn-transform convert new.pt -o old.pt --to legacy""",
     "apply": """examples:
   wn-transform apply --model mypkg.models:build_classifier --checkpoint trained.pt --preserve -o wn.pt
+  wn-transform apply --model mypkg.models:build_lm --checkpoint lm.safetensors --preserve --sample ids.pt -o wn.pt
+  (--sample/--input-shape with --preserve: a batch the model is traced with to find its weights, for a
+  model the module walk cannot follow; the data init traces with its --calib batch)
   wn-transform apply --model mypkg.models:build_classifier --calib calib_batch.pt -o wn_init.safetensors""",
     "export": """examples:
   wn-transform export --model mypkg.models:build_generator --checkpoint g.pt --input-shape 1,80,100 -o generator.onnx
@@ -123,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="run each layer's op again with the new g, b and hand its real output on "
                               "(each op runs twice; default: hand on g*t + b, as the paper's code does)")
     handing.add_argument("--fast-init", action="store_true", help="hand on g*t + b (the default; kept for old scripts)")
+    _batch_arguments(apply, "sample", required=False)
     _output_arguments(apply)
 
     export = command("export", "Load a model, fold its weight norm, export it to ONNX and verify it in onnxruntime.")
@@ -220,13 +224,26 @@ def cmd_apply(args: argparse.Namespace, say: _Progress) -> int:
                              if on)
         msg = f"{given} set{'s' if ' and ' not in given else ''} the data-dependent init; --preserve keeps every weight as it is"
         raise _UsageError(msg)
+    if not args.preserve and (args.sample or args.input_shape):
+        given = "--sample" if args.sample else "--input-shape"
+        msg = f"{given} goes with --preserve (a batch to find the weights with); the data init traces with its --calib batch"
+        raise _UsageError(msg)
     _check_output_free(args)
     model = _build_model(args, say)
-    batch = None if args.preserve else _read_batch(args, "calib", model)
+    if args.preserve:  # a sample batch, if given, finds the weights: torch.export traces with it
+        batch = _read_batch(args, "sample", model) if (args.sample or args.input_shape) else None
+    else:
+        batch = _read_batch(args, "calib", model)
     say("applying weight norm" + ("" if args.preserve else " with data-dependent init"))
-    model = apply_weight_norm(model, batch, init="preserve" if args.preserve else "data", include=args.include,
-                              exclude=args.exclude, init_scale=args.init_scale, exp_scale=args.exp_scale,
-                              exact_init=args.exact_init, existing=args.existing, inplace=True)
+    try:
+        model = apply_weight_norm(model, batch, init="preserve" if args.preserve else "data", include=args.include,
+                                  exclude=args.exclude, init_scale=args.init_scale, exp_scale=args.exp_scale,
+                                  exact_init=args.exact_init, existing=args.existing, inplace=True)
+    except NoTargetsError as exc:  # its advice in the CLI's terms
+        if batch is None and "pass a sample_batch" in str(exc):
+            msg = str(exc).replace("pass a sample_batch", "pass a sample batch (--sample FILE or --input-shape N,C,...)")
+            raise NoTargetsError(msg) from exc
+        raise
     say(f"writing {args.output}")
     metadata = safetensors_metadata(args.checkpoint) if args.checkpoint else None  # (a file: --key's state dict too)
     save_checkpoint(model.state_dict(), args.output, force=args.force, inputs=_inputs(args), metadata=metadata)
@@ -458,6 +475,12 @@ def _rewrite(args: argparse.Namespace, say: _Progress, fn: Callable[[dict], dict
         kept = len(found[where]) - count
         left = f"already {to}" if to else "kept"
         print(f"{where}: {count} weight-normalized tensors {done}" + (f" ({kept} {left})" if kept else ""))
+    built_in = [(where, wn) for where, pairs in found.items() for wn in pairs
+                if to is None and wn.weight_key not in keep and wn.dim is not None and wn.dim >= 2]
+    for where, wn in built_in:  # no layer type puts its output units there: a class built with it (wav2vec2's pos_conv)
+        print(f"{where}: {wn.weight_key} was normalized on dim {wn.dim}, a kernel axis, as a model that builds weight "
+              f"norm into its class does (wav2vec2's pos_conv): where the file must load into that class, keep it "
+              f"with --keep {wn.weight_key}")
     for path, _ in optimizers:
         if to is None:
             print(f"{_path_name(path)}: an optimizer's state, kept as it was: where it steps g and v, it does not load "
@@ -669,7 +692,7 @@ def _load_weights(model: nn.Module, checkpoint: Any, args: argparse.Namespace) -
     missing, unexpected, reshaped = expected.mismatch(state_dict)
     if missing or unexpected or (reshaped and not set(reshaped) <= expected.keys):  # (torch's error names shapes)
         msg = (f"{args.checkpoint}: does not fit {args.model}: {'; '.join(_mismatch(state_dict, expected))}"
-               f"{_prefix_hint(state_dict, expected, hint_path)}")
+               f"{_prefix_hint(state_dict, expected, hint_path) or _transformers_hint(model)}")
         raise CheckpointError(msg)
     disagree = sorted(f"{key} and {other}" for key, others in expected.tied.items() for other in others
                       if key < other and key in state_dict and other in state_dict
@@ -830,6 +853,17 @@ def _prefix_hint(state_dict: dict[str, Any], expected: _ModelKeys, path: tuple[s
             return (f" (they fit it under '{prefix}.': the checkpoint holds the state dict of the model's '{prefix}' "
                     f"module alone; give --model a factory that returns that module, or save the whole model's)")
     return ""
+
+
+def _transformers_hint(model: nn.Module) -> str:
+    """Advice for a Hugging Face ``transformers`` model whose checkpoint names do not fit its
+    modules: transformers 5 saves many models (ViT, CLIP, Mimi...) under older checkpoint names
+    that its ``from_pretrained`` renames on load; else nothing."""
+    if not any(cls.__module__.startswith("transformers.") for cls in type(model).__mro__):
+        return ""
+    return (" (a transformers model: save_pretrained writes some models' weights under older names that "
+            "from_pretrained renames on load; build it in the factory with from_pretrained(folder) and leave out "
+            "--checkpoint)")
 
 
 def _keyed_path(paths: list[tuple[str, ...]], key: str, file: str) -> tuple[str, ...]:

@@ -501,7 +501,7 @@ def _export_checked(job: _Job, exporter: Exporter, tmpdir: str) -> _Exported:
                 job.folded, job.inputs, job.output_names, tmpdir, opset=job.opset, dynamic_batch=job.dynamic_batch,
                 dynamic_shapes=job.dynamic_shapes, exporter=attempt, say=job.say)
         except ExportError as exc:
-            hint = _number_outputs_hint(job.reference, job.output_names)
+            hint = _number_outputs_hint(job.reference, job.output_names) + _cache_hint(job.reference)
             if rejected is None and not hint:
                 raise
             hint += _static_axis_hint(job, rejected or "")
@@ -550,6 +550,19 @@ def _number_outputs_hint(reference: Any, output_names: list[str]) -> str:
     return (f" [the model returns Python numbers beside its tensors ({few(numbers, 3)}): an exporter writes one "
             "read off an input's shape as a 0-d output, but not a constant; return such a value as a tensor "
             "computed from the inputs, or leave it out of the forward's outputs]")
+
+
+def _cache_hint(reference: Any) -> str:
+    """What to add to a failed export of a model that returns a transformers key/value cache
+    (``DynamicCache``: a language model's or seq2seq model's default ``use_cache=True``), which
+    neither exporter takes as an output; '' where it returns none."""
+    caches = sorted({type(leaf).__name__ for leaf in tree_leaves(reference)
+                     if type(leaf).__module__.startswith("transformers.cache_utils")})
+    if not caches:
+        return ""
+    return (f" [the model returns a transformers cache ({', '.join(caches)}), which the exporters cannot write as an "
+            "output: pass use_cache=False in the batch ({'input_ids': ..., 'use_cache': False}) or set "
+            "model.config.use_cache = False]")
 
 
 def _middle_cut(text: str, most: int = 1000) -> str:

@@ -13,6 +13,7 @@ time and never edits a class, so folding a copy leaves the original working.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Collection
 from dataclasses import dataclass
 
@@ -111,6 +112,9 @@ def fold_weight_norm(model: nn.Module, *, keep: Collection[str] = (), inplace: b
         for found in find_weight_norms(model):
             if found.qualname not in keep:
                 fold_one(model, found)
+            elif (built_with := built_with_of(model, found)) is not None:
+                fold_one(model, found)  # kept as the class builds it: torch's weight norm, on its axis
+                _put_back_torchs(model.get_submodule(found.module), found.name, *built_with)
     for module in model.modules():
         if not isinstance(module, torch.jit.ScriptModule):  # scripted modules carry no mean-only batch norm
             detach_mean_only_bn(module)  # its inference-mode shift goes into the layer's bias
@@ -130,6 +134,43 @@ def _first_names(model: nn.Module, qualnames: Collection[str]) -> set[str]:
             pass
         named.add(f"{module_name}.{tensor}" if module_name else tensor)
     return named
+
+
+BUILT_WITH = "_wn_transform_built_with"  # on a layer: {name: (layout, dim)} of the torch weight norm existing="convert" replaced
+
+
+def remember_built_with(model: nn.Module, found: FoundWeightNorm) -> None:
+    """Note on ``found``'s layer the torch weight norm (layout and axis) that ``existing="convert"``
+    replaces with ours: a ``keep`` of that weight in :func:`fold_weight_norm` puts it back, so that
+    the folded model's state dict loads into the class that builds it (wav2vec2's ``pos_conv``,
+    normalized on ``dim=2``, where ours is per output channel)."""
+    layer = model.get_submodule(found.module)
+    layer.__dict__.setdefault(BUILT_WITH, {})[found.name] = (found.layout, found.dim)
+
+
+def built_with_of(model: nn.Module, found: FoundWeightNorm) -> tuple[str, int | None] | None:
+    """The torch weight norm this library's ``found`` replaced (:func:`remember_built_with`), or None."""
+    if found.layout != "wn_transform":
+        return None
+    return model.get_submodule(found.module).__dict__.get(BUILT_WITH, {}).get(found.name)
+
+
+def _put_back_torchs(layer: nn.Module, name: str, layout: str, dim: int | None) -> None:
+    """Torch's weight norm on ``layer.<name>`` again, in ``layout`` (``"torch"``: its
+    parametrization; ``"legacy"``: its hooks), on axis ``dim``: ``g = ||w||``, ``v = w``, the same
+    function to float rounding."""
+    requires_grad = getattr(layer, name).requires_grad
+    if layout == "legacy":
+        with warnings.catch_warnings():  # (torch deprecates the legacy hooks; the class builds them)
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.nn.utils.weight_norm(layer, name, dim=dim)
+        parameters = (getattr(layer, f"{name}_g"), getattr(layer, f"{name}_v"))
+    else:
+        torch.nn.utils.parametrizations.weight_norm(layer, name, dim=dim)
+        parameters = tuple(layer.parametrizations[name].parameters(recurse=False))
+    for parameter in parameters:
+        parameter.requires_grad_(requires_grad)
+    del layer.__dict__[BUILT_WITH][name]
 
 
 def fold_one(model: nn.Module, found: FoundWeightNorm, *, by: str = "fold_weight_norm") -> None:
