@@ -10,6 +10,7 @@ import gc
 import io
 import pickle
 import json
+import re
 import subprocess
 import sys
 import warnings
@@ -469,6 +470,9 @@ def test_the_report_records_the_options_that_made_the_weights(net: Net, batch: t
     assert "init=data (init_scale=0.5, exact_init=True, exp_scale=True)" in made.table()
     json.loads(json.dumps(made.to_dict()))
     assert wn.plan_weight_norm(net, existing="convert").options == {"existing": "convert"}
+    plan = wn.plan_weight_norm(net, batch)  # what apply would do: said so
+    assert plan.to_dict()["planned"] and not default.to_dict()["planned"]
+    assert "3 weights would be reparameterized, 0 skipped" in plan.table() and "would be" not in default.table()
     numpy_scale = wn.weight_norm_report(wn.apply_weight_norm(net, batch, init_scale=np.float32(0.5)))
     assert json.loads(json.dumps(numpy_scale.to_dict()))["options"] == {"init_scale": 0.5}
 
@@ -1135,3 +1139,22 @@ def test_a_weight_with_a_gradient_hook_keeps_it_and_is_left_alone(inplace: bool)
         optimizer.step()
     assert bool((out.conv.weight[masked] == 0).all())  # the mask held
     assert bool((out.conv.weight[~masked] != start[~masked]).any())  # the other taps trained
+
+
+def test_a_transposed_tie_is_skipped_and_named_as_one() -> None:
+    """An autoencoder whose decoder reads the encoder's weight transposed: one weight with two unit
+    axes, which one g cannot serve; the reason says so in words (not a dataclass's repr)."""
+
+    class TiedAutoencoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.enc = nn.Linear(8, 3)
+            self.dec_bias = nn.Parameter(torch.zeros(8))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.linear(torch.relu(self.enc(x)), self.enc.weight.t(), self.dec_bias)
+
+    with pytest.raises(wn.NoTargetsError, match=re.escape(
+            "enc.weight: read with different output-unit axes (dim 0, dim 1) (the weight and its transpose: a "
+            "transposed tie, as an autoencoder's decoder)")):
+        wn.apply_weight_norm(TiedAutoencoder(), torch.randn(16, 8))

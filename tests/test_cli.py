@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
@@ -338,6 +339,52 @@ def test_only_a_file_that_needs_code_gets_the_weights_only_advice(tmp_path: Path
     assert folded["args"] == argparse.Namespace(lr=1) and not wn.find_state_dict_weight_norms(folded["state_dict"])
     with pytest.raises(SystemExit):  # (argparse's usage error, exit code 2)
         main(["fold", str(path), "--safe-global", "argparse.Nope", "-o", str(out)])
+
+
+def test_following_the_safe_global_hints_loads_a_file_with_numpy_1_scalars(tmp_path: Path, capsys) -> None:
+    """A numpy scalar pickled by numpy 1.x names ``numpy.core.multiarray.scalar`` (numpy 2's alias of
+    ``numpy._core``'s), then its dtype's class (which torch's error gives as "Can only build ...
+    but got <class ...>"): each refusal names the class to allow, under the name the pickle uses,
+    and following them loads the file."""
+    import zipfile
+
+    state = build_generator().state_dict()
+    torch.save({"model": state, "best": np.float64(0.25)}, tmp_path / "numpy2.pt")
+    path = tmp_path / "numpy1.pt"
+    with zipfile.ZipFile(tmp_path / "numpy2.pt") as source, zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as target:
+        for info in source.infolist():
+            data = source.read(info)
+            if info.filename.endswith("data.pkl"):
+                data = data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+            target.writestr(info.filename, data)
+    allowed: list[str] = []
+    for _ in range(4):
+        if main(["fold", str(path), *[a for name in allowed for a in ("--safe-global", name)], "-o",
+                 str(tmp_path / "plain.pt"), "--force"]) == 0:
+            break
+        error = capsys.readouterr().err
+        allowed.append(re.search(r"allow it with --safe-global (\S+) \(the CLI\)", error).group(1))
+    assert allowed[0] == "numpy.core.multiarray.scalar" and "numpy.dtypes.Float64DType" in allowed
+    with torch.serialization.safe_globals([np._core.multiarray.scalar, np.dtype, np.dtypes.Float64DType]):
+        assert torch.load(tmp_path / "plain.pt", weights_only=True)["best"] == 0.25
+
+
+def test_a_safe_global_from_the_current_folder_and_a_nested_class_that_needs_getattr(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "runcfg.py").write_text("class Config:\n    def __init__(self, lr=1):\n        self.lr = lr\n"
+                                        "class Outer:\n    class Inner:\n        pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import runcfg
+
+    state = build_generator().state_dict()
+    torch.save({"model": state, "cfg": runcfg.Config(lr=3)}, tmp_path / "own.pt")
+    torch.save({"model": state, "cfg": runcfg.Outer.Inner()}, tmp_path / "nested.pt", pickle_protocol=2)
+    run = functools.partial(subprocess.run, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                            env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    result = run([sys.executable, "-m", "wn_transform.cli", "fold", "own.pt", "--safe-global", "runcfg.Config", "-o", "o.pt"])
+    assert result.returncode == 0, result.stderr
+    result = run([sys.executable, "-m", "wn_transform.cli", "fold", "nested.pt", "-o", "n.pt"])
+    assert result.returncode == 1 and "GLOBAL getattr" in result.stderr and "--safe-global" not in result.stderr
+    assert "If you trust its source, load it with torch.load(..., weights_only=False)" in result.stderr
 
 
 @pytest.mark.parametrize(("written", "read"), [
@@ -1127,7 +1174,7 @@ def test_a_shard_holding_only_0_d_tensors_is_read(tmp_path: Path) -> None:
     folded, expected = load_file(tmp_path / "plain.safetensors"), wn.fold_state_dict(state)
     assert folded.keys() == expected.keys()
     torch.testing.assert_close(folded["logit_scale"], state["logit_scale"])
-    torch.save({"x": torch.ones(2), "epoch": 3}, tmp_path / "pytorch_model-00001-of-00001.bin")  # not tensors alone
+    torch.save([torch.ones(2)], tmp_path / "pytorch_model-00001-of-00001.bin")  # no mapping of names
     bin_index = tmp_path / "pytorch_model.bin.index.json"
     bin_index.write_text(json.dumps({"weight_map": {"x": "pytorch_model-00001-of-00001.bin"}}))
     with pytest.raises(checkpoint.CheckpointError, match="pytorch_model-00001-of-00001.bin: a shard of pytorch_model.bin."
@@ -1269,6 +1316,21 @@ def test_convert_renames_an_optimizers_parameter_names_and_fold_says_what_its_op
     result = cli("fold", str(path), "-o", str(tmp_path / "plain.ckpt"))
     assert result.returncode == 0, result.stderr
     assert "optimizer_states.0: an optimizer's state, kept as it was: where it steps g and v" in result.stdout
+    # a discriminator whose own plain parameter is named as one of the generator's pairs (an
+    # attention's value projection, conv_pre.weight_v): its optimizer is renamed by its own state dict
+    discriminator = torch.nn.Module()
+    discriminator.conv_pre = torch.nn.Module()
+    discriminator.conv_pre.weight_v = torch.nn.Parameter(torch.randn(4, 4))
+    legacy_optimizer = torch.optim.Adam(build_generator("legacy").named_parameters())
+    plain_optimizer = torch.optim.Adam(discriminator.named_parameters())
+    torch.save({"generator": build_generator("legacy").state_dict(), "discriminator": discriminator.state_dict(),
+                "optim_g": legacy_optimizer.state_dict(), "optim_d": plain_optimizer.state_dict()}, tmp_path / "gan.pt")
+    result = cli("convert", str(tmp_path / "gan.pt"), "--to", "parametrizations", "-o", str(tmp_path / "gan_p.pt"))
+    assert result.returncode == 0, result.stderr
+    converted = torch.load(tmp_path / "gan_p.pt")
+    assert converted["optim_d"]["param_groups"][0]["param_names"] == ["conv_pre.weight_v"]
+    assert converted["optim_g"]["param_groups"][0]["param_names"] == [
+        name for name, _ in build_generator("parametrizations").named_parameters()]
 
 
 class _Unrolled(torch.nn.Module):
@@ -1378,7 +1440,7 @@ def test_a_random_batch_follows_a_half_precision_models_dtype(tmp_path: Path, mo
     monkeypatch.setattr(sys, "modules", dict(sys.modules))
     result = cli("inspect", "--model", f"{tmp_path / 'half_model_for_wn.py'}:build", "--input-shape", "64,4,16")
     assert result.returncode == 0, result.stderr
-    assert "2 weights reparameterized" in result.stdout
+    assert "2 weights would be reparameterized" in result.stdout
 
 
 def test_a_model_file_named_like_an_imported_module_replaces_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

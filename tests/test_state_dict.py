@@ -258,6 +258,20 @@ def test_an_ema_that_names_parameters_without_their_dots_is_folded_with_the_mode
     assert list(converted) == list(_LightningWithEma(legacy).state_dict())  # (the EMA's as its LitEma names them)
 
 
+def test_an_ema_without_its_dots_beside_markers_it_does_not_carry_is_refused() -> None:
+    """LitEma copies parameters only: a ``g = e^s`` marker (a buffer) or another parametrization's
+    buffers stacked on weight norm are the model's alone, so the EMA's pair cannot be told to
+    hold ``s`` rather than ``g``: refused, not folded as if it held ``g``."""
+    x = torch.randn(8, 4, 6)
+    exp_scale = wn.apply_weight_norm(nn.Sequential(nn.Conv1d(4, 6, 3), nn.ReLU(), nn.Linear(4, 3)), x, exp_scale=True)
+    stacked = nn.Sequential(torch.nn.utils.parametrizations.spectral_norm(parametrized_weight_norm(nn.Linear(4, 3))))
+    for model, beside in ((exp_scale, r"0\.parametrizations\.weight\.0\.g_is_log"),
+                          (stacked, r"0\.parametrizations\.weight\.1\._u")):
+        with pytest.raises(wn.WeightNormError, match=rf"model_ema\.0parametrizationsweightoriginal0: a weight-norm pair "
+                                                     rf"named without its dots .* beside model\.{beside}"):
+            fold_state_dict(_LightningWithEma(model).state_dict())
+
+
 def test_a_whole_checkpoint_has_each_of_its_state_dicts_folded_and_the_rest_kept() -> None:
     """HiFi-GAN's ``g_*`` file (``{"generator": sd}``) and a Lightning ``.ckpt`` with an EMA
     callback's copy: each state dict folded or converted, the other entries the same objects;
@@ -287,6 +301,25 @@ def test_a_whole_checkpoint_has_each_of_its_state_dicts_folded_and_the_rest_kept
             "a checkpoint that holds state dicts (state_dict, callbacks.EMA.ema_state_dict), not one state dict: pass "
             'one of them (checkpoint["state_dict"])')):
         find_state_dict_weight_norms(ckpt)
+
+
+def test_a_state_dict_with_a_spaced_key_and_a_nested_one_has_both_folded() -> None:
+    """A ``ParameterDict`` key may hold a space (``spk.speaker 1``), which the checkpoint walk takes
+    for a phrase: the root, which holds weights itself, is still a state dict, folded with the
+    one nested in it, and ``find`` looks at it."""
+    model = nn.Module()
+    model.conv = parametrized_weight_norm(nn.Conv1d(2, 3, 3))
+    model.spk = nn.ParameterDict({"speaker 1": nn.Parameter(torch.randn(4))})
+    state = {**model.state_dict(), "ema": {k: v for k, v in model.state_dict().items() if k.startswith("conv.")}}
+    assert [wn.weight_key for wn in find_state_dict_weight_norms(state)] == ["conv.weight"]
+    folded = fold_state_dict(state)
+    assert list(folded) == ["conv.weight", "conv.bias", "spk.speaker 1", "ema"]
+    assert list(folded["ema"]) == ["conv.weight", "conv.bias"]
+    expected = wn.fold_weight_norm(model.conv).weight
+    torch.testing.assert_close(folded["conv.weight"], expected)
+    torch.testing.assert_close(folded["ema"]["conv.weight"], expected)
+    with pytest.raises(wn.WeightNormError, match=re.escape('pass one of them (checkpoint["models"][1])')):
+        find_state_dict_weight_norms({"models": [{"n": 3}, model.conv.state_dict()]})
 
 
 @pytest.mark.parametrize("style", list(STYLES))

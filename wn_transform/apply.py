@@ -243,7 +243,7 @@ def plan_weight_norm(
     selection = Selection.build(include, exclude, types, filter_fn)
     working = copy_model(model, instead="plan with existing='keep', which needs no copy") if existing == "convert" else model
     report = _plan(working, sample_batch, selection, existing, init)[0]
-    report.options = _non_default(existing=existing)
+    report.options, report.planned = _non_default(existing=existing), True
     if checked and report.found_by == "symbolic_trace":
         with preserved_state(model, batch_statistics=True), torch.no_grad():
             batch_mod.run(model, sample_batch)

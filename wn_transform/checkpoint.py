@@ -214,17 +214,19 @@ def _read(path: Path) -> Any:
             with path.open("rb") as file:  # (a file, not its name: torch reads a .safetensors name as one)
                 loaded = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "unsupported global" in str(exc).lower():  # the unpickler met a class or function it would import
-            needed = re.search(r"GLOBAL ([\w.]+)", str(exc))
-            name = needed.group(1) if needed else "MODULE.NAME"
-            msg = (f"{path}: refused to load: the file needs arbitrary Python code to unpickle "
-                   f"({_unpickler_detail(exc)}). It was not executed. If you trust its source and that class: "
-                   f"allow it with --safe-global {name} (the CLI), or in Python load it within "
-                   f"torch.serialization.safe_globals([{name}]) and fold it with wn.fold_state_dict, which keeps "
-                   f"its other entries; or load it with torch.load(..., weights_only=False) and save the weights "
-                   f"alone (fairseq's and Coqui's ckpt['model'] beside their config objects).")
-        elif "DTensor" in str(exc):  # torch.save(model.state_dict()) of a model FSDP sharded: one rank's shards
+        needed = _needed_global(str(exc))
+        if "DTensor" in str(exc):  # torch.save(model.state_dict()) of a model FSDP sharded: one rank's shards
             raise CheckpointError(_shards_message(path)) from exc
+        if needed is not None:  # the unpickler met a class or function it would import, or build
+            name = needed if "." in needed else None  # (a bare builtin such as getattr: no class to allow)
+            allow = (f"If you trust its source and that class: allow it with --safe-global {name} (the CLI), or in "
+                     f"Python load it within torch.serialization.safe_globals([{name}]) and fold it with "
+                     "wn.fold_state_dict, which keeps its other entries; or load" if name else "If you trust its "
+                     "source, load")
+            msg = (f"{path}: refused to load: the file needs arbitrary Python code to unpickle "
+                   f"({_unpickler_detail(exc)}). It was not executed. {allow} it with torch.load(..., "
+                   "weights_only=False) and save the weights alone (fairseq's and Coqui's ckpt['model'] beside "
+                   "their config objects).")
         else:
             msg = f"{path}: not a PyTorch checkpoint torch.load can read safely ({_unpickler_detail(exc)})"
         raise CheckpointError(msg) from exc
@@ -281,7 +283,7 @@ def _load_sharded(index: Path) -> dict[str, Any]:
     for shard in sorted(set(weight_map.values())):
         path = index.parent / shard
         part = _read(_existing_file(path))
-        if not _holds_tensors_only(part):  # (a shard may hold 0-d tensors alone: CLIP's logit_scale)
+        if not _is_shard(part):  # (a shard may hold 0-d tensors alone, CLIP's logit_scale, or an _extra_state)
             msg = f"{path}: a shard of {index.name} that holds no state dict (a mapping of names to tensors)"
             raise CheckpointError(msg)
         unlisted = [key for key in part if key not in weight_map]
@@ -296,9 +298,10 @@ def _load_sharded(index: Path) -> dict[str, Any]:
     return merged
 
 
-def _holds_tensors_only(obj: Any) -> bool:
-    """A mapping of string keys to tensors, as a sharded checkpoint's shard is."""
-    return isinstance(obj, Mapping) and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items())
+def _is_shard(obj: Any) -> bool:
+    """A mapping of string keys (a state dict's: tensors, and values such as a module's
+    ``_extra_state``), as a sharded checkpoint's shard is; the index says which keys it holds."""
+    return isinstance(obj, Mapping) and all(isinstance(k, str) for k in obj)
 
 
 def _weight_map(index: Path) -> dict[str, str]:
@@ -366,14 +369,22 @@ def _is_torchscript(path: Path) -> bool:
     return any(name.endswith("/constants.pkl") for name in names) and any("/code/" in name for name in names)
 
 
+def _needed_global(message: str) -> str | None:
+    """The class or function torch's weights-only unpickler refused (``Unsupported global: GLOBAL
+    argparse.Namespace``, or ``Can only build ... but got <class 'numpy.dtypes.Float64DType'>``),
+    or None where it refused something else."""
+    found = re.search(r"GLOBAL ([\w.]+)", message) or re.search(r"Can only build .* but got <class '([\w.]+)'>", message)
+    return found.group(1) if found else None
+
+
 def _unpickler_detail(exc: Exception) -> str:
     """The line of torch's weights-only unpickler error that says what it met."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    found = next((line for line in lines if "unsupported" in line.lower()), None)
+    found = next((line for line in lines if "unsupported" in line.lower() or line.startswith("Can only build")), None)
     if found is None:
         return lines[0] if lines else type(exc).__name__
-    start = found.lower().index("unsupported")
-    return found[start:] if found[:start].endswith("error: ") else found
+    start = found.lower().find("unsupported")
+    return found[start:] if start > 0 and found[:start].endswith("error: ") else found
 
 
 def check_output(path: str | os.PathLike, *, force: bool = False, inputs: tuple[str | os.PathLike, ...] = ()) -> None:
@@ -403,7 +414,7 @@ def check_output(path: str | os.PathLike, *, force: bool = False, inputs: tuple[
                f"written to, so give the path of a new or regular file")
         raise CheckpointError(msg)
     if path.exists() and not force:
-        msg = f"{path}: already exists; to overwrite it, pass --force (force=True from Python)"
+        msg = f"{path}: already exists; to overwrite it, pass --force"
         raise CheckpointError(msg)
 
 

@@ -19,7 +19,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -467,7 +467,8 @@ def _rewrite(args: argparse.Namespace, say: _Progress, fn: Callable[[dict], dict
         raise CheckpointError(msg)
     result = map_state_dicts(checkpoint, fn)
     optimizers = optimizer_states(result)
-    renamed = {} if to is None else _rename_parameter_names(optimizers, found.values(), to)
+    renamed = {} if to is None else _rename_parameter_names(
+        optimizers, [(set(_get(checkpoint, p)), found[_path_name((*prefix, *p))]) for p in paths], to)
     say(f"writing {args.output}")
     save_checkpoint(result, args.output, force=args.force, inputs=_inputs(args), metadata=safetensors_metadata(args.input))
     say.wrote(args.output)
@@ -490,21 +491,27 @@ def _rewrite(args: argparse.Namespace, say: _Progress, fn: Callable[[dict], dict
     return 0
 
 
-def _rename_parameter_names(optimizers: list[tuple[tuple[str, ...], Any]], found: Iterable[list[StateDictWeightNorm]],
-                            to: str) -> dict[tuple[str, ...], int]:
+def _rename_parameter_names(optimizers: list[tuple[tuple[str, ...], Any]],
+                            state_dicts: list[tuple[set[str], list[StateDictWeightNorm]]], to: str) -> dict[tuple[str, ...], int]:
     """Rename, in place, the g and v names that optimizers made from ``named_parameters()`` keep in
-    their ``param_groups`` (``param_names``) to the layout ``to``; how many per optimizer.  (The
-    checkpoint is the CLI's own copy, just loaded.)"""
-    renames = {old: new for pairs in found for wn in pairs if wn.layout != to
-               for old, new in zip((wn.g_key, wn.v_key), pair_keys(wn.weight_key, to), strict=True)}
+    their ``param_groups`` (``param_names``) to the layout ``to``, each by the state dict (its keys,
+    its pairs) that holds all of its names and the fewest others: a discriminator's optimizer
+    beside a generator's is not renamed by the generator's pairs.  How many per optimizer; an optimizer whose names no
+    state dict holds is left out.  (The checkpoint is the CLI's own copy, just loaded.)"""
     counts = {}
     for path, state in optimizers:
-        counts[path] = 0
-        for group in state["param_groups"]:
-            names = group.get("param_names") if isinstance(group, dict) else None
-            if isinstance(names, list):
-                counts[path] += sum(name in renames for name in names)
-                group["param_names"] = [renames.get(name, name) for name in names]
+        groups = [group for group in state["param_groups"] if isinstance(group, dict)
+                  and isinstance(group.get("param_names"), list)]
+        names = {name for group in groups for name in group["param_names"]}
+        holders = [(len(keys - names), pairs) for keys, pairs in state_dicts if names and names <= keys]
+        if not holders:
+            continue
+        pairs = min(holders, key=lambda holder: holder[0])[1]  # the state dict of its model: the fewest keys beyond
+        renames = {old: new for wn in pairs if wn.layout != to
+                   for old, new in zip((wn.g_key, wn.v_key), pair_keys(wn.weight_key, to), strict=True)}
+        counts[path] = sum(name in renames for name in names)
+        for group in groups:
+            group["param_names"] = [renames.get(name, name) for name in group["param_names"]]
     return counts
 
 
@@ -554,17 +561,33 @@ def _build_model(args: argparse.Namespace, say: Callable[[str], None]) -> nn.Mod
     return model
 
 
-def _safe_global(name: str) -> Any:
-    """``--safe-global argparse.Namespace``: the object that dotted name imports to."""
-    module_name, _, attribute = name.rpartition(".")
-    try:
-        obj = importlib.import_module(module_name) if module_name else None
-        for part in attribute.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError, ValueError) as exc:
-        msg = f"{name!r} is not an importable MODULE.NAME ({first_line(exc)})"
-        raise argparse.ArgumentTypeError(msg) from exc
-    return obj
+def _safe_global(name: str) -> tuple[Any, str]:
+    """``--safe-global argparse.Namespace``: the object that dotted name imports to (a class nested
+    in another, ``mycfg.Outer.Inner``, too; a module in the current folder too), with that name, the
+    one the pickle gives it (``numpy.core.multiarray.scalar``, an alias of ``numpy._core``'s)."""
+    _current_folder_importable()
+    parts = name.split(".")
+    for split in range(len(parts) - 1, 0, -1):  # the longest importable module, then attributes
+        try:
+            obj: Any = importlib.import_module(".".join(parts[:split]))
+        except ImportError:
+            continue
+        try:
+            for part in parts[split:]:
+                obj = getattr(obj, part)
+        except AttributeError as exc:
+            msg = f"{name!r} is not an importable MODULE.NAME ({first_line(exc)})"
+            raise argparse.ArgumentTypeError(msg) from exc
+        return obj, name
+    msg = f"{name!r} is not an importable MODULE.NAME (no module {parts[0]!r} can be imported)"
+    raise argparse.ArgumentTypeError(msg)
+
+
+def _current_folder_importable() -> None:
+    """Modules in the current folder can be imported (``--model mypkg.models:build``), as
+    ``python -m`` allows."""
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
 
 
 def _import_factory(spec: str) -> Callable[..., Any]:
@@ -575,8 +598,7 @@ def _import_factory(spec: str) -> Callable[..., Any]:
     if not sep or not module_name or not attr or (looks_like_a_path and not module_name.endswith(".py")):
         msg = f"--model must look like package.module:factory or path/to/models.py:factory, got {spec!r}"
         raise _UsageError(msg)
-    if str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))
+    _current_folder_importable()
     try:
         obj: Any = _module_from_file(Path(module_name)) if module_name.endswith(".py") else importlib.import_module(module_name)
     except OSError as exc:

@@ -669,7 +669,13 @@ class _CalibrationMode(TorchFunctionMode):
         self._scratch = Scratch()
         # Tensors the forward builds from no input (torch.eye: peft's DoRA runs its LoRA layers on an
         # identity to get their product), and what a layer passed over made of them: see _passes_over
-        self._constants: dict[int, tuple[weakref.ref, int]] = {}  # id -> (tensor, its version: unwritten since)
+        # And the model's own tensors, which hold nothing of the batch: a shared layer's call on a
+        # learned query or initial state (self.h0.expand(B, -1)) is passed over as one on zeros is
+        # (only a layer read by several op calls passes one over: where there is none, none are noted).
+        shared = any(state.target.uses > 1 for state in states)
+        self._constants: dict[int, tuple[weakref.ref, int]] = {  # id -> (tensor, its version: unwritten since)
+            id(t): (weakref.ref(t), t._version) for t in ((*model.parameters(), *model.buffers()) if shared else ())
+            if not t.is_inference()}
         # Until its layer is calibrated, the parametrization hands out v itself: that tensor is
         # how an op is recognized as using a target's weight (views of it are followed).
         self._produced: dict[int, _Produced] = {
@@ -710,7 +716,7 @@ class _CalibrationMode(TorchFunctionMode):
         if name in _FACTORIES:
             result = func(*args, **kwargs)
             source = args[0] if args else kwargs.get("data")  # torch.as_tensor(x): x itself, data or constant
-            if type(result) is Tensor and (not isinstance(source, Tensor) or self._constant(source)):
+            if type(result) is Tensor and (name.endswith("_like") or not isinstance(source, Tensor) or self._constant(source)):
                 self._note_constant(result)
             return result
         use = weight_use(func, args, kwargs) if name in SIGNATURES else None
@@ -728,8 +734,9 @@ class _CalibrationMode(TorchFunctionMode):
         fit = None
         if not state.done and not _piece_calibrated(state, found.units):  # t' = op(x, v) without bias: v until calibrated
             x = _data_operand(bound)
-            if self._passes_over(state, x):
-                result = func(*args, **kwargs)  # what the layer computes before the init
+            if self._passes_over(state, x):  # what the layer computes with its weight and bias before the init
+                bound[weight_key] = found.rebuild()
+                result = _call_as_given(func, SIGNATURES[name][:len(args)], bound)
                 self._note_constant(result)
                 return result
             traced = torch.is_grad_enabled()  # (the forward turned grad on to differentiate: see _measured_apart)
@@ -779,9 +786,14 @@ class _CalibrationMode(TorchFunctionMode):
     def _made_of_constants(self, args: tuple, kwargs: dict) -> bool:
         """Whether an op's tensor arguments (top level, and in a list: ``cat``) are all constants, and
         there is one."""
-        tensors = [a for value in (*args, *kwargs.values())
-                   for a in (value if isinstance(value, (tuple, list)) else (value,)) if isinstance(a, Tensor)]
-        return bool(tensors) and all(self._constant(t) for t in tensors)
+        found = False
+        for value in (*args, *kwargs.values()):
+            for a in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(a, Tensor):
+                    if not self._constant(a):  # (most ops: their first argument, data)
+                        return False
+                    found = True
+        return found
 
     def _note_constant(self, value: Any) -> None:
         """Record the tensors of ``value`` as constants (see :meth:`_constant`)."""
@@ -1283,7 +1295,8 @@ class _CalibrationMode(TorchFunctionMode):
 
 
 _NATIVE_DIMS = {"linear": 0, "conv": 0, "conv_transpose": 1}  # op kind: the axis of v that holds its output units
-#: Functions that build a tensor from no input (torch.eye, zeros, arange...): see _CalibrationMode._passes_over.
+#: Functions that build a tensor from no input (torch.eye, zeros, arange...; zeros_like takes its argument's shape
+#: alone, as_tensor its values): see _CalibrationMode._passes_over.
 _FACTORIES = frozenset({"eye", "zeros", "ones", "full", "arange", "linspace", "logspace", "empty", "tensor",
                         "as_tensor", "zeros_like", "ones_like", "full_like", "empty_like"})
 # Tensor methods that make a constant of the tensor's dtype and device (a recurrent state: h = x.new_zeros(B, H))

@@ -23,7 +23,8 @@ class WeightNormReport:
     data-dependent init could not do (constant units, layers the batch never reached);
     ``options``: the options of the call that differ from their defaults (``init_scale``,
     ``exact_init``, ``resample``, ``exp_scale``, ``mean_only_bn``, ``existing``), so that the
-    report says how the weights were made.
+    report says how the weights were made; ``planned``: a plan's (:func:`~wn_transform.plan_weight_norm`),
+    what an apply would do.
     """
 
     converted: list[Target]
@@ -36,6 +37,7 @@ class WeightNormReport:
     mean_only_bn_missing: list[str] = field(default_factory=list)  # weights whose op output is not their layer's alone
     zero_units: dict[str, int] = field(default_factory=dict)  # all-zero units given g = 0 and a direction
     options: dict[str, Any] = field(default_factory=dict)  # the call's options that differ from their defaults
+    planned: bool = False  # plan_weight_norm's: what apply would do, nothing done
 
     def table(self) -> str:
         """A plain-text table, one row per weight."""
@@ -48,7 +50,8 @@ class WeightNormReport:
         widths = [max(len(row[i]) for row in rows) for i in range(4)]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths)) + "  " + row[4] for row in rows]
         lines.insert(1, "-" * len(lines[0]))
-        summary = f"{len(self.converted)} weights reparameterized, {len(self.skipped)} skipped; traced by {self.found_by}; init={self.init}"
+        done = "would be reparameterized" if self.planned else "reparameterized"
+        summary = f"{len(self.converted)} weights {done}, {len(self.skipped)} skipped; traced by {self.found_by}; init={self.init}"
         if self.options:
             summary += " (" + ", ".join(f"{name}={value!r}" for name, value in self.options.items()) + ")"
         lines.append(summary)
@@ -68,10 +71,11 @@ class WeightNormReport:
                               *notes.split_unfollowed}
             for t in self.converted:
                 if t.uses > 1 and t.qualname not in left_as_it_was:  # the pass hands out v until the first op reading it has calibrated the layer
-                    first = ("first call on data from the batch (not a constant the forward builds, DoRA's "
-                             "torch.eye)" if t.qualname in notes.passed_over else "first call")
+                    first = ("first call on data from the batch (the calls before it, on a constant or the model's "
+                             "own tensors alone, passed over: DoRA's torch.eye, a recurrent state from zeros)"
+                             if t.qualname in notes.passed_over else "first call with rows of the batch")
                     lines.append(f"  {t.qualname}: read by {t.uses} op calls in one forward (a shared layer); the data init "
-                                 f"standardized its {first}'s output, the others follow from it")
+                                 f"standardized the output of its {first}, the others follow from it")
             for name, count in self.notes.constant_units.items():
                 lines.append(f"  {name}: {count} units constant on the batch (sigma ~ 0); their scale is s, not s/sigma")
             for name, count in self.notes.nearly_constant_units.items():
@@ -113,5 +117,5 @@ class WeightNormReport:
             "converted": [t.to_dict() for t in self.converted], "skipped": [s.to_dict() for s in self.skipped],
             "found_by": self.found_by, "init": self.init, "trace_failures": self.trace_failures, "notes": notes,
             "mean_only_bn": self.mean_only_bn, "mean_only_bn_missing": self.mean_only_bn_missing,
-            "zero_units": self.zero_units, "options": self.options,
+            "zero_units": self.zero_units, "options": self.options, "planned": self.planned,
         }

@@ -129,6 +129,15 @@ def find_state_dict_weight_norms(state_dict: Mapping[str, object]) -> list[State
             _check_partner(state_dict, key, v_key, "g without its v")
         elif (dotless := _dotless_weight_key(key)) is not None and f"{key[:-1]}1" in state_dict:
             weight_key, v_key, marker, layout = dotless, f"{key[:-1]}1", None, "parametrizations"
+            # what a pair named without its dots (an EMA's copy of the parameters alone) cannot be told apart from
+            unknowable = next((k for k in state_dict if k.endswith(f".{EXP_SCALE_MARKER}")), None) or next(
+                iter(stacked.values()), None)
+            if unknowable is not None:
+                msg = (f"{key}: a weight-norm pair named without its dots (an EMA's copy of the parameters, such as "
+                       f"CompVis's LitEma) beside {unknowable}: whether the pair holds g or s = log g, or is stacked with "
+                       "another parametrization, is not stored with it; copy the EMA into the model (ema.copy_to(model)) "
+                       "and fold the model")
+                raise WeightNormError(msg)
         elif key.endswith("_g") and f"{key[:-2]}_v" in state_dict:
             weight_key, v_key, marker, layout = key[:-2], f"{key[:-2]}_v", None, "legacy"
         else:
@@ -172,40 +181,56 @@ def _dotless_weight_key(key: str) -> str | None:
     return f"{head}.{before}{name}" if head else f"{before}{name}"
 
 
+def _nested_paths(obj: Mapping[str, object]) -> list[tuple[str, ...]]:
+    """Where the state dicts nested in ``obj`` are (``[]`` for a flat state dict: one pass over
+    its values), ``obj`` itself not among them."""
+    if not any(isinstance(value, (Mapping, list, tuple)) for value in obj.values()):
+        return []
+    return [path for path in state_dict_paths(obj) if path]
+
+
+def _holds_weights(obj: Mapping[str, object]) -> bool:
+    """Whether ``obj`` holds a tensor of one dimension or more itself: a state dict, whatever its
+    keys (a ``ParameterDict`` key may hold a space, which :func:`~wn_transform.checkpoint.is_state_dict`
+    takes for a phrase)."""
+    return any(isinstance(value, Tensor) and value.ndim for value in obj.values())
+
+
 def _refuse_checkpoint(obj: Mapping[str, object]) -> None:
     """Raise if ``obj`` is a checkpoint that holds state dicts (``{"generator": sd}``, a Lightning
-    ``.ckpt``) rather than one: its weight norms are in those, which have keys of their own."""
-    paths = state_dict_paths(obj)
-    if paths and () not in paths:
-        where = ", ".join(".".join(path) for path in paths[:4]) + (", ..." if len(paths) > 4 else "")
+    ``.ckpt``) and no weights of its own: its weight norms are in those, which have keys of their own."""
+    nested = _nested_paths(obj)
+    if nested and not _holds_weights(obj):
+        where = ", ".join(".".join(path) for path in nested[:4]) + (", ..." if len(nested) > 4 else "")
         msg = (f"this is a checkpoint that holds state dicts ({where}), not one state dict: pass one of them "
-               f"(checkpoint{_subscripts(paths[0])}); fold_state_dict and convert_state_dict take the whole checkpoint")
+               f"(checkpoint{_subscripts(obj, nested[0])}); fold_state_dict and convert_state_dict take the whole "
+               "checkpoint")
         raise WeightNormError(msg)
 
 
-def _subscripts(path: tuple[str, ...]) -> str:
-    """``('callbacks', 'EMA', 'ema_state_dict')`` -> ``["callbacks"]["EMA"]["ema_state_dict"]`` (a list's index as a number)."""
-    return "".join(f"[{key}]" if key.isdigit() else f'["{key}"]' for key in path)
+def _subscripts(obj: object, path: tuple[str, ...]) -> str:
+    """How Python reaches ``path`` in ``obj``: ``["callbacks"]["EMA"]["ema_state_dict"]``, ``["ema"][0]``."""
+    parts = []
+    for key in path:
+        if isinstance(obj, (list, tuple)):
+            parts.append(f"[{key}]")
+            obj = obj[int(key)]
+        else:
+            parts.append(f'["{key}"]')
+            obj = obj[key]  # type: ignore[index]
+    return "".join(parts)
 
 
 def _each_state_dict(obj: Mapping[str, object], fn: Callable[[Mapping[str, object]], dict[str, object]]) -> dict[str, object]:
     """``fn(obj)`` for a state dict; for a checkpoint that holds state dicts (``{"generator": sd,
-    "optim_g": ...}``, a Lightning ``.ckpt`` with an EMA callback's copy), ``fn`` of each, the
-    rest kept as it is (:func:`~wn_transform.checkpoint.map_state_dicts`)."""
-    paths = state_dict_paths(obj) if isinstance(obj, Mapping) else []
-    return fn(obj) if paths in ([], [()]) else map_state_dicts(obj, fn)
-
-
-def _all_weight_norms(obj: Mapping[str, object]) -> list[StateDictWeightNorm]:
-    """:func:`find_state_dict_weight_norms` of every state dict in ``obj`` (see :func:`_each_state_dict`)."""
-    found: list[StateDictWeightNorm] = []
-
-    def collect(state_dict: Mapping[str, object]) -> dict[str, object]:
-        found.extend(find_state_dict_weight_norms(state_dict))
-        return dict(state_dict)
-
-    _each_state_dict(obj, collect)
-    return found
+    "optim_g": ...}``, a Lightning ``.ckpt`` with an EMA callback's copy, ``{**sd, "ema": sd}``),
+    ``fn`` of each, the rest kept as it is (:func:`~wn_transform.checkpoint.map_state_dicts`)."""
+    nested = _nested_paths(obj) if isinstance(obj, Mapping) else []
+    if not nested:
+        return fn(obj)
+    if _holds_weights(obj) and () not in state_dict_paths(obj):  # a root map_state_dicts does not take for one
+        obj = fn(obj)
+    return map_state_dicts(obj, fn)
 
 
 def _stacked_entries(state_dict: Mapping[str, object]) -> dict[str, str]:
@@ -269,19 +294,30 @@ def fold_state_dict(state_dict: Mapping[str, object], *, keep: Collection[str] =
     (wav2vec2's ``pos_conv``).
     """
     keep = {keep} if isinstance(keep, str) else set(keep)
-    found = _all_weight_norms(state_dict)
-    unknown = sorted(keep - {wn.weight_key for wn in found})
+    weights: list[str] = []  # every state dict's weight-normalized weights
+
+    def fold(one: Mapping[str, object]) -> dict[str, object]:
+        found = find_state_dict_weight_norms(one)
+        weights.extend(wn.weight_key for wn in found)
+        return _fold_found(one, found, keep)
+
+    folded = _each_state_dict(state_dict, fold)
+    unknown = sorted(keep - set(weights))
     if unknown:
-        msg = unknown_keep_message(unknown, [wn.weight_key for wn in found], "this state dict")
+        msg = unknown_keep_message(unknown, weights, "this state dict")
         raise FoldError(msg)  # (as fold_weight_norm's keep)
-    return _each_state_dict(state_dict, lambda one: fold_one_state_dict(one, keep=keep))
+    return folded
 
 
 def fold_one_state_dict(state_dict: Mapping[str, object], *, keep: Collection[str] = ()) -> dict[str, object]:
     """:func:`fold_state_dict` of one state dict (a checkpoint's state dicts are found by the
     caller); ``keep``: names, those not in this state dict ignored."""
     keep = {keep} if isinstance(keep, str) else set(keep)
-    found = find_state_dict_weight_norms(state_dict)
+    return _fold_found(state_dict, find_state_dict_weight_norms(state_dict), keep)
+
+
+def _fold_found(state_dict: Mapping[str, object], found: list[StateDictWeightNorm], keep: set[str]) -> dict[str, object]:
+    """``state_dict`` with the pairs ``found`` in it folded, but those of ``keep``."""
     pairs = {wn.g_key: wn for wn in found if wn.weight_key not in keep}
     for wn in pairs.values():
         _refuse_stacked(wn, "folding it")

@@ -491,7 +491,11 @@ class UseLog:
         if None in layouts:
             return "read through a slice or view that does not keep whole output units"
         if len(layouts) > 1:
-            return f"read with different output-unit axes ({', '.join(sorted(str(l) for l in layouts))})"
+            axes = sorted(f"dim {layout.dim}" + (f" in {layout.groups} groups" if layout.groups > 1 else "")
+                          for layout in layouts)
+            tie = " (the weight and its transpose: a transposed tie, as an autoencoder's decoder)" if {
+                (layout.dim, layout.groups) for layout in layouts} == {(0, 1), (1, 1)} else ""
+            return f"read with different output-unit axes ({', '.join(axes)}){tie}"
         return ""
 
     # -- helpers -------------------------------------------------------------------------
