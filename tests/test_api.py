@@ -613,6 +613,29 @@ def test_an_optimizer_made_before_an_in_place_apply_is_warned_of_at_its_first_st
         torch.optim.SGD(plain.parameters(), lr=0.1).step()
 
 
+@pytest.mark.parametrize("function", ["apply_weight_norm", "fold_weight_norm"])
+def test_an_optimizer_of_the_model_given_stepped_for_the_returned_copy_is_warned_of(function: str) -> None:
+    """``model = wn.apply_weight_norm(model, batch)`` returns a copy: an optimizer made before on the
+    model given gets no gradient, and would train nothing; its step says so.  One that trains the
+    model given (it has gradients) says nothing."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    if function == "fold_weight_norm":
+        model = wn.apply_weight_norm(model, init="preserve")
+    early = torch.optim.SGD(model.parameters(), lr=0.1)
+    trained = torch.optim.SGD(model.parameters(), lr=0.1)
+    returned = getattr(wn, function)(model) if function == "fold_weight_norm" else wn.apply_weight_norm(model, init="preserve")
+    returned(torch.randn(5, 4)).sum().backward()
+    with pytest.warns(UserWarning, match=rf"this SGD steps the Parameters of the model {function} copied, and none of "
+                                         r"them has a gradient: .* create the optimizer from the returned model's"):
+        early.step()
+    model(torch.randn(5, 4)).sum().backward()  # the model given, trained on purpose
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trained.step()
+        torch.optim.SGD(returned.parameters(), lr=0.1).step()
+
+
 def test_overlapping_runs_of_the_library_put_the_compile_stance_and_warning_filters_back() -> None:
     """``compiled_code_eager`` changes process-wide settings (dynamo's stance, a warnings filter):
     calls that overlap (threads: A in, B in, A out, B out) leave them as the first found them."""

@@ -1359,6 +1359,9 @@ def test_apply_preserve_takes_a_sample_batch_to_find_the_weights_and_says_so_whe
     result = cli(*args)
     assert result.returncode == 1 and not out.exists()
     assert "pass a sample batch (--sample FILE or --input-shape N,C,...) so that torch.export can trace it" in result.stderr
+    result = cli("inspect", "--model", "tests.test_cli:build_unrolled")
+    assert result.returncode == 1
+    assert "pass a sample batch (--sample FILE or --input-shape N,C,...) so that torch.export can trace it" in result.stderr
     result = cli(*args, "--input-shape", "3,6")
     assert result.returncode == 0, result.stderr
     assert "1 weights reparameterized, 0 skipped; traced by torch.export; init=preserve" in result.stdout

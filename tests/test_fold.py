@@ -279,6 +279,12 @@ def test_a_kept_weight_that_existing_convert_replaced_gets_the_classs_own_weight
     assert all(p.requires_grad for p in folded.parameters())
     again = wn.fold_weight_norm(model, keep=["pos.weight"])  # the model itself is unchanged: its copy folded
     assert {f.qualname: f.layout for f in wn.find_weight_norms(again)} == {"pos.weight": "torch"}
+    twice = wn.apply_weight_norm(model, x, init=init, existing="convert")  # ours replaced by ours: torch's remembered
+    found = {f.qualname: (f.layout, f.dim) for f in wn.find_weight_norms(wn.fold_weight_norm(twice, keep=["pos.weight"]))}
+    assert found == {"pos.weight": ("torch", 2)}
+    plain = wn.fold_weight_norm(model)  # folded whole: nothing left to put back
+    kept = wn.fold_weight_norm(wn.apply_weight_norm(plain, x, init=init), keep=["pos.weight"])
+    assert {f.qualname: (f.layout, f.dim) for f in wn.find_weight_norms(kept)} == {"pos.weight": ("wn_transform", 0)}
 
 
 def test_fold_keep_takes_any_name_of_a_layer_reachable_under_two() -> None:

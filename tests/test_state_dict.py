@@ -298,7 +298,7 @@ def test_a_whole_checkpoint_has_each_of_its_state_dicts_folded_and_the_rest_kept
     with pytest.raises(wn.FoldError, match="keep names conv_pre.bias, which is not weight-normalized"):
         fold_state_dict(ckpt, keep=["conv_pre.bias"])
     with pytest.raises(wn.WeightNormError, match=re.escape(
-            "a checkpoint that holds state dicts (state_dict, callbacks.EMA.ema_state_dict), not one state dict: pass "
+            "a checkpoint that holds state dicts with weight norm (state_dict, callbacks.EMA.ema_state_dict), not one state dict: pass "
             'one of them (checkpoint["state_dict"])')):
         find_state_dict_weight_norms(ckpt)
 
@@ -320,6 +320,9 @@ def test_a_state_dict_with_a_spaced_key_and_a_nested_one_has_both_folded() -> No
     torch.testing.assert_close(folded["ema"]["conv.weight"], expected)
     with pytest.raises(wn.WeightNormError, match=re.escape('pass one of them (checkpoint["models"][1])')):
         find_state_dict_weight_norms({"models": [{"n": 3}, model.conv.state_dict()]})
+    with pytest.raises(wn.WeightNormError, match=re.escape("state dicts with weight norm (model), not one")):
+        find_state_dict_weight_norms({"model": model.conv.state_dict(), "mel_mean": torch.zeros(80)})  # (a tensor beside)
+    assert find_state_dict_weight_norms({"model": {"w": torch.ones(2)}, "mel_mean": torch.zeros(80)}) == []
 
 
 @pytest.mark.parametrize("style", list(STYLES))

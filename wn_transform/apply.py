@@ -26,7 +26,7 @@ from .mean_only_bn import mean_only_bn_of
 from .moments import broadcast, resolve_group
 from .ranks import check_same_model
 from .norm import direct_zero_units, unit_norm
-from .parametrization import REPLACED_MARK, WeightNorm, check_gain_fits, register
+from .parametrization import REPLACED_MARK, WeightNorm, check_gain_fits, mark_copied, register
 from .report import WeightNormReport
 from .select import FilterFn, Selection
 from .targets import Skipped, Target
@@ -138,6 +138,8 @@ def apply_weight_norm(
             include=include, exclude=exclude, types=types, filter_fn=filter_fn, existing=existing, inplace=True,
             generator=generator)
         _REPORTS[wrapper] = _REPORTS[inner]
+        if not inplace:
+            mark_copied(model.parameters(), "apply_weight_norm")
         return wrapper  # it compiles the weight-normalized model at its next call
     init = _check_arguments(model, sample_batch, init, existing)
     group = resolve_group(distributed)
@@ -200,6 +202,8 @@ def apply_weight_norm(
             undo.restore()
             raise
     _REPORTS[working] = report
+    if working is not model:  # an optimizer made on the model given would train nothing of the copy: it warns
+        mark_copied(model.parameters(), "apply_weight_norm")
     return working
 
 

@@ -35,8 +35,8 @@ from .checkpoint import (
 )
 from ._copy import routed_module
 from .errors import NoTargetsError, WeightNormError, few, first_line, unknown_keep_message
-from .state_dict import (StateDictWeightNorm, convert_one_state_dict, find_state_dict_weight_norms, fit_state_dict,
-                         fold_one_state_dict, pair_keys)
+from .state_dict import (StateDictWeightNorm, convert_one_state_dict, fit_state_dict, fold_one_state_dict, pair_keys,
+                         state_dict_pairs)
 from .uses import param_aliases
 
 FAILURES = (WeightNormError, CheckpointError, OSError, ValueError)  # ValueError: the library's argument checks
@@ -201,7 +201,8 @@ def cmd_inspect(args: argparse.Namespace, say: _Progress) -> int:
     if args.model is not None:
         model = _build_model(args, say)
         batch = _read_batch(args, "sample", model) if (args.sample or args.input_shape) else None
-        print(plan_weight_norm(model, batch))
+        with _advice_in_cli_terms(batch):
+            print(plan_weight_norm(model, batch))
     return 0
 
 
@@ -235,21 +236,28 @@ def cmd_apply(args: argparse.Namespace, say: _Progress) -> int:
     else:
         batch = _read_batch(args, "calib", model)
     say("applying weight norm" + ("" if args.preserve else " with data-dependent init"))
-    try:
+    with _advice_in_cli_terms(batch):
         model = apply_weight_norm(model, batch, init="preserve" if args.preserve else "data", include=args.include,
                                   exclude=args.exclude, init_scale=args.init_scale, exp_scale=args.exp_scale,
                                   exact_init=args.exact_init, existing=args.existing, inplace=True)
-    except NoTargetsError as exc:  # its advice in the CLI's terms
-        if batch is None and "pass a sample_batch" in str(exc):
-            msg = str(exc).replace("pass a sample_batch", "pass a sample batch (--sample FILE or --input-shape N,C,...)")
-            raise NoTargetsError(msg) from exc
-        raise
     say(f"writing {args.output}")
     metadata = safetensors_metadata(args.checkpoint) if args.checkpoint else None  # (a file: --key's state dict too)
     save_checkpoint(model.state_dict(), args.output, force=args.force, inputs=_inputs(args), metadata=metadata)
     say.wrote(args.output)  # before the report: a reader that closes the pipe (| head) loses nothing
     print(weight_norm_report(model))
     return 0
+
+
+@contextlib.contextmanager
+def _advice_in_cli_terms(batch: Any) -> Iterator[None]:
+    """The library's advice to pass a ``sample_batch``, given as the CLI's flags."""
+    try:
+        yield
+    except NoTargetsError as exc:
+        if batch is None and "pass a sample_batch" in str(exc):
+            msg = str(exc).replace("pass a sample_batch", "pass a sample batch (--sample FILE or --input-shape N,C,...)")
+            raise NoTargetsError(msg) from exc
+        raise
 
 
 def cmd_export(args: argparse.Namespace, say: _Progress) -> int:
@@ -516,7 +524,7 @@ def _rename_parameter_names(optimizers: list[tuple[tuple[str, ...], Any]],
 
 
 def _describe_state_dict(state_dict: dict[str, torch.Tensor], where: str) -> str:
-    found = find_state_dict_weight_norms(state_dict)
+    found = state_dict_pairs(state_dict)
     in_pairs = {k for wn in found for k in (wn.g_key, wn.v_key, wn.marker_key) if k}
     tensors = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
     plain = [k for k in tensors if k not in in_pairs]
@@ -655,7 +663,7 @@ class _ModelKeys:
         any fits, as ``load_state_dict`` materializes them."""
         full = model.state_dict()
         state = {k: v for k, v in full.items() if not (isinstance(v, torch.Tensor) and nn.parameter.is_lazy(v))}
-        pairs = tuple(find_state_dict_weight_norms(state))
+        pairs = tuple(state_dict_pairs(state))
         shapes = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
         shapes.update({wn.weight_key: wn.v_shape for wn in pairs})  # a plain weight given for a pair
         return cls(frozenset(full), shapes, pairs, _tied_keys(model))
@@ -795,7 +803,7 @@ def _fitted(state_dict: dict[str, Any], expected: _ModelKeys) -> dict[str, Any]:
                   if isinstance(v, torch.Tensor) or k in keys or k.endswith("_extra_state")}
     state_dict = _strip_wrapper_prefixes(state_dict, keys)
     if (set(state_dict) != keys or expected.other_shapes(state_dict)) and (
-            expected.pairs or find_state_dict_weight_norms(state_dict)):
+            expected.pairs or state_dict_pairs(state_dict)):
         # Trained with weight norm, loading into a plain model: fold the pairs the model does not
         # have; a model built with weight norm on some layers (wav2vec2's pos_conv, a vocoder) keeps
         # those, in the layout it was built with (torch's legacy hooks or parametrizations), and
@@ -826,10 +834,10 @@ def _strip_wrapper_prefixes(state_dict: dict[str, Any], expected: frozenset[str]
 
 
 def _pairs_in(state_dict: dict[str, Any], where: str, file: str) -> list:
-    """:func:`~wn_transform.find_state_dict_weight_norms` of the state dict ``where`` in ``file``,
+    """:func:`~wn_transform.state_dict.state_dict_pairs` of the state dict ``where`` in ``file``,
     whose errors name both (a checkpoint holds a model's and its EMA's)."""
     try:
-        return find_state_dict_weight_norms(state_dict)
+        return state_dict_pairs(state_dict)
     except WeightNormError as exc:
         msg = f"{file} (state dict {where}): {exc}"
         raise WeightNormError(msg) from exc

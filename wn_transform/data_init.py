@@ -669,13 +669,7 @@ class _CalibrationMode(TorchFunctionMode):
         self._scratch = Scratch()
         # Tensors the forward builds from no input (torch.eye: peft's DoRA runs its LoRA layers on an
         # identity to get their product), and what a layer passed over made of them: see _passes_over
-        # And the model's own tensors, which hold nothing of the batch: a shared layer's call on a
-        # learned query or initial state (self.h0.expand(B, -1)) is passed over as one on zeros is
-        # (only a layer read by several op calls passes one over: where there is none, none are noted).
-        shared = any(state.target.uses > 1 for state in states)
-        self._constants: dict[int, tuple[weakref.ref, int]] = {  # id -> (tensor, its version: unwritten since)
-            id(t): (weakref.ref(t), t._version) for t in ((*model.parameters(), *model.buffers()) if shared else ())
-            if not t.is_inference()}
+        self._constants: dict[int, tuple[weakref.ref, int]] = {}  # id -> (tensor, its version: unwritten since)
         # Until its layer is calibrated, the parametrization hands out v itself: that tensor is
         # how an op is recognized as using a target's weight (views of it are followed).
         self._produced: dict[int, _Produced] = {
@@ -767,11 +761,11 @@ class _CalibrationMode(TorchFunctionMode):
     def _passes_over(self, state: _State, x: Tensor) -> bool:
         """Count a call of a layer not yet calibrated, on data ``x``; whether it is left for a later
         call: ``x`` is a constant the forward built (peft's DoRA runs ``lora_B(lora_A(torch.eye(n)))``
-        before ``lora_B(lora_A(x))``), whose statistics say nothing of the batch, and the layer has
-        calls to come (it is read by several op calls per forward).  Its last call is calibrated
-        whatever its data."""
+        before ``lora_B(lora_A(x))``) or a parameter of the model (a learned initial state), whose
+        statistics say nothing of the batch, and the layer has calls to come (it is read by several
+        op calls per forward).  Its last call is calibrated whatever its data."""
         state.calls += 1
-        if not self._constant(x) or state.calls >= state.target.uses:
+        if state.calls >= state.target.uses or not (self._constant(x) or self._is_parameter_view(x)):
             return False
         if state.target.qualname not in self.notes.passed_over:
             self.notes.passed_over.append(state.target.qualname)
@@ -1144,6 +1138,12 @@ class _CalibrationMode(TorchFunctionMode):
         """Whether ``tensor`` is (a view of) a parameter of the model: the bias can be set."""
         if any(p is tensor for p in owner._parameters.values()):  # the usual case: the layer's own bias
             return True
+        return self._is_parameter_view(tensor)
+
+    def _is_parameter_view(self, tensor: Tensor) -> bool:
+        """Whether ``tensor`` is a parameter of the model or a view of one (a learned initial state
+        ``self.h0.expand(B, -1)``, a learned token): nothing of the batch.  (Not what an op computes
+        from parameters: an embedding of the batch's ids is data.)"""
         if self._param_ids is None:
             self._param_ids = {id(p) for p in self.model.parameters()}
         return id(tensor) in self._param_ids or (tensor._base is not None and id(tensor._base) in self._param_ids)

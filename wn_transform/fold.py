@@ -26,7 +26,7 @@ from ._copy import copy_model, held_by_ddp, refuse_ddp, refuse_offloaded, refuse
 from .errors import FoldError, unknown_keep_message
 from .mean_only_bn import detach as detach_mean_only_bn
 from .norm import compose_weight, layout_from_shapes
-from .parametrization import WeightNorm, mark_replaced, no_weight_cache, put_back, remove
+from .parametrization import WeightNorm, mark_copied, mark_replaced, no_weight_cache, put_back, remove
 from ._parametrized import is_parametrized
 
 __all__ = ["FoundWeightNorm", "find_weight_norms", "fold_weight_norm"]
@@ -91,6 +91,7 @@ def fold_weight_norm(model: nn.Module, *, keep: Collection[str] = (), inplace: b
     if not isinstance(model, nn.Module):
         msg = f"fold_weight_norm expects a torch.nn.Module, got {type(model).__name__}"
         raise TypeError(msg)
+    given = model
     if not inplace and (held := held_by_ddp(model)) is not None:
         model = held  # (copied below)
     refuse_ddp(model, "fold_weight_norm", FoldError)
@@ -112,12 +113,15 @@ def fold_weight_norm(model: nn.Module, *, keep: Collection[str] = (), inplace: b
         for found in find_weight_norms(model):
             if found.qualname not in keep:
                 fold_one(model, found)
+                model.get_submodule(found.module).__dict__.get(BUILT_WITH, {}).pop(found.name, None)  # plain now
             elif (built_with := built_with_of(model, found)) is not None:
                 fold_one(model, found)  # kept as the class builds it: torch's weight norm, on its axis
                 _put_back_torchs(model.get_submodule(found.module), found.name, *built_with)
     for module in model.modules():
         if not isinstance(module, torch.jit.ScriptModule):  # scripted modules carry no mean-only batch norm
             detach_mean_only_bn(module)  # its inference-mode shift goes into the layer's bias
+    if not inplace and founds:  # an optimizer of the model given, stepped for the folded copy, warns
+        mark_copied(given.parameters(), "fold_weight_norm")
     return model
 
 
@@ -144,6 +148,8 @@ def remember_built_with(model: nn.Module, found: FoundWeightNorm) -> None:
     replaces with ours: a ``keep`` of that weight in :func:`fold_weight_norm` puts it back, so that
     the folded model's state dict loads into the class that builds it (wav2vec2's ``pos_conv``,
     normalized on ``dim=2``, where ours is per output channel)."""
+    if found.layout not in ("torch", "legacy"):  # ours again (a second apply): the record of torch's stays
+        return
     layer = model.get_submodule(found.module)
     layer.__dict__.setdefault(BUILT_WITH, {})[found.name] = (found.layout, found.dim)
 
@@ -170,7 +176,6 @@ def _put_back_torchs(layer: nn.Module, name: str, layout: str, dim: int | None) 
         parameters = tuple(layer.parametrizations[name].parameters(recurse=False))
     for parameter in parameters:
         parameter.requires_grad_(requires_grad)
-    del layer.__dict__[BUILT_WITH][name]
 
 
 def fold_one(model: nn.Module, found: FoundWeightNorm, *, by: str = "fold_weight_norm") -> None:

@@ -210,6 +210,7 @@ def _watch_optimizer_steps() -> None:
 
 
 REPLACED_MARK = "_wn_transform_replaced"  # on a Parameter the model no longer uses: what replaced it
+COPIED_MARK = "_wn_transform_copied"  # on a Parameter of a model a function copied (inplace=False): which one
 _replacements = 0  # how many times mark_replaced marked Parameters in this process
 _CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> _checked_key when last checked
 _CHAINS: weakref.WeakSet = weakref.WeakSet()  # every parametrization list holding our WeightNorm (g, v: its originals)
@@ -227,6 +228,19 @@ def mark_replaced(parameters: Iterable[Tensor | None], by: str) -> None:
         parameter.__dict__[REPLACED_MARK] = by
     if marked:
         _replacements += 1  # every optimizer is looked at again at its next step
+        _watch_optimizer_steps()
+
+
+def mark_copied(parameters: Iterable[Tensor], by: str) -> None:
+    """Mark the Parameters of a model ``by`` (``"apply_weight_norm"``) copied and returned anew: an
+    optimizer made on them before, whose first step after finds none with a gradient, is training
+    the returned model with the old one's Parameters, and warns (:func:`_warn_of_replaced_weights`)."""
+    global _replacements
+    marked = [p for p in parameters if isinstance(p, nn.Parameter)]
+    for parameter in marked:
+        parameter.__dict__[COPIED_MARK] = by
+    if marked:
+        _replacements += 1
         _watch_optimizer_steps()
 
 
@@ -260,6 +274,14 @@ def _warn_of_replaced_weights(optimizer: Any) -> None:
                f"replaced by {new}: the model no longer uses {'it' if count == 1 else 'them'}, and its {new} are not "
                f"in this optimizer, so they do not train; create the optimizer after {by}")
         warn_user(msg, UserWarning)  # the caller of optimizer.step() (or of GradScaler.step)
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    copied = Counter(p.__dict__[COPIED_MARK] for p in parameters if COPIED_MARK in getattr(p, "__dict__", {}))
+    if copied and all(p.grad is None for p in parameters):  # (one that trains the model it copied has gradients)
+        by = next(iter(copied))
+        msg = (f"this {type(optimizer).__name__} steps the Parameters of the model {by} copied, and none of them has a "
+               f"gradient: {by} returns a new model (inplace=False), whose Parameters are not in this optimizer, so "
+               f"nothing trains; create the optimizer from the returned model's parameters (or pass inplace=True)")
+        warn_user(msg, UserWarning)
 
 
 class _Kept:

@@ -29,7 +29,7 @@ from .parametrization import EXP_SCALE_MARKER
 
 __all__ = [
     "StateDictWeightNorm", "convert_one_state_dict", "convert_state_dict", "find_state_dict_weight_norms", "fit_state_dict",
-    "fold_one_state_dict", "fold_state_dict", "pair_keys",
+    "fold_one_state_dict", "fold_state_dict", "pair_keys", "state_dict_pairs",
 ]
 
 _PARAMETRIZED = ".parametrizations."
@@ -94,7 +94,17 @@ def _fits(g: Tensor, v: Tensor) -> bool:
 
 
 def find_state_dict_weight_norms(state_dict: Mapping[str, object]) -> list[StateDictWeightNorm]:
-    """Every (g, v) pair in ``state_dict``, in key order.
+    """Every (g, v) pair in ``state_dict``, in key order (see :func:`state_dict_pairs`); a checkpoint
+    whose pairs are all in the state dicts it holds (``{"generator": sd}``, ``{"model": sd,
+    "mel_mean": t}``) is refused with where they are, rather than answered with none."""
+    found = state_dict_pairs(state_dict)
+    if not found:
+        _refuse_checkpoint(state_dict)
+    return found
+
+
+def state_dict_pairs(state_dict: Mapping[str, object]) -> list[StateDictWeightNorm]:
+    """Every (g, v) pair in ``state_dict`` itself, in key order.
 
     Raises if a legacy ``X.weight_g`` does not fit its ``X.weight_v``, if a parametrization's g or
     v is there without the other, or if one weight is there twice (in both layouts, or as a pair
@@ -114,7 +124,6 @@ def find_state_dict_weight_norms(state_dict: Mapping[str, object]) -> list[State
     if odd is not None:
         msg = f"a state dict's keys are parameter names (strings); this one has {odd!r} ({type(odd).__name__})"
         raise TypeError(msg)
-    _refuse_checkpoint(state_dict)
     found = []
     seen: dict[str, str] = {}  # weight key -> its g key
     stacked = _stacked_entries(state_dict)
@@ -197,19 +206,20 @@ def _holds_weights(obj: Mapping[str, object]) -> bool:
 
 
 def _refuse_checkpoint(obj: Mapping[str, object]) -> None:
-    """Raise if ``obj`` is a checkpoint that holds state dicts (``{"generator": sd}``, a Lightning
-    ``.ckpt``) and no weights of its own: its weight norms are in those, which have keys of their own."""
-    nested = _nested_paths(obj)
-    if nested and not _holds_weights(obj):
-        where = ", ".join(".".join(path) for path in nested[:4]) + (", ..." if len(nested) > 4 else "")
-        msg = (f"this is a checkpoint that holds state dicts ({where}), not one state dict: pass one of them "
-               f"(checkpoint{_subscripts(obj, nested[0])}); fold_state_dict and convert_state_dict take the whole "
+    """Raise if ``obj``, which holds no weight-norm pair itself, is a checkpoint whose nested state
+    dicts hold some (``{"generator": sd}``, a Lightning ``.ckpt``, ``{"model": sd, "mel_mean": t}``):
+    their pairs have keys of their own."""
+    holders = [path for path in _nested_paths(obj) if state_dict_pairs(_at(obj, path)[1])]
+    if holders:
+        where = ", ".join(".".join(path) for path in holders[:4]) + (", ..." if len(holders) > 4 else "")
+        msg = (f"this is a checkpoint that holds state dicts with weight norm ({where}), not one state dict: pass one "
+               f"of them (checkpoint{_at(obj, holders[0])[0]}); fold_state_dict and convert_state_dict take the whole "
                "checkpoint")
         raise WeightNormError(msg)
 
 
-def _subscripts(obj: object, path: tuple[str, ...]) -> str:
-    """How Python reaches ``path`` in ``obj``: ``["callbacks"]["EMA"]["ema_state_dict"]``, ``["ema"][0]``."""
+def _at(obj: object, path: tuple[str, ...]) -> tuple[str, object]:
+    """What is at ``path`` in ``obj``, and how Python reaches it: ``["callbacks"]["EMA"]["ema"]``, ``["ema"][0]``."""
     parts = []
     for key in path:
         if isinstance(obj, (list, tuple)):
@@ -218,7 +228,7 @@ def _subscripts(obj: object, path: tuple[str, ...]) -> str:
         else:
             parts.append(f'["{key}"]')
             obj = obj[key]  # type: ignore[index]
-    return "".join(parts)
+    return "".join(parts), obj
 
 
 def _each_state_dict(obj: Mapping[str, object], fn: Callable[[Mapping[str, object]], dict[str, object]]) -> dict[str, object]:
@@ -297,7 +307,7 @@ def fold_state_dict(state_dict: Mapping[str, object], *, keep: Collection[str] =
     weights: list[str] = []  # every state dict's weight-normalized weights
 
     def fold(one: Mapping[str, object]) -> dict[str, object]:
-        found = find_state_dict_weight_norms(one)
+        found = state_dict_pairs(one)
         weights.extend(wn.weight_key for wn in found)
         return _fold_found(one, found, keep)
 
@@ -313,7 +323,7 @@ def fold_one_state_dict(state_dict: Mapping[str, object], *, keep: Collection[st
     """:func:`fold_state_dict` of one state dict (a checkpoint's state dicts are found by the
     caller); ``keep``: names, those not in this state dict ignored."""
     keep = {keep} if isinstance(keep, str) else set(keep)
-    return _fold_found(state_dict, find_state_dict_weight_norms(state_dict), keep)
+    return _fold_found(state_dict, state_dict_pairs(state_dict), keep)
 
 
 def _fold_found(state_dict: Mapping[str, object], found: list[StateDictWeightNorm], keep: set[str]) -> dict[str, object]:
@@ -396,7 +406,7 @@ def convert_state_dict(state_dict: Mapping[str, object], to: str) -> dict[str, o
 
 def convert_one_state_dict(state_dict: Mapping[str, object], to: str) -> dict[str, object]:
     """:func:`convert_state_dict` of one state dict."""
-    return _relayout(state_dict, {wn.weight_key: to for wn in find_state_dict_weight_norms(state_dict)})
+    return _relayout(state_dict, {wn.weight_key: to for wn in state_dict_pairs(state_dict)})
 
 
 def fit_state_dict(state_dict: Mapping[str, object], expected: Collection[str],
@@ -414,7 +424,7 @@ def fit_state_dict(state_dict: Mapping[str, object], expected: Collection[str],
     unchanged; the caller compares the keys.  torch's own ``load_state_dict`` renames legacy keys
     only for a layer with torch's parametrized weight norm, and folds nothing.
     """
-    found = find_state_dict_weight_norms(state_dict)
+    found = state_dict_pairs(state_dict)
     own = {wn.weight_key: wn for wn in pairs}
     layouts = {wn.weight_key: to for wn in found for to in ("parametrizations", "legacy")
                if pair_keys(wn.weight_key, to)[0] in expected and _takes_pair(own.get(wn.weight_key), wn, state_dict)}
@@ -483,7 +493,7 @@ def pair_keys(weight_key: str, layout: str) -> tuple[str, str]:
 def _relayout(state_dict: Mapping[str, object], layouts: Mapping[str, str]) -> dict[str, object]:
     """Rename the pair of each weight in ``layouts`` to the layout given there; the rest as is."""
     renames: dict[str, str] = {}
-    for wn in find_state_dict_weight_norms(state_dict):
+    for wn in state_dict_pairs(state_dict):
         to = layouts.get(wn.weight_key, wn.layout)
         if wn.layout == to:
             continue
