@@ -613,27 +613,35 @@ def test_an_optimizer_made_before_an_in_place_apply_is_warned_of_at_its_first_st
         torch.optim.SGD(plain.parameters(), lr=0.1).step()
 
 
-@pytest.mark.parametrize("function", ["apply_weight_norm", "fold_weight_norm"])
-def test_an_optimizer_of_the_model_given_stepped_for_the_returned_copy_is_warned_of(function: str) -> None:
+def test_an_optimizer_of_the_model_given_stepped_for_the_returned_copy_is_warned_of() -> None:
     """``model = wn.apply_weight_norm(model, batch)`` returns a copy: an optimizer made before on the
-    model given gets no gradient, and would train nothing; its step says so.  One that trains the
-    model given (it has gradients) says nothing."""
+    model given gets no gradient while the copy does, and would train nothing; its step says so.
+    One that trains the model given (it has gradients), a warm-up step before any backward, and an
+    optimizer stepped while a folded copy validates (fold's copy is for inference) say nothing."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
-    if function == "fold_weight_norm":
-        model = wn.apply_weight_norm(model, init="preserve")
     early = torch.optim.SGD(model.parameters(), lr=0.1)
     trained = torch.optim.SGD(model.parameters(), lr=0.1)
-    returned = getattr(wn, function)(model) if function == "fold_weight_norm" else wn.apply_weight_norm(model, init="preserve")
+    returned = wn.apply_weight_norm(model, init="preserve")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        early.step()  # a warm-up step: nothing has a gradient yet
     returned(torch.randn(5, 4)).sum().backward()
-    with pytest.warns(UserWarning, match=rf"this SGD steps the Parameters of the model {function} copied, and none of "
-                                         r"them has a gradient: .* create the optimizer from the returned model's"):
+    wn.apply_weight_norm(nn.Linear(2, 2), init="preserve")  # (another mark: every optimizer looks again)
+    with pytest.warns(UserWarning, match=r"this SGD steps the Parameters of the model apply_weight_norm copied, and none "
+                                         r"of them has a gradient while the copy it returned has: .* create the optimizer "
+                                         r"from the returned model's"):
         early.step()
     model(torch.randn(5, 4)).sum().backward()  # the model given, trained on purpose
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         trained.step()
         torch.optim.SGD(returned.parameters(), lr=0.1).step()
+        frozen_head = torch.optim.SGD(returned[2].parameters(), lr=0.1)  # a fold to validate, a head without gradients
+        returned.zero_grad()
+        returned[0](torch.randn(5, 4)).sum().backward()
+        wn.fold_weight_norm(returned)
+        frozen_head.step()
 
 
 def test_overlapping_runs_of_the_library_put_the_compile_stance_and_warning_filters_back() -> None:
@@ -1181,3 +1189,15 @@ def test_a_transposed_tie_is_skipped_and_named_as_one() -> None:
             "enc.weight: read with different output-unit axes (dim 0, dim 1) (the weight and its transpose: a "
             "transposed tie, as an autoencoder's decoder)")):
         wn.apply_weight_norm(TiedAutoencoder(), torch.randn(16, 8))
+
+
+def test_a_layer_pruned_by_torch_is_skipped_with_pruning_named_and_the_way_out() -> None:
+    from torch.nn.utils import prune
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    prune.l1_unstructured(model[0], "weight", amount=0.5)
+    report = wn.plan_weight_norm(model, torch.randn(8, 4))
+    (skipped,) = report.skipped
+    assert skipped.qualname == "0.weight" and skipped.reason.startswith(
+        "pruned by torch.nn.utils.prune (L1Unstructured: weight is weight_orig times a mask); call "
+        "prune.remove(module, 'weight') first, or apply weight norm first and prune its direction")

@@ -1948,7 +1948,7 @@ def test_a_forward_that_differentiates_through_its_layers_is_calibrated(exact_in
         torch.testing.assert_close(mean, torch.zeros_like(mean), atol=1e-5, rtol=0, msg=name)
 
 
-@pytest.mark.parametrize("start", ["new_zeros", "zeros_like", "learned"])
+@pytest.mark.parametrize("start", ["new_zeros", "zeros_like", "learned", "derived", "buffer"])
 def test_a_recurrent_state_the_forward_starts_from_no_data_is_passed_over(start: str) -> None:
     """``x.new_zeros``, ``torch.zeros_like(u)`` (its argument's shape alone) and a learned initial
     state ``self.h0.expand(B, -1)`` hold nothing of the batch: the shared ``wh``'s first call, on
@@ -1958,11 +1958,14 @@ def test_a_recurrent_state_the_forward_starts_from_no_data_is_passed_over(start:
             super().__init__()
             self.wx, self.wh = nn.Linear(6, 12), nn.Linear(12, 12)
             self.h0 = nn.Parameter(torch.randn(1, 12))
+            self.register_buffer("zero_state", torch.zeros(1, 12))
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             u = self.wx(x[:, 0])
             h = {"new_zeros": lambda: x.new_zeros(x.shape[0], 12), "zeros_like": lambda: torch.zeros_like(u),
-                 "learned": lambda: self.h0.expand(x.shape[0], -1)}[start]()
+                 "learned": lambda: self.h0.expand(x.shape[0], -1),
+                 "derived": lambda: torch.tanh(self.h0).expand(x.shape[0], -1).contiguous(),
+                 "buffer": lambda: self.zero_state.expand(x.shape[0], -1)}[start]()
             for t in range(x.shape[1]):
                 h = torch.tanh(self.wx(x[:, t]) + self.wh(h))
             return h
@@ -1982,7 +1985,33 @@ def test_a_recurrent_state_the_forward_starts_from_no_data_is_passed_over(start:
     # bias; further passes do not converge to the fixed point: a learned h0 moves it most); calibrated
     # on the state instead, every unit is constant and the data call's std is 0.3..0.9
     _, std = _per_unit(calls[1])
-    assert float((std - 1).abs().max()) < (0.5 if start == "learned" else 0.15), std
+    assert float((std - 1).abs().max()) < (0.5 if start in ("learned", "derived") else 0.15), std
+
+
+def test_a_shared_layer_after_an_embedding_of_the_batchs_token_list_is_standardized_on_its_first_call() -> None:
+    """The batch is a list of token ids that the forward turns into a tensor: ``torch.tensor(tokens)``
+    is data, not a constant built from no input, so the shared ``fc``'s first call, on their
+    embeddings, is not passed over."""
+    class ListIds(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.fc, self.head = nn.Embedding(50, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+
+        def forward(self, tokens: list) -> torch.Tensor:
+            h = torch.tanh(self.fc(self.emb(torch.tensor(tokens))))
+            return self.head(torch.tanh(self.fc(h)))
+
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 50, (64, 5)).tolist()
+    model = wn.apply_weight_norm(ListIds(), (tokens,))
+    assert wn.weight_norm_report(model).notes.passed_over == []
+    calls = []
+    model.fc.register_forward_hook(lambda module, args, output: calls.append(output))
+    with torch.no_grad():
+        model(tokens)
+    mean, std = _per_unit(calls[0].reshape(-1, 16))
+    torch.testing.assert_close(std, torch.ones_like(std), atol=1e-4, rtol=0)
+    torch.testing.assert_close(mean, torch.zeros_like(mean), atol=1e-5, rtol=0)
 
 
 class _UnderGrad(nn.Module):

@@ -317,3 +317,38 @@ def test_a_unit_with_no_direction_in_torchs_weight_norm_folds_to_zeros_on_every_
         converted = wn.apply_weight_norm(model, batch, existing="convert")
         assert wn.weight_norm_report(converted).zero_units == {"0.weight": 1}
         assert bool(converted(x).isfinite().all())
+
+
+def test_weight_norm_pruned_by_torch_is_folded_with_its_mask_or_refused_whole_and_kept_by_convert() -> None:
+    """``torch.nn.utils.prune`` on a weight norm's v: on torch's parametrization (pruning its
+    ``original1``) a fold bakes the mask in (the same function), and existing="convert" keeps it
+    (a conversion would drop the mask), saying why; on the legacy hooks (``weight_v_orig`` and a
+    mask) a fold is refused before anything changes, with the way out."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 8)
+    model = nn.Sequential(torch_weight_norm(nn.Linear(8, 8)), nn.ReLU(), nn.Linear(8, 2))
+    prune.l1_unstructured(model[0].parametrizations.weight, "original1", amount=0.5)
+    folded = wn.fold_weight_norm(model)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x))
+    assert int((folded[0].weight == 0).sum()) == 32 and not wn.find_weight_norms(folded)
+    converted = wn.apply_weight_norm(model, x, existing="convert")
+    report = wn.weight_norm_report(converted)
+    (kept,) = [s for s in report.skipped if s.qualname == "0.weight"]
+    assert kept.reason.endswith("with its original1 pruned by torch.nn.utils.prune: kept, not converted (converting it "
+                                "would drop the mask)")
+    assert "original1_mask" in dict(converted[0].parametrizations.weight.named_buffers())
+    legacy = nn.Sequential(legacy_weight_norm(nn.Linear(8, 8)), nn.ReLU(), nn.Linear(8, 2))
+    prune.l1_unstructured(legacy[0], "weight_v", amount=0.5)
+    names = [name for name, _ in legacy.named_parameters()]
+    with pytest.raises(wn.FoldError, match=r"cannot fold 0\.weight: its weight_v is pruned by torch\.nn\.utils\.prune; "
+                                           r"call prune\.remove\(module, 'weight_v'\) first"):
+        wn.fold_weight_norm(legacy, inplace=True)
+    assert [name for name, _ in legacy.named_parameters()] == names  # all or nothing
+    with torch.no_grad():
+        legacy(x)  # still runs
+    prune.remove(legacy[0], "weight_v")
+    with torch.no_grad():
+        torch.testing.assert_close(wn.fold_weight_norm(legacy)(x), legacy(x))

@@ -326,6 +326,24 @@ def test_a_state_dict_with_a_spaced_key_and_a_nested_one_has_both_folded() -> No
 
 
 @pytest.mark.parametrize("style", list(STYLES))
+def test_a_pruned_g_or_v_is_named_as_pruned_not_taken_for_half_a_pair(style: str) -> None:
+    """``torch.nn.utils.prune`` stores a pruned tensor as ``<name>_orig`` and ``<name>_mask``: without
+    the model the pair would look incomplete (or, in the legacy layout, would not be found at all)."""
+    from torch.nn.utils import prune
+
+    model = nn.Sequential(STYLES[style](nn.Linear(4, 3)))
+    owner, name = (model[0].parametrizations.weight, "original1") if style == "parametrizations" else (model[0], "weight_v")
+    prune.l1_unstructured(owner, name, amount=0.5)
+    key = "0.parametrizations.weight.original1" if style == "parametrizations" else "0.weight_v"
+    with pytest.raises(wn.WeightNormError, match=re.escape(f"{key}_orig: {key} of a weight norm is pruned by "
+                                                           "torch.nn.utils.prune")):
+        fold_state_dict(model.state_dict())
+    plain = nn.Linear(4, 3)
+    prune.l1_unstructured(plain, "weight", amount=0.5)  # no weight norm: ordinary tensors
+    assert find_state_dict_weight_norms(plain.state_dict()) == []
+
+
+@pytest.mark.parametrize("style", list(STYLES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_1d_weight_folds_per_element_as_torch_does(style: str, dtype: torch.dtype) -> None:
     layer = nn.LayerNorm(4)

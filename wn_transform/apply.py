@@ -19,7 +19,7 @@ from ._gc import gc_paused
 from .data_init import InitNotes, data_init, resample_directions
 from .discover import WALK, Discovery, account_for_every_layer, discover, preserved_state
 from .errors import NoTargetsError, WeightNormError, few, warn_user
-from .fold import FoundWeightNorm, find_weight_norms, fold_one, foldable, remember_built_with
+from .fold import FoundWeightNorm, find_weight_norms, fold_one, foldable, pruned, remember_built_with
 from .mean_only_bn import attach as attach_mean_only_bn
 from .mean_only_bn import channels as mean_only_bn_channels
 from .mean_only_bn import mean_only_bn_of
@@ -139,7 +139,7 @@ def apply_weight_norm(
             generator=generator)
         _REPORTS[wrapper] = _REPORTS[inner]
         if not inplace:
-            mark_copied(model.parameters(), "apply_weight_norm")
+            mark_copied(model.parameters(), wrapper)
         return wrapper  # it compiles the weight-normalized model at its next call
     init = _check_arguments(model, sample_batch, init, existing)
     group = resolve_group(distributed)
@@ -203,7 +203,7 @@ def apply_weight_norm(
             raise
     _REPORTS[working] = report
     if working is not model:  # an optimizer made on the model given would train nothing of the copy: it warns
-        mark_copied(model.parameters(), "apply_weight_norm")
+        mark_copied(model.parameters(), working)
     return working
 
 
@@ -411,9 +411,10 @@ def _plan(model: nn.Module, sample_batch, selection: Selection, existing: Existi
     # existing="convert": each weight norm is folded for discovery, but one stacked with another
     # parametrization is left as it is (discovery reports the weight as computed by them)
     kept, folded = already, {}
-    if existing == "convert":
-        kept = [found for found in already if not foldable(model, found)]
-        folded = _fold_existing(model, [found for found in already if foldable(model, found)])
+    if existing == "convert":  # (a pruned one too: a conversion would drop its mask)
+        convertible = [found for found in already if foldable(model, found) and not pruned(model, found)]
+        kept = [found for found in already if found not in convertible]
+        folded = _fold_existing(model, convertible)
     discovery = discover(model, sample_batch)
     discovery.targets, not_real = _real_weights(model, discovery.targets)
     discovery.skipped += not_real
@@ -460,7 +461,12 @@ def _unfold_unconverted(model: nn.Module, already: list[FoundWeightNorm], undos:
             for found in founds:
                 if found.qualname not in left:
                     fold_one(model, found, by="apply_weight_norm")
-    kept = [Skipped(s.qualname, f"{s.reason}; its {_LAYOUT_NAMES[left[s.qualname].layout]} is kept")
+    masked = {q: pruned(model, found) for q, found in left.items()}
+    kept = [Skipped(s.qualname, f"already weight-normalized ({_LAYOUT_NAMES[left[s.qualname].layout]}) with its "
+                                f"{' and '.join(masked[s.qualname])} pruned by torch.nn.utils.prune: kept, not converted "
+                                "(converting it would drop the mask)")
+            if masked.get(s.qualname) else
+            Skipped(s.qualname, f"{s.reason}; its {_LAYOUT_NAMES[left[s.qualname].layout]} is kept")
             if s.qualname in left else s for s in skipped]
     named = {s.qualname for s in kept}
     return kept + [Skipped(q, f"already weight-normalized ({_LAYOUT_NAMES[found.layout]}); kept, not converted")

@@ -229,6 +229,25 @@ def data_init(model: nn.Module, targets: list[Target], sample_batch: batch_mod.S
     return notes
 
 
+def _python_values(batch: Any) -> set[int]:
+    """The ids of the containers and arrays a sample batch holds its values in (a list of token ids),
+    which ``torch.tensor(tokens)`` in the forward turns into data, not a constant (see
+    :meth:`_CalibrationMode._passes_over`)."""
+    found: set[int] = set()
+    stack = [batch]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, Tensor) or id(item) in found:
+            continue
+        if isinstance(item, (list, tuple, dict)) or type(item).__module__ == "numpy":
+            found.add(id(item))
+        if isinstance(item, (list, tuple)):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+    return found
+
+
 def _check_finite_gains(states: list[_State]) -> None:
     """Refuse an init that measured NaN or infinity: name the first such layer in forward order.
 
@@ -321,8 +340,7 @@ def _run_pass(model: nn.Module, states: list[_State], mode: _CalibrationMode, sa
         else:
             state.wn.direction_only = True
     with preserved_state(model, batch_statistics=True), torch.no_grad(), no_weight_cache(), contextlib.nullcontext() if direct else mode:
-        given = (lambda args, kwargs: mode.note_inputs((args, kwargs), sample_batch)) if mode.known else None
-        batch_mod.run(model, sample_batch, given=given)  # (the batch matters on a rerun only: _batch_rounding_bound)
+        batch_mod.run(model, sample_batch, given=lambda args, kwargs: mode.given((args, kwargs), sample_batch))
 
 
 def _stop_measuring(state: _State) -> None:
@@ -669,7 +687,15 @@ class _CalibrationMode(TorchFunctionMode):
         self._scratch = Scratch()
         # Tensors the forward builds from no input (torch.eye: peft's DoRA runs its LoRA layers on an
         # identity to get their product), and what a layer passed over made of them: see _passes_over
-        self._constants: dict[int, tuple[weakref.ref, int]] = {}  # id -> (tensor, its version: unwritten since)
+        # And the model's own tensors, which hold nothing of the batch: a shared layer's call on a
+        # learned initial state or token (self.h0.expand(B, -1), tanh(self.h0)) is passed over as one
+        # on zeros is (only a layer read by several op calls passes one over: where there is none,
+        # none are noted).  A buffer the forward writes in place is data from then on.
+        self._shared = any(state.target.uses > 1 for state in states)
+        self._constants: dict[int, tuple[weakref.ref, int]] = {  # id -> (tensor, its version: unwritten since)
+            id(t): (weakref.ref(t), t._version) for t in ((*model.parameters(), *model.buffers()) if self._shared else ())
+            if not t.is_inference()}
+        self._batch_values: set[int] = set()  # the batch's lists and arrays as the model gets them (see given)
         # Until its layer is calibrated, the parametrization hands out v itself: that tensor is
         # how an op is recognized as using a target's weight (views of it are followed).
         self._produced: dict[int, _Produced] = {
@@ -710,7 +736,9 @@ class _CalibrationMode(TorchFunctionMode):
         if name in _FACTORIES:
             result = func(*args, **kwargs)
             source = args[0] if args else kwargs.get("data")  # torch.as_tensor(x): x itself, data or constant
-            if type(result) is Tensor and (name.endswith("_like") or not isinstance(source, Tensor) or self._constant(source)):
+            values = (self._constant(source) if isinstance(source, Tensor)
+                      else id(source) not in self._batch_values)  # (the batch's token ids are data)
+            if type(result) is Tensor and (name.endswith("_like") or values):
                 self._note_constant(result)
             return result
         use = weight_use(func, args, kwargs) if name in SIGNATURES else None
@@ -761,11 +789,11 @@ class _CalibrationMode(TorchFunctionMode):
     def _passes_over(self, state: _State, x: Tensor) -> bool:
         """Count a call of a layer not yet calibrated, on data ``x``; whether it is left for a later
         call: ``x`` is a constant the forward built (peft's DoRA runs ``lora_B(lora_A(torch.eye(n)))``
-        before ``lora_B(lora_A(x))``) or a parameter of the model (a learned initial state), whose
-        statistics say nothing of the batch, and the layer has calls to come (it is read by several
+        before ``lora_B(lora_A(x))``) or computed from the model's own tensors alone (a learned
+        initial state), whose statistics say nothing of the batch, and the layer has calls to come (it is read by several
         op calls per forward).  Its last call is calibrated whatever its data."""
         state.calls += 1
-        if state.calls >= state.target.uses or not (self._constant(x) or self._is_parameter_view(x)):
+        if state.calls >= state.target.uses or not self._constant(x):
             return False
         if state.target.qualname not in self.notes.passed_over:
             self.notes.passed_over.append(state.target.qualname)
@@ -1000,6 +1028,16 @@ class _CalibrationMode(TorchFunctionMode):
         self._finish(state)
         return _Handed(t_raw, not self.exact and _needs_real_output(slot.mean, slot.var))
 
+    def given(self, copies: tuple[tuple, dict], sample_batch: batch_mod.SampleBatch) -> None:
+        """What the model is called with (:func:`batch_mod.run`'s copies of the batch): its lists and
+        arrays, which ``torch.tensor(tokens)`` turns into data, not a constant; on a rerun (units
+        known to be constant) its tensors too (:meth:`note_inputs`: the batch matters there only,
+        see _batch_rounding_bound)."""
+        if self._shared:  # (only a layer read by several op calls passes a call over)
+            self._batch_values = _python_values(copies)
+        if self.known:
+            self.note_inputs(copies, sample_batch)
+
     def note_inputs(self, copies: tuple[tuple, dict], sample_batch: batch_mod.SampleBatch) -> None:
         """Remember the batch's tensors, by the memory of the copies the model gets
         (:func:`batch_mod.run`), for :meth:`_is_sample`."""
@@ -1138,12 +1176,6 @@ class _CalibrationMode(TorchFunctionMode):
         """Whether ``tensor`` is (a view of) a parameter of the model: the bias can be set."""
         if any(p is tensor for p in owner._parameters.values()):  # the usual case: the layer's own bias
             return True
-        return self._is_parameter_view(tensor)
-
-    def _is_parameter_view(self, tensor: Tensor) -> bool:
-        """Whether ``tensor`` is a parameter of the model or a view of one (a learned initial state
-        ``self.h0.expand(B, -1)``, a learned token): nothing of the batch.  (Not what an op computes
-        from parameters: an embedding of the batch's ids is data.)"""
         if self._param_ids is None:
             self._param_ids = {id(p) for p in self.model.parameters()}
         return id(tensor) in self._param_ids or (tensor._base is not None and id(tensor._base) in self._param_ids)

@@ -23,10 +23,11 @@ from torch.nn.utils.parametrizations import _WeightNorm
 from torch.nn.utils.weight_norm import WeightNorm as LegacyWeightNorm
 
 from ._copy import copy_model, held_by_ddp, refuse_ddp, refuse_offloaded, refuse_sharded
+from .discover import pruned_by
 from .errors import FoldError, unknown_keep_message
 from .mean_only_bn import detach as detach_mean_only_bn
 from .norm import compose_weight, layout_from_shapes
-from .parametrization import WeightNorm, mark_copied, mark_replaced, no_weight_cache, put_back, remove
+from .parametrization import WeightNorm, mark_replaced, no_weight_cache, put_back, remove
 from ._parametrized import is_parametrized
 
 __all__ = ["FoundWeightNorm", "find_weight_norms", "fold_weight_norm"]
@@ -91,7 +92,6 @@ def fold_weight_norm(model: nn.Module, *, keep: Collection[str] = (), inplace: b
     if not isinstance(model, nn.Module):
         msg = f"fold_weight_norm expects a torch.nn.Module, got {type(model).__name__}"
         raise TypeError(msg)
-    given = model
     if not inplace and (held := held_by_ddp(model)) is not None:
         model = held  # (copied below)
     refuse_ddp(model, "fold_weight_norm", FoldError)
@@ -120,8 +120,6 @@ def fold_weight_norm(model: nn.Module, *, keep: Collection[str] = (), inplace: b
     for module in model.modules():
         if not isinstance(module, torch.jit.ScriptModule):  # scripted modules carry no mean-only batch norm
             detach_mean_only_bn(module)  # its inference-mode shift goes into the layer's bias
-    if not inplace and founds:  # an optimizer of the model given, stepped for the folded copy, warns
-        mark_copied(given.parameters(), "fold_weight_norm")
     return model
 
 
@@ -176,6 +174,7 @@ def _put_back_torchs(layer: nn.Module, name: str, layout: str, dim: int | None) 
         parameters = tuple(layer.parametrizations[name].parameters(recurse=False))
     for parameter in parameters:
         parameter.requires_grad_(requires_grad)
+    del layer.__dict__[BUILT_WITH][name]  # torch's again: a later existing="convert" records it anew
 
 
 def fold_one(model: nn.Module, found: FoundWeightNorm, *, by: str = "fold_weight_norm") -> None:
@@ -209,12 +208,34 @@ def fold_one(model: nn.Module, found: FoundWeightNorm, *, by: str = "fold_weight
 
 def foldable(model: nn.Module, found: FoundWeightNorm) -> bool:
     """Whether ``found`` is weight norm alone, not stacked with other parametrizations (spectral
-    norm after it), which folding it alone would drop."""
-    return found.layout == "legacy" or len(model.get_submodule(found.module).parametrizations[found.name]) == 1
+    norm after it), which folding it alone would drop, nor its legacy g or v pruned by
+    ``torch.nn.utils.prune`` (``weight_v_orig`` and a mask)."""
+    module = model.get_submodule(found.module)
+    if found.layout == "legacy":
+        return not _pruned_pair(module, found.name)
+    return len(module.parametrizations[found.name]) == 1
+
+
+def pruned(model: nn.Module, found: FoundWeightNorm) -> list[str]:
+    """The names of ``found``'s g and v that ``torch.nn.utils.prune`` masks: a fold bakes the mask
+    into the weight (the same function), a conversion would drop it."""
+    module = model.get_submodule(found.module)
+    if found.layout == "legacy":
+        return _pruned_pair(module, found.name)
+    chain = module.parametrizations[found.name]
+    return [name for name in ("original0", "original1") if pruned_by(chain, name)]
+
+
+def _pruned_pair(module: nn.Module, name: str) -> list[str]:
+    return [tensor for tensor in (f"{name}_g", f"{name}_v") if pruned_by(module, tensor)]
 
 
 def _check_foldable(model: nn.Module, found: FoundWeightNorm) -> None:
     """Refuse a weight norm that is not :func:`foldable`."""
+    if found.layout == "legacy" and (masked := pruned(model, found)):
+        msg = (f"cannot fold {found.qualname}: its {' and '.join(masked)} {'is' if len(masked) == 1 else 'are'} pruned "
+               f"by torch.nn.utils.prune; call prune.remove(module, '{masked[0]}') first (it keeps the mask's zeros)")
+        raise FoldError(msg)
     if not foldable(model, found):
         chain = model.get_submodule(found.module).parametrizations[found.name]
         msg = (f"cannot fold {found.qualname}: weight norm is stacked with other parametrizations "

@@ -210,7 +210,10 @@ def _watch_optimizer_steps() -> None:
 
 
 REPLACED_MARK = "_wn_transform_replaced"  # on a Parameter the model no longer uses: what replaced it
-COPIED_MARK = "_wn_transform_copied"  # on a Parameter of a model a function copied (inplace=False): which one
+# id of a Parameter of a model apply_weight_norm copied (inplace=False) -> (the Parameter, the copy it returned),
+# both weakly: in this process only (a pickled model carries no mark), see mark_copied.  (Not a
+# WeakKeyDictionary: it compares keys with ==, which a tensor answers elementwise.)
+_COPIED: dict[int, tuple[weakref.ref, weakref.ref]] = {}
 _replacements = 0  # how many times mark_replaced marked Parameters in this process
 _CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> _checked_key when last checked
 _CHAINS: weakref.WeakSet = weakref.WeakSet()  # every parametrization list holding our WeightNorm (g, v: its originals)
@@ -231,14 +234,17 @@ def mark_replaced(parameters: Iterable[Tensor | None], by: str) -> None:
         _watch_optimizer_steps()
 
 
-def mark_copied(parameters: Iterable[Tensor], by: str) -> None:
-    """Mark the Parameters of a model ``by`` (``"apply_weight_norm"``) copied and returned anew: an
-    optimizer made on them before, whose first step after finds none with a gradient, is training
-    the returned model with the old one's Parameters, and warns (:func:`_warn_of_replaced_weights`)."""
+def mark_copied(parameters: Iterable[Tensor], copy: nn.Module) -> None:
+    """Mark the Parameters of a model that ``apply_weight_norm`` copied, returning ``copy``: an
+    optimizer made on them before, whose first step after finds none of its own with a gradient
+    while the copy has some, is training the copy with the old model's Parameters, and warns
+    (:func:`_warn_of_replaced_weights`).  (One that trains the model given has gradients; one
+    stepped while the copy has none, a warm-up step, says nothing.)"""
     global _replacements
     marked = [p for p in parameters if isinstance(p, nn.Parameter)]
+    returned = weakref.ref(copy)
     for parameter in marked:
-        parameter.__dict__[COPIED_MARK] = by
+        _COPIED[id(parameter)] = (weakref.ref(parameter, lambda _, key=id(parameter): _COPIED.pop(key, None)), returned)
     if marked:
         _replacements += 1
         _watch_optimizer_steps()
@@ -275,12 +281,14 @@ def _warn_of_replaced_weights(optimizer: Any) -> None:
                f"in this optimizer, so they do not train; create the optimizer after {by}")
         warn_user(msg, UserWarning)  # the caller of optimizer.step() (or of GradScaler.step)
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
-    copied = Counter(p.__dict__[COPIED_MARK] for p in parameters if COPIED_MARK in getattr(p, "__dict__", {}))
-    if copied and all(p.grad is None for p in parameters):  # (one that trains the model it copied has gradients)
-        by = next(iter(copied))
-        msg = (f"this {type(optimizer).__name__} steps the Parameters of the model {by} copied, and none of them has a "
-               f"gradient: {by} returns a new model (inplace=False), whose Parameters are not in this optimizer, so "
-               f"nothing trains; create the optimizer from the returned model's parameters (or pass inplace=True)")
+    copies = {id(copy): copy for p in parameters if (refs := _COPIED.get(id(p))) is not None and refs[0]() is p
+              and (copy := refs[1]()) is not None}
+    if (copies and all(p.grad is None for p in parameters)
+            and any(q.grad is not None for copy in copies.values() for q in copy.parameters())):
+        msg = (f"this {type(optimizer).__name__} steps the Parameters of the model apply_weight_norm copied, and none of "
+               "them has a gradient while the copy it returned has: apply_weight_norm returns a new model "
+               "(inplace=False), whose Parameters are not in this optimizer, so nothing trains; create the optimizer "
+               "from the returned model's parameters (or pass inplace=True)")
         warn_user(msg, UserWarning)
 
 

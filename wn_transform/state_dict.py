@@ -124,6 +124,7 @@ def state_dict_pairs(state_dict: Mapping[str, object]) -> list[StateDictWeightNo
     if odd is not None:
         msg = f"a state dict's keys are parameter names (strings); this one has {odd!r} ({type(odd).__name__})"
         raise TypeError(msg)
+    _refuse_pruned(state_dict)
     found = []
     seen: dict[str, str] = {}  # weight key -> its g key
     stacked = _stacked_entries(state_dict)
@@ -177,6 +178,26 @@ def state_dict_pairs(state_dict: Mapping[str, object]) -> list[StateDictWeightNo
     return found
 
 
+_PAIRED = {".original0": ".original1", ".original1": ".original0", "_g": "_v", "_v": "_g"}  # a g's or v's partner
+
+
+def _refuse_pruned(state_dict: Mapping[str, object]) -> None:
+    """Raise if a weight norm's g or v is stored as ``torch.nn.utils.prune`` stores a pruned tensor,
+    ``<name>_orig`` and ``<name>_mask`` (their product is the value), beside its partner: without the
+    model the pair would be found incomplete, or, in the legacy layout, not found at all."""
+    for key in state_dict:
+        base = key.removesuffix("_orig")
+        if base == key or f"{base}_mask" not in state_dict:
+            continue
+        for own, other in _PAIRED.items():
+            partner = base.removesuffix(own) + other
+            if base.endswith(own) and (partner in state_dict or f"{partner}_orig" in state_dict):
+                msg = (f"{key}: {base} of a weight norm is pruned by torch.nn.utils.prune ({key} times {base}_mask); "
+                       "fold the model with fold_weight_norm, which bakes the mask in, or call prune.remove on it "
+                       "before saving")
+                raise WeightNormError(msg)
+
+
 def _dotless_weight_key(key: str) -> str | None:
     """The weight a parametrization's g is stored for under a name without its dots, or None:
     an EMA that keeps each parameter as a buffer named ``name.replace(".", "")`` (CompVis's
@@ -209,7 +230,16 @@ def _refuse_checkpoint(obj: Mapping[str, object]) -> None:
     """Raise if ``obj``, which holds no weight-norm pair itself, is a checkpoint whose nested state
     dicts hold some (``{"generator": sd}``, a Lightning ``.ckpt``, ``{"model": sd, "mel_mean": t}``):
     their pairs have keys of their own."""
-    holders = [path for path in _nested_paths(obj) if state_dict_pairs(_at(obj, path)[1])]
+    holders = []
+    for path in _nested_paths(obj):
+        try:
+            if state_dict_pairs(_at(obj, path)[1]):
+                holders.append(path)
+        except WeightNormError as exc:  # (a nested state dict's own error: named with where it is)
+            msg = f"checkpoint{_at(obj, path)[0]}: {exc}"
+            raise WeightNormError(msg) from exc
+        if len(holders) > 4:  # enough to name them
+            break
     if holders:
         where = ", ".join(".".join(path) for path in holders[:4]) + (", ..." if len(holders) > 4 else "")
         msg = (f"this is a checkpoint that holds state dicts with weight norm ({where}), not one state dict: pass one "
