@@ -64,7 +64,8 @@ def test_the_kernels_build_wherever_a_compiler_and_avx2_exist(fresh_build: Path)
         pytest.skip("no C compiler or no AVX2/FMA here: the eager route is the only one")
     status = kernels.kernel_status()
     assert status.available, status.reason
-    assert Path(status.path).parent == fresh_build and [p.name for p in fresh_build.iterdir()] == [Path(status.path).name]
+    name = Path(status.path).name  # the library, and its hash, which a later process checks before loading it
+    assert Path(status.path).parent == fresh_build and sorted(p.name for p in fresh_build.iterdir()) == [name, f"{name}.sha256"]
     assert wn.kernel_status() == status
 
 
@@ -632,10 +633,111 @@ def test_a_failing_compiler_leaves_no_library_behind(monkeypatch: pytest.MonkeyP
                     'echo half > "$2"\necho "kernels.c:1: error: boom" >&2\nexit 1\n')
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("CC", str(fake))
-    status = kernels.kernel_status()
+    with pytest.warns(RuntimeWarning, match="the native kernels are off .*error: boom.*the same results"):
+        status = kernels.kernel_status()
     assert not status.available and "error: boom" in status.reason and "kernels.c" in status.reason
     assert not any(fresh_build.iterdir()), list(fresh_build.iterdir())
     assert not kernels.usable(torch.randn(1, 4), torch.rand(3, 1), torch.randn(3, 4), None)
+
+
+def _fake_compiler(folder: Path, body: str) -> Path:
+    """A ``cc`` that answers ``--version`` and runs ``body`` (sh) for a build, ``$OUT`` its ``-o``."""
+    fake = folder / "cc"
+    fake.write_text('#!/bin/sh\n[ "$1" = "--version" ] && { echo fake 1.0; exit 0; }\n'
+                    'OUT=""; while [ $# -gt 0 ]; do [ "$1" = "-o" ] && OUT="$2"; shift; done\n' + body + "\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    return fake
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="the kernels are built on x86-64 only")
+@pytest.mark.parametrize(("body", "said"), [
+    (": > \"$OUT\"; exit 0", "reported success but wrote no shared library (0 bytes)"),  # exits 0, writes nothing
+    ('echo "/usr/bin/ld: final link failed: No space left on device" >&2; '
+     'echo "collect2: error: ld returned 1 exit status" >&2; exit 1',
+     "final link failed: No space left on device; collect2: error: ld returned 1 exit status"),  # a full disk
+    ("sleep 60", "did not finish compiling"),  # a wrapper waiting on a network: killed
+])
+def test_a_compiler_that_fails_its_own_way_is_said_so_once_and_leaves_nothing(
+        monkeypatch: pytest.MonkeyPatch, fresh_build: Path, tmp_path_factory, body: str, said: str) -> None:
+    monkeypatch.setattr(kernels, "_COMPILE_TIMEOUT", 2)
+    monkeypatch.setenv("CC", str(_fake_compiler(tmp_path_factory.mktemp("bin"), body)))
+    with pytest.warns(RuntimeWarning, match="the native kernels are off") as caught:
+        status = kernels.kernel_status()
+        kernels.kernel_status()  # (once per process)
+    assert len(caught) == 1 and not status.available and said in status.reason, status.reason
+    assert not any(fresh_build.iterdir()), list(fresh_build.iterdir())
+
+
+def test_a_damaged_or_foreign_library_in_the_cache_is_rebuilt_or_refused_never_loaded_as_it_is(fresh_build: Path) -> None:
+    """A library cut short (a process that maps one dies of SIGBUS) does not hash to what its build
+    wrote beside it: built again.  One with the right hash but not ours (no wn_ symbols) is
+    refused with the version message, not an AttributeError on every step.  (Each in a new
+    process: this one has the library mapped.)"""
+    if not _toolchain():
+        pytest.skip("no C compiler or no AVX2/FMA here")
+    import subprocess
+    import sys
+
+    def status_elsewhere() -> str:
+        code = "import wn_transform.kernels as k; s = k.kernel_status(); print(s.available, s.reason)"
+        done = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "WN_TRANSFORM_CACHE": str(fresh_build)})
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout.strip()
+
+    path = Path(kernels.kernel_status().path)
+    whole = path.read_bytes()
+    assert path.stat().st_mode & 0o044 == 0o044  # readable by the other users of a shared cache (umask 022)
+    cut = fresh_build / "cut"
+    cut.write_bytes(whole[: len(whole) // 2])
+    os.replace(cut, path)
+    stale = fresh_build / "kernels-0123456789abcdef.so.partial"
+    stale.write_bytes(b"left by a killed build")
+    os.utime(stale, (0, 0))
+    assert status_elsewhere().startswith("True") and path.read_bytes() == whole
+    assert sorted(p.name for p in fresh_build.iterdir()) == [path.name, f"{path.name}.sha256"]  # the stale partial gone
+    foreign = fresh_build / "foreign.c"
+    foreign.write_text("int something(void) { return 1; }\n")
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    assert subprocess.run([compiler, "-shared", "-fPIC", str(foreign), "-o", str(cut)]).returncode == 0
+    os.replace(cut, path)
+    kernels._digest_file(path).write_text(__import__("hashlib").sha256(path.read_bytes()).hexdigest())
+    said = status_elsewhere()
+    assert said.startswith("False") and "does not match this version of wn_transform" in said
+
+
+def test_no_home_folder_and_switch_values_give_a_reason_not_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A uid with no passwd entry and no ``$HOME`` (a container's ``--user``): the kernels stay off
+    with the way to a cache; ``WN_TRANSFORM_KERNELS`` takes 0/false/off/no and 1/true/on/yes, in
+    any case, and leaves them off, saying so, for anything else."""
+    monkeypatch.setattr(kernels, "_loaded", None)
+    for name in ("WN_TRANSFORM_CACHE", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+
+    def no_home() -> Path:
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(Path, "home", staticmethod(no_home))
+    if _toolchain():
+        with pytest.warns(RuntimeWarning, match="no home folder"):
+            status = kernels.kernel_status()
+        assert not status.available and "set $WN_TRANSFORM_CACHE" in status.reason
+    for value, reason in (("False", "disabled by WN_TRANSFORM_KERNELS=False"), (" off ", "disabled by"),
+                          ("garbage", "WN_TRANSFORM_KERNELS='garbage' is none of 1/true/on/yes")):
+        monkeypatch.setattr(kernels, "_loaded", None)
+        monkeypatch.setenv("WN_TRANSFORM_KERNELS", value)
+        status = kernels.kernel_status()
+        assert not status.available and reason in status.reason, status.reason
+
+
+def test_a_compiler_given_with_arguments_builds(monkeypatch: pytest.MonkeyPatch, fresh_build: Path) -> None:
+    """``CC="ccache gcc"``, ``CC="gcc -O2"``: the first word is the compiler, the rest its arguments
+    (and part of the cache key), as make and setuptools take it."""
+    if not _toolchain():
+        pytest.skip("no C compiler or no AVX2/FMA here")
+    monkeypatch.setenv("CC", f"{shutil.which(os.environ.get('CC', 'cc'))} -O2")
+    status = kernels.kernel_status()
+    assert status.available and status.reason.endswith(" -O2"), status.reason
 
 
 def test_a_built_library_is_reused_not_rebuilt(monkeypatch: pytest.MonkeyPatch, fresh_build: Path) -> None:

@@ -31,10 +31,13 @@ import hashlib
 import math
 import os
 import platform
+import shlex
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +45,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 from torch.autograd.graph import increment_version
+
+from .errors import warn_user
 
 __all__ = ["MAX_ROWS", "PLAIN_TYPES", "KernelStatus", "backward", "backward_usable", "calibrate", "calibration_usable", "disabled",
            "forward", "kernel_status", "saved_tensors_hooked", "usable"]
@@ -51,6 +56,7 @@ _ROWS = 4  # elsewhere than on AMD CPUs: from 5 rows, MKL's matmuls beat the bac
 _VERSION = 6  # kernels.c: wn_kernels_version()
 _SOURCE = Path(__file__).with_name("kernels.c")
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+_COMPILE_TIMEOUT = 120  # seconds (a build takes about one)
 _STREAM_MIN_ELEMENTS = 1 << 19  # a grad_v of 2 MiB or more is written past the caches (it cannot stay there)
 _top_saved_tensors_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)  # private: may go
 PLAIN_TYPES = (Tensor, nn.Parameter)  # not FakeTensor or other subclasses, which have no data to point at
@@ -223,10 +229,18 @@ def _load() -> tuple[ctypes.CDLL | None, KernelStatus]:
 
 def _cache_dir() -> Path:
     """``$WN_TRANSFORM_CACHE``, else ``$XDG_CACHE_HOME/wn_transform`` or ``~/.cache/wn_transform``
-    (an empty variable counts as unset), made absolute: the loader searches its own path for a bare name."""
+    (an empty variable counts as unset), made absolute: the loader searches its own path for a bare name.
+    Raises OSError where there is no home folder (a uid with no passwd entry and no ``$HOME``): a
+    shared temporary folder would let another user plant the library."""
     if os.environ.get("WN_TRANSFORM_CACHE"):
         return Path(os.environ["WN_TRANSFORM_CACHE"]).absolute()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    base = os.environ.get("XDG_CACHE_HOME")
+    if not base:
+        try:
+            base = str(Path.home() / ".cache")
+        except (RuntimeError, KeyError) as exc:
+            msg = f"no home folder to keep the built kernels in ({exc}); set $WN_TRANSFORM_CACHE to a folder of yours"
+            raise OSError(msg) from exc
     return (Path(base) / "wn_transform").absolute()
 
 
@@ -262,52 +276,129 @@ def _cpuinfo_line(*keys: str) -> str | None:
         return None
 
 
+_SWITCH_OFF, _SWITCH_ON = ("0", "false", "off", "no"), ("", "1", "true", "on", "yes")
+
+
 def _build_and_load() -> tuple[ctypes.CDLL | None, KernelStatus]:
-    if os.environ.get("WN_TRANSFORM_KERNELS", "1") == "0":
-        return None, KernelStatus(False, None, "disabled by WN_TRANSFORM_KERNELS=0")
+    switch = os.environ.get("WN_TRANSFORM_KERNELS", "1").strip().lower()
+    if switch in _SWITCH_OFF:
+        return None, KernelStatus(False, None, f"disabled by WN_TRANSFORM_KERNELS={os.environ['WN_TRANSFORM_KERNELS']}")
+    if switch not in _SWITCH_ON:
+        return None, KernelStatus(False, None, f"WN_TRANSFORM_KERNELS={os.environ['WN_TRANSFORM_KERNELS']!r} is none "
+                                               "of 1/true/on/yes (use them) or 0/false/off/no (off): left off")
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return None, KernelStatus(False, None, f"the kernels are written for x86-64 (AVX2, FMA), this is {platform.machine()}")
-    compiler = shutil.which(os.environ.get("CC", "cc"))
+    given = os.environ.get("CC", "cc")
+    command = shlex.split(given) if given.strip() else ["cc"]  # (a $CC with arguments: "ccache gcc", "gcc -m64")
+    compiler = shutil.which(command[0])
     if compiler is None:
-        return None, KernelStatus(False, None, f"no C compiler: {os.environ.get('CC', 'cc')!r} is not on PATH (set $CC)")
+        return None, KernelStatus(False, None, f"no C compiler: {command[0]!r} (from $CC={given!r}) is not on PATH; a "
+                                               "built library is kept per compiler, so one is needed (set $CC)")
+    command = [compiler, *command[1:]]
+    path = None
     try:
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+        version = _run([*command, "--version"], timeout=10).stdout
         source = _SOURCE.read_bytes()
         key = hashlib.sha256(b"\0".join(s.encode() if isinstance(s, str) else s for s in
-                                        (source, compiler, version, " ".join(_FLAGS), _cpu_fingerprint()))).hexdigest()[:16]
+                                        (source, " ".join(command), version, " ".join(_FLAGS), _cpu_fingerprint()))).hexdigest()[:16]
         path = _cache_dir() / f"kernels-{key}.so"
-        if not path.exists():
-            error = _compile(compiler, path)
+        if not _intact(path):  # never built, or damaged (cut short, written by a compiler that failed)
+            error = _compile(command, path)
             if error:
-                return None, KernelStatus(False, None, error)
+                return None, _failed(KernelStatus(False, None, error))
         lib = ctypes.CDLL(str(path))
-    except (OSError, subprocess.SubprocessError) as exc:
-        return None, KernelStatus(False, None, f"could not build or load the kernels: {exc}")
-    if lib.wn_kernels_version() != _VERSION or lib.wn_kernels_max_rows() != MAX_ROWS:
-        return None, KernelStatus(False, str(path), f"{path} does not match this version of wn_transform")
+        matches = (getattr(lib, "wn_kernels_version", None) is not None and lib.wn_kernels_version() == _VERSION
+                   and getattr(lib, "wn_kernels_max_rows", None) is not None and lib.wn_kernels_max_rows() == MAX_ROWS)
+    except Exception as exc:  # (the user's compiler and file system: any failure leaves the eager route, said once)
+        return None, _failed(KernelStatus(False, None if path is None else str(path),
+                                          f"could not build or load the kernels: {type(exc).__name__}: {exc}"))
+    if not matches:
+        return None, _failed(KernelStatus(False, str(path), f"{path} does not match this version of wn_transform"))
     pointer, size, number = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.wn_forward_f32.argtypes = [pointer] * 8 + [size] * 3 + [number] * 2
     lib.wn_backward_f32.argtypes = [pointer] * 10 + [size] * 3 + [number] * 3
     lib.wn_calibrate_f32.argtypes = [pointer] * 7 + [size] * 4 + [ctypes.c_float] + [number] * 3
     lib.wn_calibrate_f32.restype = None
-    return lib, KernelStatus(True, str(path), f"built from {_SOURCE.name} with {compiler}", _row_limit(_cpu_vendor()))
+    return lib, KernelStatus(True, str(path), f"built from {_SOURCE.name} with {' '.join(command)}", _row_limit(_cpu_vendor()))
 
 
-def _compile(compiler: str, path: Path) -> str | None:
-    """Compile ``kernels.c`` to ``path`` (atomically: a concurrent process sees all of it or none).
-    Returns None, or what went wrong."""
+def _failed(status: KernelStatus) -> KernelStatus:
+    """Say once, as a warning, that a build or load of the kernels failed: the layers take the eager
+    route, with the same results, more slowly (``kernel_status()`` keeps the reason)."""
+    warn_user(f"wn_transform: the native kernels are off ({status.reason}); the layers compute the same results "
+              "on the eager route (WN_TRANSFORM_KERNELS=0 turns them off without this warning)", RuntimeWarning)
+    return status
+
+
+def _run(command: list[str], *, timeout: float) -> subprocess.CompletedProcess:
+    """``command`` in a session of its own, every process it started killed if it outlasts ``timeout``
+    (a compiler wrapper waiting on a network would otherwise hold the first training step)."""
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+_ELF = b"\x7fELF"
+
+
+def _intact(path: Path) -> bool:
+    """Whether ``path`` is a library this process may load: its bytes hash to what its build wrote
+    beside it (``<path>.sha256``), so a file cut short, emptied or replaced is built again rather
+    than loaded (a library cut short kills the process that maps it)."""
+    try:
+        content = path.read_bytes()
+        return content.startswith(_ELF) and hashlib.sha256(content).hexdigest() == _digest_file(path).read_text()
+    except OSError:
+        return False
+
+
+def _digest_file(path: Path) -> Path:
+    return path.with_name(f"{path.name}.sha256")
+
+
+def _compile(command: list[str], path: Path) -> str | None:
+    """Compile ``kernels.c`` to ``path`` (atomically: a concurrent process sees all of it or none),
+    readable by every user of a shared cache, its hash beside it (:func:`_intact`).  Returns None,
+    or what went wrong."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob("kernels-*.partial"):  # left by a build killed outright (SIGKILL, a job's time limit)
+        with contextlib.suppress(OSError):
+            if time.time() - stale.stat().st_mtime > 2 * _COMPILE_TIMEOUT:
+                stale.unlink()
     fd, partial = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".partial")
     os.close(fd)
+    written = None
     try:
-        done = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", partial, "-lm"], capture_output=True, text=True,
-                              timeout=300)
+        try:
+            done = _run([*command, *_FLAGS, str(_SOURCE), "-o", partial, "-lm"], timeout=_COMPILE_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            return f"{' '.join(command)} did not finish compiling {_SOURCE} within {_COMPILE_TIMEOUT} s (killed)"
         if done.returncode != 0:
             lines = (done.stderr or done.stdout).strip().splitlines()
-            errors = [line for line in lines if "error" in line] or lines or [f"exit status {done.returncode}"]
-            return f"{compiler} could not compile {_SOURCE}: {errors[0]}"
+            telling = [line for line in lines if any(word in line for word in ("error", "failed", "No space"))]
+            said = "; ".join((telling or lines)[-2:]) or f"exit status {done.returncode}"
+            return f"{' '.join(command)} could not compile {_SOURCE}: {said}"
+        content = Path(partial).read_bytes()
+        if not content.startswith(_ELF):
+            return f"{' '.join(command)} reported success but wrote no shared library ({len(content)} bytes)"
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(partial, 0o777 & ~umask)  # (mkstemp's 0600 would keep other users of a shared cache out)
+        fd, written = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".partial")
+        with os.fdopen(fd, "w") as file:
+            file.write(hashlib.sha256(content).hexdigest())
+        os.chmod(written, 0o666 & ~umask)
+        os.replace(written, _digest_file(path))
         os.replace(partial, path)
         return None
     finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
+        for left in (partial, written):
+            if left is not None and os.path.exists(left):
+                os.unlink(left)
