@@ -623,11 +623,12 @@ def test_an_optimizer_of_the_model_given_stepped_for_the_returned_copy_is_warned
     early = torch.optim.SGD(model.parameters(), lr=0.1)
     trained = torch.optim.SGD(model.parameters(), lr=0.1)
     returned = wn.apply_weight_norm(model, init="preserve")
+    unused = wn.apply_weight_norm(model, init="preserve")  # a second copy, kept unused: the first is trained
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         early.step()  # a warm-up step: nothing has a gradient yet
     returned(torch.randn(5, 4)).sum().backward()
-    wn.apply_weight_norm(nn.Linear(2, 2), init="preserve")  # (another mark: every optimizer looks again)
+    assert unused is not returned
     with pytest.warns(UserWarning, match=r"this SGD steps the Parameters of the model apply_weight_norm copied, and none "
                                          r"of them has a gradient while the copy it returned has: .* create the optimizer "
                                          r"from the returned model's"):

@@ -1992,26 +1992,34 @@ def test_a_shared_layer_after_an_embedding_of_the_batchs_token_list_is_standardi
     """The batch is a list of token ids that the forward turns into a tensor: ``torch.tensor(tokens)``
     is data, not a constant built from no input, so the shared ``fc``'s first call, on their
     embeddings, is not passed over."""
+    import numpy as np
+
+    embed = {"list": lambda m, t: m.emb(torch.tensor(t)), "rebuilt list": lambda m, t: m.emb(torch.tensor([r for r in t])),
+             "array": lambda m, t: m.emb(torch.as_tensor(np.asarray(t)[:, :4])),
+             "indexed parameter": lambda m, t: m.emb.weight[[row[0] for row in t]]}
+
     class ListIds(nn.Module):
-        def __init__(self) -> None:
+        def __init__(self, how: str) -> None:
             super().__init__()
             self.emb, self.fc, self.head = nn.Embedding(50, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+            self.how = how
 
         def forward(self, tokens: list) -> torch.Tensor:
-            h = torch.tanh(self.fc(self.emb(torch.tensor(tokens))))
+            h = torch.tanh(self.fc(embed[self.how](self, tokens)))
             return self.head(torch.tanh(self.fc(h)))
 
     torch.manual_seed(0)
     tokens = torch.randint(0, 50, (64, 5)).tolist()
-    model = wn.apply_weight_norm(ListIds(), (tokens,))
-    assert wn.weight_norm_report(model).notes.passed_over == []
-    calls = []
-    model.fc.register_forward_hook(lambda module, args, output: calls.append(output))
-    with torch.no_grad():
-        model(tokens)
-    mean, std = _per_unit(calls[0].reshape(-1, 16))
-    torch.testing.assert_close(std, torch.ones_like(std), atol=1e-4, rtol=0)
-    torch.testing.assert_close(mean, torch.zeros_like(mean), atol=1e-5, rtol=0)
+    for how in embed:
+        model = wn.apply_weight_norm(ListIds(how), (tokens,))
+        assert wn.weight_norm_report(model).notes.passed_over == [], how
+        calls = []
+        model.fc.register_forward_hook(lambda module, args, output: calls.append(output))
+        with torch.no_grad():
+            model(tokens)
+        mean, std = _per_unit(calls[0].reshape(-1, 16))
+        torch.testing.assert_close(std, torch.ones_like(std), atol=1e-4, rtol=0, msg=how)
+        torch.testing.assert_close(mean, torch.zeros_like(mean), atol=1e-5, rtol=0, msg=how)
 
 
 class _UnderGrad(nn.Module):

@@ -330,6 +330,8 @@ def test_weight_norm_pruned_by_torch_is_folded_with_its_mask_or_refused_whole_an
     x = torch.randn(6, 8)
     model = nn.Sequential(torch_weight_norm(nn.Linear(8, 8)), nn.ReLU(), nn.Linear(8, 2))
     prune.l1_unstructured(model[0].parametrizations.weight, "original1", amount=0.5)
+    model(x).square().sum().backward()
+    torch.optim.SGD(model.parameters(), lr=0.5).step()  # (no forward since: prune's attribute is the last forward's)
     folded = wn.fold_weight_norm(model)
     with torch.no_grad():
         torch.testing.assert_close(folded(x), model(x))

@@ -341,6 +341,11 @@ def test_a_pruned_g_or_v_is_named_as_pruned_not_taken_for_half_a_pair(style: str
     plain = nn.Linear(4, 3)
     prune.l1_unstructured(plain, "weight", amount=0.5)  # no weight norm: ordinary tensors
     assert find_state_dict_weight_norms(plain.state_dict()) == []
+    gate = nn.Module()  # names like a legacy pair, shapes unlike one (a gate's w_g, a value projection's w_v)
+    gate.w_g, gate.w_v = nn.Parameter(torch.randn(5)), nn.Parameter(torch.randn(16, 32))
+    prune.l1_unstructured(gate, "w_v", amount=0.5)
+    assert find_state_dict_weight_norms(gate.state_dict()) == [] and fold_state_dict(gate.state_dict()).keys() == (
+        gate.state_dict().keys())
 
 
 @pytest.mark.parametrize("style", list(STYLES))

@@ -229,25 +229,6 @@ def data_init(model: nn.Module, targets: list[Target], sample_batch: batch_mod.S
     return notes
 
 
-def _python_values(batch: Any) -> set[int]:
-    """The ids of the containers and arrays a sample batch holds its values in (a list of token ids),
-    which ``torch.tensor(tokens)`` in the forward turns into data, not a constant (see
-    :meth:`_CalibrationMode._passes_over`)."""
-    found: set[int] = set()
-    stack = [batch]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, Tensor) or id(item) in found:
-            continue
-        if isinstance(item, (list, tuple, dict)) or type(item).__module__ == "numpy":
-            found.add(id(item))
-        if isinstance(item, (list, tuple)):
-            stack.extend(item)
-        elif isinstance(item, dict):
-            stack.extend(item.values())
-    return found
-
-
 def _check_finite_gains(states: list[_State]) -> None:
     """Refuse an init that measured NaN or infinity: name the first such layer in forward order.
 
@@ -340,7 +321,8 @@ def _run_pass(model: nn.Module, states: list[_State], mode: _CalibrationMode, sa
         else:
             state.wn.direction_only = True
     with preserved_state(model, batch_statistics=True), torch.no_grad(), no_weight_cache(), contextlib.nullcontext() if direct else mode:
-        batch_mod.run(model, sample_batch, given=lambda args, kwargs: mode.given((args, kwargs), sample_batch))
+        given = (lambda args, kwargs: mode.note_inputs((args, kwargs), sample_batch)) if mode.known else None
+        batch_mod.run(model, sample_batch, given=given)  # (the batch matters on a rerun only: _batch_rounding_bound)
 
 
 def _stop_measuring(state: _State) -> None:
@@ -691,11 +673,10 @@ class _CalibrationMode(TorchFunctionMode):
         # learned initial state or token (self.h0.expand(B, -1), tanh(self.h0)) is passed over as one
         # on zeros is (only a layer read by several op calls passes one over: where there is none,
         # none are noted).  A buffer the forward writes in place is data from then on.
-        self._shared = any(state.target.uses > 1 for state in states)
+        shared = any(state.target.uses > 1 for state in states)
         self._constants: dict[int, tuple[weakref.ref, int]] = {  # id -> (tensor, its version: unwritten since)
-            id(t): (weakref.ref(t), t._version) for t in ((*model.parameters(), *model.buffers()) if self._shared else ())
+            id(t): (weakref.ref(t), t._version) for t in ((*model.parameters(), *model.buffers()) if shared else ())
             if not t.is_inference()}
-        self._batch_values: set[int] = set()  # the batch's lists and arrays as the model gets them (see given)
         # Until its layer is calibrated, the parametrization hands out v itself: that tensor is
         # how an op is recognized as using a target's weight (views of it are followed).
         self._produced: dict[int, _Produced] = {
@@ -736,8 +717,9 @@ class _CalibrationMode(TorchFunctionMode):
         if name in _FACTORIES:
             result = func(*args, **kwargs)
             source = args[0] if args else kwargs.get("data")  # torch.as_tensor(x): x itself, data or constant
-            values = (self._constant(source) if isinstance(source, Tensor)
-                      else id(source) not in self._batch_values)  # (the batch's token ids are data)
+            # torch.tensor(tokens): a list or array holds values that may come from the batch (its token
+            # ids, rebuilt or not): data; a Python number is a constant, a tensor as it is
+            values = self._constant(source) if isinstance(source, Tensor) else isinstance(source, (int, float, bool))
             if type(result) is Tensor and (name.endswith("_like") or values):
                 self._note_constant(result)
             return result
@@ -810,11 +792,15 @@ class _CalibrationMode(TorchFunctionMode):
         there is one."""
         found = False
         for value in (*args, *kwargs.values()):
+            if type(value).__module__ == "numpy" and hasattr(value, "shape"):  # an index array: may be the batch's
+                return False
             for a in value if isinstance(value, (tuple, list)) else (value,):
                 if isinstance(a, Tensor):
                     if not self._constant(a):  # (most ops: their first argument, data)
                         return False
                     found = True
+                elif isinstance(value, list) and a is not None and not isinstance(a, slice):  # weight[tokens]: data
+                    return False
         return found
 
     def _note_constant(self, value: Any) -> None:
@@ -1027,16 +1013,6 @@ class _CalibrationMode(TorchFunctionMode):
                           scale=self.init_scale, exp_scale=wn.exp_scale, output=not self.exact)
         self._finish(state)
         return _Handed(t_raw, not self.exact and _needs_real_output(slot.mean, slot.var))
-
-    def given(self, copies: tuple[tuple, dict], sample_batch: batch_mod.SampleBatch) -> None:
-        """What the model is called with (:func:`batch_mod.run`'s copies of the batch): its lists and
-        arrays, which ``torch.tensor(tokens)`` turns into data, not a constant; on a rerun (units
-        known to be constant) its tensors too (:meth:`note_inputs`: the batch matters there only,
-        see _batch_rounding_bound)."""
-        if self._shared:  # (only a layer read by several op calls passes a call over)
-            self._batch_values = _python_values(copies)
-        if self.known:
-            self.note_inputs(copies, sample_batch)
 
     def note_inputs(self, copies: tuple[tuple, dict], sample_batch: batch_mod.SampleBatch) -> None:
         """Remember the batch's tensors, by the memory of the copies the model gets

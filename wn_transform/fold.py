@@ -195,7 +195,7 @@ def fold_one(model: nn.Module, found: FoundWeightNorm, *, by: str = "fold_weight
     _check_foldable(model, found)
     chain = module.parametrizations[found.name]
     if found.layout == "torch":
-        weight = _composed(chain.original0, chain.original1)
+        weight = _composed(_current(chain, "original0"), _current(chain, "original1"))
     else:
         with torch.no_grad():
             weight = getattr(module, found.name)
@@ -224,6 +224,16 @@ def pruned(model: nn.Module, found: FoundWeightNorm) -> list[str]:
         return _pruned_pair(module, found.name)
     chain = module.parametrizations[found.name]
     return [name for name in ("original0", "original1") if pruned_by(chain, name)]
+
+
+def _current(chain: nn.Module, name: str) -> torch.Tensor:
+    """``chain.<name>`` as the next forward computes it: where ``torch.nn.utils.prune`` masks it, the
+    attribute is what its hook wrote at the last forward (before an optimizer step since), so the
+    product ``<name>_orig * <name>_mask`` is taken now."""
+    if pruned_by(chain, name):
+        with torch.no_grad():
+            return getattr(chain, f"{name}_orig") * getattr(chain, f"{name}_mask")
+    return getattr(chain, name)
 
 
 def _pruned_pair(module: nn.Module, name: str) -> list[str]:

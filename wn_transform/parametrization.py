@@ -210,10 +210,11 @@ def _watch_optimizer_steps() -> None:
 
 
 REPLACED_MARK = "_wn_transform_replaced"  # on a Parameter the model no longer uses: what replaced it
-# id of a Parameter of a model apply_weight_norm copied (inplace=False) -> (the Parameter, the copy it returned),
-# both weakly: in this process only (a pickled model carries no mark), see mark_copied.  (Not a
+# id of a Parameter of a model apply_weight_norm copied (inplace=False) -> (the Parameter, the copies it
+# returned), all weakly: in this process only (a pickled model carries no mark), see mark_copied.  (Not a
 # WeakKeyDictionary: it compares keys with ==, which a tensor answers elementwise.)
-_COPIED: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+_COPIED: dict[int, tuple[weakref.ref, weakref.WeakSet]] = {}
+_COPY_PENDING: weakref.WeakSet = weakref.WeakSet()  # optimizers to look at again at their next step
 _replacements = 0  # how many times mark_replaced marked Parameters in this process
 _CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> _checked_key when last checked
 _CHAINS: weakref.WeakSet = weakref.WeakSet()  # every parametrization list holding our WeightNorm (g, v: its originals)
@@ -242,9 +243,12 @@ def mark_copied(parameters: Iterable[Tensor], copy: nn.Module) -> None:
     stepped while the copy has none, a warm-up step, says nothing.)"""
     global _replacements
     marked = [p for p in parameters if isinstance(p, nn.Parameter)]
-    returned = weakref.ref(copy)
     for parameter in marked:
-        _COPIED[id(parameter)] = (weakref.ref(parameter, lambda _, key=id(parameter): _COPIED.pop(key, None)), returned)
+        refs = _COPIED.get(id(parameter))
+        if refs is None or refs[0]() is not parameter:
+            refs = (weakref.ref(parameter, lambda _, key=id(parameter): _COPIED.pop(key, None)), weakref.WeakSet())
+            _COPIED[id(parameter)] = refs
+        refs[1].add(copy)
     if marked:
         _replacements += 1
         _watch_optimizer_steps()
@@ -261,6 +265,8 @@ def _bump_written_parameters(optimizer: Any, args: tuple, kwargs: dict) -> None:
                                 for p in group["params"] if id(p) in ours and not p.is_inference()]
         _CHECKED[optimizer] = key
         _warn_of_replaced_weights(optimizer)  # (last: -W error makes it raise)
+    elif optimizer in _COPY_PENDING:  # it steps a copied model's Parameters, and nothing had a gradient yet
+        _warn_of_training_a_copy(optimizer)
     written = [p for p in _UNBUMPED.get(optimizer, ()) if p.grad is not None]
     if written:
         torch.autograd.graph.increment_version(written)
@@ -280,16 +286,28 @@ def _warn_of_replaced_weights(optimizer: Any) -> None:
                f"replaced by {new}: the model no longer uses {'it' if count == 1 else 'them'}, and its {new} are not "
                f"in this optimizer, so they do not train; create the optimizer after {by}")
         warn_user(msg, UserWarning)  # the caller of optimizer.step() (or of GradScaler.step)
+    _warn_of_training_a_copy(optimizer)
+
+
+def _warn_of_training_a_copy(optimizer: Any) -> None:
+    """Warn when ``optimizer`` steps Parameters of a model that ``apply_weight_norm`` copied
+    (:func:`mark_copied`), none of which has a gradient, while a copy it returned has: it trains
+    the copy with the old model's Parameters, and nothing trains.  Where neither has a gradient
+    yet (a warm-up step), it looks again at the next step."""
+    _COPY_PENDING.discard(optimizer)
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
-    copies = {id(copy): copy for p in parameters if (refs := _COPIED.get(id(p))) is not None and refs[0]() is p
-              and (copy := refs[1]()) is not None}
-    if (copies and all(p.grad is None for p in parameters)
-            and any(q.grad is not None for copy in copies.values() for q in copy.parameters())):
-        msg = (f"this {type(optimizer).__name__} steps the Parameters of the model apply_weight_norm copied, and none of "
-               "them has a gradient while the copy it returned has: apply_weight_norm returns a new model "
-               "(inplace=False), whose Parameters are not in this optimizer, so nothing trains; create the optimizer "
-               "from the returned model's parameters (or pass inplace=True)")
-        warn_user(msg, UserWarning)
+    copies = [copy for p in parameters if (refs := _COPIED.get(id(p))) is not None and refs[0]() is p
+              for copy in refs[1]]
+    if not copies or any(p.grad is not None for p in parameters):  # (it trains the model given: as meant)
+        return
+    if not any(q.grad is not None for copy in copies for q in copy.parameters()):
+        _COPY_PENDING.add(optimizer)
+        return
+    msg = (f"this {type(optimizer).__name__} steps the Parameters of the model apply_weight_norm copied, and none of "
+           "them has a gradient while the copy it returned has: apply_weight_norm returns a new model "
+           "(inplace=False), whose Parameters are not in this optimizer, so nothing trains; create the optimizer "
+           "from the returned model's parameters (or pass inplace=True)")
+    warn_user(msg, UserWarning)
 
 
 class _Kept:

@@ -185,13 +185,21 @@ def _refuse_pruned(state_dict: Mapping[str, object]) -> None:
     """Raise if a weight norm's g or v is stored as ``torch.nn.utils.prune`` stores a pruned tensor,
     ``<name>_orig`` and ``<name>_mask`` (their product is the value), beside its partner: without the
     model the pair would be found incomplete, or, in the legacy layout, not found at all."""
+    def value(name: str) -> object:  # a tensor as it is, or as prune stores it
+        return state_dict.get(name, state_dict.get(f"{name}_orig"))
+
     for key in state_dict:
         base = key.removesuffix("_orig")
         if base == key or f"{base}_mask" not in state_dict:
             continue
         for own, other in _PAIRED.items():
-            partner = base.removesuffix(own) + other
-            if base.endswith(own) and (partner in state_dict or f"{partner}_orig" in state_dict):
+            if not base.endswith(own):
+                continue
+            g, v = (value(base), value(base.removesuffix(own) + other))[:: 1 if own in ("_g", ".original0") else -1]
+            if not (_is_real_tensor(g) and _is_real_tensor(v)):
+                continue
+            paired = (_could_be_gain(g, v) if own.startswith(".") else _legacy_pair(base.removesuffix(own), g, v))
+            if paired:  # the shapes of a weight norm's (g, v), as the pair finder takes them
                 msg = (f"{key}: {base} of a weight norm is pruned by torch.nn.utils.prune ({key} times {base}_mask); "
                        "fold the model with fold_weight_norm, which bakes the mask in, or call prune.remove on it "
                        "before saving")
