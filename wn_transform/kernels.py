@@ -38,6 +38,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,11 @@ from torch import Tensor, nn
 from torch.autograd.graph import increment_version
 
 from .errors import warn_user
+
+try:
+    import fcntl  # (POSIX: one build at a time per library)
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = ["MAX_ROWS", "PLAIN_TYPES", "KernelStatus", "backward", "backward_usable", "calibrate", "calibration_usable", "disabled",
            "forward", "kernel_status", "saved_tensors_hooked", "usable"]
@@ -221,9 +227,15 @@ def backward(grad_y: Tensor, rows: Tensor, u: Tensor, safe: Tensor, scale: Tenso
 def _load() -> tuple[ctypes.CDLL | None, KernelStatus]:
     global _loaded
     if _loaded is None:
+        warn = False
         with _lock:
             if _loaded is None:
-                _loaded = _build_and_load()
+                lib, status, warn = _build_and_load()
+                _loaded = lib, status
+        if warn:  # once, after the outcome is kept: a warning raised as an error (-W error) changes nothing
+            warn_user(f"wn_transform: the native kernels are off ({_loaded[1].reason}); the layers compute the same "
+                      "results on the eager route (WN_TRANSFORM_KERNELS=0 turns them off without this warning)",
+                      RuntimeWarning)
     return _loaded
 
 
@@ -279,21 +291,27 @@ def _cpuinfo_line(*keys: str) -> str | None:
 _SWITCH_OFF, _SWITCH_ON = ("0", "false", "off", "no"), ("", "1", "true", "on", "yes")
 
 
-def _build_and_load() -> tuple[ctypes.CDLL | None, KernelStatus]:
+def _build_and_load() -> tuple[ctypes.CDLL | None, KernelStatus, bool]:
+    """The library and its status, and whether to warn of the status: a build or load that was
+    tried and failed, or a switch value not understood (not an expected absence: switched off,
+    another CPU, no compiler).  Never raises: the layers take the eager route whatever goes wrong."""
     switch = os.environ.get("WN_TRANSFORM_KERNELS", "1").strip().lower()
     if switch in _SWITCH_OFF:
-        return None, KernelStatus(False, None, f"disabled by WN_TRANSFORM_KERNELS={os.environ['WN_TRANSFORM_KERNELS']}")
+        return None, KernelStatus(False, None, f"disabled by WN_TRANSFORM_KERNELS={os.environ['WN_TRANSFORM_KERNELS']}"), False
     if switch not in _SWITCH_ON:
         return None, KernelStatus(False, None, f"WN_TRANSFORM_KERNELS={os.environ['WN_TRANSFORM_KERNELS']!r} is none "
-                                               "of 1/true/on/yes (use them) or 0/false/off/no (off): left off")
+                                               "of 1/true/on/yes (use them) or 0/false/off/no (off): left off"), True
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        return None, KernelStatus(False, None, f"the kernels are written for x86-64 (AVX2, FMA), this is {platform.machine()}")
+        return None, KernelStatus(False, None, f"the kernels are written for x86-64 (AVX2, FMA), this is {platform.machine()}"), False
     given = os.environ.get("CC", "cc")
-    command = shlex.split(given) if given.strip() else ["cc"]  # (a $CC with arguments: "ccache gcc", "gcc -m64")
+    try:
+        command = shlex.split(given) if given.strip() else ["cc"]  # (a $CC with arguments: "ccache gcc", "gcc -m64")
+    except ValueError as exc:
+        return None, KernelStatus(False, None, f"$CC={given!r} cannot be read as a command ({exc})"), True
     compiler = shutil.which(command[0])
     if compiler is None:
         return None, KernelStatus(False, None, f"no C compiler: {command[0]!r} (from $CC={given!r}) is not on PATH; a "
-                                               "built library is kept per compiler, so one is needed (set $CC)")
+                                               "built library is kept per compiler, so one is needed (set $CC)"), False
     command = [compiler, *command[1:]]
     path = None
     try:
@@ -303,46 +321,43 @@ def _build_and_load() -> tuple[ctypes.CDLL | None, KernelStatus]:
                                         (source, " ".join(command), version, " ".join(_FLAGS), _cpu_fingerprint()))).hexdigest()[:16]
         path = _cache_dir() / f"kernels-{key}.so"
         if not _intact(path):  # never built, or damaged (cut short, written by a compiler that failed)
-            error = _compile(command, path)
+            error = _build_once(command, path)
             if error:
-                return None, _failed(KernelStatus(False, None, error))
+                return None, KernelStatus(False, None, error), True
         lib = ctypes.CDLL(str(path))
         matches = (getattr(lib, "wn_kernels_version", None) is not None and lib.wn_kernels_version() == _VERSION
                    and getattr(lib, "wn_kernels_max_rows", None) is not None and lib.wn_kernels_max_rows() == MAX_ROWS)
     except Exception as exc:  # (the user's compiler and file system: any failure leaves the eager route, said once)
-        return None, _failed(KernelStatus(False, None if path is None else str(path),
-                                          f"could not build or load the kernels: {type(exc).__name__}: {exc}"))
+        return None, KernelStatus(False, None if path is None else str(path),
+                                  f"could not build or load the kernels: {type(exc).__name__}: {exc}"), True
     if not matches:
-        return None, _failed(KernelStatus(False, str(path), f"{path} does not match this version of wn_transform"))
+        return None, KernelStatus(False, str(path), f"{path} does not match this version of wn_transform"), True
     pointer, size, number = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.wn_forward_f32.argtypes = [pointer] * 8 + [size] * 3 + [number] * 2
     lib.wn_backward_f32.argtypes = [pointer] * 10 + [size] * 3 + [number] * 3
     lib.wn_calibrate_f32.argtypes = [pointer] * 7 + [size] * 4 + [ctypes.c_float] + [number] * 3
     lib.wn_calibrate_f32.restype = None
-    return lib, KernelStatus(True, str(path), f"built from {_SOURCE.name} with {' '.join(command)}", _row_limit(_cpu_vendor()))
-
-
-def _failed(status: KernelStatus) -> KernelStatus:
-    """Say once, as a warning, that a build or load of the kernels failed: the layers take the eager
-    route, with the same results, more slowly (``kernel_status()`` keeps the reason)."""
-    warn_user(f"wn_transform: the native kernels are off ({status.reason}); the layers compute the same results "
-              "on the eager route (WN_TRANSFORM_KERNELS=0 turns them off without this warning)", RuntimeWarning)
-    return status
+    return lib, KernelStatus(True, str(path), f"built from {_SOURCE.name} with {' '.join(command)}",
+                             _row_limit(_cpu_vendor())), False
 
 
 def _run(command: list[str], *, timeout: float) -> subprocess.CompletedProcess:
-    """``command`` in a session of its own, every process it started killed if it outlasts ``timeout``
-    (a compiler wrapper waiting on a network would otherwise hold the first training step)."""
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True) as process:
+    """``command`` in a session of its own, its output in files (a helper it leaves running with
+    them open cannot hold this call), every process of that session killed if it outlasts
+    ``timeout`` or this call is interrupted (Ctrl-C: the session does not get the terminal's SIGINT)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=err, text=True,
+                                   start_new_session=True)
         try:
-            stdout, stderr = process.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
+            process.wait(timeout=timeout)
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(process.pid, signal.SIGKILL)
-            process.communicate()
+            process.wait()
             raise
-    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(command, process.returncode, out.read(), err.read())
 
 
 _ELF = b"\x7fELF"
@@ -363,21 +378,33 @@ def _digest_file(path: Path) -> Path:
     return path.with_name(f"{path.name}.sha256")
 
 
-def _compile(command: list[str], path: Path) -> str | None:
-    """Compile ``kernels.c`` to ``path`` (atomically: a concurrent process sees all of it or none),
-    readable by every user of a shared cache, its hash beside it (:func:`_intact`).  Returns None,
-    or what went wrong."""
+def _build_once(command: list[str], path: Path) -> str | None:
+    """:func:`_compile`, one process at a time per library (a lock file beside it, where the system
+    has ``flock``): the others, which waited, find it built (and its hash with it) and load it."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        return _compile(command, path)
+    with open(path.with_name(f"{path.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return None if _intact(path) else _compile(command, path)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _compile(command: list[str], path: Path) -> str | None:
+    """Compile ``kernels.c`` to ``path`` (atomically: a concurrent process sees all of it or none;
+    the compiler creates its output, with the modes the umask gives), its hash beside it
+    (:func:`_intact`), written first.  Returns None, or what went wrong."""
     for stale in path.parent.glob("kernels-*.partial"):  # left by a build killed outright (SIGKILL, a job's time limit)
         with contextlib.suppress(OSError):
             if time.time() - stale.stat().st_mtime > 2 * _COMPILE_TIMEOUT:
                 stale.unlink()
-    fd, partial = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".partial")
-    os.close(fd)
-    written = None
+    partial = path.with_name(f"{path.stem}-{os.getpid()}-{uuid.uuid4().hex[:8]}.so.partial")
+    written = path.with_name(f"{partial.name}.sha256")
     try:
         try:
-            done = _run([*command, *_FLAGS, str(_SOURCE), "-o", partial, "-lm"], timeout=_COMPILE_TIMEOUT)
+            done = _run([*command, *_FLAGS, str(_SOURCE), "-o", str(partial), "-lm"], timeout=_COMPILE_TIMEOUT)
         except subprocess.TimeoutExpired:
             return f"{' '.join(command)} did not finish compiling {_SOURCE} within {_COMPILE_TIMEOUT} s (killed)"
         if done.returncode != 0:
@@ -385,20 +412,15 @@ def _compile(command: list[str], path: Path) -> str | None:
             telling = [line for line in lines if any(word in line for word in ("error", "failed", "No space"))]
             said = "; ".join((telling or lines)[-2:]) or f"exit status {done.returncode}"
             return f"{' '.join(command)} could not compile {_SOURCE}: {said}"
-        content = Path(partial).read_bytes()
+        content = partial.read_bytes() if partial.exists() else b""
         if not content.startswith(_ELF):
             return f"{' '.join(command)} reported success but wrote no shared library ({len(content)} bytes)"
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(partial, 0o777 & ~umask)  # (mkstemp's 0600 would keep other users of a shared cache out)
-        fd, written = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".partial")
-        with os.fdopen(fd, "w") as file:
+        with open(os.open(written, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "w") as file:  # (the umask's mode)
             file.write(hashlib.sha256(content).hexdigest())
-        os.chmod(written, 0o666 & ~umask)
         os.replace(written, _digest_file(path))
         os.replace(partial, path)
         return None
     finally:
         for left in (partial, written):
-            if left is not None and os.path.exists(left):
-                os.unlink(left)
+            with contextlib.suppress(FileNotFoundError):
+                left.unlink()
