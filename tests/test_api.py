@@ -633,6 +633,16 @@ def test_an_optimizer_of_the_model_given_stepped_for_the_returned_copy_is_warned
                                          r"of them has a gradient while the copy it returned has: .* create the optimizer "
                                          r"from the returned model's"):
         early.step()
+    head = nn.Linear(2, 2)  # an optimizer that also holds new parameters, and zeros left by zero_grad(set_to_none=False)
+    mixed = torch.optim.SGD([*model.parameters(), *head.parameters()], lr=0.1)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    head(returned(torch.randn(5, 4))).sum().backward()
+    wn.apply_weight_norm(nn.Linear(2, 2), init="preserve")  # (a mark elsewhere: every optimizer looks again)
+    with pytest.warns(UserWarning, match="steps the Parameters of the model apply_weight_norm copied"):
+        mixed.step()
+    for p in model.parameters():
+        p.grad = None
     model(torch.randn(5, 4)).sum().backward()  # the model given, trained on purpose
     with warnings.catch_warnings():
         warnings.simplefilter("error")

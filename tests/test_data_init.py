@@ -1948,7 +1948,7 @@ def test_a_forward_that_differentiates_through_its_layers_is_calibrated(exact_in
         torch.testing.assert_close(mean, torch.zeros_like(mean), atol=1e-5, rtol=0, msg=name)
 
 
-@pytest.mark.parametrize("start", ["new_zeros", "zeros_like", "learned", "derived", "buffer"])
+@pytest.mark.parametrize("start", ["new_zeros", "zeros_like", "sized", "learned", "derived", "buffer"])
 def test_a_recurrent_state_the_forward_starts_from_no_data_is_passed_over(start: str) -> None:
     """``x.new_zeros``, ``torch.zeros_like(u)`` (its argument's shape alone) and a learned initial
     state ``self.h0.expand(B, -1)`` hold nothing of the batch: the shared ``wh``'s first call, on
@@ -1963,6 +1963,7 @@ def test_a_recurrent_state_the_forward_starts_from_no_data_is_passed_over(start:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             u = self.wx(x[:, 0])
             h = {"new_zeros": lambda: x.new_zeros(x.shape[0], 12), "zeros_like": lambda: torch.zeros_like(u),
+                 "sized": lambda: torch.zeros((x.shape[0], 12)),  # (a size, not values)
                  "learned": lambda: self.h0.expand(x.shape[0], -1),
                  "derived": lambda: torch.tanh(self.h0).expand(x.shape[0], -1).contiguous(),
                  "buffer": lambda: self.zero_state.expand(x.shape[0], -1)}[start]()
@@ -1996,7 +1997,8 @@ def test_a_shared_layer_after_an_embedding_of_the_batchs_token_list_is_standardi
 
     embed = {"list": lambda m, t: m.emb(torch.tensor(t)), "rebuilt list": lambda m, t: m.emb(torch.tensor([r for r in t])),
              "array": lambda m, t: m.emb(torch.as_tensor(np.asarray(t)[:, :4])),
-             "indexed parameter": lambda m, t: m.emb.weight[[row[0] for row in t]]}
+             "indexed parameter": lambda m, t: m.emb.weight[[row[0] for row in t]],
+             "picked rows": lambda m, t: torch.stack([m.emb.weight[row[0]] for row in t])}
 
     class ListIds(nn.Module):
         def __init__(self, how: str) -> None:

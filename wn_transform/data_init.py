@@ -718,8 +718,10 @@ class _CalibrationMode(TorchFunctionMode):
             result = func(*args, **kwargs)
             source = args[0] if args else kwargs.get("data")  # torch.as_tensor(x): x itself, data or constant
             # torch.tensor(tokens): a list or array holds values that may come from the batch (its token
-            # ids, rebuilt or not): data; a Python number is a constant, a tensor as it is
-            values = self._constant(source) if isinstance(source, Tensor) else isinstance(source, (int, float, bool))
+            # ids, rebuilt or not): data; a Python number is a constant, a tensor as it is.  Every other
+            # factory builds its values itself (zeros((B, H)): a size, not values)
+            values = (name not in _VALUE_FACTORIES or isinstance(source, (int, float, bool))
+                      or (isinstance(source, Tensor) and self._constant(source)))
             if type(result) is Tensor and (name.endswith("_like") or values):
                 self._note_constant(result)
             return result
@@ -729,7 +731,7 @@ class _CalibrationMode(TorchFunctionMode):
             result = self._follow_views(func, args, kwargs)
             if self.known and name in _VALUE_COPIES and type(result) is Tensor:
                 self._note_copy(args, kwargs, result)
-            if self._constants and self._made_of_constants(args, kwargs):  # relu(prenet(go frame)): constant too
+            if self._constants and self._made_of_constants(name, args, kwargs):  # relu(prenet(go frame)): constant too
                 self._note_constant(result)
             return result
         state = found.state
@@ -787,20 +789,28 @@ class _CalibrationMode(TorchFunctionMode):
         ref, version = self._constants.get(id(x), (None, None))
         return ref is not None and ref() is x and x._version == version
 
-    def _made_of_constants(self, args: tuple, kwargs: dict) -> bool:
-        """Whether an op's tensor arguments (top level, and in a list: ``cat``) are all constants, and
-        there is one."""
+    def _made_of_constants(self, name: str, args: tuple, kwargs: dict) -> bool:
+        """Whether an op's tensor arguments (in lists and tuples too: ``cat``) are all constants, and
+        there is one.  Values that may come from the batch make it data: a numpy array, a list of
+        anything but tensors (``weight[tokens]``), and in an index any Python number (``table[label]``
+        in a loop over the batch's labels; ``self.tokens[0]`` too, then)."""
         found = False
-        for value in (*args, *kwargs.values()):
-            if type(value).__module__ == "numpy" and hasattr(value, "shape"):  # an index array: may be the batch's
-                return False
-            for a in value if isinstance(value, (tuple, list)) else (value,):
-                if isinstance(a, Tensor):
-                    if not self._constant(a):  # (most ops: their first argument, data)
-                        return False
-                    found = True
-                elif isinstance(value, list) and a is not None and not isinstance(a, slice):  # weight[tokens]: data
+        stack = [*args, *kwargs.values()]
+        while stack:
+            value = stack.pop()
+            if isinstance(value, Tensor):
+                if not self._constant(value):  # (most ops: their first argument, data)
                     return False
+                found = True
+            elif type(value).__module__ == "numpy" and hasattr(value, "shape"):
+                return False
+            elif isinstance(value, (list, tuple)):
+                if isinstance(value, list) and any(not isinstance(a, (Tensor, list, tuple, slice)) and a is not None
+                                                   and a is not Ellipsis for a in value):
+                    return False
+                stack.extend(value)
+            elif name == "__getitem__" and isinstance(value, (int, float)) and value is not args[0]:
+                return False
         return found
 
     def _note_constant(self, value: Any) -> None:
@@ -1309,6 +1319,7 @@ _FACTORIES = frozenset({"eye", "zeros", "ones", "full", "arange", "linspace", "l
                         "as_tensor", "zeros_like", "ones_like", "full_like", "empty_like"})
 # Tensor methods that make a constant of the tensor's dtype and device (a recurrent state: h = x.new_zeros(B, H))
 _METHOD_FACTORIES = frozenset({"new_zeros", "new_ones", "new_full", "new_empty"})
+_VALUE_FACTORIES = frozenset({"tensor", "as_tensor"})  # factories whose values are their argument's
 
 # Ops whose result holds values of their tensor inputs (and constants), moved or converted, nothing computed.
 _VALUE_COPIES = frozenset({

@@ -214,7 +214,14 @@ REPLACED_MARK = "_wn_transform_replaced"  # on a Parameter the model no longer u
 # returned), all weakly: in this process only (a pickled model carries no mark), see mark_copied.  (Not a
 # WeakKeyDictionary: it compares keys with ==, which a tensor answers elementwise.)
 _COPIED: dict[int, tuple[weakref.ref, weakref.WeakSet]] = {}
-_COPY_PENDING: weakref.WeakSet = weakref.WeakSet()  # optimizers to look at again at their next step
+_COPY_PENDING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> steps it was looked at again
+_COPY_PATIENCE = 5  # steps an optimizer is looked at again while neither it nor the copy has gradients
+
+
+def _has_gradient(parameter: Tensor) -> bool:
+    """A gradient, and not one ``zero_grad(set_to_none=False)`` left as zeros."""
+    grad = parameter.grad
+    return grad is not None and (grad.is_sparse or bool(grad.any()))
 _replacements = 0  # how many times mark_replaced marked Parameters in this process
 _CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> _checked_key when last checked
 _CHAINS: weakref.WeakSet = weakref.WeakSet()  # every parametrization list holding our WeightNorm (g, v: its originals)
@@ -294,14 +301,18 @@ def _warn_of_training_a_copy(optimizer: Any) -> None:
     (:func:`mark_copied`), none of which has a gradient, while a copy it returned has: it trains
     the copy with the old model's Parameters, and nothing trains.  Where neither has a gradient
     yet (a warm-up step), it looks again at the next step."""
-    _COPY_PENDING.discard(optimizer)
-    parameters = [p for group in optimizer.param_groups for p in group["params"]]
-    copies = [copy for p in parameters if (refs := _COPIED.get(id(p))) is not None and refs[0]() is p
-              for copy in refs[1]]
-    if not copies or any(p.grad is not None for p in parameters):  # (it trains the model given: as meant)
+    waited = _COPY_PENDING.pop(optimizer, 0)
+    marked = [(p, refs[1]) for group in optimizer.param_groups for p in group["params"]
+              if (refs := _COPIED.get(id(p))) is not None and refs[0]() is p]
+    if not marked or any(_has_gradient(p) for p, _ in marked):  # (it trains the model given: as meant)
         return
-    if not any(q.grad is not None for copy in copies for q in copy.parameters()):
-        _COPY_PENDING.add(optimizer)
+    copies = {id(copy): copy for _, held in marked for copy in held}
+    mine = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if any(id(q) in mine for copy in copies.values() for q in copy.parameters()):  # it steps the copy too: as meant
+        return
+    if not any(_has_gradient(q) for copy in copies.values() for q in copy.parameters()):
+        if waited < _COPY_PATIENCE:  # neither has one yet (a warm-up step): again at the next step
+            _COPY_PENDING[optimizer] = waited + 1
         return
     msg = (f"this {type(optimizer).__name__} steps the Parameters of the model apply_weight_norm copied, and none of "
            "them has a gradient while the copy it returned has: apply_weight_norm returns a new model "
