@@ -34,7 +34,9 @@ import platform
 import shlex
 import shutil
 import signal
+import struct
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -63,6 +65,7 @@ _VERSION = 6  # kernels.c: wn_kernels_version()
 _SOURCE = Path(__file__).with_name("kernels.c")
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 _COMPILE_TIMEOUT = 120  # seconds (a build takes about one)
+_FAILURE_MEMORY = 600  # seconds a failed build stops the next processes from trying again
 _STREAM_MIN_ELEMENTS = 1 << 19  # a grad_v of 2 MiB or more is written past the caches (it cannot stay there)
 _top_saved_tensors_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)  # private: may go
 PLAIN_TYPES = (Tensor, nn.Parameter)  # not FakeTensor or other subclasses, which have no data to point at
@@ -369,36 +372,106 @@ def _intact(path: Path) -> bool:
     than loaded (a library cut short kills the process that maps it)."""
     try:
         content = path.read_bytes()
-        return content.startswith(_ELF) and hashlib.sha256(content).hexdigest() == _digest_file(path).read_text()
+        return content.startswith(_ELF) and hashlib.sha256(content).hexdigest().encode() == _digest_file(path).read_bytes()
     except OSError:
         return False
+
+
+def _whole_elf(content: bytes) -> bool:
+    """Whether ``content`` is a 64-bit little-endian ELF file whose header tables and segments all
+    lie within it (a file cut short does not)."""
+    if not content.startswith(_ELF) or len(content) < 64 or content[4:6] != b"\x02\x01":
+        return False
+    phoff, shoff = struct.unpack_from("<QQ", content, 32)
+    phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", content, 54)
+    if phoff + phnum * phentsize > len(content) or shoff + shnum * shentsize > len(content):
+        return False
+    for index in range(phnum):
+        offset, _, _, filesz = struct.unpack_from("<QQQQ", content, phoff + index * phentsize + 8)
+        if offset + filesz > len(content):
+            return False
+    return True
 
 
 def _digest_file(path: Path) -> Path:
     return path.with_name(f"{path.name}.sha256")
 
 
+def _builder_alive(partial: Path) -> bool:
+    """Whether the process whose build ``partial`` is (its id in the name: ``kernels-KEY-PID-RAND``)
+    still runs on this machine."""
+    try:
+        pid = int(partial.name.split(".")[0].split("-")[2])
+    except (IndexError, ValueError):  # (another naming: an older version's; judged by its age alone)
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # (another user's process)
+        return True
+    return True
+
+
 def _build_once(command: list[str], path: Path) -> str | None:
-    """:func:`_compile`, one process at a time per library (a lock file beside it, where the system
-    has ``flock``): the others, which waited, find it built (and its hash with it) and load it."""
+    """:func:`_compile`, one process at a time per library (a lock file beside it, where the file
+    system has ``flock``; without it, each builds, and the renames keep the library whole): the
+    others, which waited, find it built (and its hash with it) and load it, or find the failure the
+    builder left (``<lib>.failed``, heeded for ten minutes) and do not try again at once.  A wait
+    beyond a build's time limit (a builder stopped with Ctrl-Z) gives up, with the reason."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if fcntl is None:
-        return _compile(command, path)
-    with open(path.with_name(f"{path.name}.lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    failed = path.with_name(f"{path.name}.failed")
+    try:
+        lock = os.open(path.with_name(f"{path.name}.lock"), os.O_RDONLY | os.O_CREAT, 0o666)  # (another user's too)
+    except OSError:
+        lock = None
+    try:
+        held = lock is not None and fcntl is not None and _acquire(lock)
+        if held is None:
+            return (f"another process has been building the kernels into {path.parent} for over "
+                    f"{_COMPILE_TIMEOUT + 30} s (a build stopped with Ctrl-Z?)")
+        if _intact(path):
+            return None
+        if held:
+            with contextlib.suppress(OSError, ValueError):
+                if time.time() - failed.stat().st_mtime < _FAILURE_MEMORY:
+                    return failed.read_text()
+        error = _compile(command, path)
+        if error and held:
+            with contextlib.suppress(OSError):
+                failed.write_text(error)
+        elif not error:
+            with contextlib.suppress(FileNotFoundError):
+                failed.unlink()
+        return error
+    finally:
+        if lock is not None:
+            os.close(lock)  # (releases the lock)
+
+
+def _acquire(lock: int) -> bool | None:
+    """Lock ``lock`` exclusively, waiting up to a build's time limit; True, False where the file
+    system has no ``flock`` (Lustre without it: ENOSYS), None where the wait ran out."""
+    deadline = time.monotonic() + _COMPILE_TIMEOUT + 30
+    while True:
         try:
-            return None if _intact(path) else _compile(command, path)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.05)
+        except OSError:
+            return False
 
 
 def _compile(command: list[str], path: Path) -> str | None:
     """Compile ``kernels.c`` to ``path`` (atomically: a concurrent process sees all of it or none;
     the compiler creates its output, with the modes the umask gives), its hash beside it
     (:func:`_intact`), written first.  Returns None, or what went wrong."""
-    for stale in path.parent.glob("kernels-*.partial"):  # left by a build killed outright (SIGKILL, a job's time limit)
+    for stale in path.parent.glob("kernels-*.partial*"):  # left by a build killed outright (SIGKILL, a job's time limit)
         with contextlib.suppress(OSError):
-            if time.time() - stale.stat().st_mtime > 2 * _COMPILE_TIMEOUT:
+            if not _builder_alive(stale) or time.time() - stale.stat().st_mtime > 86400:
                 stale.unlink()
     partial = path.with_name(f"{path.stem}-{os.getpid()}-{uuid.uuid4().hex[:8]}.so.partial")
     written = path.with_name(f"{partial.name}.sha256")
@@ -413,8 +486,15 @@ def _compile(command: list[str], path: Path) -> str | None:
             said = "; ".join((telling or lines)[-2:]) or f"exit status {done.returncode}"
             return f"{' '.join(command)} could not compile {_SOURCE}: {said}"
         content = partial.read_bytes() if partial.exists() else b""
-        if not content.startswith(_ELF):
-            return f"{' '.join(command)} reported success but wrote no shared library ({len(content)} bytes)"
+        if not _whole_elf(content):  # (one cut short kills the process that maps it)
+            return f"{' '.join(command)} reported success but wrote no whole shared library ({len(content)} bytes)"
+        try:  # and loaded in another process first, where one can be started
+            loads = _run([sys.executable, "-c", "import ctypes, sys; ctypes.CDLL(sys.argv[1])", str(partial)], timeout=60)
+        except OSError:
+            loads = None
+        if loads is not None and loads.returncode != 0:
+            said = (loads.stderr.strip().splitlines() or [f"exit status {loads.returncode}"])[-1]
+            return f"{' '.join(command)} reported success but its library does not load ({said})"
         with open(os.open(written, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "w") as file:  # (the umask's mode)
             file.write(hashlib.sha256(content).hexdigest())
         os.replace(written, _digest_file(path))
