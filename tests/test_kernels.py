@@ -761,11 +761,16 @@ def test_a_damaged_or_foreign_library_in_the_cache_is_rebuilt_or_refused_never_l
     cut = fresh_build / "cut"
     cut.write_bytes(whole[: len(whole) // 2])
     os.replace(cut, path)
-    stale = fresh_build / "kernels-0123456789abcdef-999999999-abcd.so.partial"  # (no such process)
+    stale = fresh_build / "kernels-0123456789abcdef-999999999-abcd.so.partial"  # (no such process, and old)
     stale.write_bytes(b"left by a killed build")
+    os.utime(stale, (0, 0))
+    live = fresh_build / f"kernels-0123456789abcdef-{os.getpid()}-abcd.so.partial"  # (a build still running: kept)
+    live.write_bytes(b"being built")
+    os.utime(live, (0, 0))
     kernels._digest_file(path).write_bytes(b"\xff\xfe not a hash")  # a damaged sidecar: built again too
     assert status_elsewhere().startswith("True") and path.read_bytes() == whole
-    assert sorted(p.name for p in fresh_build.iterdir()) == [path.name, f"{path.name}.lock", f"{path.name}.sha256"]  # no partial
+    assert sorted(p.name for p in fresh_build.iterdir()) == [live.name, path.name, f"{path.name}.lock", f"{path.name}.sha256"]
+    live.unlink()
     foreign = fresh_build / "foreign.c"
     foreign.write_text("int something(void) { return 1; }\n")
     compiler = shutil.which(os.environ.get("CC", "cc"))

@@ -717,11 +717,10 @@ class _CalibrationMode(TorchFunctionMode):
         if name in _FACTORIES:
             result = func(*args, **kwargs)
             source = args[0] if args else kwargs.get("data")  # torch.as_tensor(x): x itself, data or constant
-            # torch.tensor(tokens): a list or array holds values that may come from the batch (its token
-            # ids, rebuilt or not): data; a Python number is a constant, a tensor as it is.  Every other
-            # factory builds its values itself (zeros((B, H)): a size, not values)
-            values = (name not in _VALUE_FACTORIES or isinstance(source, (int, float, bool))
-                      or (isinstance(source, Tensor) and self._constant(source)))
+            # torch.tensor(tokens): a list, an array or a number holds values that may come from the batch
+            # (its token ids, rebuilt or not; a label): data; a tensor as it is.  Every other factory
+            # builds its values itself (zeros((B, H)): a size, not values)
+            values = name not in _VALUE_FACTORIES or (isinstance(source, Tensor) and self._constant(source))
             if type(result) is Tensor and (name.endswith("_like") or values):
                 self._note_constant(result)
             return result
@@ -791,9 +790,11 @@ class _CalibrationMode(TorchFunctionMode):
 
     def _made_of_constants(self, name: str, args: tuple, kwargs: dict) -> bool:
         """Whether an op's tensor arguments (in lists and tuples too: ``cat``) are all constants, and
-        there is one.  Values that may come from the batch make it data: a numpy array, a list of
-        anything but tensors (``weight[tokens]``), and in an index any Python number (``table[label]``
-        in a loop over the batch's labels; ``self.tokens[0]`` too, then)."""
+        there is one.  Values that may come from the batch make it data: a numpy array, and in a pick
+        of rows (``weight[tokens]``, ``table[label]`` in a loop over the batch's labels,
+        ``table.select(0, label)``) a list or a Python number (``self.hs[0]`` too, then); a size, a
+        dim or a pad given as a list (``h0.expand([B, -1])``) is no value."""
+        pick = name in _PICKS
         found = False
         stack = [*args, *kwargs.values()]
         while stack:
@@ -805,11 +806,11 @@ class _CalibrationMode(TorchFunctionMode):
             elif type(value).__module__ == "numpy" and hasattr(value, "shape"):
                 return False
             elif isinstance(value, (list, tuple)):
-                if isinstance(value, list) and any(not isinstance(a, (Tensor, list, tuple, slice)) and a is not None
-                                                   and a is not Ellipsis for a in value):
+                if pick and isinstance(value, list) and any(not isinstance(a, (Tensor, list, tuple, slice))
+                                                            and a is not None and a is not Ellipsis for a in value):
                     return False
                 stack.extend(value)
-            elif name == "__getitem__" and isinstance(value, (int, float)) and value is not args[0]:
+            elif pick and isinstance(value, (int, float)) and not isinstance(value, bool):
                 return False
         return found
 
@@ -1320,6 +1321,7 @@ _FACTORIES = frozenset({"eye", "zeros", "ones", "full", "arange", "linspace", "l
 # Tensor methods that make a constant of the tensor's dtype and device (a recurrent state: h = x.new_zeros(B, H))
 _METHOD_FACTORIES = frozenset({"new_zeros", "new_ones", "new_full", "new_empty"})
 _VALUE_FACTORIES = frozenset({"tensor", "as_tensor"})  # factories whose values are their argument's
+_PICKS = frozenset({"__getitem__", "select", "narrow", "index_select", "take", "gather"})  # ops that pick by index
 
 # Ops whose result holds values of their tensor inputs (and constants), moved or converted, nothing computed.
 _VALUE_COPIES = frozenset({

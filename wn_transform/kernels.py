@@ -66,6 +66,7 @@ _SOURCE = Path(__file__).with_name("kernels.c")
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 _COMPILE_TIMEOUT = 120  # seconds (a build takes about one)
 _FAILURE_MEMORY = 600  # seconds a failed build stops the next processes from trying again
+_STALE_AFTER = 2 * (_COMPILE_TIMEOUT + 60)  # seconds after which a partial whose builder is gone is left over
 _STREAM_MIN_ELEMENTS = 1 << 19  # a grad_v of 2 MiB or more is written past the caches (it cannot stay there)
 _top_saved_tensors_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)  # private: may go
 PLAIN_TYPES = (Tensor, nn.Parameter)  # not FakeTensor or other subclasses, which have no data to point at
@@ -429,13 +430,13 @@ def _build_once(command: list[str], path: Path) -> str | None:
         held = lock is not None and fcntl is not None and _acquire(lock)
         if held is None:
             return (f"another process has been building the kernels into {path.parent} for over "
-                    f"{_COMPILE_TIMEOUT + 30} s (a build stopped with Ctrl-Z?)")
+                    f"{_COMPILE_TIMEOUT + 90} s (a build stopped with Ctrl-Z?)")
         if _intact(path):
             return None
         if held:
             with contextlib.suppress(OSError, ValueError):
-                if time.time() - failed.stat().st_mtime < _FAILURE_MEMORY:
-                    return failed.read_text()
+                if (age := time.time() - failed.stat().st_mtime) < _FAILURE_MEMORY:
+                    return f"a build failed {age:.0f} s ago ({failed}; delete it to try again now): {failed.read_text()}"
         error = _compile(command, path)
         if error and held:
             with contextlib.suppress(OSError):
@@ -452,7 +453,7 @@ def _build_once(command: list[str], path: Path) -> str | None:
 def _acquire(lock: int) -> bool | None:
     """Lock ``lock`` exclusively, waiting up to a build's time limit; True, False where the file
     system has no ``flock`` (Lustre without it: ENOSYS), None where the wait ran out."""
-    deadline = time.monotonic() + _COMPILE_TIMEOUT + 30
+    deadline = time.monotonic() + _COMPILE_TIMEOUT + 90  # (a build and its load in another process)
     while True:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -469,10 +470,10 @@ def _compile(command: list[str], path: Path) -> str | None:
     """Compile ``kernels.c`` to ``path`` (atomically: a concurrent process sees all of it or none;
     the compiler creates its output, with the modes the umask gives), its hash beside it
     (:func:`_intact`), written first.  Returns None, or what went wrong."""
-    for stale in path.parent.glob("kernels-*.partial*"):  # left by a build killed outright (SIGKILL, a job's time limit)
-        with contextlib.suppress(OSError):
-            if not _builder_alive(stale) or time.time() - stale.stat().st_mtime > 86400:
-                stale.unlink()
+    for stale in path.parent.glob("kernels-*.partial*"):  # left by a build killed outright (SIGKILL, a job's time limit):
+        with contextlib.suppress(OSError):  # older than any build may run, and its builder gone (here: a shared
+            if time.time() - stale.stat().st_mtime > _STALE_AFTER and not _builder_alive(stale):  # cache's other
+                stale.unlink()  # hosts' ids mean nothing, their age does)
     partial = path.with_name(f"{path.stem}-{os.getpid()}-{uuid.uuid4().hex[:8]}.so.partial")
     written = path.with_name(f"{partial.name}.sha256")
     try:
@@ -488,10 +489,11 @@ def _compile(command: list[str], path: Path) -> str | None:
         content = partial.read_bytes() if partial.exists() else b""
         if not _whole_elf(content):  # (one cut short kills the process that maps it)
             return f"{' '.join(command)} reported success but wrote no whole shared library ({len(content)} bytes)"
-        try:  # and loaded in another process first, where one can be started
-            loads = _run([sys.executable, "-c", "import ctypes, sys; ctypes.CDLL(sys.argv[1])", str(partial)], timeout=60)
-        except OSError:
-            loads = None
+        loads = None
+        if not getattr(sys, "frozen", False) and Path(sys.executable).name.startswith("python"):  # (not an app
+            with contextlib.suppress(OSError, subprocess.TimeoutExpired):  # embedding Python: uWSGI, Blender)
+                loads = _run([sys.executable, "-c", "import ctypes, sys; ctypes.CDLL(sys.argv[1])", str(partial)],
+                             timeout=60)  # loaded in another process first, where one can be started
         if loads is not None and loads.returncode != 0:
             said = (loads.stderr.strip().splitlines() or [f"exit status {loads.returncode}"])[-1]
             return f"{' '.join(command)} reported success but its library does not load ({said})"
