@@ -617,3 +617,43 @@ def test_a_meta_model_with_norms_takes_a_plain_checkpoint_with_assign() -> None:
     assert not any(t.is_meta for t in (*model.parameters(), *model.buffers()))
     x = torch.randn(5, 4)
     torch.testing.assert_close(model.eval()(x), plain(x))
+
+
+def test_update_bn_takes_dict_batches_averages_half_precision_in_float32_and_keeps_the_statistics_on_failure() -> None:
+    """A loader of keyword batches (the form apply and export take); a bfloat16 model's running mean
+    as the float64 average of its batch means (summed in bfloat16, late batches' terms round away:
+    18 % off); a pass that fails midway (a bad batch, Ctrl-C) leaves the running means as they were."""
+
+    class Keyword(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x)
+
+    torch.manual_seed(0)
+    model = wn.apply_weight_norm(Keyword(), {"x": torch.randn(8, 4) + 1}, mean_only_bn=True)
+    batches = [{"x": torch.randn(8, 4) + 2 + i / 10} for i in range(3)]
+    wn.update_bn(batches, model)
+    norm = model.fc.mean_only_bn
+    with torch.no_grad():
+        expected = torch.stack([F.linear(b["x"], model.fc.weight).mean(0) for b in batches]).mean(0)
+    torch.testing.assert_close(norm.running_mean, expected, rtol=1e-5, atol=1e-5)
+    before = norm.running_mean.clone()
+
+    def failing():
+        yield batches[0]
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        wn.update_bn(failing(), model)
+    torch.testing.assert_close(norm.running_mean, before, rtol=0, atol=0)
+
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    drifting = [{"x": (torch.randn(16, 4) + i / 20).to(torch.bfloat16)} for i in range(200)]
+    wn.update_bn(drifting, half)
+    with torch.no_grad():
+        means = torch.stack([F.linear(b["x"], half.fc.weight).double().mean(0) for b in drifting]).mean(0)
+    assert half.fc.mean_only_bn.running_mean.dtype == torch.bfloat16
+    torch.testing.assert_close(half.fc.mean_only_bn.running_mean.double(), means, rtol=2e-2, atol=2e-2)

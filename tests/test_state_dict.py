@@ -80,6 +80,23 @@ def test_layouts_torch_cannot_express_are_refused_with_the_key() -> None:
         convert_state_dict(model.state_dict(), "legacy")
 
 
+@pytest.mark.parametrize("to", ["parametrizations", "legacy"])
+def test_an_exp_scale_pair_converts_to_g_as_torchs_layouts_store_it(to: str) -> None:
+    """``s = log g`` and its marker become ``g = e^s``: the result loads into torch's own weight norm
+    (strict) and computes the same function; ``to="parametrizations"`` is a conversion too, not a
+    no-op that would leave s where torch reads g."""
+    torch.manual_seed(0)
+    model = wn.apply_weight_norm(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)), torch.randn(16, 4),
+                                 exp_scale=True)
+    converted = convert_state_dict(model.state_dict(), to)
+    assert not any(key.endswith("g_is_log") for key in converted)
+    torchs = nn.Sequential(STYLES[to](nn.Linear(4, 3)), nn.ReLU(), STYLES[to](nn.Linear(3, 2)))
+    torchs.load_state_dict(converted)
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(torchs(x), model(x))
+
+
 @pytest.mark.parametrize(("g", "v"), [((3, 2), (3, 4)),
                                       ((1, 8), (8, 4)),  # a Linear's g saved transposed: no grouped layout for [out, in]
                                       ((1, 3), (1, 0)), ((1, 0), (4, 4))])  # an empty axis

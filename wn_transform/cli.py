@@ -468,7 +468,8 @@ def _rewrite(args: argparse.Namespace, say: _Progress, fn: Callable[[dict], dict
     if unknown:
         msg = f"{args.input}: --{unknown_keep_message(unknown, weights, 'any of its state dicts')}"
         raise CheckpointError(msg)
-    counts = {where: sum(wn.layout != to and wn.weight_key not in keep for wn in pairs) for where, pairs in found.items()}
+    counts = {where: sum((wn.layout != to or (to is not None and wn.exp_scale)) and wn.weight_key not in keep
+                         for wn in pairs) for where, pairs in found.items()}  # (g = e^s pairs become g)
     if not any(counts.values()):
         msg = (f"{args.input}: every weight-normalized tensor is already in the {to} layout; nothing to convert" if to
                else f"{args.input}: every weight-normalized tensor is kept (--keep); nothing to fold")

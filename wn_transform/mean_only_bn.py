@@ -11,7 +11,7 @@ class and forward; :func:`detach` folds it back into the layer's bias for infere
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -189,27 +189,49 @@ def detach(layer: nn.Module) -> None:
 def update_bn(loader: Iterable[Any], model: nn.Module, device: torch.device | str | int | None = None) -> None:
     """``torch.optim.swa_utils.update_bn`` for a model with mean-only batch norm: one pass over
     ``loader`` in training mode recomputes the running statistics of every ``MeanOnlyBatchNorm``,
-    and of torch's ``BatchNorm`` layers, as the average over its batches (torch's own finds
-    ``BatchNorm`` alone, and would leave the running means of an SWA or EMA model as they were copied).
+    and of torch's ``BatchNorm`` layers, as the average over its batches (each batch one term, as
+    torch's; torch's own finds ``BatchNorm`` alone, and would leave the running means of an SWA or
+    EMA model as they were copied).  A mean-only norm's half-precision running mean is averaged in
+    float32 (in bfloat16 the late batches' terms round away) and stored back in its dtype.
 
-    ``loader`` yields a tensor or a list/tuple whose first element is the model's input (as for
-    torch's); ``device``: where to move it.  Momenta and every module's mode are restored after.
+    ``loader`` yields a tensor, a list/tuple whose first element is the model's input (as for
+    torch's), or a dict of keyword inputs; ``device``: where to move its tensors.  Momenta and
+    every module's mode are restored after; if the pass fails, the running statistics too.
     """
     norms = [m for m in model.modules() if isinstance(m, (MeanOnlyBatchNorm, _BatchNorm)) and m.running_mean is not None]
     if not norms:
         return
     momenta = {m: m.momentum for m in norms}
     modes = [(m, m.training) for m in model.modules()]  # each one's: a batch norm frozen in eval mode stays so
+    kept = {m: {name: b.clone() for name, b in m.named_buffers(recurse=False) if b is not None} for m in norms}
+    low = {m: m.running_mean.dtype for m in norms
+           if isinstance(m, MeanOnlyBatchNorm) and m.running_mean.is_floating_point() and m.running_mean.element_size() < 4}
     for norm in norms:
         norm.reset_running_stats()
         norm.momentum = None
+    for norm in low:
+        norm.running_mean = norm.running_mean.float()
     model.train()
+    done = False
     try:
         for batch in loader:
-            batch = batch[0] if isinstance(batch, (list, tuple)) else batch
-            model(batch.to(device) if device is not None else batch)
+            if isinstance(batch, Mapping):
+                model(**{key: _moved(value, device) for key, value in batch.items()})
+            else:
+                model(_moved(batch[0] if isinstance(batch, (list, tuple)) else batch, device))
+        done = True
     finally:
+        for norm, dtype in low.items():
+            norm.running_mean = norm.running_mean.to(dtype)
+        if not done:  # (a bad batch, Ctrl-C): the statistics as they were, not reset nor half averaged
+            for norm, buffers in kept.items():
+                for name, value in buffers.items():
+                    getattr(norm, name).copy_(value)
         for norm, momentum in momenta.items():
             norm.momentum = momentum
         for module, training in modes:
             module.training = training
+
+
+def _moved(value: Any, device: torch.device | str | int | None) -> Any:
+    return value.to(device) if device is not None and isinstance(value, Tensor) else value

@@ -432,8 +432,9 @@ def _mean_only_bn_shifts(state_dict: Mapping[str, object]) -> dict[str, Tensor]:
 def convert_state_dict(state_dict: Mapping[str, object], to: str) -> dict[str, object]:
     """Rename weight-norm keys to the layout ``to``: torch's ``"parametrizations"`` or ``"legacy"``.
 
-    Values are not changed (both layouts store g with v's rank, size 1 off the unit axis).
-    Layouts torch's legacy hooks cannot express (grouped ConvTranspose, ``g = e^s``) are refused.
+    Values are not changed (both layouts store g with v's rank, size 1 off the unit axis), but for
+    this library's ``g = e^s`` pairs, which torch's layouts hold as ``g``.  A layout torch's cannot
+    express (this library's grouped ConvTranspose) is refused.
     A whole checkpoint that holds state dicts has each one converted, the rest kept.
     """
     if to not in ("parametrizations", "legacy"):
@@ -443,8 +444,15 @@ def convert_state_dict(state_dict: Mapping[str, object], to: str) -> dict[str, o
 
 
 def convert_one_state_dict(state_dict: Mapping[str, object], to: str) -> dict[str, object]:
-    """:func:`convert_state_dict` of one state dict."""
-    return _relayout(state_dict, {wn.weight_key: to for wn in state_dict_pairs(state_dict)})
+    """:func:`convert_state_dict` of one state dict.  A pair stored as ``s = log g`` (this library's
+    ``exp_scale``, with its marker) becomes ``g = e^s``, the marker dropped: torch's layouts store g."""
+    pairs = state_dict_pairs(state_dict)
+    logs = {wn.g_key: wn.marker_key for wn in pairs if wn.exp_scale}
+    if logs:
+        with torch.no_grad():
+            state_dict = _like(state_dict, {key: value.exp() if key in logs else value for key, value in state_dict.items()
+                                            if key not in logs.values()})
+    return _relayout(state_dict, {wn.weight_key: to for wn in pairs})
 
 
 def fit_state_dict(state_dict: Mapping[str, object], expected: Collection[str],
