@@ -2105,3 +2105,28 @@ def test_the_layer_after_a_split_weight_is_standardized_on_its_calibrated_output
     mean, std = _per_unit(out(batch).detach())
     torch.testing.assert_close(std, torch.ones_like(std), atol=1e-4, rtol=0)
     torch.testing.assert_close(mean, torch.zeros_like(mean), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("variant", ["tensor scale", "index_select", "narrow"])
+def test_a_shared_block_on_learned_queries_first_is_passed_over_whatever_constants_it_uses(variant: str) -> None:
+    """A block run first on learned queries (a Perceiver's latents), then on the batch: a scale made a
+    tensor (``torch.sqrt(torch.tensor(4.0))``), queries picked by ``index_select(0, arange)`` or
+    ``narrow(0, 0, Q)`` (dims, starts and lengths are no values) keep the first call a constant."""
+    class Latents(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.table = nn.Parameter(torch.randn(6, 8))
+            self.fc = nn.Linear(8, 8)
+
+        def queries(self) -> torch.Tensor:
+            if variant == "index_select":
+                return self.table.index_select(0, torch.arange(4))
+            return self.table.narrow(0, 0, 4) if variant == "narrow" else self.table[:4] / torch.sqrt(torch.tensor(4.0))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            q = torch.tanh(self.fc(self.queries()))  # (Q, 8): the model's own tensors alone
+            return self.fc(x + q.mean(0))
+
+    torch.manual_seed(0)
+    model = wn.apply_weight_norm(Latents(), torch.randn(64, 8) * 3 + 1)
+    assert wn.weight_norm_report(model).notes.passed_over == ["fc.weight"]

@@ -764,9 +764,10 @@ def test_a_damaged_or_foreign_library_in_the_cache_is_rebuilt_or_refused_never_l
     stale = fresh_build / "kernels-0123456789abcdef-999999999-abcd.so.partial"  # (no such process, and old)
     stale.write_bytes(b"left by a killed build")
     os.utime(stale, (0, 0))
-    live = fresh_build / f"kernels-0123456789abcdef-{os.getpid()}-abcd.so.partial"  # (a build still running: kept)
-    live.write_bytes(b"being built")
-    os.utime(live, (0, 0))
+    live = fresh_build / f"kernels-0123456789abcdef-{os.getpid()}-abcd.so.partial"  # (a build still running: kept,
+    live.write_bytes(b"being built")  # old as it may look, up to a day)
+    an_hour_ago = __import__("time").time() - 3600
+    os.utime(live, (an_hour_ago, an_hour_ago))
     kernels._digest_file(path).write_bytes(b"\xff\xfe not a hash")  # a damaged sidecar: built again too
     assert status_elsewhere().startswith("True") and path.read_bytes() == whole
     assert sorted(p.name for p in fresh_build.iterdir()) == [live.name, path.name, f"{path.name}.lock", f"{path.name}.sha256"]

@@ -717,10 +717,11 @@ class _CalibrationMode(TorchFunctionMode):
         if name in _FACTORIES:
             result = func(*args, **kwargs)
             source = args[0] if args else kwargs.get("data")  # torch.as_tensor(x): x itself, data or constant
-            # torch.tensor(tokens): a list, an array or a number holds values that may come from the batch
-            # (its token ids, rebuilt or not; a label): data; a tensor as it is.  Every other factory
+            # torch.tensor(tokens): a list or an array holds values that may come from the batch (its token
+            # ids, rebuilt or not): data; a tensor as it is; a number a constant.  Every other factory
             # builds its values itself (zeros((B, H)): a size, not values)
-            values = name not in _VALUE_FACTORIES or (isinstance(source, Tensor) and self._constant(source))
+            values = (name not in _VALUE_FACTORIES or (isinstance(source, Tensor) and self._constant(source))
+                      or isinstance(source, (int, float, bool)))  # (a scale: torch.tensor(0.5); a label too, then)
             if type(result) is Tensor and (name.endswith("_like") or values):
                 self._note_constant(result)
             return result
@@ -790,11 +791,14 @@ class _CalibrationMode(TorchFunctionMode):
 
     def _made_of_constants(self, name: str, args: tuple, kwargs: dict) -> bool:
         """Whether an op's tensor arguments (in lists and tuples too: ``cat``) are all constants, and
-        there is one.  Values that may come from the batch make it data: a numpy array, and in a pick
-        of rows (``weight[tokens]``, ``table[label]`` in a loop over the batch's labels,
-        ``table.select(0, label)``) a list or a Python number (``self.hs[0]`` too, then); a size, a
-        dim or a pad given as a list (``h0.expand([B, -1])``) is no value."""
-        pick = name in _PICKS
+        there is one.  Values that may come from the batch make it data: a numpy array, and in the
+        index of a pick of rows (``weight[tokens]``, ``table[label]`` or ``table.select(0, label)``
+        in a loop over the batch's labels) a list or a Python number (``self.hs[0]`` too, then); a
+        size, a dim or a pad given as a list (``h0.expand([B, -1])``) is no value, nor a dim, start
+        or length (``table.narrow(0, 0, Q)``, as ``table[:Q]``)."""
+        index = args[1:2] if name == "__getitem__" else (args[2:3] or (kwargs.get("index"),)) if name == "select" else ()
+        if any(_may_hold_batch_values(key) for key in index):
+            return False
         found = False
         stack = [*args, *kwargs.values()]
         while stack:
@@ -806,12 +810,7 @@ class _CalibrationMode(TorchFunctionMode):
             elif type(value).__module__ == "numpy" and hasattr(value, "shape"):
                 return False
             elif isinstance(value, (list, tuple)):
-                if pick and isinstance(value, list) and any(not isinstance(a, (Tensor, list, tuple, slice))
-                                                            and a is not None and a is not Ellipsis for a in value):
-                    return False
                 stack.extend(value)
-            elif pick and isinstance(value, (int, float)) and not isinstance(value, bool):
-                return False
         return found
 
     def _note_constant(self, value: Any) -> None:
@@ -1321,7 +1320,16 @@ _FACTORIES = frozenset({"eye", "zeros", "ones", "full", "arange", "linspace", "l
 # Tensor methods that make a constant of the tensor's dtype and device (a recurrent state: h = x.new_zeros(B, H))
 _METHOD_FACTORIES = frozenset({"new_zeros", "new_ones", "new_full", "new_empty"})
 _VALUE_FACTORIES = frozenset({"tensor", "as_tensor"})  # factories whose values are their argument's
-_PICKS = frozenset({"__getitem__", "select", "narrow", "index_select", "take", "gather"})  # ops that pick by index
+
+
+def _may_hold_batch_values(index: Any) -> bool:
+    """Whether a pick's index holds a Python number or a list of them (a label, the batch's token
+    ids), which may come from the batch; slices, ``None``, ``...`` and tensors (judged as tensors) not."""
+    if isinstance(index, (list, tuple)):
+        return (isinstance(index, list) and any(not isinstance(a, (Tensor, list, tuple, slice)) and a is not None
+                                                and a is not Ellipsis for a in index)
+                or any(_may_hold_batch_values(a) for a in index))
+    return isinstance(index, (int, float)) and not isinstance(index, bool)
 
 # Ops whose result holds values of their tensor inputs (and constants), moved or converted, nothing computed.
 _VALUE_COPIES = frozenset({

@@ -324,6 +324,7 @@ def _build_and_load() -> tuple[ctypes.CDLL | None, KernelStatus, bool]:
         key = hashlib.sha256(b"\0".join(s.encode() if isinstance(s, str) else s for s in
                                         (source, " ".join(command), version, " ".join(_FLAGS), _cpu_fingerprint()))).hexdigest()[:16]
         path = _cache_dir() / f"kernels-{key}.so"
+        _sweep_partials(path.parent)  # (on every first use: a library once built is not built again to sweep)
         if not _intact(path):  # never built, or damaged (cut short, written by a compiler that failed)
             error = _build_once(command, path)
             if error:
@@ -398,6 +399,18 @@ def _digest_file(path: Path) -> Path:
     return path.with_name(f"{path.name}.sha256")
 
 
+def _sweep_partials(folder: Path) -> None:
+    """Remove what builds killed outright (SIGKILL, a job's time limit) left in ``folder``: partials
+    older than any build may run whose builder is gone (a shared cache's other hosts' ids mean
+    nothing: their age does), and any a day old."""
+    with contextlib.suppress(OSError):
+        for stale in folder.glob("kernels-*.partial*"):
+            with contextlib.suppress(OSError):
+                age = time.time() - stale.stat().st_mtime
+                if age > 86400 or (age > _STALE_AFTER and not _builder_alive(stale)):
+                    stale.unlink()
+
+
 def _builder_alive(partial: Path) -> bool:
     """Whether the process whose build ``partial`` is (its id in the name: ``kernels-KEY-PID-RAND``)
     still runs on this machine."""
@@ -470,10 +483,6 @@ def _compile(command: list[str], path: Path) -> str | None:
     """Compile ``kernels.c`` to ``path`` (atomically: a concurrent process sees all of it or none;
     the compiler creates its output, with the modes the umask gives), its hash beside it
     (:func:`_intact`), written first.  Returns None, or what went wrong."""
-    for stale in path.parent.glob("kernels-*.partial*"):  # left by a build killed outright (SIGKILL, a job's time limit):
-        with contextlib.suppress(OSError):  # older than any build may run, and its builder gone (here: a shared
-            if time.time() - stale.stat().st_mtime > _STALE_AFTER and not _builder_alive(stale):  # cache's other
-                stale.unlink()  # hosts' ids mean nothing, their age does)
     partial = path.with_name(f"{path.stem}-{os.getpid()}-{uuid.uuid4().hex[:8]}.so.partial")
     written = path.with_name(f"{partial.name}.sha256")
     try:
