@@ -1328,6 +1328,7 @@ def test_convert_renames_an_optimizers_parameter_names_and_fold_says_what_its_op
     result = cli("convert", str(tmp_path / "gan.pt"), "--to", "parametrizations", "-o", str(tmp_path / "gan_p.pt"))
     assert result.returncode == 0, result.stderr
     converted = torch.load(tmp_path / "gan_p.pt")
+    assert "moments it holds for s = log g" not in result.stdout  # (no g = e^s pair there)
     assert converted["optim_d"]["param_groups"][0]["param_names"] == ["conv_pre.weight_v"]
     assert converted["optim_g"]["param_groups"][0]["param_names"] == [
         name for name, _ in build_generator("parametrizations").named_parameters()]
@@ -1374,6 +1375,21 @@ def test_apply_preserve_takes_a_sample_batch_to_find_the_weights_and_says_so_whe
     result = cli("apply", "--model", "tests.test_cli:build_unrolled", "--calib", str(tmp_path / "batch.pt"), "--sample",
                  str(tmp_path / "batch.pt"), "-o", str(tmp_path / "o.pt"))
     assert result.returncode == 2 and "--sample goes with --preserve" in result.stderr
+
+
+def test_converting_g_equals_e_to_the_s_says_what_the_kept_optimizer_state_holds(tmp_path: Path) -> None:
+    """An exp_scale checkpoint's s = log g becomes g: the optimizer's moments kept for s now stand
+    beside g, which the output says, naming the optimizer state."""
+    model = wn.apply_weight_norm(torch.nn.Sequential(torch.nn.Linear(4, 3)), torch.randn(8, 4), exp_scale=True)
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.randn(8, 4)).sum().backward()
+    optimizer.step()
+    torch.save({"state_dict": model.state_dict(), "optimizer": optimizer.state_dict()}, tmp_path / "e.pt")
+    result = cli("convert", str(tmp_path / "e.pt"), "--to", "parametrizations", "-o", str(tmp_path / "p.pt"))
+    assert result.returncode == 0, result.stderr
+    assert "state_dict: 1 weight-normalized tensors converted to parametrizations" in result.stdout
+    assert ("optimizer: an optimizer's state, kept as it was: the moments it holds for s = log g now stand beside g "
+            "itself") in result.stdout
 
 
 def test_a_torchscript_archive_is_named_as_one(tmp_path: Path) -> None:

@@ -95,6 +95,11 @@ def test_an_exp_scale_pair_converts_to_g_as_torchs_layouts_store_it(to: str) -> 
     x = torch.randn(5, 4)
     with torch.no_grad():
         torch.testing.assert_close(torchs(x), model(x))
+    half = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    half["0.parametrizations.weight.original0"] = torch.full_like(half["0.parametrizations.weight.original0"], 12.0)
+    with pytest.raises(wn.WeightNormError, match=r"0\.parametrizations\.weight\.original0: g = e\^s beyond "
+                                                 r"torch\.float16's range"):  # (e^12 > 65504: not an inf g)
+        convert_state_dict(half, to)
 
 
 @pytest.mark.parametrize(("g", "v"), [((3, 2), (3, 4)),

@@ -495,8 +495,13 @@ def _rewrite(args: argparse.Namespace, say: _Progress, fn: Callable[[dict], dict
         if to is None:
             print(f"{_path_name(path)}: an optimizer's state, kept as it was: where it steps g and v, it does not load "
                   "into an optimizer of the folded model (resume training from the unfolded checkpoint)")
-        elif renamed.get(path):
-            print(f"{_path_name(path)}: an optimizer's state: {renamed[path]} parameter names (param_names) renamed")
+        else:
+            if renamed.get(path):
+                print(f"{_path_name(path)}: an optimizer's state: {renamed[path]} parameter names (param_names) renamed")
+            if any(wn.exp_scale for pairs in found.values() for wn in pairs):
+                print(f"{_path_name(path)}: an optimizer's state, kept as it was: the moments it holds for s = log g now "
+                      "stand beside g itself (resume with a fresh optimizer state for those parameters, or from the "
+                      "unconverted checkpoint)")
     return 0
 
 

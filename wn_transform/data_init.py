@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import numbers
 import weakref
 import zlib
 from collections.abc import Callable, Iterable, Sequence
@@ -721,7 +722,7 @@ class _CalibrationMode(TorchFunctionMode):
             # ids, rebuilt or not): data; a tensor as it is; a number a constant.  Every other factory
             # builds its values itself (zeros((B, H)): a size, not values)
             values = (name not in _VALUE_FACTORIES or (isinstance(source, Tensor) and self._constant(source))
-                      or isinstance(source, (int, float, bool)))  # (a scale: torch.tensor(0.5); a label too, then)
+                      or isinstance(source, numbers.Number))  # (a scale: torch.tensor(0.5); a label too, then)
             if type(result) is Tensor and (name.endswith("_like") or values):
                 self._note_constant(result)
             return result
@@ -1329,7 +1330,7 @@ def _may_hold_batch_values(index: Any) -> bool:
         return (isinstance(index, list) and any(not isinstance(a, (Tensor, list, tuple, slice)) and a is not None
                                                 and a is not Ellipsis for a in index)
                 or any(_may_hold_batch_values(a) for a in index))
-    return isinstance(index, (int, float)) and not isinstance(index, bool)
+    return isinstance(index, numbers.Number) and not isinstance(index, bool)
 
 # Ops whose result holds values of their tensor inputs (and constants), moved or converted, nothing computed.
 _VALUE_COPIES = frozenset({

@@ -192,7 +192,8 @@ def update_bn(loader: Iterable[Any], model: nn.Module, device: torch.device | st
     and of torch's ``BatchNorm`` layers, as the average over its batches (each batch one term, as
     torch's; torch's own finds ``BatchNorm`` alone, and would leave the running means of an SWA or
     EMA model as they were copied).  A mean-only norm's half-precision running mean is averaged in
-    float32 (in bfloat16 the late batches' terms round away) and stored back in its dtype.
+    float32 (in bfloat16 the late batches' terms round away) and stored back in its buffer; torch's
+    ``BatchNorm`` layers average in their own dtype, as under torch's ``update_bn``.
 
     ``loader`` yields a tensor, a list/tuple whose first element is the model's input (as for
     torch's), or a dict of keyword inputs; ``device``: where to move its tensors.  Momenta and
@@ -209,6 +210,7 @@ def update_bn(loader: Iterable[Any], model: nn.Module, device: torch.device | st
     for norm in norms:
         norm.reset_running_stats()
         norm.momentum = None
+    originals = {norm: norm.running_mean for norm in low}  # (the buffer objects others may hold: kept)
     for norm in low:
         norm.running_mean = norm.running_mean.float()
     model.train()
@@ -221,8 +223,9 @@ def update_bn(loader: Iterable[Any], model: nn.Module, device: torch.device | st
                 model(_moved(batch[0] if isinstance(batch, (list, tuple)) else batch, device))
         done = True
     finally:
-        for norm, dtype in low.items():
-            norm.running_mean = norm.running_mean.to(dtype)
+        for norm, original in originals.items():  # the float32 average into the buffer object itself
+            original.copy_(norm.running_mean)
+            norm.running_mean = original
         if not done:  # (a bad batch, Ctrl-C): the statistics as they were, not reset nor half averaged
             for norm, buffers in kept.items():
                 for name, value in buffers.items():

@@ -73,7 +73,7 @@ class WeightNormReport:
                 if t.uses > 1 and t.qualname not in left_as_it_was:  # the pass hands out v until the first op reading it has calibrated the layer
                     first = ("first call on data from the batch (the calls before it, on a constant or the model's "
                              "own tensors alone, passed over: DoRA's torch.eye, a recurrent state from zeros)"
-                             if t.qualname in notes.passed_over else "first call with rows of the batch")
+                             if t.qualname in notes.passed_over else "first call that had rows")
                     lines.append(f"  {t.qualname}: read by {t.uses} op calls in one forward (a shared layer); the data init "
                                  f"standardized the output of its {first}, the others follow from it")
             for name, count in self.notes.constant_units.items():

@@ -24,7 +24,8 @@ from torch import Tensor
 
 from .checkpoint import map_state_dicts, state_dict_paths
 from .errors import FoldError, WeightNormError, unknown_keep_message
-from .norm import UnitLayout, accumulation_dtype, compose_weight, direct_zero_units_on_load, layout_from_shapes, unit_norm
+from .norm import (UnitLayout, accumulation_dtype, compose_weight, direct_zero_units_on_load, exp_gain, layout_from_shapes,
+                   unit_norm)
 from .parametrization import EXP_SCALE_MARKER
 
 __all__ = [
@@ -449,9 +450,9 @@ def convert_one_state_dict(state_dict: Mapping[str, object], to: str) -> dict[st
     pairs = state_dict_pairs(state_dict)
     logs = {wn.g_key: wn.marker_key for wn in pairs if wn.exp_scale}
     if logs:
-        with torch.no_grad():
-            state_dict = _like(state_dict, {key: value.exp() if key in logs else value for key, value in state_dict.items()
-                                            if key not in logs.values()})
+        gains = {key: _gain_of(key, state_dict[key]) for key in logs}
+        state_dict = _like(state_dict, {key: gains.get(key, value) for key, value in state_dict.items()
+                                        if key not in logs.values()})
     return _relayout(state_dict, {wn.weight_key: to for wn in pairs})
 
 
@@ -534,6 +535,19 @@ def pair_keys(weight_key: str, layout: str) -> tuple[str, str]:
     prefix, _, name = weight_key.rpartition(".")
     base = f"{prefix}{_PARAMETRIZED}{name}" if prefix else f"parametrizations.{name}"
     return f"{base}.original0", f"{base}.original1"
+
+
+def _gain_of(key: str, s: Tensor) -> Tensor:
+    """``g = e^s`` in float32 (as the layer computes it) and stored in ``s``'s dtype; refused where
+    it does not fit that dtype (a unit norm beyond float16's 65504)."""
+    with torch.no_grad():
+        g = exp_gain(s.detach())
+        stored = g.to(s.dtype)
+    if not bool(stored.isfinite().all()):
+        msg = (f"{key}: g = e^s beyond {s.dtype}'s range ({float(g.max()):.4g}); torch's layouts store g itself: convert "
+               "the checkpoint in float32 (.float() on its tensors), or fold it")
+        raise WeightNormError(msg)
+    return stored
 
 
 def _relayout(state_dict: Mapping[str, object], layouts: Mapping[str, str]) -> dict[str, object]:
