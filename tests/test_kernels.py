@@ -33,6 +33,7 @@ def _toolchain() -> bool:
     return "avx2" in flags and "fma" in flags
 
 
+x86_only = pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="the kernels are built on x86-64 only")
 needs_kernels = pytest.mark.skipif(not kernels.kernel_status().available,
                                    reason=f"native kernels unavailable: {kernels.kernel_status().reason}")
 
@@ -626,7 +627,7 @@ def test_without_a_compiler_the_status_says_so(monkeypatch: pytest.MonkeyPatch, 
         assert "no C compiler" in status.reason and "no-such-cc" in status.reason
 
 
-@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="the kernels are built on x86-64 only")
+@x86_only
 def test_a_failing_compiler_leaves_no_library_behind(monkeypatch: pytest.MonkeyPatch, fresh_build: Path, tmp_path_factory) -> None:
     bin_dir = tmp_path_factory.mktemp("bin")
     fake = bin_dir / "cc"
@@ -651,7 +652,7 @@ def _fake_compiler(folder: Path, body: str) -> Path:
     return fake
 
 
-@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="the kernels are built on x86-64 only")
+@x86_only
 @pytest.mark.parametrize(("body", "said"), [
     (": > \"$OUT\"; exit 0", "reported success but wrote no whole shared library (0 bytes)"),  # exits 0, writes nothing
     ('echo "/usr/bin/ld: final link failed: No space left on device" >&2; '
@@ -670,7 +671,7 @@ def test_a_compiler_that_fails_its_own_way_is_said_so_once_and_leaves_nothing(
     assert sorted(p.suffix for p in fresh_build.iterdir()) == [".failed", ".lock"], list(fresh_build.iterdir())  # no library
 
 
-@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="the kernels are built on x86-64 only")
+@x86_only
 def test_a_failed_build_is_tried_once_even_where_warnings_are_errors_and_detached_helpers_hold_nothing(
         monkeypatch: pytest.MonkeyPatch, fresh_build: Path, tmp_path_factory) -> None:
     """Under ``-W error`` the warning raises once, after the outcome is kept: no second build (a
@@ -700,7 +701,7 @@ def test_a_failed_build_is_tried_once_even_where_warnings_are_errors_and_detache
         assert not kernels.kernel_status().available
 
 
-@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="the kernels are built on x86-64 only")
+@x86_only
 def test_a_library_cut_short_by_its_compiler_is_never_published_and_a_failure_is_remembered(
         monkeypatch: pytest.MonkeyPatch, fresh_build: Path, tmp_path_factory) -> None:
     """A compiler that exits 0 with a library cut short (mapping one kills the process): loaded in
@@ -721,7 +722,6 @@ def test_a_library_cut_short_by_its_compiler_is_never_published_and_a_failure_is
     assert len(calls.read_text().split()) == 1  # built once
 
 
-@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="the kernels are built on x86-64 only")
 def test_a_file_system_without_flock_still_builds(monkeypatch: pytest.MonkeyPatch, fresh_build: Path) -> None:
     """Lustre mounted without flock answers ENOSYS: each process builds, the renames keep the
     library whole."""

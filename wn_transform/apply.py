@@ -461,13 +461,14 @@ def _unfold_unconverted(model: nn.Module, already: list[FoundWeightNorm], undos:
             for found in founds:
                 if found.qualname not in left:
                     fold_one(model, found, by="apply_weight_norm")
-    masked = {q: pruned(model, found) for q, found in left.items()}
-    kept = [Skipped(s.qualname, f"already weight-normalized ({_LAYOUT_NAMES[left[s.qualname].layout]}) with its "
-                                f"{' and '.join(masked[s.qualname])} pruned by torch.nn.utils.prune: kept, not converted "
-                                "(converting it would drop the mask)")
-            if masked.get(s.qualname) else
-            Skipped(s.qualname, f"{s.reason}; its {_LAYOUT_NAMES[left[s.qualname].layout]} is kept")
-            if s.qualname in left else s for s in skipped]
+    def kept_reason(skip: Skipped) -> str:
+        found = left[skip.qualname]
+        if masked := pruned(model, found):
+            return (f"already weight-normalized ({_LAYOUT_NAMES[found.layout]}) with its {' and '.join(masked)} pruned "
+                    "by torch.nn.utils.prune: kept, not converted (converting it would drop the mask)")
+        return f"{skip.reason}; its {_LAYOUT_NAMES[found.layout]} is kept"
+
+    kept = [Skipped(s.qualname, kept_reason(s)) if s.qualname in left else s for s in skipped]
     named = {s.qualname for s in kept}
     return kept + [Skipped(q, f"already weight-normalized ({_LAYOUT_NAMES[found.layout]}); kept, not converted")
                    for q, found in left.items() if q not in named]

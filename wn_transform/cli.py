@@ -510,8 +510,9 @@ def _rename_parameter_names(optimizers: list[tuple[tuple[str, ...], Any]],
     """Rename, in place, the g and v names that optimizers made from ``named_parameters()`` keep in
     their ``param_groups`` (``param_names``) to the layout ``to``, each by the state dict (its keys,
     its pairs) that holds all of its names and the fewest others: a discriminator's optimizer
-    beside a generator's is not renamed by the generator's pairs.  How many per optimizer; an optimizer whose names no
-    state dict holds is left out.  (The checkpoint is the CLI's own copy, just loaded.)"""
+    beside a generator's is not renamed by the generator's pairs.  How many per optimizer; an
+    optimizer whose names no state dict holds is left out.  (The checkpoint is the CLI's own
+    copy, just loaded.)"""
     counts = {}
     for path, state in optimizers:
         groups = [group for group in state["param_groups"] if isinstance(group, dict)

@@ -723,7 +723,7 @@ class _CalibrationMode(TorchFunctionMode):
             # builds its values itself (zeros((B, H)): a size, not values)
             values = (name not in _VALUE_FACTORIES or (isinstance(source, Tensor) and self._constant(source))
                       or isinstance(source, numbers.Number))  # (a scale: torch.tensor(0.5); a label too, then)
-            if type(result) is Tensor and (name.endswith("_like") or values):
+            if type(result) is Tensor and values:  # (zeros_like: its argument's shape alone)
                 self._note_constant(result)
             return result
         use = weight_use(func, args, kwargs) if name in SIGNATURES else None
@@ -775,8 +775,8 @@ class _CalibrationMode(TorchFunctionMode):
         """Count a call of a layer not yet calibrated, on data ``x``; whether it is left for a later
         call: ``x`` is a constant the forward built (peft's DoRA runs ``lora_B(lora_A(torch.eye(n)))``
         before ``lora_B(lora_A(x))``) or computed from the model's own tensors alone (a learned
-        initial state), whose statistics say nothing of the batch, and the layer has calls to come (it is read by several
-        op calls per forward).  Its last call is calibrated whatever its data."""
+        initial state), whose statistics say nothing of the batch, and the layer has calls to come
+        (it is read by several op calls per forward).  Its last call is calibrated whatever its data."""
         state.calls += 1
         if state.calls >= state.target.uses or not self._constant(x):
             return False
@@ -1327,9 +1327,7 @@ def _may_hold_batch_values(index: Any) -> bool:
     """Whether a pick's index holds a Python number or a list of them (a label, the batch's token
     ids), which may come from the batch; slices, ``None``, ``...`` and tensors (judged as tensors) not."""
     if isinstance(index, (list, tuple)):
-        return (isinstance(index, list) and any(not isinstance(a, (Tensor, list, tuple, slice)) and a is not None
-                                                and a is not Ellipsis for a in index)
-                or any(_may_hold_batch_values(a) for a in index))
+        return any(_may_hold_batch_values(a) for a in index)
     return isinstance(index, numbers.Number) and not isinstance(index, bool)
 
 # Ops whose result holds values of their tensor inputs (and constants), moved or converted, nothing computed.

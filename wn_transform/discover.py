@@ -207,8 +207,14 @@ def _is_own_parameter(module: nn.Module, tensor: str) -> bool:
 def pruned_by(module: nn.Module, tensor: str) -> list[str]:
     """The ``torch.nn.utils.prune`` methods that compute ``module.<tensor>`` from ``<tensor>_orig``
     and a mask before each forward (their hooks name it ``_tensor_name``), or ``[]``."""
+    return _pre_hooks_computing(module, tensor, "_tensor_name")
+
+
+def _pre_hooks_computing(module: nn.Module, tensor: str, attribute: str) -> list[str]:
+    """The kinds of ``module``'s forward pre-hooks whose ``attribute`` names ``tensor``: those that
+    compute it before each forward (spectral norm's ``name``, prune's ``_tensor_name``)."""
     return sorted({type(hook).__name__ for hook in module._forward_pre_hooks.values()
-                   if getattr(hook, "_tensor_name", None) == tensor})
+                   if getattr(hook, attribute, None) == tensor})
 
 
 def _why_not_a_target(module: nn.Module, tensor: str, kind: str) -> str:
@@ -218,12 +224,12 @@ def _why_not_a_target(module: nn.Module, tensor: str, kind: str) -> str:
         kinds = ", ".join(type(p).__name__ for p in module.parametrizations[tensor])
         return f"computed by another parametrization ({kinds}); weight norm on top of it is not supported"
     if not _is_own_parameter(module, tensor):
-        if pruned_by(module, tensor):
-            return (f"pruned by torch.nn.utils.prune ({', '.join(pruned_by(module, tensor))}: {tensor} is "
+        if methods := pruned_by(module, tensor):
+            return (f"pruned by torch.nn.utils.prune ({', '.join(methods)}: {tensor} is "
                     f"{tensor}_orig times a mask); call prune.remove(module, '{tensor}') first, or apply weight norm "
                     f"first and prune its direction (prune.l1_unstructured(module.parametrizations.{tensor}, "
                     "'original1', ...))")
-        hooks = sorted({type(h).__name__ for h in module._forward_pre_hooks.values() if getattr(h, "name", None) == tensor})
+        hooks = _pre_hooks_computing(module, tensor, "name")
         by = f"a {', '.join(hooks)} forward pre-hook" if hooks else "the module"
         return f"computed by {by} before each forward, not a Parameter; weight norm would change that computation"
     return f"not read as the weight of a {kind} op by the forward that was traced"

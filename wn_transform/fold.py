@@ -113,7 +113,7 @@ def fold_weight_norm(model: nn.Module, *, keep: Collection[str] = (), inplace: b
         for found in find_weight_norms(model):
             if found.qualname not in keep:
                 fold_one(model, found)
-                model.get_submodule(found.module).__dict__.get(BUILT_WITH, {}).pop(found.name, None)  # plain now
+                _forget_built_with(model.get_submodule(found.module), found.name)  # plain now
             elif (built_with := built_with_of(model, found)) is not None:
                 fold_one(model, found)  # kept as the class builds it: torch's weight norm, on its axis
                 _put_back_torchs(model.get_submodule(found.module), found.name, *built_with)
@@ -174,7 +174,11 @@ def _put_back_torchs(layer: nn.Module, name: str, layout: str, dim: int | None) 
         parameters = tuple(layer.parametrizations[name].parameters(recurse=False))
     for parameter in parameters:
         parameter.requires_grad_(requires_grad)
-    del layer.__dict__[BUILT_WITH][name]  # torch's again: a later existing="convert" records it anew
+    _forget_built_with(layer, name)  # torch's again: a later existing="convert" records it anew
+
+
+def _forget_built_with(layer: nn.Module, name: str) -> None:
+    layer.__dict__.get(BUILT_WITH, {}).pop(name, None)
 
 
 def fold_one(model: nn.Module, found: FoundWeightNorm, *, by: str = "fold_weight_norm") -> None:

@@ -67,6 +67,7 @@ _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 _COMPILE_TIMEOUT = 120  # seconds (a build takes about one)
 _FAILURE_MEMORY = 600  # seconds a failed build stops the next processes from trying again
 _STALE_AFTER = 2 * (_COMPILE_TIMEOUT + 60)  # seconds after which a partial whose builder is gone is left over
+_LOCK_WAIT = _COMPILE_TIMEOUT + 90  # seconds a process waits for another's build (and its load in another process)
 _STREAM_MIN_ELEMENTS = 1 << 19  # a grad_v of 2 MiB or more is written past the caches (it cannot stay there)
 _top_saved_tensors_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)  # private: may go
 PLAIN_TYPES = (Tensor, nn.Parameter)  # not FakeTensor or other subclasses, which have no data to point at
@@ -373,8 +374,7 @@ def _intact(path: Path) -> bool:
     beside it (``<path>.sha256``), so a file cut short, emptied or replaced is built again rather
     than loaded (a library cut short kills the process that maps it)."""
     try:
-        content = path.read_bytes()
-        return content.startswith(_ELF) and hashlib.sha256(content).hexdigest().encode() == _digest_file(path).read_bytes()
+        return hashlib.sha256(path.read_bytes()).hexdigest().encode() == _digest_file(path).read_bytes()
     except OSError:
         return False
 
@@ -423,7 +423,7 @@ def _builder_alive(partial: Path) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # (another user's process)
-        return True
+        pass
     return True
 
 
@@ -443,7 +443,7 @@ def _build_once(command: list[str], path: Path) -> str | None:
         held = lock is not None and fcntl is not None and _acquire(lock)
         if held is None:
             return (f"another process has been building the kernels into {path.parent} for over "
-                    f"{_COMPILE_TIMEOUT + 90} s (a build stopped with Ctrl-Z?)")
+                    f"{_LOCK_WAIT} s (a build stopped with Ctrl-Z?)")
         if _intact(path):
             return None
         if held:
@@ -464,9 +464,9 @@ def _build_once(command: list[str], path: Path) -> str | None:
 
 
 def _acquire(lock: int) -> bool | None:
-    """Lock ``lock`` exclusively, waiting up to a build's time limit; True, False where the file
+    """Lock ``lock`` exclusively, waiting up to ``_LOCK_WAIT``; True, False where the file
     system has no ``flock`` (Lustre without it: ENOSYS), None where the wait ran out."""
-    deadline = time.monotonic() + _COMPILE_TIMEOUT + 90  # (a build and its load in another process)
+    deadline = time.monotonic() + _LOCK_WAIT
     while True:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -485,19 +485,20 @@ def _compile(command: list[str], path: Path) -> str | None:
     (:func:`_intact`), written first.  Returns None, or what went wrong."""
     partial = path.with_name(f"{path.stem}-{os.getpid()}-{uuid.uuid4().hex[:8]}.so.partial")
     written = path.with_name(f"{partial.name}.sha256")
+    shown = " ".join(command)
     try:
         try:
             done = _run([*command, *_FLAGS, str(_SOURCE), "-o", str(partial), "-lm"], timeout=_COMPILE_TIMEOUT)
         except subprocess.TimeoutExpired:
-            return f"{' '.join(command)} did not finish compiling {_SOURCE} within {_COMPILE_TIMEOUT} s (killed)"
+            return f"{shown} did not finish compiling {_SOURCE} within {_COMPILE_TIMEOUT} s (killed)"
         if done.returncode != 0:
             lines = (done.stderr or done.stdout).strip().splitlines()
             telling = [line for line in lines if any(word in line for word in ("error", "failed", "No space"))]
             said = "; ".join((telling or lines)[-2:]) or f"exit status {done.returncode}"
-            return f"{' '.join(command)} could not compile {_SOURCE}: {said}"
+            return f"{shown} could not compile {_SOURCE}: {said}"
         content = partial.read_bytes() if partial.exists() else b""
         if not _whole_elf(content):  # (one cut short kills the process that maps it)
-            return f"{' '.join(command)} reported success but wrote no whole shared library ({len(content)} bytes)"
+            return f"{shown} reported success but wrote no whole shared library ({len(content)} bytes)"
         loads = None
         if not getattr(sys, "frozen", False) and Path(sys.executable).name.startswith("python"):  # (not an app
             with contextlib.suppress(OSError, subprocess.TimeoutExpired):  # embedding Python: uWSGI, Blender)
@@ -505,7 +506,7 @@ def _compile(command: list[str], path: Path) -> str | None:
                              timeout=60)  # loaded in another process first, where one can be started
         if loads is not None and loads.returncode != 0:
             said = (loads.stderr.strip().splitlines() or [f"exit status {loads.returncode}"])[-1]
-            return f"{' '.join(command)} reported success but its library does not load ({said})"
+            return f"{shown} reported success but its library does not load ({said})"
         with open(os.open(written, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "w") as file:  # (the umask's mode)
             file.write(hashlib.sha256(content).hexdigest())
         os.replace(written, _digest_file(path))

@@ -205,31 +205,29 @@ def update_bn(loader: Iterable[Any], model: nn.Module, device: torch.device | st
     momenta = {m: m.momentum for m in norms}
     modes = [(m, m.training) for m in model.modules()]  # each one's: a batch norm frozen in eval mode stays so
     kept = {m: {name: b.clone() for name, b in m.named_buffers(recurse=False) if b is not None} for m in norms}
-    low = {m: m.running_mean.dtype for m in norms
-           if isinstance(m, MeanOnlyBatchNorm) and m.running_mean.is_floating_point() and m.running_mean.element_size() < 4}
     for norm in norms:
         norm.reset_running_stats()
         norm.momentum = None
-    originals = {norm: norm.running_mean for norm in low}  # (the buffer objects others may hold: kept)
-    for norm in low:
-        norm.running_mean = norm.running_mean.float()
+    originals = {m: m.running_mean for m in norms  # (half-precision buffers, which others may hold: kept)
+                 if isinstance(m, MeanOnlyBatchNorm) and m.running_mean.is_floating_point() and m.running_mean.element_size() < 4}
+    for norm, original in originals.items():
+        norm.running_mean = original.float()
     model.train()
-    done = False
     try:
         for batch in loader:
             if isinstance(batch, Mapping):
                 model(**{key: _moved(value, device) for key, value in batch.items()})
             else:
                 model(_moved(batch[0] if isinstance(batch, (list, tuple)) else batch, device))
-        done = True
+    except BaseException:  # (a bad batch, Ctrl-C): the statistics as they were, not reset nor half averaged
+        for norm, buffers in kept.items():
+            for name, value in buffers.items():
+                getattr(norm, name).copy_(value)
+        raise
     finally:
         for norm, original in originals.items():  # the float32 average into the buffer object itself
             original.copy_(norm.running_mean)
             norm.running_mean = original
-        if not done:  # (a bad batch, Ctrl-C): the statistics as they were, not reset nor half averaged
-            for norm, buffers in kept.items():
-                for name, value in buffers.items():
-                    getattr(norm, name).copy_(value)
         for norm, momentum in momenta.items():
             norm.momentum = momentum
         for module, training in modes:

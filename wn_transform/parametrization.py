@@ -216,12 +216,6 @@ REPLACED_MARK = "_wn_transform_replaced"  # on a Parameter the model no longer u
 _COPIED: dict[int, tuple[weakref.ref, weakref.WeakSet]] = {}
 _COPY_PENDING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> steps it was looked at again
 _COPY_PATIENCE = 5  # steps an optimizer is looked at again while neither it nor the copy has gradients
-
-
-def _has_gradient(parameter: Tensor) -> bool:
-    """A gradient, and not one ``zero_grad(set_to_none=False)`` left as zeros."""
-    grad = parameter.grad
-    return grad is not None and (grad.is_sparse or bool(grad.any()))
 _replacements = 0  # how many times mark_replaced marked Parameters in this process
 _CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> _checked_key when last checked
 _CHAINS: weakref.WeakSet = weakref.WeakSet()  # every parametrization list holding our WeightNorm (g, v: its originals)
@@ -306,11 +300,11 @@ def _warn_of_training_a_copy(optimizer: Any) -> None:
               if (refs := _COPIED.get(id(p))) is not None and refs[0]() is p]
     if not marked or any(_has_gradient(p) for p, _ in marked):  # (it trains the model given: as meant)
         return
-    copies = {id(copy): copy for _, held in marked for copy in held}
     mine = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    if any(id(q) in mine for copy in copies.values() for q in copy.parameters()):  # it steps the copy too: as meant
+    theirs = list({id(q): q for _, held in marked for copy in held for q in copy.parameters()}.values())
+    if any(id(q) in mine for q in theirs):  # it steps the copy too: as meant
         return
-    if not any(_has_gradient(q) for copy in copies.values() for q in copy.parameters()):
+    if not any(_has_gradient(q) for q in theirs):
         if waited < _COPY_PATIENCE:  # neither has one yet (a warm-up step): again at the next step
             _COPY_PENDING[optimizer] = waited + 1
         return
@@ -319,6 +313,12 @@ def _warn_of_training_a_copy(optimizer: Any) -> None:
            "(inplace=False), whose Parameters are not in this optimizer, so nothing trains; create the optimizer "
            "from the returned model's parameters (or pass inplace=True)")
     warn_user(msg, UserWarning)
+
+
+def _has_gradient(parameter: Tensor) -> bool:
+    """A gradient, and not one ``zero_grad(set_to_none=False)`` left as zeros."""
+    grad = parameter.grad
+    return grad is not None and (grad.is_sparse or bool(grad.any()))
 
 
 class _Kept:

@@ -129,6 +129,7 @@ def state_dict_pairs(state_dict: Mapping[str, object]) -> list[StateDictWeightNo
     found = []
     seen: dict[str, str] = {}  # weight key -> its g key
     stacked = _stacked_entries(state_dict)
+    unknowable: str | None = None  # (for pairs without their dots: found at the first one)
     for key, g in state_dict.items():
         if key.endswith(".original0") and _PARAMETRIZED in f".{key}":  # "parametrizations.weight...": a bare layer's
             base = key[: -len(".original0")]
@@ -141,9 +142,10 @@ def state_dict_pairs(state_dict: Mapping[str, object]) -> list[StateDictWeightNo
         elif (dotless := _dotless_weight_key(key)) is not None and f"{key[:-1]}1" in state_dict:
             weight_key, v_key, marker, layout = dotless, f"{key[:-1]}1", None, "parametrizations"
             # what a pair named without its dots (an EMA's copy of the parameters alone) cannot be told apart from
-            unknowable = next((k for k in state_dict if k.endswith(f".{EXP_SCALE_MARKER}")), None) or next(
-                iter(stacked.values()), None)
-            if unknowable is not None:
+            if unknowable is None:
+                unknowable = next((k for k in state_dict if k.endswith(f".{EXP_SCALE_MARKER}")), None) or next(
+                    iter(stacked.values()), "")
+            if unknowable:
                 msg = (f"{key}: a weight-norm pair named without its dots (an EMA's copy of the parameters, such as "
                        f"CompVis's LitEma) beside {unknowable}: whether the pair holds g or s = log g, or is stacked with "
                        "another parametrization, is not stored with it; copy the EMA into the model (ema.copy_to(model)) "
@@ -448,11 +450,7 @@ def convert_one_state_dict(state_dict: Mapping[str, object], to: str) -> dict[st
     """:func:`convert_state_dict` of one state dict.  A pair stored as ``s = log g`` (this library's
     ``exp_scale``, with its marker) becomes ``g = e^s``, the marker dropped: torch's layouts store g."""
     pairs = state_dict_pairs(state_dict)
-    logs = {wn.g_key: wn.marker_key for wn in pairs if wn.exp_scale}
-    if logs:
-        gains = {key: _gain_of(key, state_dict[key]) for key in logs}
-        state_dict = _like(state_dict, {key: gains.get(key, value) for key, value in state_dict.items()
-                                        if key not in logs.values()})
+    state_dict = _with_gains(state_dict, {wn.g_key: wn.marker_key for wn in pairs if wn.exp_scale})
     return _relayout(state_dict, {wn.weight_key: to for wn in pairs})
 
 
@@ -476,10 +474,8 @@ def fit_state_dict(state_dict: Mapping[str, object], expected: Collection[str],
     layouts = {wn.weight_key: to for wn in found for to in ("parametrizations", "legacy")
                if pair_keys(wn.weight_key, to)[0] in expected and _takes_pair(own.get(wn.weight_key), wn, state_dict)}
     # g stored as s = log g (exp_scale), for a model that stores g itself: g = e^s, no marker
-    linear = {wn.g_key: wn.marker_key for wn in found if wn.exp_scale and wn.weight_key in layouts
-              and wn.marker_key not in expected}
-    state = {key: value.exp() if key in linear else value for key, value in state_dict.items()
-             if key not in linear.values()}
+    state = _with_gains(state_dict, {wn.g_key: wn.marker_key for wn in found if wn.exp_scale and wn.weight_key in layouts
+                                     and wn.marker_key not in expected})
     fitted = _relayout(fold_one_state_dict(state, keep=layouts.keys()), layouts)
     plain = {wn.weight_key: wn for wn in pairs if pair_keys(wn.weight_key, wn.layout)[0] not in fitted
              and isinstance(fitted.get(wn.weight_key), Tensor) and tuple(fitted[wn.weight_key].shape) == wn.v_shape}
@@ -535,6 +531,15 @@ def pair_keys(weight_key: str, layout: str) -> tuple[str, str]:
     prefix, _, name = weight_key.rpartition(".")
     base = f"{prefix}{_PARAMETRIZED}{name}" if prefix else f"parametrizations.{name}"
     return f"{base}.original0", f"{base}.original1"
+
+
+def _with_gains(state_dict: Mapping[str, object], logs: Mapping[str, str | None]) -> Mapping[str, object]:
+    """``state_dict`` with each pair stored as ``s = log g`` (``logs``: its g key -> its marker's)
+    holding ``g = e^s`` instead, the marker dropped: torch's layouts store g."""
+    if not logs:
+        return state_dict
+    gains = {key: _gain_of(key, state_dict[key]) for key in logs}
+    return _like(state_dict, {key: gains.get(key, value) for key, value in state_dict.items() if key not in logs.values()})
 
 
 def _gain_of(key: str, s: Tensor) -> Tensor:
